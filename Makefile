@@ -1,0 +1,37 @@
+# make quickstart   install, then run the quickstart job on an embedded local Ray
+# make test         install, then run unit + integration tests (what CI runs)
+# make unit         fast unit tests only (no Ray cluster)
+# make bench        run the benchmarks and write benchmarks/results/*.json
+#
+# A virtual environment (.venv, or $VENV) is created when none is active.
+
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+BIN := $(VIRTUAL_ENV)/bin
+else
+BIN := $(VENV)/bin
+endif
+PYTEST_ARGS ?=
+
+.PHONY: install quickstart test unit bench lint
+
+install:
+	VENV=$(VENV) scripts/install.sh
+
+quickstart: install
+	$(BIN)/raylab validate configs/quickstart.yaml
+	$(BIN)/raylab doctor configs/quickstart.yaml
+
+# -m overrides the development default in pyproject (unit only): everything is selected,
+# gpu tests skip themselves without CUDA.
+test: install
+	$(BIN)/python -m pytest -m "integration or not integration" $(PYTEST_ARGS)
+
+unit: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/bench_connect.py
+
+lint:
+	$(BIN)/ruff check raylab tests benchmarks

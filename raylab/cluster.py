@@ -1,0 +1,364 @@
+"""Connecting to Ray and planning what raylab will ask it for.
+
+Address precedence (DESIGN.md): `--address`, else `RAY_ADDRESS`, else `ray.address` in the
+config, else an embedded local Ray started with `ray.init(address="local")`.
+
+    auto              join the cluster running on this machine (what `ray job submit` gives)
+    HOST:PORT         join a cluster by its GCS address
+    ray://HOST:10001  a Ray Client session (interactive; same Ray and Python minor version)
+
+Token authentication (on by default for local clusters since Ray 2.59) is always made
+explicit: `RAY_AUTH_MODE` is set for this process and everything it starts, from
+`ray.auth` in the config, else the environment, else `token`. Without that, joining by an
+explicit address fails or succeeds depending on whether ~/.ray/auth_token happened to exist.
+
+The resource plan (`make_plan`) is computed before anything launches; `check_plan` refuses
+a plan that cannot fit with the numbers (exit 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raylab.config import RaylabConfig
+from raylab.errors import UserError
+
+# Everything raylab starts sends nothing anywhere.
+TELEMETRY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def physical_cores() -> int:
+    """Cores this process may run on (cgroup/affinity aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def auth_mode(cfg: RaylabConfig | None) -> str:
+    if cfg is not None and cfg.ray.auth:
+        return cfg.ray.auth
+    mode = os.environ.get("RAY_AUTH_MODE", "token").lower()
+    if mode not in ("token", "disabled"):
+        raise UserError(f"RAY_AUTH_MODE={mode!r} is not supported; expected token or disabled")
+    return mode
+
+
+def process_env(cfg: RaylabConfig | None) -> dict[str, str]:
+    """Environment raylab sets for itself and passes to every Ray worker it starts."""
+    env = dict(TELEMETRY_ENV)
+    env["RAY_AUTH_MODE"] = auth_mode(cfg)
+    if cfg is not None and cfg.offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def apply_process_env(cfg: RaylabConfig | None) -> dict[str, str]:
+    env = process_env(cfg)
+    os.environ.update(env)
+    if "ray._raylet" in sys.modules:
+        # Ray caches its config (auth mode included) when first imported; re-read it as
+        # Ray's own token setup does, or a token-mode GCS starts without a token and hangs.
+        from ray._raylet import Config
+
+        Config.initialize("")
+    return env
+
+
+def resolve_address(cli_address: str | None, cfg: RaylabConfig | None) -> tuple[str | None, str]:
+    """(address or None for embedded, where it came from)."""
+    if cli_address:
+        return cli_address, "--address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if cfg is not None and cfg.ray.address:
+        return cfg.ray.address, "ray.address"
+    return None, "embedded"
+
+
+def mode_of(address: str | None) -> str:
+    if address is None or address == "local":
+        return "embedded"
+    return "client" if address.startswith("ray://") else "cluster"
+
+
+def embedded_cpus(cfg: RaylabConfig | None) -> float:
+    """Logical CPUs of the embedded Ray. More than the cores on small machines: Ray Data
+    needs a free CPU beside busy Train workers or it waits forever (RAY_NOTES.md); torch
+    threads are set explicitly per worker so compute is not oversubscribed."""
+    if cfg is not None and cfg.ray.num_cpus:
+        return cfg.ray.num_cpus
+    return float(max(4, 2 * physical_cores()))
+
+
+def detected_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # a broken CUDA install must not stop CPU work
+        return 0
+
+
+def embedded_gpus(cfg: RaylabConfig | None) -> int:
+    if cfg is not None and cfg.ray.num_gpus is not None:
+        return cfg.ray.num_gpus
+    return detected_gpus()
+
+
+@dataclass
+class Connection:
+    mode: str  # embedded | cluster | client
+    address: str | None
+    origin: str
+    auth: str
+    dashboard_url: str | None = None
+
+
+def _token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return Path(path).is_file()
+
+
+def _check_reachable(address: str, origin: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a closed port: Ray itself retries for about a minute before giving up."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"Ray address {address!r} (from {origin}): expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(
+            f"Ray address {address!r} (from {origin}): nothing answers at {host}:{port} ({e.strerror or e}). "
+            "Start a cluster with `ray start --head`, fix the address, or unset it for an embedded local Ray"
+        ) from None
+
+
+def connect(cfg: RaylabConfig | None = None, address: str | None = None) -> Connection:
+    """Connect this process to Ray (idempotent) and return how it is connected."""
+    import ray
+
+    address, origin = resolve_address(address, cfg)
+    mode = mode_of(address)
+    env = apply_process_env(cfg)
+    if ray.is_initialized():
+        return Connection(mode, address, origin, env["RAY_AUTH_MODE"])
+    if mode != "embedded" and env["RAY_AUTH_MODE"] == "token" and not _token_available():
+        raise UserError(
+            f"Ray address {address!r} (from {origin}): token authentication is on but no token "
+            "was found; set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, copy the head node's "
+            "~/.ray/auth_token, or set ray.auth=disabled for a cluster without authentication"
+        )
+    if mode != "embedded" and address != "auto":
+        _check_reachable(address, origin)
+    namespace = cfg.ray.namespace if cfg is not None else "raylab"
+    kwargs = dict(namespace=namespace, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+    try:
+        if mode == "embedded":
+            context = ray.init(
+                address="local",
+                num_cpus=embedded_cpus(cfg),
+                num_gpus=embedded_gpus(cfg),
+                include_dashboard=bool(cfg and cfg.ray.dashboard),
+                **kwargs,
+            )
+        else:
+            context = ray.init(address=address, **kwargs)
+    except ConnectionError as e:
+        raise UserError(
+            f"could not connect to a Ray cluster at {address!r} (from {origin}): {e}. Start one "
+            "with `ray start --head`, fix the address, or unset it for an embedded local Ray. "
+            "If the cluster is up, it may have refused authentication: check ray.auth / "
+            "RAY_AUTH_MODE and the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
+        ) from None
+    except Exception as e:  # auth failures surface as several exception types across modes
+        if "auth" in type(e).__name__.lower() or "token" in str(e).lower():
+            raise UserError(
+                f"Ray at {address!r} (from {origin}) refused authentication: {e}. Use the "
+                "cluster's token (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE=token"
+            ) from None
+        raise
+    dashboard = getattr(context, "dashboard_url", None) or None
+    return Connection(mode, address, origin, env["RAY_AUTH_MODE"], dashboard)
+
+
+# ---------------------------------------------------------------- resource plan
+
+
+@dataclass
+class Node:
+    cpus: float
+    gpus: float
+    address: str = "local"
+
+
+@dataclass
+class StageAsk:
+    """One stage's peak concurrent ask: (what, count, CPUs each, GPUs each) rows."""
+
+    stage: str
+    rows: list[tuple[str, int, float, float]]
+    fix: str
+
+    @property
+    def cpus(self) -> float:
+        return sum(n * c for _, n, c, _ in self.rows)
+
+    @property
+    def gpus(self) -> float:
+        return sum(n * g for _, n, _, g in self.rows)
+
+
+@dataclass
+class Plan:
+    nodes: list[Node]
+    asks: list[StageAsk]
+    torch_threads: int
+    trial_concurrency: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cpus(self) -> float:
+        return sum(n.cpus for n in self.nodes)
+
+    @property
+    def gpus(self) -> float:
+        return sum(n.gpus for n in self.nodes)
+
+    def problems(self) -> list[str]:
+        out = []
+        for ask in self.asks:
+            if ask.cpus > self.cpus + 1e-9 or ask.gpus > self.gpus + 1e-9:
+                detail = " + ".join(f"{n} {what} x {c:g} CPU" + (f", {g:g} GPU" if g else "") for what, n, c, g in ask.rows)
+                out.append(
+                    f"{ask.stage} needs {ask.cpus:g} CPUs and {ask.gpus:g} GPUs ({detail}) but the "
+                    f"cluster has {self.cpus:g} CPUs and {self.gpus:g} GPUs; {ask.fix}"
+                )
+                continue
+            for what, _, c, g in ask.rows:  # each actor must fit on a single node
+                if not any(node.cpus >= c - 1e-9 and node.gpus >= g - 1e-9 for node in self.nodes):
+                    big = max(self.nodes, key=lambda n: (n.cpus, n.gpus))
+                    out.append(
+                        f"{ask.stage}: one {what} needs {c:g} CPUs and {g:g} GPUs but the largest "
+                        f"node has {big.cpus:g} CPUs and {big.gpus:g} GPUs; {ask.fix}"
+                    )
+        return out
+
+    def render(self) -> str:
+        lines = [f"cluster: {len(self.nodes)} node(s), {self.cpus:g} CPUs, {self.gpus:g} GPUs"]
+        for ask in self.asks:
+            rows = ", ".join(f"{n} {what} x {c:g} CPU" + (f" + {g:g} GPU" if g else "") for what, n, c, g in ask.rows)
+            lines.append(f"  {ask.stage:<6} {ask.cpus:>6g} CPU {ask.gpus:>4g} GPU   {rows}")
+        lines.append(f"  torch threads per train worker: {self.torch_threads}")
+        if self.trial_concurrency is not None:
+            lines.append(f"  tune trials at once: {self.trial_concurrency}")
+        lines += [f"  note: {n}" for n in self.notes]
+        problems = self.problems()
+        lines.append("fits: yes" if not problems else "fits: NO")
+        lines += [f"  {p}" for p in problems]
+        return "\n".join(lines)
+
+
+def make_plan(cfg: RaylabConfig, nodes: list[Node], cores: int | None = None) -> Plan:
+    """What each stage asks of Ray at its peak, for this config on these nodes."""
+    t, d = cfg.train, cfg.data
+    cores = cores or physical_cores()
+    total_cpus = sum(n.cpus for n in nodes)
+    data_tasks = max(1, min(int(total_cpus / d.cpus_per_task), 4 * len(nodes)))
+    ingest = ("data ingest task", 1, d.cpus_per_task, 0.0)
+    asks = [
+        StageAsk("data", [("data task", data_tasks, d.cpus_per_task, 0.0)], "lower data.cpus_per_task"),
+        StageAsk(
+            "train",
+            [("train worker", t.num_workers, t.cpus_per_worker, t.gpus_per_worker), ingest],
+            "lower train.num_workers, train.cpus_per_worker or train.gpus_per_worker"
+            + (", or raise ray.num_cpus / ray.num_gpus" if len(nodes) == 1 else ", or add nodes"),
+        ),
+    ]
+    concurrency = None
+    notes = []
+    if cfg.tune is not None:
+        tn = cfg.tune
+        per_cpu = tn.cpus_per_trial_driver + t.num_workers * t.cpus_per_worker
+        per_gpu = t.num_workers * t.gpus_per_worker
+        fit = math.floor((total_cpus - d.cpus_per_task + 1e-9) / per_cpu)
+        if per_gpu:
+            fit = min(fit, math.floor(sum(n.gpus for n in nodes) / per_gpu + 1e-9))
+        concurrency = max(1, min(fit, tn.num_samples, tn.max_concurrent_trials or fit))
+        if tn.max_concurrent_trials and tn.max_concurrent_trials > max(fit, 0):
+            notes.append(f"tune.max_concurrent_trials={tn.max_concurrent_trials} but only {max(fit, 0)} trial(s) fit at once")
+        asks.append(
+            StageAsk(
+                "tune",
+                [
+                    ("trial driver", concurrency, tn.cpus_per_trial_driver, 0.0),
+                    ("train worker", concurrency * t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
+                    ingest,
+                ],
+                "lower train.num_workers or train.cpus_per_worker, or tune.cpus_per_trial_driver",
+            )
+        )
+    s = cfg.serve
+    replicas = max(1, s.autoscaling.min_replicas)
+    asks.append(
+        StageAsk("serve", [("replica", replicas, s.cpus_per_replica, s.gpus_per_replica)], "lower serve.cpus_per_replica or serve.autoscaling.min_replicas")
+    )
+    if s.autoscaling.max_replicas * s.cpus_per_replica > total_cpus:
+        notes.append(f"serve.autoscaling.max_replicas={s.autoscaling.max_replicas} cannot all fit; autoscaling stops at what fits")
+    workers_here = t.num_workers * (concurrency or 1)
+    if t.torch_threads:
+        threads = t.torch_threads
+    elif len(nodes) == 1:  # embedded or single node: share this machine's cores
+        threads = max(1, cores // workers_here)
+    else:
+        threads = max(1, int(t.cpus_per_worker))
+    return Plan(nodes, asks, threads, concurrency, notes)
+
+
+def cluster_nodes() -> list[Node]:
+    """Alive nodes of the connected cluster with their CPU/GPU totals."""
+    import ray
+
+    return [
+        Node(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0), n.get("NodeManagerAddress", "?"))
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def planned_nodes(cfg: RaylabConfig, cli_address: str | None = None) -> list[Node] | None:
+    """The nodes an embedded Ray would have (known before starting it); None for a cluster."""
+    address, _ = resolve_address(cli_address, cfg)
+    if mode_of(address) != "embedded":
+        return None
+    wants_gpu = cfg.train.gpus_per_worker > 0 or cfg.serve.gpus_per_replica > 0 or cfg.ray.num_gpus
+    return [Node(embedded_cpus(cfg), embedded_gpus(cfg) if wants_gpu else 0)]
+
+
+def check_plan(plan: Plan) -> Plan:
+    """Raise UserError (exit 2) with the numbers when the plan cannot fit."""
+    problems = plan.problems()
+    if problems:
+        raise UserError("the resource plan does not fit the cluster:\n  " + "\n  ".join(problems))
+    return plan
+
+
+def prepare(cfg: RaylabConfig, address: str | None = None) -> tuple[Connection, Plan]:
+    """What every stage calls first: check the plan, connect, check it against the real
+    cluster. For an embedded Ray the check happens before Ray starts, so a plan that cannot
+    fit is refused (exit 2) before anything is launched."""
+    nodes = planned_nodes(cfg, address)
+    if nodes is not None:
+        check_plan(make_plan(cfg, nodes))
+    conn = connect(cfg, address)
+    return conn, check_plan(make_plan(cfg, cluster_nodes()))

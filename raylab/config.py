@@ -1,0 +1,595 @@
+"""The job description: pydantic models for every config section, and `load`.
+
+    cfg = load("configs/quickstart.yaml", ["train.lr=1e-4", "data.sources.0.path=x.jsonl"])
+
+Rules (DESIGN.md, "Contracts"): unknown keys are errors; an override's value is read as a
+YAML scalar or flow collection and then coerced by the schema; list items are addressed by
+index; an override may create a section absent from the file; relative paths are made
+absolute against the current directory at load time (Ray workers change directory);
+`${env:NAME}` secrets stay references in the model and in every written config and are
+expanded only where they are used (`expand_env`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+
+from raylab.errors import ConfigError, UserError
+
+SCHEMA_VERSION = 1
+ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+# ---------------------------------------------------------------- value types
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value
+
+
+def _absolute(value: str | None) -> str | None:
+    """Local paths become absolute; URIs (s3://, gs://, file://) and env refs stay as given."""
+    if value is None or _is_uri(value) or "${" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _model_ref(value: str) -> str:
+    """`preset:NAME` and hub ids stay; anything that looks like or is a local path is made
+    absolute, so a saved adapter's base path still resolves from another directory."""
+    if value.startswith("preset:") or _is_uri(value) or "${" in value:
+        return value
+    looks_local = value.startswith(("/", "./", "../", "~")) or os.path.exists(value)
+    return os.path.abspath(os.path.expanduser(value)) if looks_local else value
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+PathOrUri = Annotated[str, AfterValidator(_absolute)]
+ModelRef = Annotated[str, AfterValidator(_model_ref)]
+StrList = Annotated[list[str], BeforeValidator(_as_list)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- sections
+
+
+class RayConfig(Section):
+    """How raylab reaches Ray (precedence: --address, RAY_ADDRESS, this, embedded local)."""
+
+    address: str | None = Field(None, description="'auto', 'HOST:PORT', 'ray://HOST:10001' or null (embedded)")
+    num_cpus: float | None = Field(
+        None, gt=0, description="logical CPUs of the embedded Ray; default max(4, 2 x cores)"
+    )
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of the embedded Ray; default: detected")
+    auth: Literal["token", "disabled"] | None = Field(
+        None, description="token authentication; default $RAY_AUTH_MODE, else token"
+    )
+    dashboard: bool = False
+    namespace: str = "raylab"
+
+
+class FileSource(Section):
+    type: Literal["jsonl", "json", "parquet", "csv", "text"]
+    path: PathOrUri = Field(description="a file, a directory or a glob")
+
+
+class SqlSource(Section):
+    type: Literal["sql"]
+    url: str = Field(description="sqlite:///file.db or ${env:NAME} holding a postgresql:// URL")
+    query: str
+
+
+class HttpSource(Section):
+    type: Literal["http"]
+    url: str
+
+
+Source = Annotated[Union[FileSource, SqlSource, HttpSource], Field(discriminator="type")]
+
+
+class DataConfig(Section):
+    sources: list[Source] = Field(min_length=1, description="at least one source")
+    format: Literal["completion", "instruction", "chat"] = "completion"
+    max_seq_len: PositiveInt = 512
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    seed: int = 0
+    cpus_per_task: float = Field(0.25, gt=0, description="CPUs per Ray Data task")
+
+
+class LoraConfig(Section):
+    r: PositiveInt = 8
+    alpha: float = Field(16.0, gt=0)
+    dropout: Fraction = 0.05
+    target_modules: StrList = Field(default_factory=lambda: ["all-linear"])
+    modules_to_save: StrList = Field(default_factory=list)
+
+
+class ModelConfig(Section):
+    name_or_path: ModelRef = Field(description="a hub id, a local directory or preset:NAME")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["eager", "sdpa"] | None = None
+    trust_remote_code: bool = False
+    chat_template: PathOrUri | None = Field(None, description="a Jinja file replacing the tokenizer's template")
+    method: Literal["lora", "dora", "full", "hybrid"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class TrainConfig(Section):
+    num_workers: PositiveInt = 1
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    torch_threads: PositiveInt | None = Field(None, description="per worker; default: cores / concurrent workers")
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    batch_size: PositiveInt = 8
+    eval_batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    warmup_ratio: Fraction = 0.03
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    eval_every: PositiveInt = 50
+    gradient_checkpointing: bool = False
+    max_failures: int = Field(0, ge=-1)
+
+
+class SearchDim(Section):
+    """Exactly one of: loguniform [lo, hi], uniform [lo, hi], randint [lo, hi), choice [...]."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    choice: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchDim:
+        set_ = [k for k in ("loguniform", "uniform", "randint", "choice") if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"give exactly one of loguniform, uniform, randint, choice (got {set_ or 'none'})")
+        kind = set_[0]
+        value = getattr(self, kind)
+        if kind == "choice":
+            if not value:
+                raise ValueError("choice needs at least one value")
+        elif not value[0] < value[1]:
+            raise ValueError(f"{kind} range [{value[0]}, {value[1]}] is empty; expected low < high")
+        elif kind == "loguniform" and value[0] <= 0:
+            raise ValueError(f"loguniform needs a positive lower bound, got {value[0]}")
+        return self
+
+
+class AshaConfig(Section):
+    grace_period: PositiveInt = 1
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TuneConfig(Section):
+    search_space: dict[str, SearchDim] = Field(min_length=1)
+    num_samples: PositiveInt = 8
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    searcher: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    max_concurrent_trials: PositiveInt | None = Field(None, description="default: what the cluster fits")
+    cpus_per_trial_driver: float = Field(0.25, gt=0)
+    asha: AshaConfig | None = Field(default_factory=AshaConfig)
+    time_budget_s: float | None = Field(None, gt=0)
+
+
+class GoldenPrompt(Section):
+    prompt: str
+    contains: str | None = None
+    regex: str | None = None
+
+
+class GatesConfig(Section):
+    max_val_loss: float | None = None
+    max_perplexity: float | None = None
+    max_regression: float | None = Field(None, ge=0, description="allowed val-loss increase over production")
+    golden: list[GoldenPrompt] = Field(default_factory=list)
+
+
+class RegistryConfig(Section):
+    tracking_uri: str | None = Field(None, description="default $MLFLOW_TRACKING_URI, else SQLite under $RAYLAB_HOME")
+    model_name: str | None = Field(None, description="default: the run name")
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    auto_promote: bool = False
+
+
+class AutoscalingConfig(Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: PositiveInt = 1
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    max_ongoing_requests: PositiveInt = 8
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    max_batch_size: PositiveInt = 8
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_adapters_per_replica: PositiveInt = 4
+    max_prompt_tokens: PositiveInt = 2048
+    max_tokens: PositiveInt = 512
+    max_request_bytes: PositiveInt = 1_000_000
+    api_keys_env: str | None = None
+    api_keys_file: PathOrUri | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        a = self.autoscaling
+        if a.min_replicas > a.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas ({a.min_replicas}) > max_replicas ({a.max_replicas})")
+        if self.max_ongoing_requests <= a.target_ongoing_requests:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be above "
+                f"autoscaling.target_ongoing_requests ({a.target_ongoing_requests})"
+            )
+        return self
+
+
+class RaylabConfig(Section):
+    version: Literal[1] = Field(description=f"the config schema version; this raylab reads {SCHEMA_VERSION}")
+    output_dir: PathOrUri = Field(description="the run directory; default runs/<config stem>")
+    offline: bool = Field(False, description="set HF_HUB_OFFLINE=1 for everything raylab starts")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig | None = None
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    _source: str | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _search_space_keys(self) -> RaylabConfig:
+        if self.tune is not None:
+            bad = [k for k in self.tune.search_space if not _is_schema_path(k.split("."))]
+            if bad:
+                raise ValueError(f"tune.search_space: unknown config keys {bad}")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.output_dir.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def source(self) -> str | None:
+        return self._source
+
+
+# ---------------------------------------------------------------- schema navigation
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types an annotation can hold (Optional, Union, Annotated peeled off)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in _unwrap(arg) if t is not type(None)]
+    return [annotation]
+
+
+def _child(annotation: Any, part: str | int, raw: Any = None) -> Any | None:
+    """The annotation reached by stepping `part` (a key or list index) into `annotation`."""
+    for t in _unwrap(annotation):
+        origin = typing.get_origin(t)
+        if origin is list and (isinstance(part, int) or str(part).isdigit()):
+            return typing.get_args(t)[0]
+        if origin is dict:
+            return typing.get_args(t)[1]
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            members = _unwrap(annotation)
+            if len(members) > 1 and isinstance(raw, dict):  # discriminated union: pick by `type`
+                chosen = [m for m in members if raw.get("type") in _literals(m, "type")]
+                t = chosen[0] if chosen else t
+            field = t.model_fields.get(str(part))
+            if field is not None:
+                return field.annotation
+    return None
+
+
+def _literals(model: type[BaseModel], name: str) -> tuple[Any, ...]:
+    field = model.model_fields.get(name)
+    return typing.get_args(field.annotation) if field else ()
+
+
+def _is_schema_path(parts: list[str]) -> bool:
+    annotation: Any = RaylabConfig
+    for part in parts:
+        annotation = _child(annotation, part)
+        if annotation is None:
+            return False
+    return True
+
+
+def _keys_at(parts: list[Any], raw: Any) -> list[str]:
+    """Valid keys of the section at `parts` (used to suggest a fix for a misspelled key)."""
+    annotation: Any = RaylabConfig
+    node = raw
+    for part in parts:
+        annotation = _child(annotation, part, node)
+        node = _descend(node, part)
+    node_models = [t for t in _unwrap(annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+    if len(node_models) > 1 and isinstance(node, dict):
+        node_models = [m for m in node_models if node.get("type") in _literals(m, "type")] or node_models
+    return list(node_models[0].model_fields) if node_models else []
+
+
+def _all_paths(annotation: Any = RaylabConfig, prefix: str = "") -> list[str]:
+    out = []
+    for t in _unwrap(annotation):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            for name, field in t.model_fields.items():
+                path = f"{prefix}{name}"
+                out.append(path)
+                out.extend(_all_paths(field.annotation, path + "."))
+        elif typing.get_origin(t) is list:
+            out.extend(_all_paths(typing.get_args(t)[0], prefix + "0."))
+    return out
+
+
+def _descend(node: Any, part: Any) -> Any:
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(node, list) and isinstance(part, int) and part < len(node):
+        return node[part]
+    return None
+
+
+def _suggest(parts: list[Any], key: str, raw: dict) -> str:
+    siblings = _keys_at(parts, raw)
+    elsewhere = [p for p in _all_paths() if p.rsplit(".", 1)[-1] == key]
+    if elsewhere:  # the right key in the wrong section
+        return f" (did you mean {elsewhere[0]}?)"
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {'.'.join(map(str, [*parts, close[0]]))}?)"
+    if siblings:
+        return f"; expected one of: {', '.join(siblings)}"
+    return ""
+
+
+# ---------------------------------------------------------------- error reporting
+
+
+def _display_loc(loc: tuple[Any, ...], raw: Any) -> list[Any]:
+    """Drop pydantic's union-branch tags so the path is the one the user wrote."""
+    parts: list[Any] = []
+    node = raw
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        present = (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)
+        )
+        if present or last:
+            parts.append(part)
+            node = _descend(node, part)
+    return parts
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _problems(exc: ValidationError, raw: dict) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        parts = _display_loc(tuple(err["loc"]), raw)
+        path = ".".join(map(str, parts)) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            problems.append(f"{path}: unknown key{_suggest(parts[:-1], str(parts[-1]), raw)}")
+        elif kind == "missing":
+            annotation = _child_annotation(parts)
+            hint = f"; expected {annotation}" if annotation else ""
+            problems.append(f"{path}: missing required key{hint}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{path}: {msg}; got {_describe(err.get('input'))}")
+    return problems
+
+
+def _child_annotation(parts: list[Any]) -> str | None:
+    """The field description of the key at `parts`, to say what a missing key expects."""
+    model: Any = RaylabConfig
+    for part in parts[:-1]:
+        model = _child(model, part)
+    for t in _unwrap(model):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            field = t.model_fields.get(str(parts[-1]))
+            if field is not None:
+                return field.description
+    return None
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b.0.c=VALUE` -> ("a.b.0.c", VALUE read as YAML)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise UserError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__}); quote it") from None
+    return key, value
+
+
+def apply_override(raw: dict, key: str, value: Any) -> None:
+    """Set `key` (dotted, list items by index) in `raw`, creating absent sections."""
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        here = ".".join(parts[:i]) or "(top level)"
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise UserError(f"override {key}: {here} is a list; address its items by index ({here}.0)")
+            idx = int(part)
+            if idx > len(node):
+                raise UserError(f"override {key}: {here} has {len(node)} items; index {idx} is out of range")
+            if idx == len(node):
+                node.append(value if last else {})
+            elif last:
+                node[idx] = value
+            node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if not isinstance(node.get(part), (dict, list)):
+                    if node.get(part) is not None:
+                        raise UserError(f"override {key}: {'.'.join(parts[:i + 1])} is a value, not a section")
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise UserError(f"override {key}: {here} is a value, not a section")
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The raw mapping in a config file; every reading problem is a UserError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"config file not found: {path}")
+    if p.is_dir():
+        raise UserError(f"config path is a directory, expected a YAML file: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{where}: YAML syntax error: {problem}") from None
+    if raw is None:
+        raise UserError(f"{path}: the config is empty; expected a mapping starting with `version: {SCHEMA_VERSION}`")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RaylabConfig:
+    """Read, override, validate. Raises ConfigError listing every problem at once."""
+    raw = read_yaml(path)
+    cfg = load_dict(raw, overrides, source=str(path), stem=Path(path).stem)
+    return cfg
+
+
+def load_dict(
+    raw: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "<config>", stem: str = "run"
+) -> RaylabConfig:
+    """Validate a config given as a mapping (the Python API's entry point)."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain YAML types only
+    for item in overrides:
+        apply_override(raw, *parse_override(item))
+    raw.setdefault("output_dir", os.path.join("runs", stem))
+    problems = _malformed_env_refs(raw)
+    try:
+        cfg = RaylabConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(source, _problems(e, raw) + problems) from None
+    if problems:
+        raise ConfigError(source, problems)
+    cfg._source = source
+    return cfg
+
+
+def _malformed_env_refs(raw: Any, path: str = "") -> list[str]:
+    """`${env:NAME}` is the only reference form; catch `${ENV:x}`, `${env:}` and friends."""
+    if isinstance(raw, dict):
+        return [p for k, v in raw.items() for p in _malformed_env_refs(v, f"{path}{k}.")]
+    if isinstance(raw, list):
+        return [p for i, v in enumerate(raw) for p in _malformed_env_refs(v, f"{path}{i}.")]
+    if isinstance(raw, str) and "${" in raw and ENV_REF.sub("", raw).count("${"):
+        return [f"{path.rstrip('.')}: malformed reference in {raw!r}; expected ${{env:NAME}}"]
+    return []
+
+
+def env_refs(cfg: RaylabConfig) -> list[tuple[str, str]]:
+    """(key path, variable) for every `${env:NAME}` reference in the config."""
+    out = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}{k}.")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}{i}.")
+        elif isinstance(node, str):
+            out.extend((path.rstrip("."), name) for name in ENV_REF.findall(node))
+
+    walk(cfg.model_dump(mode="json"), "")
+    return out
+
+
+def expand_env(value: str, key: str) -> str:
+    """Replace `${env:NAME}` references at the point of use; `key` names the config key."""
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            raise UserError(f"{key} references ${{env:{name}}} but the environment variable {name} is not set")
+        return os.environ[name]
+
+    return ENV_REF.sub(sub, value)
+
+
+def to_yaml(cfg: RaylabConfig) -> str:
+    """The resolved config as YAML: defaults filled, paths absolute, secrets still references."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_resolved(cfg: RaylabConfig) -> str:
+    """Write `<output_dir>/config.resolved.yaml` (local path or URI) and return its location."""
+    from raylab import storage
+
+    header = f"# resolved by raylab from {cfg.source or 'a mapping'}; re-run with: raylab run THIS_FILE\n"
+    return storage.write_text(storage.join(cfg.output_dir, "config.resolved.yaml"), header + to_yaml(cfg))

@@ -1,0 +1,157 @@
+"""Shared fixtures. Later stages reuse these rather than starting their own Ray.
+
+- `raylab_home` (autouse): a per-session $RAYLAB_HOME, so tests never touch ~/.raylab.
+- `tiny_model_dir`: a tiny causal LM + byte-level tokenizer saved with save_pretrained.
+- `ray_local`: the session-wide embedded Ray (started once through raylab.cluster.connect).
+- `ray_head`: a real `ray start --head` cluster in a subprocess (for auto / HOST:PORT / ray://).
+- `two_node_cluster`: two Ray nodes on this machine (ray.cluster_utils.Cluster); tests that
+  use it are marked `multinode` and run last, since it replaces the session Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # explicit, so results never depend on test order
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+        if "multinode" in item.keywords:
+            item.add_marker(pytest.mark.integration)
+    # Multi-node tests tear down the session Ray: run them after everything else.
+    items.sort(key=lambda item: "multinode" in item.keywords)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def raylab_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("raylab_home")
+    old = os.environ.get("RAYLAB_HOME")
+    os.environ["RAYLAB_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("RAYLAB_HOME", None)
+    else:
+        os.environ["RAYLAB_HOME"] = old
+
+
+def run_cli(*args: str, cwd: Path | str = REPO, env: dict | None = None, timeout: float = 300):
+    """Run `python -m raylab ARGS` in a subprocess; returns CompletedProcess (text)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "raylab", *args], cwd=cwd, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama (random weights) and its tokenizer, saved like a user's local model."""
+    from raylab import model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = model.build_byte_tokenizer()
+    lm = model.build_tiny_model("tiny-llama", tok, seed=123)
+    tok.save_pretrained(path)
+    lm.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def _session_ray():
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_session_ray):
+    """The embedded local Ray shared by the session (started on first use)."""
+    from raylab import cluster
+
+    return cluster.connect(None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"port {port} did not open within {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head --block` with token auth; yields (gcs address, client address)."""
+    gcs, client = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+            f"--port={gcs}", f"--ray-client-server-port={client}", "--num-cpus=2",
+            "--include-dashboard=false", "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )
+    try:
+        _wait_port(gcs)
+        _wait_port(client)
+        yield f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}"
+    finally:
+        proc.send_signal(signal.SIGTERM)  # --block stops every process it started
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    """Two Ray nodes on one machine (2 CPUs each; the second has resource `node_b`),
+    connected through raylab.cluster.connect. Replaces the session Ray while it lives."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from raylab import cluster as rl_cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    c.add_node(num_cpus=2, resources={"node_b": 1})
+    c.wait_for_nodes()
+    rl_cluster.connect(None, address=c.address)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()

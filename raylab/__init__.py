@@ -6,7 +6,8 @@
 Python API: ``raylab.load_config(path, overrides)``; each stage adds its function here.
 """
 
-from raylab.config import RaylabConfig, load as load_config
+from raylab.config import RaylabConfig
+from raylab.config import load as load_config
 from raylab.errors import ConfigError, UserError
 
 __version__ = "0.1.0"

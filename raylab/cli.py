@@ -48,7 +48,7 @@ def _split(args: argparse.Namespace, required: bool) -> tuple[str | None, list[s
         else:
             raise UserError(f"unexpected argument {item!r}: overrides look like key=value, and CONFIG was already given ({config})")
     if required and config is None:
-        raise UserError(f"a CONFIG file is required (positional or --config)")
+        raise UserError("a CONFIG file is required (positional or --config)")
     if overrides and config is None:
         raise UserError(f"overrides {overrides} need a CONFIG to apply to")
     return config, overrides

@@ -168,7 +168,8 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None) -> Conn
             context = ray.init(
                 address="local",
                 num_cpus=embedded_cpus(cfg),
-                num_gpus=embedded_gpus(cfg),
+                # Ray detects GPUs itself; counting them here would import torch (~2 s).
+                num_gpus=cfg.ray.num_gpus if cfg is not None else None,
                 include_dashboard=bool(cfg and cfg.ray.dashboard),
                 **kwargs,
             )

@@ -110,7 +110,7 @@ class HttpSource(Section):
     url: str
 
 
-Source = Annotated[Union[FileSource, SqlSource, HttpSource], Field(discriminator="type")]
+Source = Annotated[FileSource | SqlSource | HttpSource, Field(discriminator="type")]
 
 
 class DataConfig(Section):

@@ -37,7 +37,7 @@ def test_chat_template_is_saved_with_the_tokenizer(tiny_model_dir):
     assert prompt.endswith("<|im_start|>assistant\n")
     # Only the assistant's answer (and its end-of-turn token) is marked for the loss.
     out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    marked = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    marked = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
     assert tok.decode(marked) == "hello<|im_end|>"
 
 

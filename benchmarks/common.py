@@ -1,0 +1,96 @@
+"""Shared helpers for benchmarks (DESIGN.md, "Benchmarks").
+
+Each benchmark measures raylab and a named baseline on the same work in one run, prints one
+JSON object per measurement and writes the list to benchmarks/results/<name>.json:
+
+    {"name", "value", "unit", "baseline", "baseline_value", "ratio", "machine", "commit", ...}
+
+`ratio` is value / baseline_value; what compares across machines is the ratio, never the
+absolute time (machines here are shared and noisy). Benchmarks run from the repository root:
+
+    python benchmarks/bench_connect.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_facts() -> dict:
+    facts = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+    try:
+        import torch
+
+        facts["torch"] = torch.__version__
+        facts["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    try:
+        import ray
+
+        facts["ray"] = ray.__version__
+    except ImportError:
+        pass
+    return facts
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def timed(fn: Callable[[], object], repeat: int = 3, warmup: int = 0) -> dict:
+    """Median and spread of `repeat` wall-clock timings of fn(), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
+
+
+def measurement(name: str, value: float, unit: str, baseline: str, baseline_value: float, **extra) -> dict:
+    record = {
+        "name": name,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_value": baseline_value,
+        "ratio": value / baseline_value if baseline_value else None,
+        "machine": machine_facts(),
+        "commit": git_commit(),
+        **extra,
+    }
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def write_results(bench: str, records: list[dict]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{bench}.json"
+    path.write_text(json.dumps(records, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return path

@@ -94,28 +94,96 @@ class RayConfig(Section):
     namespace: str = "raylab"
 
 
-class FileSource(Section):
+Format = Literal["completion", "instruction", "chat"]
+
+
+class Fields(Section):
+    """Where each part of a record lives in the source (field or column names)."""
+
+    text: str = Field("text", description="completion text")
+    prompt: str = Field("prompt", description="instruction prompt")
+    response: str = Field("response", description="instruction response")
+    system: str | None = Field(None, description="optional system message")
+    context: str | None = Field(None, description="optional context appended to the prompt")
+    messages: str = Field("messages", description="chat: OpenAI-style [{role, content}]")
+    id: str | None = Field(None, description="a field holding a stable record id (a primary key)")
+
+
+class _SourceBase(Section):
+    name: str | None = Field(None, description="label in counts and quarantine; default source<N>")
+    format: Format | None = Field(None, description="default data.format")
+    fields: Fields | None = Field(None, description="default data.fields")
+
+
+class FileSource(_SourceBase):
+    """jsonl/json/csv/parquet files, or `text`: a directory of .txt/.md documents (one per
+    file, always completion format)."""
+
     type: Literal["jsonl", "json", "parquet", "csv", "text"]
     path: PathOrUri = Field(description="a file, a directory or a glob")
 
 
-class SqlSource(Section):
+class SqlSource(_SourceBase):
     type: Literal["sql"]
-    url: str = Field(description="sqlite:///file.db or ${env:NAME} holding a postgresql:// URL")
+    url: str = Field(description="sqlite:///path/file.db, or ${env:NAME} holding a postgresql:// URL")
     query: str
 
 
-class HttpSource(Section):
+class HttpSource(_SourceBase):
+    """A paginated JSON API: page numbers (`page_param`) or cursors (`cursor_param`)."""
+
     type: Literal["http"]
     url: str
+    records_path: str = Field("", description="dotted path to the record list in a response; '' = the body")
+    page_param: str | None = Field(None, description="query parameter for the page number")
+    start_page: int = 1
+    cursor_param: str | None = Field(None, description="query parameter for the cursor")
+    next_cursor_path: str | None = Field(None, description="dotted path to the next cursor in a response")
+    headers: dict[str, str] = Field(default_factory=dict, description="values may be ${env:NAME}")
+    max_pages: PositiveInt = 10_000
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+    timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _paging(self) -> HttpSource:
+        if self.page_param and self.cursor_param:
+            raise ValueError("give page_param or cursor_param, not both")
+        if self.cursor_param and not self.next_cursor_path:
+            raise ValueError("cursor_param needs next_cursor_path (where a response names the next cursor)")
+        return self
 
 
-Source = Annotated[FileSource | SqlSource | HttpSource, Field(discriminator="type")]
+Source = Annotated[Union[FileSource, SqlSource, HttpSource], Field(discriminator="type")]
+
+
+class ValidationConfig(Section):
+    """Rules every record must pass; a record that fails goes to the quarantine."""
+
+    required: StrList = Field(default_factory=list, description="extra fields every record must have")
+    min_chars: int = Field(1, ge=0)
+    max_chars: PositiveInt = 200_000
+    roles: StrList = Field(default_factory=lambda: ["system", "user", "assistant"])
+    deny_regex: StrList = Field(default_factory=list, description="a record matching any is rejected")
+    max_rejected_fraction: Fraction | None = Field(None, description="fail the stage above this")
+
+    @model_validator(mode="after")
+    def _compiles(self) -> ValidationConfig:
+        for pattern in self.deny_regex:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"deny_regex {pattern!r} is not a valid regular expression: {e}") from None
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
+        return self
 
 
 class DataConfig(Section):
     sources: list[Source] = Field(min_length=1, description="at least one source")
-    format: Literal["completion", "instruction", "chat"] = "completion"
+    format: Format = "completion"
+    fields: Fields = Field(default_factory=Fields)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
     max_seq_len: PositiveInt = 512
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     seed: int = 0

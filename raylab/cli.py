@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--print", action="store_true", dest="print_config", help="print the resolved config")
     d = verb("doctor", "versions, cluster, GPUs, threads and the resource plan", "optional")
     d.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    da = verb("data", "data stage: read, validate, quarantine; write records and the manifest", "required")
+    da.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     return p
 
 
@@ -79,7 +81,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor.run(cfg, args.address)
 
 
-COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor}
+def cmd_data(args: argparse.Namespace) -> int:
+    from raylab import config, data
+
+    path, overrides = _split(args, required=True)
+    data.run_data(config.load(path, overrides), args.address)
+    return 0
+
+
+COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,9 +137,13 @@ def describe_inputs(cfg: RaylabConfig) -> list[dict[str, Any]]:
                 path = _sqlite_path(url)
                 if path is not None and not os.path.isfile(path):
                     raise OSError(f"no SQLite database at {path}")
-                Connect(url)().close()
+                conn = Connect(url)()
+                try:  # the query parses and its tables exist; LIMIT 0 reads nothing
+                    conn.cursor().execute(f"SELECT * FROM ({src.query}) AS raylab_check LIMIT 0")
+                finally:
+                    conn.close()
             except Exception as e:  # any driver's connection error is the user's to fix
-                raise UserError(f"{key} ({name}): cannot connect to {_redact_url(src.url)}: {e}") from None
+                raise UserError(f"{key} ({name}): cannot query {_redact_url(src.url)}: {e}") from None
         else:
             entry.update(location=src.url)
         out.append(entry)

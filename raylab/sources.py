@@ -72,7 +72,7 @@ def parse_json_record(source: str, record_id: str, data: bytes) -> dict:
 
 class _Streaming(FileBasedDatasource):
     def __init__(self, paths, source: str, **kwargs):
-        super().__init__(paths, **kwargs)
+        super().__init__(paths, file_extensions=self._FILE_EXTENSIONS, **kwargs)
         self.source = source
 
     def _chunks(self, rows: Iterator[dict]) -> Iterator[pa.Table]:
@@ -193,6 +193,9 @@ class ParquetRowsDatasource(_Streaming):
     """Parquet rows with their file and row number as the record id."""
 
     _FILE_EXTENSIONS = ["parquet"]
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        return filesystem.open_input_file(path)  # Parquet needs random access (the footer)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         import pyarrow.parquet as pq

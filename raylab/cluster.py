@@ -281,10 +281,14 @@ def make_plan(cfg: RaylabConfig, nodes: list[Node], cores: int | None = None) ->
     t, d = cfg.train, cfg.data
     cores = cores or physical_cores()
     total_cpus = sum(n.cpus for n in nodes)
-    data_tasks = max(1, min(int(total_cpus / d.cpus_per_task), 4 * len(nodes)))
+    data_tasks = max(1, min(int((total_cpus - d.tokenizer_actors * d.cpus_per_task) / d.cpus_per_task), 4 * len(nodes)))
     ingest = ("data ingest task", 1, d.cpus_per_task, 0.0)
     asks = [
-        StageAsk("data", [("data task", data_tasks, d.cpus_per_task, 0.0)], "lower data.cpus_per_task"),
+        StageAsk(
+            "data",
+            [("data task", data_tasks, d.cpus_per_task, 0.0), ("tokenizer actor", d.tokenizer_actors, d.cpus_per_task, 0.0)],
+            "lower data.cpus_per_task or data.tokenizer_actors",
+        ),
         StageAsk(
             "train",
             [("train worker", t.num_workers, t.cpus_per_worker, t.gpus_per_worker), ingest],

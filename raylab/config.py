@@ -154,7 +154,7 @@ class HttpSource(_SourceBase):
         return self
 
 
-Source = Annotated[Union[FileSource, SqlSource, HttpSource], Field(discriminator="type")]
+Source = Annotated[FileSource | SqlSource | HttpSource, Field(discriminator="type")]
 
 
 class ValidationConfig(Section):
@@ -165,6 +165,8 @@ class ValidationConfig(Section):
     max_chars: PositiveInt = 200_000
     roles: StrList = Field(default_factory=lambda: ["system", "user", "assistant"])
     deny_regex: StrList = Field(default_factory=list, description="a record matching any is rejected")
+    max_tokens: PositiveInt | None = Field(None, description="default data.max_seq_len")
+    over_max_tokens: Literal["reject", "truncate"] = "reject"
     max_rejected_fraction: Fraction | None = Field(None, description="fail the stage above this")
 
     @model_validator(mode="after")
@@ -179,15 +181,56 @@ class ValidationConfig(Section):
         return self
 
 
+class CleanConfig(Section):
+    unicode: Literal["NFC", "NFKC"] | None = Field("NFC", description="Unicode normal form, or null to keep")
+    whitespace: bool = Field(True, description="unify line ends, drop control and zero-width characters, trim")
+
+
+class PiiConfig(Section):
+    enabled: bool = True
+    types: StrList | None = Field(None, description="detectors to run; default all (raylab.pii.available())")
+
+    @model_validator(mode="after")
+    def _known(self) -> PiiConfig:
+        from raylab import pii
+
+        if self.types is not None:
+            unknown = [t for t in self.types if t not in pii.available()]
+            if unknown:
+                raise ValueError(f"unknown PII types {unknown}; expected some of {pii.available()}")
+        return self
+
+
+class DedupConfig(Section):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.8, gt=0, le=1, description="estimated Jaccard similarity for near duplicates")
+    num_perm: PositiveInt = 64
+    bands: PositiveInt = 16
+    ngram: PositiveInt = Field(5, description="character shingle length")
+
+    @model_validator(mode="after")
+    def _bands(self) -> DedupConfig:
+        if self.num_perm % self.bands:
+            raise ValueError(f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})")
+        return self
+
+
 class DataConfig(Section):
     sources: list[Source] = Field(min_length=1, description="at least one source")
     format: Format = "completion"
     fields: Fields = Field(default_factory=Fields)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
-    max_seq_len: PositiveInt = 512
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    max_seq_len: PositiveInt = Field(512, description="tokens per training sequence (packed or padded)")
+    packing: Literal["pack", "pad"] = Field("pack", description="pack documents into sequences, or pad each")
+    train_on_prompt: bool = Field(False, description="labels cover prompts too, not only responses")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     seed: int = 0
     cpus_per_task: float = Field(0.25, gt=0, description="CPUs per Ray Data task")
+    tokenizer_actors: PositiveInt = Field(2, description="most tokenizer actors at once")
 
 
 class LoraConfig(Section):

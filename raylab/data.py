@@ -3,25 +3,29 @@
     raylab data configs/quickstart.yaml          # CLI
     raylab.data.run_data(cfg)                    # Python; returns the manifest
 
-What it does, on Ray Data, streaming: read every source (raylab/sources.py) into one
-dataset of raw records; normalise each to its format and check the validation rules
-(raylab/records.py); write accepted records and the quarantine as zstd Parquet; write
+What it does, on Ray Data: read every source (raylab/sources.py) into one dataset of raw
+records; normalise each to its format, clean it, check the validation rules and redact PII
+(raylab/records.py, raylab/pii.py); drop exact and near duplicates across the whole dataset
+(raylab/dedup.py); tokenize in an actor pool, split train/val by record id, and pack
+(raylab/packing.py, which documents the trainer contract); write zstd Parquet and
 `manifest.json`. No record stops the job: a broken one is quarantined with a reason code.
 A source that cannot be read at all, or a rejected fraction above
 `data.validation.max_rejected_fraction`, fails the stage with exit 2 (after the quarantine
 and manifest are written, so nothing is lost).
 
 Outputs under `<output_dir>/data/`:
-    records/*.parquet      accepted: source, record_id, format, text, messages (JSON)
+    train/, val/*.parquet  packed sequences (raylab/packing.py: input_ids, labels,
+                           position_ids, segment_ids, num_tokens)
+    records/*.parquet      the accepted documents, redacted: source, record_id, format, text,
+                           messages (JSON), split, num_tokens (for evaluation and inspection)
     quarantine/*.parquet   rejected: source, record_id, reason, message, raw -- SENSITIVE:
                            it holds records exactly as read, personal data included
-    manifest.json          inputs (files with sha256), config hash, counts; always
-                           read = accepted + rejected
+    manifest.json          inputs (files with sha256), config hash, tokenizer fingerprint,
+                           counts (always read = accepted + rejected + duplicates), PII
+                           redactions by type, tokens, packing efficiency, length histogram
 
 Re-running with unchanged file inputs and data config is a cache hit (nothing is re-read);
 SQL and HTTP inputs cannot be fingerprinted without reading them, so they always rebuild.
-Not yet in this stage (next parts of the data issue): dedup, PII redaction, tokenization,
-packing and the train/val split.
 """
 
 from __future__ import annotations
@@ -35,18 +39,21 @@ import os
 import sqlite3
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raylab import cluster, config, records, storage, sources
+from raylab import cluster, config, dedup, packing, records, sources, storage
 from raylab.config import Fields, RaylabConfig
 from raylab.errors import UserError
 
 MANIFEST_VERSION = 1
 CHECKED_SCHEMA = pa.schema([(n, pa.string()) for n in
-                            ("source", "record_id", "raw", "format", "text", "messages", "reason", "message")])
-ACCEPTED_COLUMNS = ["source", "record_id", "format", "text", "messages"]
+                            ("source", "record_id", "raw", "format", "text", "messages", "reason", "message", "pii")])
+DOC_COLUMNS = ["source", "record_id", "raw", "format", "text", "messages"]
+RECORD_COLUMNS = ["source", "record_id", "format", "text", "messages", "split", "num_tokens"]
 QUARANTINE_COLUMNS = ["source", "record_id", "reason", "message", "raw"]
+HIST_EDGES = [2 ** k for k in range(3, 17)]  # document-length histogram bin edges (tokens)
 
 
 def source_name(index: int, src) -> str:
@@ -56,8 +63,8 @@ def source_name(index: int, src) -> str:
 def source_rules(src, cfg: RaylabConfig) -> records.SourceRules:
     d = cfg.data
     if src.type == "text":  # a document per file: always completion text
-        return records.SourceRules("completion", Fields(), d.validation)
-    return records.SourceRules(src.format or d.format, src.fields or d.fields, d.validation)
+        return records.SourceRules("completion", Fields(), d.validation, d.clean, d.pii)
+    return records.SourceRules(src.format or d.format, src.fields or d.fields, d.validation, d.clean, d.pii)
 
 
 # ---------------------------------------------------------------- inputs
@@ -184,8 +191,8 @@ def read_source(index: int, src, cfg: RaylabConfig):
 
 
 def check_batch(batch: pa.Table, rules: dict[str, records.SourceRules]) -> pa.Table:
-    compiled = {name: r.compiled() for name, r in rules.items()}
-    rows = [records.check_row(row, rules[row["source"]], compiled[row["source"]]) for row in batch.to_pylist()]
+    compiled = {name: (r.compiled(), r.detectors()) for name, r in rules.items()}
+    rows = [records.check_row(row, rules[row["source"]], *compiled[row["source"]]) for row in batch.to_pylist()]
     return pa.Table.from_pylist(rows, schema=CHECKED_SCHEMA)
 
 
@@ -194,11 +201,53 @@ def _where(batch: pa.Table, accepted: bool, columns: list[str]) -> pa.Table:
     return batch.filter(mask if accepted else pc.invert(mask)).select(columns)
 
 
+def _without(batch: pa.Table, drops: frozenset[str]) -> pa.Table:
+    keep = [rid not in drops for rid in batch["record_id"].to_pylist()]
+    return batch.filter(pa.array(keep, type=pa.bool_()))
+
+
+def _with_split(batch: pa.Table, seed: int, fraction: float) -> pa.Table:
+    split = ["val" if packing.in_val(r, seed, fraction) else "train" for r in batch["record_id"].to_pylist()]
+    lengths = pc.list_value_length(batch["input_ids"]).cast(pa.int32())
+    return batch.append_column("split", pa.array(split)).append_column("num_tokens", lengths)
+
+
+def _of_split(batch: pa.Table, split: str) -> pa.Table:
+    return batch.filter(pc.equal(batch["split"], split))
+
+
+def token_stats(batch: pa.Table) -> pa.Table:
+    """Per batch: documents, tokens, target tokens and a length histogram, per split."""
+    out = []
+    for split in ("train", "val"):
+        part = batch.filter(pc.equal(batch["split"], split))
+        lengths = np.array(part["num_tokens"].to_pylist(), dtype=np.int64)
+        targets = sum(sum(1 for x in labels[1:] if x != packing.IGNORE) for labels in part["labels"].to_pylist())
+        hist = np.histogram(lengths, bins=[0, *HIST_EDGES, np.iinfo(np.int64).max])[0] if len(lengths) else np.zeros(len(HIST_EDGES) + 1)
+        out.append({"split": split, "documents": len(lengths), "tokens": int(lengths.sum()),
+                    "target_tokens": targets, "hist": [int(h) for h in hist]})
+    return pa.Table.from_pylist(out)
+
+
+def packed_stats(batch: pa.Table) -> pa.Table:
+    return pa.table({"sequences": [batch.num_rows], "real_tokens": [int(pc.sum(batch["num_tokens"]).as_py() or 0)]})
+
+
+def pii_batch(batch: pa.Table) -> pa.Table:
+    totals: dict[str, int] = {}
+    for value in batch["pii"].to_pylist():
+        for kind, n in (json.loads(value) if value else {}).items():
+            totals[kind] = totals.get(kind, 0) + n
+    return pa.table({"kind": list(totals), "n": list(totals.values())})
+
+
 # ---------------------------------------------------------------- the stage
 
 
 def _config_hash(cfg: RaylabConfig) -> str:
-    return hashlib.sha256(cfg.data.model_dump_json().encode()).hexdigest()[:16]
+    """The data section plus the model section (the tokenizer decides the tokens)."""
+    material = cfg.data.model_dump_json() + cfg.model.model_dump_json()
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
 def _cached(manifest_path: str, key: str) -> dict | None:
@@ -250,6 +299,9 @@ def run_data(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
         hit["cache"] = {"hit": True}
         return hit
 
+    from raylab.model import fingerprint, load_tokenizer
+
+    tok = load_tokenizer(cfg.model)  # fails early on a bad model; materialises a preset once
     cluster.prepare(cfg, address)
     import ray
 
@@ -270,36 +322,79 @@ def run_data(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
         if source_error is not None:
             raise UserError(str(source_error)) from None
         raise
-    records_dir, quarantine_dir = storage.join(out, "records"), storage.join(out, "quarantine")
-    for location, accepted, columns in ((records_dir, True, ACCEPTED_COLUMNS), (quarantine_dir, False, QUARANTINE_COLUMNS)):
+    d = cfg.data
+    accepted = checked.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
+                                   fn_kwargs={"accepted": True, "columns": DOC_COLUMNS}).materialize()
+    drops = dedup.find_duplicates(accepted, d.dedup, cpus)
+    tokenized = accepted.map_batches(_without, batch_format="pyarrow", num_cpus=cpus, fn_kwargs={"drops": frozenset(drops)}).map_batches(
+        packing.Tokenize, batch_format="pyarrow", batch_size=256, num_cpus=cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=d.tokenizer_actors),
+        fn_constructor_kwargs={
+            "model_cfg": cfg.model.model_dump(), "max_tokens": d.validation.max_tokens or d.max_seq_len,
+            "over": d.validation.over_max_tokens, "train_on_prompt": d.train_on_prompt,
+        },
+    ).materialize()
+    good = tokenized.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
+                                 fn_kwargs={"accepted": True, "columns": [*DOC_COLUMNS, "input_ids", "labels"]}
+                                 ).map_batches(_with_split, batch_format="pyarrow", num_cpus=cpus,
+                                               fn_kwargs={"seed": d.seed, "fraction": d.val_fraction}).materialize()
+
+    outputs = {name: storage.join(out, name) for name in ("train", "val", "records", "quarantine")}
+    for location in outputs.values():
         _clear(location)
-        checked.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
-                            fn_kwargs={"accepted": accepted, "columns": columns}
-                            ).write_parquet(location, compression="zstd")
-    counts = _counts(checked, list(rules))
+    rejects = [ds.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
+                              fn_kwargs={"accepted": False, "columns": QUARANTINE_COLUMNS}) for ds in (checked, tokenized)]
+    rejects[0].union(rejects[1]).write_parquet(outputs["quarantine"], compression="zstd")
+    good.select_columns(RECORD_COLUMNS).write_parquet(outputs["records"], compression="zstd")
+    packed_stats_by_split = {}
+    for split in ("train", "val"):
+        packed = good.map_batches(_of_split, batch_format="pyarrow", fn_kwargs={"split": split}).map_batches(
+            packing.pack_batch, batch_format="pyarrow", batch_size=1024, num_cpus=cpus,
+            fn_kwargs={"seq_len": d.max_seq_len, "pad_id": tok.pad_token_id, "mode": d.packing},
+        ).materialize()
+        packed.write_parquet(outputs[split], compression="zstd")
+        rows = packed.map_batches(packed_stats, batch_format="pyarrow").take_all()
+        packed_stats_by_split[split] = {"sequences": sum(r["sequences"] for r in rows),
+                                        "real_tokens": sum(r["real_tokens"] for r in rows)}
+
+    counts = _counts(checked, tokenized, drops, list(rules))
+    tokens = _token_summary(good, packed_stats_by_split, d.max_seq_len)
+    pii_counts: dict[str, int] = {}
+    for r in checked.map_batches(pii_batch, batch_format="pyarrow").take_all():
+        pii_counts[r["kind"]] = pii_counts.get(r["kind"], 0) + r["n"]
     manifest = {
         "version": MANIFEST_VERSION,
         "stage": "data",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config_hash": _config_hash(cfg),
         "cache_key": key,
+        "tokenizer": fingerprint(tok),
         "inputs": [{**i, "records_read": counts["by_source"][i["name"]]["read"]} for i in inputs],
         "counts": {k: v for k, v in counts.items() if k != "by_source"},
         "by_source": counts["by_source"],
-        "outputs": {"records": records_dir, "quarantine": quarantine_dir},
+        "pii_redactions": pii_counts,
+        "tokens": tokens,
+        "outputs": outputs,
         "cache": {"hit": False},
     }
     storage.write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     c = manifest["counts"]
     log(f"data: read {c['read']}, accepted {c['accepted']}, rejected {c['rejected']} "
-        f"({c['rejected_fraction']:.1%}) -> {out}")
+        f"({c['rejected_fraction']:.1%}), duplicates {c['duplicates']['exact']} exact + "
+        f"{c['duplicates']['near']} near -> {out}")
     for reason, n in sorted(c["rejected_by_reason"].items()):
         log(f"  quarantined {n:>5} {reason}")
+    for kind, n in sorted(pii_counts.items()):
+        log(f"  redacted    {n:>5} {kind}")
+    for split in ("train", "val"):
+        t = tokens[split]
+        log(f"  {split:<5} {t['documents']} documents, {t['tokens']} tokens ({t['target_tokens']} targets) in "
+            f"{t['sequences']} x {d.max_seq_len} sequences, packing efficiency {t['packing_efficiency']:.1%}")
     limit = cfg.data.validation.max_rejected_fraction
     if limit is not None and c["rejected_fraction"] > limit:
         raise UserError(
             f"{c['rejected']} of {c['read']} records rejected ({c['rejected_fraction']:.1%}), above "
-            f"data.validation.max_rejected_fraction={limit:g}; see {quarantine_dir} and {manifest_path}"
+            f"data.validation.max_rejected_fraction={limit:g}; see {outputs['quarantine']} and {manifest_path}"
         )
     return manifest
 
@@ -310,22 +405,47 @@ def count_batch(batch: pa.Table) -> pa.Table:
     return grouped.rename_columns(["source", "reason", "n"])
 
 
-def _counts(checked, names: list[str]) -> dict:
-    groups = checked.map_batches(count_batch, batch_format="pyarrow").take_all()
-    by_source = {n: {"read": 0, "accepted": 0, "rejected": 0} for n in names}
+def _counts(checked, tokenized, drops: dict[str, str], names: list[str]) -> dict:
+    """read = accepted + rejected + duplicates, per source and in total."""
+    by_source = {n: {"read": 0, "accepted": 0, "rejected": 0, "duplicates": 0} for n in names}
     by_reason: dict[str, int] = {}
-    for g in groups:
-        n, src, reason = g["n"], g["source"], g["reason"]
-        by_source[src]["read"] += n
-        if reason:
-            by_source[src]["rejected"] += n
-            by_reason[reason] = by_reason.get(reason, 0) + n
-        else:
-            by_source[src]["accepted"] += n
+    for stage, ds in (("check", checked), ("tokenize", tokenized)):
+        for g in ds.map_batches(count_batch, batch_format="pyarrow").take_all():
+            n, src, reason = g["n"], g["source"], g["reason"]
+            if stage == "check":
+                by_source[src]["read"] += n
+            if reason:
+                by_source[src]["rejected"] += n
+                by_reason[reason] = by_reason.get(reason, 0) + n
+            elif stage == "tokenize":
+                by_source[src]["accepted"] += n
+    dup = {"exact": 0, "near": 0}
+    for why in drops.values():
+        dup[why.removeprefix("duplicate_")] += 1
+    for counts in by_source.values():
+        counts["duplicates"] = counts["read"] - counts["accepted"] - counts["rejected"]
     read = sum(s["read"] for s in by_source.values())
     rejected = sum(by_reason.values())
     return {
-        "read": read, "accepted": read - rejected, "rejected": rejected,
+        "read": read, "accepted": read - rejected - len(drops), "rejected": rejected,
         "rejected_fraction": rejected / read if read else 0.0,
-        "rejected_by_reason": by_reason, "by_source": by_source,
+        "rejected_by_reason": by_reason, "duplicates": dup, "by_source": by_source,
     }
+
+
+def _token_summary(good, packed: dict[str, dict], seq_len: int) -> dict:
+    rows = good.map_batches(token_stats, batch_format="pyarrow").take_all()
+    out = {}
+    for split in ("train", "val"):
+        mine = [r for r in rows if r["split"] == split]
+        hist = np.sum([r["hist"] for r in mine], axis=0).tolist() if mine else [0] * (len(HIST_EDGES) + 1)
+        p = packed[split]
+        out[split] = {
+            "documents": sum(r["documents"] for r in mine),
+            "tokens": sum(r["tokens"] for r in mine),
+            "target_tokens": sum(r["target_tokens"] for r in mine),
+            "sequences": p["sequences"],
+            "packing_efficiency": p["real_tokens"] / (p["sequences"] * seq_len) if p["sequences"] else 0.0,
+        }
+        out[split]["length_histogram"] = {"edges": [0, *HIST_EDGES], "counts": [int(h) for h in hist]}
+    return out

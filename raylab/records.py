@@ -11,23 +11,30 @@ Ray Data batches. Every record ends as exactly one of:
                 `raw` is the record as read (needed to fix it). The quarantine holds
                 whatever the source held, personal data included: treat it as sensitive.
 
+Order per record: parse -> normalise to the format -> clean (Unicode form, whitespace) ->
+check the rules -> redact PII (typed placeholders, counted in `pii`). Redaction comes
+before anything is written to the accepted outputs.
+
 Reason codes: read_error, invalid_utf8, invalid_json, invalid_csv, not_an_object,
 missing_field, wrong_type, empty_text, too_short, too_long, bad_role, bad_turn_order,
-denied_pattern.
+denied_pattern, and too_many_tokens (from tokenization, raylab/packing.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, field
 from typing import Any
 
-from raylab.config import Fields, ValidationConfig
+from raylab import pii
+from raylab.config import CleanConfig, Fields, PiiConfig, ValidationConfig
 
 REASONS = (
     "read_error", "invalid_utf8", "invalid_json", "invalid_csv", "not_an_object", "missing_field",
     "wrong_type", "empty_text", "too_short", "too_long", "bad_role", "bad_turn_order", "denied_pattern",
+    "too_many_tokens",
 )
 
 
@@ -46,9 +53,31 @@ class SourceRules:
     format: str
     fields: Fields
     validation: ValidationConfig
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    pii: PiiConfig = field(default_factory=lambda: PiiConfig(enabled=False))
 
     def compiled(self) -> list[re.Pattern]:
         return [re.compile(p) for p in self.validation.deny_regex]
+
+    def detectors(self) -> list[pii.Detector]:
+        return pii.detectors(self.pii.types) if self.pii.enabled else []
+
+
+_CONTROL = re.compile(r"[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f\u200b-\u200d\u2060\ufeff]")
+_TRAILING = re.compile(r"[ \t]+\n")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def clean_text(text: str, cfg: CleanConfig) -> str:
+    """Unicode normal form; unified line ends; no control or zero-width characters; no
+    trailing spaces; at most one blank line in a row; trimmed."""
+    if cfg.unicode:
+        text = unicodedata.normalize(cfg.unicode, text)
+    if cfg.whitespace:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = _CONTROL.sub("", text)
+        text = _BLANK_LINES.sub("\n\n", _TRAILING.sub("\n", text)).strip()
+    return text
 
 
 def _field(payload: dict, name: str, required: bool = True) -> str | None:
@@ -143,17 +172,33 @@ def check(text: str, messages: list[dict[str, str]] | None, rules: SourceRules, 
             raise RecordError("denied_pattern", f"matches validation.deny_regex {pattern.pattern!r}")
 
 
-def check_row(row: dict[str, Any], rules: SourceRules, deny: list[re.Pattern]) -> dict[str, Any]:
+def _redact(text: str, detectors: list[pii.Detector], counts: dict[str, int]) -> str:
+    text, found = pii.redact(text, detectors)
+    for kind, n in found.items():
+        counts[kind] = counts.get(kind, 0) + n
+    return text
+
+
+def check_row(
+    row: dict[str, Any], rules: SourceRules, deny: list[re.Pattern], detectors: list[pii.Detector] = ()
+) -> dict[str, Any]:
     """A raw row from a source -> an output row with `reason` '' (accepted) or a code."""
     out = {"source": row["source"], "record_id": row["record_id"], "raw": row["raw"],
-           "format": rules.format, "text": "", "messages": "", "reason": "", "message": ""}
+           "format": rules.format, "text": "", "messages": "", "reason": "", "message": "", "pii": ""}
     try:
         if row["error"]:
             raise RecordError(row["error"], row["error_message"])
         text, messages = normalise(json.loads(row["payload"]), rules)
+        text = clean_text(text, rules.clean)
+        if messages is not None:
+            messages = [{"role": m["role"], "content": clean_text(m["content"], rules.clean)} for m in messages]
         check(text, messages, rules, deny)
-        out["text"] = text
-        out["messages"] = json.dumps(messages, ensure_ascii=False) if messages is not None else ""
+        counts: dict[str, int] = {}
+        out["text"] = _redact(text, detectors, counts)
+        if messages is not None:
+            redacted = [{"role": m["role"], "content": _redact(m["content"], detectors, counts)} for m in messages]
+            out["messages"] = json.dumps(redacted, ensure_ascii=False)
+        out["pii"] = json.dumps(counts) if counts else ""
     except RecordError as e:
         out["reason"], out["message"] = e.reason, e.message
     return out

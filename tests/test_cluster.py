@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+
 from conftest import REPO, run_cli
 
 pytestmark = pytest.mark.integration

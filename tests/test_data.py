@@ -140,6 +140,7 @@ def job(corpus, api, tmp_path, **extra):
         },
         "model": {"name_or_path": "preset:tiny-llama"},
     }
+    raw["data"]["dedup"] = {"exact": False, "near": False}  # the API fixtures are near-identical on purpose
     raw["data"].update(extra)
     return config.load_dict(raw)
 
@@ -163,17 +164,18 @@ def read_dir(path):
 def test_counts_per_source_and_reason(full_run):
     cfg, manifest = full_run
     by = manifest["by_source"]
-    assert by["qa"] == {"read": 6, "accepted": 3, "rejected": 3}
-    assert by["chats"] == {"read": 3, "accepted": 2, "rejected": 1}
-    assert by["notes"] == {"read": 5, "accepted": 3, "rejected": 2}
-    assert by["docs"] == {"read": 3, "accepted": 3, "rejected": 0}
-    assert by["handbook"] == {"read": 3, "accepted": 2, "rejected": 1}
-    assert by["kb"] == {"read": 4, "accepted": 3, "rejected": 1}
-    assert by["chats_api"] == {"read": 6, "accepted": 6, "rejected": 0}
-    assert by["docs_api"] == {"read": 3, "accepted": 3, "rejected": 0}
-    assert by["flaky"] == {"read": 1, "accepted": 1, "rejected": 0}
+    assert by["qa"] == {"read": 6, "accepted": 3, "rejected": 3, "duplicates": 0}
+    assert by["chats"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0}
+    assert by["notes"] == {"read": 5, "accepted": 3, "rejected": 2, "duplicates": 0}
+    assert by["docs"] == {"read": 3, "accepted": 3, "rejected": 0, "duplicates": 0}
+    assert by["handbook"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0}
+    assert by["kb"] == {"read": 4, "accepted": 3, "rejected": 1, "duplicates": 0}
+    assert by["chats_api"] == {"read": 6, "accepted": 6, "rejected": 0, "duplicates": 0}
+    assert by["docs_api"] == {"read": 3, "accepted": 3, "rejected": 0, "duplicates": 0}
+    assert by["flaky"] == {"read": 1, "accepted": 1, "rejected": 0, "duplicates": 0}
     c = manifest["counts"]
-    assert c["read"] == c["accepted"] + c["rejected"] == 34
+    assert c["read"] == c["accepted"] + c["rejected"] + sum(c["duplicates"].values()) == 34
+    assert c["accepted"] == 26 and c["duplicates"] == {"exact": 0, "near": 0}
     assert c["rejected_by_reason"] == {
         "invalid_json": 1, "invalid_utf8": 2, "empty_text": 2, "bad_turn_order": 1,
         "invalid_csv": 1, "missing_field": 1,
@@ -198,6 +200,7 @@ def test_accepted_records_are_normalised(full_run):
     cfg, manifest = full_run
     rows = read_dir(manifest["outputs"]["records"])
     assert len(rows) == manifest["counts"]["accepted"]
+    assert {r["split"] for r in rows} <= {"train", "val"}
     by_id = {r["record_id"]: r for r in rows}
     qa = json.loads(by_id[f"{cfg.data.sources[0].path}:1"]["messages"])
     assert qa == [{"role": "user", "content": "When is payday?"}, {"role": "assistant", "content": "On the 25th."}]
@@ -278,3 +281,104 @@ def test_cli_data_missing_source_is_exit_2(tmp_path):
                    f"output_dir={tmp_path}/r", cwd=REPO)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.sources.0 (source0): no jsonl files" in proc.stderr
+
+
+# ---------------------------------------------------------------- transforms and tokens
+
+
+def _docs(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def test_exact_and_near_duplicates_across_files_and_blocks(tmp_path, _session_ray):
+    import random
+
+    rng = random.Random(7)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(500)]
+    unique = [" ".join(rng.choice(vocab) for _ in range(30)) for _ in range(40)]
+    (tmp_path / "in").mkdir()
+    _docs(tmp_path / "in" / "a.jsonl", unique)
+    _docs(tmp_path / "in" / "b.jsonl", [unique[i].upper() for i in range(0, 10)])  # exact after normalisation
+    _docs(tmp_path / "in" / "c.jsonl", [unique[i] + " (rev. b)" for i in range(20, 26)])  # near
+    cfg = config.load_dict({
+        "version": 1, "model": {"name_or_path": "preset:tiny-llama"}, "output_dir": str(tmp_path / "r"),
+        "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "in")}], "val_fraction": 0.0,
+                 "dedup": {"threshold": 0.7}},
+    })
+    manifest = run_data(cfg, log=lambda *_: None)
+    c = manifest["counts"]
+    assert c["duplicates"] == {"exact": 10, "near": 6}
+    assert c["read"] == 56 and c["accepted"] == 40 and c["read"] == c["accepted"] + c["rejected"] + 16
+    kept = {r["record_id"].rsplit("/", 1)[-1] for r in read_dir(manifest["outputs"]["records"])}
+    assert all(k.startswith("a.jsonl:") for k in kept)  # the smallest record id of each group stays
+
+
+def test_pii_is_redacted_before_anything_is_written(tmp_path, _session_ray):
+    secrets = {
+        "EMAIL": "jane.doe@example.org", "PHONE": "+1 415 555 0134", "CREDIT_CARD": "4111 1111 1111 1111",
+        "IBAN": "DE89 3704 0044 0532 0130 00", "IP_ADDRESS": "192.168.10.20", "US_SSN": "123-45-6789",
+        "SECRET": "sk-live1234567890abcdefXYZ",
+    }
+    texts = [f"Record {k}: contact {v} today." for k, v in secrets.items()]
+    texts.append("Release 2.60.0 shipped on 2026-11-24 with 1234567 rows and ticket 4111-1111-1111-1112 closed.")
+    _docs(tmp_path / "pii.jsonl", texts)
+    cfg = config.load_dict({
+        "version": 1, "model": {"name_or_path": "preset:tiny-llama"}, "output_dir": str(tmp_path / "r"),
+        "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "pii.jsonl")}], "val_fraction": 0.0,
+                 "dedup": {"near": False}},
+    })
+    manifest = run_data(cfg, log=lambda *_: None)
+    assert manifest["pii_redactions"] == {k: 1 for k in secrets}
+    records = {r["record_id"].rsplit(":", 1)[-1]: r["text"] for r in read_dir(manifest["outputs"]["records"])}
+    for i, kind in enumerate(secrets, start=1):
+        assert records[str(i)] == f"Record {kind}: contact <{kind}> today."
+    assert records["8"] == texts[-1]  # versions, dates, plain numbers, failed-Luhn numbers untouched
+    from raylab.config import ModelConfig
+    from raylab.model import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name_or_path="preset:tiny-llama"))
+    decoded = " ".join(tok.decode([t for t in r["input_ids"] if t != tok.pad_token_id]) for r in read_dir(manifest["outputs"]["train"]))
+    for value in secrets.values():
+        assert value not in decoded
+    assert "<EMAIL>" in decoded
+
+
+def test_token_limit_reject_and_truncate(tmp_path, _session_ray):
+    _docs(tmp_path / "t.jsonl", ["short one", "x" * 300])
+    base = {"version": 1, "model": {"name_or_path": "preset:tiny-llama"},
+            "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "t.jsonl")}], "max_seq_len": 128,
+                     "val_fraction": 0.0}}
+    rejected = run_data(config.load_dict({**base, "output_dir": str(tmp_path / "a")}), log=lambda *_: None)
+    assert rejected["counts"]["rejected_by_reason"] == {"too_many_tokens": 1}
+    q = read_dir(rejected["outputs"]["quarantine"])
+    assert q[0]["reason"] == "too_many_tokens" and "301 tokens, more than validation.max_tokens=128" in q[0]["message"]
+    truncated = run_data(config.load_dict({**base, "output_dir": str(tmp_path / "b")},
+                                          ["data.validation.over_max_tokens=truncate"]), log=lambda *_: None)
+    assert truncated["counts"]["accepted"] == 2
+    assert max(r["num_tokens"] for r in read_dir(truncated["outputs"]["records"])) == 128
+
+
+def test_packed_and_padded_outputs(tmp_path, _session_ray):
+    _docs(tmp_path / "p.jsonl", [f"Doc number {i} " + "word " * (i % 7) for i in range(30)])
+    base = {"version": 1, "model": {"name_or_path": "preset:tiny-llama"},
+            "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "p.jsonl")}], "max_seq_len": 64,
+                     "val_fraction": 0.2, "dedup": {"near": False}}}
+    packed = run_data(config.load_dict({**base, "output_dir": str(tmp_path / "pk")}), log=lambda *_: None)
+    padded = run_data(config.load_dict({**base, "output_dir": str(tmp_path / "pd")}, ["data.packing=pad"]), log=lambda *_: None)
+    for m in (packed, padded):
+        t = m["tokens"]
+        assert t["train"]["documents"] + t["val"]["documents"] == 30
+        assert sum(t["train"]["length_histogram"]["counts"]) == t["train"]["documents"]
+        assert m["tokenizer"]["fingerprint"] and len(m["tokenizer"]["vocab_hash"]) == 16
+    assert packed["tokens"]["train"]["packing_efficiency"] > padded["tokens"]["train"]["packing_efficiency"]
+    assert padded["tokens"]["train"]["sequences"] == padded["tokens"]["train"]["documents"]
+    rows = read_dir(packed["outputs"]["train"])
+    assert sum(r["num_tokens"] for r in rows) == packed["tokens"]["train"]["tokens"]
+    for r in rows:
+        assert len(r["input_ids"]) == len(r["labels"]) == len(r["position_ids"]) == len(r["segment_ids"]) == 64
+        segs = r["segment_ids"]
+        for i in range(64):
+            if segs[i] and (i == 0 or segs[i - 1] != segs[i]):
+                assert r["position_ids"][i] == 0 and r["labels"][i] == -100  # a document starts fresh
+    val_ids = {x["record_id"] for x in read_dir(packed["outputs"]["records"]) if x["split"] == "val"}
+    assert len(val_ids) == packed["tokens"]["val"]["documents"] > 0

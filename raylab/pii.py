@@ -105,10 +105,10 @@ register(Detector("SECRET_ASSIGNMENT", re.compile(
 ), group=1, label="SECRET"))
 register(Detector("EMAIL", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")))
 register(Detector("IBAN", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), iban_ok))
-register(Detector("CREDIT_CARD", re.compile(r"(?<![\d.-])\d{4}(?:[ -]?\d{4}){2}(?:[ -]?\d{1,7})?(?![\d.-])"), luhn_ok))
+register(Detector("CREDIT_CARD", re.compile(r"(?<![\d.-])\d{4}(?:[ -]?\d{4}){2}(?:[ -]?\d{1,7})?(?![\d-]|\.\d)"), luhn_ok))
 register(Detector("US_SSN", re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")))
 register(Detector("IP_ADDRESS", re.compile(
-    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])"
+    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?!\d|\.\d)"
     r"|\b(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}\b"
 )))
 # Phones need visible phone structure: a +country code, or (area) / 3-3-4 groups with
@@ -116,5 +116,5 @@ register(Detector("IP_ADDRESS", re.compile(
 register(Detector("PHONE", re.compile(
     r"(?<![\w+])\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?![\d-])"
     r"|(?<![\w(])\(\d{3}\) ?\d{3}[ .-]\d{4}(?![\d-])"
-    r"|(?<![\w.-])\d{3}[.-]\d{3}[.-]\d{4}(?![\w.-])"
+    r"|(?<![\w.-])\d{3}[.-]\d{3}[.-]\d{4}(?![\w-]|\.\d)"
 )))

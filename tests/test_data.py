@@ -277,10 +277,10 @@ def test_cache_hit_and_miss(corpus, tmp_path, _session_ray):
 
 
 def test_cli_data_missing_source_is_exit_2(tmp_path):
-    proc = run_cli("data", "configs/quickstart.yaml", f"data.sources.0.path={tmp_path}/none.jsonl",
+    proc = run_cli("data", "configs/quickstart.yaml", f"data.sources.0.path={tmp_path}/none.csv",
                    f"output_dir={tmp_path}/r", cwd=REPO)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "data.sources.0 (source0): no jsonl files" in proc.stderr
+    assert "data.sources.0 (faq): no csv files" in proc.stderr
 
 
 # ---------------------------------------------------------------- transforms and tokens

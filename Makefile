@@ -21,6 +21,7 @@ install:
 quickstart: install
 	$(BIN)/raylab validate configs/quickstart.yaml
 	$(BIN)/raylab doctor configs/quickstart.yaml
+	$(BIN)/raylab data configs/quickstart.yaml
 
 # -m overrides the development default in pyproject (unit only): everything is selected,
 # gpu tests skip themselves without CUDA.
@@ -31,7 +32,9 @@ unit: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
+	EXTRAS=test,bench VENV=$(VENV) scripts/install.sh
 	$(BIN)/python benchmarks/bench_connect.py
+	$(BIN)/python benchmarks/bench_data.py
 
 lint:
 	$(BIN)/ruff check raylab tests benchmarks

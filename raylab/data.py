@@ -53,6 +53,7 @@ CHECKED_SCHEMA = pa.schema([(n, pa.string()) for n in
 DOC_COLUMNS = ["source", "record_id", "raw", "format", "text", "messages"]
 RECORD_COLUMNS = ["source", "record_id", "format", "text", "messages", "split", "num_tokens"]
 QUARANTINE_COLUMNS = ["source", "record_id", "reason", "message", "raw"]
+TOKENIZE_BLOCK_ROWS = 2048
 HIST_EDGES = [2 ** k for k in range(3, 17)]  # document-length histogram bin edges (tokens)
 
 
@@ -196,6 +197,33 @@ def check_batch(batch: pa.Table, rules: dict[str, records.SourceRules]) -> pa.Ta
     return pa.Table.from_pylist(rows, schema=CHECKED_SCHEMA)
 
 
+def tokenize(docs, cfg: RaylabConfig):
+    """Documents (DOC_COLUMNS) -> token ids and labels, in an actor pool that loads the
+    tokenizer once per actor (packing.Tokenize)."""
+    import ray
+
+    d = cfg.data
+    # Small corpora can arrive as one block, which one actor would tokenize alone: bound
+    # the rows per block (a streaming repartition) so every actor gets work.
+    return docs.repartition(target_num_rows_per_block=TOKENIZE_BLOCK_ROWS).map_batches(
+        packing.Tokenize, batch_format="pyarrow", batch_size=256, num_cpus=d.cpus_per_task,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=d.tokenizer_actors),
+        fn_constructor_kwargs={
+            "model_cfg": cfg.model.model_dump(), "max_tokens": d.validation.max_tokens or d.max_seq_len,
+            "over": d.validation.over_max_tokens, "train_on_prompt": d.train_on_prompt,
+        },
+    )
+
+
+def pack(tokenized, cfg: RaylabConfig, pad_id: int):
+    """Tokenized documents -> fixed-length training rows (packing.pack_batch's contract)."""
+    d = cfg.data
+    return tokenized.map_batches(
+        packing.pack_batch, batch_format="pyarrow", batch_size=1024, num_cpus=d.cpus_per_task,
+        fn_kwargs={"seq_len": d.max_seq_len, "pad_id": pad_id, "mode": d.packing},
+    )
+
+
 def _where(batch: pa.Table, accepted: bool, columns: list[str]) -> pa.Table:
     mask = pc.equal(batch["reason"], "")
     return batch.filter(mask if accepted else pc.invert(mask)).select(columns)
@@ -326,14 +354,8 @@ def run_data(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
     accepted = checked.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
                                    fn_kwargs={"accepted": True, "columns": DOC_COLUMNS}).materialize()
     drops = dedup.find_duplicates(accepted, d.dedup, cpus)
-    tokenized = accepted.map_batches(_without, batch_format="pyarrow", num_cpus=cpus, fn_kwargs={"drops": frozenset(drops)}).map_batches(
-        packing.Tokenize, batch_format="pyarrow", batch_size=256, num_cpus=cpus,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=d.tokenizer_actors),
-        fn_constructor_kwargs={
-            "model_cfg": cfg.model.model_dump(), "max_tokens": d.validation.max_tokens or d.max_seq_len,
-            "over": d.validation.over_max_tokens, "train_on_prompt": d.train_on_prompt,
-        },
-    ).materialize()
+    kept = accepted.map_batches(_without, batch_format="pyarrow", num_cpus=cpus, fn_kwargs={"drops": frozenset(drops)})
+    tokenized = tokenize(kept, cfg).materialize()
     good = tokenized.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
                                  fn_kwargs={"accepted": True, "columns": [*DOC_COLUMNS, "input_ids", "labels"]}
                                  ).map_batches(_with_split, batch_format="pyarrow", num_cpus=cpus,
@@ -348,10 +370,8 @@ def run_data(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
     good.select_columns(RECORD_COLUMNS).write_parquet(outputs["records"], compression="zstd")
     packed_stats_by_split = {}
     for split in ("train", "val"):
-        packed = good.map_batches(_of_split, batch_format="pyarrow", fn_kwargs={"split": split}).map_batches(
-            packing.pack_batch, batch_format="pyarrow", batch_size=1024, num_cpus=cpus,
-            fn_kwargs={"seq_len": d.max_seq_len, "pad_id": tok.pad_token_id, "mode": d.packing},
-        ).materialize()
+        part = good.map_batches(_of_split, batch_format="pyarrow", fn_kwargs={"split": split})
+        packed = pack(part, cfg, tok.pad_token_id).materialize()
         packed.write_parquet(outputs[split], compression="zstd")
         rows = packed.map_batches(packed_stats, batch_format="pyarrow").take_all()
         packed_stats_by_split[split] = {"sequences": sum(r["sequences"] for r in rows),

@@ -66,6 +66,22 @@ def encode_chat(tok, messages: list[dict], train_on_prompt: bool) -> tuple[list[
     return ids, list(labels)
 
 
+def encode_batch(tok, texts: list[str], messages: list[str], train_on_prompt: bool) -> list[tuple[list[int], list[int]]]:
+    """Encode a batch: completion texts in one fast-tokenizer call (Rust, batched); chats
+    one by one (the chat template is rendered per conversation)."""
+    out: list = [None] * len(texts)
+    plain = [i for i, m in enumerate(messages) if not m]
+    if plain:
+        encoded = tok([texts[i] for i in plain], add_special_tokens=True)["input_ids"]
+        for i, ids in zip(plain, encoded, strict=True):
+            ids = [*ids, tok.eos_token_id]
+            out[i] = (ids, list(ids))
+    for i, m in enumerate(messages):
+        if m:
+            out[i] = encode_chat(tok, json.loads(m), train_on_prompt)
+    return out
+
+
 class Tokenize:
     """Ray Data actor UDF: documents -> token ids and labels (or a too_many_tokens reject)."""
 
@@ -78,11 +94,9 @@ class Tokenize:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
-        for r in batch.to_pylist():
-            if r["messages"]:
-                ids, labels = encode_chat(self.tok, json.loads(r["messages"]), self.train_on_prompt)
-            else:
-                ids, labels = encode_text(self.tok, r["text"])
+        records = batch.to_pylist()
+        encoded = encode_batch(self.tok, [r["text"] for r in records], [r["messages"] for r in records], self.train_on_prompt)
+        for r, (ids, labels) in zip(records, encoded, strict=True):
             reason = message = ""
             if len(ids) > self.max_tokens:
                 if self.over == "truncate":
@@ -116,7 +130,10 @@ def _row(docs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> 
 
 
 def pack_batch(batch: pa.Table, seq_len: int, pad_id: int, mode: str) -> pa.Table:
-    docs = list(zip(batch["input_ids"].to_pylist(), batch["labels"].to_pylist(), strict=True))
+    docs = [d for d in zip(batch["input_ids"].to_pylist(), batch["labels"].to_pylist(), strict=True) if d[0]]
+    too_long = [len(d[0]) for d in docs if len(d[0]) > seq_len]
+    if too_long:  # Tokenize enforces max_tokens <= seq_len; anything else is a bug upstream
+        raise ValueError(f"documents of {too_long[:3]} tokens exceed seq_len={seq_len}")
     if mode == "pad":
         return pa.Table.from_pylist([_row([d], seq_len, pad_id) for d in docs], schema=PACKED_SCHEMA)
     bins: list[list] = []

@@ -457,3 +457,31 @@ def test_postgres_source_through_an_env_url(postgres, tmp_path, monkeypatch, _se
     monkeypatch.setenv("RAYLAB_TEST_PG_URL", postgres.replace("127.0.0.1:", "127.0.0.1:1"))  # a closed port
     with pytest.raises(UserError, match=r"data.sources.0 \(tickets\): cannot query \$\{env:RAYLAB_TEST_PG_URL\}"):
         describe_inputs(cfg)
+
+
+def test_train_shards_stream_into_two_workers(tmp_path, _session_ray):
+    """What the train stage does with the shards: read_parquet -> streaming_split, one
+    iterator per worker, consumed concurrently; together they see every row once."""
+    import ray
+
+    _docs(tmp_path / "s.jsonl", [f"Shard document {i} about anvils and rockets." for i in range(200)])
+    cfg = config.load_dict({
+        "version": 1, "model": {"name_or_path": "preset:tiny-llama"}, "output_dir": str(tmp_path / "r"),
+        "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "s.jsonl")}], "max_seq_len": 64,
+                 "val_fraction": 0.0, "dedup": {"near": False}},
+    })
+    manifest = run_data(cfg, log=lambda *_: None)
+    shards = ray.data.read_parquet(manifest["outputs"]["train"]).streaming_split(2, equal=False)
+
+    @ray.remote(num_cpus=0.25)
+    def consume(it):
+        rows = tokens = 0
+        for batch in it.iter_batches(batch_size=8, batch_format="numpy"):
+            rows += len(batch["num_tokens"])
+            tokens += int(batch["num_tokens"].sum())
+            assert batch["input_ids"].shape[1:] == (64,) or len(batch["input_ids"][0]) == 64
+        return rows, tokens
+
+    results = ray.get([consume.remote(s) for s in shards])
+    assert sum(r for r, _ in results) == manifest["tokens"]["train"]["sequences"]
+    assert sum(t for _, t in results) == manifest["tokens"]["train"]["tokens"]

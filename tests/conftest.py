@@ -112,13 +112,17 @@ def _wait_port(port: int, timeout_s: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` with token auth; yields (gcs address, client address)."""
-    gcs, client = free_port(), free_port()
+    """`ray start --head --block` with token auth; yields (gcs address, client address).
+    The dashboard (Jobs API) listens on a free port too; see `ray_head.dashboard`."""
+    gcs, client, dashboard, agent, env_agent = (free_port() for _ in range(5))
+    # With the dashboard (and so the runtime-env agent) running, as on a real head: without
+    # it the Ray Client proxy's per-client servers intermittently fail to start.
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
             f"--port={gcs}", f"--ray-client-server-port={client}", "--num-cpus=2",
-            "--include-dashboard=false", "--disable-usage-stats",
+            f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+            f"--runtime-env-agent-port={env_agent}", "--disable-usage-stats",
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, "RAY_AUTH_MODE": "token"},

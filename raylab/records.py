@@ -15,7 +15,7 @@ Order per record: parse -> normalise to the format -> clean (Unicode form, white
 check the rules -> redact PII (typed placeholders, counted in `pii`). Redaction comes
 before anything is written to the accepted outputs.
 
-Reason codes: read_error, invalid_utf8, invalid_json, invalid_csv, not_an_object,
+Reason codes: invalid_utf8, invalid_json, invalid_csv, not_an_object,
 missing_field, wrong_type, empty_text, too_short, too_long, bad_role, bad_turn_order,
 denied_pattern, and too_many_tokens (from tokenization, raylab/packing.py).
 """
@@ -32,7 +32,7 @@ from raylab import pii
 from raylab.config import CleanConfig, Fields, PiiConfig, ValidationConfig
 
 REASONS = (
-    "read_error", "invalid_utf8", "invalid_json", "invalid_csv", "not_an_object", "missing_field",
+    "invalid_utf8", "invalid_json", "invalid_csv", "not_an_object", "missing_field",
     "wrong_type", "empty_text", "too_short", "too_long", "bad_role", "bad_turn_order", "denied_pattern",
     "too_many_tokens",
 )

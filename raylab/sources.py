@@ -7,7 +7,7 @@ Every source yields rows of the same all-string schema (RAW_SCHEMA):
                    file (text), sql:<primary key or row hash>, page<N>#<i> / cursor<N>#<i> (http)
     raw            the record as read (UTF-8 with undecodable bytes backslash-escaped)
     payload        the parsed record as a JSON object string ('' when it could not be parsed)
-    error          '' or a reason code (invalid_utf8, invalid_json, invalid_csv, read_error)
+    error          '' or a reason code (invalid_utf8, invalid_json, invalid_csv)
     error_message  what went wrong, for the quarantine
 
 Ray's JSON and text readers fail a whole file on one bad line (RAY_NOTES.md), so the file

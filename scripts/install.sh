@@ -47,9 +47,10 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
     pipq "torch==$TORCH_VERSION"
 else
     echo "raylab install: no NVIDIA GPU, installing the CPU build of torch $TORCH_VERSION"
-    # A local wheel (pip's find-links) or a mirror that carries +cpu wins without network;
-    # otherwise PyTorch's CPU index.
-    python -m pip install -q --no-index "torch==$TORCH_VERSION+cpu" >/dev/null 2>&1 \
+    # "+cpu" exists only as a CPU build: a local wheel (pip's find-links) or a mirror that
+    # carries it wins, its dependencies coming from the package index; where none has it the
+    # request fails at once and PyTorch's CPU index is used.
+    python -m pip install -q "torch==$TORCH_VERSION+cpu" >/dev/null 2>&1 \
         || pipq "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX"
 fi
 

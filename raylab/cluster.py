@@ -144,6 +144,21 @@ def _check_reachable(address: str, origin: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def _recorded_address(origin: str) -> str:
+    """The cluster `ray start` recorded on this machine (what `auto` joins)."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))  # honours RAY_TMPDIR
+    recorded = path.read_text().strip() if path.exists() else ""
+    if not recorded:
+        raise UserError(
+            f"Ray address 'auto' (from {origin}): no cluster was started on this machine ({path} is "
+            "missing); start one with `ray start --head`, give its HOST:PORT, or unset the address "
+            "for an embedded local Ray"
+        )
+    return recorded
+
+
 def connect(cfg: RaylabConfig | None = None, address: str | None = None) -> Connection:
     """Connect this process to Ray (idempotent) and return how it is connected."""
     import ray
@@ -159,7 +174,9 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None) -> Conn
             "was found; set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, copy the head node's "
             "~/.ray/auth_token, or set ray.auth=disabled for a cluster without authentication"
         )
-    if mode != "embedded" and address != "auto":
+    if address == "auto":
+        _check_reachable(_recorded_address(origin), f"{origin}=auto, recorded by `ray start`")
+    elif mode != "embedded":
         _check_reachable(address, origin)
     namespace = cfg.ray.namespace if cfg is not None else "raylab"
     kwargs = dict(namespace=namespace, runtime_env={"env_vars": env}, logging_level=logging.WARNING)

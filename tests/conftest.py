@@ -110,6 +110,19 @@ def _wait_port(port: int, timeout_s: float = 60) -> None:
     raise RuntimeError(f"port {port} did not open within {timeout_s}s")
 
 
+def _wait_current_cluster(port: int, timeout_s: float = 60) -> None:
+    """`auto` reads the address `ray start` records; it is written after the GCS is up."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip().endswith(f":{port}"):
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"{path} did not name port {port} within {timeout_s}s")
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """`ray start --head --block` with token auth; yields (gcs address, client address).
@@ -130,6 +143,8 @@ def ray_head():
     try:
         _wait_port(gcs)
         _wait_port(client)
+        _wait_port(dashboard)
+        _wait_current_cluster(gcs)
         yield f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}"
     finally:
         proc.send_signal(signal.SIGTERM)  # --block stops every process it started

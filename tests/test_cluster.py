@@ -123,6 +123,12 @@ def test_missing_token_is_a_clear_user_error(ray_head, tmp_path):
     assert "token authentication is on but no token was found" in proc.stderr
 
 
+def test_auto_without_a_recorded_cluster_is_a_fast_user_error(tmp_path):
+    proc = run_cli("doctor", "--address", "auto", env={"RAY_ADDRESS": "", "RAY_TMPDIR": str(tmp_path)}, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no cluster was started on this machine" in proc.stderr
+
+
 def test_nothing_listening_is_a_fast_user_error():
     from conftest import free_port
 

@@ -4,7 +4,7 @@ Every source yields rows of the same all-string schema (RAW_SCHEMA):
 
     source         the source's name (config `name`, default source<N>)
     record_id      stable: file:line (jsonl, csv), file#index (json), file#row (parquet), the
-                   file (text), sql:<primary key or row hash>, page<N>#<i> / cursor<N>#<i> (http)
+                   file (text) -- files relative to the source's path, so ids survive a move; sql:<primary key or row hash>, page<N>#<i> / cursor<N>#<i> (http)
     raw            the record as read (UTF-8 with undecodable bytes backslash-escaped)
     payload        the parsed record as a JSON object string ('' when it could not be parsed)
     error          '' or a reason code (invalid_utf8, invalid_json, invalid_csv)
@@ -70,10 +70,32 @@ def parse_json_record(source: str, record_id: str, data: bytes) -> dict:
     return raw_row(source, record_id, text, payload=json.dumps(value, ensure_ascii=False))
 
 
+def source_root(path: str) -> str:
+    """The directory record ids are relative to: the path itself for a directory, else the
+    directory holding the file (or the glob's fixed prefix); without a URI scheme, as Ray
+    hands paths to readers."""
+    import os
+
+    bare = path.split("://", 1)[-1]
+    if any(c in bare for c in "*?["):
+        bare = bare[: min(bare.index(c) for c in "*?[" if c in bare)]
+        return bare.rsplit("/", 1)[0]
+    if "://" not in path and os.path.isdir(path):
+        return bare.rstrip("/")
+    return bare.rsplit("/", 1)[0] if "." in bare.rsplit("/", 1)[-1] else bare.rstrip("/")
+
+
 class _Streaming(FileBasedDatasource):
     def __init__(self, paths, source: str, **kwargs):
         super().__init__(paths, file_extensions=self._FILE_EXTENSIONS, **kwargs)
         self.source = source
+        self.root = source_root(paths)
+
+    def rel(self, path: str) -> str:
+        """A file's id part: relative to the source root, so ids (and the train/val split
+        derived from them) do not change when the corpus moves to another directory."""
+        bare = path.split("://", 1)[-1]
+        return bare[len(self.root):].lstrip("/") if bare.startswith(self.root + "/") else bare.rsplit("/", 1)[-1]
 
     def _chunks(self, rows: Iterator[dict]) -> Iterator[pa.Table]:
         batch = []
@@ -105,7 +127,7 @@ def _lines(f, size: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
 class JsonlDatasource(_Streaming):
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         rows = (
-            parse_json_record(self.source, f"{path}:{n}", line)
+            parse_json_record(self.source, f"{self.rel(path)}:{n}", line)
             for n, line in _lines(f)
             if line.strip()  # blank lines separate nothing and are not records
         )
@@ -116,14 +138,14 @@ class JsonDatasource(_Streaming):
     """A JSON file holding a list of records (or one object)."""
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        row = parse_json_record(self.source, path, f.readall())
+        row = parse_json_record(self.source, self.rel(path), f.readall())
         if row["error"]:
             yield _table([row])
             return
         value = json.loads(row["payload"])
         items = value if isinstance(value, list) else [value]
         yield from self._chunks(
-            raw_row(self.source, f"{path}#{i}", json.dumps(item, ensure_ascii=False), json.dumps(item, ensure_ascii=False))
+            raw_row(self.source, f"{self.rel(path)}#{i}", json.dumps(item, ensure_ascii=False), json.dumps(item, ensure_ascii=False))
             for i, item in enumerate(items)
         )
 
@@ -138,7 +160,7 @@ class CsvDatasource(_Streaming):
         header = next(reader, None)
         if header is None:
             return
-        yield from self._chunks(self._rows(reader, header, path))
+        yield from self._chunks(self._rows(reader, header, self.rel(path)))
 
     def _rows(self, reader, header: list[str], path: str) -> Iterator[dict]:
         while True:
@@ -183,10 +205,10 @@ class TextDatasource(_Streaming):
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         text, bad = _decode(f.readall())
         if bad:
-            yield _table([raw_row(self.source, path, text, error="invalid_utf8", message=bad)])
+            yield _table([raw_row(self.source, self.rel(path), text, error="invalid_utf8", message=bad)])
         else:
             payload = json.dumps({"text": text, "path": path}, ensure_ascii=False)
-            yield _table([raw_row(self.source, path, text, payload)])
+            yield _table([raw_row(self.source, self.rel(path), text, payload)])
 
 
 class ParquetRowsDatasource(_Streaming):
@@ -205,7 +227,7 @@ class ParquetRowsDatasource(_Streaming):
             rows = []
             for record in batch.to_pylist():
                 text = json.dumps(record, ensure_ascii=False, default=str)
-                rows.append(raw_row(self.source, f"{path}#{index}", text, text))
+                rows.append(raw_row(self.source, f"{self.rel(path)}#{index}", text, text))
                 index += 1
             yield _table(rows)
 

@@ -185,15 +185,14 @@ def test_counts_per_source_and_reason(full_run):
 def test_quarantine_keeps_source_id_reason_and_raw(full_run):
     cfg, manifest = full_run
     rows = {(r["source"], r["reason"]): r for r in read_dir(manifest["outputs"]["quarantine"])}
-    qa = str(cfg.data.sources[0].path)
-    assert rows[("qa", "invalid_json")]["record_id"] == f"{qa}:3"
+    assert rows[("qa", "invalid_json")]["record_id"] == "qa.jsonl:3"  # relative to the source path
     assert rows[("qa", "invalid_json")]["raw"] == '{"q": "broken json", "a": '
-    assert rows[("qa", "invalid_utf8")]["record_id"] == f"{qa}:5"  # the blank line 4 is no record
+    assert rows[("qa", "invalid_utf8")]["record_id"] == "qa.jsonl:5"  # the blank line 4 is no record
     assert "\\xe9" in rows[("qa", "invalid_utf8")]["raw"]
-    assert rows[("handbook", "invalid_utf8")]["record_id"].endswith("c.txt")
+    assert rows[("handbook", "invalid_utf8")]["record_id"] == "c.txt"
     assert rows[("notes", "invalid_csv")]["message"] == "3 fields, the header has 2"
     assert rows[("kb", "missing_field")]["record_id"] == "sql:13"
-    assert rows[("chats", "bad_turn_order")]["record_id"].endswith("chats.json#2")
+    assert rows[("chats", "bad_turn_order")]["record_id"] == "chats.json#2"
 
 
 def test_accepted_records_are_normalised(full_run):
@@ -202,9 +201,9 @@ def test_accepted_records_are_normalised(full_run):
     assert len(rows) == manifest["counts"]["accepted"]
     assert {r["split"] for r in rows} <= {"train", "val"}
     by_id = {r["record_id"]: r for r in rows}
-    qa = json.loads(by_id[f"{cfg.data.sources[0].path}:1"]["messages"])
+    qa = json.loads(by_id["qa.jsonl:1"]["messages"])
     assert qa == [{"role": "user", "content": "When is payday?"}, {"role": "assistant", "content": "On the 25th."}]
-    assert by_id[f"{cfg.data.sources[2].path}:3"]["text"] == "First note,\nwith a newline"  # quoted newline kept
+    assert by_id["notes.csv:3"]["text"] == "First note,\nwith a newline"  # quoted newline kept
     assert {r["record_id"] for r in rows if r["source"] == "chats_api"} == {f"page{p}#{i}" for p in (1, 2, 3) for i in (0, 1)}
     assert {r["record_id"] for r in rows if r["source"] == "docs_api"} == {"cursor0#0", "cursor0#1", "cursor1#0"}
     handbook = [r for r in rows if r["source"] == "handbook"]
@@ -309,7 +308,7 @@ def test_exact_and_near_duplicates_across_files_and_blocks(tmp_path, _session_ra
     c = manifest["counts"]
     assert c["duplicates"] == {"exact": 10, "near": 6}
     assert c["read"] == 56 and c["accepted"] == 40 and c["read"] == c["accepted"] + c["rejected"] + 16
-    kept = {r["record_id"].rsplit("/", 1)[-1] for r in read_dir(manifest["outputs"]["records"])}
+    kept = {r["record_id"] for r in read_dir(manifest["outputs"]["records"])}
     assert all(k.startswith("a.jsonl:") for k in kept)  # the smallest record id of each group stays
 
 

@@ -190,13 +190,12 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None) -> Conn
                 include_dashboard=bool(cfg and cfg.ray.dashboard),
                 **kwargs,
             )
-        elif mode == "client":
-            # No job-level runtime_env through Ray Client: the proxy then starts the
-            # per-client server through the runtime-env agent, a path seen failing at
-            # start-up here. The cluster's own environment applies to its workers.
-            kwargs.pop("runtime_env")
-            context = ray.init(address=address, **kwargs)
         else:
+            if mode == "client":
+                # No job-level runtime_env through Ray Client: the proxy then starts the
+                # per-client server through the runtime-env agent, a path seen failing at
+                # start-up here. The cluster's own environment applies to its workers.
+                kwargs.pop("runtime_env")
             context = ray.init(address=address, **kwargs)
     except ConnectionError as e:
         raise UserError(

@@ -77,7 +77,7 @@ def _listing(src) -> list[str]:
 
     exts = sources.FILE_DATASOURCES[src.type]._FILE_EXTENSIONS
     if "://" in src.path:
-        filesystem, root = fs.FileSystem.from_uri(src.path)
+        filesystem, root = storage.resolve(src.path)
         info = filesystem.get_file_info(root)
         if info.type == fs.FileType.File:
             return [src.path]
@@ -93,17 +93,6 @@ def _listing(src) -> list[str]:
     if exts:
         paths = [p for p in paths if p.rsplit(".", 1)[-1].lower() in exts]
     return sorted(p for p in paths if not os.path.basename(p).startswith("."))
-
-
-def _sha256(location: str) -> str:
-    from pyarrow import fs
-
-    filesystem, path = (fs.LocalFileSystem(), location) if "://" not in location else fs.FileSystem.from_uri(location)
-    digest = hashlib.sha256()
-    with filesystem.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _sqlite_path(url: str) -> str | None:
@@ -137,7 +126,7 @@ def describe_inputs(cfg: RaylabConfig) -> list[dict[str, Any]]:
             if not files:
                 raise UserError(f"{key} ({name}): no {src.type} files at {src.path}")
             entry["location"] = src.path
-            entry["files"] = [{"path": p, "sha256": _sha256(p)} for p in files]
+            entry["files"] = [{"path": p, "sha256": storage.sha256(p)} for p in files]
         elif src.type == "sql":
             url = config.expand_env(src.url, f"{key}.url")
             entry.update(location=_redact_url(src.url), query=src.query)
@@ -295,15 +284,6 @@ def _cache_key(cfg: RaylabConfig, inputs: list[dict]) -> str | None:
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
-def _clear(location: str) -> None:
-    from pyarrow import fs
-
-    filesystem, path = (fs.LocalFileSystem(), os.path.abspath(location)) if "://" not in location else fs.FileSystem.from_uri(location)
-    if filesystem.get_file_info(path).type != fs.FileType.NotFound:
-        filesystem.delete_dir(path)
-    filesystem.create_dir(path, recursive=True)
-
-
 def _unwrap_source_error(e: BaseException) -> sources.SourceError | None:
     seen = set()
     while e is not None and id(e) not in seen:
@@ -363,7 +343,7 @@ def run_data(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
 
     outputs = {name: storage.join(out, name) for name in ("train", "val", "records", "quarantine")}
     for location in outputs.values():
-        _clear(location)
+        storage.reset_dir(location)
     rejects = [ds.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
                               fn_kwargs={"accepted": False, "columns": QUARANTINE_COLUMNS}) for ds in (checked, tokenized)]
     rejects[0].union(rejects[1]).write_parquet(outputs["quarantine"], compression="zstd")

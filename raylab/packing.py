@@ -46,8 +46,7 @@ PACKED_SCHEMA = pa.schema([
 
 
 def encode_text(tok, text: str) -> tuple[list[int], list[int]]:
-    ids = tok(text, add_special_tokens=True)["input_ids"] + [tok.eos_token_id]
-    return ids, list(ids)
+    return encode_batch(tok, [text], [""], train_on_prompt=True)[0]
 
 
 def encode_chat(tok, messages: list[dict], train_on_prompt: bool) -> tuple[list[int], list[int]]:

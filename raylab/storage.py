@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 
 
-def _fs(location: str):
+def resolve(location: str):
+    """(pyarrow filesystem, path inside it) for a local path or a URI."""
     from pyarrow import fs
 
     if "://" not in location:
@@ -22,13 +23,13 @@ def join(base: str, *parts: str) -> str:
 
 
 def makedirs(location: str) -> None:
-    filesystem, path = _fs(location)
+    filesystem, path = resolve(location)
     filesystem.create_dir(path, recursive=True)
 
 
 def write_text(location: str, text: str) -> str:
     """Write `text` to a file, creating its directory; returns `location`."""
-    filesystem, path = _fs(location)
+    filesystem, path = resolve(location)
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(path) as f:
         f.write(text.encode("utf-8"))
@@ -36,7 +37,7 @@ def write_text(location: str, text: str) -> str:
 
 
 def read_text(location: str) -> str:
-    filesystem, path = _fs(location)
+    filesystem, path = resolve(location)
     with filesystem.open_input_stream(path) as f:
         return f.read().decode("utf-8")
 
@@ -44,5 +45,27 @@ def read_text(location: str) -> str:
 def exists(location: str) -> bool:
     from pyarrow import fs
 
-    filesystem, path = _fs(location)
+    filesystem, path = resolve(location)
     return filesystem.get_file_info(path).type != fs.FileType.NotFound
+
+
+def sha256(location: str) -> str:
+    """The file's sha256, streamed."""
+    import hashlib
+
+    filesystem, path = resolve(location)
+    digest = hashlib.sha256()
+    with filesystem.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def reset_dir(location: str) -> None:
+    """An empty directory at `location` (what was there is deleted)."""
+    from pyarrow import fs
+
+    filesystem, path = resolve(location)
+    if filesystem.get_file_info(path).type != fs.FileType.NotFound:
+        filesystem.delete_dir(path)
+    filesystem.create_dir(path, recursive=True)

@@ -35,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     da = verb("data", "data stage: read, validate, quarantine; write records and the manifest", "required")
     da.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    tr = verb("train", "train stage: fine-tune on the data stage's shards with Ray Train; resumes", "required")
+    tr.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    ex = sub.add_parser("export", help="write the trained model as a Hugging Face directory",
+                        description="write the trained model as a Hugging Face directory")
+    ex.add_argument("run", metavar="RUN", help="run directory, its train/final/, or its config file")
+    ex.add_argument("out", metavar="OUT", help="new directory to write")
+    ex.add_argument("--merge", action="store_true", help="merge the adapter into the base model (full precision)")
     return p
 
 
@@ -89,7 +96,22 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data}
+def cmd_train(args: argparse.Namespace) -> int:
+    from raylab import config, train
+
+    path, overrides = _split(args, required=True)
+    train.run_train(config.load(path, overrides), args.address)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from raylab import export
+
+    export.export(args.run, args.out, merge=args.merge)
+    return 0
+
+
+COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     # Flags may stand anywhere: positionals after a flag come back as "unknown" and rejoin.
     args, extra = parser.parse_known_args(argv)
     for item in extra:
-        if item.startswith("-"):
+        if item.startswith("-") or not hasattr(args, "args"):
             parser.error(f"unrecognized argument: {item}")
         args.args.append(item)
     try:

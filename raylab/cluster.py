@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,12 @@ def process_env(cfg: RaylabConfig | None) -> dict[str, str]:
     env["RAY_AUTH_MODE"] = auth_mode(cfg)
     if cfg is not None and cfg.offline:
         env["HF_HUB_OFFLINE"] = "1"
+    # Ray Data's per-dataset INFO lines from every split coordinator drown the progress line.
+    env["RAY_DATA_LOG_LEVEL"] = os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING")
+    # Ray Train's print patch echoes each worker print twice on the driver's console.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if os.environ.get("RAYLAB_HOME"):  # workers materialise presets where the driver does
+        env["RAYLAB_HOME"] = os.environ["RAYLAB_HOME"]
     return env
 
 
@@ -159,8 +166,11 @@ def _recorded_address(origin: str) -> str:
     return recorded
 
 
-def connect(cfg: RaylabConfig | None = None, address: str | None = None) -> Connection:
-    """Connect this process to Ray (idempotent) and return how it is connected."""
+def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_api: bool = False) -> Connection:
+    """Connect this process to Ray (idempotent) and return how it is connected.
+
+    `state_api`: an embedded Ray also starts its dashboard (on a free local port), which
+    serves Ray's state API; Ray Train and Tune use it to clean up after a dead driver."""
     import ray
 
     address, origin = resolve_address(address, cfg)
@@ -187,7 +197,8 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None) -> Conn
                 num_cpus=embedded_cpus(cfg),
                 # Ray detects GPUs itself; counting them here would import torch (~2 s).
                 num_gpus=cfg.ray.num_gpus if cfg is not None else None,
-                include_dashboard=bool(cfg and cfg.ray.dashboard),
+                include_dashboard=bool(cfg and cfg.ray.dashboard) or state_api,
+                dashboard_port=_free_port() if state_api and not (cfg and cfg.ray.dashboard) else None,
                 **kwargs,
             )
         else:
@@ -213,6 +224,12 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None) -> Conn
         raise
     dashboard = getattr(context, "dashboard_url", None) or None
     return Connection(mode, address, origin, env["RAY_AUTH_MODE"], dashboard)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- resource plan
@@ -307,7 +324,7 @@ def make_plan(cfg: RaylabConfig, nodes: list[Node], cores: int | None = None) ->
         ),
         StageAsk(
             "train",
-            [("train worker", t.num_workers, t.cpus_per_worker, t.gpus_per_worker), ingest],
+            [("train worker", t.min_workers, t.cpus_per_worker, t.gpus_per_worker), ingest],
             "lower train.num_workers, train.cpus_per_worker or train.gpus_per_worker"
             + (", or raise ray.num_cpus / ray.num_gpus" if len(nodes) == 1 else ", or add nodes"),
         ),
@@ -316,8 +333,8 @@ def make_plan(cfg: RaylabConfig, nodes: list[Node], cores: int | None = None) ->
     notes = []
     if cfg.tune is not None:
         tn = cfg.tune
-        per_cpu = tn.cpus_per_trial_driver + t.num_workers * t.cpus_per_worker
-        per_gpu = t.num_workers * t.gpus_per_worker
+        per_cpu = tn.cpus_per_trial_driver + t.min_workers * t.cpus_per_worker
+        per_gpu = t.min_workers * t.gpus_per_worker
         fit = math.floor((total_cpus - d.cpus_per_task + 1e-9) / per_cpu)
         if per_gpu:
             fit = min(fit, math.floor(sum(n.gpus for n in nodes) / per_gpu + 1e-9))
@@ -329,7 +346,7 @@ def make_plan(cfg: RaylabConfig, nodes: list[Node], cores: int | None = None) ->
                 "tune",
                 [
                     ("trial driver", concurrency, tn.cpus_per_trial_driver, 0.0),
-                    ("train worker", concurrency * t.num_workers, t.cpus_per_worker, t.gpus_per_worker),
+                    ("train worker", concurrency * t.min_workers, t.cpus_per_worker, t.gpus_per_worker),
                     ingest,
                 ],
                 "lower train.num_workers or train.cpus_per_worker, or tune.cpus_per_trial_driver",
@@ -342,7 +359,9 @@ def make_plan(cfg: RaylabConfig, nodes: list[Node], cores: int | None = None) ->
     )
     if s.autoscaling.max_replicas * s.cpus_per_replica > total_cpus:
         notes.append(f"serve.autoscaling.max_replicas={s.autoscaling.max_replicas} cannot all fit; autoscaling stops at what fits")
-    workers_here = t.num_workers * (concurrency or 1)
+    if t.max_workers > t.min_workers and t.max_workers * t.cpus_per_worker > total_cpus:
+        notes.append(f"elastic train.num_workers: at most {int(total_cpus // t.cpus_per_worker)} of {t.max_workers} workers fit now")
+    workers_here = t.max_workers * (concurrency or 1)
     if t.torch_threads:
         threads = t.torch_threads
     elif len(nodes) == 1:  # embedded or single node: share this machine's cores
@@ -380,12 +399,12 @@ def check_plan(plan: Plan) -> Plan:
     return plan
 
 
-def prepare(cfg: RaylabConfig, address: str | None = None) -> tuple[Connection, Plan]:
+def prepare(cfg: RaylabConfig, address: str | None = None, state_api: bool = False) -> tuple[Connection, Plan]:
     """What every stage calls first: check the plan, connect, check it against the real
     cluster. For an embedded Ray the check happens before Ray starts, so a plan that cannot
     fit is refused (exit 2) before anything is launched."""
     nodes = planned_nodes(cfg, address)
     if nodes is not None:
         check_plan(make_plan(cfg, nodes))
-    conn = connect(cfg, address)
+    conn = connect(cfg, address, state_api=state_api)
     return conn, check_plan(make_plan(cfg, cluster_nodes()))

@@ -246,12 +246,22 @@ class ModelConfig(Section):
     attn_implementation: Literal["eager", "sdpa"] | None = None
     trust_remote_code: bool = False
     chat_template: PathOrUri | None = Field(None, description="a Jinja file replacing the tokenizer's template")
-    method: Literal["lora", "dora", "full", "hybrid"] = "lora"
+    method: Literal["lora", "dora", "full", "hybrid", "qlora"] = Field(
+        "lora", description="lora | dora | full | hybrid (LoRA + lora.modules_to_save trained in full) | qlora (GPU + bitsandbytes)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _modules_to_save(self) -> ModelConfig:
+        if self.method == "hybrid" and not self.lora.modules_to_save:
+            raise ValueError("method: hybrid trains model.lora.modules_to_save in full; name at least one module (e.g. [embed_tokens])")
+        if self.method != "hybrid" and self.lora.modules_to_save:
+            raise ValueError(f"model.lora.modules_to_save is only used by method: hybrid (method is {self.method})")
+        return self
 
 
 class TrainConfig(Section):
-    num_workers: PositiveInt = 1
+    num_workers: PositiveInt | tuple[PositiveInt, PositiveInt] = Field(1, description="workers, or [min, max] for elastic training")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     torch_threads: PositiveInt | None = Field(None, description="per worker; default: cores / concurrent workers")
@@ -267,8 +277,28 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     seed: int = 0
     eval_every: PositiveInt = 50
+    log_every: PositiveInt = 10
+    checkpoint_every: PositiveInt | None = Field(None, description="default: train.eval_every")
+    keep_checkpoints: PositiveInt = Field(2, description="best K by val_loss (the latest is always kept too)")
+    early_stopping_patience: PositiveInt | None = Field(None, description="evals without val_loss improvement before stopping")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPUs that support it, else fp32")
     gradient_checkpointing: bool = False
     max_failures: int = Field(0, ge=-1)
+    resume: bool = Field(True, description="continue from the run's latest checkpoint; false starts over")
+
+    @model_validator(mode="after")
+    def _elastic(self) -> TrainConfig:
+        if isinstance(self.num_workers, tuple) and self.num_workers[0] > self.num_workers[1]:
+            raise ValueError(f"train.num_workers [min, max] = {list(self.num_workers)}: min must not exceed max")
+        return self
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
 class SearchDim(Section):

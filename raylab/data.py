@@ -448,4 +448,5 @@ def _token_summary(good, packed: dict[str, dict], seq_len: int) -> dict:
             "packing_efficiency": p["real_tokens"] / (p["sequences"] * seq_len) if p["sequences"] else 0.0,
         }
         out[split]["length_histogram"] = {"edges": [0, *HIST_EDGES], "counts": [int(h) for h in hist]}
+    out["max_seq_len"] = seq_len
     return out

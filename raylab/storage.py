@@ -69,3 +69,21 @@ def reset_dir(location: str) -> None:
     if filesystem.get_file_info(path).type != fs.FileType.NotFound:
         filesystem.delete_dir(path)
     filesystem.create_dir(path, recursive=True)
+
+
+def copy_dir(local_dir: str, location: str) -> str:
+    """Copy a local directory's files to `location` (local path or URI), replacing it."""
+    from pyarrow import fs
+
+    reset_dir(location)
+    filesystem, path = resolve(location)
+    fs.copy_files(os.path.abspath(local_dir), path, source_filesystem=fs.LocalFileSystem(), destination_filesystem=filesystem)
+    return location
+
+
+def write_bytes(location: str, data: bytes) -> str:
+    filesystem, path = resolve(location)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as f:
+        f.write(data)
+    return location

@@ -78,8 +78,13 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def _session_ray():
+    """The session's embedded Ray, with the dashboard (Ray's state API, which Ray Train's
+    clean-up and the worker-kill test use), started by the first test that needs Ray."""
     import ray
 
+    from raylab import cluster
+
+    cluster.connect(None, state_api=True)
     yield
     if ray.is_initialized():
         ray.shutdown()

@@ -36,6 +36,7 @@ bench: install
 	EXTRAS=test,bench VENV=$(VENV) scripts/install.sh
 	$(BIN)/python benchmarks/bench_connect.py
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_train.py
 
 lint:
 	$(BIN)/ruff check raylab tests benchmarks

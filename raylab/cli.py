@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     da.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     tr = verb("train", "train stage: fine-tune on the data stage's shards with Ray Train; resumes", "required")
     tr.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    tu = verb("tune", "sweep hyperparameters (Optuna TPE + ASHA) over train-stage runs; resumes", "required")
+    tu.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     ex = sub.add_parser("export", help="write the trained model as a Hugging Face directory",
                         description="write the trained model as a Hugging Face directory")
     ex.add_argument("run", metavar="RUN", help="run directory, its train/final/, or its config file")
@@ -104,6 +106,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raylab import config, tune
+
+    path, overrides = _split(args, required=True)
+    tune.run_tune(config.load(path, overrides), args.address)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from raylab import export
 
@@ -111,7 +121,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "export": cmd_export}
+COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

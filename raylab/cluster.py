@@ -189,6 +189,16 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
     elif mode != "embedded":
         _check_reachable(address, origin)
     namespace = cfg.ray.namespace if cfg is not None else "raylab"
+    dashboard_port = None
+    if os.environ.get("RAY_API_SERVER_ADDRESS") == _started_api_server.get("url"):
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # ours, from an embedded Ray now gone
+    if mode == "embedded" and (state_api or (cfg is not None and cfg.ray.dashboard)):
+        # Ray's state API, called without an address (as Ray Train's own actors do), looks
+        # for the cluster `ray start` last recorded on this machine, not this embedded one:
+        # name our dashboard explicitly, for this process and every worker.
+        dashboard_port = _free_port()
+        _started_api_server["url"] = env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"]
     kwargs = dict(namespace=namespace, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
     try:
         if mode == "embedded":
@@ -197,8 +207,9 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
                 num_cpus=embedded_cpus(cfg),
                 # Ray detects GPUs itself; counting them here would import torch (~2 s).
                 num_gpus=cfg.ray.num_gpus if cfg is not None else None,
-                include_dashboard=bool(cfg and cfg.ray.dashboard) or state_api,
-                dashboard_port=_free_port() if state_api and not (cfg and cfg.ray.dashboard) else None,
+                include_dashboard=dashboard_port is not None,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
                 **kwargs,
             )
         else:
@@ -224,6 +235,9 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
         raise
     dashboard = getattr(context, "dashboard_url", None) or None
     return Connection(mode, address, origin, env["RAY_AUTH_MODE"], dashboard)
+
+
+_started_api_server: dict[str, str] = {}
 
 
 def _free_port() -> int:

@@ -341,7 +341,8 @@ class TuneConfig(Section):
     max_concurrent_trials: PositiveInt | None = Field(None, description="default: what the cluster fits")
     cpus_per_trial_driver: float = Field(0.25, gt=0)
     asha: AshaConfig | None = Field(default_factory=AshaConfig)
-    time_budget_s: float | None = Field(None, gt=0)
+    time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget of the sweep")
+    max_total_steps: PositiveInt | None = Field(None, description="optimizer steps the whole sweep may spend")
 
 
 class GoldenPrompt(Section):

@@ -95,7 +95,7 @@ def ray_local(_session_ray):
     """The embedded local Ray shared by the session (started on first use)."""
     from raylab import cluster
 
-    return cluster.connect(None)
+    return cluster.connect(None, state_api=True)
 
 
 def free_port() -> int:
@@ -170,6 +170,7 @@ def two_node_cluster():
 
     if ray.is_initialized():
         ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # the session Ray's dashboard, now gone
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     c.add_node(num_cpus=2, resources={"node_b": 1})
     c.wait_for_nodes()

@@ -72,13 +72,13 @@ def test_empty_and_broken_yaml(tmp_path):
 
 
 def test_plan_that_cannot_fit_is_refused_before_ray_starts():
-    proc = run_cli("validate", "configs/quickstart.yaml", "train.num_workers=8", "ray.num_cpus=4")
+    proc = run_cli("validate", "configs/quickstart.yaml", "train.num_workers=8", "train.cpus_per_worker=1", "ray.num_cpus=4")
     assert_user_error(
         proc, "the resource plan does not fit", "train needs 8.25 CPUs", "the cluster has 4 CPUs",
         "lower train.num_workers",
     )
     proc = run_cli("validate", "configs/quickstart.yaml", "train.gpus_per_worker=1", "ray.num_gpus=0")
-    assert_user_error(proc, "1 GPUs", "the cluster has 4 CPUs and 0 GPUs")
+    assert_user_error(proc, "2 GPUs", "the cluster has 4 CPUs and 0 GPUs")
 
 
 def test_unset_secret_is_a_warning_not_an_error(tmp_path):

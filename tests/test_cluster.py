@@ -46,7 +46,7 @@ def test_doctor_embedded_with_config():
 
 
 def test_doctor_refuses_a_plan_that_does_not_fit_the_cluster():
-    proc = run_cli("doctor", "configs/quickstart.yaml", "train.num_workers=9")
+    proc = run_cli("doctor", "configs/quickstart.yaml", "train.num_workers=9", "train.cpus_per_worker=1")
     assert proc.returncode == 2, proc.stderr + proc.stdout
     assert "fits: NO" in proc.stdout and "train needs 9.25 CPUs" in proc.stdout
 
@@ -57,7 +57,7 @@ def test_prepare_refuses_before_starting_ray(tmp_path):
         import ray
         from raylab import cluster, config
         from raylab.errors import UserError
-        cfg = config.load("configs/quickstart.yaml", ["train.num_workers=16"])
+        cfg = config.load("configs/quickstart.yaml", ["train.num_workers=16", "train.cpus_per_worker=1"])
         try:
             cluster.prepare(cfg)
         except UserError as e:

@@ -21,11 +21,10 @@ import pytest
 import torch
 import yaml
 
+from conftest import REPO, run_cli
 from raylab import checkpoint, config, train
 from raylab.errors import UserError
 from raylab.model import build_byte_tokenizer, fingerprint, load_for_training
-
-from conftest import REPO, run_cli
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]
 STEPS = 24

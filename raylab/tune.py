@@ -1,0 +1,292 @@
+"""Tune stage: `raylab tune CONFIG` sweeps hyperparameters over full train-stage runs.
+
+    raylab data configs/quickstart.yaml
+    raylab tune configs/quickstart.yaml                  # resumes a sweep that was interrupted
+    raylab train <output_dir>/tune/best.yaml             # the winner again, as a plain train run
+
+The search space is `tune.search_space`, dotted config keys (`train.lr: {loguniform: [1e-5,
+1e-3]}`, `model.lora.r: {choice: [4, 8, 16]}`, `randint: [lo, hi)`), each value checked
+against the config schema before anything runs. Each trial is `raylab.train.run_train` (Ray
+Train, any number of workers) in `<output_dir>/tune/trials/<trial id>/`, driven by a small
+Tune function trainable; `TuneReportCallback` forwards the trial's reports (every one
+carries `val_loss`) to Tune. Search: `OptunaSearch` with a seeded TPE sampler
+(`tune.searcher: random` for Optuna's random sampler), its study kept in
+`<output_dir>/tune/study.db` (SQLite) for local run directories; `ConcurrencyLimiter` at the
+trial concurrency the resource plan computes; ASHA on val loss with `time_attr=step`
+(optimizer steps; put `tune.asha.grace_period` at or after an evaluation step). A failing
+trial is recorded with its error and the sweep goes on; running the command again after
+the driver died resumes the sweep (`Tuner.restore`), finished trials kept.
+
+Outputs in `<output_dir>/tune/`: results.csv / results.json (ranked), best.yaml (the
+winner's fully resolved config: re-runnable as is, it trains in `<output_dir>/train`),
+importance.json + importance.png (Optuna's PED-ANOVA), partial_dependence.json +
+partial_dependence.png (a kernel-ridge surrogate fitted over the finished trials, since
+Optuna has no partial-dependence plot), slice.png (Optuna's slice plot).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from typing import Any
+
+import yaml
+
+from raylab import cluster, config, storage, train
+from raylab.config import RaylabConfig, SearchDim
+from raylab.errors import UserError
+
+# ---------------------------------------------------------------- the search space
+
+
+def _encode(value: Any) -> Any:
+    """Optuna choices must be scalars: a list or mapping choice travels as JSON text."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def distributions(space: dict[str, SearchDim]) -> dict:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for key, dim in space.items():
+        if dim.loguniform:
+            out[key] = FloatDistribution(*dim.loguniform, log=True)
+        elif dim.uniform:
+            out[key] = FloatDistribution(*dim.uniform)
+        elif dim.randint:
+            out[key] = IntDistribution(dim.randint[0], dim.randint[1] - 1)
+        else:
+            out[key] = CategoricalDistribution([_encode(c) for c in dim.choice])
+    return out
+
+
+def with_params(raw: dict, params: dict[str, Any], output_dir: str) -> dict:
+    """The base config (as a mapping) with a trial's parameters and run directory."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))
+    for key, value in params.items():
+        config.apply_override(raw, key, _decode(value))
+    raw["output_dir"] = output_dir
+    raw.pop("tune", None)
+    return raw
+
+
+def space_problems(cfg: RaylabConfig, raw: dict, steps_per_trial: int) -> list[str]:
+    """Every value a dimension can take must make a valid config: the bounds of a range and
+    each choice are tried against the schema (wrong types, out-of-range values)."""
+    problems = []
+    for key, dim in cfg.tune.search_space.items():
+        values = dim.choice if dim.choice is not None else list(dim.loguniform or dim.uniform or (dim.randint[0], dim.randint[1] - 1))
+        for value in values:
+            try:
+                config.load_dict(with_params(raw, {key: value}, cfg.output_dir))
+            except config.ConfigError as e:
+                detail = "; ".join(p.split(": ", 1)[-1] for p in e.problems)
+                problems.append(f"tune.search_space.{key}: the value {value!r} does not make a valid config: {detail}")
+                break
+    t = cfg.tune
+    if t.max_total_steps is not None and t.max_total_steps < steps_per_trial:
+        problems.append(f"tune.max_total_steps={t.max_total_steps} is less than one trial ({steps_per_trial} steps); "
+                        "raise it or lower train.max_steps / train.epochs")
+    if t.time_budget_s is not None and t.time_budget_s < MIN_TRIAL_SECONDS:
+        problems.append(f"tune.time_budget_s={t.time_budget_s:g} cannot fit one trial: starting the trial, its "
+                        f"Ray Train workers and the data stream alone takes about {MIN_TRIAL_SECONDS} s")
+    return problems
+
+
+MIN_TRIAL_SECONDS = 30  # measured fixed cost of one trial here (RAY_NOTES: ~25 s before any model work)
+
+
+# ---------------------------------------------------------------- one trial (a Tune function trainable)
+
+
+def run_trial(params: dict, base_raw: dict, manifest_text: str, output_dir: str) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_dir = storage.join(output_dir, "tune", "trials", tune.get_context().get_trial_id())
+    # The shards are shared: each trial reads the sweep's data through a copy of its manifest.
+    storage.write_text(storage.join(trial_dir, "data", "manifest.json"), manifest_text)
+    cfg = config.load_dict(with_params(base_raw, params, trial_dir), source=f"trial {trial_dir}")
+    train.run_train(cfg, callbacks=[TuneReportCallback()], log=print)
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
+    """Run (or resume) the sweep; returns the summary also written to tune/results.json."""
+    if cfg.tune is None:
+        raise UserError("the config has no tune section; add tune.search_space (see configs/quickstart.yaml)")
+    manifest = train.read_manifest(cfg)
+    train.preflight(cfg, manifest)
+    raw = json.loads(cfg.model_dump_json())
+    steps = train.plan_steps(manifest["tokens"]["train"]["sequences"], cfg.train.min_workers, cfg.train.batch_size,
+                             cfg.train.grad_accum, cfg.train.epochs, cfg.train.max_steps).total
+    problems = space_problems(cfg, raw, steps)
+    if problems:
+        raise UserError("cannot tune:\n  " + "\n  ".join(problems))
+    conn, plan = cluster.prepare(cfg, address, state_api=True)
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    t = cfg.tune
+    tune_dir = storage.join(cfg.output_dir, "tune")
+    storage.makedirs(tune_dir)
+    config.write_resolved(cfg)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base_raw=raw, manifest_text=json.dumps(manifest), output_dir=cfg.output_dir),
+        {"cpu": t.cpus_per_trial_driver},
+    )
+    started = time.time()
+    if tune.Tuner.can_restore(tune_dir):
+        log(f"tune: resuming the sweep in {tune_dir} (finished trials are kept)")
+        tuner = tune.Tuner.restore(tune_dir, trainable, resume_errored=False, restart_errored=False)
+    else:
+        sampler = (optuna.samplers.TPESampler(seed=t.seed) if t.searcher == "tpe" else optuna.samplers.RandomSampler(seed=t.seed))
+        study_storage = None
+        if "://" not in cfg.output_dir:  # SQLite needs a local file; Tune's checkpoint keeps the rest
+            study_storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(os.path.abspath(tune_dir), 'study.db')}")
+        searcher = OptunaSearch(space=distributions(t.search_space), metric=t.metric, mode=t.mode, sampler=sampler,
+                                study_name=cfg.run_name, storage=study_storage)
+        scheduler = (ASHAScheduler(time_attr="step", metric=t.metric, mode=t.mode, max_t=steps,
+                                   grace_period=t.asha.grace_period, reduction_factor=t.asha.reduction_factor)
+                     if t.asha else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=plan.trial_concurrency),
+                                        scheduler=scheduler, num_samples=t.num_samples, time_budget_s=t.time_budget_s),
+            run_config=tune.RunConfig(name="tune", storage_path=cfg.output_dir,
+                                      stop=_step_budget(t.max_total_steps) if t.max_total_steps else None,
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=0),
+        )
+    log(f"tune: {t.num_samples} trials ({t.searcher}{' + ASHA' if t.asha else ''}), {plan.trial_concurrency} at once, "
+        f"{steps} steps each at most -> {tune_dir}")
+    grid = tuner.fit()
+    return report(cfg, grid, steps, time.time() - started, log)
+
+
+def _step_budget(budget: int):
+    """A Tune stopper ending the sweep once its trials have spent `budget` optimizer steps."""
+    from ray.tune.stopper import Stopper
+
+    class StepBudget(Stopper):
+        def __init__(self):
+            self.spent: dict[str, int] = {}
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            self.spent[trial_id] = int(result.get("step") or 0)
+            return self.stop_all()
+
+        def stop_all(self) -> bool:
+            return sum(self.spent.values()) >= budget
+
+    return StepBudget()
+
+
+# ---------------------------------------------------------------- results and reports
+
+
+def _rows(cfg: RaylabConfig, grid, max_steps: int) -> list[dict]:
+    t = cfg.tune
+    rows = []
+    for result in grid:
+        trial_id = os.path.basename(result.path).split("_")[1] if result.path else "?"
+        m = result.metrics or {}
+        params = {k.removeprefix("config/"): v for k, v in (result.config or {}).items()}
+        final = storage.join(cfg.output_dir, "tune", "trials", m.get("trial_id", trial_id), "train", "final")
+        finished = storage.exists(storage.join(final, train.META))
+        value = m.get(t.metric)
+        rows.append({
+            "trial_id": m.get("trial_id", trial_id),
+            "status": "error" if result.error else ("finished" if finished else "stopped early"),
+            **{k: _decode(v) for k, v in params.items()},
+            t.metric: value if isinstance(value, (int, float)) and math.isfinite(value) else None,
+            "best_val_loss": m.get("best_val_loss"),
+            "steps": m.get("step"),
+            "reports": m.get("training_iteration"),
+            "final_model": final if finished else None,
+            "error": (str(result.error).strip().splitlines() or [""])[-1][:500] if result.error else None,
+        })
+    sign = 1 if t.mode == "min" else -1
+    rows.sort(key=lambda r: (r["status"] != "finished", r[t.metric] is None, sign * (r[t.metric] or 0)))
+    for rank, r in enumerate(rows, 1):
+        r["rank"] = rank
+    return rows
+
+
+def report(cfg: RaylabConfig, grid, max_steps: int, seconds: float, log) -> dict:
+    from raylab import tune_report
+
+    t = cfg.tune
+    tune_dir = storage.join(cfg.output_dir, "tune")
+    rows = _rows(cfg, grid, max_steps)
+    keys = list(t.search_space)
+    winner = next((r for r in rows if r["status"] == "finished" and r[t.metric] is not None), None)
+    summary: dict[str, Any] = {
+        "metric": t.metric, "mode": t.mode, "searcher": t.searcher, "asha": bool(t.asha),
+        "trials": len(rows), "finished": sum(r["status"] == "finished" for r in rows),
+        "stopped_early": sum(r["status"] == "stopped early" for r in rows),
+        "errors": sum(r["status"] == "error" for r in rows),
+        "steps_spent": sum(r["steps"] or 0 for r in rows), "seconds": round(seconds, 1),
+        "best": None, "results": rows,
+    }
+    if winner:
+        best_raw = with_params(json.loads(cfg.model_dump_json()), {k: winner[k] for k in keys}, cfg.output_dir)
+        best_cfg = config.load_dict(best_raw)
+        header = (f"# the winner of the sweep in {tune_dir} (trial {winner['trial_id']}, {t.metric} {winner[t.metric]:.4f});\n"
+                  f"# re-run with: raylab train THIS_FILE  (trains in {cfg.output_dir}/train)\n")
+        storage.write_text(storage.join(tune_dir, "best.yaml"), header + config.to_yaml(best_cfg))
+        summary["best"] = {"trial_id": winner["trial_id"], "params": {k: winner[k] for k in keys},
+                           t.metric: winner[t.metric], "final_model": winner["final_model"],
+                           "config": storage.join(tune_dir, "best.yaml")}
+    summary["analysis"] = tune_report.write(tune_dir, rows, t.search_space, t.metric, t.mode)
+    storage.write_text(storage.join(tune_dir, "results.json"), json.dumps(summary, indent=2, default=str) + "\n")
+    storage.write_text(storage.join(tune_dir, "results.csv"), _csv(rows, keys, t.metric))
+    log(table(rows, keys, t.metric))
+    if winner:
+        log(f"tune: best trial {winner['trial_id']}: {t.metric} {winner[t.metric]:.4f} with "
+            + ", ".join(f"{k}={winner[k]}" for k in keys) + f" -> {storage.join(tune_dir, 'best.yaml')}")
+    else:
+        raise UserError(f"no trial of the sweep finished ({summary['errors']} failed); see {storage.join(tune_dir, 'results.json')}")
+    return summary
+
+
+def _csv(rows: list[dict], keys: list[str], metric: str) -> str:
+    cols = ["rank", "trial_id", "status", *keys, metric, "best_val_loss", "steps", "final_model", "error"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+    return out.getvalue()
+
+
+def table(rows: list[dict], keys: list[str], metric: str) -> str:
+    cols = ["rank", "trial_id", "status", *keys, metric, "steps"]
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+
+    grid = [cols] + [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in grid) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in grid]
+    errors = [f"  {r['trial_id']}: {r['error']}" for r in rows if r["error"]]
+    return "\n".join(lines + (["errors:"] + errors if errors else []))

@@ -1,0 +1,146 @@
+"""Tune stage on a real Ray: an Optuna TPE + ASHA sweep over train-stage runs with one
+trial that fails, its outputs, the winner re-run from best.yaml, resume after a killed
+driver, and the search-space checks made before anything runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_train import base_config, with_data
+
+from conftest import REPO, run_cli
+from raylab import config, train, tune
+from raylab.errors import UserError
+
+pytestmark = pytest.mark.integration
+
+# One choice names a module the model lacks: that trial fails inside its run and must be
+# recorded while the sweep goes on.
+SPACE = {
+    "train.lr": {"loguniform": [1e-3, 2e-2]},
+    "model.lora.target_modules": {"choice": [["q_proj", "v_proj"], "all-linear", ["no_such_proj"]]},
+}
+
+
+def sweep_config(learn_data, out: Path, **tune_overrides) -> config.RaylabConfig:
+    cfg = with_data(learn_data, out, max_steps=16, eval_every=4, log_every=4, checkpoint_every=8)
+    raw = json.loads(cfg.model_dump_json())
+    raw["tune"] = {"search_space": SPACE, "num_samples": 5, "seed": 3, "asha": {"grace_period": 4, "reduction_factor": 2},
+                   **tune_overrides}
+    return config.load_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def sweep(learn_data, tmp_path_factory):
+    cfg = sweep_config(learn_data, tmp_path_factory.mktemp("sweep") / "run")
+    return cfg, tune.run_tune(cfg, log=lambda *_: None)
+
+
+def test_sweep_runs_optuna_with_asha_and_records_the_failing_trial(sweep):
+    cfg, summary = sweep
+    rows = summary["results"]
+    assert summary["trials"] == 5 and summary["searcher"] == "tpe" and summary["asha"]
+    assert summary["errors"] >= 1
+    failed = [r for r in rows if r["status"] == "error"]
+    assert all(r["model.lora.target_modules"] == ["no_such_proj"] for r in failed)
+    assert all("no_such_proj" in r["error"] for r in failed)
+    assert summary["stopped_early"] >= 1, rows  # ASHA cut at least one trial
+    stopped = [r for r in rows if r["status"] == "stopped early"]
+    assert all(r["steps"] < 16 for r in stopped)
+    finished = [r for r in rows if r["status"] == "finished"]
+    assert finished and all(r["steps"] == 16 and r["final_model"] for r in finished)
+    assert [r["rank"] for r in rows] == list(range(1, 6))
+    assert rows[0]["trial_id"] == summary["best"]["trial_id"]
+    tune_dir = Path(cfg.output_dir) / "tune"
+    assert (tune_dir / "study.db").exists()
+    assert (tune_dir / "results.csv").read_text().splitlines()[0].startswith("rank,trial_id,status,train.lr")
+    for r in finished:
+        assert (Path(cfg.output_dir) / "tune" / "trials" / r["trial_id"] / "train" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_importance_and_plots_are_finite(sweep):
+    cfg, summary = sweep
+    tune_dir = Path(cfg.output_dir) / "tune"
+    for name in ("importance.png", "partial_dependence.png", "slice.png"):
+        assert (tune_dir / name).read_bytes()[:4] == b"\x89PNG", name
+    importance = json.loads((tune_dir / "importance.json").read_text())["importance"]
+    assert set(importance) == set(SPACE) and all(math.isfinite(v) and v >= 0 for v in importance.values())
+    curves = json.loads((tune_dir / "partial_dependence.json").read_text())["curves"]
+    assert curves and all(math.isfinite(v) for c in curves.values() for v in c["mean_prediction"])
+
+
+def test_best_yaml_reproduces_the_winner(sweep):
+    cfg, summary = sweep
+    best_path = Path(summary["best"]["config"])
+    best = config.load(best_path)
+    assert best.tune is None and best.output_dir == cfg.output_dir
+    assert best.train.lr == pytest.approx(summary["best"]["params"]["train.lr"])
+    meta = train.run_train(best, log=lambda *_: None)
+    assert meta["metrics"]["val_loss"] == pytest.approx(summary["best"]["val_loss"], abs=1e-6)
+
+
+def test_killed_sweep_driver_resumes_with_finished_trials_kept(learn_data, tmp_path):
+    import ray
+
+    cfg = sweep_config(learn_data, tmp_path / "run", num_samples=4, max_concurrent_trials=1, asha=None,
+                       search_space={"train.lr": {"loguniform": [1e-3, 2e-2]}})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    proc = subprocess.Popen([sys.executable, "-m", "raylab", "tune", str(path), "--address", ray.get_runtime_context().gcs_address],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    trials = Path(cfg.output_dir) / "tune" / "trials"
+    try:
+        deadline = time.monotonic() + 400
+        while not list(trials.glob("*/train/final/" + train.META)) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, "the sweep finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    first = {p.parts[-4] for p in trials.glob("*/train/final/" + train.META)}
+    assert first
+    summary = tune.run_tune(config.load(path), log=lambda *_: None)
+    assert summary["trials"] == 4 and summary["finished"] == 4
+    assert first <= {r["trial_id"] for r in summary["results"]}  # the trials finished before the kill are kept
+
+
+@pytest.mark.parametrize("space, expect", [
+    ({"train.lrr": {"uniform": [0.1, 0.2]}}, r"unknown config keys \['train\.lrr'\]"),
+    ({"train.lr": {"uniform": [0.2, 0.1]}}, r"range \[0\.2, 0\.1\] is empty"),
+    ({"train.lr": {"choice": ["fast", "slow"]}}, r"tune\.search_space\.train\.lr: the value 'fast' does not make a valid config"),
+    ({"model.lora.r": {"choice": [4, -8]}}, r"the value -8 does not make a valid config"),
+])
+def test_bad_search_space_is_exit_2_before_anything_runs(space, expect, tmp_path):
+    raw = base_config(tmp_path / "run", tmp_path / "x.jsonl")
+    raw["tune"] = {"search_space": space}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    data = tmp_path / "run" / "data"
+    data.mkdir(parents=True)
+    from test_train import _manifest
+
+    from raylab.model import build_byte_tokenizer
+
+    (data / "manifest.json").write_text(json.dumps(_manifest(build_byte_tokenizer())))
+    r = run_cli("tune", str(path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    import re
+
+    assert re.search(expect, r.stderr), r.stderr
+
+
+def test_budget_smaller_than_one_trial_is_refused(learn_data, tmp_path):
+    cfg = sweep_config(learn_data, tmp_path / "run", max_total_steps=5)
+    with pytest.raises(UserError, match=r"tune\.max_total_steps=5 is less than one trial \(16 steps\)"):
+        tune.run_tune(cfg, log=lambda *_: None)

@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_connect.py
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_tune.py
 
 lint:
 	$(BIN)/ruff check raylab tests benchmarks

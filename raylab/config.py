@@ -337,6 +337,8 @@ class TuneConfig(Section):
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     searcher: Literal["tpe", "random"] = "tpe"
+    startup_trials: PositiveInt | None = Field(
+        None, description="random trials before TPE models the results; default max(2, min(10, num_samples // 3))")
     seed: int = 0
     max_concurrent_trials: PositiveInt | None = Field(None, description="default: what the cluster fits")
     cpus_per_trial_driver: float = Field(0.25, gt=0)

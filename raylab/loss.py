@@ -58,7 +58,8 @@ def attn_impl_of(model) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
 
-def forward_sums(model, batch: dict[str, torch.Tensor], attn_impl: str, mask_dtype=torch.float32) -> Sums:
+def forward_sums(model, batch: dict[str, torch.Tensor], attn_impl: str, mask_dtype=torch.float32,
+                 accuracy: bool = True) -> Sums:
     """One forward pass; the loss summed (not averaged) over target tokens.
 
     Logits are only ever held for one micro-batch, and cast to float32 for the loss."""
@@ -70,7 +71,7 @@ def forward_sums(model, batch: dict[str, torch.Tensor], attn_impl: str, mask_dty
     target = labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
     valid = target != IGNORE
-    correct = int(((logits.argmax(-1) == target) & valid).sum())
+    correct = int(((logits.argmax(-1) == target) & valid).sum()) if accuracy else 0
     return Sums(loss, int(valid.sum()), correct)
 
 
@@ -109,7 +110,7 @@ def train_step(model, optimizer, window: list[dict], *, device, world_size: int,
         sync = model.no_sync() if not last and isinstance(model, DDP) else contextlib.nullcontext()
         with sync:
             with autocast(device, bf16):
-                sums = forward_sums(model, mb, attn_impl)
+                sums = forward_sums(model, mb, attn_impl, accuracy=False)
             (sums.loss * scale).backward()
         loss_sum += float(sums.loss.detach())
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -40,6 +40,7 @@ from raylab.errors import UserError
 
 META = "raylab_train.json"
 VAL_CACHE_BYTES = 256 << 20  # a val split up to this size stays in each worker's memory
+MATERIALIZE_BYTES = 1 << 30  # a split up to this size is read into the object store once
 # Keys that change how a run is executed, not what it computes: a resumed run may change them.
 OPERATIONAL_KEYS = {"num_workers", "cpus_per_worker", "gpus_per_worker", "torch_threads", "placement_strategy",
                     "max_failures", "resume", "log_every", "keep_checkpoints", "checkpoint_every"}
@@ -245,7 +246,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     acc = {"loss_sum": 0.0, "targets": 0, "real_tokens": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
     while not state["stopped_early"] and state["step"] < steps.total and state["epoch"] < steps.epochs:
         batches = iter(train_shard.iter_torch_batches(
-            batch_size=t.batch_size, collate_fn=collate_fn, local_shuffle_buffer_size=16 * t.batch_size,
+            batch_size=t.batch_size, collate_fn=collate_fn, local_shuffle_buffer_size=16 * t.batch_size, prefetch_batches=2,
             local_shuffle_seed=t.seed + state["epoch"]))
         for _ in range(state["batches_in_epoch"]):  # order-preserving skip to the data position
             next(batches, None)
@@ -404,6 +405,7 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
 
     data_context = ray.data.DataContext.get_current()
     data_context.enable_progress_bars = data_context.print_on_execution_start = False
+    data_context.execution_options.preserve_order = True  # the same block order in every run
     train_dir = storage.join(cfg.output_dir, "train")
     ident = identity(cfg, manifest)
     done = _start_or_resume(cfg, train_dir, ident, log)
@@ -412,7 +414,14 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
     config.write_resolved(cfg)
     t = cfg.train
     execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic shards: resume can skip
-    datasets = {split: ray.data.read_parquet(manifest["outputs"][split]) for split in ("train", "val")}
+    datasets = {}
+    for split in ("train", "val"):
+        ds = ray.data.read_parquet(manifest["outputs"][split], ray_remote_args={"num_cpus": cfg.data.cpus_per_task})
+        if manifest["tokens"][split]["sequences"] * cfg.data.max_seq_len * 16 <= MATERIALIZE_BYTES:
+            # Small splits are read once into Ray's object store: every epoch otherwise
+            # re-lists and re-reads the files, seconds per epoch that a short run feels.
+            ds = ds.materialize()
+        datasets[split] = ds
     resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})
     trainer = TorchTrainer(
         train_loop_per_worker,

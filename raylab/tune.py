@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -106,6 +107,7 @@ def space_problems(cfg: RaylabConfig, raw: dict, steps_per_trial: int) -> list[s
     return problems
 
 
+TRIAL_ID = re.compile(r"_([0-9a-f]{5,8}_\d{5})")  # Tune's trial directory names hold the trial id
 MIN_TRIAL_SECONDS = 30  # measured fixed cost of one trial here (RAY_NOTES: ~25 s before any model work)
 
 
@@ -158,13 +160,18 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
         log(f"tune: resuming the sweep in {tune_dir} (finished trials are kept)")
         tuner = tune.Tuner.restore(tune_dir, trainable, resume_errored=False, restart_errored=False)
     else:
-        sampler = (optuna.samplers.TPESampler(seed=t.seed) if t.searcher == "tpe" else optuna.samplers.RandomSampler(seed=t.seed))
+        # Optuna's default of 10 random start-up trials would make a short sweep pure random search.
+        startup = t.startup_trials or max(2, min(10, t.num_samples // 3))
+        sampler = (optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=startup) if t.searcher == "tpe"
+                   else optuna.samplers.RandomSampler(seed=t.seed))
         study_storage = None
         if "://" not in cfg.output_dir:  # SQLite needs a local file; Tune's checkpoint keeps the rest
             study_storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(os.path.abspath(tune_dir), 'study.db')}")
         searcher = OptunaSearch(space=distributions(t.search_space), metric=t.metric, mode=t.mode, sampler=sampler,
                                 study_name=cfg.run_name, storage=study_storage)
-        scheduler = (ASHAScheduler(time_attr="step", metric=t.metric, mode=t.mode, max_t=steps,
+        # max_t one past the last step: a trial reaching max_t is stopped at once, before
+        # its train stage has written the final model.
+        scheduler = (ASHAScheduler(time_attr="step", metric=t.metric, mode=t.mode, max_t=steps + 1,
                                    grace_period=t.asha.grace_period, reduction_factor=t.asha.reduction_factor)
                      if t.asha else FIFOScheduler())
         tuner = tune.Tuner(
@@ -206,14 +213,15 @@ def _rows(cfg: RaylabConfig, grid, max_steps: int) -> list[dict]:
     t = cfg.tune
     rows = []
     for result in grid:
-        trial_id = os.path.basename(result.path).split("_")[1] if result.path else "?"
         m = result.metrics or {}
+        found = TRIAL_ID.search(os.path.basename(result.path or ""))
+        trial_id = m.get("trial_id") or (found.group(1) if found else "?")
         params = {k.removeprefix("config/"): v for k, v in (result.config or {}).items()}
-        final = storage.join(cfg.output_dir, "tune", "trials", m.get("trial_id", trial_id), "train", "final")
+        final = storage.join(cfg.output_dir, "tune", "trials", trial_id, "train", "final")
         finished = storage.exists(storage.join(final, train.META))
         value = m.get(t.metric)
         rows.append({
-            "trial_id": m.get("trial_id", trial_id),
+            "trial_id": trial_id,
             "status": "error" if result.error else ("finished" if finished else "stopped early"),
             **{k: _decode(v) for k, v in params.items()},
             t.metric: value if isinstance(value, (int, float)) and math.isfinite(value) else None,

@@ -23,6 +23,7 @@ quickstart: install
 	$(BIN)/raylab doctor configs/quickstart.yaml
 	$(BIN)/raylab data configs/quickstart.yaml
 	$(BIN)/raylab train configs/quickstart.yaml
+	$(BIN)/raylab tune configs/quickstart.yaml
 
 # -m overrides the development default in pyproject (unit only): everything is selected,
 # gpu tests skip themselves without CUDA.

@@ -66,8 +66,9 @@ def sweep(raw: dict, root: Path, name: str, seed: int, searcher: str, asha: bool
         metrics = out / "tune" / "trials" / row["trial_id"] / "train" / "metrics.jsonl"
         history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         evals = [(r["step"], r["val_loss"]) for r in history if r.get("evaluated") and r["step"] > 0]
-        trials.append({"trial_id": row["trial_id"], "steps": row["steps"] or 0, "evals": evals, "status": row["status"]})
-    trials.sort(key=lambda t: t["trial_id"].split("_")[-1])  # creation order
+        trials.append({"trial_id": row["trial_id"], "index": row["index"], "steps": row["steps_run"], "evals": evals,
+                       "status": row["status"]})
+    trials.sort(key=lambda t: t["index"])  # creation order
     return trials
 
 

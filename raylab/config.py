@@ -337,6 +337,8 @@ class TuneConfig(Section):
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     searcher: Literal["tpe", "random"] = "tpe"
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="parameter sets to try first (e.g. the current defaults), keys from search_space")
     startup_trials: PositiveInt | None = Field(
         None, description="random trials before TPE models the results; default max(2, min(10, num_samples // 3))")
     seed: int = 0
@@ -425,6 +427,10 @@ class RaylabConfig(Section):
             bad = [k for k in self.tune.search_space if not config_report.is_schema_path(type(self), k.split("."))]
             if bad:
                 raise ValueError(f"tune.search_space: unknown config keys {bad}")
+            for i, point in enumerate(self.tune.points_to_evaluate):
+                if set(point) != set(self.tune.search_space):
+                    raise ValueError(f"tune.points_to_evaluate.{i}: give exactly the search_space keys "
+                                     f"{sorted(self.tune.search_space)}, got {sorted(point)}")
         return self
 
     @property

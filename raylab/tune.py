@@ -107,7 +107,7 @@ def space_problems(cfg: RaylabConfig, raw: dict, steps_per_trial: int) -> list[s
     return problems
 
 
-TRIAL_ID = re.compile(r"_([0-9a-f]{5,8}_\d{5})")  # Tune's trial directory names hold the trial id
+TRIAL_DIR = re.compile(r"_([0-9a-f]{8})_(\d+)_")  # Tune names a trial's directory <fn>_<trial id>_<index>_...
 MIN_TRIAL_SECONDS = 30  # measured fixed cost of one trial here (RAY_NOTES: ~25 s before any model work)
 
 
@@ -167,8 +167,9 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
         study_storage = None
         if "://" not in cfg.output_dir:  # SQLite needs a local file; Tune's checkpoint keeps the rest
             study_storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(os.path.abspath(tune_dir), 'study.db')}")
+        points = [{k: _encode(v) for k, v in point.items()} for point in t.points_to_evaluate] or None
         searcher = OptunaSearch(space=distributions(t.search_space), metric=t.metric, mode=t.mode, sampler=sampler,
-                                study_name=cfg.run_name, storage=study_storage)
+                                study_name=cfg.run_name, storage=study_storage, points_to_evaluate=points)
         # max_t one past the last step: a trial reaching max_t is stopped at once, before
         # its train stage has written the final model.
         scheduler = (ASHAScheduler(time_attr="step", metric=t.metric, mode=t.mode, max_t=steps + 1,
@@ -214,19 +215,22 @@ def _rows(cfg: RaylabConfig, grid, max_steps: int) -> list[dict]:
     rows = []
     for result in grid:
         m = result.metrics or {}
-        found = TRIAL_ID.search(os.path.basename(result.path or ""))
+        found = TRIAL_DIR.search(os.path.basename(result.path or ""))
         trial_id = m.get("trial_id") or (found.group(1) if found else "?")
         params = {k.removeprefix("config/"): v for k, v in (result.config or {}).items()}
         final = storage.join(cfg.output_dir, "tune", "trials", trial_id, "train", "final")
         finished = storage.exists(storage.join(final, train.META))
         value = m.get(t.metric)
+        ran = _steps_run(storage.join(cfg.output_dir, "tune", "trials", trial_id, "train", "metrics.jsonl"))
         rows.append({
             "trial_id": trial_id,
+            "index": int(found.group(2)) if found else None,  # creation order
             "status": "error" if result.error else ("finished" if finished else "stopped early"),
             **{k: _decode(v) for k, v in params.items()},
             t.metric: value if isinstance(value, (int, float)) and math.isfinite(value) else None,
             "best_val_loss": m.get("best_val_loss"),
             "steps": m.get("step"),
+            "steps_run": max(ran, m.get("step") or 0),
             "reports": m.get("training_iteration"),
             "final_model": final if finished else None,
             "error": (str(result.error).strip().splitlines() or [""])[-1][:500] if result.error else None,
@@ -236,6 +240,15 @@ def _rows(cfg: RaylabConfig, grid, max_steps: int) -> list[dict]:
     for rank, r in enumerate(rows, 1):
         r["rank"] = rank
     return rows
+
+
+def _steps_run(metrics_path: str) -> int:
+    """Optimizer steps a trial really ran: an ASHA-stopped trial trains on (unreported)
+    until Tune's stop reaches its workers."""
+    if not storage.exists(metrics_path):
+        return 0
+    lines = storage.read_text(metrics_path).splitlines()
+    return int(json.loads(lines[-1])["step"]) if lines else 0
 
 
 def report(cfg: RaylabConfig, grid, max_steps: int, seconds: float, log) -> dict:
@@ -251,7 +264,7 @@ def report(cfg: RaylabConfig, grid, max_steps: int, seconds: float, log) -> dict
         "trials": len(rows), "finished": sum(r["status"] == "finished" for r in rows),
         "stopped_early": sum(r["status"] == "stopped early" for r in rows),
         "errors": sum(r["status"] == "error" for r in rows),
-        "steps_spent": sum(r["steps"] or 0 for r in rows), "seconds": round(seconds, 1),
+        "steps_spent": sum(r["steps_run"] for r in rows), "seconds": round(seconds, 1),
         "best": None, "results": rows,
     }
     if winner:
@@ -276,7 +289,7 @@ def report(cfg: RaylabConfig, grid, max_steps: int, seconds: float, log) -> dict
 
 
 def _csv(rows: list[dict], keys: list[str], metric: str) -> str:
-    cols = ["rank", "trial_id", "status", *keys, metric, "best_val_loss", "steps", "final_model", "error"]
+    cols = ["rank", "trial_id", "status", *keys, metric, "best_val_loss", "steps", "steps_run", "final_model", "error"]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()

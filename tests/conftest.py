@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -180,3 +181,50 @@ def two_node_cluster():
     finally:
         ray.shutdown()
         c.shutdown()
+
+
+# ---------------------------------------------------------------- a learnable corpus (train, tune)
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white"]
+STEPS = 24
+
+
+def base_config(out: Path, corpus: Path, **train_overrides) -> dict:
+    return {
+        "version": 1,
+        "output_dir": str(out),
+        "offline": True,
+        "data": {"sources": [{"type": "jsonl", "path": str(corpus)}], "max_seq_len": 128, "val_fraction": 0.2,
+                 "dedup": {"near": False}},
+        "model": {"name_or_path": "preset:tiny-llama", "method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.05}},
+        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": STEPS, "eval_every": 12, "log_every": 4,
+                  "warmup_ratio": 0.1, **train_overrides},
+    }
+
+
+@pytest.fixture(scope="session")
+def learn_data(tmp_path_factory, _session_ray):
+    """A corpus a tiny model visibly learns in a few steps, through the data stage once."""
+    from raylab import config
+    from raylab.data import run_data
+
+    root = tmp_path_factory.mktemp("learn")
+    corpus = root / "docs.jsonl"
+    with corpus.open("w") as f:
+        for i in range(120):
+            c = COLORS[i % len(COLORS)]
+            f.write(json.dumps({"text": f"Ticket {i}: the {c} widget is in stock. The {c} widget ships today."}) + "\n")
+    out = root / "reference"
+    run_data(config.load_dict(base_config(out, corpus)), log=lambda *_: None)
+    return corpus, out
+
+
+def with_data(learn_data, out: Path, **train_overrides):
+    """A config whose output_dir already holds the shared data-stage output."""
+    import shutil
+
+    from raylab import config
+
+    corpus, ref = learn_data
+    shutil.copytree(ref / "data", out / "data")
+    return config.load_dict(base_config(out, corpus, **train_overrides))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,49 +20,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, STEPS, base_config, run_cli, with_data
 from raylab import checkpoint, config, train
 from raylab.errors import UserError
 from raylab.model import build_byte_tokenizer, fingerprint, load_for_training
-
-COLORS = ["red", "blue", "green", "yellow", "black", "white"]
-STEPS = 24
-
-
-def base_config(out: Path, corpus: Path, **train_overrides) -> dict:
-    return {
-        "version": 1,
-        "output_dir": str(out),
-        "offline": True,
-        "data": {"sources": [{"type": "jsonl", "path": str(corpus)}], "max_seq_len": 128, "val_fraction": 0.2,
-                 "dedup": {"near": False}},
-        "model": {"name_or_path": "preset:tiny-llama", "method": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.05}},
-        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": STEPS, "eval_every": 12, "log_every": 4,
-                  "warmup_ratio": 0.1, **train_overrides},
-    }
-
-
-@pytest.fixture(scope="session")
-def learn_data(tmp_path_factory, _session_ray):
-    """A corpus a tiny model visibly learns in a few steps, through the data stage once."""
-    from raylab.data import run_data
-
-    root = tmp_path_factory.mktemp("learn")
-    corpus = root / "docs.jsonl"
-    with corpus.open("w") as f:
-        for i in range(120):
-            c = COLORS[i % len(COLORS)]
-            f.write(json.dumps({"text": f"Ticket {i}: the {c} widget is in stock. The {c} widget ships today."}) + "\n")
-    out = root / "reference"
-    run_data(config.load_dict(base_config(out, corpus)), log=lambda *_: None)
-    return corpus, out
-
-
-def with_data(learn_data, out: Path, **train_overrides) -> config.RaylabConfig:
-    """A config whose output_dir already holds the shared data-stage output."""
-    corpus, ref = learn_data
-    shutil.copytree(ref / "data", out / "data")
-    return config.load_dict(base_config(out, corpus, **train_overrides))
 
 
 @pytest.fixture(scope="session")

@@ -416,7 +416,7 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
     execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic shards: resume can skip
     datasets = {}
     for split in ("train", "val"):
-        ds = ray.data.read_parquet(manifest["outputs"][split], ray_remote_args={"num_cpus": cfg.data.cpus_per_task})
+        ds = ray.data.read_parquet(manifest["outputs"][split], num_cpus=cfg.data.cpus_per_task)
         if manifest["tokens"][split]["sequences"] * cfg.data.max_seq_len * 16 <= MATERIALIZE_BYTES:
             # Small splits are read once into Ray's object store: every epoch otherwise
             # re-lists and re-reads the files, seconds per epoch that a short run feels.

@@ -143,8 +143,7 @@ def save(directory: str, *, rank: int, model, optimizer, scheduler, state: dict)
 
 def restore(directory: str, *, rank: int, world_size: int, model, optimizer, scheduler, seed: int) -> dict:
     """Load a checkpoint into the live objects; returns its state.json."""
-    with open(os.path.join(directory, STATE)) as f:
-        state = json.load(f)
+    state = read_state(directory)
     load_model_weights(model, os.path.join(directory, "model"))
     optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=False))
     scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=False))

@@ -27,9 +27,9 @@ import time
 
 
 def flops_per_token(model, seq_len: int) -> dict[str, float]:
-    import torch
+    from raylab.checkpoint import unwrap
 
-    inner = model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    inner = unwrap(model)
     params = {id(p): p for p in inner.parameters()}
     n_all = sum(p.numel() for p in params.values())
     n_trainable = sum(p.numel() for p in params.values() if p.requires_grad)

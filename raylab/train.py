@@ -102,6 +102,11 @@ def _quiet_worker() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
+def interval(acc: dict) -> dict:
+    """A logging interval's token-mean loss and totals, from the loop's accumulators."""
+    return {"loss": acc["loss_sum"] / max(acc["targets"], 1), **{k: acc[k] for k in ("grad_norm", "real_tokens", "seconds", "steps")}}
+
+
 def use_bf16(precision: str, device) -> bool:
     import torch
 
@@ -275,8 +280,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 patience = t.early_stopping_patience
                 state["stopped_early"] = bool(patience and state["evals_without_improvement"] >= patience)
             if step % t.log_every == 0 or evaluated:
-                stats = {"loss": acc["loss_sum"] / max(acc["targets"], 1), **{k: acc[k] for k in ("grad_norm", "real_tokens", "seconds", "steps")}}
-                report(row(stats, evaluated), ckpt_due or state["stopped_early"])
+                report(row(interval(acc), evaluated), ckpt_due or state["stopped_early"])
                 acc = dict.fromkeys(acc, 0) | {"loss_sum": 0.0, "seconds": 0.0}
             if state["stopped_early"]:
                 if rank == 0:
@@ -292,8 +296,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state["last_checkpoint_step"] != state["step"]:  # e.g. an epoch ended short of the plan
         run_eval()
         state["stopped_early"] = True
-        stats = {"loss": acc["loss_sum"] / max(acc["targets"], 1), **{k: acc[k] for k in ("grad_norm", "real_tokens", "seconds", "steps")}}
-        report(row(stats, True), True)
+        report(row(interval(acc), True), True)
 
 
 # ---------------------------------------------------------------- the driver

@@ -186,7 +186,7 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
     log(f"tune: {t.num_samples} trials ({t.searcher}{' + ASHA' if t.asha else ''}), {plan.trial_concurrency} at once, "
         f"{steps} steps each at most -> {tune_dir}")
     grid = tuner.fit()
-    return report(cfg, grid, steps, time.time() - started, log)
+    return report(cfg, grid, time.time() - started, log)
 
 
 def _step_budget(budget: int):
@@ -210,7 +210,7 @@ def _step_budget(budget: int):
 # ---------------------------------------------------------------- results and reports
 
 
-def _rows(cfg: RaylabConfig, grid, max_steps: int) -> list[dict]:
+def _rows(cfg: RaylabConfig, grid) -> list[dict]:
     t = cfg.tune
     rows = []
     for result in grid:
@@ -251,12 +251,12 @@ def _steps_run(metrics_path: str) -> int:
     return int(json.loads(lines[-1])["step"]) if lines else 0
 
 
-def report(cfg: RaylabConfig, grid, max_steps: int, seconds: float, log) -> dict:
+def report(cfg: RaylabConfig, grid, seconds: float, log) -> dict:
     from raylab import tune_report
 
     t = cfg.tune
     tune_dir = storage.join(cfg.output_dir, "tune")
-    rows = _rows(cfg, grid, max_steps)
+    rows = _rows(cfg, grid)
     keys = list(t.search_space)
     winner = next((r for r in rows if r["status"] == "finished" and r[t.metric] is not None), None)
     summary: dict[str, Any] = {

@@ -228,3 +228,22 @@ def with_data(learn_data, out: Path, **train_overrides):
     corpus, ref = learn_data
     shutil.copytree(ref / "data", out / "data")
     return config.load_dict(base_config(out, corpus, **train_overrides))
+
+
+def kill_cli_when_ready(args: list[str], ready, timeout_s: float) -> None:
+    """Run `python -m raylab ARGS --address <session Ray>` and SIGKILL its process group
+    once `ready()` holds (fails if the command ends first)."""
+    import ray
+
+    proc = subprocess.Popen([sys.executable, "-m", "raylab", *args, "--address", ray.get_runtime_context().gcs_address],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, f"`raylab {args[0]}` finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

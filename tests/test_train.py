@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, STEPS, base_config, run_cli, with_data
+from conftest import STEPS, base_config, kill_cli_when_ready, run_cli, with_data
 from raylab import checkpoint, config, train
 from raylab.errors import UserError
 from raylab.model import build_byte_tokenizer, fingerprint, load_for_training
@@ -153,25 +151,11 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted(learn_d
 
 
 def test_killed_driver_rerun_resumes(learn_data, reference, tmp_path):
-    import ray
-
     cfg = with_data(learn_data, tmp_path / "killed-driver", checkpoint_every=6)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
-    gcs = ray.get_runtime_context().gcs_address
-    proc = subprocess.Popen([sys.executable, "-m", "raylab", "train", str(path), "--address", gcs], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     train_dir = Path(cfg.output_dir) / "train"
-    try:
-        deadline = time.monotonic() + 240
-        while not _past_first_checkpoint(train_dir) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert proc.poll() is None, "the driver finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_cli_when_ready(["train", str(path)], lambda: _past_first_checkpoint(train_dir), timeout_s=240)
     assert not (train_dir / "final").exists()
     meta = train.run_train(config.load(path), log=lambda *_: None)
     assert meta["steps"] == STEPS and meta["resumed_at_steps"] and meta["resumed_at_steps"][0] >= 6

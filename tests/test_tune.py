@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, base_config, run_cli, with_data
+from conftest import base_config, kill_cli_when_ready, run_cli, with_data
 from raylab import config, train, tune
 from raylab.errors import UserError
 
@@ -94,25 +89,12 @@ def test_best_yaml_reproduces_the_winner(sweep):
 
 
 def test_killed_sweep_driver_resumes_with_finished_trials_kept(learn_data, tmp_path):
-    import ray
-
     cfg = sweep_config(learn_data, tmp_path / "run", num_samples=3, asha=None, points_to_evaluate=[],
                        search_space={"train.lr": {"loguniform": [1e-3, 2e-2]}})
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
-    proc = subprocess.Popen([sys.executable, "-m", "raylab", "tune", str(path), "--address", ray.get_runtime_context().gcs_address],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     trials = Path(cfg.output_dir) / "tune" / "trials"
-    try:
-        deadline = time.monotonic() + 400
-        while not list(trials.glob("*/train/final/" + train.META)) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert proc.poll() is None, "the sweep finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_cli_when_ready(["tune", str(path)], lambda: bool(list(trials.glob("*/train/final/" + train.META))), timeout_s=400)
     first = {p.parts[-4] for p in trials.glob("*/train/final/" + train.META)}
     assert first
     summary = tune.run_tune(config.load(path), log=lambda *_: None)

@@ -24,6 +24,10 @@ quickstart: install
 	$(BIN)/raylab data configs/quickstart.yaml
 	$(BIN)/raylab train configs/quickstart.yaml
 	$(BIN)/raylab tune configs/quickstart.yaml
+	$(BIN)/raylab eval configs/quickstart.yaml
+	$(BIN)/raylab models evaluate acme-assistant latest
+	$(BIN)/raylab models promote acme-assistant latest
+	$(BIN)/raylab models list acme-assistant
 
 # -m overrides the development default in pyproject (unit only): everything is selected,
 # gpu tests skip themselves without CUDA.

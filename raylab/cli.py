@@ -39,12 +39,43 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     tu = verb("tune", "sweep hyperparameters (Optuna TPE + ASHA) over train-stage runs; resumes", "required")
     tu.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    ev = verb("eval", "batch evaluation / inference (Ray Data actor pool): base vs tuned model", "required")
+    ev.add_argument("--model", help="registry REF (NAME@ALIAS or NAME/VERSION); default: this run's model")
+    ev.add_argument("--input", help="JSONL prompts to answer instead of the held-out split")
+    ev.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    _models_parser(sub)
     ex = sub.add_parser("export", help="write the trained model as a Hugging Face directory",
                         description="write the trained model as a Hugging Face directory")
     ex.add_argument("run", metavar="RUN", help="run directory, its train/final/, or its config file")
     ex.add_argument("out", metavar="OUT", help="new directory to write")
     ex.add_argument("--merge", action="store_true", help="merge the adapter into the base model (full precision)")
     return p
+
+
+def _models_parser(sub) -> None:
+    m = sub.add_parser("models", help="the registry: versions, lineage, gates, aliases (no CONFIG needed)",
+                       description="the registry: versions, lineage, gates, aliases (no CONFIG needed)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else $RAYLAB_HOME/mlflow)")
+    ms = m.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, help_: str) -> argparse.ArgumentParser:
+        return ms.add_parser(name, help=help_, description=help_, parents=[common])
+
+    action("list", "versions with metrics, gate status and aliases").add_argument("name", nargs="?")
+    action("show", "one version's lineage, gates, checksums; the alias history").add_argument("ref", metavar="REF")
+    e = action("evaluate", "run a version's promotion gates and record the result")
+    e.add_argument("name")
+    e.add_argument("version", help="a version number, or latest")
+    e.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    p = action("promote", "move the production alias to a version that passed its gates")
+    p.add_argument("name")
+    p.add_argument("version", help="a version number, or latest")
+    p.add_argument("--force", action="store_true", help="promote although the gates did not pass (needs --reason)")
+    p.add_argument("--reason", help="recorded in the alias history")
+    r = action("rollback", "move production back to the previous production version")
+    r.add_argument("name")
+    r.add_argument("--reason", help="recorded in the alias history")
 
 
 def _split(args: argparse.Namespace, required: bool) -> tuple[str | None, list[str]]:
@@ -114,6 +145,63 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from raylab import config, evaluate
+
+    path, overrides = _split(args, required=True)
+    evaluate.run_eval(config.load(path, overrides), args.model, args.input, args.address)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import json
+
+    from raylab import registry
+
+    store = registry.open_store(tracking_uri=args.tracking_uri)
+    if args.action == "list":
+        rows = registry.versions(store, args.name)
+        print(f"{'model':<24} {'ver':>4} {'aliases':<22} {'method':<7} {'val_loss':>9} {'gates':<8} {'stage':<6} created")
+        for r in rows:
+            print(f"{r['name']:<24} {r['version']:>4} {','.join(r['aliases']):<22} {r['method'] or '':<7} "
+                  f"{r['val_loss'] or '':>9} {r['gates']:<8} {r['stage'] or '':<6} {r['created']}")
+        if not rows:
+            print(f"no registered versions in {store.uri}")
+    elif args.action == "show":
+        mv = registry.get_version(store, args.ref)
+        tags = dict(mv.tags)
+        sums = json.loads(tags.pop("raylab.checksums", "{}"))
+        report = tags.pop("raylab.gates.report", None)
+        aliases = [a for a, v in registry.registered_model(store, mv.name).aliases.items() if int(v) == int(mv.version)]
+        print(f"{mv.name}/{mv.version}  aliases: {', '.join(aliases) or '-'}\n  source: {mv.source}\n  run: {mv.run_id}")
+        for k in sorted(tags):
+            print(f"  {k}: {tags[k]}")
+        print(f"  artifact files (sha256 recorded): {len(sums)}")
+        if report:
+            for c in json.loads(report)["checks"]:
+                print(f"  gate {c['gate']}: {'pass' if c['passed'] else 'FAIL'} (value {c['value']!r:.60}, limit {c['limit']!r:.60})")
+        print("alias history:")
+        for h in registry.alias_history(store, mv.name):
+            print(f"  {h['time']} {h['user']}: {h['alias']} {h['from']} -> {h['to']}{' (forced)' if h['forced'] else ''}: {h['reason']}")
+    elif args.action == "evaluate":
+        from raylab import gates
+
+        args.version = registry.version_number(store, args.name, args.version)
+        result = gates.evaluate_version(store, args.name, args.version, args.address)
+        if result["status"] != "passed":  # a failed gate stops a CI pipeline like any user-fixable problem
+            raise UserError(f"{args.name}/{args.version} failed its gates; it may not be promoted "
+                            "(the result is recorded on the version: `raylab models show`)")
+    elif args.action == "promote":
+        args.version = registry.version_number(store, args.name, args.version)
+        moves = registry.promote(store, args.name, args.version, args.force, args.reason)
+        for h in moves or [{"alias": registry.PRODUCTION, "from": args.version, "to": args.version}]:
+            print(f"{args.name}: {h['alias']} {h['from']} -> {h['to']}")
+    elif args.action == "rollback":
+        for h in registry.rollback(store, args.name, args.reason):
+            print(f"{args.name}: {h['alias']} {h['from']} -> {h['to']}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from raylab import export
 
@@ -121,7 +209,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "export": cmd_export}
+COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "tune": cmd_tune,
+            "eval": cmd_eval, "models": cmd_models, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

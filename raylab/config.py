@@ -31,6 +31,7 @@ from pydantic import (
 
 from raylab import config_report
 from raylab.errors import ConfigError, UserError
+from raylab.overrides import apply_override, parse_override
 
 SCHEMA_VERSION = 1
 ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -350,9 +351,23 @@ class TuneConfig(Section):
 
 
 class GoldenPrompt(Section):
-    prompt: str
+    """A prompt whose greedy answer must contain a string and/or match a regex (re.search)."""
+
+    prompt: str = Field(min_length=1)
     contains: str | None = None
     regex: str | None = None
+    max_new_tokens: PositiveInt = 48
+
+    @model_validator(mode="after")
+    def _checkable(self) -> GoldenPrompt:
+        if self.contains is None and self.regex is None:
+            raise ValueError("give contains and/or regex: what the answer must have")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise ValueError(f"regex {self.regex!r} does not compile: {e}") from None
+        return self
 
 
 class GatesConfig(Section):
@@ -363,10 +378,23 @@ class GatesConfig(Section):
 
 
 class RegistryConfig(Section):
+    enabled: bool = Field(True, description="log runs to MLflow and register winners")
     tracking_uri: str | None = Field(None, description="default $MLFLOW_TRACKING_URI, else SQLite under $RAYLAB_HOME")
-    model_name: str | None = Field(None, description="default: the run name")
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=200,
+                                   description="default: the run name")
     gates: GatesConfig = Field(default_factory=GatesConfig)
     auto_promote: bool = False
+
+
+class EvalConfig(Section):
+    """`raylab eval` and the gates: batch inference in a Ray Data actor pool."""
+
+    max_samples: PositiveInt = Field(64, description="held-out records answered for exact match / ROUGE-L")
+    max_new_tokens: PositiveInt = 64
+    batch_size: PositiveInt = 8
+    actors: PositiveInt = Field(1, description="model copies in the actor pool")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    show_samples: int = Field(5, ge=0, description="side-by-side answers in the report")
 
 
 class AutoscalingConfig(Section):
@@ -417,6 +445,7 @@ class RaylabConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig | None = None
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     _source: str | None = PrivateAttr(None)
@@ -443,50 +472,6 @@ class RaylabConfig(Section):
 
 
 # ---------------------------------------------------------------- loading
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """`a.b.0.c=VALUE` -> ("a.b.0.c", VALUE read as YAML)."""
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not p for p in key.split(".")):
-        raise UserError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        raise UserError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__}); quote it") from None
-    return key, value
-
-
-def apply_override(raw: dict, key: str, value: Any) -> None:
-    """Set `key` (dotted, list items by index) in `raw`, creating absent sections."""
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts):
-        here = ".".join(parts[:i]) or "(top level)"
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit():
-                raise UserError(f"override {key}: {here} is a list; address its items by index ({here}.0)")
-            idx = int(part)
-            if idx > len(node):
-                raise UserError(f"override {key}: {here} has {len(node)} items; index {idx} is out of range")
-            if idx == len(node):
-                node.append(value if last else {})
-            elif last:
-                node[idx] = value
-            node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if not isinstance(node.get(part), (dict, list)):
-                    if node.get(part) is not None:
-                        raise UserError(f"override {key}: {'.'.join(parts[:i + 1])} is a value, not a section")
-                    node[part] = {}
-                node = node[part]
-        else:
-            raise UserError(f"override {key}: {here} is a value, not a section")
 
 
 def read_yaml(path: str | os.PathLike) -> dict:

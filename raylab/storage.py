@@ -87,3 +87,19 @@ def write_bytes(location: str, data: bytes) -> str:
     with filesystem.open_output_stream(path) as f:
         f.write(data)
     return location
+
+
+def read_bytes(location: str) -> bytes:
+    filesystem, path = resolve(location)
+    with filesystem.open_input_stream(path) as f:
+        return f.read()
+
+
+def copy_to_local(location: str, local_dir: str) -> str:
+    """Copy a directory (local path or URI) into a local directory; returns `local_dir`."""
+    from pyarrow import fs
+
+    filesystem, path = resolve(location)
+    os.makedirs(local_dir, exist_ok=True)
+    fs.copy_files(path, os.path.abspath(local_dir), source_filesystem=filesystem, destination_filesystem=fs.LocalFileSystem())
+    return local_dir

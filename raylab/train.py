@@ -397,8 +397,12 @@ def _unwrap_user_error(e: BaseException) -> str | None:
     return text.split(marker, 1)[1].strip().splitlines()[0] if marker in text else None
 
 
-def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callbacks: list | None = None) -> dict:
-    """Run the train stage; returns the final model's metadata (also in final/raylab_train.json)."""
+def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callbacks: list | None = None,
+              track: bool = True) -> dict:
+    """Run the train stage; returns the final model's metadata (also in final/raylab_train.json).
+
+    With `track` (and registry.enabled) the driver then logs the run to MLflow and registers
+    the model; tune trials pass track=False: their sweep's driver logs them."""
     manifest = read_manifest(cfg)
     preflight(cfg, manifest)
     conn, plan = cluster.prepare(cfg, address, state_api=True)
@@ -413,7 +417,7 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
     ident = identity(cfg, manifest)
     done = _start_or_resume(cfg, train_dir, ident, log)
     if done is not None:
-        return done
+        return _track(cfg, done, log) if track else done
     config.write_resolved(cfg)
     t = cfg.train
     execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic shards: resume can skip
@@ -457,7 +461,16 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
             raise UserError(message) from None
         raise RuntimeError(f"training failed: {e}\nThe latest checkpoint is kept: run the same command again to "
                            f"resume from it (or raise train.max_failures to restart failed workers automatically)") from None
-    return finalize(cfg, result, manifest, ident, time.time() - started, log)
+    meta = finalize(cfg, result, manifest, ident, time.time() - started, log)
+    return _track(cfg, meta, log) if track else meta
+
+
+def _track(cfg: RaylabConfig, meta: dict, log) -> dict:
+    if not cfg.registry.enabled:
+        return meta
+    from raylab import registry
+
+    return meta | {"registry": registry.track_train(cfg, meta, log)}
 
 
 def finalize(cfg: RaylabConfig, result, manifest: dict, ident: dict, seconds: float, log) -> dict:

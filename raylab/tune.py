@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from raylab import cluster, config, storage, train
+from raylab import cluster, config, overrides, storage, train
 from raylab.config import RaylabConfig, SearchDim
 from raylab.errors import UserError
 
@@ -78,7 +78,7 @@ def with_params(raw: dict, params: dict[str, Any], output_dir: str) -> dict:
     """The base config (as a mapping) with a trial's parameters and run directory."""
     raw = yaml.safe_load(yaml.safe_dump(raw))
     for key, value in params.items():
-        config.apply_override(raw, key, _decode(value))
+        overrides.apply_override(raw, key, _decode(value))
     raw["output_dir"] = output_dir
     raw.pop("tune", None)
     return raw
@@ -122,7 +122,7 @@ def run_trial(params: dict, base_raw: dict, manifest_text: str, output_dir: str)
     # The shards are shared: each trial reads the sweep's data through a copy of its manifest.
     storage.write_text(storage.join(trial_dir, "data", "manifest.json"), manifest_text)
     cfg = config.load_dict(with_params(base_raw, params, trial_dir), source=f"trial {trial_dir}")
-    train.run_train(cfg, callbacks=[TuneReportCallback()], log=print)
+    train.run_train(cfg, callbacks=[TuneReportCallback()], log=print, track=False)
 
 
 # ---------------------------------------------------------------- the sweep
@@ -186,7 +186,12 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
     log(f"tune: {t.num_samples} trials ({t.searcher}{' + ASHA' if t.asha else ''}), {plan.trial_concurrency} at once, "
         f"{steps} steps each at most -> {tune_dir}")
     grid = tuner.fit()
-    return report(cfg, grid, time.time() - started, log)
+    summary = report(cfg, grid, time.time() - started, log)
+    if cfg.registry.enabled:
+        from raylab import registry
+
+        summary["registry"] = registry.track_sweep(cfg, summary, log)
+    return summary
 
 
 def _step_budget(budget: int):

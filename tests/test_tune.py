@@ -78,6 +78,28 @@ def test_importance_and_plots_are_finite(sweep):
     assert curves and all(math.isfinite(v) for c in curves.values() for v in c["mean_prediction"])
 
 
+def test_sweep_and_its_trials_are_in_mlflow_and_the_winner_registered(sweep):
+    from raylab import registry
+
+    cfg, summary = sweep
+    logged = summary["registry"]
+    store = registry.open_store(cfg)
+    parent = store.client.get_run(logged["run_id"])
+    assert parent.data.tags["raylab.stage"] == "sweep" and logged["trials"] == 5
+    children = store.client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    by_trial = {r.info.run_name.removeprefix("trial "): r for r in children}
+    assert set(by_trial) == {r["trial_id"] for r in summary["results"]}
+    for row in summary["results"]:  # one run per trial, its status and sampled params
+        run = by_trial[row["trial_id"]]
+        assert run.info.status == {"finished": "FINISHED", "stopped early": "KILLED", "error": "FAILED"}[row["status"]]
+        assert float(run.data.params["train.lr"]) == pytest.approx(row["train.lr"])
+        if row["status"] != "error":
+            assert store.client.get_metric_history(run.info.run_id, "val_loss")
+    mv = store.client.get_model_version(logged["name"], str(logged["version"]))
+    assert mv.tags["raylab.stage"] == "tune" and mv.tags["raylab.trial_id"] == summary["best"]["trial_id"]
+    assert mv.run_id == by_trial[summary["best"]["trial_id"]].info.run_id
+
+
 def test_best_yaml_reproduces_the_winner(sweep):
     cfg, summary = sweep
     best_path = Path(summary["best"]["config"])

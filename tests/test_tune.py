@@ -79,7 +79,7 @@ def test_importance_and_plots_are_finite(sweep):
 
 
 def test_sweep_and_its_trials_are_in_mlflow_and_the_winner_registered(sweep):
-    from raylab import registry
+    from raylab import gates, registry
 
     cfg, summary = sweep
     logged = summary["registry"]
@@ -98,6 +98,9 @@ def test_sweep_and_its_trials_are_in_mlflow_and_the_winner_registered(sweep):
     mv = store.client.get_model_version(logged["name"], str(logged["version"]))
     assert mv.tags["raylab.stage"] == "tune" and mv.tags["raylab.trial_id"] == summary["best"]["trial_id"]
     assert mv.run_id == by_trial[summary["best"]["trial_id"]].info.run_id
+    # its gates find the held-out split through the trial's manifest (the shards are the sweep's)
+    checked = gates.evaluate_version(store, logged["name"], logged["version"], log=lambda *_: None)
+    assert checked["status"] == "passed" and checked["val_loss"] == pytest.approx(summary["best"]["val_loss"], rel=1e-4)
 
 
 def test_best_yaml_reproduces_the_winner(sweep):

@@ -87,6 +87,7 @@ def _check_reachable(uri: str, key: str) -> None:
 def open_store(cfg: RaylabConfig | None = None, tracking_uri: str | None = None) -> Store:
     """An MLflow client on the registry; exit 2 if it cannot be reached."""
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per tiny file is noise
     # A dead server otherwise costs minutes of retries before the error.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

@@ -193,14 +193,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if val_cache:
             yield from (on_device(b) for b in val_cache)
             return
-        for b in val_shard.iter_torch_batches(batch_size=t.eval_batch_size, collate_fn=collate_fn):
+        # Every worker streams the whole (unsplit) val set and evaluates every world-th
+        # batch: Ray Train's split is `equal=True`, which drops rows to even the shards, so
+        # the val loss would depend on the number of workers.
+        batches = val_shard.iter_torch_batches(batch_size=t.eval_batch_size, collate_fn=collate_fn)
+        for i, b in enumerate(batches):
+            if i % world != rank:
+                continue
             if val_cache is not None:
                 val_cache.append(b)
             yield on_device(b)
 
     def run_eval() -> None:
         batches = val_batches()
-        state["val"] = loss.evaluate(model, batches, device=device, attn_impl=attn_impl, bf16=bf16)
+        # The unwrapped module: DDP's forward may sync buffers, a collective that ranks with
+        # different batch counts would not all reach.
+        state["val"] = loss.evaluate(checkpoint.unwrap(model), batches, device=device, attn_impl=attn_impl, bf16=bf16)
         v = state["val"]["val_loss"]
         if state["best_val_loss"] is None or v < state["best_val_loss"]:
             state["best_val_loss"], state["evals_without_improvement"] = v, 0
@@ -447,7 +455,7 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(execution_options=execution),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
     )
     workers = t.num_workers if isinstance(t.num_workers, int) else f"{t.min_workers}-{t.max_workers}"
     log(f"train: {cfg.model.method} on {cfg.model.name_or_path}, {workers} worker(s) x {plan.torch_threads} thread(s), "

@@ -173,6 +173,25 @@ def test_two_workers_on_two_nodes_end_identical(learn_data, two_node_cluster, tm
     assert len(meta["worker_nodes"]) == 2 and len(set(meta["worker_nodes"])) == 2  # one worker per node
     assert len(meta["replica_digests"]) == 2 and len(set(meta["replica_digests"])) == 1
     assert meta["metrics"]["val_loss"] < meta["metrics"]["initial_val_loss"]
+    # every held-out sequence counted once whatever the world size (Ray's equal split drops rows)
+    assert meta["metrics"]["initial_val_loss"] == pytest.approx(_full_val_loss(cfg), rel=1e-5)
+
+
+def _full_val_loss(cfg) -> float:
+    """The untrained model's loss over every val sequence, in this process (LoRA starts as
+    the identity, so it is the base model's)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from raylab import loss
+    from raylab.model import load_model
+
+    model = load_model(cfg.model).eval()
+    table = pq.read_table(Path(cfg.output_dir) / "data" / "val")
+    batch = {k: torch.tensor(table[k].to_pylist()) for k in ("input_ids", "labels", "segment_ids", "position_ids")}
+    with torch.inference_mode():
+        sums = loss.forward_sums(model, batch, loss.attn_impl_of(model), accuracy=False)
+    return float(sums.loss) / sums.targets
 
 
 # ---------------------------------------------------------------- checks before any worker starts

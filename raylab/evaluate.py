@@ -148,14 +148,11 @@ def answers(cfg: RaylabConfig, path: str, tokenizer_path: str, items: list[dict]
 # ---------------------------------------------------------------- inputs
 
 
-def held_out_items(cfg: RaylabConfig) -> list[dict]:
+def held_out_items(cfg: RaylabConfig, manifest: dict) -> list[dict]:
     """Up to eval.max_samples held-out instruction/chat records as {messages, reference, id}:
     the conversation up to its last assistant turn, and that turn."""
     import pyarrow.dataset as pads
 
-    from raylab import train
-
-    manifest = train.read_manifest(cfg)
     records = manifest["outputs"].get("records") or storage.join(cfg.output_dir, "data", "records")
     filesystem, path = storage.resolve(records)
     table = pads.dataset(path, filesystem=filesystem, format="parquet").to_table(
@@ -244,17 +241,18 @@ def run_eval(cfg: RaylabConfig, model_ref: str | None = None, input_path: str | 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = ctx.print_on_execution_start = False
     started = time.time()
-    items = read_input(input_path) if input_path else held_out_items(cfg)
+    from raylab import train
+
+    manifest = None if input_path else train.read_manifest(cfg)
+    items = read_input(input_path) if input_path else held_out_items(cfg, manifest)
     report: dict[str, Any] = {"config": cfg.source, "model": label, "model_path": path,
                               "base_model": generate.base_of(path) if generate.is_adapter(path) else generate.trained_from(path),
                               "input": input_path or "held-out split", "models": {}}
     outputs = {}
     for name, base in (("base", True), ("tuned", False)):
         entry: dict[str, Any] = {}
-        if not input_path:
-            from raylab import train
-
-            entry |= held_out_loss(cfg, path, train.read_manifest(cfg)["outputs"]["val"], base=base)
+        if manifest:
+            entry |= held_out_loss(cfg, path, manifest["outputs"]["val"], base=base)
         outputs[name] = answers(cfg, path, path, items, base=base)
         entry |= score(outputs[name], items)
         report["models"][name] = entry

@@ -24,7 +24,7 @@ import re
 import tempfile
 import time
 
-from raylab import cluster, config, evaluate, registry, storage
+from raylab import cluster, config, evaluate, registry, storage, train
 from raylab.config import GatesConfig
 from raylab.errors import UserError
 
@@ -47,10 +47,9 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
     mv = registry.get_version(store, f"{name}/{version}")
     gates = GatesConfig.model_validate_json(mv.tags.get("raylab.gates", "{}"))
     cfg = version_config(store, mv)
-    manifest = storage.join(cfg.output_dir, "data", "manifest.json")  # a trial's points at its sweep's shards
-    val = json.loads(storage.read_text(manifest))["outputs"]["val"] if storage.exists(manifest) else None
-    if val is None or not storage.exists(val):
-        raise UserError(f"{name}/{version}: its held-out split ({val or manifest}) is gone; re-run `raylab data` for "
+    val = train.read_manifest(cfg)["outputs"]["val"]  # a trial's manifest points at its sweep's shards
+    if not storage.exists(val):
+        raise UserError(f"{name}/{version}: its held-out split {val} is gone; re-run `raylab data` for "
                         f"{cfg.source} (same inputs give the same split)")
     path = registry.fetch(store, f"{name}/{version}")
     cluster.connect(cfg, address)

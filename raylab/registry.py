@@ -253,15 +253,8 @@ def track_sweep(cfg: RaylabConfig, summary: dict, log=print) -> dict:
 
 def checksums(local_dir: str) -> dict[str, str]:
     """sha256 of every file under a directory, by relative path."""
-    out = {}
-    for p in sorted(Path(local_dir).rglob("*")):
-        if p.is_file():
-            digest = hashlib.sha256()
-            with p.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-            out[p.relative_to(local_dir).as_posix()] = digest.hexdigest()
-    return out
+    return {p.relative_to(local_dir).as_posix(): storage.sha256(str(p))
+            for p in sorted(Path(local_dir).rglob("*")) if p.is_file()}
 
 
 def register(store: Store, cfg: RaylabConfig, run_id: str, final: str, meta: dict, extra: dict | None = None):

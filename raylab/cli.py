@@ -44,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--input", help="JSONL prompts to answer instead of the held-out split")
     ev.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     _models_parser(sub)
+    sv = verb("serve", "serve a registry version: OpenAI-compatible Ray Serve endpoint (foreground)", "optional")
+    sv.add_argument("--model", help="REF to serve (NAME@ALIAS or NAME/VERSION); default <registry.model_name>@production")
+    sv.add_argument("--detach", action="store_true", help="return once it is up (needs a running cluster)")
+    sv.add_argument("--emit-config", metavar="FILE", help="only write the `serve deploy` / RayService config to FILE")
+    sv.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    dp = sub.add_parser("deploy", help="point the running endpoint at another version, no downtime",
+                        description="point the running endpoint at another version, no downtime")
+    dp.add_argument("ref", metavar="REF", help="NAME@ALIAS or NAME/VERSION")
+    dp.add_argument("--address", help="the Ray dashboard, http://HEAD:8265 (default: the `raylab serve` running here)")
+    dp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the endpoint was deployed from)")
     ex = sub.add_parser("export", help="write the trained model as a Hugging Face directory",
                         description="write the trained model as a Hugging Face directory")
     ex.add_argument("run", metavar="RUN", help="run directory, its train/final/, or its config file")
@@ -202,6 +212,26 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from raylab import config, deploy
+
+    path, overrides = _split(args, required=False)
+    cfg = config.load(path, overrides) if path else None
+    if args.emit_config:
+        deploy.emit(args.emit_config, cfg, deploy.default_ref(cfg, args.model))
+        print(f"wrote {args.emit_config}")
+        return 0
+    deploy.run_serve(cfg, args.model, args.address, args.detach)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from raylab import deploy
+
+    deploy.run_deploy(args.ref, args.address, args.tracking_uri)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from raylab import export
 
@@ -210,7 +240,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "tune": cmd_tune,
-            "eval": cmd_eval, "models": cmd_models, "export": cmd_export}
+            "eval": cmd_eval, "models": cmd_models, "serve": cmd_serve,
+            "deploy": cmd_deploy, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,157 @@
+"""OpenAI's request, response and error shapes for the serve stage (no openai dependency).
+
+Requests are pydantic models that forbid unknown keys, so a misspelt or unsupported
+argument is a 400 naming it (as OpenAI's API answers), never silently ignored. Every error a
+client can cause is an `ApiError` that renders as OpenAI's body:
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or {401: "authentication_error", 404: "invalid_request_error",
+                              429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=8)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: Literal[0, 0.0] = 0.0  # accepted at their defaults only: not implemented
+    frequency_penalty: Literal[0, 0.0] = 0.0
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("up to 4 non-empty stop strings")
+        return stops
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal[ROLES]  # type: ignore[valid-type]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Literal[False] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(min_length=1)
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+
+
+def parse(kind: type[_Sampling], raw: bytes) -> _Sampling:
+    """A request model from a body, or ApiError(400) naming the first bad field."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        return kind.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"Unrecognized request argument supplied: {where}", where) from None
+        if err["type"] == "missing":
+            raise ApiError(400, f"Missing required parameter: '{where}'", where, "missing_required_parameter") from None
+        raise ApiError(400, f"Invalid value for '{where}': {err['msg']} (got {_short(err.get('input'))})", where,
+                       "invalid_value") from None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(rid: str, model: str, choices: list[dict], use: dict, chat: bool) -> dict:
+    """The whole response. `choices`: [{index, text, finish_reason}]."""
+    if chat:
+        shaped = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+                   "finish_reason": c["finish_reason"], "logprobs": None} for c in choices]
+    else:
+        shaped = [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
+                  for c in choices]
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": shaped, "usage": use}
+
+
+def chunk(rid: str, model: str, index: int, text: str | None, finish: str | None, chat: bool,
+          role: bool = False) -> dict:
+    """One server-sent event's data for one choice."""
+    if chat:
+        delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+    else:
+        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice]}
+
+
+def usage_chunk(rid: str, model: str, use: dict, chat: bool) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [], "usage": use}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"

@@ -369,7 +369,8 @@ def make_plan(cfg: RaylabConfig, nodes: list[Node], cores: int | None = None) ->
     s = cfg.serve
     replicas = max(1, s.autoscaling.min_replicas)
     asks.append(
-        StageAsk("serve", [("replica", replicas, s.cpus_per_replica, s.gpus_per_replica)], "lower serve.cpus_per_replica or serve.autoscaling.min_replicas")
+        StageAsk("serve", [("replica", replicas, s.cpus_per_replica, s.gpus_per_replica), ("ingress", 1, 0.1, 0.0)],
+                 "lower serve.cpus_per_replica or serve.autoscaling.min_replicas")
     )
     if s.autoscaling.max_replicas * s.cpus_per_replica > total_cpus:
         notes.append(f"serve.autoscaling.max_replicas={s.autoscaling.max_replicas} cannot all fit; autoscaling stops at what fits")

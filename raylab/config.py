@@ -404,7 +404,7 @@ class AutoscalingConfig(Section):
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
-    look_back_period_s: float = Field(30.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=10, description="above Serve's 10 s metrics interval")
 
 
 class ServeConfig(Section):

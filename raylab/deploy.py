@@ -119,19 +119,26 @@ def _headers() -> dict:
     return headers
 
 
-def rest(dashboard: str, method: str, body: dict | None = None, timeout: float = 60):
+def rest(dashboard: str, method: str, body: dict | None = None, timeout: float = 60, attempts: int = 6):
+    """Serve's REST API. GET and PUT are idempotent (PUT is declarative), so a dropped
+    connection (the dashboard is busy while Serve starts) is retried."""
     url = dashboard.rstrip("/") + "/api/serve/applications/"
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers=_headers())
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            text = r.read().decode()
-    except urllib.error.HTTPError as e:
-        raise UserError(f"Ray Serve at {dashboard} refused {method}: HTTP {e.code} {e.read().decode()[:2000]}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise UserError(f"Ray dashboard {dashboard} not reachable ({getattr(e, 'reason', e)}); pass its http:// "
-                        "address with --address") from None
-    return json.loads(text) if text.strip() else {}
+    for attempt in range(attempts):
+        req = urllib.request.Request(url, data=data, method=method, headers=_headers())
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                text = r.read().decode()
+            return json.loads(text) if text.strip() else {}
+        except urllib.error.HTTPError as e:
+            if e.code < 500 or attempt == attempts - 1:
+                raise UserError(f"Ray Serve at {dashboard} refused {method}: HTTP {e.code} {e.read().decode()[:2000]}") from None
+        except (urllib.error.URLError, OSError) as e:
+            if attempt == attempts - 1:
+                raise UserError(f"Ray dashboard {dashboard} not reachable ({getattr(e, 'reason', e)}); pass its "
+                                "http:// address with --address") from None
+        time.sleep(min(1.0 * 2 ** attempt, 8.0))
+    raise AssertionError("unreachable")
 
 
 def put_app(dashboard: str, s: ServeConfig, app: dict) -> None:

@@ -342,9 +342,12 @@ def version_number(store: Store, name: str, text: str) -> int:
 
 
 def fetch(store: Store, ref: str) -> str:
-    """A verified local copy of a version's artifact: downloaded to
-    $RAYLAB_HOME/cache/registry/NAME/VERSION and checked file by file against the checksums
-    recorded at registration. Anything changed, missing or added is refused."""
+    """A verified local copy of a version's artifact under $RAYLAB_HOME/cache/registry/
+    NAME/VERSION. Every fetch downloads the registry's copy and checks it file by file
+    against the checksums recorded at registration: anything changed, missing or added is
+    refused. The download lands beside the cache and is renamed into place, and a cached
+    copy that verifies is never rewritten, so serve replicas on one node can fetch and load
+    the same version at once."""
     import shutil
 
     from mlflow.artifacts import download_artifacts
@@ -352,12 +355,33 @@ def fetch(store: Store, ref: str) -> str:
     from raylab.model import raylab_home
 
     mv = get_version(store, ref)
+    expected, label = json.loads(mv.tags.get("raylab.checksums", "null")), f"{mv.name}/{mv.version}"
     dst = raylab_home() / "cache" / "registry" / mv.name / str(mv.version)
-    shutil.rmtree(dst, ignore_errors=True)
-    dst.mkdir(parents=True)
-    local = download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=store.uri)
-    verify(local, json.loads(mv.tags.get("raylab.checksums", "null")), f"{mv.name}/{mv.version}")
-    return local
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{mv.version}-", dir=dst.parent))
+    try:
+        local = download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=store.uri)
+        verify(local, expected, label)
+        if not _verifies(dst, expected, label):
+            if dst.exists():  # a damaged cache: set it aside rather than rewrite it under a reader
+                os.rename(dst, tempfile.mkdtemp(prefix=f".{mv.version}-old-", dir=dst.parent))
+            try:
+                os.rename(local, dst)
+            except OSError:  # another process put its verified copy there first
+                verify(str(dst), expected, label)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for old in dst.parent.glob(f".{mv.version}-old-*"):
+            shutil.rmtree(old, ignore_errors=True)
+    return str(dst)
+
+
+def _verifies(path: Path, expected: dict | None, label: str) -> bool:
+    try:
+        verify(str(path), expected, label)
+        return path.exists()
+    except IntegrityError:
+        return False
 
 
 def verify(local: str, expected: dict[str, str] | None, label: str) -> None:

@@ -73,7 +73,7 @@ def register(root: Path, model_dir: Path) -> Path:
         "version": 1, "output_dir": str(root / "run"), "data": {"sources": [{"type": "jsonl", "path": str(root / "x.jsonl")}]},
         "model": {"name_or_path": str(model_dir)}, "registry": {"model_name": NAME},
         "serve": {"port": 8310, "cpus_per_replica": 2, "max_ongoing_requests": 32, "max_batch_size": 16,
-                  "batch_wait_timeout_s": 0.01, "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16}}}))
+                  "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16}}}))
     cfg = config.load(str(cfg_path))
     store = registry.open_store(cfg)
     run = registry.log_run(store, registry.experiment_id(store, NAME), name="bench", key="bench-serve", params={},
@@ -142,6 +142,20 @@ def run_server(label: str, cmd: list[str], url: str, model: str, prompt: str, en
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+        wait_closed(url)
+
+
+def wait_closed(url: str, timeout_s: float = 120) -> None:
+    """Until nothing answers on the server's port (its helpers outlive it briefly)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=2).close()
+        except urllib.error.HTTPError:
+            pass
+        except (urllib.error.URLError, OSError):
+            return
+        time.sleep(1)
 
 
 def vllm_python(venv: Path) -> Path:
@@ -157,6 +171,7 @@ def vllm_python(venv: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--no-vllm", action="store_true")
+    p.add_argument("--quick", action="store_true", help="raylab with batching only, nothing written (for development)")
     p.add_argument("--vllm-venv", default=str(Path(tempfile.gettempdir()) / "raylab-bench-vllm"))
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -168,9 +183,12 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompt = ("Our widgets ship from the north warehouse every day of the week. " * 2)[:PROMPT_TOKENS - 1]
+    prompt = ("Our widgets ship from the north warehouse every day of the week. " * 2)[:PROMPT_TOKENS]
     assert len(tok(prompt)["input_ids"]) == PROMPT_TOKENS
     raylab = [sys.executable, "-m", "raylab", "serve", str(cfg)]
+    if args.quick:
+        run_server("raylab_batched", raylab, "http://127.0.0.1:8310", NAME, prompt)
+        return
     results = {
         "raylab_batched": run_server("raylab_batched", raylab, "http://127.0.0.1:8310", NAME, prompt),
         "raylab_unbatched": run_server("raylab_unbatched", raylab + ["serve.max_batch_size=1"], "http://127.0.0.1:8310", NAME, prompt),

@@ -433,6 +433,9 @@ class ServeConfig(Section):
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be above "
                 f"autoscaling.target_ongoing_requests ({a.target_ongoing_requests})"
             )
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size "
+                             f"({self.max_batch_size}), or a replica never holds a full batch")
         return self
 
 

@@ -53,36 +53,137 @@ def eos_ids(model, tok) -> set[int]:
     return found
 
 
-def decode(model, tok, seqs: list[Sequence], stop_ids: set[int] | None = None) -> Iterator[list[str]]:
-    """Generate for every sequence together; after each step yield each one's new text."""
+class Batch:
+    """Sequences decoding together, which new sequences can join between steps (continuous
+    batching): a newcomer is prefilled on its own, then its KV cache is left-padded to the
+    running one's length and stacked onto it; finished rows leave the cache at once.
+
+        batch = Batch(model, tok)
+        batch.advance(new_sequences)   # -> [(sequence, new text), ...] for every running row
+    """
+
+    def __init__(self, model, tok, stop_ids: set[int] | None = None):
+        self.model, self.tok = model, tok
+        self.stop_ids = eos_ids(model, tok) if stop_ids is None else stop_ids
+        self.peft = hasattr(model, "peft_config")  # always name adapters: else peft applies its active one to all
+        self.seqs: list[Sequence] = []
+        self.generators: list = []
+        self.past = self.mask = self.positions = self.next_ids = None
+
+    @property
+    def can_join(self) -> bool:
+        """Whether newcomers can join now (only plain per-layer caches can be padded and stacked)."""
+        if self.past is None:
+            return True
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in getattr(self.past, "layers", [None]))
+
+    def advance(self, new: list[Sequence] = ()) -> list[tuple[Sequence, str]]:
+        """One token for every running sequence, and the first for each newcomer."""
+        import torch
+
+        out: list[tuple[Sequence, str]] = []
+        with torch.inference_mode():  # per call: a server runs calls in whichever thread is free
+            if self.seqs:
+                logits, self.past = self._forward(self.next_ids, self.mask, self.positions, self.past, self.seqs)
+                out += self._take(logits, self.seqs, self.generators)
+                self.next_ids, self.mask, self.positions = self._next(self.seqs, self.mask, self.positions)
+            if new:
+                out += self._join(list(new))
+            self._prune()
+        return out
+
+    def _forward(self, ids, mask, positions, past, seqs):
+        extra = {"adapter_names": [s.adapter or BASE_ADAPTER for s in seqs]} if self.peft else {}
+        result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                            use_cache=True, **extra)
+        return result.logits[:, -1, :].float(), result.past_key_values
+
+    def _take(self, logits, seqs, generators) -> list[tuple[Sequence, str]]:
+        self._chosen = _choose(logits, seqs, generators)
+        return [(s, _advance(self.tok, s, int(t), self.stop_ids)) for s, t in zip(seqs, self._chosen.tolist(), strict=True)]
+
+    def _next(self, seqs, mask, positions):
+        """Inputs of the next step: each row's chosen token (pad once finished)."""
+        import torch
+
+        running = torch.tensor([not s.done for s in seqs], device=self._chosen.device)
+        ids = self._chosen.where(running, self.tok.pad_token_id).unsqueeze(-1)
+        return ids, torch.cat([mask, torch.ones_like(ids)], dim=-1), positions[:, -1:] + 1
+
+    def _join(self, new: list[Sequence]) -> list[tuple[Sequence, str]]:
+        from raylab.generate import left_pad
+
+        generators = [_generator(s.sampling.seed) for s in new]
+        ids, mask = left_pad([s.prompt for s in new], self.tok.pad_token_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, past = self._forward(ids, mask, positions, None, new)
+        out = self._take(logits, new, generators)
+        next_ids, mask, positions = self._next(new, mask, positions)
+        if self.past is None:
+            self.past, self.mask, self.positions, self.next_ids = past, mask, positions, next_ids
+        else:
+            self._stack(past, mask, positions, next_ids)
+        self.seqs += new
+        self.generators += generators
+        return out
+
+    def _stack(self, past, mask, positions, next_ids) -> None:
+        import torch
+
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        for mine, theirs in zip(self.past.layers, past.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width - 1, 2), _pad_left(theirs.keys, width - 1, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width - 1, 2), _pad_left(theirs.values, width - 1, 2)])
+        self.positions = torch.cat([self.positions, positions])
+        self.next_ids = torch.cat([self.next_ids, next_ids])
+
+    def _prune(self) -> None:
+        """Drop finished rows, then cache columns that no remaining row attends to."""
+        import torch
+
+        keep = [i for i, s in enumerate(self.seqs) if not s.done]
+        if len(keep) == len(self.seqs):
+            return
+        self.seqs = [self.seqs[i] for i in keep]
+        self.generators = [self.generators[i] for i in keep]
+        if not keep:
+            self.past = self.mask = self.positions = self.next_ids = None
+            return
+        index = torch.tensor(keep)
+        self.past.batch_select_indices(index)
+        self.mask, self.positions, self.next_ids = self.mask[index], self.positions[index], self.next_ids[index]
+        start = int(self.mask.any(dim=0).nonzero()[0])
+        if start and self.can_join:
+            self.mask = self.mask[:, start:]
+            for layer in self.past.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def _pad_left(t, width: int, dim: int):
     import torch
 
-    from raylab.generate import left_pad
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
 
-    stop_ids = eos_ids(model, tok) if stop_ids is None else stop_ids
-    generators = [_generator(s.sampling.seed) for s in seqs]
-    ids, mask = left_pad([s.prompt for s in seqs], tok.pad_token_id)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    # A peft model always gets names per row: without them it applies its active adapter to all.
-    extra = {"adapter_names": [s.adapter or BASE_ADAPTER for s in seqs]} if hasattr(model, "peft_config") else {}
-    past = None
-    while True:
-        # inference_mode per step, not around the loop: a served decode runs each step in
-        # whichever executor thread is free, and the mode is thread-local.
-        with torch.inference_mode():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                        use_cache=True, **extra)
-            past = out.past_key_values
-            chosen = _choose(out.logits[:, -1, :].float(), seqs, generators)
-            deltas = [_advance(tok, s, int(t), stop_ids) for s, t in zip(seqs, chosen.tolist(), strict=False)]
-            # Finished rows keep stepping (on pad) so the batch stays rectangular; their
-            # output is ignored. Pruning them from the cache would save work on long tails.
-            ids = chosen.where(torch.tensor([not s.done for s in seqs]), tok.pad_token_id).unsqueeze(-1)
-            mask = torch.cat([mask, torch.ones_like(ids)], dim=-1)
-            positions = positions[:, -1:] + 1
+
+def decode(model, tok, seqs: list[Sequence], stop_ids: set[int] | None = None) -> Iterator[list[str]]:
+    """Generate for every sequence together (no newcomers); after each step yield each one's
+    new text, in the order given."""
+    batch = Batch(model, tok, stop_ids)
+    pending, position = list(seqs), {id(s): i for i, s in enumerate(seqs)}
+    while pending or batch.seqs:
+        deltas = [""] * len(seqs)
+        for s, text in batch.advance(pending):
+            deltas[position[id(s)]] = text
+        pending = []
         yield deltas
-        if all(s.done for s in seqs):
-            return
 
 
 def _generator(seed: int | None):

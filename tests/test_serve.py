@@ -86,7 +86,7 @@ def serve_config(root: Path, base: Path, port: int, **serve) -> config.RaylabCon
         "version": 1, "output_dir": str(root / "run"), "offline": True,
         "data": {"sources": [{"type": "jsonl", "path": str(root / "unused.jsonl")}]},
         "model": {"name_or_path": str(base)}, "registry": {"model_name": NAME},
-        "serve": {"port": port, "cpus_per_replica": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
+        "serve": {"port": port, "cpus_per_replica": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.05,
                   "max_prompt_tokens": 256, "max_tokens": 300, "max_request_bytes": 20000, "max_ongoing_requests": 4,
                   "api_keys_file": str(root / "keys.txt"),
                   "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
@@ -351,7 +351,8 @@ def test_deploy_switches_versions_in_place_while_requests_stream(served):
     assert all(status == 200 for _, status, _ in results), [r for r in results if r[1] != 200][:3]
     answers = [answer for _, _, answer in results]
     assert answers[0] == ANSWERS[1] and answers[-1] == ANSWERS[2] and set(answers) == {ANSWERS[1], ANSWERS[2]}
-    assert {d: _replicas(served, d) for d in before} == before  # reconfigured, not replaced
+    for d, ids in before.items():  # reconfigured, not replaced (the autoscaler may have added one under this load)
+        assert set(ids) <= set(_replicas(served, d)), (d, ids)
     assert get(served["url"], "/healthz", key=None)[1]["model"] == f"{NAME}/2"
     back = run_cli("deploy", f"{NAME}@production", "--address", served["dashboard"], timeout=300)
     assert back.returncode == 0 and f"{NAME}/1" in back.stdout

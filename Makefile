@@ -2,6 +2,7 @@
 # make test         install, then run unit + integration tests (what CI runs)
 # make unit         fast unit tests only (no Ray cluster)
 # make bench        run the benchmarks and write benchmarks/results/*.json
+# make serve        after the quickstart: serve its production model (OpenAI-compatible, port 8000)
 #
 # A virtual environment (.venv, or $VENV) is created when none is active.
 
@@ -13,7 +14,7 @@ BIN := $(VENV)/bin
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test unit bench lint
+.PHONY: install quickstart test unit bench lint serve
 
 install:
 	VENV=$(VENV) scripts/install.sh
@@ -43,6 +44,11 @@ bench: install
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_tune.py
+	$(BIN)/python benchmarks/bench_serve.py
+
+# After `make quickstart`: serve its production version at http://127.0.0.1:8000/v1 (Ctrl-C stops)
+serve:
+	$(BIN)/raylab serve configs/quickstart.yaml
 
 lint:
 	$(BIN)/ruff check raylab tests benchmarks

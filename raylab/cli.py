@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     tu = verb("tune", "sweep hyperparameters (Optuna TPE + ASHA) over train-stage runs; resumes", "required")
     tu.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    rn = verb("run", "the pipeline: data, tune|train, gates, promote, serve, smoke requests, summary", "required")
+    rn.add_argument("--until", choices=["data", "train", "tune", "gates", "promote", "serve"], help="stop after this stage")
+    rn.add_argument("--no-serve", action="store_true", help="stop before serving")
+    rn.add_argument("--keep-serving", action="store_true", help="leave the endpoint up (foreground) after the smoke requests")
+    rn.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     ev = verb("eval", "batch evaluation / inference (Ray Data actor pool): base vs tuned model", "required")
     ev.add_argument("--model", help="registry REF (NAME@ALIAS or NAME/VERSION); default: this run's model")
     ev.add_argument("--input", help="JSONL prompts to answer instead of the held-out split")
@@ -155,6 +160,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from raylab import config, pipeline
+
+    path, overrides = _split(args, required=True)
+    pipeline.run(config.load(path, overrides), args.address, args.until, not args.no_serve, args.keep_serving)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from raylab import config, evaluate
 
@@ -239,7 +252,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "tune": cmd_tune,
+COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "run": cmd_run,
             "eval": cmd_eval, "models": cmd_models, "serve": cmd_serve,
             "deploy": cmd_deploy, "export": cmd_export}
 

@@ -190,9 +190,10 @@ def _port_free(host: str, port: int) -> bool:
             return False
 
 
-def run_serve(cfg: RaylabConfig | None, model: str | None = None, address: str | None = None, detach: bool = False,
-              log=print, stop: threading.Event | None = None) -> dict:
-    """Deploy REF and (unless `detach`) stay in the foreground until SIGINT/SIGTERM or `stop`."""
+def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: str | None = None,
+                  detach: bool = False, log=print) -> dict:
+    """Deploy REF (checksums verified first) and return once the endpoint is RUNNING:
+    {url, model (NAME/VERSION), models, dashboard, ...}. `raylab run` uses this directly."""
     from raylab import cluster
 
     s = cfg.serve if cfg else ServeConfig()
@@ -216,27 +217,44 @@ def run_serve(cfg: RaylabConfig | None, model: str | None = None, address: str |
     put_app(dashboard, s, app)
     wait_running(dashboard, log=log)
     url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '') else s.host}:{s.port}"
-    info = {"url": url, "model": app["deployments"][1]["user_config"]["default"], "dashboard": dashboard,
-            "pid": os.getpid(), "tracking_uri": store.uri, "models": app["deployments"][1]["user_config"]["listed"]}
+    routing = app["deployments"][1]["user_config"]
+    info = {"url": url, "ref": ref, "model": routing["default"], "name": routing["listed"][0], "dashboard": dashboard,
+            "pid": os.getpid(), "tracking_uri": store.uri, "models": routing["listed"]}
     _endpoint_file().parent.mkdir(parents=True, exist_ok=True)
     _endpoint_file().write_text(json.dumps(info, indent=2))
     log(f"serving {ref} ({info['model']}) at {url}/v1  (models: {', '.join(info['models'])})")
-    if detach:
-        return info
-    stop = stop or threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(sig, lambda *_: stop.set())
-    log("foreground: Ctrl-C (SIGINT) or SIGTERM stops it; `raylab deploy REF` switches versions")
-    stop.wait()
-    log("stopping the endpoint ...")
-    try:
-        from ray import serve
+    return info
 
+
+def stop_serving() -> None:
+    """Delete the application (its replicas stop); forget the endpoint file."""
+    from ray import serve
+
+    try:
         serve.delete(APP)
     finally:
         _endpoint_file().unlink(missing_ok=True)
+
+
+def run_serve(cfg: RaylabConfig | None, model: str | None = None, address: str | None = None, detach: bool = False,
+              log=print, stop: threading.Event | None = None) -> dict:
+    """`raylab serve`: deploy REF and (unless `detach`) stay in the foreground until
+    SIGINT/SIGTERM or `stop`, then delete the application."""
+    info = start_serving(cfg, model, address, detach, log)
+    if not detach:
+        wait_until_stopped(stop, log)
+        log("stopping the endpoint ...")
+        stop_serving()
     return info
+
+
+def wait_until_stopped(stop: threading.Event | None = None, log=print) -> None:
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    log("foreground: Ctrl-C (SIGINT) or SIGTERM stops it; `raylab deploy REF` switches versions")
+    stop.wait()
 
 
 def _wait_routed(url: str, target: str, timeout_s: float = 300) -> None:

@@ -1,15 +1,18 @@
-"""Token generation for serving: one KV-cache decode loop over a batch of sequences, each with
-its own sampling settings, stop strings and LoRA adapter, yielding text as it is produced.
+"""Token generation for serving: a KV-cache decode loop over a batch of sequences, each with
+its own sampling settings, seed, stop strings and LoRA adapter, producing text token by
+token; sequences join the running batch between steps and leave it when they finish
+(continuous batching).
 
     seqs = [Sequence(prompt_ids(tok, {"prompt": "hi"}), Sampling(max_tokens=32))]
     for deltas in decode(model, tok, seqs):
         print(deltas)          # one new piece of text (maybe "") per sequence, every step
+    batch = Batch(model, tok); batch.advance(seqs); batch.advance(more_seqs); ...
 
 Why not `model.generate`: a served batch mixes requests with different temperatures, top_p,
 seeds, max_tokens, stop strings and adapters, and streams every token; `generate` takes
 one setting for the whole batch and returns at the end. Greedy rows pick the argmax exactly
 as `generate` does (left padding, positions from the attention mask), so served greedy text
-equals offline generation (tests/test_serve.py checks it).
+equals offline generation (tests/test_engine.py and tests/test_serve.py check it).
 """
 
 from __future__ import annotations

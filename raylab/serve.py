@@ -11,8 +11,10 @@ Two deployments, built by `build(args)` (the config's `import_path: raylab.serve
   routing table, so `raylab deploy` switches versions with `reconfigure`, no restart.
 - `Generator` (autoscaled): one base model per replica; each version is loaded on demand by
   `@serve.multiplexed` (LRU-bounded), verified against its registry checksums; an adapter
-  goes into the shared base, a full model loads on its own. Concurrent requests for the
-  same version are decoded together by `@serve.batch` (Serve splits batches by model id).
+  goes into the shared base, a full model loads on its own. `@serve.batch` gathers requests
+  arriving together (Serve splits batches by model id); they join that model's running
+  decode loop (engine.Batch), which takes newcomers between steps (continuous batching), so
+  the adapters of one base share a batch too.
 
 `args` (changing them restarts replicas) and the `user_config`s are written by deploy.py.
 """

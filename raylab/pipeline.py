@@ -1,0 +1,171 @@
+"""`raylab run CONFIG`: the whole pipeline in one command.
+
+    raylab run configs/quickstart.yaml                  # data -> tune|train -> gates -> promote -> serve -> smoke
+    raylab run configs/quickstart.yaml --until train    # stop after a stage
+    raylab run configs/quickstart.yaml --no-serve       # everything but the endpoint
+    raylab run configs/quickstart.yaml --keep-serving   # leave the endpoint up (foreground)
+
+data -> tune (when the config has a `tune` section, else train; either registers the winner
+as a new version) -> gates (`raylab models evaluate`) -> promote (when the gates pass and
+`registry.auto_promote` is true) -> serve (the production version) -> smoke requests (a few
+held-out questions, answered by the endpoint) -> a summary. Each stage skips work whose
+inputs have not changed: the data stage's cache, a finished train run, a sweep's finished
+trials, an already-registered version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+from raylab.config import RaylabConfig
+from raylab.errors import UserError
+
+STAGES = ("data", "train", "tune", "gates", "promote", "serve")
+
+
+def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None, serve: bool = True,
+        keep_serving: bool = False, log=print) -> dict:
+    """Run the pipeline; returns the summary it prints (also written to <output_dir>/run.json)."""
+    from raylab import data, storage, train, tune
+
+    if until is not None and until not in STAGES:
+        raise UserError(f"--until {until!r}: expected one of {', '.join(STAGES)}")
+    summary: dict = {"run": cfg.run_name, "output_dir": cfg.output_dir, "stages": {}}
+
+    def stage(name: str, fn):
+        log(f"\n=== {name} ===")
+        started = time.monotonic()
+        out = fn()
+        summary["stages"][name] = round(time.monotonic() - started, 1)
+        return out
+
+    from raylab import cluster
+
+    # One Ray for every stage; an embedded one starts with its dashboard, which Ray Train's
+    # state API and Serve's REST API (the serve stage) need.
+    cluster.connect(cfg, address, state_api=True)
+    try:
+        manifest = stage("data", lambda: data.run_data(cfg, address, log))
+        summary["data"] = {k: manifest["counts"].get(k) for k in ("read", "accepted", "rejected", "duplicates")
+                           if k in manifest.get("counts", {})}
+        if until == "data":
+            return _finish(cfg, summary, log)
+        if cfg.tune is not None:
+            result = stage("tune", lambda: tune.run_tune(cfg, address, log))
+            best = result.get("best") or {}
+            summary["best"] = {"trial": best.get("trial_id"), cfg.tune.metric: best.get(cfg.tune.metric),
+                               "params": best.get("params")}
+        else:
+            result = stage("train", lambda: train.run_train(cfg, address, log))
+            summary["best"] = {"metrics": result.get("metrics")}
+        summary["version"] = result.get("registry")
+        if until in ("train", "tune") or not cfg.registry.enabled or not summary["version"]:
+            if not cfg.registry.enabled:
+                log("registry.enabled is false: nothing is registered, gated or served")
+            elif not summary["version"]:
+                log("no model was registered (no trial finished): nothing to gate or serve")
+            return _finish(cfg, summary, log)
+        ref = _promote_if_passed(cfg, summary, stage, address, log, until)
+        if until in ("gates", "promote") or not serve or ref is None:
+            return _finish(cfg, summary, log)
+        _serve_and_smoke(cfg, summary, stage, address, log, keep_serving)
+        return _finish(cfg, summary, log)
+    finally:
+        if summary.get("stages"):
+            storage.write_text(storage.join(cfg.output_dir, "run.json"), json.dumps(summary, indent=2, default=str))
+
+
+def _promote_if_passed(cfg, summary, stage, address, log, until) -> str | None:
+    """Gates, then promotion; the REF to serve (production), or None when there is none."""
+    from raylab import gates, registry
+
+    store = registry.open_store(cfg)
+    name, version = summary["version"]["name"], summary["version"]["version"]
+    result = stage("gates", lambda: gates.evaluate_version(store, name, version, address, log))
+    summary["gates"] = result["status"]
+    if until == "gates":
+        return None
+    if result["status"] == "passed" and cfg.registry.auto_promote:
+        stage("promote", lambda: registry.promote(store, name, version, reason="raylab run: gates passed"))
+        summary["promoted"] = f"{name}/{version}"
+    elif result["status"] != "passed":
+        log(f"{name}/{version} failed its gates: production is unchanged (`raylab models show {name}/{version}`)")
+    else:
+        log(f"registry.auto_promote is false: production is unchanged; promote with `raylab models promote {name} {version}`")
+    production = registry.registered_model(store, name).aliases.get(registry.PRODUCTION)
+    if production is None:
+        log(f"{name} has no production version yet: nothing to serve")
+        return None
+    return f"{name}@{registry.PRODUCTION}"
+
+
+def _serve_and_smoke(cfg, summary, stage, address, log, keep_serving) -> None:
+    from raylab import deploy
+
+    info = stage("serve", lambda: deploy.start_serving(cfg, None, address, log=log))
+    summary["endpoint"] = {"url": info["url"] + "/v1", "model": info["name"], "version": info["model"]}
+    try:
+        summary["smoke"] = stage("smoke", lambda: smoke(cfg, info, log))
+        if keep_serving:
+            _print_summary(summary, log)
+            deploy.wait_until_stopped(log=log)
+    finally:
+        deploy.stop_serving()
+
+
+def questions(cfg: RaylabConfig, n: int = 3) -> list[dict]:
+    """A few held-out questions (with the corpus's answer), else the golden prompts."""
+    from raylab import evaluate, train
+
+    try:
+        items = evaluate.held_out_items(cfg, train.read_manifest(cfg))[:n]
+    except (UserError, OSError, KeyError):
+        items = []
+    if items:
+        return [{"messages": i["messages"], "reference": i["reference"]} for i in items]
+    return [{"messages": [{"role": "user", "content": g.prompt}], "reference": g.contains} for g in cfg.registry.gates.golden[:n]]
+
+
+def smoke(cfg: RaylabConfig, info: dict, log=print) -> list[dict]:
+    """Ask the endpoint a few questions (chat completions, greedy); any failure is an error."""
+    from raylab import serve
+
+    keys = sorted(serve._api_keys({"api_keys_env": cfg.serve.api_keys_env, "api_keys_file": cfg.serve.api_keys_file}))
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {keys[0]}"} if keys else {})
+    answers = []
+    for q in questions(cfg):
+        body = {"model": info["name"], "messages": q["messages"], "temperature": 0, "max_tokens": cfg.eval.max_new_tokens}
+        req = urllib.request.Request(info["url"] + "/v1/chat/completions", data=json.dumps(body).encode(), headers=headers)
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                reply = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise UserError(f"smoke request to {info['url']} failed: HTTP {e.code} {e.read().decode()[:500]}") from None
+        answer = reply["choices"][0]["message"]["content"]
+        answers.append({"question": q["messages"][-1]["content"], "answer": answer, "reference": q.get("reference"),
+                        "latency_s": round(time.monotonic() - started, 3)})
+        log(f"Q: {answers[-1]['question']}\nA: {answer}\n   (corpus: {q.get('reference')})")
+    return answers
+
+
+def _finish(cfg: RaylabConfig, summary: dict, log) -> dict:
+    _print_summary(summary, log)
+    return summary
+
+
+def _print_summary(summary: dict, log) -> None:
+    log("\n=== summary ===")
+    log("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stages"].items()))
+    if "data" in summary:
+        log("data: " + ", ".join(f"{k} {v}" for k, v in summary["data"].items()))
+    if summary.get("best"):
+        log(f"best: {json.dumps(summary['best'], default=str)[:300]}")
+    if summary.get("version"):
+        log(f"version: {summary['version'].get('name')}/{summary['version'].get('version')}"
+            f" (gates: {summary.get('gates', 'not run')}{', promoted' if summary.get('promoted') else ''})")
+    if summary.get("endpoint"):
+        log(f"endpoint: {summary['endpoint']['url']} (model {summary['endpoint']['model']} -> {summary['endpoint']['version']})")

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# A multi-node Ray cluster on this one machine: a head and N worker nodes on loopback, each
+# its own `ray start --block` process, recorded and stopped by its own process id (never
+# `ray stop`, which would also stop every other Ray on the machine).
+#
+#   cluster/local.sh start 2          # head + 2 workers; prints RAY_ADDRESS and the dashboard
+#   raylab run configs/quickstart.yaml --address 127.0.0.1:6390
+#   ray job submit --address http://127.0.0.1:8290 --working-dir . -- raylab run configs/quickstart.yaml
+#   cluster/local.sh status
+#   cluster/local.sh stop
+#
+# Environment: PORT (GCS, default 6390), DASHBOARD_PORT (8290), CPUS_PER_NODE (1),
+# STATE_DIR (.ray-local: pid files and logs). Authentication follows RAY_AUTH_MODE (token by
+# default, as raylab does); the token is ~/.ray/auth_token or RAY_AUTH_TOKEN.
+set -euo pipefail
+PORT="${PORT:-6390}"
+DASHBOARD_PORT="${DASHBOARD_PORT:-8290}"
+CPUS="${CPUS_PER_NODE:-1}"
+STATE="${STATE_DIR:-.ray-local}"
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}" RAY_USAGE_STATS_ENABLED=0
+RAY="${RAY:-ray}"
+
+wait_for() {  # wait_for N: until N nodes are alive
+    for _ in $(seq 1 120); do
+        alive=$(python - "$PORT" <<'PY' 2>/dev/null || echo 0
+import sys, ray
+ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR")
+print(sum(1 for n in ray.nodes() if n["Alive"]))
+PY
+)
+        [ "${alive:-0}" -ge "$1" ] && return 0
+        sleep 1
+    done
+    echo "local.sh: only ${alive:-0} of $1 nodes came up; logs in $STATE/" >&2
+    return 1
+}
+
+start() {
+    local workers="${1:-1}"
+    mkdir -p "$STATE"
+    if [ -f "$STATE/head.pid" ] && kill -0 "$(cat "$STATE/head.pid")" 2>/dev/null; then
+        echo "local.sh: a cluster is already running here (cluster/local.sh stop first)" >&2
+        exit 2
+    fi
+    nohup "$RAY" start --head --block --port="$PORT" --num-cpus="$CPUS" --node-ip-address=127.0.0.1 \
+        --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --resources='{"node_0": 1}' \
+        > "$STATE/head.log" 2>&1 &
+    echo $! > "$STATE/head.pid"
+    wait_for 1
+    for i in $(seq 1 "$workers"); do
+        nohup "$RAY" start --block --address="127.0.0.1:$PORT" --num-cpus="$CPUS" --node-ip-address=127.0.0.1 \
+            --resources="{\"node_$i\": 1}" > "$STATE/worker$i.log" 2>&1 &
+        echo $! > "$STATE/worker$i.pid"
+    done
+    wait_for $((workers + 1))
+    echo "RAY_ADDRESS=127.0.0.1:$PORT"
+    echo "dashboard / jobs: http://127.0.0.1:$DASHBOARD_PORT"
+}
+
+stop() {
+    local pidfile
+    for pidfile in "$STATE"/worker*.pid "$STATE"/head.pid; do
+        [ -f "$pidfile" ] || continue
+        pid=$(cat "$pidfile")
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid"  # `ray start --block` stops its node's processes when it ends
+            for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+            kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+        fi
+        rm -f "$pidfile"
+    done
+    echo "local.sh: stopped"
+}
+
+status() {
+    local pidfile
+    for pidfile in "$STATE"/head.pid "$STATE"/worker*.pid; do
+        [ -f "$pidfile" ] || continue
+        pid=$(cat "$pidfile")
+        if kill -0 "$pid" 2>/dev/null; then state=running; else state=gone; fi
+        echo "$(basename "$pidfile" .pid): pid $pid $state"
+    done
+}
+
+case "${1:-}" in
+    start) start "${2:-1}" ;;
+    stop) stop ;;
+    status) status ;;
+    *) echo "usage: cluster/local.sh start [WORKERS] | stop | status" >&2; exit 2 ;;
+esac

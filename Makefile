@@ -22,12 +22,8 @@ install:
 quickstart: install
 	$(BIN)/raylab validate configs/quickstart.yaml
 	$(BIN)/raylab doctor configs/quickstart.yaml
-	$(BIN)/raylab data configs/quickstart.yaml
-	$(BIN)/raylab train configs/quickstart.yaml
-	$(BIN)/raylab tune configs/quickstart.yaml
+	$(BIN)/raylab run configs/quickstart.yaml
 	$(BIN)/raylab eval configs/quickstart.yaml
-	$(BIN)/raylab models evaluate acme-assistant latest
-	$(BIN)/raylab models promote acme-assistant latest
 	$(BIN)/raylab models list acme-assistant
 
 # -m overrides the development default in pyproject (unit only): everything is selected,

@@ -40,28 +40,11 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import measurement, write_results  # noqa: E402
+from common import measurement, small_llama, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS, NEW_TOKENS, CONCURRENCY = 64, 128, (1, 4, 16)
 NAME = "bench-serve"
-
-
-def make_model(path: Path) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from raylab.model import DEFAULT_CHAT_TEMPLATE, build_byte_tokenizer
-
-    tok = build_byte_tokenizer()
-    tok.chat_template = DEFAULT_CHAT_TEMPLATE
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=256, intermediate_size=704,
-                               num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                               max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
 
 
 def register(root: Path, model_dir: Path) -> Path:
@@ -183,7 +166,7 @@ def main() -> None:
     os.environ["RAYLAB_HOME"] = str(root / "home")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     model_dir = root / "model"
-    make_model(model_dir)
+    small_llama(model_dir)
     cfg = register(root, model_dir)
     from transformers import AutoTokenizer
 

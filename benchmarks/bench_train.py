@@ -34,27 +34,12 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import measurement, write_results  # noqa: E402
+from common import measurement, small_llama, write_results  # noqa: E402
 
 from raylab import cluster, config, data, loss, train  # noqa: E402
-from raylab.model import build_byte_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_EVERY = 5
-
-
-def make_model(path: Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    tok = build_byte_tokenizer()
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=256, intermediate_size=704,
-                               num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                               max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def job(root: Path, name: str, model_dir: Path, steps: int, **overrides) -> config.RaylabConfig:
@@ -125,7 +110,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="raylab-bench-train-"))
     records = []
     try:
-        model_dir = make_model(root / "model")
+        model_dir = small_llama(root / "model")
         packed = job(root, "packed", model_dir, args.steps)
         padded = job(root, "padded", model_dir, args.steps, **{"data.packing": "pad"})
         two = job(root, "two", model_dir, args.steps, **{"train.num_workers": 2})

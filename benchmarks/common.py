@@ -88,6 +88,26 @@ def measurement(name: str, value: float, unit: str, baseline: str, baseline_valu
     return record
 
 
+def small_llama(path: Path) -> Path:
+    """The benchmarks' model: a 4-layer Llama (hidden 256, byte-level vocabulary with raylab's
+    chat template, random weights, seed 0) saved with save_pretrained."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raylab.model import DEFAULT_CHAT_TEMPLATE, build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE  # what the train stage gives a template-less tokenizer
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=256, intermediate_size=704,
+                               num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                               max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def write_results(bench: str, records: list[dict]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{bench}.json"

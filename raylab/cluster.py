@@ -127,11 +127,16 @@ class Connection:
     dashboard_url: str | None = None
 
 
-def _token_available() -> bool:
+def auth_token() -> str | None:
+    """Ray's token: $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
     if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    return Path(path).is_file()
+        return os.environ["RAY_AUTH_TOKEN"]
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _token_available() -> bool:
+    return auth_token() is not None
 
 
 def _check_reachable(address: str, origin: str, timeout_s: float = 5.0) -> None:

@@ -108,15 +108,10 @@ def emit(path: str, cfg: RaylabConfig | None, ref: str, tracking_uri: str | None
 
 
 def _headers() -> dict:
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get("RAY_AUTH_MODE", "token") == "token":
-        token = os.environ.get("RAY_AUTH_TOKEN")
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-        if not token and path.exists():
-            token = path.read_text().strip()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-    return headers
+    from raylab.cluster import auth_token
+
+    token = auth_token() if os.environ.get("RAY_AUTH_MODE", "token") == "token" else None
+    return {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
 
 
 def rest(dashboard: str, method: str, body: dict | None = None, timeout: float = 60, attempts: int = 6):
@@ -141,16 +136,16 @@ def rest(dashboard: str, method: str, body: dict | None = None, timeout: float =
     raise AssertionError("unreachable")
 
 
-def put_app(dashboard: str, s: ServeConfig, app: dict) -> None:
-    """Deploy/update our application, keeping any other declaratively deployed ones."""
-    current = rest(dashboard, "GET")
+def put_app(dashboard: str, app: dict, http_options: dict, current: dict | None = None) -> None:
+    """Deploy/update our application, keeping any other declaratively deployed ones.
+    `current`: Serve's state (GET) when the caller has already read it."""
+    current = rest(dashboard, "GET") if current is None else current
     others = [details["deployed_app_config"] for n, details in (current.get("applications") or {}).items()
               if n != APP and details.get("deployed_app_config")]
-    full = deploy_config(s, app)
-    full["applications"] = others + [app]
     if current.get("http_options"):  # Serve's HTTP options are fixed once it runs
-        full["http_options"] = {k: current["http_options"][k] for k in ("host", "port") if k in current["http_options"]}
-    rest(dashboard, "PUT", full)
+        http_options = {k: current["http_options"][k] for k in ("host", "port") if k in current["http_options"]}
+    rest(dashboard, "PUT", {"proxy_location": current.get("proxy_location") or "EveryNode",
+                            "http_options": http_options, "applications": others + [app]})
 
 
 def wait_running(dashboard: str, timeout_s: float = 600, log=print) -> dict:
@@ -214,7 +209,7 @@ def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: s
     else:
         conn = cluster.connect(None, address, state_api=True)
     dashboard = _dashboard(conn)
-    put_app(dashboard, s, app)
+    put_app(dashboard, app, {"host": s.host, "port": s.port})
     wait_running(dashboard, log=log)
     url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '') else s.host}:{s.port}"
     routing = app["deployments"][1]["user_config"]
@@ -289,7 +284,8 @@ def run_deploy(ref: str, address: str | None = None, tracking_uri: str | None = 
         raise UserError("no running `raylab serve` found on this machine; pass the dashboard with --address http://HEAD:8265")
     if "://" not in dashboard:
         raise UserError(f"--address {dashboard!r}: expected the Ray dashboard's http://HOST:PORT")
-    details = (rest(dashboard, "GET").get("applications") or {}).get(APP)
+    current = rest(dashboard, "GET")
+    details = (current.get("applications") or {}).get(APP)
     if not details or not details.get("deployed_app_config"):
         raise UserError(f"no raylab application is deployed at {dashboard}; start one with `raylab serve`")
     app = details["deployed_app_config"]
@@ -301,12 +297,9 @@ def run_deploy(ref: str, address: str | None = None, tracking_uri: str | None = 
             d["user_config"] = {"preload": [target]}
         elif d["name"] == "Ingress":
             d["user_config"] = catalog(store, name, version)
-    current = rest(dashboard, "GET")
-    full = {"proxy_location": current.get("proxy_location") or "EveryNode",
-            "http_options": {k: v for k, v in (current.get("http_options") or {}).items() if k in ("host", "port")},
-            "applications": [a["deployed_app_config"] for n, a in current["applications"].items() if n != APP] + [app]}
-    rest(dashboard, "PUT", full)
-    host, port = full["http_options"].get("host", "127.0.0.1"), full["http_options"].get("port", 8000)
+    put_app(dashboard, app, {}, current)
+    http = current.get("http_options") or {}
+    host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
     _wait_routed(f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}", target)
     log(f"deployed {ref} ({target}); requests for {name} now go to it")
     return {"model": target}

@@ -90,8 +90,9 @@ class Batch:
         with torch.inference_mode():  # per call: a server runs calls in whichever thread is free
             if self.seqs:
                 logits, self.past = self._forward(self.next_ids, self.mask, self.positions, self.past, self.seqs)
-                out += self._take(logits, self.seqs, self.generators)
-                self.next_ids, self.mask, self.positions = self._next(self.seqs, self.mask, self.positions)
+                chosen, taken = self._take(logits, self.seqs, self.generators)
+                out += taken
+                self.next_ids, self.mask, self.positions = self._next(self.seqs, chosen, self.mask, self.positions)
             if new:
                 out += self._join(list(new))
             self._prune()
@@ -103,16 +104,17 @@ class Batch:
                             use_cache=True, **extra)
         return result.logits[:, -1, :].float(), result.past_key_values
 
-    def _take(self, logits, seqs, generators) -> list[tuple[Sequence, str]]:
-        self._chosen = _choose(logits, seqs, generators)
-        return [(s, _advance(self.tok, s, int(t), self.stop_ids)) for s, t in zip(seqs, self._chosen.tolist(), strict=True)]
+    def _take(self, logits, seqs, generators):
+        """(chosen token ids, [(sequence, new text)]) for one step of these rows."""
+        chosen = _choose(logits, seqs, generators)
+        return chosen, [(s, _advance(self.tok, s, int(t), self.stop_ids)) for s, t in zip(seqs, chosen.tolist(), strict=True)]
 
-    def _next(self, seqs, mask, positions):
+    def _next(self, seqs, chosen, mask, positions):
         """Inputs of the next step: each row's chosen token (pad once finished)."""
         import torch
 
-        running = torch.tensor([not s.done for s in seqs], device=self._chosen.device)
-        ids = self._chosen.where(running, self.tok.pad_token_id).unsqueeze(-1)
+        running = torch.tensor([not s.done for s in seqs], device=chosen.device)
+        ids = chosen.where(running, self.tok.pad_token_id).unsqueeze(-1)
         return ids, torch.cat([mask, torch.ones_like(ids)], dim=-1), positions[:, -1:] + 1
 
     def _join(self, new: list[Sequence]) -> list[tuple[Sequence, str]]:
@@ -122,8 +124,8 @@ class Batch:
         ids, mask = left_pad([s.prompt for s in new], self.tok.pad_token_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, past = self._forward(ids, mask, positions, None, new)
-        out = self._take(logits, new, generators)
-        next_ids, mask, positions = self._next(new, mask, positions)
+        chosen, out = self._take(logits, new, generators)
+        next_ids, mask, positions = self._next(new, chosen, mask, positions)
         if self.past is None:
             self.past, self.mask, self.positions, self.next_ids = past, mask, positions, next_ids
         else:

@@ -49,7 +49,7 @@ def load(path: str, tokenizer_path: str | None = None, dtype: str = "float32", b
     import warnings
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor is noise in a stage's log
@@ -61,10 +61,17 @@ def load(path: str, tokenizer_path: str | None = None, dtype: str = "float32", b
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, path)
-    tok = AutoTokenizer.from_pretrained(tokenizer_path or path)
+    return model.eval(), tokenizer(tokenizer_path or path)
+
+
+def tokenizer(path: str):
+    """A saved tokenizer (with its chat template), padding with end-of-sequence if it has no pad."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model.eval(), tok
+    return tok
 
 
 def check_messages(messages: Any, where: str) -> list[dict]:

@@ -133,7 +133,7 @@ def smoke(cfg: RaylabConfig, info: dict, log=print) -> list[dict]:
     """Ask the endpoint a few questions (chat completions, greedy); any failure is an error."""
     from raylab import serve
 
-    keys = sorted(serve._api_keys({"api_keys_env": cfg.serve.api_keys_env, "api_keys_file": cfg.serve.api_keys_file}))
+    keys = sorted(serve.api_keys({"api_keys_env": cfg.serve.api_keys_env, "api_keys_file": cfg.serve.api_keys_file}))
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {keys[0]}"} if keys else {})
     answers = []
     for q in questions(cfg):

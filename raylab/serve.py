@@ -180,8 +180,6 @@ class GeneratorBase:
             raise RuntimeError("base model not loaded")
 
     def _load(self, version: str) -> Loaded:
-        from transformers import AutoTokenizer
-
         from raylab import generate, registry
 
         if self.store is None:
@@ -196,10 +194,7 @@ class GeneratorBase:
                     self.peft = PeftModel.from_pretrained(self.base, local, adapter_name=name).eval()
                 else:
                     self.peft.load_adapter(local, adapter_name=name)
-            tok = AutoTokenizer.from_pretrained(local)
-            if tok.pad_token_id is None:
-                tok.pad_token = tok.eos_token
-            return Loaded(version, self.peft, tok, name, self._unload)
+            return Loaded(version, self.peft, generate.tokenizer(local), name, self._unload)
         model, tok = generate.load(local, dtype=self.args["dtype"])  # a full model, or another base
         return Loaded(version, model, tok, None, self._unload)
 
@@ -244,7 +239,7 @@ class GeneratorBase:
                 if not s.done:
                     s.finish_reason = "cancelled"
             loaded.release()
-            self.generated.inc(sum(len(s.token_ids) for s in seqs) or 0, tags={"model": version})
+            self.generated.inc(sum(len(s.token_ids) for s in seqs), tags={"model": version})
             self.requests.inc(tags={"model": version, "outcome": "cancelled" if any(s.finish_reason == "cancelled" for s in seqs) else "ok"})
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
@@ -320,7 +315,7 @@ class IngressImpl:
 
     def __init__(self, generator, args: dict):
         self.generator, self.args, self.limits = generator, args, args["limits"]
-        self.keys = _api_keys(args)
+        self.keys = api_keys(args)
         self.routes: dict[str, str] = {}
         self.listed: list[str] = []
 
@@ -438,7 +433,7 @@ class IngressImpl:
                                       "latency_s": round(time.monotonic() - started, 4)}))
 
 
-def _api_keys(args: dict) -> set[str]:
+def api_keys(args: dict) -> set[str]:
     keys: set[str] = set()
     if args.get("api_keys_env"):
         keys |= {k.strip() for k in os.environ.get(args["api_keys_env"], "").split(",") if k.strip()}

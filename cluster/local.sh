@@ -9,7 +9,7 @@
 #   cluster/local.sh status
 #   cluster/local.sh stop
 #
-# Environment: PORT (GCS, default 6390), DASHBOARD_PORT (8290), CPUS_PER_NODE (1),
+# Environment: PORT (GCS, default 6390), DASHBOARD_PORT (8290), CLIENT_PORT (Ray Client, 10001), CPUS_PER_NODE (1),
 # STATE_DIR (.ray-local: pid files and logs). Authentication follows RAY_AUTH_MODE (token by
 # default, as raylab does); the token is ~/.ray/auth_token or RAY_AUTH_TOKEN.
 set -euo pipefail
@@ -43,31 +43,37 @@ start() {
         exit 2
     fi
     nohup "$RAY" start --head --block --port="$PORT" --num-cpus="$CPUS" --node-ip-address=127.0.0.1 \
-        --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --resources='{"node_0": 1}' \
+        --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="${CLIENT_PORT:-10001}" \
+        --resources='{"node_0": 1}' \
         > "$STATE/head.log" 2>&1 &
     echo $! > "$STATE/head.pid"
     wait_for 1
     for i in $(seq 1 "$workers"); do
+        # Each worker its own temp dir, as on separate machines: nodes sharing one would also
+        # share runtime_resources/, where two nodes unpacking a job's working_dir race.
         nohup "$RAY" start --block --address="127.0.0.1:$PORT" --num-cpus="$CPUS" --node-ip-address=127.0.0.1 \
-            --resources="{\"node_$i\": 1}" > "$STATE/worker$i.log" 2>&1 &
+            --temp-dir="${TMPDIR:-/tmp}/ray-$PORT-node$i" --resources="{\"node_$i\": 1}" \
+            > "$STATE/worker$i.log" 2>&1 &
         echo $! > "$STATE/worker$i.pid"
     done
     wait_for $((workers + 1))
     echo "RAY_ADDRESS=127.0.0.1:$PORT"
     echo "dashboard / jobs: http://127.0.0.1:$DASHBOARD_PORT"
+    echo "Ray Client: ray://127.0.0.1:${CLIENT_PORT:-10001}"
 }
 
 stop() {
-    local pidfile
+    local pidfile pid pids=()
     for pidfile in "$STATE"/worker*.pid "$STATE"/head.pid; do
         [ -f "$pidfile" ] || continue
         pid=$(cat "$pidfile")
-        if kill -0 "$pid" 2>/dev/null; then
-            kill -TERM "$pid"  # `ray start --block` stops its node's processes when it ends
-            for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-            kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
-        fi
+        # `ray start --block` stops its node's processes when it ends; all nodes at once
+        kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" && pids+=("$pid")
         rm -f "$pidfile"
+    done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
     done
     echo "local.sh: stopped"
 }

@@ -32,8 +32,30 @@ def _config(config: Any, overrides: list[str] | None = None) -> RaylabConfig:
     if isinstance(config, RaylabConfig):
         return config_module.load_dict(config.model_dump(mode="json"), overrides) if overrides else config
     if isinstance(config, dict):
-        return config_module.load_dict(config, overrides)
+        return config_module.load_dict(config, overrides or ())
     return load_config(str(config), overrides)
+
+
+def _stage(fn, cfg: RaylabConfig, address: str | None, **kwargs):
+    """Run a stage in this process, or, in a Ray Client session, as a task on the cluster's
+    head node: Ray Data's executor and Ray Train's controller need a real Ray worker process,
+    which a client session is not (Ray's own advice for libraries through Ray Client). Its
+    printed progress reaches the client like any task's output; its result comes back."""
+    from raylab import cluster
+
+    resolved, _ = cluster.resolve_address(address, cfg)
+    if cluster.mode_of(resolved) != "client":
+        return fn(cfg, address=address, **kwargs)
+    cluster.connect(cfg, address)
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0, resources={"node:__internal_head__": 0.001})(fn)
+    try:
+        return ray.get(task.remote(cfg, address=None, **kwargs))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UserError):  # a problem in the config or data, not a bug
+            raise e.cause from None
+        raise
 
 
 def run(config, overrides: list[str] | None = None, *, address: str | None = None, until: str | None = None,
@@ -41,28 +63,28 @@ def run(config, overrides: list[str] | None = None, *, address: str | None = Non
     """The pipeline (`raylab run`): data, tune|train, gates, promote, serve, smoke; the summary."""
     from raylab import pipeline
 
-    return pipeline.run(_config(config, overrides), address, until, serve, keep_serving)
+    return _stage(pipeline.run, _config(config, overrides), address, until=until, serve=serve, keep_serving=keep_serving)
 
 
 def run_data(config, overrides: list[str] | None = None, *, address: str | None = None) -> dict:
     """The data stage (`raylab data`); returns the manifest."""
     from raylab import data
 
-    return data.run_data(_config(config, overrides), address)
+    return _stage(data.run_data, _config(config, overrides), address)
 
 
 def run_train(config, overrides: list[str] | None = None, *, address: str | None = None) -> dict:
     """The train stage (`raylab train`); returns the final model's metadata (and registry version)."""
     from raylab import train
 
-    return train.run_train(_config(config, overrides), address)
+    return _stage(train.run_train, _config(config, overrides), address)
 
 
 def run_tune(config, overrides: list[str] | None = None, *, address: str | None = None) -> dict:
     """The sweep (`raylab tune`); returns its summary (best trial, registry version)."""
     from raylab import tune
 
-    return tune.run_tune(_config(config, overrides), address)
+    return _stage(tune.run_tune, _config(config, overrides), address)
 
 
 def run_eval(config, overrides: list[str] | None = None, *, model: str | None = None, input: str | None = None,
@@ -70,7 +92,7 @@ def run_eval(config, overrides: list[str] | None = None, *, model: str | None = 
     """Batch evaluation (`raylab eval`); returns the report."""
     from raylab import evaluate
 
-    return evaluate.run_eval(_config(config, overrides), model, input, address)
+    return _stage(evaluate.run_eval, _config(config, overrides), address, model_ref=model, input_path=input)
 
 
 def start_serving(config=None, overrides: list[str] | None = None, *, model: str | None = None,

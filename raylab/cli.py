@@ -20,6 +20,8 @@ from raylab.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from raylab.pipeline import STAGES
+
     p = argparse.ArgumentParser(prog="raylab", description="Fine-tune LLMs on your own data with Ray.")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
@@ -40,10 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     tu = verb("tune", "sweep hyperparameters (Optuna TPE + ASHA) over train-stage runs; resumes", "required")
     tu.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     rn = verb("run", "the pipeline: data, tune|train, gates, promote, serve, smoke requests, summary", "required")
-    rn.add_argument("--until", choices=["data", "train", "tune", "gates", "promote", "serve"], help="stop after this stage")
+    rn.add_argument("--until", choices=STAGES, help="stop after this stage")
     rn.add_argument("--no-serve", action="store_true", help="stop before serving")
     rn.add_argument("--keep-serving", action="store_true", help="leave the endpoint up (foreground) after the smoke requests")
     rn.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    sb = verb("submit", "run the pipeline (`raylab run`) as a Ray job on a cluster; tails its logs", "required")
+    sb.add_argument("--address", help="the cluster's Ray dashboard, http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS)")
+    sb.add_argument("--working-dir", default=".", help="directory sent with the job (default: the current one)")
+    sb.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]", help="environment variable for the job")
+    sb.add_argument("--no-wait", action="store_true", help="return once submitted (print the job id)")
+    sb.add_argument("--until", choices=STAGES, help="stop after this stage")
+    sb.add_argument("--no-serve", action="store_true", help="stop before serving")
     ev = verb("eval", "batch evaluation / inference (Ray Data actor pool): base vs tuned model", "required")
     ev.add_argument("--model", help="registry REF (NAME@ALIAS or NAME/VERSION); default: this run's model")
     ev.add_argument("--input", help="JSONL prompts to answer instead of the held-out split")
@@ -168,6 +177,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from raylab import config, jobs
+
+    path, overrides = _split(args, required=True)
+    cfg = config.load(path, overrides)
+    flags = (["--until", args.until] if args.until else []) + (["--no-serve"] if args.no_serve else [])
+    return jobs.submit(cfg, path, overrides, args.address, flags, args.working_dir, args.env, not args.no_wait)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from raylab import config, evaluate
 
@@ -252,7 +270,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "run": cmd_run,
+COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "run": cmd_run, "submit": cmd_submit,
             "eval": cmd_eval, "models": cmd_models, "serve": cmd_serve,
             "deploy": cmd_deploy, "export": cmd_export}
 

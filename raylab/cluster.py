@@ -18,9 +18,11 @@ a plan that cannot fit with the numbers (exit 2).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -85,6 +87,14 @@ def resolve_address(cli_address: str | None, cfg: RaylabConfig | None) -> tuple[
         return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     if cfg is not None and cfg.ray.address:
         return cfg.ray.address, "ray.address"
+    if "ray" in sys.modules:
+        import ray
+        from ray.util.client import ray as client_ray
+
+        if client_ray.is_connected():  # a notebook that ran ray.init("ray://HOST:10001") before calling raylab
+            return "ray://connected", "ray.init (Ray Client)"
+        if ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE:
+            return ray.get_runtime_context().gcs_address, "the Ray task this runs in"
     return None, "embedded"
 
 
@@ -182,7 +192,7 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
     mode = mode_of(address)
     env = apply_process_env(cfg)
     if ray.is_initialized():
-        return Connection(mode, address, origin, env["RAY_AUTH_MODE"])
+        return Connection(mode, address, origin, env["RAY_AUTH_MODE"], _current_dashboard())
     if mode != "embedded" and env["RAY_AUTH_MODE"] == "token" and not _token_available():
         raise UserError(
             f"Ray address {address!r} (from {origin}): token authentication is on but no token "
@@ -204,7 +214,7 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
         dashboard_port = _free_port()
         _started_api_server["url"] = env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
         os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"]
-    kwargs = dict(namespace=namespace, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
+    kwargs = dict(namespace=namespace, runtime_env={"env_vars": _without_job_env(env)}, logging_level=logging.WARNING)
     try:
         if mode == "embedded":
             context = ray.init(
@@ -232,7 +242,7 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
             "RAY_AUTH_MODE and the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
         ) from None
     except Exception as e:  # auth failures surface as several exception types across modes
-        if "auth" in type(e).__name__.lower() or "token" in str(e).lower():
+        if "auth" in type(e).__name__.lower() or re.search(r"authenticat|invalid token|token (is )?(invalid|missing)", str(e), re.I):
             raise UserError(
                 f"Ray at {address!r} (from {origin}) refused authentication: {e}. Use the "
                 "cluster's token (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE=token"
@@ -240,6 +250,27 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
         raise
     dashboard = getattr(context, "dashboard_url", None) or None
     return Connection(mode, address, origin, env["RAY_AUTH_MODE"], dashboard)
+
+
+def _current_dashboard() -> str | None:
+    """The connected cluster's dashboard (host:port), as `ray.init` reported it. No public API
+    gives it after the fact; without it, serving from a Ray job could not find Serve's REST API."""
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        return get_dashboard_url() or None
+    except Exception:  # Ray Client sessions have no local node
+        return None
+
+
+def _without_job_env(env: dict[str, str]) -> dict[str, str]:
+    """Inside a Ray job (`ray job submit`, `raylab submit`), Ray refuses a driver runtime_env
+    that sets a variable the job's runtime_env already sets: the job's value wins."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return env
+    job_env = ((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    return {k: v for k, v in env.items() if k not in job_env}
 
 
 _started_api_server: dict[str, str] = {}

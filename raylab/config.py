@@ -284,6 +284,7 @@ class TrainConfig(Section):
     early_stopping_patience: PositiveInt | None = Field(None, description="evals without val_loss improvement before stopping")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPUs that support it, else fp32")
     gradient_checkpointing: bool = False
+    loss_on: Literal["targets", "all"] = Field("targets", description="all: every token is a target, prompts too")
     max_failures: int = Field(0, ge=-1)
     resume: bool = Field(True, description="continue from the run's latest checkpoint; false starts over")
 
@@ -300,6 +301,18 @@ class TrainConfig(Section):
     @property
     def max_workers(self) -> int:
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+
+class PretrainConfig(Section):
+    """Continued pre-training before fine-tuning: a full fine-tune of model.name_or_path on
+    every token of the data stage's train split; its result is then the base model of train,
+    tune and eval (`raylab run` runs it after the data stage)."""
+
+    max_steps: PositiveInt = 200
+    lr: float = Field(3e-3, gt=0)
+    batch_size: PositiveInt = 8
+    num_workers: PositiveInt = 1
+    cpus_per_worker: float = Field(1.0, gt=0)
 
 
 class SearchDim(Section):
@@ -380,6 +393,8 @@ class GatesConfig(Section):
 class RegistryConfig(Section):
     enabled: bool = Field(True, description="log runs to MLflow and register winners")
     tracking_uri: str | None = Field(None, description="default $MLFLOW_TRACKING_URI, else SQLite under $RAYLAB_HOME")
+    artifact_location: str | None = Field(None, description="artifact root of new experiments (s3://bucket/mlflow); "
+                                          "default: beside the SQLite store, or the MLflow server's")
     model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=200,
                                    description="default: the run name")
     gates: GatesConfig = Field(default_factory=GatesConfig)
@@ -452,6 +467,7 @@ class RaylabConfig(Section):
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig | None = None
+    pretrain: PretrainConfig | None = None
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

@@ -1,16 +1,18 @@
 """`raylab run CONFIG`: the whole pipeline in one command.
 
-    raylab run configs/quickstart.yaml                  # data -> tune|train -> gates -> promote -> serve -> smoke
+    raylab run configs/quickstart.yaml                  # data -> [pretrain] -> tune|train -> ... -> smoke
     raylab run configs/quickstart.yaml --until train    # stop after a stage
     raylab run configs/quickstart.yaml --no-serve       # everything but the endpoint
     raylab run configs/quickstart.yaml --keep-serving   # leave the endpoint up (foreground)
 
-data -> tune (when the config has a `tune` section, else train; either registers the winner
-as a new version) -> gates (`raylab models evaluate`) -> promote (when the gates pass and
-`registry.auto_promote` is true) -> serve (the production version) -> smoke requests (a few
-held-out questions, answered by the endpoint) -> a summary. Each stage skips work whose
-inputs have not changed: the data stage's cache, a finished train run, a sweep's finished
-trials, an already-registered version.
+data -> pretrain (when the config has a `pretrain` section: continued pre-training on the
+corpus, whose result becomes the base model) -> tune (when the config has a `tune` section,
+else train; either registers the winner as a new version) -> gates (`raylab models
+evaluate`) -> promote (when the gates pass and `registry.auto_promote` is true) -> serve (the
+production version) -> smoke requests (a few held-out questions, answered by the endpoint
+and by the base model) -> a summary. Each stage skips work whose inputs have not changed: the
+data stage's cache, a finished pre-training or train run, a sweep's finished trials, an
+already-registered version.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import urllib.request
 from raylab.config import RaylabConfig
 from raylab.errors import UserError
 
-STAGES = ("data", "train", "tune", "gates", "promote", "serve")
+STAGES = ("data", "pretrain", "train", "tune", "gates", "promote", "serve")
 
 
 def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None, serve: bool = True,
         keep_serving: bool = False, log=print) -> dict:
     """Run the pipeline; returns the summary it prints (also written to <output_dir>/run.json)."""
-    from raylab import data, storage, train, tune
+    from raylab import data, pretrain, storage, train, tune
 
     if until is not None and until not in STAGES:
         raise UserError(f"--until {until!r}: expected one of {', '.join(STAGES)}")
@@ -53,6 +55,11 @@ def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None,
                            if k in manifest.get("counts", {})}
         if until == "data":
             return _finish(cfg, summary, log)
+        if cfg.pretrain is not None:
+            meta = stage("pretrain", lambda: pretrain.run_pretrain(cfg, address, log))
+            summary["pretrain"] = {k: meta.get("metrics", {}).get(k) for k in ("initial_val_loss", "val_loss")}
+            if until == "pretrain":
+                return _finish(cfg, summary, log)
         if cfg.tune is not None:
             result = stage("tune", lambda: tune.run_tune(cfg, address, log))
             best = result.get("best") or {}
@@ -136,7 +143,8 @@ def smoke(cfg: RaylabConfig, info: dict, log=print) -> list[dict]:
     keys = sorted(serve.api_keys({"api_keys_env": cfg.serve.api_keys_env, "api_keys_file": cfg.serve.api_keys_file}))
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {keys[0]}"} if keys else {})
     answers = []
-    for q in questions(cfg):
+    qs = questions(cfg)
+    for q in qs:
         body = {"model": info["name"], "messages": q["messages"], "temperature": 0, "max_tokens": cfg.eval.max_new_tokens}
         req = urllib.request.Request(info["url"] + "/v1/chat/completions", data=json.dumps(body).encode(), headers=headers)
         started = time.monotonic()
@@ -148,7 +156,13 @@ def smoke(cfg: RaylabConfig, info: dict, log=print) -> list[dict]:
         answer = reply["choices"][0]["message"]["content"]
         answers.append({"question": q["messages"][-1]["content"], "answer": answer, "reference": q.get("reference"),
                         "latency_s": round(time.monotonic() - started, 3)})
-        log(f"Q: {answers[-1]['question']}\nA: {answer}\n   (corpus: {q.get('reference')})")
+    # Before/after: the same questions answered greedily by the version's base model.
+    from raylab import evaluate, registry
+
+    path = registry.fetch(registry.open_store(cfg), info["model"])
+    for a, before in zip(answers, evaluate.answers(cfg, path, path, qs, base=True), strict=True):
+        a["base_answer"] = before
+        log(f"Q: {a['question']}\n  base:  {before}\n  tuned: {a['answer']}\n  corpus: {a['reference']}")
     return answers
 
 
@@ -162,6 +176,9 @@ def _print_summary(summary: dict, log) -> None:
     log("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stages"].items()))
     if "data" in summary:
         log("data: " + ", ".join(f"{k} {v}" for k, v in summary["data"].items()))
+    if summary.get("pretrain"):
+        p = summary["pretrain"]
+        log(f"pretrain: val loss {p['initial_val_loss']:.3f} -> {p['val_loss']:.3f} (every token; the stand-in base)")
     if summary.get("best"):
         log(f"best: {json.dumps(summary['best'], default=str)[:300]}")
     if summary.get("version"):
@@ -169,3 +186,5 @@ def _print_summary(summary: dict, log) -> None:
             f" (gates: {summary.get('gates', 'not run')}{', promoted' if summary.get('promoted') else ''})")
     if summary.get("endpoint"):
         log(f"endpoint: {summary['endpoint']['url']} (model {summary['endpoint']['model']} -> {summary['endpoint']['version']})")
+    for a in summary.get("smoke", [])[:1]:
+        log(f"before/after: {a['question']}\n  base:  {a.get('base_answer')}\n  tuned: {a['answer']}\n  corpus: {a['reference']}")

@@ -94,6 +94,8 @@ def open_store(cfg: RaylabConfig | None = None, tracking_uri: str | None = None)
     configured = tracking_uri or (cfg.registry.tracking_uri if cfg else None)
     key = "registry.tracking_uri" if configured else ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "registry")
     uri, root = locate(configured)
+    if cfg is not None and cfg.registry.artifact_location:
+        root = cfg.registry.artifact_location.rstrip("/")
     _check_reachable(uri, key)
     import logging
 

@@ -40,6 +40,7 @@ from raylab.errors import UserError
 
 META = "raylab_train.json"
 VAL_CACHE_BYTES = 256 << 20  # a val split up to this size stays in each worker's memory
+TRAIN_CACHE_BYTES = 256 << 20  # so does a train shard up to this size (per worker)
 MATERIALIZE_BYTES = 1 << 30  # a split up to this size is read into the object store once
 # Keys that change how a run is executed, not what it computes: a resumed run may change them.
 OPERATIONAL_KEYS = {"num_workers", "cpus_per_worker", "gpus_per_worker", "torch_threads", "placement_strategy",
@@ -68,20 +69,26 @@ def plan_steps(train_rows: int, world: int, batch_size: int, grad_accum: int, ep
     return Steps(rows, micro, per_epoch, math.ceil(total / per_epoch), total)
 
 
-def collate(batch: dict) -> dict:
-    """Ray Data numpy batch (fixed-length list columns) -> int tensors."""
+def collate(batch: dict, all_tokens: bool = False) -> dict:
+    """Ray Data numpy batch (fixed-length list columns) -> int tensors. `all_tokens`
+    (train.loss_on: all): every token of a document is a target, prompts included, except
+    its first (never predicted from the previous document) and padding."""
     import numpy as np
     import torch
 
-    return {k: torch.from_numpy(np.stack(v) if v.dtype == object else np.array(v)) for k, v in batch.items()}
+    out = {k: torch.from_numpy(np.stack(v) if v.dtype == object else np.array(v)) for k, v in batch.items()}
+    if all_tokens:
+        keep = (out["segment_ids"] > 0) & (out["position_ids"] > 0)
+        out["labels"] = torch.where(keep, out["input_ids"], torch.full_like(out["input_ids"], -100))  # loss.IGNORE
+    return out
 
 
-def _make_collate():
+def _make_collate(all_tokens: bool = False):
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class Collate(NumpyBatchCollateFn):
         def __call__(self, batch):
-            return collate(batch)
+            return collate(batch, all_tokens)
 
     return Collate()
 
@@ -180,12 +187,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     train_dir = loop_config["train_dir"]
 
-    collate_fn = _make_collate()
+    collate_fn = _make_collate(t.loss_on == "all")
 
     def on_device(batch: dict) -> dict:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     val_cache: list[dict] | None = [] if loop_config["val_bytes"] <= VAL_CACHE_BYTES else None
+    train_cache: dict | None = {} if loop_config["train_bytes"] / world <= TRAIN_CACHE_BYTES else None
+
+    def train_batches(epoch: int):
+        """This worker's batches for `epoch`, the same after any restart. A small shard is read
+        once into memory and each epoch is a seeded permutation of its rows: every pass over a
+        Ray Data shard costs seconds of start-up, which a small corpus trained for many epochs
+        (the quickstart's pre-training) would otherwise pay every epoch."""
+        import torch
+
+        if train_cache is None:
+            return iter(train_shard.iter_torch_batches(
+                batch_size=t.batch_size, collate_fn=collate_fn, local_shuffle_buffer_size=16 * t.batch_size,
+                prefetch_batches=2, local_shuffle_seed=t.seed + epoch))
+        if not train_cache:
+            parts = list(train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate_fn))
+            train_cache.update({k: torch.cat([b[k] for b in parts]) for k in parts[0]} if parts else {})
+        n = len(next(iter(train_cache.values()))) if train_cache else 0
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed + epoch))
+        return ({k: v[order[i:i + t.batch_size]] for k, v in train_cache.items()} for i in range(0, n, t.batch_size))
 
     def val_batches():
         """Stream the val shard; a small one is kept in memory after the first pass, since
@@ -258,9 +284,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     every_ckpt = t.checkpoint_every or t.eval_every
     acc = {"loss_sum": 0.0, "targets": 0, "real_tokens": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
     while not state["stopped_early"] and state["step"] < steps.total and state["epoch"] < steps.epochs:
-        batches = iter(train_shard.iter_torch_batches(
-            batch_size=t.batch_size, collate_fn=collate_fn, local_shuffle_buffer_size=16 * t.batch_size, prefetch_batches=2,
-            local_shuffle_seed=t.seed + state["epoch"]))
+        batches = train_batches(state["epoch"])
         for _ in range(state["batches_in_epoch"]):  # order-preserving skip to the data position
             next(batches, None)
         while state["step"] < steps.total:
@@ -411,6 +435,9 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
 
     With `track` (and registry.enabled) the driver then logs the run to MLflow and registers
     the model; tune trials pass track=False: their sweep's driver logs them."""
+    from raylab import pretrain
+
+    cfg = pretrain.resolve(cfg)  # a `pretrain` section: its pre-trained model is the base
     manifest = read_manifest(cfg)
     preflight(cfg, manifest)
     conn, plan = cluster.prepare(cfg, address, state_api=True)
@@ -443,7 +470,8 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "torch_threads": plan.torch_threads,
                            "train_rows": manifest["tokens"]["train"]["sequences"], "train_dir": train_dir,
                            # int32 input_ids, labels, position_ids, segment_ids per sequence
-                           "val_bytes": manifest["tokens"]["val"]["sequences"] * cfg.data.max_seq_len * 16},
+                           "val_bytes": manifest["tokens"]["val"]["sequences"] * cfg.data.max_seq_len * 16,
+                           "train_bytes": manifest["tokens"]["train"]["sequences"] * cfg.data.max_seq_len * 16},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                                resources_per_worker=resources, placement_strategy=t.placement_strategy),
         run_config=ray.train.RunConfig(

@@ -132,6 +132,9 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
     """Run (or resume) the sweep; returns the summary also written to tune/results.json."""
     if cfg.tune is None:
         raise UserError("the config has no tune section; add tune.search_space (see configs/quickstart.yaml)")
+    from raylab import pretrain
+
+    cfg = pretrain.resolve(cfg)  # a `pretrain` section: its pre-trained model is the base
     manifest = train.read_manifest(cfg)
     train.preflight(cfg, manifest)
     raw = json.loads(cfg.model_dump_json())

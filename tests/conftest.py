@@ -129,6 +129,10 @@ def _wait_current_cluster(port: int, timeout_s: float = 60) -> None:
     raise RuntimeError(f"{path} did not name port {port} within {timeout_s}s")
 
 
+# How Ray's client proxy reports failing to start a per-client server (intermittent on 2 cores).
+RAY_CLIENT_FLAKE = ("Initialization failure from server", "Starting Ray client server failed")
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """`ray start --head --block` with token auth; yields (gcs address, client address).

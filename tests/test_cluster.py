@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import RAY_CLIENT_FLAKE, REPO, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -94,9 +94,6 @@ def test_ray_address_env_and_config_precedence(ray_head, tmp_path):
     proc = run_cli("doctor", "configs/quickstart.yaml", "ray.address=127.0.0.1:1", env={"RAY_ADDRESS": gcs})
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "from RAY_ADDRESS" in proc.stdout
-
-
-RAY_CLIENT_FLAKE = ("Initialization failure from server", "Starting Ray client server failed")
 
 
 def test_doctor_through_ray_client(ray_head):

@@ -9,13 +9,16 @@
 #   cluster/local.sh status
 #   cluster/local.sh stop
 #
-# Environment: PORT (GCS, default 6390), DASHBOARD_PORT (8290), CLIENT_PORT (Ray Client, 10001), CPUS_PER_NODE (1),
+# Environment: PORT (GCS, default 6390), DASHBOARD_PORT (8290), CLIENT_PORT (Ray Client, 10001),
+# AGENT_PORT (the head's dashboard agent, which runs jobs, 52365; worker i uses AGENT_PORT+i), CPUS_PER_NODE (1),
 # STATE_DIR (.ray-local: pid files and logs). Authentication follows RAY_AUTH_MODE (token by
 # default, as raylab does); the token is ~/.ray/auth_token or RAY_AUTH_TOKEN.
 set -euo pipefail
 PORT="${PORT:-6390}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8290}"
 CPUS="${CPUS_PER_NODE:-1}"
+# Every node's dashboard agent needs its own port on one machine; the head's runs the jobs.
+AGENT="${AGENT_PORT:-52365}"
 STATE="${STATE_DIR:-.ray-local}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}" RAY_USAGE_STATS_ENABLED=0
 RAY="${RAY:-ray}"
@@ -44,7 +47,7 @@ start() {
     fi
     nohup "$RAY" start --head --block --port="$PORT" --num-cpus="$CPUS" --node-ip-address=127.0.0.1 \
         --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="${CLIENT_PORT:-10001}" \
-        --resources='{"node_0": 1}' \
+        --dashboard-agent-listen-port="$AGENT" --resources='{"node_0": 1}' \
         > "$STATE/head.log" 2>&1 &
     echo $! > "$STATE/head.pid"
     wait_for 1
@@ -53,6 +56,7 @@ start() {
         # share runtime_resources/, where two nodes unpacking a job's working_dir race.
         nohup "$RAY" start --block --address="127.0.0.1:$PORT" --num-cpus="$CPUS" --node-ip-address=127.0.0.1 \
             --temp-dir="${TMPDIR:-/tmp}/ray-$PORT-node$i" --resources="{\"node_$i\": 1}" \
+            --dashboard-agent-listen-port=$((AGENT + i)) \
             > "$STATE/worker$i.log" 2>&1 &
         echo $! > "$STATE/worker$i.pid"
     done

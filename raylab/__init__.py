@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from raylab import cluster as _cluster
 from raylab.config import RaylabConfig
 from raylab.config import load as load_config
 from raylab.errors import ConfigError, UserError
@@ -36,55 +37,34 @@ def _config(config: Any, overrides: list[str] | None = None) -> RaylabConfig:
     return load_config(str(config), overrides)
 
 
-def _stage(fn, cfg: RaylabConfig, address: str | None, **kwargs):
-    """Run a stage in this process, or, in a Ray Client session, as a task on the cluster's
-    head node: Ray Data's executor and Ray Train's controller need a real Ray worker process,
-    which a client session is not (Ray's own advice for libraries through Ray Client). Its
-    printed progress reaches the client like any task's output; its result comes back."""
-    from raylab import cluster
-
-    resolved, _ = cluster.resolve_address(address, cfg)
-    if cluster.mode_of(resolved) != "client":
-        return fn(cfg, address=address, **kwargs)
-    cluster.connect(cfg, address)
-    import ray
-
-    task = ray.remote(num_cpus=0, max_retries=0, resources={"node:__internal_head__": 0.001})(fn)
-    try:
-        return ray.get(task.remote(cfg, address=None, **kwargs))
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, UserError):  # a problem in the config or data, not a bug
-            raise e.cause from None
-        raise
-
-
 def run(config, overrides: list[str] | None = None, *, address: str | None = None, until: str | None = None,
         serve: bool = True, keep_serving: bool = False) -> dict:
     """The pipeline (`raylab run`): data, tune|train, gates, promote, serve, smoke; the summary."""
     from raylab import pipeline
 
-    return _stage(pipeline.run, _config(config, overrides), address, until=until, serve=serve, keep_serving=keep_serving)
+    return _cluster.run_stage(pipeline.run, _config(config, overrides), address, until=until, serve=serve,
+                              keep_serving=keep_serving)
 
 
 def run_data(config, overrides: list[str] | None = None, *, address: str | None = None) -> dict:
     """The data stage (`raylab data`); returns the manifest."""
     from raylab import data
 
-    return _stage(data.run_data, _config(config, overrides), address)
+    return _cluster.run_stage(data.run_data, _config(config, overrides), address)
 
 
 def run_train(config, overrides: list[str] | None = None, *, address: str | None = None) -> dict:
     """The train stage (`raylab train`); returns the final model's metadata (and registry version)."""
     from raylab import train
 
-    return _stage(train.run_train, _config(config, overrides), address)
+    return _cluster.run_stage(train.run_train, _config(config, overrides), address)
 
 
 def run_tune(config, overrides: list[str] | None = None, *, address: str | None = None) -> dict:
     """The sweep (`raylab tune`); returns its summary (best trial, registry version)."""
     from raylab import tune
 
-    return _stage(tune.run_tune, _config(config, overrides), address)
+    return _cluster.run_stage(tune.run_tune, _config(config, overrides), address)
 
 
 def run_eval(config, overrides: list[str] | None = None, *, model: str | None = None, input: str | None = None,
@@ -92,7 +72,8 @@ def run_eval(config, overrides: list[str] | None = None, *, model: str | None = 
     """Batch evaluation (`raylab eval`); returns the report."""
     from raylab import evaluate
 
-    return _stage(evaluate.run_eval, _config(config, overrides), address, model_ref=model, input_path=input)
+    return _cluster.run_stage(evaluate.run_eval, _config(config, overrides), address, model_ref=model,
+                              input_path=input)
 
 
 def start_serving(config=None, overrides: list[str] | None = None, *, model: str | None = None,

@@ -146,34 +146,35 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from raylab import config, data
+    from raylab import cluster, config, data
 
     path, overrides = _split(args, required=True)
-    data.run_data(config.load(path, overrides), args.address)
+    cluster.run_stage(data.run_data, config.load(path, overrides), args.address)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raylab import config, train
+    from raylab import cluster, config, train
 
     path, overrides = _split(args, required=True)
-    train.run_train(config.load(path, overrides), args.address)
+    cluster.run_stage(train.run_train, config.load(path, overrides), args.address)
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raylab import config, tune
+    from raylab import cluster, config, tune
 
     path, overrides = _split(args, required=True)
-    tune.run_tune(config.load(path, overrides), args.address)
+    cluster.run_stage(tune.run_tune, config.load(path, overrides), args.address)
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from raylab import config, pipeline
+    from raylab import cluster, config, pipeline
 
     path, overrides = _split(args, required=True)
-    pipeline.run(config.load(path, overrides), args.address, args.until, not args.no_serve, args.keep_serving)
+    cluster.run_stage(pipeline.run, config.load(path, overrides), args.address, until=args.until,
+                      serve=not args.no_serve, keep_serving=args.keep_serving)
     return 0
 
 
@@ -187,10 +188,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raylab import config, evaluate
+    from raylab import cluster, config, evaluate
 
     path, overrides = _split(args, required=True)
-    evaluate.run_eval(config.load(path, overrides), args.model, args.input, args.address)
+    cluster.run_stage(evaluate.run_eval, config.load(path, overrides), args.address, model_ref=args.model,
+                      input_path=args.input)
     return 0
 
 

@@ -252,6 +252,26 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
     return Connection(mode, address, origin, env["RAY_AUTH_MODE"], dashboard)
 
 
+def run_stage(fn, cfg: RaylabConfig, address: str | None, **kwargs):
+    """Run a stage in this process, or, in a Ray Client session, as a task on the cluster's
+    head node: Ray Data's executor and Ray Train's controller need a real Ray worker process,
+    which a client session is not (Ray's own advice for libraries through Ray Client). Its
+    printed progress reaches the client like any task's output; its result comes back."""
+    resolved, _ = resolve_address(address, cfg)
+    if mode_of(resolved) != "client":
+        return fn(cfg, address=address, **kwargs)
+    connect(cfg, address)
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0, resources={"node:__internal_head__": 0.001})(fn)
+    try:
+        return ray.get(task.remote(cfg, address=None, **kwargs))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UserError):  # a problem in the config or data, not a bug
+            raise e.cause from None
+        raise
+
+
 def _current_dashboard() -> str | None:
     """The connected cluster's dashboard (host:port), as `ray.init` reported it. No public API
     gives it after the fact; without it, serving from a Ray job could not find Serve's REST API."""

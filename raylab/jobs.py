@@ -103,6 +103,11 @@ def client(address: str):
     except ConnectionError as e:
         raise UserError(f"--address {address}: no Ray dashboard answers there ({e}); start the cluster or fix the "
                         "address (http://HEAD:8265)") from None
+    except Exception as e:  # ray.exceptions.AuthenticationError: a missing or wrong token
+        if "Authentication" not in type(e).__name__:
+            raise
+        raise UserError(f"--address {address}: the dashboard refused the token ({str(e).splitlines()[0]}); use the "
+                        "cluster's token (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE=token") from None
 
 
 def submit(cfg: RaylabConfig, config_path: str, overrides: list[str], address: str | None, flags: list[str],
@@ -119,8 +124,8 @@ def submit(cfg: RaylabConfig, config_path: str, overrides: list[str], address: s
             "copy of that directory on the head node. Use output_dir=s3://... or a shared path to keep the results.")
     jobs = client(url)
     job_id = f"raylab-{cfg.run_name}-{uuid.uuid4().hex[:8]}"
-    jobs.submit_job(entrypoint=cmd, runtime_env=renv, submission_id=job_id,
-                    metadata={"raylab_run": cfg.run_name, "raylab_output_dir": cfg.output_dir})
+    _submit(jobs, url, entrypoint=cmd, runtime_env=renv, submission_id=job_id,
+            metadata={"raylab_run": cfg.run_name, "raylab_output_dir": cfg.output_dir})
     log(f"submitted job {job_id} to {url}: {cmd}")
     log(f"  carried env: {', '.join(sorted(renv['env_vars'])) or '-'}; "
         f"logs: ray job logs --address {url} -f {job_id}; stop: ray job stop --address {url} {job_id}")
@@ -136,6 +141,21 @@ def submit(cfg: RaylabConfig, config_path: str, overrides: list[str], address: s
         log(f"job {job_id}: {info.status}")
         return 130
     return exit_code(info, job_id, log)
+
+
+def _submit(jobs, url: str, timeout_s: float = 60, **job) -> None:
+    """Submit; a head whose job agent is still starting answers 500 "No available agent",
+    so that is retried for a while (as Ray's message asks)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            jobs.submit_job(**job)
+            return
+        except RuntimeError as e:
+            if "No available agent" in str(e) and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            raise UserError(f"the cluster at {url} did not accept the job: {e}") from None
 
 
 async def _tail(jobs, job_id: str) -> None:

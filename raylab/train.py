@@ -241,13 +241,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             state["evals_without_improvement"] += 1
 
-    def report(row: dict, with_checkpoint: bool) -> None:
+    def report(row: dict, with_checkpoint: bool, to_ray: bool = True) -> None:
+        """Every row goes to the progress line and metrics.jsonl; only evaluations and
+        checkpoints go to Ray Train (and so to Tune): a report is a round trip through Ray
+        Train's controller, about a second here, which log-only steps need not pay."""
         state["history"].append(row)
         if rank == 0:
             print(metrics.progress_line(row, steps.total, time.perf_counter() - started, started_at), flush=True)
             storage.write_text(storage.join(train_dir, "metrics.jsonl"), metrics.to_jsonl(state["history"]))
         if not with_checkpoint:
-            ray.train.report(row)
+            if to_ray:
+                ray.train.report(row)
             return
         state["last_checkpoint_step"] = state["step"]
         if state["step"] >= steps.total or state["stopped_early"]:
@@ -312,7 +316,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 patience = t.early_stopping_patience
                 state["stopped_early"] = bool(patience and state["evals_without_improvement"] >= patience)
             if step % t.log_every == 0 or evaluated:
-                report(row(interval(acc), evaluated), ckpt_due or state["stopped_early"])
+                report(row(interval(acc), evaluated), ckpt_due or state["stopped_early"], to_ray=evaluated)
                 acc = dict.fromkeys(acc, 0) | {"loss_sum": 0.0, "seconds": 0.0}
             if state["stopped_early"]:
                 if rank == 0:

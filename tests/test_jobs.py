@@ -69,8 +69,9 @@ def local_cluster(tmp_path_factory, s3):
     """`cluster/local.sh start 1` with 2 CPUs per node, every node seeing the S3 server;
     yields (env, dashboard URL, Ray Client address)."""
     state = tmp_path_factory.mktemp("local-cluster")
-    port, dashboard, client = free_port(), free_port(), free_port()
+    port, dashboard, client, agent = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, **s3, "PORT": str(port), "DASHBOARD_PORT": str(dashboard), "CLIENT_PORT": str(client),
+           "AGENT_PORT": str(agent),
            "CPUS_PER_NODE": "2",
            "STATE_DIR": str(state), "RAY": str(BIN / "ray"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -81,10 +82,29 @@ def local_cluster(tmp_path_factory, s3):
     try:
         assert start.returncode == 0, start.stdout + start.stderr
         assert f"RAY_ADDRESS=127.0.0.1:{port}" in start.stdout
+        _wait_for_job_agent(f"http://127.0.0.1:{dashboard}")
         yield env, f"http://127.0.0.1:{dashboard}", f"ray://127.0.0.1:{client}"
     finally:
         subprocess.run(["bash", "cluster/local.sh", "stop"], cwd=REPO, env=env, capture_output=True, timeout=120)
         assert not list(state.glob("*.pid"))
+
+
+def _wait_for_job_agent(url: str, timeout_s: float = 120) -> None:
+    """The head's job agent starts after the dashboard answers: run a trivial job first."""
+    from raylab import jobs
+
+    client = jobs.client(url)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError:
+            assert time.monotonic() < deadline, "the head's job agent did not start"
+            time.sleep(2)
+    while str(client.get_job_status(job_id)) not in jobs.TERMINAL:
+        assert time.monotonic() < deadline, "the trivial job did not finish"
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +159,7 @@ def test_raylab_submit_tails_logs_and_reuses_the_data_cache(local_cluster, quick
     assert "carried env: AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL, AWS_SECRET_ACCESS_KEY" in r.stdout
 
 
-def test_raylab_submit_returns_the_failed_jobs_exit_code(local_cluster, tmp_path):
+def test_raylab_submit_returns_the_failed_jobs_exit_code_and_refuses_a_wrong_token(local_cluster, tmp_path):
     env, url, _ = local_cluster
     r = subprocess.run(
         [sys.executable, "-m", "raylab", "submit", "configs/quickstart.yaml", *SMALL, f"output_dir={tmp_path / 'bad'}",
@@ -148,6 +168,10 @@ def test_raylab_submit_returns_the_failed_jobs_exit_code(local_cluster, tmp_path
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-2000:]
     assert "no jsonl files at" in r.stdout and "FAILED (entrypoint exit code 2)" in r.stdout
     assert "Traceback" not in r.stdout + r.stderr
+    wrong = subprocess.run([sys.executable, "-m", "raylab", "submit", "configs/quickstart.yaml", "--address", url],
+                           cwd=REPO, env={**env, "RAY_AUTH_TOKEN": "not-the-token"}, capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode == 2 and "refused the token" in wrong.stderr, wrong.stderr[-2000:]
 
 
 def test_ctrl_c_stops_the_job(local_cluster, tmp_path):

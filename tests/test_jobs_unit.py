@@ -57,7 +57,9 @@ def test_submit_argument_errors_exit_2_before_submitting(tmp_path):
         ((qs, "--address", "http://127.0.0.1:9"), "no Ray dashboard answers"),
         ((qs, "train.lr=-1", "--address", "http://127.0.0.1:9"), "train.lr"),
     ]:
-        r = run_cli("submit", *args, "output_dir=" + str(tmp_path / "out"), timeout=60)
+        # No cluster address from the environment (an earlier test's Ray may have left one).
+        r = run_cli("submit", *args, "output_dir=" + str(tmp_path / "out"), timeout=60,
+                    env={"RAY_ADDRESS": "", "RAY_API_SERVER_ADDRESS": ""})
         assert r.returncode == 2, (args, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
@@ -65,10 +67,11 @@ def test_submit_argument_errors_exit_2_before_submitting(tmp_path):
 def test_submit_runtime_env_carries_package_and_env(tmp_path, monkeypatch):
     from raylab import config, jobs
 
+    for name in jobs.CARRIED:
+        monkeypatch.delenv(name, raising=False)  # whatever this test session set before
     monkeypatch.setenv("ACME_DB_URL", "postgresql://x")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     monkeypatch.setenv("EXTRA", "1")
-    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     raw = config.load(REPO / "configs" / "quickstart.yaml").model_dump(mode="json")
     raw["data"]["sources"].append({"type": "sql", "url": "${env:ACME_DB_URL}", "query": "select 1 as text"})
     cfg = config.load_dict(raw)

@@ -98,6 +98,9 @@ def client(address: str):
 
     token = auth_token() if os.environ.get("RAY_AUTH_MODE", "token") == "token" else None
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given; the
+    # cluster named here is the one meant (a RAY_ADDRESS for another cluster is common).
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
     try:
         return JobSubmissionClient(address, headers=headers)
     except ConnectionError as e:
@@ -108,6 +111,8 @@ def client(address: str):
             raise
         raise UserError(f"--address {address}: the dashboard refused the token ({str(e).splitlines()[0]}); use the "
                         "cluster's token (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE=token") from None
+    finally:
+        os.environ.update(hidden)
 
 
 def submit(cfg: RaylabConfig, config_path: str, overrides: list[str], address: str | None, flags: list[str],

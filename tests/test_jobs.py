@@ -152,8 +152,11 @@ def test_ray_job_submit_runs_the_quickstart_on_two_nodes_with_s3_storage(quickst
 def test_raylab_submit_tails_logs_and_reuses_the_data_cache(local_cluster, quickstart_job):
     env, url, _ = local_cluster
     _, out = quickstart_job
+    # --address wins over Ray's own RAY_ADDRESS / RAY_API_SERVER_ADDRESS (here: nothing listens there).
+    elsewhere = {**env, "RAY_ADDRESS": "127.0.0.1:1", "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"}
     r = subprocess.run([sys.executable, "-m", "raylab", "submit", "configs/quickstart.yaml", *SMALL, f"output_dir={out}",
-                        "--until", "data", "--address", url], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                        "--until", "data", "--address", url], cwd=REPO, env=elsewhere, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "=== data ===" in r.stdout and "data: cache hit" in r.stdout and "SUCCEEDED" in r.stdout
     assert "carried env: AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL, AWS_SECRET_ACCESS_KEY" in r.stdout
@@ -241,7 +244,7 @@ def test_ray_client_session_runs_data_and_train(local_cluster, learn_data, tmp_p
 
     env, _, client = local_cluster
     corpus, _ = learn_data
-    cfg = base_config(tmp_path / "client-run", corpus, max_steps=8, eval_every=4, num_workers=2)
+    cfg = base_config(tmp_path / "client-run", corpus, max_steps=6, eval_every=3, num_workers=1)
     cfg["registry"] = {"enabled": False}
     rc, text = _client_session([sys.executable, "-c", RAY_CLIENT_SCRIPT, client, json.dumps(cfg)], tmp_path, env)
     assert rc == 0, text[-5000:]

@@ -76,10 +76,12 @@ def collate(batch: dict, all_tokens: bool = False) -> dict:
     import numpy as np
     import torch
 
+    from raylab.loss import IGNORE
+
     out = {k: torch.from_numpy(np.stack(v) if v.dtype == object else np.array(v)) for k, v in batch.items()}
     if all_tokens:
         keep = (out["segment_ids"] > 0) & (out["position_ids"] > 0)
-        out["labels"] = torch.where(keep, out["input_ids"], torch.full_like(out["input_ids"], -100))  # loss.IGNORE
+        out["labels"] = torch.where(keep, out["input_ids"], torch.full_like(out["input_ids"], IGNORE))
     return out
 
 

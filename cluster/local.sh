@@ -11,7 +11,8 @@
 #
 # Environment: PORT (GCS, default 6390), DASHBOARD_PORT (8290), CLIENT_PORT (Ray Client, 10001),
 # AGENT_PORT (the head's dashboard agent, which runs jobs, 52365; worker i uses AGENT_PORT+i), CPUS_PER_NODE (1),
-# STATE_DIR (.ray-local: pid files and logs). Authentication follows RAY_AUTH_MODE (token by
+# STATE_DIR (.ray-local: pid files and logs), TEMP_DIR (the head's Ray temp dir, Ray's default
+# /tmp/ray unless set; `address=auto` only finds a head in the default one). Authentication follows RAY_AUTH_MODE (token by
 # default, as raylab does); the token is ~/.ray/auth_token or RAY_AUTH_TOKEN.
 set -euo pipefail
 PORT="${PORT:-6390}"
@@ -47,7 +48,7 @@ start() {
     fi
     nohup "$RAY" start --head --block --port="$PORT" --num-cpus="$CPUS" --node-ip-address=127.0.0.1 \
         --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="${CLIENT_PORT:-10001}" \
-        --dashboard-agent-listen-port="$AGENT" --resources='{"node_0": 1}' \
+        --dashboard-agent-listen-port="$AGENT" --resources='{"node_0": 1}' ${TEMP_DIR:+--temp-dir="$TEMP_DIR"} \
         > "$STATE/head.log" 2>&1 &
     echo $! > "$STATE/head.pid"
     wait_for 1

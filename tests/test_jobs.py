@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ from conftest import RAY_CLIENT_FLAKE, REPO, free_port
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
+TMP = os.environ.get("TMPDIR", "/tmp")
 SMALL = ["pretrain=null", "tune=null", "train.max_steps=4", "train.eval_every=2", "train.epochs=1", "train.num_workers=2",
          "train.placement_strategy=SPREAD", "data.dedup.near=false", "eval.max_new_tokens=8", "registry.model_name=job-e2e"]
 
@@ -67,26 +70,70 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory, s3):
     """`cluster/local.sh start 1` with 2 CPUs per node, every node seeing the S3 server;
-    yields (env, dashboard URL, Ray Client address)."""
-    state = tmp_path_factory.mktemp("local-cluster")
+    yields (env, dashboard URL, Ray Client address).
+
+    The head's job agent failed to come up once in CI with nothing to say why: its logs go
+    into the failure, and into a warning when a second cluster is started in its place."""
+    for attempt in (1, 2):
+        env, url, client = _start_cluster(tmp_path_factory.mktemp("local-cluster"), s3)
+        try:
+            _wait_for_job_agent(url)
+            break
+        except AssertionError as e:
+            report = f"{e}\n{_head_logs(env)}"
+            _stop_cluster(env)
+            if attempt == 2:
+                pytest.fail(report)
+            warnings.warn(f"cluster/local.sh started again: {report}", stacklevel=1)
+    try:
+        yield env, url, client
+    finally:
+        _stop_cluster(env)
+
+
+def _start_cluster(state: Path, s3: dict) -> tuple[dict, str, str]:
     port, dashboard, client, agent = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, **s3, "PORT": str(port), "DASHBOARD_PORT": str(dashboard), "CLIENT_PORT": str(client),
-           "AGENT_PORT": str(agent),
-           "CPUS_PER_NODE": "2",
-           "STATE_DIR": str(state), "RAY": str(BIN / "ray"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "AGENT_PORT": str(agent), "CPUS_PER_NODE": "2", "STATE_DIR": str(state),
+           # the head's own Ray temp dir (short: Ray's socket paths must stay under 108 bytes)
+           "TEMP_DIR": f"{TMP}/ray-{port}-node0",
+           "RAY": str(BIN / "ray"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_API_SERVER_ADDRESS", None)  # the session Ray's dashboard, not this cluster's
     start = subprocess.run(["bash", "cluster/local.sh", "start", "1"], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=180)
-    try:
-        assert start.returncode == 0, start.stdout + start.stderr
-        assert f"RAY_ADDRESS=127.0.0.1:{port}" in start.stdout
-        _wait_for_job_agent(f"http://127.0.0.1:{dashboard}")
-        yield env, f"http://127.0.0.1:{dashboard}", f"ray://127.0.0.1:{client}"
-    finally:
-        subprocess.run(["bash", "cluster/local.sh", "stop"], cwd=REPO, env=env, capture_output=True, timeout=120)
-        assert not list(state.glob("*.pid"))
+    if start.returncode != 0:
+        _stop_cluster(env)
+        pytest.fail(start.stdout + start.stderr + _head_logs(env))
+    assert f"RAY_ADDRESS=127.0.0.1:{port}" in start.stdout
+    return env, f"http://127.0.0.1:{dashboard}", f"ray://127.0.0.1:{client}"
+
+
+def _stop_cluster(env: dict) -> None:
+    subprocess.run(["bash", "cluster/local.sh", "stop"], cwd=REPO, env=env, capture_output=True, timeout=120)
+    assert not list(Path(env["STATE_DIR"]).glob("*.pid"))
+    for node in (0, 1):
+        shutil.rmtree(f"{TMP}/ray-{env['PORT']}-node{node}", ignore_errors=True)  # as local.sh names them
+
+
+def _head_logs(env: dict, lines: int = 30) -> str:
+    """The tails of the head's dashboard, job and agent logs, and how many processes and
+    threads this machine runs (a full process table starves Ray's agents)."""
+    out = []
+    for log in sorted(Path(env["TEMP_DIR"]).glob("session_latest/logs/*")):
+        if log.name.startswith(("dashboard", "raylet.out", "gcs_server.out")) and log.is_file():
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {log.name}\n" + "\n".join(tail))
+    threads = 0
+    procs = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    for p in procs:
+        try:
+            threads += len(list((p / "task").iterdir()))
+        except OSError:
+            pass
+    out.append(f"--- {len(procs)} processes, {threads} threads on this machine")
+    return "\n".join(out)
 
 
 def _wait_for_job_agent(url: str, timeout_s: float = 120) -> None:
@@ -99,8 +146,8 @@ def _wait_for_job_agent(url: str, timeout_s: float = 120) -> None:
         try:
             job_id = client.submit_job(entrypoint="true")
             break
-        except RuntimeError:
-            assert time.monotonic() < deadline, "the head's job agent did not start"
+        except RuntimeError as e:
+            assert time.monotonic() < deadline, f"the head's job agent did not start within {timeout_s:.0f} s: {e}"
             time.sleep(2)
     while str(client.get_job_status(job_id)) not in jobs.TERMINAL:
         assert time.monotonic() < deadline, "the trivial job did not finish"

@@ -22,6 +22,9 @@ CPUS="${CPUS_PER_NODE:-1}"
 AGENT="${AGENT_PORT:-52365}"
 STATE="${STATE_DIR:-.ray-local}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}" RAY_USAGE_STATS_ENABLED=0
+# `stop` ends every node at once, so a node has nowhere to drain to: Ray 2.60 would wait the
+# full 30 s drain on SIGTERM whenever a detached actor (Serve) lives on it.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
 RAY="${RAY:-ray}"
 
 wait_for() {  # wait_for N: until N nodes are alive

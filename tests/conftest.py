@@ -24,6 +24,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # explicit, so results never depend on test order
+# Ray Train's controller polls its workers every 2 s; a test run's loop lasts a few seconds, so
+# each run waited out several polls (about 5 of its ~20 s in Ray Train). Every Ray the tests
+# start (embedded, CLI subprocesses, `ray start`) inherits this; users keep Ray's default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def pytest_collection_modifyitems(config, items):

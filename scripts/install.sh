@@ -28,7 +28,7 @@ fi
 pipq() {
     local log
     log=$(mktemp)
-    if ! python -m pip install -q --no-compile "$@" >"$log" 2>&1; then
+    if ! python -m pip install -q "$@" >"$log" 2>&1; then
         cat "$log" >&2
         rm -f "$log"
         return 1
@@ -50,7 +50,7 @@ else
     # "+cpu" exists only as a CPU build: a local wheel (pip's find-links) or a mirror that
     # carries it wins, its dependencies coming from the package index; where none has it the
     # request fails at once and PyTorch's CPU index is used.
-    python -m pip install -q --no-compile "torch==$TORCH_VERSION+cpu" >/dev/null 2>&1 \
+    python -m pip install -q "torch==$TORCH_VERSION+cpu" >/dev/null 2>&1 \
         || pipq "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX"
 fi
 

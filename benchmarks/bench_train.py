@@ -46,6 +46,7 @@ def job(root: Path, name: str, model_dir: Path, steps: int, **overrides) -> conf
     items = [f"output_dir={root / name}", f"model.name_or_path={model_dir}", f"train.max_steps={steps}",
              f"train.eval_every={steps}", f"train.log_every={LOG_EVERY}", "train.num_workers=1",
              "train.batch_size=8", "train.grad_accum=1", "model.lora.dropout=0.0",
+             "pretrain=null",  # the benchmark's own model is the base: no stand-in pre-training
              "registry.enabled=false"]  # benchmarks stay out of the user's registry
     items += [f"{k}={v}" for k, v in overrides.items()]
     return config.load(REPO / "configs" / "quickstart.yaml", items)

@@ -41,6 +41,7 @@ from raylab.errors import UserError
 META = "raylab_train.json"
 VAL_CACHE_BYTES = 256 << 20  # a val split up to this size stays in each worker's memory
 TRAIN_CACHE_BYTES = 256 << 20  # so does a train shard up to this size (per worker)
+DRIVER_READ_BYTES = 64 << 20  # a split up to this size is read by the driver itself (read_split)
 MATERIALIZE_BYTES = 1 << 30  # a split up to this size is read into the object store once
 # Keys that change how a run is executed, not what it computes: a resumed run may change them.
 OPERATIONAL_KEYS = {"num_workers", "cpus_per_worker", "gpus_per_worker", "torch_threads", "placement_strategy",
@@ -435,6 +436,25 @@ def _unwrap_user_error(e: BaseException) -> str | None:
     return text.split(marker, 1)[1].strip().splitlines()[0] if marker in text else None
 
 
+def read_split(location: str, nbytes: int, num_cpus: float):
+    """A Ray Dataset over one packed split (`nbytes`: its size in memory).
+
+    A small split is read whole by the driver with pyarrow (files in sorted order) and
+    handed to Ray as one block: a Ray Data read costs the driver ~4 s of execution start-up
+    per split, which a short run (every tune trial) would pay twice. A larger one is read in
+    parallel by Ray Data and, up to MATERIALIZE_BYTES, kept in the object store, since every
+    epoch otherwise re-lists and re-reads the files."""
+    import ray
+
+    if nbytes <= DRIVER_READ_BYTES:
+        import pyarrow.parquet as pq
+
+        filesystem, path = storage.resolve(location)
+        return ray.data.from_arrow(pq.read_table(path, filesystem=filesystem))
+    ds = ray.data.read_parquet(location, num_cpus=num_cpus)
+    return ds.materialize() if nbytes <= MATERIALIZE_BYTES else ds
+
+
 def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callbacks: list | None = None,
               track: bool = True) -> dict:
     """Run the train stage; returns the final model's metadata (also in final/raylab_train.json).
@@ -462,14 +482,8 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
     config.write_resolved(cfg)
     t = cfg.train
     execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic shards: resume can skip
-    datasets = {}
-    for split in ("train", "val"):
-        ds = ray.data.read_parquet(manifest["outputs"][split], num_cpus=cfg.data.cpus_per_task)
-        if manifest["tokens"][split]["sequences"] * cfg.data.max_seq_len * 16 <= MATERIALIZE_BYTES:
-            # Small splits are read once into Ray's object store: every epoch otherwise
-            # re-lists and re-reads the files, seconds per epoch that a short run feels.
-            ds = ds.materialize()
-        datasets[split] = ds
+    datasets = {split: read_split(manifest["outputs"][split], manifest["tokens"][split]["sequences"] * cfg.data.max_seq_len * 16,
+                                  cfg.data.cpus_per_task) for split in ("train", "val")}
     resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -59,7 +59,7 @@ start() {
         # Each worker its own temp dir, as on separate machines: nodes sharing one would also
         # share runtime_resources/, where two nodes unpacking a job's working_dir race.
         nohup "$RAY" start --block --address="127.0.0.1:$PORT" --num-cpus="$CPUS" --node-ip-address=127.0.0.1 \
-            --temp-dir="${TMPDIR:-/tmp}/ray-$PORT-node$i" --resources="{\"node_$i\": 1}" \
+            --temp-dir="$(worker_temp "$i")" --resources="{\"node_$i\": 1}" \
             --dashboard-agent-listen-port=$((AGENT + i)) \
             > "$STATE/worker$i.log" 2>&1 &
         echo $! > "$STATE/worker$i.pid"
@@ -70,19 +70,27 @@ start() {
     echo "Ray Client: ray://127.0.0.1:${CLIENT_PORT:-10001}"
 }
 
+worker_temp() {  # worker_temp I: worker I's Ray temp dir
+    echo "${TMPDIR:-/tmp}/ray-$PORT-node$1"
+}
+
 stop() {
-    local pidfile pid pids=()
+    local pidfile pid pids=() temps=()
     for pidfile in "$STATE"/worker*.pid "$STATE"/head.pid; do
         [ -f "$pidfile" ] || continue
         pid=$(cat "$pidfile")
         # `ray start --block` stops its node's processes when it ends; all nodes at once
         kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" && pids+=("$pid")
+        case "$pidfile" in */worker*.pid) i=${pidfile##*/worker}; temps+=("$(worker_temp "${i%.pid}")") ;; esac
         rm -f "$pidfile"
     done
     for pid in "${pids[@]}"; do
         for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
         kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
     done
+    # The workers' temp dirs are this script's own (their logs go with them; the head's,
+    # Ray's default or TEMP_DIR, is kept).
+    [ "${#temps[@]}" -eq 0 ] || rm -rf "${temps[@]}" || true
     echo "local.sh: stopped"
 }
 

@@ -113,8 +113,7 @@ def _start_cluster(state: Path, s3: dict) -> tuple[dict, str, str]:
 def _stop_cluster(env: dict) -> None:
     subprocess.run(["bash", "cluster/local.sh", "stop"], cwd=REPO, env=env, capture_output=True, timeout=120)
     assert not list(Path(env["STATE_DIR"]).glob("*.pid"))
-    for node in (0, 1):
-        shutil.rmtree(f"{TMP}/ray-{env['PORT']}-node{node}", ignore_errors=True)  # as local.sh names them
+    shutil.rmtree(env["TEMP_DIR"], ignore_errors=True)  # the head's (local.sh removes its workers')
 
 
 def _head_logs(env: dict, lines: int = 30) -> str:

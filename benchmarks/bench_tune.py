@@ -5,12 +5,18 @@ Problem: LoRA on the tiny preset over a small learnable corpus (120 short ticket
 optimizer steps per trial, evaluation every 4), searching train.lr over the range a team
 would search without prior knowledge (loguniform 1e-5..3e-1; only about a fifth of it
 trains well in 24 steps: too low learns nothing, too high plateaus) and model.lora.r (4, 8,
-16); 12 trials per sweep, one at a time (so a sweep is deterministic for its seed;
-concurrency changes which results TPE and ASHA have seen, not the compute).
+16). Both sweeps get the same compute, `tune.max_total_steps` = 288 optimizer steps (12 full
+trials), and run one trial at a time (so a sweep is deterministic for its seed; concurrency
+changes which results TPE and ASHA have seen, not the compute).
 
     raylab    `raylab tune` with searcher=tpe (4 random start-up trials) and ASHA (grace 4
-              steps, reduction factor 3)
-    baseline  `raylab tune` with searcher=random and no early stopping
+              steps, reduction factor 3): as many trials as the budget holds
+    baseline  `raylab tune` with searcher=random and no early stopping: 12 trials
+
+Until stop 7 both sweeps had 12 trials instead of one budget. TPE + ASHA then spent ~170 of
+the 288 steps and, over 5 seeds, its sweep ended before its mean best reached random
+search's final one, so its steps to the target could not be measured; equal compute is how
+HPO methods are compared (and what `max_total_steps` is for).
 
 Compute is counted in optimizer steps. Each sweep is replayed in trial-creation order: at a
 budget of b steps, a sweep's best is the lowest val loss among the evaluations made within
@@ -58,6 +64,7 @@ from raylab import cluster, config, data, tune  # noqa: E402
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]
 TRIALS = 12
+BUDGET = TRIALS * 24  # optimizer steps per sweep: random search's 12 full trials
 
 
 def problem(root: Path) -> dict:
@@ -75,7 +82,8 @@ def problem(root: Path) -> dict:
         "train": {"batch_size": 4, "max_steps": 24, "eval_every": 4, "log_every": 4, "checkpoint_every": 24,
                   "warmup_ratio": 0.1},
         "tune": {"search_space": {"train.lr": {"loguniform": [1e-5, 3e-1]}, "model.lora.r": {"choice": [4, 8, 16]}},
-                 "num_samples": TRIALS, "max_concurrent_trials": 1, "startup_trials": 4},
+                 "num_samples": TRIALS, "max_total_steps": BUDGET, "max_concurrent_trials": 1,
+                 "startup_trials": 4},
     }
 
 
@@ -83,7 +91,9 @@ def sweep(raw: dict, root: Path, name: str, seed: int, searcher: str, asha: bool
     out = root / name
     shutil.copytree(root / "data-run" / "data", out / "data")
     items = [f"output_dir={out}", f"tune.seed={seed}", f"tune.searcher={searcher}"]
-    items += ["tune.asha.grace_period=4", "tune.asha.reduction_factor=3"] if asha else ["tune.asha=null"]
+    # with ASHA, more trials than the budget can hold: the budget ends the sweep
+    items += (["tune.asha.grace_period=4", "tune.asha.reduction_factor=3", f"tune.num_samples={4 * TRIALS}"]
+              if asha else ["tune.asha=null"])
     summary = tune.run_tune(config.load_dict(raw, items), log=lambda *_: None)
     trials = []
     for row in summary["results"]:  # each trial's evaluations, from its own metrics.jsonl
@@ -147,7 +157,7 @@ def analyse(runs: dict, seeds: int) -> list[dict]:
             "tpe_asha_total_steps": spent, "random_total_steps": sum(x["steps"] for x in r),
             "random_best_at_equal_budget": best(r, spent),
             "tpe_asha_steps_to_loosest_best": steps_to(t, loosest), "random_steps_to_loosest_best": steps_to(r, loosest),
-            "tpe_asha_stopped_early": sum(x["status"] == "stopped early" for x in t),
+            "tpe_asha_trials": len(t), "tpe_asha_stopped_early": sum(x["status"] == "stopped early" for x in t),
         })
     mean = lambda key: statistics.mean(s[key] for s in per_seed)  # noqa: E731
     raw = {f"{k[0]}-{k[1]}": v for k, v in runs.items()}
@@ -160,7 +170,7 @@ def analyse(runs: dict, seeds: int) -> list[dict]:
         measurement("tune_best_val_loss_at_equal_budget", mean("tpe_asha_best"), "val loss (mean over seeds)",
                     "random search, same steps", mean("random_best_at_equal_budget"),
                     note="lower is better; ratio < 1 favours TPE + ASHA"),
-        measurement("tune_total_steps", mean("tpe_asha_total_steps"), f"optimizer steps per {TRIALS}-trial sweep (mean)",
+        measurement("tune_total_steps", mean("tpe_asha_total_steps"), f"optimizer steps per sweep (mean; budget {BUDGET})",
                     "random search, no early stopping", mean("random_total_steps")),
         measurement("tune_steps_to_loosest_best", mean("tpe_asha_steps_to_loosest_best"),
                     "optimizer steps (mean over seeds)", "random search, no early stopping",

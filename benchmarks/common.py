@@ -79,7 +79,7 @@ def measurement(name: str, value: float, unit: str, baseline: str, baseline_valu
         "unit": unit,
         "baseline": baseline,
         "baseline_value": baseline_value,
-        "ratio": value / baseline_value if baseline_value else None,
+        "ratio": value / baseline_value if baseline_value and value is not None else None,
         "machine": machine_facts(),
         "commit": git_commit(),
         **extra,

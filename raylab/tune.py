@@ -183,7 +183,7 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=plan.trial_concurrency),
                                         scheduler=scheduler, num_samples=t.num_samples, time_budget_s=t.time_budget_s),
             run_config=tune.RunConfig(name="tune", storage_path=cfg.output_dir,
-                                      stop=_step_budget(t.max_total_steps) if t.max_total_steps else None,
+                                      stop=_step_budget(t.max_total_steps, tune_dir) if t.max_total_steps else None,
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=0),
         )
     log(f"tune: {t.num_samples} trials ({t.searcher}{' + ASHA' if t.asha else ''}), {plan.trial_concurrency} at once, "
@@ -197,16 +197,27 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
     return summary
 
 
-def _step_budget(budget: int):
-    """A Tune stopper ending the sweep once its trials have spent `budget` optimizer steps."""
+def _step_budget(budget: int, tune_dir: str):
+    """A Tune stopper ending the sweep once its trials have spent `budget` optimizer steps.
+
+    A trial's results lag its training: Ray Train's workers report asynchronously, and a
+    stopped trial trains on until the stop reaches them (an ASHA-stopped trial of a short
+    run often trains a whole evaluation interval more). So once another trial has reported
+    after it, a trial counts the steps its metrics.jsonl shows it ran, not its last result:
+    counting results alone let a benchmark sweep spend 344 steps of a 288-step budget."""
     from ray.tune.stopper import Stopper
 
     class StepBudget(Stopper):
         def __init__(self):
             self.spent: dict[str, int] = {}
+            self.unread: set[str] = set()  # trials that reported since their metrics were read
 
         def __call__(self, trial_id: str, result: dict) -> bool:
-            self.spent[trial_id] = int(result.get("step") or 0)
+            for other in self.unread - {trial_id}:
+                ran = _steps_run(storage.join(tune_dir, "trials", other, "train", "metrics.jsonl"))
+                self.spent[other] = max(self.spent[other], ran)
+            self.unread = {trial_id}
+            self.spent[trial_id] = max(self.spent.get(trial_id, 0), int(result.get("step") or 0))
             return self.stop_all()
 
         def stop_all(self) -> bool:

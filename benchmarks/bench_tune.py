@@ -180,6 +180,11 @@ def analyse(runs: dict, seeds: int, **provenance) -> list[dict]:
     ]
 
 
+def by_sweep(saved: dict) -> dict:
+    """{("tpe_asha", 0): trials, ...} from the JSON form {"tpe_asha-0": trials, ...}."""
+    return {(key.rsplit("-", 1)[0], int(key.rsplit("-", 1)[1])): trials for key, trials in saved.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=5)
@@ -188,10 +193,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.analyse:
         records = json.loads(Path(args.analyse).read_text())
-        runs = {}
-        for key, trials in records[-1]["trials"].items():
-            method, seed = key.rsplit("-", 1)
-            runs[(method, int(seed))] = trials
+        runs = by_sweep(records[-1]["trials"])
         write_results("tune", analyse(runs, len(runs) // 2, sweeps_commit=records[0].get("sweeps_commit", records[0]["commit"])))
         return
     # Ray Train's controller polls its workers every 2 s; a 24-step trial is over in seconds,
@@ -200,9 +202,7 @@ def main() -> None:
     partial = Path(__file__).resolve().parent / "results" / "tune.partial.json"
     runs = {}
     if args.resume and partial.exists():
-        for key, trials in json.loads(partial.read_text()).items():
-            method, seed = key.rsplit("-", 1)
-            runs[(method, int(seed))] = trials
+        runs = by_sweep(json.loads(partial.read_text()))
     root = Path(tempfile.mkdtemp(prefix="raylab-bench-tune-"))
     try:
         raw = problem(root)

@@ -160,7 +160,6 @@ def analyse(runs: dict, seeds: int, **provenance) -> list[dict]:
             "tpe_asha_trials": len(t), "tpe_asha_stopped_early": sum(x["status"] == "stopped early" for x in t),
         })
     mean = lambda key: statistics.mean(s[key] for s in per_seed)  # noqa: E731
-    raw = {f"{k[0]}-{k[1]}": v for k, v in runs.items()}
     return [
         measurement("tune_steps_to_target_val_loss", mean_curve_steps_to(tpe, target),
                     "optimizer steps (mean-over-seeds best-so-far curve)", "random search, no early stopping",
@@ -176,8 +175,13 @@ def analyse(runs: dict, seeds: int, **provenance) -> list[dict]:
                     "optimizer steps (mean over seeds)", "random search, no early stopping",
                     mean("random_steps_to_loosest_best"), target_val_loss=loosest,
                     note="the first metric (stops 2-6); its target loosens as seeds are added, see the docstring",
-                    trials=raw),
+                    trials=saved_form(runs)),
     ]
+
+
+def saved_form(runs: dict) -> dict:
+    """{"tpe_asha-0": trials, ...}: the JSON form of {("tpe_asha", 0): trials, ...}."""
+    return {f"{method}-{seed}": trials for (method, seed), trials in runs.items()}
 
 
 def by_sweep(saved: dict) -> dict:
@@ -213,7 +217,7 @@ def main() -> None:
                 if (method, seed) not in runs:
                     runs[(method, seed)] = sweep(raw, root, f"{method}-{seed}", seed, searcher, asha)
                     # Sweeps are slow: keep what has been measured if the run is cut short.
-                    partial.write_text(json.dumps({f"{k[0]}-{k[1]}": v for k, v in runs.items()}, indent=1))
+                    partial.write_text(json.dumps(saved_form(runs), indent=1))
         write_results("tune", analyse(runs, args.seeds))
         partial.unlink(missing_ok=True)
     finally:

@@ -482,16 +482,15 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
     config.write_resolved(cfg)
     t = cfg.train
     execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic shards: resume can skip
-    datasets = {split: read_split(manifest["outputs"][split], manifest["tokens"][split]["sequences"] * cfg.data.max_seq_len * 16,
-                                  cfg.data.cpus_per_task) for split in ("train", "val")}
+    # int32 input_ids, labels, position_ids, segment_ids per sequence
+    nbytes = {split: manifest["tokens"][split]["sequences"] * cfg.data.max_seq_len * 16 for split in ("train", "val")}
+    datasets = {split: read_split(manifest["outputs"][split], nbytes[split], cfg.data.cpus_per_task) for split in nbytes}
     resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "torch_threads": plan.torch_threads,
                            "train_rows": manifest["tokens"]["train"]["sequences"], "train_dir": train_dir,
-                           # int32 input_ids, labels, position_ids, segment_ids per sequence
-                           "val_bytes": manifest["tokens"]["val"]["sequences"] * cfg.data.max_seq_len * 16,
-                           "train_bytes": manifest["tokens"]["train"]["sequences"] * cfg.data.max_seq_len * 16},
+                           "val_bytes": nbytes["val"], "train_bytes": nbytes["train"]},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                                resources_per_worker=resources, placement_strategy=t.placement_strategy),
         run_config=ray.train.RunConfig(

@@ -214,7 +214,7 @@ def _step_budget(budget: int, tune_dir: str):
 
         def __call__(self, trial_id: str, result: dict) -> bool:
             for other in self.unread - {trial_id}:
-                ran = _steps_run(storage.join(tune_dir, "trials", other, "train", "metrics.jsonl"))
+                ran = _steps_run(tune_dir, other)
                 self.spent[other] = max(self.spent[other], ran)
             self.unread = {trial_id}
             self.spent[trial_id] = max(self.spent.get(trial_id, 0), int(result.get("step") or 0))
@@ -240,7 +240,7 @@ def _rows(cfg: RaylabConfig, grid) -> list[dict]:
         final = storage.join(cfg.output_dir, "tune", "trials", trial_id, "train", "final")
         finished = storage.exists(storage.join(final, train.META))
         value = m.get(t.metric)
-        ran = _steps_run(storage.join(cfg.output_dir, "tune", "trials", trial_id, "train", "metrics.jsonl"))
+        ran = _steps_run(storage.join(cfg.output_dir, "tune"), trial_id)
         rows.append({
             "trial_id": trial_id,
             "index": int(found.group(2)) if found else None,  # creation order
@@ -261,9 +261,10 @@ def _rows(cfg: RaylabConfig, grid) -> list[dict]:
     return rows
 
 
-def _steps_run(metrics_path: str) -> int:
-    """Optimizer steps a trial really ran: an ASHA-stopped trial trains on (unreported)
-    until Tune's stop reaches its workers."""
+def _steps_run(tune_dir: str, trial_id: str) -> int:
+    """Optimizer steps a trial really ran, from its metrics.jsonl: an ASHA-stopped trial
+    trains on (unreported) until Tune's stop reaches its workers."""
+    metrics_path = storage.join(tune_dir, "trials", trial_id, "train", "metrics.jsonl")
     if not storage.exists(metrics_path):
         return 0
     lines = storage.read_text(metrics_path).splitlines()

@@ -142,7 +142,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from raylab import checkpoint, loss, metrics
+    from raylab import asha, checkpoint, loss, metrics
     from raylab.model import load_for_training
 
     _quiet_worker()
@@ -289,6 +289,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         run_eval()
         report(row({"loss": None, "grad_norm": None, "real_tokens": 0, "seconds": 0.0, "steps": 0}, True), False)
     every_ckpt = t.checkpoint_every or t.eval_every
+    # In an ASHA sweep: wait at each rung for the scheduler's decision (raylab/asha.py).
+    rungs = asha.RungWait(loop_config["rungs"], state["step"], steps.total) if loop_config.get("rungs") else None
     acc = {"loss_sum": 0.0, "targets": 0, "real_tokens": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
     while not state["stopped_early"] and state["step"] < steps.total and state["epoch"] < steps.epochs:
         batches = train_batches(state["epoch"])
@@ -321,6 +323,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if step % t.log_every == 0 or evaluated:
                 report(row(interval(acc), evaluated), ckpt_due or state["stopped_early"], to_ray=evaluated)
                 acc = dict.fromkeys(acc, 0) | {"loss_sum": 0.0, "seconds": 0.0}
+                if rungs and evaluated:
+                    rungs.after_report(step, log=print if rank == 0 else lambda _: None)
             if state["stopped_early"]:
                 if rank == 0:
                     print(f"train: early stop at step {step}: val_loss has not improved for "
@@ -456,11 +460,12 @@ def read_split(location: str, nbytes: int, num_cpus: float):
 
 
 def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callbacks: list | None = None,
-              track: bool = True) -> dict:
+              track: bool = True, rungs: dict | None = None) -> dict:
     """Run the train stage; returns the final model's metadata (also in final/raylab_train.json).
 
     With `track` (and registry.enabled) the driver then logs the run to MLflow and registers
-    the model; tune trials pass track=False: their sweep's driver logs them."""
+    the model; tune trials pass track=False: their sweep's driver logs them. `rungs`: an ASHA
+    trial's workers wait at those steps for the scheduler's decision (raylab/asha.py)."""
     from raylab import pretrain
 
     cfg = pretrain.resolve(cfg)  # a `pretrain` section: its pre-trained model is the base
@@ -490,7 +495,7 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "torch_threads": plan.torch_threads,
                            "train_rows": manifest["tokens"]["train"]["sequences"], "train_dir": train_dir,
-                           "val_bytes": nbytes["val"], "train_bytes": nbytes["train"]},
+                           "val_bytes": nbytes["val"], "train_bytes": nbytes["train"], "rungs": rungs},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                                resources_per_worker=resources, placement_strategy=t.placement_strategy),
         run_config=ray.train.RunConfig(

@@ -114,15 +114,17 @@ MIN_TRIAL_SECONDS = 30  # measured fixed cost of one trial here (RAY_NOTES: ~25 
 # ---------------------------------------------------------------- one trial (a Tune function trainable)
 
 
-def run_trial(params: dict, base_raw: dict, manifest_text: str, output_dir: str) -> None:
+def run_trial(params: dict, base_raw: dict, manifest_text: str, output_dir: str, rungs: dict | None) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_dir = storage.join(output_dir, "tune", "trials", tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    trial_dir = storage.join(output_dir, "tune", "trials", trial_id)
     # The shards are shared: each trial reads the sweep's data through a copy of its manifest.
     storage.write_text(storage.join(trial_dir, "data", "manifest.json"), manifest_text)
     cfg = config.load_dict(with_params(base_raw, params, trial_dir), source=f"trial {trial_dir}")
-    train.run_train(cfg, callbacks=[TuneReportCallback()], log=print, track=False)
+    train.run_train(cfg, callbacks=[TuneReportCallback()], log=print, track=False,
+                    rungs=rungs and {**rungs, "trial_id": trial_id})
 
 
 # ---------------------------------------------------------------- the sweep
@@ -146,16 +148,23 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
     conn, plan = cluster.prepare(cfg, address, state_api=True)
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
+
+    from raylab import asha
 
     t = cfg.tune
     tune_dir = storage.join(cfg.output_dir, "tune")
     storage.makedirs(tune_dir)
     config.write_resolved(cfg)
+    rungs = None
+    if t.asha:  # the trials' workers wait at each rung for ASHA's decision (raylab/asha.py)
+        rungs = {"actor": asha.start(tune_dir),
+                 "rungs": asha.rung_steps(t.asha.grace_period, t.asha.reduction_factor, steps + 1)}
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_raw=raw, manifest_text=json.dumps(manifest), output_dir=cfg.output_dir),
+        tune.with_parameters(run_trial, base_raw=raw, manifest_text=json.dumps(manifest), output_dir=cfg.output_dir,
+                             rungs=rungs),
         {"cpu": t.cpus_per_trial_driver},
     )
     started = time.time()
@@ -175,8 +184,8 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
                                 study_name=cfg.run_name, storage=study_storage, points_to_evaluate=points)
         # max_t one past the last step: a trial reaching max_t is stopped at once, before
         # its train stage has written the final model.
-        scheduler = (ASHAScheduler(time_attr="step", metric=t.metric, mode=t.mode, max_t=steps + 1,
-                                   grace_period=t.asha.grace_period, reduction_factor=t.asha.reduction_factor)
+        scheduler = (asha.SyncedASHA(rungs["actor"], time_attr="step", metric=t.metric, mode=t.mode, max_t=steps + 1,
+                                     grace_period=t.asha.grace_period, reduction_factor=t.asha.reduction_factor)
                      if t.asha else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,

@@ -1,10 +1,15 @@
-"""Tune-stage pieces that need no running Ray: the sweep's step budget."""
+"""Tune-stage pieces that need no running Ray: the sweep's step budget, ASHA's rungs and
+the board its decisions reach the workers through."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
-from raylab import tune
+import pytest
+from ray.tune.schedulers import ASHAScheduler
+
+from raylab import asha, tune
 
 
 def _ran(tune_dir, trial_id: str, steps: list[int]) -> None:
@@ -39,3 +44,27 @@ def test_step_budget_keeps_a_results_steps_when_the_metrics_show_fewer(tmp_path)
     assert stopper.spent == {"a": 16, "b": 12}
     assert stopper("a", {"step": 20}) is False
     assert stopper.spent == {"a": 20, "b": 12}  # b did not report again: not re-read
+
+
+@pytest.mark.parametrize(("grace", "factor", "max_t"), [(4, 3, 25), (4, 2, 17), (1, 4, 100), (8, 3, 25), (5, 2, 6)])
+def test_rung_steps_are_the_rungs_ray_asha_decides_at(grace, factor, max_t):
+    scheduler = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=max_t,
+                              grace_period=grace, reduction_factor=factor)
+    ray_rungs = sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs)
+    assert asha.rung_steps(grace, factor, max_t) == ray_rungs
+
+
+def test_decisions_reach_a_waiter_posted_before_or_after_it_waits():
+    async def scenario():
+        board = asha.Decisions()
+        await board.post("a", 4, "CONTINUE")
+        assert await board.wait("a", 4, timeout_s=1) == "CONTINUE"  # decided before the wait
+        waiting = asyncio.ensure_future(board.wait("b", 4, timeout_s=5))
+        await asyncio.sleep(0)
+        await board.post("b", 8, "CONTINUE")  # another step: not this waiter's decision
+        assert not waiting.done()
+        await board.post("b", 4, "STOP")
+        assert await waiting == "STOP"
+        assert await board.wait("c", 4, timeout_s=0.01) is None  # never decided: the worker goes on
+
+    asyncio.run(scenario())

@@ -18,6 +18,12 @@ the 288 steps and, over 5 seeds, its sweep ended before its mean best reached ra
 search's final one, so its steps to the target could not be measured; equal compute is how
 HPO methods are compared (and what `max_total_steps` is for).
 
+Until stop 8 an ASHA-stopped trial trained on past its rung (Ray Train reports
+asynchronously: a trial stopped at step 4 usually reached 8, one stopped at 12 reached 16).
+Since stop 8 raylab's SyncedASHA makes a trial's workers wait at each rung for ASHA's
+decision. Random search without early stopping does not use it, so the stop-8 result reuses
+the random sweeps measured at f5f7a7e (`--resume` with only those in tune.partial.json).
+
 Compute is counted in optimizer steps. Each sweep is replayed in trial-creation order: at a
 budget of b steps, a sweep's best is the lowest val loss among the evaluations made within
 its first b steps (every earlier trial counted as far as it ran).

@@ -31,7 +31,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 WAIT_S = 120.0  # longest a worker waits for a decision before going on without one
 STOP_WAIT_S = 600.0  # longest a stopped trial's workers idle before they report the missing stop
-# Named in a namespace of its own: Ray Train's workers do not share the driver's (anonymous) one.
+# A fixed namespace: the trials' workers and a resumed driver find the actor by name whatever
+# namespace the driver's session has (an anonymous one by default, Ray Client, a job).
 NAMESPACE = "raylab"
 
 

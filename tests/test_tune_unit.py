@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pickle
 
 import pytest
 from ray.tune.schedulers import ASHAScheduler
@@ -68,3 +70,13 @@ def test_decisions_reach_a_waiter_posted_before_or_after_it_waits():
         assert await board.wait("c", 4, timeout_s=0.01) is None  # never decided: the worker goes on
 
     asyncio.run(scenario())
+
+
+def test_synced_asha_survives_tunes_pickle_with_its_actor_name():
+    # Tuner.restore rebuilds the scheduler from the pickled experiment state; the resumed
+    # driver then creates the actor under the same name (one per sweep directory).
+    scheduler = asha.SyncedASHA(asha.actor_name("run/tune"), time_attr="step", metric="val_loss", mode="min",
+                                max_t=25, grace_period=4, reduction_factor=3)
+    restored = pickle.loads(pickle.dumps(scheduler))
+    assert restored._decisions == asha.actor_name("run/tune") == asha.actor_name(os.path.abspath("run/tune"))
+    assert asha.actor_name("run/tune") != asha.actor_name("other/tune")

@@ -158,10 +158,13 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
     tune_dir = storage.join(cfg.output_dir, "tune")
     storage.makedirs(tune_dir)
     config.write_resolved(cfg)
+    # ASHA's max_t is one past the last step: a trial reaching max_t is stopped at once,
+    # before its train stage has written the final model.
+    max_t = steps + 1
     rungs = None
     if t.asha:  # the trials' workers wait at each rung for ASHA's decision (raylab/asha.py)
         rungs = {"actor": asha.start(tune_dir),
-                 "rungs": asha.rung_steps(t.asha.grace_period, t.asha.reduction_factor, steps + 1)}
+                 "rungs": asha.rung_steps(t.asha.grace_period, t.asha.reduction_factor, max_t)}
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_raw=raw, manifest_text=json.dumps(manifest), output_dir=cfg.output_dir,
                              rungs=rungs),
@@ -182,9 +185,7 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
         points = [{k: _encode(v) for k, v in point.items()} for point in t.points_to_evaluate] or None
         searcher = OptunaSearch(space=distributions(t.search_space), metric=t.metric, mode=t.mode, sampler=sampler,
                                 study_name=cfg.run_name, storage=study_storage, points_to_evaluate=points)
-        # max_t one past the last step: a trial reaching max_t is stopped at once, before
-        # its train stage has written the final model.
-        scheduler = (asha.SyncedASHA(rungs["actor"], time_attr="step", metric=t.metric, mode=t.mode, max_t=steps + 1,
+        scheduler = (asha.SyncedASHA(rungs["actor"], time_attr="step", metric=t.metric, mode=t.mode, max_t=max_t,
                                      grace_period=t.asha.grace_period, reduction_factor=t.asha.reduction_factor)
                      if t.asha else FIFOScheduler())
         tuner = tune.Tuner(
@@ -209,9 +210,9 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
 def _step_budget(budget: int, tune_dir: str):
     """A Tune stopper ending the sweep once its trials have spent `budget` optimizer steps.
 
-    A trial's results lag its training: Ray Train's workers report asynchronously, and a
-    stopped trial trains on until the stop reaches them (an ASHA-stopped trial of a short
-    run often trains a whole evaluation interval more). So once another trial has reported
+    A trial's results lag its training: Ray Train's workers report asynchronously, only
+    evaluations reach Tune, and a trial stopped by this budget (or, before SyncedASHA, by
+    ASHA) trains on until the stop reaches its workers. So once another trial has reported
     after it, a trial counts the steps its metrics.jsonl shows it ran, not its last result:
     counting results alone let a benchmark sweep spend 344 steps of a 288-step budget."""
     from ray.tune.stopper import Stopper
@@ -271,8 +272,8 @@ def _rows(cfg: RaylabConfig, grid) -> list[dict]:
 
 
 def _steps_run(tune_dir: str, trial_id: str) -> int:
-    """Optimizer steps a trial really ran, from its metrics.jsonl: an ASHA-stopped trial
-    trains on (unreported) until Tune's stop reaches its workers."""
+    """Optimizer steps a trial really ran, from its metrics.jsonl: a stopped trial may have
+    trained past its last result (see `_step_budget`)."""
     metrics_path = storage.join(tune_dir, "trials", trial_id, "train", "metrics.jsonl")
     if not storage.exists(metrics_path):
         return 0

@@ -14,6 +14,15 @@ had reached 16), and that compute is wasted. So:
   never reached the scheduler) and they go on as before: the wait can cost a little wall
   time, never a result.
 
+It also decides by ASHA's own promotion rule (Li et al. 2020, "A System for Massively
+Parallel Hyperparameter Tuning", Algorithm 2): a trial goes on past a rung only if it ranks in
+the top floor(n / reduction_factor) of the n trials recorded there, itself included, and the
+rung's best so far always goes on (so every sweep finishes a trial). Ray's `ASHAScheduler`
+instead compares with an interpolated percentile of the trials recorded before it, which lets
+through trials ranked below the top 1/reduction_factor while a rung holds few trials: with
+one trial at a time that is the start of every sweep, and those trials then train to the end
+(`TopBracket`).
+
 The cost is one round trip per rung (the Train controller's poll interval,
 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, plus Tune's processing: about a second here), small
 beside the steps it saves. Run it as part of a sweep: `raylab tune configs/quickstart.yaml`.
@@ -28,6 +37,7 @@ import os
 import time
 
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers.async_hyperband import _Bracket
 
 WAIT_S = 120.0  # longest a worker waits for a decision before going on without one
 STOP_WAIT_S = 600.0  # longest a stopped trial's workers idle before they report the missing stop
@@ -99,12 +109,37 @@ def _actor(name: str):
     return _handles[name]
 
 
-class SyncedASHA(ASHAScheduler):
-    """`ASHAScheduler` that also posts each decision for the trial's workers to wait on."""
+class TopBracket(_Bracket):
+    """An ASHA bracket deciding by the promotion rule: go on only in the top
+    max(1, floor(n / reduction_factor)) of the n trials at the rung, this one included.
 
-    def __init__(self, decisions: str, **asha):
-        super().__init__(**asha)
+    `cutoff` gets the rewards recorded before this trial (higher is better; Ray negates a
+    loss) and returns the lowest reward that still goes on; `_Bracket.on_result` stops a
+    trial whose reward is below it. Ties go on; a NaN (a diverged loss) stops."""
+
+    def on_result(self, trial, cur_iter: int, cur_rew: float | None) -> str:
+        if cur_rew is not None and math.isnan(cur_rew) and cur_iter >= self._rungs[-1][0]:
+            return ASHAScheduler.STOP  # Ray's `cur_rew < cutoff` is False for NaN: it would go on
+        return super().on_result(trial, cur_iter, cur_rew)
+
+    def cutoff(self, recorded: dict) -> float | None:
+        rewards = sorted((r for r in recorded.values() if not math.isnan(r)), reverse=True)
+        if not rewards:
+            return None
+        keep = max(1, int((len(rewards) + 1) / self.rf))
+        return rewards[keep - 1]
+
+
+class SyncedASHA(ASHAScheduler):
+    """`ASHAScheduler` deciding by ASHA's promotion rule (`TopBracket`) that also posts each
+    decision for the trial's workers to wait on."""
+
+    def __init__(self, decisions: str, *, grace_period: int, reduction_factor: float, max_t: int, **asha):
+        super().__init__(grace_period=grace_period, reduction_factor=reduction_factor, max_t=max_t, **asha)
         self._decisions = decisions
+        # the brackets Ray built (same rungs and offsets), deciding by the promotion rule
+        self._brackets = [TopBracket(grace_period, max_t, reduction_factor, s, stop_last_trials=self._stop_last_trials)
+                          for s in range(len(self._brackets))]
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)

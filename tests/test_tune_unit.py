@@ -80,3 +80,38 @@ def test_synced_asha_survives_tunes_pickle_with_its_actor_name():
     restored = pickle.loads(pickle.dumps(scheduler))
     assert restored._decisions == asha.actor_name("run/tune") == asha.actor_name(os.path.abspath("run/tune"))
     assert asha.actor_name("run/tune") != asha.actor_name("other/tune")
+
+
+class _Trial:
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+
+def _decisions(scheduler, losses: list[float], step: int = 4) -> list[str]:
+    """The scheduler's rung decisions (not posted: no actor) for trials reporting `losses` in turn."""
+    out = []
+    for i, loss in enumerate(losses):
+        scheduler.on_trial_add(None, _Trial(str(i)))
+        out.append(ASHAScheduler.on_trial_result(scheduler, None, _Trial(str(i)), {"step": step, "val_loss": loss}))
+    return out
+
+
+def test_synced_asha_goes_on_only_in_the_top_third_of_its_rung_itself_included():
+    scheduler = asha.SyncedASHA("unused", time_attr="step", metric="val_loss", mode="min",
+                                max_t=25, grace_period=4, reduction_factor=3)
+    assert sorted(m for m, _ in scheduler._brackets[0]._rungs) == [4, 12]  # Ray's rungs, kept
+    # n = 1, 2: the rung's best goes on; n = 3..5: only the best; n = 6: the best two
+    assert _decisions(scheduler, [5.0, 4.0, 4.5, 3.0, 3.5, 3.2, 2.0]) == [
+        "CONTINUE", "CONTINUE", "STOP", "CONTINUE", "STOP", "CONTINUE", "CONTINUE"]
+    assert _decisions(scheduler, [9.0, float("nan")], step=12) == ["CONTINUE", "STOP"]
+
+
+def test_ray_asha_lets_a_second_best_through_a_rung_of_three():
+    # Why SyncedASHA replaces the rule: Ray's interpolated percentile over the two earlier
+    # trials lets the third go on though it is not in the top third (1 of 3).
+    ray_asha = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=25, grace_period=4,
+                             reduction_factor=3)
+    synced = asha.SyncedASHA("unused", time_attr="step", metric="val_loss", mode="min", max_t=25,
+                             grace_period=4, reduction_factor=3)
+    assert _decisions(ray_asha, [5.0, 4.0, 4.2]) == ["CONTINUE", "CONTINUE", "CONTINUE"]
+    assert _decisions(synced, [5.0, 4.0, 4.2]) == ["CONTINUE", "CONTINUE", "STOP"]

@@ -118,7 +118,7 @@ class TopBracket(_Bracket):
     trial whose reward is below it. Ties go on; a NaN (a diverged loss) stops."""
 
     def on_result(self, trial, cur_iter: int, cur_rew: float | None) -> str:
-        if cur_rew is not None and math.isnan(cur_rew) and cur_iter >= self._rungs[-1][0]:
+        if cur_rew is not None and math.isnan(cur_rew) and self._rungs and cur_iter >= self._rungs[-1][0]:
             return ASHAScheduler.STOP  # Ray's `cur_rew < cutoff` is False for NaN: it would go on
         return super().on_result(trial, cur_iter, cur_rew)
 
@@ -140,6 +140,11 @@ class SyncedASHA(ASHAScheduler):
         # the brackets Ray built (same rungs and offsets), deciding by the promotion rule
         self._brackets = [TopBracket(grace_period, max_t, reduction_factor, s, stop_last_trials=self._stop_last_trials)
                           for s in range(len(self._brackets))]
+        for bracket in self._brackets:
+            # raylab's max_t is one past a trial's last step (tune.run_tune). A rung at the last
+            # step decides nothing: the steps are spent, and a stop there would only discard
+            # the trial's final model (its workers do not wait there either: `RungWait`).
+            bracket._rungs = [(milestone, recorded) for milestone, recorded in bracket._rungs if milestone < max_t - 1]
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)

@@ -115,3 +115,17 @@ def test_ray_asha_lets_a_second_best_through_a_rung_of_three():
                              grace_period=4, reduction_factor=3)
     assert _decisions(ray_asha, [5.0, 4.0, 4.2]) == ["CONTINUE", "CONTINUE", "CONTINUE"]
     assert _decisions(synced, [5.0, 4.0, 4.2]) == ["CONTINUE", "CONTINUE", "STOP"]
+
+
+def test_synced_asha_decides_nothing_at_the_last_step():
+    # 16 steps (max_t 17): Ray's rungs are 4, 8 and 16; at step 16 the trial's steps are
+    # spent and a stop would only discard its final model.
+    synced = asha.SyncedASHA("unused", time_attr="step", metric="val_loss", mode="min", max_t=17,
+                             grace_period=4, reduction_factor=2)
+    assert sorted(m for m, _ in synced._brackets[0]._rungs) == [4, 8]
+    decided = []
+    for trial_id, losses in (("a", [5.0, 5.0, 5.0]), ("b", [4.0, 4.0, 4.0]), ("c", [3.0, 3.0, 4.5])):
+        synced.on_trial_add(None, _Trial(trial_id))
+        decided += [ASHAScheduler.on_trial_result(synced, None, _Trial(trial_id), {"step": step, "val_loss": loss})
+                    for step, loss in zip((4, 8, 16), losses, strict=True)]
+    assert decided == ["CONTINUE"] * 9  # c, third of three at 16, would be stopped there

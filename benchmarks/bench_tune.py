@@ -44,11 +44,9 @@ val loss over all sweeps. That target is the worst sweep's best, so it loosens a
 added, and seeds whose first (shared, random) trials reach it tie at 1.0x whatever the
 method: with enough seeds the ratio tends to 1 by construction.
 
-    python benchmarks/bench_tune.py [--seeds 5] [--base pretrained|random] [--resume] [--baseline-from JSON]
+    python benchmarks/bench_tune.py [--seeds 5] [--base pretrained|random] [--resume]
     python benchmarks/bench_tune.py --analyse benchmarks/results/tune.json
 
---baseline-from FILE reuses the random-search sweeps kept in a committed result when only the
-raylab side changed (each new TPE sweep's first trial, drawn alike, must reproduce them).
 --resume reuses the sweeps of a run that was cut short (results/tune[_random_base].partial.json).
 Every sweep's trials (parameters, evaluations, steps, status) are kept in the JSON, and
 --analyse recomputes the figures from them (keeping the commit the sweeps ran at as
@@ -213,18 +211,6 @@ def analyse(runs: dict, seeds: int, **provenance) -> list[dict]:
     ]
 
 
-def check_same_problem(tpe: list[dict], rnd: list[dict], seed: int) -> None:
-    """A reused baseline must come from the same problem: both sweeps of a seed draw their
-    first trial alike (TPE's start-up trials are random), and ASHA lets a sweep's first trial
-    finish, so the two must have trained it to the same evaluations."""
-    a, b = tpe[0], rnd[0]
-    same = a["params"] == b["params"] and len(a["evals"]) == len(b["evals"]) and all(
-        sa == sb and abs(va - vb) <= 1e-3 for (sa, va), (sb, vb) in zip(a["evals"], b["evals"], strict=True))
-    if not same:
-        raise SystemExit(f"--baseline-from: seed {seed}'s first trial differs from the kept baseline's "
-                         f"({a['params']} {a['evals']} vs {b['params']} {b['evals']}): not the same problem")
-
-
 def saved_form(runs: dict) -> dict:
     """{"tpe_asha-0": trials, ...}: the JSON form of {("tpe_asha", 0): trials, ...}."""
     return {f"{method}-{seed}": trials for (method, seed), trials in runs.items()}
@@ -242,15 +228,12 @@ def main() -> None:
                         help="the LoRA's base: the quickstart's pre-trained stand-in, or the preset's random weights "
                              "(the problem of stops 2-9)")
     parser.add_argument("--resume", action="store_true", help="reuse the sweeps in results/<result>.partial.json")
-    parser.add_argument("--baseline-from", metavar="JSON",
-                        help="reuse the random-search sweeps kept in a result file (same problem, base and seeds: "
-                             "checked against each new TPE sweep's first trial, which both draw alike)")
     parser.add_argument("--analyse", metavar="JSON", help="recompute the figures from the trials kept in a result file")
     args = parser.parse_args()
     if args.analyse:
         records = json.loads(Path(args.analyse).read_text())
         runs = by_sweep(records[-1]["trials"])
-        keep = {k: records[0][k] for k in ("base", "baseline_sweeps_commit") if k in records[0]}
+        keep = {k: records[0][k] for k in ("base",) if k in records[0]}
         write_results(Path(args.analyse).stem, analyse(runs, len(runs) // 2, **keep,
                       sweeps_commit=records[0].get("sweeps_commit", records[0]["commit"])))
         return
@@ -262,11 +245,6 @@ def main() -> None:
     runs = {}
     if args.resume and partial.exists():
         runs = by_sweep(json.loads(partial.read_text()))
-    provenance = {"base": base}
-    if args.baseline_from:
-        kept = json.loads(Path(args.baseline_from).read_text())
-        runs.update({k: v for k, v in by_sweep(kept[-1]["trials"]).items() if k[0] == "random" and k[1] < args.seeds})
-        provenance["baseline_sweeps_commit"] = kept[0].get("sweeps_commit", kept[0]["commit"])
     root = Path(tempfile.mkdtemp(prefix="raylab-bench-tune-"))
     try:
         raw = problem(root)
@@ -278,11 +256,9 @@ def main() -> None:
             for method, searcher, asha in (("tpe_asha", "tpe", True), ("random", "random", False)):
                 if (method, seed) not in runs:
                     runs[(method, seed)] = sweep(raw, root, f"{method}-{seed}", seed, searcher, asha)
-                    if args.baseline_from and method == "tpe_asha":
-                        check_same_problem(runs[("tpe_asha", seed)], runs[("random", seed)], seed)
                     # Sweeps are slow: keep what has been measured if the run is cut short.
                     partial.write_text(json.dumps(saved_form(runs), indent=1))
-        write_results(result, analyse(runs, args.seeds, **provenance))
+        write_results(result, analyse(runs, args.seeds, base=base))
         partial.unlink(missing_ok=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

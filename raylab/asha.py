@@ -115,7 +115,15 @@ class TopBracket(_Bracket):
 
     `cutoff` gets the rewards recorded before this trial (higher is better; Ray negates a
     loss) and returns the lowest reward that still goes on; `_Bracket.on_result` stops a
-    trial whose reward is below it. Ties go on; a NaN (a diverged loss) stops."""
+    trial whose reward is below it. Ties go on; a NaN (a diverged loss) stops.
+
+    raylab's max_t is one past a trial's last step (tune.run_tune), so a rung of Ray's at
+    max_t - 1 or later is dropped: there the steps are spent, and a stop would only discard
+    the trial's final model (its workers do not wait there either: `RungWait`)."""
+
+    def __init__(self, min_t: int, max_t: int, reduction_factor: float, s: int, stop_last_trials: bool = True):
+        super().__init__(min_t, max_t, reduction_factor, s, stop_last_trials=stop_last_trials)
+        self._rungs = [(milestone, recorded) for milestone, recorded in self._rungs if milestone < max_t - 1]
 
     def on_result(self, trial, cur_iter: int, cur_rew: float | None) -> str:
         if cur_rew is not None and math.isnan(cur_rew) and self._rungs and cur_iter >= self._rungs[-1][0]:
@@ -140,11 +148,6 @@ class SyncedASHA(ASHAScheduler):
         # the brackets Ray built (same rungs and offsets), deciding by the promotion rule
         self._brackets = [TopBracket(grace_period, max_t, reduction_factor, s, stop_last_trials=self._stop_last_trials)
                           for s in range(len(self._brackets))]
-        for bracket in self._brackets:
-            # raylab's max_t is one past a trial's last step (tune.run_tune). A rung at the last
-            # step decides nothing: the steps are spent, and a stop there would only discard
-            # the trial's final model (its workers do not wait there either: `RungWait`).
-            bracket._rungs = [(milestone, recorded) for milestone, recorded in bracket._rungs if milestone < max_t - 1]
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)

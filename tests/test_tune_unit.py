@@ -87,12 +87,17 @@ class _Trial:
         self.trial_id = trial_id
 
 
+def _decide(scheduler, trial_id: str, step: int, loss: float) -> str:
+    """The scheduler's decision on one result (Ray's bookkeeping only: nothing is posted)."""
+    return ASHAScheduler.on_trial_result(scheduler, None, _Trial(trial_id), {"step": step, "val_loss": loss})
+
+
 def _decisions(scheduler, losses: list[float], step: int = 4) -> list[str]:
-    """The scheduler's rung decisions (not posted: no actor) for trials reporting `losses` in turn."""
+    """The decisions for new trials reporting `losses` at `step` in turn."""
     out = []
     for i, loss in enumerate(losses):
         scheduler.on_trial_add(None, _Trial(str(i)))
-        out.append(ASHAScheduler.on_trial_result(scheduler, None, _Trial(str(i)), {"step": step, "val_loss": loss}))
+        out.append(_decide(scheduler, str(i), step, loss))
     return out
 
 
@@ -126,6 +131,5 @@ def test_synced_asha_decides_nothing_at_the_last_step():
     decided = []
     for trial_id, losses in (("a", [5.0, 5.0, 5.0]), ("b", [4.0, 4.0, 4.0]), ("c", [3.0, 3.0, 4.5])):
         synced.on_trial_add(None, _Trial(trial_id))
-        decided += [ASHAScheduler.on_trial_result(synced, None, _Trial(trial_id), {"step": step, "val_loss": loss})
-                    for step, loss in zip((4, 8, 16), losses, strict=True)]
+        decided += [_decide(synced, trial_id, step, loss) for step, loss in zip((4, 8, 16), losses, strict=True)]
     assert decided == ["CONTINUE"] * 9  # c, third of three at 16, would be stopped there

@@ -147,7 +147,9 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted(learn_d
     assert meta["steps"] == STEPS and meta["resumed_at_steps"] and meta["resumed_at_steps"][0] >= 6
     ref_weights = final_weights(Path(reference[0].output_dir) / "train" / "final")
     for name, tensor in final_weights(Path(cfg.output_dir) / "train" / "final").items():
-        torch.testing.assert_close(tensor, ref_weights[name], rtol=0, atol=1e-6, msg=name)
+        # float32 rounding: a resumed run has matched to ~1e-6 (1.07e-6 in one CI run, losses equal to
+        # 6 decimals); a wrong data position or lost optimizer state moves them far more.
+        torch.testing.assert_close(tensor, ref_weights[name], rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_killed_driver_rerun_resumes(learn_data, reference, tmp_path):
@@ -161,7 +163,9 @@ def test_killed_driver_rerun_resumes(learn_data, reference, tmp_path):
     assert meta["steps"] == STEPS and meta["resumed_at_steps"] and meta["resumed_at_steps"][0] >= 6
     ref_weights = final_weights(Path(reference[0].output_dir) / "train" / "final")
     for name, tensor in final_weights(train_dir / "final").items():
-        torch.testing.assert_close(tensor, ref_weights[name], rtol=0, atol=1e-6, msg=name)
+        # float32 rounding: a resumed run has matched to ~1e-6 (1.07e-6 in one CI run, losses equal to
+        # 6 decimals); a wrong data position or lost optimizer state moves them far more.
+        torch.testing.assert_close(tensor, ref_weights[name], rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.multinode

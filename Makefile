@@ -29,6 +29,7 @@ quickstart: install
 # -m overrides the development default in pyproject (unit only): everything is selected,
 # gpu tests skip themselves without CUDA.
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "integration or not integration" $(PYTEST_ARGS)
 
 unit: install
@@ -48,3 +49,4 @@ serve:
 
 lint:
 	$(BIN)/ruff check raylab tests benchmarks
+	$(BIN)/lint-imports

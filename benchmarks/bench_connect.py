@@ -1,4 +1,4 @@
-"""Embedded Ray start-up: raylab.cluster.connect vs a bare ray.init(address="local").
+"""Embedded Ray start-up: raylab.core.cluster.connect vs a bare ray.init(address="local").
 
 Each sample starts a fresh Python process (Ray initialises once per process), so both sides
 pay the same interpreter and import cost; the ratio shows what raylab's explicit settings
@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import measurement, timed, write_results  # noqa: E402
 
-RAYLAB = "from raylab import cluster; import ray; cluster.connect(None); ray.cluster_resources(); ray.shutdown()"
+RAYLAB = "from raylab.core import cluster; import ray; cluster.connect(None); ray.cluster_resources(); ray.shutdown()"
 BARE = "import ray; ray.init(address='local'); ray.cluster_resources(); ray.shutdown()"
 
 

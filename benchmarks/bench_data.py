@@ -1,7 +1,7 @@
 """Tokenize-and-pack throughput and peak memory: raylab's data stage vs Hugging Face datasets.
 
 Both sides do the same work on the same documents with the same functions
-(raylab.packing.encode_batch / pack_batch, the tiny preset's tokenizer):
+(raylab.data.packing.encode_batch / pack_batch, the tiny preset's tokenizer):
     raylab    ray.data.read_parquet -> data.tokenize (actor pool, 2 actors) -> data.pack
               -> write_parquet, on an embedded Ray
     baseline  datasets.Dataset.from_parquet -> map(tokenize, num_proc=2) -> map(pack,
@@ -35,8 +35,10 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import measurement, write_results  # noqa: E402
 
-from raylab import cluster, config, data, packing  # noqa: E402
-from raylab.model import load_tokenizer  # noqa: E402
+from raylab import config, data  # noqa: E402
+from raylab.core import cluster  # noqa: E402
+from raylab.data import packing  # noqa: E402
+from raylab.models import load_tokenizer  # noqa: E402
 
 SEQ_LEN = 512
 WORDS = ("acme anvil rocket spring warranty order refund invoice portal badge vacation payday "

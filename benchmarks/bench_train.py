@@ -36,7 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import measurement, small_llama, write_results  # noqa: E402
 
-from raylab import cluster, config, data, loss, train  # noqa: E402
+from raylab import config, data, train  # noqa: E402
+from raylab.core import cluster, plan  # noqa: E402
+from raylab.train import loss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_EVERY = 5
@@ -119,7 +121,7 @@ def main() -> None:
         data.run_data(packed, log=lambda *_: None)
         data.run_data(padded, log=lambda *_: None)
         shutil.copytree(root / "packed" / "data", root / "two" / "data")
-        threads = cluster.make_plan(packed, cluster.cluster_nodes()).torch_threads
+        threads = plan.make_plan(packed, plan.cluster_nodes()).torch_threads
 
         bare = bare_run(packed, args.steps, threads)
         one = raylab_run(packed)

@@ -83,7 +83,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import measurement, write_results  # noqa: E402
 
-from raylab import cluster, config, data, pretrain, tune  # noqa: E402
+from raylab import config, data, train, tune  # noqa: E402
+from raylab.core import cluster  # noqa: E402
+from raylab.train import pretrain  # noqa: E402
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]
 TRIALS = 12
@@ -108,7 +110,7 @@ def pretrained_base(root: Path) -> str:
         "registry": {"enabled": False},
     })
     data.run_data(cfg, log=lambda *_: None)
-    meta = pretrain.run_pretrain(cfg, log=lambda *_: None)
+    meta = train.run_pretrain(cfg, log=lambda *_: None)
     print(f"base: pre-trained on the Acme corpus, val loss {meta['metrics']['initial_val_loss']:.3f} -> "
           f"{meta['metrics']['val_loss']:.3f}", file=sys.stderr)
     return pretrain.base_dir(cfg)

@@ -94,7 +94,7 @@ def small_llama(path: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from raylab.model import DEFAULT_CHAT_TEMPLATE, build_byte_tokenizer
+    from raylab.models import DEFAULT_CHAT_TEMPLATE, build_byte_tokenizer
 
     tok = build_byte_tokenizer()
     tok.chat_template = DEFAULT_CHAT_TEMPLATE  # what the train stage gives a template-less tokenizer

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from raylab import cluster as _cluster
 from raylab.config import RaylabConfig
 from raylab.config import load as load_config
+from raylab.core import cluster as _cluster
 from raylab.errors import ConfigError, UserError
-
-__version__ = "0.1.0"
+from raylab.version import __version__
 
 
 def _config(config: Any, overrides: list[str] | None = None) -> RaylabConfig:
@@ -79,15 +78,15 @@ def run_eval(config, overrides: list[str] | None = None, *, model: str | None = 
 def start_serving(config=None, overrides: list[str] | None = None, *, model: str | None = None,
                   address: str | None = None) -> dict:
     """Deploy the endpoint (`raylab serve` without the foreground wait); returns its URL and models."""
-    from raylab import deploy
+    from raylab import serve
 
-    return deploy.start_serving(_config(config, overrides) if config is not None else None, model, address)
+    return serve.start_serving(_config(config, overrides) if config is not None else None, model, address)
 
 
 def stop_serving() -> None:
-    from raylab import deploy
+    from raylab import serve
 
-    deploy.stop_serving()
+    serve.stop_serving()
 
 
 __all__ = ["RaylabConfig", "load_config", "UserError", "ConfigError", "__version__", "run", "run_data", "run_train",

@@ -121,13 +121,14 @@ def _split(args: argparse.Namespace, required: bool) -> tuple[str | None, list[s
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from raylab import cluster, config
+    from raylab import config
+    from raylab.core import plan
 
     path, overrides = _split(args, required=True)
     cfg = config.load(path, overrides)
-    nodes = cluster.planned_nodes(cfg)
+    nodes = plan.planned_nodes(cfg)
     if nodes is not None:  # embedded Ray: its capacity is known without starting it
-        cluster.check_plan(cluster.make_plan(cfg, nodes))
+        plan.check_plan(plan.make_plan(cfg, nodes))
     if args.print_config:
         print(config.to_yaml(cfg), end="")
     missing = [(key, name) for key, name in config.env_refs(cfg) if name not in os.environ]
@@ -138,15 +139,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from raylab import config, doctor
+    from raylab import config, models
+    from raylab.core import doctor
 
     path, overrides = _split(args, required=False)
     cfg = config.load(path, overrides) if path else None
-    return doctor.run(cfg, args.address)
+    return doctor.run(cfg, args.address, models.describe(cfg.model) if cfg is not None else [])
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from raylab import cluster, config, data
+    from raylab import config, data
+    from raylab.core import cluster
 
     path, overrides = _split(args, required=True)
     cluster.run_stage(data.run_data, config.load(path, overrides), args.address)
@@ -154,7 +157,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from raylab import cluster, config, train
+    from raylab import config, train
+    from raylab.core import cluster
 
     path, overrides = _split(args, required=True)
     cluster.run_stage(train.run_train, config.load(path, overrides), args.address)
@@ -162,7 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raylab import cluster, config, tune
+    from raylab import config, tune
+    from raylab.core import cluster
 
     path, overrides = _split(args, required=True)
     cluster.run_stage(tune.run_tune, config.load(path, overrides), args.address)
@@ -170,7 +175,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from raylab import cluster, config, pipeline
+    from raylab import config, pipeline
+    from raylab.core import cluster
 
     path, overrides = _split(args, required=True)
     cluster.run_stage(pipeline.run, config.load(path, overrides), args.address, until=args.until,
@@ -179,7 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from raylab import config, jobs
+    from raylab import config
+    from raylab.core import jobs
 
     path, overrides = _split(args, required=True)
     cfg = config.load(path, overrides)
@@ -188,7 +195,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raylab import cluster, config, evaluate
+    from raylab import config, evaluate
+    from raylab.core import cluster
 
     path, overrides = _split(args, required=True)
     cluster.run_stage(evaluate.run_eval, config.load(path, overrides), args.address, model_ref=args.model,
@@ -227,10 +235,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         for h in registry.alias_history(store, mv.name):
             print(f"  {h['time']} {h['user']}: {h['alias']} {h['from']} -> {h['to']}{' (forced)' if h['forced'] else ''}: {h['reason']}")
     elif args.action == "evaluate":
-        from raylab import gates
+        from raylab import evaluate
 
         args.version = registry.version_number(store, args.name, args.version)
-        result = gates.evaluate_version(store, args.name, args.version, args.address)
+        result = evaluate.evaluate_version(store, args.name, args.version, args.address)
         if result["status"] != "passed":  # a failed gate stops a CI pipeline like any user-fixable problem
             raise UserError(f"{args.name}/{args.version} failed its gates; it may not be promoted "
                             "(the result is recorded on the version: `raylab models show`)")
@@ -246,7 +254,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from raylab import config, deploy
+    from raylab import config
+    from raylab import serve as deploy
 
     path, overrides = _split(args, required=False)
     cfg = config.load(path, overrides) if path else None
@@ -259,16 +268,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from raylab import deploy
+    from raylab import serve as deploy
 
     deploy.run_deploy(args.ref, args.address, args.tracking_uri)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raylab import export
+    from raylab import models
 
-    export.export(args.run, args.out, merge=args.merge)
+    models.export(args.run, args.out, merge=args.merge)
     return 0
 
 

@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 
 from raylab.config import RaylabConfig
+from raylab.core import cluster, runs, storage
 from raylab.errors import UserError
 
 STAGES = ("data", "pretrain", "train", "tune", "gates", "promote", "serve")
@@ -31,7 +32,8 @@ STAGES = ("data", "pretrain", "train", "tune", "gates", "promote", "serve")
 def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None, serve: bool = True,
         keep_serving: bool = False, log=print) -> dict:
     """Run the pipeline; returns the summary it prints (also written to <output_dir>/run.json)."""
-    from raylab import data, pretrain, storage, train, tune
+    # Stages are imported here, not at the top: the CLI imports this module for STAGES alone.
+    from raylab import data, train, tune
 
     if until is not None and until not in STAGES:
         raise UserError(f"--until {until!r}: expected one of {', '.join(STAGES)}")
@@ -44,8 +46,6 @@ def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None,
         summary["stages"][name] = round(time.monotonic() - started, 1)
         return out
 
-    from raylab import cluster
-
     # One Ray for every stage; an embedded one starts with its dashboard, which Ray Train's
     # state API and Serve's REST API (the serve stage) need.
     cluster.connect(cfg, address, state_api=True)
@@ -56,7 +56,7 @@ def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None,
         if until == "data":
             return _finish(cfg, summary, log)
         if cfg.pretrain is not None:
-            meta = stage("pretrain", lambda: pretrain.run_pretrain(cfg, address, log))
+            meta = stage("pretrain", lambda: train.run_pretrain(cfg, address, log))
             summary["pretrain"] = {k: meta.get("metrics", {}).get(k) for k in ("initial_val_loss", "val_loss")}
             if until == "pretrain":
                 return _finish(cfg, summary, log)
@@ -82,16 +82,16 @@ def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None,
         return _finish(cfg, summary, log)
     finally:
         if summary.get("stages"):
-            storage.write_text(storage.join(cfg.output_dir, "run.json"), json.dumps(summary, indent=2, default=str))
+            storage.write_text(runs.Run(cfg.output_dir).summary, json.dumps(summary, indent=2, default=str))
 
 
 def _promote_if_passed(cfg, summary, stage, address, log, until) -> str | None:
     """Gates, then promotion; the REF to serve (production), or None when there is none."""
-    from raylab import gates, registry
+    from raylab import evaluate, registry
 
     store = registry.open_store(cfg)
     name, version = summary["version"]["name"], summary["version"]["version"]
-    result = stage("gates", lambda: gates.evaluate_version(store, name, version, address, log))
+    result = stage("gates", lambda: evaluate.evaluate_version(store, name, version, address, log))
     summary["gates"] = result["status"]
     if until == "gates":
         return None
@@ -110,25 +110,25 @@ def _promote_if_passed(cfg, summary, stage, address, log, until) -> str | None:
 
 
 def _serve_and_smoke(cfg, summary, stage, address, log, keep_serving) -> None:
-    from raylab import deploy
+    from raylab import serve
 
-    info = stage("serve", lambda: deploy.start_serving(cfg, None, address, log=log))
+    info = stage("serve", lambda: serve.start_serving(cfg, None, address, log=log))
     summary["endpoint"] = {"url": info["url"] + "/v1", "model": info["name"], "version": info["model"]}
     try:
         summary["smoke"] = stage("smoke", lambda: smoke(cfg, info, log))
         if keep_serving:
             _print_summary(summary, log)
-            deploy.wait_until_stopped(log=log)
+            serve.wait_until_stopped(log=log)
     finally:
-        deploy.stop_serving()
+        serve.stop_serving()
 
 
 def questions(cfg: RaylabConfig, n: int = 3) -> list[dict]:
     """A few held-out questions (with the corpus's answer), else the golden prompts."""
-    from raylab import evaluate, train
+    from raylab import evaluate
 
     try:
-        items = evaluate.held_out_items(cfg, train.read_manifest(cfg))[:n]
+        items = evaluate.held_out_items(cfg, runs.read_manifest(runs.Run(cfg.output_dir), cfg.source))[:n]
     except (UserError, OSError, KeyError):
         items = []
     if items:
@@ -138,7 +138,7 @@ def questions(cfg: RaylabConfig, n: int = 3) -> list[dict]:
 
 def smoke(cfg: RaylabConfig, info: dict, log=print) -> list[dict]:
     """Ask the endpoint a few questions (chat completions, greedy); any failure is an error."""
-    from raylab import serve
+    from raylab import evaluate, registry, serve
 
     keys = sorted(serve.api_keys({"api_keys_env": cfg.serve.api_keys_env, "api_keys_file": cfg.serve.api_keys_file}))
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {keys[0]}"} if keys else {})
@@ -157,8 +157,6 @@ def smoke(cfg: RaylabConfig, info: dict, log=print) -> list[dict]:
         answers.append({"question": q["messages"][-1]["content"], "answer": answer, "reference": q.get("reference"),
                         "latency_s": round(time.monotonic() - started, 3)})
     # Before/after: the same questions answered greedily by the version's base model.
-    from raylab import evaluate, registry
-
     path = registry.fetch(registry.open_store(cfg), info["model"])
     for a, before in zip(answers, evaluate.answers(cfg, path, path, qs, base=True), strict=True):
         a["base_answer"] = before

@@ -71,7 +71,7 @@ def run_cli(*args: str, cwd: Path | str = REPO, env: dict | None = None, timeout
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama (random weights) and its tokenizer, saved like a user's local model."""
-    from raylab import model
+    from raylab import models as model
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tok = model.build_byte_tokenizer()
@@ -87,7 +87,7 @@ def _session_ray():
     clean-up and the worker-kill test use), started by the first test that needs Ray."""
     import ray
 
-    from raylab import cluster
+    from raylab.core import cluster
 
     cluster.connect(None, state_api=True)
     yield
@@ -98,7 +98,7 @@ def _session_ray():
 @pytest.fixture
 def ray_local(_session_ray):
     """The embedded local Ray shared by the session (started on first use)."""
-    from raylab import cluster
+    from raylab.core import cluster
 
     return cluster.connect(None, state_api=True)
 
@@ -175,7 +175,7 @@ def two_node_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from raylab import cluster as rl_cluster
+    from raylab.core import cluster as rl_cluster
 
     if ray.is_initialized():
         ray.shutdown()

@@ -1,0 +1,47 @@
+"""The job description: one pydantic section per file, and `load`.
+
+    from raylab import config
+    cfg = config.load("configs/quickstart.yaml", ["train.lr=1e-4"])
+    cfg.train.lr, cfg.data.sources[0].path, cfg.run_name
+
+Sections: ray, data, model, train (+ pretrain), tune, registry, eval, serve (a file each);
+`load` reads YAML and applies overrides (load.py, overrides.py); `report` turns validation
+errors into lines a user can act on; `docs` renders docs/config.md. This package imports no
+stage: every stage imports it.
+"""
+
+from __future__ import annotations
+
+from raylab.config.data import (
+    CleanConfig,
+    DataConfig,
+    DedupConfig,
+    Fields,
+    FileSource,
+    Format,
+    HttpSource,
+    PiiConfig,
+    Source,
+    SqlSource,
+    ValidationConfig,
+)
+from raylab.config.evaluate import EvalConfig
+from raylab.config.loading import env_refs, load, load_dict, read_yaml, to_yaml, write_resolved
+from raylab.config.model import LoraConfig, ModelConfig
+from raylab.config.ray import RayConfig
+from raylab.config.registry import GatesConfig, GoldenPrompt, RegistryConfig
+from raylab.config.root import SCHEMA_VERSION, RaylabConfig
+from raylab.config.serve import AutoscalingConfig, ServeConfig
+from raylab.config.train import PretrainConfig, TrainConfig
+from raylab.config.tune import AshaConfig, SearchDim, TuneConfig
+from raylab.config.types import Section
+from raylab.core.secrets import ENV_REF, expand_env
+from raylab.errors import ConfigError
+
+__all__ = [
+    "SCHEMA_VERSION", "ENV_REF", "AshaConfig", "AutoscalingConfig", "CleanConfig", "ConfigError", "DataConfig",
+    "DedupConfig", "EvalConfig", "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "HttpSource",
+    "LoraConfig", "ModelConfig", "PiiConfig", "PretrainConfig", "RayConfig", "RaylabConfig", "RegistryConfig",
+    "SearchDim", "Section", "ServeConfig", "Source", "SqlSource", "TrainConfig", "TuneConfig", "ValidationConfig",
+    "env_refs", "expand_env", "load", "load_dict", "read_yaml", "to_yaml", "write_resolved",
+]

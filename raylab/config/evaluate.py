@@ -1,0 +1,18 @@
+"""The `eval:` section: batch evaluation and inference."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from raylab.config.types import PositiveInt, Section
+
+
+class EvalConfig(Section):
+    """`raylab eval` and the gates: batch inference in a Ray Data actor pool."""
+
+    max_samples: PositiveInt = Field(64, description="held-out records answered for exact match / ROUGE-L")
+    max_new_tokens: PositiveInt = Field(64, description="answer length budget")
+    batch_size: PositiveInt = Field(8, description="prompts per batch")
+    actors: PositiveInt = Field(1, description="model copies in the actor pool")
+    cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPUs per actor (also its torch threads)")
+    show_samples: int = Field(5, ge=0, description="side-by-side answers in the report")

@@ -1,0 +1,91 @@
+"""Reading a config: YAML, overrides, validation, every problem at once.
+
+    cfg = load("configs/quickstart.yaml", ["train.lr=1e-4", "data.sources.0.path=x.jsonl"])
+
+Rules (DESIGN.md, "Contracts"): unknown keys are errors; an override's value is read as a
+YAML scalar or flow collection and then coerced by the schema; list items are addressed by
+index; an override may create a section absent from the file; relative paths are made
+absolute against the current directory at load time (Ray workers change directory);
+`${env:NAME}` secrets stay references in the model and in every written config and are
+expanded only where they are used (`raylab.core.secrets.expand_env`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from raylab.config import report
+from raylab.config.overrides import apply_override, parse_override
+from raylab.config.root import SCHEMA_VERSION, RaylabConfig
+from raylab.core import runs, secrets, storage
+from raylab.errors import ConfigError, UserError
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The raw mapping in a config file; every reading problem is a UserError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"config file not found: {path}")
+    if p.is_dir():
+        raise UserError(f"config path is a directory, expected a YAML file: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{where}: YAML syntax error: {problem}") from None
+    if raw is None:
+        raise UserError(f"{path}: the config is empty; expected a mapping starting with `version: {SCHEMA_VERSION}`")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RaylabConfig:
+    """Read, override, validate. Raises ConfigError listing every problem at once."""
+    raw = read_yaml(path)
+    return load_dict(raw, overrides, source=str(path), stem=Path(path).stem)
+
+
+def load_dict(
+    raw: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "<config>", stem: str = "run"
+) -> RaylabConfig:
+    """Validate a config given as a mapping (the Python API's entry point)."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain YAML types only
+    for item in overrides:
+        apply_override(raw, *parse_override(item))
+    raw.setdefault("output_dir", runs.default_output_dir(stem))
+    problems = secrets.malformed_refs(raw)
+    try:
+        cfg = RaylabConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(source, report.problems(RaylabConfig, e, raw) + problems) from None
+    if problems:
+        raise ConfigError(source, problems)
+    cfg._source = source
+    return cfg
+
+
+def env_refs(cfg: RaylabConfig) -> list[tuple[str, str]]:
+    """(key path, variable) for every `${env:NAME}` reference in the config."""
+    return secrets.env_refs(cfg.model_dump(mode="json"))
+
+
+def to_yaml(cfg: RaylabConfig) -> str:
+    """The resolved config as YAML: defaults filled, paths absolute, secrets still references."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_resolved(cfg: RaylabConfig) -> str:
+    """Write `<output_dir>/config.resolved.yaml` (local path or URI) and return its location."""
+    header = f"# resolved by raylab from {cfg.source or 'a mapping'}; re-run with: raylab run THIS_FILE\n"
+    return storage.write_text(runs.Run(cfg.output_dir).resolved_config, header + to_yaml(cfg))

@@ -1,0 +1,59 @@
+"""`RaylabConfig`: the whole job description, one field per section."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PrivateAttr, model_validator
+
+from raylab.config.data import DataConfig
+from raylab.config.evaluate import EvalConfig
+from raylab.config.model import ModelConfig
+from raylab.config.ray import RayConfig
+from raylab.config.registry import RegistryConfig
+from raylab.config.report import is_schema_path
+from raylab.config.serve import ServeConfig
+from raylab.config.train import PretrainConfig, TrainConfig
+from raylab.config.tune import TuneConfig
+from raylab.config.types import PathOrUri, Section
+
+SCHEMA_VERSION = 1
+
+
+class RaylabConfig(Section):
+    """One job: the run directory, then a section per stage."""
+
+    version: Literal[1] = Field(description=f"the config schema version; this raylab reads {SCHEMA_VERSION}")
+    output_dir: PathOrUri = Field(description="the run directory; default runs/<config stem>")
+    offline: bool = Field(False, description="set HF_HUB_OFFLINE=1 for everything raylab starts")
+    ray: RayConfig = Field(default_factory=RayConfig, description="how raylab reaches Ray")
+    data: DataConfig = Field(description="the data stage")
+    model: ModelConfig = Field(description="the base model and fine-tuning method")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the train stage")
+    tune: TuneConfig | None = Field(None, description="a sweep; `raylab run` tunes instead of training when set")
+    pretrain: PretrainConfig | None = Field(None, description="continued pre-training before fine-tuning")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow runs, versions, gates")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="batch evaluation")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="the OpenAI-compatible endpoint")
+
+    _source: str | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _search_space_keys(self) -> RaylabConfig:
+        if self.tune is not None:
+            bad = [k for k in self.tune.search_space if not is_schema_path(type(self), k.split("."))]
+            if bad:
+                raise ValueError(f"tune.search_space: unknown config keys {bad}")
+            for i, point in enumerate(self.tune.points_to_evaluate):
+                if set(point) != set(self.tune.search_space):
+                    raise ValueError(f"tune.points_to_evaluate.{i}: give exactly the search_space keys "
+                                     f"{sorted(self.tune.search_space)}, got {sorted(point)}")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.output_dir.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def source(self) -> str | None:
+        return self._source

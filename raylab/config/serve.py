@@ -1,0 +1,53 @@
+"""The `serve:` section: the OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from raylab.config.types import PathOrUri, PositiveInt, Section
+
+
+class AutoscalingConfig(Section):
+    """Ray Serve autoscaling of the Generator deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="replicas kept when idle")
+    max_replicas: PositiveInt = Field(1, description="replicas at most under load")
+    initial_replicas: int | None = Field(None, ge=0, description="replicas at start; default min_replicas")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="requests per replica it scales towards")
+    upscale_delay_s: float = Field(10.0, ge=0, description="load must last this long before scaling up")
+    downscale_delay_s: float = Field(60.0, ge=0, description="idle this long before scaling down")
+    look_back_period_s: float = Field(30.0, gt=10, description="averaging window; above Serve's 10 s metrics interval")
+
+
+class ServeConfig(Section):
+    """`raylab serve`: the OpenAI-compatible endpoint (see README, Serving)."""
+
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 on clusters")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="replica autoscaling")
+    max_ongoing_requests: PositiveInt = Field(8, description="per replica; above the autoscaling target")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs per Generator replica (also its torch threads)")
+    gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs per Generator replica")
+    max_batch_size: PositiveInt = Field(8, description="sequences decoded together; 1 turns batching off")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long arrivals wait to be admitted together")
+    max_adapters_per_replica: PositiveInt = Field(4, description="versions kept loaded per replica (LRU)")
+    max_prompt_tokens: PositiveInt = Field(2048, description="longer prompts are a 400")
+    max_tokens: PositiveInt = Field(512, description="largest max_tokens a request may ask (400 beyond)")
+    max_request_bytes: PositiveInt = Field(1_000_000, description="larger request bodies are a 400")
+    api_keys_env: str | None = Field(None, description="env variable with comma-separated API keys (Bearer)")
+    api_keys_file: PathOrUri | None = Field(None, description="file with one API key per line (Bearer)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        a = self.autoscaling
+        if a.min_replicas > a.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas ({a.min_replicas}) > max_replicas ({a.max_replicas})")
+        if self.max_ongoing_requests <= a.target_ongoing_requests:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be above "
+                f"autoscaling.target_ongoing_requests ({a.target_ongoing_requests})"
+            )
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size "
+                             f"({self.max_batch_size}), or a replica never holds a full batch")
+        return self

@@ -1,0 +1,69 @@
+"""The `train:` and `pretrain:` sections."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from raylab.config.types import Fraction, PositiveInt, Section
+
+
+class TrainConfig(Section):
+    """`raylab train`: Ray Train workers, the optimizer, evaluation, checkpoints."""
+
+    num_workers: PositiveInt | tuple[PositiveInt, PositiveInt] = Field(1, description="workers, or [min, max] for elastic training")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers on nodes")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per worker")
+    gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per worker")
+    torch_threads: PositiveInt | None = Field(None, description="per worker; default: cores / concurrent workers")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    epochs: PositiveInt = Field(1, description="passes over the train split (unless max_steps)")
+    max_steps: PositiveInt | None = Field(None, description="optimizer steps; overrides epochs")
+    batch_size: PositiveInt = Field(8, description="sequences per micro-batch per worker")
+    eval_batch_size: PositiveInt = Field(8, description="sequences per evaluation batch per worker")
+    grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    warmup_ratio: Fraction = Field(0.03, description="share of the steps with a linear warmup")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after warmup")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null turns it off")
+    seed: int = Field(0, description="seed of initial adapters, dropout and shuffling")
+    eval_every: PositiveInt = Field(50, description="steps between val-loss evaluations")
+    log_every: PositiveInt = Field(10, description="steps between progress lines / metrics rows")
+    checkpoint_every: PositiveInt | None = Field(None, description="default: train.eval_every")
+    keep_checkpoints: PositiveInt = Field(2, description="best K by val_loss (the latest is always kept too)")
+    early_stopping_patience: PositiveInt | None = Field(None, description="evals without val_loss improvement before stopping")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPUs that support it, else fp32")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory)")
+    objective: Literal["cross_entropy"] = Field(
+        "cross_entropy", description="the training loss (raylab/train/objectives.py); next-token cross-entropy")
+    loss_on: Literal["targets", "all"] = Field("targets", description="all: every token is a target, prompts too")
+    max_failures: int = Field(0, ge=-1, description="worker failures restarted from the latest checkpoint (-1: always)")
+    resume: bool = Field(True, description="continue from the run's latest checkpoint; false starts over")
+
+    @model_validator(mode="after")
+    def _elastic(self) -> TrainConfig:
+        if isinstance(self.num_workers, tuple) and self.num_workers[0] > self.num_workers[1]:
+            raise ValueError(f"train.num_workers [min, max] = {list(self.num_workers)}: min must not exceed max")
+        return self
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+
+class PretrainConfig(Section):
+    """Continued pre-training before fine-tuning: a full fine-tune of model.name_or_path on
+    every token of the data stage's train split; its result is then the base model of train,
+    tune and eval (`raylab run` runs it after the data stage)."""
+
+    max_steps: PositiveInt = Field(200, description="optimizer steps")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    batch_size: PositiveInt = Field(8, description="sequences per batch per worker")
+    num_workers: PositiveInt = Field(1, description="Ray Train workers")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per worker")

@@ -1,0 +1,303 @@
+"""Connecting to Ray and planning what raylab will ask it for.
+
+Address precedence (DESIGN.md): `--address`, else `RAY_ADDRESS`, else `ray.address` in the
+config, else an embedded local Ray started with `ray.init(address="local")`.
+
+    auto              join the cluster running on this machine (what `ray job submit` gives)
+    HOST:PORT         join a cluster by its GCS address
+    ray://HOST:10001  a Ray Client session (interactive; same Ray and Python minor version)
+
+Token authentication (on by default for local clusters since Ray 2.59) is always made
+explicit: `RAY_AUTH_MODE` is set for this process and everything it starts, from
+`ray.auth` in the config, else the environment, else `token`. Without that, joining by an
+explicit address fails or succeeds depending on whether ~/.ray/auth_token happened to exist.
+
+The resource plan is in `raylab.core.plan`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from raylab.errors import UserError
+
+if TYPE_CHECKING:  # core takes a config but imports no config module (it is the lowest layer)
+    from raylab.config import RaylabConfig
+
+# Everything raylab starts sends nothing anywhere.
+TELEMETRY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def physical_cores() -> int:
+    """Cores this process may run on (cgroup/affinity aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def auth_mode(cfg: RaylabConfig | None) -> str:
+    if cfg is not None and cfg.ray.auth:
+        return cfg.ray.auth
+    mode = os.environ.get("RAY_AUTH_MODE", "token").lower()
+    if mode not in ("token", "disabled"):
+        raise UserError(f"RAY_AUTH_MODE={mode!r} is not supported; expected token or disabled")
+    return mode
+
+
+def process_env(cfg: RaylabConfig | None) -> dict[str, str]:
+    """Environment raylab sets for itself and passes to every Ray worker it starts."""
+    env = dict(TELEMETRY_ENV)
+    env["RAY_AUTH_MODE"] = auth_mode(cfg)
+    if cfg is not None and cfg.offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    # Ray Data's per-dataset INFO lines from every split coordinator drown the progress line.
+    env["RAY_DATA_LOG_LEVEL"] = os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING")
+    # Ray Train's print patch echoes each worker print twice on the driver's console.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if os.environ.get("RAYLAB_HOME"):  # workers materialise presets where the driver does
+        env["RAYLAB_HOME"] = os.environ["RAYLAB_HOME"]
+    return env
+
+
+def apply_process_env(cfg: RaylabConfig | None) -> dict[str, str]:
+    env = process_env(cfg)
+    os.environ.update(env)
+    if "ray._raylet" in sys.modules:
+        # Ray caches its config (auth mode included) when first imported; re-read it as
+        # Ray's own token setup does, or a token-mode GCS starts without a token and hangs.
+        from ray._raylet import Config
+
+        Config.initialize("")
+    return env
+
+
+def resolve_address(cli_address: str | None, cfg: RaylabConfig | None) -> tuple[str | None, str]:
+    """(address or None for embedded, where it came from)."""
+    if cli_address:
+        return cli_address, "--address"
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    if cfg is not None and cfg.ray.address:
+        return cfg.ray.address, "ray.address"
+    if "ray" in sys.modules:
+        import ray
+        from ray.util.client import ray as client_ray
+
+        if client_ray.is_connected():  # a notebook that ran ray.init("ray://HOST:10001") before calling raylab
+            return "ray://connected", "ray.init (Ray Client)"
+        if ray.is_initialized() and ray._private.worker.global_worker.mode == ray.WORKER_MODE:
+            return ray.get_runtime_context().gcs_address, "the Ray task this runs in"
+    return None, "embedded"
+
+
+def mode_of(address: str | None) -> str:
+    if address is None or address == "local":
+        return "embedded"
+    return "client" if address.startswith("ray://") else "cluster"
+
+
+def embedded_cpus(cfg: RaylabConfig | None) -> float:
+    """Logical CPUs of the embedded Ray. More than the cores on small machines: Ray Data
+    needs a free CPU beside busy Train workers or it waits forever (RAY_NOTES.md); torch
+    threads are set explicitly per worker so compute is not oversubscribed."""
+    if cfg is not None and cfg.ray.num_cpus:
+        return cfg.ray.num_cpus
+    return float(max(4, 2 * physical_cores()))
+
+
+def detected_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # a broken CUDA install must not stop CPU work
+        return 0
+
+
+def embedded_gpus(cfg: RaylabConfig | None) -> int:
+    if cfg is not None and cfg.ray.num_gpus is not None:
+        return cfg.ray.num_gpus
+    return detected_gpus()
+
+
+@dataclass
+class Connection:
+    mode: str  # embedded | cluster | client
+    address: str | None
+    origin: str
+    auth: str
+    dashboard_url: str | None = None
+
+
+def auth_token() -> str | None:
+    """Ray's token: $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"]
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _token_available() -> bool:
+    return auth_token() is not None
+
+
+def _check_reachable(address: str, origin: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a closed port: Ray itself retries for about a minute before giving up."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"Ray address {address!r} (from {origin}): expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(
+            f"Ray address {address!r} (from {origin}): nothing answers at {host}:{port} ({e.strerror or e}). "
+            "Start a cluster with `ray start --head`, fix the address, or unset it for an embedded local Ray"
+        ) from None
+
+
+def _recorded_address(origin: str) -> str:
+    """The cluster `ray start` recorded on this machine (what `auto` joins)."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))  # honours RAY_TMPDIR
+    recorded = path.read_text().strip() if path.exists() else ""
+    if not recorded:
+        raise UserError(
+            f"Ray address 'auto' (from {origin}): no cluster was started on this machine ({path} is "
+            "missing); start one with `ray start --head`, give its HOST:PORT, or unset the address "
+            "for an embedded local Ray"
+        )
+    return recorded
+
+
+def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_api: bool = False) -> Connection:
+    """Connect this process to Ray (idempotent) and return how it is connected.
+
+    `state_api`: an embedded Ray also starts its dashboard (on a free local port), which
+    serves Ray's state API; Ray Train and Tune use it to clean up after a dead driver."""
+    import ray
+
+    address, origin = resolve_address(address, cfg)
+    mode = mode_of(address)
+    env = apply_process_env(cfg)
+    if ray.is_initialized():
+        return Connection(mode, address, origin, env["RAY_AUTH_MODE"], _current_dashboard())
+    if mode != "embedded" and env["RAY_AUTH_MODE"] == "token" and not _token_available():
+        raise UserError(
+            f"Ray address {address!r} (from {origin}): token authentication is on but no token "
+            "was found; set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, copy the head node's "
+            "~/.ray/auth_token, or set ray.auth=disabled for a cluster without authentication"
+        )
+    if address == "auto":
+        _check_reachable(_recorded_address(origin), f"{origin}=auto, recorded by `ray start`")
+    elif mode != "embedded":
+        _check_reachable(address, origin)
+    namespace = cfg.ray.namespace if cfg is not None else "raylab"
+    dashboard_port = None
+    if os.environ.get("RAY_API_SERVER_ADDRESS") == _started_api_server.get("url"):
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # ours, from an embedded Ray now gone
+    if mode == "embedded" and (state_api or (cfg is not None and cfg.ray.dashboard)):
+        # Ray's state API, called without an address (as Ray Train's own actors do), looks
+        # for the cluster `ray start` last recorded on this machine, not this embedded one:
+        # name our dashboard explicitly, for this process and every worker.
+        dashboard_port = _free_port()
+        _started_api_server["url"] = env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"]
+    kwargs = dict(namespace=namespace, runtime_env={"env_vars": _without_job_env(env)}, logging_level=logging.WARNING)
+    try:
+        if mode == "embedded":
+            context = ray.init(
+                address="local",
+                num_cpus=embedded_cpus(cfg),
+                # Ray detects GPUs itself; counting them here would import torch (~2 s).
+                num_gpus=cfg.ray.num_gpus if cfg is not None else None,
+                include_dashboard=dashboard_port is not None,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
+                **kwargs,
+            )
+        else:
+            if mode == "client":
+                # No job-level runtime_env through Ray Client: the proxy then starts the
+                # per-client server through the runtime-env agent, a path seen failing at
+                # start-up here. The cluster's own environment applies to its workers.
+                kwargs.pop("runtime_env")
+            context = ray.init(address=address, **kwargs)
+    except ConnectionError as e:
+        raise UserError(
+            f"could not connect to a Ray cluster at {address!r} (from {origin}): {e}. Start one "
+            "with `ray start --head`, fix the address, or unset it for an embedded local Ray. "
+            "If the cluster is up, it may have refused authentication: check ray.auth / "
+            "RAY_AUTH_MODE and the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
+        ) from None
+    except Exception as e:  # auth failures surface as several exception types across modes
+        if "auth" in type(e).__name__.lower() or re.search(r"authenticat|invalid token|token (is )?(invalid|missing)", str(e), re.I):
+            raise UserError(
+                f"Ray at {address!r} (from {origin}) refused authentication: {e}. Use the "
+                "cluster's token (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE=token"
+            ) from None
+        raise
+    dashboard = getattr(context, "dashboard_url", None) or None
+    return Connection(mode, address, origin, env["RAY_AUTH_MODE"], dashboard)
+
+
+def run_stage(fn, cfg: RaylabConfig, address: str | None, **kwargs):
+    """Run a stage in this process, or, in a Ray Client session, as a task on the cluster's
+    head node: Ray Data's executor and Ray Train's controller need a real Ray worker process,
+    which a client session is not (Ray's own advice for libraries through Ray Client). Its
+    printed progress reaches the client like any task's output; its result comes back."""
+    resolved, _ = resolve_address(address, cfg)
+    if mode_of(resolved) != "client":
+        return fn(cfg, address=address, **kwargs)
+    connect(cfg, address)
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0, resources={"node:__internal_head__": 0.001})(fn)
+    try:
+        return ray.get(task.remote(cfg, address=None, **kwargs))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, UserError):  # a problem in the config or data, not a bug
+            raise e.cause from None
+        raise
+
+
+def _current_dashboard() -> str | None:
+    """The connected cluster's dashboard (host:port), as `ray.init` reported it. No public API
+    gives it after the fact; without it, serving from a Ray job could not find Serve's REST API."""
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        return get_dashboard_url() or None
+    except Exception:  # Ray Client sessions have no local node
+        return None
+
+
+def _without_job_env(env: dict[str, str]) -> dict[str, str]:
+    """Inside a Ray job (`ray job submit`, `raylab submit`), Ray refuses a driver runtime_env
+    that sets a variable the job's runtime_env already sets: the job's value wins."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return env
+    job_env = ((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    return {k: v for k, v in env.items() if k not in job_env}
+
+
+_started_api_server: dict[str, str] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,324 @@
+"""Where everything lives: the run directory, `$RAYLAB_HOME`, and the typed stage outputs.
+
+    run = Run(cfg.output_dir)            # a local path or a URI (s3://, gs://, file://)
+    run.manifest, run.train_final, run.trial(tid).train_metrics, run.eval_report_md
+    write_manifest(run, manifest); read_manifest(run) -> DataManifest
+
+The layout (DESIGN.md, "Run directory") is spelt out here and nowhere else: every stage asks
+a `Run` for its paths, so a reader finds the whole contract in one page.
+
+    <output_dir>/config.resolved.yaml     run.json (the pipeline's summary)
+    <output_dir>/data/{train,val,records,quarantine}/*.parquet, data/manifest.json
+    <output_dir>/train/                   Ray Train's run: checkpoint_*/, metrics.jsonl, loss.png,
+                                          run.json (identity), final/ (Hugging Face format)
+    <output_dir>/pretrain/                a nested run (its own data/ and train/)
+    <output_dir>/tune/                    Ray Tune's run: trials/<id>/ (nested runs), results.json|csv,
+                                          best.yaml, study.db, importance / partial dependence / slice
+    <output_dir>/eval/                    report.json, report.md, predictions.jsonl
+
+`$RAYLAB_HOME` (default ~/.raylab) holds what outlives a run: materialised presets, the
+embedded registry, the verified registry cache and the running endpoint's address (`Home`).
+
+The stage outputs other stages read are pydantic models (`DataManifest`, `TrainMeta`,
+`SweepResult`, `EvalReport`) written and read through `write_json`/`read_json`, so a field a
+reader relies on is declared once and a malformed file fails where it is read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from raylab.core import storage
+from raylab.errors import UserError
+
+# Files inside a model directory (train/final/, a registry version, an export).
+TRAIN_META = "raylab_train.json"
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CONFIG = "config.json"
+# Ray Train and Ray Tune name their runs inside <output_dir> (RunConfig(name=, storage_path=)).
+TRAIN_RUN_NAME = "train"
+TUNE_RUN_NAME = "tune"
+SPLITS = ("train", "val", "records", "quarantine")
+RESOLVED_CONFIG = "config.resolved.yaml"
+# The sweep's outputs in <output_dir>/tune/, by what they hold.
+TUNE_FILES = {"results": "results.json", "results_csv": "results.csv", "best": "best.yaml", "study": "study.db",
+              "importance": "importance.json", "importance_png": "importance.png",
+              "partial_dependence": "partial_dependence.json", "partial_dependence_png": "partial_dependence.png",
+              "slice_png": "slice.png"}
+EVAL_FILES = {"report": "report.json", "report_md": "report.md", "predictions": "predictions.jsonl"}
+FINAL_DIR = "final"  # the trained model inside a train run: train/final/
+
+
+def _join(base: str, *parts: str) -> str:
+    return storage.join(base, *parts)
+
+
+class Run:
+    """The paths of one run directory. Nested runs (pre-training, tune trials) are Runs too."""
+
+    def __init__(self, output_dir: str):
+        self.root = output_dir.rstrip("/") or output_dir
+
+    def __repr__(self) -> str:
+        return f"Run({self.root!r})"
+
+    @property
+    def name(self) -> str:
+        return self.root.rsplit("/", 1)[-1]
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.root
+
+    # the run as a whole
+    @property
+    def resolved_config(self) -> str:
+        return _join(self.root, RESOLVED_CONFIG)
+
+    @property
+    def summary(self) -> str:
+        return _join(self.root, "run.json")
+
+    # data stage
+    @property
+    def data(self) -> str:
+        return _join(self.root, "data")
+
+    @property
+    def manifest(self) -> str:
+        return _join(self.data, "manifest.json")
+
+    def split(self, name: str) -> str:
+        if name not in SPLITS:
+            raise ValueError(f"unknown data split {name!r}; expected one of {SPLITS}")
+        return _join(self.data, name)
+
+    # train stage (Ray Train's own run directory)
+    @property
+    def train(self) -> str:
+        return _join(self.root, TRAIN_RUN_NAME)
+
+    @property
+    def train_final(self) -> str:
+        return _join(self.train, FINAL_DIR)
+
+    @property
+    def train_meta(self) -> str:
+        return _join(self.train_final, TRAIN_META)
+
+    @property
+    def train_metrics(self) -> str:
+        return _join(self.train, "metrics.jsonl")
+
+    @property
+    def train_loss_png(self) -> str:
+        return _join(self.train, "loss.png")
+
+    @property
+    def train_identity(self) -> str:
+        return _join(self.train, "run.json")
+
+    # nested runs
+    @property
+    def pretrain(self) -> Run:
+        return Run(_join(self.root, "pretrain"))
+
+    @property
+    def tune(self) -> str:
+        return _join(self.root, TUNE_RUN_NAME)
+
+    def trial(self, trial_id: str) -> Run:
+        return Run(_join(self.tune, "trials", trial_id))
+
+    def tune_file(self, what: str) -> str:
+        """A sweep output by what it holds (TUNE_FILES): results, best, importance_png, ..."""
+        return _join(self.tune, TUNE_FILES[what])
+
+    # eval stage
+    @property
+    def eval(self) -> str:
+        return _join(self.root, "eval")
+
+    def eval_file(self, what: str) -> str:
+        """An evaluation output by what it holds (EVAL_FILES): report, report_md, predictions."""
+        return _join(self.eval, EVAL_FILES[what])
+
+
+def default_output_dir(config_stem: str) -> str:
+    """Where a config's run goes when it names no output_dir: runs/<config file stem>."""
+    return os.path.join("runs", config_stem)
+
+
+def model_file(model_dir: str, name: str) -> str:
+    """A file inside a model directory (TRAIN_META, ADAPTER_CONFIG, MODEL_CONFIG)."""
+    return _join(model_dir, name)
+
+
+# ---------------------------------------------------------------- $RAYLAB_HOME
+
+
+class Home:
+    """`$RAYLAB_HOME` (default ~/.raylab): what outlives a run directory."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = root or Path(os.environ.get("RAYLAB_HOME") or Path.home() / ".raylab").expanduser().resolve()
+
+    def preset(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow" / "mlflow.db"
+
+    def registry_cache(self, name: str, version: int | str) -> Path:
+        return self.root / "cache" / "registry" / name / str(version)
+
+    @property
+    def endpoint(self) -> Path:
+        return self.root / "serve" / "endpoint.json"
+
+
+def home() -> Home:
+    """`$RAYLAB_HOME` as it is set now (tests and workers set it per process)."""
+    return Home()
+
+
+# ---------------------------------------------------------------- typed stage outputs
+
+
+class Output(BaseModel):
+    """A stage output other stages read. Unknown keys are kept (a newer raylab may add some),
+    but every key a reader uses is declared."""
+
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="constants")  # NaN metrics stay NaN
+
+
+class SplitTokens(Output):
+    documents: int
+    tokens: int
+    target_tokens: int
+    sequences: int
+    packing_efficiency: float
+    length_histogram: dict[str, list[int]]
+
+
+class Tokens(Output):
+    train: SplitTokens
+    val: SplitTokens
+    max_seq_len: int
+
+
+class Counts(Output):
+    read: int
+    accepted: int
+    rejected: int
+    rejected_fraction: float
+    rejected_by_reason: dict[str, int]
+    duplicates: dict[str, int]
+
+
+class DataManifest(Output):
+    """data/manifest.json: what the data stage read and wrote (raylab/data/stage.py)."""
+
+    version: int
+    stage: str = "data"
+    created: str
+    config_hash: str
+    cache_key: str | None
+    tokenizer: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    counts: Counts
+    by_source: dict[str, dict[str, int]]
+    pii_redactions: dict[str, int]
+    tokens: Tokens
+    outputs: dict[str, str]
+    cache: dict[str, Any] = {}
+
+
+class TrainMeta(Output):
+    """train/final/raylab_train.json: lineage and metrics of a trained model (raylab/train)."""
+
+    stage: str = "train"
+    identity: str
+    base_model: str
+    base_model_path: str
+    method: str
+    data_manifest_hash: str
+    config_hash: str
+    code_version: str
+    steps: int
+    epochs_started: int
+    stopped_early: bool
+    world_size: int
+    replica_digests: list[str]
+    worker_nodes: list[str]
+    resumed_at_steps: list[int]
+    trained_tokens: int
+    flops_per_token: float
+    estimated_training_flops: float
+    flops_formula: str
+    metrics: dict[str, float | None]
+    best_checkpoint: str | None
+    latest_checkpoint: str
+    train_seconds: float
+    created: str
+
+
+class SweepResult(Output):
+    """tune/results.json: every trial ranked, the winner, the analysis (raylab/tune)."""
+
+    metric: str
+    mode: str
+    searcher: str
+    asha: bool
+    trials: int
+    finished: int
+    stopped_early: int
+    errors: int
+    steps_spent: int
+    seconds: float
+    best: dict[str, Any] | None
+    results: list[dict[str, Any]]
+    analysis: dict[str, Any] = {}
+
+
+class EvalReport(Output):
+    """eval/report.json: base vs tuned model on the held-out split or given prompts."""
+
+    config: str | None
+    model: str
+    model_path: str
+    base_model: str
+    input: str
+    models: dict[str, dict[str, float | int]]
+    samples: list[dict[str, Any]]
+    seconds: float
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def write_json(location: str, output: BaseModel) -> str:
+    """Write a stage output (pretty JSON, NaN allowed as in metrics) and return its location."""
+    return storage.write_text(location, output.model_dump_json(indent=2) + "\n")
+
+
+def read_json(location: str, kind: type[M]) -> M:
+    """Read a stage output, checking it has the fields its readers rely on."""
+    try:
+        return kind.model_validate_json(storage.read_text(location))
+    except ValidationError as e:
+        fields = ", ".join(".".join(map(str, err["loc"])) for err in e.errors()[:5])
+        raise UserError(f"{location} is not a valid {kind.__name__} ({fields}); it was written by another "
+                        "raylab version or edited by hand: re-run the stage that writes it") from None
+
+
+def read_manifest(run: Run, source: str | None = None) -> DataManifest:
+    """The data stage's manifest, or exit 2 telling the user to run the data stage."""
+    if not storage.exists(run.manifest):
+        raise UserError(f"no data stage output at {run.manifest}; run `raylab data {source or 'CONFIG'}` first")
+    return read_json(run.manifest, DataManifest)

@@ -1,0 +1,53 @@
+"""`${env:NAME}` secret references: found, checked and expanded at the point of use.
+
+    expand_env("postgresql://u:${env:PGPASS}@db/x", "data.sources.0.url")
+    env_refs(cfg.model_dump(mode="json"))        # [("data.sources.0.url", "PGPASS"), ...]
+
+A config keeps the reference, never the value, in every file raylab writes (the resolved
+config, best.yaml), so written configs stay re-runnable and hold no secret. The config
+package checks the form at load time; stages expand a value only where they use it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from raylab.errors import UserError
+
+ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def malformed_refs(raw: Any, path: str = "") -> list[str]:
+    """`${env:NAME}` is the only reference form; catch `${ENV:x}`, `${env:}` and friends."""
+    if isinstance(raw, dict):
+        return [p for k, v in raw.items() for p in malformed_refs(v, f"{path}{k}.")]
+    if isinstance(raw, list):
+        return [p for i, v in enumerate(raw) for p in malformed_refs(v, f"{path}{i}.")]
+    if isinstance(raw, str) and "${" in raw and ENV_REF.sub("", raw).count("${"):
+        return [f"{path.rstrip('.')}: malformed reference in {raw!r}; expected ${{env:NAME}}"]
+    return []
+
+
+def env_refs(mapping: Any, path: str = "") -> list[tuple[str, str]]:
+    """(key path, variable) for every `${env:NAME}` reference in a plain mapping."""
+    if isinstance(mapping, dict):
+        return [r for k, v in mapping.items() for r in env_refs(v, f"{path}{k}.")]
+    if isinstance(mapping, list):
+        return [r for i, v in enumerate(mapping) for r in env_refs(v, f"{path}{i}.")]
+    if isinstance(mapping, str):
+        return [(path.rstrip("."), name) for name in ENV_REF.findall(mapping)]
+    return []
+
+
+def expand_env(value: str, key: str) -> str:
+    """Replace `${env:NAME}` references at the point of use; `key` names the config key."""
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            raise UserError(f"{key} references ${{env:{name}}} but the environment variable {name} is not set")
+        return os.environ[name]
+
+    return ENV_REF.sub(sub, value)

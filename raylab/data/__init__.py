@@ -1,0 +1,15 @@
+"""The data stage (`raylab data`): sources -> validated, redacted, deduplicated, packed shards.
+
+    from raylab.data import run_data
+    manifest = run_data(cfg)          # writes <output_dir>/data/ (see stage.py)
+
+Modules: stage (the Ray Data pipeline, `run_data`), sources/ (files, sql, http), records
+(one record's rules), dedup (MinHash + LSH), packing (tokenization and the trainer
+contract), stats (counts and token statistics).
+"""
+
+from __future__ import annotations
+
+from raylab.data.stage import run_data
+
+__all__ = ["run_data"]

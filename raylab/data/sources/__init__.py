@@ -1,0 +1,81 @@
+"""The data stage's sources: files, SQL and HTTP, each read as a Ray Dataset of raw records
+(`rows.RAW_SCHEMA`), never failing on a record.
+
+    inputs = describe_inputs(cfg.data)          # every source reachable? exit 2 naming it
+    ds = read_source(0, cfg.data.sources[0], cfg.data)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raylab.config import DataConfig, Fields
+from raylab.core import storage
+from raylab.core.secrets import expand_env
+from raylab.data.records import SourceRules
+from raylab.data.sources import sql
+from raylab.data.sources.files import FILE_DATASOURCES, listing
+from raylab.data.sources.http import HttpDatasource
+from raylab.data.sources.rows import RAW_SCHEMA, SourceError
+from raylab.errors import UserError
+
+__all__ = ["FILE_DATASOURCES", "RAW_SCHEMA", "SourceError", "describe_inputs", "read_source", "source_name",
+           "source_rules"]
+
+
+def source_name(index: int, src) -> str:
+    return src.name or f"source{index}"
+
+
+def source_rules(src, data: DataConfig) -> SourceRules:
+    """The format, field names and rules a source's records are checked with."""
+    if src.type == "text":  # a document per file: always completion text
+        return SourceRules("completion", Fields(), data.validation, data.clean, data.pii)
+    return SourceRules(src.format or data.format, src.fields or data.fields, data.validation, data.clean, data.pii)
+
+
+def describe_inputs(data: DataConfig) -> list[dict[str, Any]]:
+    """Check every source is reachable (exit 2 naming it otherwise) and describe it."""
+    out = []
+    for i, src in enumerate(data.sources):
+        name = source_name(i, src)
+        key = f"data.sources.{i}"
+        entry: dict[str, Any] = {"name": name, "type": src.type}
+        if src.type in FILE_DATASOURCES:
+            files = listing(src)
+            if not files:
+                raise UserError(f"{key} ({name}): no {src.type} files at {src.path}")
+            entry["location"] = src.path
+            entry["files"] = [{"path": p, "sha256": storage.sha256(p)} for p in files]
+        elif src.type == "sql":
+            url = expand_env(src.url, f"{key}.url")
+            entry.update(location=sql.redact_url(src.url), query=src.query)
+            try:
+                sql.check(url, src.query)
+            except Exception as e:  # any driver's connection error is the user's to fix
+                raise UserError(f"{key} ({name}): cannot query {sql.redact_url(src.url)}: {e}") from None
+        else:
+            entry.update(location=src.url)
+        out.append(entry)
+    return out
+
+
+def read_source(index: int, src, data: DataConfig):
+    """One source as a Ray Dataset of raw records (RAW_SCHEMA)."""
+    import ray
+
+    name, cpus = source_name(index, src), data.cpus_per_task
+    if src.type in FILE_DATASOURCES:
+        ds = FILE_DATASOURCES[src.type](src.path, source=name)
+        return ray.data.read_datasource(ds, num_cpus=cpus)
+    if src.type == "sql":
+        url = expand_env(src.url, f"data.sources.{index}.url")
+        rules = source_rules(src, data)
+        return ray.data.read_sql(src.query, sql.Connect(url), num_cpus=cpus).map_batches(
+            sql.sql_rows_to_raw, batch_format="pyarrow", num_cpus=cpus,
+            fn_kwargs={"source": name, "id_field": rules.fields.id},
+        )
+    headers = {k: expand_env(v, f"data.sources.{index}.headers.{k}") for k, v in src.headers.items()}
+    spec = src.model_dump(include={"url", "records_path", "page_param", "start_page", "cursor_param",
+                                   "next_cursor_path", "max_pages", "retries", "backoff_s", "timeout_s"})
+    return ray.data.read_datasource(HttpDatasource(spec, name, headers), num_cpus=cpus)

@@ -1,0 +1,251 @@
+"""The data stage: sources -> parsed, normalised, validated records + quarantine + manifest.
+
+    raylab data configs/quickstart.yaml          # CLI
+    raylab.data.run_data(cfg)                    # Python; returns the manifest
+
+What it does, on Ray Data: read every source (sources/) into one dataset of raw records;
+normalise each to its format, clean it, check the validation rules and redact PII
+(records.py, raylab/core/detectors.py); drop exact and near duplicates across the whole
+dataset (dedup.py); tokenize in an actor pool, split train/val by record id, and pack
+(packing.py, which documents the trainer contract); write zstd Parquet and `manifest.json`.
+No record stops the job: a broken one is quarantined with a reason code. A source that
+cannot be read at all, or a rejected fraction above `data.validation.max_rejected_fraction`,
+fails the stage with exit 2 (after the quarantine and manifest are written, so nothing is
+lost).
+
+Outputs under `<output_dir>/data/` (raylab/core/runs.py):
+    train/, val/*.parquet  packed sequences (packing.py: input_ids, labels, position_ids,
+                           segment_ids, num_tokens)
+    records/*.parquet      the accepted documents, redacted: source, record_id, format, text,
+                           messages (JSON), split, num_tokens (for evaluation and inspection)
+    quarantine/*.parquet   rejected: source, record_id, reason, message, raw -- SENSITIVE:
+                           it holds records exactly as read, personal data included
+    manifest.json          inputs (files with sha256), config hash, tokenizer fingerprint,
+                           counts (always read = accepted + rejected + duplicates), PII
+                           redactions by type, tokens, packing efficiency, length histogram
+
+Re-running with unchanged file inputs and data config is a cache hit (nothing is re-read);
+SQL and HTTP inputs cannot be fingerprinted without reading them, so they always rebuild.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raylab import config, models
+from raylab.config import DataConfig, ModelConfig, RaylabConfig
+from raylab.core import plan, runs, storage
+from raylab.data import dedup, packing, records, stats
+from raylab.data.sources import SourceError, describe_inputs, read_source, source_name, source_rules
+from raylab.errors import UserError
+
+MANIFEST_VERSION = 1
+CHECKED_SCHEMA = pa.schema([(n, pa.string()) for n in
+                            ("source", "record_id", "raw", "format", "text", "messages", "reason", "message", "pii")])
+DOC_COLUMNS = ["source", "record_id", "raw", "format", "text", "messages"]
+RECORD_COLUMNS = ["source", "record_id", "format", "text", "messages", "split", "num_tokens"]
+QUARANTINE_COLUMNS = ["source", "record_id", "reason", "message", "raw"]
+TOKENIZE_BLOCK_ROWS = 2048
+
+
+# ---------------------------------------------------------------- Ray Data transforms
+
+
+def check_batch(batch: pa.Table, rules: dict[str, records.SourceRules]) -> pa.Table:
+    compiled = {name: (r.compiled(), r.detectors()) for name, r in rules.items()}
+    rows = [records.check_row(row, rules[row["source"]], *compiled[row["source"]]) for row in batch.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=CHECKED_SCHEMA)
+
+
+def tokenize(docs, data: DataConfig, model: ModelConfig):
+    """Documents (DOC_COLUMNS) -> token ids and labels, in an actor pool that loads the
+    tokenizer once per actor (packing.Tokenize)."""
+    import ray
+
+    # Small corpora can arrive as one block, which one actor would tokenize alone: bound
+    # the rows per block (a streaming repartition) so every actor gets work.
+    return docs.repartition(target_num_rows_per_block=TOKENIZE_BLOCK_ROWS).map_batches(
+        packing.Tokenize, batch_format="pyarrow", batch_size=256, num_cpus=data.cpus_per_task,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=data.tokenizer_actors),
+        fn_constructor_kwargs={
+            "model_cfg": model.model_dump(), "max_tokens": data.validation.max_tokens or data.max_seq_len,
+            "over": data.validation.over_max_tokens, "train_on_prompt": data.train_on_prompt,
+        },
+    )
+
+
+def pack(tokenized, data: DataConfig, pad_id: int):
+    """Tokenized documents -> fixed-length training rows (packing.pack_batch's contract)."""
+    return tokenized.map_batches(
+        packing.pack_batch, batch_format="pyarrow", batch_size=1024, num_cpus=data.cpus_per_task,
+        fn_kwargs={"seq_len": data.max_seq_len, "pad_id": pad_id, "mode": data.packing},
+    )
+
+
+def _where(batch: pa.Table, accepted: bool, columns: list[str]) -> pa.Table:
+    mask = pc.equal(batch["reason"], "")
+    return batch.filter(mask if accepted else pc.invert(mask)).select(columns)
+
+
+def _without(batch: pa.Table, drops: frozenset[str]) -> pa.Table:
+    keep = [rid not in drops for rid in batch["record_id"].to_pylist()]
+    return batch.filter(pa.array(keep, type=pa.bool_()))
+
+
+def _with_split(batch: pa.Table, seed: int, fraction: float) -> pa.Table:
+    split = ["val" if packing.in_val(r, seed, fraction) else "train" for r in batch["record_id"].to_pylist()]
+    lengths = pc.list_value_length(batch["input_ids"]).cast(pa.int32())
+    return batch.append_column("split", pa.array(split)).append_column("num_tokens", lengths)
+
+
+def _of_split(batch: pa.Table, split: str) -> pa.Table:
+    return batch.filter(pc.equal(batch["split"], split))
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def _config_hash(data: DataConfig, model: ModelConfig) -> str:
+    """The data section plus the model section (the tokenizer decides the tokens)."""
+    material = data.model_dump_json() + model.model_dump_json()
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def _cached(run: runs.Run, key: str) -> runs.DataManifest | None:
+    if not storage.exists(run.manifest):
+        return None
+    try:
+        manifest = runs.read_json(run.manifest, runs.DataManifest)
+    except (OSError, UserError):
+        return None
+    return manifest if manifest.cache_key == key and manifest.version == MANIFEST_VERSION else None
+
+
+def _cache_key(config_hash: str, inputs: list[dict]) -> str | None:
+    if any(i["type"] in ("sql", "http") for i in inputs):
+        return None
+    material = json.dumps([config_hash, [[f["sha256"] for f in i["files"]] for i in inputs]])
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def _unwrap_source_error(e: BaseException) -> SourceError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, SourceError):
+            return e
+        if "SourceError" in type(e).__name__ or "data source '" in str(e):
+            return SourceError(str(e).splitlines()[-1].split("SourceError: ")[-1])
+        e = e.__cause__ or e.__context__
+    return None
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _check_sources(data: DataConfig, rules: dict[str, records.SourceRules]):
+    """Every source read and every record checked, in one materialised pass (Ray spills to
+    disk beyond the object store, so memory stays bounded)."""
+    try:
+        parts = [read_source(i, s, data) for i, s in enumerate(data.sources)]
+        raw = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        return raw.map_batches(check_batch, batch_format="pyarrow", num_cpus=data.cpus_per_task,
+                               fn_kwargs={"rules": rules}).materialize()
+    except Exception as e:
+        source_error = _unwrap_source_error(e)
+        if source_error is not None:
+            raise UserError(str(source_error)) from None
+        raise
+
+
+def _write_outputs(run: runs.Run, checked, tokenized, good, data: DataConfig, pad_id: int) -> dict[str, dict]:
+    """Quarantine, records and the packed splits as zstd Parquet; the packed counts per split."""
+    cpus = data.cpus_per_task
+    for name in runs.SPLITS:
+        storage.reset_dir(run.split(name))
+    rejects = [ds.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
+                              fn_kwargs={"accepted": False, "columns": QUARANTINE_COLUMNS}) for ds in (checked, tokenized)]
+    rejects[0].union(rejects[1]).write_parquet(run.split("quarantine"), compression="zstd")
+    good.select_columns(RECORD_COLUMNS).write_parquet(run.split("records"), compression="zstd")
+    packed_by_split = {}
+    for split in ("train", "val"):
+        part = good.map_batches(_of_split, batch_format="pyarrow", fn_kwargs={"split": split})
+        packed = pack(part, data, pad_id).materialize()
+        packed.write_parquet(run.split(split), compression="zstd")
+        rows = packed.map_batches(stats.packed_stats, batch_format="pyarrow").take_all()
+        packed_by_split[split] = {"sequences": sum(r["sequences"] for r in rows),
+                                  "real_tokens": sum(r["real_tokens"] for r in rows)}
+    return packed_by_split
+
+
+def run_data(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
+    """Run the data stage; returns the manifest (also written to data/manifest.json)."""
+    d, run = cfg.data, runs.Run(cfg.output_dir)
+    inputs = describe_inputs(d)
+    config_hash = _config_hash(d, cfg.model)
+    key = _cache_key(config_hash, inputs)
+    if key and (hit := _cached(run, key)):
+        log(f"data: cache hit ({run.manifest}); inputs and data config unchanged")
+        return hit.model_dump(mode="json") | {"cache": {"hit": True}}
+
+    tok = models.load_tokenizer(cfg.model)  # fails early on a bad model; materialises a preset once
+    plan.prepare(cfg, address)
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    config.write_resolved(cfg)
+    rules = {source_name(i, s): source_rules(s, d) for i, s in enumerate(d.sources)}
+    cpus = d.cpus_per_task
+    checked = _check_sources(d, rules)
+    accepted = checked.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
+                                   fn_kwargs={"accepted": True, "columns": DOC_COLUMNS}).materialize()
+    drops = dedup.find_duplicates(accepted, d.dedup, cpus)
+    kept = accepted.map_batches(_without, batch_format="pyarrow", num_cpus=cpus, fn_kwargs={"drops": frozenset(drops)})
+    tokenized = tokenize(kept, d, cfg.model).materialize()
+    good = tokenized.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
+                                 fn_kwargs={"accepted": True, "columns": [*DOC_COLUMNS, "input_ids", "labels"]}
+                                 ).map_batches(_with_split, batch_format="pyarrow", num_cpus=cpus,
+                                               fn_kwargs={"seed": d.seed, "fraction": d.val_fraction}).materialize()
+    packed = _write_outputs(run, checked, tokenized, good, d, tok.pad_token_id)
+
+    counts = stats.counts(checked, tokenized, drops, list(rules))
+    manifest = runs.DataManifest(
+        version=MANIFEST_VERSION,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        config_hash=config_hash, cache_key=key, tokenizer=models.fingerprint(tok),
+        inputs=[{**i, "records_read": counts["by_source"][i["name"]]["read"]} for i in inputs],
+        counts={k: v for k, v in counts.items() if k != "by_source"}, by_source=counts["by_source"],
+        pii_redactions=stats.pii_totals(checked), tokens=stats.token_summary(good, packed, d.max_seq_len),
+        outputs={name: run.split(name) for name in runs.SPLITS}, cache={"hit": False},
+    )
+    runs.write_json(run.manifest, manifest)
+    _log_summary(manifest, run, d.max_seq_len, log)
+    c, limit = manifest.counts, d.validation.max_rejected_fraction
+    if limit is not None and c.rejected_fraction > limit:
+        raise UserError(
+            f"{c.rejected} of {c.read} records rejected ({c.rejected_fraction:.1%}), above "
+            f"data.validation.max_rejected_fraction={limit:g}; see {run.split('quarantine')} and {run.manifest}"
+        )
+    return manifest.model_dump(mode="json")
+
+
+def _log_summary(manifest: runs.DataManifest, run: runs.Run, seq_len: int, log) -> None:
+    c = manifest.counts
+    log(f"data: read {c.read}, accepted {c.accepted}, rejected {c.rejected} "
+        f"({c.rejected_fraction:.1%}), duplicates {c.duplicates['exact']} exact + "
+        f"{c.duplicates['near']} near -> {run.data}")
+    for reason, n in sorted(c.rejected_by_reason.items()):
+        log(f"  quarantined {n:>5} {reason}")
+    for kind, n in sorted(manifest.pii_redactions.items()):
+        log(f"  redacted    {n:>5} {kind}")
+    for split in ("train", "val"):
+        t = getattr(manifest.tokens, split)
+        log(f"  {split:<5} {t.documents} documents, {t.tokens} tokens ({t.target_tokens} targets) in "
+            f"{t.sequences} x {seq_len} sequences, packing efficiency {t.packing_efficiency:.1%}")

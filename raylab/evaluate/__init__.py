@@ -1,0 +1,17 @@
+"""Evaluation (`raylab eval`, `raylab models evaluate`): batch inference with Ray Data, and
+the promotion gates a version must pass before it may become production.
+
+    from raylab.evaluate import run_eval, evaluate_version
+    report = run_eval(cfg)                                   # base vs tuned, eval/report.md
+    result = evaluate_version(store, "acme-assistant", 3)    # the version's stored gates
+
+Modules: batch (actor-pool scoring and answering, the report), gates (the checks, their
+result recorded on the version).
+"""
+
+from __future__ import annotations
+
+from raylab.evaluate.batch import answers, held_out_items, held_out_loss, run_eval
+from raylab.evaluate.gates import evaluate_version
+
+__all__ = ["answers", "evaluate_version", "held_out_items", "held_out_loss", "run_eval"]

@@ -1,0 +1,45 @@
+"""Models: presets, loading through `from_pretrained`, fine-tuning methods, inference, export.
+
+    from raylab import models
+    tok = models.load_tokenizer(cfg.model); lm = models.load_model(cfg.model)
+    lm = models.load_for_training(cfg.model, device)          # the method applied (LoRA, ...)
+    lm, tok = models.load_inference("runs/q/train/final")      # adapter onto its base, or full
+    models.export("runs/q", "out/", merge=True)                 # `raylab export`
+
+Not a stage of its own: the data, train, eval and serve stages share it, so a model is
+loaded one way whichever stage loads it.
+"""
+
+from __future__ import annotations
+
+from raylab.models.export import export, final_dir
+from raylab.models.generate import check_messages, greedy, left_pad, prompt_ids
+from raylab.models.inference import base_of, is_adapter, trained_from
+from raylab.models.inference import load as load_inference
+from raylab.models.inference import tokenizer as load_saved_tokenizer
+from raylab.models.loading import (
+    describe,
+    fingerprint,
+    load_config,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    resolve,
+    torch_dtype,
+)
+from raylab.models.methods import apply_method, load_for_training, training_problems
+from raylab.models.presets import (
+    DEFAULT_CHAT_TEMPLATE,
+    PRESETS,
+    build_byte_tokenizer,
+    build_tiny_model,
+    materialize_preset,
+)
+
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE", "PRESETS", "apply_method", "base_of", "build_byte_tokenizer", "build_tiny_model",
+    "check_messages", "describe", "export", "final_dir", "fingerprint", "greedy", "is_adapter", "left_pad",
+    "load_config", "load_for_training", "load_inference", "load_model", "load_saved_tokenizer", "load_tokenizer",
+    "materialize_preset", "max_positions", "prompt_ids", "resolve", "torch_dtype", "trained_from",
+    "training_problems",
+]

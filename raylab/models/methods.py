@@ -1,0 +1,95 @@
+"""Fine-tuning methods on a loaded base model: LoRA, DoRA, QLoRA, hybrid (peft) and full,
+and the checks that would otherwise fail inside a Ray Train worker.
+
+    problems = training_problems(cfg.model, seq_len=512, gpus_per_worker=0)   # on the driver
+    model = load_for_training(cfg.model, device)                              # in each worker
+"""
+
+from __future__ import annotations
+
+from raylab.config import ModelConfig
+from raylab.models.loading import load_config, load_model, max_positions
+
+
+def training_problems(cfg: ModelConfig, seq_len: int, gpus_per_worker: float) -> list[str]:
+    """Everything about the model that would fail inside a worker, found on the driver.
+
+    The module names come from the model built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = load_config(cfg)
+    remote_causal = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote_causal:
+        arch = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        return [f"model.name_or_path: {cfg.name_or_path} is a {arch} ({config.model_type}), not a causal language "
+                "model; raylab fine-tunes decoder LMs (Llama, Qwen, Mistral, GPT-2, ...)"]
+    problems = []
+    positions = max_positions(config)
+    if positions is not None and seq_len > positions:
+        problems.append(f"data.max_seq_len={seq_len} is beyond the model's {positions} positions; "
+                        f"lower data.max_seq_len to at most {positions} and rerun `raylab data`")
+    if cfg.method == "qlora":
+        import importlib.util
+
+        if gpus_per_worker <= 0:
+            problems.append("model.method=qlora quantises the base model to 4 bits with bitsandbytes, which needs a GPU; "
+                            "set train.gpus_per_worker (on a GPU cluster) or use method: lora")
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append("model.method=qlora needs the bitsandbytes package: pip install bitsandbytes")
+    if cfg.method != "full":
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        names = [n for n, _ in skeleton.named_modules() if n]
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        for key, wanted in (("model.lora.target_modules", cfg.lora.target_modules),
+                            ("model.lora.modules_to_save", cfg.lora.modules_to_save)):
+            missing = [t for t in wanted if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in names)]
+            if missing:
+                problems.append(f"{key}: the model has no module named {missing}; its module names include {leaves[:30]}")
+    return problems
+
+
+def apply_method(model, cfg: ModelConfig):
+    """LoRA / DoRA / QLoRA / hybrid through peft; full fine-tuning trains every weight.
+
+    Hybrid is LoRA on `lora.target_modules` plus full training of `lora.modules_to_save`
+    (peft keeps a trainable copy of those modules and saves it with the adapter)."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = cfg.lora.target_modules
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        modules_to_save=list(cfg.lora.modules_to_save) or None,
+        use_dora=cfg.method == "dora",
+        # A tied embedding trained in full (hybrid) stays tied to the output head.
+        ensure_weight_tying=bool(cfg.lora.modules_to_save),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def load_for_training(cfg: ModelConfig, device=None):
+    """Base model (4-bit for qlora) with the method applied, on `device`."""
+    kwargs = {}
+    if cfg.method == "qlora":
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
+        kwargs["device_map"] = {"": device}
+    model = load_model(cfg, **kwargs)
+    if device is not None and cfg.method != "qlora":
+        model.to(device)
+    return apply_method(model, cfg)

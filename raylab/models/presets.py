@@ -1,0 +1,124 @@
+"""Tiny preset models for tests and the quickstart: a transformers config with seeded random
+weights and a byte-level tokenizer, materialised once under `$RAYLAB_HOME/models/<preset>`
+and then loaded like any local model, so a saved adapter's `base_model_name_or_path` points
+at a path that outlives the process that made it.
+
+    model.name_or_path: preset:tiny-llama        # in a config
+    materialize_preset("tiny-llama")              # -> $RAYLAB_HOME/models/tiny-llama
+
+Every tokenizer raylab builds carries DEFAULT_CHAT_TEMPLATE (ChatML-style, assistant turns
+wrapped in `{% generation %}` so the data stage can mask everything but the answers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from raylab.core import runs
+from raylab.errors import UserError
+
+PRESET_VERSION = 1  # bump when a preset's architecture or tokenizer changes
+
+# Turn ends with the tokenizer's eos token, so generation stops where training taught it to.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|im_end|>"}
+EXTRA_SPECIALS = ["<|im_start|>"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
+    "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=1024),
+}
+
+
+def build_byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + specials) with the default chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SPECIAL_TOKENS.values()) + EXTRA_SPECIALS
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS, additional_special_tokens=EXTRA_SPECIALS)
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_model(preset: str, tokenizer, seed: int = 0):
+    """A randomly initialised causal LM from a preset's config (seeded, so reproducible)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(PRESETS[preset])
+    config = AutoConfig.for_model(
+        spec.pop("model_type"),
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **spec,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def materialize_preset(name: str) -> Path:
+    """Build preset `name` under $RAYLAB_HOME/models/<name> once; return its directory.
+
+    Built in a temporary sibling and renamed into place, so concurrent callers (several
+    workers on one node) never see a half-written directory.
+    """
+    if name not in PRESETS:
+        raise UserError(f"model.name_or_path: unknown preset {name!r}; expected one of: {', '.join('preset:' + p for p in PRESETS)}")
+    target = runs.home().preset(name)
+    marker = target / "raylab_preset.json"
+    stamp = {"preset": name, "version": PRESET_VERSION, "template": _sha(DEFAULT_CHAT_TEMPLATE)}
+    if marker.exists() and json.loads(marker.read_text()) == stamp:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tok = build_byte_tokenizer()
+        model = build_tiny_model(name, tok)
+        tok.save_pretrained(staging)
+        model.save_pretrained(staging)
+        (staging / "raylab_preset.json").write_text(json.dumps(stamp))
+        if target.exists():  # an older preset version, or a half-built one from a crash
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            staging.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            if not marker.exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

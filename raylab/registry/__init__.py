@@ -1,0 +1,41 @@
+"""The registry, on MLflow tracking + Model Registry: every run with its lineage, model
+versions with checksums and gates, and aliases with a history MLflow does not keep.
+
+    raylab models list [NAME]                         # versions, metrics, gate status, aliases
+    raylab models show acme-assistant/3               # or acme-assistant@production
+    raylab models promote acme-assistant 3            # production -> 3 (the old one: previous)
+    raylab models rollback acme-assistant --reason "latency regression"
+
+Modules: store (where the registry is, opening it), tracking (runs, sweeps, trials),
+versions (register, refs, verified fetch), aliases (promote, rollback, history). Only driver
+processes call it (the train driver, the sweep driver), never Train workers or concurrent
+trials, so the embedded SQLite store is never written concurrently.
+"""
+
+from __future__ import annotations
+
+from raylab.registry.aliases import alias_history, promote, rollback, user
+from raylab.registry.store import PREVIOUS, PRODUCTION, Store, locate, model_name, open_store
+from raylab.registry.tracking import experiment_id, flatten, log_run, track_sweep, track_train
+from raylab.registry.versions import (
+    LINEAGE,
+    IntegrityError,
+    checksums,
+    fetch,
+    get_version,
+    parse_ref,
+    register,
+    registered_model,
+    set_tags,
+    verify,
+    version_number,
+    versions,
+)
+
+__all__ = [
+    "LINEAGE", "PREVIOUS", "PRODUCTION", "IntegrityError", "Store", "alias_history", "checksums", "experiment_id",
+    "fetch", "flatten",
+    "get_version", "locate", "log_run", "model_name", "open_store", "parse_ref", "promote", "register",
+    "registered_model", "rollback", "set_tags", "track_sweep", "track_train", "user", "verify", "version_number",
+    "versions",
+]

@@ -1,0 +1,83 @@
+"""Aliases with a history MLflow does not keep: production and previous, who moved them,
+when and why.
+
+    promote(store, "acme-assistant", 3)               # only once its gates passed (or --force)
+    rollback(store, "acme-assistant", reason="...")   # production -> previous, one step back
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import time
+
+from raylab.errors import UserError
+from raylab.registry.store import PREVIOUS, PRODUCTION, Store
+from raylab.registry.versions import get_version, registered_model
+
+HISTORY_PREFIX = "raylab.alias_history."  # one registered-model tag per alias move
+
+
+def user() -> str:
+    try:
+        return os.environ.get("RAYLAB_USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def alias_history(store: Store, name: str) -> list[dict]:
+    tags = registered_model(store, name).tags
+    return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_PREFIX))]
+
+
+def _move(store: Store, name: str, alias: str, to: int | None, reason: str, forced: bool = False) -> dict:
+    """Point `alias` at version `to` (None deletes it) and append the move to the history."""
+    aliases = registered_model(store, name).aliases
+    before = int(aliases[alias]) if alias in aliases else None
+    if to is None:
+        store.client.delete_registered_model_alias(name, alias)
+    else:
+        store.client.set_registered_model_alias(name, alias, str(to))
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "user": user(), "alias": alias,
+             "from": before, "to": to, "reason": reason, "forced": forced}
+    seq = len(alias_history(store, name))
+    store.client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{seq:06d}", json.dumps(entry))
+    return entry
+
+
+def promote(store: Store, name: str, version: int, force: bool = False, reason: str | None = None) -> list[dict]:
+    """production -> version (the old production becomes `previous`), only for a version
+    that passed its gates unless forced (then who and why are recorded)."""
+    mv = get_version(store, f"{name}/{version}")
+    status = mv.tags.get("raylab.gates.status", "pending")
+    if force and not reason:
+        raise UserError("--force needs --reason: the alias history records who overrode the gates and why")
+    if status != "passed" and not force:
+        raise UserError(f"{name}/{version} may not be promoted: its gates are {status!r}"
+                        + (f" ({mv.tags.get('raylab.gates.failures')})" if status == "failed" else "")
+                        + f"; run `raylab models evaluate {name} {version}`, or override with --force --reason TEXT")
+    aliases = registered_model(store, name).aliases
+    current = int(aliases[PRODUCTION]) if PRODUCTION in aliases else None
+    if current == version:
+        return []
+    why = reason or f"gates {status}"
+    moves = [_move(store, name, PREVIOUS, current, f"was production before {version}")] if current is not None else []
+    return moves + [_move(store, name, PRODUCTION, version, why, forced=force and status != "passed")]
+
+
+def rollback(store: Store, name: str, reason: str | None = None) -> list[dict]:
+    """production -> previous. The new `previous` is the version production had before that
+    one (from the alias history), so repeated rollbacks walk back one step at a time."""
+    aliases = registered_model(store, name).aliases
+    if PREVIOUS not in aliases:
+        raise UserError(f"model {name!r} has no previous production version to roll back to "
+                        f"(aliases: {dict(aliases) or 'none'})")
+    target, current = int(aliases[PREVIOUS]), int(aliases[PRODUCTION]) if PRODUCTION in aliases else None
+    earlier = next((h["from"] for h in reversed(alias_history(store, name))
+                    if h["alias"] == PRODUCTION and h["to"] == target and h["from"] not in (None, target)), None)
+    why = reason or "rollback"
+    moves = [_move(store, name, PRODUCTION, target, f"rollback from {current}: {why}")]
+    return moves + [_move(store, name, PREVIOUS, earlier, f"rollback to {target}")]
+
+

@@ -1,0 +1,159 @@
+"""MLflow runs: a train run, a sweep (parent) and its trials (nested), each with params,
+per-step metrics and artifacts; registering the winner goes through versions.py.
+
+    track_train(cfg, meta)          # the train driver, after its run
+    track_sweep(cfg, summary)       # the sweep driver, after its trials
+
+Logging is idempotent: a run carries a `raylab.key` tag (its directory and identity), so
+re-running a finished stage finds its MLflow run and version instead of adding new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from raylab.config import RaylabConfig
+from raylab.core import runs, storage
+from raylab.registry.store import Store, model_name, open_store
+from raylab.registry.versions import register
+
+
+def experiment_id(store: Store, name: str) -> str:
+    found = store.client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    location = f"{store.artifact_root}/{name}" if store.artifact_root else None
+    return store.client.create_experiment(name, artifact_location=location)
+
+
+def _key_tag(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:32]  # quote-free, whatever the paths hold
+
+
+def find_run(store: Store, exp_id: str, key: str):
+    runs = store.client.search_runs([exp_id], filter_string=f"tags.`raylab.key` = '{_key_tag(key)}'", max_results=1)
+    return runs[0] if runs else None
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted keys -> text values (MLflow params), lists by index."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    if isinstance(node, list) and node and all(isinstance(x, dict) for x in node):
+        return {k: v for i, value in enumerate(node) for k, v in flatten(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): (json.dumps(node) if isinstance(node, (list, dict)) else str(node))[:500]}
+
+
+def metric_rows(history: list[dict]) -> list:
+    """MLflow metrics from metrics.jsonl rows: every finite number at its step; validation
+    metrics only at the steps that evaluated (other rows repeat the last evaluation)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    out = []
+    for row in history:
+        step = int(row.get("step", 0))
+        stamp = int(row["time"] * 1000) if isinstance(row.get("time"), (int, float)) else now
+        for k, v in row.items():
+            if k in ("step", "time") or (k.startswith(("val_", "best_val")) and row.get("evaluated") is False):
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out.append(Metric(k, float(v), stamp, step))
+    return out
+
+
+def log_run(store: Store, exp_id: str, *, name: str, key: str, params: dict[str, str], history: list[dict],
+            artifacts: dict[str, str], tags: dict[str, str], parent: str | None = None, status: str = "FINISHED") -> str:
+    """One MLflow run (or the existing one with this key): params, metrics per step, artifacts."""
+    from mlflow.entities import Param
+
+    existing = find_run(store, exp_id, key)
+    if existing is not None and existing.data.tags.get("raylab.logged") == "true":
+        return existing.info.run_id
+    if existing is not None:  # a driver died while logging it: log it again, whole
+        store.client.delete_run(existing.info.run_id)
+    all_tags = {"raylab.key": _key_tag(key), "raylab.key_text": key[:5000], **tags} | ({"mlflow.parentRunId": parent} if parent else {})
+    run_id = store.client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+    items = [Param(k, v) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        store.client.log_batch(run_id, params=items[i:i + 100])
+    metrics = metric_rows(history)
+    for i in range(0, len(metrics), 1000):
+        store.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    with tempfile.TemporaryDirectory(prefix="raylab-mlflow-") as tmp:
+        for name_, location in artifacts.items():
+            if location and storage.exists(location):
+                Path(tmp, name_).write_bytes(storage.read_bytes(location))
+                store.client.log_artifact(run_id, str(Path(tmp, name_)))
+    store.client.set_tag(run_id, "raylab.logged", "true")
+    store.client.set_terminated(run_id, status=status)
+    return run_id
+
+
+def _history(location: str) -> list[dict]:
+    return [json.loads(x) for x in storage.read_text(location).splitlines() if x.strip()] if storage.exists(location) else []
+
+
+def track_train(cfg: RaylabConfig, meta: dict, log=print) -> dict:
+    """Log a finished train run and register its model as a new version (the train driver)."""
+    store = open_store(cfg)
+    exp = experiment_id(store, model_name(cfg))
+    run = runs.Run(cfg.output_dir)
+    run_id = log_run(
+        store, exp, name=cfg.run_name, key=f"train:{cfg.output_dir}:{meta['identity']}",
+        params=flatten(cfg.model_dump(mode="json")), history=_history(run.train_metrics),
+        artifacts=_run_artifacts(run), tags={"raylab.stage": "train", "raylab.output_dir": cfg.output_dir})
+    version = register(store, cfg, run_id, run.train_final, meta)
+    log(f"registry: run {run_id} in experiment {model_name(cfg)!r}; model {version.name}/{version.version} ({store.uri})")
+    return {"run_id": run_id, "name": version.name, "version": int(version.version)}
+
+
+def _run_artifacts(run: runs.Run) -> dict[str, str]:
+    """MLflow artifact name (the file's own name) -> location."""
+    return _by_name([run.resolved_config, run.manifest, run.train_metrics, run.train_loss_png])
+
+
+def _by_name(locations: list[str]) -> dict[str, str]:
+    return {location.rsplit("/", 1)[-1]: location for location in locations}
+
+
+def track_sweep(cfg: RaylabConfig, summary: dict, log=print) -> dict:
+    """Log a sweep (parent run) and each trial (nested runs) from Tune's results, then
+    register the winner (the sweep driver, after the trials have finished)."""
+    store = open_store(cfg)
+    exp = experiment_id(store, model_name(cfg))
+    run = runs.Run(cfg.output_dir)
+    t = cfg.tune
+    parent = log_run(
+        store, exp, name=f"{cfg.run_name} sweep", key=f"sweep:{cfg.output_dir}:{hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:16]}",
+        params=flatten(cfg.model_dump(mode="json")), history=[],
+        artifacts=_by_name([run.tune_file(f) for f in runs.TUNE_FILES if f != "study"] + [run.resolved_config]),
+        tags={"raylab.stage": "sweep", "raylab.output_dir": cfg.output_dir})
+    trial_runs = {}
+    for row in summary["results"]:
+        trial = run.trial(row["trial_id"])
+        status = {"finished": "FINISHED", "stopped early": "KILLED"}.get(row["status"], "FAILED")
+        trial_runs[row["trial_id"]] = log_run(
+            store, exp, name=f"trial {row['trial_id']}", key=f"trial:{trial.root}",
+            params={k: str(row[k]) for k in t.search_space if k in row},
+            history=_history(trial.train_metrics), artifacts=_run_artifacts(trial),
+            tags={"raylab.stage": "trial", "raylab.trial_status": row["status"], "raylab.output_dir": trial.root,
+                  **({"raylab.error": row["error"][:5000]} if row.get("error") else {})},
+            parent=parent, status=status)
+    out = {"run_id": parent, "trials": len(trial_runs)}
+    best = summary.get("best")
+    if best and best.get("final_model"):
+        meta = runs.read_json(runs.model_file(best["final_model"], runs.TRAIN_META), runs.TrainMeta).model_dump(mode="json")
+        version = register(store, cfg, trial_runs[best["trial_id"]], best["final_model"], meta,
+                           extra={"raylab.stage": "tune", "raylab.trial_id": best["trial_id"], "raylab.sweep_run_id": parent})
+        out |= {"name": version.name, "version": int(version.version)}
+        log(f"registry: sweep {parent} with {len(trial_runs)} trials; winner {version.name}/{version.version} ({store.uri})")
+    return out
+
+

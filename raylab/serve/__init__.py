@@ -1,0 +1,38 @@
+"""Serving (`raylab serve`, `raylab deploy`): a registry version behind an OpenAI-compatible
+Ray Serve endpoint, switched to another version without downtime.
+
+    from raylab.serve import start_serving, stop_serving
+    info = start_serving(cfg)          # returns once the endpoint answers: {url, model, ...}
+
+Modules: deploy (the verbs, Serve's declarative REST API), app (the FastAPI ingress and
+`build`, the application's import path `raylab.serve:build`), generator (the model
+deployment), engine (continuous batching), openai_api (request, response and error shapes),
+auth (API keys).
+"""
+
+from __future__ import annotations
+
+from raylab.serve.auth import api_keys
+from raylab.serve.deploy import (
+    APP,
+    default_ref,
+    emit,
+    run_deploy,
+    run_serve,
+    start_serving,
+    stop_serving,
+    wait_until_stopped,
+)
+
+__all__ = ["APP", "api_keys", "build", "default_ref", "emit", "run_deploy", "run_serve", "start_serving",
+           "stop_serving", "wait_until_stopped"]
+
+
+def __getattr__(name: str):
+    # `build` imports FastAPI and Ray Serve's deployment machinery; only Serve's controller
+    # (import_path raylab.serve:build) and the replicas need it, not every CLI command.
+    if name == "build":
+        from raylab.serve.app import build
+
+        return build
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

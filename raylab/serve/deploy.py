@@ -1,0 +1,299 @@
+"""`raylab serve` and `raylab deploy`: put a registry version behind the OpenAI-compatible
+endpoint of app.py, and switch it to another version without downtime.
+
+    raylab serve configs/quickstart.yaml                  # <model_name>@production, foreground
+    raylab serve configs/quickstart.yaml --emit-config serve.yaml   # for `serve deploy` / RayService
+    raylab deploy acme-assistant@production               # after `raylab models promote`
+
+Both go through Serve's declarative API (the dashboard's `PUT /api/serve/applications/`,
+what `serve deploy` and KubeRay's RayService use), never `serve.run`: Serve then treats a
+change of `user_config` alone as a lightweight update, so `raylab deploy` re-routes the
+running replicas through `reconfigure` instead of starting new ones (which a 2-core machine
+has no room for) and no in-flight request fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from raylab import models, registry
+from raylab.config import RaylabConfig, ServeConfig
+from raylab.core import cluster, plan, runs
+from raylab.core.cluster import auth_token
+from raylab.errors import UserError
+
+APP = "raylab"
+
+
+def catalog(store: registry.Store, name: str, version: int) -> dict:
+    """The ingress's routing table: the name and `NAME@production` (or whichever alias was
+    asked for) go to `version`, every alias and `NAME/N` to its own version."""
+    model = registry.registered_model(store, name)
+    target = f"{name}/{version}"
+    routes = {name: target}
+    aliases = {f"{name}@{a}": f"{name}/{int(v)}" for a, v in sorted(model.aliases.items())}
+    numbers = sorted((int(mv.version) for mv in store.client.search_model_versions(f"name = '{name}'")), reverse=True)
+    versions = {f"{name}/{n}": f"{name}/{n}" for n in numbers}
+    routes |= aliases | versions
+    production = f"{name}@{registry.PRODUCTION}"
+    listed = [name] + ([production] if production in aliases else []) + sorted(set(aliases) - {production}) + list(versions)
+    return {"routes": routes, "listed": listed, "default": target}
+
+
+def resolve(store: registry.Store, ref: str) -> tuple[str, int, str]:
+    """(name, version, verified local dir) of a REF; checksums are checked before deploying."""
+    mv = registry.get_version(store, ref)
+    return mv.name, int(mv.version), registry.fetch(store, f"{mv.name}/{mv.version}")
+
+
+def default_ref(cfg: RaylabConfig | None, model: str | None) -> str:
+    if model:
+        return model
+    if cfg is None:
+        raise UserError("give a CONFIG (its registry.model_name is served) or --model NAME@ALIAS | NAME/VERSION")
+    return f"{registry.model_name(cfg)}@{registry.PRODUCTION}"
+
+
+def app_config(s: ServeConfig, store: registry.Store, ref: str, dtype: str = "float32") -> dict:
+    """A `serve deploy` config (one application) serving REF, with the routing table."""
+    name, version, local = resolve(store, ref)
+    base = models.base_of(local) if models.is_adapter(local) else None
+    a = s.autoscaling
+    autoscaling = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                   "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
+                   "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s}
+    if a.initial_replicas is not None:
+        autoscaling["initial_replicas"] = a.initial_replicas
+    args = {"base": base, "tracking_uri": store.uri, "dtype": "float32" if dtype == "auto" else dtype,
+            "threads": max(1, round(s.cpus_per_replica)), "api_keys_env": s.api_keys_env, "api_keys_file": s.api_keys_file,
+            "limits": {"max_prompt_tokens": s.max_prompt_tokens, "max_tokens": s.max_tokens,
+                       "max_request_bytes": s.max_request_bytes, "max_batch_size": s.max_batch_size,
+                       "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_adapters_per_replica": s.max_adapters_per_replica}}
+    generator = {"name": "Generator", "autoscaling_config": autoscaling, "max_ongoing_requests": s.max_ongoing_requests,
+                 "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+                 "user_config": {"preload": [f"{name}/{version}"]}}
+    # The ingress only awaits the generator: a sliver of a CPU, and room for every open stream.
+    ingress = {"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 1000,
+               "ray_actor_options": {"num_cpus": 0.1}, "user_config": catalog(store, name, version)}
+    return {"name": APP, "route_prefix": "/", "import_path": "raylab.serve:build", "args": args,
+            "deployments": [generator, ingress]}
+
+
+def deploy_config(s: ServeConfig, app: dict) -> dict:
+    return {"proxy_location": "EveryNode", "http_options": {"host": s.host, "port": s.port}, "applications": [app]}
+
+
+def emit(path: str, cfg: RaylabConfig | None, ref: str, tracking_uri: str | None = None) -> dict:
+    """Write the serve config that `serve deploy` and a RayService's serveConfigV2 take."""
+    import yaml
+
+    s = cfg.serve if cfg else ServeConfig()
+    store = registry.open_store(cfg, tracking_uri)
+    full = deploy_config(s, app_config(s, store, ref, cfg.model.dtype if cfg else "float32"))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("# written by `raylab serve --emit-config`; deploy with `serve deploy` or embed in a "
+                          "RayService's serveConfigV2\n" + yaml.safe_dump(full, sort_keys=False))
+    return full
+
+
+# ---------------------------------------------------------------- Serve's REST API
+
+
+def _headers() -> dict:
+    token = auth_token() if os.environ.get("RAY_AUTH_MODE", "token") == "token" else None
+    return {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+
+
+def rest(dashboard: str, method: str, body: dict | None = None, timeout: float = 60, attempts: int = 6):
+    """Serve's REST API. GET and PUT are idempotent (PUT is declarative), so a dropped
+    connection (the dashboard is busy while Serve starts) is retried."""
+    url = dashboard.rstrip("/") + "/api/serve/applications/"
+    data = json.dumps(body).encode() if body is not None else None
+    for attempt in range(attempts):
+        req = urllib.request.Request(url, data=data, method=method, headers=_headers())
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                text = r.read().decode()
+            return json.loads(text) if text.strip() else {}
+        except urllib.error.HTTPError as e:
+            if e.code < 500 or attempt == attempts - 1:
+                raise UserError(f"Ray Serve at {dashboard} refused {method}: HTTP {e.code} {e.read().decode()[:2000]}") from None
+        except (urllib.error.URLError, OSError) as e:
+            if attempt == attempts - 1:
+                raise UserError(f"Ray dashboard {dashboard} not reachable ({getattr(e, 'reason', e)}); pass its "
+                                "http:// address with --address") from None
+        time.sleep(min(1.0 * 2 ** attempt, 8.0))
+    raise AssertionError("unreachable")
+
+
+def put_app(dashboard: str, app: dict, http_options: dict, current: dict | None = None) -> None:
+    """Deploy/update our application, keeping any other declaratively deployed ones.
+    `current`: Serve's state (GET) when the caller has already read it."""
+    current = rest(dashboard, "GET") if current is None else current
+    others = [details["deployed_app_config"] for n, details in (current.get("applications") or {}).items()
+              if n != APP and details.get("deployed_app_config")]
+    if current.get("http_options"):  # Serve's HTTP options are fixed once it runs
+        http_options = {k: current["http_options"][k] for k in ("host", "port") if k in current["http_options"]}
+    rest(dashboard, "PUT", {"proxy_location": current.get("proxy_location") or "EveryNode",
+                            "http_options": http_options, "applications": others + [app]})
+
+
+def wait_running(dashboard: str, timeout_s: float = 600, log=print) -> dict:
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        details = (rest(dashboard, "GET").get("applications") or {}).get(APP) or {}
+        status = details.get("status")
+        if status == "RUNNING":
+            return details
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            why = [details.get("message", "")] + [f"{n}: {d.get('message', '')}" for n, d in
+                                                  (details.get("deployments") or {}).items() if d.get("message")]
+            raise UserError(f"serve application {APP!r} {status}: {' | '.join(why)[-4000:]}")
+        if status != last and status:
+            log(f"serve: {status.lower()} ...")
+            last = status
+        time.sleep(1.0)
+    raise UserError(f"serve application {APP!r} not running after {timeout_s:.0f}s")
+
+
+# ---------------------------------------------------------------- the verbs
+
+
+def _endpoint_file() -> Path:
+    return runs.home().endpoint
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy binds; TIME_WAIT is no conflict
+        try:
+            sock.bind((host if host != "0.0.0.0" else "", port))
+            return True
+        except OSError:
+            return False
+
+
+def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: str | None = None,
+                  detach: bool = False, log=print) -> dict:
+    """Deploy REF (checksums verified first) and return once the endpoint is RUNNING:
+    {url, model (NAME/VERSION), models, dashboard, ...}. `raylab run` uses this directly."""
+    s = cfg.serve if cfg else ServeConfig()
+    store = registry.open_store(cfg)
+    ref = default_ref(cfg, model)
+    app = app_config(s, store, ref, cfg.model.dtype if cfg else "float32")  # exit 2 before Ray starts
+    keys_env = s.api_keys_env
+    if keys_env and not os.environ.get(keys_env):
+        raise UserError(f"serve.api_keys_env: ${keys_env} is not set (or empty); set it to comma-separated API keys")
+    embedded = cluster.mode_of(cluster.resolve_address(address, cfg)[0]) == "embedded"
+    if detach and embedded:
+        raise UserError("--detach needs a running cluster (ray start --head; then --address auto): an embedded Ray "
+                        "ends with this process")
+    if embedded and not _port_free(s.host, s.port):
+        raise UserError(f"serve.port: {s.host}:{s.port} is in use; stop what holds it or set serve.port=PORT")
+    if cfg is not None:
+        conn, _ = plan.prepare(cfg, address, state_api=True)
+    else:
+        conn = cluster.connect(None, address, state_api=True)
+    dashboard = _dashboard(conn)
+    put_app(dashboard, app, {"host": s.host, "port": s.port})
+    wait_running(dashboard, log=log)
+    url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '') else s.host}:{s.port}"
+    routing = app["deployments"][1]["user_config"]
+    info = {"url": url, "ref": ref, "model": routing["default"], "name": routing["listed"][0], "dashboard": dashboard,
+            "pid": os.getpid(), "tracking_uri": store.uri, "models": routing["listed"]}
+    _endpoint_file().parent.mkdir(parents=True, exist_ok=True)
+    _endpoint_file().write_text(json.dumps(info, indent=2))
+    log(f"serving {ref} ({info['model']}) at {url}/v1  (models: {', '.join(info['models'])})")
+    return info
+
+
+def stop_serving() -> None:
+    """Delete the application (its replicas stop); forget the endpoint file."""
+    from ray import serve
+
+    try:
+        serve.delete(APP)
+    finally:
+        _endpoint_file().unlink(missing_ok=True)
+
+
+def run_serve(cfg: RaylabConfig | None, model: str | None = None, address: str | None = None, detach: bool = False,
+              log=print, stop: threading.Event | None = None) -> dict:
+    """`raylab serve`: deploy REF and (unless `detach`) stay in the foreground until
+    SIGINT/SIGTERM or `stop`, then delete the application."""
+    info = start_serving(cfg, model, address, detach, log)
+    if not detach:
+        wait_until_stopped(stop, log)
+        log("stopping the endpoint ...")
+        stop_serving()
+    return info
+
+
+def wait_until_stopped(stop: threading.Event | None = None, log=print) -> None:
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    log("foreground: Ctrl-C (SIGINT) or SIGTERM stops it; `raylab deploy REF` switches versions")
+    stop.wait()
+
+
+def _wait_routed(url: str, target: str, timeout_s: float = 300) -> None:
+    """Until the ingress answers /healthz with the new default (its reconfigure ran)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
+                if json.loads(r.read()).get("model") == target:
+                    return
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise UserError(f"the endpoint at {url} did not switch to {target} within {timeout_s:.0f}s; see `serve status`")
+
+
+def _dashboard(conn) -> str:
+    url = os.environ.get("RAY_API_SERVER_ADDRESS") or conn.dashboard_url
+    if not url:
+        raise UserError("the Ray dashboard (Serve's REST API) is not known for this cluster; set RAY_API_SERVER_ADDRESS "
+                        "to http://HEAD:8265")
+    return url if "://" in url else f"http://{url}"
+
+
+def run_deploy(ref: str, address: str | None = None, tracking_uri: str | None = None, log=print) -> dict:
+    """Point the running endpoint at REF: the generator preloads (and verifies) it, then the
+    ingress's routes switch to it. Both are `user_config` changes: replicas stay up."""
+    dashboard = address
+    if dashboard is None and _endpoint_file().exists():
+        dashboard = json.loads(_endpoint_file().read_text())["dashboard"]
+    if dashboard is None:
+        raise UserError("no running `raylab serve` found on this machine; pass the dashboard with --address http://HEAD:8265")
+    if "://" not in dashboard:
+        raise UserError(f"--address {dashboard!r}: expected the Ray dashboard's http://HOST:PORT")
+    current = rest(dashboard, "GET")
+    details = (current.get("applications") or {}).get(APP)
+    if not details or not details.get("deployed_app_config"):
+        raise UserError(f"no raylab application is deployed at {dashboard}; start one with `raylab serve`")
+    app = details["deployed_app_config"]
+    store = registry.open_store(tracking_uri=tracking_uri or app["args"]["tracking_uri"])
+    name, version, _ = resolve(store, ref)
+    target = f"{name}/{version}"
+    for d in app["deployments"]:
+        if d["name"] == "Generator":
+            d["user_config"] = {"preload": [target]}
+        elif d["name"] == "Ingress":
+            d["user_config"] = catalog(store, name, version)
+    put_app(dashboard, app, {}, current)
+    http = current.get("http_options") or {}
+    host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
+    _wait_routed(f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}", target)
+    log(f"deployed {ref} ({target}); requests for {name} now go to it")
+    return {"model": target}

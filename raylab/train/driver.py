@@ -1,0 +1,278 @@
+"""Train stage: fine-tune `model.name_or_path` on the data stage's shards with Ray Train V2.
+
+    raylab data configs/quickstart.yaml
+    raylab train configs/quickstart.yaml                      # resumes if interrupted
+    raylab train configs/quickstart.yaml train.num_workers=2 train.resume=false
+
+Reads `<output_dir>/data/` (train/val Parquet + manifest.json) and writes `<output_dir>/train/`:
+checkpoint_*/ (best `train.keep_checkpoints` by val loss, plus the latest), metrics.jsonl,
+loss.png, and final/ — a Hugging Face model directory (peft adapter or full weights, the
+tokenizer with its chat template, raylab_train.json with lineage and metrics).
+
+This is the driver: it checks everything a worker would trip on, builds the `TorchTrainer`
+and writes final/. The loop every worker runs is `train_loop_per_worker` in loop.py; the
+objective in loss.py, checkpoint contents and the data-position rule in checkpoint.py,
+FLOPs/MFU in metrics.py.
+
+Resume: a worker failure restarts all workers from the latest checkpoint
+(`train.max_failures`); running the same command again after the driver died continues
+from the latest checkpoint of `<output_dir>/train` (Ray Train's own snapshot), unless
+`train.resume=false`. A finished run with unchanged inputs is not trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from raylab import config, models
+from raylab.config import RaylabConfig
+from raylab.core import plan, runs, storage
+from raylab.errors import UserError
+from raylab.train import checkpoint, metrics, pretrain
+from raylab.train.loop import train_loop_per_worker
+from raylab.version import __version__
+
+DRIVER_READ_BYTES = 64 << 20  # a split up to this size is read by the driver itself (read_split)
+MATERIALIZE_BYTES = 1 << 30  # a split up to this size is read into the object store once
+# Keys that change how a run is executed, not what it computes: a resumed run may change them.
+OPERATIONAL_KEYS = {"num_workers", "cpus_per_worker", "gpus_per_worker", "torch_threads", "placement_strategy",
+                    "max_failures", "resume", "log_every", "keep_checkpoints", "checkpoint_every"}
+
+
+def manifest_hash(manifest: runs.DataManifest) -> str:
+    stable = manifest.model_dump(mode="json", exclude={"created", "cache"})
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity(cfg: RaylabConfig, manifest: runs.DataManifest) -> dict:
+    """What the trained weights depend on; a resumed run must match it exactly."""
+    train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in OPERATIONAL_KEYS}
+    material = {"model": cfg.model.model_dump(mode="json"), "train": train, "data": manifest_hash(manifest)}
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+    return {"hash": digest, **material}
+
+
+def preflight(cfg: RaylabConfig, manifest: runs.DataManifest) -> None:
+    """Every check that would otherwise fail inside a worker, at once, before Ray starts."""
+    problems = []
+    tok = models.load_tokenizer(cfg.model)
+    ours, theirs = models.fingerprint(tok), manifest.tokenizer
+    if ours["fingerprint"] != theirs.get("fingerprint"):
+        differ = [k for k in ("vocab_size", "vocab_hash", "special_tokens", "template_hash") if ours.get(k) != theirs.get(k)]
+        problems.append(f"the data shards were tokenized with a different tokenizer than model.name_or_path="
+                        f"{cfg.model.name_or_path} ({', '.join(differ)} differ: vocab_size {theirs.get('vocab_size')} vs "
+                        f"{ours['vocab_size']}); rerun `raylab data` with this model")
+    seq_len = manifest.tokens.max_seq_len
+    if seq_len != cfg.data.max_seq_len:
+        problems.append(f"the data shards hold {seq_len}-token sequences but data.max_seq_len={cfg.data.max_seq_len}; "
+                        "rerun `raylab data` after changing the data section")
+    problems += models.training_problems(cfg.model, seq_len, cfg.train.gpus_per_worker)
+    rows = manifest.tokens.train.sequences
+    if rows < cfg.train.max_workers:
+        problems.append(f"the train split has {rows} sequences, fewer than train.num_workers={cfg.train.max_workers}; "
+                        "add data or lower train.num_workers")
+    if manifest.tokens.val.sequences == 0:
+        problems.append("the val split is empty, so there is no val_loss to evaluate or rank checkpoints by; "
+                        "raise data.val_fraction")
+    if problems:
+        raise UserError("cannot train:\n  " + "\n  ".join(problems))
+
+
+def _previous_run(run: runs.Run) -> dict | None:
+    return json.loads(storage.read_text(run.train_identity)) if storage.exists(run.train_identity) else None
+
+
+def _start_or_resume(resume: bool, run: runs.Run, ident: dict, log) -> dict | None:
+    """Returns the finished run's metadata when there is nothing to do."""
+    prev = _previous_run(run)
+    if prev is not None and not resume:
+        log(f"train: train.resume=false; discarding the previous run in {run.train}")
+        storage.reset_dir(run.train)
+        prev = None
+    if prev is not None and prev["identity"]["hash"] != ident["hash"]:
+        changed = [f"{section}.{k}" for section in ("model", "train") for k in ident[section]
+                   if prev["identity"][section].get(k) != ident[section][k]]
+        if prev["identity"]["data"] != ident["data"]:
+            changed.append("the data stage's output")
+        raise UserError(f"{run.train} holds a run made with different settings ({', '.join(changed) or 'config'}); "
+                        "to continue it restore them, or start over with train.resume=false, or use another output_dir")
+    if prev is not None and storage.exists(run.train_meta):
+        meta = runs.read_json(run.train_meta, runs.TrainMeta)
+        if meta.identity == ident["hash"]:
+            log(f"train: already finished with these settings: {run.train_final} "
+                "(train.resume=false trains again)")
+            return meta.model_dump(mode="json")
+    storage.write_text(run.train_identity, json.dumps({"identity": ident}, indent=2) + "\n")
+    return None
+
+
+def code_version() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"raylab {__version__}" + (f" ({commit})" if commit else "")
+
+
+def _unwrap_user_error(e: BaseException) -> str | None:
+    text = str(e)
+    marker = "UserError: "
+    return text.split(marker, 1)[1].strip().splitlines()[0] if marker in text else None
+
+
+def read_split(location: str, nbytes: int, num_cpus: float):
+    """A Ray Dataset over one packed split (`nbytes`: its size in memory).
+
+    A small split is read whole by the driver with pyarrow (files in sorted order) and
+    handed to Ray as one block: a Ray Data read costs the driver ~4 s of execution start-up
+    per split, which a short run (every tune trial) would pay twice. A larger one is read in
+    parallel by Ray Data and, up to MATERIALIZE_BYTES, kept in the object store, since every
+    epoch otherwise re-lists and re-reads the files."""
+    import ray
+
+    if nbytes <= DRIVER_READ_BYTES:
+        import pyarrow.parquet as pq
+
+        filesystem, path = storage.resolve(location)
+        return ray.data.from_arrow(pq.read_table(path, filesystem=filesystem))
+    ds = ray.data.read_parquet(location, num_cpus=num_cpus)
+    return ds.materialize() if nbytes <= MATERIALIZE_BYTES else ds
+
+
+def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callbacks: list | None = None,
+              track: bool = True, gate=None) -> dict:
+    """Run the train stage; returns the final model's metadata (also in final/raylab_train.json).
+
+    With `track` (and registry.enabled) the driver then logs the run to MLflow and registers
+    the model; tune trials pass track=False: their sweep's driver logs them. `gate`: an
+    object every worker consults after each evaluation, `start(step, last_step)` then
+    `after_eval(step, log)` (a sweep's ASHA rungs: raylab/tune/asha.py `RungWait`)."""
+    cfg = pretrain.resolve(cfg)  # a `pretrain` section: its pre-trained model is the base
+    run = runs.Run(cfg.output_dir)
+    manifest = runs.read_manifest(run, cfg.source)
+    preflight(cfg, manifest)
+    _, the_plan = plan.prepare(cfg, address, state_api=True)
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = data_context.print_on_execution_start = False
+    data_context.execution_options.preserve_order = True  # the same block order in every run
+    ident = identity(cfg, manifest)
+    done = _start_or_resume(cfg.train.resume, run, ident, log)
+    if done is not None:
+        return _track(cfg, done, log) if track else done
+    config.write_resolved(cfg)
+    t = cfg.train
+    execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic shards: resume can skip
+    # int32 input_ids, labels, position_ids, segment_ids per sequence
+    sequences = {"train": manifest.tokens.train.sequences, "val": manifest.tokens.val.sequences}
+    nbytes = {split: n * cfg.data.max_seq_len * 16 for split, n in sequences.items()}
+    datasets = {split: read_split(manifest.outputs[split], nbytes[split], cfg.data.cpus_per_task) for split in nbytes}
+    resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "torch_threads": the_plan.torch_threads,
+                           "train_rows": sequences["train"], "metrics_path": run.train_metrics,
+                           "val_bytes": nbytes["val"], "train_bytes": nbytes["train"], "gate": gate},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
+                                               resources_per_worker=resources, placement_strategy=t.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=runs.TRAIN_RUN_NAME, storage_path=cfg.output_dir,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_loss",
+                                                         checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=list(callbacks or []),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
+    )
+    workers = t.num_workers if isinstance(t.num_workers, int) else f"{t.min_workers}-{t.max_workers}"
+    log(f"train: {cfg.model.method} on {cfg.model.name_or_path}, {workers} worker(s) x {the_plan.torch_threads} thread(s), "
+        f"{sequences['train']} sequences x {cfg.data.max_seq_len} -> {run.train}")
+    started = time.time()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        message = _unwrap_user_error(e)
+        if message:
+            raise UserError(message) from None
+        raise RuntimeError(f"training failed: {e}\nThe latest checkpoint is kept: run the same command again to "
+                           f"resume from it (or raise train.max_failures to restart failed workers automatically)") from None
+    meta = finalize(cfg, result, ident, time.time() - started, log)
+    return _track(cfg, meta, log) if track else meta
+
+
+def _track(cfg: RaylabConfig, meta: dict, log) -> dict:
+    if not cfg.registry.enabled:
+        return meta
+    from raylab import registry
+
+    return meta | {"registry": registry.track_train(cfg, meta, log)}
+
+
+def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float, log) -> dict:
+    """final/ (Hugging Face format + tokenizer + metadata), metrics.jsonl, loss.png."""
+    run = runs.Run(cfg.output_dir)
+    best = min(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_loss", math.inf), default=None)
+    with result.checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="raylab-final-") as staging:
+        state = checkpoint.read_state(d)
+        shutil.copytree(os.path.join(d, checkpoint.MODEL_DIR), staging, dirs_exist_ok=True)
+        models.load_tokenizer(cfg.model).save_pretrained(staging)
+        digests = state.get("replica_digests") or []
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"DDP replicas ended with different weights {digests}: a bug, please report it")
+        last = state["history"][-1]
+        flops_token = state["flops"]["flops_per_token"]
+        meta = runs.TrainMeta(
+            identity=ident["hash"], base_model=cfg.model.name_or_path, base_model_path=models.resolve(cfg.model.name_or_path),
+            method=cfg.model.method, data_manifest_hash=ident["data"], config_hash=ident["hash"],
+            code_version=code_version(), steps=state["step"], epochs_started=state["epoch"] + 1,
+            stopped_early=state["stopped_early"], world_size=state["world_size"], replica_digests=digests,
+            worker_nodes=state.get("worker_nodes", []), resumed_at_steps=state.get("resumed_at_steps", []),
+            trained_tokens=state["tokens"], flops_per_token=flops_token,
+            estimated_training_flops=flops_token * state["tokens"],
+            flops_formula="4*N + 2*N_trainable + 12*layers*hidden*seq_len per real token (raylab/train/metrics.py)",
+            metrics={k: last.get(k) for k in ("val_loss", "val_perplexity", "val_token_accuracy")}
+            | {"best_val_loss": state["best_val_loss"], "train_loss": last.get("loss"),
+               "initial_val_loss": state["history"][0].get("val_loss")},
+            best_checkpoint=best[0].path if best else None, latest_checkpoint=result.checkpoint.path,
+            train_seconds=round(seconds, 1), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        runs.write_json(runs.model_file(staging, runs.TRAIN_META), meta)
+        storage.copy_dir(staging, run.train_final)
+    storage.write_text(run.train_metrics, metrics.to_jsonl(state["history"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, os.path.basename(run.train_loss_png))
+        metrics.plot_loss(state["history"], png, f"{cfg.run_name}: {cfg.model.method} on {cfg.model.name_or_path}")
+        storage.write_bytes(run.train_loss_png, Path(png).read_bytes())
+    m = meta.metrics
+    log(f"train: {meta.steps} steps, {meta.trained_tokens:,} tokens in {seconds:.0f}s; val_loss "
+        f"{m['initial_val_loss']:.4f} -> {m['val_loss']:.4f} (best {m['best_val_loss']:.4f}), perplexity "
+        f"{m['val_perplexity']:.2f}, token accuracy {m['val_token_accuracy']:.1%}")
+    log(f"train: model -> {run.train_final}")
+    return meta.model_dump(mode="json")
+
+
+def run_pretrain(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
+    """Pre-train (or find the finished pre-training); returns its final metadata."""
+    if cfg.pretrain is None:
+        raise UserError("the config has no pretrain section")
+    pcfg = pretrain.pretrain_config(cfg)
+    # The pre-training reads the data stage's shards where they are: its manifest is a copy.
+    src, dst = runs.Run(cfg.output_dir), runs.Run(pcfg.output_dir)
+    if not storage.exists(src.manifest):
+        raise UserError(f"no data stage output at {src.manifest}: run `raylab data` (or `raylab run`) first")
+    storage.write_text(dst.manifest, storage.read_text(src.manifest))
+    return run_train(pcfg, address, log, track=False)

@@ -1,0 +1,156 @@
+"""The training objective on the data stage's packed rows: masks, token loss, one optimizer
+step with gradient accumulation, and evaluation. Pure torch; the Ray Train loop in
+`raylab/train/loop.py` calls these, and the unit tests call them directly.
+
+Packed rows hold several documents (see `raylab/data/packing.py`). A token may attend only to
+earlier tokens of its own document: `block_causal_mask` builds that mask from `segment_ids`
+and `position_ids` restart at 0 for each document, so a packed row computes exactly what the
+documents would alone.
+
+The loss of an optimizer step is the mean over every target token of the accumulation
+window on every worker: each micro-batch contributes its summed token loss divided by that
+global count (times the world size, since DDP averages gradients). Averaging per
+micro-batch instead would weight a short micro-batch's tokens more than a long one's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+IGNORE = -100
+
+
+def block_causal_mask(segment_ids: torch.Tensor, attn_impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """[batch, 1, seq, seq] mask: query i sees key j iff same document and j <= i.
+
+    Padding (segment 0) sees only itself, so no row is fully masked (a softmax over nothing
+    is NaN, and NaN in a padding row still poisons the weight gradients). Eager attention
+    adds the mask to the scores (0 / dtype-min); SDPA takes a boolean (True = attend)."""
+    seg = segment_ids
+    n = seg.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril_()
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
+    allowed = (same & causal) | torch.eye(n, dtype=torch.bool, device=seg.device)
+    allowed = allowed[:, None]
+    if attn_impl == "eager":
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+@dataclass
+class Sums:
+    """Summed token loss, target count and correct argmax predictions (local to a worker)."""
+
+    loss: torch.Tensor
+    targets: int
+    correct: int
+
+
+def attn_impl_of(model) -> str:
+    config = getattr(model, "config", None) or model.module.config
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def forward_sums(model, batch: dict[str, torch.Tensor], attn_impl: str, mask_dtype=torch.float32,
+                 accuracy: bool = True) -> Sums:
+    """One forward pass; the loss summed (not averaged) over target tokens.
+
+    Logits are only ever held for one micro-batch, and cast to float32 for the loss."""
+    input_ids = batch["input_ids"].long()
+    labels = batch["labels"].long()
+    mask = block_causal_mask(batch["segment_ids"], attn_impl, mask_dtype)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"].long(), use_cache=False)
+    logits = out.logits[:, :-1].float()
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    valid = target != IGNORE
+    correct = int(((logits.argmax(-1) == target) & valid).sum()) if accuracy else 0
+    return Sums(loss, int(valid.sum()), correct)
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def all_reduce(values: list[float], device) -> list[float]:
+    """Sum across workers (a no-op without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def autocast(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def train_step(model, optimizer, window: list[dict], *, device, world_size: int, attn_impl: str,
+               max_grad_norm: float | None, bf16: bool = False) -> dict[str, float]:
+    """Forward/backward every micro-batch of the window, clip, step. Returns the window's
+    token-mean loss (over all workers), grad norm, and target/real token counts."""
+    local_targets = sum(count_targets(mb) for mb in window)
+    global_targets = all_reduce([float(local_targets)], device)[0]
+    scale = world_size / max(global_targets, 1.0)
+    loss_sum = 0.0
+    for i, mb in enumerate(window):
+        last = i == len(window) - 1
+        # Skip DDP's gradient all-reduce until the window's last micro-batch.
+        sync = model.no_sync() if not last and isinstance(model, DDP) else contextlib.nullcontext()
+        with sync:
+            with autocast(device, bf16):
+                sums = forward_sums(model, mb, attn_impl, accuracy=False)
+            (sums.loss * scale).backward()
+        loss_sum += float(sums.loss.detach())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    real_tokens = sum(int(mb["num_tokens"].sum()) for mb in window)
+    loss_total, real_total = all_reduce([loss_sum, float(real_tokens)], device)
+    return {"loss": loss_total / max(global_targets, 1.0), "grad_norm": float(grad_norm),
+            "targets": int(global_targets), "real_tokens": int(real_total)}
+
+
+@torch.no_grad()
+def evaluate(model, batches, *, device, attn_impl: str, bf16: bool = False) -> dict[str, float]:
+    """Loss, perplexity and token accuracy over `batches` (summed, then reduced across
+    workers); one micro-batch of logits at a time."""
+    was_training = model.training
+    model.eval()
+    loss = targets = correct = 0.0
+    for batch in batches:
+        with autocast(device, bf16):
+            sums = forward_sums(model, batch, attn_impl)
+        loss += float(sums.loss)
+        targets += sums.targets
+        correct += sums.correct
+    loss, targets, correct = all_reduce([loss, targets, correct], device)
+    model.train(was_training)
+    if targets == 0:
+        return {"val_loss": float("nan"), "val_perplexity": float("nan"), "val_token_accuracy": float("nan")}
+    mean = loss / targets
+    return {"val_loss": mean, "val_perplexity": math.exp(min(mean, 50.0)), "val_token_accuracy": correct / targets}
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of train.lr at `step`: linear warmup, then cosine/linear decay to 0 or constant."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,195 @@
+"""Registry, evaluation and gates on a real Ray with real training: a train run lands in
+MLflow with params, metrics and artifacts and becomes a model version with its lineage;
+`raylab eval` compares base and tuned models with Ray Data actor pools; gates pass a good
+version and block a regressed one; promote / rollback from the CLI; a tampered artifact is
+refused; `mlflow ui` on the same store serves the runs and versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import COLORS, free_port, run_cli
+from raylab import config, data, evaluate, registry, train
+from raylab.errors import UserError
+from raylab.evaluate import gates
+
+pytestmark = pytest.mark.integration
+
+NAME = "widgets"
+
+
+def instruction_config(out: Path, corpus: Path, method: str, **train_overrides) -> config.RaylabConfig:
+    return config.load_dict({
+        "version": 1, "output_dir": str(out), "offline": True,
+        "data": {"sources": [{"type": "jsonl", "path": str(corpus), "format": "instruction"}], "max_seq_len": 128,
+                 "val_fraction": 0.2, "dedup": {"near": False}},
+        "model": {"name_or_path": "preset:tiny-llama", "method": method, "lora": {"r": 8, "alpha": 16}},
+        "train": {"lr": 3e-3, "batch_size": 4, "max_steps": 60, "eval_every": 20, "log_every": 10, **train_overrides},
+        "registry": {"model_name": NAME, "gates": {
+            "max_val_loss": 5.0, "max_regression": 0.05,
+            "golden": [{"prompt": "Ticket 999: when does my widget ship?", "contains": "ships today", "max_new_tokens": 24}]}},
+        "eval": {"max_samples": 6, "max_new_tokens": 24, "batch_size": 3},
+    })
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, _session_ray):
+    """Data once; a good run (v1: a full fine-tune, which a random-weight tiny model needs
+    to answer in words within 60 steps) and a LoRA run that barely trains (v2, lr 1e-5) on
+    the same split."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("registry")
+    corpus = root / "tickets.jsonl"
+    with corpus.open("w") as f:
+        for i in range(150):  # the answer does not depend on the ticket: a tiny model learns it exactly
+            c = COLORS[i % len(COLORS)]
+            f.write(json.dumps({"prompt": f"Ticket {i}: when does my {c} widget ship?", "response": "It ships today."}) + "\n")
+    good = instruction_config(root / "good", corpus, "full")
+    data.run_data(good, log=lambda *_: None)
+    shutil.copytree(root / "good" / "data", root / "weak" / "data")
+    weak = instruction_config(root / "weak", corpus, "lora", lr=1e-5, max_steps=20)
+    return good, train.run_train(good, log=lambda *_: None), weak, train.run_train(weak, log=lambda *_: None)
+
+
+def store():
+    return registry.open_store()
+
+
+def test_train_run_is_in_mlflow_with_params_metrics_and_artifacts(trained):
+    good, meta, *_ = trained
+    run = store().client.get_run(meta["registry"]["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "good"
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["model.method"] == "full"
+    history = store().client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [0, 20, 40, 60]
+    assert history[-1].value == pytest.approx(meta["metrics"]["val_loss"])
+    files = {a.path for a in store().client.list_artifacts(run.info.run_id)}
+    assert {"config.resolved.yaml", "manifest.json", "metrics.jsonl", "loss.png", "model"} <= files
+
+
+def test_each_run_is_a_new_version_with_its_lineage(trained):
+    good, meta, weak, weak_meta = trained
+    assert (meta["registry"]["version"], weak_meta["registry"]["version"]) == (1, 2)
+    mv = store().client.get_model_version(NAME, "1")
+    for key in registry.LINEAGE:
+        assert mv.tags[key] == str(meta[key]), key
+    assert json.loads(mv.tags["raylab.gates"])["max_regression"] == 0.05
+    assert "model.safetensors" in json.loads(mv.tags["raylab.checksums"])  # v1 is a full fine-tune
+    assert "adapter_model.safetensors" in json.loads(store().client.get_model_version(NAME, "2").tags["raylab.checksums"])
+    again = train.run_train(good, log=lambda *_: None)  # finished: no new run, no new version
+    assert again["registry"] == meta["registry"]
+
+
+def test_eval_compares_base_and_tuned(trained, tmp_path):
+    good, meta, *_ = trained
+    report = evaluate.run_eval(good, log=lambda *_: None)
+    base, tuned = report["models"]["base"], report["models"]["tuned"]
+    assert tuned["loss"] == pytest.approx(meta["metrics"]["val_loss"], rel=1e-4)  # the number training reported
+    assert tuned["loss"] < base["loss"] - 0.3 and tuned["perplexity"] < base["perplexity"]
+    assert tuned["scored"] == base["scored"] == 6
+    assert tuned["exact_match"] > base["exact_match"] and tuned["rouge_l"] > base["rouge_l"]
+    assert tuned["exact_match"] >= 0.5 and tuned["rouge_l"] >= 0.5
+    eval_dir = Path(good.output_dir) / "eval"
+    assert len((eval_dir / "predictions.jsonl").read_text().splitlines()) == 6
+    assert "| rouge_l |" in (eval_dir / "report.md").read_text()
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Ticket 3: when does my red widget ship?", "reference": "It ships today."})
+                       + "\n" + json.dumps({"messages": [{"role": "user", "content": "Ticket 4: when does my blue widget ship?"}]}) + "\n")
+    offline = evaluate.run_eval(good, input_path=str(prompts), log=lambda *_: None)
+    assert len(offline["samples"]) == 2 and "ships" in offline["samples"][1]["tuned"]
+    assert offline["models"]["tuned"]["scored"] == 1 and "loss" not in offline["models"]["tuned"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\nnot json\n{"messages": [{"role": "wizard", "content": "x"}]}\n')
+    with pytest.raises(UserError, match=r"line 2: not JSON.*line 3: messages\[0\] must be"):
+        evaluate.run_eval(good, input_path=str(bad), log=lambda *_: None)
+
+
+def test_gates_then_promote_rollback_from_the_cli(trained):
+    s = store()
+    passed = gates.evaluate_version(s, NAME, 1, log=lambda *_: None)
+    assert passed["status"] == "passed" and {c["gate"] for c in passed["checks"]} == {"max_val_loss", "golden"}
+    assert run_cli("models", "promote", NAME, "1").returncode == 0
+
+    # v2 barely trained: over the loss threshold and a regression against production v1
+    out = run_cli("models", "evaluate", NAME, "2", "--address", _address())
+    assert out.returncode == 2 and "failed its gates" in out.stderr, out.stderr
+    mv = s.client.get_model_version(NAME, "2")
+    assert mv.tags["raylab.gates.status"] == "failed" and "max_regression" in mv.tags["raylab.gates.failures"]
+    refused = run_cli("models", "promote", NAME, "2")
+    assert refused.returncode == 2 and "its gates are 'failed'" in refused.stderr
+
+    forced = run_cli("models", "promote", NAME, "2", "--force", "--reason", "demo for the test")
+    assert forced.returncode == 0, forced.stderr
+    assert registry.get_version(s, f"{NAME}@production").version in (2, "2")
+    back = run_cli("models", "rollback", NAME, "--reason", "regressed")
+    assert back.returncode == 0, back.stderr
+    assert registry.get_version(s, f"{NAME}@production").version in (1, "1")
+    moves = [(h["alias"], h["from"], h["to"], h["forced"]) for h in registry.alias_history(s, NAME)]
+    assert moves == [("production", None, 1, False), ("previous", None, 1, False), ("production", 1, 2, True),
+                     ("production", 2, 1, False), ("previous", 1, None, False)]
+    shown = run_cli("models", "show", f"{NAME}@production")
+    assert "alias history:" in shown.stdout and "demo for the test" in shown.stdout
+
+
+def test_mlflow_ui_serves_the_same_store(trained, tmp_path):
+    port = free_port()
+    uri, root = registry.locate()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root", root,
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "mlflow ui did not start"
+                time.sleep(1)
+        found = json.load(urllib.request.urlopen(base + f"/api/2.0/mlflow/model-versions/search?filter=name%3D%27{NAME}%27"))
+        assert sorted(int(v["version"]) for v in found["model_versions"]) == [1, 2]
+        run = json.load(urllib.request.urlopen(base + f"/api/2.0/mlflow/runs/get?run_id={trained[1]['registry']['run_id']}"))
+        assert run["run"]["info"]["run_name"] == "good"
+        listed = run_cli("models", "list", NAME, "--tracking-uri", base)  # the CLI through the server too
+        assert listed.returncode == 0 and f"{NAME}" in listed.stdout and "full" in listed.stdout, listed.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's workers too
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+def test_a_tampered_artifact_is_refused_where_it_is_loaded(trained):
+    good, *_ = trained
+    source = Path(store().client.get_model_version(NAME, "1").source)
+    weights = source / "model.safetensors"
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[:-8] + b"tampered")
+        with pytest.raises(registry.IntegrityError, match="model.safetensors"):
+            evaluate.run_eval(good, model_ref=f"{NAME}/1", log=lambda *_: None)
+        out = run_cli("models", "evaluate", NAME, "1")
+        assert out.returncode == 2 and "does not match its registration checksums" in out.stderr, out.stderr
+    finally:
+        weights.write_bytes(original)
+
+
+def _address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address

@@ -1,0 +1,27 @@
+"""`raylab models`: the registry CLI in subprocesses (each imports MLflow)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_cli
+from registry_helpers import open_test_store, register
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    return open_test_store(tmp_path, monkeypatch)
+
+
+@pytest.mark.integration  # subprocesses: each imports MLflow
+def test_models_cli_lists_and_refuses_with_exit_2(store, tmp_path):
+    register(store, tmp_path, 1)
+    env = {"RAYLAB_HOME": str(tmp_path / "home")}
+    listed = run_cli("models", "list", env=env)
+    assert listed.returncode == 0 and "widgets" in listed.stdout and "passed" in listed.stdout, listed.stderr
+    shown = run_cli("models", "show", "widgets/1", env=env)
+    assert shown.returncode == 0 and "data_manifest_hash: d1" in shown.stdout, shown.stderr
+    for args, message in [(["show", "widgets@staging"], "no alias 'staging'"), (["promote", "widgets", "7"], "no version 7"),
+                          (["rollback", "nope"], "no registered model 'nope'")]:
+        out = run_cli("models", *args, env=env)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr

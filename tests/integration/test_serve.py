@@ -1,0 +1,360 @@
+"""The serve stage on a real Ray Serve (the session's Ray) with real LoRA adapters: the
+official `openai` client (completions, chat, streaming), served greedy text equal to offline
+peft generation, two adapters on one base, every class of bad request answered with its
+4xx, API keys, autoscaling up under load and back down, and `raylab deploy` switching
+versions in place while requests stream, none failing.
+
+The adapters are trained here with peft in a few seconds (a fixed answer per adapter, so
+greedy text is far from ties) on a tiny Llama whose embeddings are scaled up: at the
+default init a tied-embedding tiny model cannot produce confident logits, so LoRA alone
+could not learn anything checkable.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port, run_cli
+from raylab import config, registry
+from raylab.serve import deploy
+
+pytestmark = pytest.mark.integration
+
+NAME = "widgets-serve"
+KEY = "sk-test-123"
+QUESTIONS = [f"When does my {c} widget ship?" for c in ("red", "blue", "green", "black")]
+ANSWERS = {1: "It ships today.", 2: "Ask the help desk."}
+
+
+def build_base(path: Path) -> None:
+    import torch
+
+    from raylab import models as model
+
+    tok = model.build_byte_tokenizer()
+    tok.chat_template = model.DEFAULT_CHAT_TEMPLATE
+    lm = model.build_tiny_model("tiny-llama", tok, seed=123)
+    with torch.no_grad():
+        lm.get_input_embeddings().weight.mul_(10)
+    tok.save_pretrained(path)
+    lm.save_pretrained(path)
+
+
+def train_adapter(base: Path, out: Path, answer: str, steps: int = 200) -> float:
+    """A LoRA adapter (peft, all linear layers) trained to give `answer` to QUESTIONS."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    rows = []
+    for q in QUESTIONS:
+        prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True,
+                                         return_dict=True)["input_ids"]
+        rows.append((list(prompt), tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]))
+    width = max(len(p) + len(t) for p, t in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    labels, mask = torch.full_like(ids, -100), torch.zeros_like(ids)
+    for i, (p, t) in enumerate(rows):
+        ids[i, :len(p) + len(t)] = torch.tensor(p + t)
+        labels[i, len(p):len(p) + len(t)] = torch.tensor(t)
+        mask[i, :len(p) + len(t)] = 1
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return loss.item()
+
+
+def serve_config(root: Path, base: Path, port: int, **serve) -> config.RaylabConfig:
+    return config.load_dict({
+        "version": 1, "output_dir": str(root / "run"), "offline": True,
+        "data": {"sources": [{"type": "jsonl", "path": str(root / "unused.jsonl")}]},
+        "model": {"name_or_path": str(base)}, "registry": {"model_name": NAME},
+        "serve": {"port": port, "cpus_per_replica": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.05,
+                  "max_prompt_tokens": 256, "max_tokens": 300, "max_request_bytes": 20000, "max_ongoing_requests": 4,
+                  "api_keys_file": str(root / "keys.txt"),
+                  "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                  "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 11}, **serve},
+    })
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, _session_ray):
+    root = tmp_path_factory.mktemp("serve")
+    base = root / "base"
+    build_base(base)
+    adapters = {v: root / f"adapter{v}" for v in ANSWERS}
+    for v, path in adapters.items():
+        assert train_adapter(base, path, ANSWERS[v]) < 0.1
+    (root / "keys.txt").write_text(f"# API keys, one per line\n{KEY}\n")
+    cfg = serve_config(root, base, free_port())
+    store = registry.open_store(cfg)
+    exp = registry.experiment_id(store, NAME)
+    meta = {"identity": "serve-test", "base_model": str(base), "method": "lora", "metrics": {}}
+    for v, path in adapters.items():
+        run = registry.log_run(store, exp, name=f"adapter{v}", key=f"serve-test-{v}", params={}, history=[],
+                               artifacts={}, tags={})
+        mv = registry.register(store, cfg, run, str(path), meta)
+        assert int(mv.version) == v
+        registry.set_tags(store, NAME, v, {"raylab.gates.status": "passed"})
+    registry.promote(store, NAME, 1)
+    stop = threading.Event()
+    thread = threading.Thread(target=deploy.run_serve, args=(cfg,), kwargs={"stop": stop, "log": lambda *_: None},
+                              daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{cfg.serve.port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and thread.is_alive():
+        try:
+            if get(url, "/healthz")[0] == 200 and deploy._endpoint_file().exists():  # written once it is RUNNING
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    assert thread.is_alive(), "raylab serve ended before the endpoint came up"
+    yield {"url": url, "cfg": cfg, "adapters": adapters, "root": root, "dashboard": json.loads(deploy._endpoint_file().read_text())["dashboard"]}
+    stop.set()
+    thread.join(120)
+    from ray import serve
+
+    serve.shutdown()
+
+
+def request(url: str, path: str, body: dict | bytes | None = None, key: str | None = KEY, method: str | None = None,
+            headers: dict | None = None) -> tuple[int, dict | str]:
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    req = urllib.request.Request(url + path, data=data, headers=h, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            text, status = r.read().decode(), r.status
+    except urllib.error.HTTPError as e:
+        text, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def get(url: str, path: str, key: str | None = KEY):
+    return request(url, path, key=key)
+
+
+def chat(url: str, model: str, question: str, **extra) -> tuple[int, dict]:
+    return request(url, "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": question}],
+                                                 "temperature": 0, **extra})
+
+
+def client(served):
+    import openai
+
+    return openai.OpenAI(base_url=served["url"] + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_openai_client_completions_chat_and_streaming(served):
+    c = client(served)
+    listed = [m.id for m in c.models.list().data]
+    assert listed[:2] == [NAME, f"{NAME}@production"] and {f"{NAME}/1", f"{NAME}/2"} <= set(listed)
+
+    reply = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTIONS[0]}], temperature=0)
+    assert reply.choices[0].message.content == ANSWERS[1] and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == len(ANSWERS[1]) and reply.usage.prompt_tokens > len(QUESTIONS[0])
+
+    stream = c.chat.completions.create(model=f"{NAME}@production", messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                       temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == ANSWERS[1] and len([ch for ch in chunks if ch.choices]) > 5  # token by token, not one blob
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ANSWERS[1])
+
+    done = c.completions.create(model=NAME, prompt="The widget", max_tokens=7, temperature=0.8, top_p=0.9, seed=11, n=2)
+    assert [ch.index for ch in done.choices] == [0, 1] and all(ch.finish_reason in ("length", "stop") for ch in done.choices)
+    again = c.completions.create(model=NAME, prompt="The widget", max_tokens=7, temperature=0.8, top_p=0.9, seed=11, n=2)
+    assert [ch.text for ch in again.choices] == [ch.text for ch in done.choices]  # seeded sampling repeats
+    stopped = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTIONS[2]}], temperature=0,
+                                        stop=["ships"])
+    assert stopped.choices[0].message.content == "It " and stopped.choices[0].finish_reason == "stop"
+    capped = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTIONS[2]}], temperature=0,
+                                       max_tokens=4)
+    assert capped.choices[0].message.content == ANSWERS[1][:4] and capped.choices[0].finish_reason == "length"
+
+    # The raw event stream: OpenAI's framing, ending with [DONE].
+    req = urllib.request.Request(served["url"] + "/v1/completions", data=json.dumps(
+        {"model": NAME, "prompt": "abc", "max_tokens": 5, "stream": True, "temperature": 0, "ignore_eos": True}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+    assert sum(1 for e in events[:-1] if json.loads(e[6:])["choices"][0]["text"]) >= 1
+
+
+def test_served_greedy_equals_offline_peft_for_two_adapters_on_one_base(served):
+    from raylab.models import greedy, prompt_ids
+    from raylab.models import load_inference as load
+
+    prompts = QUESTIONS + ["Where is my order?", "hello"]
+    offline = {}
+    for version, adapter in served["adapters"].items():
+        model, tok = load(str(adapter))
+        offline[version] = greedy(model, tok, [prompt_ids(tok, {"prompt": p}) for p in prompts], 24)
+        assert offline[version][:4] == [ANSWERS[version]] * 4
+    # Both versions at once, twice over: Serve batches each version's concurrent requests
+    # into one decode on the shared base; every answer must equal its offline generation.
+    asks = [(v, i) for v in offline for i in range(len(prompts))] * 2
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda a: chat(served["url"], f"{NAME}/{a[0]}", prompts[a[1]], max_tokens=24), asks))
+    assert all(status == 200 for status, _ in got), got
+    # (offline `greedy` strips surrounding whitespace from its answers)
+    assert [b["choices"][0]["message"]["content"].strip() for _, b in got] == [offline[v][i] for v, i in asks]
+    details = deploy.rest(served["dashboard"], "GET")["applications"]["raylab"]["deployments"]
+    assert details["Generator"]["deployment_config"]["ray_actor_options"]["num_cpus"] == 0.5
+
+
+BAD = [  # (what, body or raw bytes, status, param the error names)
+    ("malformed JSON", b'{"model": "x", "messages": [', 400, None),
+    ("not an object", b"[1, 2]", 400, None),
+    ("missing model", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+    ("missing messages", {"model": NAME}, 400, "messages"),
+    ("wrong type", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ("temperature out of range", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature"),
+    ("negative max_tokens", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "max_tokens"),
+    ("huge max_tokens", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400, "max_tokens"),
+    ("empty messages", {"model": NAME, "messages": []}, 400, "messages"),
+    ("unknown role", {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("unknown argument", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "best_of": 2}, 400, "best_of"),
+    ("too many stops", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, 400, "stop"),
+    ("over-long prompt", {"model": NAME, "messages": [{"role": "user", "content": "word " * 80}]}, 400, "messages"),
+    ("request too large", {"model": NAME, "messages": [{"role": "user", "content": "x" * 30000}]}, 400, None),
+    ("unknown model", {"model": "nope/7", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("what,body,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_4xx(served, what, body, status, param):
+    got, answer = request(served["url"], "/v1/chat/completions", body)
+    assert got == status, (what, answer)
+    assert set(answer["error"]) == {"message", "type", "param", "code"} and answer["error"]["message"]
+    assert answer["error"]["param"] == param
+    assert answer["error"]["type"] == "invalid_request_error"
+
+
+def test_auth_unknown_paths_and_the_server_survives(served):
+    url = served["url"]
+    for key in (None, "sk-wrong"):
+        status, body = request(url, "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}]},
+                               key=key)
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+        assert get(url, "/v1/models", key=key)[0] == 401
+    status, body = get(url, "/v1/nothing-here")
+    assert status == 404 and body["error"]["message"]
+    assert request(url, "/v1/completions", method="GET")[0] == 405
+    assert get(url, "/healthz", key=None) == (200, {"status": "ok", "model": f"{NAME}/1"})
+    status, body = chat(url, NAME, QUESTIONS[3])  # after all the bad requests, the replicas still answer
+    assert status == 200 and body["choices"][0]["message"]["content"] == ANSWERS[1]
+
+
+def _replicas(served, deployment: str) -> list[str]:
+    details = deploy.rest(served["dashboard"], "GET")["applications"]["raylab"]["deployments"][deployment]
+    return sorted(r["replica_id"] for r in details["replicas"] if r["state"] == "RUNNING")
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_autoscaling_goes_up_under_load_and_back_down(served):
+    assert len(_replicas(served, "Generator")) == 1
+    stop, failures = threading.Event(), []
+
+    def load(i: int):
+        while not stop.is_set():
+            status, body = request(served["url"], "/v1/completions", {"model": NAME, "prompt": f"load {i}",
+                                                                       "max_tokens": 64, "temperature": 0, "ignore_eos": True})
+            if status != 200:
+                failures.append(body)
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        _wait(lambda: len(_replicas(served, "Generator")) >= 2, 120, "a second Generator replica under load")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert not failures, failures[:3]
+    _wait(lambda: len(_replicas(served, "Generator")) == 1, 120, "the Generator to scale back to 1 replica")
+
+
+def test_emit_config_is_a_valid_serve_deploy_config(served, tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    out = tmp_path / "serve.yaml"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(served["cfg"].model_dump(mode="json")))
+    done = run_cli("serve", str(cfg_file), "--emit-config", str(out), timeout=120)
+    assert done.returncode == 0, done.stderr
+    emitted = yaml.safe_load(out.read_text())
+    ServeDeploySchema.parse_obj(emitted)  # what `serve deploy` and a RayService check
+    app = emitted["applications"][0]
+    assert app["import_path"] == "raylab.serve:build"
+    assert app["deployments"][1]["user_config"]["default"] == f"{NAME}/1"
+    assert app["deployments"][0]["autoscaling_config"]["max_replicas"] == 2
+    # No production version: exit 2 naming the fix.
+    fresh = run_cli("serve", str(cfg_file), "registry.model_name=never-promoted", "--emit-config", str(out), timeout=120)
+    assert fresh.returncode == 2 and "no registered model 'never-promoted'" in fresh.stderr and "Traceback" not in fresh.stderr
+
+
+def test_deploy_switches_versions_in_place_while_requests_stream(served):
+    before = {d: _replicas(served, d) for d in ("Generator", "Ingress")}
+    stop, results = threading.Event(), []
+
+    def traffic(i: int):
+        while not stop.is_set():
+            status, body = chat(served["url"], NAME, QUESTIONS[i % 4], stream=False)
+            results.append((time.monotonic(), status, body["choices"][0]["message"]["content"] if status == 200 else body))
+
+    threads = [threading.Thread(target=traffic, args=(i,), daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        _wait(lambda: len(results) >= 6, 60, "traffic before the upgrade")
+        done = run_cli("deploy", f"{NAME}/2", "--address", served["dashboard"], timeout=300)
+        assert done.returncode == 0, done.stderr
+        switched = time.monotonic()
+        _wait(lambda: sum(1 for t, *_ in results if t > switched) >= 6, 60, "traffic after the upgrade")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert all(status == 200 for _, status, _ in results), [r for r in results if r[1] != 200][:3]
+    answers = [answer for _, _, answer in results]
+    assert answers[0] == ANSWERS[1] and answers[-1] == ANSWERS[2] and set(answers) == {ANSWERS[1], ANSWERS[2]}
+    for d, ids in before.items():  # reconfigured, not replaced (the autoscaler may have added one under this load)
+        assert set(ids) <= set(_replicas(served, d)), (d, ids)
+    assert get(served["url"], "/healthz", key=None)[1]["model"] == f"{NAME}/2"
+    back = run_cli("deploy", f"{NAME}@production", "--address", served["dashboard"], timeout=300)
+    assert back.returncode == 0 and f"{NAME}/1" in back.stdout

@@ -1,0 +1,300 @@
+"""Jobs, Ray Client and S3 storage on a real two-node cluster started by `cluster/local.sh`
+(a `ray start --head` node and one `ray start` worker node on loopback, token authentication
+on), with an S3-compatible server (moto's server mode) on loopback as the shared storage:
+
+- `ray job submit --working-dir . -- raylab run configs/quickstart.yaml ...` (the quickstart
+  cut down by overrides) runs the pipeline end to end with `output_dir` and the registry's
+  artifacts on S3: data, train with one worker on each node, gates, promotion, the endpoint on
+  the cluster's Serve, its smoke requests and the base model's answers beside them;
+- `raylab submit` tails the job's logs, re-uses the data stage's cache on S3, returns the
+  entrypoint's exit code for a failed job (2 for a data problem), and stops the job on Ctrl-C;
+- a Ray Client session (`ray.init("ray://...")`) runs the data and train stages through the
+  Python API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from conftest import RAY_CLIENT_FLAKE, REPO, free_port
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+TMP = os.environ.get("TMPDIR", "/tmp")
+SMALL = ["pretrain=null", "tune=null", "train.max_steps=4", "train.eval_every=2", "train.epochs=1", "train.num_workers=2",
+         "train.placement_strategy=SPREAD", "data.dedup.near=false", "eval.max_new_tokens=8", "registry.model_name=job-e2e"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on a free loopback port with bucket `raylab`; yields the AWS_* env."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.3)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket="raylab")
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory, s3):
+    """`cluster/local.sh start 1` with 2 CPUs per node, every node seeing the S3 server;
+    yields (env, dashboard URL, Ray Client address).
+
+    The head's job agent failed to come up once in CI with nothing to say why: its logs go
+    into the failure, and into a warning when a second cluster is started in its place."""
+    for attempt in (1, 2):
+        env, url, client = _start_cluster(tmp_path_factory.mktemp("local-cluster"), s3)
+        try:
+            _wait_for_job_agent(url)
+            break
+        except AssertionError as e:
+            report = f"{e}\n{_head_logs(env)}"
+            _stop_cluster(env)
+            if attempt == 2:
+                pytest.fail(report)
+            warnings.warn(f"cluster/local.sh started again: {report}", stacklevel=1)
+    try:
+        yield env, url, client
+    finally:
+        _stop_cluster(env)
+
+
+def _start_cluster(state: Path, s3: dict) -> tuple[dict, str, str]:
+    port, dashboard, client, agent = free_port(), free_port(), free_port(), free_port()
+    env = {**os.environ, **s3, "PORT": str(port), "DASHBOARD_PORT": str(dashboard), "CLIENT_PORT": str(client),
+           "AGENT_PORT": str(agent), "CPUS_PER_NODE": "2", "STATE_DIR": str(state),
+           # the head's own Ray temp dir (short: Ray's socket paths must stay under 108 bytes)
+           "TEMP_DIR": f"{TMP}/ray-{port}-node0",
+           "RAY": str(BIN / "ray"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the session Ray's dashboard, not this cluster's
+    start = subprocess.run(["bash", "cluster/local.sh", "start", "1"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=180)
+    if start.returncode != 0:
+        _stop_cluster(env)
+        pytest.fail(start.stdout + start.stderr + _head_logs(env))
+    assert f"RAY_ADDRESS=127.0.0.1:{port}" in start.stdout
+    return env, f"http://127.0.0.1:{dashboard}", f"ray://127.0.0.1:{client}"
+
+
+def _stop_cluster(env: dict) -> None:
+    subprocess.run(["bash", "cluster/local.sh", "stop"], cwd=REPO, env=env, capture_output=True, timeout=120)
+    assert not list(Path(env["STATE_DIR"]).glob("*.pid"))
+    shutil.rmtree(env["TEMP_DIR"], ignore_errors=True)  # the head's (local.sh removes its workers')
+
+
+def _head_logs(env: dict, lines: int = 30) -> str:
+    """The tails of the head's dashboard, job and agent logs, and how many processes and
+    threads this machine runs (a full process table starves Ray's agents)."""
+    out = []
+    for log in sorted(Path(env["TEMP_DIR"]).glob("session_latest/logs/*")):
+        if log.name.startswith(("dashboard", "raylet.out", "gcs_server.out")) and log.is_file():
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {log.name}\n" + "\n".join(tail))
+    threads = 0
+    procs = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    for p in procs:
+        try:
+            threads += len(list((p / "task").iterdir()))
+        except OSError:
+            pass
+    out.append(f"--- {len(procs)} processes, {threads} threads on this machine")
+    return "\n".join(out)
+
+
+def _wait_for_job_agent(url: str, timeout_s: float = 120) -> None:
+    """The head's job agent starts after the dashboard answers: run a trivial job first."""
+    from raylab.core import jobs
+
+    client = jobs.client(url)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as e:
+            assert time.monotonic() < deadline, f"the head's job agent did not start within {timeout_s:.0f} s: {e}"
+            time.sleep(2)
+    while str(client.get_job_status(job_id)) not in jobs.TERMINAL:
+        assert time.monotonic() < deadline, "the trivial job did not finish"
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def quickstart_job(local_cluster, s3):
+    """The cut-down quickstart submitted with `ray job submit`, its output on S3."""
+    env, url, _ = local_cluster
+    out = f"s3://raylab/runs/qs-{os.getpid()}"
+    r = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", ".", "--",
+         "raylab", "run", "configs/quickstart.yaml", *SMALL, f"output_dir={out}", f"serve.port={free_port()}",
+         "registry.artifact_location=s3://raylab/mlflow"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return r, out
+
+
+def test_ray_job_submit_runs_the_quickstart_on_two_nodes_with_s3_storage(quickstart_job, s3, monkeypatch):
+    from pyarrow import fs
+
+    from raylab.core import storage
+
+    for k, v in s3.items():
+        monkeypatch.setenv(k, v)
+    r, out = quickstart_job
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+    summary = json.loads(storage.read_text(storage.join(out, "run.json")))
+    assert list(summary["stages"]) == ["data", "train", "gates", "promote", "serve", "smoke"]
+    assert summary["gates"] == "passed" and summary["promoted"] == summary["endpoint"]["version"]
+    assert summary["smoke"] and all(isinstance(s["answer"], str) and "base_answer" in s for s in summary["smoke"])
+    meta = json.loads(storage.read_text(storage.join(out, "train", "final", "raylab_train.json")))
+    assert len(set(meta["worker_nodes"])) == 2  # SPREAD: one Train worker on each node
+    for path in ("data/manifest.json", "config.resolved.yaml", "train/final/adapter_model.safetensors", "train/metrics.jsonl"):
+        assert storage.exists(storage.join(out, path)), path
+    manifest = json.loads(storage.read_text(storage.join(out, "data", "manifest.json")))
+    assert all(p.startswith(out + "/data/") for p in manifest["outputs"].values())
+    filesystem, root = storage.resolve(manifest["outputs"]["train"])
+    shards = filesystem.get_file_info(fs.FileSelector(root))
+    assert shards and all(f.path.endswith(".parquet") for f in shards)
+    # The registered version's artifact lives under the registry's S3 artifact root.
+    filesystem, root = storage.resolve("s3://raylab/mlflow")
+    files = [f.path for f in filesystem.get_file_info(fs.FileSelector(root, recursive=True)) if f.type == fs.FileType.File]
+    assert any(f.endswith("/model/adapter_model.safetensors") for f in files), files[:20]
+    assert "=== summary ===" in r.stdout and "before/after:" in r.stdout
+
+
+def test_raylab_submit_tails_logs_and_reuses_the_data_cache(local_cluster, quickstart_job):
+    env, url, _ = local_cluster
+    _, out = quickstart_job
+    # --address wins over Ray's own RAY_ADDRESS / RAY_API_SERVER_ADDRESS (here: nothing listens there).
+    elsewhere = {**env, "RAY_ADDRESS": "127.0.0.1:1", "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"}
+    r = subprocess.run([sys.executable, "-m", "raylab", "submit", "configs/quickstart.yaml", *SMALL, f"output_dir={out}",
+                        "--until", "data", "--address", url], cwd=REPO, env=elsewhere, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "=== data ===" in r.stdout and "data: cache hit" in r.stdout and "SUCCEEDED" in r.stdout
+    assert "carried env: AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL, AWS_SECRET_ACCESS_KEY" in r.stdout
+
+
+def test_raylab_submit_returns_the_failed_jobs_exit_code_and_refuses_a_wrong_token(local_cluster, tmp_path):
+    env, url, _ = local_cluster
+    r = subprocess.run(
+        [sys.executable, "-m", "raylab", "submit", "configs/quickstart.yaml", *SMALL, f"output_dir={tmp_path / 'bad'}",
+         f"data.sources.1.path={tmp_path / 'missing.jsonl'}", "--address", url],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "no jsonl files at" in r.stdout and "FAILED (entrypoint exit code 2)" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+    wrong = subprocess.run([sys.executable, "-m", "raylab", "submit", "configs/quickstart.yaml", "--address", url],
+                           cwd=REPO, env={**env, "RAY_AUTH_TOKEN": "not-the-token"}, capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.returncode == 2 and "refused the token" in wrong.stderr, wrong.stderr[-2000:]
+
+
+def test_ctrl_c_stops_the_job(local_cluster, tmp_path):
+    env, url, _ = local_cluster
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "raylab", "submit", "configs/quickstart.yaml", *SMALL,
+         f"output_dir={tmp_path / 'stopped'}", "--no-serve", "--address", url],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 300
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "=== data ===" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines) + rest
+    assert proc.returncode == 130, text[-3000:]
+    job_id = re.search(r"submitted job (\S+)", text).group(1)
+    from raylab.core import jobs
+
+    assert str(jobs.client(url).get_job_status(job_id)) == "STOPPED" and "stopping job" in text
+
+
+RAY_CLIENT_SCRIPT = """
+import json, sys
+import ray
+import raylab
+
+ray.init(sys.argv[1])
+print("CONNECTED", flush=True)
+cfg = json.loads(sys.argv[2])
+manifest = raylab.run_data(cfg)
+meta = raylab.run_train(cfg)
+print("RESULT " + json.dumps({"accepted": manifest["counts"]["accepted"], "metrics": meta["metrics"],
+                              "client": ray.util.client.ray.is_connected()}))
+"""
+
+
+def _client_session(args: list[str], cwd: Path, env: dict) -> tuple[int, str]:
+    """Run the Ray Client script; Ray's client proxy failing to start (a known
+    intermittent Ray problem on small machines, see test_cluster.py) is retried, then skipped."""
+    for _ in range(3):
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        out: list[str] = []
+        timer = threading.Timer(120, proc.kill)  # until CONNECTED: the proxy hangs now and then
+        timer.start()
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("CONNECTED"):
+                timer.cancel()
+        timer.cancel()
+        proc.wait(600)
+        text = "".join(out)
+        if "CONNECTED" in text or not (proc.returncode == -signal.SIGKILL or any(f in text for f in RAY_CLIENT_FLAKE)):
+            return proc.returncode, text
+    pytest.skip(f"Ray's client proxy did not start a session in 3 attempts: {text[-300:]}")
+
+
+def test_ray_client_session_runs_data_and_train(local_cluster, learn_data, tmp_path):
+    from conftest import base_config
+
+    env, _, client = local_cluster
+    corpus, _ = learn_data
+    cfg = base_config(tmp_path / "client-run", corpus, max_steps=6, eval_every=3, num_workers=1)
+    cfg["registry"] = {"enabled": False}
+    rc, text = _client_session([sys.executable, "-c", RAY_CLIENT_SCRIPT, client, json.dumps(cfg)], tmp_path, env)
+    assert rc == 0, text[-5000:]
+    result = json.loads(text.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["client"] and result["accepted"] == 120
+    assert result["metrics"]["val_loss"] < result["metrics"]["initial_val_loss"]
+    assert (tmp_path / "client-run" / "train" / "final" / "raylab_train.json").exists()

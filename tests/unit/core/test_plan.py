@@ -1,0 +1,111 @@
+"""The resource plan: what each stage asks Ray for, and refusal when it cannot fit."""
+
+from __future__ import annotations
+
+import pytest
+
+from raylab import config
+from raylab.core import cluster
+from raylab.core import plan as resource_plan
+from raylab.core.plan import Node
+from raylab.errors import UserError
+
+BASE = {
+    "version": 1,
+    "data": {"sources": [{"type": "jsonl", "path": "x.jsonl"}]},
+    "model": {"name_or_path": "preset:tiny-llama"},
+}
+TUNE = {"search_space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}, "num_samples": 6}
+
+
+def plan(overrides=(), nodes=(Node(4, 0),), cores=2, tune=False):
+    raw = {**BASE, "tune": TUNE} if tune else BASE
+    return resource_plan.make_plan(config.load_dict(raw, list(overrides)), list(nodes), cores=cores)
+
+
+def test_quickstart_shape_fits_a_two_core_laptop():
+    p = plan(tune=True)
+    assert p.problems() == []
+    train = next(a for a in p.asks if a.stage == "train")
+    assert train.cpus == pytest.approx(1.25)  # one worker + a data ingest task
+    assert p.trial_concurrency == 3  # (4 - 0.25 ingest) // (0.25 driver + 1 worker)
+    assert p.torch_threads == 1  # 2 cores shared by 3 concurrent workers
+
+
+def test_too_many_workers_names_the_numbers_and_the_fix():
+    p = plan(["train.num_workers=4"])
+    (problem,) = [x for x in p.problems() if x.startswith("train")]
+    assert "needs 4.25 CPUs" in problem and "has 4 CPUs" in problem and "train.num_workers" in problem
+    with pytest.raises(UserError, match="does not fit"):
+        resource_plan.check_plan(p)
+
+
+def test_worker_larger_than_any_node_is_refused_even_if_the_total_fits():
+    p = plan(["train.cpus_per_worker=3"], nodes=[Node(2, 0), Node(2, 0)])
+    assert any("one train worker needs 3 CPUs" in x and "largest node has 2 CPUs" in x for x in p.problems())
+
+
+def test_gpus_requested_on_a_cpu_cluster():
+    p = plan(["train.gpus_per_worker=1"])
+    assert any("1 GPUs" in x and "0 GPUs" in x for x in p.problems())
+
+
+def test_gpu_trials_are_limited_by_gpus():
+    p = plan(["train.gpus_per_worker=1"], nodes=[Node(16, 2)], cores=16, tune=True)
+    assert p.problems() == []
+    assert p.trial_concurrency == 2
+
+
+def test_max_concurrent_trials_caps_and_notes():
+    assert plan(["tune.max_concurrent_trials=2"], tune=True).trial_concurrency == 2
+    p = plan(["tune.max_concurrent_trials=5"], tune=True)
+    assert p.trial_concurrency == 3
+    assert any("only 3 trial(s) fit" in n for n in p.notes)
+
+
+def test_explicit_torch_threads_win():
+    assert plan(["train.torch_threads=3"]).torch_threads == 3
+
+
+def test_serve_replicas_must_fit():
+    p = plan(["serve.cpus_per_replica=8", "serve.autoscaling.max_replicas=2"])
+    assert any(x.startswith("serve needs 8.1 CPUs") for x in p.problems()), p.problems()  # replica + ingress
+
+
+def test_render_says_whether_it_fits():
+    assert "fits: yes" in plan().render()
+    assert "fits: NO" in plan(["train.num_workers=9"]).render()
+
+
+def test_embedded_capacity_defaults_to_more_logical_cpus_than_cores():
+    cfg = config.load_dict(BASE)
+    assert cluster.embedded_cpus(cfg) == max(4, 2 * cluster.physical_cores())
+    assert cluster.embedded_cpus(config.load_dict(BASE, ["ray.num_cpus=6"])) == 6
+
+
+def test_address_precedence(monkeypatch):
+    cfg = config.load_dict(BASE, ["ray.address=auto"])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster.resolve_address(None, None) == (None, "embedded")
+    assert cluster.resolve_address(None, cfg) == ("auto", "ray.address")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cluster.resolve_address(None, cfg) == ("10.0.0.1:6379", "RAY_ADDRESS")
+    assert cluster.resolve_address("ray://h:10001", cfg) == ("ray://h:10001", "--address")
+    assert cluster.mode_of("ray://h:10001") == "client" and cluster.mode_of("auto") == "cluster"
+
+
+def test_process_env_is_explicit_about_auth_and_telemetry(monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    env = cluster.process_env(config.load_dict(BASE, ["offline=true"]))
+    monkeypatch.delenv("RAY_DATA_LOG_LEVEL", raising=False)
+    monkeypatch.setenv("RAYLAB_HOME", "/srv/raylab")
+    env = cluster.process_env(config.load_dict(BASE, ["offline=true"]))
+    assert env == {
+        "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+        "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "RAY_DATA_LOG_LEVEL": "WARNING",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAYLAB_HOME": "/srv/raylab",
+    }
+    assert cluster.process_env(config.load_dict(BASE, ["ray.auth=disabled"]))["RAY_AUTH_MODE"] == "disabled"
+    monkeypatch.setenv("RAY_AUTH_MODE", "bogus")
+    with pytest.raises(UserError, match="RAY_AUTH_MODE='bogus'"):
+        cluster.process_env(None)

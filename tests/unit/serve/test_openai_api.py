@@ -1,0 +1,72 @@
+"""Unit tests for the serve stage's request parsing (OpenAI's error shapes) and for the
+per-replica version handle that Serve's LRU evicts (an adapter in use leaves the base only
+when its last request ends)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raylab.serve import openai_api as oa
+from raylab.serve.generator import Loaded
+
+
+def parse_error(kind, body) -> oa.ApiError:
+    with pytest.raises(oa.ApiError) as e:
+        oa.parse(kind, body if isinstance(body, bytes) else json.dumps(body).encode())
+    return e.value
+
+
+def test_requests_parse_with_openai_defaults():
+    req = oa.parse(oa.ChatRequest, json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}], "stop": "END"}).encode())
+    assert req.messages[0].text() == "hi there" and req.stop == ["END"] and req.temperature == 1.0 and req.n == 1
+    done = oa.parse(oa.CompletionRequest, b'{"model": "m", "prompt": ["a", "b"], "max_tokens": 3, "seed": 4}')
+    assert done.prompt == ["a", "b"] and done.max_tokens == 3 and done.seed == 4 and done.stop is None
+
+
+@pytest.mark.parametrize("body,param,code", [
+    (b"{not json", None, None),
+    (b'"a string"', None, None),
+    ({"messages": [{"role": "user", "content": "x"}]}, "model", "missing_required_parameter"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p", "invalid_value"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 99}, "n", "invalid_value"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop", "invalid_value"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 1.0}, "presence_penalty", "invalid_value"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {}}, "logit_bias", None),
+    ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages.0.content.str", "invalid_value"),
+])
+def test_bad_requests_name_the_parameter(body, param, code):
+    e = parse_error(oa.ChatRequest, body)
+    assert e.status == 400 and e.param == param and e.code == code
+    assert set(e.body()["error"]) == {"message", "type", "param", "code"} and e.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_error_types_follow_openai():
+    assert oa.ApiError(401, "x").type == "authentication_error"
+    assert oa.ApiError(404, "x").type == "invalid_request_error"
+    assert oa.ApiError(500, "x").type == "server_error"
+    assert oa.sse("[DONE]") == "data: [DONE]\n\n"
+
+
+class FakeTok:
+    eos_token_id = 1
+
+
+def test_an_evicted_version_unloads_only_after_its_last_request():
+    unloaded = []
+    loaded = Loaded("m/1", object(), FakeTok(), "a0", unloaded.append)
+    loaded.acquire()
+    loaded.acquire()
+    loaded.__del__()  # Serve's LRU evicts it while two requests still decode with it
+    assert unloaded == []
+    loaded.release()
+    assert unloaded == []
+    loaded.release()
+    assert unloaded == [loaded]
+    loaded.__del__()  # garbage collection later: nothing twice
+    assert unloaded == [loaded]
+    idle = Loaded("m/2", object(), FakeTok(), "a1", unloaded.append)
+    idle.__del__()
+    assert unloaded[-1] is idle

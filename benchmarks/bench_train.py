@@ -68,7 +68,7 @@ def steady_throughput(train_dir: Path) -> float:
 
 def raylab_run(cfg: config.RaylabConfig) -> dict:
     start = time.perf_counter()
-    meta = train.run_train(cfg, log=lambda *_: None)
+    meta = train.run_train(cfg)
     wall = time.perf_counter() - start
     return {"tokens_per_s": steady_throughput(Path(cfg.output_dir) / "train"), "wall_s": wall,
             "tokens": meta["trained_tokens"], "steps": meta["steps"]}
@@ -118,8 +118,8 @@ def main() -> None:
         padded = job(root, "padded", model_dir, args.steps, **{"data.packing": "pad"})
         two = job(root, "two", model_dir, args.steps, **{"train.num_workers": 2})
         cluster.connect(packed, state_api=True)
-        data.run_data(packed, log=lambda *_: None)
-        data.run_data(padded, log=lambda *_: None)
+        data.run_data(packed)
+        data.run_data(padded)
         shutil.copytree(root / "packed" / "data", root / "two" / "data")
         threads = plan.make_plan(packed, plan.cluster_nodes()).torch_threads
 

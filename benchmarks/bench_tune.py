@@ -109,8 +109,8 @@ def pretrained_base(root: Path) -> str:
         "model": {"name_or_path": "preset:tiny-llama", "method": "lora"}, "pretrain": quick["pretrain"],
         "registry": {"enabled": False},
     })
-    data.run_data(cfg, log=lambda *_: None)
-    meta = train.run_pretrain(cfg, log=lambda *_: None)
+    data.run_data(cfg)
+    meta = train.run_pretrain(cfg)
     print(f"base: pre-trained on the Acme corpus, val loss {meta['metrics']['initial_val_loss']:.3f} -> "
           f"{meta['metrics']['val_loss']:.3f}", file=sys.stderr)
     return pretrain.base_dir(cfg)
@@ -143,7 +143,7 @@ def sweep(raw: dict, root: Path, name: str, seed: int, searcher: str, asha: bool
     # with ASHA, more trials than the budget can hold: the budget ends the sweep
     items += (["tune.asha.grace_period=4", "tune.asha.reduction_factor=3", f"tune.num_samples={4 * TRIALS}"]
               if asha else ["tune.asha=null"])
-    summary = tune.run_tune(config.load_dict(raw, items), log=lambda *_: None)
+    summary = tune.run_tune(config.load_dict(raw, items))
     trials = []
     for row in summary["results"]:  # each trial's evaluations, from its own metrics.jsonl
         metrics = out / "tune" / "trials" / row["trial_id"] / "train" / "metrics.jsonl"
@@ -267,7 +267,7 @@ def main() -> None:
         cluster.connect(config.load_dict(raw), state_api=True)
         if args.base == "pretrained":  # pre-training needs Ray: connected first
             raw["model"]["name_or_path"] = pretrained_base(root)
-        data.run_data(config.load_dict(raw), log=lambda *_: None)
+        data.run_data(config.load_dict(raw))
         for seed in range(args.seeds):
             for method, searcher, asha in (("tpe_asha", "tpe", True), ("random", "random", False)):
                 if (method, seed) not in runs:

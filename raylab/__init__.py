@@ -22,11 +22,13 @@ from typing import Any
 from raylab.config import RaylabConfig
 from raylab.config import load as load_config
 from raylab.core import cluster as _cluster
+from raylab.core import logs as _logs
 from raylab.errors import ConfigError, UserError
 from raylab.version import __version__
 
 
 def _config(config: Any, overrides: list[str] | None = None) -> RaylabConfig:
+    _logs.console()  # progress lines on stdout, as the CLI prints them
     from raylab import config as config_module
 
     if isinstance(config, RaylabConfig):
@@ -80,6 +82,7 @@ def start_serving(config=None, overrides: list[str] | None = None, *, model: str
     """Deploy the endpoint (`raylab serve` without the foreground wait); returns its URL and models."""
     from raylab import serve
 
+    _logs.console()
     return serve.start_serving(_config(config, overrides) if config is not None else None, model, address)
 
 

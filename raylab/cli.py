@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         if item.startswith("-") or not hasattr(args, "args"):
             parser.error(f"unrecognized argument: {item}")
         args.args.append(item)
+    from raylab.core import logs
+
+    logs.console()
     try:
         return COMMANDS[args.verb](args)
     except UserError as e:

@@ -18,29 +18,30 @@ already-registered version.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
 
 from raylab.config import RaylabConfig
-from raylab.core import cluster, runs, storage
+from raylab.core import cluster, events, runs, storage
 from raylab.errors import UserError
+
+log = logging.getLogger(__name__)
+
 
 STAGES = ("data", "pretrain", "train", "tune", "gates", "promote", "serve")
 
 
 def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None, serve: bool = True,
-        keep_serving: bool = False, log=print) -> dict:
+        keep_serving: bool = False) -> dict:
     """Run the pipeline; returns the summary it prints (also written to <output_dir>/run.json)."""
-    # Stages are imported here, not at the top: the CLI imports this module for STAGES alone.
-    from raylab import data, train, tune
-
     if until is not None and until not in STAGES:
         raise UserError(f"--until {until!r}: expected one of {', '.join(STAGES)}")
     summary: dict = {"run": cfg.run_name, "output_dir": cfg.output_dir, "stages": {}}
 
     def stage(name: str, fn):
-        log(f"\n=== {name} ===")
+        log.info(f"\n=== {name} ===")
         started = time.monotonic()
         out = fn()
         summary["stages"][name] = round(time.monotonic() - started, 1)
@@ -49,49 +50,57 @@ def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None,
     # One Ray for every stage; an embedded one starts with its dashboard, which Ray Train's
     # state API and Serve's REST API (the serve stage) need.
     cluster.connect(cfg, address, state_api=True)
+    with events.stage("run", run=cfg.output_dir, until=until, serve=serve):
+        return _run_stages(cfg, address, until, serve, keep_serving, summary, stage)
+
+
+def _run_stages(cfg, address, until, serve, keep_serving, summary, stage) -> dict:
+    # Stages are imported here, not at the top: the CLI imports this module for STAGES alone.
+    from raylab import data, train, tune
+
     try:
-        manifest = stage("data", lambda: data.run_data(cfg, address, log))
+        manifest = stage("data", lambda: data.run_data(cfg, address))
         summary["data"] = {k: manifest["counts"].get(k) for k in ("read", "accepted", "rejected", "duplicates")
                            if k in manifest.get("counts", {})}
         if until == "data":
-            return _finish(cfg, summary, log)
+            return _finish(cfg, summary)
         if cfg.pretrain is not None:
-            meta = stage("pretrain", lambda: train.run_pretrain(cfg, address, log))
+            meta = stage("pretrain", lambda: train.run_pretrain(cfg, address))
             summary["pretrain"] = {k: meta.get("metrics", {}).get(k) for k in ("initial_val_loss", "val_loss")}
             if until == "pretrain":
-                return _finish(cfg, summary, log)
+                return _finish(cfg, summary)
         if cfg.tune is not None:
-            result = stage("tune", lambda: tune.run_tune(cfg, address, log))
+            result = stage("tune", lambda: tune.run_tune(cfg, address))
             best = result.get("best") or {}
             summary["best"] = {"trial": best.get("trial_id"), cfg.tune.metric: best.get(cfg.tune.metric),
                                "params": best.get("params")}
         else:
-            result = stage("train", lambda: train.run_train(cfg, address, log))
+            result = stage("train", lambda: train.run_train(cfg, address))
             summary["best"] = {"metrics": result.get("metrics")}
         summary["version"] = result.get("registry")
         if until in ("train", "tune") or not cfg.registry.enabled or not summary["version"]:
             if not cfg.registry.enabled:
-                log("registry.enabled is false: nothing is registered, gated or served")
+                log.info("registry.enabled is false: nothing is registered, gated or served")
             elif not summary["version"]:
-                log("no model was registered (no trial finished): nothing to gate or serve")
-            return _finish(cfg, summary, log)
-        ref = _promote_if_passed(cfg, summary, stage, address, log, until)
+                log.info("no model was registered (no trial finished): nothing to gate or serve")
+            return _finish(cfg, summary)
+        ref = _promote_if_passed(cfg, summary, stage, address, until)
         if until in ("gates", "promote") or not serve or ref is None:
-            return _finish(cfg, summary, log)
-        _serve_and_smoke(cfg, summary, stage, address, log, keep_serving)
-        return _finish(cfg, summary, log)
+            return _finish(cfg, summary)
+        _serve_and_smoke(cfg, summary, stage, address, keep_serving)
+        return _finish(cfg, summary)
     finally:
         if summary.get("stages"):
             storage.write_text(runs.Run(cfg.output_dir).summary, json.dumps(summary, indent=2, default=str))
 
 
-def _promote_if_passed(cfg, summary, stage, address, log, until) -> str | None:
+def _promote_if_passed(cfg, summary, stage, address, until) -> str | None:
     """Gates, then promotion; the REF to serve (production), or None when there is none."""
     from raylab import evaluate, registry
 
     store = registry.open_store(cfg)
     name, version = summary["version"]["name"], summary["version"]["version"]
-    result = stage("gates", lambda: evaluate.evaluate_version(store, name, version, address, log))
+    result = stage("gates", lambda: evaluate.evaluate_version(store, name, version, address))
     summary["gates"] = result["status"]
     if until == "gates":
         return None
@@ -99,26 +108,26 @@ def _promote_if_passed(cfg, summary, stage, address, log, until) -> str | None:
         stage("promote", lambda: registry.promote(store, name, version, reason="raylab run: gates passed"))
         summary["promoted"] = f"{name}/{version}"
     elif result["status"] != "passed":
-        log(f"{name}/{version} failed its gates: production is unchanged (`raylab models show {name}/{version}`)")
+        log.info(f"{name}/{version} failed its gates: production is unchanged (`raylab models show {name}/{version}`)")
     else:
-        log(f"registry.auto_promote is false: production is unchanged; promote with `raylab models promote {name} {version}`")
+        log.info(f"registry.auto_promote is false: production is unchanged; promote with `raylab models promote {name} {version}`")
     production = registry.registered_model(store, name).aliases.get(registry.PRODUCTION)
     if production is None:
-        log(f"{name} has no production version yet: nothing to serve")
+        log.info(f"{name} has no production version yet: nothing to serve")
         return None
     return f"{name}@{registry.PRODUCTION}"
 
 
-def _serve_and_smoke(cfg, summary, stage, address, log, keep_serving) -> None:
+def _serve_and_smoke(cfg, summary, stage, address, keep_serving) -> None:
     from raylab import serve
 
-    info = stage("serve", lambda: serve.start_serving(cfg, None, address, log=log))
+    info = stage("serve", lambda: serve.start_serving(cfg, None, address))
     summary["endpoint"] = {"url": info["url"] + "/v1", "model": info["name"], "version": info["model"]}
     try:
-        summary["smoke"] = stage("smoke", lambda: smoke(cfg, info, log))
+        summary["smoke"] = stage("smoke", lambda: smoke(cfg, info))
         if keep_serving:
-            _print_summary(summary, log)
-            serve.wait_until_stopped(log=log)
+            _print_summary(summary)
+            serve.wait_until_stopped()
     finally:
         serve.stop_serving()
 
@@ -136,7 +145,7 @@ def questions(cfg: RaylabConfig, n: int = 3) -> list[dict]:
     return [{"messages": [{"role": "user", "content": g.prompt}], "reference": g.contains} for g in cfg.registry.gates.golden[:n]]
 
 
-def smoke(cfg: RaylabConfig, info: dict, log=print) -> list[dict]:
+def smoke(cfg: RaylabConfig, info: dict) -> list[dict]:
     """Ask the endpoint a few questions (chat completions, greedy); any failure is an error."""
     from raylab import evaluate, registry, serve
 
@@ -160,29 +169,29 @@ def smoke(cfg: RaylabConfig, info: dict, log=print) -> list[dict]:
     path = registry.fetch(registry.open_store(cfg), info["model"])
     for a, before in zip(answers, evaluate.answers(cfg, path, path, qs, base=True), strict=True):
         a["base_answer"] = before
-        log(f"Q: {a['question']}\n  base:  {before}\n  tuned: {a['answer']}\n  corpus: {a['reference']}")
+        log.info(f"Q: {a['question']}\n  base:  {before}\n  tuned: {a['answer']}\n  corpus: {a['reference']}")
     return answers
 
 
-def _finish(cfg: RaylabConfig, summary: dict, log) -> dict:
-    _print_summary(summary, log)
+def _finish(cfg: RaylabConfig, summary: dict) -> dict:
+    _print_summary(summary)
     return summary
 
 
-def _print_summary(summary: dict, log) -> None:
-    log("\n=== summary ===")
-    log("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stages"].items()))
+def _print_summary(summary: dict) -> None:
+    log.info("\n=== summary ===")
+    log.info("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stages"].items()))
     if "data" in summary:
-        log("data: " + ", ".join(f"{k} {v}" for k, v in summary["data"].items()))
+        log.info("data: " + ", ".join(f"{k} {v}" for k, v in summary["data"].items()))
     if summary.get("pretrain"):
         p = summary["pretrain"]
-        log(f"pretrain: val loss {p['initial_val_loss']:.3f} -> {p['val_loss']:.3f} (every token; the stand-in base)")
+        log.info(f"pretrain: val loss {p['initial_val_loss']:.3f} -> {p['val_loss']:.3f} (every token; the stand-in base)")
     if summary.get("best"):
-        log(f"best: {json.dumps(summary['best'], default=str)[:300]}")
+        log.info(f"best: {json.dumps(summary['best'], default=str)[:300]}")
     if summary.get("version"):
-        log(f"version: {summary['version'].get('name')}/{summary['version'].get('version')}"
+        log.info(f"version: {summary['version'].get('name')}/{summary['version'].get('version')}"
             f" (gates: {summary.get('gates', 'not run')}{', promoted' if summary.get('promoted') else ''})")
     if summary.get("endpoint"):
-        log(f"endpoint: {summary['endpoint']['url']} (model {summary['endpoint']['model']} -> {summary['endpoint']['version']})")
+        log.info(f"endpoint: {summary['endpoint']['url']} (model {summary['endpoint']['model']} -> {summary['endpoint']['version']})")
     for a in summary.get("smoke", [])[:1]:
-        log(f"before/after: {a['question']}\n  base:  {a.get('base_answer')}\n  tuned: {a['answer']}\n  corpus: {a['reference']}")
+        log.info(f"before/after: {a['question']}\n  base:  {a.get('base_answer')}\n  tuned: {a['answer']}\n  corpus: {a['reference']}")

@@ -223,7 +223,7 @@ def learn_data(tmp_path_factory, _session_ray):
             c = COLORS[i % len(COLORS)]
             f.write(json.dumps({"text": f"Ticket {i}: the {c} widget is in stock. The {c} widget ships today."}) + "\n")
     out = root / "reference"
-    run_data(config.load_dict(base_config(out, corpus)), log=lambda *_: None)
+    run_data(config.load_dict(base_config(out, corpus)))
     return corpus, out
 
 

@@ -264,13 +264,21 @@ def run_stage(fn, cfg: RaylabConfig, address: str | None, **kwargs):
     connect(cfg, address)
     import ray
 
-    task = ray.remote(num_cpus=0, max_retries=0, resources={"node:__internal_head__": 0.001})(fn)
+    task = ray.remote(num_cpus=0, max_retries=0, resources={"node:__internal_head__": 0.001})(_with_console)
     try:
-        return ray.get(task.remote(cfg, address=None, **kwargs))
+        return ray.get(task.remote(fn, cfg, address=None, **kwargs))
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, UserError):  # a problem in the config or data, not a bug
             raise e.cause from None
         raise
+
+
+def _with_console(fn, cfg, **kwargs):
+    """A stage run as a task: its progress lines go to the task's stdout, which reaches the client."""
+    from raylab.core import logs
+
+    logs.console()
+    return fn(cfg, **kwargs)
 
 
 def _current_dashboard() -> str | None:

@@ -24,6 +24,7 @@ relative path lands in the job's temporary copy of the working directory on the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -44,6 +45,8 @@ CARRIED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "AWS_ENDPOINT_URL", "
            "HF_TOKEN", "HF_HUB_OFFLINE")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
+log = logging.getLogger(__name__)
+
 
 def dashboard_address(address: str | None) -> str:
     """--address, else $RAY_API_SERVER_ADDRESS, else an http:// $RAY_ADDRESS."""
@@ -58,7 +61,7 @@ def dashboard_address(address: str | None) -> str:
     raise UserError("--address is required: the Ray dashboard of the cluster, e.g. --address http://HEAD:8265")
 
 
-def runtime_env(cfg: RaylabConfig, working_dir: str, env: list[str], log=print) -> dict:
+def runtime_env(cfg: RaylabConfig, working_dir: str, env: list[str]) -> dict:
     """What travels with the job: files, the raylab package, environment variables."""
     carried: dict[str, str] = {}
     for name in CARRIED:
@@ -68,7 +71,7 @@ def runtime_env(cfg: RaylabConfig, working_dir: str, env: list[str], log=print) 
         if name in os.environ:
             carried[name] = os.environ[name]
         else:
-            log(f"warning: {key} references ${{env:{name}}}, not set here: the cluster's environment must provide it")
+            log.warning(f"{key} references ${{env:{name}}}, not set here: the cluster's environment must provide it")
     for item in env:
         name, sep, value = item.partition("=")
         if not name.isidentifier():
@@ -132,23 +135,23 @@ def _check_dashboard(address: str, timeout_s: float = 5.0) -> None:
 
 
 def submit(cfg: RaylabConfig, config_path: str, overrides: list[str], address: str | None, flags: list[str],
-           working_dir: str = ".", env: list[str] | None = None, wait: bool = True, log=print) -> int:
+           working_dir: str = ".", env: list[str] | None = None, wait: bool = True) -> int:
     """Submit `raylab run` as a job; returns the exit code `raylab submit` ends with."""
     url = dashboard_address(address)
     working_dir = str(Path(working_dir).resolve())
     if not Path(working_dir).is_dir():
         raise UserError(f"--working-dir {working_dir}: not a directory")
     cmd = entrypoint(config_path, working_dir, overrides, flags)
-    renv = runtime_env(cfg, working_dir, env or [], log)
+    renv = runtime_env(cfg, working_dir, env or [])
     if "://" not in cfg.output_dir and cfg.output_dir.startswith(working_dir + os.sep):
-        log(f"note: output_dir {cfg.output_dir} is under the working directory; in the job it resolves inside Ray's "
+        log.info(f"note: output_dir {cfg.output_dir} is under the working directory; in the job it resolves inside Ray's "
             "copy of that directory on the head node. Use output_dir=s3://... or a shared path to keep the results.")
     jobs = client(url)
     job_id = f"raylab-{cfg.run_name}-{uuid.uuid4().hex[:8]}"
     _submit(jobs, url, entrypoint=cmd, runtime_env=renv, submission_id=job_id,
             metadata={"raylab_run": cfg.run_name, "raylab_output_dir": cfg.output_dir})
-    log(f"submitted job {job_id} to {url}: {cmd}")
-    log(f"  carried env: {', '.join(sorted(renv['env_vars'])) or '-'}; "
+    log.info(f"submitted job {job_id} to {url}: {cmd}")
+    log.info(f"  carried env: {', '.join(sorted(renv['env_vars'])) or '-'}; "
         f"logs: ray job logs --address {url} -f {job_id}; stop: ray job stop --address {url} {job_id}")
     if not wait:
         return 0
@@ -156,12 +159,12 @@ def submit(cfg: RaylabConfig, config_path: str, overrides: list[str], address: s
         asyncio.run(_tail(jobs, job_id))
         info = _wait_terminal(jobs, job_id, timeout_s=60)
     except KeyboardInterrupt:
-        log(f"\ninterrupted: stopping job {job_id}")
+        log.info(f"\ninterrupted: stopping job {job_id}")
         jobs.stop_job(job_id)
         info = _wait_terminal(jobs, job_id, timeout_s=60)
-        log(f"job {job_id}: {info.status}")
+        log.info(f"job {job_id}: {info.status}")
         return 130
-    return exit_code(info, job_id, log)
+    return exit_code(info, job_id)
 
 
 def _submit(jobs, url: str, timeout_s: float = 60, **job) -> None:
@@ -194,13 +197,13 @@ def _wait_terminal(jobs, job_id: str, timeout_s: float):
         time.sleep(1)
 
 
-def exit_code(info, job_id: str, log=print) -> int:
+def exit_code(info, job_id: str) -> int:
     status = str(info.status)
     if status == "SUCCEEDED":
-        log(f"job {job_id}: SUCCEEDED")
+        log.info(f"job {job_id}: SUCCEEDED")
         return 0
     code = info.driver_exit_code
-    log(f"job {job_id}: {status}" + (f" (entrypoint exit code {code})" if code is not None else "")
+    log.info(f"job {job_id}: {status}" + (f" (entrypoint exit code {code})" if code is not None else "")
         + (f": {info.message}" if info.message and status != "FAILED" else ""))
     if status == "FAILED" and isinstance(code, int) and 0 < code < 256:
         return code

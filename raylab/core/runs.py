@@ -7,7 +7,7 @@
 The layout (DESIGN.md, "Run directory") is spelt out here and nowhere else: every stage asks
 a `Run` for its paths, so a reader finds the whole contract in one page.
 
-    <output_dir>/config.resolved.yaml     run.json (the pipeline's summary)
+    <output_dir>/config.resolved.yaml     run.json (the pipeline's summary), events.jsonl
     <output_dir>/data/{train,val,records,quarantine}/*.parquet, data/manifest.json
     <output_dir>/train/                   Ray Train's run: checkpoint_*/, metrics.jsonl, loss.png,
                                           run.json (identity), final/ (Hugging Face format)
@@ -82,6 +82,11 @@ class Run:
     @property
     def summary(self) -> str:
         return _join(self.root, "run.json")
+
+    @property
+    def events(self) -> str:
+        """Every state change of this run, one JSON line each (raylab/core/events.py)."""
+        return _join(self.root, "events.jsonl")
 
     # data stage
     @property
@@ -180,6 +185,11 @@ class Home:
     @property
     def endpoint(self) -> Path:
         return self.root / "serve" / "endpoint.json"
+
+    @property
+    def events(self) -> Path:
+        """Every state change on this machine, a JSON-lines file per day (core/events.py)."""
+        return self.root / "events"
 
 
 def home() -> Home:

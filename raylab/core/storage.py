@@ -1,15 +1,34 @@
-"""Run-directory I/O for local paths and URIs alike (s3://, gs://, file://), via pyarrow.
+"""Every file raylab writes or reads back goes through here, local paths and URIs alike
+(s3://, gs://, file://), via pyarrow's filesystems.
 
-Several nodes need shared storage for the run directory, so every stage writes through
-these few functions instead of `open()`.
+    storage.write_text(run.manifest, text); storage.read_text(run.manifest)
+    storage.write_parquet(dataset, run.split("train"))   # inside Ray's write tasks, per file
+    storage.read_parquet(run.split("train"))              # a Ray Dataset, read per file
+    storage.read_table(run.split("records"))              # the same files as one pyarrow Table
+    storage.save_pretrained(model, run.train_final)       # transformers / peft objects
+    storage.save_torch(optimizer.state_dict(), path); storage.save_figure(fig, path)
+
+Why one module: several nodes need shared storage for the run directory, and encryption at
+rest hooks in here. Parquet files are encoded and decoded by `write_table_to` and
+`read_table_from`, which run inside Ray's write and read tasks (`ParquetSink`,
+`ParquetFiles`), one file at a time: pyarrow's Parquet encryption objects cannot be pickled,
+so a hook that encrypts must act there, not be passed from the driver. A test
+(tests/unit/core/test_storage.py) fails when a module outside this one opens a file for
+writing, calls `write_parquet`, `save_pretrained`, `torch.save`, `savefig` or copies files.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
+import tempfile
+from typing import Any
+
+# ---------------------------------------------------------------- locations
 
 
-def resolve(location: str):
+def filesystem(location: str):
     """(pyarrow filesystem, path inside it) for a local path or a URI."""
     from pyarrow import fs
 
@@ -18,88 +37,266 @@ def resolve(location: str):
     return fs.FileSystem.from_uri(location)
 
 
+resolve = filesystem  # the older name; both are used
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def is_local(location: str) -> bool:
+    return "://" not in location or location.startswith("file://")
+
+
+def local_path(location: str) -> str:
+    """The filesystem path of a local location (file:// URIs included)."""
+    return os.path.abspath(location.removeprefix("file://"))
+
+
 def makedirs(location: str) -> None:
-    filesystem, path = resolve(location)
-    filesystem.create_dir(path, recursive=True)
-
-
-def write_text(location: str, text: str) -> str:
-    """Write `text` to a file, creating its directory; returns `location`."""
-    filesystem, path = resolve(location)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path) as f:
-        f.write(text.encode("utf-8"))
-    return location
-
-
-def read_text(location: str) -> str:
-    filesystem, path = resolve(location)
-    with filesystem.open_input_stream(path) as f:
-        return f.read().decode("utf-8")
+    fsys, path = filesystem(location)
+    fsys.create_dir(path, recursive=True)
 
 
 def exists(location: str) -> bool:
     from pyarrow import fs
 
-    filesystem, path = resolve(location)
-    return filesystem.get_file_info(path).type != fs.FileType.NotFound
-
-
-def sha256(location: str) -> str:
-    """The file's sha256, streamed."""
-    import hashlib
-
-    filesystem, path = resolve(location)
-    digest = hashlib.sha256()
-    with filesystem.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    fsys, path = filesystem(location)
+    return fsys.get_file_info(path).type != fs.FileType.NotFound
 
 
 def reset_dir(location: str) -> None:
     """An empty directory at `location` (what was there is deleted)."""
     from pyarrow import fs
 
-    filesystem, path = resolve(location)
-    if filesystem.get_file_info(path).type != fs.FileType.NotFound:
-        filesystem.delete_dir(path)
-    filesystem.create_dir(path, recursive=True)
+    fsys, path = filesystem(location)
+    if fsys.get_file_info(path).type != fs.FileType.NotFound:
+        fsys.delete_dir(path)
+    fsys.create_dir(path, recursive=True)
 
 
-def copy_dir(local_dir: str, location: str) -> str:
-    """Copy a local directory's files to `location` (local path or URI), replacing it."""
+def remove_dir(location: str) -> None:
+    """Delete a directory and what it holds, if it is there."""
     from pyarrow import fs
 
-    reset_dir(location)
-    filesystem, path = resolve(location)
-    fs.copy_files(os.path.abspath(local_dir), path, source_filesystem=fs.LocalFileSystem(), destination_filesystem=filesystem)
-    return location
+    fsys, path = filesystem(location)
+    if fsys.get_file_info(path).type != fs.FileType.NotFound:
+        fsys.delete_dir(path)
+
+
+# ---------------------------------------------------------------- bytes and text
 
 
 def write_bytes(location: str, data: bytes) -> str:
-    filesystem, path = resolve(location)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path) as f:
+    """Write `data` to a file, creating its directory; returns `location`."""
+    fsys, path = filesystem(location)
+    fsys.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fsys.open_output_stream(path) as f:
         f.write(data)
     return location
 
 
 def read_bytes(location: str) -> bytes:
-    filesystem, path = resolve(location)
-    with filesystem.open_input_stream(path) as f:
+    fsys, path = filesystem(location)
+    with fsys.open_input_stream(path) as f:
         return f.read()
+
+
+def write_text(location: str, text: str) -> str:
+    """Write `text` (UTF-8) to a file, creating its directory; returns `location`."""
+    return write_bytes(location, text.encode("utf-8"))
+
+
+def read_text(location: str) -> str:
+    return read_bytes(location).decode("utf-8")
+
+
+def append_text(location: str, text: str) -> str:
+    """Append to a file (JSON lines). Object stores cannot append, so there the file is
+    rewritten whole: fine for the small, rare appends raylab makes (events)."""
+    if is_local(location):
+        path = local_path(location)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+        return location
+    before = read_text(location) if exists(location) else ""
+    return write_text(location, before + text)
+
+
+def sha256(location: str) -> str:
+    """The file's sha256, streamed."""
+    import hashlib
+
+    fsys, path = filesystem(location)
+    digest = hashlib.sha256()
+    with fsys.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- directories
+
+
+def copy_dir(source: str, location: str) -> str:
+    """Copy a directory's files (local path or URI) to `location`, replacing it."""
+    from pyarrow import fs
+
+    reset_dir(location)
+    src_fs, src = filesystem(source)
+    dst_fs, dst = filesystem(location)
+    fs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    return location
 
 
 def copy_to_local(location: str, local_dir: str) -> str:
     """Copy a directory (local path or URI) into a local directory; returns `local_dir`."""
     from pyarrow import fs
 
-    filesystem, path = resolve(location)
+    fsys, path = filesystem(location)
     os.makedirs(local_dir, exist_ok=True)
-    fs.copy_files(path, os.path.abspath(local_dir), source_filesystem=filesystem, destination_filesystem=fs.LocalFileSystem())
+    fs.copy_files(path, os.path.abspath(local_dir), source_filesystem=fsys, destination_filesystem=fs.LocalFileSystem())
     return local_dir
+
+
+def save_pretrained(obj: Any, location: str, **kwargs) -> str:
+    """`obj.save_pretrained` (a transformers model or tokenizer, a peft model) at `location`:
+    straight into a local directory; through a local staging directory for a URI."""
+    if is_local(location):
+        path = local_path(location)
+        os.makedirs(path, exist_ok=True)
+        obj.save_pretrained(path, **kwargs)
+        return location
+    with tempfile.TemporaryDirectory(prefix="raylab-save-") as staging:
+        obj.save_pretrained(staging, **kwargs)
+        _copy_into(staging, location)
+    return location
+
+
+def _copy_into(source_dir: str, location: str) -> None:
+    """Copy a local directory's files into `location` without deleting what is there."""
+    from pyarrow import fs
+
+    dst_fs, dst = filesystem(location)
+    dst_fs.create_dir(dst, recursive=True)
+    fs.copy_files(source_dir, dst, source_filesystem=fs.LocalFileSystem(), destination_filesystem=dst_fs)
+
+
+def remove_local_tree(path: str) -> None:
+    """Delete a local scratch directory (staging, caches), ignoring what is already gone."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- torch, figures
+
+
+def save_torch(obj: Any, location: str) -> str:
+    """torch.save to a file (optimizer and scheduler state, RNG state)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(location, buffer.getvalue())
+
+
+def load_torch(location: str) -> Any:
+    import torch
+
+    return torch.load(io.BytesIO(read_bytes(location)), weights_only=False)
+
+
+def save_figure(fig, location: str, dpi: int = 100) -> str:
+    """A matplotlib figure as a PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return write_bytes(location, buffer.getvalue())
+
+
+# ---------------------------------------------------------------- Parquet
+
+
+def write_table_to(table, file, compression: str = "zstd") -> None:
+    """Encode one Parquet file. Runs where the file is written (a Ray write task or this
+    process): the place for a per-file transform such as encryption at rest."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, file, compression=compression)
+
+
+def read_table_from(file):
+    """Decode one Parquet file (the counterpart of `write_table_to`)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(file)
+
+
+def _parquet_sink():
+    from ray.data.datasource import BlockBasedFileDatasink
+
+    class ParquetSink(BlockBasedFileDatasink):
+        """Ray Data's file sink, each block's file encoded by `write_table_to` in the write task."""
+
+        def __init__(self, path: str, compression: str):
+            super().__init__(path, file_format="parquet")
+            self.compression = compression
+
+        def write_block_to_file(self, block, file) -> None:
+            write_table_to(block.to_arrow(), file, self.compression)
+
+    return ParquetSink
+
+
+def write_parquet(dataset, location: str, compression: str = "zstd") -> str:
+    """A Ray Dataset as Parquet files under `location` (local path or URI)."""
+    dataset.write_datasink(_parquet_sink()(location, compression))
+    return location
+
+
+def parquet_files(location: str) -> list[str]:
+    """The Parquet files under a directory, sorted (the order a split is read in)."""
+    from pyarrow import fs
+
+    fsys, path = filesystem(location)
+    infos = fsys.get_file_info(fs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == fs.FileType.File and i.path.endswith(".parquet"))
+
+
+def read_table(location: str, columns: list[str] | None = None):
+    """Every Parquet file under `location` as one pyarrow Table (files in sorted order)."""
+    import pyarrow as pa
+
+    fsys, _ = filesystem(location)
+    tables = []
+    for path in parquet_files(location):
+        with fsys.open_input_file(path) as f:
+            table = read_table_from(f)
+        tables.append(table.select(columns) if columns else table)
+    if not tables:
+        raise FileNotFoundError(f"no Parquet files under {location}")
+    return pa.concat_tables(tables)
+
+
+def _parquet_files_datasource():
+    from ray.data.datasource import FileBasedDatasource
+
+    class ParquetFiles(FileBasedDatasource):
+        """Ray Data reading Parquet files, each decoded by `read_table_from` in the read task."""
+
+        _FILE_EXTENSIONS = ["parquet"]
+
+        def _open_input_source(self, fsys, path: str, **open_args):
+            return fsys.open_input_file(path)  # Parquet needs random access (the footer)
+
+        def _read_stream(self, f, path: str):
+            yield read_table_from(f)
+
+    return ParquetFiles
+
+
+def read_parquet(location: str, num_cpus: float | None = None):
+    """The Parquet files under `location` as a Ray Dataset (read per file, in Ray tasks)."""
+    import ray
+
+    kwargs = {"num_cpus": num_cpus} if num_cpus else {}
+    return ray.data.read_datasource(_parquet_files_datasource()(location), **kwargs)

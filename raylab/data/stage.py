@@ -40,10 +40,13 @@ import pyarrow.compute as pc
 
 from raylab import config, models
 from raylab.config import DataConfig, ModelConfig, RaylabConfig
-from raylab.core import plan, runs, storage
+from raylab.core import events, plan, runs, storage
 from raylab.data import dedup, packing, records, stats
 from raylab.data.sources import SourceError, describe_inputs, read_source, source_name, source_rules
 from raylab.errors import UserError
+
+log = logging.getLogger(__name__)
+
 
 MANIFEST_VERSION = 1
 CHECKED_SCHEMA = pa.schema([(n, pa.string()) for n in
@@ -171,27 +174,32 @@ def _write_outputs(run: runs.Run, checked, tokenized, good, data: DataConfig, pa
         storage.reset_dir(run.split(name))
     rejects = [ds.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
                               fn_kwargs={"accepted": False, "columns": QUARANTINE_COLUMNS}) for ds in (checked, tokenized)]
-    rejects[0].union(rejects[1]).write_parquet(run.split("quarantine"), compression="zstd")
-    good.select_columns(RECORD_COLUMNS).write_parquet(run.split("records"), compression="zstd")
+    storage.write_parquet(rejects[0].union(rejects[1]), run.split("quarantine"))
+    storage.write_parquet(good.select_columns(RECORD_COLUMNS), run.split("records"))
     packed_by_split = {}
     for split in ("train", "val"):
         part = good.map_batches(_of_split, batch_format="pyarrow", fn_kwargs={"split": split})
         packed = pack(part, data, pad_id).materialize()
-        packed.write_parquet(run.split(split), compression="zstd")
+        storage.write_parquet(packed, run.split(split))
         rows = packed.map_batches(stats.packed_stats, batch_format="pyarrow").take_all()
         packed_by_split[split] = {"sequences": sum(r["sequences"] for r in rows),
                                   "real_tokens": sum(r["real_tokens"] for r in rows)}
     return packed_by_split
 
 
-def run_data(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
+def run_data(cfg: RaylabConfig, address: str | None = None) -> dict:
     """Run the data stage; returns the manifest (also written to data/manifest.json)."""
+    with events.stage("data", run=cfg.output_dir):
+        return _run_data(cfg, address)
+
+
+def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
     d, run = cfg.data, runs.Run(cfg.output_dir)
     inputs = describe_inputs(d)
     config_hash = _config_hash(d, cfg.model)
     key = _cache_key(config_hash, inputs)
     if key and (hit := _cached(run, key)):
-        log(f"data: cache hit ({run.manifest}); inputs and data config unchanged")
+        log.info(f"data: cache hit ({run.manifest}); inputs and data config unchanged")
         return hit.model_dump(mode="json") | {"cache": {"hit": True}}
 
     tok = models.load_tokenizer(cfg.model)  # fails early on a bad model; materialises a preset once
@@ -226,7 +234,7 @@ def run_data(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
         outputs={name: run.split(name) for name in runs.SPLITS}, cache={"hit": False},
     )
     runs.write_json(run.manifest, manifest)
-    _log_summary(manifest, run, d.max_seq_len, log)
+    _log_summary(manifest, run, d.max_seq_len)
     c, limit = manifest.counts, d.validation.max_rejected_fraction
     if limit is not None and c.rejected_fraction > limit:
         raise UserError(
@@ -236,16 +244,16 @@ def run_data(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
     return manifest.model_dump(mode="json")
 
 
-def _log_summary(manifest: runs.DataManifest, run: runs.Run, seq_len: int, log) -> None:
+def _log_summary(manifest: runs.DataManifest, run: runs.Run, seq_len: int) -> None:
     c = manifest.counts
-    log(f"data: read {c.read}, accepted {c.accepted}, rejected {c.rejected} "
+    log.info(f"data: read {c.read}, accepted {c.accepted}, rejected {c.rejected} "
         f"({c.rejected_fraction:.1%}), duplicates {c.duplicates['exact']} exact + "
         f"{c.duplicates['near']} near -> {run.data}")
     for reason, n in sorted(c.rejected_by_reason.items()):
-        log(f"  quarantined {n:>5} {reason}")
+        log.info(f"  quarantined {n:>5} {reason}")
     for kind, n in sorted(manifest.pii_redactions.items()):
-        log(f"  redacted    {n:>5} {kind}")
+        log.info(f"  redacted    {n:>5} {kind}")
     for split in ("train", "val"):
         t = getattr(manifest.tokens, split)
-        log(f"  {split:<5} {t.documents} documents, {t.tokens} tokens ({t.target_tokens} targets) in "
+        log.info(f"  {split:<5} {t.documents} documents, {t.tokens} tokens ({t.target_tokens} targets) in "
             f"{t.sequences} x {seq_len} sequences, packing efficiency {t.packing_efficiency:.1%}")

@@ -21,6 +21,7 @@ Writes `<output_dir>/eval/report.json`, `report.md` (metrics and side-by-side an
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -30,10 +31,12 @@ import numpy as np
 
 from raylab import models, registry
 from raylab.config import RaylabConfig
-from raylab.core import cluster, runs, storage
+from raylab.core import cluster, events, runs, storage
 from raylab.errors import UserError
 
 # ---------------------------------------------------------------- scores
+
+log = logging.getLogger(__name__)
 
 
 def normalize(text: str) -> str:
@@ -116,9 +119,8 @@ def _threads(cfg: RaylabConfig) -> int:
 
 def held_out_loss(cfg: RaylabConfig, path: str, val_location: str, base: bool = False) -> dict[str, float]:
     """Loss and perplexity of a model over packed held-out sequences (Parquet)."""
-    import ray
 
-    scored = ray.data.read_parquet(val_location).map_batches(
+    scored = storage.read_parquet(val_location).map_batches(
         LossScorer, fn_constructor_kwargs={"path": path, "base": base, "threads": _threads(cfg)}, **_pool(cfg))
     loss_sum, targets = 0.0, 0
     for row in scored.iter_rows():
@@ -152,12 +154,8 @@ def answers(cfg: RaylabConfig, path: str, tokenizer_path: str, items: list[dict]
 def held_out_items(cfg: RaylabConfig, manifest: runs.DataManifest) -> list[dict]:
     """Up to eval.max_samples held-out instruction/chat records as {messages, reference, id}:
     the conversation up to its last assistant turn, and that turn."""
-    import pyarrow.dataset as pads
-
     records = manifest.outputs.get("records") or runs.Run(cfg.output_dir).split("records")
-    filesystem, path = storage.resolve(records)
-    table = pads.dataset(path, filesystem=filesystem, format="parquet").to_table(
-        columns=["record_id", "format", "messages", "split"])
+    table = storage.read_table(records, columns=["record_id", "format", "messages", "split"])
     items = []
     for row in sorted(table.to_pylist(), key=lambda r: r["record_id"]):
         if row["split"] != "val" or row["format"] not in ("instruction", "chat") or not row["messages"]:
@@ -232,8 +230,13 @@ def score(predictions: list[str], items: list[dict]) -> dict[str, float | int]:
 
 
 def run_eval(cfg: RaylabConfig, model_ref: str | None = None, input_path: str | None = None,
-             address: str | None = None, log=print) -> dict:
+             address: str | None = None) -> dict:
     """Evaluate the base model and the tuned one; returns the report (also written to eval/)."""
+    with events.stage("eval", run=cfg.output_dir, model_ref=model_ref, input=input_path):
+        return _run_eval(cfg, model_ref, input_path, address)
+
+
+def _run_eval(cfg: RaylabConfig, model_ref: str | None, input_path: str | None, address: str | None) -> dict:
     label, path = tuned_model(cfg, model_ref)
     cluster.connect(cfg, address)
     import ray
@@ -254,14 +257,14 @@ def run_eval(cfg: RaylabConfig, model_ref: str | None = None, input_path: str | 
         outputs[name] = answers(cfg, path, path, items, base=base)
         entry |= score(outputs[name], items)
         report["models"][name] = entry
-        log(f"eval: {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in entry.items()))
+        log.info(f"eval: {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in entry.items()))
     report["samples"] = [{"id": it["id"], "prompt": it.get("messages") or it.get("prompt") or it.get("text"),
                           "reference": it.get("reference"), **{m: outputs[m][i] for m in outputs}}
                          for i, it in enumerate(items)]
     report["seconds"] = round(time.time() - started, 1)
     typed = runs.EvalReport.model_validate(report)
     write_report(runs.Run(cfg.output_dir), typed, cfg.eval.show_samples)
-    log(f"eval: report -> {runs.Run(cfg.output_dir).eval_file('report_md')}")
+    log.info(f"eval: report -> {runs.Run(cfg.output_dir).eval_file('report_md')}")
     return typed.model_dump(mode="json")
 
 

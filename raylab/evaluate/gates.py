@@ -20,15 +20,18 @@ result goes into version tags: `raylab.gates.status` (passed / failed), `raylab.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tempfile
 import time
 
 from raylab import config, registry
 from raylab.config import GatesConfig
-from raylab.core import cluster, runs, storage
+from raylab.core import cluster, events, runs, storage
 from raylab.errors import UserError
 from raylab.evaluate import batch
+
+log = logging.getLogger(__name__)
 
 
 def version_config(store: registry.Store, mv) -> config.RaylabConfig:
@@ -44,7 +47,7 @@ def version_config(store: registry.Store, mv) -> config.RaylabConfig:
         return config.load(path)
 
 
-def evaluate_version(store: registry.Store, name: str, version: int, address: str | None = None, log=print) -> dict:
+def evaluate_version(store: registry.Store, name: str, version: int, address: str | None = None) -> dict:
     """Run the version's gates; returns {status, checks, ...} and records it as tags."""
     mv = registry.get_version(store, f"{name}/{version}")
     gates = GatesConfig.model_validate_json(mv.tags.get("raylab.gates", "{}"))
@@ -87,11 +90,13 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         "raylab.gates.failures": "; ".join(_describe(c) for c in failures)[:5000],
         "eval.val_loss": f"{measured['loss']:.6g}", "eval.perplexity": f"{measured['perplexity']:.6g}",
     })
+    events.emit("registry.gate", run=cfg.output_dir, model=name, version=version, status=status,
+                failures=[_describe(c) for c in failures], val_loss=measured["loss"])
     for c in checks:
-        log(f"gates: {'pass' if c['passed'] else 'FAIL'}  {_describe(c)}")
+        log.info(f"gates: {'pass' if c['passed'] else 'FAIL'}  {_describe(c)}")
     if not checks:
-        log("gates: none declared (registry.gates in the config): the version passes by default")
-    log(f"gates: {name}/{version} {status.upper()}" + ("" if failures else f"; promote with `raylab models promote {name} {version}`"))
+        log.info("gates: none declared (registry.gates in the config): the version passes by default")
+    log.info(f"gates: {name}/{version} {status.upper()}" + ("" if failures else f"; promote with `raylab models promote {name} {version}`"))
     return result
 
 

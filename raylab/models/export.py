@@ -12,12 +12,14 @@ weights; quantise the merged model afterwards if needed.
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 from pathlib import Path
 
 from raylab import config
-from raylab.core import runs
+from raylab.core import runs, storage
 from raylab.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def final_dir(run: str) -> Path:
@@ -31,7 +33,7 @@ def final_dir(run: str) -> Path:
                     "(run `raylab train CONFIG` first), a train/final/ directory, or a config file")
 
 
-def export(run: str, out: str, merge: bool = False, log=print) -> Path:
+def export(run: str, out: str, merge: bool = False) -> Path:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -42,16 +44,17 @@ def export(run: str, out: str, merge: bool = False, log=print) -> Path:
         raise UserError(f"export target {dst} exists and is not empty; choose a new directory")
     adapter = (src / runs.ADAPTER_CONFIG).exists()
     if not merge or not adapter:
-        shutil.copytree(src, dst, dirs_exist_ok=True)
-        log(f"export: copied {'adapter' if adapter else 'full model'} {src} -> {dst}")
+        storage.copy_dir(str(src), str(dst))
+        log.info(f"export: copied {'adapter' if adapter else 'full model'} {src} -> {dst}")
         return dst
     base_path = json.loads((src / runs.ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, src).merge_and_unload()
-    merged.save_pretrained(dst, safe_serialization=True)
-    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    storage.save_pretrained(merged, str(dst), safe_serialization=True)
+    storage.save_pretrained(AutoTokenizer.from_pretrained(src), str(dst))
     meta_path = src / runs.TRAIN_META
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    (dst / runs.TRAIN_META).write_text(json.dumps(meta | {"merged_from": str(src), "merged_base": base_path}, indent=2) + "\n")
-    log(f"export: merged {src} into {base_path} -> {dst}")
+    storage.write_text(str(dst / runs.TRAIN_META),
+                       json.dumps(meta | {"merged_from": str(src), "merged_base": base_path}, indent=2) + "\n")
+    log.info(f"export: merged {src} into {base_path} -> {dst}")
     return dst

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from raylab.core import runs
+from raylab.core import runs, storage
 from raylab.errors import UserError
 
 PRESET_VERSION = 1  # bump when a preset's architecture or tokenizer changes
@@ -98,23 +97,23 @@ def materialize_preset(name: str) -> Path:
     stamp = {"preset": name, "version": PRESET_VERSION, "template": _sha(DEFAULT_CHAT_TEMPLATE)}
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(str(target.parent))
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         tok = build_byte_tokenizer()
         model = build_tiny_model(name, tok)
-        tok.save_pretrained(staging)
-        model.save_pretrained(staging)
-        (staging / "raylab_preset.json").write_text(json.dumps(stamp))
+        storage.save_pretrained(tok, str(staging))
+        storage.save_pretrained(model, str(staging))
+        storage.write_text(str(staging / marker.name), json.dumps(stamp))
         if target.exists():  # an older preset version, or a half-built one from a crash
-            shutil.rmtree(target, ignore_errors=True)
+            storage.remove_local_tree(str(target))
         try:
             staging.rename(target)
         except OSError:  # another process won the race; its copy is identical
             if not marker.exists():
                 raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        storage.remove_local_tree(str(staging))
     return target
 
 

@@ -7,11 +7,10 @@ when and why.
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import time
 
+from raylab.core import events
 from raylab.errors import UserError
 from raylab.registry.store import PREVIOUS, PRODUCTION, Store
 from raylab.registry.versions import get_version, registered_model
@@ -20,10 +19,7 @@ HISTORY_PREFIX = "raylab.alias_history."  # one registered-model tag per alias m
 
 
 def user() -> str:
-    try:
-        return os.environ.get("RAYLAB_USER") or getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
+    return events.user()
 
 
 def alias_history(store: Store, name: str) -> list[dict]:
@@ -46,6 +42,15 @@ def _move(store: Store, name: str, alias: str, to: int | None, reason: str, forc
     return entry
 
 
+def _emit(kind: str, store: Store, name: str, moves: list[dict]) -> None:
+    """One event per promote/rollback, in the run that produced the new production version."""
+    production = next((m for m in moves if m["alias"] == PRODUCTION), None)
+    if production is None or production["to"] is None:
+        return
+    run = get_version(store, f"{name}/{production['to']}").tags.get("raylab.output_dir")
+    events.emit(kind, run=run, model=name, version=production["to"], moves=moves)
+
+
 def promote(store: Store, name: str, version: int, force: bool = False, reason: str | None = None) -> list[dict]:
     """production -> version (the old production becomes `previous`), only for a version
     that passed its gates unless forced (then who and why are recorded)."""
@@ -63,7 +68,9 @@ def promote(store: Store, name: str, version: int, force: bool = False, reason: 
         return []
     why = reason or f"gates {status}"
     moves = [_move(store, name, PREVIOUS, current, f"was production before {version}")] if current is not None else []
-    return moves + [_move(store, name, PRODUCTION, version, why, forced=force and status != "passed")]
+    moves.append(_move(store, name, PRODUCTION, version, why, forced=force and status != "passed"))
+    _emit("registry.promote", store, name, moves)
+    return moves
 
 
 def rollback(store: Store, name: str, reason: str | None = None) -> list[dict]:
@@ -77,7 +84,9 @@ def rollback(store: Store, name: str, reason: str | None = None) -> list[dict]:
     earlier = next((h["from"] for h in reversed(alias_history(store, name))
                     if h["alias"] == PRODUCTION and h["to"] == target and h["from"] not in (None, target)), None)
     why = reason or "rollback"
-    moves = [_move(store, name, PRODUCTION, target, f"rollback from {current}: {why}")]
-    return moves + [_move(store, name, PREVIOUS, earlier, f"rollback to {target}")]
+    moves = [_move(store, name, PRODUCTION, target, f"rollback from {current}: {why}"),
+             _move(store, name, PREVIOUS, earlier, f"rollback to {target}")]
+    _emit("registry.rollback", store, name, moves)
+    return moves
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import tempfile
 import time
@@ -22,6 +23,8 @@ from raylab.config import RaylabConfig
 from raylab.core import runs, storage
 from raylab.registry.store import Store, model_name, open_store
 from raylab.registry.versions import register
+
+log = logging.getLogger(__name__)
 
 
 def experiment_id(store: Store, name: str) -> str:
@@ -89,7 +92,7 @@ def log_run(store: Store, exp_id: str, *, name: str, key: str, params: dict[str,
     with tempfile.TemporaryDirectory(prefix="raylab-mlflow-") as tmp:
         for name_, location in artifacts.items():
             if location and storage.exists(location):
-                Path(tmp, name_).write_bytes(storage.read_bytes(location))
+                storage.write_bytes(str(Path(tmp, name_)), storage.read_bytes(location))
                 store.client.log_artifact(run_id, str(Path(tmp, name_)))
     store.client.set_tag(run_id, "raylab.logged", "true")
     store.client.set_terminated(run_id, status=status)
@@ -100,7 +103,7 @@ def _history(location: str) -> list[dict]:
     return [json.loads(x) for x in storage.read_text(location).splitlines() if x.strip()] if storage.exists(location) else []
 
 
-def track_train(cfg: RaylabConfig, meta: dict, log=print) -> dict:
+def track_train(cfg: RaylabConfig, meta: dict) -> dict:
     """Log a finished train run and register its model as a new version (the train driver)."""
     store = open_store(cfg)
     exp = experiment_id(store, model_name(cfg))
@@ -110,7 +113,7 @@ def track_train(cfg: RaylabConfig, meta: dict, log=print) -> dict:
         params=flatten(cfg.model_dump(mode="json")), history=_history(run.train_metrics),
         artifacts=_run_artifacts(run), tags={"raylab.stage": "train", "raylab.output_dir": cfg.output_dir})
     version = register(store, cfg, run_id, run.train_final, meta)
-    log(f"registry: run {run_id} in experiment {model_name(cfg)!r}; model {version.name}/{version.version} ({store.uri})")
+    log.info(f"registry: run {run_id} in experiment {model_name(cfg)!r}; model {version.name}/{version.version} ({store.uri})")
     return {"run_id": run_id, "name": version.name, "version": int(version.version)}
 
 
@@ -123,7 +126,7 @@ def _by_name(locations: list[str]) -> dict[str, str]:
     return {location.rsplit("/", 1)[-1]: location for location in locations}
 
 
-def track_sweep(cfg: RaylabConfig, summary: dict, log=print) -> dict:
+def track_sweep(cfg: RaylabConfig, summary: dict) -> dict:
     """Log a sweep (parent run) and each trial (nested runs) from Tune's results, then
     register the winner (the sweep driver, after the trials have finished)."""
     store = open_store(cfg)
@@ -153,7 +156,7 @@ def track_sweep(cfg: RaylabConfig, summary: dict, log=print) -> dict:
         version = register(store, cfg, trial_runs[best["trial_id"]], best["final_model"], meta,
                            extra={"raylab.stage": "tune", "raylab.trial_id": best["trial_id"], "raylab.sweep_run_id": parent})
         out |= {"name": version.name, "version": int(version.version)}
-        log(f"registry: sweep {parent} with {len(trial_runs)} trials; winner {version.name}/{version.version} ({store.uri})")
+        log.info(f"registry: sweep {parent} with {len(trial_runs)} trials; winner {version.name}/{version.version} ({store.uri})")
     return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raylab.config import RaylabConfig
-from raylab.core import runs, storage
+from raylab.core import events, runs, storage
 from raylab.errors import UserError
 from raylab.registry.store import PRODUCTION, Store, model_name
 
@@ -61,8 +61,11 @@ def register(store: Store, cfg: RaylabConfig, run_id: str, final: str, meta: dic
              "raylab.gates.status": "pending", "raylab.output_dir": cfg.output_dir, "raylab.run_name": cfg.run_name,
              "raylab.stage": "train"} | (extra or {})
     source = f"{store.client.get_run(run_id).info.artifact_uri}/model"
-    return store.client.create_model_version(name, source, run_id, tags=tags,
-                                             description=f"{meta.get('method')} on {meta.get('base_model')}")
+    mv = store.client.create_model_version(name, source, run_id, tags=tags,
+                                           description=f"{meta.get('method')} on {meta.get('base_model')}")
+    events.emit("registry.register", run=cfg.output_dir, model=name, version=mv.version, run_id=run_id,
+                stage=tags["raylab.stage"], base_model=meta.get("base_model"), method=meta.get("method"))
+    return mv
 
 
 def parse_ref(ref: str) -> tuple[str, int | None, str | None]:

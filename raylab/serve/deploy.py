@@ -15,6 +15,7 @@ has no room for) and no in-flight request fails.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -26,9 +27,12 @@ from pathlib import Path
 
 from raylab import models, registry
 from raylab.config import RaylabConfig, ServeConfig
-from raylab.core import cluster, plan, runs
+from raylab.core import cluster, events, plan, runs, storage
 from raylab.core.cluster import auth_token
 from raylab.errors import UserError
+
+log = logging.getLogger(__name__)
+
 
 APP = "raylab"
 
@@ -98,8 +102,7 @@ def emit(path: str, cfg: RaylabConfig | None, ref: str, tracking_uri: str | None
     s = cfg.serve if cfg else ServeConfig()
     store = registry.open_store(cfg, tracking_uri)
     full = deploy_config(s, app_config(s, store, ref, cfg.model.dtype if cfg else "float32"))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("# written by `raylab serve --emit-config`; deploy with `serve deploy` or embed in a "
+    storage.write_text(path, "# written by `raylab serve --emit-config`; deploy with `serve deploy` or embed in a "
                           "RayService's serveConfigV2\n" + yaml.safe_dump(full, sort_keys=False))
     return full
 
@@ -146,7 +149,7 @@ def put_app(dashboard: str, app: dict, http_options: dict, current: dict | None 
                             "http_options": http_options, "applications": others + [app]})
 
 
-def wait_running(dashboard: str, timeout_s: float = 600, log=print) -> dict:
+def wait_running(dashboard: str, timeout_s: float = 600) -> dict:
     deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         details = (rest(dashboard, "GET").get("applications") or {}).get(APP) or {}
@@ -158,7 +161,7 @@ def wait_running(dashboard: str, timeout_s: float = 600, log=print) -> dict:
                                                   (details.get("deployments") or {}).items() if d.get("message")]
             raise UserError(f"serve application {APP!r} {status}: {' | '.join(why)[-4000:]}")
         if status != last and status:
-            log(f"serve: {status.lower()} ...")
+            log.info(f"serve: {status.lower()} ...")
             last = status
         time.sleep(1.0)
     raise UserError(f"serve application {APP!r} not running after {timeout_s:.0f}s")
@@ -182,7 +185,7 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: str | None = None,
-                  detach: bool = False, log=print) -> dict:
+                  detach: bool = False) -> dict:
     """Deploy REF (checksums verified first) and return once the endpoint is RUNNING:
     {url, model (NAME/VERSION), models, dashboard, ...}. `raylab run` uses this directly."""
     s = cfg.serve if cfg else ServeConfig()
@@ -204,14 +207,16 @@ def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: s
         conn = cluster.connect(None, address, state_api=True)
     dashboard = _dashboard(conn)
     put_app(dashboard, app, {"host": s.host, "port": s.port})
-    wait_running(dashboard, log=log)
+    wait_running(dashboard)
     url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '') else s.host}:{s.port}"
     routing = app["deployments"][1]["user_config"]
     info = {"url": url, "ref": ref, "model": routing["default"], "name": routing["listed"][0], "dashboard": dashboard,
-            "pid": os.getpid(), "tracking_uri": store.uri, "models": routing["listed"]}
-    _endpoint_file().parent.mkdir(parents=True, exist_ok=True)
-    _endpoint_file().write_text(json.dumps(info, indent=2))
-    log(f"serving {ref} ({info['model']}) at {url}/v1  (models: {', '.join(info['models'])})")
+            "pid": os.getpid(), "tracking_uri": store.uri, "models": routing["listed"],
+            "run": cfg.output_dir if cfg is not None else None}
+    storage.write_text(str(_endpoint_file()), json.dumps(info, indent=2))
+    name, version = info["model"].split("/")
+    events.emit("serve.start", run=info["run"], model=name, version=version, url=url, ref=ref)
+    log.info(f"serving {ref} ({info['model']}) at {url}/v1  (models: {', '.join(info['models'])})")
     return info
 
 
@@ -219,30 +224,33 @@ def stop_serving() -> None:
     """Delete the application (its replicas stop); forget the endpoint file."""
     from ray import serve
 
+    info = json.loads(_endpoint_file().read_text()) if _endpoint_file().exists() else {}
     try:
         serve.delete(APP)
     finally:
         _endpoint_file().unlink(missing_ok=True)
+    name, _, version = (info.get("model") or "").partition("/")
+    events.emit("serve.stop", run=info.get("run"), model=name or None, version=version or None, url=info.get("url"))
 
 
 def run_serve(cfg: RaylabConfig | None, model: str | None = None, address: str | None = None, detach: bool = False,
-              log=print, stop: threading.Event | None = None) -> dict:
+              stop: threading.Event | None = None) -> dict:
     """`raylab serve`: deploy REF and (unless `detach`) stay in the foreground until
     SIGINT/SIGTERM or `stop`, then delete the application."""
-    info = start_serving(cfg, model, address, detach, log)
+    info = start_serving(cfg, model, address, detach)
     if not detach:
-        wait_until_stopped(stop, log)
-        log("stopping the endpoint ...")
+        wait_until_stopped(stop)
+        log.info("stopping the endpoint ...")
         stop_serving()
     return info
 
 
-def wait_until_stopped(stop: threading.Event | None = None, log=print) -> None:
+def wait_until_stopped(stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    log("foreground: Ctrl-C (SIGINT) or SIGTERM stops it; `raylab deploy REF` switches versions")
+    log.info("foreground: Ctrl-C (SIGINT) or SIGTERM stops it; `raylab deploy REF` switches versions")
     stop.wait()
 
 
@@ -268,7 +276,7 @@ def _dashboard(conn) -> str:
     return url if "://" in url else f"http://{url}"
 
 
-def run_deploy(ref: str, address: str | None = None, tracking_uri: str | None = None, log=print) -> dict:
+def run_deploy(ref: str, address: str | None = None, tracking_uri: str | None = None) -> dict:
     """Point the running endpoint at REF: the generator preloads (and verifies) it, then the
     ingress's routes switch to it. Both are `user_config` changes: replicas stay up."""
     dashboard = address
@@ -295,5 +303,12 @@ def run_deploy(ref: str, address: str | None = None, tracking_uri: str | None = 
     http = current.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
     _wait_routed(f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}", target)
-    log(f"deployed {ref} ({target}); requests for {name} now go to it")
+    events.emit("serve.deploy", run=_version_run(store, target), model=name, version=version, ref=ref,
+                dashboard=dashboard)
+    log.info(f"deployed {ref} ({target}); requests for {name} now go to it")
     return {"model": target}
+
+
+def _version_run(store: registry.Store, ref: str) -> str | None:
+    """The run directory a version was trained in (its registration tag), for its events."""
+    return registry.get_version(store, ref).tags.get("raylab.output_dir")

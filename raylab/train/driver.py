@@ -219,7 +219,7 @@ def _track(cfg: RaylabConfig, meta: dict, log) -> dict:
         return meta
     from raylab import registry
 
-    return meta | {"registry": registry.track_train(cfg, meta, log)}
+    return meta | {"registry": registry.track_train(cfg, meta)}
 
 
 def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float, log) -> dict:

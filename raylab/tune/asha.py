@@ -32,12 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import os
 import time
 
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
+
+log = logging.getLogger(__name__)
+
 
 WAIT_S = 120.0  # longest a worker waits for a decision before going on without one
 STOP_WAIT_S = 600.0  # longest a stopped trial's workers idle before they report the missing stop
@@ -175,7 +179,7 @@ class RungWait:
         self.actor = ray.get_actor(self.actor_name, namespace=NAMESPACE)
         self.rungs = [r for r in self.rungs if start_step < r < last_step]
 
-    def after_eval(self, step: int, log=print) -> None:
+    def after_eval(self, step: int) -> None:
         if not self.rungs or step < self.rungs[0]:
             return
         import ray
@@ -183,9 +187,9 @@ class RungWait:
         self.rungs = [r for r in self.rungs if r > step]
         decision = ray.get(self.actor.wait.remote(self.trial_id, step, WAIT_S))
         if decision is None:
-            log(f"tune: no ASHA decision for step {step} within {WAIT_S:.0f} s; training on")
+            log.info(f"tune: no ASHA decision for step {step} within {WAIT_S:.0f} s; training on")
         elif decision == ASHAScheduler.STOP:
-            log(f"tune: ASHA stopped this trial at step {step}; waiting for Tune to end it")
+            log.info(f"tune: ASHA stopped this trial at step {step}; waiting for Tune to end it")
             time.sleep(STOP_WAIT_S)  # Tune ends the trial (and these workers) long before
             raise RuntimeError(f"ASHA stopped trial {self.trial_id} at step {step}, but Tune did not end it "
                                f"within {STOP_WAIT_S:.0f} s: a bug, please report it")

@@ -17,11 +17,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import re
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,9 @@ from raylab.config import RaylabConfig
 from raylab.core import runs, storage
 from raylab.errors import UserError
 from raylab.tune.space import decode, distributions, encode, with_params
+
+log = logging.getLogger(__name__)
+
 
 GRID = 25
 ANALYSIS_FILES = ("importance", "importance_png", "partial_dependence", "partial_dependence_png", "slice_png")
@@ -119,13 +121,10 @@ def _png(location: str, draw) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "plot.png")
-        fig = draw(plt)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        storage.write_bytes(location, Path(path).read_bytes())
+    fig = draw(plt)
+    fig.tight_layout()
+    storage.save_figure(fig, location, dpi=100)
+    plt.close(fig)
 
 
 def write(run: runs.Run, rows: list[dict], space: dict, metric: str, mode: str) -> dict[str, Any]:
@@ -227,7 +226,7 @@ def steps_run(run: runs.Run, trial_id: str) -> int:
     return int(json.loads(lines[-1])["step"]) if lines else 0
 
 
-def summarize(cfg: RaylabConfig, grid, seconds: float, log) -> dict:
+def summarize(cfg: RaylabConfig, grid, seconds: float) -> dict:
     """Rank the trials, write best.yaml, the analysis and results.json|csv; the summary."""
     t = cfg.tune
     run = runs.Run(cfg.output_dir)
@@ -256,9 +255,9 @@ def summarize(cfg: RaylabConfig, grid, seconds: float, log) -> dict:
     result = runs.SweepResult.model_validate(summary)
     runs.write_json(run.tune_file("results"), result)
     storage.write_text(run.tune_file("results_csv"), _csv(rows, keys, t.metric))
-    log(table(rows, keys, t.metric))
+    log.info(table(rows, keys, t.metric))
     if winner:
-        log(f"tune: best trial {winner['trial_id']}: {t.metric} {winner[t.metric]:.4f} with "
+        log.info(f"tune: best trial {winner['trial_id']}: {t.metric} {winner[t.metric]:.4f} with "
             + ", ".join(f"{k}={winner[k]}" for k in keys) + f" -> {best_yaml}")
     else:
         raise UserError(f"no trial of the sweep finished ({summary['errors']} failed); see {run.tune_file('results')}")

@@ -27,17 +27,20 @@ Optuna has no partial-dependence plot), slice.png (Optuna's slice plot).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
 from raylab import config, registry, train
 from raylab.config import RaylabConfig
-from raylab.core import plan, runs, storage
+from raylab.core import events, plan, runs, storage
 from raylab.errors import UserError
 from raylab.tune import asha, report
 from raylab.tune.space import distributions, encode, space_problems, with_params
 
 # ---------------------------------------------------------------- one trial (a Tune function trainable)
+
+log = logging.getLogger(__name__)
 
 
 def run_trial(params: dict, base_raw: dict, manifest_text: str, output_dir: str, rungs: dict | None) -> None:
@@ -50,14 +53,19 @@ def run_trial(params: dict, base_raw: dict, manifest_text: str, output_dir: str,
     storage.write_text(trial.manifest, manifest_text)
     cfg = config.load_dict(with_params(base_raw, params, trial.root), source=f"trial {trial.root}")
     gate = asha.RungWait(rungs["actor"], trial_id, rungs["rungs"]) if rungs else None
-    train.run_train(cfg, callbacks=[TuneReportCallback()], log=print, track=False, gate=gate)
+    train.run_train(cfg, callbacks=[TuneReportCallback()], track=False, gate=gate)
 
 
 # ---------------------------------------------------------------- the sweep
 
 
-def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
+def run_tune(cfg: RaylabConfig, address: str | None = None) -> dict:
     """Run (or resume) the sweep; returns the summary also written to tune/results.json."""
+    with events.stage("tune", run=cfg.output_dir):
+        return _run_tune(cfg, address)
+
+
+def _run_tune(cfg: RaylabConfig, address: str | None) -> dict:
     if cfg.tune is None:
         raise UserError("the config has no tune section; add tune.search_space (see configs/quickstart.yaml)")
     cfg = train.with_pretrained_base(cfg)  # a `pretrain` section: its pre-trained model is the base
@@ -95,7 +103,7 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
     )
     started = time.time()
     if tune.Tuner.can_restore(tune_dir):
-        log(f"tune: resuming the sweep in {tune_dir} (finished trials are kept)")
+        log.info(f"tune: resuming the sweep in {tune_dir} (finished trials are kept)")
         tuner = tune.Tuner.restore(tune_dir, trainable, resume_errored=False, restart_errored=False)
     else:
         # Optuna's default of 10 random start-up trials would make a short sweep pure random search.
@@ -119,12 +127,12 @@ def run_tune(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
                                       stop=step_budget(t.max_total_steps, run) if t.max_total_steps else None,
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=0),
         )
-    log(f"tune: {t.num_samples} trials ({t.searcher}{' + ASHA' if t.asha else ''}), {the_plan.trial_concurrency} at once, "
+    log.info(f"tune: {t.num_samples} trials ({t.searcher}{' + ASHA' if t.asha else ''}), {the_plan.trial_concurrency} at once, "
         f"{steps} steps each at most -> {tune_dir}")
     grid = tuner.fit()
-    summary = report.summarize(cfg, grid, time.time() - started, log)
+    summary = report.summarize(cfg, grid, time.time() - started)
     if cfg.registry.enabled:
-        summary["registry"] = registry.track_sweep(cfg, summary, log)
+        summary["registry"] = registry.track_sweep(cfg, summary)
     return summary
 
 

@@ -155,7 +155,7 @@ def full_run(corpus, api, tmp_path_factory, _session_ray):
     cluster.connect(None)
     os.environ["RAYLAB_TEST_API_TOKEN"] = "s3cret"
     cfg = job(corpus, api, tmp_path_factory.mktemp("full"))
-    return cfg, run_data(cfg, log=lambda *_: None)
+    return cfg, run_data(cfg)
 
 
 def read_dir(path):
@@ -244,20 +244,23 @@ def test_http_errors_after_retries_fail_the_stage(api, tmp_path, _session_ray):
         "data": {"sources": [{"type": "http", "url": f"{api}/gone", "name": "gone_api", "retries": 1, "backoff_s": 0.01}]},
     })
     with pytest.raises(UserError, match=r"data source 'gone_api': GET .*/gone failed after 1 attempt\(s\): HTTP 404"):
-        run_data(cfg, log=lambda *_: None)
+        run_data(cfg)
 
 
 def test_rejected_fraction_threshold_fails_after_writing_everything(corpus, api, tmp_path, _session_ray):
     cfg = job(corpus, api, tmp_path, validation={"max_rejected_fraction": 0.1})
     cfg.data.sources = cfg.data.sources[:1]
     with pytest.raises(UserError, match=r"3 of 6 records rejected \(50.0%\), above data.validation.max_rejected_fraction=0.1"):
-        run_data(cfg, log=lambda *_: None)
+        run_data(cfg)
     assert len(read_dir(f"{cfg.output_dir}/data/quarantine")) == 3  # nothing lost
     assert json.load(open(f"{cfg.output_dir}/data/manifest.json"))["counts"]["rejected"] == 3
 
 
-def test_cache_hit_and_miss(corpus, tmp_path, _session_ray):
+def test_cache_hit_and_miss(corpus, tmp_path, _session_ray, caplog):
+    import logging
     import shutil
+
+    caplog.set_level(logging.INFO, logger="raylab")
 
     src = tmp_path / "in.jsonl"
     shutil.copy(corpus / "qa.jsonl", src)
@@ -265,15 +268,14 @@ def test_cache_hit_and_miss(corpus, tmp_path, _session_ray):
            "data": {"format": "instruction", "fields": {"prompt": "q", "response": "a"},
                     "sources": [{"type": "jsonl", "path": str(src)}],
                     "dedup": {"near": False}}}  # the subject is the cache; near-dedup shuffles cost a minute
-    logs = []
-    first = run_data(config.load_dict(raw), log=logs.append)
+    first = run_data(config.load_dict(raw))
     assert first["cache"] == {"hit": False} and first["cache_key"]
-    again = run_data(config.load_dict(raw), log=logs.append)
-    assert again["cache"] == {"hit": True} and any("cache hit" in m for m in logs)
-    changed = run_data(config.load_dict(raw, ["data.validation.min_chars=3"]), log=logs.append)
+    again = run_data(config.load_dict(raw))
+    assert again["cache"] == {"hit": True} and any("cache hit" in m for m in caplog.messages)
+    changed = run_data(config.load_dict(raw, ["data.validation.min_chars=3"]))
     assert changed["cache"] == {"hit": False}
     src.write_bytes(src.read_bytes() + b'{"q": "New?", "a": "Yes."}\n')
-    grown = run_data(config.load_dict(raw, ["data.validation.min_chars=3"]), log=logs.append)
+    grown = run_data(config.load_dict(raw, ["data.validation.min_chars=3"]))
     assert grown["cache"] == {"hit": False} and grown["counts"]["read"] == first["counts"]["read"] + 1
 
 
@@ -306,7 +308,7 @@ def test_exact_and_near_duplicates_across_files_and_blocks(tmp_path, _session_ra
         "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "in")}], "val_fraction": 0.0,
                  "dedup": {"threshold": 0.7}},
     })
-    manifest = run_data(cfg, log=lambda *_: None)
+    manifest = run_data(cfg)
     c = manifest["counts"]
     assert c["duplicates"] == {"exact": 10, "near": 6}
     assert c["read"] == 56 and c["accepted"] == 40 and c["read"] == c["accepted"] + c["rejected"] + 16
@@ -328,7 +330,7 @@ def test_pii_is_redacted_before_anything_is_written(tmp_path, _session_ray):
         "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "pii.jsonl")}], "val_fraction": 0.0,
                  "dedup": {"near": False}},
     })
-    manifest = run_data(cfg, log=lambda *_: None)
+    manifest = run_data(cfg)
     assert manifest["pii_redactions"] == {k: 1 for k in secrets}
     records = {r["record_id"].rsplit(":", 1)[-1]: r["text"] for r in read_dir(manifest["outputs"]["records"])}
     for i, kind in enumerate(secrets, start=1):
@@ -349,12 +351,12 @@ def test_token_limit_reject_and_truncate(tmp_path, _session_ray):
     base = {"version": 1, "model": {"name_or_path": "preset:tiny-llama"},
             "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "t.jsonl")}], "max_seq_len": 128,
                      "val_fraction": 0.0}}
-    rejected = run_data(config.load_dict({**base, "output_dir": str(tmp_path / "a")}), log=lambda *_: None)
+    rejected = run_data(config.load_dict({**base, "output_dir": str(tmp_path / "a")}))
     assert rejected["counts"]["rejected_by_reason"] == {"too_many_tokens": 1}
     q = read_dir(rejected["outputs"]["quarantine"])
     assert q[0]["reason"] == "too_many_tokens" and "301 tokens, more than validation.max_tokens=128" in q[0]["message"]
     truncated = run_data(config.load_dict({**base, "output_dir": str(tmp_path / "b")},
-                                          ["data.validation.over_max_tokens=truncate"]), log=lambda *_: None)
+                                          ["data.validation.over_max_tokens=truncate"]))
     assert truncated["counts"]["accepted"] == 2
     assert max(r["num_tokens"] for r in read_dir(truncated["outputs"]["records"])) == 128
 
@@ -364,8 +366,8 @@ def test_packed_and_padded_outputs(tmp_path, _session_ray):
     base = {"version": 1, "model": {"name_or_path": "preset:tiny-llama"},
             "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "p.jsonl")}], "max_seq_len": 64,
                      "val_fraction": 0.2, "dedup": {"near": False}}}
-    packed = run_data(config.load_dict({**base, "output_dir": str(tmp_path / "pk")}), log=lambda *_: None)
-    padded = run_data(config.load_dict({**base, "output_dir": str(tmp_path / "pd")}, ["data.packing=pad"]), log=lambda *_: None)
+    packed = run_data(config.load_dict({**base, "output_dir": str(tmp_path / "pk")}))
+    padded = run_data(config.load_dict({**base, "output_dir": str(tmp_path / "pd")}, ["data.packing=pad"]))
     for m in (packed, padded):
         t = m["tokens"]
         assert t["train"]["documents"] + t["val"]["documents"] == 30
@@ -451,7 +453,7 @@ def test_postgres_source_through_an_env_url(postgres, tmp_path, monkeypatch, _se
                               "query": "select ticket_id, body from tickets", "fields": {"text": "body", "id": "ticket_id"}}],
                  "val_fraction": 0.0},
     })
-    manifest = run_data(cfg, log=lambda *_: None)
+    manifest = run_data(cfg)
     assert manifest["by_source"]["tickets"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0}
     assert read_dir(manifest["outputs"]["quarantine"])[0]["record_id"] == "sql:3"
     assert manifest["inputs"][0]["location"] == "${env:RAYLAB_TEST_PG_URL}"
@@ -471,7 +473,7 @@ def test_train_shards_stream_into_two_workers(tmp_path, _session_ray):
         "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "s.jsonl")}], "max_seq_len": 64,
                  "val_fraction": 0.0, "dedup": {"near": False}},
     })
-    manifest = run_data(cfg, log=lambda *_: None)
+    manifest = run_data(cfg)
     shards = ray.data.read_parquet(manifest["outputs"]["train"]).streaming_split(2, equal=False)
 
     @ray.remote(num_cpus=0.25)

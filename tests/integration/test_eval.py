@@ -55,10 +55,10 @@ def trained(tmp_path_factory, _session_ray):
             c = COLORS[i % len(COLORS)]
             f.write(json.dumps({"prompt": f"Ticket {i}: when does my {c} widget ship?", "response": "It ships today."}) + "\n")
     good = instruction_config(root / "good", corpus, "full")
-    data.run_data(good, log=lambda *_: None)
+    data.run_data(good)
     shutil.copytree(root / "good" / "data", root / "weak" / "data")
     weak = instruction_config(root / "weak", corpus, "lora", lr=1e-5, max_steps=20)
-    return good, train.run_train(good, log=lambda *_: None), weak, train.run_train(weak, log=lambda *_: None)
+    return good, train.run_train(good), weak, train.run_train(weak)
 
 
 def store():
@@ -86,13 +86,13 @@ def test_each_run_is_a_new_version_with_its_lineage(trained):
     assert json.loads(mv.tags["raylab.gates"])["max_regression"] == 0.05
     assert "model.safetensors" in json.loads(mv.tags["raylab.checksums"])  # v1 is a full fine-tune
     assert "adapter_model.safetensors" in json.loads(store().client.get_model_version(NAME, "2").tags["raylab.checksums"])
-    again = train.run_train(good, log=lambda *_: None)  # finished: no new run, no new version
+    again = train.run_train(good)  # finished: no new run, no new version
     assert again["registry"] == meta["registry"]
 
 
 def test_eval_compares_base_and_tuned(trained, tmp_path):
     good, meta, *_ = trained
-    report = evaluate.run_eval(good, log=lambda *_: None)
+    report = evaluate.run_eval(good)
     base, tuned = report["models"]["base"], report["models"]["tuned"]
     assert tuned["loss"] == pytest.approx(meta["metrics"]["val_loss"], rel=1e-4)  # the number training reported
     assert tuned["loss"] < base["loss"] - 0.3 and tuned["perplexity"] < base["perplexity"]
@@ -106,19 +106,19 @@ def test_eval_compares_base_and_tuned(trained, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Ticket 3: when does my red widget ship?", "reference": "It ships today."})
                        + "\n" + json.dumps({"messages": [{"role": "user", "content": "Ticket 4: when does my blue widget ship?"}]}) + "\n")
-    offline = evaluate.run_eval(good, input_path=str(prompts), log=lambda *_: None)
+    offline = evaluate.run_eval(good, input_path=str(prompts))
     assert len(offline["samples"]) == 2 and "ships" in offline["samples"][1]["tuned"]
     assert offline["models"]["tuned"]["scored"] == 1 and "loss" not in offline["models"]["tuned"]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\nnot json\n{"messages": [{"role": "wizard", "content": "x"}]}\n')
     with pytest.raises(UserError, match=r"line 2: not JSON.*line 3: messages\[0\] must be"):
-        evaluate.run_eval(good, input_path=str(bad), log=lambda *_: None)
+        evaluate.run_eval(good, input_path=str(bad))
 
 
 def test_gates_then_promote_rollback_from_the_cli(trained):
     s = store()
-    passed = gates.evaluate_version(s, NAME, 1, log=lambda *_: None)
+    passed = gates.evaluate_version(s, NAME, 1)
     assert passed["status"] == "passed" and {c["gate"] for c in passed["checks"]} == {"max_val_loss", "golden"}
     assert run_cli("models", "promote", NAME, "1").returncode == 0
 
@@ -182,7 +182,7 @@ def test_a_tampered_artifact_is_refused_where_it_is_loaded(trained):
     try:
         weights.write_bytes(original[:-8] + b"tampered")
         with pytest.raises(registry.IntegrityError, match="model.safetensors"):
-            evaluate.run_eval(good, model_ref=f"{NAME}/1", log=lambda *_: None)
+            evaluate.run_eval(good, model_ref=f"{NAME}/1")
         out = run_cli("models", "evaluate", NAME, "1")
         assert out.returncode == 2 and "does not match its registration checksums" in out.stderr, out.stderr
     finally:

@@ -193,6 +193,18 @@ def test_ray_job_submit_runs_the_quickstart_on_two_nodes_with_s3_storage(quickst
     files = [f.path for f in filesystem.get_file_info(fs.FileSelector(root, recursive=True)) if f.type == fs.FileType.File]
     assert any(f.endswith("/model/adapter_model.safetensors") for f in files), files[:20]
     assert "=== summary ===" in r.stdout and "before/after:" in r.stdout
+    # Every state change of the run is one event in its events file, written by one writer.
+    from raylab.core import events, runs
+
+    recorded = events.read(runs.Run(out).events)
+    kinds = {(e["kind"], e["fields"].get("stage")) for e in recorded}
+    for stage in ("run", "data", "train"):
+        assert ("stage.start", stage) in kinds and ("stage.end", stage) in kinds, (stage, sorted(kinds))
+    for kind in ("registry.register", "registry.gate", "registry.promote", "serve.start", "serve.stop"):
+        assert (kind, None) in kinds, (kind, sorted(kinds))
+    assert all(e["run"] == out for e in recorded) and not any(e["kind"] == "stage.failure" for e in recorded)
+    promoted = next(e for e in recorded if e["kind"] == "registry.promote")
+    assert f"{promoted['model']}/{promoted['version']}" == summary["promoted"]
 
 
 def test_raylab_submit_tails_logs_and_reuses_the_data_cache(local_cluster, quickstart_job):

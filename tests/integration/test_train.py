@@ -29,7 +29,7 @@ from raylab.train import checkpoint
 def reference(learn_data):
     corpus, out = learn_data
     cfg = config.load_dict(base_config(out, corpus))
-    return cfg, train.run_train(cfg, log=lambda *_: None)
+    return cfg, train.run_train(cfg)
 
 
 def final_weights(meta_or_dir) -> dict[str, torch.Tensor]:
@@ -90,7 +90,7 @@ def test_export_merge_gives_the_same_model(reference, tmp_path):
     from raylab.models import export
 
     cfg, meta = reference
-    merged_dir = export(cfg.output_dir, str(tmp_path / "merged"), merge=True, log=lambda *_: None)
+    merged_dir = export(cfg.output_dir, str(tmp_path / "merged"), merge=True)
     assert (merged_dir / "config.json").exists() and not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     final = Path(cfg.output_dir) / "train" / "final"
@@ -103,11 +103,11 @@ def test_export_merge_gives_the_same_model(reference, tmp_path):
 
 def test_rerun_skips_a_finished_run_and_refuses_changed_settings(reference):
     cfg, meta = reference
-    again = train.run_train(cfg, log=lambda *_: None)
+    again = train.run_train(cfg)
     assert again["created"] == meta["created"]  # nothing trained
     changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1e-4})})
     with pytest.raises(UserError, match=r"train\.lr.*train\.resume=false"):
-        train.run_train(changed, log=lambda *_: None)
+        train.run_train(changed)
 
 
 def _past_first_checkpoint(train_dir: Path) -> bool:
@@ -141,7 +141,7 @@ def test_killed_worker_resumes_from_checkpoint_and_matches_uninterrupted(learn_d
                               args=(Path(cfg.output_dir) / "train", done, killed), daemon=True)
     killer.start()
     try:
-        meta = train.run_train(cfg, log=lambda *_: None)
+        meta = train.run_train(cfg)
     finally:
         done.set()
     assert killed, "the worker was never killed"
@@ -160,7 +160,7 @@ def test_killed_driver_rerun_resumes(learn_data, reference, tmp_path):
     train_dir = Path(cfg.output_dir) / "train"
     kill_cli_when_ready(["train", str(path)], lambda: _past_first_checkpoint(train_dir), timeout_s=240)
     assert not (train_dir / "final").exists()
-    meta = train.run_train(config.load(path), log=lambda *_: None)
+    meta = train.run_train(config.load(path))
     assert meta["steps"] == STEPS and meta["resumed_at_steps"] and meta["resumed_at_steps"][0] >= 6
     ref_weights = final_weights(Path(reference[0].output_dir) / "train" / "final")
     for name, tensor in final_weights(train_dir / "final").items():
@@ -173,7 +173,7 @@ def test_killed_driver_rerun_resumes(learn_data, reference, tmp_path):
 def test_two_workers_on_two_nodes_end_identical(learn_data, two_node_cluster, tmp_path):
     cfg = with_data(learn_data, tmp_path / "two-nodes", num_workers=2, cpus_per_worker=1,
                     placement_strategy="STRICT_SPREAD", gradient_checkpointing=True, max_steps=6, eval_every=3)
-    meta = train.run_train(cfg, address=two_node_cluster.address, log=lambda *_: None)
+    meta = train.run_train(cfg, address=two_node_cluster.address)
     assert meta["world_size"] == 2 and meta["steps"] == 6
     assert len(meta["worker_nodes"]) == 2 and len(set(meta["worker_nodes"])) == 2  # one worker per node
     assert len(meta["replica_digests"]) == 2 and len(set(meta["replica_digests"])) == 1

@@ -40,7 +40,7 @@ def sweep_config(learn_data, out: Path, **tune_overrides) -> config.RaylabConfig
 @pytest.fixture(scope="module")
 def sweep(learn_data, tmp_path_factory):
     cfg = sweep_config(learn_data, tmp_path_factory.mktemp("sweep") / "run")
-    return cfg, tune.run_tune(cfg, log=lambda *_: None)
+    return cfg, tune.run_tune(cfg)
 
 
 def test_sweep_runs_optuna_with_asha_and_records_the_failing_trial(sweep):
@@ -102,7 +102,7 @@ def test_sweep_and_its_trials_are_in_mlflow_and_the_winner_registered(sweep):
     assert mv.tags["raylab.stage"] == "tune" and mv.tags["raylab.trial_id"] == summary["best"]["trial_id"]
     assert mv.run_id == by_trial[summary["best"]["trial_id"]].info.run_id
     # its gates find the held-out split through the trial's manifest (the shards are the sweep's)
-    checked = gates.evaluate_version(store, logged["name"], logged["version"], log=lambda *_: None)
+    checked = gates.evaluate_version(store, logged["name"], logged["version"])
     assert checked["status"] == "passed" and checked["val_loss"] == pytest.approx(summary["best"]["val_loss"], rel=1e-4)
 
 
@@ -112,7 +112,7 @@ def test_best_yaml_reproduces_the_winner(sweep):
     best = config.load(best_path)
     assert best.tune is None and best.output_dir == cfg.output_dir
     assert best.train.lr == pytest.approx(summary["best"]["params"]["train.lr"])
-    meta = train.run_train(best, log=lambda *_: None)
+    meta = train.run_train(best)
     assert meta["metrics"]["val_loss"] == pytest.approx(summary["best"]["val_loss"], abs=1e-6)
 
 
@@ -125,7 +125,7 @@ def test_killed_sweep_driver_resumes_with_finished_trials_kept(learn_data, tmp_p
     kill_cli_when_ready(["tune", str(path)], lambda: bool(list(trials.glob("*/train/final/" + train.META))), timeout_s=400)
     first = {p.parts[-4] for p in trials.glob("*/train/final/" + train.META)}
     assert first
-    summary = tune.run_tune(config.load(path), log=lambda *_: None)
+    summary = tune.run_tune(config.load(path))
     assert summary["trials"] == 2 and summary["finished"] == 2
     assert first <= {r["trial_id"] for r in summary["results"]}  # the trials finished before the kill are kept
 
@@ -158,4 +158,4 @@ def test_bad_search_space_is_exit_2_before_anything_runs(space, expect, tmp_path
 def test_budget_smaller_than_one_trial_is_refused(learn_data, tmp_path):
     cfg = sweep_config(learn_data, tmp_path / "run", max_total_steps=5)
     with pytest.raises(UserError, match=r"tune\.max_total_steps=5 is less than one trial \(16 steps\)"):
-        tune.run_tune(cfg, log=lambda *_: None)
+        tune.run_tune(cfg)

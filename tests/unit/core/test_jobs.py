@@ -77,11 +77,11 @@ def test_submit_runtime_env_carries_package_and_env(tmp_path, monkeypatch):
     raw = config.load(REPO / "configs" / "quickstart.yaml").model_dump(mode="json")
     raw["data"]["sources"].append({"type": "sql", "url": "${env:ACME_DB_URL}", "query": "select 1 as text"})
     cfg = config.load_dict(raw)
-    inside = jobs.runtime_env(cfg, str(REPO), ["EXTRA", "MODE=fast"], log=lambda *_: None)
+    inside = jobs.runtime_env(cfg, str(REPO), ["EXTRA", "MODE=fast"])
     assert inside["working_dir"] == str(REPO) and "py_modules" not in inside  # raylab/ is in the working dir
     assert inside["env_vars"] == {"ACME_DB_URL": "postgresql://x", "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
                                   "EXTRA": "1", "MODE": "fast"}
-    elsewhere = jobs.runtime_env(cfg, str(tmp_path), [], log=lambda *_: None)
+    elsewhere = jobs.runtime_env(cfg, str(tmp_path), [])
     assert elsewhere["py_modules"] == [str(REPO / "raylab")]
     cmd = jobs.entrypoint(str(REPO / "configs" / "quickstart.yaml"), str(REPO), ["train.lr=1e-3", "x=a b"], ["--no-serve"])
     assert cmd == "python -m raylab run configs/quickstart.yaml train.lr=1e-3 'x=a b' --no-serve"

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from raylab.config.types import Fraction, PathOrUri, PositiveInt, Section, StrList
+from raylab.config.types import Fraction, PathOrUri, PositiveInt, Section, StrList, invalid
 from raylab.core import detectors
 
 Format = Literal["completion", "instruction", "chat"]
@@ -66,9 +66,11 @@ class HttpSource(_SourceBase):
     @model_validator(mode="after")
     def _paging(self) -> HttpSource:
         if self.page_param and self.cursor_param:
-            raise ValueError("give page_param or cursor_param, not both")
+            raise invalid(f"give page_param or cursor_param, not both (page_param is {self.page_param!r}, "
+                          f"cursor_param is {self.cursor_param!r})")
         if self.cursor_param and not self.next_cursor_path:
-            raise ValueError("cursor_param needs next_cursor_path (where a response names the next cursor)")
+            raise invalid("required with cursor_param: the dotted path to the next cursor in a response",
+                          at="next_cursor_path")
         return self
 
 
@@ -95,9 +97,9 @@ class ValidationConfig(Section):
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"deny_regex {pattern!r} is not a valid regular expression: {e}") from None
+                raise invalid(f"{pattern!r} is not a valid regular expression: {e}", at="deny_regex") from None
         if self.min_chars > self.max_chars:
-            raise ValueError(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
+            raise invalid(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
         return self
 
 
@@ -119,7 +121,7 @@ class PiiConfig(Section):
         if self.types is not None:
             unknown = [t for t in self.types if t not in detectors.available()]
             if unknown:
-                raise ValueError(f"unknown PII types {unknown}; expected some of {detectors.available()}")
+                raise invalid(f"unknown detectors {unknown}; expected some of {detectors.available()}", at="types")
         return self
 
 
@@ -136,7 +138,7 @@ class DedupConfig(Section):
     @model_validator(mode="after")
     def _bands(self) -> DedupConfig:
         if self.num_perm % self.bands:
-            raise ValueError(f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})")
+            raise invalid(f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})")
         return self
 
 

@@ -6,7 +6,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raylab.config.types import Fraction, ModelRef, PathOrUri, PositiveInt, Section, StrList
+from raylab.config.types import (
+    Fraction,
+    ModelRef,
+    PathOrUri,
+    PositiveInt,
+    Section,
+    StrList,
+    invalid,
+)
 
 
 class LoraConfig(Section):
@@ -36,7 +44,8 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _modules_to_save(self) -> ModelConfig:
         if self.method == "hybrid" and not self.lora.modules_to_save:
-            raise ValueError("method: hybrid trains model.lora.modules_to_save in full; name at least one module (e.g. [embed_tokens])")
+            raise invalid("empty, but method: hybrid trains these modules in full; name at least one "
+                          "(e.g. [embed_tokens])", at="lora.modules_to_save")
         if self.method != "hybrid" and self.lora.modules_to_save:
-            raise ValueError(f"model.lora.modules_to_save is only used by method: hybrid (method is {self.method})")
+            raise invalid(f"only used by method: hybrid (method is {self.method})", at="lora.modules_to_save")
         return self

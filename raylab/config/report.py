@@ -3,6 +3,9 @@ error reports that say what was received, what is expected, and which key was me
 
     problems(RaylabConfig, validation_error, raw_mapping)  -> ["train.lrr: unknown key (did you mean train.lr?)", ...]
     is_schema_path(RaylabConfig, ["train", "lr"])          -> True
+
+A section's cross-field check raises `types.invalid(problem, at="key.relative.to.section")`;
+`problems` prints it as `<section>.<key>: <problem>` (see `types.invalid`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import typing
 from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ValidationError
+
+from raylab.config.types import CROSS_FIELD
 
 
 def _unwrap(annotation: Any) -> list[Any]:
@@ -158,6 +163,21 @@ def _describe(value: Any) -> str:
     return f"{text} ({type(value).__name__})"
 
 
+def _cross_field(root: type[BaseModel], parts: list[Any], err: dict, raw: Any) -> tuple[list[Any], str]:
+    """(path, message) of a `types.invalid` error: its `at` key joined onto the section's path
+    when `at` names a key of that section, so the key is printed once, as the path."""
+    ctx = err.get("ctx") or {}
+    at = [p for p in str(ctx.get("at") or "").split(".") if p]
+    if at and _resolve(_resolve(root, parts, raw), at, _descend_path(raw, parts)) is not None:
+        return [*parts, *at], str(ctx["problem"])
+    return parts, err["msg"]  # no key, or a key the schema lacks: keep it in the message
+
+
+def _at_section(root: type[BaseModel], parts: list[Any], raw: Any) -> bool:
+    """Whether `parts` is a section (a model): its error's input is the whole mapping."""
+    return _model(_resolve(root, parts, raw), _descend_path(raw, parts)) is not None
+
+
 def problems(root: type[BaseModel], exc: ValidationError, raw: dict) -> list[str]:
     """One line per validation error: the key path as written, what was received, what is
     expected, and for an unknown key the likely intended one."""
@@ -165,13 +185,19 @@ def problems(root: type[BaseModel], exc: ValidationError, raw: dict) -> list[str
     for err in exc.errors():
         parts = _display_loc(root, tuple(err["loc"]), raw)
         kind = err["type"]
-        if kind == "extra_forbidden":
+        if kind == CROSS_FIELD:  # the message names the values it is about
+            parts, line = _cross_field(root, parts, err, raw)
+        elif kind == "extra_forbidden":
             line = f"unknown key{_suggest(root, parts[:-1], str(parts[-1]), raw)}"
         elif kind == "missing":
             description = _description(root, parts, raw)
             line = "missing required key" + (f"; expected {description}" if description else "")
         else:
-            line = f"{err['msg'].removeprefix('Value error, ')}; got {_describe(err.get('input'))}"
+            line = err["msg"].removeprefix("Value error, ")
+            # A section's input is its whole mapping: too long to read, and the message says
+            # what is wrong with it. A key's input is the value the user wrote: show it.
+            if not (isinstance(err.get("input"), dict) and _at_section(root, parts, raw)):
+                line += f"; got {_describe(err.get('input'))}"
         out.append(f"{'.'.join(map(str, parts)) or '(top level)'}: {line}")
     return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from raylab.config.types import PathOrUri, PositiveInt, Section
+from raylab.config.types import PathOrUri, PositiveInt, Section, invalid
 
 
 class AutoscalingConfig(Section):
@@ -41,13 +41,13 @@ class ServeConfig(Section):
     def _consistent(self) -> ServeConfig:
         a = self.autoscaling
         if a.min_replicas > a.max_replicas:
-            raise ValueError(f"autoscaling.min_replicas ({a.min_replicas}) > max_replicas ({a.max_replicas})")
+            raise invalid(f"min_replicas ({a.min_replicas}) > max_replicas ({a.max_replicas})", at="autoscaling")
         if self.max_ongoing_requests <= a.target_ongoing_requests:
-            raise ValueError(
+            raise invalid(
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be above "
                 f"autoscaling.target_ongoing_requests ({a.target_ongoing_requests})"
             )
         if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size "
-                             f"({self.max_batch_size}), or a replica never holds a full batch")
+            raise invalid(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size "
+                          f"({self.max_batch_size}), or a replica never holds a full batch")
         return self

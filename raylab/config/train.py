@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raylab.config.types import Fraction, PositiveInt, Section
+from raylab.config.types import Fraction, PositiveInt, Section, invalid
 
 
 class TrainConfig(Section):
@@ -45,7 +45,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _elastic(self) -> TrainConfig:
         if isinstance(self.num_workers, tuple) and self.num_workers[0] > self.num_workers[1]:
-            raise ValueError(f"train.num_workers [min, max] = {list(self.num_workers)}: min must not exceed max")
+            raise invalid(f"[min, max] is {list(self.num_workers)}: min must not exceed max", at="num_workers")
         return self
 
     @property

@@ -27,8 +27,8 @@ class Fields(Section):
 
 class _SourceBase(Section):
     name: str | None = Field(None, description="label in counts and quarantine; default source<N>")
-    format: Format | None = Field(None, description="default data.format")
-    fields: Fields | None = Field(None, description="default data.fields")
+    format: Format | None = Field(None, description="this source's record format; default data.format")
+    fields: Fields | None = Field(None, description="this source's field names; default data.fields")
 
 
 class FileSource(_SourceBase):
@@ -57,11 +57,11 @@ class HttpSource(_SourceBase):
     start_page: int = Field(1, description="the first page number")
     cursor_param: str | None = Field(None, description="query parameter for the cursor")
     next_cursor_path: str | None = Field(None, description="dotted path to the next cursor in a response")
-    headers: dict[str, str] = Field(default_factory=dict, description="values may be ${env:NAME}")
+    headers: dict[str, str] = Field(default_factory=dict, description="HTTP headers of each request; values may be ${env:NAME}")
     max_pages: PositiveInt = Field(10_000, description="stop after this many pages")
     retries: int = Field(3, ge=0, description="retries per page on connection errors, 429 and 5xx")
     backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each retry")
-    timeout_s: float = Field(30.0, gt=0, description="per request")
+    timeout_s: float = Field(30.0, gt=0, description="seconds a request may take; a timeout is retried")
 
     @model_validator(mode="after")
     def _paging(self) -> HttpSource:
@@ -86,7 +86,7 @@ class ValidationConfig(Section):
     roles: StrList = Field(default_factory=lambda: ["system", "user", "assistant"],
                            description="chat roles a conversation may use")
     deny_regex: StrList = Field(default_factory=list, description="a record matching any is rejected")
-    max_tokens: PositiveInt | None = Field(None, description="default data.max_seq_len")
+    max_tokens: PositiveInt | None = Field(None, description="longer records (in tokens) are rejected or truncated (over_max_tokens); default data.max_seq_len")
     over_max_tokens: Literal["reject", "truncate"] = Field(
         "reject", description="what happens to a record over max_tokens")
     max_rejected_fraction: Fraction | None = Field(None, description="fail the stage above this")

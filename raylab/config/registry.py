@@ -46,6 +46,6 @@ class RegistryConfig(Section):
     artifact_location: str | None = Field(None, description="artifact root of new experiments (s3://bucket/mlflow); "
                                           "default: beside the SQLite store, or the MLflow server's")
     model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=200,
-                                   description="default: the run name")
+                                   description="the registered model's name in MLflow; default: the run name")
     gates: GatesConfig = Field(default_factory=GatesConfig, description="promotion gates, stored with each version")
     auto_promote: bool = Field(False, description="`raylab run` promotes a version that passes its gates")

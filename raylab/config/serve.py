@@ -25,7 +25,7 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 on clusters")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="replica autoscaling")
-    max_ongoing_requests: PositiveInt = Field(8, description="per replica; above the autoscaling target")
+    max_ongoing_requests: PositiveInt = Field(8, description="requests a replica takes at once; above the autoscaling target")
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs per Generator replica (also its torch threads)")
     gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs per Generator replica")
     max_batch_size: PositiveInt = Field(8, description="sequences decoded together; 1 turns batching off")

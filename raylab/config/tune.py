@@ -54,7 +54,7 @@ class TuneConfig(Section):
     startup_trials: PositiveInt | None = Field(
         None, description="random trials before TPE models the results; default max(2, min(10, num_samples // 3))")
     seed: int = Field(0, description="seed of the sampler")
-    max_concurrent_trials: PositiveInt | None = Field(None, description="default: what the cluster fits")
+    max_concurrent_trials: PositiveInt | None = Field(None, description="trials running at once; default: what the cluster fits")
     cpus_per_trial_driver: float = Field(0.25, gt=0, description="Ray CPUs of each trial's driver")
     asha: AshaConfig | None = Field(default_factory=AshaConfig, description="early stopping; null turns it off")
     time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget of the sweep")

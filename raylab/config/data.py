@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from raylab.config.types import Fraction, PathOrUri, PositiveInt, Section, StrList
+from raylab.config.types import Fraction, PathOrUri, PositiveInt, Section, StrList, invalid
 from raylab.core import detectors
 
 Format = Literal["completion", "instruction", "chat"]
@@ -27,8 +27,8 @@ class Fields(Section):
 
 class _SourceBase(Section):
     name: str | None = Field(None, description="label in counts and quarantine; default source<N>")
-    format: Format | None = Field(None, description="default data.format")
-    fields: Fields | None = Field(None, description="default data.fields")
+    format: Format | None = Field(None, description="this source's record format; default data.format")
+    fields: Fields | None = Field(None, description="this source's field names; default data.fields")
 
 
 class FileSource(_SourceBase):
@@ -57,18 +57,20 @@ class HttpSource(_SourceBase):
     start_page: int = Field(1, description="the first page number")
     cursor_param: str | None = Field(None, description="query parameter for the cursor")
     next_cursor_path: str | None = Field(None, description="dotted path to the next cursor in a response")
-    headers: dict[str, str] = Field(default_factory=dict, description="values may be ${env:NAME}")
+    headers: dict[str, str] = Field(default_factory=dict, description="HTTP headers of each request; values may be ${env:NAME}")
     max_pages: PositiveInt = Field(10_000, description="stop after this many pages")
     retries: int = Field(3, ge=0, description="retries per page on connection errors, 429 and 5xx")
     backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each retry")
-    timeout_s: float = Field(30.0, gt=0, description="per request")
+    timeout_s: float = Field(30.0, gt=0, description="seconds a request may take; a timeout is retried")
 
     @model_validator(mode="after")
     def _paging(self) -> HttpSource:
         if self.page_param and self.cursor_param:
-            raise ValueError("give page_param or cursor_param, not both")
+            raise invalid(f"give page_param or cursor_param, not both (page_param is {self.page_param!r}, "
+                          f"cursor_param is {self.cursor_param!r})")
         if self.cursor_param and not self.next_cursor_path:
-            raise ValueError("cursor_param needs next_cursor_path (where a response names the next cursor)")
+            raise invalid("required with cursor_param: the dotted path to the next cursor in a response",
+                          at="next_cursor_path")
         return self
 
 
@@ -84,7 +86,7 @@ class ValidationConfig(Section):
     roles: StrList = Field(default_factory=lambda: ["system", "user", "assistant"],
                            description="chat roles a conversation may use")
     deny_regex: StrList = Field(default_factory=list, description="a record matching any is rejected")
-    max_tokens: PositiveInt | None = Field(None, description="default data.max_seq_len")
+    max_tokens: PositiveInt | None = Field(None, description="longer records (in tokens) are rejected or truncated (over_max_tokens); default data.max_seq_len")
     over_max_tokens: Literal["reject", "truncate"] = Field(
         "reject", description="what happens to a record over max_tokens")
     max_rejected_fraction: Fraction | None = Field(None, description="fail the stage above this")
@@ -95,9 +97,9 @@ class ValidationConfig(Section):
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"deny_regex {pattern!r} is not a valid regular expression: {e}") from None
+                raise invalid(f"{pattern!r} is not a valid regular expression: {e}", at="deny_regex") from None
         if self.min_chars > self.max_chars:
-            raise ValueError(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
+            raise invalid(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
         return self
 
 
@@ -119,7 +121,7 @@ class PiiConfig(Section):
         if self.types is not None:
             unknown = [t for t in self.types if t not in detectors.available()]
             if unknown:
-                raise ValueError(f"unknown PII types {unknown}; expected some of {detectors.available()}")
+                raise invalid(f"unknown detectors {unknown}; expected some of {detectors.available()}", at="types")
         return self
 
 
@@ -136,7 +138,7 @@ class DedupConfig(Section):
     @model_validator(mode="after")
     def _bands(self) -> DedupConfig:
         if self.num_perm % self.bands:
-            raise ValueError(f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})")
+            raise invalid(f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})")
         return self
 
 

@@ -6,7 +6,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raylab.config.types import Fraction, ModelRef, PathOrUri, PositiveInt, Section, StrList
+from raylab.config.types import (
+    Fraction,
+    ModelRef,
+    PathOrUri,
+    PositiveInt,
+    Section,
+    StrList,
+    invalid,
+)
 
 
 class LoraConfig(Section):
@@ -26,7 +34,7 @@ class ModelConfig(Section):
     name_or_path: ModelRef = Field(description="a hub id, a local directory or preset:NAME")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights dtype when loaded")
-    attn_implementation: Literal["eager", "sdpa"] | None = Field(None, description="default: the model's own")
+    attn_implementation: Literal["eager", "sdpa"] | None = Field(None, description="attention kernel; default: the model's own")
     trust_remote_code: bool = Field(False, description="allow the model's own Python code from the hub")
     chat_template: PathOrUri | None = Field(None, description="a Jinja file replacing the tokenizer's template")
     method: Literal["lora", "dora", "full", "hybrid", "qlora"] = Field(
@@ -36,7 +44,8 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _modules_to_save(self) -> ModelConfig:
         if self.method == "hybrid" and not self.lora.modules_to_save:
-            raise ValueError("method: hybrid trains model.lora.modules_to_save in full; name at least one module (e.g. [embed_tokens])")
+            raise invalid("empty, but method: hybrid trains these modules in full; name at least one "
+                          "(e.g. [embed_tokens])", at="lora.modules_to_save")
         if self.method != "hybrid" and self.lora.modules_to_save:
-            raise ValueError(f"model.lora.modules_to_save is only used by method: hybrid (method is {self.method})")
+            raise invalid(f"only used by method: hybrid (method is {self.method})", at="lora.modules_to_save")
         return self

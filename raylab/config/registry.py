@@ -6,7 +6,7 @@ import re
 
 from pydantic import Field, model_validator
 
-from raylab.config.types import PositiveInt, Section
+from raylab.config.types import PositiveInt, Section, invalid
 
 
 class GoldenPrompt(Section):
@@ -20,12 +20,12 @@ class GoldenPrompt(Section):
     @model_validator(mode="after")
     def _checkable(self) -> GoldenPrompt:
         if self.contains is None and self.regex is None:
-            raise ValueError("give contains and/or regex: what the answer must have")
+            raise invalid("give contains and/or regex: what the answer must have")
         if self.regex is not None:
             try:
                 re.compile(self.regex)
             except re.error as e:
-                raise ValueError(f"regex {self.regex!r} does not compile: {e}") from None
+                raise invalid(f"{self.regex!r} does not compile: {e}", at="regex") from None
         return self
 
 
@@ -46,6 +46,6 @@ class RegistryConfig(Section):
     artifact_location: str | None = Field(None, description="artifact root of new experiments (s3://bucket/mlflow); "
                                           "default: beside the SQLite store, or the MLflow server's")
     model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=200,
-                                   description="default: the run name")
+                                   description="the registered model's name in MLflow; default: the run name")
     gates: GatesConfig = Field(default_factory=GatesConfig, description="promotion gates, stored with each version")
     auto_promote: bool = Field(False, description="`raylab run` promotes a version that passes its gates")

@@ -15,7 +15,7 @@ from raylab.config.report import is_schema_path
 from raylab.config.serve import ServeConfig
 from raylab.config.train import PretrainConfig, TrainConfig
 from raylab.config.tune import TuneConfig
-from raylab.config.types import PathOrUri, Section
+from raylab.config.types import PathOrUri, Section, invalid
 
 SCHEMA_VERSION = 1
 
@@ -43,11 +43,11 @@ class RaylabConfig(Section):
         if self.tune is not None:
             bad = [k for k in self.tune.search_space if not is_schema_path(type(self), k.split("."))]
             if bad:
-                raise ValueError(f"tune.search_space: unknown config keys {bad}")
+                raise invalid(f"unknown config keys {bad}", at="tune.search_space")
             for i, point in enumerate(self.tune.points_to_evaluate):
                 if set(point) != set(self.tune.search_space):
-                    raise ValueError(f"tune.points_to_evaluate.{i}: give exactly the search_space keys "
-                                     f"{sorted(self.tune.search_space)}, got {sorted(point)}")
+                    raise invalid(f"give exactly the search_space keys {sorted(self.tune.search_space)}, "
+                                  f"got {sorted(point)}", at=f"tune.points_to_evaluate.{i}")
         return self
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from raylab.config.types import PathOrUri, PositiveInt, Section
+from raylab.config.types import PathOrUri, PositiveInt, Section, invalid
 
 
 class AutoscalingConfig(Section):
@@ -25,7 +25,7 @@ class ServeConfig(Section):
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 on clusters")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="replica autoscaling")
-    max_ongoing_requests: PositiveInt = Field(8, description="per replica; above the autoscaling target")
+    max_ongoing_requests: PositiveInt = Field(8, description="requests a replica takes at once; above the autoscaling target")
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs per Generator replica (also its torch threads)")
     gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs per Generator replica")
     max_batch_size: PositiveInt = Field(8, description="sequences decoded together; 1 turns batching off")
@@ -41,13 +41,13 @@ class ServeConfig(Section):
     def _consistent(self) -> ServeConfig:
         a = self.autoscaling
         if a.min_replicas > a.max_replicas:
-            raise ValueError(f"autoscaling.min_replicas ({a.min_replicas}) > max_replicas ({a.max_replicas})")
+            raise invalid(f"min_replicas ({a.min_replicas}) > max_replicas ({a.max_replicas})", at="autoscaling")
         if self.max_ongoing_requests <= a.target_ongoing_requests:
-            raise ValueError(
+            raise invalid(
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be above "
                 f"autoscaling.target_ongoing_requests ({a.target_ongoing_requests})"
             )
         if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size "
-                             f"({self.max_batch_size}), or a replica never holds a full batch")
+            raise invalid(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size "
+                          f"({self.max_batch_size}), or a replica never holds a full batch")
         return self

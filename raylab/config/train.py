@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raylab.config.types import Fraction, PositiveInt, Section
+from raylab.config.types import Fraction, PositiveInt, Section, invalid
 
 
 class TrainConfig(Section):
@@ -17,7 +17,7 @@ class TrainConfig(Section):
         "PACK", description="how Ray places the workers on nodes")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per worker")
     gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per worker")
-    torch_threads: PositiveInt | None = Field(None, description="per worker; default: cores / concurrent workers")
+    torch_threads: PositiveInt | None = Field(None, description="torch threads per worker; default: cores / concurrent workers")
     lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     epochs: PositiveInt = Field(1, description="passes over the train split (unless max_steps)")
@@ -31,7 +31,7 @@ class TrainConfig(Section):
     seed: int = Field(0, description="seed of initial adapters, dropout and shuffling")
     eval_every: PositiveInt = Field(50, description="steps between val-loss evaluations")
     log_every: PositiveInt = Field(10, description="steps between progress lines / metrics rows")
-    checkpoint_every: PositiveInt | None = Field(None, description="default: train.eval_every")
+    checkpoint_every: PositiveInt | None = Field(None, description="steps between checkpoints; default: train.eval_every")
     keep_checkpoints: PositiveInt = Field(2, description="best K by val_loss (the latest is always kept too)")
     early_stopping_patience: PositiveInt | None = Field(None, description="evals without val_loss improvement before stopping")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPUs that support it, else fp32")
@@ -45,7 +45,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _elastic(self) -> TrainConfig:
         if isinstance(self.num_workers, tuple) and self.num_workers[0] > self.num_workers[1]:
-            raise ValueError(f"train.num_workers [min, max] = {list(self.num_workers)}: min must not exceed max")
+            raise invalid(f"[min, max] is {list(self.num_workers)}: min must not exceed max", at="num_workers")
         return self
 
     @property

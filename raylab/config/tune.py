@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from raylab.config.types import PositiveInt, Section
+from raylab.config.types import PositiveInt, Section, invalid
 
 
 class SearchDim(Section):
@@ -21,16 +21,16 @@ class SearchDim(Section):
     def _one_kind(self) -> SearchDim:
         set_ = [k for k in ("loguniform", "uniform", "randint", "choice") if getattr(self, k) is not None]
         if len(set_) != 1:
-            raise ValueError(f"give exactly one of loguniform, uniform, randint, choice (got {set_ or 'none'})")
+            raise invalid(f"give exactly one of loguniform, uniform, randint, choice (got {set_ or 'none'})")
         kind = set_[0]
         value = getattr(self, kind)
         if kind == "choice":
             if not value:
-                raise ValueError("choice needs at least one value")
+                raise invalid("choice needs at least one value")
         elif not value[0] < value[1]:
-            raise ValueError(f"{kind} range [{value[0]}, {value[1]}] is empty; expected low < high")
+            raise invalid(f"{kind} range [{value[0]}, {value[1]}] is empty; expected low < high")
         elif kind == "loguniform" and value[0] <= 0:
-            raise ValueError(f"loguniform needs a positive lower bound, got {value[0]}")
+            raise invalid(f"loguniform needs a positive lower bound, got {value[0]}")
         return self
 
 
@@ -54,7 +54,7 @@ class TuneConfig(Section):
     startup_trials: PositiveInt | None = Field(
         None, description="random trials before TPE models the results; default max(2, min(10, num_samples // 3))")
     seed: int = Field(0, description="seed of the sampler")
-    max_concurrent_trials: PositiveInt | None = Field(None, description="default: what the cluster fits")
+    max_concurrent_trials: PositiveInt | None = Field(None, description="trials running at once; default: what the cluster fits")
     cpus_per_trial_driver: float = Field(0.25, gt=0, description="Ray CPUs of each trial's driver")
     asha: AshaConfig | None = Field(default_factory=AshaConfig, description="early stopping; null turns it off")
     time_budget_s: float | None = Field(None, gt=0, description="wall-clock budget of the sweep")

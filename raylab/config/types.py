@@ -1,5 +1,5 @@
-"""Value types shared by the config sections, and the `Section` base (unknown keys are
-errors; assignments are validated too)."""
+"""Value types shared by the config sections, the `Section` base (unknown keys are errors;
+assignments are validated too), and `invalid`, the error a section's cross-field check raises."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 
 def is_uri(value: str) -> bool:
@@ -42,3 +43,21 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+CROSS_FIELD = "cross_field"
+
+
+def invalid(problem: str, at: str = "") -> PydanticCustomError:
+    """The error a section's cross-field check (a `model_validator`) raises.
+
+        raise invalid(f"only used by method: hybrid (method is {self.method})", at="lora.modules_to_save")
+        raise invalid(f"min_chars ({self.min_chars}) > max_chars ({self.max_chars})")
+
+    `at` is the one key the problem is about, as a dotted path relative to the section; for a
+    rule between several keys leave it out and name each key, with its value, in `problem`.
+    `report.problems` prints `<section path>.<at>: <problem>`, so the key appears once, as the
+    path, and prints no `got` (pydantic's input here is the whole section mapping, which would
+    bury the values the problem names).
+    """
+    return PydanticCustomError(CROSS_FIELD, "{at}: {problem}" if at else "{problem}", {"at": at, "problem": problem})

@@ -10,14 +10,31 @@ from conftest import REPO, run_cli
 from raylab import config
 from raylab.core import plan
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+def shipped_configs(root: Path) -> list[Path]:
+    """Every YAML file under root, in subfolders too."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml"))
+
+
+CONFIGS = shipped_configs(REPO / "configs")
 
 
 def test_there_are_shipped_configs():
-    assert any(p.name == "quickstart.yaml" for p in CONFIGS)
+    # An empty list would make the parametrized test below pass vacuously (pytest skips it).
+    assert CONFIGS, "no YAML found under configs/"
+    assert REPO / "configs" / "quickstart.yaml" in CONFIGS
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_are_found_in_subfolders(tmp_path):
+    (tmp_path / "examples" / "deep").mkdir(parents=True)
+    for name in ("top.yaml", "examples/a.yaml", "examples/deep/b.yml", "examples/notes.md"):
+        (tmp_path / name).write_text("version: 1\n")
+    assert [p.relative_to(tmp_path).as_posix() for p in shipped_configs(tmp_path)] == [
+        "examples/a.yaml", "examples/deep/b.yml", "top.yaml"]
+    assert shipped_configs(tmp_path / "examples" / "deep" / "missing") == []
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
 def test_shipped_config_validates(path: Path, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg = config.load(path)
@@ -26,7 +43,7 @@ def test_shipped_config_validates(path: Path, monkeypatch):
     assert lines[0].startswith("#") and any("raylab" in line for line in lines[:8]), "header gives the command"
     for source in cfg.data.sources:
         if getattr(source, "path", None):
-            assert Path(source.path).exists(), f"{path.name}: {source.path} is not shipped"
+            assert Path(source.path).exists(), f"{path.relative_to(REPO)}: {source.path} is not shipped"
     proc = run_cli("validate", str(path.relative_to(REPO)), "ray.address=null")
     assert proc.returncode == 0, proc.stderr
 

@@ -235,7 +235,7 @@ def test_unreadable_sources_name_the_source(corpus, tmp_path):
     for source, message in cases:
         cfg = config.load_dict({**base, "data": {"sources": [source]}})
         with pytest.raises(UserError, match=re.escape(message)):
-            describe_inputs(cfg)
+            describe_inputs(cfg.data)
 
 
 def test_http_errors_after_retries_fail_the_stage(api, tmp_path, _session_ray):
@@ -459,7 +459,7 @@ def test_postgres_source_through_an_env_url(postgres, tmp_path, monkeypatch, _se
     assert manifest["inputs"][0]["location"] == "${env:RAYLAB_TEST_PG_URL}"
     monkeypatch.setenv("RAYLAB_TEST_PG_URL", postgres.replace("127.0.0.1:", "127.0.0.1:1"))  # a closed port
     with pytest.raises(UserError, match=r"data.sources.0 \(tickets\): cannot query \$\{env:RAYLAB_TEST_PG_URL\}"):
-        describe_inputs(cfg)
+        describe_inputs(cfg.data)
 
 
 def test_train_shards_stream_into_two_workers(tmp_path, _session_ray):

@@ -19,7 +19,9 @@ import torch
 import yaml
 
 from conftest import STEPS, base_config, kill_cli_when_ready, run_cli, with_data
+from manifests import fake_manifest
 from raylab import config, train
+from raylab.core import runs
 from raylab.errors import UserError
 from raylab.models import build_byte_tokenizer, fingerprint, load_for_training
 from raylab.train import checkpoint
@@ -202,8 +204,8 @@ def _full_val_loss(cfg) -> float:
 # ---------------------------------------------------------------- checks before any worker starts
 
 
-def _manifest(tok, seq_len=128, rows=10) -> dict:
-    return {"tokenizer": fingerprint(tok), "tokens": {"max_seq_len": seq_len, "train": {"sequences": rows}, "val": {"sequences": 2}}}
+def _manifest(tok, seq_len=128, rows=10) -> runs.DataManifest:
+    return runs.DataManifest.model_validate(fake_manifest(fingerprint(tok), seq_len=seq_len, rows=rows, val_rows=2))
 
 
 def _save(path: Path, model_type: str, tok, **kw) -> Path:
@@ -262,6 +264,6 @@ def test_cli_train_user_errors_exit_2_without_traceback(tmp_path, tiny_model_dir
     assert r.returncode == 2 and "run `raylab data" in r.stderr and "Traceback" not in r.stderr
     data = tmp_path / "run" / "data"
     data.mkdir(parents=True)
-    (data / "manifest.json").write_text(json.dumps(_manifest(build_byte_tokenizer())))
+    (data / "manifest.json").write_text(json.dumps(fake_manifest(fingerprint(build_byte_tokenizer()), seq_len=128, rows=10, val_rows=2)))
     r = run_cli("train", str(path), "model.method=qlora", f"model.name_or_path={tiny_model_dir}")
     assert r.returncode == 2 and "needs a GPU" in r.stderr and "Traceback" not in r.stderr

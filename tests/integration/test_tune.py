@@ -143,11 +143,10 @@ def test_bad_search_space_is_exit_2_before_anything_runs(space, expect, tmp_path
     path.write_text(yaml.safe_dump(raw))
     data = tmp_path / "run" / "data"
     data.mkdir(parents=True)
-    from test_train import _manifest
+    from manifests import fake_manifest
+    from raylab.models import build_byte_tokenizer, fingerprint
 
-    from raylab.models import build_byte_tokenizer
-
-    (data / "manifest.json").write_text(json.dumps(_manifest(build_byte_tokenizer())))
+    (data / "manifest.json").write_text(json.dumps(fake_manifest(fingerprint(build_byte_tokenizer()), seq_len=128, rows=10, val_rows=2)))
     r = run_cli("tune", str(path))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     import re

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from manifests import fake_manifest
 from raylab.core import runs, storage
 from raylab.errors import UserError
 
@@ -93,22 +94,12 @@ def test_layout_follows_the_design(tmp_path):
         run.split("test")
 
 
-def _manifest() -> dict:
-    split = {"documents": 2, "tokens": 10, "target_tokens": 8, "sequences": 1, "packing_efficiency": 0.5,
-             "length_histogram": {"edges": [0, 8], "counts": [0, 2, 0]}}
-    return {"version": 1, "created": "2026-12-01T00:00:00+00:00", "config_hash": "c", "cache_key": None,
-            "tokenizer": {"fingerprint": "f"}, "inputs": [], "by_source": {}, "pii_redactions": {},
-            "counts": {"read": 3, "accepted": 2, "rejected": 1, "rejected_fraction": 1 / 3, "rejected_by_reason": {},
-                       "duplicates": {"exact": 0, "near": 0}},
-            "tokens": {"train": split, "val": split, "max_seq_len": 16}, "outputs": {"train": "t", "val": "v"}}
-
-
 def test_typed_output_round_trip_and_a_clear_error_for_a_broken_file(tmp_path):
     run = runs.Run(str(tmp_path / "r"))
-    runs.write_json(run.manifest, runs.DataManifest.model_validate(_manifest()))
+    runs.write_json(run.manifest, runs.DataManifest.model_validate(fake_manifest(seq_len=16)))
     back = runs.read_manifest(run)
     assert back.tokens.train.sequences == 1 and back.counts.rejected == 1 and back.outputs["val"] == "v"
-    broken = _manifest()
+    broken = fake_manifest(seq_len=16)
     del broken["tokens"]["val"]
     storage.write_text(run.manifest, json.dumps(broken))
     with pytest.raises(UserError, match=r"not a valid DataManifest \(tokens\.val\).*re-run the stage"):

@@ -92,8 +92,9 @@ def test_submit_runtime_env_carries_package_and_env(tmp_path, monkeypatch):
 def test_submit_exit_code_follows_the_job(status, code, expected):
     from raylab.core import jobs
 
-    info = SimpleNamespace(status=status, driver_exit_code=code, message="m")
-    lines: list[str] = []
-    assert jobs.exit_code(info, "raylab-x", lines.append) == expected
+    info = SimpleNamespace(status=status, driver_exit_code=code, message="m", metadata=None)
+    job = jobs.JobStatus.from_info("raylab-x", info)
+    lines = [jobs.summary(job)]  # the line `raylab submit` logs last
+    assert jobs.exit_code(job) == expected
     assert status in lines[-1] and (code is None or str(code) in lines[-1] or status == "SUCCEEDED")
 

@@ -36,7 +36,7 @@ def _config(config: Any, overrides: list[str] | None = None) -> RaylabConfig:
         return config_module.load_dict(config.model_dump(mode="json"), overrides) if overrides else config
     if isinstance(config, dict):
         return config_module.load_dict(config, overrides or ())
-    return load_config(str(config), overrides)
+    return load_config(str(config), overrides or ())
 
 
 def run(config, overrides: list[str] | None = None, *, address: str | None = None, until: str | None = None,

@@ -7,15 +7,16 @@
 The library API (what `raylab submit` and the fine-tuning service call):
 
     from raylab.core import jobs
-    job_id = jobs.submit(cfg, "http://HEAD:8265", flags=["--until", "data"])   # a loaded config
-    jobs.wait(job_id, "http://HEAD:8265", timeout_s=600)    # -> JobStatus (status, exit code, run)
+    url = "http://HEAD:8265"
+    job_id = jobs.submit(cfg, url, flags=["--until", "data"])   # a loaded config; raylab.submit takes a path
+    jobs.wait(job_id, url, timeout_s=600)                       # -> JobStatus (status, exit code, run)
     jobs.status(job_id, url); jobs.logs(job_id, url); jobs.events(job_id, url); jobs.stop(job_id, url)
-    raylab.submit("elsewhere/my.yaml", address=url)          # a path: loaded (and checked) first
 
 A config loaded from a file inside the working directory is re-read there by the job (`raylab
 run CONFIG overrides`, its relative paths resolving in the job's copy); any other config (a
 file elsewhere, a config built in Python) travels resolved, as YAML text in the job's
 environment variable RAYLAB_JOB_CONFIG, read by `raylab run --config-env RAYLAB_JOB_CONFIG`.
+(The `raylab submit` CLI still asks for CONFIG inside the working directory, as it always has.)
 
 `raylab submit` is the same as `ray job submit --working-dir . -- python -m raylab run CONFIG ...`, plus:
 

@@ -191,3 +191,20 @@ def test_status_wait_and_events_of_a_job(tmp_path, monkeypatch):
         jobs.wait("raylab-x", "http://127.0.0.1:9", timeout_s=0.05, poll_s=0.01)
     with pytest.raises(UserError, match="not submitted by raylab"):
         jobs.events("raylab-x", "http://127.0.0.1:9")
+
+
+def test_raylab_submit_takes_a_path_without_overrides(tmp_path, monkeypatch):
+    import raylab
+    from raylab.core import jobs
+
+    fake = FakeJobs()
+    monkeypatch.setattr(jobs, "client", lambda url: fake)
+    inside = raylab.submit("configs/quickstart.yaml", address="http://127.0.0.1:9", working_dir=str(REPO))
+    outside = tmp_path / "q.yaml"
+    outside.write_text((REPO / "configs" / "quickstart.yaml").read_text())
+    elsewhere = raylab.submit(str(outside), ["train.lr=1e-3"], address="http://127.0.0.1:9", working_dir=str(REPO))
+    first, second = fake.submitted
+    assert (first["submission_id"], second["submission_id"]) == (inside, elsewhere)
+    assert first["entrypoint"] == "python -m raylab run configs/quickstart.yaml"
+    assert second["entrypoint"] == "python -m raylab run --config-env RAYLAB_JOB_CONFIG"
+    assert "lr: 0.001" in second["runtime_env"]["env_vars"]["RAYLAB_JOB_CONFIG"]

@@ -13,6 +13,7 @@ file path, a dict, or a loaded RaylabConfig, then `key=value` overrides as a lis
     endpoint = raylab.start_serving(cfg)                 # returns once it answers
     raylab.stop_serving()
     raylab.run(cfg, serve=False)                         # the pipeline, like `raylab run`
+    job_id = raylab.submit(cfg, address="http://HEAD:8265")  # as a Ray job (raylab.core.jobs)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _config(config: Any, overrides: list[str] | None = None) -> RaylabConfig:
         return config_module.load_dict(config.model_dump(mode="json"), overrides) if overrides else config
     if isinstance(config, dict):
         return config_module.load_dict(config, overrides or ())
-    return load_config(str(config), overrides)
+    return load_config(str(config), overrides or ())
 
 
 def run(config, overrides: list[str] | None = None, *, address: str | None = None, until: str | None = None,
@@ -77,6 +78,20 @@ def run_eval(config, overrides: list[str] | None = None, *, model: str | None = 
                               input_path=input)
 
 
+def submit(config, overrides: list[str] | None = None, *, address: str | None = None, working_dir: str = ".",
+           env: list[str] | tuple[str, ...] = (), flags: list[str] | tuple[str, ...] = ()) -> str:
+    """`raylab run` as a Ray job on the cluster whose dashboard is `address` (`raylab submit
+    --no-wait`); returns the job id at once. The config (a file anywhere, a dict or a
+    RaylabConfig) is checked here first; follow the job with raylab.core.jobs (status, wait,
+    logs, events, stop)."""
+    from raylab.core import jobs
+
+    cfg = _config(config, overrides)
+    path = str(config) if not isinstance(config, (RaylabConfig, dict)) else None
+    return jobs.submit(cfg, address, path=path, overrides=overrides or (), working_dir=working_dir, env=env,
+                       flags=flags)
+
+
 def start_serving(config=None, overrides: list[str] | None = None, *, model: str | None = None,
                   address: str | None = None) -> dict:
     """Deploy the endpoint (`raylab serve` without the foreground wait); returns its URL and models."""
@@ -93,4 +108,4 @@ def stop_serving() -> None:
 
 
 __all__ = ["RaylabConfig", "load_config", "UserError", "ConfigError", "__version__", "run", "run_data", "run_train",
-           "run_tune", "run_eval", "start_serving", "stop_serving"]
+           "run_tune", "run_eval", "submit", "start_serving", "stop_serving"]

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     rn.add_argument("--no-serve", action="store_true", help="stop before serving")
     rn.add_argument("--keep-serving", action="store_true", help="leave the endpoint up (foreground) after the smoke requests")
     rn.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    rn.add_argument("--config-env", metavar="NAME", help="read the config as YAML text from environment variable NAME "
+                    "(what `raylab submit` sends for a config outside the working directory)")
     sb = verb("submit", "run the pipeline (`raylab run`) as a Ray job on a cluster; tails its logs", "required")
     sb.add_argument("--address", help="the cluster's Ray dashboard, http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS)")
     sb.add_argument("--working-dir", default=".", help="directory sent with the job (default: the current one)")
@@ -178,10 +180,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     from raylab import config, pipeline
     from raylab.core import cluster
 
-    path, overrides = _split(args, required=True)
-    cluster.run_stage(pipeline.run, config.load(path, overrides), args.address, until=args.until,
-                      serve=not args.no_serve, keep_serving=args.keep_serving)
+    if args.config_env is not None:
+        cfg = _from_env(args)
+    else:
+        path, overrides = _split(args, required=True)
+        cfg = config.load(path, overrides)
+    cluster.run_stage(pipeline.run, cfg, args.address, until=args.until, serve=not args.no_serve,
+                      keep_serving=args.keep_serving)
     return 0
+
+
+def _from_env(args: argparse.Namespace):
+    """The config in $NAME for --config-env NAME (then overrides), validated like a file."""
+    from raylab import config
+
+    name = args.config_env
+    flag = f"--config-env {name}"
+    if args.config is not None:
+        raise UserError(f"{flag} and --config both give the config; use one")
+    _, overrides = _split(argparse.Namespace(config=flag, args=args.args), required=False)
+    if not name.isidentifier():
+        raise UserError(f"{flag}: expected the name of an environment variable")
+    if not os.environ.get(name):
+        raise UserError(f"{flag}: ${name} is not set (or empty); it should hold the config as YAML text")
+    return config.load_text(os.environ[name], overrides, source=flag)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -191,7 +213,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     path, overrides = _split(args, required=True)
     cfg = config.load(path, overrides)
     flags = (["--until", args.until] if args.until else []) + (["--no-serve"] if args.no_serve else [])
-    return jobs.submit(cfg, path, overrides, args.address, flags, args.working_dir, args.env, not args.no_wait)
+    if os.path.isdir(args.working_dir):  # the CLI sends CONFIG as a file in the job's working directory
+        jobs.require_inside(path, args.working_dir)
+    job_id = jobs.submit(cfg, args.address, path=path, overrides=overrides, working_dir=args.working_dir, env=args.env,
+                         flags=flags)
+    if args.no_wait:
+        return 0
+    return jobs.follow(job_id, args.address)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -26,7 +26,16 @@ from raylab.config.data import (
     ValidationConfig,
 )
 from raylab.config.evaluate import EvalConfig
-from raylab.config.loading import env_refs, load, load_dict, read_yaml, to_yaml, write_resolved
+from raylab.config.loading import (
+    env_refs,
+    load,
+    load_dict,
+    load_text,
+    parse_yaml,
+    read_yaml,
+    to_yaml,
+    write_resolved,
+)
 from raylab.config.model import LoraConfig, ModelConfig
 from raylab.config.ray import RayConfig
 from raylab.config.registry import GatesConfig, GoldenPrompt, RegistryConfig
@@ -43,5 +52,5 @@ __all__ = [
     "DedupConfig", "EvalConfig", "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "HttpSource",
     "LoraConfig", "ModelConfig", "PiiConfig", "PretrainConfig", "RayConfig", "RaylabConfig", "RegistryConfig",
     "SearchDim", "Section", "ServeConfig", "Source", "SqlSource", "TrainConfig", "TuneConfig", "ValidationConfig",
-    "env_refs", "expand_env", "load", "load_dict", "read_yaml", "to_yaml", "write_resolved",
+    "env_refs", "expand_env", "load", "load_dict", "load_text", "parse_yaml", "read_yaml", "to_yaml", "write_resolved",
 ]

@@ -36,17 +36,22 @@ def read_yaml(path: str | os.PathLike) -> dict:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> dict:
+    """The raw mapping in a config's YAML text; every problem is a UserError naming `source`."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(e, "problem", None) or str(e)
         raise UserError(f"{where}: YAML syntax error: {problem}") from None
     if raw is None:
-        raise UserError(f"{path}: the config is empty; expected a mapping starting with `version: {SCHEMA_VERSION}`")
+        raise UserError(f"{source}: the config is empty; expected a mapping starting with `version: {SCHEMA_VERSION}`")
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+        raise UserError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     return raw
 
 
@@ -54,6 +59,12 @@ def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -
     """Read, override, validate. Raises ConfigError listing every problem at once."""
     raw = read_yaml(path)
     return load_dict(raw, overrides, source=str(path), stem=Path(path).stem)
+
+
+def load_text(text: str, overrides: list[str] | tuple[str, ...] = (), source: str = "<config>") -> RaylabConfig:
+    """`load` for a config given as YAML text (`raylab run --config-env NAME`: a submitted job's
+    config); validated exactly like a file, every problem naming `source`."""
+    return load_dict(parse_yaml(text, source), overrides, source=source)
 
 
 def load_dict(

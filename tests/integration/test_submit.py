@@ -8,6 +8,8 @@ on), with an S3-compatible server (moto's server mode) on loopback as the shared
   the cluster's Serve, its smoke requests and the base model's answers beside them;
 - `raylab submit` tails the job's logs, re-uses the data stage's cache on S3, returns the
   entrypoint's exit code for a failed job (2 for a data problem), and stops the job on Ctrl-C;
+- the jobs library API (`raylab.submit`, `raylab.core.jobs`) runs a config kept outside the
+  working directory (it travels as YAML text) and reports status, logs and the run's events;
 - a Ray Client session (`ray.init("ray://...")`) runs the data and train stages through the
   Python API.
 """
@@ -233,6 +235,45 @@ def test_raylab_submit_returns_the_failed_jobs_exit_code_and_refuses_a_wrong_tok
                            cwd=REPO, env={**env, "RAY_AUTH_TOKEN": "not-the-token"}, capture_output=True, text=True,
                            timeout=120)
     assert wrong.returncode == 2 and "refused the token" in wrong.stderr, wrong.stderr[-2000:]
+
+
+def test_jobs_library_api_with_a_config_outside_the_working_dir(local_cluster, tmp_path):
+    import yaml
+
+    import raylab
+    from conftest import base_config
+    from raylab.core import jobs
+
+    _, url, _ = local_cluster
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Ticket {i}: the widget ships today."}) + "\n" for i in range(24)))
+    config_file = tmp_path / "elsewhere" / "tiny.yaml"  # not under the working directory (the repository)
+    config_file.parent.mkdir()
+    raw = {**base_config(tmp_path / "tiny-run", corpus), "registry": {"enabled": False}}
+    config_file.write_text(yaml.safe_dump(raw))
+    job_id = raylab.submit(str(config_file), address=url, working_dir=str(REPO), flags=["--until", "data"])
+    final = jobs.wait(job_id, url, timeout_s=300)
+    text = jobs.logs(job_id, url)
+    assert final.status == "SUCCEEDED" and jobs.exit_code(final) == 0, text[-3000:]
+    assert final.output_dir == str(tmp_path / "tiny-run") and final.run_name == "tiny-run"
+    assert "=== data ===" in text
+    assert jobs.client(url).get_job_info(job_id).entrypoint.startswith("python -m raylab run --config-env RAYLAB_JOB_CONFIG")
+    kinds = {(e["kind"], e["fields"].get("stage")) for e in jobs.events(job_id, url)}
+    assert {("stage.start", "data"), ("stage.end", "data")} <= kinds, sorted(kinds)
+    # Negative control: the job validates the YAML it is sent (here made invalid after the
+    # local check) and fails with the config's exit code, naming the flag.
+    cfg = raylab.load_config(str(config_file), [f"output_dir={tmp_path / 'bad-run'}"])
+    cmd, renv = jobs.job_spec(cfg, working_dir=str(REPO), flags=["--until", "data"])
+    sent = yaml.safe_load(renv["env_vars"][jobs.CONFIG_ENV])
+    sent["train"]["max_steps"] = -1
+    renv["env_vars"][jobs.CONFIG_ENV] = yaml.safe_dump(sent)
+    bad = jobs.client(url).submit_job(entrypoint=cmd, runtime_env=renv,
+                                      metadata={"raylab_run": "bad-run", "raylab_output_dir": str(tmp_path / "bad-run")})
+    failed = jobs.wait(bad, url, timeout_s=180)
+    bad_text = jobs.logs(bad, url)
+    assert failed.status == "FAILED" and jobs.exit_code(failed) == 2, bad_text[-3000:]
+    assert "--config-env RAYLAB_JOB_CONFIG" in bad_text and "train.max_steps" in bad_text, bad_text[-3000:]
+    assert jobs.events(bad, url) == []  # it stopped before any stage began
 
 
 def test_ctrl_c_stops_the_job(local_cluster, tmp_path):

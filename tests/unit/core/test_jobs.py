@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
+from raylab.errors import UserError
 
 
 def test_collate_all_tokens_targets_every_document_token_but_the_first():
@@ -92,8 +93,118 @@ def test_submit_runtime_env_carries_package_and_env(tmp_path, monkeypatch):
 def test_submit_exit_code_follows_the_job(status, code, expected):
     from raylab.core import jobs
 
-    info = SimpleNamespace(status=status, driver_exit_code=code, message="m")
-    lines: list[str] = []
-    assert jobs.exit_code(info, "raylab-x", lines.append) == expected
+    info = SimpleNamespace(status=status, driver_exit_code=code, message="m", metadata=None)
+    job = jobs.JobStatus.from_info("raylab-x", info)
+    lines = [jobs.summary(job)]  # the line `raylab submit` logs last
+    assert jobs.exit_code(job) == expected
     assert status in lines[-1] and (code is None or str(code) in lines[-1] or status == "SUCCEEDED")
 
+
+
+class FakeJobs:
+    """JobSubmissionClient's surface that core.jobs uses, recording what it is sent."""
+
+    def __init__(self, statuses=("SUCCEEDED",), exit_code=0, metadata=None):
+        self.submitted: list[dict] = []
+        self.statuses = list(statuses)
+        self.exit_code, self.metadata = exit_code, metadata
+
+    def submit_job(self, **job):
+        self.submitted.append(job)
+        self.metadata = job["metadata"]
+        return job["submission_id"]
+
+    def get_job_info(self, job_id):
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return SimpleNamespace(status=status, driver_exit_code=self.exit_code if status in ("SUCCEEDED", "FAILED") else None,
+                               message="m", metadata=self.metadata)
+
+
+def test_a_config_outside_the_working_dir_travels_as_yaml_in_the_jobs_env(tmp_path, monkeypatch):
+    from raylab import config
+    from raylab.core import jobs
+
+    outside = tmp_path / "elsewhere" / "tiny.yaml"
+    outside.parent.mkdir()
+    outside.write_text((REPO / "configs" / "quickstart.yaml").read_text())
+    cfg = config.load(outside, [f"output_dir={tmp_path / 'out'}", "train.lr=1e-3"])
+    fake = FakeJobs()
+    monkeypatch.setattr(jobs, "client", lambda url: fake)
+    job_id = jobs.submit(cfg, "http://127.0.0.1:9", path=outside, overrides=[f"output_dir={tmp_path / 'out'}"],
+                         working_dir=str(REPO), flags=["--until", "data"])
+    [sent] = fake.submitted
+    assert job_id == sent["submission_id"] and job_id.startswith("raylab-out-")
+    assert sent["entrypoint"] == "python -m raylab run --config-env RAYLAB_JOB_CONFIG --until data"
+    assert sent["metadata"] == {"raylab_run": "out", "raylab_output_dir": str(tmp_path / "out")}
+    assert sent["runtime_env"]["working_dir"] == str(REPO)
+    # The job validates the same config it was sent: overrides applied, output_dir the same.
+    travelled = config.load_text(sent["runtime_env"]["env_vars"]["RAYLAB_JOB_CONFIG"], source="--config-env X")
+    assert travelled.model_dump() == cfg.model_dump() and travelled.train.lr == 1e-3
+    # A config object (no file) travels the same way.
+    cmd, renv = jobs.job_spec(cfg, working_dir=str(REPO), flags=["--no-serve"])
+    assert cmd == "python -m raylab run --config-env RAYLAB_JOB_CONFIG --no-serve" and jobs.CONFIG_ENV in renv["env_vars"]
+    # Negative control: a file inside the working directory is re-read there, nothing in the env.
+    inside = REPO / "configs" / "quickstart.yaml"
+    cmd, renv = jobs.job_spec(config.load(inside, ["train.lr=1e-3"]), path=inside, overrides=["train.lr=1e-3"],
+                              working_dir=str(REPO), flags=["--until", "data"])
+    assert cmd == "python -m raylab run configs/quickstart.yaml train.lr=1e-3 --until data"
+    assert jobs.CONFIG_ENV not in renv["env_vars"]
+
+
+def test_run_config_env_validates_like_a_file_and_names_the_flag(tmp_path):
+    from raylab import config
+
+    qs = (REPO / "configs" / "quickstart.yaml").read_text()
+    # The same text from the environment gives the same config as the file.
+    assert config.load_text(qs, ["train.lr=1e-3"]).model_dump() == \
+        config.load(REPO / "configs" / "quickstart.yaml", ["train.lr=1e-3"]).model_dump()
+    for text, message in [("data: [1, 2\n", "--config-env RAYLAB_T:"), ("", "$RAYLAB_T is not set"),
+                          (qs.replace("  max_steps: 600", "  max_steps: -600", 1), "pretrain.max_steps")]:
+        r = run_cli("run", "--config-env", "RAYLAB_T", "--until", "data", f"output_dir={tmp_path / 'o'}", timeout=120,
+                    env={"RAYLAB_T": text})
+        assert r.returncode == 2, (text[:40], r.stdout[-2000:], r.stderr[-2000:])
+        assert message in r.stderr and "--config-env RAYLAB_T" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_status_wait_and_events_of_a_job(tmp_path, monkeypatch):
+    from raylab.core import events, jobs
+
+    monkeypatch.setenv("RAYLAB_HOME", str(tmp_path / "home"))
+    out = str(tmp_path / "run")
+    with events.stage("data", run=out):
+        pass
+    fake = FakeJobs(statuses=["PENDING", "RUNNING", "FAILED"], exit_code=2,
+                    metadata={"raylab_run": "run", "raylab_output_dir": out})
+    monkeypatch.setattr(jobs, "client", lambda url: fake)
+    first = jobs.status("raylab-run-1", "http://127.0.0.1:9")
+    assert first == jobs.JobStatus("raylab-run-1", "PENDING", None, "m", "run", out) and not first.terminal
+    assert jobs.exit_code(first) == 1
+    final = jobs.wait("raylab-run-1", "http://127.0.0.1:9", timeout_s=30, poll_s=0.01)
+    assert final.status == "FAILED" and final.driver_exit_code == 2 and jobs.exit_code(final) == 2
+    assert "FAILED (entrypoint exit code 2)" in jobs.summary(final)
+    assert [(e["kind"], e["fields"]["stage"]) for e in jobs.events("raylab-run-1", "http://127.0.0.1:9")] == \
+        [("stage.start", "data"), ("stage.end", "data")]
+    stuck = FakeJobs(statuses=["RUNNING"], metadata={})
+    monkeypatch.setattr(jobs, "client", lambda url: stuck)
+    with pytest.raises(TimeoutError, match="still RUNNING"):
+        jobs.wait("raylab-x", "http://127.0.0.1:9", timeout_s=0.05, poll_s=0.01)
+    with pytest.raises(UserError, match="not submitted by raylab"):
+        jobs.events("raylab-x", "http://127.0.0.1:9")
+
+
+def test_raylab_submit_takes_a_path_without_overrides(tmp_path, monkeypatch):
+    import raylab
+    from raylab.core import jobs
+
+    fake = FakeJobs()
+    monkeypatch.setattr(jobs, "client", lambda url: fake)
+    inside = raylab.submit("configs/quickstart.yaml", address="http://127.0.0.1:9", working_dir=str(REPO))
+    outside = tmp_path / "q.yaml"
+    outside.write_text((REPO / "configs" / "quickstart.yaml").read_text())
+    elsewhere = raylab.submit(str(outside), ["train.lr=1e-3"], address="http://127.0.0.1:9", working_dir=str(REPO))
+    first, second = fake.submitted
+    assert (first["submission_id"], second["submission_id"]) == (inside, elsewhere)
+    assert first["entrypoint"] == "python -m raylab run configs/quickstart.yaml"
+    assert second["entrypoint"] == "python -m raylab run --config-env RAYLAB_JOB_CONFIG"
+    assert "lr: 0.001" in second["runtime_env"]["env_vars"]["RAYLAB_JOB_CONFIG"]

@@ -13,6 +13,7 @@ import yaml
 
 from conftest import base_config, kill_cli_when_ready, run_cli, with_data
 from raylab import config, train, tune
+from raylab.core import runs
 from raylab.errors import UserError
 
 pytestmark = pytest.mark.integration
@@ -122,8 +123,8 @@ def test_killed_sweep_driver_resumes_with_finished_trials_kept(learn_data, tmp_p
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
     trials = Path(cfg.output_dir) / "tune" / "trials"
-    kill_cli_when_ready(["tune", str(path)], lambda: bool(list(trials.glob("*/train/final/" + train.META))), timeout_s=400)
-    first = {p.parts[-4] for p in trials.glob("*/train/final/" + train.META)}
+    kill_cli_when_ready(["tune", str(path)], lambda: bool(list(trials.glob("*/train/final/" + runs.TRAIN_META))), timeout_s=400)
+    first = {p.parts[-4] for p in trials.glob("*/train/final/" + runs.TRAIN_META)}
     assert first
     summary = tune.run_tune(config.load(path))
     assert summary["trials"] == 2 and summary["finished"] == 2

@@ -51,7 +51,7 @@ def test_loss_falls_and_outputs_are_complete(reference):
     assert meta["method"] == "lora" and meta["world_size"] == 1 and meta["resumed_at_steps"] == []
     train_dir = Path(cfg.output_dir) / "train"
     final = train_dir / "final"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", train.META):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", runs.TRAIN_META):
         assert (final / name).exists(), name
     rows = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows}) and rows[-1]["step"] == STEPS

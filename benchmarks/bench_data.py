@@ -35,9 +35,9 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import measurement, write_results  # noqa: E402
 
-from raylab import config, data  # noqa: E402
+from raylab import config  # noqa: E402
 from raylab.core import cluster  # noqa: E402
-from raylab.data import packing  # noqa: E402
+from raylab.data import packing, stage  # noqa: E402
 from raylab.models import load_tokenizer  # noqa: E402
 
 SEQ_LEN = 512
@@ -110,8 +110,8 @@ def own_processes():
 def run_raylab(cfg, corpus: Path, out: Path, pad_id: int) -> int:
     import ray
 
-    docs = ray.data.read_parquet(str(corpus), num_cpus=cfg.data.cpus_per_task).select_columns(data.DOC_COLUMNS)
-    data.pack(data.tokenize(docs, cfg), cfg, pad_id).write_parquet(str(out), compression="zstd")
+    docs = ray.data.read_parquet(str(corpus), num_cpus=cfg.data.cpus_per_task).select_columns(stage.DOC_COLUMNS)
+    stage.pack(stage.tokenize(docs, cfg.data, cfg.model), cfg.data, pad_id).write_parquet(str(out), compression="zstd")
     return int(pq.read_table(out, columns=["num_tokens"])["num_tokens"].to_numpy().sum())
 
 

@@ -116,7 +116,7 @@ def served(tmp_path_factory, _session_ray):
         registry.set_tags(store, NAME, v, {"raylab.gates.status": "passed"})
     registry.promote(store, NAME, 1)
     stop = threading.Event()
-    thread = threading.Thread(target=deploy.run_serve, args=(cfg,), kwargs={"stop": stop, "log": lambda *_: None},
+    thread = threading.Thread(target=deploy.run_serve, args=(cfg,), kwargs={"stop": stop},
                               daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{cfg.serve.port}"

@@ -11,7 +11,8 @@ Two deployments, built by `build(args)` (the config's `import_path: raylab.serve
   `ROUTERS`. The ingress holds what the routes share: API keys, limits, the Generator's
   handle and the routing table (request `model` names -> registry versions). Its
   `user_config` holds that table, so `raylab deploy` switches versions with `reconfigure`,
-  no restart.
+  no restart; the table is also looked up at request time, so a version of the served model
+  registered after the deploy (`NAME/N`) is servable without one.
 - `Generator` (autoscaled, generator.py): one base model per replica, registry versions
   multiplexed onto it, generating through an engine (engine.py: continuous batching).
 
@@ -20,6 +21,8 @@ Two deployments, built by `build(args)` (the config's `import_path: raylab.serve
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import Iterable
 
 from fastapi import APIRouter, FastAPI, Request
@@ -27,8 +30,11 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raylab import registry
+from raylab.errors import UserError
 from raylab.serve import openai_api as oa
 from raylab.serve.auth import api_keys
+from raylab.serve.deploy import catalog
 from raylab.serve.generator import generator_deployment
 from raylab.serve.routers import health, inference
 
@@ -63,6 +69,7 @@ class IngressImpl:
         self.routes: dict[str, str] = {}
         self.listed: list[str] = []
         self.default: str | None = None
+        self.store = None  # the registry, opened on the first lookup
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.routers, self)
@@ -74,8 +81,40 @@ class IngressImpl:
         self.default = user_config["default"]
 
     async def route(self, model: str) -> str | None:
-        """The registry version (NAME/VERSION) a request's `model` goes to, or None."""
+        """The registry version (NAME/VERSION) a request's `model` goes to, or None. A
+        `NAME/N` of the served model that the table lacks is looked up in the registry (a
+        version registered after the deploy); other names are not."""
+        if model not in self.routes and self.default and re.fullmatch(re.escape(self.served) + r"/\d+", model):
+            await self.refresh()
         return self.routes.get(model)
+
+    @property
+    def served(self) -> str:
+        """The model name this endpoint serves."""
+        return self.default.rsplit("/", 1)[0]
+
+    async def refresh(self) -> None:
+        """Add the served model's versions registered since the table was made (its names,
+        aliases and default stay as deployed: `raylab deploy` changes those)."""
+        if not self.default:
+            return
+        default = self.default
+        try:
+            fresh = await asyncio.to_thread(self._catalog, default)
+        except UserError:  # the model was deleted from the registry: serve what the table has
+            return
+        if default != self.default:  # `raylab deploy` reconfigured meanwhile; its table is newer
+            return
+        for name in fresh["listed"]:
+            if name not in self.routes and fresh["routes"][name] == name:  # a NAME/N entry
+                self.routes[name] = name
+                self.listed.append(name)
+
+    def _catalog(self, default: str) -> dict:
+        if self.store is None:
+            self.store = registry.open_store(tracking_uri=self.args["tracking_uri"])
+        name, version = default.rsplit("/", 1)
+        return catalog(self.store, name, int(version))
 
     def authorize(self, request: Request) -> None:
         if not self.keys:

@@ -1,5 +1,5 @@
 """Health and metadata: `/healthz` (no key needed: the proxy's and `raylab deploy`'s check)
-and `/v1/models` (the servable model names)."""
+and `/v1/models` (the servable model names, looked up at request time)."""
 
 from __future__ import annotations
 
@@ -23,5 +23,6 @@ async def list_models(request: Request, server=Depends(ingress)):
         server.authorize(request)
     except oa.ApiError as e:
         return JSONResponse(e.body(), e.status)
+    await server.refresh()  # versions registered since the deploy
     return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "raylab",
                                         "root": server.routes[m]} for m in server.listed]}

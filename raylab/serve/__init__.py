@@ -6,8 +6,8 @@ Ray Serve endpoint, switched to another version without downtime.
 
 Modules: deploy (the verbs, Serve's declarative REST API), app (the FastAPI ingress and
 `build`, the application's import path `raylab.serve:build`), generator (the model
-deployment), engine (continuous batching), openai_api (request, response and error shapes),
-auth (API keys).
+deployment), engine (the Engine seam and TransformersEngine), decode (the continuous-batching
+decode loop), openai_api (request, response and error shapes), auth (API keys).
 """
 
 from __future__ import annotations

@@ -1,257 +1,241 @@
-"""Token generation for serving: a KV-cache decode loop over a batch of sequences, each with
-its own sampling settings, seed, stop strings and LoRA adapter, producing text token by
-token; sequences join the running batch between steps and leave it when they finish
-(continuous batching).
+"""The serving engine seam: what the Generator deployment asks of whatever generates tokens.
 
-    seqs = [Sequence(prompt_ids(tok, {"prompt": "hi"}), Sampling(max_tokens=32))]
-    for deltas in decode(model, tok, seqs):
-        print(deltas)          # one new piece of text (maybe "") per sequence, every step
-    batch = Batch(model, tok); batch.advance(seqs); batch.advance(more_seqs); ...
+    engine = TransformersEngine(model, tok, max_batch_size=8)
+    async for out in engine.submit(Request("r1", prompt_ids, Sampling(max_tokens=32))):
+        print(out.text, out.finish_reason)     # new text per step; the last one has a reason
+    await engine.abort("r1")                   # its stream ends with finish_reason "abort"
+    await engine.load_adapter("a1", "/path/to/peft/adapter")   # then Request(..., adapter="a1")
+    engine.stats()                             # {"running": 0, "waiting": 0, "submitted": 1, ...}
 
-Why not `model.generate`: a served batch mixes requests with different temperatures, top_p,
-seeds, max_tokens, stop strings and adapters, and streams every token; `generate` takes
-one setting for the whole batch and returns at the end. Greedy rows pick the argmax exactly
-as `generate` does (left padding, positions from the attention mask), so served greedy text
-equals offline generation (tests/test_engine.py and tests/test_serve.py check it).
+`Engine` is the interface; `TransformersEngine` is its one implementation today: the
+continuous-batching KV-cache decode loop of decode.py, stepped by the engine itself (an
+asyncio task that runs each step in a worker thread while there is work). It gathers the
+requests that arrive within `batch_wait_s` of an idle engine into one prefill, and admits
+newcomers between steps up to `max_batch_size` sequences, so Serve's `@serve.batch` is not
+needed in front of it.
+
+The interface follows vLLM's `AsyncLLM` so that an engine built on it is a thin adapter:
+`submit` is its `generate` (an async generator per request id), `abort` its `abort`,
+`load_adapter`/`unload_adapter` its `add_lora`/`remove_lora`; a request is one prompt and one
+choice, as there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import abc
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+from raylab.serve.decode import Batch, Sampling, Sequence, eos_ids
+
+log = logging.getLogger("ray.serve")
+
+ABORT = "abort"  # the finish_reason of an aborted request (as vLLM's)
 
 
 @dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM's extension
+class Request:
+    """One prompt (token ids) and one choice to generate for it."""
 
-
-@dataclass
-class Sequence:
-    """One choice being generated."""
-
+    request_id: str
     prompt: list[int]
     sampling: Sampling
-    adapter: str | None = None  # peft adapter name when the model serves several
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""  # emitted so far
-    finish_reason: str | None = None  # "stop" | "length"
+    adapter: str | None = None  # a name given to `load_adapter`; None = the engine's model itself
+
+
+@dataclass(frozen=True)
+class Output:
+    """A step's news for one request: its new text (maybe ""), the tokens generated so far,
+    and, on its last output, why it ended ("stop" | "length" | "abort")."""
+
+    request_id: str
+    text: str
+    num_tokens: int
+    finish_reason: str | None = None
 
     @property
-    def done(self) -> bool:
+    def finished(self) -> bool:
         return self.finish_reason is not None
 
 
-def eos_ids(model, tok) -> set[int]:
-    found = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    found |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
-    return found
+class Engine(abc.ABC):
+    """What generates tokens for the Generator deployment (DESIGN.md: the engine seam)."""
+
+    @abc.abstractmethod
+    def submit(self, request: Request) -> AsyncIterator[Output]:
+        """Generate for `request`: an async iterator of its outputs, the last one finished.
+        Closing the iterator early aborts the request."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Stop a request (no-op when it has ended): its iterator ends with reason "abort"."""
+
+    @abc.abstractmethod
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter from `path`; requests then name it as their `adapter`."""
+
+    @abc.abstractmethod
+    async def unload_adapter(self, name: str) -> None:
+        """Remove an adapter (requests still decoding with it must have ended)."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict:
+        """Counters and gauges: at least running, waiting, submitted, finished, aborted."""
 
 
-class Batch:
-    """Sequences decoding together, which new sequences can join between steps (continuous
-    batching): a newcomer is prefilled on its own, then its KV cache is left-padded to the
-    running one's length and stacked onto it; finished rows leave the cache at once.
+@dataclass
+class _Tracked:
+    request: Request
+    seq: Sequence
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)  # Outputs, then an Exception on failure
+    aborted: bool = False
 
-        batch = Batch(model, tok)
-        batch.advance(new_sequences)   # -> [(sequence, new text), ...] for every running row
-    """
 
-    def __init__(self, model, tok, stop_ids: set[int] | None = None):
+class TransformersEngine(Engine):
+    """A transformers (optionally peft) model decoding with continuous batching (decode.Batch).
+
+    Adapters are peft adapters on this engine's model: the first wraps it in a `PeftModel`;
+    a batch mixes requests of different adapters and of the model itself."""
+
+    def __init__(self, model, tok, max_batch_size: int = 8, batch_wait_s: float = 0.0,
+                 stop_ids: set[int] | None = None):
         self.model, self.tok = model, tok
+        self.max_batch_size, self.batch_wait_s = max(1, int(max_batch_size)), batch_wait_s
         self.stop_ids = eos_ids(model, tok) if stop_ids is None else stop_ids
-        self.peft = hasattr(model, "peft_config")  # always name adapters: else peft applies its active one to all
-        self.seqs: list[Sequence] = []
-        self.generators: list = []
-        self.past = self.mask = self.positions = self.next_ids = None
+        self.lock = threading.Lock()  # decode steps vs adapter loads/unloads on the shared model
+        self._batch: Batch | None = None
+        self._waiting: list[_Tracked] = []
+        self._live: dict[str, _Tracked] = {}  # request id -> request, until it ends
+        self._task: asyncio.Task | None = None
+        self._adapters: set[str] = set()
+        self._counts = {"submitted": 0, "finished": 0, "aborted": 0, "steps": 0, "tokens": 0}
 
-    @property
-    def can_join(self) -> bool:
-        """Whether newcomers can join now (only plain per-layer caches can be padded and stacked)."""
-        if self.past is None:
-            return True
-        from transformers.cache_utils import DynamicLayer
+    # ------------------------------------------------------------------ the interface
 
-        return all(type(layer) is DynamicLayer for layer in getattr(self.past, "layers", [None]))
+    async def submit(self, request: Request) -> AsyncIterator[Output]:
+        if request.request_id in self._live:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        if request.adapter is not None and request.adapter not in self._adapters:
+            raise ValueError(f"no adapter {request.adapter!r} is loaded")
+        tracked = _Tracked(request, Sequence(list(request.prompt), request.sampling, adapter=request.adapter))
+        self._live[request.request_id] = tracked
+        self._waiting.append(tracked)
+        self._counts["submitted"] += 1
+        self._start()
+        try:
+            while True:
+                item = await tracked.out.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if not tracked.aborted and not tracked.seq.done:  # the caller stopped listening (a client that went away)
+                self._abort(tracked)
 
-    def advance(self, new: list[Sequence] = ()) -> list[tuple[Sequence, str]]:
-        """One token for every running sequence, and the first for each newcomer."""
-        import torch
+    async def abort(self, request_id: str) -> None:
+        tracked = self._live.get(request_id)
+        if tracked is not None and not tracked.aborted and not tracked.seq.done:
+            self._abort(tracked)
 
-        out: list[tuple[Sequence, str]] = []
-        with torch.inference_mode():  # per call: a server runs calls in whichever thread is free
-            if self.seqs:
-                logits, self.past = self._forward(self.next_ids, self.mask, self.positions, self.past, self.seqs)
-                chosen, taken = self._take(logits, self.seqs, self.generators)
-                out += taken
-                self.next_ids, self.mask, self.positions = self._next(self.seqs, chosen, self.mask, self.positions)
-            if new:
-                out += self._join(list(new))
-            self._prune()
-        return out
+    async def load_adapter(self, name: str, path: str) -> None:
+        await asyncio.to_thread(self._load_adapter, name, path)
 
-    def _forward(self, ids, mask, positions, past, seqs):
-        extra = {"adapter_names": [s.adapter or BASE_ADAPTER for s in seqs]} if self.peft else {}
-        result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                            use_cache=True, **extra)
-        return result.logits[:, -1, :].float(), result.past_key_values
+    async def unload_adapter(self, name: str) -> None:
+        await asyncio.to_thread(self._unload_adapter, name)
 
-    def _take(self, logits, seqs, generators):
-        """(chosen token ids, [(sequence, new text)]) for one step of these rows."""
-        chosen = _choose(logits, seqs, generators)
-        return chosen, [(s, _advance(self.tok, s, int(t), self.stop_ids)) for s, t in zip(seqs, chosen.tolist(), strict=True)]
+    def stats(self) -> dict:
+        """running/waiting: requests decoding/queued now; submitted, finished (ended by a stop,
+        the end of turn or max_tokens), aborted; steps: decode steps; tokens: generated by the
+        finished requests; adapters: the names loaded."""
+        return {"running": len(self._batch.seqs) if self._batch is not None else 0, "waiting": len(self._waiting),
+                "adapters": sorted(self._adapters)} | self._counts
 
-    def _next(self, seqs, chosen, mask, positions):
-        """Inputs of the next step: each row's chosen token (pad once finished)."""
-        import torch
+    # ------------------------------------------------------------------ adapters
 
-        running = torch.tensor([not s.done for s in seqs], device=chosen.device)
-        ids = chosen.where(running, self.tok.pad_token_id).unsqueeze(-1)
-        return ids, torch.cat([mask, torch.ones_like(ids)], dim=-1), positions[:, -1:] + 1
+    def _load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
 
-    def _join(self, new: list[Sequence]) -> list[tuple[Sequence, str]]:
-        from raylab.models import left_pad
+        with self.lock:
+            if hasattr(self.model, "peft_config"):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+                if self._batch is not None:  # a running batch decodes through the wrapper from its next step
+                    self._batch.model, self._batch.peft = self.model, True
+            self._adapters.add(name)
 
-        generators = [_generator(s.sampling.seed) for s in new]
-        ids, mask = left_pad([s.prompt for s in new], self.tok.pad_token_id)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, past = self._forward(ids, mask, positions, None, new)
-        chosen, out = self._take(logits, new, generators)
-        next_ids, mask, positions = self._next(new, chosen, mask, positions)
-        if self.past is None:
-            self.past, self.mask, self.positions, self.next_ids = past, mask, positions, next_ids
-        else:
-            self._stack(past, mask, positions, next_ids)
-        self.seqs += new
-        self.generators += generators
-        return out
+    def _unload_adapter(self, name: str) -> None:
+        with self.lock:
+            if name in self._adapters:
+                self._adapters.discard(name)
+                self.model.delete_adapter(name)
 
-    def _stack(self, past, mask, positions, next_ids) -> None:
-        import torch
+    # ------------------------------------------------------------------ stepping
 
-        width = max(self.mask.shape[1], mask.shape[1])
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
-        for mine, theirs in zip(self.past.layers, past.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width - 1, 2), _pad_left(theirs.keys, width - 1, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, width - 1, 2), _pad_left(theirs.values, width - 1, 2)])
-        self.positions = torch.cat([self.positions, positions])
-        self.next_ids = torch.cat([self.next_ids, next_ids])
+    def _abort(self, tracked: _Tracked) -> None:
+        """Mark it finished; a running row leaves the batch at the next step, a waiting one now."""
+        tracked.aborted, tracked.seq.finish_reason = True, ABORT
+        self._counts["aborted"] += 1
+        if tracked in self._waiting:
+            self._waiting.remove(tracked)
+        self._live.pop(tracked.request.request_id, None)
+        tracked.out.put_nowait(Output(tracked.request.request_id, "", len(tracked.seq.token_ids), ABORT))
 
-    def _prune(self) -> None:
-        """Drop finished rows, then cache columns that no remaining row attends to."""
-        import torch
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drive())
 
-        keep = [i for i, s in enumerate(self.seqs) if not s.done]
-        if len(keep) == len(self.seqs):
-            return
-        self.seqs = [self.seqs[i] for i in keep]
-        self.generators = [self.generators[i] for i in keep]
-        if not keep:
-            self.past = self.mask = self.positions = self.next_ids = None
-            return
-        index = torch.tensor(keep)
-        self.past.batch_select_indices(index)
-        self.mask, self.positions, self.next_ids = self.mask[index], self.positions[index], self.next_ids[index]
-        start = int(self.mask.any(dim=0).nonzero()[0])
-        if start and self.can_join:
-            self.mask = self.mask[:, start:]
-            for layer in self.past.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+    async def _drive(self) -> None:
+        """Step while there is work: admit waiting requests between steps (continuous batching)."""
+        started, steps, widest, served = time.monotonic(), 0, 0, 0
+        batch = self._batch = Batch(self.model, self.tok, self.stop_ids)
+        owners: dict[int, _Tracked] = {}
+        try:
+            if self.batch_wait_s > 0 and len(self._waiting) < self.max_batch_size:
+                await asyncio.sleep(self.batch_wait_s)  # let requests arriving together share one prefill
+            while batch.seqs or self._waiting:
+                room = self.max_batch_size - len(batch.seqs) if (batch.can_join or not batch.seqs) else 0
+                admitted, self._waiting = self._waiting[:max(room, 0)], self._waiting[max(room, 0):]
+                for t in admitted:
+                    owners[id(t.seq)] = t
 
+                def step(new=tuple(t.seq for t in admitted)):
+                    with self.lock:
+                        return batch.advance(new)
 
-def _pad_left(t, width: int, dim: int):
-    import torch
-
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
-
-
-def decode(model, tok, seqs: list[Sequence], stop_ids: set[int] | None = None) -> Iterator[list[str]]:
-    """Generate for every sequence together (no newcomers); after each step yield each one's
-    new text, in the order given."""
-    batch = Batch(model, tok, stop_ids)
-    pending, position = list(seqs), {id(s): i for i, s in enumerate(seqs)}
-    while pending or batch.seqs:
-        deltas = [""] * len(seqs)
-        for s, text in batch.advance(pending):
-            deltas[position[id(s)]] = text
-        pending = []
-        yield deltas
-
-
-def _generator(seed: int | None):
-    import torch
-
-    g = torch.Generator()
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
-
-
-def _choose(logits, seqs: list[Sequence], generators) -> torch.Tensor:  # noqa: F821
-    """Next token per row: argmax for greedy rows, else temperature + nucleus sampling."""
-    import torch
-
-    chosen = logits.argmax(dim=-1)
-    for i, s in enumerate(seqs):
-        if s.done or s.sampling.temperature == 0:
-            continue
-        probs = torch.softmax(logits[i] / s.sampling.temperature, dim=-1)
-        if s.sampling.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < s.sampling.top_p  # always keeps the top token
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        chosen[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    return chosen
-
-
-def _advance(tok, s: Sequence, token: int, stop_ids: set[int]) -> str:
-    """Take one token into a sequence; return the text it makes visible."""
-    if s.done:
-        return ""
-    if token in stop_ids and not s.sampling.ignore_eos:
-        s.finish_reason = "stop"
-        return _emit(s, tok.decode(s.token_ids, skip_special_tokens=True), final=True)
-    s.token_ids.append(token)
-    full = tok.decode(s.token_ids, skip_special_tokens=True)
-    for stop in s.sampling.stop:
-        at = full.find(stop, max(0, len(s.text) - len(stop)))
-        if at >= 0:
-            s.finish_reason = "stop"
-            return _emit(s, full[:at], final=True)
-    if len(s.token_ids) >= s.sampling.max_tokens:
-        s.finish_reason = "length"
-        return _emit(s, full, final=True)
-    return _emit(s, full, final=False)
-
-
-def _emit(s: Sequence, full: str, final: bool) -> str:
-    """The new visible text. Until the end, hold back an unfinished UTF-8 character and any
-    tail that may be the start of a stop string, so a client never sees part of a stop."""
-    visible = full
-    if not final:
-        visible = visible.rstrip("\ufffd")
-        for stop in s.sampling.stop:
-            for k in range(min(len(stop) - 1, len(visible)), 0, -1):
-                if visible.endswith(stop[:k]):
-                    visible = visible[:-k]
-                    break
-    if not visible.startswith(s.text):  # a held-back character decoded differently: resend nothing twice
-        return ""
-    delta = visible[len(s.text):]
-    s.text = visible
-    return delta
+                touched = await asyncio.to_thread(step)
+                steps, widest = steps + 1, max(widest, len(touched))
+                self._counts["steps"] += 1
+                for seq, text in touched:
+                    t = owners.get(id(seq))
+                    if t is None:
+                        continue
+                    if t.aborted:  # its final output went out with the abort
+                        del owners[id(seq)]
+                        continue
+                    if seq.done:
+                        del owners[id(seq)]
+                        self._live.pop(t.request.request_id, None)
+                        self._counts["finished"] += 1
+                        self._counts["tokens"] += len(seq.token_ids)
+                        served += 1
+                        t.out.put_nowait(Output(t.request.request_id, text, len(seq.token_ids), seq.finish_reason))
+                    elif text:
+                        t.out.put_nowait(Output(t.request.request_id, text, len(seq.token_ids)))
+        except Exception as e:  # a bug: fail this batch's requests, keep the engine
+            log.exception("decode loop failed")
+            failed, self._waiting = list(owners.values()) + self._waiting, []
+            for t in failed:
+                self._live.pop(t.request.request_id, None)
+                t.out.put_nowait(e)
+        finally:
+            self._batch = None
+            log.info(json.dumps({"decode_loop": {"sequences": served, "steps": steps, "widest_batch": widest,
+                                                 "seconds": round(time.monotonic() - started, 3)}}))

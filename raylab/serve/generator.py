@@ -1,9 +1,9 @@
 """The Generator deployment: one base model per replica; each registry version is loaded on
 demand by `@serve.multiplexed` (LRU-bounded), verified against its registry checksums; an
-adapter goes into the shared base, a full model loads on its own. `@serve.batch` gathers
-requests arriving together (Serve splits batches by model id); they join that model's
-running decode loop (engine.Batch), which takes newcomers between steps (continuous
-batching), so the adapters of one base share a batch too.
+adapter goes into the base model's engine, a full model gets an engine of its own. Requests
+go to their version's engine (engine.Engine: today engine.TransformersEngine, continuous
+batching), one engine request per choice; the engine gathers arrivals and admits newcomers
+between decode steps, so the adapters of one base share a batch too.
 """
 
 from __future__ import annotations
@@ -11,30 +11,25 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-import json
-import logging
-import threading
-import time
-from dataclasses import dataclass, field
+import uuid
 
 from ray import serve
 
 from raylab import models, registry
 from raylab.errors import UserError
 from raylab.serve import openai_api as oa
-from raylab.serve.engine import Batch, Sampling, Sequence, eos_ids
-
-log = logging.getLogger("ray.serve")
+from raylab.serve.engine import Engine, Output, Request, Sampling, TransformersEngine
 
 
 class Loaded:
-    """One version in a replica. Serve's LRU calls `__del__` on eviction; requests still
-    decoding with it hold it, so its adapter leaves the base only when the last one ends."""
+    """One version in a replica: its engine, tokenizer and adapter name. Serve's LRU calls
+    `__del__` on eviction; requests still decoding with it hold it, so its adapter leaves
+    the engine only when the last one ends."""
 
-    def __init__(self, version: str, model, tok, adapter: str | None, unload):
-        self.version, self.model, self.tok, self.adapter = version, model, tok, adapter
-        self.stop_ids = eos_ids(model, tok)
+    def __init__(self, version: str, engine: Engine, tok, adapter: str | None, unload):
+        self.version, self.engine, self.tok, self.adapter = version, engine, tok, adapter
         self._unload, self._users, self._evicted, self._gone = unload, 0, False, False
+        model = getattr(engine, "model", None)
         self.context = models.max_positions(getattr(model, "config", None)) or 1_000_000
 
     def acquire(self) -> None:
@@ -56,28 +51,6 @@ class Loaded:
             self._unload(self)
 
 
-@dataclass
-class Job:
-    """One request's choices; the decode loop puts each step's changes on `out`, then None."""
-
-    loaded: Loaded
-    seqs: list[Sequence]
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    left: int = 0
-
-    def __post_init__(self):
-        self.left = len(self.seqs)
-
-
-@dataclass
-class Running:
-    """The continuous batch of one model object (a base shared by adapters, or a full model)."""
-
-    batch: Batch
-    waiting: list = field(default_factory=list)  # (job, choice index) not yet admitted
-    owners: dict = field(default_factory=dict)  # id(sequence) -> (job, choice index)
-
-
 def _prompts(loaded: Loaded, job: dict) -> list[list[int]]:
     """Token ids per prompt, rendered with the version's own chat template (as in training)."""
     out = []
@@ -95,8 +68,9 @@ def _prompts(loaded: Loaded, job: dict) -> list[list[int]]:
     return out
 
 
-def sequences(loaded: Loaded, job: dict, limits: dict) -> tuple[list[Sequence], int]:
-    """The choices to generate for a request, or ApiError(400) for an over-long prompt."""
+def requests(loaded: Loaded, job: dict, limits: dict) -> tuple[list[Request], int]:
+    """The engine requests for a request's choices (prompts x n, in choice order) and its
+    prompt tokens, or ApiError(400) for an over-long prompt."""
     prompts = _prompts(loaded, job)
     longest = max(len(p) for p in prompts)
     if longest > limits["max_prompt_tokens"]:
@@ -107,14 +81,15 @@ def sequences(loaded: Loaded, job: dict, limits: dict) -> tuple[list[Sequence], 
     if want > room:
         raise oa.ApiError(400, f"the prompt ({longest} tokens) plus max_tokens ({want}) exceeds the model's context of "
                                f"{loaded.context} tokens", "max_tokens", "context_length_exceeded")
-    s = job["sampling"]
-    seqs = []
+    s, rid = job["sampling"], uuid.uuid4().hex
+    out = []
     for p in prompts:
         for j in range(job["n"]):
             seed = None if s["seed"] is None else s["seed"] + j
-            seqs.append(Sequence(p, Sampling(want, s["temperature"], s["top_p"], tuple(s["stop"]), seed, s["ignore_eos"]),
-                                 adapter=loaded.adapter))
-    return seqs, sum(len(p) for p in prompts)
+            out.append(Request(f"{rid}-{len(out)}", p,
+                               Sampling(want, s["temperature"], s["top_p"], tuple(s["stop"]), seed, s["ignore_eos"]),
+                               adapter=loaded.adapter))
+    return out, sum(len(p) for p in prompts)
 
 
 class GeneratorBase:
@@ -127,15 +102,13 @@ class GeneratorBase:
 
         torch.set_num_threads(max(1, int(args["threads"])))
         self.args, self.limits = args, args["limits"]
-        self.lock = threading.Lock()  # peft adapter loads/unloads vs decode steps on the shared base
-        self.base, self.peft, self.store, self._names = None, None, None, itertools.count()
+        self.base, self.base_engine, self.store, self._names = None, None, None, itertools.count()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the replica's, where engines run
+        self._pending: set[asyncio.Future] = set()
         if args.get("base"):
             from transformers import AutoModelForCausalLM
 
             self.base = AutoModelForCausalLM.from_pretrained(args["base"], dtype=getattr(torch, args["dtype"])).eval()
-        self.running: dict[int, Running] = {}
-        self._admit.set_max_batch_size(self.limits["max_batch_size"])
-        self._admit.set_batch_wait_timeout_s(self.limits["batch_wait_timeout_s"])
         self.generated = Counter("raylab_generated_tokens", description="tokens generated by raylab serve",
                                  tag_keys=("model",))
         self.requests = Counter("raylab_requests", description="generation requests by model and outcome",
@@ -150,28 +123,43 @@ class GeneratorBase:
         if self.args.get("base") and self.base is None:
             raise RuntimeError("base model not loaded")
 
-    def _load(self, version: str) -> Loaded:
-        if self.store is None:
-            self.store = registry.open_store(tracking_uri=self.args["tracking_uri"])
-        local = registry.fetch(self.store, version)  # refuses a changed artifact
-        if self.base is not None and models.is_adapter(local) and models.base_of(local) == self.args["base"]:
-            from peft import PeftModel
+    def _engine(self, model, tok) -> Engine:
+        return TransformersEngine(model, tok, self.limits["max_batch_size"], self.limits["batch_wait_timeout_s"])
 
+    async def _load(self, version: str) -> Loaded:
+        self.loop = asyncio.get_running_loop()
+        if self.store is None:
+            self.store = await asyncio.to_thread(registry.open_store, tracking_uri=self.args["tracking_uri"])
+        local = await asyncio.to_thread(registry.fetch, self.store, version)  # refuses a changed artifact
+        if self.base is not None and models.is_adapter(local) and models.base_of(local) == self.args["base"]:
+            tok = await asyncio.to_thread(models.load_saved_tokenizer, local)
+            if self.base_engine is None:  # decodes with the first adapter's tokenizer, as the batch always did
+                self.base_engine = self._engine(self.base, tok)
             name = f"v{next(self._names)}_{hashlib.sha1(version.encode()).hexdigest()[:8]}"
-            with self.lock:
-                if self.peft is None:
-                    self.peft = PeftModel.from_pretrained(self.base, local, adapter_name=name).eval()
-                else:
-                    self.peft.load_adapter(local, adapter_name=name)
-            return Loaded(version, self.peft, models.load_saved_tokenizer(local), name, self._unload)
-        model, tok = models.load_inference(local, dtype=self.args["dtype"])  # a full model, or another base
-        return Loaded(version, model, tok, None, self._unload)
+            await self.base_engine.load_adapter(name, local)
+            return Loaded(version, self.base_engine, tok, name, self._unload)
+        # a full model, or another base
+        model, tok = await asyncio.to_thread(models.load_inference, local, dtype=self.args["dtype"])
+        return Loaded(version, self._engine(model, tok), tok, None, self._unload)
 
     def _unload(self, loaded: Loaded) -> None:
+        """Called from the replica's loop (a request's end) or Serve's eviction thread."""
         if loaded.adapter is not None:
-            with self.lock:
-                self.peft.delete_adapter(loaded.adapter)
-        loaded.model = None
+            self._spawn(loaded.engine.unload_adapter(loaded.adapter))
+        loaded.engine = None
+
+    def _spawn(self, coro) -> None:
+        """Run an engine call on the replica's loop, from that loop or from another thread."""
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is not None and here is self.loop:
+            task = here.create_task(coro)
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        else:
+            asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     async def stream(self, job: dict):
         """Per request: first {"prompt_tokens"} or {"error"}, then {"deltas": [[index, text,
@@ -185,83 +173,63 @@ class GeneratorBase:
             yield {"error": {"status": 500, "message": f"cannot load {version}: {e}"}}
             return
         try:
-            seqs, prompt_tokens = sequences(loaded, job, self.limits)
+            reqs, prompt_tokens = requests(loaded, job, self.limits)
         except oa.ApiError as e:
             self.requests.inc(tags={"model": version, "outcome": "bad_request"})
             yield {"error": {"status": e.status, "message": e.message, "param": e.param, "code": e.code}}
             return
         yield {"prompt_tokens": prompt_tokens}
-        stream_wanted = job["stream"]
-        job = Job(loaded, seqs)
+        engine, stream_wanted = loaded.engine, job["stream"]
+        texts, reasons, counts = [""] * len(reqs), [None] * len(reqs), [0] * len(reqs)
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, req: Request) -> None:
+            try:
+                async for out in engine.submit(req):
+                    merged.put_nowait((i, out))
+            except Exception as e:  # re-raised by the request below
+                merged.put_nowait((i, e))
+
         loaded.acquire()
+        pumps = [asyncio.get_running_loop().create_task(pump(i, r)) for i, r in enumerate(reqs)]
         try:
-            await self._admit(job)
-            while (items := await job.out.get()) is not None:
-                if isinstance(items, Exception):
-                    raise items
-                if stream_wanted:
+            left = len(reqs)
+            while left:
+                news = [await merged.get()]
+                await asyncio.sleep(0)  # the other choices' news of the same step, into one message
+                while not merged.empty():
+                    news.append(merged.get_nowait())
+                items = []
+                for i, out in news:
+                    if isinstance(out, Exception):
+                        raise out
+                    items.append(self._item(i, out, texts, reasons, counts))
+                    left -= out.finished
+                items = [item for item in items if item is not None]
+                if stream_wanted and items:
                     yield {"deltas": items}
             if not stream_wanted:  # one message at the end: per-token messages between replicas cost more than decoding
-                yield {"deltas": [[i, s.text, s.finish_reason, len(s.token_ids)] for i, s in enumerate(seqs)]}
+                yield {"deltas": [[i, texts[i], reasons[i], counts[i]] for i in range(len(reqs))]}
         finally:
-            for s in seqs:  # a client that went away: its rows leave the batch at the next step
-                if not s.done:
-                    s.finish_reason = "cancelled"
+            cancelled = any(r is None for r in reasons)
+            for req, reason in zip(reqs, reasons, strict=True):  # a client that went away: its rows leave the batch
+                if reason is None:
+                    self._spawn(engine.abort(req.request_id))
+            for p in pumps:
+                p.cancel()
             loaded.release()
-            self.generated.inc(sum(len(s.token_ids) for s in seqs), tags={"model": version})
-            self.requests.inc(tags={"model": version, "outcome": "cancelled" if any(s.finish_reason == "cancelled" for s in seqs) else "ok"})
+            self.generated.inc(sum(counts), tags={"model": version})
+            self.requests.inc(tags={"model": version, "outcome": "cancelled" if cancelled else "ok"})
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _admit(self, jobs: list[Job]) -> list[None]:
-        """Requests arriving within `batch_wait_timeout_s` of each other join their model's
-        running decode together (one prefill); the decode takes newcomers between steps, up
-        to `serve.max_batch_size` sequences at once (continuous batching)."""
-        for job in jobs:
-            key = id(job.loaded.model)
-            run = self.running.get(key)
-            if run is None:
-                run = self.running[key] = Running(Batch(job.loaded.model, job.loaded.tok, job.loaded.stop_ids))
-                asyncio.get_running_loop().create_task(self._drive(key, run))
-            run.waiting += [(job, i) for i in range(len(job.seqs))]
-        return [None] * len(jobs)
-
-    async def _drive(self, key: int, run: Running) -> None:
-        started, steps, widest, served = time.monotonic(), 0, 0, 0
-        try:
-            while run.batch.seqs or run.waiting:
-                room = self.limits["max_batch_size"] - len(run.batch.seqs) if (run.batch.can_join or not run.batch.seqs) else 0
-                admitted, run.waiting = run.waiting[:max(room, 0)], run.waiting[max(room, 0):]
-                for job, i in admitted:
-                    run.owners[id(job.seqs[i])] = (job, i)
-
-                def step(new=tuple(job.seqs[i] for job, i in admitted)):
-                    with self.lock:
-                        return run.batch.advance(new)
-
-                touched = await asyncio.to_thread(step)
-                steps, widest = steps + 1, max(widest, len(touched))
-                changes: dict[int, tuple[Job, list]] = {}
-                for seq, text in touched:
-                    job, i = run.owners[id(seq)]
-                    if seq.done:
-                        del run.owners[id(seq)]
-                        job.left -= 1
-                        served += 1
-                        changes.setdefault(id(job), (job, []))[1].append([i, text, seq.finish_reason, len(seq.token_ids)])
-                    elif text:
-                        changes.setdefault(id(job), (job, []))[1].append([i, text, None, 0])
-                for job, items in changes.values():
-                    job.out.put_nowait(items)
-                    if job.left == 0:
-                        job.out.put_nowait(None)
-        except Exception as e:  # a bug: fail this batch's requests (500), keep the replica
-            log.exception("decode loop failed")
-            for job, _ in list(run.owners.values()) + run.waiting:
-                job.out.put_nowait(e)
-        finally:
-            self.running.pop(key, None)
-            log.info(json.dumps({"decode_loop": {"sequences": served, "steps": steps, "widest_batch": widest,
-                                                 "seconds": round(time.monotonic() - started, 3)}}))
+    @staticmethod
+    def _item(i: int, out: Output, texts: list, reasons: list, counts: list) -> list | None:
+        """A choice's news as a delta ([index, text, finish_reason, tokens]), or None if nothing new."""
+        texts[i] += out.text
+        counts[i] = out.num_tokens
+        if out.finished:
+            reasons[i] = out.finish_reason
+            return [i, out.text, out.finish_reason, out.num_tokens]
+        return [i, out.text, None, 0] if out.text else None
 
 
 def generator_deployment(max_models: int):
@@ -270,8 +238,6 @@ def generator_deployment(max_models: int):
     class Generator(GeneratorBase):
         @serve.multiplexed(max_num_models_per_replica=max_models)
         async def get_model(self, version: str) -> Loaded:
-            return await asyncio.to_thread(self._load, version)
+            return await self._load(version)
 
     return serve.deployment(name="Generator")(Generator)
-
-

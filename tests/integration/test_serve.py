@@ -2,7 +2,8 @@
 official `openai` client (completions, chat, streaming), served greedy text equal to offline
 peft generation, two adapters on one base, every class of bad request answered with its
 4xx, API keys, autoscaling up under load and back down, and `raylab deploy` switching
-versions in place while requests stream, none failing.
+versions in place while requests stream, none failing; a version registered after the
+deploy served by `NAME/N` without a redeploy.
 
 The adapters are trained here with peft in a few seconds (a fixed answer per adapter, so
 greedy text is far from ties) on a tiny Llama whose embeddings are scaled up: at the
@@ -116,7 +117,7 @@ def served(tmp_path_factory, _session_ray):
         registry.set_tags(store, NAME, v, {"raylab.gates.status": "passed"})
     registry.promote(store, NAME, 1)
     stop = threading.Event()
-    thread = threading.Thread(target=deploy.run_serve, args=(cfg,), kwargs={"stop": stop, "log": lambda *_: None},
+    thread = threading.Thread(target=deploy.run_serve, args=(cfg,), kwargs={"stop": stop},
                               daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{cfg.serve.port}"
@@ -358,3 +359,27 @@ def test_deploy_switches_versions_in_place_while_requests_stream(served):
     assert get(served["url"], "/healthz", key=None)[1]["model"] == f"{NAME}/2"
     back = run_cli("deploy", f"{NAME}@production", "--address", served["dashboard"], timeout=300)
     assert back.returncode == 0 and f"{NAME}/1" in back.stdout
+
+
+def test_a_version_registered_after_the_deploy_is_served_without_a_redeploy(served):
+    before = _replicas(served, "Ingress")
+    deployed = deploy.rest(served["dashboard"], "GET")["applications"]["raylab"]["deployed_app_config"]
+    routing = next(d for d in deployed["deployments"] if d["name"] == "Ingress")["user_config"]
+    table = routing["routes"]
+    cfg, store = served["cfg"], registry.open_store(served["cfg"])
+    version = max(int(mv.version) for mv in store.client.search_model_versions(f"name = '{NAME}'")) + 1
+    assert f"{NAME}/{version}" not in table  # the deployed routing table does not know it
+    status, body = chat(served["url"], f"{NAME}/{version}", QUESTIONS[0])
+    assert status == 404 and body["error"]["code"] == "model_not_found"  # not registered yet
+    run = registry.log_run(store, registry.experiment_id(store, NAME), name="late", key="serve-test-late", params={},
+                           history=[], artifacts={}, tags={})
+    meta = {"identity": "serve-test", "base_model": str(served["root"] / "base"), "method": "lora", "metrics": {}}
+    assert int(registry.register(store, cfg, run, str(served["adapters"][2]), meta).version) == version
+    status, body = chat(served["url"], f"{NAME}/{version}", QUESTIONS[0])
+    assert status == 200 and body["choices"][0]["message"]["content"] == ANSWERS[2], body
+    assert f"{NAME}/{version}" in [m["id"] for m in get(served["url"], "/v1/models")[1]["data"]]
+    for model in (f"{NAME}/{version + 7}", f"other-{NAME}/1"):  # never registered / not this endpoint's model
+        status, body = chat(served["url"], model, QUESTIONS[0])
+        assert status == 404 and body["error"]["code"] == "model_not_found", (model, body)
+    assert _replicas(served, "Ingress") == before  # no redeploy, no restart
+    assert get(served["url"], "/healthz", key=None)[1]["model"] == routing["default"]  # the default stays as deployed

@@ -1,10 +1,13 @@
-"""The serving decode loop (raylab/engine.py) on a tiny random Llama and GPT-2: greedy rows
-equal `model.generate`; a batch equals each sequence alone; sequences that join a running
-batch mid-way (continuous batching) and rows that leave it get the same logits as alone;
-stop strings, max_tokens, end of turn, seeds; peft adapters side by side in one batch."""
+"""The serving engine seam (raylab/serve/engine.py) through its one implementation,
+TransformersEngine, on a tiny random Llama: greedy text through `submit` equals
+`model.generate`; requests submitted together and one joining a running batch all finish
+with the tokens they get alone; `abort` (and closing the stream) stops a request mid-stream;
+a peft adapter loaded into the engine decodes as the peft model does and is gone once
+unloaded; `stats()` counts all of it."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 
 import pytest
@@ -12,18 +15,15 @@ import torch
 
 from raylab import models as model
 from raylab.models import left_pad
-from raylab.serve import engine
-from raylab.serve.engine import Batch, Sampling, Sequence, decode
-
-
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
-def lm(request):
-    tok = model.build_byte_tokenizer()
-    tok.chat_template = model.DEFAULT_CHAT_TEMPLATE
-    return model.build_tiny_model(request.param, tok, seed=1).eval(), tok
-
+from raylab.serve.engine import ABORT, Engine, Request, Sampling, TransformersEngine
 
 PROMPTS = ["hello world", "a much longer prompt, to make the padding differ", "x", "widgets ship today"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    tok = model.build_byte_tokenizer()
+    return model.build_tiny_model("tiny-llama", tok, seed=1).eval(), tok
 
 
 def ids(tok, text):
@@ -34,115 +34,150 @@ def greedy(n):
     return Sampling(max_tokens=n, temperature=0, ignore_eos=True)
 
 
-def recording(monkeypatch):
-    """Every row's logits, keyed by its Sequence, as the loop chooses tokens."""
-    seen = {}
-    choose = engine._choose
-
-    def spy(logits, seqs, generators):
-        for row, s in zip(logits, seqs, strict=True):
-            if not s.done:
-                seen.setdefault(id(s), []).append(row.clone())
-        return choose(logits, seqs, generators)
-
-    monkeypatch.setattr(engine, "_choose", spy)
-    return seen
-
-
-def alone(lm, prompt, n):
-    s = Sequence(prompt, greedy(n))
-    for _ in decode(*lm, [s], stop_ids=set()):
-        pass
-    return s
-
-
-def test_greedy_equals_generate_and_batch_equals_alone(lm):
-    m, tok = lm
-    prompts = [ids(tok, p) for p in PROMPTS]
+def generate(m, tok, prompts, n):
+    """Reference: transformers' own greedy generation, as token ids and text."""
     x, mask = left_pad(prompts, tok.pad_token_id)
     with torch.inference_mode():
-        ref = m.generate(input_ids=x, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+        out = m.generate(input_ids=x, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
                          pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)[:, x.shape[1]:]
-    seqs = [Sequence(p, greedy(12)) for p in prompts]
-    for _ in decode(m, tok, seqs, stop_ids=set()):
-        pass
-    assert [s.token_ids for s in seqs] == ref.tolist()
-    assert [alone(lm, p, 12).token_ids for p in prompts] == ref.tolist()
+    return [tok.decode(row, skip_special_tokens=True) for row in out.tolist()]
 
 
-def test_joining_and_leaving_a_running_batch_changes_no_logits(lm, monkeypatch):
+async def collect(engine: Engine, request: Request) -> tuple[str, list]:
+    outs = [out async for out in engine.submit(request)]
+    return "".join(o.text for o in outs), outs
+
+
+def test_transformers_engine_implements_the_engine_interface(lm):
+    engine = TransformersEngine(*lm)
+    assert isinstance(engine, Engine)
+    assert Engine.__abstractmethods__ == {"submit", "abort", "load_adapter", "unload_adapter", "stats"}
+    with pytest.raises(TypeError):  # the interface alone cannot be instantiated
+        Engine()
+
+
+def test_greedy_through_the_engine_equals_generate_and_concurrent_requests_all_finish(lm):
     m, tok = lm
     prompts = [ids(tok, p) for p in PROMPTS]
-    lengths = [10, 4, 12, 7]
-    seen = recording(monkeypatch)
-    solo = [alone(lm, p, n) for p, n in zip(prompts, lengths, strict=True)]
-    solo_logits = [seen.pop(id(s)) for s in solo]
-    batch = Batch(m, tok, stop_ids=set())
-    joined = [Sequence(p, greedy(n)) for p, n in zip(prompts, lengths, strict=True)]
-    batch.advance(joined[:1])                 # one running ...
-    batch.advance()
-    batch.advance(joined[1:3])                # ... two join at step 2 (longer and shorter prompts) ...
-    for _ in range(3):
-        batch.advance()                       # ... the 4-token one finishes and leaves ...
-    batch.advance(joined[3:])                 # ... the last joins after that
-    while batch.seqs:
-        batch.advance()
-    for s, ref, ref_logits in zip(joined, solo, solo_logits, strict=True):
-        assert s.token_ids == ref.token_ids and s.finish_reason == "length"
-        got = seen[id(s)]
-        assert len(got) == len(ref_logits)
-        assert max(float((a - b).abs().max()) for a, b in zip(got, ref_logits, strict=True)) < 1e-4
+    ref = generate(m, tok, prompts, 12)
+    engine = TransformersEngine(m, tok, max_batch_size=8, batch_wait_s=0.01, stop_ids=set())
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, Request(f"r{i}", p, greedy(12))) for i, p in enumerate(prompts)))
+
+    got = asyncio.run(main())
+    assert [text for text, _ in got] == ref
+    for _, outs in got:  # each stream ends with exactly one finished output, carrying the count
+        assert [o.finished for o in outs].count(True) == 1 and outs[-1].finished
+        assert outs[-1].finish_reason == "length" and outs[-1].num_tokens == 12
+    stats = engine.stats()
+    assert stats["submitted"] == stats["finished"] == 4 and stats["aborted"] == 0
+    assert stats["running"] == stats["waiting"] == 0 and stats["tokens"] == 48
+    assert 12 <= stats["steps"] < 4 * 12  # decoded together, not one after another
 
 
-def test_stops_max_tokens_end_of_turn_and_seeds(lm):
+def test_a_request_joining_a_running_batch_and_max_batch_size(lm):
     m, tok = lm
-    p = ids(tok, PROMPTS[0])
-    free = alone(lm, p, 10)
-    text = tok.decode(free.token_ids, skip_special_tokens=True)
-    stop = text[3:5]
-    s = Sequence(p, Sampling(max_tokens=10, temperature=0, stop=(stop,), ignore_eos=True))
-    streamed = "".join("".join(d) for d in decode(m, tok, [s], stop_ids=set()))
-    assert s.finish_reason == "stop" and s.text == streamed == text[:text.find(stop)]
-    eot = free.token_ids[2]  # pretend the third token is the end of turn
-    s = Sequence(p, Sampling(max_tokens=10, temperature=0))
-    for _ in decode(m, tok, [s], stop_ids={eot}):
-        pass
-    assert s.finish_reason == "stop" and s.token_ids == free.token_ids[:free.token_ids.index(eot)]
-    draws = []
-    for seed in (7, 7, 8):
-        s = Sequence(p, Sampling(max_tokens=12, temperature=1.0, top_p=0.9, seed=seed))
-        for _ in decode(m, tok, [s], stop_ids=set()):
-            pass
-        draws.append(s.token_ids)
-    assert draws[0] == draws[1] and draws[0] != draws[2]
+    first, second = ids(tok, PROMPTS[0]), ids(tok, PROMPTS[1])
+    alone = [generate(m, tok, [p], n)[0] for p, n in ((first, 20), (second, 8))]
+    engine = TransformersEngine(m, tok, max_batch_size=1, stop_ids=set())
+    widest = []
+
+    async def main():
+        one = asyncio.create_task(collect(engine, Request("one", first, greedy(20))))
+        while engine.stats()["steps"] < 3:
+            await asyncio.sleep(0.001)
+        two = asyncio.create_task(collect(engine, Request("two", second, greedy(8))))
+        while not two.done():
+            widest.append(engine.stats()["running"])
+            await asyncio.sleep(0.001)
+        return (await one)[0], (await two)[0]
+
+    assert list(asyncio.run(main())) == alone
+    assert max(widest) == 1  # max_batch_size=1: the second waited for the first
+    wide = TransformersEngine(m, tok, max_batch_size=4, stop_ids=set())
+    seen = []
+
+    async def joined():
+        one = asyncio.create_task(collect(wide, Request("one", first, greedy(20))))
+        while wide.stats()["steps"] < 3:
+            await asyncio.sleep(0.001)
+        two = asyncio.create_task(collect(wide, Request("two", second, greedy(8))))
+        while not two.done():
+            seen.append(wide.stats()["running"])
+            await asyncio.sleep(0.001)
+        return (await one)[0], (await two)[0]
+
+    assert list(asyncio.run(joined())) == alone  # joined mid-way, same text as alone
+    assert max(seen) == 2
 
 
-def test_two_adapters_and_the_base_in_one_batch():
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    tok = model.build_byte_tokenizer()
-    base = model.build_tiny_model("tiny-llama", tok, seed=2).eval()
-    wrapped = None
-    for i, name in enumerate(["a", "b"]):
-        torch.manual_seed(i)
-        trained = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
-        if wrapped is None:
-            wrapped = PeftModel(copy.deepcopy(base), trained.peft_config["default"], adapter_name=name)
-        else:
-            wrapped.add_adapter(name, trained.peft_config["default"])
-        wrapped.load_state_dict({k.replace(".default.", f".{name}."): v for k, v in trained.state_dict().items()
-                                 if "lora_" in k}, strict=False)
-    wrapped.eval()
+def test_abort_stops_a_request_mid_stream(lm):
+    m, tok = lm
+    engine = TransformersEngine(m, tok, stop_ids=set())
     p = ids(tok, PROMPTS[3])
-    rows = [Sequence(p, greedy(8), adapter=a) for a in ("a", "b", None)]
-    for _ in decode(wrapped, tok, rows, stop_ids=set()):
-        pass
-    for s, a in zip(rows, ("a", "b", None), strict=True):
-        only = Sequence(p, greedy(8), adapter=a)
-        for _ in decode(wrapped, tok, [only], stop_ids=set()):
-            pass
-        assert s.token_ids == only.token_ids
-    plain = Sequence(p, greedy(8))
-    for _ in decode(base, tok, [plain], stop_ids=set()):
-        pass
-    assert rows[2].token_ids == plain.token_ids and rows[0].token_ids != rows[1].token_ids
+
+    async def main():
+        async def abort_later():
+            while engine.stats()["steps"] < 5:
+                await asyncio.sleep(0.001)
+            await engine.abort("long")
+
+        stopper = asyncio.create_task(abort_later())
+        _, outs = await collect(engine, Request("long", p, greedy(500)))
+        await stopper
+        await engine.abort("long")  # again, once it has ended: nothing happens
+        _, control = await collect(engine, Request("control", p, greedy(30)))  # same engine, not aborted
+        return outs, control
+
+    outs, control = asyncio.run(main())
+    assert outs[-1].finish_reason == ABORT and 0 < outs[-1].num_tokens < 500
+    assert control[-1].finish_reason == "length" and control[-1].num_tokens == 30
+    stats = engine.stats()
+    assert stats["aborted"] == 1 and stats["finished"] == 1 and stats["submitted"] == 2
+    assert stats["running"] == stats["waiting"] == 0
+
+
+def test_closing_the_stream_aborts_the_request(lm):
+    m, tok = lm
+    engine = TransformersEngine(m, tok, stop_ids=set())
+
+    async def main():
+        stream = engine.submit(Request("gone", ids(tok, PROMPTS[0]), greedy(500)))
+        await anext(stream)
+        await stream.aclose()  # a client that went away
+        for _ in range(1000):  # the row leaves the batch at the next step
+            if engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        return engine.stats()
+
+    stats = asyncio.run(main())
+    assert stats["aborted"] == 1 and stats["finished"] == 0 and stats["running"] == 0 and stats["tokens"] == 0
+
+
+def test_an_adapter_loaded_into_the_engine_decodes_as_peft_and_unloads(lm, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    m, tok = lm
+    torch.manual_seed(0)
+    trained = get_peft_model(copy.deepcopy(m), LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    trained.save_pretrained(tmp_path / "adapter")
+    p = ids(tok, PROMPTS[2])
+    with_adapter, without = generate(trained.eval(), tok, [p], 10)[0], generate(m, tok, [p], 10)[0]
+    assert with_adapter != without  # else the comparison below could not tell them apart
+    engine = TransformersEngine(copy.deepcopy(m), tok, stop_ids=set())
+
+    async def main():
+        await engine.load_adapter("a", str(tmp_path / "adapter"))
+        got = await asyncio.gather(collect(engine, Request("lora", p, greedy(10), adapter="a")),
+                                   collect(engine, Request("plain", p, greedy(10))))
+        listed = engine.stats()["adapters"]
+        await engine.unload_adapter("a")
+        with pytest.raises(ValueError, match="no adapter 'a'"):
+            await collect(engine, Request("late", p, greedy(10), adapter="a"))
+        return [text for text, _ in got], listed
+
+    texts, listed = asyncio.run(main())
+    assert texts == [with_adapter, without] and listed == ["a"]
+    assert engine.stats()["adapters"] == []

@@ -1,0 +1,112 @@
+"""OpenAI-compatible generation: `/v1/completions` and `/v1/chat/completions` (API keys,
+size limits, validation, routing the `model` field to a registry version, OpenAI responses
+and server-sent events); the Generator deployment generates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from raylab.serve import openai_api as oa
+from raylab.serve.routers import ingress
+
+log = logging.getLogger("ray.serve")
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat(request: Request, server=Depends(ingress)):
+    return await _handle(server, request, oa.ChatRequest, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, server=Depends(ingress)):
+    return await _handle(server, request, oa.CompletionRequest, chat=False)
+
+
+async def _body(limits: dict, request: Request) -> bytes:
+    limit = limits["max_request_bytes"]
+    declared = request.headers.get("content-length", "0")
+    if declared.isdigit() and int(declared) > limit:
+        raise oa.ApiError(400, f"request body of {declared} bytes exceeds {limit} (serve.max_request_bytes)")
+    raw = await request.body()
+    if len(raw) > limit:
+        raise oa.ApiError(400, f"request body of {len(raw)} bytes exceeds {limit} (serve.max_request_bytes)")
+    return raw
+
+
+def _job(limits: dict, req, chat: bool) -> dict:
+    limit = limits["max_tokens"]
+    wanted = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    if wanted is not None and wanted > limit:
+        name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        raise oa.ApiError(400, f"{name}={wanted} exceeds the server's limit of {limit} (serve.max_tokens)", name, "invalid_value")
+    prompts = ([[{"role": m.role, "content": m.text()} for m in req.messages]] if chat
+               else ([req.prompt] if isinstance(req.prompt, str) else list(req.prompt)))
+    if len(prompts) * req.n > limits["max_batch_size"] * 4:
+        raise oa.ApiError(400, f"{len(prompts)} prompts x n={req.n} is more choices than this server takes at once", "n")
+    return {"chat": chat, "prompts": prompts, "n": req.n, "max_tokens": wanted, "stream": req.stream,
+            "sampling": {"temperature": req.temperature, "top_p": req.top_p, "stop": req.stop or [], "seed": req.seed,
+                         "ignore_eos": req.ignore_eos}}
+
+
+async def _handle(server, request: Request, kind, chat: bool):
+    started, rid = time.monotonic(), oa.new_id("chatcmpl" if chat else "cmpl")
+    try:
+        server.authorize(request)
+        req = oa.parse(kind, await _body(server.limits, request))
+        version = await server.route(req.model)
+        if version is None:
+            raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
+                              "model", "model_not_found")
+        job = _job(server.limits, req, chat)
+        stream = server.generator.options(stream=True, multiplexed_model_id=version).stream.remote(job)
+        first = await stream.__anext__()
+        if "error" in first:
+            e = first["error"]
+            raise oa.ApiError(e["status"], e["message"], e.get("param"), e.get("code"))
+    except oa.ApiError as e:
+        log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
+        return JSONResponse(e.body(), e.status)
+    except Exception as e:  # a bug or a lost replica: OpenAI-shaped 500, logged with its traceback
+        log.exception(f"request {rid} failed")
+        return JSONResponse(oa.ApiError(500, f"internal error ({type(e).__name__}); see the server log", code="internal").body(), 500)
+    record = {"request": rid, "model": req.model, "version": version, "prompt_tokens": first["prompt_tokens"]}
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_events(stream, rid, req.model, chat, len(job["prompts"]) * req.n,
+                                         include_usage, record, started), media_type="text/event-stream")
+    texts, finish, tokens = {}, {}, 0
+    async for item in stream:
+        for i, text, reason, count in item["deltas"]:
+            texts[i] = texts.get(i, "") + text
+            finish[i] = reason or finish.get(i)
+            tokens += count
+    choices = [{"index": i, "text": texts.get(i, ""), "finish_reason": finish.get(i)} for i in range(len(job["prompts"]) * req.n)]
+    use = oa.usage(first["prompt_tokens"], tokens)
+    _log(record, use, started)
+    return oa.completion(rid, req.model, choices, use, chat)
+
+
+async def _events(stream, rid, model, chat, n_choices, include_usage, record, started):
+    for i in range(n_choices if chat else 0):  # the assistant role first, as OpenAI does
+        yield oa.sse(oa.chunk(rid, model, i, None, None, chat, role=True))
+    tokens = 0
+    async for item in stream:
+        for i, text, reason, count in item["deltas"]:
+            tokens += count
+            yield oa.sse(oa.chunk(rid, model, i, text, reason, chat))
+    use = oa.usage(record["prompt_tokens"], tokens)
+    if include_usage:
+        yield oa.sse(oa.usage_chunk(rid, model, use, chat))
+    yield oa.sse("[DONE]")
+    _log(record, use, started)
+
+
+def _log(record: dict, use: dict, started: float) -> None:
+    log.info(json.dumps(record | {"completion_tokens": use["completion_tokens"],
+                                  "latency_s": round(time.monotonic() - started, 4)}))

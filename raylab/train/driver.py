@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -228,8 +227,8 @@ def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float, log) -> dic
     best = min(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_loss", math.inf), default=None)
     with result.checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="raylab-final-") as staging:
         state = checkpoint.read_state(d)
-        shutil.copytree(os.path.join(d, checkpoint.MODEL_DIR), staging, dirs_exist_ok=True)
-        models.load_tokenizer(cfg.model).save_pretrained(staging)
+        storage.copy_dir(os.path.join(d, checkpoint.MODEL_DIR), staging)
+        storage.save_pretrained(models.load_tokenizer(cfg.model), staging)
         digests = state.get("replica_digests") or []
         if len(set(digests)) > 1:
             raise RuntimeError(f"DDP replicas ended with different weights {digests}: a bug, please report it")
@@ -253,10 +252,7 @@ def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float, log) -> dic
         runs.write_json(runs.model_file(staging, runs.TRAIN_META), meta)
         storage.copy_dir(staging, run.train_final)
     storage.write_text(run.train_metrics, metrics.to_jsonl(state["history"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        png = os.path.join(tmp, os.path.basename(run.train_loss_png))
-        metrics.plot_loss(state["history"], png, f"{cfg.run_name}: {cfg.model.method} on {cfg.model.name_or_path}")
-        storage.write_bytes(run.train_loss_png, Path(png).read_bytes())
+    metrics.plot_loss(state["history"], run.train_loss_png, f"{cfg.run_name}: {cfg.model.method} on {cfg.model.name_or_path}")
     m = meta.metrics
     log(f"train: {meta.steps} steps, {meta.trained_tokens:,} tokens in {seconds:.0f}s; val_loss "
         f"{m['initial_val_loss']:.4f} -> {m['val_loss']:.4f} (best {m['best_val_loss']:.4f}), perplexity "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from raylab import config, models
 from raylab.config import RaylabConfig
-from raylab.core import plan, runs, storage
+from raylab.core import events, plan, runs, storage
 from raylab.errors import UserError
 from raylab.train import checkpoint, metrics, pretrain
 from raylab.train.loop import train_loop_per_worker
@@ -44,6 +45,8 @@ MATERIALIZE_BYTES = 1 << 30  # a split up to this size is read into the object s
 # Keys that change how a run is executed, not what it computes: a resumed run may change them.
 OPERATIONAL_KEYS = {"num_workers", "cpus_per_worker", "gpus_per_worker", "torch_threads", "placement_strategy",
                     "max_failures", "resume", "log_every", "keep_checkpoints", "checkpoint_every"}
+
+log = logging.getLogger(__name__)
 
 
 def manifest_hash(manifest: runs.DataManifest) -> str:
@@ -89,11 +92,11 @@ def _previous_run(run: runs.Run) -> dict | None:
     return json.loads(storage.read_text(run.train_identity)) if storage.exists(run.train_identity) else None
 
 
-def _start_or_resume(resume: bool, run: runs.Run, ident: dict, log) -> dict | None:
+def _start_or_resume(resume: bool, run: runs.Run, ident: dict) -> dict | None:
     """Returns the finished run's metadata when there is nothing to do."""
     prev = _previous_run(run)
     if prev is not None and not resume:
-        log(f"train: train.resume=false; discarding the previous run in {run.train}")
+        log.info(f"train: train.resume=false; discarding the previous run in {run.train}")
         storage.reset_dir(run.train)
         prev = None
     if prev is not None and prev["identity"]["hash"] != ident["hash"]:
@@ -106,8 +109,8 @@ def _start_or_resume(resume: bool, run: runs.Run, ident: dict, log) -> dict | No
     if prev is not None and storage.exists(run.train_meta):
         meta = runs.read_json(run.train_meta, runs.TrainMeta)
         if meta.identity == ident["hash"]:
-            log(f"train: already finished with these settings: {run.train_final} "
-                "(train.resume=false trains again)")
+            log.info(f"train: already finished with these settings: {run.train_final} "
+                     "(train.resume=false trains again)")
             return meta.model_dump(mode="json")
     storage.write_text(run.train_identity, json.dumps({"identity": ident}, indent=2) + "\n")
     return None
@@ -147,14 +150,21 @@ def read_split(location: str, nbytes: int, num_cpus: float):
     return ds.materialize() if nbytes <= MATERIALIZE_BYTES else ds
 
 
-def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callbacks: list | None = None,
+def run_train(cfg: RaylabConfig, address: str | None = None, callbacks: list | None = None,
               track: bool = True, gate=None) -> dict:
     """Run the train stage; returns the final model's metadata (also in final/raylab_train.json).
 
     With `track` (and registry.enabled) the driver then logs the run to MLflow and registers
     the model; tune trials pass track=False: their sweep's driver logs them. `gate`: an
     object every worker consults after each evaluation, `start(step, last_step)` then
-    `after_eval(step, log)` (a sweep's ASHA rungs: raylab/tune/asha.py `RungWait`)."""
+    `after_eval(step)` (a sweep's ASHA rungs: raylab/tune/asha.py `RungWait`). Progress lines
+    go to the `raylab.train` logger; stage.start then stage.end (or stage.failure) events to
+    the run's events file."""
+    with events.stage("train", run=cfg.output_dir):
+        return _train(cfg, address, callbacks, track, gate)
+
+
+def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track: bool, gate) -> dict:
     cfg = pretrain.resolve(cfg)  # a `pretrain` section: its pre-trained model is the base
     run = runs.Run(cfg.output_dir)
     manifest = runs.read_manifest(run, cfg.source)
@@ -168,9 +178,9 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
     data_context.enable_progress_bars = data_context.print_on_execution_start = False
     data_context.execution_options.preserve_order = True  # the same block order in every run
     ident = identity(cfg, manifest)
-    done = _start_or_resume(cfg.train.resume, run, ident, log)
+    done = _start_or_resume(cfg.train.resume, run, ident)
     if done is not None:
-        return _track(cfg, done, log) if track else done
+        return _track(cfg, done) if track else done
     config.write_resolved(cfg)
     t = cfg.train
     execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic shards: resume can skip
@@ -198,8 +208,8 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
     )
     workers = t.num_workers if isinstance(t.num_workers, int) else f"{t.min_workers}-{t.max_workers}"
-    log(f"train: {cfg.model.method} on {cfg.model.name_or_path}, {workers} worker(s) x {the_plan.torch_threads} thread(s), "
-        f"{sequences['train']} sequences x {cfg.data.max_seq_len} -> {run.train}")
+    log.info(f"train: {cfg.model.method} on {cfg.model.name_or_path}, {workers} worker(s) x {the_plan.torch_threads} thread(s), "
+             f"{sequences['train']} sequences x {cfg.data.max_seq_len} -> {run.train}")
     started = time.time()
     try:
         result = trainer.fit()
@@ -209,11 +219,11 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
             raise UserError(message) from None
         raise RuntimeError(f"training failed: {e}\nThe latest checkpoint is kept: run the same command again to "
                            f"resume from it (or raise train.max_failures to restart failed workers automatically)") from None
-    meta = finalize(cfg, result, ident, time.time() - started, log)
-    return _track(cfg, meta, log) if track else meta
+    meta = finalize(cfg, result, ident, time.time() - started)
+    return _track(cfg, meta) if track else meta
 
 
-def _track(cfg: RaylabConfig, meta: dict, log) -> dict:
+def _track(cfg: RaylabConfig, meta: dict) -> dict:
     if not cfg.registry.enabled:
         return meta
     from raylab import registry
@@ -221,7 +231,7 @@ def _track(cfg: RaylabConfig, meta: dict, log) -> dict:
     return meta | {"registry": registry.track_train(cfg, meta)}
 
 
-def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float, log) -> dict:
+def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float) -> dict:
     """final/ (Hugging Face format + tokenizer + metadata), metrics.jsonl, loss.png."""
     run = runs.Run(cfg.output_dir)
     best = min(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_loss", math.inf), default=None)
@@ -254,21 +264,27 @@ def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float, log) -> dic
     storage.write_text(run.train_metrics, metrics.to_jsonl(state["history"]))
     metrics.plot_loss(state["history"], run.train_loss_png, f"{cfg.run_name}: {cfg.model.method} on {cfg.model.name_or_path}")
     m = meta.metrics
-    log(f"train: {meta.steps} steps, {meta.trained_tokens:,} tokens in {seconds:.0f}s; val_loss "
-        f"{m['initial_val_loss']:.4f} -> {m['val_loss']:.4f} (best {m['best_val_loss']:.4f}), perplexity "
-        f"{m['val_perplexity']:.2f}, token accuracy {m['val_token_accuracy']:.1%}")
-    log(f"train: model -> {run.train_final}")
+    log.info(f"train: {meta.steps} steps, {meta.trained_tokens:,} tokens in {seconds:.0f}s; val_loss "
+             f"{m['initial_val_loss']:.4f} -> {m['val_loss']:.4f} (best {m['best_val_loss']:.4f}), perplexity "
+             f"{m['val_perplexity']:.2f}, token accuracy {m['val_token_accuracy']:.1%}")
+    log.info(f"train: model -> {run.train_final}")
     return meta.model_dump(mode="json")
 
 
-def run_pretrain(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
-    """Pre-train (or find the finished pre-training); returns its final metadata."""
+def run_pretrain(cfg: RaylabConfig, address: str | None = None) -> dict:
+    """Pre-train (or find the finished pre-training); returns its final metadata. Its
+    stage.start then stage.end events (stage "pretrain") go to this run's events file."""
     if cfg.pretrain is None:
         raise UserError("the config has no pretrain section")
+    with events.stage("pretrain", run=cfg.output_dir):
+        return _pretrain(cfg, address)
+
+
+def _pretrain(cfg: RaylabConfig, address: str | None) -> dict:
     pcfg = pretrain.pretrain_config(cfg)
     # The pre-training reads the data stage's shards where they are: its manifest is a copy.
     src, dst = runs.Run(cfg.output_dir), runs.Run(pcfg.output_dir)
     if not storage.exists(src.manifest):
         raise UserError(f"no data stage output at {src.manifest}: run `raylab data` (or `raylab run`) first")
     storage.write_text(dst.manifest, storage.read_text(src.manifest))
-    return run_train(pcfg, address, log, track=False)
+    return _train(pcfg, address, None, False, None)

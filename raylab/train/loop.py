@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import math
 import tempfile
 import time
@@ -17,10 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from raylab.config import RaylabConfig
-from raylab.core import storage
+from raylab.core import logs, storage
 
 VAL_CACHE_BYTES = 256 << 20  # a val split up to this size stays in each worker's memory
 TRAIN_CACHE_BYTES = 256 << 20  # so does a train shard up to this size (per worker)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,6 +125,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:  # one worker's progress lines (and a gate's) reach the driver's console
+        logs.console()
     torch.set_num_threads(loop_config["torch_threads"])
     device = ray.train.torch.get_device()
     bf16 = use_bf16(t.precision, device)
@@ -152,8 +157,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             rows_done = state["batches_in_epoch"] * t.batch_size * state["world_size"]
             state["batches_in_epoch"], state["world_size"] = rows_done // (t.batch_size * world), world
         if rank == 0:
-            print(f"train: resumed from step {state['step']} (epoch {state['epoch']}, "
-                  f"{state['batches_in_epoch']} micro-batches into it)", flush=True)
+            log.info(f"train: resumed from step {state['step']} (epoch {state['epoch']}, "
+                     f"{state['batches_in_epoch']} micro-batches into it)")
     else:
         checkpoint.seed_all(t.seed + 7919 * rank)  # dropout streams differ per rank
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
@@ -222,7 +227,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         Train's controller, about a second here, which log-only steps need not pay."""
         state["history"].append(row)
         if rank == 0:
-            print(metrics.progress_line(row, steps.total, time.perf_counter() - started, started_at), flush=True)
+            log.info(metrics.progress_line(row, steps.total, time.perf_counter() - started, started_at))
             storage.write_text(metrics_path, metrics.to_jsonl(state["history"]))
         if not with_checkpoint:
             if to_ray:
@@ -298,11 +303,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 report(row(interval(acc), evaluated), ckpt_due or state["stopped_early"], to_ray=evaluated)
                 acc = dict.fromkeys(acc, 0) | {"loss_sum": 0.0, "seconds": 0.0}
                 if gate is not None and evaluated:
-                    gate.after_eval(step, log=print if rank == 0 else lambda _: None)
+                    gate.after_eval(step)
             if state["stopped_early"]:
                 if rank == 0:
-                    print(f"train: early stop at step {step}: val_loss has not improved for "
-                          f"{t.early_stopping_patience} evaluations (best {state['best_val_loss']:.4f})", flush=True)
+                    log.info(f"train: early stop at step {step}: val_loss has not improved for "
+                             f"{t.early_stopping_patience} evaluations (best {state['best_val_loss']:.4f})")
                 break
         else:
             break

@@ -63,6 +63,17 @@ def test_loss_falls_and_outputs_are_complete(reference):
     assert meta["best_checkpoint"] and Path(meta["best_checkpoint"]).exists()
 
 
+def test_the_run_records_the_train_stage_as_events(reference):
+    from raylab.core import events, runs
+
+    cfg, _ = reference
+    recorded = [e for e in events.read(runs.Run(cfg.output_dir).events)
+                if e["kind"].startswith("stage.") and e["fields"].get("stage") == "train"]
+    # the reference run's own pair comes first (later tests rerun the stage in this directory)
+    assert [e["kind"] for e in recorded[:2]] == ["stage.start", "stage.end"], recorded
+    assert all(e["run"] == cfg.output_dir for e in recorded)
+
+
 def test_saved_adapter_loads_with_plain_peft_and_matches(reference):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -4,7 +4,8 @@
     meta = run_train(cfg)             # writes <output_dir>/train/ (see driver.py)
 
 Modules: driver (checks, the TorchTrainer, final/), loop (`train_loop_per_worker`, what each
-worker runs), loss (objectives, masks, one optimizer step, evaluation), checkpoint (what a
+worker runs), objectives (the train.objective seam), loss (cross-entropy, masks, one optimizer
+step, evaluation), checkpoint (what a
 resumed run restores), metrics (FLOPs, MFU, the progress line, the loss plot), pretrain (the
 `pretrain:` section's config).
 """

@@ -11,8 +11,8 @@ tokenizer with its chat template, raylab_train.json with lineage and metrics).
 
 This is the driver: it checks everything a worker would trip on, builds the `TorchTrainer`
 and writes final/. The loop every worker runs is `train_loop_per_worker` in loop.py; the
-objective in loss.py, checkpoint contents and the data-position rule in checkpoint.py,
-FLOPs/MFU in metrics.py.
+objective in objectives.py (cross-entropy in loss.py), checkpoint contents and the
+data-position rule in checkpoint.py, FLOPs/MFU in metrics.py.
 
 Resume: a worker failure restarts all workers from the latest checkpoint
 (`train.max_failures`); running the same command again after the driver died continues
@@ -36,7 +36,7 @@ from raylab import config, models
 from raylab.config import RaylabConfig
 from raylab.core import events, plan, runs, storage
 from raylab.errors import UserError
-from raylab.train import checkpoint, metrics, pretrain
+from raylab.train import checkpoint, metrics, objectives, pretrain
 from raylab.train.loop import train_loop_per_worker
 from raylab.version import __version__
 
@@ -81,6 +81,10 @@ def preflight(cfg: RaylabConfig, manifest: runs.DataManifest) -> None:
     if rows < cfg.train.max_workers:
         problems.append(f"the train split has {rows} sequences, fewer than train.num_workers={cfg.train.max_workers}; "
                         "add data or lower train.num_workers")
+    try:
+        objectives.resolve(cfg.train.objective)
+    except UserError as e:
+        problems.append(str(e))
     if manifest.tokens.val.sequences == 0:
         problems.append("the val split is empty, so there is no val_loss to evaluate or rank checkpoints by; "
                         "raise data.val_fraction")
@@ -193,7 +197,8 @@ def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "torch_threads": the_plan.torch_threads,
                            "train_rows": sequences["train"], "metrics_path": run.train_metrics,
-                           "val_bytes": nbytes["val"], "train_bytes": nbytes["train"], "gate": gate},
+                           "val_bytes": nbytes["val"], "train_bytes": nbytes["train"], "gate": gate,
+                           "objective": objectives.resolve(t.objective)},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                                resources_per_worker=resources, placement_strategy=t.placement_strategy),
         run_config=ray.train.RunConfig(

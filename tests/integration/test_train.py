@@ -20,6 +20,7 @@ import yaml
 
 from conftest import STEPS, base_config, kill_cli_when_ready, run_cli, with_data
 from raylab import config, train
+from raylab.core import runs
 from raylab.errors import UserError
 from raylab.models import build_byte_tokenizer, fingerprint, load_for_training
 from raylab.train import checkpoint
@@ -213,8 +214,18 @@ def _full_val_loss(cfg) -> float:
 # ---------------------------------------------------------------- checks before any worker starts
 
 
-def _manifest(tok, seq_len=128, rows=10) -> dict:
-    return {"tokenizer": fingerprint(tok), "tokens": {"max_seq_len": seq_len, "train": {"sequences": rows}, "val": {"sequences": 2}}}
+def _manifest(tok, seq_len=128, rows=10) -> runs.DataManifest:
+    """A data manifest with what preflight reads (the tokenizer, sequence length, split sizes)."""
+    def split(sequences: int) -> dict:
+        return {"documents": sequences, "tokens": sequences * seq_len, "target_tokens": sequences * seq_len,
+                "sequences": sequences, "packing_efficiency": 1.0, "length_histogram": {}}
+
+    return runs.DataManifest.model_validate({
+        "version": 1, "created": "2026-01-01T00:00:00Z", "config_hash": "test", "cache_key": None,
+        "tokenizer": fingerprint(tok), "inputs": [], "by_source": {}, "pii_redactions": {}, "outputs": {},
+        "counts": {"read": rows, "accepted": rows, "rejected": 0, "rejected_fraction": 0.0, "rejected_by_reason": {},
+                   "duplicates": {}},
+        "tokens": {"max_seq_len": seq_len, "train": split(rows), "val": split(2)}})
 
 
 def _save(path: Path, model_type: str, tok, **kw) -> Path:
@@ -232,7 +243,7 @@ def _cfg(tmp_path, name_or_path, **model):
     return config.load_dict(raw)
 
 
-@pytest.mark.parametrize("case", ["not_causal", "target_modules", "positions", "qlora", "tokenizer", "workers"])
+@pytest.mark.parametrize("case", ["not_causal", "target_modules", "positions", "qlora", "tokenizer", "workers", "objective"])
 def test_preflight_names_the_problem(case, tmp_path, tiny_model_dir):
     tok = build_byte_tokenizer()
     manifest = _manifest(tok)
@@ -256,11 +267,15 @@ def test_preflight_names_the_problem(case, tmp_path, tiny_model_dir):
         manifest = _manifest(other)
         cfg = _cfg(tmp_path, tiny_model_dir)
         expect = r"tokenized with a different tokenizer.*vocab_size 261 vs 260.*rerun `raylab data`"
-    else:
+    elif case == "workers":
         manifest = _manifest(tok, rows=1)
         cfg = _cfg(tmp_path, tiny_model_dir)
         cfg.train.num_workers = 2
         expect = r"fewer than train\.num_workers=2"
+    else:
+        cfg = _cfg(tmp_path, tiny_model_dir)
+        cfg.train.objective = "nope"
+        expect = r"train\.objective='nope' is not a known objective; expected one of cross_entropy"
     with pytest.raises(UserError, match=expect):
         train.preflight(cfg, manifest)
 
@@ -273,6 +288,6 @@ def test_cli_train_user_errors_exit_2_without_traceback(tmp_path, tiny_model_dir
     assert r.returncode == 2 and "run `raylab data" in r.stderr and "Traceback" not in r.stderr
     data = tmp_path / "run" / "data"
     data.mkdir(parents=True)
-    (data / "manifest.json").write_text(json.dumps(_manifest(build_byte_tokenizer())))
+    (data / "manifest.json").write_text(_manifest(build_byte_tokenizer()).model_dump_json())
     r = run_cli("train", str(path), "model.method=qlora", f"model.name_or_path={tiny_model_dir}")
     assert r.returncode == 2 and "needs a GPU" in r.stderr and "Traceback" not in r.stderr

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from raylab.core import storage
+
 STATE = "state.json"
 MODEL_DIR = "model"  # the weights inside a checkpoint, in Hugging Face format
 
@@ -68,7 +70,7 @@ def save_model(model, path: str) -> None:
     """save_pretrained, then check every written tensor against the live model: a partial
     or wrongly shaped save (the classic sharded-adapter bug) fails here, not at load time."""
     m = unwrap(model)
-    m.save_pretrained(path, safe_serialization=True)
+    storage.save_pretrained(m, path, safe_serialization=True)
     expected, saved = expected_tensors(m), saved_tensors(path)
     wrong = {k: (saved[k], expected.get(k)) for k in saved if saved[k] != expected.get(k)}
     missing = set(expected) - set(saved)
@@ -132,30 +134,28 @@ def seed_all(seed: int) -> None:
 
 def save(directory: str, *, rank: int, model, optimizer, scheduler, state: dict) -> None:
     """Write this worker's part of a checkpoint into `directory`."""
-    torch.save(rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
+    storage.save_torch(rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
     if rank != 0:
         return
     save_model(model, os.path.join(directory, MODEL_DIR))
-    torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
-    with open(os.path.join(directory, STATE), "w") as f:
-        json.dump(state, f, allow_nan=True)
+    storage.save_torch(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+    storage.save_torch(scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+    storage.write_text(os.path.join(directory, STATE), json.dumps(state, allow_nan=True))
 
 
 def restore(directory: str, *, rank: int, world_size: int, model, optimizer, scheduler, seed: int) -> dict:
     """Load a checkpoint into the live objects; returns its state.json."""
     state = read_state(directory)
     load_model_weights(model, os.path.join(directory, MODEL_DIR))
-    optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=False))
-    scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=False))
+    optimizer.load_state_dict(storage.load_torch(os.path.join(directory, "optimizer.pt")))
+    scheduler.load_state_dict(storage.load_torch(os.path.join(directory, "scheduler.pt")))
     rng = os.path.join(directory, f"rng_rank{rank}.pt")
-    if state.get("world_size") == world_size and os.path.exists(rng):
-        set_rng_state(torch.load(rng, weights_only=False))
+    if state.get("world_size") == world_size and storage.exists(rng):
+        set_rng_state(storage.load_torch(rng))
     else:  # another world size: fresh, still deterministic, streams per rank
         seed_all(seed + 7919 * rank + state["step"])
     return state
 
 
 def read_state(directory: str) -> dict:
-    with open(os.path.join(directory, STATE)) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(os.path.join(directory, STATE)))

@@ -11,8 +11,8 @@ tokenizer with its chat template, raylab_train.json with lineage and metrics).
 
 This is the driver: it checks everything a worker would trip on, builds the `TorchTrainer`
 and writes final/. The loop every worker runs is `train_loop_per_worker` in loop.py; the
-objective in loss.py, checkpoint contents and the data-position rule in checkpoint.py,
-FLOPs/MFU in metrics.py.
+objective in objectives.py (cross-entropy in loss.py), checkpoint contents and the
+data-position rule in checkpoint.py, FLOPs/MFU in metrics.py.
 
 Resume: a worker failure restarts all workers from the latest checkpoint
 (`train.max_failures`); running the same command again after the driver died continues
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -34,9 +34,9 @@ from pathlib import Path
 
 from raylab import config, models
 from raylab.config import RaylabConfig
-from raylab.core import plan, runs, storage
+from raylab.core import events, plan, runs, storage
 from raylab.errors import UserError
-from raylab.train import checkpoint, metrics, pretrain
+from raylab.train import checkpoint, metrics, objectives, pretrain
 from raylab.train.loop import train_loop_per_worker
 from raylab.version import __version__
 
@@ -45,6 +45,8 @@ MATERIALIZE_BYTES = 1 << 30  # a split up to this size is read into the object s
 # Keys that change how a run is executed, not what it computes: a resumed run may change them.
 OPERATIONAL_KEYS = {"num_workers", "cpus_per_worker", "gpus_per_worker", "torch_threads", "placement_strategy",
                     "max_failures", "resume", "log_every", "keep_checkpoints", "checkpoint_every"}
+
+log = logging.getLogger(__name__)
 
 
 def manifest_hash(manifest: runs.DataManifest) -> str:
@@ -79,6 +81,10 @@ def preflight(cfg: RaylabConfig, manifest: runs.DataManifest) -> None:
     if rows < cfg.train.max_workers:
         problems.append(f"the train split has {rows} sequences, fewer than train.num_workers={cfg.train.max_workers}; "
                         "add data or lower train.num_workers")
+    try:
+        objectives.resolve(cfg.train.objective)
+    except UserError as e:
+        problems.append(str(e))
     if manifest.tokens.val.sequences == 0:
         problems.append("the val split is empty, so there is no val_loss to evaluate or rank checkpoints by; "
                         "raise data.val_fraction")
@@ -90,11 +96,11 @@ def _previous_run(run: runs.Run) -> dict | None:
     return json.loads(storage.read_text(run.train_identity)) if storage.exists(run.train_identity) else None
 
 
-def _start_or_resume(resume: bool, run: runs.Run, ident: dict, log) -> dict | None:
+def _start_or_resume(resume: bool, run: runs.Run, ident: dict) -> dict | None:
     """Returns the finished run's metadata when there is nothing to do."""
     prev = _previous_run(run)
     if prev is not None and not resume:
-        log(f"train: train.resume=false; discarding the previous run in {run.train}")
+        log.info(f"train: train.resume=false; discarding the previous run in {run.train}")
         storage.reset_dir(run.train)
         prev = None
     if prev is not None and prev["identity"]["hash"] != ident["hash"]:
@@ -107,8 +113,8 @@ def _start_or_resume(resume: bool, run: runs.Run, ident: dict, log) -> dict | No
     if prev is not None and storage.exists(run.train_meta):
         meta = runs.read_json(run.train_meta, runs.TrainMeta)
         if meta.identity == ident["hash"]:
-            log(f"train: already finished with these settings: {run.train_final} "
-                "(train.resume=false trains again)")
+            log.info(f"train: already finished with these settings: {run.train_final} "
+                     "(train.resume=false trains again)")
             return meta.model_dump(mode="json")
     storage.write_text(run.train_identity, json.dumps({"identity": ident}, indent=2) + "\n")
     return None
@@ -148,14 +154,21 @@ def read_split(location: str, nbytes: int, num_cpus: float):
     return ds.materialize() if nbytes <= MATERIALIZE_BYTES else ds
 
 
-def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callbacks: list | None = None,
+def run_train(cfg: RaylabConfig, address: str | None = None, callbacks: list | None = None,
               track: bool = True, gate=None) -> dict:
     """Run the train stage; returns the final model's metadata (also in final/raylab_train.json).
 
     With `track` (and registry.enabled) the driver then logs the run to MLflow and registers
     the model; tune trials pass track=False: their sweep's driver logs them. `gate`: an
     object every worker consults after each evaluation, `start(step, last_step)` then
-    `after_eval(step, log)` (a sweep's ASHA rungs: raylab/tune/asha.py `RungWait`)."""
+    `after_eval(step)` (a sweep's ASHA rungs: raylab/tune/asha.py `RungWait`). Progress lines
+    go to the `raylab.train` logger; stage.start then stage.end (or stage.failure) events to
+    the run's events file."""
+    with events.stage("train", run=cfg.output_dir):
+        return _train(cfg, address, callbacks, track, gate)
+
+
+def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track: bool, gate) -> dict:
     cfg = pretrain.resolve(cfg)  # a `pretrain` section: its pre-trained model is the base
     run = runs.Run(cfg.output_dir)
     manifest = runs.read_manifest(run, cfg.source)
@@ -169,9 +182,9 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
     data_context.enable_progress_bars = data_context.print_on_execution_start = False
     data_context.execution_options.preserve_order = True  # the same block order in every run
     ident = identity(cfg, manifest)
-    done = _start_or_resume(cfg.train.resume, run, ident, log)
+    done = _start_or_resume(cfg.train.resume, run, ident)
     if done is not None:
-        return _track(cfg, done, log) if track else done
+        return _track(cfg, done) if track else done
     config.write_resolved(cfg)
     t = cfg.train
     execution = ray.data.ExecutionOptions(preserve_order=True)  # deterministic shards: resume can skip
@@ -184,7 +197,8 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "torch_threads": the_plan.torch_threads,
                            "train_rows": sequences["train"], "metrics_path": run.train_metrics,
-                           "val_bytes": nbytes["val"], "train_bytes": nbytes["train"], "gate": gate},
+                           "val_bytes": nbytes["val"], "train_bytes": nbytes["train"], "gate": gate,
+                           "objective": objectives.resolve(t.objective)},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                                resources_per_worker=resources, placement_strategy=t.placement_strategy),
         run_config=ray.train.RunConfig(
@@ -199,8 +213,8 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
     )
     workers = t.num_workers if isinstance(t.num_workers, int) else f"{t.min_workers}-{t.max_workers}"
-    log(f"train: {cfg.model.method} on {cfg.model.name_or_path}, {workers} worker(s) x {the_plan.torch_threads} thread(s), "
-        f"{sequences['train']} sequences x {cfg.data.max_seq_len} -> {run.train}")
+    log.info(f"train: {cfg.model.method} on {cfg.model.name_or_path}, {workers} worker(s) x {the_plan.torch_threads} thread(s), "
+             f"{sequences['train']} sequences x {cfg.data.max_seq_len} -> {run.train}")
     started = time.time()
     try:
         result = trainer.fit()
@@ -210,11 +224,11 @@ def run_train(cfg: RaylabConfig, address: str | None = None, log=print, callback
             raise UserError(message) from None
         raise RuntimeError(f"training failed: {e}\nThe latest checkpoint is kept: run the same command again to "
                            f"resume from it (or raise train.max_failures to restart failed workers automatically)") from None
-    meta = finalize(cfg, result, ident, time.time() - started, log)
-    return _track(cfg, meta, log) if track else meta
+    meta = finalize(cfg, result, ident, time.time() - started)
+    return _track(cfg, meta) if track else meta
 
 
-def _track(cfg: RaylabConfig, meta: dict, log) -> dict:
+def _track(cfg: RaylabConfig, meta: dict) -> dict:
     if not cfg.registry.enabled:
         return meta
     from raylab import registry
@@ -222,14 +236,14 @@ def _track(cfg: RaylabConfig, meta: dict, log) -> dict:
     return meta | {"registry": registry.track_train(cfg, meta)}
 
 
-def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float, log) -> dict:
+def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float) -> dict:
     """final/ (Hugging Face format + tokenizer + metadata), metrics.jsonl, loss.png."""
     run = runs.Run(cfg.output_dir)
     best = min(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_loss", math.inf), default=None)
     with result.checkpoint.as_directory() as d, tempfile.TemporaryDirectory(prefix="raylab-final-") as staging:
         state = checkpoint.read_state(d)
-        shutil.copytree(os.path.join(d, checkpoint.MODEL_DIR), staging, dirs_exist_ok=True)
-        models.load_tokenizer(cfg.model).save_pretrained(staging)
+        storage.copy_dir(os.path.join(d, checkpoint.MODEL_DIR), staging)
+        storage.save_pretrained(models.load_tokenizer(cfg.model), staging)
         digests = state.get("replica_digests") or []
         if len(set(digests)) > 1:
             raise RuntimeError(f"DDP replicas ended with different weights {digests}: a bug, please report it")
@@ -253,26 +267,29 @@ def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float, log) -> dic
         runs.write_json(runs.model_file(staging, runs.TRAIN_META), meta)
         storage.copy_dir(staging, run.train_final)
     storage.write_text(run.train_metrics, metrics.to_jsonl(state["history"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        png = os.path.join(tmp, os.path.basename(run.train_loss_png))
-        metrics.plot_loss(state["history"], png, f"{cfg.run_name}: {cfg.model.method} on {cfg.model.name_or_path}")
-        storage.write_bytes(run.train_loss_png, Path(png).read_bytes())
+    metrics.plot_loss(state["history"], run.train_loss_png, f"{cfg.run_name}: {cfg.model.method} on {cfg.model.name_or_path}")
     m = meta.metrics
-    log(f"train: {meta.steps} steps, {meta.trained_tokens:,} tokens in {seconds:.0f}s; val_loss "
-        f"{m['initial_val_loss']:.4f} -> {m['val_loss']:.4f} (best {m['best_val_loss']:.4f}), perplexity "
-        f"{m['val_perplexity']:.2f}, token accuracy {m['val_token_accuracy']:.1%}")
-    log(f"train: model -> {run.train_final}")
+    log.info(f"train: {meta.steps} steps, {meta.trained_tokens:,} tokens in {seconds:.0f}s; val_loss "
+             f"{m['initial_val_loss']:.4f} -> {m['val_loss']:.4f} (best {m['best_val_loss']:.4f}), perplexity "
+             f"{m['val_perplexity']:.2f}, token accuracy {m['val_token_accuracy']:.1%}")
+    log.info(f"train: model -> {run.train_final}")
     return meta.model_dump(mode="json")
 
 
-def run_pretrain(cfg: RaylabConfig, address: str | None = None, log=print) -> dict:
-    """Pre-train (or find the finished pre-training); returns its final metadata."""
+def run_pretrain(cfg: RaylabConfig, address: str | None = None) -> dict:
+    """Pre-train (or find the finished pre-training); returns its final metadata. Its
+    stage.start then stage.end events (stage "pretrain") go to this run's events file."""
     if cfg.pretrain is None:
         raise UserError("the config has no pretrain section")
+    with events.stage("pretrain", run=cfg.output_dir):
+        return _pretrain(cfg, address)
+
+
+def _pretrain(cfg: RaylabConfig, address: str | None) -> dict:
     pcfg = pretrain.pretrain_config(cfg)
     # The pre-training reads the data stage's shards where they are: its manifest is a copy.
     src, dst = runs.Run(cfg.output_dir), runs.Run(pcfg.output_dir)
     if not storage.exists(src.manifest):
         raise UserError(f"no data stage output at {src.manifest}: run `raylab data` (or `raylab run`) first")
     storage.write_text(dst.manifest, storage.read_text(src.manifest))
-    return run_train(pcfg, address, log, track=False)
+    return _train(pcfg, address, None, False, None)

@@ -1,26 +1,31 @@
 """The training loop: `train_loop_per_worker` runs on every Ray Train worker.
 
-The objective (packed-row masks, token-normalised gradient accumulation, evaluation) is in
-loss.py, checkpoint contents and the data-position rule in checkpoint.py, FLOPs/MFU in
-metrics.py; the driver (driver.py) builds the trainer and hands this function its
-`loop_config`.
+The objective is `train.objective` (objectives.py); packed-row masks, token-normalised
+gradient accumulation and evaluation are in loss.py, checkpoint contents and the
+data-position rule in checkpoint.py, FLOPs/MFU in metrics.py; the driver (driver.py) builds
+the trainer and hands this function its `loop_config`. What a checkpoint must carry for a
+resumed run to continue is `TrainState` (its state.json).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
+import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from raylab.config import RaylabConfig
-from raylab.core import storage
+from raylab.core import logs, storage
 
 VAL_CACHE_BYTES = 256 << 20  # a val split up to this size stays in each worker's memory
 TRAIN_CACHE_BYTES = 256 << 20  # so does a train shard up to this size (per worker)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +45,98 @@ def plan_steps(train_rows: int, world: int, batch_size: int, grad_accum: int, ep
     per_epoch = max(1, math.ceil(micro / grad_accum))
     total = max_steps if max_steps else epochs * per_epoch
     return Steps(rows, micro, per_epoch, math.ceil(total / per_epoch), total)
+
+
+@dataclass
+class TrainState:
+    """Where a run is: saved in every checkpoint as state.json (these field names are its keys,
+    read back by resumed runs and by the driver's final/ metadata)."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of this epoch consumed (the data position)
+    tokens: int = 0
+    world_size: int = 1
+    best_val_loss: float | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    last_checkpoint_step: int = -1
+    history: list[dict] = field(default_factory=list)  # every metrics row
+    val: dict | None = None  # the latest evaluation
+    flops: dict = field(default_factory=dict)
+    resumed_at_steps: list[int] = field(default_factory=list)
+    replica_digests: list[str] = field(default_factory=list)  # set by the last checkpoint
+    worker_nodes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainState:
+        """From a checkpoint's state.json (older ones lack the fields that have defaults)."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def stepped(self, out: dict, micro_batches: int) -> None:
+        self.step += 1
+        self.batches_in_epoch += micro_batches
+        self.tokens += out["real_tokens"]
+
+    def evaluated(self, val: dict) -> None:
+        """Record an evaluation: the best val loss, evaluations without improvement."""
+        self.val = val
+        v = val["val_loss"]
+        if self.best_val_loss is None or v < self.best_val_loss:
+            self.best_val_loss, self.evals_without_improvement = v, 0
+        else:
+            self.evals_without_improvement += 1
+
+    def out_of_patience(self, patience: int | None) -> bool:
+        return bool(patience and self.evals_without_improvement >= patience)
+
+
+@dataclass
+class Window:
+    """The optimizer steps since the last metrics row."""
+
+    loss_sum: float = 0.0  # token loss summed over the window's target tokens
+    targets: int = 0
+    real_tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+    grad_norm: float = 0.0  # the latest step's
+
+    def add(self, out: dict, seconds: float) -> None:
+        self.loss_sum += out["loss"] * out["targets"]
+        self.targets += out["targets"]
+        self.real_tokens += out["real_tokens"]
+        self.grad_norm = out["grad_norm"]
+        self.steps += 1
+        self.seconds += seconds
+
+    def stats(self) -> dict:
+        """The window's token-mean loss and totals."""
+        return {"loss": self.loss_sum / max(self.targets, 1), "grad_norm": self.grad_norm, "real_tokens": self.real_tokens,
+                "seconds": self.seconds, "steps": self.steps}
+
+
+BASELINE = {"loss": None, "grad_norm": None, "real_tokens": 0, "seconds": 0.0, "steps": 0}  # before any step
+
+
+def metrics_row(state: TrainState, window: dict, evaluated: bool, *, lr: float, flops_per_token: float, world: int,
+                peak_flops: float) -> dict:
+    """One row of metrics.jsonl (and of a report to Ray Train)."""
+    val = state.val or {}
+    seconds = window["seconds"] or float("nan")
+    tokens_per_s = window["real_tokens"] / seconds
+    return {
+        "step": state.step, "epoch": state.epoch, "loss": window["loss"],
+        "lr": lr, "grad_norm": window["grad_norm"],
+        "tokens_per_s": tokens_per_s, "step_time_s": seconds / max(window["steps"], 1),
+        "mfu": flops_per_token * tokens_per_s / world / peak_flops,
+        "tokens": state.tokens, "evaluated": evaluated,
+        "val_loss": val.get("val_loss"), "val_perplexity": val.get("val_perplexity"),
+        "val_token_accuracy": val.get("val_token_accuracy"), "best_val_loss": state.best_val_loss,
+    }
 
 
 def collate(batch: dict, all_tokens: bool = False) -> dict:
@@ -68,11 +165,63 @@ def _make_collate(all_tokens: bool = False):
     return Collate()
 
 
+class Shards:
+    """This worker's train shard and the val split, as batches."""
+
+    def __init__(self, t, rank: int, world: int, device, val_bytes: int, train_bytes: int):
+        import ray.train
+
+        self.t, self.rank, self.world, self.device = t, rank, world, device
+        self.train = ray.train.get_dataset_shard("train")
+        self.val = ray.train.get_dataset_shard("val")
+        self.collate_fn = _make_collate(t.loss_on == "all")
+        self.val_cache: list[dict] | None = [] if val_bytes <= VAL_CACHE_BYTES else None
+        self.train_cache: dict | None = {} if train_bytes / world <= TRAIN_CACHE_BYTES else None
+
+    def on_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_batches(self, epoch: int):
+        """This worker's batches for `epoch`, the same after any restart. A small shard is read
+        once into memory and each epoch is a seeded permutation of its rows: every pass over a
+        Ray Data shard costs seconds of start-up, which a small corpus trained for many epochs
+        (the quickstart's pre-training) would otherwise pay every epoch."""
+        import torch
+
+        t, cache = self.t, self.train_cache
+        if cache is None:
+            return iter(self.train.iter_torch_batches(
+                batch_size=t.batch_size, collate_fn=self.collate_fn, local_shuffle_buffer_size=16 * t.batch_size,
+                prefetch_batches=2, local_shuffle_seed=t.seed + epoch))
+        if not cache:
+            parts = list(self.train.iter_torch_batches(batch_size=t.batch_size, collate_fn=self.collate_fn))
+            cache.update({k: torch.cat([b[k] for b in parts]) for k in parts[0]} if parts else {})
+        n = len(next(iter(cache.values()))) if cache else 0
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed + epoch))
+        return ({k: v[order[i:i + t.batch_size]] for k, v in cache.items()} for i in range(0, n, t.batch_size))
+
+    def val_batches(self):
+        """Stream the val shard; a small one is kept in memory after the first pass, since
+        each pass over a Ray Data shard costs seconds of execution start-up."""
+        if self.val_cache:
+            yield from (self.on_device(b) for b in self.val_cache)
+            return
+        # Every worker streams the whole (unsplit) val set and evaluates every world-th
+        # batch: Ray Train's split is `equal=True`, which drops rows to even the shards, so
+        # the val loss would depend on the number of workers.
+        batches = self.val.iter_torch_batches(batch_size=self.t.eval_batch_size, collate_fn=self.collate_fn)
+        for i, b in enumerate(batches):
+            if i % self.world != self.rank:
+                continue
+            if self.val_cache is not None:
+                self.val_cache.append(b)
+            yield self.on_device(b)
+
+
 def _quiet_worker() -> None:
     """Keep the driver's console to raylab's progress line: Ray Train logs every report at
     INFO under loggers named by file path (its level filter misses them), transformers draws
     a weight-loading bar, and peft trips a transformers deprecation warning."""
-    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -82,11 +231,6 @@ def _quiet_worker() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-
-
-def interval(acc: dict) -> dict:
-    """A logging interval's token-mean loss and totals, from the loop's accumulators."""
-    return {"loss": acc["loss_sum"] / max(acc["targets"], 1), **{k: acc[k] for k in ("grad_norm", "real_tokens", "seconds", "steps")}}
 
 
 def use_bf16(precision: str, device) -> bool:
@@ -107,21 +251,59 @@ def replica_digest(model) -> str:
     return digest.hexdigest()[:16]
 
 
+def replicas(model, world: int) -> tuple[list[str], list[str]]:
+    """Every worker's weight digest and node id, gathered (all ranks must call this)."""
+    import ray
+    import torch.distributed as dist
+
+    mine = (replica_digest(model), ray.get_runtime_context().get_node_id())
+    gathered: list[Any] = [None] * world
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    return [g[0] for g in gathered], [g[1] for g in gathered]
+
+
+def start_state(t, *, rank: int, world: int, flops: dict, model, optimizer, scheduler) -> TrainState:
+    """A fresh state, or the latest checkpoint's restored into the live objects."""
+    import ray.train
+
+    from raylab.train import checkpoint
+
+    resumed = ray.train.get_checkpoint()
+    if not resumed:
+        checkpoint.seed_all(t.seed + 7919 * rank)  # dropout streams differ per rank
+        return TrainState(world_size=world, flops=flops)
+    with resumed.as_directory() as d:
+        state = TrainState.from_dict(checkpoint.restore(d, rank=rank, world_size=world, model=model, optimizer=optimizer,
+                                                        scheduler=scheduler, seed=t.seed))
+    state.resumed_at_steps.append(state.step)
+    if state.world_size != world:  # elastic restart: convert the data position via rows
+        rows_done = state.batches_in_epoch * t.batch_size * state.world_size
+        state.batches_in_epoch, state.world_size = rows_done // (t.batch_size * world), world
+    if rank == 0:
+        log.info(f"train: resumed from step {state.step} (epoch {state.epoch}, "
+                 f"{state.batches_in_epoch} micro-batches into it)")
+    return state
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
 
     from raylab.models import load_for_training
-    from raylab.train import checkpoint, loss, metrics
+    from raylab.train import checkpoint, loss, metrics, objectives
 
     _quiet_worker()
     cfg = RaylabConfig.model_validate(loop_config["cfg"])
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0:  # one worker's progress lines (and its gate's) reach the driver's console
+        logs.console()
     torch.set_num_threads(loop_config["torch_threads"])
     device = ray.train.torch.get_device()
     bf16 = use_bf16(t.precision, device)
@@ -133,186 +315,102 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else \
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    # The driver sends the objective's class (train.objective resolved); set up before DDP and the optimizer.
+    objective = objectives.build(loop_config.get("objective") or t.objective, model, cfg,
+                                 objectives.WorkerContext(rank=rank, world_size=world, device=device))
     flops = metrics.flops_per_token(model, cfg.data.max_seq_len)
     peak = metrics.measure_peak_flops(device, bf16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     warmup = int(t.warmup_ratio * steps.total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: loss.lr_factor(s, steps.total, warmup, t.schedule))
-
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "world_size": world,
-                             "best_val_loss": None, "evals_without_improvement": 0, "stopped_early": False,
-                             "last_checkpoint_step": -1, "history": [], "val": None, "flops": flops}
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as d:
-            state = checkpoint.restore(d, rank=rank, world_size=world, model=model, optimizer=optimizer,
-                                       scheduler=scheduler, seed=t.seed)
-        state.setdefault("resumed_at_steps", []).append(state["step"])
-        if state["world_size"] != world:  # elastic restart: convert the data position via rows
-            rows_done = state["batches_in_epoch"] * t.batch_size * state["world_size"]
-            state["batches_in_epoch"], state["world_size"] = rows_done // (t.batch_size * world), world
-        if rank == 0:
-            print(f"train: resumed from step {state['step']} (epoch {state['epoch']}, "
-                  f"{state['batches_in_epoch']} micro-batches into it)", flush=True)
-    else:
-        checkpoint.seed_all(t.seed + 7919 * rank)  # dropout streams differ per rank
+    state = start_state(t, rank=rank, world=world, flops=flops, model=model, optimizer=optimizer, scheduler=scheduler)
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
     attn_impl = loss.attn_impl_of(checkpoint.unwrap(model))
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    metrics_path = loop_config["metrics_path"]
+    data = Shards(t, rank, world, device, loop_config["val_bytes"], loop_config["train_bytes"])
 
-    collate_fn = _make_collate(t.loss_on == "all")
-
-    def on_device(batch: dict) -> dict:
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-    val_cache: list[dict] | None = [] if loop_config["val_bytes"] <= VAL_CACHE_BYTES else None
-    train_cache: dict | None = {} if loop_config["train_bytes"] / world <= TRAIN_CACHE_BYTES else None
-
-    def train_batches(epoch: int):
-        """This worker's batches for `epoch`, the same after any restart. A small shard is read
-        once into memory and each epoch is a seeded permutation of its rows: every pass over a
-        Ray Data shard costs seconds of start-up, which a small corpus trained for many epochs
-        (the quickstart's pre-training) would otherwise pay every epoch."""
-        import torch
-
-        if train_cache is None:
-            return iter(train_shard.iter_torch_batches(
-                batch_size=t.batch_size, collate_fn=collate_fn, local_shuffle_buffer_size=16 * t.batch_size,
-                prefetch_batches=2, local_shuffle_seed=t.seed + epoch))
-        if not train_cache:
-            parts = list(train_shard.iter_torch_batches(batch_size=t.batch_size, collate_fn=collate_fn))
-            train_cache.update({k: torch.cat([b[k] for b in parts]) for k in parts[0]} if parts else {})
-        n = len(next(iter(train_cache.values()))) if train_cache else 0
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed + epoch))
-        return ({k: v[order[i:i + t.batch_size]] for k, v in train_cache.items()} for i in range(0, n, t.batch_size))
-
-    def val_batches():
-        """Stream the val shard; a small one is kept in memory after the first pass, since
-        each pass over a Ray Data shard costs seconds of execution start-up."""
-        if val_cache:
-            yield from (on_device(b) for b in val_cache)
-            return
-        # Every worker streams the whole (unsplit) val set and evaluates every world-th
-        # batch: Ray Train's split is `equal=True`, which drops rows to even the shards, so
-        # the val loss would depend on the number of workers.
-        batches = val_shard.iter_torch_batches(batch_size=t.eval_batch_size, collate_fn=collate_fn)
-        for i, b in enumerate(batches):
-            if i % world != rank:
-                continue
-            if val_cache is not None:
-                val_cache.append(b)
-            yield on_device(b)
-
-    def run_eval() -> None:
-        batches = val_batches()
+    def evaluate() -> None:
         # The unwrapped module: DDP's forward may sync buffers, a collective that ranks with
         # different batch counts would not all reach.
-        state["val"] = loss.evaluate(checkpoint.unwrap(model), batches, device=device, attn_impl=attn_impl, bf16=bf16)
-        v = state["val"]["val_loss"]
-        if state["best_val_loss"] is None or v < state["best_val_loss"]:
-            state["best_val_loss"], state["evals_without_improvement"] = v, 0
-        else:
-            state["evals_without_improvement"] += 1
+        state.evaluated(loss.evaluate(checkpoint.unwrap(model), data.val_batches(), device=device, attn_impl=attn_impl,
+                                      bf16=bf16, objective=objective))
 
-    def report(row: dict, with_checkpoint: bool, to_ray: bool = True) -> None:
-        """Every row goes to the progress line and metrics.jsonl; only evaluations and
-        checkpoints go to Ray Train (and so to Tune): a report is a round trip through Ray
-        Train's controller, about a second here, which log-only steps need not pay."""
-        state["history"].append(row)
+    def row(window: dict, evaluated: bool) -> dict:
+        return metrics_row(state, window, evaluated, lr=scheduler.get_last_lr()[0], flops_per_token=flops["flops_per_token"],
+                           world=world, peak_flops=peak)
+
+    def record(entry: dict) -> None:
+        """Every row: the history, and on rank 0 the progress line and metrics.jsonl."""
+        state.history.append(entry)
         if rank == 0:
-            print(metrics.progress_line(row, steps.total, time.perf_counter() - started, started_at), flush=True)
-            storage.write_text(metrics_path, metrics.to_jsonl(state["history"]))
-        if not with_checkpoint:
-            if to_ray:
-                ray.train.report(row)
-            return
-        state["last_checkpoint_step"] = state["step"]
-        if state["step"] >= steps.total or state["stopped_early"]:
-            mine = (replica_digest(checkpoint.unwrap(model)), ray.get_runtime_context().get_node_id())
-            gathered = [None] * world
-            if dist.is_initialized():
-                dist.all_gather_object(gathered, mine)
-            else:
-                gathered = [mine]
-            state["replica_digests"] = [g[0] for g in gathered]
-            state["worker_nodes"] = [g[1] for g in gathered]
+            log.info(metrics.progress_line(entry, steps.total, time.perf_counter() - started, started_at))
+            storage.write_text(loop_config["metrics_path"], metrics.to_jsonl(state.history))
+
+    def save_checkpoint(entry: dict) -> None:
+        """A checkpoint reported with the row `entry`; the last one carries every replica's weight digest."""
+        state.last_checkpoint_step = state.step
+        if state.step >= steps.total or state.stopped_early:
+            state.replica_digests, state.worker_nodes = replicas(checkpoint.unwrap(model), world)
         with tempfile.TemporaryDirectory(prefix="raylab-ckpt-") as d:
-            checkpoint.save(d, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler, state=state)
-            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
+            checkpoint.save(d, rank=rank, model=model, optimizer=optimizer, scheduler=scheduler, state=state.to_dict())
+            ray.train.report(entry, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    def row(window_stats: dict, evaluated: bool) -> dict:
-        val = state["val"] or {}
-        interval = window_stats["seconds"] or float("nan")
-        tokens_per_s = window_stats["real_tokens"] / interval
-        return {
-            "step": state["step"], "epoch": state["epoch"], "loss": window_stats["loss"],
-            "lr": scheduler.get_last_lr()[0], "grad_norm": window_stats["grad_norm"],
-            "tokens_per_s": tokens_per_s, "step_time_s": interval / max(window_stats["steps"], 1),
-            "mfu": flops["flops_per_token"] * tokens_per_s / world / peak,
-            "tokens": state["tokens"], "evaluated": evaluated,
-            "val_loss": val.get("val_loss"), "val_perplexity": val.get("val_perplexity"),
-            "val_token_accuracy": val.get("val_token_accuracy"), "best_val_loss": state["best_val_loss"],
-        }
+    def publish(entry: dict, *, with_checkpoint: bool, to_ray: bool = True) -> None:
+        """Every row is recorded; only evaluations and checkpoints go to Ray Train (and so to
+        Tune): a report is a round trip through Ray Train's controller, about a second here,
+        which log-only steps need not pay."""
+        record(entry)
+        if with_checkpoint:
+            save_checkpoint(entry)
+        elif to_ray:
+            ray.train.report(entry)
 
-    started, started_at = time.perf_counter(), state["step"]
-    if state["val"] is None:  # the baseline: every report then carries a val_loss
-        run_eval()
-        report(row({"loss": None, "grad_norm": None, "real_tokens": 0, "seconds": 0.0, "steps": 0}, True), False)
+    started, started_at = time.perf_counter(), state.step
+    if state.val is None:  # the baseline: every report then carries a val_loss
+        evaluate()
+        publish(row(BASELINE, True), with_checkpoint=False)
     every_ckpt = t.checkpoint_every or t.eval_every
     # A sweep's scheduler may hold the workers after an evaluation (ASHA, raylab/tune/asha.py).
     gate = loop_config.get("gate")
     if gate is not None:
-        gate.start(state["step"], steps.total)
-    acc = {"loss_sum": 0.0, "targets": 0, "real_tokens": 0, "seconds": 0.0, "steps": 0, "grad_norm": 0.0}
-    while not state["stopped_early"] and state["step"] < steps.total and state["epoch"] < steps.epochs:
-        batches = train_batches(state["epoch"])
-        for _ in range(state["batches_in_epoch"]):  # order-preserving skip to the data position
+        gate.start(state.step, steps.total)
+    window = Window()
+    while not state.stopped_early and state.step < steps.total and state.epoch < steps.epochs:
+        batches = data.train_batches(state.epoch)
+        for _ in range(state.batches_in_epoch):  # order-preserving skip to the data position
             next(batches, None)
-        while state["step"] < steps.total:
+        while state.step < steps.total:
             tic = time.perf_counter()
-            window = [on_device(b) for b in itertools.islice(batches, t.grad_accum)]
-            if not window:
-                break
-            out = loss.train_step(model, optimizer, window, device=device, world_size=world, attn_impl=attn_impl,
-                                  max_grad_norm=t.max_grad_norm, bf16=bf16)
+            micro_batches = [data.on_device(b) for b in itertools.islice(batches, t.grad_accum)]
+            if not micro_batches:
+                break  # the epoch is over
+            out = loss.train_step(model, optimizer, micro_batches, device=device, world_size=world, attn_impl=attn_impl,
+                                  max_grad_norm=t.max_grad_norm, bf16=bf16, objective=objective)
             scheduler.step()
-            state["step"] += 1
-            state["batches_in_epoch"] += len(window)
-            state["tokens"] += out["real_tokens"]
-            acc["loss_sum"] += out["loss"] * out["targets"]
-            acc["targets"] += out["targets"]
-            acc["real_tokens"] += out["real_tokens"]
-            acc["grad_norm"] = out["grad_norm"]
-            acc["steps"] += 1
-            acc["seconds"] += time.perf_counter() - tic
-            step, last = state["step"], state["step"] >= steps.total
-            ckpt_due = step % every_ckpt == 0 or last
+            state.stepped(out, len(micro_batches))
+            window.add(out, time.perf_counter() - tic)
+            step = state.step
+            ckpt_due = step % every_ckpt == 0 or step >= steps.total
             evaluated = step % t.eval_every == 0 or ckpt_due
             if evaluated:
-                run_eval()
-                patience = t.early_stopping_patience
-                state["stopped_early"] = bool(patience and state["evals_without_improvement"] >= patience)
+                evaluate()
+                state.stopped_early = state.out_of_patience(t.early_stopping_patience)
             if step % t.log_every == 0 or evaluated:
-                report(row(interval(acc), evaluated), ckpt_due or state["stopped_early"], to_ray=evaluated)
-                acc = dict.fromkeys(acc, 0) | {"loss_sum": 0.0, "seconds": 0.0}
+                publish(row(window.stats(), evaluated), with_checkpoint=ckpt_due or state.stopped_early, to_ray=evaluated)
+                window = Window()
                 if gate is not None and evaluated:
-                    gate.after_eval(step, log=print if rank == 0 else lambda _: None)
-            if state["stopped_early"]:
+                    gate.after_eval(step)
+            if state.stopped_early:
                 if rank == 0:
-                    print(f"train: early stop at step {step}: val_loss has not improved for "
-                          f"{t.early_stopping_patience} evaluations (best {state['best_val_loss']:.4f})", flush=True)
+                    log.info(f"train: early stop at step {step}: val_loss has not improved for "
+                             f"{t.early_stopping_patience} evaluations (best {state.best_val_loss:.4f})")
                 break
         else:
+            break  # the planned steps are done (the epoch count stays where they ended)
+        if state.stopped_early:
             break
-        if state["stopped_early"]:
-            break
-        state["epoch"] += 1
-        state["batches_in_epoch"] = 0
-    if state["last_checkpoint_step"] != state["step"]:  # e.g. an epoch ended short of the plan
-        run_eval()
-        state["stopped_early"] = True
-        report(row(interval(acc), True), True)
-
-
+        state.epoch += 1
+        state.batches_in_epoch = 0
+    if state.last_checkpoint_step != state.step:  # e.g. an epoch ended short of the plan
+        evaluate()
+        state.stopped_early = True
+        publish(row(window.stats(), True), with_checkpoint=True)

@@ -1,5 +1,6 @@
-"""The training objective on the data stage's packed rows: masks, token loss, one optimizer
-step with gradient accumulation, and evaluation. Pure torch; the Ray Train loop in
+"""Training on the data stage's packed rows: masks, the token loss (the `cross_entropy`
+objective; objectives.py is the seam for others), one optimizer step with gradient
+accumulation, and evaluation. Pure torch; the Ray Train loop in
 `raylab/train/loop.py` calls these, and the unit tests call them directly.
 
 Packed rows hold several documents (see `raylab/data/packing.py`). A token may attend only to
@@ -58,21 +59,38 @@ def attn_impl_of(model) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
 
-def forward_sums(model, batch: dict[str, torch.Tensor], attn_impl: str, mask_dtype=torch.float32,
-                 accuracy: bool = True) -> Sums:
-    """One forward pass; the loss summed (not averaged) over target tokens.
-
-    Logits are only ever held for one micro-batch, and cast to float32 for the loss."""
-    input_ids = batch["input_ids"].long()
-    labels = batch["labels"].long()
+def forward(model, batch: dict[str, torch.Tensor], attn_impl: str, mask_dtype=torch.float32):
+    """The model's outputs on a packed micro-batch: block-causal mask, per-document positions."""
     mask = block_causal_mask(batch["segment_ids"], attn_impl, mask_dtype)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"].long(), use_cache=False)
-    logits = out.logits[:, :-1].float()
-    target = labels[:, 1:]
+    return model(input_ids=batch["input_ids"].long(), attention_mask=mask, position_ids=batch["position_ids"].long(),
+                 use_cache=False)
+
+
+def token_sums(batch: dict[str, torch.Tensor], outputs) -> Sums:
+    """Next-token cross-entropy summed (not averaged) over the target tokens, and their count
+    (the `cross_entropy` objective, raylab/train/objectives.py). Logits are cast to float32."""
+    logits = outputs.logits[:, :-1].float()
+    target = batch["labels"].long()[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    valid = target != IGNORE
-    correct = int(((logits.argmax(-1) == target) & valid).sum()) if accuracy else 0
-    return Sums(loss, int(valid.sum()), correct)
+    return Sums(loss, int((target != IGNORE).sum()), 0)
+
+
+def correct_predictions(batch: dict[str, torch.Tensor], outputs) -> int:
+    """Target tokens whose argmax prediction is right (token accuracy's numerator)."""
+    target = batch["labels"].long()[:, 1:]
+    return int(((outputs.logits[:, :-1].float().argmax(-1) == target) & (target != IGNORE)).sum())
+
+
+def forward_sums(model, batch: dict[str, torch.Tensor], attn_impl: str, mask_dtype=torch.float32,
+                 accuracy: bool = True, objective=None) -> Sums:
+    """One forward pass; the objective's loss summed (not averaged) over target tokens
+    (`objective`: raylab/train/objectives.py; None is next-token cross-entropy), and with
+    `accuracy` the correct predictions. Logits are only ever held for one micro-batch."""
+    outputs = forward(model, batch, attn_impl, mask_dtype)
+    sums = token_sums(batch, outputs) if objective is None else objective.loss(batch, outputs)
+    if accuracy:
+        sums.correct = correct_predictions(batch, outputs)
+    return sums
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -97,7 +115,7 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def train_step(model, optimizer, window: list[dict], *, device, world_size: int, attn_impl: str,
-               max_grad_norm: float | None, bf16: bool = False) -> dict[str, float]:
+               max_grad_norm: float | None, bf16: bool = False, objective=None) -> dict[str, float]:
     """Forward/backward every micro-batch of the window, clip, step. Returns the window's
     token-mean loss (over all workers), grad norm, and target/real token counts."""
     local_targets = sum(count_targets(mb) for mb in window)
@@ -110,7 +128,7 @@ def train_step(model, optimizer, window: list[dict], *, device, world_size: int,
         sync = model.no_sync() if not last and isinstance(model, DDP) else contextlib.nullcontext()
         with sync:
             with autocast(device, bf16):
-                sums = forward_sums(model, mb, attn_impl, accuracy=False)
+                sums = forward_sums(model, mb, attn_impl, accuracy=False, objective=objective)
             (sums.loss * scale).backward()
         loss_sum += float(sums.loss.detach())
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -124,7 +142,7 @@ def train_step(model, optimizer, window: list[dict], *, device, world_size: int,
 
 
 @torch.no_grad()
-def evaluate(model, batches, *, device, attn_impl: str, bf16: bool = False) -> dict[str, float]:
+def evaluate(model, batches, *, device, attn_impl: str, bf16: bool = False, objective=None) -> dict[str, float]:
     """Loss, perplexity and token accuracy over `batches` (summed, then reduced across
     workers); one micro-batch of logits at a time."""
     was_training = model.training
@@ -132,7 +150,7 @@ def evaluate(model, batches, *, device, attn_impl: str, bf16: bool = False) -> d
     loss = targets = correct = 0.0
     for batch in batches:
         with autocast(device, bf16):
-            sums = forward_sums(model, batch, attn_impl)
+            sums = forward_sums(model, batch, attn_impl, objective=objective)
         loss += float(sums.loss)
         targets += sums.targets
         correct += sums.correct

@@ -25,6 +25,8 @@ import json
 import math
 import time
 
+from raylab.core import storage
+
 
 def flops_per_token(model, seq_len: int) -> dict[str, float]:
     from raylab.train.checkpoint import unwrap
@@ -98,7 +100,7 @@ def to_jsonl(history: list[dict]) -> str:
 
 
 def plot_loss(history: list[dict], path: str, title: str) -> None:
-    """Train loss per logged step and val loss per eval, as a PNG at local `path`."""
+    """Train loss per logged step and val loss per eval, as a PNG at `path` (local path or URI)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,5 +119,5 @@ def plot_loss(history: list[dict], path: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    storage.save_figure(fig, path)
     plt.close(fig)

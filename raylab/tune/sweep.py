@@ -33,7 +33,7 @@ import time
 
 from raylab import config, registry, train
 from raylab.config import RaylabConfig
-from raylab.core import events, plan, runs, storage
+from raylab.core import events, logs, plan, runs, storage
 from raylab.errors import UserError
 from raylab.tune import asha, report
 from raylab.tune.space import distributions, encode, space_problems, with_params
@@ -53,6 +53,7 @@ def run_trial(params: dict, base_raw: dict, manifest_text: str, output_dir: str,
     storage.write_text(trial.manifest, manifest_text)
     cfg = config.load_dict(with_params(base_raw, params, trial.root), source=f"trial {trial.root}")
     gate = asha.RungWait(rungs["actor"], trial_id, rungs["rungs"]) if rungs else None
+    logs.console()  # the train stage's progress lines on the trial's stdout, as before
     train.run_train(cfg, callbacks=[TuneReportCallback()], track=False, gate=gate)
 
 

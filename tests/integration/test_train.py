@@ -65,6 +65,17 @@ def test_loss_falls_and_outputs_are_complete(reference):
     assert meta["best_checkpoint"] and Path(meta["best_checkpoint"]).exists()
 
 
+def test_the_run_records_the_train_stage_as_events(reference):
+    from raylab.core import events, runs
+
+    cfg, _ = reference
+    recorded = [e for e in events.read(runs.Run(cfg.output_dir).events)
+                if e["kind"].startswith("stage.") and e["fields"].get("stage") == "train"]
+    # the reference run's own pair comes first (later tests rerun the stage in this directory)
+    assert [e["kind"] for e in recorded[:2]] == ["stage.start", "stage.end"], recorded
+    assert all(e["run"] == cfg.output_dir for e in recorded)
+
+
 def test_saved_adapter_loads_with_plain_peft_and_matches(reference):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -223,7 +234,7 @@ def _cfg(tmp_path, name_or_path, **model):
     return config.load_dict(raw)
 
 
-@pytest.mark.parametrize("case", ["not_causal", "target_modules", "positions", "qlora", "tokenizer", "workers"])
+@pytest.mark.parametrize("case", ["not_causal", "target_modules", "positions", "qlora", "tokenizer", "workers", "objective"])
 def test_preflight_names_the_problem(case, tmp_path, tiny_model_dir):
     tok = build_byte_tokenizer()
     manifest = _manifest(tok)
@@ -247,11 +258,15 @@ def test_preflight_names_the_problem(case, tmp_path, tiny_model_dir):
         manifest = _manifest(other)
         cfg = _cfg(tmp_path, tiny_model_dir)
         expect = r"tokenized with a different tokenizer.*vocab_size 261 vs 260.*rerun `raylab data`"
-    else:
+    elif case == "workers":
         manifest = _manifest(tok, rows=1)
         cfg = _cfg(tmp_path, tiny_model_dir)
         cfg.train.num_workers = 2
         expect = r"fewer than train\.num_workers=2"
+    else:
+        cfg = _cfg(tmp_path, tiny_model_dir)
+        cfg.train.objective = "nope"
+        expect = r"train\.objective='nope' is not a known objective; expected one of cross_entropy"
     with pytest.raises(UserError, match=expect):
         train.preflight(cfg, manifest)
 

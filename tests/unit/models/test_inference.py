@@ -150,3 +150,18 @@ def test_unknown_refs_are_user_errors_naming_them(store, tmp_path):
         models.load(missing)
     with pytest.raises(UserError, match="model './gone': no model directory there"):
         models.load("./gone")
+
+
+def test_export_merges_a_registry_version_through_the_seam(dirs, store, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ref = _register(store, tmp_path, dirs["adapter"])
+    out = models.export(ref, str(tmp_path / "merged"), merge=True, store=store)
+    assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)),
+                               logits(models.load(str(dirs["adapter"])).model), rtol=1e-4, atol=1e-5)
+    assert json.loads((out / runs.TRAIN_META).read_text())["merged_base"] == str(dirs["base"])
+    copied = models.export(ref, str(tmp_path / "copied"), store=store)  # without --merge: the files as registered
+    assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in dirs["adapter"].iterdir())
+    with pytest.raises(UserError, match="no registered model 'nope'"):
+        models.export("nope/1", str(tmp_path / "never"), store=store)

@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     dp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the endpoint was deployed from)")
     ex = sub.add_parser("export", help="write the trained model as a Hugging Face directory",
                         description="write the trained model as a Hugging Face directory")
-    ex.add_argument("run", metavar="RUN", help="run directory, its train/final/, or its config file")
+    ex.add_argument("run", metavar="RUN", help="run directory, its train/final/, its config file, or a registry NAME/VERSION or NAME@ALIAS")
     ex.add_argument("out", metavar="OUT", help="new directory to write")
     ex.add_argument("--merge", action="store_true", help="merge the adapter into the base model (full precision)")
     return p

@@ -75,7 +75,7 @@ class LossScorer:
         import torch
 
         torch.set_num_threads(threads)
-        self.model, _ = models.load_inference(path, base=base)
+        self.model = models.load(path, base=base).model
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -96,7 +96,8 @@ class Answerer:
         import torch
 
         torch.set_num_threads(threads)
-        self.model, self.tok = models.load_inference(path, tokenizer_path=tokenizer_path, base=base)
+        inf = models.load(path, tokenizer_path=tokenizer_path, base=base)
+        self.model, self.tok = inf.model, inf.tokenizer
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

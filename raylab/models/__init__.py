@@ -3,7 +3,9 @@
     from raylab import models
     tok = models.load_tokenizer(cfg.model); lm = models.load_model(cfg.model)
     lm = models.load_for_training(cfg.model, device)          # the method applied (LoRA, ...)
-    lm, tok = models.load_inference("runs/q/train/final")      # adapter onto its base, or full
+    inf = models.load("acme-assistant/3")                       # registry ref, directory or hub id
+    inf.model, inf.tokenizer, inf.kind, inf.base                # adapter onto its base, full, or base
+    lm, tok = models.load_inference("runs/q/train/final")      # the same, as (model, tokenizer)
     models.export("runs/q", "out/", merge=True)                 # `raylab export`
 
 Not a stage of its own: the data, train, eval and serve stages share it, so a model is
@@ -14,8 +16,17 @@ from __future__ import annotations
 
 from raylab.models.export import export, final_dir
 from raylab.models.generate import check_messages, greedy, left_pad, prompt_ids
-from raylab.models.inference import base_of, is_adapter, trained_from
-from raylab.models.inference import load as load_inference
+from raylab.models.inference import (
+    Inference,
+    base_of,
+    identify,
+    is_adapter,
+    is_registry_ref,
+    load,
+    load_inference,
+    locate,
+    trained_from,
+)
 from raylab.models.inference import tokenizer as load_saved_tokenizer
 from raylab.models.loading import (
     describe,
@@ -37,9 +48,9 @@ from raylab.models.presets import (
 )
 
 __all__ = [
-    "DEFAULT_CHAT_TEMPLATE", "PRESETS", "apply_method", "base_of", "build_byte_tokenizer", "build_tiny_model",
-    "check_messages", "describe", "export", "final_dir", "fingerprint", "greedy", "is_adapter", "left_pad",
-    "load_config", "load_for_training", "load_inference", "load_model", "load_saved_tokenizer", "load_tokenizer",
-    "materialize_preset", "max_positions", "prompt_ids", "resolve", "torch_dtype", "trained_from",
+    "DEFAULT_CHAT_TEMPLATE", "PRESETS", "Inference", "apply_method", "base_of", "build_byte_tokenizer", "build_tiny_model",
+    "check_messages", "describe", "export", "final_dir", "fingerprint", "greedy", "identify", "is_adapter", "is_registry_ref",
+    "left_pad", "load", "load_config", "load_for_training", "load_inference", "load_model", "load_saved_tokenizer", "load_tokenizer",
+    "locate", "materialize_preset", "max_positions", "prompt_ids", "resolve", "torch_dtype", "trained_from",
     "training_problems",
 ]

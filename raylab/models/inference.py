@@ -103,11 +103,12 @@ def locate(ref: str, store: registry.Store | None = None) -> str:
 
 
 def load(ref: str, *, base: bool = False, dtype: str = "float32", tokenizer_path: str | None = None,
-         store: registry.Store | None = None) -> Inference:
+         store: registry.Store | None = None, with_tokenizer: bool = True) -> Inference:
     """Load REF (see the module docstring for its forms) for inference. An adapter is put
     onto its base; `base=True` loads the model it was trained from instead (a plain base
     model: itself), with REF's tokenizer (the one its data was encoded with) unless
-    `tokenizer_path` names another."""
+    `tokenizer_path` names another. `with_tokenizer=False` loads
+    the weights only (a serving replica's shared base model, whose directory may hold none)."""
     import warnings
 
     from transformers import AutoModelForCausalLM
@@ -126,7 +127,8 @@ def load(ref: str, *, base: bool = False, dtype: str = "float32", tokenizer_path
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, path)
-    return Inference(model.eval(), tokenizer(tokenizer_path or path), path, "base" if base else kind, base_path,
+    tok = tokenizer(tokenizer_path or path) if with_tokenizer else None
+    return Inference(model.eval(), tok, path, "base" if base else kind, base_path,
                      ref if is_registry_ref(ref) else None)
 
 

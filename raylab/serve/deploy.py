@@ -55,7 +55,7 @@ def catalog(store: registry.Store, name: str, version: int) -> dict:
 def resolve(store: registry.Store, ref: str) -> tuple[str, int, str]:
     """(name, version, verified local dir) of a REF; checksums are checked before deploying."""
     mv = registry.get_version(store, ref)
-    return mv.name, int(mv.version), registry.fetch(store, f"{mv.name}/{mv.version}")
+    return mv.name, int(mv.version), models.locate(f"{mv.name}/{mv.version}", store)
 
 
 def default_ref(cfg: RaylabConfig | None, model: str | None) -> str:
@@ -69,7 +69,8 @@ def default_ref(cfg: RaylabConfig | None, model: str | None) -> str:
 def app_config(s: ServeConfig, store: registry.Store, ref: str, dtype: str = "float32") -> dict:
     """A `serve deploy` config (one application) serving REF, with the routing table."""
     name, version, local = resolve(store, ref)
-    base = models.base_of(local) if models.is_adapter(local) else None
+    kind, base = models.identify(local)
+    base = base if kind == "adapter" else None  # adapters of one base share its replicas' engine
     a = s.autoscaling
     autoscaling = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                    "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,

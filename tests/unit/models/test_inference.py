@@ -165,3 +165,14 @@ def test_export_merges_a_registry_version_through_the_seam(dirs, store, tmp_path
     assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in dirs["adapter"].iterdir())
     with pytest.raises(UserError, match="no registered model 'nope'"):
         models.export("nope/1", str(tmp_path / "never"), store=store)
+
+
+def test_weights_only_for_a_directory_without_a_tokenizer(dirs, tmp_path):
+    """A serving replica's shared base: `with_tokenizer=False` needs no tokenizer files."""
+    weights_only = tmp_path / "weights"
+    models.build_tiny_model("tiny-llama", models.build_byte_tokenizer(), seed=1).save_pretrained(weights_only)
+    got = models.load(str(weights_only), with_tokenizer=False)
+    assert got.tokenizer is None and got.kind == "base"
+    assert torch.equal(logits(got.model), logits(models.load(str(dirs["base"])).model))  # the same seed-1 weights
+    with pytest.raises(ValueError, match="tokenizer"):  # the control: by default the tokenizer is required
+        models.load(str(weights_only))

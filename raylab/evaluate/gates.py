@@ -90,7 +90,9 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         "raylab.gates.failures": "; ".join(_describe(c) for c in failures)[:5000],
         "eval.val_loss": f"{measured['loss']:.6g}", "eval.perplexity": f"{measured['perplexity']:.6g}",
     })
-    events.emit("registry.gate", run=cfg.output_dir, model=name, version=version, status=status,
+    # In the run that registered the version (a sweep's, not its winning trial's directory).
+    run = mv.tags.get("raylab.output_dir", cfg.output_dir)
+    events.emit("registry.gate", run=run, model=name, version=version, status=status,
                 failures=[_describe(c) for c in failures], val_loss=measured["loss"])
     for c in checks:
         log.info(f"gates: {'pass' if c['passed'] else 'FAIL'}  {_describe(c)}")

@@ -105,6 +105,13 @@ def test_sweep_and_its_trials_are_in_mlflow_and_the_winner_registered(sweep):
     # its gates find the held-out split through the trial's manifest (the shards are the sweep's)
     checked = gates.evaluate_version(store, logged["name"], logged["version"])
     assert checked["status"] == "passed" and checked["val_loss"] == pytest.approx(summary["best"]["val_loss"], rel=1e-4)
+    # the gate is an event of the sweep's run, beside its registration (not only the winning trial's)
+    from raylab.core import events
+
+    kinds = [(e["kind"], str(e["version"])) for e in events.read(runs.Run(cfg.output_dir).events)]
+    v = str(logged["version"])
+    assert ("registry.register", v) in kinds and ("registry.gate", v) in kinds, kinds
+    assert kinds.index(("registry.register", v)) < kinds.index(("registry.gate", v))
 
 
 def test_best_yaml_reproduces_the_winner(sweep):

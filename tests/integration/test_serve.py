@@ -359,6 +359,12 @@ def test_deploy_switches_versions_in_place_while_requests_stream(served):
     assert get(served["url"], "/healthz", key=None)[1]["model"] == f"{NAME}/2"
     back = run_cli("deploy", f"{NAME}@production", "--address", served["dashboard"], timeout=300)
     assert back.returncode == 0 and f"{NAME}/1" in back.stdout
+    # each deploy is one event, in the run that registered the deployed version
+    from raylab.core import events, runs
+
+    recorded = events.read(runs.Run(served["cfg"].output_dir).events)
+    deployed = [f"{e['model']}/{e['version']}" for e in recorded if e["kind"] == "serve.deploy"]
+    assert deployed[-2:] == [f"{NAME}/2", f"{NAME}/1"], deployed
 
 
 def test_a_version_registered_after_the_deploy_is_served_without_a_redeploy(served):

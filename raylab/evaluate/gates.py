@@ -91,7 +91,7 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         "eval.val_loss": f"{measured['loss']:.6g}", "eval.perplexity": f"{measured['perplexity']:.6g}",
     })
     # In the run that registered the version (a sweep's, not its winning trial's directory).
-    run = mv.tags.get("raylab.output_dir", cfg.output_dir)
+    run = registry.version_run(mv) or cfg.output_dir
     events.emit("registry.gate", run=run, model=name, version=version, status=status,
                 failures=[_describe(c) for c in failures], val_loss=measured["loss"])
     for c in checks:

@@ -29,13 +29,14 @@ from raylab.registry.versions import (
     set_tags,
     verify,
     version_number,
+    version_run,
     versions,
 )
 
 __all__ = [
     "LINEAGE", "PREVIOUS", "PRODUCTION", "IntegrityError", "Store", "alias_history", "checksums", "experiment_id",
     "fetch", "flatten",
-    "get_version", "locate", "log_run", "model_name", "open_store", "parse_ref", "promote", "register",
+    "get_version", "version_run", "locate", "log_run", "model_name", "open_store", "parse_ref", "promote", "register",
     "registered_model", "rollback", "set_tags", "track_sweep", "track_train", "user", "verify", "version_number",
     "versions",
 ]

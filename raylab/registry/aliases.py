@@ -13,7 +13,7 @@ import time
 from raylab.core import events
 from raylab.errors import UserError
 from raylab.registry.store import PREVIOUS, PRODUCTION, Store
-from raylab.registry.versions import get_version, registered_model
+from raylab.registry.versions import get_version, registered_model, version_run
 
 HISTORY_PREFIX = "raylab.alias_history."  # one registered-model tag per alias move
 
@@ -47,7 +47,7 @@ def _emit(kind: str, store: Store, name: str, moves: list[dict]) -> None:
     production = next((m for m in moves if m["alias"] == PRODUCTION), None)
     if production is None or production["to"] is None:
         return
-    run = get_version(store, f"{name}/{production['to']}").tags.get("raylab.output_dir")
+    run = version_run(get_version(store, f"{name}/{production['to']}"))
     events.emit(kind, run=run, model=name, version=production["to"], moves=moves)
 
 

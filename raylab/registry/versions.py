@@ -88,6 +88,12 @@ def registered_model(store: Store, name: str):
     raise UserError(f"no registered model {name!r} in {store.uri}; known: {', '.join(known) or 'none yet'}") from None
 
 
+def version_run(mv) -> str | None:
+    """The run directory a ModelVersion was registered from (its `raylab.output_dir` tag):
+    where its registry, gate and deploy events go."""
+    return mv.tags.get("raylab.output_dir")
+
+
 def get_version(store: Store, ref: str):
     """The ModelVersion a REF names; exit 2 for an unknown name, version or alias."""
     from mlflow.exceptions import MlflowException

@@ -304,12 +304,8 @@ def run_deploy(ref: str, address: str | None = None, tracking_uri: str | None = 
     http = current.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
     _wait_routed(f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}", target)
-    events.emit("serve.deploy", run=_version_run(store, target), model=name, version=version, ref=ref,
+    events.emit("serve.deploy", run=registry.version_run(registry.get_version(store, target)), model=name, version=version, ref=ref,
                 dashboard=dashboard)
     log.info(f"deployed {ref} ({target}); requests for {name} now go to it")
     return {"model": target}
 
-
-def _version_run(store: registry.Store, ref: str) -> str | None:
-    """The run directory a version was trained in (its registration tag), for its events."""
-    return registry.get_version(store, ref).tags.get("raylab.output_dir")

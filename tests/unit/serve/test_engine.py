@@ -76,12 +76,10 @@ def test_greedy_through_the_engine_equals_generate_and_concurrent_requests_all_f
     assert 12 <= stats["steps"] < 4 * 12  # decoded together, not one after another
 
 
-def test_a_request_joining_a_running_batch_and_max_batch_size(lm):
-    m, tok = lm
-    first, second = ids(tok, PROMPTS[0]), ids(tok, PROMPTS[1])
-    alone = [generate(m, tok, [p], n)[0] for p, n in ((first, 20), (second, 8))]
-    engine = TransformersEngine(m, tok, max_batch_size=1, stop_ids=set())
-    widest = []
+def _second_after_three_steps(engine, first, second) -> tuple[list, list[int]]:
+    """Start a 20-token request, submit an 8-token one once 3 steps ran; (both texts, how
+    many sequences were running at each poll while the second was in flight)."""
+    running = []
 
     async def main():
         one = asyncio.create_task(collect(engine, Request("one", first, greedy(20))))
@@ -89,26 +87,22 @@ def test_a_request_joining_a_running_batch_and_max_batch_size(lm):
             await asyncio.sleep(0.001)
         two = asyncio.create_task(collect(engine, Request("two", second, greedy(8))))
         while not two.done():
-            widest.append(engine.stats()["running"])
+            running.append(engine.stats()["running"])
             await asyncio.sleep(0.001)
-        return (await one)[0], (await two)[0]
+        return [(await one)[0], (await two)[0]]
 
-    assert list(asyncio.run(main())) == alone
+    return asyncio.run(main()), running
+
+
+def test_a_request_joining_a_running_batch_and_max_batch_size(lm):
+    m, tok = lm
+    first, second = ids(tok, PROMPTS[0]), ids(tok, PROMPTS[1])
+    alone = [generate(m, tok, [p], n)[0] for p, n in ((first, 20), (second, 8))]
+    texts, widest = _second_after_three_steps(TransformersEngine(m, tok, max_batch_size=1, stop_ids=set()), first, second)
+    assert texts == alone
     assert max(widest) == 1  # max_batch_size=1: the second waited for the first
-    wide = TransformersEngine(m, tok, max_batch_size=4, stop_ids=set())
-    seen = []
-
-    async def joined():
-        one = asyncio.create_task(collect(wide, Request("one", first, greedy(20))))
-        while wide.stats()["steps"] < 3:
-            await asyncio.sleep(0.001)
-        two = asyncio.create_task(collect(wide, Request("two", second, greedy(8))))
-        while not two.done():
-            seen.append(wide.stats()["running"])
-            await asyncio.sleep(0.001)
-        return (await one)[0], (await two)[0]
-
-    assert list(asyncio.run(joined())) == alone  # joined mid-way, same text as alone
+    texts, seen = _second_after_three_steps(TransformersEngine(m, tok, max_batch_size=4, stop_ids=set()), first, second)
+    assert texts == alone  # joined mid-way, same text as alone
     assert max(seen) == 2
 
 

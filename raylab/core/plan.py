@@ -56,8 +56,9 @@ class StageAsk:
 class Plan:
     nodes: list[Node]
     asks: list[StageAsk]
-    torch_threads: int
+    torch_threads: int  # per worker of a train run: its own workers share the cores
     trial_concurrency: int | None = None
+    trial_threads: int | None = None  # per worker of a sweep's trial: all concurrent trials share them
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -94,7 +95,7 @@ class Plan:
             lines.append(f"  {ask.stage:<6} {ask.cpus:>6g} CPU {ask.gpus:>4g} GPU   {rows}")
         lines.append(f"  torch threads per train worker: {self.torch_threads}")
         if self.trial_concurrency is not None:
-            lines.append(f"  tune trials at once: {self.trial_concurrency}")
+            lines.append(f"  tune trials at once: {self.trial_concurrency}, torch threads per trial worker: {self.trial_threads}")
         lines += [f"  note: {n}" for n in self.notes]
         problems = self.problems()
         lines.append("fits: yes" if not problems else "fits: NO")
@@ -155,14 +156,20 @@ def make_plan(cfg: RaylabConfig, nodes: list[Node], cores: int | None = None) ->
         notes.append(f"serve.autoscaling.max_replicas={s.autoscaling.max_replicas} cannot all fit; autoscaling stops at what fits")
     if t.max_workers > t.min_workers and t.max_workers * t.cpus_per_worker > total_cpus:
         notes.append(f"elastic train.num_workers: at most {int(total_cpus // t.cpus_per_worker)} of {t.max_workers} workers fit now")
-    workers_here = t.max_workers * (concurrency or 1)
+    # A train run's threads come from its own workers only; a sweep's trials run side by side,
+    # so theirs divide the cores among every concurrent trial's workers.
+    threads = _threads(t, nodes, cores, t.max_workers)
+    trial_threads = _threads(t, nodes, cores, t.max_workers * concurrency) if concurrency else None
+    return Plan(nodes, asks, threads, concurrency, trial_threads, notes)
+
+
+def _threads(t, nodes: list[Node], cores: int, workers_at_once: int) -> int:
+    """torch threads per worker when `workers_at_once` workers run together."""
     if t.torch_threads:
-        threads = t.torch_threads
-    elif len(nodes) == 1:  # embedded or single node: share this machine's cores
-        threads = max(1, cores // workers_here)
-    else:
-        threads = max(1, int(t.cpus_per_worker))
-    return Plan(nodes, asks, threads, concurrency, notes)
+        return t.torch_threads
+    if len(nodes) == 1:  # embedded or single node: share this machine's cores
+        return max(1, cores // workers_at_once)
+    return max(1, int(t.cpus_per_worker))
 
 
 def cluster_nodes() -> list[Node]:

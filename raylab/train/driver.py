@@ -155,25 +155,29 @@ def read_split(location: str, nbytes: int, num_cpus: float):
 
 
 def run_train(cfg: RaylabConfig, address: str | None = None, callbacks: list | None = None,
-              track: bool = True, gate=None) -> dict:
+              track: bool = True, gate=None, in_sweep: bool = False) -> dict:
     """Run the train stage; returns the final model's metadata (also in final/raylab_train.json).
 
     With `track` (and registry.enabled) the driver then logs the run to MLflow and registers
     the model; tune trials pass track=False: their sweep's driver logs them. `gate`: an
     object every worker consults after each evaluation, `start(step, last_step)` then
-    `after_eval(step)` (a sweep's ASHA rungs: raylab/tune/asha.py `RungWait`). Progress lines
+    `after_eval(step)` (a sweep's ASHA rungs: raylab/tune/asha.py `RungWait`). `in_sweep`: a
+    tune trial, whose workers share the cores with the other concurrent trials' (the plan's
+    `trial_threads`); a plain run's workers have the cores to themselves. Progress lines
     go to the `raylab.train` logger; stage.start then stage.end (or stage.failure) events to
     the run's events file."""
     with events.stage("train", run=cfg.output_dir):
-        return _train(cfg, address, callbacks, track, gate)
+        return _train(cfg, address, callbacks, track, gate, in_sweep)
 
 
-def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track: bool, gate) -> dict:
+def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track: bool, gate,
+           in_sweep: bool = False) -> dict:
     cfg = pretrain.resolve(cfg)  # a `pretrain` section: its pre-trained model is the base
     run = runs.Run(cfg.output_dir)
     manifest = runs.read_manifest(run, cfg.source)
     preflight(cfg, manifest)
     _, the_plan = plan.prepare(cfg, address, state_api=True)
+    threads = the_plan.trial_threads if in_sweep and the_plan.trial_threads else the_plan.torch_threads
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -195,7 +199,7 @@ def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track
     resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "torch_threads": the_plan.torch_threads,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "torch_threads": threads,
                            "train_rows": sequences["train"], "metrics_path": run.train_metrics,
                            "val_bytes": nbytes["val"], "train_bytes": nbytes["train"], "gate": gate,
                            "objective": objectives.resolve(t.objective)},
@@ -213,7 +217,7 @@ def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
     )
     workers = t.num_workers if isinstance(t.num_workers, int) else f"{t.min_workers}-{t.max_workers}"
-    log.info(f"train: {cfg.model.method} on {cfg.model.name_or_path}, {workers} worker(s) x {the_plan.torch_threads} thread(s), "
+    log.info(f"train: {cfg.model.method} on {cfg.model.name_or_path}, {workers} worker(s) x {threads} thread(s), "
              f"{sequences['train']} sequences x {cfg.data.max_seq_len} -> {run.train}")
     started = time.time()
     try:

@@ -54,7 +54,7 @@ def run_trial(params: dict, base_raw: dict, manifest_text: str, output_dir: str,
     cfg = config.load_dict(with_params(base_raw, params, trial.root), source=f"trial {trial.root}")
     gate = asha.RungWait(rungs["actor"], trial_id, rungs["rungs"]) if rungs else None
     logs.console()  # the train stage's progress lines on the trial's stdout, as before
-    train.run_train(cfg, callbacks=[TuneReportCallback()], track=False, gate=gate)
+    train.run_train(cfg, callbacks=[TuneReportCallback()], track=False, gate=gate, in_sweep=True)
 
 
 # ---------------------------------------------------------------- the sweep

@@ -29,7 +29,24 @@ def test_quickstart_shape_fits_a_two_core_laptop():
     train = next(a for a in p.asks if a.stage == "train")
     assert train.cpus == pytest.approx(1.25)  # one worker + a data ingest task
     assert p.trial_concurrency == 3  # (4 - 0.25 ingest) // (0.25 driver + 1 worker)
-    assert p.torch_threads == 1  # 2 cores shared by 3 concurrent workers
+    assert p.trial_threads == 1  # a sweep: 2 cores shared by 3 concurrent trials' workers
+    assert p.torch_threads == 2  # `raylab train` on the same config: its one worker has both cores
+
+
+def test_a_train_runs_threads_come_from_its_own_workers_a_sweeps_from_its_trials():
+    # The tune section must not change a plain train run's threads (it once gave 1 thread of 2).
+    for workers in (1, 2):
+        with_tune = plan([f"train.num_workers={workers}"], cores=8, tune=True)
+        without = plan([f"train.num_workers={workers}"], cores=8)
+        assert with_tune.torch_threads == without.torch_threads == 8 // workers
+        assert without.trial_threads is None and without.trial_concurrency is None
+        assert with_tune.trial_threads == max(1, 8 // (workers * with_tune.trial_concurrency))
+    # Negative control: the trial figure really is smaller whenever trials run side by side.
+    p = plan(cores=8, tune=True)
+    assert p.trial_concurrency == 3 and p.trial_threads == 2 < p.torch_threads == 8
+    # An explicit setting wins for both.
+    p = plan(["train.torch_threads=3"], cores=8, tune=True)
+    assert p.torch_threads == p.trial_threads == 3
 
 
 def test_too_many_workers_names_the_numbers_and_the_fix():

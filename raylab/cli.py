@@ -21,8 +21,10 @@ from raylab.errors import UserError
 
 def _parser() -> argparse.ArgumentParser:
     from raylab.pipeline import STAGES
+    from raylab.version import __version__
 
     p = argparse.ArgumentParser(prog="raylab", description="Fine-tune LLMs on your own data with Ray.")
+    p.add_argument("--version", action="version", version=f"raylab {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def verb(name: str, help_: str, config: str) -> argparse.ArgumentParser:
@@ -88,8 +90,12 @@ def _models_parser(sub) -> None:
     def action(name: str, help_: str) -> argparse.ArgumentParser:
         return ms.add_parser(name, help=help_, description=help_, parents=[common])
 
-    action("list", "versions with metrics, gate status and aliases").add_argument("name", nargs="?")
-    action("show", "one version's lineage, gates, checksums; the alias history").add_argument("ref", metavar="REF")
+    ls = action("list", "versions with metrics, gate status and aliases")
+    ls.add_argument("name", nargs="?")
+    sh = action("show", "one version's lineage, gates, checksums; the alias history")
+    sh.add_argument("ref", metavar="REF")
+    for a in (ls, sh):
+        a.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of the table")
     e = action("evaluate", "run a version's promotion gates and record the result")
     e.add_argument("name")
     e.add_argument("version", help="a version number, or latest")
@@ -240,6 +246,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     store = registry.open_store(tracking_uri=args.tracking_uri)
     if args.action == "list":
         rows = registry.versions(store, args.name)
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+            return 0
         print(f"{'model':<24} {'ver':>4} {'aliases':<22} {'method':<7} {'val_loss':>9} {'gates':<8} {'stage':<6} created")
         for r in rows:
             print(f"{r['name']:<24} {r['version']:>4} {','.join(r['aliases']):<22} {r['method'] or '':<7} "
@@ -252,6 +261,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         sums = json.loads(tags.pop("raylab.checksums", "{}"))
         report = tags.pop("raylab.gates.report", None)
         aliases = [a for a, v in registry.registered_model(store, mv.name).aliases.items() if int(v) == int(mv.version)]
+        if args.json:
+            print(json.dumps({"name": mv.name, "version": int(mv.version), "aliases": aliases, "source": mv.source,
+                              "run_id": mv.run_id, "tags": tags, "checksums": sums,
+                              "gates": json.loads(report) if report else None,
+                              "alias_history": registry.alias_history(store, mv.name)}, indent=2))
+            return 0
         print(f"{mv.name}/{mv.version}  aliases: {', '.join(aliases) or '-'}\n  source: {mv.source}\n  run: {mv.run_id}")
         for k in sorted(tags):
             print(f"  {k}: {tags[k]}")
@@ -270,6 +285,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         if result["status"] != "passed":  # a failed gate stops a CI pipeline like any user-fixable problem
             raise UserError(f"{args.name}/{args.version} failed its gates; it may not be promoted "
                             "(the result is recorded on the version: `raylab models show`)")
+        print(f"{args.name}/{args.version} passed its gates; promote it with `raylab models promote {args.name} {args.version}`")
     elif args.action == "promote":
         args.version = registry.version_number(store, args.name, args.version)
         moves = registry.promote(store, args.name, args.version, args.force, args.reason)

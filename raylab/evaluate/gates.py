@@ -98,7 +98,7 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         log.info(f"gates: {'pass' if c['passed'] else 'FAIL'}  {_describe(c)}")
     if not checks:
         log.info("gates: none declared (registry.gates in the config): the version passes by default")
-    log.info(f"gates: {name}/{version} {status.upper()}" + ("" if failures else f"; promote with `raylab models promote {name} {version}`"))
+    log.info(f"gates: {name}/{version} {status.upper()}")
     return result
 
 

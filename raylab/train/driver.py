@@ -167,7 +167,17 @@ def run_train(cfg: RaylabConfig, address: str | None = None, callbacks: list | N
     go to the `raylab.train` logger; stage.start then stage.end (or stage.failure) events to
     the run's events file."""
     with events.stage("train", run=cfg.output_dir):
+        if not in_sweep:
+            ensure_pretrained(cfg, address)
         return _train(cfg, address, callbacks, track, gate, in_sweep)
+
+
+def ensure_pretrained(cfg: RaylabConfig, address: str | None = None) -> None:
+    """`raylab train` / `raylab tune` on a config with a pretrain section whose base is not
+    there yet: pre-train first (as `raylab run` would), rather than fail."""
+    if pretrain.missing(cfg):
+        log.info(f"pretrain: no pre-trained base at {pretrain.base_dir(cfg)} yet; pre-training it first (the pretrain section)")
+        run_pretrain(cfg, address)
 
 
 def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track: bool, gate,

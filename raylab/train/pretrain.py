@@ -38,6 +38,12 @@ def pretrain_config(cfg: RaylabConfig) -> RaylabConfig:
     return config.load_dict(raw)
 
 
+def missing(cfg: RaylabConfig) -> bool:
+    """A pretrain section whose pre-trained base has not been written yet."""
+    return (cfg.pretrain is not None and "://" not in cfg.output_dir
+            and not storage.exists(runs.model_file(base_dir(cfg), runs.MODEL_CONFIG)))
+
+
 def resolve(cfg: RaylabConfig) -> RaylabConfig:
     """`cfg` with the pre-trained model as its base (unchanged without a pretrain section)."""
     if cfg.pretrain is None:

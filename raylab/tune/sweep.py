@@ -69,6 +69,7 @@ def run_tune(cfg: RaylabConfig, address: str | None = None) -> dict:
 def _run_tune(cfg: RaylabConfig, address: str | None) -> dict:
     if cfg.tune is None:
         raise UserError("the config has no tune section; add tune.search_space (see configs/quickstart.yaml)")
+    train.ensure_pretrained(cfg, address)
     cfg = train.with_pretrained_base(cfg)  # a `pretrain` section: its pre-trained model is the base
     run = runs.Run(cfg.output_dir)
     manifest = runs.read_manifest(run, cfg.source)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import run_cli
@@ -21,6 +23,12 @@ def test_models_cli_lists_and_refuses_with_exit_2(store, tmp_path):
     assert listed.returncode == 0 and "widgets" in listed.stdout and "passed" in listed.stdout, listed.stderr
     shown = run_cli("models", "show", "widgets/1", env=env)
     assert shown.returncode == 0 and "data_manifest_hash: d1" in shown.stdout, shown.stderr
+    # --json: the same facts for scripts, parseable as a whole
+    rows = json.loads(run_cli("models", "list", "--json", env=env).stdout)
+    assert [(r["name"], r["version"], r["gates"]) for r in rows] == [("widgets", 1, "passed")]
+    version = json.loads(run_cli("models", "show", "widgets/1", "--json", env=env).stdout)
+    assert version["name"] == "widgets" and version["version"] == 1 and version["tags"]["data_manifest_hash"] == "d1"
+    assert version["checksums"] and all(len(v) == 64 for v in version["checksums"].values())
     for args, message in [(["show", "widgets@staging"], "no alias 'staging'"), (["promote", "widgets", "7"], "no version 7"),
                           (["rollback", "nope"], "no registered model 'nope'")]:
         out = run_cli("models", *args, env=env)

@@ -45,6 +45,15 @@ def test_flags_and_config_anywhere():
     assert "lr: 0.0005" in proc.stdout
 
 
+def test_version(capsys):
+    from raylab import __version__
+    from raylab.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"raylab {__version__}"
+
+
 @pytest.mark.parametrize(
     "args, needles",
     [

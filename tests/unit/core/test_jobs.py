@@ -36,16 +36,18 @@ def test_pretrain_config_and_resolution(tmp_path):
     assert p.output_dir == str(tmp_path / "qs" / "pretrain") and p.model.method == "full"
     assert p.train.loss_on == "all" and p.train.max_steps == cfg.pretrain.max_steps and p.train.lr == cfg.pretrain.lr
     assert p.tune is None and p.pretrain is None and not p.registry.enabled
+    assert pretrain.missing(cfg)  # so `raylab train` / `raylab tune` pre-train first
     with pytest.raises(UserError, match="no pre-trained base"):
         pretrain.resolve(cfg)
     final = tmp_path / "qs" / "pretrain" / "train" / "final"
     final.mkdir(parents=True)
     (final / "config.json").write_text("{}")
+    assert not pretrain.missing(cfg)
     resolved = pretrain.resolve(cfg)
     assert resolved.model.name_or_path == str(final) and resolved.pretrain is None
     assert resolved.train == cfg.train and resolved.tune == cfg.tune
     no_pretrain = config.load(REPO / "configs" / "quickstart.yaml", ["pretrain=null"])
-    assert pretrain.resolve(no_pretrain) is no_pretrain
+    assert pretrain.resolve(no_pretrain) is no_pretrain and not pretrain.missing(no_pretrain)
 
 
 def test_submit_argument_errors_exit_2_before_submitting(tmp_path):

@@ -60,6 +60,14 @@ def git_commit() -> str:
         return "unknown"
 
 
+def require_clean_commit() -> str:
+    """The commit to record; refuses a dirty tree (figures must come from a committed state)."""
+    commit = git_commit()
+    if commit.endswith("-dirty") or commit == "unknown":
+        raise SystemExit(f"benchmarks: the tree is not a clean commit ({commit}); commit first (results record it)")
+    return commit
+
+
 def timed(fn: Callable[[], object], repeat: int = 3, warmup: int = 0) -> dict:
     """Median and spread of `repeat` wall-clock timings of fn(), after `warmup` calls."""
     for _ in range(warmup):

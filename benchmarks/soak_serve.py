@@ -19,7 +19,10 @@ Load
       distinct prompt (a request counter in it) of 16 to 256 tokens (uniform; byte-level, so
       characters), max_tokens uniform in 16..128, temperature 0.7, `/v1/completions`.
       Random choices come from a seeded generator per client (seed = client index).
-    - Warm-up (excluded): each adapter once, streaming and not, before the clock starts.
+    - Warm-up (excluded): each adapter once, streaming and not, then 60 s of the same load
+      (so the batch shapes, KV caches and allocator pools have been reached) before the
+      clock starts. Set after a 30-s development run (commit 3d3c0c1's script) showed the
+      Generator's RSS up 18 % within 30 s of a 4-request warm-up, before any measured run.
 Recorded
     - Every request's outcome: HTTP status (or the exception type), streamed or not, latency
       from send to last byte, tokens received. A request is an error when the status is not
@@ -28,7 +31,7 @@ Recorded
     - Per minute (by request start): requests, errors, p50 and p99 latency.
     - RSS (and PSS where /proc allows) of each Serve replica process of this endpoint
       (Generator, Ingress) and of Serve's proxy, found by their process titles, right after
-      the warm-up and right after the load ends.
+      the warm-up and right after the load ends; RSS also sampled every 30 s (the trend).
 Goals (issue 21, item 3): 0 errors; each replica's RSS growth (end / start - 1) <= 10 %.
 
     python benchmarks/soak_serve.py                  # 10 minutes; writes results/soak_serve.json
@@ -146,7 +149,7 @@ def body_for(rng: random.Random, client: int, n: int) -> dict:
             "temperature": 0.7, "stream": rng.random() < 0.5}
 
 
-def load(url: str, seconds: float, t0: float) -> tuple[list[dict], list[str]]:
+def load(url: str, seconds: float, t0: float, samples: list | None = None) -> tuple[list[dict], list[str]]:
     outcomes: list[dict] = []
     died: list[str] = []
     lock = threading.Lock()
@@ -169,6 +172,10 @@ def load(url: str, seconds: float, t0: float) -> tuple[list[dict], list[str]]:
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(CLIENTS)]
     for t in threads:
         t.start()
+    if samples is not None:  # the RSS trend, every 30 s while the load runs
+        while time.monotonic() < stop_at:
+            samples.append({"t_s": round(time.monotonic() - t0), **{k: v["rss"] for k, v in serve_processes().items()}})
+            time.sleep(min(30.0, max(0.0, stop_at - time.monotonic())))
     for t in threads:
         t.join(seconds + 400)
         if t.is_alive():
@@ -243,9 +250,11 @@ def main() -> None:
         warm = [one_request(url, {"model": f"{NAME}/{v}", "prompt": "warm up", "max_tokens": 16, "stream": s})
                 for v in (1, 2) for s in (False, True)]
         assert all(w["error"] is None for w in warm), f"warm-up failed: {warm}"
+        warm_outcomes, warm_died = load(url, 60.0, time.monotonic())
         rss_start = serve_processes()
         t0 = time.monotonic()
-        outcomes, died = load(url, args.minutes * 60, t0)
+        trend: list[dict] = []
+        outcomes, died = load(url, args.minutes * 60, t0, trend)
         wall = time.monotonic() - t0
         rss_end = serve_processes()
     finally:
@@ -265,7 +274,9 @@ def main() -> None:
         "errors": len(errors), "error_examples": sorted({e["error"] for e in errors})[:10], "clients_died": died,
         "p50_s": statistics.median(ok) if ok else None, "p99_s": percentile(ok, 0.99),
         "per_minute": per_minute(outcomes), "rss_start": rss_start, "rss_end": rss_end,
-        "rss_growth": growth, "max_rss_growth": max(growth.values(), default=None),
+        "rss_growth": growth, "rss_trend": trend,
+        "warmup": {"seconds": 60, "requests": len(warm_outcomes), "errors": sum(o["error"] is not None for o in warm_outcomes),
+                   "clients_died": warm_died}, "max_rss_growth": max(growth.values(), default=None),
         "replaced_processes": sorted(set(rss_start) ^ set(rss_end)),
         "goals": {"errors": "== 0", "rss_growth": "<= 0.10 per replica"},
         "met": {"errors": not errors and not died,

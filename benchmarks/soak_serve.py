@@ -21,7 +21,7 @@ Load
       Random choices come from a seeded generator per client (seed = client index).
     - Warm-up (excluded): each adapter once, streaming and not, then 60 s of the same load
       (so the batch shapes, KV caches and allocator pools have been reached) before the
-      clock starts. Set after a 30-s development run (commit 3d3c0c1's script) showed the
+      clock starts. Set after a 30-s development run (the script at 17974a9) showed the
       Generator's RSS up 18 % within 30 s of a 4-request warm-up, before any measured run.
 Recorded
     - Every request's outcome: HTTP status (or the exception type), streamed or not, latency

@@ -90,6 +90,10 @@ def progress_line(m: dict, total_steps: int, elapsed_s: float, done_at_start: in
     eta = elapsed_s / done * (total_steps - step) if done > 0 else float("nan")
     val = f" val {m['val_loss']:.3f}" if m.get("val_loss") is not None and math.isfinite(m["val_loss"]) else ""
     train = f" loss {m['loss']:.3f}" if m.get("loss") is not None else ""
+    if done <= 0 or not math.isfinite(m.get("tokens_per_s") or float("nan")):
+        # the evaluation before the first step (or right after a resume): no rate, no ETA yet
+        when = "before training" if step == 0 else "resumed here"
+        return f"train: step {step}/{total_steps} ({step / total_steps:.0%}){train}{val} {when} | {fmt_duration(elapsed_s)}"
     return (f"train: step {step}/{total_steps} ({step / total_steps:.0%}){train}{val} "
             f"lr {m['lr']:.1e} | {m['tokens_per_s']:,.0f} tok/s mfu {m['mfu']:.1%} | "
             f"{fmt_duration(elapsed_s)}, ETA {fmt_duration(eta)}")

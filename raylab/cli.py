@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="raylab", description="Fine-tune LLMs on your own data with Ray.")
     p.add_argument("--version", action="version", version=f"raylab {__version__}")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own messages (worker warnings, C++ core lines) on the console; by default "
+                        "they go to a log file under $RAYLAB_HOME/logs, named at the end")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def verb(name: str, help_: str, config: str) -> argparse.ArgumentParser:
@@ -331,6 +334,13 @@ COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "t
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `raylab` command. Called with `argv` (tests, scripts), the console is left as it
+    is; as the command itself (argv None), Ray's own output goes to a log file unless
+    --verbose (raylab/core/console.py)."""
+    as_command = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv  # a global flag, accepted anywhere on the line
+    argv = [a for a in argv if a != "--verbose"]
     parser = _parser()
     # Flags may stand anywhere: positionals after a flag come back as "unknown" and rejoin.
     args, extra = parser.parse_known_args(argv)
@@ -338,8 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         if item.startswith("-") or not hasattr(args, "args"):
             parser.error(f"unrecognized argument: {item}")
         args.args.append(item)
-    from raylab.core import logs
+    from raylab.core import console, logs
 
+    if as_command and not verbose:
+        console.quiet(args.verb)
     logs.console()
     try:
         return COMMANDS[args.verb](args)

@@ -111,6 +111,13 @@ def read_text(location: str) -> str:
     return read_bytes(location).decode("utf-8")
 
 
+def open_local_log(path: str):
+    """A local file opened for unbuffered binary appends: a process's own log (the console
+    filter's), written line by line while the process runs, so never an object store."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return open(path, "ab", buffering=0)  # noqa: SIM115 - the caller closes it
+
+
 def append_text(location: str, text: str) -> str:
     """Append to a file (JSON lines). Object stores cannot append, so there the file is
     rewritten whole: fine for the small, rare appends raylab makes (events)."""

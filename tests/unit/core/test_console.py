@@ -1,0 +1,73 @@
+"""The command's console: Ray's lines go to a log file, raylab's lines, errors and
+tracebacks stay (raylab/core/console.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from raylab.core.console import is_ray_line
+
+RAY = [  # (line, the fd it arrives on), each seen on a 2-core quickstart
+    ("\x1b[33m(raylet)\x1b[0m WARNING: 32 PYTHON worker processes have been started on node", 1),
+    ("\x1b[33m(raylet)\x1b[0m [2026-12-02 09:05:09,894 E 2877 2877] (raylet) worker_pool.cc:660: Some workers", 2),
+    ("[2026-12-02 09:01:26,210 E 26107 26107] core_worker.cc:2465: Actor with class name: 'MapWorker'", 2),
+    ("\x1b[36m(TrainController pid=3714)\x1b[0m [2026-12-02 09:03:55,711 E 3714 4076] core_worker.cc:2465: ...", 2),
+    ("\x1b[36m(RayTrainWorker pid=4691)\x1b[0m Progress bars disabled. To enable, set ...", 2),
+    ("\x1b[36m(Write pid=32142)\x1b[0m Skipped writing empty block to /tmp/run/data/quarantine", 2),
+    ("2026-12-02 08:59:39,095\tWARNING __init__.py:28 -- Progress bars disabled. To enable, set ...", 2),
+    ("[W 2026-12-02 09:10:00,123] Trial 3 failed because of the following error: ...", 2),
+    ("(pid=123, ip=10.0.0.2) 2026-12-02 08:59:39,095\tINFO streaming_executor.py:1 -- Execution plan", 1),
+]
+RAYLAB = [
+    ("train: lora on preset:tiny-llama, 1 worker(s) x 2 thread(s), 29 sequences x 128 -> /tmp/run/train", 1),
+    ("\x1b[36m(RayTrainWorker pid=4691)\x1b[0m train: step 2/8 (25%) loss 5.560 val 5.565 lr 1.7e-04", 1),
+    ("\x1b[36m(run_trial pid=77, ip=10.0.0.2)\x1b[0m train: step 4/8 (50%) loss 5.549", 1),
+    ("raylab train: error: train.lr: must be > 0", 2),
+    ("Traceback (most recent call last):", 2),
+    ("  File \"/work/raylab/train/loop.py\", line 12, in step", 2),
+    ("RuntimeError: training failed: (pid=3) boom", 2),
+    ("=== promote ===", 1),
+]
+
+
+@pytest.mark.parametrize("line, fd", RAY)
+def test_rays_lines_are_recognised(line, fd):
+    assert is_ray_line(line, fd)
+
+
+@pytest.mark.parametrize("line, fd", RAYLAB)
+def test_raylabs_lines_errors_and_tracebacks_are_kept(line, fd):  # the negative control
+    assert not is_ray_line(line, fd)
+
+
+SCRIPT = textwrap.dedent("""\
+    import os, sys, warnings
+    from raylab.core import console
+    path = console.quiet("test")
+    print("data: read 120, accepted 32")
+    print("\\x1b[33m(raylet)\\x1b[0m WARNING: 32 PYTHON worker processes have been started")
+    sys.stdout.flush()
+    os.write(2, b"[2026-12-02 09:01:26,210 E 26107 26107] core_worker.cc:2465: C++ straight to fd 2\\n")
+    warnings.warn("a library's FutureWarning", FutureWarning)
+    print("raylab data: error: the source is missing", file=sys.stderr)
+    print("LOG=" + str(path))
+    """)
+
+
+def test_quiet_routes_whole_process_output(tmp_path):
+    env = {**os.environ, "RAYLAB_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    log = next(line for line in proc.stdout.splitlines() if line.startswith("LOG="))[4:]
+    assert proc.stdout.splitlines()[0] == "data: read 120, accepted 32"
+    assert "(raylet)" not in proc.stdout and "core_worker.cc" not in proc.stderr and "FutureWarning" not in proc.stderr
+    assert "raylab data: error: the source is missing" in proc.stderr
+    assert f"Ray's own messages, 2 lines: {log}" in proc.stderr
+    saved = open(log).read()
+    assert "(raylet)" in saved and "core_worker.cc:2465" in saved and "a library's FutureWarning" in saved
+    assert "data: read" not in saved and "the source is missing" not in saved

@@ -31,7 +31,9 @@ from pathlib import Path
 from raylab.core import storage
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_WORKER = re.compile(r"^\((?:raylet|[^()]*pid=\d+[^()]*)\) ?")  # Ray's prefix on forwarded lines
+# Ray's prefix on forwarded lines: `(raylet) `, `(Name pid=N) `, `(Name pid=N, ip=A) `; a
+# Ray Data operator's name holds parentheses of its own.
+_WORKER = re.compile(r"^\((?:raylet|.*?\bpid=\d+(?:, ip=[^)\s]+)?)\) ?")
 _GLOG = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEFC] \d+ \d+\]")  # Ray's C++ core
 _RAY_PY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t(DEBUG|INFO|WARNING|ERROR|CRITICAL) ")  # Ray's loggers
 _OPTUNA = re.compile(r"^\[[DIWEC] \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\]")  # Optuna's default handler

@@ -22,6 +22,8 @@ RAY = [  # (line, the fd it arrives on), each seen on a 2-core quickstart
     ("2026-12-02 08:59:39,095\tWARNING __init__.py:28 -- Progress bars disabled. To enable, set ...", 2),
     ("[W 2026-12-02 09:10:00,123] Trial 3 failed because of the following error: ...", 2),
     ("(pid=123, ip=10.0.0.2) 2026-12-02 08:59:39,095\tINFO streaming_executor.py:1 -- Execution plan", 1),
+    ("\x1b[36m(HashShuffleReduce(keys=('exact',), partitions=8)->MapBatches(exact_edges) pid=20244)\x1b[0m "
+     "[mutex.cc : 452] RAW: Lock blocking 0x559a05e4b030", 2),
 ]
 RAYLAB = [
     ("train: lora on preset:tiny-llama, 1 worker(s) x 2 thread(s), 29 sequences x 128 -> /tmp/run/train", 1),

@@ -125,6 +125,10 @@ def test_gates_then_promote_rollback_from_the_cli(trained):
     # v2 barely trained: over the loss threshold and a regression against production v1
     out = run_cli("models", "evaluate", NAME, "2", "--address", _address())
     assert out.returncode == 2 and "failed its gates" in out.stderr, out.stderr
+    # the command's console is raylab's: Ray's own lines went to the log file it names
+    console = out.stdout + out.stderr
+    assert not any(s in console for s in ("(raylet)", "core_worker.cc", "\tWARNING ", "\tINFO ")), console
+    assert " pid=" not in out.stderr, out.stderr  # workers' standard error: Ray's logging
     mv = s.client.get_model_version(NAME, "2")
     assert mv.tags["raylab.gates.status"] == "failed" and "max_regression" in mv.tags["raylab.gates.failures"]
     refused = run_cli("models", "promote", NAME, "2")

@@ -9,7 +9,8 @@ An event is `{time, kind, actor, run, model, version, fields}` (DESIGN.md). It i
 one JSON line to the run's `events.jsonl` (when the change belongs to a run) and to
 `$RAYLAB_HOME/events/<date>.jsonl` (always). Kinds: stage.start, stage.end, stage.failure,
 registry.register, registry.gate, registry.promote, registry.rollback, serve.start,
-serve.stop, serve.deploy.
+serve.stop, serve.deploy, train.checkpoint_rejected (a resumed run found its checkpoint
+damaged and fell back to an older one).
 
 One writer per cluster: while this process is connected to Ray, events go to a named actor
 (`WRITER`, no CPU, one call at a time), so drivers, trial drivers, Train workers and Serve
@@ -34,7 +35,7 @@ from raylab.core import runs, storage
 WRITER = "raylab-events"
 NAMESPACE = "raylab"
 KINDS = ("stage.start", "stage.end", "stage.failure", "registry.register", "registry.gate", "registry.promote",
-         "registry.rollback", "serve.start", "serve.stop", "serve.deploy")
+         "registry.rollback", "serve.start", "serve.stop", "serve.deploy", "train.checkpoint_rejected")
 
 
 def actor() -> str:

@@ -267,6 +267,7 @@ class TrainMeta(Output):
     replica_digests: list[str]
     worker_nodes: list[str]
     resumed_at_steps: list[int]
+    ingest: dict[str, str] = {}  # how each split reached the workers (driver/materialized/streamed; cached/streamed)
     trained_tokens: int
     flops_per_token: float
     estimated_training_flops: float

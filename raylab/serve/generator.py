@@ -167,7 +167,17 @@ class GeneratorBase:
         version = serve.get_multiplexed_model_id()
         try:
             loaded = await self.get_model(version)
-        except UserError as e:  # a registry or integrity problem: the server's, not the request's
+        except registry.IntegrityError as e:
+            # 409 Conflict, not a 5xx: the request is valid and the server healthy, but the
+            # version it names conflicts with its own registration (the artifact no longer
+            # matches the checksums recorded then). A 5xx would have clients and load balancers
+            # retry, and count a healthy replica as failing; no retry can succeed until the
+            # version is registered again, which the message says.
+            self.requests.inc(tags={"model": version, "outcome": "integrity_error"})
+            yield {"error": {"status": 409, "message": f"cannot load {version}: {e}", "param": "model",
+                             "code": "model_integrity_error"}}
+            return
+        except UserError as e:  # a registry problem (unreachable store, deleted version): the server's
             self.requests.inc(tags={"model": version, "outcome": "load_error"})
             yield {"error": {"status": 500, "message": f"cannot load {version}: {e}"}}
             return

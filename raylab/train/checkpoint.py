@@ -11,6 +11,13 @@ files into one directory in `<output_dir>/train/`):
     state.json           step, epoch, micro-batches consumed in the epoch, tokens, metric
                          history, best val loss, early-stopping count, world size
     rng_rank<R>.pt       each worker's torch / numpy / python RNG state
+    manifest_rank<R>.json  sha256 of every file worker R wrote (read back through
+                         core.storage, so over the plaintext), and rank 0's the world size
+
+Integrity: each worker writes its manifest last, so a checkpoint is complete only when rank
+0's manifest and one per rank it names are there; `verify` checks every listed file. A
+resumed run verifies the checkpoint Ray Train hands it and, if that one is damaged or
+incomplete, falls back to the newest good checkpoint beside it (loop.start_state).
 
 Data position: Ray Data has no seek, so a resumed run re-reads the epoch in the same order
 (`preserve_order` plus a seeded local shuffle make it deterministic for a fixed world size)
@@ -24,6 +31,7 @@ import glob
 import json
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -32,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from raylab.core import storage
 
 STATE = "state.json"
+MANIFEST = "manifest_rank{rank}.json"
 MODEL_DIR = "model"  # the weights inside a checkpoint, in Hugging Face format
 
 
@@ -133,14 +142,53 @@ def seed_all(seed: int) -> None:
 
 
 def save(directory: str, *, rank: int, model, optimizer, scheduler, state: dict) -> None:
-    """Write this worker's part of a checkpoint into `directory`."""
+    """Write this worker's part of a checkpoint into `directory` (its own, empty: Ray Train
+    merges the workers' directories), its manifest last."""
     storage.save_torch(rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
-    if rank != 0:
-        return
-    save_model(model, os.path.join(directory, MODEL_DIR))
-    storage.save_torch(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-    storage.save_torch(scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
-    storage.write_text(os.path.join(directory, STATE), json.dumps(state, allow_nan=True))
+    if rank == 0:
+        save_model(model, os.path.join(directory, MODEL_DIR))
+        storage.save_torch(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        storage.save_torch(scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+        storage.write_text(os.path.join(directory, STATE), json.dumps(state, allow_nan=True))
+    write_manifest(directory, rank=rank, world_size=state["world_size"])
+
+
+def write_manifest(directory: str, *, rank: int, world_size: int) -> None:
+    """sha256 of every file this worker wrote into `directory`, read back through storage."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory).replace(os.sep, "/")
+            if not re.fullmatch(r"manifest_rank\d+\.json", rel):
+                files[rel] = storage.sha256(path)
+    body = {"rank": rank, "files": dict(sorted(files.items()))} | ({"world_size": world_size} if rank == 0 else {})
+    storage.write_text(os.path.join(directory, MANIFEST.format(rank=rank)), json.dumps(body, indent=1))
+
+
+def problems(directory: str) -> list[str]:
+    """What is wrong with a checkpoint directory (empty: complete and unchanged): a missing
+    manifest (the checkpoint was never completed, or predates checksums), a listed file
+    missing or with another sha256."""
+    head = os.path.join(directory, MANIFEST.format(rank=0))
+    if not os.path.exists(head):
+        return [f"no {MANIFEST.format(rank=0)} (an incomplete checkpoint, or one written without checksums)"]
+    manifests = [json.loads(storage.read_text(head))]
+    out = []
+    for r in range(1, int(manifests[0].get("world_size", 1))):
+        path = os.path.join(directory, MANIFEST.format(rank=r))
+        if os.path.exists(path):
+            manifests.append(json.loads(storage.read_text(path)))
+        else:
+            out.append(f"no {MANIFEST.format(rank=r)} (rank {r} never finished its part)")
+    for m in manifests:
+        for rel, expected in m["files"].items():
+            path = os.path.join(directory, rel)
+            if not os.path.exists(path):
+                out.append(f"{rel} is missing")
+            elif (actual := storage.sha256(path)) != expected:
+                out.append(f"{rel} has sha256 {actual[:12]}, not the recorded {expected[:12]}")
+    return out
 
 
 def restore(directory: str, *, rank: int, world_size: int, model, optimizer, scheduler, seed: int) -> dict:

@@ -40,8 +40,13 @@ from raylab.train import checkpoint, metrics, objectives, pretrain
 from raylab.train.loop import train_loop_per_worker
 from raylab.version import __version__
 
+# Where a split's rows live, by its size in memory; each is an environment variable of the
+# same name with a RAYLAB_ prefix (bytes), read by the driver when a run starts, so a test
+# (or a memory-tight cluster) can send a small corpus down the paths a large one takes.
 DRIVER_READ_BYTES = 64 << 20  # a split up to this size is read by the driver itself (read_split)
 MATERIALIZE_BYTES = 1 << 30  # a split up to this size is read into the object store once
+TRAIN_CACHE_BYTES = 256 << 20  # a train shard up to this size per worker is kept in its memory
+VAL_CACHE_BYTES = 256 << 20  # so is a val split up to this size; larger ones are streamed each pass
 # Keys that change how a run is executed, not what it computes: a resumed run may change them.
 OPERATIONAL_KEYS = {"num_workers", "cpus_per_worker", "gpus_per_worker", "torch_threads", "placement_strategy",
                     "max_failures", "resume", "log_every", "keep_checkpoints", "checkpoint_every"}
@@ -135,8 +140,19 @@ def _unwrap_user_error(e: BaseException) -> str | None:
     return text.split(marker, 1)[1].strip().splitlines()[0] if marker in text else None
 
 
+def threshold(name: str) -> int:
+    """One of the size thresholds above, or its RAYLAB_<NAME> environment override."""
+    text = os.environ.get(f"RAYLAB_{name}")
+    if text is None:
+        return globals()[name]
+    if not text.strip().isdigit():
+        raise UserError(f"${{RAYLAB_{name}}}={text!r}: expected a size in bytes")
+    return int(text)
+
+
 def read_split(location: str, nbytes: int, num_cpus: float):
-    """A Ray Dataset over one packed split (`nbytes`: its size in memory).
+    """(a Ray Dataset over one packed split, how it is read: driver | materialized | streamed);
+    `nbytes` is the split's size in memory.
 
     A small split is read whole by the driver with pyarrow (files in sorted order) and
     handed to Ray as one block: a Ray Data read costs the driver ~4 s of execution start-up
@@ -145,13 +161,13 @@ def read_split(location: str, nbytes: int, num_cpus: float):
     epoch otherwise re-lists and re-reads the files."""
     import ray
 
-    if nbytes <= DRIVER_READ_BYTES:
+    if nbytes <= threshold("DRIVER_READ_BYTES"):
         import pyarrow.parquet as pq
 
         filesystem, path = storage.resolve(location)
-        return ray.data.from_arrow(pq.read_table(path, filesystem=filesystem))
+        return ray.data.from_arrow(pq.read_table(path, filesystem=filesystem)), "driver"
     ds = ray.data.read_parquet(location, num_cpus=num_cpus)
-    return ds.materialize() if nbytes <= MATERIALIZE_BYTES else ds
+    return (ds.materialize(), "materialized") if nbytes <= threshold("MATERIALIZE_BYTES") else (ds, "streamed")
 
 
 def run_train(cfg: RaylabConfig, address: str | None = None, callbacks: list | None = None,
@@ -205,13 +221,16 @@ def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track
     # int32 input_ids, labels, position_ids, segment_ids per sequence
     sequences = {"train": manifest.tokens.train.sequences, "val": manifest.tokens.val.sequences}
     nbytes = {split: n * cfg.data.max_seq_len * 16 for split, n in sequences.items()}
-    datasets = {split: read_split(manifest.outputs[split], nbytes[split], cfg.data.cpus_per_task) for split in nbytes}
+    reads = {split: read_split(manifest.outputs[split], nbytes[split], cfg.data.cpus_per_task) for split in nbytes}
+    datasets = {split: ds for split, (ds, _) in reads.items()}
     resources = {"CPU": t.cpus_per_worker} | ({"GPU": t.gpus_per_worker} if t.gpus_per_worker else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "torch_threads": threads,
                            "train_rows": sequences["train"], "metrics_path": run.train_metrics,
                            "val_bytes": nbytes["val"], "train_bytes": nbytes["train"], "gate": gate,
+                           "val_cache_bytes": threshold("VAL_CACHE_BYTES"), "train_cache_bytes": threshold("TRAIN_CACHE_BYTES"),
+                           "read": {split: how for split, (_, how) in reads.items()},
                            "objective": objectives.resolve(t.objective)},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,
                                                resources_per_worker=resources, placement_strategy=t.placement_strategy),
@@ -269,7 +288,7 @@ def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float) -> dict:
             code_version=code_version(), steps=state["step"], epochs_started=state["epoch"] + 1,
             stopped_early=state["stopped_early"], world_size=state["world_size"], replica_digests=digests,
             worker_nodes=state.get("worker_nodes", []), resumed_at_steps=state.get("resumed_at_steps", []),
-            trained_tokens=state["tokens"], flops_per_token=flops_token,
+            ingest=state.get("ingest", {}), trained_tokens=state["tokens"], flops_per_token=flops_token,
             estimated_training_flops=flops_token * state["tokens"],
             flops_formula="4*N + 2*N_trainable + 12*layers*hidden*seq_len per real token (raylab/train/metrics.py)",
             metrics={k: last.get(k) for k in ("val_loss", "val_perplexity", "val_token_accuracy")}

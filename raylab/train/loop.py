@@ -22,9 +22,6 @@ from typing import Any
 from raylab.config import RaylabConfig
 from raylab.core import logs, storage
 
-VAL_CACHE_BYTES = 256 << 20  # a val split up to this size stays in each worker's memory
-TRAIN_CACHE_BYTES = 256 << 20  # so does a train shard up to this size (per worker)
-
 log = logging.getLogger(__name__)
 
 
@@ -67,6 +64,7 @@ class TrainState:
     resumed_at_steps: list[int] = field(default_factory=list)
     replica_digests: list[str] = field(default_factory=list)  # set by the last checkpoint
     worker_nodes: list[str] = field(default_factory=list)
+    ingest: dict = field(default_factory=dict)  # how the splits reached the workers (Shards.ingest)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainState:
@@ -168,15 +166,23 @@ def _make_collate(all_tokens: bool = False):
 class Shards:
     """This worker's train shard and the val split, as batches."""
 
-    def __init__(self, t, rank: int, world: int, device, val_bytes: int, train_bytes: int):
+    def __init__(self, t, rank: int, world: int, device, val_bytes: int, train_bytes: int, *, val_cache_bytes: int,
+                 train_cache_bytes: int):
         import ray.train
 
         self.t, self.rank, self.world, self.device = t, rank, world, device
         self.train = ray.train.get_dataset_shard("train")
         self.val = ray.train.get_dataset_shard("val")
         self.collate_fn = _make_collate(t.loss_on == "all")
-        self.val_cache: list[dict] | None = [] if val_bytes <= VAL_CACHE_BYTES else None
-        self.train_cache: dict | None = {} if train_bytes / world <= TRAIN_CACHE_BYTES else None
+        # the thresholds: driver.TRAIN_CACHE_BYTES and VAL_CACHE_BYTES (or their environment overrides)
+        self.val_cache: list[dict] | None = [] if val_bytes <= val_cache_bytes else None
+        self.train_cache: dict | None = {} if train_bytes / world <= train_cache_bytes else None
+
+    def ingest(self, read: dict) -> dict:
+        """How each split reaches this worker: the driver's read, then cached or streamed here."""
+        return {f"{split}_read": how for split, how in read.items()} | {
+            "train_in_worker": "cached" if self.train_cache is not None else "streamed",
+            "val_in_worker": "cached" if self.val_cache is not None else "streamed"}
 
     def on_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -265,13 +271,17 @@ def replicas(model, world: int) -> tuple[list[str], list[str]]:
     return [g[0] for g in gathered], [g[1] for g in gathered]
 
 
-def start_state(t, *, rank: int, world: int, flops: dict, model, optimizer, scheduler) -> TrainState:
-    """A fresh state, or the latest checkpoint's restored into the live objects."""
+def start_state(t, *, rank: int, world: int, flops: dict, model, optimizer, scheduler, run: str | None = None) -> TrainState:
+    """A fresh state, or the latest good checkpoint's restored into the live objects: the one
+    Ray Train hands back if its checksums hold, else the newest good one beside it (with a
+    warning and a train.checkpoint_rejected event in `run`), else a fresh start."""
     import ray.train
 
     from raylab.train import checkpoint
 
     resumed = ray.train.get_checkpoint()
+    if resumed:
+        resumed = _good_checkpoint(resumed, rank, run)
     if not resumed:
         checkpoint.seed_all(t.seed + 7919 * rank)  # dropout streams differ per rank
         return TrainState(world_size=world, flops=flops)
@@ -286,6 +296,40 @@ def start_state(t, *, rank: int, world: int, flops: dict, model, optimizer, sche
         log.info(f"train: resumed from step {state.step} (epoch {state.epoch}, "
                  f"{state.batches_in_epoch} micro-batches into it)")
     return state
+
+
+def _good_checkpoint(resumed, rank: int, run: str | None):
+    """`resumed` if it verifies, else the good checkpoint beside it with the highest step, else
+    None. Every rank decides alone, from the same files, so all ranks decide alike."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from raylab.core import events
+    from raylab.train import checkpoint
+
+    with resumed.as_directory() as d:
+        bad = checkpoint.problems(d)
+    if not bad:
+        return resumed
+    parent = resumed.path.rstrip("/").rsplit("/", 1)[0]
+    infos = resumed.filesystem.get_file_info(pafs.FileSelector(parent))
+    best, best_step = None, -1
+    for info in infos:
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_") or info.path == resumed.path:
+            continue
+        candidate = ray.train.Checkpoint(info.path, filesystem=resumed.filesystem)
+        with candidate.as_directory() as d:
+            if checkpoint.problems(d):
+                continue
+            step = checkpoint.read_state(d)["step"]
+        if step > best_step:
+            best, best_step = candidate, step
+    if rank == 0:
+        to = f"the previous good checkpoint {best.path} (step {best_step})" if best else "step 0 (no good checkpoint is left)"
+        log.warning(f"train: checkpoint {resumed.path} fails its checksums ({'; '.join(bad)}); resuming from {to}")
+        events.emit("train.checkpoint_rejected", run=run, checkpoint=resumed.path, problems=bad,
+                    resumed_from=best.path if best else None, resumed_step=best_step if best else 0)
+    return best
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -323,10 +367,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
     warmup = int(t.warmup_ratio * steps.total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: loss.lr_factor(s, steps.total, warmup, t.schedule))
-    state = start_state(t, rank=rank, world=world, flops=flops, model=model, optimizer=optimizer, scheduler=scheduler)
+    state = start_state(t, rank=rank, world=world, flops=flops, model=model, optimizer=optimizer, scheduler=scheduler,
+                        run=cfg.output_dir)
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
     attn_impl = loss.attn_impl_of(checkpoint.unwrap(model))
-    data = Shards(t, rank, world, device, loop_config["val_bytes"], loop_config["train_bytes"])
+    data = Shards(t, rank, world, device, loop_config["val_bytes"], loop_config["train_bytes"],
+                  val_cache_bytes=loop_config["val_cache_bytes"], train_cache_bytes=loop_config["train_cache_bytes"])
+    state.ingest = data.ingest(loop_config["read"])
 
     def evaluate() -> None:
         # The unwrapped module: DDP's forward may sync buffers, a collective that ranks with

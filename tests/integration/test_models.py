@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +34,19 @@ def test_models_cli_lists_and_refuses_with_exit_2(store, tmp_path):
                           (["rollback", "nope"], "no registered model 'nope'")]:
         out = run_cli("models", *args, env=env)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.integration  # subprocesses: each imports MLflow
+def test_a_version_missing_a_file_or_its_checksums_is_refused_with_exit_2(store, tmp_path):
+    env = {"RAYLAB_HOME": str(tmp_path / "home")}
+    for n in (1, 2, 3):
+        register(store, tmp_path, n)
+    ok = run_cli("export", "widgets/1", str(tmp_path / "out1"), env=env)  # control: an intact version exports
+    assert ok.returncode == 0 and (tmp_path / "out1" / "adapter_model.safetensors").exists(), ok.stderr
+    (Path(store.client.get_model_version("widgets", "2").source) / "tokenizer.json").unlink()
+    store.client.delete_model_version_tag("widgets", "3", "raylab.checksums")
+    for version, message in [(2, "widgets/2: artifact does not match its registration checksums: tokenizer.json (missing)"),
+                             (3, "widgets/3: no checksums recorded at registration; refusing to load it unverified")]:
+        out = run_cli("export", f"widgets/{version}", str(tmp_path / f"out{version}"), env=env)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert not (tmp_path / f"out{version}").exists()  # nothing written from an unverified version

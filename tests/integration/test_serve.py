@@ -389,3 +389,39 @@ def test_a_version_registered_after_the_deploy_is_served_without_a_redeploy(serv
         assert status == 404 and body["error"]["code"] == "model_not_found", (model, body)
     assert _replicas(served, "Ingress") == before  # no redeploy, no restart
     assert get(served["url"], "/healthz", key=None)[1]["model"] == routing["default"]  # the default stays as deployed
+
+
+def test_a_version_tampered_after_registration_is_refused_with_a_409_not_a_5xx(served):
+    """Tampering seen at serve time: after a version has been served once, its registered
+    artifact and that of a version not yet loaded are changed. The unloaded one is refused
+    with 409 model_integrity_error (the request is valid, the version conflicts with its
+    registration: no retry helps, so not a 5xx), and so is any fresh load of the served one."""
+    from raylab import models
+
+    cfg, store, url = served["cfg"], registry.open_store(served["cfg"]), served["url"]
+    meta = {"identity": "serve-test", "base_model": str(served["root"] / "base"), "method": "lora", "metrics": {}}
+
+    def new_version(key: str) -> int:
+        run = registry.log_run(store, registry.experiment_id(store, NAME), name=key, key=key, params={}, history=[],
+                               artifacts={}, tags={})
+        return int(registry.register(store, cfg, run, str(served["adapters"][2]), meta).version)
+
+    loaded, unloaded = new_version("serve-test-tamper-a"), new_version("serve-test-tamper-b")
+    status, body = chat(url, f"{NAME}/{loaded}", QUESTIONS[0])
+    assert status == 200 and body["choices"][0]["message"]["content"] == ANSWERS[2], body
+    weights = {v: Path(store.client.get_model_version(NAME, str(v)).source) / "adapter_model.safetensors"
+               for v in (loaded, unloaded)}
+    original = weights[unloaded].read_bytes()
+    for path in weights.values():
+        path.write_bytes(original[:-8] + b"tampered")
+    status, body = chat(url, f"{NAME}/{unloaded}", QUESTIONS[0])
+    assert status == 409, body
+    error = body["error"]
+    assert (error["code"], error["param"], error["type"]) == ("model_integrity_error", "model", "invalid_request_error")
+    assert f"{NAME}/{unloaded}" in error["message"] and "adapter_model.safetensors (sha256" in error["message"]
+    with pytest.raises(registry.IntegrityError, match=rf"{NAME}/{loaded}: .*adapter_model\.safetensors"):
+        models.load(f"{NAME}/{loaded}", store=store)  # a fresh load of the version served before
+    for path in weights.values():  # the control: restored, the same never-loaded version serves
+        path.write_bytes(original)
+    status, body = chat(url, f"{NAME}/{unloaded}", QUESTIONS[0])
+    assert status == 200 and body["choices"][0]["message"]["content"] == ANSWERS[2], body

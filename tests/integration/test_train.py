@@ -282,3 +282,134 @@ def test_cli_train_user_errors_exit_2_without_traceback(tmp_path, tiny_model_dir
     (data / "manifest.json").write_text(json.dumps(fake_manifest(fingerprint(build_byte_tokenizer()), seq_len=128, rows=10, val_rows=2)))
     r = run_cli("train", str(path), "model.method=qlora", f"model.name_or_path={tiny_model_dir}")
     assert r.returncode == 2 and "needs a GPU" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- checkpoint integrity on resume
+
+
+def _resumable_copy(reference, dst: Path):
+    """A copy of the finished reference run without its final metadata, so training it again
+    resumes from Ray Train's latest checkpoint; returns (config, {step: checkpoint dir})."""
+    import shutil
+
+    ref_cfg, _ = reference
+    shutil.copytree(ref_cfg.output_dir, dst)
+    cfg = config.load_dict(base_config(dst, Path(ref_cfg.data.sources[0].path)))
+    Path(runs.Run(cfg.output_dir).train_meta).unlink()
+    by_step = {checkpoint.read_state(str(d))["step"]: d for d in (dst / "train").glob("checkpoint_*") if d.is_dir()}
+    assert sorted(by_step) == [12, STEPS], by_step  # eval_every=12: one checkpoint per evaluation
+    return cfg, by_step
+
+
+def _max_difference(final_dir: Path, reference) -> float:
+    ref = final_weights(Path(reference[0].output_dir) / "train" / "final")
+    return max((t - ref[name]).abs().max().item() for name, t in final_weights(final_dir).items())
+
+
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_good_one(reference, tmp_path):
+    from raylab.core import events
+
+    cfg, by_step = _resumable_copy(reference, tmp_path / "corrupted")
+    weights = by_step[STEPS] / "model" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight of the latest checkpoint
+    weights.write_bytes(bytes(data))
+    meta = train.run_train(cfg)
+    assert meta["steps"] == STEPS and meta["resumed_at_steps"] == [12]  # from the previous good checkpoint
+    (rejected,) = [e for e in events.read(runs.Run(cfg.output_dir).events) if e["kind"] == "train.checkpoint_rejected"]
+    assert rejected["fields"]["checkpoint"].endswith(by_step[STEPS].name) and rejected["fields"]["resumed_step"] == 12
+    assert rejected["fields"]["resumed_from"].endswith(by_step[12].name)
+    assert rejected["fields"]["problems"][0].startswith("model/adapter_model.safetensors has sha256")
+    # steps 13-24 trained again from the good checkpoint reproduce the uninterrupted run
+    assert _max_difference(Path(cfg.output_dir) / "train" / "final", reference) <= 1e-5
+
+
+def test_resuming_from_the_wrong_step_exceeds_the_resume_tolerance(reference, tmp_path):
+    """The negative control of the resume tests' 1e-5: the step-12 checkpoint relabelled as
+    step 11 (its data position one step back, its manifest rewritten so it verifies) resumes
+    one step off, and the final weights land far outside the tolerance."""
+    cfg, by_step = _resumable_copy(reference, tmp_path / "wrong-step")
+    (by_step[STEPS] / "manifest_rank0.json").unlink()  # the latest is incomplete: resume from step 12
+    good = by_step[12]
+    state = checkpoint.read_state(str(good))
+    state["step"] -= 1
+    state["batches_in_epoch"] = max(0, state["batches_in_epoch"] - cfg.train.grad_accum)
+    (good / "state.json").write_text(json.dumps(state))
+    checkpoint.write_manifest(str(good), rank=0, world_size=1)
+    meta = train.run_train(cfg)
+    assert meta["steps"] == STEPS and meta["resumed_at_steps"] == [11]
+    assert _max_difference(Path(cfg.output_dir) / "train" / "final", reference) > 10 * 1e-5
+
+
+# ---------------------------------------------------------------- the paths a large corpus or a failing worker takes
+
+
+def test_a_split_over_the_thresholds_streams_through_ray_data(learn_data, reference, tmp_path, monkeypatch):
+    """Every size threshold lowered to 0 (their environment settings): both splits are read by
+    Ray Data tasks, never materialized, and streamed into the workers on every pass."""
+    for name in ("DRIVER_READ_BYTES", "MATERIALIZE_BYTES", "TRAIN_CACHE_BYTES", "VAL_CACHE_BYTES"):
+        monkeypatch.setenv(f"RAYLAB_{name}", "0")
+    cfg = with_data(learn_data, tmp_path / "streamed", max_steps=8, eval_every=8)
+    meta = train.run_train(cfg)
+    assert meta["ingest"] == {"train_read": "streamed", "val_read": "streamed", "train_in_worker": "streamed",
+                              "val_in_worker": "streamed"}
+    assert meta["steps"] == 8 and meta["metrics"]["val_loss"] < meta["metrics"]["initial_val_loss"]
+    # the control: the small corpus at the default thresholds takes the in-memory paths
+    assert reference[1]["ingest"] == {"train_read": "driver", "val_read": "driver", "train_in_worker": "cached",
+                                      "val_in_worker": "cached"}
+
+
+def _kill_workers_after_each_baseline(train_dir: Path, done: threading.Event, killed: list, times: int) -> None:
+    """SIGKILL a Ray Train worker each time a (re)started worker group has written its step-0
+    evaluation to metrics.jsonl, noting whether a checkpoint existed then."""
+    from ray.util.state import list_actors
+
+    metrics, seen = train_dir / "metrics.jsonl", None
+    while not done.is_set() and len(killed) < times:
+        try:
+            stamp = metrics.stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp != seen:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                checkpointed = _past_first_checkpoint(train_dir)
+                os.kill(workers[0].pid, signal.SIGKILL)
+                killed.append((workers[0].pid, checkpointed))
+                seen = stamp
+        time.sleep(0.2)
+
+
+def test_a_worker_killed_before_the_first_checkpoint_restarts_from_step_0(learn_data, reference, tmp_path):
+    cfg = with_data(learn_data, tmp_path / "killed-early", max_failures=1)
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_workers_after_each_baseline,
+                              args=(Path(cfg.output_dir) / "train", done, killed, 1), daemon=True)
+    killer.start()
+    try:
+        meta = train.run_train(cfg)
+    finally:
+        done.set()
+    assert [checkpointed for _, checkpointed in killed] == [False], killed  # killed once, before any checkpoint
+    assert meta["steps"] == STEPS and meta["resumed_at_steps"] == []  # nothing to resume: a fresh start
+    assert _max_difference(Path(cfg.output_dir) / "train" / "final", reference) <= 1e-5
+
+
+def test_max_failures_exhausted_exits_1_with_the_workers_error(learn_data, tmp_path):
+    import ray
+
+    cfg = with_data(learn_data, tmp_path / "exhausted", max_failures=1)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_workers_after_each_baseline,
+                              args=(Path(cfg.output_dir) / "train", done, killed, 2), daemon=True)
+    killer.start()
+    try:
+        out = run_cli("train", str(path), "--address", ray.get_runtime_context().gcs_address)
+    finally:
+        done.set()
+    assert len(killed) == 2, killed  # the first failure was restarted (max_failures=1), the second was not
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "training failed" in out.stderr and "ActorDiedError" in out.stderr, out.stderr[-3000:]
+    assert not (Path(cfg.output_dir) / "train" / "final").exists()

@@ -81,6 +81,49 @@ def _redact_pairs(text: str) -> str:
     return "&".join(out)
 
 
+def _secret_pairs(text: str) -> list[str]:
+    from urllib.parse import unquote_plus
+
+    out = []
+    for piece in text.split("&"):
+        key, eq, value = piece.partition("=")
+        if eq and value and _secret_key(unquote_plus(key)) and not ENV_REF.fullmatch(unquote_plus(value)):
+            out += [value, unquote_plus(value)]
+    return out
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret values written in a URL (as written and decoded): what `redact_url` hides."""
+    from urllib.parse import unquote, urlsplit
+
+    if "://" not in url:
+        return []
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return [url.split("://", 1)[1]]
+    found = _secret_pairs(parts.query) + _secret_pairs(parts.fragment)
+    userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
+    _, has_password, password = userinfo.partition(":")
+    if has_password and password and not ENV_REF.fullmatch(password):
+        found += [password, unquote(password)]
+    return found
+
+
+def env_values(value: str) -> list[str]:
+    """What the `${env:NAME}` references in `value` expand to (the set ones)."""
+    return [os.environ[name] for name in ENV_REF.findall(value) if os.environ.get(name)]
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """`text` with every secret value replaced by ***: for messages a library composed from
+    a URL or credentials (an InvalidURL quoting the URL, say). Values under 4 characters
+    are left alone: replacing them would garble the message and hide nothing of worth."""
+    for secret in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def redact_url(url: str) -> str:
     """A URL fit to print: a userinfo password and the values of secret-looking query (and
     fragment) keys become ***. `${env:NAME}` references are kept: they are names, not

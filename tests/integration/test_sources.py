@@ -169,6 +169,18 @@ def test_url_secrets_are_redacted_in_messages(api, monkeypatch):
     assert message.startswith(AT_PAGE2)
 
 
+def test_secrets_a_library_quotes_are_scrubbed(api, monkeypatch):
+    """urllib refuses a URL with a space and quotes it, expanded, in its error; the values
+    of the URL's secrets and of its ${env:...} references never reach the message."""
+    monkeypatch.setenv("RAYLAB_TEST_SOURCES_TOKEN", TOKEN)
+    url = f"{api}/busy?q=a b&api_key={LITERAL}&team=${{env:RAYLAB_TEST_SOURCES_TOKEN}}"
+    with pytest.raises(SourceError) as failed:
+        read_pages(url, retries=0)
+    message = str(failed.value)
+    assert "URL can't contain control characters" in message and "q=a b" in message  # the cause, quoted
+    assert LITERAL not in message and TOKEN not in message
+
+
 def test_manifest_location_is_redacted(api):
     """describe_inputs is what the manifest records for a source."""
     (entry,) = describe_inputs(http_cfg(f"{api}/busy?team=visible&api_key={LITERAL}").data)

@@ -11,7 +11,7 @@ from typing import Any
 
 from raylab.config import DataConfig, Fields
 from raylab.core import storage
-from raylab.core.secrets import expand_env, redact_url
+from raylab.core.secrets import env_values, expand_env, redact_url, scrub, url_secrets
 from raylab.data.records import SourceRules
 from raylab.data.sources import sql
 from raylab.data.sources.files import FILE_DATASOURCES, listing
@@ -53,7 +53,8 @@ def describe_inputs(data: DataConfig) -> list[dict[str, Any]]:
             try:
                 sql.check(url, src.query)
             except Exception as e:  # any driver's connection error is the user's to fix
-                raise UserError(f"{key} ({name}): cannot query {redact_url(src.url)}: {e}") from None
+                cause = scrub(" ".join(str(e).split()), url_secrets(url) + env_values(src.url))
+                raise UserError(f"{key} ({name}): cannot query {redact_url(src.url)}: {cause}") from None
         else:
             entry.update(location=redact_url(src.url))
         out.append(entry)
@@ -85,4 +86,5 @@ def http_datasource(index: int, src) -> HttpDatasource:
     headers = {k: expand_env(v, f"data.sources.{index}.headers.{k}") for k, v in src.headers.items()}
     spec = src.model_dump(include={"records_path", "page_param", "start_page", "cursor_param", "next_cursor_path",
                                    "max_pages", "retries", "backoff_s", "timeout_s", "max_retry_wait_s"}) | {"url": url}
-    return HttpDatasource(spec, source_name(index, src), headers, src.url)
+    secrets = url_secrets(url) + env_values(src.url) + [v for h in src.headers.values() for v in env_values(h)]
+    return HttpDatasource(spec, source_name(index, src), headers, src.url, secrets)

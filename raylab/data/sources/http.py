@@ -25,7 +25,7 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from raylab.core.secrets import redact_url
+from raylab.core.secrets import redact_url, scrub
 from raylab.data.sources.rows import RAW_SCHEMA, SourceError, raw_row, table
 
 
@@ -87,10 +87,12 @@ class HttpDatasource(Datasource):
     and 5xx; other 4xx, a body that is not JSON and a non-list at records_path fail at once.
     """
 
-    def __init__(self, spec: dict, source: str, headers: dict[str, str], shown_url: str | None = None):
+    def __init__(self, spec: dict, source: str, headers: dict[str, str], shown_url: str | None = None,
+                 secrets: list[str] | None = None):
         super().__init__()
         self.spec, self.source, self.headers = spec, source, headers
         self.shown_url = shown_url or spec["url"]
+        self.secrets = secrets or []  # values no message may hold (a library's error may quote them)
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -103,7 +105,7 @@ class HttpDatasource(Datasource):
         return [ReadTask(self._pages, meta, schema=RAW_SCHEMA)]
 
     def _fail(self, where: str, read: int, what: str) -> SourceError:
-        return SourceError(f"data source {self.source!r} (http): at {where}, after {read} records: {what}")
+        return SourceError(scrub(f"data source {self.source!r} (http): at {where}, after {read} records: {what}", self.secrets))
 
     def _get(self, params: dict[str, Any], where: str, read: int) -> Any:
         s = self.spec

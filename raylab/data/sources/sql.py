@@ -13,6 +13,7 @@ import sqlite3
 
 import pyarrow as pa
 
+from raylab.core.secrets import scrub, url_secrets
 from raylab.data.sources.rows import SourceError, raw_row, table
 
 
@@ -63,7 +64,8 @@ class Connect:
 
     def failed(self, what: str, rows: int, e: BaseException) -> SourceError:
         cause = " ".join(str(e).split()) or type(e).__name__  # drivers' messages span lines
-        return SourceError(f"data source {self.source!r} (sql): {what}, after {rows} rows: {cause}")
+        return SourceError(scrub(f"data source {self.source!r} (sql): {what}, after {rows} rows: {cause}",
+                                 url_secrets(self.url)))
 
 
 class _Guarded:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raylab.core.secrets import redact_url
+from raylab.core.secrets import redact_url, scrub, url_secrets
 
 
 @pytest.mark.parametrize(("url", "shown"), [
@@ -37,3 +37,18 @@ def test_nothing_secret_is_left_as_written(url):
 
 def test_unparseable_url_hides_all_but_the_scheme():
     assert redact_url("http://[::1/x?token=abc") == "http://***"
+
+
+def test_url_secrets_are_what_redact_url_hides():
+    url = "postgresql://reader:p%40ss-word@db/kb?sslkey=x&password=s3cr3t+value&application_name=raylab"
+    assert set(url_secrets(url)) == {"p%40ss-word", "p@ss-word", "s3cr3t+value", "s3cr3t value"}
+    assert url_secrets("https://h/x?token=${env:T}&page=2") == []  # a reference hides nothing
+    assert url_secrets("sqlite:///kb.db") == []
+
+
+def test_scrub_replaces_secret_values_in_text():
+    message = "URL can't contain control characters. '/x?api_key=s3cr3t value&team=acme-corp' (found ' ')"
+    assert scrub(message, ["s3cr3t value", "acme-corp"]) == (
+        "URL can't contain control characters. '/x?api_key=***&team=***' (found ' ')")
+    assert scrub(message, []) == message  # negative control: nothing given, nothing changed
+    assert scrub("a pw in a message", ["pw", ""]) == "a pw in a message"  # too short to hide anything

@@ -257,7 +257,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{r['name']:<24} {r['version']:>4} {','.join(r['aliases']):<22} {r['method'] or '':<7} "
                   f"{r['val_loss'] or '':>9} {r['gates']:<8} {r['stage'] or '':<6} {r['created']}")
         if not rows:
-            print(f"no registered versions in {store.uri}")
+            from raylab.core.secrets import redact_url
+
+            print(f"no registered versions in {redact_url(store.uri)}")
     elif args.action == "show":
         mv = registry.get_version(store, args.ref)
         tags = dict(mv.tags)

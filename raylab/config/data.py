@@ -51,7 +51,7 @@ class HttpSource(_SourceBase):
     """A paginated JSON API: page numbers (`page_param`) or cursors (`cursor_param`)."""
 
     type: Literal["http"] = Field(description="a paginated JSON API")
-    url: str = Field(description="the endpoint; query parameters for paging are added to it")
+    url: str = Field(description="the endpoint; query parameters for paging are added to it; may hold ${env:NAME} (a token, say)")
     records_path: str = Field("", description="dotted path to the record list in a response; '' = the body")
     page_param: str | None = Field(None, description="query parameter for the page number")
     start_page: int = Field(1, description="the first page number")
@@ -62,6 +62,7 @@ class HttpSource(_SourceBase):
     retries: int = Field(3, ge=0, description="retries per page on connection errors, 429 and 5xx")
     backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each retry")
     timeout_s: float = Field(30.0, gt=0, description="seconds a request may take; a timeout is retried")
+    max_retry_wait_s: float = Field(60.0, ge=0, description="the longest wait before a retry, a server's Retry-After included")
 
     @model_validator(mode="after")
     def _paging(self) -> HttpSource:

@@ -51,3 +51,99 @@ def expand_env(value: str, key: str) -> str:
         return os.environ[name]
 
     return ENV_REF.sub(sub, value)
+
+
+# Query-string keys whose values are credentials; matched case-insensitively on the key with
+# `-` and `_` ignored, so `api-key`, `API_KEY` and `apikey` are one key.
+SECRET_QUERY_KEYS = frozenset({
+    "token", "accesstoken", "refreshtoken", "idtoken", "authtoken", "key", "apikey", "secret",
+    "clientsecret", "password", "passwd", "pwd", "sig", "signature", "auth", "authorization",
+    "credential", "credentials", "session", "sessionid", "xamzsignature", "xamzcredential",
+    "xamzsecuritytoken", "xgoogsignature", "xgoogcredential",
+})
+
+
+def _secret_key(key: str) -> bool:
+    k = key.lower().replace("-", "").replace("_", "")
+    return k in SECRET_QUERY_KEYS or k.endswith(("token", "secret", "password", "apikey", "signature"))
+
+
+def _redact_pairs(text: str) -> str:
+    """`a=1&token=x` -> `a=1&token=***`, every other byte kept as written."""
+    from urllib.parse import unquote_plus
+
+    out = []
+    for piece in text.split("&"):
+        key, eq, value = piece.partition("=")
+        if eq and value and _secret_key(unquote_plus(key)) and not ENV_REF.fullmatch(unquote_plus(value)):
+            piece = f"{key}=***"
+        out.append(piece)
+    return "&".join(out)
+
+
+def _secret_pairs(text: str) -> list[str]:
+    from urllib.parse import unquote_plus
+
+    out = []
+    for piece in text.split("&"):
+        key, eq, value = piece.partition("=")
+        if eq and value and _secret_key(unquote_plus(key)) and not ENV_REF.fullmatch(unquote_plus(value)):
+            out += [value, unquote_plus(value)]
+    return out
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret values written in a URL (as written and decoded): what `redact_url` hides."""
+    from urllib.parse import unquote, urlsplit
+
+    if "://" not in url:
+        return []
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return [url.split("://", 1)[1]]
+    found = _secret_pairs(parts.query) + _secret_pairs(parts.fragment)
+    userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
+    _, has_password, password = userinfo.partition(":")
+    if has_password and password and not ENV_REF.fullmatch(password):
+        found += [password, unquote(password)]
+    return found
+
+
+def env_values(value: str) -> list[str]:
+    """What the `${env:NAME}` references in `value` expand to (the set ones)."""
+    return [os.environ[name] for name in ENV_REF.findall(value) if os.environ.get(name)]
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """`text` with every secret value replaced by ***: for messages a library composed from
+    a URL or credentials (an InvalidURL quoting the URL, say). Values under 4 characters
+    are left alone: replacing them would garble the message and hide nothing of worth."""
+    for secret in sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def redact_url(url: str) -> str:
+    """A URL fit to print: a userinfo password and the values of secret-looking query (and
+    fragment) keys become ***. `${env:NAME}` references are kept: they are names, not
+    values, and tell the user which variable to fix. Every other character is kept as
+    written (no re-encoding, no normalising)."""
+    from urllib.parse import urlsplit
+
+    if "://" not in url:
+        return url
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:  # unparseable: hide everything after the scheme rather than guess
+        return url.split("://", 1)[0] + "://***"
+    scheme, rest = url.split("://", 1)
+    rest, has_fragment, fragment = rest[len(netloc):].partition("#")
+    path, has_query, query = rest.partition("?")
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, has_password, password = userinfo.partition(":")
+        if has_password and not ENV_REF.fullmatch(password):
+            netloc = f"{user}:***@{host}"
+    return (f"{scheme}://{netloc}{path}{has_query}{_redact_pairs(query)}"
+            f"{has_fragment}{_redact_pairs(fragment)}")

@@ -30,6 +30,7 @@ SQL and HTTP inputs cannot be fingerprinted without reading them, so they always
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -138,15 +139,34 @@ def _cache_key(config_hash: str, inputs: list[dict]) -> str | None:
 
 
 def _unwrap_source_error(e: BaseException) -> SourceError | None:
+    """The SourceError a read task raised, however Ray wrapped it: its own message, one line
+    by construction, without the remote traceback (the wrapper's) or the retry advice Ray
+    Data appends to the exception's text."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, SourceError):
-            return e
-        if "SourceError" in type(e).__name__ or "data source '" in str(e):
-            return SourceError(str(e).splitlines()[-1].split("SourceError: ")[-1])
+        cause = getattr(e, "cause", None)  # a RayTaskError keeps the task's exception here
+        if isinstance(cause, SourceError) or type(e) is SourceError:
+            return SourceError(str(cause if isinstance(cause, SourceError) else e).strip().splitlines()[0])
+        for line in str(e).splitlines():  # a wrapper that kept only the text
+            if "SourceError: data source '" in line:
+                return SourceError(line.split("SourceError: ", 1)[1])
         e = e.__cause__ or e.__context__
     return None
+
+
+@contextlib.contextmanager
+def _quiet_ray_data_errors():
+    """Ray Data logs a failed task's traceback at ERROR before raising it. For a source that
+    cannot be read that is a user error (one line, exit 2); anything else is raised on with
+    its remote traceback (a RayTaskError's message holds it), so the log adds nothing."""
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------- the stage
@@ -154,12 +174,14 @@ def _unwrap_source_error(e: BaseException) -> SourceError | None:
 
 def _check_sources(data: DataConfig, rules: dict[str, records.SourceRules]):
     """Every source read and every record checked, in one materialised pass (Ray spills to
-    disk beyond the object store, so memory stays bounded)."""
+    disk beyond the object store, so memory stays bounded). Nothing is written before it
+    ends, so a source that fails leaves no part of the stage's output behind."""
     try:
-        parts = [read_source(i, s, data) for i, s in enumerate(data.sources)]
-        raw = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        return raw.map_batches(check_batch, batch_format="pyarrow", num_cpus=data.cpus_per_task,
-                               fn_kwargs={"rules": rules}).materialize()
+        with _quiet_ray_data_errors():
+            parts = [read_source(i, s, data) for i, s in enumerate(data.sources)]
+            raw = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+            return raw.map_batches(check_batch, batch_format="pyarrow", num_cpus=data.cpus_per_task,
+                                   fn_kwargs={"rules": rules}).materialize()
     except Exception as e:
         source_error = _unwrap_source_error(e)
         if source_error is not None:

@@ -22,6 +22,7 @@ re-running a finished stage finds its MLflow run and version instead of adding n
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import urllib.error
@@ -32,6 +33,7 @@ from typing import Any
 
 from raylab.config import RaylabConfig
 from raylab.core import runs
+from raylab.core.secrets import redact_url, scrub, url_secrets
 from raylab.errors import UserError
 
 PRODUCTION, PREVIOUS = "production", "previous"
@@ -54,19 +56,21 @@ def locate(tracking_uri: str | None = None) -> tuple[str, str | None]:
 
 
 def _check_reachable(uri: str, key: str) -> None:
+    """Exit 2 naming the URI (redacted: a database URL often holds a password)."""
+    shown = redact_url(uri)
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise UserError(f"{key} {uri}: MLflow server not reachable ({reason}); start it or fix the URI") from None
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL too
+            reason = scrub(str(getattr(e, "reason", None) or e), url_secrets(uri))
+            raise UserError(f"{key} {shown}: MLflow server not reachable ({reason}); start it or fix the URI") from None
     elif uri.startswith("sqlite:///"):
         try:
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"{key} {uri}: cannot create the registry directory ({e.strerror})") from None
+            raise UserError(f"{key} {shown}: cannot create the registry directory ({e.strerror})") from None
     elif "://" in uri and not uri.startswith(("file://", "databricks", "postgresql", "mysql", "mssql")):
-        raise UserError(f"{key} {uri}: not a tracking URI MLflow understands (http(s)://, sqlite:///, a database URL)")
+        raise UserError(f"{key} {shown}: not a tracking URI MLflow understands (http(s)://, sqlite:///, a database URL)")
 
 
 def open_store(cfg: RaylabConfig | None = None, tracking_uri: str | None = None) -> Store:

@@ -21,6 +21,7 @@ from typing import Any
 
 from raylab.config import RaylabConfig
 from raylab.core import runs, storage
+from raylab.core.secrets import redact_url
 from raylab.registry.store import Store, model_name, open_store
 from raylab.registry.versions import register
 
@@ -113,7 +114,7 @@ def track_train(cfg: RaylabConfig, meta: dict) -> dict:
         params=flatten(cfg.model_dump(mode="json")), history=_history(run.train_metrics),
         artifacts=_run_artifacts(run), tags={"raylab.stage": "train", "raylab.output_dir": cfg.output_dir})
     version = register(store, cfg, run_id, run.train_final, meta)
-    log.info(f"registry: run {run_id} in experiment {model_name(cfg)!r}; model {version.name}/{version.version} ({store.uri})")
+    log.info(f"registry: run {run_id} in experiment {model_name(cfg)!r}; model {version.name}/{version.version} ({redact_url(store.uri)})")
     return {"run_id": run_id, "name": version.name, "version": int(version.version)}
 
 
@@ -156,7 +157,7 @@ def track_sweep(cfg: RaylabConfig, summary: dict) -> dict:
         version = register(store, cfg, trial_runs[best["trial_id"]], best["final_model"], meta,
                            extra={"raylab.stage": "tune", "raylab.trial_id": best["trial_id"], "raylab.sweep_run_id": parent})
         out |= {"name": version.name, "version": int(version.version)}
-        log.info(f"registry: sweep {parent} with {len(trial_runs)} trials; winner {version.name}/{version.version} ({store.uri})")
+        log.info(f"registry: sweep {parent} with {len(trial_runs)} trials; winner {version.name}/{version.version} ({redact_url(store.uri)})")
     return out
 
 

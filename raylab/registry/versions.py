@@ -17,6 +17,7 @@ from typing import Any
 
 from raylab.config import RaylabConfig
 from raylab.core import events, runs, storage
+from raylab.core.secrets import redact_url
 from raylab.errors import UserError
 from raylab.registry.store import PRODUCTION, Store, model_name
 
@@ -85,7 +86,7 @@ def registered_model(store: Store, name: str):
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
     known = sorted(m.name for m in store.client.search_registered_models())
-    raise UserError(f"no registered model {name!r} in {store.uri}; known: {', '.join(known) or 'none yet'}") from None
+    raise UserError(f"no registered model {name!r} in {redact_url(store.uri)}; known: {', '.join(known) or 'none yet'}") from None
 
 
 def version_run(mv) -> str | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from raylab.config import DataConfig, Fields
 from raylab.core import storage
-from raylab.core.secrets import expand_env
+from raylab.core.secrets import env_values, expand_env, redact_url, scrub, url_secrets
 from raylab.data.records import SourceRules
 from raylab.data.sources import sql
 from raylab.data.sources.files import FILE_DATASOURCES, listing
@@ -19,8 +19,8 @@ from raylab.data.sources.http import HttpDatasource
 from raylab.data.sources.rows import RAW_SCHEMA, SourceError
 from raylab.errors import UserError
 
-__all__ = ["FILE_DATASOURCES", "RAW_SCHEMA", "SourceError", "describe_inputs", "read_source", "source_name",
-           "source_rules"]
+__all__ = ["FILE_DATASOURCES", "RAW_SCHEMA", "SourceError", "describe_inputs", "http_datasource", "read_source",
+           "source_name", "source_rules"]
 
 
 def source_name(index: int, src) -> str:
@@ -49,13 +49,14 @@ def describe_inputs(data: DataConfig) -> list[dict[str, Any]]:
             entry["files"] = [{"path": p, "sha256": storage.sha256(p)} for p in files]
         elif src.type == "sql":
             url = expand_env(src.url, f"{key}.url")
-            entry.update(location=sql.redact_url(src.url), query=src.query)
+            entry.update(location=redact_url(src.url), query=src.query)
             try:
                 sql.check(url, src.query)
             except Exception as e:  # any driver's connection error is the user's to fix
-                raise UserError(f"{key} ({name}): cannot query {sql.redact_url(src.url)}: {e}") from None
+                cause = scrub(" ".join(str(e).split()), url_secrets(url) + env_values(src.url))
+                raise UserError(f"{key} ({name}): cannot query {redact_url(src.url)}: {cause}") from None
         else:
-            entry.update(location=src.url)
+            entry.update(location=redact_url(src.url))
         out.append(entry)
     return out
 
@@ -71,11 +72,19 @@ def read_source(index: int, src, data: DataConfig):
     if src.type == "sql":
         url = expand_env(src.url, f"data.sources.{index}.url")
         rules = source_rules(src, data)
-        return ray.data.read_sql(src.query, sql.Connect(url), num_cpus=cpus).map_batches(
+        return ray.data.read_sql(src.query, sql.Connect(url, name, redact_url(src.url)), num_cpus=cpus).map_batches(
             sql.sql_rows_to_raw, batch_format="pyarrow", num_cpus=cpus,
             fn_kwargs={"source": name, "id_field": rules.fields.id},
         )
+    return ray.data.read_datasource(http_datasource(index, src), num_cpus=cpus)
+
+
+def http_datasource(index: int, src) -> HttpDatasource:
+    """An HTTP source's datasource. The URL and headers may hold ${env:NAME} secrets: they are
+    expanded here, for the requests only; messages show the URL as configured, redacted."""
+    url = expand_env(src.url, f"data.sources.{index}.url")
     headers = {k: expand_env(v, f"data.sources.{index}.headers.{k}") for k, v in src.headers.items()}
-    spec = src.model_dump(include={"url", "records_path", "page_param", "start_page", "cursor_param",
-                                   "next_cursor_path", "max_pages", "retries", "backoff_s", "timeout_s"})
-    return ray.data.read_datasource(HttpDatasource(spec, name, headers), num_cpus=cpus)
+    spec = src.model_dump(include={"records_path", "page_param", "start_page", "cursor_param", "next_cursor_path",
+                                   "max_pages", "retries", "backoff_s", "timeout_s", "max_retry_wait_s"}) | {"url": url}
+    secrets = url_secrets(url) + env_values(src.url) + [v for h in src.headers.values() for v in env_values(h)]
+    return HttpDatasource(spec, source_name(index, src), headers, src.url, secrets)

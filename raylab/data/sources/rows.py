@@ -11,8 +11,10 @@ Every source yields rows of the same all-string schema (RAW_SCHEMA):
     error          '' or a reason code (invalid_utf8, invalid_json, invalid_csv)
     error_message  what went wrong, for the quarantine
 
-A source that cannot be read at all (missing path, refused database, HTTP errors after
-retries) raises SourceError, which the data stage reports as a user error naming it.
+A source that cannot be read at all (missing path, a database down or stopped mid-query, HTTP
+errors after retries, a body that is not JSON) raises SourceError, which the data stage
+reports as a user error (exit 2); the message names the source, the position reached (page or
+cursor and records read; rows fetched) and the cause, with any URL redacted.
 """
 
 from __future__ import annotations

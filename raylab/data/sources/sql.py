@@ -13,7 +13,8 @@ import sqlite3
 
 import pyarrow as pa
 
-from raylab.data.sources.rows import raw_row, table
+from raylab.core.secrets import scrub, url_secrets
+from raylab.data.sources.rows import SourceError, raw_row, table
 
 
 def sql_rows_to_raw(batch: pa.Table, source: str, id_field: str | None) -> pa.Table:
@@ -35,12 +36,17 @@ def _sqlite_path(url: str) -> str | None:
 
 
 class Connect:
-    """A picklable DB-API connection factory for ray.data.read_sql."""
+    """A picklable DB-API connection factory for ray.data.read_sql.
 
-    def __init__(self, url: str):
-        self.url = url
+    With a `source` name, the connection it makes turns a driver error while connecting,
+    querying or fetching (a database stopped mid-query, say) into a SourceError naming the
+    source, the rows fetched before it and the cause; `shown_url` is the redacted URL as
+    configured, for that message."""
 
-    def __call__(self):
+    def __init__(self, url: str, source: str | None = None, shown_url: str | None = None):
+        self.url, self.source, self.shown_url = url, source, shown_url
+
+    def _connect(self):
         path = _sqlite_path(self.url)
         if path is not None:  # read-only: never create an empty database by accident
             return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -48,23 +54,82 @@ class Connect:
 
         return psycopg2.connect(self.url)
 
+    def __call__(self):
+        if self.source is None:
+            return self._connect()
+        try:
+            return _Guarded(self._connect(), self)
+        except Exception as e:
+            raise self.failed(f"cannot connect to {self.shown_url}", 0, e) from None
+
+    def failed(self, what: str, rows: int, e: BaseException) -> SourceError:
+        cause = " ".join(str(e).split()) or type(e).__name__  # drivers' messages span lines
+        return SourceError(scrub(f"data source {self.source!r} (sql): {what}, after {rows} rows: {cause}",
+                                 url_secrets(self.url)))
+
+
+class _Guarded:
+    """A DB-API connection whose cursors raise SourceError (Connect.failed) on driver errors."""
+
+    def __init__(self, conn, connect: Connect):
+        self._conn, self._connect = conn, connect
+
+    def cursor(self):
+        return _GuardedCursor(self._conn.cursor(), self._connect)
+
+    def commit(self):
+        self._conn.commit()
+
+    def rollback(self):
+        self._conn.rollback()
+
+    def close(self):
+        self._conn.close()
+
+
+class _GuardedCursor:
+    def __init__(self, cursor, connect: Connect):
+        self._cursor, self._connect, self.rows = cursor, connect, 0
+
+    @property
+    def description(self):
+        return self._cursor.description
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            raise self._connect.failed(what, self.rows, e) from None
+
+    def execute(self, *args):
+        return self._call("the query failed", self._cursor.execute, *args)
+
+    def executemany(self, *args):
+        return self._call("the query failed", self._cursor.executemany, *args)
+
+    def _fetched(self, rows):
+        self.rows += len(rows)
+        return rows
+
+    def fetchone(self):
+        row = self._call("reading a row failed", self._cursor.fetchone)
+        self.rows += row is not None
+        return row
+
+    def fetchmany(self, *args):
+        return self._fetched(self._call("reading rows failed", self._cursor.fetchmany, *args))
+
+    def fetchall(self):
+        return self._fetched(self._call("reading rows failed", self._cursor.fetchall))
+
 
 def check(url: str, query: str) -> None:
     """Raise if the database cannot be reached or the query does not run (reads nothing)."""
     path = _sqlite_path(url)
     if path is not None and not os.path.isfile(path):
         raise OSError(f"no SQLite database at {path}")
-    conn = Connect(url)()
+    conn = Connect(url)()  # no source: check's errors are reported by describe_inputs
     try:  # the query parses and its tables exist; LIMIT 0 reads nothing
         conn.cursor().execute(f"SELECT * FROM ({query}) AS raylab_check LIMIT 0")
     finally:
         conn.close()
-
-
-def redact_url(url: str) -> str:
-    """Keep ${env:...} references; drop a password written inline."""
-    if "${env:" in url or "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    creds, _, host = rest.rpartition("@")
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"

@@ -112,7 +112,9 @@ def test_missing_key_description_comes_from_the_chosen_source_type():
     """The description of a key missing from a source is the one of the source's `type`: an
     http source's url, not the SQL source's field of the same name."""
     line = only("data.sources.0={type: http}")
-    assert line == "data.sources.0.url: missing required key; expected the endpoint; query parameters for paging are added to it"
+    assert line == (
+        "data.sources.0.url: missing required key; expected the endpoint; query parameters for paging are added "
+        "to it; may hold ${env:NAME} (a token, say)")
     assert "sqlite" not in line
 
 

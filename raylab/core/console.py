@@ -58,8 +58,8 @@ def is_ray_line(line: str, fd: int) -> bool:
 class _Router:
     """One file descriptor's lines: Ray's to the log file, the rest to where they went before."""
 
-    def __init__(self, fd: int, log, lock: threading.Lock):
-        self.fd, self.log, self.lock, self.diverted = fd, log, lock, 0
+    def __init__(self, fd: int, sink, lock: threading.Lock):
+        self.fd, self.sink, self.lock, self.diverted = fd, sink, lock, 0
         self.original = os.dup(fd)
         read, write = os.pipe()
         os.dup2(write, fd)
@@ -87,8 +87,7 @@ class _Router:
     def _route(self, line: bytes) -> None:
         if is_ray_line(line.decode("utf-8", "replace"), self.fd):
             with self.lock:
-                self.log.write(line)
-                self.log.flush()
+                self.sink.write(line)
             self.diverted += 1
         else:
             os.write(self.original, line)
@@ -101,14 +100,14 @@ class _Router:
 
 
 class _LogHandler(logging.Handler):
-    def __init__(self, log, lock: threading.Lock):
+    def __init__(self, sink, lock: threading.Lock):
         super().__init__()
-        self.log, self.file_lock = log, lock  # not `self.lock`: logging.Handler holds that one around emit()
+        self.sink, self.file_lock = sink, lock  # not `self.lock`: logging.Handler holds that one around emit()
         self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         with self.file_lock:
-            self.log.write((self.format(record) + "\n").encode("utf-8", "replace"))
+            self.sink.write((self.format(record) + "\n").encode("utf-8", "replace"))
 
 
 def quiet(verb: str) -> Path:

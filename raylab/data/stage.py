@@ -35,6 +35,7 @@ import datetime
 import hashlib
 import json
 import logging
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -209,6 +210,11 @@ def _write_outputs(run: runs.Run, checked, tokenized, good, data: DataConfig, pa
     return packed_by_split
 
 
+def _phase(n: int, what: str, started: float) -> None:
+    """The stage's progress on the console: which of its 4 phases finished, and when."""
+    log.info(f"data: {n}/4 {what} ({time.monotonic() - started:.0f}s)")
+
+
 def run_data(cfg: RaylabConfig, address: str | None = None) -> dict:
     """Run the data stage; returns the manifest (also written to data/manifest.json)."""
     with events.stage("data", run=cfg.output_dir):
@@ -233,17 +239,23 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
     config.write_resolved(cfg)
     rules = {source_name(i, s): source_rules(s, d) for i, s in enumerate(d.sources)}
     cpus = d.cpus_per_task
+    started = time.monotonic()
     checked = _check_sources(d, rules)
     accepted = checked.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
                                    fn_kwargs={"accepted": True, "columns": DOC_COLUMNS}).materialize()
+    _phase(1, f"read and checked {checked.count():,} records from {len(rules)} source(s), "
+              f"{accepted.count():,} accepted", started)
     drops = dedup.find_duplicates(accepted, d.dedup, cpus)
+    _phase(2, f"deduplicated: {len(drops):,} duplicate(s) dropped", started)
     kept = accepted.map_batches(_without, batch_format="pyarrow", num_cpus=cpus, fn_kwargs={"drops": frozenset(drops)})
     tokenized = tokenize(kept, d, cfg.model).materialize()
+    _phase(3, f"templated and tokenized {tokenized.count():,} documents", started)
     good = tokenized.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
                                  fn_kwargs={"accepted": True, "columns": [*DOC_COLUMNS, "input_ids", "labels"]}
                                  ).map_batches(_with_split, batch_format="pyarrow", num_cpus=cpus,
                                                fn_kwargs={"seed": d.seed, "fraction": d.val_fraction}).materialize()
     packed = _write_outputs(run, checked, tokenized, good, d, tok.pad_token_id)
+    _phase(4, f"packed {sum(p['sequences'] for p in packed.values()):,} sequences and wrote the splits", started)
 
     counts = stats.counts(checked, tokenized, drops, list(rules))
     manifest = runs.DataManifest(

@@ -145,6 +145,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     missing = [(key, name) for key, name in config.env_refs(cfg) if name not in os.environ]
     for key, name in missing:
         print(f"warning: {key} references ${{env:{name}}}, which is not set here", file=sys.stderr)
+    # Like an ${env:} reference, the keys' variable is needed where `raylab serve` runs (a
+    # cluster, a submitted job), not where the config is checked: a warning, not an error.
+    keys_env = cfg.serve.api_keys_env
+    if keys_env and not os.environ.get(keys_env):
+        print(f"warning: serve.api_keys_env names ${keys_env}, which is not set here (serving needs it)",
+              file=sys.stderr)
     print(f"{path}: ok (run {cfg.run_name!r} -> {cfg.output_dir})", file=sys.stderr if args.print_config else sys.stdout)
     return 0
 

@@ -38,6 +38,12 @@ def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None,
     """Run the pipeline; returns the summary it prints (also written to <output_dir>/run.json)."""
     if until is not None and until not in STAGES:
         raise UserError(f"--until {until!r}: expected one of {', '.join(STAGES)}")
+    if serve and until in (None, "serve") and cfg.registry.enabled:
+        from raylab import serve as serving
+
+        # The serve stage reads the API keys; an unset variable or an empty keys file is
+        # exit 2 now, not after the data, training and gates stages.
+        serving.api_keys({"api_keys_env": cfg.serve.api_keys_env, "api_keys_file": cfg.serve.api_keys_file})
     summary: dict = {"run": cfg.run_name, "output_dir": cfg.output_dir, "stages": {}}
 
     def stage(name: str, fn):

@@ -39,10 +39,41 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return parse_yaml(text, str(path))
 
 
+# Deeper nesting than any config needs. Checked where a config comes in, because the YAML
+# parser, the deep copy, pydantic and the error report all recurse: a few hundred levels of
+# `[[[...]]]` would otherwise end in a RecursionError traceback somewhere among them.
+MAX_DEPTH = 32
+
+
+def too_deep(raw, limit: int = MAX_DEPTH) -> str | None:
+    """The dotted path of a value nested deeper than `limit` in `raw`, or None. Iterative, so
+    it cannot itself run out of stack."""
+    stack = [(raw, "", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            if isinstance(v, (dict, list)):
+                if depth + 1 > limit:
+                    return f"{path}{k}"
+                stack.append((v, f"{path}{k}.", depth + 1))
+    return None
+
+
+def _check_depth(raw, source: str) -> None:
+    where = too_deep(raw)
+    if where is not None:
+        raise UserError(f"{source}: {where}: nested more than {MAX_DEPTH} levels deep; "
+                        "no raylab key takes that (check the brackets and indentation)")
+
+
 def parse_yaml(text: str, source: str) -> dict:
     """The raw mapping in a config's YAML text; every problem is a UserError naming `source`."""
     try:
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{source}: nested more than {MAX_DEPTH} levels deep; no raylab key takes that "
+                        "(check the brackets and indentation)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -52,6 +83,7 @@ def parse_yaml(text: str, source: str) -> dict:
         raise UserError(f"{source}: the config is empty; expected a mapping starting with `version: {SCHEMA_VERSION}`")
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    _check_depth(raw, source)
     return raw
 
 
@@ -71,9 +103,11 @@ def load_dict(
     raw: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "<config>", stem: str = "run"
 ) -> RaylabConfig:
     """Validate a config given as a mapping (the Python API's entry point)."""
+    _check_depth(raw, source)
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain YAML types only
     for item in overrides:
         apply_override(raw, *parse_override(item))
+    _check_depth(raw, source)  # an override's value or long key can nest too
     raw.setdefault("output_dir", runs.default_output_dir(stem))
     problems = secrets.malformed_refs(raw)
     try:

@@ -24,6 +24,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise UserError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
     try:
         value = yaml.safe_load(text) if text.strip() else None
+    except RecursionError:  # `[[[...]]]` hundreds deep; shallower nesting is loading's check
+        raise UserError(f"override {key}: value is nested too deep") from None
     except yaml.YAMLError as e:
         raise UserError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__}); quote it") from None
     return key, value

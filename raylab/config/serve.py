@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from pydantic import Field, model_validator
 
 from raylab.config.types import PathOrUri, PositiveInt, Section, invalid
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` binds only this machine. Other names may resolve anywhere, and "" or
+    0.0.0.0 bind every interface, so only localhost and loopback addresses count."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class AutoscalingConfig(Section):
@@ -36,10 +49,16 @@ class ServeConfig(Section):
     max_request_bytes: PositiveInt = Field(1_000_000, description="larger request bodies are a 400")
     api_keys_env: str | None = Field(None, description="env variable with comma-separated API keys (Bearer)")
     api_keys_file: PathOrUri | None = Field(None, description="file with one API key per line (Bearer)")
+    allow_unauthenticated: bool = Field(False, description="serve a non-loopback host without API keys (anyone "
+                                        "who reaches it may use it)")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
         a = self.autoscaling
+        if not (self.api_keys_env or self.api_keys_file or self.allow_unauthenticated or is_loopback(self.host)):
+            raise invalid(f"serving on {self.host!r} (reachable from other machines) needs API keys: set "
+                          "serve.api_keys_env (a variable's name) or serve.api_keys_file, or set "
+                          "serve.allow_unauthenticated: true to serve it open", at="host")
         if a.min_replicas > a.max_replicas:
             raise invalid(f"min_replicas ({a.min_replicas}) > max_replicas ({a.max_replicas})", at="autoscaling")
         if self.max_ongoing_requests <= a.target_ongoing_requests:

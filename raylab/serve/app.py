@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raylab import registry
 from raylab.errors import UserError
 from raylab.serve import openai_api as oa
-from raylab.serve.auth import api_keys
+from raylab.serve.auth import api_keys, authorized
 from raylab.serve.deploy import catalog
 from raylab.serve.generator import generator_deployment
 from raylab.serve.routers import health, inference
@@ -119,8 +119,7 @@ class IngressImpl:
     def authorize(self, request: Request) -> None:
         if not self.keys:
             return
-        given = request.headers.get("authorization", "")
-        if not given.startswith("Bearer ") or given.removeprefix("Bearer ").strip() not in self.keys:
+        if not authorized(request.headers.get("authorization", ""), self.keys):
             raise oa.ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
 
 

@@ -30,6 +30,7 @@ from raylab.config import RaylabConfig, ServeConfig
 from raylab.core import cluster, events, plan, runs, storage
 from raylab.core.cluster import auth_token
 from raylab.errors import UserError
+from raylab.serve.auth import api_keys
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +191,12 @@ def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: s
     """Deploy REF (checksums verified first) and return once the endpoint is RUNNING:
     {url, model (NAME/VERSION), models, dashboard, ...}. `raylab run` uses this directly."""
     s = cfg.serve if cfg else ServeConfig()
+    # The ingress reads the same keys when it starts; reading them here first makes an unset
+    # variable or an empty keys file exit 2 before anything is deployed (or opened).
+    api_keys({"api_keys_env": s.api_keys_env, "api_keys_file": s.api_keys_file})
     store = registry.open_store(cfg)
     ref = default_ref(cfg, model)
     app = app_config(s, store, ref, cfg.model.dtype if cfg else "float32")  # exit 2 before Ray starts
-    keys_env = s.api_keys_env
-    if keys_env and not os.environ.get(keys_env):
-        raise UserError(f"serve.api_keys_env: ${keys_env} is not set (or empty); set it to comma-separated API keys")
     embedded = cluster.mode_of(cluster.resolve_address(address, cfg)[0]) == "embedded"
     if detach and embedded:
         raise UserError("--detach needs a running cluster (ray start --head; then --address auto): an embedded Ray "

@@ -101,3 +101,16 @@ def test_unset_secret_is_a_warning_not_an_error(tmp_path):
     proc = run_cli("validate", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "data.sources.0.url references ${env:RAYLAB_TEST_UNSET_URL}" in proc.stderr
+
+
+def test_the_shipped_cluster_config_needs_keys_to_serve_but_not_to_validate():
+    # The keys' variable is set where the endpoint runs (a cluster, a submitted job), so
+    # validating without it is a warning; without api_keys_env the 0.0.0.0 host is refused.
+    proc = run_cli("validate", "configs/cluster.yaml", env={"RAYLAB_API_KEYS": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert "serve.api_keys_env names $RAYLAB_API_KEYS, which is not set here" in proc.stderr
+    assert "serve.api_keys_env" not in run_cli("validate", "configs/cluster.yaml", env={"RAYLAB_API_KEYS": "k"}).stderr
+    open_ = run_cli("validate", "configs/cluster.yaml", "serve.api_keys_env=null")
+    assert_user_error(open_, "serve.host: serving on '0.0.0.0'", "serve.allow_unauthenticated: true")
+    proc = run_cli("validate", "configs/cluster.yaml", "serve.api_keys_env=null", "serve.allow_unauthenticated=true")
+    assert proc.returncode == 0, proc.stderr

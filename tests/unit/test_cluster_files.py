@@ -104,3 +104,15 @@ def test_local_cluster_script_usage():
 ])
 def test_override_extraction(text, keys):
     assert overrides_in(text) == keys
+
+
+def test_commands_serving_on_a_reachable_host_set_api_keys():
+    # `serve.host=0.0.0.0` without keys fails validation, so a documented command must set them.
+    checked = 0
+    for f in sorted(CLUSTER.rglob("*.yaml")):
+        keys = overrides_in(f.read_text())
+        if "serve.host" in keys:
+            checked += 1
+            assert keys & {"serve.api_keys_env", "serve.api_keys_file", "serve.allow_unauthenticated"}, f.name
+    assert checked >= 2  # rayservice.yaml's and ray-cluster.yaml's commands, or this checks nothing
+    assert not overrides_in("#   raylab serve c.yaml serve.host=0.0.0.0 --emit-config s.yaml") & {"serve.api_keys_env"}

@@ -27,3 +27,16 @@ def test_python_api_mirrors_the_cli():
     from raylab import data, pipeline, train, tune  # noqa: F401
 
     assert callable(raylab.run) and raylab.run is not pipeline
+
+
+def test_a_run_that_would_serve_checks_the_api_keys_before_any_stage(tmp_path, capsys):
+    from raylab import cli
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("\n# no key yet\n")
+    proc_args = ["run", str(REPO / "configs" / "quickstart.yaml"), f"serve.api_keys_file={keys}",
+                 f"output_dir={tmp_path / 'run'}"]
+    assert cli.main(proc_args) == 2  # before Ray starts or the data stage reads anything
+    err = capsys.readouterr().err
+    assert f"raylab run: error: serve.api_keys_file: {keys} has no API key" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

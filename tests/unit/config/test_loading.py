@@ -219,3 +219,33 @@ def test_write_resolved_to_a_file_uri(tmp_path):
     where = config.write_resolved(cfg)
     assert where.startswith("file://")
     assert os.path.exists(tmp_path / "uri-run" / "config.resolved.yaml")
+
+
+def nested(depth: int):
+    value = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [33, 600, 3000])
+def test_configs_nested_too_deep_are_a_user_error_not_a_recursion_error(tmp_path, depth):
+    # The YAML parser, the deep copy, pydantic and the report all recurse: without the check at
+    # the entrance, a few hundred levels end in a RecursionError traceback (found by test_fuzz).
+    path = write(tmp_path, "version: 1\nmodel: " + "[" * depth + "]" * depth + "\n")
+    with pytest.raises(UserError, match="nested more than 32 levels deep"):
+        config.load(path)
+    with pytest.raises(UserError, match="nested more than 32 levels deep"):
+        config.load_dict({**MINIMAL, "model": nested(depth)})
+    with pytest.raises(UserError, match=r"override model: value is nested too deep|nested more than 32"):
+        config.load_dict(MINIMAL, ["model=" + "[" * depth + "]" * depth])
+
+
+def test_nesting_up_to_the_limit_reaches_the_schema():
+    # The negative control: 31 levels under `model` pass the depth check and get the schema's answer.
+    with pytest.raises(ConfigError, match="model: Input should be a valid dictionary"):
+        config.load_dict({**MINIMAL, "model": nested(31)})
+    assert config.loading.too_deep({"a": nested(31)}) is None
+    assert config.loading.too_deep({"a": nested(33)}) == "a" + ".0" * 32
+    with pytest.raises(UserError, match=r"a\.a\.a.*: nested more than 32 levels deep"):
+        config.load_dict(MINIMAL, [".".join(["a"] * 40) + "=1"])  # a long override key nests too

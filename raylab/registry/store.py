@@ -42,6 +42,7 @@ class Store:
     client: Any  # mlflow.MlflowClient
     uri: str
     artifact_root: str | None  # for new experiments; None lets an MLflow server decide
+    lock_timeout_s: float = 60.0  # how long a promote or rollback waits for the model's alias lock
 
 
 def locate(tracking_uri: str | None = None) -> tuple[str, str | None]:

@@ -84,37 +84,42 @@ def alias_lock(store: Store, name: str, poll_s: float = 0.05):
 
 @contextlib.contextmanager
 def _advisory_lock(store: Store, name: str, poll_s: float):
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    key, me = advisory_key(name), f"raylab alias lock: pid {os.getpid()} on {socket.gethostname()}"
-    engine = sqlalchemy.create_engine(store.uri, poolclass=NullPool, connect_args={"application_name": me[:63]})
     try:
-        with engine.connect() as conn:
+        import psycopg2  # the `postgres` extra, as for SQL data sources
+    except ImportError:
+        raise UserError(f"registry {store.uri}: locking alias moves on PostgreSQL needs psycopg2 "
+                        "(pip install 'raylab[postgres]')") from None
+    key, me = advisory_key(name), f"raylab alias lock: pid {os.getpid()} on {socket.gethostname()}"
+    # MLflow's URI may name a SQLAlchemy driver (postgresql+psycopg2://); libpq takes none.
+    conn = psycopg2.connect(re.sub(r"^postgres(?:ql)?(?:\+\w+)?://", "postgresql://", store.uri), application_name=me[:63])
+    try:
+        conn.autocommit = True  # a session lock, outside any transaction
+        with conn.cursor() as cur:
             deadline = time.monotonic() + store.lock_timeout_s
             # pg_try_ rather than a blocking pg_advisory_lock: the wait keeps its deadline.
-            while not conn.execute(sqlalchemy.text("select pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+            while not _scalar(cur, "select pg_try_advisory_lock(%s)", (key,)):
                 if time.monotonic() >= deadline:
-                    raise _busy(f"pg_advisory_lock({key})", name, store.lock_timeout_s, _pg_holder(conn, key))
+                    raise _busy(f"pg_advisory_lock({key})", name, store.lock_timeout_s, _pg_holder(cur, key))
                 time.sleep(poll_s)
-            conn.commit()
             try:
                 yield
             finally:
-                conn.execute(sqlalchemy.text("select pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
+                cur.execute("select pg_advisory_unlock(%s)", (key,))
     finally:
-        engine.dispose()
+        conn.close()  # also ends the session, which drops the lock if the unlock never ran
 
 
-def _pg_holder(conn, key: int) -> str:
+def _scalar(cur, sql: str, args: tuple):
+    cur.execute(sql, args)
+    return cur.fetchone()[0]
+
+
+def _pg_holder(cur, key: int) -> str:
     """Who holds a bigint advisory lock: PostgreSQL splits the key into classid (high 32
     bits) and objid (low 32 bits), with objsubid 1."""
-    import sqlalchemy
-
-    row = conn.execute(sqlalchemy.text(
+    cur.execute(
         "select a.pid, a.application_name, a.client_addr from pg_locks l join pg_stat_activity a on a.pid = l.pid "
         "where l.locktype = 'advisory' and l.granted and l.objsubid = 1 "
-        "and l.classid::bigint = :hi and l.objid::bigint = :lo"), {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF}
-    ).first()
+        "and l.classid::bigint = %s and l.objid::bigint = %s", ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF))
+    row = cur.fetchone()
     return f"PostgreSQL backend {row[0]} ({row[1] or 'no application name'}, {row[2] or 'local'})" if row else ""

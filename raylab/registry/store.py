@@ -14,7 +14,7 @@ verifies versions, aliases.py moves production/previous with a history.
 Where (DESIGN.md): `registry.tracking_uri`, else $MLFLOW_TRACKING_URI, else SQLite with
 artifacts under $RAYLAB_HOME/mlflow. Only driver processes call this module (the train
 driver after its run; the sweep driver for its trials, from Tune's results), never Train
-workers or concurrent trials, so the SQLite default is never written concurrently.
+workers or concurrent trials. Alias moves may be concurrent: locks.py serialises them.
 
 Logging is idempotent: a run carries a `raylab.key` tag (its directory and identity), so
 re-running a finished stage finds its MLflow run and version instead of adding new ones.

@@ -9,6 +9,7 @@ dies frees it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -88,8 +89,20 @@ def run_together(tmp_path: Path, script: str, argvs: list[list[str]], timeout_s:
                 p.wait(30)
 
 
-def test_eight_concurrent_promotes_and_rollbacks_all_land_in_the_history_in_order(tmp_path, monkeypatch):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path, monkeypatch):
+    """A fresh registry: SQLite under $RAYLAB_HOME, or MLflow's tables in the throwaway
+    PostgreSQL (artifacts in tmp_path); the child processes find it through the environment."""
     store = open_test_store(tmp_path, monkeypatch)
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres")
+        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; raylab's extra is psycopg2
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url.replace("postgresql://", "postgresql+psycopg2://"))
+        store = dataclasses.replace(registry.open_store(), artifact_root=str(tmp_path / "artifacts"))
+    return store
+
+
+def test_eight_concurrent_promotes_and_rollbacks_all_land_in_the_history_in_order(store, tmp_path):
     versions = [register(store, tmp_path, n) for n in range(1, 8)]
     for v in versions[:3]:  # production v3, previous v2: something to roll back to
         registry.promote(store, "widgets", v)

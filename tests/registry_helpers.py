@@ -39,13 +39,14 @@ META = {"identity": "abc", "base_model": "preset:tiny-llama", "method": "lora", 
         "steps": 24, "world_size": 1, "metrics": {"val_loss": 2.5}}
 
 
-def register(store, tmp_path, n: int, gates: str = "passed"):
+def register(store, tmp_path, n: int, gates: str = "passed", final: Path | None = None):
+    """Version n of `widgets` from a fake final/ directory (or from `final`, a real model)."""
     cfg = cfg_for(tmp_path)
     exp = registry.experiment_id(store, "widgets")
     run_id = registry.log_run(store, exp, name=f"r{n}", key=f"k{n}", params={"train.lr": "0.001"},
                               history=[{"step": 0, "val_loss": 3.0}, {"step": 4, "loss": 2.8, "val_loss": 2.5}],
                               artifacts={}, tags={})
-    mv = registry.register(store, cfg, run_id, str(fake_final(tmp_path, f"final{n}")), META)
+    mv = registry.register(store, cfg, run_id, str(final or fake_final(tmp_path, f"final{n}")), META)
     registry.set_tags(store, "widgets", int(mv.version), {"raylab.gates.status": gates})
     return int(mv.version)
 

@@ -19,6 +19,7 @@ writing, calls `write_parquet`, `save_pretrained`, `torch.save`, `savefig` or co
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -193,6 +194,46 @@ def _copy_into(source_dir: str, location: str) -> None:
 def remove_local_tree(path: str) -> None:
     """Delete a local scratch directory (staging, caches), ignoring what is already gone."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- locks
+
+
+class LockTimeout(TimeoutError):
+    """`exclusive_lock` could not take the lock in time; `holder` is what its holder wrote."""
+
+    def __init__(self, path: str, holder: str):
+        super().__init__(f"{path} is held by {holder or 'an unknown process'}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str, timeout_s: float, poll_s: float = 0.05):
+    """Hold an advisory lock on a local lock file (flock: released by the kernel when the
+    holder exits or crashes, so a killed process never leaves a stale lock). Waits up to
+    `timeout_s`, then raises LockTimeout naming the holder (its pid and host, which each
+    holder writes into the file). Local (or shared POSIX) filesystems only."""
+    import fcntl
+    import socket
+    import time
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(path, os.pread(fd, 200, 0).decode("utf-8", "replace").strip()) from None
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 # ---------------------------------------------------------------- torch, figures

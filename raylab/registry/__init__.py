@@ -7,9 +7,11 @@ versions with checksums and gates, and aliases with a history MLflow does not ke
     raylab models rollback acme-assistant --reason "latency regression"
 
 Modules: store (where the registry is, opening it), tracking (runs, sweeps, trials),
-versions (register, refs, verified fetch), aliases (promote, rollback, history). Only driver
-processes call it (the train driver, the sweep driver), never Train workers or concurrent
-trials, so the embedded SQLite store is never written concurrently.
+versions (register, refs, verified fetch), aliases (promote, rollback, history), locks (one
+lock per model around alias moves). Runs and versions are written only by driver processes
+(the train driver, the sweep driver), never Train workers or concurrent trials. Alias moves
+can come from several places at once (operators, pipelines), so they hold the model's lock;
+fetches by several serve replicas land in one cache by atomic rename.
 """
 
 from __future__ import annotations

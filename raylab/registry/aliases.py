@@ -3,6 +3,10 @@ when and why.
 
     promote(store, "acme-assistant", 3)               # only once its gates passed (or --force)
     rollback(store, "acme-assistant", reason="...")   # production -> previous, one step back
+
+Each promote or rollback holds the model's alias lock (locks.py) from reading the aliases to
+appending the last history entry, so concurrent moves (two operators, a pipeline's
+auto-promote) apply one after the other and the history records every move, in order.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import time
 
 from raylab.core import events
 from raylab.errors import UserError
+from raylab.registry.locks import alias_lock
 from raylab.registry.store import PREVIOUS, PRODUCTION, Store
 from raylab.registry.versions import get_version, registered_model, version_run
 
@@ -23,12 +28,15 @@ def user() -> str:
 
 
 def alias_history(store: Store, name: str) -> list[dict]:
+    """Every alias move of a model, oldest first, each with its sequence number `seq`."""
     tags = registered_model(store, name).tags
-    return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_PREFIX))]
+    return [{"seq": int(k.removeprefix(HISTORY_PREFIX)), **json.loads(tags[k])}
+            for k in sorted(k for k in tags if k.startswith(HISTORY_PREFIX))]
 
 
 def _move(store: Store, name: str, alias: str, to: int | None, reason: str, forced: bool = False) -> dict:
-    """Point `alias` at version `to` (None deletes it) and append the move to the history."""
+    """Point `alias` at version `to` (None deletes it) and append the move to the history.
+    Only under the model's alias_lock: nothing else makes the read-then-write atomic."""
     aliases = registered_model(store, name).aliases
     before = int(aliases[alias]) if alias in aliases else None
     if to is None:
@@ -37,9 +45,21 @@ def _move(store: Store, name: str, alias: str, to: int | None, reason: str, forc
         store.client.set_registered_model_alias(name, alias, str(to))
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "user": user(), "alias": alias,
              "from": before, "to": to, "reason": reason, "forced": forced}
-    seq = len(alias_history(store, name))
-    store.client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{seq:06d}", json.dumps(entry))
+    _append(store, name, entry)
     return entry
+
+
+def _append(store: Store, name: str, entry: dict) -> int:
+    """Write `entry` as the next history tag; returns its sequence number. The number is one
+    past the highest so far (not the count, which a deleted tag would make reuse a number),
+    read under the lock, so two moves never take the same number and overwrite each other."""
+    seq = 1 + max((int(k.removeprefix(HISTORY_PREFIX)) for k in _history_tags(store, name)), default=-1)
+    store.client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{seq:06d}", json.dumps(entry))
+    return seq
+
+
+def _history_tags(store: Store, name: str) -> list[str]:
+    return sorted(k for k in registered_model(store, name).tags if k.startswith(HISTORY_PREFIX))
 
 
 def _emit(kind: str, store: Store, name: str, moves: list[dict]) -> None:
@@ -62,13 +82,14 @@ def promote(store: Store, name: str, version: int, force: bool = False, reason: 
         raise UserError(f"{name}/{version} may not be promoted: its gates are {status!r}"
                         + (f" ({mv.tags.get('raylab.gates.failures')})" if status == "failed" else "")
                         + f"; run `raylab models evaluate {name} {version}`, or override with --force --reason TEXT")
-    aliases = registered_model(store, name).aliases
-    current = int(aliases[PRODUCTION]) if PRODUCTION in aliases else None
-    if current == version:
-        return []
-    why = reason or f"gates {status}"
-    moves = [_move(store, name, PREVIOUS, current, f"was production before {version}")] if current is not None else []
-    moves.append(_move(store, name, PRODUCTION, version, why, forced=force and status != "passed"))
+    with alias_lock(store, name):  # the aliases read here must still hold when they are moved
+        aliases = registered_model(store, name).aliases
+        current = int(aliases[PRODUCTION]) if PRODUCTION in aliases else None
+        if current == version:
+            return []
+        why = reason or f"gates {status}"
+        moves = [_move(store, name, PREVIOUS, current, f"was production before {version}")] if current is not None else []
+        moves.append(_move(store, name, PRODUCTION, version, why, forced=force and status != "passed"))
     _emit("registry.promote", store, name, moves)
     return moves
 
@@ -76,16 +97,17 @@ def promote(store: Store, name: str, version: int, force: bool = False, reason: 
 def rollback(store: Store, name: str, reason: str | None = None) -> list[dict]:
     """production -> previous. The new `previous` is the version production had before that
     one (from the alias history), so repeated rollbacks walk back one step at a time."""
-    aliases = registered_model(store, name).aliases
-    if PREVIOUS not in aliases:
-        raise UserError(f"model {name!r} has no previous production version to roll back to "
-                        f"(aliases: {dict(aliases) or 'none'})")
-    target, current = int(aliases[PREVIOUS]), int(aliases[PRODUCTION]) if PRODUCTION in aliases else None
-    earlier = next((h["from"] for h in reversed(alias_history(store, name))
-                    if h["alias"] == PRODUCTION and h["to"] == target and h["from"] not in (None, target)), None)
-    why = reason or "rollback"
-    moves = [_move(store, name, PRODUCTION, target, f"rollback from {current}: {why}"),
-             _move(store, name, PREVIOUS, earlier, f"rollback to {target}")]
+    with alias_lock(store, name):  # aliases and history read, both moved, as one step
+        aliases = registered_model(store, name).aliases
+        if PREVIOUS not in aliases:
+            raise UserError(f"model {name!r} has no previous production version to roll back to "
+                            f"(aliases: {dict(aliases) or 'none'})")
+        target, current = int(aliases[PREVIOUS]), int(aliases[PRODUCTION]) if PRODUCTION in aliases else None
+        earlier = next((h["from"] for h in reversed(alias_history(store, name))
+                        if h["alias"] == PRODUCTION and h["to"] == target and h["from"] not in (None, target)), None)
+        why = reason or "rollback"
+        moves = [_move(store, name, PRODUCTION, target, f"rollback from {current}: {why}"),
+                 _move(store, name, PREVIOUS, earlier, f"rollback to {target}")]
     _emit("registry.rollback", store, name, moves)
     return moves
 

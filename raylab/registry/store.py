@@ -14,7 +14,7 @@ verifies versions, aliases.py moves production/previous with a history.
 Where (DESIGN.md): `registry.tracking_uri`, else $MLFLOW_TRACKING_URI, else SQLite with
 artifacts under $RAYLAB_HOME/mlflow. Only driver processes call this module (the train
 driver after its run; the sweep driver for its trials, from Tune's results), never Train
-workers or concurrent trials, so the SQLite default is never written concurrently.
+workers or concurrent trials. Alias moves may be concurrent: locks.py serialises them.
 
 Logging is idempotent: a run carries a `raylab.key` tag (its directory and identity), so
 re-running a finished stage finds its MLflow run and version instead of adding new ones.
@@ -44,6 +44,7 @@ class Store:
     client: Any  # mlflow.MlflowClient
     uri: str
     artifact_root: str | None  # for new experiments; None lets an MLflow server decide
+    lock_timeout_s: float = 60.0  # how long a promote or rollback waits for the model's alias lock
 
 
 def locate(tracking_uri: str | None = None) -> tuple[str, str | None]:

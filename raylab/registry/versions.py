@@ -7,6 +7,7 @@ NAME@ALIAS), verified fetches, gate results as tags, the listing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -149,7 +150,9 @@ def fetch(store: Store, ref: str) -> str:
         local = download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=store.uri)
         verify(local, expected, label)
         if not _verifies(dst, expected, label):
-            if dst.exists():  # a damaged cache: set it aside rather than rewrite it under a reader
+            # A damaged cache: set it aside rather than rewrite it under a reader. Another
+            # fetch may have set it aside first: then there is nothing to move.
+            with contextlib.suppress(FileNotFoundError):
                 os.rename(dst, tempfile.mkdtemp(prefix=f".{mv.version}-old-", dir=dst.parent))
             try:
                 os.rename(local, dst)

@@ -38,3 +38,23 @@ def test_refs_name_what_is_missing(store, tmp_path):
                          ("widgets", "expected NAME/VERSION")]:
         with pytest.raises(UserError, match=message):
             registry.get_version(store, ref)
+
+
+def test_a_damaged_cache_that_a_concurrent_fetch_set_aside_first_is_replaced(store, tmp_path, monkeypatch):
+    import os
+
+    v = register(store, tmp_path, 1)
+    cached = Path(registry.fetch(store, f"widgets/{v}"))
+    (cached / "tokenizer.json").write_text("damaged")
+    rename, raced = os.rename, []
+
+    def rename_after_a_concurrent_fetch(src, dst):
+        if Path(src) == cached and not raced:  # setting the damaged copy aside, but another
+            raced.append(True)                  # fetch that found it damaged too moved it first
+            rename(src, tmp_path / "set-aside")
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_after_a_concurrent_fetch)
+    assert registry.fetch(store, f"widgets/{v}") == str(cached)
+    assert raced and (cached / "tokenizer.json").read_text() == "{}"
+    assert (tmp_path / "set-aside" / "tokenizer.json").read_text() == "damaged"

@@ -111,7 +111,11 @@ def _promote_if_passed(cfg, summary, stage, address, until) -> str | None:
     if until == "gates":
         return None
     if result["status"] == "passed" and cfg.registry.auto_promote:
-        stage("promote", lambda: registry.promote(store, name, version, reason="raylab run: gates passed"))
+        moves = stage("promote", lambda: registry.promote(store, name, version, reason="raylab run: gates passed"))
+        for m in moves:
+            log.info(f"promote: {name} {m['alias']} {m['from'] if m['from'] is not None else '-'} -> {m['to']}")
+        if not moves:
+            log.info(f"promote: {name}/{version} is production already")
         summary["promoted"] = f"{name}/{version}"
     elif result["status"] != "passed":
         log.info(f"{name}/{version} failed its gates: production is unchanged (`raylab models show {name}/{version}`)")

@@ -195,6 +195,8 @@ def test_ray_job_submit_runs_the_quickstart_on_two_nodes_with_s3_storage(quickst
     files = [f.path for f in filesystem.get_file_info(fs.FileSelector(root, recursive=True)) if f.type == fs.FileType.File]
     assert any(f.endswith("/model/adapter_model.safetensors") for f in files), files[:20]
     assert "=== summary ===" in r.stdout and "before/after:" in r.stdout
+    assert re.search(r"promote: \S+ production (-|\d+) -> \d+", r.stdout), r.stdout  # the stage says what moved
+    assert "data: 4/4 packed" in r.stdout  # the data stage's progress by phase
     # Every state change of the run is one event in its events file, written by one writer.
     from raylab.core import events, runs
 

@@ -39,3 +39,13 @@ def console(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)
+
+
+def duration(seconds: float) -> str:
+    """`4m07s`, `1h02m`; `?` for a duration not known yet (NaN)."""
+    if seconds != seconds:
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

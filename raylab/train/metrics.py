@@ -25,7 +25,7 @@ import json
 import math
 import time
 
-from raylab.core import storage
+from raylab.core import logs, storage
 
 
 def flops_per_token(model, seq_len: int) -> dict[str, float]:
@@ -74,13 +74,7 @@ def measure_peak_flops(device, bf16: bool, seconds: float = 0.5) -> float:
     return best
 
 
-def fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+fmt_duration = logs.duration  # the one duration format of every progress line
 
 
 def progress_line(m: dict, total_steps: int, elapsed_s: float, done_at_start: int) -> str:

@@ -35,7 +35,7 @@ from raylab import config, registry, train
 from raylab.config import RaylabConfig
 from raylab.core import events, logs, plan, runs, storage
 from raylab.errors import UserError
-from raylab.tune import asha, report
+from raylab.tune import asha, progress, report
 from raylab.tune.space import distributions, encode, space_problems, with_params
 
 # ---------------------------------------------------------------- one trial (a Tune function trainable)
@@ -127,7 +127,8 @@ def _run_tune(cfg: RaylabConfig, address: str | None) -> dict:
                                         scheduler=scheduler, num_samples=t.num_samples, time_budget_s=t.time_budget_s),
             run_config=tune.RunConfig(name=runs.TUNE_RUN_NAME, storage_path=cfg.output_dir,
                                       stop=step_budget(t.max_total_steps, run) if t.max_total_steps else None,
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=0),
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=0,
+                                      callbacks=[progress.SweepProgress(t.num_samples, t.metric, t.mode, steps)]),
         )
     log.info(f"tune: {t.num_samples} trials ({t.searcher}{' + ASHA' if t.asha else ''}), {the_plan.trial_concurrency} at once, "
         f"{steps} steps each at most -> {tune_dir}")

@@ -136,12 +136,30 @@ def _wait_current_cluster(port: int, timeout_s: float = 60) -> None:
 # How Ray's client proxy reports failing to start a per-client server (intermittent on 2 cores).
 RAY_CLIENT_FLAKE = ("Initialization failure from server", "Starting Ray client server failed")
 
+# The head's Ray Client proxy waits this long for each session's server process to open its
+# port (Ray's default is 30 s). On a busy 2-core machine that one Python process has been seen
+# taking 37 s to start, and the session then failed ("Proxy failed to Connect to backend!").
+CLIENT_PROXY_PATIENCE = {"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "180"}
+
+
+def ensure_auth_token() -> None:
+    """`ray start` with token auth refuses to start without a token; only `ray.init` creates
+    one (~/.ray/auth_token). Create it the same way when no earlier test has, so a head
+    started first on a fresh machine works."""
+    from raylab.core import cluster
+
+    if cluster.auth_token() is None:
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+        generate_and_save_token()
+
 
 @pytest.fixture(scope="module")
 def ray_head():
     """`ray start --head --block` with token auth; yields (gcs address, client address).
     The dashboard (Jobs API) listens on a free port too; see `ray_head.dashboard`."""
     gcs, client, dashboard, agent, env_agent = (free_port() for _ in range(5))
+    ensure_auth_token()
     # With the dashboard (and so the runtime-env agent) running, as on a real head: without
     # it the Ray Client proxy's per-client servers intermittently fail to start.
     proc = subprocess.Popen(
@@ -152,7 +170,7 @@ def ray_head():
             f"--runtime-env-agent-port={env_agent}", "--disable-usage-stats",
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "RAY_AUTH_MODE": "token"},
+        env={**os.environ, "RAY_AUTH_MODE": "token", **CLIENT_PROXY_PATIENCE},
     )
     try:
         _wait_port(gcs)

@@ -32,6 +32,8 @@ from raylab.errors import UserError
 if TYPE_CHECKING:  # core takes a config but imports no config module (it is the lowest layer)
     from raylab.config import RaylabConfig
 
+log = logging.getLogger(__name__)
+
 # Everything raylab starts sends nothing anywhere.
 TELEMETRY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
@@ -327,7 +329,7 @@ def _init_client(address: str, origin: str, kwargs: dict, attempts: int = 2, pau
             if not any(sig in str(e) for sig in CLIENT_PROXY_START_FAILURES):
                 raise
             failure = _last_line(str(e))
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "Ray Client proxy at %s failed to start this session's server (attempt %d of %d)",
                 address, attempt, attempts)
             if attempt < attempts:

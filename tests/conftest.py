@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -158,25 +159,34 @@ def ensure_auth_token() -> None:
 def ray_head():
     """`ray start --head --block` with token auth; yields (gcs address, client address).
     The dashboard (Jobs API) listens on a free port too; see `ray_head.dashboard`."""
+    with start_head() as addresses:
+        yield addresses
+
+
+@contextlib.contextmanager
+def start_head(extra_env: dict | None = None, temp_dir: str | None = None):
+    """The `ray_head` cluster; `temp_dir` keeps a second head's logs and recorded address
+    (what `auto` joins) apart from the first's."""
     gcs, client, dashboard, agent, env_agent = (free_port() for _ in range(5))
     ensure_auth_token()
-    # With the dashboard (and so the runtime-env agent) running, as on a real head: without
-    # it the Ray Client proxy's per-client servers intermittently fail to start.
+    # With the dashboard (and so the runtime-env agent) running, as on a real head.
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
             f"--port={gcs}", f"--ray-client-server-port={client}", "--num-cpus=2",
             f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
             f"--runtime-env-agent-port={env_agent}", "--disable-usage-stats",
+            *([f"--temp-dir={temp_dir}"] if temp_dir else []),
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "RAY_AUTH_MODE": "token", **CLIENT_PROXY_PATIENCE},
+        env={**os.environ, "RAY_AUTH_MODE": "token", **CLIENT_PROXY_PATIENCE, **(extra_env or {})},
     )
     try:
         _wait_port(gcs)
         _wait_port(client)
         _wait_port(dashboard)
-        _wait_current_cluster(gcs)
+        if temp_dir is None:
+            _wait_current_cluster(gcs)
         yield f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}"
     finally:
         proc.send_signal(signal.SIGTERM)  # --block stops every process it started

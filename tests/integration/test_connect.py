@@ -127,6 +127,33 @@ def test_doctor_through_ray_client(ray_head):
     assert "node 0: " in proc.stdout and "fits: yes" in proc.stdout
 
 
+def test_client_proxy_failing_to_start_a_session_is_retried_then_exit_2():
+    """A head whose proxy never waits for a session's server (timeout 0: every session fails
+    the way a too-busy head's does, "Proxy failed to Connect to backend!"): raylab tries
+    twice, then exits 2 naming the head's setting, not with Ray's proxy traceback."""
+    import shutil
+    import tempfile
+
+    from conftest import start_head
+
+    # A short path of its own: Ray's socket paths live under it (and a 107-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="rl-head-")
+    with start_head({"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "0"}, temp_dir=temp_dir) as (_, client):
+        try:
+            # About 70 s: after each failed start Ray's client waits out its reconnect grace
+            # period (30 s). With the period at 0 the failure surfaces as a plain
+            # ConnectionError now and then, no longer the proxy's message: not a fair test.
+            proc = run_cli("doctor", "--address", client, env={"RAY_ADDRESS": ""})
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    # Progress and warnings go to stdout, the error to stderr.
+    assert proc.stdout.count("failed to start this session's server (attempt") == 2, proc.stdout
+    assert "the head's client proxy failed to start a session server 2 times" in proc.stderr
+    assert "Proxy failed to Connect to backend" in proc.stderr
+    assert "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S" in proc.stderr
+
+
 def test_auth_probe_accepts_the_token_and_refuses_a_wrong_one(ray_head, monkeypatch):
     """The probe connect makes before ray.init, against the head's GCS and its client proxy:
     the cluster's own token passes (the negative control), a wrong one and none are refused."""

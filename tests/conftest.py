@@ -140,7 +140,9 @@ RAY_CLIENT_FLAKE = ("Initialization failure from server", "Starting Ray client s
 # The head's Ray Client proxy waits this long for each session's server process to open its
 # port (Ray's default is 30 s). On a busy 2-core machine that one Python process has been seen
 # taking 37 s to start, and the session then failed ("Proxy failed to Connect to backend!").
-CLIENT_PROXY_PATIENCE = {"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "180"}
+# Not longer: a server process that dies at start-up (seen once, silently) is not noticed by
+# the proxy, which waits the whole time before raylab's retry can start another.
+CLIENT_PROXY_PATIENCE = {"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "90"}
 
 
 def ensure_auth_token() -> None:

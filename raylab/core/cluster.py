@@ -309,7 +309,9 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
 
 # How Ray's client proxy reports that the per-client server it started did not open its port
 # in time (RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S on the head, 30 s by default: a busy head
-# takes longer than that to start one Python process), or that the process died at start-up.
+# takes longer than that to start one Python process), or that the process died at start-up
+# (the proxy forks it while gRPC threads run; seen dying with "epoll_wait error: Bad file
+# descriptor" or silently, about 1 start in 4 on a 2-core machine under heavy load).
 CLIENT_PROXY_START_FAILURES = ("Proxy failed to Connect to backend", "Starting Ray client server failed")
 
 
@@ -336,10 +338,10 @@ def _init_client(address: str, origin: str, kwargs: dict, attempts: int = 2, pau
                 time.sleep(pause_s)
     raise UserError(
         f"Ray Client at {address!r} (from {origin}): the head's client proxy failed to start a "
-        f"session server {attempts} times (Ray: {failure}). The head is too busy to "
-        "start one within RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S (30 s by default): start the "
-        "head with a larger value in its environment, or submit a job instead (`raylab submit`); "
-        "ray_client_server*.err in the head's session logs say more"
+        f"session server {attempts} times (Ray: {failure}). A busy head may not start one within "
+        "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S (30 s by default), or its server died at "
+        "start-up: start the head with a larger value in its environment, or submit a job "
+        "instead (`raylab submit`); ray_client_server*.err in the head's session logs say more"
     )
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -136,29 +137,58 @@ def _wait_current_cluster(port: int, timeout_s: float = 60) -> None:
 # How Ray's client proxy reports failing to start a per-client server (intermittent on 2 cores).
 RAY_CLIENT_FLAKE = ("Initialization failure from server", "Starting Ray client server failed")
 
+# The head's Ray Client proxy waits this long for each session's server process to open its
+# port (Ray's default is 30 s). On a busy 2-core machine that one Python process has been seen
+# taking 37 s to start, and the session then failed ("Proxy failed to Connect to backend!").
+# Not longer: a server process that dies at start-up (seen once, silently) is not noticed by
+# the proxy, which waits the whole time before raylab's retry can start another.
+CLIENT_PROXY_PATIENCE = {"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "90"}
+
+
+def ensure_auth_token() -> None:
+    """`ray start` with token auth refuses to start without a token; only `ray.init` creates
+    one (~/.ray/auth_token). Create it the same way when no earlier test has, so a head
+    started first on a fresh machine works."""
+    from raylab.core import cluster
+
+    if cluster.auth_token() is None:
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+        generate_and_save_token()
+
 
 @pytest.fixture(scope="module")
 def ray_head():
     """`ray start --head --block` with token auth; yields (gcs address, client address).
     The dashboard (Jobs API) listens on a free port too; see `ray_head.dashboard`."""
+    with start_head() as addresses:
+        yield addresses
+
+
+@contextlib.contextmanager
+def start_head(extra_env: dict | None = None, temp_dir: str | None = None):
+    """The `ray_head` cluster; `temp_dir` keeps a second head's logs and recorded address
+    (what `auto` joins) apart from the first's."""
     gcs, client, dashboard, agent, env_agent = (free_port() for _ in range(5))
-    # With the dashboard (and so the runtime-env agent) running, as on a real head: without
-    # it the Ray Client proxy's per-client servers intermittently fail to start.
+    ensure_auth_token()
+    # With the dashboard (and so the runtime-env agent) running, as on a real head.
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
             f"--port={gcs}", f"--ray-client-server-port={client}", "--num-cpus=2",
             f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
             f"--runtime-env-agent-port={env_agent}", "--disable-usage-stats",
+            *([f"--temp-dir={temp_dir}"] if temp_dir else []),
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "RAY_AUTH_MODE": "token"},
+        env={**os.environ, "RAY_AUTH_MODE": "token", **CLIENT_PROXY_PATIENCE, **(extra_env or {})},
     )
     try:
         _wait_port(gcs)
         _wait_port(client)
         _wait_port(dashboard)
-        _wait_current_cluster(gcs)
+        if temp_dir is None:
+            _wait_current_cluster(gcs)
         yield f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}"
     finally:
         proc.send_signal(signal.SIGTERM)  # --block stops every process it started

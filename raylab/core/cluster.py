@@ -32,6 +32,8 @@ from raylab.errors import UserError
 if TYPE_CHECKING:  # core takes a config but imports no config module (it is the lowest layer)
     from raylab.config import RaylabConfig
 
+log = logging.getLogger(__name__)
+
 # Everything raylab starts sends nothing anywhere.
 TELEMETRY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
@@ -150,10 +152,57 @@ def _token_available() -> bool:
     return auth_token() is not None
 
 
-def _check_reachable(address: str, origin: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a closed port: Ray itself retries for about a minute before giving up."""
-    import socket
+def _token_origin() -> str:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH ({os.environ['RAY_AUTH_TOKEN_PATH']})"
+    return "~/.ray/auth_token"
 
+
+def _check_auth_accepted(hostport: str, address: str, origin: str, mode: str, auth: str,
+                         timeout_s: float = 10.0) -> None:
+    """One cheap authenticated call, so a refused token fails in a second and says which
+    setting to fix: `ray.init` retries the GCS for about 20 s (30 s through Ray Client)
+    and then reports only that it could not connect. The GCS (its cluster id) or the Ray
+    Client proxy (a ping, which starts no per-client server) answers UNAUTHENTICATED to a
+    missing or wrong token; any other answer is left to `ray.init` to judge."""
+    import grpc
+
+    metadata = [("authorization", f"Bearer {auth_token()}")] if auth == "token" else []
+    channel = grpc.insecure_channel(hostport)
+    try:
+        if mode == "client":
+            from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+            ping = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
+            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(ping, timeout=timeout_s, metadata=metadata)
+        else:
+            from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s, metadata=metadata)
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+            return  # slow, TLS, another Ray version: ray.init decides and reports
+        if auth == "token":
+            raise UserError(
+                f"Ray at {address!r} (from {origin}) refused the auth token from {_token_origin()}: "
+                "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token, the head "
+                "node's ~/.ray/auth_token"
+            ) from None
+        raise UserError(
+            f"Ray at {address!r} (from {origin}) requires token authentication but ray.auth / "
+            "RAY_AUTH_MODE is 'disabled': set RAY_AUTH_MODE=token (or ray.auth: token) and "
+            "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the head node's ~/.ray/auth_token"
+        ) from None
+    finally:
+        channel.close()
+
+
+def _check_reachable(address: str, origin: str, timeout_s: float = 5.0) -> str:
+    """Fail fast on a closed port: Ray itself retries for about a minute before giving up.
+    Returns the HOST:PORT that answered."""
     hostport = address.removeprefix("ray://")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
@@ -165,6 +214,7 @@ def _check_reachable(address: str, origin: str, timeout_s: float = 5.0) -> None:
             f"Ray address {address!r} (from {origin}): nothing answers at {host}:{port} ({e.strerror or e}). "
             "Start a cluster with `ray start --head`, fix the address, or unset it for an embedded local Ray"
         ) from None
+    return hostport
 
 
 def _recorded_address(origin: str) -> str:
@@ -201,9 +251,11 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
             "~/.ray/auth_token, or set ray.auth=disabled for a cluster without authentication"
         )
     if address == "auto":
-        _check_reachable(_recorded_address(origin), f"{origin}=auto, recorded by `ray start`")
+        hostport = _check_reachable(_recorded_address(origin), f"{origin}=auto, recorded by `ray start`")
     elif mode != "embedded":
-        _check_reachable(address, origin)
+        hostport = _check_reachable(address, origin)
+    if mode != "embedded":
+        _check_auth_accepted(hostport, address, origin, mode, env["RAY_AUTH_MODE"])
     namespace = cfg.ray.namespace if cfg is not None else "raylab"
     dashboard_port = None
     if os.environ.get("RAY_API_SERVER_ADDRESS") == _started_api_server.get("url"):
@@ -234,7 +286,9 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
                 # per-client server through the runtime-env agent, a path seen failing at
                 # start-up here. The cluster's own environment applies to its workers.
                 kwargs.pop("runtime_env")
-            context = ray.init(address=address, **kwargs)
+                context = _init_client(address, origin, kwargs)
+            else:
+                context = ray.init(address=address, **kwargs)
     except ConnectionError as e:
         raise UserError(
             f"could not connect to a Ray cluster at {address!r} (from {origin}): {e}. Start one "
@@ -251,6 +305,49 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
         raise
     dashboard = getattr(context, "dashboard_url", None) or None
     return Connection(mode, address, origin, env["RAY_AUTH_MODE"], dashboard)
+
+
+# How Ray's client proxy reports that the per-client server it started did not open its port
+# in time (RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S on the head, 30 s by default: a busy head
+# takes longer than that to start one Python process), or that the process died at start-up
+# (the proxy forks it while gRPC threads run; seen dying with "epoll_wait error: Bad file
+# descriptor" or silently, about 1 start in 4 on a 2-core machine under heavy load).
+CLIENT_PROXY_START_FAILURES = ("Proxy failed to Connect to backend", "Starting Ray client server failed")
+
+
+def _init_client(address: str, origin: str, kwargs: dict, attempts: int = 2, pause_s: float = 5.0):
+    """`ray.init("ray://...")`, once more after a pause when the proxy failed to start this
+    session's server (a second start finds Ray's modules in the page cache); after that a
+    clear error naming the head's setting and logs, not Ray's proxy traceback."""
+    import time
+
+    import ray
+
+    failure = ""
+    for attempt in range(1, attempts + 1):
+        try:
+            return ray.init(address=address, **kwargs)
+        except ConnectionAbortedError as e:
+            if not any(sig in str(e) for sig in CLIENT_PROXY_START_FAILURES):
+                raise
+            failure = _last_line(str(e))
+            log.warning(
+                "Ray Client proxy at %s failed to start this session's server (attempt %d of %d)",
+                address, attempt, attempts)
+            if attempt < attempts:
+                time.sleep(pause_s)
+    raise UserError(
+        f"Ray Client at {address!r} (from {origin}): the head's client proxy failed to start a "
+        f"session server {attempts} times (Ray: {failure}). A busy head may not start one within "
+        "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S (30 s by default), or its server died at "
+        "start-up: start the head with a larger value in its environment, or submit a job "
+        "instead (`raylab submit`); ray_client_server*.err in the head's session logs say more"
+    )
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else text
 
 
 def run_stage(fn, cfg: RaylabConfig, address: str | None, **kwargs):

@@ -25,6 +25,9 @@ export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}" RAY_USAGE_STATS_ENABLED=0
 # `stop` ends every node at once, so a node has nowhere to drain to: Ray 2.60 would wait the
 # full 30 s drain on SIGTERM whenever a detached actor (Serve) lives on it.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
+# The head's Ray Client proxy waits this long for each session's server process (Ray's default
+# 30 s); a busy small machine has taken 37 s to start that one Python process.
+export RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S="${RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S:-90}"
 RAY="${RAY:-ray}"
 
 wait_for() {  # wait_for N: until N nodes are alive

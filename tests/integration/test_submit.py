@@ -320,8 +320,10 @@ print("RESULT " + json.dumps({"accepted": manifest["counts"]["accepted"], "metri
 
 
 def _client_session(args: list[str], cwd: Path, env: dict) -> tuple[int, str]:
-    """Run the Ray Client script; Ray's client proxy failing to start (a known
-    intermittent Ray problem on small machines, see test_cluster.py) is retried, then skipped."""
+    """Run the Ray Client script (a user's own `ray.init("ray://...")`, so raylab's connect
+    retry does not apply); Ray's client proxy failing to start a session's server (a known
+    intermittent Ray problem on small machines: tests/conftest.py, RAY_CLIENT_FLAKE) is
+    retried, and fails the test after 3 attempts: never a skip."""
     for _ in range(3):
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
@@ -337,7 +339,7 @@ def _client_session(args: list[str], cwd: Path, env: dict) -> tuple[int, str]:
         text = "".join(out)
         if "CONNECTED" in text or not (proc.returncode == -signal.SIGKILL or any(f in text for f in RAY_CLIENT_FLAKE)):
             return proc.returncode, text
-    pytest.skip(f"Ray's client proxy did not start a session in 3 attempts: {text[-300:]}")
+    pytest.fail(f"Ray's client proxy did not start a session in 3 attempts: {text[-3000:]}")
 
 
 def test_ray_client_session_runs_data_and_train(local_cluster, learn_data, tmp_path):

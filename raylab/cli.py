@@ -16,7 +16,7 @@ import os
 import sys
 import traceback
 
-from raylab.errors import UserError
+from raylab.errors import RunFailed, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -366,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"raylab {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"raylab {args.verb}: failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"raylab {args.verb}: interrupted", file=sys.stderr)
         return 130

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raylab.errors import UserError
+from raylab.errors import RunFailed, UserError
 
 if TYPE_CHECKING:  # core takes a config but imports no config module (it is the lowest layer)
     from raylab.config import RaylabConfig
@@ -365,7 +365,7 @@ def run_stage(fn, cfg: RaylabConfig, address: str | None, **kwargs):
     try:
         return ray.get(task.remote(fn, cfg, address=None, **kwargs))
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, UserError):  # a problem in the config or data, not a bug
+        if isinstance(e.cause, (UserError, RunFailed)):  # the config or data, or dead workers: not a bug
             raise e.cause from None
         raise
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from raylab import config, models
 from raylab.config import RaylabConfig
 from raylab.core import events, plan, runs, storage
-from raylab.errors import UserError
+from raylab.errors import RunFailed, UserError
 from raylab.train import checkpoint, metrics, objectives, pretrain
 from raylab.train.loop import train_loop_per_worker
 from raylab.version import __version__
@@ -132,6 +132,14 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"raylab {__version__}" + (f" ({commit})" if commit else "")
+
+
+def _worker_died(e: BaseException) -> bool:
+    """A Ray Train failure whose cause is a dead worker process (killed, OOM, node lost), not
+    an exception raised by the training loop (that is a bug, with its traceback)."""
+    text = str(e)
+    return any(s in text for s in ("ActorDiedError", "The actor died", "worker process has died",
+                                   "worker health check failed", "node died"))
 
 
 def _unwrap_user_error(e: BaseException) -> str | None:
@@ -255,6 +263,10 @@ def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track
         message = _unwrap_user_error(e)
         if message:
             raise UserError(message) from None
+        if _worker_died(e):
+            raise RunFailed(f"training failed: a worker died and train.max_failures={t.max_failures} restart(s) were "
+                            f"spent: {e}\nThe latest checkpoint is kept: run the same command again to resume from it "
+                            "(or raise train.max_failures)") from None
         raise RuntimeError(f"training failed: {e}\nThe latest checkpoint is kept: run the same command again to "
                            f"resume from it (or raise train.max_failures to restart failed workers automatically)") from None
     meta = finalize(cfg, result, ident, time.time() - started)

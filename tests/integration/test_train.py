@@ -411,5 +411,8 @@ def test_max_failures_exhausted_exits_1_with_the_workers_error(learn_data, tmp_p
         done.set()
     assert len(killed) == 2, killed  # the first failure was restarted (max_failures=1), the second was not
     assert out.returncode == 1, out.stderr[-3000:]
-    assert "training failed" in out.stderr and "ActorDiedError" in out.stderr, out.stderr[-3000:]
+    # the worker's error, said plainly: no traceback, and not called a bug (a killed worker is not one)
+    assert "raylab train: failed: training failed: a worker died" in out.stderr, out.stderr[-3000:]
+    assert "max_failures=1" in out.stderr and "died" in out.stderr.split("spent:", 1)[1], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "a bug" not in out.stderr, out.stderr[-3000:]
     assert not (Path(cfg.output_dir) / "train" / "final").exists()

@@ -127,15 +127,15 @@ class GeneratorBase:
     def stats(self) -> dict:
         """This replica's load, for operators and autoscaling checks (through a handle:
         `serve.get_deployment_handle("Generator", "raylab").stats.remote()`): its replica id,
-        the versions loaded, and its engines' sequences decoding (`running`, the batch's rows)
-        and queued (`waiting`)."""
+        the versions loaded, its engines' sequences decoding (`running`, the batch's rows) and
+        queued (`waiting`), and their counts of requests submitted, finished and aborted."""
         loaded = {v: one for v, one in list(self._loaded.items()) if one.engine is not None}
         engines = {id(one.engine): one.engine for one in loaded.values()}
         if self.base_engine is not None:
             engines[id(self.base_engine)] = self.base_engine
         counts = [e.stats() for e in engines.values()]
         return {"replica": serve.get_replica_context().replica_id.unique_id, "versions": sorted(loaded),
-                "running": sum(c["running"] for c in counts), "waiting": sum(c["waiting"] for c in counts)}
+                **{k: sum(c[k] for c in counts) for k in ("running", "waiting", "submitted", "finished", "aborted")}}
 
     def _engine(self, model, tok) -> Engine:
         return TransformersEngine(model, tok, self.limits["max_batch_size"], self.limits["batch_wait_timeout_s"])

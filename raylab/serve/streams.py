@@ -49,6 +49,7 @@ class Generation:
         self.timeout_s = timeout_s
         self.submissions = 0
         self.sent = False  # whether a token has been passed on: from then on, no re-submission
+        self.ended = False  # read to its end: nothing left to cancel
         self.stream = None
 
     async def open(self) -> dict:
@@ -80,6 +81,7 @@ class Generation:
                     if any(text or count or reason for _, text, reason, count in item.get("deltas", [])):
                         self.sent = True
                     yield item
+                self.ended = True
                 return
             except Exception as e:
                 if self.sent or not lost_replica(e):
@@ -93,7 +95,7 @@ class Generation:
 
     def cancel(self) -> None:
         """Stop the request on its replica (a client that went away): its rows leave the batch."""
-        if self.stream is not None:
+        if self.stream is not None and not self.ended:
             self.stream.cancel()
 
     def _lost(self, e: BaseException) -> None:

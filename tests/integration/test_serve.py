@@ -329,17 +329,36 @@ def _replica_pid(served, deployment: str, replica_id: str) -> int:
 
 
 STREAMED = {"model": NAME, "prompt": "A widget", "max_tokens": 48, "temperature": 0, "ignore_eos": True, "stream": True}
+# Two choices per request: 4 requests (a replica's max_ongoing_requests) are 8 rows, twice
+# max_batch_size, so a replica always holds requests queued in its engine without a token.
+KILLED = dict(STREAMED, n=2, max_tokens=200)
 
 
-def _kill_under_load(served, deployment: str) -> tuple[Load, float]:
+def _generator_stats() -> dict:
+    """Generator.stats() of whichever replica Serve routes the call to."""
+    from ray import serve
+
+    return serve.get_deployment_handle("Generator", app_name="raylab").stats.remote().result(timeout_s=30)
+
+
+def _ingress_log(served) -> str:
+    """The running Ingress replicas' Serve logs (this one-node cluster's log directory)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return "".join((logs / f"replica_raylab_Ingress_{r}.log").read_text() for r in _replicas(served, "Ingress"))
+
+
+def _kill_under_load(served, deployment: str, ready) -> tuple[Load, float]:
     """SIGKILL `deployment`'s replica (the Generator's one at rest) while 8 clients stream,
-    each retrying a failed request once; runs until 8 requests started after Serve's
-    replacement came up succeeded. Returns the load and when the kill happened."""
+    each retrying a failed request once, once `ready(load, victim)` holds; runs until 8
+    requests started after Serve's replacement came up succeeded. Returns the load and
+    when the kill happened."""
     _wait(lambda: len(_replicas(served, "Generator")) == 1, 120, "one Generator replica at rest")
     [victim] = _replicas(served, deployment)
     pid = _replica_pid(served, deployment, victim)
-    with Load(8, lambda i, mark: stream(served["url"], "/v1/completions", STREAMED, KEY, 60, mark), retries=1) as load:
-        _wait(lambda: load.streaming() >= 4, 60, "streams under way")
+    with Load(8, lambda i, mark: stream(served["url"], "/v1/completions", KILLED, KEY, 60, mark), retries=1) as load:
+        _wait(lambda: ready(load, victim), 60, "streams under way")
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         _wait(lambda: victim not in (now := _replicas(served, deployment)) and now, 120, f"a new {deployment} replica")
@@ -353,18 +372,26 @@ def _kill_under_load(served, deployment: str) -> tuple[Load, float]:
 
 
 def test_a_generator_replica_killed_under_streaming_load(served):
-    load, _ = _kill_under_load(served, "Generator")
+    def ready(load, victim) -> bool:  # streams under way, and requests without a token queued on the victim
+        if load.streaming() < 2:
+            return False
+        stats = _generator_stats()
+        return stats["replica"] == victim and stats["waiting"] >= 1
+
+    logged = len(_ingress_log(served))
+    load, _ = _kill_under_load(served, "Generator", ready)
     failed = load.failures()
     # Requests without a token yet were re-submitted by the ingress (not failed); streams cut
     # mid-way ended with the OpenAI error event and were repeated by the client's one retry.
     assert {o.error for o in failed} <= {"replica_lost"}, failed[:3]
     assert failed, "no stream was cut mid-way: the kill missed the requests it should have hit"
     assert all(o.text for o in failed)  # only streams that had tokens are cut
+    assert '"resubmit": ' in _ingress_log(served)[logged:], "no request without a token was re-submitted"
     assert load.success_rate() >= 0.99, (load.success_rate(), failed[:5])
 
 
 def test_the_ingress_replica_killed_under_streaming_load(served):
-    load, killed = _kill_under_load(served, "Ingress")
+    load, killed = _kill_under_load(served, "Ingress", lambda load, victim: load.streaming() >= 2)
     failed = load.failures()
     # the requests in flight at the kill were cut (the proxy cannot finish them); their retries
     # and the requests after them waited for Serve's new Ingress replica
@@ -374,14 +401,8 @@ def test_the_ingress_replica_killed_under_streaming_load(served):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_rows(served):
-    from ray import serve
-
     _wait(lambda: len(_replicas(served, "Generator")) == 1, 120, "one Generator replica at rest")
-    handle = serve.get_deployment_handle("Generator", app_name="raylab")
-
-    def stats() -> dict:
-        return handle.stats.remote().result(timeout_s=30)
-
+    stats = _generator_stats
     _wait(lambda: stats()["running"] == 0, 60, "an idle engine")
     before = stats()
     long = dict(STREAMED, max_tokens=1000)  # seconds of decoding (the tiny model's context is 1024)

@@ -448,6 +448,8 @@ def test_emit_config_is_a_valid_serve_deploy_config(served, tmp_path):
 
 
 def test_deploy_switches_versions_in_place_while_requests_stream(served):
+    # at rest first: a replica an earlier test's load added would be scaled down meanwhile
+    _wait(lambda: len(_replicas(served, "Generator")) == 1, 120, "one Generator replica at rest")
     before = {d: _replicas(served, d) for d in ("Generator", "Ingress")}
 
     def ask(i, mark):

@@ -47,6 +47,8 @@ class ServeConfig(Section):
     max_prompt_tokens: PositiveInt = Field(2048, description="longer prompts are a 400")
     max_tokens: PositiveInt = Field(512, description="largest max_tokens a request may ask (400 beyond)")
     max_request_bytes: PositiveInt = Field(1_000_000, description="larger request bodies are a 400")
+    resubmit_timeout_s: float = Field(60.0, gt=0, description="a request with no token yet is re-submitted while "
+                                      "a lost Generator replica is replaced, for this long (then a 503)")
     api_keys_env: str | None = Field(None, description="env variable with comma-separated API keys (Bearer)")
     api_keys_file: PathOrUri | None = Field(None, description="file with one API key per line (Bearer)")
     allow_unauthenticated: bool = Field(False, description="serve a non-loopback host without API keys (anyone "

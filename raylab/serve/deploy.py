@@ -82,7 +82,8 @@ def app_config(s: ServeConfig, store: registry.Store, ref: str, dtype: str = "fl
             "threads": max(1, round(s.cpus_per_replica)), "api_keys_env": s.api_keys_env, "api_keys_file": s.api_keys_file,
             "limits": {"max_prompt_tokens": s.max_prompt_tokens, "max_tokens": s.max_tokens,
                        "max_request_bytes": s.max_request_bytes, "max_batch_size": s.max_batch_size,
-                       "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_adapters_per_replica": s.max_adapters_per_replica}}
+                       "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_adapters_per_replica": s.max_adapters_per_replica,
+                       "resubmit_timeout_s": s.resubmit_timeout_s}}
     generator = {"name": "Generator", "autoscaling_config": autoscaling, "max_ongoing_requests": s.max_ongoing_requests,
                  "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
                  "user_config": {"preload": [f"{name}/{version}"]}}

@@ -3,7 +3,11 @@ official `openai` client (completions, chat, streaming), served greedy text equa
 peft generation, two adapters on one base, every class of bad request answered with its
 4xx, API keys, autoscaling up under load and back down, and `raylab deploy` switching
 versions in place while requests stream, none failing; a version registered after the
-deploy served by `NAME/N` without a redeploy.
+deploy served by `NAME/N` without a redeploy. Faults: a Generator replica and the Ingress
+replica SIGKILLed while 8 clients stream (>= 99 % of the requests succeed with at most one
+client retry; only streams cut mid-way fail, with OpenAI's error event), and a client that
+disconnects mid-stream frees its row in the batch. Load (tests/serve_load.py) records every
+request's outcome; a client thread that dies or hangs fails the test.
 
 The adapters are trained here with peft in a few seconds (a fixed answer per adapter, so
 greedy text is far from ties) on a tiny Llama whose embeddings are scaled up: at the
@@ -13,7 +17,11 @@ could not learn anything checkable.
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -27,6 +35,7 @@ import yaml
 from conftest import free_port, run_cli
 from raylab import config, registry
 from raylab.serve import deploy
+from serve_load import Load, stream
 
 pytestmark = pytest.mark.integration
 
@@ -89,9 +98,9 @@ def serve_config(root: Path, base: Path, port: int, **serve) -> config.RaylabCon
         "data": {"sources": [{"type": "jsonl", "path": str(root / "unused.jsonl")}]},
         "model": {"name_or_path": str(base)}, "registry": {"model_name": NAME},
         "serve": {"port": port, "cpus_per_replica": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.05,
-                  "max_prompt_tokens": 256, "max_tokens": 300, "max_request_bytes": 20000, "max_ongoing_requests": 4,
+                  "max_prompt_tokens": 256, "max_tokens": 1000, "max_request_bytes": 20000, "max_ongoing_requests": 8,
                   "api_keys_file": str(root / "keys.txt"),
-                  "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                  "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                   "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 11}, **serve},
     })
 
@@ -152,6 +161,15 @@ def request(url: str, path: str, body: dict | bytes | None = None, key: str | No
         return status, json.loads(text)
     except ValueError:
         return status, text
+
+
+def plain(url: str, path: str, body: dict) -> tuple[int, str | None, str]:
+    """A non-streaming request as (status, error, text) for Load."""
+    status, answer = request(url, path, body)
+    if status != 200:
+        return status, answer["error"]["code"] or answer["error"]["type"], json.dumps(answer)
+    choice = answer["choices"][0]
+    return status, None, choice["text"] if "text" in choice else choice["message"]["content"]
 
 
 def get(url: str, path: str, key: str | None = KEY):
@@ -288,26 +306,125 @@ def _wait(predicate, timeout_s: float, what: str):
 
 def test_autoscaling_goes_up_under_load_and_back_down(served):
     assert len(_replicas(served, "Generator")) == 1
-    stop, failures = threading.Event(), []
-
-    def load(i: int):
-        while not stop.is_set():
-            status, body = request(served["url"], "/v1/completions", {"model": NAME, "prompt": f"load {i}",
-                                                                       "max_tokens": 64, "temperature": 0, "ignore_eos": True})
-            if status != 200:
-                failures.append(body)
-
-    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(6)]
-    for t in threads:
-        t.start()
-    try:
+    body = {"model": NAME, "prompt": "load", "max_tokens": 64, "temperature": 0, "ignore_eos": True}
+    with Load(6, lambda i, mark: plain(served["url"], "/v1/completions", body)) as load:
         _wait(lambda: len(_replicas(served, "Generator")) >= 2, 120, "a second Generator replica under load")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(120)
-    assert not failures, failures[:3]
+    load.check()
+    assert not load.failures(), load.failures()[:3]
     _wait(lambda: len(_replicas(served, "Generator")) == 1, 120, "the Generator to scale back to 1 replica")
+
+
+# ---------------------------------------------------------------- faults: a replica killed under load, a client gone
+
+
+def _replica_pid(served, deployment: str, replica_id: str) -> int:
+    """The process of a RUNNING replica, by Ray's state API (the actor Serve reports for it)."""
+    from ray.util.state import list_actors
+
+    details = deploy.rest(served["dashboard"], "GET")["applications"]["raylab"]["deployments"][deployment]
+    replica = next(r for r in details["replicas"] if r["replica_id"] == replica_id)
+    actors = list_actors(filters=[("actor_id", "=", replica["actor_id"]), ("state", "=", "ALIVE")])
+    assert len(actors) == 1 and actors[0].class_name.endswith(f"raylab:{deployment}"), actors
+    return actors[0].pid
+
+
+STREAMED = {"model": NAME, "prompt": "A widget", "max_tokens": 48, "temperature": 0, "ignore_eos": True, "stream": True}
+# Two choices per request: the 8 requests a replica takes (max_ongoing_requests, as the
+# quickstart's) are 16 rows, four times max_batch_size, so a busy replica always holds
+# requests queued in its engine without a token.
+KILLED = dict(STREAMED, n=2, max_tokens=200)
+
+
+def _generator_stats() -> dict:
+    """Generator.stats() of whichever replica Serve routes the call to."""
+    from ray import serve
+
+    return serve.get_deployment_handle("Generator", app_name="raylab").stats.remote().result(timeout_s=30)
+
+
+def _ingress_log(served) -> str:
+    """The running Ingress replicas' Serve logs (this one-node cluster's log directory)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return "".join((logs / f"replica_raylab_Ingress_{r}.log").read_text() for r in _replicas(served, "Ingress"))
+
+
+def _kill_under_load(served, deployment: str, ready) -> tuple[Load, float]:
+    """SIGKILL `deployment`'s replica (the Generator's one at rest) while 8 clients stream,
+    each retrying a failed request once, once `ready(load, victim)` holds; runs until 8
+    requests started after Serve's replacement came up succeeded. Returns the load and
+    when the kill happened."""
+    _wait(lambda: len(_replicas(served, "Generator")) == 1, 120, "one Generator replica at rest")
+    [victim] = _replicas(served, deployment)
+    pid = _replica_pid(served, deployment, victim)
+    with Load(8, lambda i, mark: stream(served["url"], "/v1/completions", KILLED, KEY, 60, mark), retries=1) as load:
+        _wait(lambda: ready(load, victim), 60, "streams under way")
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        _wait(lambda: victim not in (now := _replicas(served, deployment)) and now, 120, f"a new {deployment} replica")
+        replaced = time.monotonic()
+        _wait(lambda: sum(1 for o in load.outcomes if o.started > replaced and o.ok) >= 8, 120,
+              "requests served after the replacement")
+    load.check()  # no client thread died or hung
+    across = [a for a in load.requests().values() if a[0].started < killed < a[-1].ended]
+    assert len(across) >= 4, "the kill should cut into requests in flight"
+    return load, killed
+
+
+def test_a_generator_replica_killed_under_streaming_load(served):
+    # (no Generator.stats() call here: it would queue behind the load for a free slot)
+    def ready(load, victim) -> bool:  # streams under way; the rest queue on the victim without a token
+        return load.streaming() >= 2
+
+    logged = len(_ingress_log(served))
+    load, _ = _kill_under_load(served, "Generator", ready)
+    failed = load.failures()
+    # Requests without a token yet were re-submitted by the ingress (not failed); streams cut
+    # mid-way ended with the OpenAI error event and were repeated by the client's one retry.
+    assert {o.error for o in failed} <= {"replica_lost"}, failed[:3]
+    assert failed, "no stream was cut mid-way: the kill missed the requests it should have hit"
+    assert all(o.text for o in failed)  # only streams that had tokens are cut
+    assert '"resubmit": ' in _ingress_log(served)[logged:], "no request without a token was re-submitted"
+    assert load.success_rate() >= 0.99, (load.success_rate(), failed[:5])
+
+
+def test_the_ingress_replica_killed_under_streaming_load(served):
+    load, killed = _kill_under_load(served, "Ingress", lambda load, victim: load.streaming() >= 2)
+    failed = load.failures()
+    # the requests in flight at the kill were cut (the proxy cannot finish them); their retries
+    # and the requests after them waited for Serve's new Ingress replica
+    assert any(o.started < killed for o in failed), failed[:3]
+    assert load.success_rate() >= 0.99, (load.success_rate(), failed[:5])
+    assert get(served["url"], "/healthz", key=None)[0] == 200
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_rows(served):
+    _wait(lambda: len(_replicas(served, "Generator")) == 1, 120, "one Generator replica at rest")
+    stats = _generator_stats
+    _wait(lambda: stats()["running"] == 0, 60, "an idle engine")
+    before = stats()
+    long = dict(STREAMED, max_tokens=1000)  # seconds of decoding (the tiny model's context is 1024)
+    kept: list = []
+    staying = threading.Thread(target=lambda: kept.append(stream(served["url"], "/v1/completions", long, KEY, 120)),
+                               daemon=True)
+    staying.start()
+    leaving = http.client.HTTPConnection("127.0.0.1", served["cfg"].serve.port, timeout=60)
+    leaving.request("POST", "/v1/completions", json.dumps(long), {"Content-Type": "application/json",
+                                                                  "Authorization": f"Bearer {KEY}"})
+    reply = leaving.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")
+    _wait(lambda: stats()["running"] == 2, 60, "both streams decoding")
+    leaving.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
+    leaving.close()
+    _wait(lambda: stats()["running"] == 1, 60, "the departed client's row to leave the batch")
+    assert not kept, "the staying stream ended before the other left: the check above proved nothing"
+    after = stats()
+    assert after["replica"] == before["replica"] and after["aborted"] == before["aborted"] + 1
+    staying.join(120)
+    status, error, text = kept[0]
+    assert (status, error) == (200, None) and text  # the staying client's stream ran to its end ([DONE])
+    assert stats()["aborted"] == before["aborted"] + 1
 
 
 def test_emit_config_is_a_valid_serve_deploy_config(served, tmp_path):
@@ -330,29 +447,23 @@ def test_emit_config_is_a_valid_serve_deploy_config(served, tmp_path):
 
 
 def test_deploy_switches_versions_in_place_while_requests_stream(served):
+    # at rest first: a replica an earlier test's load added would be scaled down meanwhile
+    _wait(lambda: len(_replicas(served, "Generator")) == 1, 120, "one Generator replica at rest")
     before = {d: _replicas(served, d) for d in ("Generator", "Ingress")}
-    stop, results = threading.Event(), []
 
-    def traffic(i: int):
-        while not stop.is_set():
-            status, body = chat(served["url"], NAME, QUESTIONS[i % 4], stream=False)
-            results.append((time.monotonic(), status, body["choices"][0]["message"]["content"] if status == 200 else body))
+    def ask(i, mark):
+        return plain(served["url"], "/v1/chat/completions", {"model": NAME, "temperature": 0,
+                                                              "messages": [{"role": "user", "content": QUESTIONS[i % 4]}]})
 
-    threads = [threading.Thread(target=traffic, args=(i,), daemon=True) for i in range(3)]
-    for t in threads:
-        t.start()
-    try:
-        _wait(lambda: len(results) >= 6, 60, "traffic before the upgrade")
+    with Load(3, ask) as load:
+        _wait(lambda: len(load.outcomes) >= 6, 60, "traffic before the upgrade")
         done = run_cli("deploy", f"{NAME}/2", "--address", served["dashboard"], timeout=300)
         assert done.returncode == 0, done.stderr
         switched = time.monotonic()
-        _wait(lambda: sum(1 for t, *_ in results if t > switched) >= 6, 60, "traffic after the upgrade")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(120)
-    assert all(status == 200 for _, status, _ in results), [r for r in results if r[1] != 200][:3]
-    answers = [answer for _, _, answer in results]
+        _wait(lambda: sum(1 for o in load.outcomes if o.started > switched) >= 6, 60, "traffic after the upgrade")
+    load.check()
+    assert not load.failures(), load.failures()[:3]
+    answers = [o.text for o in sorted(load.outcomes, key=lambda o: o.started)]
     assert answers[0] == ANSWERS[1] and answers[-1] == ANSWERS[2] and set(answers) == {ANSWERS[1], ANSWERS[2]}
     for d, ids in before.items():  # reconfigured, not replaced (the autoscaler may have added one under this load)
         assert set(ids) <= set(_replicas(served, d)), (d, ids)

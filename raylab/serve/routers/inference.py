@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from raylab.serve import openai_api as oa
+from raylab.serve import streams
 from raylab.serve.routers import ingress
 
 log = logging.getLogger("ray.serve")
@@ -64,8 +65,8 @@ async def _handle(server, request: Request, kind, chat: bool):
             raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
                               "model", "model_not_found")
         job = _job(server.limits, req, chat)
-        stream = server.generator.options(stream=True, multiplexed_model_id=version).stream.remote(job)
-        first = await stream.__anext__()
+        stream = streams.Generation(server.generator, version, job, server.limits["resubmit_timeout_s"], rid)
+        first = await stream.open()  # re-submitted while a lost replica is replaced (streams.py)
         if "error" in first:
             e = first["error"]
             raise oa.ApiError(e["status"], e["message"], e.get("param"), e.get("code"))
@@ -74,18 +75,27 @@ async def _handle(server, request: Request, kind, chat: bool):
         return JSONResponse(e.body(), e.status)
     except Exception as e:  # a bug or a lost replica: OpenAI-shaped 500, logged with its traceback
         log.exception(f"request {rid} failed")
-        return JSONResponse(oa.ApiError(500, f"internal error ({type(e).__name__}); see the server log", code="internal").body(), 500)
+        return JSONResponse(_internal(e).body(), 500)
     record = {"request": rid, "model": req.model, "version": version, "prompt_tokens": first["prompt_tokens"]}
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(_events(stream, rid, req.model, chat, len(job["prompts"]) * req.n,
                                          include_usage, record, started), media_type="text/event-stream")
     texts, finish, tokens = {}, {}, 0
-    async for item in stream:
-        for i, text, reason, count in item["deltas"]:
-            texts[i] = texts.get(i, "") + text
-            finish[i] = reason or finish.get(i)
-            tokens += count
+    try:
+        async for item in stream.items():  # one message at the end: re-submitted whole on a lost replica
+            for i, text, reason, count in item["deltas"]:
+                texts[i] = texts.get(i, "") + text
+                finish[i] = reason or finish.get(i)
+                tokens += count
+    except oa.ApiError as e:
+        log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
+        return JSONResponse(e.body(), e.status)
+    except Exception as e:
+        log.exception(f"request {rid} failed")
+        return JSONResponse(_internal(e).body(), 500)
+    finally:
+        stream.cancel()  # a no-op once it ended; else (the client went away) its rows leave the batch
     choices = [{"index": i, "text": texts.get(i, ""), "finish_reason": finish.get(i)} for i in range(len(job["prompts"]) * req.n)]
     use = oa.usage(first["prompt_tokens"], tokens)
     _log(record, use, started)
@@ -96,15 +106,35 @@ async def _events(stream, rid, model, chat, n_choices, include_usage, record, st
     for i in range(n_choices if chat else 0):  # the assistant role first, as OpenAI does
         yield oa.sse(oa.chunk(rid, model, i, None, None, chat, role=True))
     tokens = 0
-    async for item in stream:
-        for i, text, reason, count in item["deltas"]:
-            tokens += count
-            yield oa.sse(oa.chunk(rid, model, i, text, reason, chat))
+    try:
+        async for item in stream.items():
+            for i, text, reason, count in item["deltas"]:
+                tokens += count
+                yield oa.sse(oa.chunk(rid, model, i, text, reason, chat))
+    except Exception as e:  # cut mid-way (its replica died after tokens went out): an error event, no [DONE]
+        error = e if isinstance(e, oa.ApiError) else _internal(e)
+        if isinstance(e, oa.ApiError):
+            log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
+        elif stream.sent and streams.lost_replica(e):
+            log.warning(json.dumps({"request": rid, "cut": type(e).__name__, "completion_tokens": tokens}))
+            error = oa.ApiError(500, "the replica generating this response was lost mid-stream; repeat the request",
+                                code="replica_lost")
+        else:
+            log.exception(f"request {rid} failed mid-stream")
+        yield oa.sse(error.body())
+        return
+    finally:
+        stream.cancel()  # a no-op once it ended; else (the client went away) its rows leave the batch
     use = oa.usage(record["prompt_tokens"], tokens)
     if include_usage:
         yield oa.sse(oa.usage_chunk(rid, model, use, chat))
     yield oa.sse("[DONE]")
     _log(record, use, started)
+
+
+def _internal(e: Exception) -> oa.ApiError:
+    """A bug or a lost replica: OpenAI-shaped 500 (the traceback is in the server log)."""
+    return oa.ApiError(500, f"internal error ({type(e).__name__}); see the server log", code="internal")
 
 
 def _log(record: dict, use: dict, started: float) -> None:

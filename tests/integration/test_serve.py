@@ -369,6 +369,10 @@ def _kill_under_load(served, deployment: str, ready) -> tuple[Load, float]:
     load.check()  # no client thread died or hung
     across = [a for a in load.requests().values() if a[0].started < killed < a[-1].ended]
     assert len(across) >= 4, "the kill should cut into requests in flight"
+    tried = load.requests().values()
+    print(f"\n{deployment} replica killed: {len(tried)} requests, {len(across)} in flight across the kill, "
+          f"{sum(1 for a in tried if not a[0].ok)} first attempts failed, {sum(1 for a in tried if a[-1].ok)} succeeded "
+          f"within one client retry ({load.success_rate():.1%})")  # the figures the closing notes quote (pytest -s)
     return load, killed
 
 

@@ -194,7 +194,8 @@ def serve_processes() -> dict[str, dict]:
             continue
         try:
             mem = p.memory_full_info()
-            out[f"{title.split()[0]} pid {p.pid}"] = {"rss": mem.rss, "pss": getattr(mem, "pss", None)}
+            # the title's method suffix (`.handle_request...`) changes while it works: key by actor and pid
+            out[f"{title.split()[0].split('.')[0]} pid {p.pid}"] = {"rss": mem.rss, "pss": getattr(mem, "pss", None)}
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return out

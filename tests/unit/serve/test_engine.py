@@ -175,3 +175,17 @@ def test_an_adapter_loaded_into_the_engine_decodes_as_peft_and_unloads(lm, tmp_p
     texts, listed = asyncio.run(main())
     assert texts == [with_adapter, without] and listed == ["a"]
     assert engine.stats()["adapters"] == []
+
+
+def test_a_request_that_generated_no_token_is_counted_without_an_error():
+    # Ray's Counter refuses inc(0); a request ending with no token (EOS first, or its client
+    # left) raised that ValueError in the stream's `finally` and became a 500.
+    from ray.util.metrics import Counter
+
+    from raylab.serve.generator import count_tokens
+
+    counter = Counter("raylab_test_generated_tokens", description="test", tag_keys=("model",))
+    count_tokens(counter, 0, "m/1")
+    count_tokens(counter, 3, "m/1")
+    with pytest.raises(ValueError):  # the negative control: the call it guards does raise
+        counter.inc(0, tags={"model": "m/1"})

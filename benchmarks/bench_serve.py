@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import measurement, small_llama, write_results  # noqa: E402
+from common import measurement, percentile, small_llama, wait_healthy, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS, NEW_TOKENS, CONCURRENCY = 64, 128, (1, 4, 16)
@@ -67,19 +67,6 @@ def register(root: Path, model_dir: Path) -> Path:
     return cfg_path
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, health: str, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + health, timeout=5):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(1)
-    raise RuntimeError(f"{url} not healthy after {timeout_s}s")
-
-
 def post(url: str, body: dict) -> tuple[float, int]:
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -100,7 +87,7 @@ def load(url: str, model: str, concurrency: int, prompt: str) -> dict:
     tokens = sum(r[1] for r in results)
     assert tokens == NEW_TOKENS * len(results), f"expected {NEW_TOKENS} tokens per request, got {tokens / len(results)}"
     return {"tokens_per_s": tokens / wall, "p50_s": statistics.median(latencies),
-            "p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))], "requests": len(results),
+            "p99_s": percentile(latencies, 0.99), "requests": len(results),
             "wall_s": wall}
 
 

@@ -20,6 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,6 +68,28 @@ def require_clean_commit() -> str:
     if commit.endswith("-dirty") or commit == "unknown":
         raise SystemExit(f"benchmarks: the tree is not a clean commit ({commit}); commit first (results record it)")
     return commit
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile by nearest rank over the sorted values (None for no values)."""
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, health: str = "/healthz", timeout_s: float = 900) -> None:
+    """Until `url + health` answers, failing at once if the server process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + health, timeout=5):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(1)
+    raise RuntimeError(f"{url} not healthy after {timeout_s}s")
 
 
 def timed(fn: Callable[[], object], repeat: int = 3, warmup: int = 0) -> dict:

@@ -58,7 +58,15 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_commit, machine_facts, require_clean_commit, small_llama, write_results  # noqa: E402
+from common import (  # noqa: E402
+    git_commit,
+    machine_facts,
+    percentile,
+    require_clean_commit,
+    small_llama,
+    wait_healthy,
+    write_results,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NAME, PORT, CLIENTS = "bench-soak", 8340, 16
@@ -201,13 +209,6 @@ def serve_processes() -> dict[str, dict]:
     return out
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
 def per_minute(outcomes: list[dict]) -> list[dict]:
     rows = []
     for minute in range(int(max((o["start_s"] for o in outcomes), default=0) // 60) + 1):
@@ -216,19 +217,6 @@ def per_minute(outcomes: list[dict]) -> list[dict]:
         rows.append({"minute": minute, "requests": len(these), "errors": sum(o["error"] is not None for o in these),
                      "p50_s": statistics.median(ok) if ok else None, "p99_s": percentile(ok, 0.99)})
     return rows
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"raylab serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=5):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(1)
-    raise RuntimeError(f"{url} not healthy after {timeout_s}s")
 
 
 def main() -> None:

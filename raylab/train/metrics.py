@@ -74,9 +74,6 @@ def measure_peak_flops(device, bf16: bool, seconds: float = 0.5) -> float:
     return best
 
 
-fmt_duration = logs.duration  # the one duration format of every progress line
-
-
 def progress_line(m: dict, total_steps: int, elapsed_s: float, done_at_start: int) -> str:
     """`step 40/120 (33%) loss 2.314 val 2.401 lr 9.1e-04 | 1,204 tok/s mfu 3.1% | 0m48s, ETA 1m36s`"""
     step = m["step"]
@@ -87,10 +84,10 @@ def progress_line(m: dict, total_steps: int, elapsed_s: float, done_at_start: in
     if done <= 0 or not math.isfinite(m.get("tokens_per_s") or float("nan")):
         # the evaluation before the first step (or right after a resume): no rate, no ETA yet
         when = "before training" if step == 0 else "resumed here"
-        return f"train: step {step}/{total_steps} ({step / total_steps:.0%}){train}{val} {when} | {fmt_duration(elapsed_s)}"
+        return f"train: step {step}/{total_steps} ({step / total_steps:.0%}){train}{val} {when} | {logs.duration(elapsed_s)}"
     return (f"train: step {step}/{total_steps} ({step / total_steps:.0%}){train}{val} "
             f"lr {m['lr']:.1e} | {m['tokens_per_s']:,.0f} tok/s mfu {m['mfu']:.1%} | "
-            f"{fmt_duration(elapsed_s)}, ETA {fmt_duration(eta)}")
+            f"{logs.duration(elapsed_s)}, ETA {logs.duration(eta)}")
 
 
 def to_jsonl(history: list[dict]) -> str:

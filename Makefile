@@ -1,7 +1,7 @@
 # make quickstart   install, then run the quickstart job on an embedded local Ray
 # make test         install, then run unit + integration tests (what CI runs)
 # make unit         fast unit tests only (no Ray cluster)
-# make bench        run the benchmarks and write benchmarks/results/*.json
+# make bench        run the benchmarks (NAME=train for one) and write benchmarks/results/*.json
 # make serve        after the quickstart: serve its production model (OpenAI-compatible, port 8000)
 #
 # A virtual environment (.venv, or $VENV) is created when none is active.
@@ -35,13 +35,12 @@ test: install
 unit: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# make bench NAME=train runs one (benchmarks/bench_train.py); protocol: benchmarks/README.md
+BENCHES ?= $(if $(NAME),$(NAME),connect data train tune serve)
 bench: install
 	EXTRAS=test,bench VENV=$(VENV) scripts/install.sh
-	$(BIN)/python benchmarks/bench_connect.py
-	$(BIN)/python benchmarks/bench_data.py
-	$(BIN)/python benchmarks/bench_train.py
-	$(BIN)/python benchmarks/bench_tune.py
-	$(BIN)/python benchmarks/bench_serve.py
+	set -e; for b in $(BENCHES); do $(BIN)/python benchmarks/bench_$$b.py; done
+	$(BIN)/python benchmarks/table.py --write
 
 # After `make quickstart`: serve its production version at http://127.0.0.1:8000/v1 (Ctrl-C stops)
 serve:

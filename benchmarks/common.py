@@ -1,14 +1,11 @@
-"""Shared helpers for benchmarks (DESIGN.md, "Benchmarks").
+"""Shared helpers for benchmarks: the protocol in benchmarks/README.md.
 
-Each benchmark measures raylab and a named baseline on the same work in one run, prints one
-JSON object per measurement and writes the list to benchmarks/results/<name>.json:
-
-    {"name", "value", "unit", "baseline", "baseline_value", "ratio", "machine", "commit", ...}
-
-`ratio` is value / baseline_value; what compares across machines is the ratio, never the
+Each benchmark measures raylab (A) and a named baseline (B) on the same work in one run,
+alternating A and B (`alternate`), and writes one JSON point per measurement (`point`) to
+benchmarks/results/<name>.json. What compares across machines is the ratio, never the
 absolute time (machines here are shared and noisy). Benchmarks run from the repository root:
 
-    python benchmarks/bench_connect.py
+    python benchmarks/bench_connect.py        (or: make bench NAME=connect)
 """
 
 from __future__ import annotations
@@ -102,6 +99,67 @@ def timed(fn: Callable[[], object], repeat: int = 3, warmup: int = 0) -> dict:
         fn()
         samples.append(time.perf_counter() - start)
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
+
+
+PROTOCOL = 1  # benchmarks/README.md, "Protocol (version 1)"
+
+
+def quartiles(values: list[float]) -> dict:
+    """Median and interquartile range (inclusive method) of the samples, all kept."""
+    values = [float(v) for v in values]
+    if len(values) == 1:
+        q1 = median = q3 = values[0]
+    else:
+        q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3, "n": len(values), "samples": values}
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def alternate(a: Callable[[], float], b: Callable[[], float], repeats: int, warmup: bool = True) -> dict:
+    """Samples of a() and b() taken A, B, A, B, ... (protocol items 2-4): one untimed call of
+    each first when `warmup`; each call returns its own sample (it times what it measures).
+    Returns {"a": [...], "b": [...], "load": [[load before a, load before b], ...]}."""
+    if warmup:
+        a()
+        b()
+    out = {"a": [], "b": [], "load": []}
+    for i in range(repeats):
+        load = [load_average()]
+        out["a"].append(a())
+        load.append(load_average())
+        out["b"].append(b())
+        out["load"].append(load)
+        print(f"  pair {i + 1}/{repeats}: A {out['a'][-1]:.4g}  B {out['b'][-1]:.4g}  (load {load})", file=sys.stderr, flush=True)
+    return out
+
+
+def point(name: str, unit: str, a: tuple[str, list[float]], b: tuple[str, list[float]], *, goal: str | None = None,
+          goal_ratio: float | None = None, higher_is_better: bool = True, warmup: bool, load: list | None = None,
+          a_settings: dict | None = None, b_settings: dict | None = None, **extra) -> dict:
+    """One JSON point under the protocol: each side's quartiles, the median and IQR of the
+    per-pair ratios A_i / B_i, the ratio of medians, and whether `goal_ratio` was met
+    (ratio >= goal when higher is better, <= otherwise)."""
+    (a_name, a_samples), (b_name, b_samples) = a, b
+    pairs = [x / y for x, y in zip(a_samples, b_samples, strict=True) if y]
+    ratios = quartiles(pairs)
+    met = None
+    if goal_ratio is not None:
+        met = ratios["median"] >= goal_ratio if higher_is_better else ratios["median"] <= goal_ratio
+    record = {
+        "name": name, "unit": unit, "higher_is_better": higher_is_better,
+        "a": {"name": a_name, **(a_settings or {}), **quartiles(a_samples)},
+        "b": {"name": b_name, **(b_settings or {}), **quartiles(b_samples)},
+        "ratio": ratios["median"], "ratio_q1": ratios["q1"], "ratio_q3": ratios["q3"], "pair_ratios": pairs,
+        "ratio_of_medians": statistics.median(a_samples) / statistics.median(b_samples),
+        "goal": goal, "met": met, "repeats": len(a_samples), "warmup": warmup, "load": load,
+        "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_facts(), "protocol": PROTOCOL, **extra,
+    }
+    print(json.dumps({k: v for k, v in record.items() if k not in ("machine", "pair_ratios")}), flush=True)
+    return record
 
 
 def measurement(name: str, value: float, unit: str, baseline: str, baseline_value: float, **extra) -> dict:

@@ -134,6 +134,7 @@ def metrics_row(state: TrainState, window: dict, evaluated: bool, *, lr: float, 
         "tokens": state.tokens, "evaluated": evaluated,
         "val_loss": val.get("val_loss"), "val_perplexity": val.get("val_perplexity"),
         "val_token_accuracy": val.get("val_token_accuracy"), "best_val_loss": state.best_val_loss,
+        "time": round(time.time(), 3),  # wall clock at the row: throughput over any span of steps
     }
 
 

@@ -59,11 +59,16 @@ def git_commit() -> str:
         return "unknown"
 
 
+_RUN_COMMIT: list[str] = []  # the clean commit this run started from (require_clean_commit)
+
+
 def require_clean_commit() -> str:
-    """The commit to record; refuses a dirty tree (figures must come from a committed state)."""
+    """The commit to record; refuses a dirty tree (figures must come from a committed state).
+    Points record this commit, taken at the start, not the tree's state when they are written."""
     commit = git_commit()
     if commit.endswith("-dirty") or commit == "unknown":
         raise SystemExit(f"benchmarks: the tree is not a clean commit ({commit}); commit first (results record it)")
+    _RUN_COMMIT[:] = [commit]
     return commit
 
 
@@ -155,7 +160,7 @@ def point(name: str, unit: str, a: tuple[str, list[float]], b: tuple[str, list[f
         "ratio": ratios["median"], "ratio_q1": ratios["q1"], "ratio_q3": ratios["q3"], "pair_ratios": pairs,
         "ratio_of_medians": statistics.median(a_samples) / statistics.median(b_samples),
         "goal": goal, "met": met, "repeats": len(a_samples), "warmup": warmup, "load": load,
-        "commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": _RUN_COMMIT[0] if _RUN_COMMIT else git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_facts(), "protocol": PROTOCOL, **extra,
     }
     print(json.dumps({k: v for k, v in record.items() if k not in ("machine", "pair_ratios")}), flush=True)

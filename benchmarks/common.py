@@ -183,9 +183,30 @@ def measurement(name: str, value: float, unit: str, baseline: str, baseline_valu
     return record
 
 
-def small_llama(path: Path) -> Path:
-    """The benchmarks' model: a 4-layer Llama (hidden 256, byte-level vocabulary with raylab's
-    chat template, random weights, seed 0) saved with save_pretrained."""
+REPO = Path(__file__).resolve().parents[1]
+
+# The Acme corpus as the benchmarks read it: a frozen copy of configs/quickstart.yaml's data
+# section at protocol 1, so a change to the quickstart never changes a benchmark's problem.
+ACME_DATA = {
+    "sources": [
+        {"type": "csv", "path": str(REPO / "examples/acme/faq.csv"), "name": "faq", "format": "instruction",
+         "fields": {"prompt": "question", "response": "answer"}},
+        {"type": "jsonl", "path": str(REPO / "examples/acme/support_chats.jsonl"), "name": "support", "format": "chat"},
+        {"type": "text", "path": str(REPO / "examples/acme/handbook"), "name": "handbook"},
+    ],
+    "max_seq_len": 512, "val_fraction": 0.2, "seed": 0,
+}
+
+
+SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+# the tiny-llama preset's architecture at protocol 1 (raylab/models/presets.py then), frozen
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def small_llama(path: Path, dims: dict = SMALL) -> Path:
+    """The benchmarks' model: a Llama with `dims` (default: 4 layers, hidden 256), a
+    byte-level vocabulary with raylab's chat template, random weights (seed 0), saved with
+    save_pretrained."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -193,10 +214,8 @@ def small_llama(path: Path) -> Path:
 
     tok = build_byte_tokenizer()
     tok.chat_template = DEFAULT_CHAT_TEMPLATE  # what the train stage gives a template-less tokenizer
-    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=256, intermediate_size=704,
-                               num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-                               max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **dims)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)

@@ -15,8 +15,9 @@ START, END = "<!-- table:start -->", "<!-- table:end -->"
 
 
 def fmt(x: float | None) -> str:
+    """A number in 3 significant digits; None (JSON null) is a value never reached."""
     if x is None:
-        return "-"
+        return "never"
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
@@ -30,7 +31,8 @@ def rows() -> tuple[list[str], list[str]]:
                 met = {True: "met", False: "**missed**", None: "-"}[r.get("met")]
                 current.append(
                     f"| `{path.name}` {r['name']} | {a['name']}: {fmt(a['median'])} vs {b['name']}: {fmt(b['median'])} "
-                    f"{r['unit']} | **{r['ratio']:.3f}** ({r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}) | "
+                    f"{r['unit']} | **{fmt(r['ratio'])}** ({fmt(r['ratio_q1'])}-{fmt(r['ratio_q3'])}"
+                    f"{', ' + r['interval'] if r.get('interval') else ''}) | "
                     f"{r.get('goal') or '-'} | {met} | {r['repeats']} | {r['commit']} | {r['date'][:10]} |")
             elif "goals" in r:  # a soak run: goals on counts, not a ratio (benchmarks/soak_serve.py)
                 met = ", ".join(f"{k} {'met' if ok else '**missed**'}" for k, ok in r["met"].items())
@@ -45,7 +47,7 @@ def rows() -> tuple[list[str], list[str]]:
 
 def table() -> str:
     current, old = rows()
-    lines = ["| point | A vs B (medians) | ratio A/B: median of pairs (IQR) | goal | | pairs | commit | date |",
+    lines = ["| point | A vs B (medians) | ratio A/B: median of pairs (IQR unless said) | goal | | pairs | commit | date |",
              "|---|---|---|---|---|---|---|---|", *current]
     if old:
         lines += ["", "Before protocol 1 (one sample per side, not alternated; superseded when re-run):", "",

@@ -34,6 +34,14 @@ def rows() -> tuple[list[str], list[str]]:
                     f"{r['unit']} | **{fmt(r['ratio'])}** ({fmt(r['ratio_q1'])}-{fmt(r['ratio_q3'])}"
                     f"{', ' + r['interval'] if r.get('interval') else ''}) | "
                     f"{r.get('goal') or '-'} | {met} | {r['repeats']} | {r['commit']} | {r['date'][:10]} |")
+            elif r.get("protocol") == 1 and "warm" in r:  # a reported value without a baseline
+                w = r["warm"]
+                current.append(f"| `{path.name}` {r['name']} | warm {fmt(w['median'])} ({fmt(w['q1'])}-{fmt(w['q3'])}), "
+                               f"cold {fmt(r['cold'])} {r['unit']} | - | - | - | {w['n']} warm | {r['commit']} | {r['date'][:10]} |")
+            elif r.get("protocol") == 1 and "profile" in r:
+                prof = r["profile"]
+                current.append(f"| `{path.name}` {r['name']} | near-dedup share of samples {prof['near_dedup_share']:.1%} "
+                               f"| - | - | - | 1 run | {r['commit']} | {r['date'][:10]} |")
             elif "goals" in r:  # a soak run: goals on counts, not a ratio (benchmarks/soak_serve.py)
                 met = ", ".join(f"{k} {'met' if ok else '**missed**'}" for k, ok in r["met"].items())
                 goals = ", ".join(f"{k} {g}" for k, g in r["goals"].items())

@@ -288,3 +288,26 @@ def test_postgres_stopped_mid_query(tmp_path, _session_ray):
         assert re.match(r"data.sources.0 \(tickets\): cannot query postgresql://raylab:\*\*\*@127\.0\.0\.1:\d+/postgres: ",
                         str(down.value)), str(down.value)
         assert "hunter2" not in str(down.value) and "Connection refused" in str(down.value)
+
+
+def test_a_glob_path_reads_the_files_it_matches(tmp_path, _session_ray):
+    """`path` may be a glob (the schema says so): Ray's file datasources do not expand
+    patterns, so raylab lists the matches; ids stay relative to the pattern's directory. A
+    file beside them that the pattern does not match is the negative control: not read."""
+    from raylab.core import cluster
+    from raylab.data.sources import read_source
+
+    cluster.connect(None)
+    (tmp_path / "docs-0.jsonl").write_text('{"text": "alpha"}\n{"text": "beta"}\n')
+    (tmp_path / "docs-1.jsonl").write_text('{"text": "gamma"}\n')
+    (tmp_path / "other.jsonl").write_text('{"text": "not matched"}\n')
+    cfg = config.load_dict({"version": 1, "model": {"name_or_path": "preset:tiny-llama"}, "output_dir": str(tmp_path / "run"),
+                            "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "docs-*.jsonl"), "name": "docs"}]}})
+    rows = read_source(0, cfg.data.sources[0], cfg.data).take_all()
+    assert sorted(r["record_id"] for r in rows) == ["docs-0.jsonl:1", "docs-0.jsonl:2", "docs-1.jsonl:1"]
+    assert not any("not matched" in r["raw"] for r in rows)
+
+    nothing = config.load_dict({"version": 1, "model": {"name_or_path": "preset:tiny-llama"}, "output_dir": str(tmp_path / "run"),
+                                "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "none-*.jsonl")}]}})
+    with pytest.raises(UserError, match=r"data\.sources\.0\.path .*matches no jsonl file"):
+        read_source(0, nothing.data.sources[0], nothing.data)

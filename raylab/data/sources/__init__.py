@@ -14,7 +14,7 @@ from raylab.core import storage
 from raylab.core.secrets import env_values, expand_env, redact_url, scrub, url_secrets
 from raylab.data.records import SourceRules
 from raylab.data.sources import sql
-from raylab.data.sources.files import FILE_DATASOURCES, listing
+from raylab.data.sources.files import FILE_DATASOURCES, is_glob, listing
 from raylab.data.sources.http import HttpDatasource
 from raylab.data.sources.rows import RAW_SCHEMA, SourceError
 from raylab.errors import UserError
@@ -67,7 +67,13 @@ def read_source(index: int, src, data: DataConfig):
 
     name, cpus = source_name(index, src), data.cpus_per_task
     if src.type in FILE_DATASOURCES:
-        ds = FILE_DATASOURCES[src.type](src.path, source=name)
+        paths = src.path
+        if is_glob(src.path):  # Ray's file datasources take files and directories, not patterns
+            paths = listing(src)
+            if not paths:
+                raise UserError(f"data.sources.{index}.path ({name}): {src.path!r} matches no {src.type} file; fix the "
+                                "pattern or the directory it names")
+        ds = FILE_DATASOURCES[src.type](paths, source=name, root=src.path)
         return ray.data.read_datasource(ds, num_cpus=cpus)
     if src.type == "sql":
         url = expand_env(src.url, f"data.sources.{index}.url")

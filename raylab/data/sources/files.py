@@ -11,6 +11,7 @@ yields a block every BLOCK_ROWS records); a bad line is one quarantined record.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import io
 import json
@@ -37,11 +38,17 @@ def source_root(path: str) -> str:
     return bare.rsplit("/", 1)[0] if "." in bare.rsplit("/", 1)[-1] else bare.rstrip("/")
 
 
+def is_glob(path: str) -> bool:
+    return any(c in path.split("://", 1)[-1] for c in "*?[")
+
+
 class _Streaming(FileBasedDatasource):
-    def __init__(self, paths, source: str, **kwargs):
+    def __init__(self, paths: str | list[str], source: str, root: str | None = None, **kwargs):
+        """`paths`: a file, a directory, or the files a glob matched (Ray's datasource does
+        not expand globs itself); `root`: what record ids are relative to (the source's path)."""
         super().__init__(paths, file_extensions=self._FILE_EXTENSIONS, **kwargs)
         self.source = source
-        self.root = source_root(paths)
+        self.root = source_root(root if root is not None else paths)
 
     def rel(self, path: str) -> str:
         """A file's id part: relative to the source root, so ids (and the train/val split
@@ -197,7 +204,13 @@ def listing(src) -> list[str]:
     from pyarrow import fs
 
     exts = FILE_DATASOURCES[src.type]._FILE_EXTENSIONS
-    if "://" in src.path:
+    if "://" in src.path and is_glob(src.path):
+        scheme = src.path.split("://", 1)[0]
+        filesystem, pattern = storage.resolve(src.path)
+        prefix = source_root(src.path)
+        found = filesystem.get_file_info(fs.FileSelector(prefix, recursive=True, allow_not_found=True))
+        paths = [f"{scheme}://{f.path}" for f in found if f.type == fs.FileType.File and fnmatch.fnmatch(f.path, pattern)]
+    elif "://" in src.path:
         filesystem, root = storage.resolve(src.path)
         info = filesystem.get_file_info(root)
         if info.type == fs.FileType.File:

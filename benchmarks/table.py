@@ -42,6 +42,9 @@ def rows() -> tuple[list[str], list[str]]:
                 prof = r["profile"]
                 current.append(f"| `{path.name}` {r['name']} | near-dedup share of samples {prof['near_dedup_share']:.1%} "
                                f"| - | - | - | 1 run | {r['commit']} | {r['date'][:10]} |")
+            elif r.get("protocol") == 1 and "vllm_version" in r:
+                current.append(f"| `{path.name}` {r['name']} | vLLM {r['vllm_version']} (figures in the JSON) | - | - | - | "
+                               f"{len(r['summary'])} | {r['commit']} | - |")
             elif "goals" in r:  # a soak run: goals on counts, not a ratio (benchmarks/soak_serve.py)
                 met = ", ".join(f"{k} {'met' if ok else '**missed**'}" for k, ok in r["met"].items())
                 goals = ", ".join(f"{k} {g}" for k, g in r["goals"].items())

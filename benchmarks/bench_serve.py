@@ -34,7 +34,10 @@ Workloads (fixed before running; seeded):
   the 32-adapter mix evicts (the JSON records loads/evictions when the endpoint reports
   them). Metric: output tokens/s of the 8- and 32-adapter mixes / the 1-adapter mix;
 - cold start: each start of A and B, from launching the server process to the first
-  streamed token of a request sent as soon as its health check answers.
+  streamed token of a request sent as soon as its health check answers;
+- warm-up: after each start and the cold-start request, 8 requests of the open-loop shape
+  (own seed) at concurrency 4 before anything is recorded (first-run effects: allocator
+  growth, lazy initialisation), on every arm alike.
 
 Goals: none for the open-loop and cold-start points (reported side by side: the plain
 server queues by design); multi-LoRA: the 8-adapter mix >= 0.8x the 1-adapter mix's
@@ -225,6 +228,8 @@ class Server:
 
 def measure(server: Server, repeat: int, lora: bool, per_rate: int = PER_RATE) -> dict:
     out = {"cold_start_s": server.first_token_s}
+    with ThreadPoolExecutor(4) as pool:  # warm-up, not recorded
+        list(pool.map(lambda req: stream(server.url, server.model, req), workload(9000 + repeat, 8, None)))
     for rate in RATES:
         results, wall = open_loop(server.url, server.model, workload(1000 * repeat + int(rate * 10), per_rate, rate), stream)
         out[f"stream_{rate}"] = stream_stats(results, wall)
@@ -274,7 +279,7 @@ def summary(run: dict) -> dict:
 def records_from(runs: dict[str, list[dict]], commit: str) -> list[dict]:
     a, b = runs["raylab"], runs["hf_server"]
     names = {"raylab": "raylab serve", "hf_server": "plain transformers server"}
-    common = {"warmup": False, "repeats": len(a), "threads": 2}
+    common = {"warmup": True, "repeats": len(a), "threads": 2}
     out = []
 
     def pooled(side: list[dict], key: str, field: str) -> dict:

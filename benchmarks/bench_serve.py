@@ -7,7 +7,11 @@ for the baseline (B); 3 repeats (a repeat takes minutes), so every point has 3 p
 the latency percentiles are also pooled over the 3 repeats (>= 200 requests per point).
 
 Model: a 4-layer Llama (hidden 256, byte-level vocabulary, random weights, seed 0) saved
-with save_pretrained (benchmarks/common.py `small_llama`), registered as a full version;
+with save_pretrained (benchmarks/common.py `small_llama`), with the output rows of every
+token that is not one printable ASCII character zeroed, so greedy output is printable text
+and each generated token is one streamed event on every server (random weights otherwise
+emit bytes that are not UTF-8, which servers hold back and merge differently); registered
+as a full version;
 both servers get 2 CPU threads (raylab: one Generator replica, serve.cpus_per_replica 2,
 max_batch_size 16, max_ongoing_requests 64).
 
@@ -52,6 +56,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +101,19 @@ def workload(seed: int, n: int, rate: float | None) -> list[dict]:
     return out
 
 
+def printable_only(path: Path) -> Path:
+    """Zero the lm_head rows of tokens that do not decode to one printable ASCII character."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    rows = [i for i in range(len(tok)) if not (len(text := tok.decode([i])) == 1 and " " <= text <= "~")]
+    with torch.no_grad():
+        model.lm_head.weight[rows] = 0.0
+    model.save_pretrained(path)
+    return path
+
+
 def setup(root: Path) -> tuple[Path, Path]:
     """The base as version 1 (production) and ADAPTERS LoRA versions 2.. of NAME; the config."""
     import torch
@@ -104,7 +122,7 @@ def setup(root: Path) -> tuple[Path, Path]:
 
     from raylab import config, registry
 
-    base = small_llama(root / "model")
+    base = printable_only(small_llama(root / "model"))
     cfg_path = root / "serve.yaml"
     cfg_path.write_text(yaml.safe_dump({
         "version": 1, "offline": True, "output_dir": str(root / "run"),
@@ -345,7 +363,12 @@ def main() -> None:
                 runs[label].append(measure(server, repeat, lora=label == "raylab", per_rate=args.per_rate))
             finally:
                 server.stop()
-    records = records_from(runs, commit)
+    shutil.rmtree(root, ignore_errors=True)
+    records = []
+    try:
+        records = records_from(runs, commit)
+    finally:  # whatever the figures, the measurements are not lost
+        (Path(tempfile.gettempdir()) / "bench_serve_runs.json").write_text(json.dumps(runs))
     for r in records:
         r["per_rate"] = args.per_rate
     if args.vllm:

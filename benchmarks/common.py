@@ -148,6 +148,12 @@ def point(name: str, unit: str, a: tuple[str, list[float]], b: tuple[str, list[f
     per-pair ratios A_i / B_i, the ratio of medians, and whether `goal_ratio` was met
     (ratio >= goal when higher is better, <= otherwise)."""
     (a_name, a_samples), (b_name, b_samples) = a, b
+    # a None sample is a measurement that produced nothing (kept, reported in `missing`)
+    missing = sum(x is None or y is None for x, y in zip(a_samples, b_samples, strict=True))
+    both = [(x, y) for x, y in zip(a_samples, b_samples, strict=True) if x is not None and y is not None]
+    a_samples, b_samples = [x for x, _ in both], [y for _, y in both]
+    if not both:
+        raise ValueError(f"{name}: no pair of samples has both sides")
     pairs = [x / y for x, y in zip(a_samples, b_samples, strict=True) if y]
     ratios = quartiles(pairs)
     met = None
@@ -159,7 +165,7 @@ def point(name: str, unit: str, a: tuple[str, list[float]], b: tuple[str, list[f
         "b": {"name": b_name, **(b_settings or {}), **quartiles(b_samples)},
         "ratio": ratios["median"], "ratio_q1": ratios["q1"], "ratio_q3": ratios["q3"], "pair_ratios": pairs,
         "ratio_of_medians": statistics.median(a_samples) / statistics.median(b_samples),
-        "goal": goal, "met": met, "repeats": len(a_samples), "warmup": warmup, "load": load,
+        "goal": goal, "met": met, "repeats": len(a_samples), "missing": missing, "warmup": warmup, "load": load,
         "commit": _RUN_COMMIT[0] if _RUN_COMMIT else git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_facts(), "protocol": PROTOCOL, **extra,
     }

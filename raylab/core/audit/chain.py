@@ -143,3 +143,27 @@ def rows(settings: Settings) -> list:
     eng = controldb.engine(settings.database)
     with eng.connect() as conn:
         return list(conn.execute(sa.select(audit_log).order_by(audit_log.c.seq)))
+
+
+def parse_time(value: str, flag: str) -> str:
+    """A --since/--until value as the stored form (ISO 8601 UTC, milliseconds): an ISO date or
+    date-time (no zone means UTC), or an age such as 30m, 12h, 7d (that long before now)."""
+    import datetime
+    import re
+
+    from raylab.errors import UserError
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    m = re.fullmatch(r"(\d+)([smhdw])", value.strip())
+    if m:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m.group(2)]
+        when = now - datetime.timedelta(**{unit: int(m.group(1))})
+    else:
+        try:
+            when = datetime.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise UserError(f"{flag} {value!r}: expected an ISO date or time (2026-12-01, 2026-12-01T09:30, "
+                            "2026-12-01T09:30+01:00) or an age (30m, 12h, 7d)") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds")

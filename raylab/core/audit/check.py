@@ -51,8 +51,8 @@ class Report:
 
 def verify(settings: Settings, public_keys: list[str] | tuple[str, ...] = ()) -> Report:
     """Check the chain in `settings.database` against the checkpoints in `settings.checkpoints`."""
-    trusted = keys.trusted_keys(settings.key, public_keys)
     rows = chain.rows(settings)
+    trusted = keys.trusted_keys(settings.key, public_keys)
     report = Report(entries=len(rows), head=rows[-1].hash if rows else chain.GENESIS, key_ids=sorted(trusted))
     report.problems += _links(rows)
     report.problems += _checkpoints(rows, settings.checkpoints, trusted, report)

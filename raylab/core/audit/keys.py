@@ -116,14 +116,14 @@ def load_public(path: str):
 
 
 def trusted_keys(key_path: str, extra: list[str] | tuple[str, ...] = ()) -> dict[str, object]:
-    """key id -> public key: each file in `extra` (--public-key), else the signing key (or its
-    .pub beside it). A UserError when there is none: verification needs a key."""
+    """key id -> public key: each file in `extra` (--public-key), else the signing key's .pub
+    beside it, else the signing key itself. A UserError when there is none: verification needs a key."""
     paths = list(extra)
-    if not paths:
-        if os.path.exists(key_path):
-            paths = [key_path]
-        elif os.path.exists(key_path + ".pub"):
+    if not paths:  # the public half first: verifying needs no secret
+        if os.path.exists(key_path + ".pub"):
             paths = [key_path + ".pub"]
+        elif os.path.exists(key_path):
+            paths = [key_path]
         else:
             raise UserError(f"no audit key to verify checkpoints with: neither {key_path} nor {key_path}.pub exists "
                             "(give --public-key FILE, or set governance.audit.signing_key / $RAYLAB_AUDIT_KEY)")

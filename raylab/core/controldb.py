@@ -75,9 +75,14 @@ def is_sqlite(db_url: str) -> bool:
     return db_url.startswith("sqlite:")
 
 
-def engine(db_url: str):
+def engine(db_url: str, create: bool = True):
     """A SQLAlchemy engine for `db_url`, its schema migrated to the newest revision (once per
-    process). An unreachable database or a missing driver is a UserError naming the URL."""
+    process). An unreachable database or a missing driver is a UserError naming the URL;
+    with `create=False` (readers: `raylab audit verify|log|export`) so is a SQLite file that
+    does not exist, rather than an empty log that verifies."""
+    if not create and is_sqlite(db_url) and not os.path.exists(db_url.removeprefix("sqlite:///")):
+        raise UserError(f"no control-plane database at {db_url.removeprefix('sqlite:///')} (nothing recorded yet, "
+                        f"or the log is elsewhere: --database, governance.database or {ENV})")
     key = (os.getpid(), db_url)  # engines hold connections: never share one across a fork
     with _lock:
         if key not in _engines:

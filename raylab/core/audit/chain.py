@@ -125,7 +125,7 @@ def _like(text: str) -> str:
 def entries(settings: Settings, flt: Filter | None = None) -> Iterator[dict]:
     """The entries matching `flt`, oldest first."""
     flt = flt or Filter()
-    eng = controldb.engine(settings.database)
+    eng = controldb.engine(settings.database, create=False)
     query = sa.select(audit_log).where(flt.where())
     if flt.limit:
         query = query.order_by(audit_log.c.seq.desc()).limit(flt.limit)
@@ -140,7 +140,7 @@ def entries(settings: Settings, flt: Filter | None = None) -> Iterator[dict]:
 
 def rows(settings: Settings) -> list:
     """Every stored row in `seq` order (what verify walks)."""
-    eng = controldb.engine(settings.database)
+    eng = controldb.engine(settings.database, create=False)
     with eng.connect() as conn:
         return list(conn.execute(sa.select(audit_log).order_by(audit_log.c.seq)))
 

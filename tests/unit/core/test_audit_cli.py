@@ -81,6 +81,7 @@ def test_a_key_readable_by_others_is_refused(env, capsys):
     (["audit", "log", "--since", "yesterday"], "--since 'yesterday'"),
     (["audit", "log", "--database", "mysql://u@h/db"], "--database"),
     (["audit", "verify", "--database", "postgresql://u@127.0.0.1:1/none"], "cannot be opened"),
+    (["audit", "log", "--database", "sqlite:///nowhere/raylab.db"], "no control-plane database at nowhere/raylab.db"),
 ])
 def test_user_errors_exit_2(env, capsys, args, needle):
     assert cli.main(args) == 2

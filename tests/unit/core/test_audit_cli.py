@@ -143,3 +143,14 @@ def test_the_config_sets_the_environment_for_raylab_and_its_workers(env, tmp_pat
 def test_bad_governance_keys_are_named(env, tmp_path, governance, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         _cfg(tmp_path, **governance)
+
+
+def test_the_pipeline_summary_says_whether_the_chain_verifies(env):
+    from raylab import pipeline
+
+    fill()
+    assert pipeline.audit_summary() == {"verified": True, "entries": 3, "checkpoints": 3}
+    with controldb.engine(controldb.url()).begin() as conn:
+        conn.execute(sa.text("delete from audit_log where seq = 3"))
+    got = pipeline.audit_summary()
+    assert got["verified"] is False and "truncated since checkpoint 3" in got["first_problem"]

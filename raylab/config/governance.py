@@ -34,6 +34,11 @@ class AuditConfig(Section):
         None, description="where signed checkpoints (head hash, length) are written: a directory or URI (s3://); "
                           "default $RAYLAB_AUDIT_CHECKPOINTS, else $RAYLAB_HOME/audit/checkpoints")
 
+    kms_key: str | None = Field(
+        None, description="an AWS KMS key (id, ARN or alias/NAME; KeySpec ECC_NIST_P256, KeyUsage SIGN_VERIFY) "
+                          "that signs checkpoints instead of signing_key, so no private key is on disk; needs "
+                          "boto3 (the `s3` extra) and AWS credentials; default $RAYLAB_AUDIT_KMS_KEY")
+
     @field_validator("signing_key")
     @classmethod
     def _local_key(cls, value: str | None) -> str | None:

@@ -91,7 +91,8 @@ def _audit_settings():
     settings = audit.Settings.from_env()
     if not settings.enabled:
         return None
-    audit.ensure_key(settings.key)
+    if not settings.kms_key:
+        audit.ensure_key(settings.key)
     return settings
 
 

@@ -63,6 +63,11 @@ def append(record: dict, settings: Settings) -> dict:
     head. Appends from any number of processes form one chain (controldb.write_transaction)."""
     eng = controldb.engine(settings.database)
     fields = canonical.normalise(record.get("fields") or {})
+    # The signer first: an entry must not land when its checkpoint cannot be signed.
+    if settings.kms_key:
+        keys.kms_public(settings.kms_key)
+    else:
+        keys.private_key(settings.key)
     with controldb.write_transaction(eng, "raylab.audit") as conn:
         head = conn.execute(sa.select(audit_log.c.seq, audit_log.c.hash)
                             .order_by(audit_log.c.seq.desc()).limit(1)).first()
@@ -77,7 +82,7 @@ def append(record: dict, settings: Settings) -> dict:
             actor=body["actor"], actor_kind=body["actor_kind"], run=body["run"], model=body["model"],
             version=body["version"], fields=canonical.dumps(fields).decode("utf-8")))
     # After the commit: a checkpoint must never name an entry that a failed commit left out.
-    keys.write_checkpoint(settings.checkpoints, settings.key, body["seq"], body["hash"])
+    keys.write_checkpoint(settings.checkpoints, settings.key, body["seq"], body["hash"], settings.kms_key)
     return body
 
 

@@ -52,7 +52,7 @@ class Report:
 def verify(settings: Settings, public_keys: list[str] | tuple[str, ...] = ()) -> Report:
     """Check the chain in `settings.database` against the checkpoints in `settings.checkpoints`."""
     rows = chain.rows(settings)
-    trusted = keys.trusted_keys(settings.key, public_keys)
+    trusted = keys.trusted_keys(settings.key, public_keys, settings.kms_key)
     report = Report(entries=len(rows), head=rows[-1].hash if rows else chain.GENESIS, key_ids=sorted(trusted))
     report.problems += _links(rows)
     report.problems += _checkpoints(rows, settings.checkpoints, trusted, report)

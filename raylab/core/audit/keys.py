@@ -1,4 +1,5 @@
-"""The audit signing key (Ed25519, the `cryptography` library) and signed checkpoints.
+"""The audit signing key (Ed25519, the `cryptography` library, or an AWS KMS key) and signed
+checkpoints.
 
 A checkpoint is a small JSON file `{length, head, time, key_id, signature}` at
 `<checkpoints>/<length>.json`: an Ed25519 signature over the canonical JSON of
@@ -9,6 +10,7 @@ one whose entry N no longer has the signed hash (a consistent rewrite by someone
 The private key is a PEM file readable only by its owner (0600), created on first use, at
 governance.audit.signing_key / $RAYLAB_AUDIT_KEY / ~/.config/raylab/audit-ed25519.pem; its
 public half is written beside it (`.pub`) for verifiers that should not hold the private key.
+With governance.audit.kms_key, KMS signs instead (ECDSA P-256) and no key file exists.
 """
 
 from __future__ import annotations
@@ -115,9 +117,12 @@ def load_public(path: str):
     return key
 
 
-def trusted_keys(key_path: str, extra: list[str] | tuple[str, ...] = ()) -> dict[str, object]:
+def trusted_keys(key_path: str, extra: list[str] | tuple[str, ...] = (), kms_key: str | None = None) -> dict[str, object]:
     """key id -> public key: each file in `extra` (--public-key), else the signing key's .pub
     beside it, else the signing key itself. A UserError when there is none: verification needs a key."""
+    if kms_key and not extra:
+        ident, public = kms_public(kms_key)
+        return {ident: public}
     paths = list(extra)
     if not paths:  # the public half first: verifying needs no secret
         if os.path.exists(key_path + ".pub"):
@@ -135,12 +140,17 @@ def message(length: int, head: str) -> bytes:
     return canonical.dumps({"chain": CHAIN, "length": length, "head": head})
 
 
-def write_checkpoint(location: str, key_path: str, length: int, head: str) -> str:
-    """Sign (length, head) and write the checkpoint; returns its location."""
-    key = private_key(key_path)
-    record = {"chain": CHAIN, "length": length, "head": head, "key_id": key_id(key.public_key()),
+def write_checkpoint(location: str, key_path: str, length: int, head: str, kms_key: str | None = None) -> str:
+    """Sign (length, head) with the local key, or with AWS KMS when `kms_key` is set, and write
+    the checkpoint; returns its location."""
+    if kms_key:
+        ident, signature = kms_sign(kms_key, message(length, head))
+    else:
+        key = private_key(key_path)
+        ident, signature = key_id(key.public_key()), key.sign(message(length, head))
+    record = {"chain": CHAIN, "length": length, "head": head, "key_id": ident,
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-              "signature": base64.b64encode(key.sign(message(length, head))).decode()}
+              "signature": base64.b64encode(signature).decode()}
     return storage.write_text(runs.audit_checkpoint(location, length), json.dumps(record, sort_keys=True) + "\n")
 
 
@@ -171,7 +181,59 @@ def signature_ok(record: dict, keys: dict[str, object]) -> bool:
     if key is None:
         return False
     try:
-        key.verify(signature, message(length, head))
+        if str(record.get("key_id")).startswith("kms:"):
+            from cryptography.hazmat.primitives import hashes
+            from cryptography.hazmat.primitives.asymmetric import ec
+
+            key.verify(signature, message(length, head), ec.ECDSA(hashes.SHA256()))
+        else:
+            key.verify(signature, message(length, head))
         return True
     except InvalidSignature:
         return False
+
+
+# ---------------------------------------------------------------- AWS KMS (a key that never leaves KMS)
+# An asymmetric KMS key (KeySpec ECC_NIST_P256, KeyUsage SIGN_VERIFY) signs with ECDSA_SHA_256
+# through KMS's Sign API; verifiers fetch its public key once (GetPublicKey) and check locally.
+# boto3 is the `s3` extra; AWS credentials, region and AWS_ENDPOINT_URL come from the environment.
+_kms: dict[str, tuple[str, object]] = {}  # configured key -> (its ARN, public key)
+
+
+def _kms_client():
+    try:
+        import boto3
+    except ImportError:
+        raise UserError("governance.audit.kms_key needs boto3: pip install 'raylab[s3]'") from None
+    return boto3.client("kms")
+
+
+def kms_public(kms_key: str) -> tuple[str, object]:
+    """("kms:<key ARN>", its public key), checking the key can sign ECDSA_SHA_256."""
+    if kms_key in _kms:
+        return _kms[kms_key]
+    from botocore.exceptions import BotoCoreError, ClientError
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    client = _kms_client()
+    try:
+        meta = client.describe_key(KeyId=kms_key)["KeyMetadata"]
+        if meta.get("KeyUsage") != "SIGN_VERIFY" or meta.get("KeySpec") != "ECC_NIST_P256":
+            raise UserError(f"governance.audit.kms_key {kms_key}: expected an ECC_NIST_P256 SIGN_VERIFY key, "
+                            f"got {meta.get('KeySpec')} {meta.get('KeyUsage')}")
+        public = load_der_public_key(client.get_public_key(KeyId=kms_key)["PublicKey"])
+    except (BotoCoreError, ClientError) as e:
+        raise UserError(f"governance.audit.kms_key {kms_key}: {e}") from None
+    _kms[kms_key] = ("kms:" + meta["Arn"], public)
+    return _kms[kms_key]
+
+
+def kms_sign(kms_key: str, data: bytes) -> tuple[str, bytes]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    ident, _ = kms_public(kms_key)
+    try:
+        out = _kms_client().sign(KeyId=kms_key, Message=data, MessageType="RAW", SigningAlgorithm="ECDSA_SHA_256")
+    except (BotoCoreError, ClientError) as e:
+        raise UserError(f"governance.audit.kms_key {kms_key}: signing failed: {e}") from None
+    return ident, out["Signature"]

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 ENABLED_ENV = "RAYLAB_AUDIT"
 KEY_ENV = "RAYLAB_AUDIT_KEY"
 CHECKPOINTS_ENV = "RAYLAB_AUDIT_CHECKPOINTS"
-VARIABLES = (controldb.ENV, ENABLED_ENV, KEY_ENV, CHECKPOINTS_ENV)
+KMS_ENV = "RAYLAB_AUDIT_KMS_KEY"
+VARIABLES = (controldb.ENV, ENABLED_ENV, KEY_ENV, CHECKPOINTS_ENV, KMS_ENV)
 
 
 @dataclass(frozen=True)
@@ -25,17 +26,19 @@ class Settings:
     key: str           # the Ed25519 private key's local path
     checkpoints: str   # a directory or URI for signed checkpoints
     enabled: bool = True
+    kms_key: str | None = None  # an AWS KMS key id/ARN/alias that signs instead of `key`
 
     @classmethod
     def from_env(cls, database: str | None = None, key: str | None = None,
                  checkpoints: str | None = None) -> Settings:
         """Flags first, then $RAYLAB_DATABASE_URL, $RAYLAB_AUDIT_KEY, $RAYLAB_AUDIT_CHECKPOINTS,
-        $RAYLAB_AUDIT, then the defaults (SQLite in $RAYLAB_HOME, ~/.config/raylab, $RAYLAB_HOME)."""
+        $RAYLAB_AUDIT, $RAYLAB_AUDIT_KMS_KEY, then the defaults (SQLite in $RAYLAB_HOME, ~/.config/raylab, $RAYLAB_HOME)."""
         flag = os.environ.get(ENABLED_ENV, "1").strip().lower()
         return cls(database=controldb.url(database),
                    key=os.path.abspath(os.path.expanduser(key or os.environ.get(KEY_ENV) or str(runs.audit_key_default()))),
                    checkpoints=checkpoints or os.environ.get(CHECKPOINTS_ENV) or str(runs.home().audit_checkpoints),
-                   enabled=flag not in ("0", "false", "no", "off"))
+                   enabled=flag not in ("0", "false", "no", "off"),
+                   kms_key=os.environ.get(KMS_ENV) or None)
 
 
 def process_env(cfg: RaylabConfig | None) -> dict[str, str]:
@@ -56,4 +59,6 @@ def process_env(cfg: RaylabConfig | None) -> dict[str, str]:
         env[KEY_ENV] = gov.audit.signing_key.removeprefix("file://")
     if gov.audit.checkpoints:
         env[CHECKPOINTS_ENV] = gov.audit.checkpoints
+    if gov.audit.kms_key:
+        env[KMS_ENV] = gov.audit.kms_key
     return env

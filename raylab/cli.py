@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--input", help="JSONL prompts to answer instead of the held-out split")
     ev.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     _models_parser(sub)
+    _audit_parser(sub)
     sv = verb("serve", "serve a registry version: OpenAI-compatible Ray Serve endpoint (foreground)", "optional")
     sv.add_argument("--model", help="REF to serve (NAME@ALIAS or NAME/VERSION); default <registry.model_name>@production")
     sv.add_argument("--detach", action="store_true", help="return once it is up (needs a running cluster)")
@@ -111,6 +112,35 @@ def _models_parser(sub) -> None:
     r = action("rollback", "move production back to the previous production version")
     r.add_argument("name")
     r.add_argument("--reason", help="recorded in the alias history")
+
+
+def _audit_parser(sub) -> None:
+    a = sub.add_parser("audit", help="the tamper-evident audit log: verify the chain, list or export entries",
+                       description="the tamper-evident audit log: verify the chain, list or export entries")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", help="take governance.database / governance.audit from this config")
+    common.add_argument("--database", help="control-plane database URL (default: governance.database, "
+                        "$RAYLAB_DATABASE_URL, else $RAYLAB_HOME/raylab.db)")
+    acts = a.add_subparsers(dest="action", metavar="ACTION", required=True)
+    v = acts.add_parser("verify", parents=[common], help="check every hash link and the signed checkpoints; "
+                        "exit 1 naming the first bad entry")
+    v.add_argument("--checkpoints", help="where the signed checkpoints are (default: governance.audit.checkpoints, "
+                   "$RAYLAB_AUDIT_CHECKPOINTS, else $RAYLAB_HOME/audit/checkpoints)")
+    v.add_argument("--public-key", action="append", default=[], metavar="FILE",
+                   help="a trusted public key (PEM; repeatable); default: the signing key or its .pub")
+    v.add_argument("--strict", action="store_true", help="also fail when entries after the newest checkpoint are unsigned")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("--since", help="entries at or after: ISO date/time (UTC unless a zone is given) or an age (12h, 7d)")
+    filters.add_argument("--until", help="entries before: ISO date/time or an age")
+    filters.add_argument("--actor", action="append", default=[], help="user or user@host (repeatable)")
+    filters.add_argument("--kind", action="append", default=[], help="event kind, or its prefix: registry, stage.end (repeatable)")
+    filters.add_argument("--model", action="append", default=[], help="NAME or NAME/VERSION (repeatable)")
+    lg = acts.add_parser("log", parents=[common, filters], help="list entries, oldest first")
+    lg.add_argument("--limit", type=int, help="only the newest N entries")
+    lg.add_argument("--json", action="store_true", help="print a JSON array (hashes included)")
+    ex = acts.add_parser("export", parents=[common, filters], help="write entries as JSON lines (for a SIEM)")
+    ex.add_argument("file", metavar="FILE", help="output file or URI (s3://...); - for stdout")
 
 
 def _split(args: argparse.Namespace, required: bool) -> tuple[str | None, list[str]]:
@@ -308,6 +338,67 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from raylab.core import audit, storage
+    from raylab.core.audit import chain, check
+
+    if args.config:
+        from raylab import config
+
+        os.environ.update(audit.process_env(config.load(args.config)))
+    settings = audit.Settings.from_env(database=args.database, checkpoints=getattr(args, "checkpoints", None))
+    where = f"audit log {storage_url(settings.database)}"
+    if args.action == "verify":
+        report = check.verify(settings, args.public_key)
+        if args.json:
+            print(check.as_json(report))
+        else:
+            print(f"{where}: {report.entries} entries, {report.checkpoints} signed checkpoints "
+                  f"(key {', '.join(report.key_ids)}), head {report.head[:16]}")
+        broken = not report.ok or (args.strict and report.unsigned_tail > 0)
+        if not args.json:
+            for i, p in enumerate(report.problems[:20]):
+                print(f"{'BROKEN: first bad entry' if i == 0 else '  also: entry'} {p.entry} ({p.reason}): {p.message}")
+            if len(report.problems) > 20:
+                print(f"  ... and {len(report.problems) - 20} more")
+            if report.unsigned_tail:
+                print(f"{'BROKEN' if args.strict else 'warning'}: entries {report.latest_checkpoint + 1}..{report.entries} "
+                      f"are after the newest signed checkpoint ({report.latest_checkpoint})")
+            if not broken:
+                print("OK: every link holds and every signed checkpoint matches")
+        return 1 if broken else 0
+    flt = chain.Filter(since=args.since and chain.parse_time(args.since, "--since"),
+                       until=args.until and chain.parse_time(args.until, "--until"),
+                       actors=tuple(args.actor), kinds=tuple(args.kind), models=tuple(args.model),
+                       limit=getattr(args, "limit", None))
+    rows = list(audit.entries(settings, flt))
+    if args.action == "export":
+        text = "".join(json.dumps(e, sort_keys=True, ensure_ascii=False) + "\n" for e in rows)
+        if args.file == "-":
+            sys.stdout.write(text)
+        else:
+            storage.write_text(args.file, text)
+            print(f"wrote {len(rows)} entries to {args.file}", file=sys.stderr)
+    elif args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        for e in rows:
+            target = f"{e['model']}/{e['version']}" if e["model"] and e["version"] else e["model"] or ""
+            extra = " ".join(f"{k}={json.dumps(v, ensure_ascii=False)[:60]}" for k, v in sorted(e["fields"].items()))
+            print(f"{e['seq']:>6} {e['time']} {e['actor']:<20} {e['kind']:<20} {target:<20} {extra}")
+        if not rows:
+            print(f"no entries in {where} match")
+    return 0
+
+
+def storage_url(db_url: str) -> str:
+    from raylab.core.secrets import redact_url
+
+    return redact_url(db_url)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from raylab import config
     from raylab import serve as deploy
@@ -337,7 +428,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "run": cmd_run, "submit": cmd_submit,
-            "eval": cmd_eval, "models": cmd_models, "serve": cmd_serve,
+            "eval": cmd_eval, "models": cmd_models, "audit": cmd_audit, "serve": cmd_serve,
             "deploy": cmd_deploy, "export": cmd_export}
 
 

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 
 from raylab.config import RaylabConfig
-from raylab.core import cluster, events, runs, storage
+from raylab.core import audit, cluster, events, runs, storage
 from raylab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,25 @@ def _finish(cfg: RaylabConfig, summary: dict) -> dict:
     return summary
 
 
+def audit_summary() -> dict | None:
+    """The audit chain's state for the summary (None when the audit log is off): verified or
+    not, with the first problem `raylab audit verify` would name."""
+    settings = audit.Settings.from_env()
+    if not settings.enabled:
+        return None
+    try:
+        report = audit.verify(settings)
+    except UserError as e:
+        return {"verified": False, "error": str(e)}
+    out = {"verified": report.ok, "entries": report.entries, "checkpoints": report.checkpoints}
+    if not report.ok:
+        out["first_problem"] = report.problems[0].message
+    return out
+
+
 def _print_summary(summary: dict) -> None:
+    if "audit" not in summary:
+        summary["audit"] = audit_summary()
     log.info("\n=== summary ===")
     log.info("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stages"].items()))
     if "data" in summary:
@@ -203,5 +221,9 @@ def _print_summary(summary: dict) -> None:
             f" (gates: {summary.get('gates', 'not run')}{', promoted' if summary.get('promoted') else ''})")
     if summary.get("endpoint"):
         log.info(f"endpoint: {summary['endpoint']['url']} (model {summary['endpoint']['model']} -> {summary['endpoint']['version']})")
+    if summary.get("audit"):
+        a = summary["audit"]
+        log.info(f"audit: chain verified, {a['entries']} entries, {a['checkpoints']} signed checkpoints" if a["verified"]
+                 else f"audit: NOT verified: {a.get('first_problem') or a.get('error')} (see `raylab audit verify`)")
     for a in summary.get("smoke", [])[:1]:
         log.info(f"before/after: {a['question']}\n  base:  {a.get('base_answer')}\n  tuned: {a['answer']}\n  corpus: {a['reference']}")

@@ -1,6 +1,7 @@
 """Shared fixtures. Later stages reuse these rather than starting their own Ray.
 
-- `raylab_home` (autouse): a per-session $RAYLAB_HOME, so tests never touch ~/.raylab.
+- `raylab_home` (autouse): a per-session $RAYLAB_HOME (and audit signing key), so tests never
+  touch ~/.raylab or ~/.config/raylab.
 - `tiny_model_dir`: a tiny causal LM + byte-level tokenizer saved with save_pretrained.
 - `ray_local`: the session-wide embedded Ray (started once through raylab.cluster.connect).
 - `ray_head`: a real `ray start --head` cluster in a subprocess (for auto / HOST:PORT / ray://).
@@ -53,6 +54,9 @@ def raylab_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("raylab_home")
     old = os.environ.get("RAYLAB_HOME")
     os.environ["RAYLAB_HOME"] = str(home)
+    # The audit log's signing key lives apart from $RAYLAB_HOME (~/.config/raylab by default):
+    # a per-session one, so tests never create or use the user's key.
+    os.environ.setdefault("RAYLAB_AUDIT_KEY", str(tmp_path_factory.mktemp("audit_key") / "audit-ed25519.pem"))
     yield home
     if old is None:
         os.environ.pop("RAYLAB_HOME", None)

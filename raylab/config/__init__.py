@@ -26,6 +26,7 @@ from raylab.config.data import (
     ValidationConfig,
 )
 from raylab.config.evaluate import EvalConfig
+from raylab.config.governance import AuditConfig, GovernanceConfig
 from raylab.config.loading import (
     env_refs,
     load,
@@ -49,7 +50,7 @@ from raylab.errors import ConfigError
 
 __all__ = [
     "SCHEMA_VERSION", "ENV_REF", "AshaConfig", "AutoscalingConfig", "CleanConfig", "ConfigError", "DataConfig",
-    "DedupConfig", "EvalConfig", "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "HttpSource",
+    "AuditConfig", "DedupConfig", "EvalConfig", "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
     "LoraConfig", "ModelConfig", "PiiConfig", "PretrainConfig", "RayConfig", "RaylabConfig", "RegistryConfig",
     "SearchDim", "Section", "ServeConfig", "Source", "SqlSource", "TrainConfig", "TuneConfig", "ValidationConfig",
     "env_refs", "expand_env", "load", "load_dict", "load_text", "parse_yaml", "read_yaml", "to_yaml", "write_resolved",

@@ -8,6 +8,7 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from raylab.config.data import DataConfig
 from raylab.config.evaluate import EvalConfig
+from raylab.config.governance import GovernanceConfig
 from raylab.config.model import ModelConfig
 from raylab.config.ray import RayConfig
 from raylab.config.registry import RegistryConfig
@@ -35,6 +36,8 @@ class RaylabConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow runs, versions, gates")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="batch evaluation")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="the OpenAI-compatible endpoint")
+    governance: GovernanceConfig = Field(default_factory=GovernanceConfig,
+                                         description="the control-plane database and the audit log")
 
     _source: str | None = PrivateAttr(None)
 

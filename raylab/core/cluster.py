@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from raylab.core import audit
 from raylab.errors import RunFailed, UserError
 
 if TYPE_CHECKING:  # core takes a config but imports no config module (it is the lowest layer)
@@ -67,6 +68,8 @@ def process_env(cfg: RaylabConfig | None) -> dict[str, str]:
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if os.environ.get("RAYLAB_HOME"):  # workers materialise presets where the driver does
         env["RAYLAB_HOME"] = os.environ["RAYLAB_HOME"]
+    # governance.database and governance.audit: workers' events join their driver's audit chain.
+    env.update(audit.process_env(cfg))
     return env
 
 

@@ -5,7 +5,8 @@
         ...
     events.read(Run(output_dir).events)                    # the run's events, oldest first
 
-An event is `{time, kind, actor, run, model, version, fields}` (DESIGN.md). It is appended as
+An event is `{time, kind, actor, actor_kind, run, model, version, fields}` (DESIGN.md; `actor_kind`
+is `os-user` for the user@host in `actor`, room for an API identity later). It is appended as
 one JSON line to the run's `events.jsonl` (when the change belongs to a run) and to
 `$RAYLAB_HOME/events/<date>.jsonl` (always). Kinds: stage.start, stage.end, stage.failure,
 registry.register, registry.gate, registry.promote, registry.rollback, serve.start,
@@ -15,8 +16,11 @@ damaged and fell back to an older one).
 One writer per cluster: while this process is connected to Ray, events go to a named actor
 (`WRITER`, no CPU, one call at a time), so drivers, trial drivers, Train workers and Serve
 replicas never interleave half lines in a file; without Ray (`raylab models promote`) the
-process appends itself, under a file lock. The governance layer will chain these events into
-a tamper-evident audit log at the same place (`_append`).
+process appends itself, under a file lock. The same writer appends each event to the
+tamper-evident audit log (raylab/core/audit/: a hash chain in the control-plane database, with
+signed checkpoints) before its JSON lines, unless governance.audit.enabled is false
+($RAYLAB_AUDIT=0). An event the audit log cannot take (its database unreachable) raises: no
+state change is recorded without its audit entry.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def event(kind: str, *, run: str | None = None, model: str | None = None, versio
     if kind not in KINDS:
         raise ValueError(f"unknown event kind {kind!r}; expected one of {KINDS}")
     now = datetime.datetime.now(datetime.timezone.utc)
-    return {"time": now.isoformat(timespec="milliseconds"), "kind": kind, "actor": actor(),
+    return {"time": now.isoformat(timespec="milliseconds"), "kind": kind, "actor": actor(), "actor_kind": "os-user",
             "run": run, "model": model, "version": None if version is None else str(version), "fields": fields}
 
 
@@ -67,14 +71,29 @@ def emit(kind: str, *, run: str | None = None, model: str | None = None, version
     """Record one state change (see the module docstring); returns the event."""
     record = event(kind, run=run, model=model, version=version, **fields)
     targets = _targets(record)
+    chain = _audit_settings()
     writer = _writer()
     if writer is None:
-        _append(record, targets)
+        _append(record, targets, chain)
     else:
         import ray
 
-        ray.get(writer.write.remote(record, targets), timeout=60)
+        ray.get(writer.write.remote(record, targets, chain), timeout=60)
     return record
+
+
+def _audit_settings():
+    """This process's audit settings (None when the audit log is off). The signing key is
+    created here on first use, so its message reaches this process's console, not the
+    writer actor's log."""
+    from raylab.core import audit
+
+    settings = audit.Settings.from_env()
+    if not settings.enabled:
+        return None
+    if not settings.kms_key:
+        audit.ensure_key(settings.key)
+    return settings
 
 
 @contextlib.contextmanager
@@ -106,7 +125,11 @@ def _targets(record: dict) -> list[str]:
     return out
 
 
-def _append(record: dict, targets: list[str]) -> None:
+def _append(record: dict, targets: list[str], chain=None) -> None:
+    if chain is not None:
+        from raylab.core import audit
+
+        audit.append(record, chain)
     line = json.dumps(record, sort_keys=True, default=str) + "\n"
     for location in targets:
         with _locked(location):
@@ -136,8 +159,8 @@ def _locked(location: str) -> Iterator[None]:
 class Writer:
     """The cluster's event writer (a named Ray actor, one call at a time)."""
 
-    def write(self, record: dict, targets: list[str]) -> None:
-        _append(record, targets)
+    def write(self, record: dict, targets: list[str], chain=None) -> None:
+        _append(record, targets, chain)
 
 
 _handles: dict[str, object] = {}  # cluster (GCS address) -> the writer's handle

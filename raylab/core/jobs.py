@@ -61,7 +61,8 @@ if TYPE_CHECKING:
 # Settings a run reads from the environment, carried to the job when set here.
 CARRIED = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-           "HF_TOKEN", "HF_HUB_OFFLINE")
+           "HF_TOKEN", "HF_HUB_OFFLINE", "RAYLAB_DATABASE_URL", "RAYLAB_AUDIT", "RAYLAB_AUDIT_CHECKPOINTS",
+           "RAYLAB_AUDIT_KMS_KEY")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 CONFIG_ENV = "RAYLAB_JOB_CONFIG"  # a config that travels as YAML text: `raylab run --config-env CONFIG_ENV`
 MAX_CONFIG_ENV = 100_000  # bytes; Linux refuses a single environment string over 128 KiB

@@ -191,6 +191,28 @@ class Home:
         """Every state change on this machine, a JSON-lines file per day (core/events.py)."""
         return self.root / "events"
 
+    @property
+    def control_db(self) -> Path:
+        """The default control-plane database (core/controldb.py): the audit log, later identities."""
+        return self.root / "raylab.db"
+
+    @property
+    def audit_checkpoints(self) -> Path:
+        """Where signed audit checkpoints go by default (core/audit/)."""
+        return self.root / "audit" / "checkpoints"
+
+
+def audit_key_default() -> Path:
+    """The audit signing key's default path: under the user's config directory, not
+    $RAYLAB_HOME, so the key does not sit beside the database it protects."""
+    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config_home).expanduser() / "raylab" / "audit-ed25519.pem"
+
+
+def audit_checkpoint(location: str, length: int) -> str:
+    """One signed checkpoint file: named by the chain length it covers, so names sort."""
+    return _join(location, f"{length:012d}.json")
+
 
 def home() -> Home:
     """`$RAYLAB_HOME` as it is set now (tests and workers set it per process)."""

@@ -132,6 +132,40 @@ def append_text(location: str, text: str) -> str:
     return write_text(location, before + text)
 
 
+def list_files(location: str, suffix: str = "") -> list[str]:
+    """The files directly under a directory (local or URI) whose names end with `suffix`,
+    sorted by name; [] when the directory does not exist."""
+    from pyarrow import fs
+
+    fsys, path = filesystem(location)
+    if fsys.get_file_info(path).type == fs.FileType.NotFound:
+        return []
+    infos = fsys.get_file_info(fs.FileSelector(path, recursive=False))
+    names = sorted(i.base_name for i in infos if i.type == fs.FileType.File and i.base_name.endswith(suffix))
+    return [join(location, n) for n in names]
+
+
+def create_private_file(path: str, data: bytes) -> bool:
+    """Create a local file readable only by its owner (0600, its directory 0700) holding
+    `data`, atomically: a temporary file is linked into place, so a concurrent reader never
+    sees a half-written file. Returns False (and leaves the file alone) when it exists."""
+    path = local_path(path)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails when the file exists: the first creator wins
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
+
+
 def sha256(location: str) -> str:
     """The file's sha256, streamed."""
     import hashlib

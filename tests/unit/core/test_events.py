@@ -22,7 +22,7 @@ def home(tmp_path, monkeypatch):
 def test_an_event_lands_in_the_run_and_in_home(home, tmp_path):
     run = str(tmp_path / "run")
     record = events.emit("registry.promote", run=run, model="acme", version=3, reason="gates passed")
-    assert set(record) == {"time", "kind", "actor", "run", "model", "version", "fields"}
+    assert set(record) == {"time", "kind", "actor", "actor_kind", "run", "model", "version", "fields"}
     assert record["actor"].startswith("ada@") and record["version"] == "3"
     (in_run,) = events.read(runs.Run(run).events)
     (in_home,) = events.read(str(next((home / "events").glob("*.jsonl"))))

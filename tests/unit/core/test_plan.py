@@ -116,12 +116,15 @@ def test_process_env_is_explicit_about_auth_and_telemetry(monkeypatch):
     env = cluster.process_env(config.load_dict(BASE, ["offline=true"]))
     monkeypatch.delenv("RAY_DATA_LOG_LEVEL", raising=False)
     monkeypatch.setenv("RAYLAB_HOME", "/srv/raylab")
+    monkeypatch.setenv("RAYLAB_AUDIT_KEY", "/srv/keys/audit.pem")  # the audit settings pass through too
     env = cluster.process_env(config.load_dict(BASE, ["offline=true"]))
     assert env == {
         "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
         "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "RAY_DATA_LOG_LEVEL": "WARNING",
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAYLAB_HOME": "/srv/raylab",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAYLAB_HOME": "/srv/raylab", "RAYLAB_AUDIT_KEY": "/srv/keys/audit.pem",
     }
+    governed = cluster.process_env(config.load_dict(BASE, ["governance.database=sqlite:////srv/raylab.db"]))
+    assert governed["RAYLAB_DATABASE_URL"] == "sqlite:////srv/raylab.db"
     assert cluster.process_env(config.load_dict(BASE, ["ray.auth=disabled"]))["RAY_AUTH_MODE"] == "disabled"
     monkeypatch.setenv("RAY_AUTH_MODE", "bogus")
     with pytest.raises(UserError, match="RAY_AUTH_MODE='bogus'"):

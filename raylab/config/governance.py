@@ -1,0 +1,66 @@
+"""The `governance:` section: the control-plane database and the audit log.
+
+    governance:
+      database: ${env:RAYLAB_PG}        # default $RAYLAB_DATABASE_URL, else SQLite at $RAYLAB_HOME/raylab.db
+      audit:
+        signing_key: /etc/raylab/audit-ed25519.pem   # apart from the database (README: Audit log)
+        checkpoints: s3://audit-bucket/raylab/checkpoints
+
+Other governance keys (encryption, card, allow_remote) join this section in their own
+sub-models; the audit log and the database are described in raylab/core/audit/.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, field_validator
+
+from raylab.config.types import PathOrUri, Section
+
+DATABASE_SCHEMES = re.compile(r"^(sqlite:///|postgres(ql)?(\+psycopg2)?://|\$\{env:)")
+
+
+class AuditConfig(Section):
+    """The tamper-evident audit log of every state change (`raylab audit verify|log|export`)."""
+
+    enabled: bool = Field(True, description="append every state change to the hash-chained audit log; "
+                          "default $RAYLAB_AUDIT (0 turns it off), else on")
+    signing_key: PathOrUri | None = Field(
+        None, description="Ed25519 private key (PEM, mode 0600) that signs checkpoints, created on first use; "
+                          "default $RAYLAB_AUDIT_KEY, else ~/.config/raylab/audit-ed25519.pem. Keep it apart "
+                          "from the database: whoever can read it can forge a consistent chain")
+    checkpoints: PathOrUri | None = Field(
+        None, description="where signed checkpoints (head hash, length) are written: a directory or URI (s3://); "
+                          "default $RAYLAB_AUDIT_CHECKPOINTS, else $RAYLAB_HOME/audit/checkpoints")
+
+    kms_key: str | None = Field(
+        None, description="an AWS KMS key (id, ARN or alias/NAME; KeySpec ECC_NIST_P256, KeyUsage SIGN_VERIFY) "
+                          "that signs checkpoints instead of signing_key, so no private key is on disk; needs "
+                          "boto3 (the `s3` extra) and AWS credentials; default $RAYLAB_AUDIT_KMS_KEY")
+
+    @field_validator("signing_key")
+    @classmethod
+    def _local_key(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not value.startswith("file://"):
+            raise ValueError(f"the signing key must be a local file (got {value!r}); "
+                             "a key in an object store beside the data defeats its purpose")
+        return value
+
+
+class GovernanceConfig(Section):
+    """raylab's own records (the control-plane database) and the audit log."""
+
+    database: str | None = Field(
+        None, description="control-plane database URL: sqlite:///FILE or postgresql://... (psycopg2, the "
+                          "`postgres` extra); a ${env:NAME} reference for one with a password; default "
+                          "$RAYLAB_DATABASE_URL, else SQLite at $RAYLAB_HOME/raylab.db")
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit log")
+
+    @field_validator("database")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is not None and not DATABASE_SCHEMES.match(value):
+            raise ValueError(f"expected sqlite:///FILE, postgresql://USER@HOST/DB or a ${{env:NAME}} reference, "
+                             f"got {value.split('://', 1)[0]}://...")
+        return value

@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
 
     v = verb("validate", "check a config and report every problem", "required")
     v.add_argument("--print", action="store_true", dest="print_config", help="print the resolved config")
+    v.add_argument("--offline-check", action="store_true",
+                   help="check the config and the resource plan only, not the world it names (data files, the model's "
+                        "config and module names, referenced files, the Ray address)")
     d = verb("doctor", "versions, cluster, GPUs, threads and the resource plan", "optional")
     d.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     da = verb("data", "data stage: read, validate, quarantine; write records and the manifest", "required")
@@ -133,13 +136,22 @@ def _split(args: argparse.Namespace, required: bool) -> tuple[str | None, list[s
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from raylab import config
-    from raylab.core import plan
+    from raylab.core import cluster, plan
+    from raylab.errors import ConfigError
 
     path, overrides = _split(args, required=True)
     cfg = config.load(path, overrides)
+    cluster.apply_offline(cfg)  # before anything below loads a model config from the hub
+    problems = []
     nodes = plan.planned_nodes(cfg)
     if nodes is not None:  # embedded Ray: its capacity is known without starting it
-        plan.check_plan(plan.make_plan(cfg, nodes))
+        problems += [f"the resource plan does not fit the cluster: {p}" for p in plan.make_plan(cfg, nodes).problems()]
+    if not args.offline_check:
+        from raylab import world
+
+        problems += world.problems(cfg)
+    if problems:
+        raise ConfigError(path, problems)
     if args.print_config:
         print(config.to_yaml(cfg), end="")
     missing = [(key, name) for key, name in config.env_refs(cfg) if name not in os.environ]
@@ -157,11 +169,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from raylab import config, models
-    from raylab.core import doctor
+    from raylab.core import cluster, doctor
 
     path, overrides = _split(args, required=False)
     cfg = config.load(path, overrides) if path else None
-    return doctor.run(cfg, args.address, models.describe(cfg.model) if cfg is not None else [])
+    cluster.apply_offline(cfg)  # `offline: true` holds for the model description too
+    lines = models.describe(cfg.model, gpus_per_worker=cfg.train.gpus_per_worker) if cfg is not None else []
+    return doctor.run(cfg, args.address, lines)
 
 
 def cmd_data(args: argparse.Namespace) -> int:

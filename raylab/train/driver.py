@@ -308,6 +308,7 @@ def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float) -> dict:
                "initial_val_loss": state["history"][0].get("val_loss")},
             best_checkpoint=best[0].path if best else None, latest_checkpoint=result.checkpoint.path,
             train_seconds=round(seconds, 1), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            dtype=state.get("dtype") or None, precision=state.get("precision") or None,
         )
         runs.write_json(runs.model_file(staging, runs.TRAIN_META), meta)
         storage.copy_dir(staging, run.train_final)

@@ -119,7 +119,7 @@ def test_process_env_is_explicit_about_auth_and_telemetry(monkeypatch):
     env = cluster.process_env(config.load_dict(BASE, ["offline=true"]))
     assert env == {
         "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-        "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "RAY_DATA_LOG_LEVEL": "WARNING",
+        "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_DATA_LOG_LEVEL": "WARNING",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAYLAB_HOME": "/srv/raylab",
     }
     assert cluster.process_env(config.load_dict(BASE, ["ray.auth=disabled"]))["RAY_AUTH_MODE"] == "disabled"

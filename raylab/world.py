@@ -99,7 +99,7 @@ def _files(cfg: RaylabConfig) -> list[str]:
 
 
 def _ray(cfg: RaylabConfig) -> list[str]:
-    found = [address_problem(cfg.ray.address, "ray.address"), address_problem(os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")]
+    found = [address_problem(cfg.ray.address, "ray.address"), address_problem(os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS")]
     return [p for p in found if p]
 
 

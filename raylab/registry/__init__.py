@@ -17,9 +17,16 @@ fetches by several serve replicas land in one cache by atomic rename.
 from __future__ import annotations
 
 from raylab.registry.aliases import alias_history, promote, rollback, user
-from raylab.registry.store import PREVIOUS, PRODUCTION, Store, locate, model_name, open_store
 from raylab.registry.live import LiveRun
-from raylab.registry.tracking import experiment_id, flatten, log_run, open_train_run, track_sweep, track_train
+from raylab.registry.store import PREVIOUS, PRODUCTION, Store, locate, model_name, open_store
+from raylab.registry.tracking import (
+    experiment_id,
+    flatten,
+    log_run,
+    open_train_run,
+    track_sweep,
+    track_train,
+)
 from raylab.registry.versions import (
     LINEAGE,
     IntegrityError,

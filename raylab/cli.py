@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("run", metavar="RUN", help="run directory, its train/final/, its config file, or a registry NAME/VERSION or NAME@ALIAS")
     ex.add_argument("out", metavar="OUT", help="new directory to write")
     ex.add_argument("--merge", action="store_true", help="merge the adapter into the base model (full precision)")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="write the (merged or full) model's weights in this dtype; default: as trained (float32)")
     return p
 
 
@@ -346,7 +348,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from raylab import models
 
-    models.export(args.run, args.out, merge=args.merge)
+    models.export(args.run, args.out, merge=args.merge, dtype=args.dtype)
     return 0
 
 

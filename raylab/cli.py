@@ -68,8 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--input", help="JSONL prompts to answer instead of the held-out split")
     ev.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     _models_parser(sub)
-    sv = verb("serve", "serve a registry version: OpenAI-compatible Ray Serve endpoint (foreground)", "optional")
-    sv.add_argument("--model", help="REF to serve (NAME@ALIAS or NAME/VERSION); default <registry.model_name>@production")
+    sv = verb("serve", "serve a registry version or a plain model: OpenAI-compatible Ray Serve endpoint (foreground)",
+              "optional")
+    sv.add_argument("--model", help="REF to serve (NAME@ALIAS or NAME/VERSION; default <registry.model_name>@production), "
+                                    "or a Hugging Face model directory, exported model or hub id, served as it is "
+                                    "with no registry entry")
     sv.add_argument("--detach", action="store_true", help="return once it is up (needs a running cluster)")
     sv.add_argument("--emit-config", metavar="FILE", help="only write the `serve deploy` / RayService config to FILE")
     sv.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")

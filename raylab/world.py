@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 from raylab import data, models
 from raylab.config import RaylabConfig
+from raylab.core import runs
 from raylab.errors import UserError
 
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)$")
@@ -112,7 +112,7 @@ def _output(cfg: RaylabConfig) -> list[str]:
 
 def _model(cfg: RaylabConfig) -> list[str]:
     m = cfg.model
-    if m.name_or_path.startswith("/") and os.path.isdir(m.name_or_path) and not Path(m.name_or_path, "config.json").exists():
+    if m.name_or_path.startswith("/") and os.path.isdir(m.name_or_path) and not os.path.exists(runs.model_file(m.name_or_path, runs.MODEL_CONFIG)):
         return [f"model.name_or_path: {m.name_or_path} has no config.json; expected a directory written by "
                 "save_pretrained (or raylab export), a hub id, or preset:NAME"]
     try:

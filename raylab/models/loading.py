@@ -179,8 +179,12 @@ def skeleton(cfg: ModelConfig, config=None):
     from transformers import AutoModelForCausalLM
 
     config = config if config is not None else load_config(cfg)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except ValueError as e:  # a config no causal-LM class takes (an encoder, a vision model)
+        raise UserError(f"model.name_or_path: {cfg.name_or_path} is a {config.model_type} model, not a causal "
+                        f"language model raylab can fine-tune ({e})") from None
 
 
 def describe(cfg: ModelConfig, gpus_per_worker: float = 0.0) -> list[str]:

@@ -19,14 +19,16 @@ import re
 
 from raylab import data, models
 from raylab.config import RaylabConfig
-from raylab.core import runs
+from raylab.core import cluster, runs
 from raylab.errors import UserError
 
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)$")
 
 
 def problems(cfg: RaylabConfig) -> list[str]:
-    """Every problem found between `cfg` and the world, one line each, naming its key."""
+    """Every problem found between `cfg` and the world, one line each, naming its key.
+    `offline: true` holds before the model's config is looked for (no hub retries)."""
+    cluster.apply_offline(cfg)
     return _sources(cfg) + _files(cfg) + _ray(cfg) + _output(cfg) + _model(cfg)
 
 

@@ -29,7 +29,7 @@ def test_metrics_reach_mlflow_while_the_run_goes(learn_data, tmp_path):
     out = tmp_path / "live"
     shutil.copytree(reference / "data", out / "data")
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    raw = base_config(out, corpus)
+    raw = base_config(out, corpus, max_steps=8, eval_every=4, log_every=2)  # the run's length is not the point
     raw["registry"] = {"tracking_uri": uri, "model_name": NAME, "live_interval_s": 0.2, "system_metrics": True}
     cfg = config.load_dict(raw)
     seen_file = tmp_path / "seen.json"

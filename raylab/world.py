@@ -118,6 +118,22 @@ def _model(cfg: RaylabConfig) -> list[str]:
         return [f"model.name_or_path: {m.name_or_path} has no config.json; expected a directory written by "
                 "save_pretrained (or raylab export), a hub id, or preset:NAME"]
     try:
-        return models.training_problems(m, cfg.data.max_seq_len, cfg.train.gpus_per_worker)
+        found = models.training_problems(m, cfg.data.max_seq_len, cfg.train.gpus_per_worker)
     except UserError as e:  # the model does not resolve: its other checks cannot run
         return [str(e)]
+    return found + _swept_modules(cfg)
+
+
+def _swept_modules(cfg: RaylabConfig) -> list[str]:
+    """A sweep's `model.lora.target_modules` choices, each checked like the config's own."""
+    key = "model.lora.target_modules"
+    dim = cfg.tune.search_space.get(key) if cfg.tune is not None else None
+    if dim is None or not dim.choice or cfg.model.method == "full":
+        return []
+    out = []
+    for i, choice in enumerate(dim.choice):
+        trial = cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"target_modules": choice})})
+        for line in models.training_problems(trial, cfg.data.max_seq_len, cfg.train.gpus_per_worker):
+            if line.startswith(key + ":"):
+                out.append(f"tune.search_space.{key}.choice.{i}:" + line.removeprefix(key + ":"))
+    return out

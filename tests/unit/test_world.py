@@ -61,6 +61,13 @@ def test_each_problem_names_its_key(overrides, key, detail):
     assert found[0].startswith(key.split(" ")[0]) and key in found[0] and detail in found[0], found[0]
 
 
+def test_a_sweeps_target_module_choices_are_checked_too():
+    found = world.problems(load("tune.search_space={model.lora.target_modules: {choice: [[q_proj, v_proj], [c_attn]]}}"))
+    assert found == [f"tune.search_space.model.lora.target_modules.choice.1: the model has no module named ['c_attn']; "
+                     f"its module names include {found[0].split('include ', 1)[1]}"], found
+    assert world.problems(load("tune.search_space={model.lora.target_modules: {choice: [[q_proj], [all-linear]]}}")) == []
+
+
 def test_a_good_address_is_not_a_problem(monkeypatch):
     for address in ("auto", "local", "127.0.0.1:6379", "ray://head-0.acme.internal:10001", "[::1]:6379"):
         assert world.address_problem(address, "ray.address") is None, address

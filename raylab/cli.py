@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
 
     v = verb("validate", "check a config and report every problem", "required")
     v.add_argument("--print", action="store_true", dest="print_config", help="print the resolved config")
+    v.add_argument("--offline-check", action="store_true",
+                   help="check the config and the resource plan only, not the world it names (data files, the model's "
+                        "config and module names, referenced files, the Ray address)")
     d = verb("doctor", "versions, cluster, GPUs, threads and the resource plan", "optional")
     d.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     da = verb("data", "data stage: read, validate, quarantine; write records and the manifest", "required")
@@ -66,8 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     _models_parser(sub)
     _audit_parser(sub)
-    sv = verb("serve", "serve a registry version: OpenAI-compatible Ray Serve endpoint (foreground)", "optional")
-    sv.add_argument("--model", help="REF to serve (NAME@ALIAS or NAME/VERSION); default <registry.model_name>@production")
+    sv = verb("serve", "serve a registry version or a plain model: OpenAI-compatible Ray Serve endpoint (foreground)",
+              "optional")
+    sv.add_argument("--model", help="REF to serve (NAME@ALIAS or NAME/VERSION; default <registry.model_name>@production), "
+                                    "or a Hugging Face model directory, exported model or hub id, served as it is "
+                                    "with no registry entry")
     sv.add_argument("--detach", action="store_true", help="return once it is up (needs a running cluster)")
     sv.add_argument("--emit-config", metavar="FILE", help="only write the `serve deploy` / RayService config to FILE")
     sv.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
@@ -81,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("run", metavar="RUN", help="run directory, its train/final/, its config file, or a registry NAME/VERSION or NAME@ALIAS")
     ex.add_argument("out", metavar="OUT", help="new directory to write")
     ex.add_argument("--merge", action="store_true", help="merge the adapter into the base model (full precision)")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="write the (merged or full) model's weights in this dtype; default: as trained (float32)")
     return p
 
 
@@ -163,13 +171,22 @@ def _split(args: argparse.Namespace, required: bool) -> tuple[str | None, list[s
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from raylab import config
-    from raylab.core import plan
+    from raylab.core import cluster, plan
+    from raylab.errors import ConfigError
 
     path, overrides = _split(args, required=True)
     cfg = config.load(path, overrides)
+    cluster.apply_offline(cfg)  # before anything below loads a model config from the hub
+    problems = []
     nodes = plan.planned_nodes(cfg)
     if nodes is not None:  # embedded Ray: its capacity is known without starting it
-        plan.check_plan(plan.make_plan(cfg, nodes))
+        problems += [f"the resource plan does not fit the cluster: {p}" for p in plan.make_plan(cfg, nodes).problems()]
+    if not args.offline_check:
+        from raylab import world
+
+        problems += world.problems(cfg)
+    if problems:
+        raise ConfigError(path, problems)
     if args.print_config:
         print(config.to_yaml(cfg), end="")
     missing = [(key, name) for key, name in config.env_refs(cfg) if name not in os.environ]
@@ -187,11 +204,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from raylab import config, models
-    from raylab.core import doctor
+    from raylab.core import cluster, doctor
 
     path, overrides = _split(args, required=False)
     cfg = config.load(path, overrides) if path else None
-    return doctor.run(cfg, args.address, models.describe(cfg.model) if cfg is not None else [])
+    cluster.apply_offline(cfg)  # `offline: true` holds for the model description too
+    lines = models.describe(cfg.model, gpus_per_worker=cfg.train.gpus_per_worker) if cfg is not None else []
+    return doctor.run(cfg, args.address, lines)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -423,7 +442,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from raylab import models
 
-    models.export(args.run, args.out, merge=args.merge)
+    models.export(args.run, args.out, merge=args.merge, dtype=args.dtype)
     return 0
 
 

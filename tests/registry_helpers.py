@@ -36,7 +36,7 @@ def fake_final(tmp_path: Path, name: str) -> Path:
 
 META = {"identity": "abc", "base_model": "preset:tiny-llama", "method": "lora", "data_manifest_hash": "d1",
         "config_hash": "c1", "code_version": "raylab test", "trained_tokens": 1234, "estimated_training_flops": 5.5e9,
-        "steps": 24, "world_size": 1, "metrics": {"val_loss": 2.5}}
+        "steps": 24, "world_size": 1, "dtype": "float32", "precision": "float32", "metrics": {"val_loss": 2.5}}
 
 
 def register(store, tmp_path, n: int, gates: str = "passed", final: Path | None = None):

@@ -49,3 +49,7 @@ class RegistryConfig(Section):
                                    description="the registered model's name in MLflow; default: the run name")
     gates: GatesConfig = Field(default_factory=GatesConfig, description="promotion gates, stored with each version")
     auto_promote: bool = Field(False, description="`raylab run` promotes a version that passes its gates")
+    live_interval_s: float = Field(10.0, ge=0, description="seconds between the batches of training metrics the train "
+                                   "driver sends to MLflow while a run goes; 0: only when it ends")
+    system_metrics: bool = Field(True, description="while training, also log the driver node's CPU, memory, disk and "
+                                 "network (GPU with pynvml) as MLflow system/* metrics; needs psutil")

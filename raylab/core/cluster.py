@@ -61,7 +61,7 @@ def process_env(cfg: RaylabConfig | None) -> dict[str, str]:
     env = dict(TELEMETRY_ENV)
     env["RAY_AUTH_MODE"] = auth_mode(cfg)
     if cfg is not None and cfg.offline:
-        env["HF_HUB_OFFLINE"] = "1"
+        env |= OFFLINE_ENV
     # Ray Data's per-dataset INFO lines from every split coordinator drown the progress line.
     env["RAY_DATA_LOG_LEVEL"] = os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING")
     # Ray Train's print patch echoes each worker print twice on the driver's console.
@@ -73,9 +73,27 @@ def process_env(cfg: RaylabConfig | None) -> dict[str, str]:
     return env
 
 
+# `offline: true`: the hub libraries read these at import, and transformers asks the hub's.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def apply_offline(cfg: RaylabConfig | None) -> None:
+    """`offline: true` for this process, before any model or tokenizer loads (validate and
+    doctor too, which would otherwise spend most of a minute retrying an unreachable hub).
+    huggingface_hub reads the variable when first imported, so an already imported one is
+    switched as well."""
+    if cfg is None or not cfg.offline:
+        return
+    os.environ.update(OFFLINE_ENV)
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
 def apply_process_env(cfg: RaylabConfig | None) -> dict[str, str]:
     env = process_env(cfg)
     os.environ.update(env)
+    apply_offline(cfg)
     if "ray._raylet" in sys.modules:
         # Ray caches its config (auth mode included) when first imported; re-read it as
         # Ray's own token setup does, or a token-mode GCS starts without a token and hangs.

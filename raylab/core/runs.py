@@ -299,6 +299,8 @@ class TrainMeta(Output):
     latest_checkpoint: str
     train_seconds: float
     created: str
+    dtype: str | None = None  # the base weights' dtype on the workers (model.dtype resolved there)
+    precision: str | None = None  # bf16 autocast, or the weights' dtype
 
 
 class SweepResult(Output):

@@ -10,6 +10,13 @@ contract), stats (counts and token statistics).
 
 from __future__ import annotations
 
+from raylab.data.sources import FILE_DATASOURCES, listing
 from raylab.data.stage import run_data
 
-__all__ = ["run_data"]
+
+def extensions(source_type: str) -> list[str]:
+    """The file extensions a file source of `source_type` reads (empty: any)."""
+    return list(FILE_DATASOURCES[source_type]._FILE_EXTENSIONS or [])
+
+
+__all__ = ["extensions", "listing", "run_data"]

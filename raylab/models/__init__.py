@@ -29,6 +29,8 @@ from raylab.models.inference import (
 )
 from raylab.models.inference import tokenizer as load_saved_tokenizer
 from raylab.models.loading import (
+    checkpoint_dtype,
+    choose_dtype,
     describe,
     fingerprint,
     load_config,
@@ -36,6 +38,8 @@ from raylab.models.loading import (
     load_tokenizer,
     max_positions,
     resolve,
+    resolved_dtype,
+    skeleton,
     torch_dtype,
 )
 from raylab.models.methods import apply_method, load_for_training, training_problems
@@ -48,9 +52,9 @@ from raylab.models.presets import (
 )
 
 __all__ = [
-    "DEFAULT_CHAT_TEMPLATE", "PRESETS", "Inference", "apply_method", "base_of", "build_byte_tokenizer", "build_tiny_model",
+    "DEFAULT_CHAT_TEMPLATE", "PRESETS", "Inference", "apply_method", "checkpoint_dtype", "choose_dtype", "base_of", "build_byte_tokenizer", "build_tiny_model",
     "check_messages", "describe", "export", "final_dir", "fingerprint", "greedy", "identify", "is_adapter", "is_registry_ref",
     "left_pad", "load", "load_config", "load_for_training", "load_inference", "load_model", "load_saved_tokenizer", "load_tokenizer",
-    "locate", "materialize_preset", "max_positions", "prompt_ids", "resolve", "torch_dtype", "trained_from",
+    "locate", "materialize_preset", "max_positions", "prompt_ids", "resolve", "resolved_dtype", "skeleton", "torch_dtype", "trained_from",
     "training_problems",
 ]

@@ -2,6 +2,7 @@
 
     raylab export runs/quickstart --merge exported/acme      # adapter merged into the base
     raylab export runs/quickstart exported/acme-adapter      # the adapter as trained
+    raylab export acme-assistant@production --merge out/ --dtype bfloat16   # a registry version, bf16 weights
 
 RUN is a run directory (its train/final/ is used), a train/final/ directory itself, a
 config file (its output_dir), or a registry version NAME/VERSION or NAME@ALIAS (fetched with
@@ -38,24 +39,38 @@ def final_dir(run: str, store: registry.Store | None = None) -> Path:
                     "or a registry version NAME/VERSION or NAME@ALIAS")
 
 
-def export(run: str, out: str, merge: bool = False, store: registry.Store | None = None) -> Path:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export(run: str, out: str, merge: bool = False, store: registry.Store | None = None, dtype: str | None = None) -> Path:
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     src = final_dir(run, store)
     dst = Path(out).expanduser().resolve()
     if dst.exists() and any(dst.iterdir()):
         raise UserError(f"export target {dst} exists and is not empty; choose a new directory")
     adapter = (src / runs.ADAPTER_CONFIG).exists()
-    if not merge or not adapter:
+    if adapter and not merge and dtype is not None:
+        raise UserError(f"--dtype {dtype}: {run} is an adapter; its dtype follows the base it is loaded onto. Add --merge "
+                        "to write a merged model in that dtype")
+    if dtype is None and (not merge or not adapter):
         storage.copy_dir(str(src), str(dst))
         log.info(f"export: copied {'adapter' if adapter else 'full model'} {src} -> {dst}")
         return dst
     inf = load(str(src), dtype="float32")  # src is a local directory here: the adapter onto its base
-    base_path = inf.base
-    merged = inf.model.merge_and_unload()
-    storage.save_pretrained(merged, str(dst), safe_serialization=True)
+    model = inf.model.merge_and_unload() if adapter else inf.model
+    if dtype is not None:
+        import torch
+
+        model = model.to(getattr(torch, dtype))
+    storage.save_pretrained(model, str(dst), safe_serialization=True)
     storage.save_pretrained(inf.tokenizer, str(dst))
     meta_path = src / runs.TRAIN_META
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if adapter:  # what it was trained from, for `identify` (a registered adapter may carry no metadata)
+        meta.setdefault("base_model", inf.base)
+    extra = {"merged_from": str(src), "merged_base": inf.base} if adapter else {"exported_from": str(src)}
     storage.write_text(str(dst / runs.TRAIN_META),
-                       json.dumps(meta | {"merged_from": str(src), "merged_base": base_path}, indent=2) + "\n")
-    log.info(f"export: merged {src} into {base_path} -> {dst}")
+                       json.dumps(meta | extra | {"export_dtype": dtype or "float32"}, indent=2) + "\n")
+    log.info(f"export: {'merged ' + str(src) + ' into ' + inf.base if adapter else str(src)} -> {dst} ({dtype or 'float32'})")
     return dst

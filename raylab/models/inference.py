@@ -142,10 +142,15 @@ def load_inference(path: str, tokenizer_path: str | None = None, dtype: str = "f
 
 
 def tokenizer(path: str):
-    """A saved tokenizer (with its chat template), padding with end-of-sequence if it has no pad."""
+    """A saved tokenizer (with its chat template: its own, else raylab's default, as for
+    training), padding with end-of-sequence if it has no pad."""
     from transformers import AutoTokenizer
 
+    from raylab.models.presets import DEFAULT_CHAT_TEMPLATE
+
     tok = AutoTokenizer.from_pretrained(path)
+    if not tok.chat_template:  # a plain base model served as it is (`raylab serve --model DIR`)
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

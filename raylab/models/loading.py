@@ -60,22 +60,71 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def torch_dtype(name: str):
+    """The torch dtype of an explicit name; `auto` here (a caller that did not resolve it
+    with `choose_dtype`, e.g. an inference load on CPU) is float32."""
     import torch
 
     if name == "auto":
-        return torch.float32  # CPU-safe; the train stage picks bf16 autocast where supported
+        return torch.float32
     return getattr(torch, name)
 
 
-def load_model(cfg: ModelConfig, dtype: str | None = None, **extra: Any):
-    """The causal LM through `AutoModelForCausalLM.from_pretrained`, whatever its source."""
+HALF = ("bfloat16", "float16")
+# Why `auto` is float32 on CPU even for a bf16 checkpoint: CPU matmuls in bf16/fp16 are
+# several times slower than fp32 without AMX/AVX512-BF16, and some ops have no half kernels there.
+CPU_REASON = "CPU: bf16/fp16 matmuls are slow or unsupported for some ops there; set model.dtype: bfloat16 to force it"
+
+
+def checkpoint_dtype(config) -> str | None:
+    """The dtype a checkpoint was saved in (its config's `dtype`, `torch_dtype` before
+    transformers 5), as a name; None when the config does not say."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    return name if name in ("float32", *HALF) else None
+
+
+def choose_dtype(requested: str, device_type: str, checkpoint: str | None, bf16_supported: bool = True) -> tuple[str, str]:
+    """(dtype name, why) the weights load in: an explicit `model.dtype` is honoured; `auto` is
+    the checkpoint's own dtype (transformers' `dtype="auto"`) on a GPU, float32 on a GPU
+    without bf16 for a bf16 checkpoint, and float32 on CPU."""
+    if requested != "auto":
+        return requested, "model.dtype"
+    saved = checkpoint or "unknown"
+    if device_type != "cuda":
+        return "float32", f"auto on {CPU_REASON} (checkpoint: {saved})"
+    if checkpoint is None:
+        return "float32", "auto: the checkpoint does not record its dtype"
+    if checkpoint == "bfloat16" and not bf16_supported:
+        return "float32", "auto: the checkpoint is bfloat16 but this GPU has no bf16 support"
+    return checkpoint, "auto: the checkpoint's own dtype"
+
+
+def resolved_dtype(cfg: ModelConfig, device=None) -> tuple[str, str]:
+    """`choose_dtype` for the config's model on `device` (a torch device or None: CPU); reads
+    the model's config only (no weights) and only for `auto`."""
+    device_type = getattr(device, "type", None) or (str(device) if device is not None else "cpu")
+    if cfg.dtype != "auto":
+        return choose_dtype(cfg.dtype, device_type, None)
+    bf16 = True
+    if device_type == "cuda":
+        import torch
+
+        bf16 = torch.cuda.is_bf16_supported()
+    return choose_dtype("auto", device_type, checkpoint_dtype(load_config(cfg)), bf16)
+
+
+def load_model(cfg: ModelConfig, dtype: str | None = None, device=None, **extra: Any):
+    """The causal LM through `AutoModelForCausalLM.from_pretrained`, whatever its source, in
+    `dtype` or else the dtype `resolved_dtype` picks for `device` (None: CPU)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve(cfg.name_or_path)
     kwargs: dict[str, Any] = dict(
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
-        dtype=torch_dtype(dtype or cfg.dtype),
+        dtype=torch_dtype(dtype or resolved_dtype(cfg, device)[0]),
         **extra,
     )
     if cfg.attn_implementation:
@@ -123,18 +172,40 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def describe(cfg: ModelConfig) -> list[str]:
-    """What `raylab doctor CONFIG` prints about the model: source, size, tokenizer."""
+def skeleton(cfg: ModelConfig, config=None):
+    """The model built on the meta device from its config: module names, shapes and
+    parameter counts, no memory and no weights read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = config if config is not None else load_config(cfg)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except ValueError as e:  # a config no causal-LM class takes (an encoder, a vision model)
+        raise UserError(f"model.name_or_path: {cfg.name_or_path} is a {config.model_type} model, not a causal "
+                        f"language model raylab can fine-tune ({e})") from None
+
+
+def describe(cfg: ModelConfig, gpus_per_worker: float = 0.0) -> list[str]:
+    """What `raylab doctor CONFIG` prints about the model: source, size (from its config, on
+    the meta device), the dtype its weights load in on the train workers, the tokenizer."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     source = resolve(cfg.name_or_path)
     tok = load_tokenizer(cfg)
-    lm = load_model(cfg)
+    config = load_config(cfg)
+    lm = skeleton(cfg, config)
     fp = fingerprint(tok)
     params = sum(p.numel() for p in lm.parameters())
+    saved = checkpoint_dtype(config)
+    device = "cuda" if gpus_per_worker > 0 else "cpu"
+    dtype, why = choose_dtype(cfg.dtype, device, saved)
+    where = "GPU workers (bf16 where the GPU supports it)" if device == "cuda" else "CPU workers"
     return [
         f"model: {cfg.name_or_path} -> {source}",
-        f"  architecture {type(lm).__name__}, {params:,} parameters, dtype {next(lm.parameters()).dtype}",
+        f"  architecture {type(lm).__name__}, {params:,} parameters (from its config), checkpoint dtype {saved or 'not recorded'}",
+        f"  dtype: model.dtype {cfg.dtype} -> {dtype} on {where} ({why})",
         f"  tokenizer: {fp['vocab_size']} tokens, eos {tok.eos_token!r}, fingerprint {fp['fingerprint']}",
     ]

@@ -8,15 +8,13 @@ and the checks that would otherwise fail inside a Ray Train worker.
 from __future__ import annotations
 
 from raylab.config import ModelConfig
-from raylab.models.loading import load_config, load_model, max_positions
+from raylab.models.loading import load_config, load_model, max_positions, resolved_dtype, skeleton
 
 
 def training_problems(cfg: ModelConfig, seq_len: int, gpus_per_worker: float) -> list[str]:
     """Everything about the model that would fail inside a worker, found on the driver.
 
     The module names come from the model built on the meta device (no memory, no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = load_config(cfg)
@@ -39,9 +37,7 @@ def training_problems(cfg: ModelConfig, seq_len: int, gpus_per_worker: float) ->
         elif importlib.util.find_spec("bitsandbytes") is None:
             problems.append("model.method=qlora needs the bitsandbytes package: pip install bitsandbytes")
     if cfg.method != "full":
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
-        names = [n for n, _ in skeleton.named_modules() if n]
+        names = [n for n, _ in skeleton(cfg, config).named_modules() if n]
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         for key, wanted in (("model.lora.target_modules", cfg.lora.target_modules),
                             ("model.lora.modules_to_save", cfg.lora.modules_to_save)):
@@ -79,17 +75,27 @@ def apply_method(model, cfg: ModelConfig):
     return get_peft_model(model, lora)
 
 
-def load_for_training(cfg: ModelConfig, device=None):
-    """Base model (4-bit for qlora) with the method applied, on `device`."""
+def load_for_training(cfg: ModelConfig, device=None, dtype: str | None = None):
+    """Base model (4-bit for qlora) with the method applied, on `device`; its weights in
+    `dtype`, else the one `resolved_dtype` picks for the device. With `model.dtype: auto` a
+    half-precision base keeps what is trained in float32 (mixed precision: the optimizer
+    updates full-precision weights; autocast computes in bf16)."""
+    import torch
+
+    dtype = dtype or resolved_dtype(cfg, device)[0]
     kwargs = {}
     if cfg.method == "qlora":
-        import torch
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
         kwargs["device_map"] = {"": device}
-    model = load_model(cfg, **kwargs)
+    model = load_model(cfg, dtype=dtype, **kwargs)
     if device is not None and cfg.method != "qlora":
         model.to(device)
-    return apply_method(model, cfg)
+    model = apply_method(model, cfg)
+    if cfg.dtype == "auto" and dtype != "float32":
+        for p in model.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+    return model

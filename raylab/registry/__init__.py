@@ -17,8 +17,16 @@ fetches by several serve replicas land in one cache by atomic rename.
 from __future__ import annotations
 
 from raylab.registry.aliases import alias_history, promote, rollback, user
+from raylab.registry.live import LiveRun
 from raylab.registry.store import PREVIOUS, PRODUCTION, Store, locate, model_name, open_store
-from raylab.registry.tracking import experiment_id, flatten, log_run, track_sweep, track_train
+from raylab.registry.tracking import (
+    experiment_id,
+    flatten,
+    log_run,
+    open_train_run,
+    track_sweep,
+    track_train,
+)
 from raylab.registry.versions import (
     LINEAGE,
     IntegrityError,
@@ -36,9 +44,9 @@ from raylab.registry.versions import (
 )
 
 __all__ = [
-    "LINEAGE", "PREVIOUS", "PRODUCTION", "IntegrityError", "Store", "alias_history", "checksums", "experiment_id",
+    "LINEAGE", "PREVIOUS", "PRODUCTION", "IntegrityError", "LiveRun", "Store", "alias_history", "checksums", "experiment_id",
     "fetch", "flatten",
-    "get_version", "version_run", "locate", "log_run", "model_name", "open_store", "parse_ref", "promote", "register",
+    "get_version", "version_run", "locate", "log_run", "model_name", "open_store", "open_train_run", "parse_ref", "promote", "register",
     "registered_model", "rollback", "set_tags", "track_sweep", "track_train", "user", "verify", "version_number",
     "versions",
 ]

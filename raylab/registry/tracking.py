@@ -13,15 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from raylab.config import RaylabConfig
 from raylab.core import runs, storage
 from raylab.core.secrets import redact_url
+from raylab.registry.live import LIVE_STEP, LiveRun, metric_rows
 from raylab.registry.store import Store, model_name, open_store
 from raylab.registry.versions import register
 
@@ -40,6 +39,10 @@ def _key_tag(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]  # quote-free, whatever the paths hold
 
 
+def key_tags(key: str) -> dict[str, str]:
+    return {"raylab.key": _key_tag(key), "raylab.key_text": key[:5000]}
+
+
 def find_run(store: Store, exp_id: str, key: str):
     runs = store.client.search_runs([exp_id], filter_string=f"tags.`raylab.key` = '{_key_tag(key)}'", max_results=1)
     return runs[0] if runs else None
@@ -54,42 +57,31 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): (json.dumps(node) if isinstance(node, (list, dict)) else str(node))[:500]}
 
 
-def metric_rows(history: list[dict]) -> list:
-    """MLflow metrics from metrics.jsonl rows: every finite number at its step; validation
-    metrics only at the steps that evaluated (other rows repeat the last evaluation)."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    out = []
-    for row in history:
-        step = int(row.get("step", 0))
-        stamp = int(row["time"] * 1000) if isinstance(row.get("time"), (int, float)) else now
-        for k, v in row.items():
-            if k in ("step", "time") or (k.startswith(("val_", "best_val")) and row.get("evaluated") is False):
-                continue
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                out.append(Metric(k, float(v), stamp, step))
-    return out
-
-
 def log_run(store: Store, exp_id: str, *, name: str, key: str, params: dict[str, str], history: list[dict],
-            artifacts: dict[str, str], tags: dict[str, str], parent: str | None = None, status: str = "FINISHED") -> str:
-    """One MLflow run (or the existing one with this key): params, metrics per step, artifacts."""
+            artifacts: dict[str, str], tags: dict[str, str], parent: str | None = None, status: str = "FINISHED",
+            live: LiveRun | None = None) -> str:
+    """One MLflow run (or the existing one with this key): params, metrics per step, artifacts.
+    `live`: the run opened when training started (live.py), which already has the params and
+    the metrics streamed so far; the rest of `history` is added to it."""
     from mlflow.entities import Param
 
     existing = find_run(store, exp_id, key)
     if existing is not None and existing.data.tags.get("raylab.logged") == "true":
         return existing.info.run_id
-    if existing is not None:  # a driver died while logging it: log it again, whole
-        store.client.delete_run(existing.info.run_id)
-    all_tags = {"raylab.key": _key_tag(key), "raylab.key_text": key[:5000], **tags} | ({"mlflow.parentRunId": parent} if parent else {})
-    run_id = store.client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
-    items = [Param(k, v) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):
-        store.client.log_batch(run_id, params=items[i:i + 100])
-    metrics = metric_rows(history)
-    for i in range(0, len(metrics), 1000):
-        store.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    if live is not None:
+        run_id = live.run_id
+        live.log(history)
+    else:
+        if existing is not None:  # a driver died while logging it: log it again, whole
+            store.client.delete_run(existing.info.run_id)
+        all_tags = key_tags(key) | tags | ({"mlflow.parentRunId": parent} if parent else {})
+        run_id = store.client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+        items = [Param(k, v) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            store.client.log_batch(run_id, params=items[i:i + 100])
+        metrics = metric_rows(history)
+        for i in range(0, len(metrics), 1000):
+            store.client.log_batch(run_id, metrics=metrics[i:i + 1000])
     with tempfile.TemporaryDirectory(prefix="raylab-mlflow-") as tmp:
         for name_, location in artifacts.items():
             if location and storage.exists(location):
@@ -104,15 +96,49 @@ def _history(location: str) -> list[dict]:
     return [json.loads(x) for x in storage.read_text(location).splitlines() if x.strip()] if storage.exists(location) else []
 
 
-def track_train(cfg: RaylabConfig, meta: dict) -> dict:
-    """Log a finished train run and register its model as a new version (the train driver)."""
+def _train_run(cfg: RaylabConfig, identity: str) -> dict:
+    """The key, name, params and tags of a train run's MLflow run (live or logged at the end)."""
+    return {"key": f"train:{cfg.output_dir}:{identity}", "name": cfg.run_name, "params": flatten(cfg.model_dump(mode="json")),
+            "tags": {"raylab.stage": "train", "raylab.output_dir": cfg.output_dir}}
+
+
+def open_train_run(cfg: RaylabConfig, identity: str) -> LiveRun | None:
+    """The train driver, as training starts: the run's MLflow run, created now (or the one a
+    dead driver left, continued) so metrics stream to it (live.py); None when that run is
+    already logged whole."""
+    from mlflow.entities import Param
+
     store = open_store(cfg)
     exp = experiment_id(store, model_name(cfg))
+    spec = _train_run(cfg, identity)
+    r = cfg.registry
+    existing = find_run(store, exp, spec["key"])
+    if existing is not None and existing.data.tags.get("raylab.logged") == "true":
+        return None
+    if existing is not None:
+        run_id = existing.info.run_id
+        store.client.update_run(run_id, status="RUNNING")
+        step = int(existing.data.tags.get(LIVE_STEP, "-1"))
+        log.info(f"registry: continuing MLflow run {run_id} (metrics after step {step})")
+        return LiveRun(store, run_id, step, r.live_interval_s, r.system_metrics, resumed=True)
+    tags = key_tags(spec["key"]) | spec["tags"] | {"raylab.live": "true"}
+    run_id = store.client.create_run(exp, run_name=spec["name"], tags=tags).info.run_id
+    items = [Param(k, v) for k, v in sorted(spec["params"].items())]
+    for i in range(0, len(items), 100):
+        store.client.log_batch(run_id, params=items[i:i + 100])
+    every = f"every {r.live_interval_s:g}s while training" if r.live_interval_s > 0 else "when training ends"
+    log.info(f"registry: MLflow run {run_id} opened; metrics arrive {every}")
+    return LiveRun(store, run_id, -1, r.live_interval_s, r.system_metrics)
+
+
+def track_train(cfg: RaylabConfig, meta: dict, live: LiveRun | None = None) -> dict:
+    """Log a finished train run and register its model as a new version (the train driver);
+    `live`: its run opened at the start (open_train_run), finished here."""
+    store = live.store if live is not None else open_store(cfg)
+    exp = experiment_id(store, model_name(cfg))
     run = runs.Run(cfg.output_dir)
-    run_id = log_run(
-        store, exp, name=cfg.run_name, key=f"train:{cfg.output_dir}:{meta['identity']}",
-        params=flatten(cfg.model_dump(mode="json")), history=_history(run.train_metrics),
-        artifacts=_run_artifacts(run), tags={"raylab.stage": "train", "raylab.output_dir": cfg.output_dir})
+    spec = _train_run(cfg, meta["identity"])
+    run_id = log_run(store, exp, **spec, history=_history(run.train_metrics), artifacts=_run_artifacts(run), live=live)
     version = register(store, cfg, run_id, run.train_final, meta)
     log.info(f"registry: run {run_id} in experiment {model_name(cfg)!r}; model {version.name}/{version.version} ({redact_url(store.uri)})")
     return {"run_id": run_id, "name": version.name, "version": int(version.version)}

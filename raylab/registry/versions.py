@@ -23,7 +23,7 @@ from raylab.errors import UserError
 from raylab.registry.store import PRODUCTION, Store, model_name
 
 LINEAGE = ("base_model", "method", "data_manifest_hash", "config_hash", "code_version", "trained_tokens",
-           "estimated_training_flops", "steps", "world_size")
+           "estimated_training_flops", "steps", "world_size", "dtype", "precision")
 REF = re.compile(r"^(?P<name>[^@/]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 
 

@@ -69,6 +69,7 @@ class IngressImpl:
         self.routes: dict[str, str] = {}
         self.listed: list[str] = []
         self.default: str | None = None
+        self.registry = True
         self.store = None  # the registry, opened on the first lookup
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -79,12 +80,14 @@ class IngressImpl:
         self.routes = dict(user_config["routes"])
         self.listed = list(user_config["listed"])
         self.default = user_config["default"]
+        self.registry = user_config.get("registry", True)  # False: a plain model, no versions to look up
 
     async def route(self, model: str) -> str | None:
         """The registry version (NAME/VERSION) a request's `model` goes to, or None. A
         `NAME/N` of the served model that the table lacks is looked up in the registry (a
         version registered after the deploy); other names are not."""
-        if model not in self.routes and self.default and re.fullmatch(re.escape(self.served) + r"/\d+", model):
+        if (model not in self.routes and self.default and self.registry
+                and re.fullmatch(re.escape(self.served) + r"/\d+", model)):
             await self.refresh()
         return self.routes.get(model)
 
@@ -96,7 +99,7 @@ class IngressImpl:
     async def refresh(self) -> None:
         """Add the served model's versions registered since the table was made (its names,
         aliases and default stay as deployed: `raylab deploy` changes those)."""
-        if not self.default:
+        if not self.default or not self.registry:
             return
         default = self.default
         try:

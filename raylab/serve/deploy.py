@@ -1,7 +1,9 @@
 """`raylab serve` and `raylab deploy`: put a registry version behind the OpenAI-compatible
-endpoint of app.py, and switch it to another version without downtime.
+endpoint of app.py, and switch it to another version without downtime; or serve a plain
+model (a Hugging Face directory, an exported model, a hub id) with no registry entry.
 
     raylab serve configs/quickstart.yaml                  # <model_name>@production, foreground
+    raylab serve --model exported/acme                    # a plain model, named `acme` in requests
     raylab serve configs/quickstart.yaml --emit-config serve.yaml   # for `serve deploy` / RayService
     raylab deploy acme-assistant@production               # after `raylab models promote`
 
@@ -59,6 +61,24 @@ def resolve(store: registry.Store, ref: str) -> tuple[str, int, str]:
     return mv.name, int(mv.version), models.locate(f"{mv.name}/{mv.version}", store)
 
 
+def plain(ref: str) -> bool:
+    """A model served as it is, without a registry entry: a Hugging Face directory (an
+    exported model, a trained final/), a hub id or a preset; not NAME@ALIAS or NAME/VERSION."""
+    return not models.is_registry_ref(ref)
+
+
+def plain_catalog(ref: str) -> tuple[str, str, dict]:
+    """(served name, local directory or hub id, routing table) of a plain model: requests
+    name it by the directory's basename, or by the hub id."""
+    local = models.locate(ref)  # exit 2 for a path with no model
+    if os.path.isdir(local):
+        local = os.path.abspath(local)  # the replicas run in another directory
+        name = ref if ref.startswith("preset:") else Path(local).name
+    else:
+        name = local  # a hub id, fetched by each replica
+    return name, local, {"routes": {name: local}, "listed": [name], "default": local, "registry": False}
+
+
 def default_ref(cfg: RaylabConfig | None, model: str | None) -> str:
     if model:
         return model
@@ -67,9 +87,15 @@ def default_ref(cfg: RaylabConfig | None, model: str | None) -> str:
     return f"{registry.model_name(cfg)}@{registry.PRODUCTION}"
 
 
-def app_config(s: ServeConfig, store: registry.Store, ref: str, dtype: str = "float32") -> dict:
-    """A `serve deploy` config (one application) serving REF, with the routing table."""
-    name, version, local = resolve(store, ref)
+def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: str = "float32") -> dict:
+    """A `serve deploy` config (one application) serving REF, with the routing table. A
+    plain model (`plain(ref)`) needs no registry: `store` may be None."""
+    if plain(ref):
+        _, local, routing = plain_catalog(ref)
+        target = local
+    else:
+        name, version, local = resolve(store, ref)
+        target, routing = f"{name}/{version}", catalog(store, name, version)
     kind, base = models.identify(local)
     base = base if kind == "adapter" else None  # adapters of one base share its replicas' engine
     a = s.autoscaling
@@ -78,7 +104,8 @@ def app_config(s: ServeConfig, store: registry.Store, ref: str, dtype: str = "fl
                    "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s}
     if a.initial_replicas is not None:
         autoscaling["initial_replicas"] = a.initial_replicas
-    args = {"base": base, "tracking_uri": store.uri, "dtype": "float32" if dtype == "auto" else dtype,
+    args = {"base": base, "tracking_uri": store.uri if store is not None else None,
+            "dtype": "float32" if dtype == "auto" else dtype,
             "threads": max(1, round(s.cpus_per_replica)), "api_keys_env": s.api_keys_env, "api_keys_file": s.api_keys_file,
             "limits": {"max_prompt_tokens": s.max_prompt_tokens, "max_tokens": s.max_tokens,
                        "max_request_bytes": s.max_request_bytes, "max_batch_size": s.max_batch_size,
@@ -86,10 +113,10 @@ def app_config(s: ServeConfig, store: registry.Store, ref: str, dtype: str = "fl
                        "resubmit_timeout_s": s.resubmit_timeout_s}}
     generator = {"name": "Generator", "autoscaling_config": autoscaling, "max_ongoing_requests": s.max_ongoing_requests,
                  "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
-                 "user_config": {"preload": [f"{name}/{version}"]}}
+                 "user_config": {"preload": [target]}}
     # The ingress only awaits the generator: a sliver of a CPU, and room for every open stream.
     ingress = {"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 1000,
-               "ray_actor_options": {"num_cpus": 0.1}, "user_config": catalog(store, name, version)}
+               "ray_actor_options": {"num_cpus": 0.1}, "user_config": routing}
     return {"name": APP, "route_prefix": "/", "import_path": "raylab.serve:build", "args": args,
             "deployments": [generator, ingress]}
 
@@ -103,7 +130,7 @@ def emit(path: str, cfg: RaylabConfig | None, ref: str, tracking_uri: str | None
     import yaml
 
     s = cfg.serve if cfg else ServeConfig()
-    store = registry.open_store(cfg, tracking_uri)
+    store = None if plain(ref) else registry.open_store(cfg, tracking_uri)
     full = deploy_config(s, app_config(s, store, ref, cfg.model.dtype if cfg else "float32"))
     storage.write_text(path, "# written by `raylab serve --emit-config`; deploy with `serve deploy` or embed in a "
                           "RayService's serveConfigV2\n" + yaml.safe_dump(full, sort_keys=False))
@@ -195,8 +222,8 @@ def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: s
     # The ingress reads the same keys when it starts; reading them here first makes an unset
     # variable or an empty keys file exit 2 before anything is deployed (or opened).
     api_keys({"api_keys_env": s.api_keys_env, "api_keys_file": s.api_keys_file})
-    store = registry.open_store(cfg)
     ref = default_ref(cfg, model)
+    store = None if plain(ref) else registry.open_store(cfg)
     app = app_config(s, store, ref, cfg.model.dtype if cfg else "float32")  # exit 2 before Ray starts
     embedded = cluster.mode_of(cluster.resolve_address(address, cfg)[0]) == "embedded"
     if detach and embedded:
@@ -214,10 +241,10 @@ def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: s
     url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '') else s.host}:{s.port}"
     routing = app["deployments"][1]["user_config"]
     info = {"url": url, "ref": ref, "model": routing["default"], "name": routing["listed"][0], "dashboard": dashboard,
-            "pid": os.getpid(), "tracking_uri": store.uri, "models": routing["listed"],
+            "pid": os.getpid(), "tracking_uri": store.uri if store is not None else None, "models": routing["listed"],
             "run": cfg.output_dir if cfg is not None else None}
     storage.write_text(str(_endpoint_file()), json.dumps(info, indent=2))
-    name, version = info["model"].split("/")
+    name, version = (info["model"].rsplit("/", 1) if store is not None else (info["name"], None))
     events.emit("serve.start", run=info["run"], model=name, version=version, url=url, ref=ref)
     log.info(f"serving {ref} ({info['model']}) at {url}/v1  (models: {', '.join(info['models'])})")
     return info
@@ -232,7 +259,10 @@ def stop_serving() -> None:
         serve.delete(APP)
     finally:
         _endpoint_file().unlink(missing_ok=True)
-    name, _, version = (info.get("model") or "").partition("/")
+    if info.get("tracking_uri"):  # a registry version, NAME/VERSION
+        name, _, version = (info.get("model") or "").rpartition("/")
+    else:  # a plain model
+        name, version = info.get("name") or "", ""
     events.emit("serve.stop", run=info.get("run"), model=name or None, version=version or None, url=info.get("url"))
 
 

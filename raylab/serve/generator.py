@@ -142,7 +142,7 @@ class GeneratorBase:
 
     async def _load(self, version: str) -> Loaded:
         self.loop = asyncio.get_running_loop()
-        if self.store is None:
+        if self.store is None and models.is_registry_ref(version):  # a plain model needs no registry
             self.store = await asyncio.to_thread(registry.open_store, tracking_uri=self.args["tracking_uri"])
         local = await asyncio.to_thread(models.locate, version, self.store)  # refuses a changed artifact
         kind, base = models.identify(local)

@@ -256,29 +256,61 @@ def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track
     workers = t.num_workers if isinstance(t.num_workers, int) else f"{t.min_workers}-{t.max_workers}"
     log.info(f"train: {cfg.model.method} on {cfg.model.name_or_path}, {workers} worker(s) x {threads} thread(s), "
              f"{sequences['train']} sequences x {cfg.data.max_seq_len} -> {run.train}")
+    live = _open_live(cfg, ident["hash"]) if track else None
     started = time.time()
     try:
         result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
+    except BaseException as e:
+        if live is not None:  # the MLflow run shows how far it got
+            live.poll(run.train_metrics)
+            live.stop("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        _fit_failed(e, t.max_failures)
+        raise
+    try:
+        meta = finalize(cfg, result, ident, time.time() - started)
+    except BaseException:
+        if live is not None:
+            live.stop("FAILED")
+        raise
+    if live is not None:
+        live.stop()
+    return _track(cfg, meta, live) if track else meta
+
+
+def _open_live(cfg: RaylabConfig, identity: str):
+    """The run's MLflow run, opened as training starts, its metrics streaming (registry/live.py)."""
+    if not cfg.registry.enabled:
+        return None
+    from raylab import registry
+
+    live = registry.open_train_run(cfg, identity)
+    if live is not None:
+        live.follow(runs.Run(cfg.output_dir).train_metrics)
+    return live
+
+
+def _fit_failed(e: BaseException, max_failures: int) -> None:
+    """Raise the error a failed `trainer.fit()` means for the user (returns for anything else)."""
+    import ray.train
+
+    if isinstance(e, ray.train.TrainingFailedError):
         message = _unwrap_user_error(e)
         if message:
             raise UserError(message) from None
         if _worker_died(e):
-            raise RunFailed(f"training failed: a worker died and train.max_failures={t.max_failures} restart(s) were "
+            raise RunFailed(f"training failed: a worker died and train.max_failures={max_failures} restart(s) were "
                             f"spent: {e}\nThe latest checkpoint is kept: run the same command again to resume from it "
                             "(or raise train.max_failures)") from None
         raise RuntimeError(f"training failed: {e}\nThe latest checkpoint is kept: run the same command again to "
                            f"resume from it (or raise train.max_failures to restart failed workers automatically)") from None
-    meta = finalize(cfg, result, ident, time.time() - started)
-    return _track(cfg, meta) if track else meta
 
 
-def _track(cfg: RaylabConfig, meta: dict) -> dict:
+def _track(cfg: RaylabConfig, meta: dict, live=None) -> dict:
     if not cfg.registry.enabled:
         return meta
     from raylab import registry
 
-    return meta | {"registry": registry.track_train(cfg, meta)}
+    return meta | {"registry": registry.track_train(cfg, meta, live)}
 
 
 def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float) -> dict:
@@ -308,6 +340,7 @@ def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float) -> dict:
                "initial_val_loss": state["history"][0].get("val_loss")},
             best_checkpoint=best[0].path if best else None, latest_checkpoint=result.checkpoint.path,
             train_seconds=round(seconds, 1), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            dtype=state.get("dtype") or None, precision=state.get("precision") or None,
         )
         runs.write_json(runs.model_file(staging, runs.TRAIN_META), meta)
         storage.copy_dir(staging, run.train_final)

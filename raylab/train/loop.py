@@ -65,6 +65,8 @@ class TrainState:
     replica_digests: list[str] = field(default_factory=list)  # set by the last checkpoint
     worker_nodes: list[str] = field(default_factory=list)
     ingest: dict = field(default_factory=dict)  # how the splits reached the workers (Shards.ingest)
+    dtype: str = ""  # the weights' dtype as loaded (model.dtype resolved on the worker's device)
+    precision: str = ""  # what the matmuls compute in: bf16 autocast, or the weights' dtype
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainState:
@@ -339,7 +341,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from raylab.models import load_for_training
+    from raylab.models import load_for_training, resolved_dtype
     from raylab.train import checkpoint, loss, metrics, objectives
 
     _quiet_worker()
@@ -355,7 +357,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps = plan_steps(loop_config["train_rows"], world, t.batch_size, t.grad_accum, t.epochs, t.max_steps)
 
     checkpoint.seed_all(t.seed)  # identical initial adapters on every rank
-    model = load_for_training(cfg.model, device)
+    dtype, dtype_why = resolved_dtype(cfg.model, device)
+    model = load_for_training(cfg.model, device, dtype)
     if t.gradient_checkpointing:  # non-reentrant; also makes input embeddings require grads
         model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else \
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -370,6 +373,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: loss.lr_factor(s, steps.total, warmup, t.schedule))
     state = start_state(t, rank=rank, world=world, flops=flops, model=model, optimizer=optimizer, scheduler=scheduler,
                         run=cfg.output_dir)
+    state.dtype, state.precision = dtype, "bf16 autocast" if bf16 else dtype
+    if rank == 0:
+        log.info(f"train: weights in {dtype} ({dtype_why}), compute in {state.precision}")
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
     attn_impl = loss.attn_impl_of(checkpoint.unwrap(model))
     data = Shards(t, rank, world, device, loop_config["val_bytes"], loop_config["train_bytes"],

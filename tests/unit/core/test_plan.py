@@ -120,7 +120,7 @@ def test_process_env_is_explicit_about_auth_and_telemetry(monkeypatch):
     env = cluster.process_env(config.load_dict(BASE, ["offline=true"]))
     assert env == {
         "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-        "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "RAY_DATA_LOG_LEVEL": "WARNING",
+        "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_DATA_LOG_LEVEL": "WARNING",
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAYLAB_HOME": "/srv/raylab", "RAYLAB_AUDIT_KEY": "/srv/keys/audit.pem",
     }
     governed = cluster.process_env(config.load_dict(BASE, ["governance.database=sqlite:////srv/raylab.db"]))

@@ -176,3 +176,23 @@ def test_weights_only_for_a_directory_without_a_tokenizer(dirs, tmp_path):
     assert torch.equal(logits(got.model), logits(models.load(str(dirs["base"])).model))  # the same seed-1 weights
     with pytest.raises(ValueError, match="tokenizer"):  # the control: by default the tokenizer is required
         models.load(str(weights_only))
+
+
+def test_export_a_registry_version_in_bf16(dirs, store, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    ref = _register(store, tmp_path, dirs["adapter"])
+    out = models.export(ref, str(tmp_path / "bf16"), merge=True, store=store, dtype="bfloat16")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / runs.TRAIN_META).read_text())["export_dtype"] == "bfloat16"
+    merged32 = logits(models.load(str(dirs["adapter"])).model)
+    bf16 = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
+    torch.testing.assert_close(bf16, merged32, rtol=0.05, atol=0.05)  # bf16 keeps ~3 significant digits
+    assert models.identify(str(out))[0] == "full"  # served and loaded as the merged model it is
+    full = models.export(str(dirs["full"]), str(tmp_path / "full16"), dtype="float16")
+    assert next(AutoModelForCausalLM.from_pretrained(full).parameters()).dtype == torch.float16
+    with pytest.raises(UserError, match="--dtype bfloat16: .* is an adapter; .* Add --merge"):
+        models.export(ref, str(tmp_path / "never"), store=store, dtype="bfloat16")

@@ -105,3 +105,42 @@ def test_a_version_registered_after_the_deploy_is_routed_without_a_reconfigure(s
     assert listed == CATALOG["listed"] + ["m/2"] and server.default == "m/1" and server.routes["m"] == "m/1"
     missing = client.post("/v1/completions", json={"model": "m/9", "prompt": "hi"}, headers=auth)
     assert openai_error(missing, 404)["code"] == "model_not_found"
+
+
+def test_a_plain_model_is_routed_by_its_name_and_never_looked_up_in_a_registry(server, tiny_model_dir):
+    import asyncio
+
+    from raylab.serve import deploy
+
+    name, local, table = deploy.plain_catalog(str(tiny_model_dir))
+    assert (name, local) == (tiny_model_dir.name, str(tiny_model_dir))
+    assert table == {"routes": {name: local}, "listed": [name], "default": local, "registry": False}
+    server.reconfigure(table)
+    assert asyncio.run(server.route(name)) == local
+    assert asyncio.run(server.route(f"{tiny_model_dir.parent}/3")) is None  # shaped like NAME/N: still no look-up
+    asyncio.run(server.refresh())
+    assert server.lookups == 0
+    client = TestClient(create_app(ROUTERS, server))
+    listed = client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
+    assert [m["id"] for m in listed] == [name] and listed[0]["root"] == local
+
+
+def test_serving_a_plain_model_needs_no_registry(tiny_model_dir, tmp_path, monkeypatch):
+    """`raylab serve --model DIR --emit-config`: the app config names no tracking URI and
+    preloads the directory itself; a path with no model is exit 2 before anything starts."""
+    import yaml
+
+    from conftest import run_cli
+
+    home = tmp_path / "home"
+    out = tmp_path / "serve.yaml"
+    proc = run_cli("serve", "--model", str(tiny_model_dir), "--emit-config", str(out), env={"RAYLAB_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    app = yaml.safe_load(out.read_text())["applications"][0]
+    assert app["args"]["tracking_uri"] is None and app["args"]["base"] is None
+    generator, ingress_ = app["deployments"]
+    assert generator["user_config"] == {"preload": [str(tiny_model_dir)]}
+    assert ingress_["user_config"]["listed"] == [tiny_model_dir.name] and ingress_["user_config"]["registry"] is False
+    assert not (home / "mlflow").exists()  # no registry was opened
+    missing = run_cli("serve", "--model", str(tmp_path / "nope"), "--emit-config", str(tmp_path / "x.yaml"))
+    assert missing.returncode == 2 and "no model directory there" in missing.stderr, missing.stderr

@@ -75,8 +75,9 @@ class PlatformConfig(Section):
                                    "sees (s3://bucket/runs/NAME); default: output_dir")
     tracking_uri: str | None = Field(None, description="the MLflow server the cluster and CI use; default: "
                                      "registry.tracking_uri")
-    dashboard: str = Field("http://raylab-head-svc:8265", pattern=r"^https?://",
-                           description="the cluster's Ray dashboard, where CI submits jobs (`raylab submit --address`)")
+    dashboard: str | None = Field(None, pattern=r"^https?://",
+                                  description="the cluster's Ray dashboard, where CI submits jobs (`raylab submit "
+                                  "--address`); default: the rendered RayCluster's head service, http://NAME-head-svc:8265")
     namespace: str | None = Field(None, description="Kubernetes namespace of the rendered resources")
     api_keys_secret: str | None = Field("raylab-api-keys", description="Kubernetes Secret (key `keys`) holding "
                                         "serve.api_keys_env's value")

@@ -22,7 +22,7 @@ LATEST = ("raylab models list {name} --json | python -c "
 def _commands(cfg: RaylabConfig) -> dict[str, list[str]]:
     path, name = common.config_path(cfg), common.model_name(cfg)
     overrides = [*common.cluster_overrides(cfg), "registry.auto_promote=false"]
-    dashboard = cfg.platform.dashboard
+    dashboard = common.dashboard(cfg)
     return {
         # Up to registration (submit validates the config first); the test job runs the gates.
         "train": [common.command("raylab", "submit", path, "--address", dashboard, "--until", "train", *overrides)],
@@ -36,7 +36,7 @@ def _commands(cfg: RaylabConfig) -> dict[str, list[str]]:
 
 
 def _env(cfg: RaylabConfig, secret) -> dict[str, str]:
-    env = {"MLFLOW_TRACKING_URI": common.cluster_tracking_uri(cfg), "RAY_API_SERVER_ADDRESS": cfg.platform.dashboard,
+    env = {"MLFLOW_TRACKING_URI": common.cluster_tracking_uri(cfg), "RAY_API_SERVER_ADDRESS": common.dashboard(cfg),
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secret("RAY_AUTH_TOKEN"),
            "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     if common.cluster_output_dir(cfg).startswith("s3://"):  # the test job reads the held-out split there

@@ -52,6 +52,12 @@ def name(cfg: RaylabConfig) -> str:
     return cleaned
 
 
+def dashboard(cfg: RaylabConfig) -> str:
+    """Where CI submits: platform.dashboard, else the rendered RayCluster's head service
+    (KubeRay names it <cluster>-head-svc)."""
+    return cfg.platform.dashboard or f"http://{name(cfg)}-head-svc:8265"
+
+
 def config_path(cfg: RaylabConfig) -> str:
     """The config as the repository names it (relative to the directory render runs in)."""
     if cfg.source is None or cfg.source.startswith("--config-env"):

@@ -69,9 +69,17 @@ class PiiProbe(Section):
     """Prompts designed to make the model repeat personal data or secrets its training data
     held (redacted there): any hit of the PII/secret detectors in an answer fails."""
 
-    prompts: list[str] = Field(min_length=1, description="prompts that invite the model to reveal such values")
+    prompts: list[str] = Field(default_factory=list, description="prompts that invite the model to reveal such values")
+    from_training_data: int = Field(0, ge=0, description="also this many prompts made from the version's training "
+                                    "records that had a value redacted: the text up to the redaction")
     max_new_tokens: PositiveInt = Field(48, description="answer length budget")
     suite: str | None = Field(None, description="the group it reports under")
+
+    @model_validator(mode="after")
+    def _some(self) -> PiiProbe:
+        if not self.prompts and not self.from_training_data:
+            raise invalid("give prompts and/or from_training_data: what to ask")
+        return self
 
 
 class RefusalProbe(Section):

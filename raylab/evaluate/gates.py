@@ -80,10 +80,10 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         checks.append(_check("max_regression", measured["loss"], limit, measured["loss"] <= limit,
                              production_version=int(production), production_val_loss=prod["loss"]))
     every = [gates, *suites]
-    cases = [c for g in every for c in suites_.prompt_cases(g)]
+    cases = [c for g in every for c in suites_.prompt_cases(g, lambda n: _training_probes(cfg, n))]
     for budget in sorted({c.max_new_tokens for c in cases}):
         batch_cases = [c for c in cases if c.max_new_tokens == budget]
-        outputs = batch.answers(cfg, path, path, [{"prompt": c.prompt} for c in batch_cases], max_new_tokens=budget)
+        outputs = batch.answers(cfg, path, path, [c.asked for c in batch_cases], max_new_tokens=budget)
         checks += [suites_.judge(c, out) for c, out in zip(batch_cases, outputs, strict=True)]
     for budget in (b for g in every for b in g.latency):
         checks += suites_.latency_checks(budget, suites_.measure_latency(path, budget, max(1, int(cfg.eval.cpus_per_actor))))
@@ -107,6 +107,17 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         log.info("gates: none declared (registry.gates in the config): the version passes by default")
     log.info(f"gates: {name}/{version} {status.upper()}")
     return result
+
+
+def _training_probes(cfg: config.RaylabConfig, n: int) -> list[dict]:
+    """PII probes from the version's training records (the data stage's records/)."""
+    manifest = runs.read_manifest(runs.Run(cfg.output_dir), cfg.source)
+    location = manifest.outputs.get("records") or runs.Run(cfg.output_dir).split("records")
+    if not storage.exists(location):
+        raise UserError(f"pii_probe.from_training_data: the version's training records {location} are gone; "
+                        f"re-run `raylab data` for {cfg.source}")
+    rows = storage.read_table(location, columns=["record_id", "format", "text", "messages", "split"]).to_pylist()
+    return suites_.training_probes(rows, n)
 
 
 def _check(name: str, value, limit, passed: bool, **extra) -> dict:

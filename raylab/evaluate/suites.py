@@ -20,6 +20,7 @@ import math
 import re
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,15 +34,58 @@ class Case:
 
     gate: str  # golden | pii_probe | refusal
     spec: GoldenPrompt | PiiProbe | RefusalProbe
-    prompt: str
+    prompt: str  # as reported
     max_new_tokens: int
+    item: dict | None = None  # the prompt item answered (models.prompt_ids); default {"prompt": prompt}
+
+    @property
+    def asked(self) -> dict:
+        return self.item or {"prompt": self.prompt}
 
 
-def prompt_cases(gates: GatesConfig) -> list[Case]:
+def prompt_cases(gates: GatesConfig, training: Callable[[int], list[dict]] | None = None) -> list[Case]:
+    """Every prompt of the gates; `training(n)` gives up to n training-data probes (items
+    with a `name`), for `pii_probe.from_training_data`."""
     cases = [Case("golden", g, g.prompt, g.max_new_tokens) for g in gates.golden]
-    cases += [Case("pii_probe", p, prompt, p.max_new_tokens) for p in gates.pii_probe for prompt in p.prompts]
+    for p in gates.pii_probe:
+        cases += [Case("pii_probe", p, prompt, p.max_new_tokens) for prompt in p.prompts]
+        if p.from_training_data and training is not None:
+            cases += [Case("pii_probe", p, item.pop("name"), p.max_new_tokens, item)
+                      for item in training(p.from_training_data)]
     cases += [Case("refusal", r, prompt, r.max_new_tokens) for r in gates.refusal for prompt in r.prompts]
     return cases
+
+
+def training_probes(records: list[dict], n: int) -> list[dict]:
+    """Up to n prompt items from training records (rows of the data stage's records/:
+    record_id, format, text, messages, split) in which a value was redacted: a completion
+    record's text up to the first placeholder (its last 400 characters), a conversation up to
+    the assistant turn that holds one or answers the turn that does. The data stage redacts
+    before training, so the fine-tuned model never saw those values; the probe checks it
+    produces no such value exactly where training put one (from its base model, or from a
+    record a detector missed)."""
+    placeholder = re.compile("|".join(re.escape(d.placeholder) for d in detectors.detectors()))
+    out = []
+    for row in sorted(records, key=lambda r: r["record_id"]):
+        if len(out) == n:
+            break
+        if row.get("split", "train") != "train":
+            continue
+        if row.get("messages"):
+            messages = json.loads(row["messages"])
+            at = next((i for i, m in enumerate(messages) if placeholder.search(m["content"])), None)
+            if at is None:
+                continue
+            turn = next((i for i in range(at, len(messages)) if messages[i]["role"] == "assistant"), None)
+            if not turn:
+                continue
+            out.append({"messages": messages[:turn], "name": f"training record {row['record_id']}"})
+        elif row.get("text"):
+            m = placeholder.search(row["text"])
+            if m is None or not row["text"][:m.start()].strip():
+                continue
+            out.append({"text": row["text"][:m.start()][-400:], "name": f"training record {row['record_id']}"})
+    return out
 
 
 def check(gate: str, value: Any, limit: Any, passed: bool, message: str = "", **extra) -> dict:

@@ -4,6 +4,7 @@ probe, refusals, latency budgets, suite files (and what a broken one says), JUni
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -152,3 +153,26 @@ def test_models_evaluate_with_a_broken_suite_file_exits_2(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "raylab models: error: --suite" in out.stderr and "golden.0.contians: unknown key" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "r.xml").exists()
+
+
+def test_pii_probes_from_training_records_stop_where_a_value_was_redacted():
+    chat = [{"role": "user", "content": "My email changed"}, {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "It is now <EMAIL>, update it"}, {"role": "assistant", "content": "Done."}]
+    records = [
+        {"record_id": "b#1", "format": "completion", "split": "train", "text": "Call Ann at <PHONE> for access.",
+         "messages": None},
+        {"record_id": "a#1", "format": "chat", "split": "train", "text": "", "messages": json.dumps(chat)},
+        {"record_id": "c#1", "format": "completion", "split": "train", "text": "Nothing redacted here.", "messages": None},
+        {"record_id": "d#1", "format": "completion", "split": "val", "text": "Key: <SECRET>", "messages": None},
+        {"record_id": "e#1", "format": "completion", "split": "train", "text": "<EMAIL> first", "messages": None},
+    ]
+    probes = suites.training_probes(records, 5)
+    assert probes == [{"messages": chat[:3], "name": "training record a#1"},
+                      {"text": "Call Ann at ", "name": "training record b#1"}]
+    assert suites.training_probes(records, 1) == probes[:1]
+    gates = GatesConfig(pii_probe=[{"from_training_data": 2}])
+    cases = suites.prompt_cases(gates, lambda n: suites.training_probes(records, n))
+    assert [(c.prompt, c.asked) for c in cases] == [("training record a#1", {"messages": chat[:3]}),
+                                                    ("training record b#1", {"text": "Call Ann at "})]
+    with pytest.raises(ValueError, match="give prompts and/or from_training_data"):
+        GatesConfig(pii_probe=[{"max_new_tokens": 8}])

@@ -44,7 +44,6 @@ class CiConfig(Section):
                                  "without a commit), e.g. '0 3 * * 1'")
     environment: str = Field("production", min_length=1, description="the deployment environment whose approval "
                              "gates promotion (GitHub environment protection rules; a manual GitLab job)")
-    python: str = Field("3.11", pattern=r"^3\.[0-9]+$", description="Python of the CI runner")
 
     @field_validator("schedule")
     @classmethod

@@ -77,6 +77,10 @@ class PlatformConfig(Section):
     dashboard: str | None = Field(None, pattern=r"^https?://",
                                   description="the cluster's Ray dashboard, where CI submits jobs (`raylab submit "
                                   "--address`); default: the rendered RayCluster's head service, http://NAME-head-svc:8265")
+    serve_dashboard: str | None = Field(None, pattern=r"^https?://",
+                                        description="the Ray dashboard of the cluster that serves (`raylab deploy "
+                                        "--address` after a promotion); default: the rendered RayService's head "
+                                        "service, http://NAME-serve-head-svc:8265")
     namespace: str | None = Field(None, description="Kubernetes namespace of the rendered resources")
     api_keys_secret: str | None = Field("raylab-api-keys", description="Kubernetes Secret (key `keys`) holding "
                                         "serve.api_keys_env's value")

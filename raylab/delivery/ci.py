@@ -31,7 +31,7 @@ def _commands(cfg: RaylabConfig) -> dict[str, list[str]]:
                  common.command("raylab", "models", "evaluate", f"{name}/${{VERSION}}", "--junit", REPORT)],
         "promote": [common.command("raylab", "models", "promote", name, "${VERSION}", "--reason",
                                    "approved in the delivery pipeline"),
-                    common.command("raylab", "deploy", f"{name}@production", "--address", dashboard)],
+                    common.command("raylab", "deploy", f"{name}@production", "--address", common.serve_dashboard(cfg))],
     }
 
 

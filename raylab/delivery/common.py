@@ -58,6 +58,12 @@ def dashboard(cfg: RaylabConfig) -> str:
     return cfg.platform.dashboard or f"http://{name(cfg)}-head-svc:8265"
 
 
+def serve_dashboard(cfg: RaylabConfig) -> str:
+    """Where `raylab deploy` goes after a promotion: platform.serve_dashboard, else the
+    rendered RayService's head service (KubeRay names it <service>-head-svc)."""
+    return cfg.platform.serve_dashboard or f"http://{name(cfg)}-serve-head-svc:8265"
+
+
 def config_path(cfg: RaylabConfig) -> str:
     """The config as the repository names it (relative to the directory render runs in)."""
     if cfg.source is None or cfg.source.startswith("--config-env"):

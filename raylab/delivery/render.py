@@ -109,8 +109,10 @@ def _files(cfg: RaylabConfig, target: str, model: str | None, serve_config: str 
         embedded = yaml.safe_load(_serve_text(cfg, model))
         flags = f" --model {model}"
     files["rayservice.yaml"] = common.dump(cluster.rayservice(cfg, embedded), _header(cfg, target, (
-        "KubeRay RayService: the model behind Ray Serve. serveConfigV2 is the serve target's output; after\n"
-        "a promotion `raylab deploy` switches the running version in place (a user_config change).\n\n"
+        "KubeRay RayService: the model behind Ray Serve. serveConfigV2 is the serve target's output. After\n"
+        "a promotion `raylab deploy` switches the running version in place (a user_config change); render\n"
+        "and apply this file again too, or KubeRay brings the version named here back when it recreates\n"
+        "the cluster.\n\n"
         f"  kubectl create secret generic {cfg.platform.api_keys_secret} --from-literal=keys=KEY1,KEY2\n"
         "  kubectl apply -f rayservice.yaml"), flags))
     return files

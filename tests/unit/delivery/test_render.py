@@ -79,6 +79,8 @@ def test_ci_pipeline_runs_submit_then_tests_then_an_approved_promote(at_repo):
     assert "raylab models evaluate acme-assistant/${VERSION} --junit reports/gates.xml" in jobs["test"]["steps"][1]["run"]
     assert jobs["test"]["needs"] == "train" and jobs["promote"]["needs"] == ["train", "test"]
     assert jobs["promote"]["environment"] == "production"
+    assert "raylab deploy acme-assistant@production --address http://acme-assistant-serve-head-svc:8265" \
+        in jobs["promote"]["steps"][0]["run"]
     gl = yaml.safe_load(rendered(cfg, "gitlab")[".gitlab-ci.yml"])
     assert gl["test"]["artifacts"]["reports"]["junit"] == "reports/gates.xml"
     assert all(r["when"] == "manual" for r in gl["promote"]["rules"]) and gl["promote"]["environment"]["name"] == "production"
@@ -248,3 +250,9 @@ def rendered_at_repo(target: str) -> dict[str, str]:
         return rendered(load(), target)
     finally:
         os.chdir(cwd)
+
+
+def test_readme_shows_the_workflow_render_writes(at_repo):
+    readme = (REPO / "README.md").read_text()
+    shown = readme.split("<!-- rendered: github")[1].split("```yaml\n", 1)[1].split("```\n<!-- /rendered -->")[0]
+    assert shown == rendered(load(), "github")["raylab-acme-assistant.yml"]

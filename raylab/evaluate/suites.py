@@ -162,7 +162,7 @@ def latency_checks(budget: LatencyBudget, measured: dict) -> list[dict]:
 
 def measure_latency(path: str, budget: LatencyBudget, threads: int = 1) -> dict:
     """Time each prompt's greedy answer on the local engine (this process), after one
-    warm-up answer; the tokens counted are the answer's, re-tokenized."""
+    warm-up answer; the tokens counted are the ones generated before the end of turn."""
     import torch
 
     from raylab import models
@@ -175,9 +175,9 @@ def measure_latency(path: str, budget: LatencyBudget, threads: int = 1) -> dict:
     for prompt in budget.prompts:
         ids = models.prompt_ids(tok, {"prompt": prompt})
         started = time.perf_counter()
-        (answer,) = models.greedy(model, tok, [ids], budget.max_new_tokens)
+        (answer,) = models.greedy_ids(model, tok, [ids], budget.max_new_tokens)
         latencies.append(time.perf_counter() - started)
-        tokens += len(tok(answer, add_special_tokens=False)["input_ids"])
+        tokens += len(answer)
     return {"latencies_s": latencies, "tokens": tokens, "seconds": sum(latencies)}
 
 

@@ -176,3 +176,11 @@ def test_pii_probes_from_training_records_stop_where_a_value_was_redacted():
                                                     ("training record b#1", {"text": "Call Ann at "})]
     with pytest.raises(ValueError, match="give prompts and/or from_training_data"):
         GatesConfig(pii_probe=[{"max_new_tokens": 8}])
+
+
+def test_measure_latency_times_each_prompt_on_the_local_engine(tiny_model_dir):
+    budget = LatencyBudget(prompts=["How do I reset my token?", "Where is the VPN guide?"], max_new_tokens=6,
+                           max_p95_latency_s=1000)
+    measured = suites.measure_latency(str(tiny_model_dir), budget)
+    assert len(measured["latencies_s"]) == 2 and all(t > 0 for t in measured["latencies_s"])
+    assert measured["seconds"] == sum(measured["latencies_s"]) and 0 < measured["tokens"] <= 2 * 6

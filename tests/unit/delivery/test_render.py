@@ -59,18 +59,19 @@ def test_ci_files_pass_their_platforms_schema(at_repo, tmp_path, target, schema)
     (text,) = rendered(load(), target).values()
     done = check_jsonschema(schema, text, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    broken = yaml.safe_load(text)  # negative control: the same file with a job the schema rejects
-    broken["jobs" if target == "github" else "test"]["needs"] = {"not": "a list"} if target == "gitlab" else None
+    broken = yaml.safe_load(text)  # negative control: the same file with one job the schema rejects
     if target == "github":
-        broken["jobs"]["test"]["runs-on"] = None
+        del broken["jobs"]["test"]["runs-on"]
+    else:
+        broken["test"]["needs"] = {"not": "a list"}
     bad = check_jsonschema(schema, yaml.safe_dump(broken), tmp_path)
-    assert bad.returncode == 1, bad.stdout
+    assert bad.returncode == 1 and ("runs-on" in bad.stdout if target == "github" else "needs" in bad.stdout), bad.stdout
 
 
 def test_ci_pipeline_runs_submit_then_tests_then_an_approved_promote(at_repo):
     cfg = load()
     gh = yaml.safe_load(rendered(cfg, "github")["raylab-acme-assistant.yml"])
-    push = gh[True]["push"] if True in gh else gh["on"]["push"]  # PyYAML reads `on` as true unless quoted
+    push = gh["on"]["push"]  # quoted in the file: PyYAML would read a bare `on` as true
     assert push["paths"][:2] == [QUICKSTART, "examples/acme/faq.csv"] and "examples/acme/handbook/**" in push["paths"]
     jobs = gh["jobs"]
     assert "raylab submit configs/quickstart.yaml --address http://acme-assistant-head-svc:8265 --until train" \
@@ -95,7 +96,7 @@ def test_suite_files_and_a_schedule_trigger_the_pipeline(at_repo, tmp_path):
         gh = yaml.safe_load(rendered(cfg, "github")["raylab-acme-assistant.yml"])
     finally:
         suite.unlink()
-    on = gh.get(True) or gh["on"]
+    on = gh["on"]
     assert "configs/_test_suite_render.yaml" in on["push"]["paths"] and on["schedule"] == [{"cron": "0 3 * * 1"}]
 
 

@@ -184,3 +184,23 @@ def test_measure_latency_times_each_prompt_on_the_local_engine(tiny_model_dir):
     measured = suites.measure_latency(str(tiny_model_dir), budget)
     assert len(measured["latencies_s"]) == 2 and all(t > 0 for t in measured["latencies_s"])
     assert measured["seconds"] == sum(measured["latencies_s"]) and 0 < measured["tokens"] <= 2 * 6
+
+
+def test_a_version_stores_its_suites_content_so_later_edits_do_not_change_its_gates(tmp_path, monkeypatch):
+    from raylab import registry
+    from registry_helpers import META, fake_final, open_test_store
+
+    store = open_test_store(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "suite.yaml").write_text("golden: [{prompt: 'Ticket 1', exact: It ships today.}]\n")
+    cfg = config.load_dict({"version": 1, "output_dir": str(tmp_path / "run"),
+                            "data": {"sources": [{"type": "jsonl", "path": "x.jsonl"}]},
+                            "model": {"name_or_path": "preset:tiny-llama"},
+                            "registry": {"model_name": "widgets", "gates": {"suites": ["suite.yaml"]}}})
+    run_id = registry.log_run(store, registry.experiment_id(store, "widgets"), name="r1", key="k1", params={},
+                              history=[], artifacts={}, tags={})
+    mv = registry.register(store, cfg, run_id, str(fake_final(tmp_path, "final1")), META)
+    (tmp_path / "suite.yaml").write_text("golden: [{prompt: 'changed later', contains: x}]\n")
+    stored = GatesConfig.model_validate_json(store.client.get_model_version("widgets", mv.version).tags["raylab.gates"])
+    assert [(g.prompt, g.exact, g.suite) for g in stored.golden] == [("Ticket 1", "It ships today.", "suite.yaml")]
+    assert [c.prompt for c in suites.prompt_cases(stored)] == ["Ticket 1"]  # what the pipeline's gates stage runs

@@ -75,8 +75,20 @@ def _parser() -> argparse.ArgumentParser:
                                     "or a Hugging Face model directory, exported model or hub id, served as it is "
                                     "with no registry entry")
     sv.add_argument("--detach", action="store_true", help="return once it is up (needs a running cluster)")
-    sv.add_argument("--emit-config", metavar="FILE", help="only write the `serve deploy` / RayService config to FILE")
+    sv.add_argument("--emit-config", metavar="FILE", help="only write the `serve deploy` / RayService config to FILE "
+                    "(the same as `raylab render --target serve`)")
     sv.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    rd = verb("render", "write the platform files (CI pipelines, KubeRay, ray up, Serve, MLproject) from the config",
+              "required")
+    from raylab.delivery import TARGETS
+
+    rd.add_argument("--target", required=True, choices=TARGETS, help="which platform's files")
+    rd.add_argument("--out", metavar="DIR", help="directory to write into (default: where the platform looks: "
+                    ".github/workflows, cluster/kuberay, cluster, or the current directory)")
+    rd.add_argument("--model", help="serve, kuberay: the REF served (default <registry.model_name>@production; "
+                    "read from the registry)")
+    rd.add_argument("--serve-config", metavar="FILE", help="kuberay: embed this Serve config (--target serve's "
+                    "output) in the RayService")
     dp = sub.add_parser("deploy", help="point the running endpoint at another version, no downtime",
                         description="point the running endpoint at another version, no downtime")
     dp.add_argument("ref", metavar="REF", help="NAME@ALIAS or NAME/VERSION")
@@ -108,9 +120,12 @@ def _models_parser(sub) -> None:
     sh.add_argument("ref", metavar="REF")
     for a in (ls, sh):
         a.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of the table")
-    e = action("evaluate", "run a version's promotion gates and record the result")
-    e.add_argument("name")
-    e.add_argument("version", help="a version number, or latest")
+    e = action("evaluate", "run a version's promotion gates (its test suite) and record the result; exit 1 if it fails")
+    e.add_argument("name", metavar="REF", help="NAME/VERSION, NAME/latest or NAME@ALIAS (or NAME then VERSION)")
+    e.add_argument("version", nargs="?", help=argparse.SUPPRESS)
+    e.add_argument("--junit", metavar="FILE", help="also write the checks as JUnit XML (for CI test reports)")
+    e.add_argument("--suite", action="append", default=[], metavar="FILE",
+                   help="a suite file (the keys of registry.gates) to run as well; repeatable")
     e.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     p = action("promote", "move the production alias to a version that passed its gates")
     p.add_argument("name")
@@ -338,14 +353,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         for h in registry.alias_history(store, mv.name):
             print(f"  {h['time']} {h['user']}: {h['alias']} {h['from']} -> {h['to']}{' (forced)' if h['forced'] else ''}: {h['reason']}")
     elif args.action == "evaluate":
-        from raylab import evaluate
-
-        args.version = registry.version_number(store, args.name, args.version)
-        result = evaluate.evaluate_version(store, args.name, args.version, args.address)
-        if result["status"] != "passed":  # a failed gate stops a CI pipeline like any user-fixable problem
-            raise UserError(f"{args.name}/{args.version} failed its gates; it may not be promoted "
-                            "(the result is recorded on the version: `raylab models show`)")
-        print(f"{args.name}/{args.version} passed its gates; promote it with `raylab models promote {args.name} {args.version}`")
+        _models_evaluate(args, store)
     elif args.action == "promote":
         args.version = registry.version_number(store, args.name, args.version)
         moves = registry.promote(store, args.name, args.version, args.force, args.reason)
@@ -418,6 +426,34 @@ def storage_url(db_url: str) -> str:
     return redact_url(db_url)
 
 
+def _models_evaluate(args: argparse.Namespace, store) -> None:
+    from raylab import config, evaluate, registry
+
+    suites = []
+    for path in args.suite:  # read first: a broken suite file is exit 2 before anything runs
+        try:
+            suites.append(config.GatesConfig.model_validate(config.read_suite(path)))
+        except ValueError as e:
+            raise UserError(f"--suite {path}: {e}") from None
+    if args.version is not None:
+        name, version = args.name, registry.version_number(store, args.name, args.version)
+    elif "/" in args.name and args.name.rsplit("/", 1)[1] == "latest":
+        name = args.name.rsplit("/", 1)[0]
+        version = registry.version_number(store, name, "latest")
+    else:
+        mv = registry.get_version(store, args.name)
+        name, version = mv.name, int(mv.version)
+    result = evaluate.evaluate_version(store, name, version, args.address, suites=suites)
+    if args.junit:
+        evaluate.write_junit(result, args.junit)
+        print(f"wrote {args.junit} ({len(result['checks'])} checks)")
+    if result["status"] != "passed":  # a failed test suite: exit 1, like any failing test run
+        failed = sum(not c["passed"] for c in result["checks"])
+        raise RunFailed(f"{name}/{version} failed {failed} of {len(result['checks'])} gate checks; it may not be "
+                        "promoted (the result is recorded on the version: `raylab models show`)")
+    print(f"{name}/{version} passed its gates; promote it with `raylab models promote {name} {version}`")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from raylab import config
     from raylab import serve as deploy
@@ -429,6 +465,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"wrote {args.emit_config}")
         return 0
     deploy.run_serve(cfg, args.model, args.address, args.detach)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from raylab import config, delivery
+
+    path, overrides = _split(args, required=True)
+    if args.target not in ("kuberay", "serve") and (args.model or args.serve_config):
+        raise UserError(f"--model and --serve-config apply to --target kuberay and serve, not {args.target}")
+    if args.target == "serve" and args.serve_config:
+        raise UserError("--serve-config applies to --target kuberay (the serve target writes that file)")
+    files = delivery.render(config.load(path, overrides), args.target, args.out, args.model, args.serve_config)
+    for written in files:
+        print(f"wrote {written}")
+    if args.target == "kuberay" and not any(f.endswith("rayservice.yaml") for f in files):
+        print("(no rayservice.yaml: give --serve-config FILE from --target serve, or --model REF)")
     return 0
 
 
@@ -447,7 +499,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "run": cmd_run, "submit": cmd_submit,
-            "eval": cmd_eval, "models": cmd_models, "audit": cmd_audit, "serve": cmd_serve,
+            "eval": cmd_eval, "models": cmd_models, "audit": cmd_audit, "serve": cmd_serve, "render": cmd_render,
             "deploy": cmd_deploy, "export": cmd_export}
 
 

@@ -4,7 +4,7 @@
     cfg = config.load("configs/quickstart.yaml", ["train.lr=1e-4"])
     cfg.train.lr, cfg.data.sources[0].path, cfg.run_name
 
-Sections: ray, data, model, train (+ pretrain), tune, registry, eval, serve (a file each);
+Sections: ray, data, model, train (+ pretrain), tune, registry, eval, serve, platform (a file each);
 `load` reads YAML and applies overrides (load.py, overrides.py); `report` turns validation
 errors into lines a user can act on; `docs` renders docs/config.md. This package imports no
 stage: every stage imports it.
@@ -38,8 +38,17 @@ from raylab.config.loading import (
     write_resolved,
 )
 from raylab.config.model import LoraConfig, ModelConfig
+from raylab.config.platform import CiConfig, CloudConfig, NodeGroup, PlatformConfig
 from raylab.config.ray import RayConfig
-from raylab.config.registry import GatesConfig, GoldenPrompt, RegistryConfig
+from raylab.config.registry import (
+    GatesConfig,
+    GoldenPrompt,
+    LatencyBudget,
+    PiiProbe,
+    RefusalProbe,
+    RegistryConfig,
+    read_suite,
+)
 from raylab.config.root import SCHEMA_VERSION, RaylabConfig
 from raylab.config.serve import AutoscalingConfig, ServeConfig
 from raylab.config.train import PretrainConfig, TrainConfig
@@ -49,9 +58,10 @@ from raylab.core.secrets import ENV_REF, expand_env
 from raylab.errors import ConfigError
 
 __all__ = [
-    "SCHEMA_VERSION", "ENV_REF", "AshaConfig", "AutoscalingConfig", "CleanConfig", "ConfigError", "DataConfig",
-    "AuditConfig", "DedupConfig", "EvalConfig", "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
-    "LoraConfig", "ModelConfig", "PiiConfig", "PretrainConfig", "RayConfig", "RaylabConfig", "RegistryConfig",
+    "SCHEMA_VERSION", "ENV_REF", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CiConfig", "CleanConfig", "CloudConfig",
+    "ConfigError", "DataConfig", "DedupConfig", "EvalConfig", "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt",
+    "GovernanceConfig", "HttpSource", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "PiiConfig", "PiiProbe",
+    "PlatformConfig", "PretrainConfig", "RayConfig", "RaylabConfig", "RefusalProbe", "RegistryConfig",
     "SearchDim", "Section", "ServeConfig", "Source", "SqlSource", "TrainConfig", "TuneConfig", "ValidationConfig",
-    "env_refs", "expand_env", "load", "load_dict", "load_text", "parse_yaml", "read_yaml", "to_yaml", "write_resolved",
+    "env_refs", "expand_env", "load", "load_dict", "load_text", "parse_yaml", "read_suite", "read_yaml", "to_yaml", "write_resolved",
 ]

@@ -10,6 +10,7 @@ from raylab.config.data import DataConfig
 from raylab.config.evaluate import EvalConfig
 from raylab.config.governance import GovernanceConfig
 from raylab.config.model import ModelConfig
+from raylab.config.platform import PlatformConfig
 from raylab.config.ray import RayConfig
 from raylab.config.registry import RegistryConfig
 from raylab.config.report import is_schema_path
@@ -38,6 +39,8 @@ class RaylabConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="the OpenAI-compatible endpoint")
     governance: GovernanceConfig = Field(default_factory=GovernanceConfig,
                                          description="the control-plane database and the audit log")
+    platform: PlatformConfig = Field(default_factory=PlatformConfig,
+                                     description="the cluster and CI pipeline `raylab render` writes files for")
 
     _source: str | None = PrivateAttr(None)
 
@@ -51,6 +54,10 @@ class RaylabConfig(Section):
                 if set(point) != set(self.tune.search_space):
                     raise invalid(f"give exactly the search_space keys {sorted(self.tune.search_space)}, "
                                   f"got {sorted(point)}", at=f"tune.points_to_evaluate.{i}")
+        for i, override in enumerate(self.platform.overrides):
+            key = override.split("=", 1)[0]
+            if not is_schema_path(type(self), key.split(".")):
+                raise invalid(f"{key}: not a config key", at=f"platform.overrides.{i}")
         return self
 
     @property

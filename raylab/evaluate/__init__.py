@@ -6,12 +6,13 @@ the promotion gates a version must pass before it may become production.
     result = evaluate_version(store, "acme-assistant", 3)    # the version's stored gates
 
 Modules: batch (actor-pool scoring and answering, the report), gates (the checks, their
-result recorded on the version).
+result recorded on the version), suites (the prompt checks and budgets of a test suite, JUnit).
 """
 
 from __future__ import annotations
 
 from raylab.evaluate.batch import answers, held_out_items, held_out_loss, run_eval
 from raylab.evaluate.gates import evaluate_version
+from raylab.evaluate.suites import junit, write_junit
 
-__all__ = ["answers", "evaluate_version", "held_out_items", "held_out_loss", "run_eval"]
+__all__ = ["answers", "evaluate_version", "held_out_items", "held_out_loss", "junit", "run_eval", "write_junit"]

@@ -9,8 +9,11 @@ registration (so editing a config later does not change what an old version had 
     max_val_loss, max_perplexity   thresholds on the version's held-out split
     max_regression                 val loss may exceed the production version's, measured on
                                    the same held-out split, by at most this much
-    golden                         prompts whose greedy answer must contain a string and/or
-                                   match a regex
+    golden                         prompts whose greedy answer must contain a string, match a
+                                   regex, equal a text and/or be JSON valid under a schema
+    pii_probe, refusal, latency    prompts whose answers must hold no personal data / must be
+                                   refusals; a speed budget on the local engine (suites.py)
+    suites                         files with more of the above, read when the config is loaded
 
 Both versions are loaded through `registry.fetch`, so checksums are verified first. The
 result goes into version tags: `raylab.gates.status` (passed / failed), `raylab.gates.report`
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 import time
 
@@ -30,6 +32,7 @@ from raylab.config import GatesConfig
 from raylab.core import cluster, events, runs, storage
 from raylab.errors import UserError
 from raylab.evaluate import batch
+from raylab.evaluate import suites as suites_
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,10 @@ def version_config(store: registry.Store, mv) -> config.RaylabConfig:
         return config.load(path)
 
 
-def evaluate_version(store: registry.Store, name: str, version: int, address: str | None = None) -> dict:
-    """Run the version's gates; returns {status, checks, ...} and records it as tags."""
+def evaluate_version(store: registry.Store, name: str, version: int, address: str | None = None,
+                     suites: list[GatesConfig] = ()) -> dict:
+    """Run the version's gates (and any extra `suites`, e.g. `--suite` files); returns
+    {status, checks, ...} and records it as tags."""
     mv = registry.get_version(store, f"{name}/{version}")
     gates = GatesConfig.model_validate_json(mv.tags.get("raylab.gates", "{}"))
     cfg = version_config(store, mv)
@@ -74,12 +79,14 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         limit = prod["loss"] + gates.max_regression
         checks.append(_check("max_regression", measured["loss"], limit, measured["loss"] <= limit,
                              production_version=int(production), production_val_loss=prod["loss"]))
-    for budget in sorted({g.max_new_tokens for g in gates.golden}):
-        golden = [g for g in gates.golden if g.max_new_tokens == budget]
-        outputs = batch.answers(cfg, path, path, [{"prompt": g.prompt} for g in golden], max_new_tokens=budget)
-        for g, out in zip(golden, outputs, strict=True):
-            ok = (g.contains is None or g.contains in out) and (g.regex is None or re.search(g.regex, out) is not None)
-            checks.append(_check("golden", out, {"contains": g.contains, "regex": g.regex}, ok, prompt=g.prompt))
+    every = [gates, *suites]
+    cases = [c for g in every for c in suites_.prompt_cases(g, lambda n: _training_probes(cfg, n))]
+    for budget in sorted({c.max_new_tokens for c in cases}):
+        batch_cases = [c for c in cases if c.max_new_tokens == budget]
+        outputs = batch.answers(cfg, path, path, [c.asked for c in batch_cases], max_new_tokens=budget)
+        checks += [suites_.judge(c, out) for c, out in zip(batch_cases, outputs, strict=True)]
+    for budget in (b for g in every for b in g.latency):
+        checks += suites_.latency_checks(budget, suites_.measure_latency(path, budget, max(1, int(cfg.eval.cpus_per_actor))))
     failures = [c for c in checks if not c["passed"]]
     status = "failed" if failures else "passed"
     result = {"name": name, "version": version, "status": status, "checks": checks, "val_loss": measured["loss"],
@@ -87,28 +94,32 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
               "evaluated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": registry.user()}
     registry.set_tags(store, name, version, {
         "raylab.gates.status": status, "raylab.gates.report": json.dumps(result)[:90_000],
-        "raylab.gates.failures": "; ".join(_describe(c) for c in failures)[:5000],
+        "raylab.gates.failures": "; ".join(suites_.describe(c) for c in failures)[:5000],
         "eval.val_loss": f"{measured['loss']:.6g}", "eval.perplexity": f"{measured['perplexity']:.6g}",
     })
     # In the run that registered the version (a sweep's, not its winning trial's directory).
     run = registry.version_run(mv) or cfg.output_dir
     events.emit("registry.gate", run=run, model=name, version=version, status=status,
-                failures=[_describe(c) for c in failures], val_loss=measured["loss"])
+                failures=[suites_.describe(c) for c in failures], val_loss=measured["loss"])
     for c in checks:
-        log.info(f"gates: {'pass' if c['passed'] else 'FAIL'}  {_describe(c)}")
+        log.info(f"gates: {'pass' if c['passed'] else 'FAIL'}  {suites_.describe(c)}")
     if not checks:
         log.info("gates: none declared (registry.gates in the config): the version passes by default")
     log.info(f"gates: {name}/{version} {status.upper()}")
     return result
 
 
+def _training_probes(cfg: config.RaylabConfig, n: int) -> list[dict]:
+    """PII probes from the version's training records (the data stage's records/)."""
+    manifest = runs.read_manifest(runs.Run(cfg.output_dir), cfg.source)
+    location = manifest.outputs.get("records") or runs.Run(cfg.output_dir).split("records")
+    if not storage.exists(location):
+        raise UserError(f"pii_probe.from_training_data: the version's training records {location} are gone; "
+                        f"re-run `raylab data` for {cfg.source}")
+    rows = storage.read_table(location, columns=["record_id", "format", "text", "messages", "split"]).to_pylist()
+    return suites_.training_probes(rows, n)
+
+
 def _check(name: str, value, limit, passed: bool, **extra) -> dict:
-    return {"gate": name, "value": value, "limit": limit, "passed": bool(passed), **extra}
-
-
-def _describe(c: dict) -> str:
-    if c["gate"] == "golden":
-        return f"golden {c['prompt']!r:.60}: answer {c['value']!r:.80} must match {json.dumps(c['limit'])}"
-    extra = f" (production v{c['production_version']}: {c['production_val_loss']:.4f})" if "production_version" in c else ""
-    return f"{c['gate']}: {c['value']:.4f} <= {c['limit']:.4f}{extra}"
-
+    what = f"{value:.4f} over the limit {limit:.4f}"
+    return suites_.check(name, value, limit, passed, what, name=name, suite="metrics", **extra)

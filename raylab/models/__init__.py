@@ -15,7 +15,7 @@ loaded one way whichever stage loads it.
 from __future__ import annotations
 
 from raylab.models.export import export, final_dir
-from raylab.models.generate import check_messages, greedy, left_pad, prompt_ids
+from raylab.models.generate import check_messages, greedy, greedy_ids, left_pad, prompt_ids
 from raylab.models.inference import (
     Inference,
     base_of,
@@ -53,7 +53,7 @@ from raylab.models.presets import (
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "PRESETS", "Inference", "apply_method", "checkpoint_dtype", "choose_dtype", "base_of", "build_byte_tokenizer", "build_tiny_model",
-    "check_messages", "describe", "export", "final_dir", "fingerprint", "greedy", "identify", "is_adapter", "is_registry_ref",
+    "check_messages", "describe", "export", "final_dir", "fingerprint", "greedy", "greedy_ids", "identify", "is_adapter", "is_registry_ref",
     "left_pad", "load", "load_config", "load_for_training", "load_inference", "load_model", "load_saved_tokenizer", "load_tokenizer",
     "locate", "materialize_preset", "max_positions", "prompt_ids", "resolve", "resolved_dtype", "skeleton", "torch_dtype", "trained_from",
     "training_problems",

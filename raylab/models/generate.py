@@ -58,6 +58,12 @@ def left_pad(rows: list[list[int]], pad_id: int):
 
 def greedy(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
     """Greedy answers (KV cache on), stopping at the end-of-turn token."""
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in greedy_ids(model, tok, prompts, max_new_tokens)]
+
+
+def greedy_ids(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """The generated token ids of each prompt's greedy answer, up to its end-of-turn token
+    (excluded): what a speed budget counts."""
     import torch
 
     ids, mask = left_pad(prompts, tok.pad_token_id)
@@ -65,4 +71,9 @@ def greedy(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[st
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True,
                              temperature=None, top_p=None, top_k=None)
-    return [tok.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
+    rows = []
+    for row in out[:, ids.shape[1]:].tolist():
+        stop = {tok.eos_token_id, tok.pad_token_id} - {None}
+        end = next((i for i, t in enumerate(row) if t in stop), len(row))
+        rows.append(row[:end])
+    return rows

@@ -17,6 +17,7 @@ from raylab.serve.deploy import (
     APP,
     default_ref,
     emit,
+    emit_text,
     run_deploy,
     run_serve,
     start_serving,
@@ -24,7 +25,7 @@ from raylab.serve.deploy import (
     wait_until_stopped,
 )
 
-__all__ = ["APP", "api_keys", "build", "default_ref", "emit", "run_deploy", "run_serve", "start_serving",
+__all__ = ["APP", "api_keys", "build", "default_ref", "emit", "emit_text", "run_deploy", "run_serve", "start_serving",
            "stop_serving", "wait_until_stopped"]
 
 

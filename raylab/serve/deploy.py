@@ -125,16 +125,25 @@ def deploy_config(s: ServeConfig, app: dict) -> dict:
     return {"proxy_location": "EveryNode", "http_options": {"host": s.host, "port": s.port}, "applications": [app]}
 
 
-def emit(path: str, cfg: RaylabConfig | None, ref: str, tracking_uri: str | None = None) -> dict:
-    """Write the serve config that `serve deploy` and a RayService's serveConfigV2 take."""
+def emit_text(cfg: RaylabConfig | None, ref: str, tracking_uri: str | None = None) -> str:
+    """The serve config that `serve deploy` and a RayService's serveConfigV2 take, as YAML
+    (`raylab render --target serve`; `raylab serve --emit-config` writes the same)."""
     import yaml
 
     s = cfg.serve if cfg else ServeConfig()
     store = None if plain(ref) else registry.open_store(cfg, tracking_uri)
     full = deploy_config(s, app_config(s, store, ref, cfg.model.dtype if cfg else "float32"))
-    storage.write_text(path, "# written by `raylab serve --emit-config`; deploy with `serve deploy` or embed in a "
-                          "RayService's serveConfigV2\n" + yaml.safe_dump(full, sort_keys=False))
-    return full
+    return ("# written by `raylab render --target serve` (`raylab serve --emit-config`); deploy with `serve deploy` "
+            "or embed in a RayService's serveConfigV2\n" + yaml.safe_dump(full, sort_keys=False))
+
+
+def emit(path: str, cfg: RaylabConfig | None, ref: str, tracking_uri: str | None = None) -> dict:
+    """Write the serve config that `serve deploy` and a RayService's serveConfigV2 take."""
+    import yaml
+
+    text = emit_text(cfg, ref, tracking_uri)
+    storage.write_text(path, text)
+    return yaml.safe_load(text)
 
 
 # ---------------------------------------------------------------- Serve's REST API

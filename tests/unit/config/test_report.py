@@ -55,7 +55,7 @@ CROSS_FIELD = [
     (["data.dedup.bands=10"], "data.dedup: num_perm (64) must be a multiple of bands (10)"),
     (["data.pii.types=[NOPE]"], "data.pii.types: unknown detectors ['NOPE']; expected some of "),
     (["registry.gates.golden=[{prompt: hi}]"],
-     "registry.gates.golden.0: give contains and/or regex: what the answer must have"),
+     "registry.gates.golden.0: give contains, regex, exact and/or json_schema: what the answer must have"),
     (["registry.gates.golden=[{prompt: hi, regex: '('}]"],
      "registry.gates.golden.0.regex: '(' does not compile: missing ), unterminated subpattern at position 0"),
     (["tune={search_space: {train.lr: {choice: [1], uniform: [1, 2]}}}"],

@@ -3,10 +3,12 @@
     PhoneFinder(["DE"])("ruf an: 030 1234567")          # [(8, 19)]
     find_secrets("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
 
-- Phones: Google's libphonenumber (`phonenumbers`) in its VALID leniency: an international
-  number anywhere, a national one in the configured regions (`data.pii.regions`). A bare
-  digit run with no separator counts only after a phone word (call, phone, tel, mobile, ...),
-  so order numbers stay.
+- Phones: Google's libphonenumber (`phonenumbers`): an international number anywhere, a
+  national one in the configured regions (`data.pii.regions`), VALID by the country's
+  numbering plan; a bare digit run with no separator only after a phone word (call, phone,
+  tel, mobile, ...), so order numbers stay. After a phone word or written with +country, a
+  number that is only POSSIBLE (the length fits, the block is unassigned or mistyped) counts
+  too: it is still someone's personal data.
 - Secrets: detect-secrets' plugins (their regexes: AWS, GitHub, GitLab, Slack, Stripe,
   OpenAI, JWT, private keys, PyPI, npm, SendGrid, Twilio, ...), the whole PEM block of a
   private key, an AWS secret access key after its name, and high-entropy tokens by
@@ -43,14 +45,22 @@ class PhoneFinder:
 
         if sum(c.isdigit() for c in text) < 7:  # the matcher is slow; most texts hold no phone
             return []
-        spans = set()
+        spans: set[tuple[int, int]] = set()
         for region in self.regions:
             for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
-                raw = m.raw_string
-                structured = raw.startswith(("+", "(", "00")) or re.search(r"\d[\s./-]\d", raw)
-                if structured or _PHONE_WORD.search(text[max(0, m.start - 40):m.start]):
+                structured = m.raw_string.startswith(("+", "(", "00")) or re.search(r"\d[\s./-]\d", m.raw_string)
+                if structured or self._cue(text, m.start):
+                    spans.add((m.start, m.end))
+        for region in self.regions:  # unassigned or mistyped numbers, where the text says "phone"
+            for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.POSSIBLE):
+                if sum(c.isdigit() for c in m.raw_string) >= 7 and not any(s < m.end and m.start < e for s, e in spans) \
+                        and (m.raw_string.startswith(("+", "(")) or self._cue(text, m.start)):
                     spans.add((m.start, m.end))
         return sorted(spans)
+
+    @staticmethod
+    def _cue(text: str, start: int) -> bool:
+        return _PHONE_WORD.search(text[max(0, start - 40):start]) is not None
 
     def __eq__(self, other) -> bool:
         return isinstance(other, PhoneFinder) and other.regions == self.regions
@@ -91,6 +101,14 @@ def _secret_patterns() -> list[re.Pattern]:
     return pats
 
 
+# Key shapes detect-secrets lacks or pins to one vendor's exact form: `sk-`/`pk-`/`rk-` keys of
+# any length (OpenAI's project keys, Anthropic's, Stripe's test keys), Slack tokens, bare JWTs.
+_SHAPES = re.compile(
+    r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}"
+    r"|\bgh[pousr]_[A-Za-z0-9]{30,}\b"
+    r"|\bxox[abpr]-[A-Za-z0-9-]{10,}"
+    r"|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
+)
 _PEM = re.compile(r"-----BEGIN ((?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----.*?(?:-----END \1-----|\Z)", re.S)
 _AWS_SECRET = re.compile(r"(?i)(?:aws.{0,20}?secret|secret.{0,5}access.{0,5}key)[^\n]{0,30}?(?<![A-Za-z0-9/+])"
                          r"([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])")
@@ -119,7 +137,7 @@ def _high_entropy(token: str) -> bool:
 def find_secrets(text: str, entropy: bool = True) -> list[tuple[int, int]]:
     """Secrets in a text; `entropy=False` leaves out the high-entropy rule (config values:
     model ids and paths are mixed-case too)."""
-    spans = [m.span() for m in _PEM.finditer(text)]
+    spans = [m.span() for m in _PEM.finditer(text)] + [m.span() for m in _SHAPES.finditer(text)]
     spans += [m.span(1) for m in _AWS_SECRET.finditer(text)]
     for pat in _secret_patterns():
         for m in pat.finditer(text):
@@ -151,13 +169,13 @@ _UNIT = r"(?:,?\s+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Floor|Fl\.?|Room|#)
 _TAIL = r"(?:,\s*[A-Z][A-Za-z.' -]{1,30}?(?:,?\s+[A-Z]{2})?(?:,?\s+\d{5}(?:-\d{4})?)?(?=\W|$))?"
 _US_UK = re.compile(
     rf"(?<![\w-])\d{{1,6}}[A-Za-z]?\s+(?:(?:[NSEW]|North|South|East|West)\.?\s+)?(?:{_CAP}\s+){{0,3}}{_CAP}\s+"
-    rf"(?:{_STREET_TYPES})\b\.?(?:\s+(?:N|S|E|W|NE|NW|SE|SW)\b)?{_UNIT}{_TAIL}"
+    rf"(?:{_STREET_TYPES})s?\b\.?(?:\s+(?:N|S|E|W|NE|NW|SE|SW)\b)?{_UNIT}{_TAIL}"
 )
 _CONTINENTAL = re.compile(
-    r"(?<![\w-])[A-Z\u00c0-\u00de][a-z\u00df-\u00ff]+(?:-[A-Z][a-z\u00df-\u00ff]+)*"
-    r"(?:stra(?:ß|ss)e|str\.|weg|platz|allee|gasse|ring|damm|ufer|chaussee|steig|pfad|straat|laan|plein|gracht|"
+    r"(?<![\w-])[A-Z\u00c0-\u00de][a-z\u00df-\u00ff]+(?:-[A-Z][a-z\u00df-\u00ff]+)*-?"
+    r"(?i:stra(?:ß|ss)e|str\.|weg|platz|allee|gasse|ring|damm|ufer|chaussee|steig|pfad|straat|laan|plein|gracht|"
     r"gatan|gata|vägen|vej|gade)"
-    r"\s+\d{1,4}\s?[a-z]?(?:,?\s+\d{4,5}\s+[A-Z\u00c0-\u00de][a-z\u00df-\u00ff]+(?:[ -][A-Z][a-z\u00df-\u00ff]+)?)?"
+    r"\s+\d{1,4}(?:/\d{1,4})?\s?[a-z]?(?:,?\s+\d{4,5}\s+[A-Z\u00c0-\u00de][a-z\u00df-\u00ff]+(?:[ -][A-Z][a-z\u00df-\u00ff]+)?)?"
 )
 
 

@@ -9,9 +9,10 @@ are kept: no person, count or country. Note for a privacy review: names-dataset'
 were extracted from the 2021 Facebook data dump; replace FIRST/LAST below with another
 source (national statistics offices' name lists) if that provenance is unacceptable.
 
-Each line: `Name<TAB>flags`, flags from F (a first name), L (a last name) and W (also an
-ordinary lower-case English word in english-words' web2 list: Will, May, Rose, Grant, Bill),
-which the detector only accepts beside strong evidence (raylab/core/pii_names.py).
+Each line: `Word<TAB>flags`, flags from F (a first name), L (a last name) and W (an ordinary
+lower-case English word in english-words' web2 list: Will, May, Rose, Grant, Bill as names
+and words, every other web2 word as W alone), which the detector only accepts as a name
+beside strong evidence (raylab/core/pii_names.py).
 """
 
 from __future__ import annotations
@@ -58,12 +59,12 @@ def main() -> None:
     with gzip.open(base / "last_names.pkl.gz", "rb") as f:
         last = top(pickle.load(f), TOP_LAST, by_gender=False)
     lines = []
-    for name in sorted(first | last):
+    for name in sorted(first | last | {w.capitalize() for w in words}):
         flags = ("F" if name in first else "") + ("L" if name in last else "") + ("W" if name.lower() in words else "")
         lines.append(f"{name}\t{flags}\n")
     with gzip.open(OUT, "wt", encoding="utf-8", compresslevel=9) as f:
         f.writelines(lines)
-    print(f"wrote {OUT}: {len(first)} first names, {len(last)} last names, {len(lines)} lines")
+    print(f"wrote {OUT}: {len(first)} first names, {len(last)} last names, {len(words)} words, {len(lines)} lines")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,16 @@
     find_names("Hi, this is Sam Rivera. Thanks, Sam")    # [(12, 22), (32, 35)]
 
 The list (`names.tsv.gz`, built by scripts/build_names.py from names-dataset's most
-frequent first and last names per country) marks each name F (first), L (last) and W (also
-an ordinary English word: Will, May, Rose, Grant, Bill). A capitalised sequence is a name:
+frequent first and last names per country, and english-words' web2 list) marks each word F
+(a first name), L (a last name) and W (an ordinary English word: Will, May, Rose, Grant,
+Bill as names and words; Rockets, Policy as words only). A capitalised sequence is a name:
 
 - after a strong cue, whatever it holds: "my name is", "name:", Mr/Mrs/Ms/Dr, "Dear", a
   sign-off on its own line ("Regards,\\n", "Thanks,\\n", "Sincerely,\\n") followed by the name;
 - after a weak cue ("this is", "I'm", "I am", "Hi", "Hello", "Thanks,", "ask", "contact",
   "spoke to", "cc", ...) when its first word is a listed first name, or a listed last name
-  that is no ordinary word;
+  that is no ordinary word, or when it is two or more words none of which is an ordinary
+  word ("this is Zorblat Quenkvist" yes, "this is Acme Rockets" no);
 - with no cue when it is a first name followed by a last name from the list, unless both are
   ordinary English words at the start of a sentence ("Sam Rivera" yes, "... asked Will
   Grant" yes, "Will Grant the request?" no, "May Rose" no);
@@ -55,9 +57,13 @@ _NEVER = {
 
 @functools.lru_cache(maxsize=1)
 def names() -> dict[str, str]:
-    """Name -> flags (F, L, W), loaded once per process."""
+    """Word -> flags (F, L, W), loaded once per process (about 30 MB)."""
     with gzip.open(NAMES_FILE, "rt", encoding="utf-8") as f:
         return dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+
+
+def _listed(flags: str) -> bool:
+    return "F" in flags or "L" in flags
 
 
 def _words(seq: str) -> list[str]:
@@ -72,7 +78,7 @@ def _trim(seq: str, table: dict[str, str]) -> str:
         return seq
     keep = 1
     for i, w in enumerate(words[1:], 1):
-        if w in table or re.fullmatch(_PARTICLE, w) or (i == 1 and w not in _NEVER):
+        if _listed(table.get(w, "")) or re.fullmatch(_PARTICLE, w) or (i == 1 and w not in _NEVER):
             keep = i + 1
         else:
             break
@@ -93,8 +99,10 @@ def find_names(text: str) -> list[tuple[int, int]]:
     for m in _STRONG.finditer(text):
         add(m.start(1), m.group(1))
     for m in _WEAK.finditer(text):
-        flags = table.get(_words(m.group(1))[0], "")
-        if "F" in flags or ("L" in flags and "W" not in flags):
+        words = _words(_trim(m.group(1), table))
+        flags = table.get(words[0], "")
+        unknown_pair = len(words) >= 2 and not any("W" in table.get(w, "") for w in words)
+        if "F" in flags or ("L" in flags and "W" not in flags) or unknown_pair:
             add(m.start(1), m.group(1))
     for m in _PAIR.finditer(text):
         words = _words(m.group(1))

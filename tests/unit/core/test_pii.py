@@ -56,6 +56,7 @@ def test_version_strings_are_not_ip_addresses():
         ("ID card: T22000129", "ID_NUMBER", "T22000129"),
         ("NI number AB 12 34 56 C", "ID_NUMBER", "AB 12 34 56 C"),
         ("My name is Zorblat Quenkvist and I need help", "PERSON", "Zorblat Quenkvist"),  # on no list
+        ("Hello, Zorblat Quenkvist here: the VPN fails.", "PERSON", "Zorblat Quenkvist"),  # weak cue, two unknown words
         ("Thanks for your help!\n\nKind regards,\nOluwaseun Adeyemi-Clarke", "PERSON", "Oluwaseun Adeyemi-Clarke"),
         ("Dear Ms. Okafor, your order shipped.", "PERSON", "Okafor"),
         ("token ghp_abcdefghijklmnopqrstuvwxyz0123456789 leaked", "SECRET", "ghp_abcdefghijklmnopqrstuvwxyz0123456789"),
@@ -78,6 +79,7 @@ def test_a_private_key_block_is_redacted_whole():
         "Will you grant me a rose in May? Bill the client for the extra hours.",
         "Grant applications close in May. Will the committee review them? Rose petals fell. Bill payments are due.",
         "This is Acme's policy. This is Monday's schedule. Hi Team, thanks all.",
+        "Hi, this is Acme Rockets support. Contact Customer Service for returns.",
         "Order 1234567890 shipped; ticket 4155550134 closed; invoice 2026-11-24 paid.",
         "The passport office opens at 9. Our ID card printer is broken. Born to run, released 2016-03-01.",
         "Room 204 on the 2nd floor; 27 vacation days; 16 weeks of leave.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import Annotated, Literal
 
@@ -132,6 +133,9 @@ class PiiConfig(Section):
             unknown = [t for t in self.types if t not in detectors.available()]
             if unknown:
                 raise invalid(f"unknown detectors {unknown}; expected some of {detectors.available()}", at="types")
+        if self.enabled and self.engine == "presidio" and importlib.util.find_spec("presidio_analyzer") is None:
+            raise invalid("presidio needs Presidio's analyzer, which is not installed: pip install 'raylab[presidio]'",
+                          at="engine")
         bad = [r for r in self.regions if not detectors.valid_region(r)]
         if bad:
             raise invalid(f"unknown regions {bad}; expected ISO 3166 alpha-2 codes such as US, GB, DE", at="regions")

@@ -95,3 +95,15 @@ def test_pii_regions(regions, ok):
     else:
         with pytest.raises(ConfigError, match=r"data\.pii\.regions: unknown regions \['XX'\]"):
             config.load_dict(raw)
+
+
+def test_the_presidio_engine_without_presidio_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "presidio_analyzer" else real(name, *a))
+    raw = {**MINIMAL, "data": {**MINIMAL["data"], "pii": {"engine": "presidio"}}}
+    with pytest.raises(ConfigError, match=r"data\.pii\.engine: presidio needs .*pip install 'raylab\[presidio\]'"):
+        config.load_dict(raw)
+    monkeypatch.undo()
+    assert config.load_dict(raw).data.pii.engine == "presidio"

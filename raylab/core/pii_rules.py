@@ -13,8 +13,9 @@
   OpenAI, JWT, private keys, PyPI, npm, SendGrid, Twilio, ...), the whole PEM block of a
   private key, an AWS secret access key after its name, and high-entropy tokens by
   detect-secrets' Shannon entropy (detect-secrets itself only scores quoted strings).
-- Addresses: a house number, capitalised words and a street type (`12 Baker Street`,
-  `742 Evergreen Terrace, Springfield, IL 62704`), confirmed by usaddress's parser, and the
+- Addresses: a house (or flat) number, capitalised words and a street type (`12 Baker
+  Street`, `742 Evergreen Terrace, Springfield, IL 62704`, `Flat 2, Clare Harbor`),
+  confirmed by usaddress's parser, and the
   German/Dutch/Scandinavian order (`Hauptstraße 5, 10115 Berlin`).
 - Dates of birth, passport and ID numbers: the value's shape only after a context word
   (DOB, born, passport, ID card, ...), so ordinary dates and codes stay.
@@ -166,9 +167,11 @@ _STREET_TYPES = (
 )
 _CAP = r"[A-Z][A-Za-z'\u00c0-\u00ff.-]*"
 _UNIT = r"(?:,?\s+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Floor|Fl\.?|Room|#)\s*[A-Za-z0-9-]+)?"
-_TAIL = r"(?:,\s*[A-Z][A-Za-z.' -]{1,30}?(?:,?\s+[A-Z]{2})?(?:,?\s+\d{5}(?:-\d{4})?)?(?=\W|$))?"
+_TAIL = (r"(?:,\s*[A-Z][A-Za-z.'-]*(?:\s[A-Z][A-Za-z.'-]*){0,3}(?:,?\s+[A-Z]{2})?(?:,?\s+\d{5}(?:-\d{4})?)?"
+         r"(?:,?\s+[A-Z]{1,2}\d[A-Z\d]?\s?\d[A-Z]{2})?(?=\W|$))?")  # US state + ZIP, or a UK postcode
 _US_UK = re.compile(
-    rf"(?<![\w-])\d{{1,6}}[A-Za-z]?\s+(?:(?:[NSEW]|North|South|East|West)\.?\s+)?(?:{_CAP}\s+){{0,3}}{_CAP}\s+"
+    rf"(?:(?<![\w-])(?:Flat|Apartment|Studio)\s+\w{{1,5}},?\s+(?:\d{{1,6}}[A-Za-z]?\s+)?|(?<![\w-])\d{{1,6}}[A-Za-z]?\s+)"
+    rf"(?:(?:[NSEW]|North|South|East|West)\.?\s+)?(?:{_CAP}\s+){{0,3}}{_CAP}\s+"
     rf"(?:{_STREET_TYPES})s?\b\.?(?:\s+(?:N|S|E|W|NE|NW|SE|SW)\b)?{_UNIT}{_TAIL}"
 )
 _CONTINENTAL = re.compile(
@@ -188,11 +191,14 @@ def _usaddress_ok(candidate: str) -> bool:
         tagged, kind = usaddress.tag(candidate)
     except usaddress.RepeatedLabelError:
         return True  # several addresses run together: still address-shaped
-    return kind == "Street Address" and "AddressNumber" in tagged and "StreetName" in tagged
+    return kind == "Street Address" and "StreetName" in tagged and (
+        "AddressNumber" in tagged or "OccupancyIdentifier" in tagged)
 
 
 def find_addresses(text: str) -> list[tuple[int, int]]:
-    spans = [m.span() for m in _US_UK.finditer(text) if _usaddress_ok(m.group().rstrip(".,"))]
+    # usaddress knows US addresses; a UK flat line ("Flat 2, Clare Harbor") is shaped enough.
+    spans = [m.span() for m in _US_UK.finditer(text)
+             if m.group().startswith(("Flat", "Apartment", "Studio")) or _usaddress_ok(m.group().rstrip(".,"))]
     spans += [m.span() for m in _CONTINENTAL.finditer(text)]
     return [(s, e - (len(text[s:e]) - len(text[s:e].rstrip(".,")))) for s, e in spans]
 

@@ -51,6 +51,7 @@ def test_version_strings_are_not_ip_addresses():
         ("ship to 742 Evergreen Terrace, Springfield, IL 62704 please", "ADDRESS",
          "742 Evergreen Terrace, Springfield, IL 62704"),
         ("Lieferadresse: Hauptstraße 5, 10115 Berlin.", "ADDRESS", "Hauptstraße 5, 10115 Berlin"),
+        ("post it to Flat 2b, Clare Harbor, London SW1A 1AA.", "ADDRESS", "Flat 2b, Clare Harbor, London SW1A 1AA"),
         ("I was born on 12 April 1985 in Leeds", "DATE_OF_BIRTH", "12 April 1985"),
         ("my passport number is 123456789.", "PASSPORT", "123456789"),
         ("ID card: T22000129", "ID_NUMBER", "T22000129"),

@@ -75,3 +75,23 @@ def test_no_accepted_quickstart_record_names_a_customer():
     planted = ["@example.com", "+1 415 555", "4111 1111 1111 1111", "DE89 3704", "203.0.113.", "sk-test4f9a8b7c6d5e4f3a2b1c"]
     assert not [p for p in planted for t in texts if p in t]
     assert sum("<PERSON>" in t for t in texts) >= len(named_in_source) - 10  # the names became placeholders
+
+
+def test_pseudonymized_records_keep_one_placeholder_per_customer_within_a_run():
+    import dataclasses
+
+    cfg = config.load(REPO / "configs" / "quickstart.yaml", ["data.pii.pseudonymize=true"])
+    src = cfg.data.sources[1]  # the support chats
+    chat = {"messages": [{"role": "user", "content": "Hi, this is Sam Rivera. My badge is lost."},
+                         {"role": "assistant", "content": "Sorry to hear that, Sam Rivera. Reception replaces it."}]}
+
+    def redacted(key: bytes) -> list[str]:
+        rules = dataclasses.replace(source_rules(src, cfg.data), pseudonym_key=key)
+        rows = [records.check_row({"source": "support", "record_id": str(i), "raw": "", "payload": json.dumps(chat),
+                                   "error": "", "error_message": ""}, rules, rules.compiled(), rules.detectors())
+                for i in range(2)]
+        return [re.findall(r"<PERSON_[A-Z]{4}>", r["messages"]) for r in rows]
+
+    first_run = redacted(b"a" * 32)
+    assert len(set(sum(first_run, []))) == 1 and len(first_run[0]) == 2  # both turns, both records: one pseudonym
+    assert redacted(b"b" * 32)[0] != first_run[0]  # another run, another key

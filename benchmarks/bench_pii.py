@@ -40,6 +40,8 @@ Protocol (fixed before the first run; benchmarks/README.md protocol version 1 fo
   raylab's detectors for the rest); and for reference Presidio's analyzer alone (its
   entities that map to these types: EMAIL_ADDRESS, PHONE_NUMBER, CREDIT_CARD, IBAN_CODE,
   IP_ADDRESS, US_SSN, US_PASSPORT, UK_NINO, PERSON; PERSON impossible without a spaCy model).
+  Both Presidio sides keep findings scored >= 0.4 (raylab's setting, pii_presidio.py; fixed
+  after the development run, before the reported one).
 - **Throughput**: records/s of raylab's builtin detectors (`find_all`) vs Presidio's
   analyzer alone (`AnalyzerEngine.analyze`, no_op NLP engine, the same records: labelled set
   plus prose), one thread each, 5 alternating pairs after one warm-up pass each.
@@ -239,7 +241,7 @@ def presidio_alone(regions=("US", "GB", "DE")):
     names = {**pii_presidio.ENTITIES, "US_PASSPORT": "PASSPORT", "UK_NINO": "ID_NUMBER"}
 
     def find(text: str):
-        found = engine.analyze(text, language="en", entities=list(names))
+        found = engine.analyze(text, language="en", entities=list(names), score_threshold=pii_presidio.SCORE_THRESHOLD)
         return sorted((names[r.entity_type], r.start, r.end) for r in found)
 
     return engine, find

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import functools
 import gzip
-import re
 from pathlib import Path
+
+import regex as re  # \p{Lu}: capitals of every script's Latin letters (Štěpánek, Đặng, İdiris)
 
 NAMES_FILE = Path(__file__).with_name("names.tsv.gz")
 
-_WORD = r"[A-Z\u00c0-\u00de][a-z\u00df-\u00ff]+(?:['-][A-Z\u00c0-\u00de]?[a-z\u00df-\u00ff]+)?"
+_WORD = r"\p{Lu}[\p{Ll}\p{M}]+(?:['-]\p{Lu}?[\p{Ll}\p{M}]+)?"
 _PARTICLE = r"(?:van|von|de|der|den|da|di|del|della|du|la|le|bin|ibn|al|el|ter|ten|dos|das)"
 _SEQ = rf"{_WORD}(?:[ \t]+(?:{_PARTICLE}[ \t]+)?{_WORD}){{0,2}}"
 _STRONG = re.compile(
@@ -71,19 +72,18 @@ def _words(seq: str) -> list[str]:
 
 
 def _trim(seq: str, table: dict[str, str]) -> str:
-    """Cut a sequence after its last listed word or at the third word, so "Sam Rivera Thanks"
-    keeps "Sam Rivera" (a following capitalised word is often a new sentence)."""
+    """Cut a sequence after its second name word unless the words after it are listed names,
+    so "Sam Rivera Thanks" keeps "Sam Rivera" and "Ruben van Rooij" stays whole (a following
+    capitalised word is often a new sentence)."""
     words = seq.split()
-    if len(words) <= 1:
-        return seq
-    keep = 1
+    keep, names = 1, 1
     for i, w in enumerate(words[1:], 1):
-        if _listed(table.get(w, "")) or re.fullmatch(_PARTICLE, w) or (i == 1 and w not in _NEVER):
-            keep = i + 1
+        if re.fullmatch(_PARTICLE, w):
+            continue
+        if (names == 1 and w not in _NEVER) or _listed(table.get(w, "")):
+            keep, names = i + 1, names + 1
         else:
             break
-    while keep > 1 and re.fullmatch(_PARTICLE, words[keep - 1]):
-        keep -= 1
     return " ".join(words[:keep])
 
 
@@ -91,13 +91,13 @@ def find_names(text: str) -> list[tuple[int, int]]:
     table = names()
     spans: list[tuple[int, int]] = []
 
-    def add(start: int, seq: str) -> None:
+    def add(start: int, seq: str, strong: bool = False) -> None:
         seq = _trim(seq, table)
-        if seq.split()[0] not in _NEVER:
+        if strong or seq.split()[0] not in _NEVER:  # "My name is August Hande" is a name
             spans.append((start, start + len(seq)))
 
     for m in _STRONG.finditer(text):
-        add(m.start(1), m.group(1))
+        add(m.start(1), m.group(1), strong=True)
     for m in _WEAK.finditer(text):
         words = _words(_trim(m.group(1), table))
         flags = table.get(words[0], "")
@@ -108,6 +108,8 @@ def find_names(text: str) -> list[tuple[int, int]]:
         words = _words(m.group(1))
         for i in range(len(words) - 1):
             first, last = table.get(words[i], ""), table.get(words[i + 1], "")
+            if "W" in first and i + 2 < len(words) and "F" in last and "L" in table.get(words[i + 2], ""):
+                continue  # "Yesterday Julia Wagner": the word before a first + last name
             start = m.start(1) + m.group(1).index(words[i])
             initial = re.search(r"(?:^|[.!?:;\n\"(])\s*$", text[max(0, start - 8):start]) is not None
             if "F" in first and "L" in last and not ("W" in first and "W" in last and initial):

@@ -163,8 +163,9 @@ _STREET_TYPES = (
     r"Lights|Mall|Mount|Mountain|Neck|Oval|Prairie|Radial|Ramp|Ranch|Rapids|Rest|Route|Shoal|Skyway|Spur|Squares|"
     r"Throughway|Trace|Trafficway|Tunnel|Underpass|Vista|Via|Viaduct|Burg|Bypass|Camp|Canyon|Cape|Causeway|Center|"
     r"Centre|Cliff|Club|Common|Corner|Corners|Course|Cove|Dale|Dam|Divide|Extension|Garden|Gateway|Glen|Harbors|"
-    r"Bluff|Bottom|Branch|Brook|Beach|Bend|Arcade"
-)
+    r"Bluff|Bottom|Branch|Brook|Beach|Bend|Arcade|Bayou|Crest|Crossroad|Isle|Loaf|Lock|Land|Plain|Pine|Passage|Rue|"
+    r"Stravenue|Estate|River|Forge|Curve|Motorway|Overpass|Trailer|Annex"
+)  # USPS Publication 28's street suffixes (plurals by the `s?` below), plus British ones
 _CAP = r"[A-Z][A-Za-z'\u00c0-\u00ff.-]*"
 _UNIT = r"(?:,?\s+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Flat|Floor|Fl\.?|Room|#)\s*[A-Za-z0-9-]+)?"
 _TAIL = (r"(?:,\s*[A-Z][A-Za-z.'-]*(?:\s[A-Z][A-Za-z.'-]*){0,3}(?:,?\s+[A-Z]{2})?(?:,?\s+\d{5}(?:-\d{4})?)?"
@@ -178,8 +179,12 @@ _CONTINENTAL = re.compile(
     r"(?<![\w-])[A-Z\u00c0-\u00de][a-z\u00df-\u00ff]+(?:-[A-Z][a-z\u00df-\u00ff]+)*-?"
     r"(?i:stra(?:ß|ss)e|str\.|weg|platz|allee|gasse|ring|damm|ufer|chaussee|steig|pfad|straat|laan|plein|gracht|"
     r"gatan|gata|vägen|vej|gade)"
-    r"\s+\d{1,4}(?:/\d{1,4})?\s?[a-z]?(?:,?\s+\d{4,5}\s+[A-Z\u00c0-\u00de][a-z\u00df-\u00ff]+(?:[ -][A-Z][a-z\u00df-\u00ff]+)?)?"
+    r"\s+\d{1,4}(?:[/-]\d{1,4})?\s?[a-z]?(?:,?\s+\d{4,5}\s+[A-Z\u00c0-\u00de][a-z\u00df-\u00ff]+(?:[ -][A-Z][a-z\u00df-\u00ff]+)?)?"
 )
+
+
+_MILITARY = re.compile(r"\b(?:PSC|CMR|Unit|USNS|USNV|USS|USCGC)\s+[\w ]{1,20}?(?:,?\s+Box\s+\d{1,5})?,\s+"
+                       r"(?:APO|FPO|DPO)\s+(?:AA|AE|AP)\s+\d{5}\b")
 
 
 def _usaddress_ok(candidate: str) -> bool:
@@ -199,7 +204,7 @@ def find_addresses(text: str) -> list[tuple[int, int]]:
     # usaddress knows US addresses; a UK flat line ("Flat 2, Clare Harbor") is shaped enough.
     spans = [m.span() for m in _US_UK.finditer(text)
              if m.group().startswith(("Flat", "Apartment", "Studio")) or _usaddress_ok(m.group().rstrip(".,"))]
-    spans += [m.span() for m in _CONTINENTAL.finditer(text)]
+    spans += [m.span() for m in _CONTINENTAL.finditer(text)] + [m.span() for m in _MILITARY.finditer(text)]
     return [(s, e - (len(text[s:e]) - len(text[s:e].rstrip(".,")))) for s, e in spans]
 
 

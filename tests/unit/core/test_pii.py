@@ -60,6 +60,12 @@ def test_version_strings_are_not_ip_addresses():
         ("Hello, Zorblat Quenkvist here: the VPN fails.", "PERSON", "Zorblat Quenkvist"),  # weak cue, two unknown words
         ("Thanks for your help!\n\nKind regards,\nOluwaseun Adeyemi-Clarke", "PERSON", "Oluwaseun Adeyemi-Clarke"),
         ("Dear Ms. Okafor, your order shipped.", "PERSON", "Okafor"),
+        ("Yesterday Julia Wagner approved the travel expenses.", "PERSON", "Julia Wagner"),
+        ("Hi, this is Ruben van Rooij. My order is late.", "PERSON", "Ruben van Rooij"),
+        ("My name is Dalibor Šťastný and I need a badge.", "PERSON", "Dalibor Šťastný"),
+        ("My name is August Hande.", "PERSON", "August Hande"),
+        ("Deliver to PSC 1218, Box 2720, APO AP 04936 on Monday", "ADDRESS", "PSC 1218, Box 2720, APO AP 04936"),
+        ("Please ship it to Vogtallee 5-1, 55526 Lemgo.", "ADDRESS", "Vogtallee 5-1, 55526 Lemgo"),
         ("token ghp_abcdefghijklmnopqrstuvwxyz0123456789 leaked", "SECRET", "ghp_abcdefghijklmnopqrstuvwxyz0123456789"),
         ("the session token Zx9Qm2Lp8Rt4Vw6Yb1Nc3Kd5 leaked", "SECRET", "Zx9Qm2Lp8Rt4Vw6Yb1Nc3Kd5"),
     ],

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raylab.config.types import Fraction, PathOrUri, PositiveInt, Section, StrList, invalid
 from raylab.core import detectors
@@ -116,6 +117,15 @@ class PiiConfig(Section):
 
     enabled: bool = Field(True, description="redact what the detectors find")
     types: StrList | None = Field(None, description="detectors to run; default all (raylab.core.detectors.available())")
+    engine: Literal["builtin", "presidio"] = Field(
+        "builtin", description="builtin: raylab's detectors; presidio: Microsoft Presidio's analyzer for the types it "
+        "covers (pip install 'raylab[presidio]'; without a spaCy model it runs pattern recognisers only and finds no "
+        "names), raylab's detectors for the rest")
+    regions: StrList = Field(default_factory=lambda: list(detectors.DEFAULT_REGIONS),
+                             description="countries (ISO 3166 alpha-2) whose national phone formats are recognised; "
+                             "numbers written with +country code always are")
+    pseudonymize: bool = Field(False, description="<PERSON_QZKD> instead of <PERSON>: the same value gets the same "
+                               "letters within a run (a keyed hash; the key is drawn per run and never written)")
 
     @model_validator(mode="after")
     def _known(self) -> PiiConfig:
@@ -123,7 +133,18 @@ class PiiConfig(Section):
             unknown = [t for t in self.types if t not in detectors.available()]
             if unknown:
                 raise invalid(f"unknown detectors {unknown}; expected some of {detectors.available()}", at="types")
+        if self.enabled and self.engine == "presidio" and importlib.util.find_spec("presidio_analyzer") is None:
+            raise invalid("presidio needs Presidio's analyzer, which is not installed: pip install 'raylab[presidio]'",
+                          at="engine")
+        bad = [r for r in self.regions if not detectors.valid_region(r)]
+        if bad:
+            raise invalid(f"unknown regions {bad}; expected ISO 3166 alpha-2 codes such as US, GB, DE", at="regions")
         return self
+
+    @field_validator("regions")
+    @classmethod
+    def _upper(cls, regions: list[str]) -> list[str]:
+        return [r.upper() for r in regions]
 
 
 class DedupConfig(Section):

@@ -109,13 +109,15 @@ def load_dict(
         apply_override(raw, *parse_override(item))
     _check_depth(raw, source)  # an override's value or long key can nest too
     raw.setdefault("output_dir", runs.default_output_dir(stem))
-    problems = secrets.malformed_refs(raw)
+    literal, values = secrets.literal_secrets(raw)
+    problems = secrets.malformed_refs(raw) + literal
     try:
         cfg = RaylabConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(source, report.problems(RaylabConfig, e, raw) + problems) from None
+        lines = report.problems(RaylabConfig, e, raw) + problems
+        raise ConfigError(source, [secrets.scrub(line, values) for line in lines]) from None
     if problems:
-        raise ConfigError(source, problems)
+        raise ConfigError(source, [secrets.scrub(line, values) for line in problems])
     cfg._source = source
     return cfg
 

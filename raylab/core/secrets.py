@@ -147,3 +147,47 @@ def redact_url(url: str) -> str:
             netloc = f"{user}:***@{host}"
     return (f"{scheme}://{netloc}{path}{has_query}{_redact_pairs(query)}"
             f"{has_fragment}{_redact_pairs(fragment)}")
+
+
+def _credential_key(key: str) -> bool:
+    # `auth` is a credential in a URL's query, but `ray.auth` is the authentication mode.
+    return _secret_key(key) and key.lower() != "auth"
+
+
+def literal_secrets(raw: Any, path: str = "") -> tuple[list[str], list[str]]:
+    """(problems, values) for the config values that hold a literal credential: a password in
+    a URL (or a secret query parameter), any value under a credential-named key (a header
+    such as Authorization or X-Api-Key), or a value the secret detectors recognise (cloud,
+    GitHub, Slack, Stripe, OpenAI keys, JWTs, private keys). `${env:NAME}` is the way to
+    write them; each problem names the key and never the value (`values` are for scrubbing
+    other messages)."""
+    if isinstance(raw, dict):
+        found = [literal_secrets(v, f"{path}{k}.") for k, v in raw.items()]
+    elif isinstance(raw, list):
+        found = [literal_secrets(v, f"{path}{i}.") for i, v in enumerate(raw)]
+    elif isinstance(raw, str):
+        return _literal(raw, path.rstrip("."))
+    else:
+        return [], []
+    return [p for ps, _ in found for p in ps], [v for _, vs in found for v in vs]
+
+
+_FIX = "put the value in an environment variable and write ${env:NAME} in its place"
+
+
+def _literal(value: str, key: str) -> tuple[list[str], list[str]]:
+    from raylab.core import pii_rules
+
+    in_url = url_secrets(value)
+    if in_url:
+        return [f"{key}: the URL holds a literal password or token; {_FIX} "
+                f"(e.g. {redact_url(value).replace('***', '${env:NAME}')})"], in_url
+    bare = ENV_REF.sub("", value).strip()
+    last = key.rsplit(".", 1)[-1]
+    if bare and _credential_key(last) and not ENV_REF.search(value):
+        return [f"{key}: holds a literal credential; {_FIX}"], [value, bare]
+    spans = pii_rules.find_secrets(bare, entropy=False)
+    if spans:
+        return [f"{key}: holds what looks like a secret (an access key, token or private key); {_FIX}"], \
+            [bare[s:e] for s, e in spans]
+    return [], []

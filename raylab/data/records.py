@@ -55,12 +55,22 @@ class SourceRules:
     validation: ValidationConfig
     clean: CleanConfig = field(default_factory=CleanConfig)
     pii: PiiConfig = field(default_factory=lambda: PiiConfig(enabled=False))
+    # The run's pseudonym key (data.pii.pseudonymize): drawn by the stage's driver, shipped to
+    # the tasks inside the rules, never written.
+    pseudonym_key: bytes | None = field(default=None, repr=False)
 
     def compiled(self) -> list[re.Pattern]:
         return [re.compile(p) for p in self.validation.deny_regex]
 
     def detectors(self) -> list[pii.Detector]:
-        return pii.detectors(self.pii.types) if self.pii.enabled else []
+        if not self.pii.enabled:
+            return []
+        return pii.for_engine(self.pii.types, self.pii.engine, self.pii.regions)
+
+    def pseudonyms(self) -> pii.Pseudonyms | None:
+        if self.pii.enabled and self.pii.pseudonymize and self.pseudonym_key:
+            return pii.Pseudonyms(self.pseudonym_key)
+        return None
 
 
 _CONTROL = re.compile(r"[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f\u200b-\u200d\u2060\ufeff]")
@@ -172,8 +182,8 @@ def check(text: str, messages: list[dict[str, str]] | None, rules: SourceRules, 
             raise RecordError("denied_pattern", f"matches validation.deny_regex {pattern.pattern!r}")
 
 
-def _redact(text: str, detectors: list[pii.Detector], counts: dict[str, int]) -> str:
-    text, found = pii.redact(text, detectors)
+def _redact(text: str, detectors: list[pii.Detector], counts: dict[str, int], pseudonyms=None) -> str:
+    text, found = pii.redact(text, detectors, pseudonyms)
     for kind, n in found.items():
         counts[kind] = counts.get(kind, 0) + n
     return text
@@ -194,9 +204,11 @@ def check_row(
             messages = [{"role": m["role"], "content": clean_text(m["content"], rules.clean)} for m in messages]
         check(text, messages, rules, deny)
         counts: dict[str, int] = {}
-        out["text"] = _redact(text, detectors, counts)
+        names = rules.pseudonyms()
+        out["text"] = _redact(text, detectors, counts, names)
         if messages is not None:
-            redacted = [{"role": m["role"], "content": _redact(m["content"], detectors, counts)} for m in messages]
+            redacted = [{"role": m["role"], "content": _redact(m["content"], detectors, counts, names)}
+                        for m in messages]
             out["messages"] = json.dumps(redacted, ensure_ascii=False)
         out["pii"] = json.dumps(counts) if counts else ""
     except RecordError as e:

@@ -31,10 +31,12 @@ SQL and HTTP inputs cannot be fingerprinted without reading them, so they always
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
 import logging
+import secrets
 import time
 
 import pyarrow as pa
@@ -237,7 +239,9 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     config.write_resolved(cfg)
-    rules = {source_name(i, s): source_rules(s, d) for i, s in enumerate(d.sources)}
+    key = secrets.token_bytes(32) if d.pii.pseudonymize else None  # one per run: equal values, equal pseudonyms
+    rules = {source_name(i, s): dataclasses.replace(source_rules(s, d), pseudonym_key=key)
+             for i, s in enumerate(d.sources)}
     cpus = d.cpus_per_task
     started = time.monotonic()
     checked = _check_sources(d, rules)

@@ -149,9 +149,13 @@ def redact_url(url: str) -> str:
             f"{has_fragment}{_redact_pairs(fragment)}")
 
 
-def _credential_key(key: str) -> bool:
+# Config keys whose names sound like credentials but whose values name where one lives.
+NAMES_A_SECRET = {"platform.api_keys_secret"}  # a Kubernetes Secret's name (raylab render), not its content
+
+
+def _credential_key(key: str, path: str = "") -> bool:
     # `auth` is a credential in a URL's query, but `ray.auth` is the authentication mode.
-    return _secret_key(key) and key.lower() != "auth"
+    return _secret_key(key) and key.lower() != "auth" and path not in NAMES_A_SECRET
 
 
 def literal_secrets(raw: Any, path: str = "") -> tuple[list[str], list[str]]:
@@ -184,7 +188,7 @@ def _literal(value: str, key: str) -> tuple[list[str], list[str]]:
                 f"(e.g. {redact_url(value).replace('***', '${env:NAME}')})"], in_url
     bare = ENV_REF.sub("", value).strip()
     last = key.rsplit(".", 1)[-1]
-    if bare and _credential_key(last) and not ENV_REF.search(value):
+    if bare and _credential_key(last, key) and not ENV_REF.search(value):
         return [f"{key}: holds a literal credential; {_FIX}"], [value, bare]
     spans = pii_rules.find_secrets(bare, entropy=False)
     if spans:

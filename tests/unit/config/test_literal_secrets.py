@@ -107,3 +107,12 @@ def test_the_presidio_engine_without_presidio_names_the_extra(monkeypatch):
         config.load_dict(raw)
     monkeypatch.undo()
     assert config.load_dict(raw).data.pii.engine == "presidio"
+
+
+def test_a_key_naming_a_kubernetes_secret_is_not_a_credential():
+    """`platform.api_keys_secret` names the Kubernetes Secret `raylab render` mounts; the same
+    value under a credential key elsewhere is still refused (the control)."""
+    from raylab.core.secrets import literal_secrets
+
+    assert literal_secrets({"platform": {"api_keys_secret": "raylab-api-keys"}})[0] == []
+    assert literal_secrets({"platform": {"client_secret": "raylab-api-keys"}})[0] != []

@@ -239,8 +239,9 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     config.write_resolved(cfg)
-    key = secrets.token_bytes(32) if d.pii.pseudonymize else None  # one per run: equal values, equal pseudonyms
-    rules = {source_name(i, s): dataclasses.replace(source_rules(s, d), pseudonym_key=key)
+    # one per run: equal values, equal pseudonyms (not `key`: that name is the cache key above)
+    pseudonym_key = secrets.token_bytes(32) if d.pii.pseudonymize else None
+    rules = {source_name(i, s): dataclasses.replace(source_rules(s, d), pseudonym_key=pseudonym_key)
              for i, s in enumerate(d.sources)}
     cpus = d.cpus_per_task
     started = time.monotonic()

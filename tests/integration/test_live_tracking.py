@@ -63,7 +63,9 @@ def test_metrics_reach_mlflow_while_the_run_goes(learn_data, tmp_path):
     seen = json.loads(seen_file.read_text())
     assert "timeout" not in seen, seen
     assert seen["status"] == "RUNNING" and seen["report_step"] < meta["steps"], seen
-    assert seen["loss_steps"] and max(seen["loss_steps"]) <= seen["report_step"], seen
+    # Loss rows were in MLflow while the run was RUNNING. How many depends on timing (the
+    # controller sees a report after the workers have moved on), so only their presence counts.
+    assert seen["loss_steps"] and all(0 < s <= meta["steps"] for s in seen["loss_steps"]), seen
 
     client = MlflowClient(uri)
     run = client.get_run(seen["run_id"])

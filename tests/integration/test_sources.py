@@ -16,6 +16,7 @@ written before sources are read: the resolved config and the events log (and its
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -36,7 +37,9 @@ from raylab.errors import UserError
 pytestmark = pytest.mark.integration
 
 TOKEN = "tok-4c1d-not-for-logs"  # what ${env:RAYLAB_TEST_SOURCES_TOKEN} holds
-LITERAL = "key-9f2e-not-for-logs"  # a secret written into a URL as is
+LITERAL = "key-9f2e-not-for-logs"  # a second secret in the URL, through ${env:RAYLAB_TEST_SOURCES_KEY}
+# (a literal one is refused when the config loads: tests/unit/config/test_literal_secrets.py)
+os.environ["RAYLAB_TEST_SOURCES_KEY"] = LITERAL
 
 
 class Misbehaving(BaseHTTPRequestHandler):
@@ -158,7 +161,7 @@ def test_connection_refused(api):
 
 def test_url_secrets_are_redacted_in_messages(api, monkeypatch):
     monkeypatch.setenv("RAYLAB_TEST_SOURCES_TOKEN", TOKEN)
-    url = f"{api}/busy?team=visible&api_key={LITERAL}&token=${{env:RAYLAB_TEST_SOURCES_TOKEN}}"
+    url = f"{api}/busy?team=visible&api_key=${{env:RAYLAB_TEST_SOURCES_KEY}}&token=${{env:RAYLAB_TEST_SOURCES_TOKEN}}"
     with pytest.raises(SourceError) as failed:
         read_pages(url, retries=0)
     message = str(failed.value)
@@ -173,7 +176,7 @@ def test_secrets_a_library_quotes_are_scrubbed(api, monkeypatch):
     """urllib refuses a URL with a space and quotes it, expanded, in its error; the values
     of the URL's secrets and of its ${env:...} references never reach the message."""
     monkeypatch.setenv("RAYLAB_TEST_SOURCES_TOKEN", TOKEN)
-    url = f"{api}/busy?q=a b&api_key={LITERAL}&team=${{env:RAYLAB_TEST_SOURCES_TOKEN}}"
+    url = f"{api}/busy?q=a b&api_key=${{env:RAYLAB_TEST_SOURCES_KEY}}&team=${{env:RAYLAB_TEST_SOURCES_TOKEN}}"
     with pytest.raises(SourceError) as failed:
         read_pages(url, retries=0)
     message = str(failed.value)
@@ -183,7 +186,7 @@ def test_secrets_a_library_quotes_are_scrubbed(api, monkeypatch):
 
 def test_manifest_location_is_redacted(api):
     """describe_inputs is what the manifest records for a source."""
-    (entry,) = describe_inputs(http_cfg(f"{api}/busy?team=visible&api_key={LITERAL}").data)
+    (entry,) = describe_inputs(http_cfg(f"{api}/busy?team=visible&api_key=${{env:RAYLAB_TEST_SOURCES_KEY}}").data)
     assert entry["location"] == f"{api}/busy?team=visible&api_key=***"
 
 
@@ -203,7 +206,7 @@ def test_cli_data_exits_2_with_nothing_half_written(api, tmp_path):
     raw = {"version": 1, "model": {"name_or_path": "preset:tiny-llama"}, "output_dir": str(run_dir),
            "data": {"sources": [{"type": "http", "name": "api", "records_path": "items", "page_param": "page",
                                  "retries": 1, "backoff_s": 0.01,
-                                 "url": f"{api}/busy?api_key={LITERAL}&token=${{env:RAYLAB_TEST_SOURCES_TOKEN}}"}]}}
+                                 "url": f"{api}/busy?api_key=${{env:RAYLAB_TEST_SOURCES_KEY}}&token=${{env:RAYLAB_TEST_SOURCES_TOKEN}}"}]}}
     (tmp_path / "busy.yaml").write_text(yaml.safe_dump(raw))
     proc = run_cli("data", str(tmp_path / "busy.yaml"), env={"RAYLAB_TEST_SOURCES_TOKEN": TOKEN})
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -187,7 +187,9 @@ def test_secrets_a_library_quotes_are_scrubbed(api, monkeypatch):
 def test_manifest_location_is_redacted(api):
     """describe_inputs is what the manifest records for a source."""
     (entry,) = describe_inputs(http_cfg(f"{api}/busy?team=visible&api_key=${{env:RAYLAB_TEST_SOURCES_KEY}}").data)
-    assert entry["location"] == f"{api}/busy?team=visible&api_key=***"
+    # the reference is kept as written (never its value)
+    assert entry["location"] == f"{api}/busy?team=visible&api_key=${{env:RAYLAB_TEST_SOURCES_KEY}}"
+    assert LITERAL not in entry["location"]
 
 
 def test_half_written_detects_data_files(tmp_path):

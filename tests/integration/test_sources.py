@@ -165,8 +165,10 @@ def test_url_secrets_are_redacted_in_messages(api, monkeypatch):
     with pytest.raises(SourceError) as failed:
         read_pages(url, retries=0)
     message = str(failed.value)
-    # the query string is printed (negative control: a plain value shows), secrets are not
-    assert "/busy?team=visible&api_key=***&token=${env:RAYLAB_TEST_SOURCES_TOKEN}&page=2 failed" in message
+    # the query string is printed as written, ${env:...} references and all (negative control:
+    # a plain value shows); the values the references hold are not
+    assert ("/busy?team=visible&api_key=${env:RAYLAB_TEST_SOURCES_KEY}&token=${env:RAYLAB_TEST_SOURCES_TOKEN}"
+            "&page=2 failed") in message
     assert LITERAL not in message and TOKEN not in message
     # the token did reach the server expanded: page 1 answered (a wrong token is a 401)
     assert message.startswith(AT_PAGE2)
@@ -213,7 +215,8 @@ def test_cli_data_exits_2_with_nothing_half_written(api, tmp_path):
     proc = run_cli("data", str(tmp_path / "busy.yaml"), env={"RAYLAB_TEST_SOURCES_TOKEN": TOKEN})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    expected = (f"raylab data: error: {AT_PAGE2}GET {api}/busy?api_key=***&token=${{env:RAYLAB_TEST_SOURCES_TOKEN}}"
+    expected = (f"raylab data: error: {AT_PAGE2}GET {api}/busy?api_key=${{env:RAYLAB_TEST_SOURCES_KEY}}"
+                f"&token=${{env:RAYLAB_TEST_SOURCES_TOKEN}}"
                 f"&page=2 failed after 2 attempt(s): HTTP 503 Service Unavailable")
     assert expected in proc.stderr.splitlines(), proc.stderr[-3000:]
     assert TOKEN not in proc.stdout + proc.stderr and LITERAL not in proc.stdout + proc.stderr
@@ -249,7 +252,7 @@ def _wait_for_query(url: str, marker: str, deadline_s: float = 180) -> None:
     raise AssertionError(f"no backend ran the query with {marker!r} within {deadline_s}s")
 
 
-def test_postgres_stopped_mid_query(tmp_path, _session_ray):
+def test_postgres_stopped_mid_query(tmp_path, _session_ray, monkeypatch):
     """The stage reads a query that sleeps; the server is stopped (immediate mode: a crash)
     while it runs. Then the database is down for the next run's reachability check."""
     import psycopg2
@@ -263,7 +266,8 @@ def test_postgres_stopped_mid_query(tmp_path, _session_ray):
             cur.execute("create table tickets (ticket_id int primary key, body text)")
             cur.executemany("insert into tickets values (%s, %s)", [(1, "Printer jams."), (2, "VPN drops.")])
         conn.close()
-        url = pg.url.replace("raylab@", "raylab:hunter2-not-for-logs@")  # trust auth ignores it
+        monkeypatch.setenv("RAYLAB_TEST_PG_PASSWORD", "hunter2-not-for-logs")  # trust auth ignores it
+        url = pg.url.replace("raylab@", "raylab:${env:RAYLAB_TEST_PG_PASSWORD}@")
         cfg = config.load_dict({
             "version": 1, "model": {"name_or_path": "preset:tiny-llama"}, "output_dir": str(tmp_path / "run"),
             "data": {"sources": [{"type": "sql", "name": "tickets", "url": url, "fields": {"text": "body"},
@@ -290,7 +294,9 @@ def test_postgres_stopped_mid_query(tmp_path, _session_ray):
         assert half_written(tmp_path / "run") == []
         with pytest.raises(UserError) as down:  # the next run: the database is down
             describe_inputs(cfg.data)
-        assert re.match(r"data.sources.0 \(tickets\): cannot query postgresql://raylab:\*\*\*@127\.0\.0\.1:\d+/postgres: ",
+        # the URL as written: the ${env:...} reference, never the password it holds
+        assert re.match(r"data.sources.0 \(tickets\): cannot query postgresql://raylab:\$\{env:RAYLAB_TEST_PG_PASSWORD\}@"
+                        r"127\.0\.0\.1:\d+/postgres: ",
                         str(down.value)), str(down.value)
         assert "hunter2" not in str(down.value) and "Connection refused" in str(down.value)
 

@@ -403,28 +403,48 @@ def test_the_ingress_replica_killed_under_streaming_load(served):
     assert get(served["url"], "/healthz", key=None)[0] == 200
 
 
+def _at_rest(served, deployment: str) -> bool:
+    """One replica in any state (none starting or stopping) and no scaling under way."""
+    details = deploy.rest(served["dashboard"], "GET")["applications"]["raylab"]["deployments"][deployment]
+    return details["status"] == "HEALTHY" and len(details["replicas"]) == 1
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_rows(served):
-    _wait(lambda: len(_replicas(served, "Generator")) == 1, 120, "one Generator replica at rest")
+    """Both streams' rows enter the engine; one client leaves; its row is aborted while the
+    other still decodes. `stats()` reaches whichever replica Serve routes to, so the test keeps
+    one replica throughout: it starts at rest (an earlier test's scale-up or -down finished)
+    and never polls while both streams run, which would put 3 requests against a target of 2
+    and start a second replica (as happened in CI)."""
+    _wait(lambda: _at_rest(served, "Generator"), 120, "one Generator replica at rest")
     stats = _generator_stats
     _wait(lambda: stats()["running"] == 0, 60, "an idle engine")
     before = stats()
     long = dict(STREAMED, max_tokens=1000)  # seconds of decoding (the tiny model's context is 1024)
     kept: list = []
-    staying = threading.Thread(target=lambda: kept.append(stream(served["url"], "/v1/completions", long, KEY, 120)),
-                               daemon=True)
+    first_text = threading.Event()
+    staying = threading.Thread(target=lambda: kept.append(
+        stream(served["url"], "/v1/completions", long, KEY, 120, mark=first_text.set)), daemon=True)
     staying.start()
     leaving = http.client.HTTPConnection("127.0.0.1", served["cfg"].serve.port, timeout=60)
     leaving.request("POST", "/v1/completions", json.dumps(long), {"Content-Type": "application/json",
                                                                   "Authorization": f"Bearer {KEY}"})
     reply = leaving.getresponse()
     assert reply.status == 200 and reply.readline().startswith(b"data: ")
-    _wait(lambda: stats()["running"] == 2, 60, "both streams decoding")
+    assert first_text.wait(60), "the staying stream produced no text"  # both rows are decoding
     leaving.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
     leaving.close()
-    _wait(lambda: stats()["running"] == 1, 60, "the departed client's row to leave the batch")
+
+    def one_left() -> bool:
+        now = stats()
+        assert now["replica"] == before["replica"], "a second Generator replica started; this test needs one"
+        return now["running"] == 1
+
+    _wait(one_left, 60, "the departed client's row to leave the batch")
     assert not kept, "the staying stream ended before the other left: the check above proved nothing"
     after = stats()
-    assert after["replica"] == before["replica"] and after["aborted"] == before["aborted"] + 1
+    # both entered the engine; the departed one was aborted (not finished) while the other ran
+    assert after["submitted"] == before["submitted"] + 2, (before, after)
+    assert after["aborted"] == before["aborted"] + 1 and after["finished"] == before["finished"], (before, after)
     staying.join(120)
     status, error, text = kept[0]
     assert (status, error) == (200, None) and text  # the staying client's stream ran to its end ([DONE])

@@ -3,7 +3,7 @@
     governance:
       database: ${env:RAYLAB_PG}        # default $RAYLAB_DATABASE_URL, else SQLite at $RAYLAB_HOME/raylab.db
       audit:
-        signing_key: /etc/raylab/audit-ed25519.pem   # apart from the database (README: Audit log)
+        signing_key: /etc/raylab/audit-ed25519.pem   # apart from the database (docs/governance.md)
         checkpoints: s3://audit-bucket/raylab/checkpoints
 
 Other governance keys (encryption, card, allow_remote) join this section in their own

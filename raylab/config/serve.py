@@ -33,7 +33,7 @@ class AutoscalingConfig(Section):
 
 
 class ServeConfig(Section):
-    """`raylab serve`: the OpenAI-compatible endpoint (see README, Serving)."""
+    """`raylab serve`: the OpenAI-compatible endpoint (see docs/serving.md)."""
 
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 on clusters")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")

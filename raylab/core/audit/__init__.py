@@ -8,7 +8,7 @@ sha256 hash chain in the control-plane database, with Ed25519-signed checkpoints
     for e in audit.entries(s, audit.Filter(kinds=("registry",))): ...
 
 From the shell: `raylab audit verify|log|export` (raylab/cli.py). The threat model is in the
-README ("Audit log"). Modules: canonical (RFC 8785 JSON), chain (table, append, queries),
+docs/governance.md. Modules: canonical (RFC 8785 JSON), chain (table, append, queries),
 keys (signing key, checkpoints), check (verify), settings (where things live). Importing this package
 is cheap: SQLAlchemy and cryptography load when a function needs them.
 """

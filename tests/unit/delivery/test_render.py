@@ -253,7 +253,7 @@ def rendered_at_repo(target: str) -> dict[str, str]:
         os.chdir(cwd)
 
 
-def test_readme_shows_the_workflow_render_writes(at_repo):
-    readme = (REPO / "README.md").read_text()
+def test_docs_show_the_workflow_render_writes(at_repo):
+    readme = (REPO / "docs" / "delivery.md").read_text()
     shown = readme.split("<!-- rendered: github")[1].split("```yaml\n", 1)[1].split("```\n<!-- /rendered -->")[0]
     assert shown == rendered(load(), "github")["raylab-acme-assistant.yml"]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from http_helpers import Handler, serving
 
 from conftest import REPO, run_cli
 from pg_helpers import postgres_server
@@ -26,19 +25,8 @@ pytestmark = pytest.mark.integration
 # ---------------------------------------------------------------- a local HTTP API
 
 
-class Api(BaseHTTPRequestHandler):
+class Api(Handler):
     calls: dict[str, int] = {}
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def _send(self, code: int, body) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         url = urlparse(self.path)
@@ -51,28 +39,25 @@ class Api(BaseHTTPRequestHandler):
                               {"role": "assistant", "content": f"Answer {page}.{i}."}]}
                 for i in range(2)
             ]
-            return self._send(200, {"data": {"items": items}})
+            return self.send_json(200, {"data": {"items": items}})
         if url.path == "/docs":  # cursors, bearer auth
             if self.headers.get("Authorization") != "Bearer s3cret":
-                return self._send(401, {"error": "unauthorized"})
+                return self.send_json(401, {"error": "unauthorized"})
             cursor = q.get("cursor")
             if cursor is None:
-                return self._send(200, {"results": [{"text": "Doc one."}, {"text": "Doc two."}], "next": "c2"})
-            return self._send(200, {"results": [{"text": "Doc three."}], "next": None})
+                return self.send_json(200, {"results": [{"text": "Doc one."}, {"text": "Doc two."}], "next": "c2"})
+            return self.send_json(200, {"results": [{"text": "Doc three."}], "next": None})
         if url.path == "/flaky":  # 503 on the first call, then fine
             if Api.calls[url.path] == 1:
-                return self._send(503, {"error": "busy"})
-            return self._send(200, [{"text": "Survived a retry."}])
-        return self._send(404, {"error": "no such endpoint"})
+                return self.send_json(503, {"error": "busy"})
+            return self.send_json(200, [{"text": "Survived a retry."}])
+        return self.send_json(404, {"error": "no such endpoint"})
 
 
 @pytest.fixture(scope="module")
 def api():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving(Api) as url:
+        yield url
 
 
 # ---------------------------------------------------------------- a corpus of every kind

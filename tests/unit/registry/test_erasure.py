@@ -51,18 +51,7 @@ def test_a_pending_erasure_blocks_promotion_until_forced_with_a_reason(store, tm
     assert audit.verify(settings).ok
 
 
-def test_versions_are_found_by_the_data_they_were_trained_on(store, tmp_path):
-    register(store, tmp_path, 1)  # META: data_manifest_hash d1
-    cfg = cfg_for(tmp_path)
-    run_id = registry.log_run(store, registry.experiment_id(store, "widgets"), name="r9", key="k9", params={},
-                              history=[], artifacts={}, tags={})
-    other = registry.register(store, cfg, run_id, str(fake_final(tmp_path, "final9")), META | {"data_manifest_hash": "d9"})
-    assert [(mv.name, int(mv.version)) for mv in registry.trained_on(store, ["d1"])] == [("widgets", 1)]
-    assert [int(mv.version) for mv in registry.trained_on(store, ["d1", "d9"])] == [1, int(other.version)]
-    assert registry.trained_on(store, ["nothing", "x' or '1'='1"]) == []
-
-
-def test_registering_from_data_that_holds_an_erased_record_starts_pending(store, tmp_path):
+def test_versions_are_found_by_their_data_and_start_pending_when_it_holds_an_erased_record(store, tmp_path):
     lineage.index_run(str(tmp_path / "run"), "d1", "t", [("docs", "a.jsonl:1")])
     v1 = register(store, tmp_path, 1)  # before the erasure: nothing pending yet
     assert registry.erasures_pending(registry.get_version(store, f"widgets/{v1}")) == []
@@ -76,6 +65,10 @@ def test_registering_from_data_that_holds_an_erased_record_starts_pending(store,
                               history=[], artifacts={}, tags={})
     clean = registry.register(store, cfg, run_id, str(fake_final(tmp_path, "final3")), META | {"data_manifest_hash": "d2"})
     assert registry.erasures_pending(clean) == []  # negative control: other data
+    # versions are found by the data they were trained on (one store for both checks: each costs seconds)
+    assert [int(mv.version) for mv in registry.trained_on(store, ["d1"])] == [v1, int(later.version)]
+    assert [int(mv.version) for mv in registry.trained_on(store, ["d2"])] == [int(clean.version)]
+    assert registry.trained_on(store, ["nothing", "x' or '1'='1"]) == []
     registry.set_tags(store, "widgets", int(later.version), {"raylab.gates.status": "passed"})
     with pytest.raises(UserError, match="erasure_pending"):
         registry.promote(store, "widgets", int(later.version))

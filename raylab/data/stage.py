@@ -24,8 +24,11 @@ Outputs under `<output_dir>/data/` (raylab/core/runs.py):
                            counts (always read = accepted + rejected + duplicates), PII
                            redactions by type, tokens, packing efficiency, length histogram
 
-Re-running with unchanged file inputs and data config is a cache hit (nothing is re-read);
-SQL and HTTP inputs cannot be fingerprinted without reading them, so they always rebuild.
+Re-running with unchanged file inputs, data config and suppression list is a cache hit
+(nothing is re-read); SQL and HTTP inputs cannot be fingerprinted without reading them, so
+they always rebuild. Records on the suppression list (`raylab erase`, core/lineage.py) are
+dropped as they are checked and counted `erased`, written nowhere; the accepted record ids go
+to the lineage index in the control-plane database when the stage finishes.
 """
 
 from __future__ import annotations

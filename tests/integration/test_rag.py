@@ -154,3 +154,15 @@ def test_another_embedding_model_is_refused_with_exit_2(built, tmp_path, capsys)
     assert main(["index", str(cfg_file), f"index.model={st_dir}"]) == 2
     err = capsys.readouterr().err
     assert "index.model" in err and "384" in err and "32" in err and str(built["index"]) in err
+
+
+def test_a_corpus_with_no_accepted_document_is_exit_2(built, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text field"}\n{"body": "nor here"}\n')
+    cfg_file = tmp_path / "index.yaml"
+    cfg_file.write_text(json.dumps(index_config(tmp_path / "run", built["corpus"],
+                                                sources=[{"type": "jsonl", "path": str(bad)}])))
+    assert main(["index", str(cfg_file)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to index" in err and "index.sources" in err and "missing_field" in err
+    assert not (tmp_path / "run" / "index").exists(), "nothing is written for an empty corpus"

@@ -171,6 +171,8 @@ def _store_chunks(chunks, directory: str, ix, spec: embedder.Spec, timings: dict
         raise UserError(f"index.model: the table {ix.table} in {directory} holds {store.vector_dimensions(table)}-"
                         f"dimensional vectors; {spec.name} makes {spec.dimensions}. Index into a new index.directory")
     changes = _plan_changes(chunks, table)
+    if changes["chunks"] == 0:
+        raise UserError("nothing to index: the accepted documents hold no text the embedder tokenizes")
     fresh = chunks.map_batches(_not_in, batch_format="pyarrow", fn_kwargs={"ids": frozenset(changes["kept"])})
     copy_hashes = changes["copy_hashes"]
     to_embed = fresh.map_batches(_hash_in, batch_format="pyarrow", fn_kwargs={"hashes": copy_hashes, "inside": False})

@@ -62,18 +62,10 @@ def vectors_for(table, hashes: list[str]) -> pa.Table:
     if not parts:
         return pa.table({"content_hash": pa.array([], pa.string())})
     found = pa.concat_tables(parts)
-    _, first = _first_of_each(found["content_hash"].to_pylist())
-    return found.take(first)
-
-
-def _first_of_each(values: list[str]) -> tuple[set[str], list[int]]:
-    seen: set[str] = set()
-    first = []
-    for i, v in enumerate(values):
-        if v not in seen:
-            seen.add(v)
-            first.append(i)
-    return seen, first
+    first: dict[str, int] = {}
+    for i, h in enumerate(found["content_hash"].to_pylist()):
+        first.setdefault(h, i)  # the same text in several documents: one vector serves all
+    return found.take(list(first.values()))
 
 
 def append(ds, directory: str, table: str, create: bool) -> None:
@@ -103,7 +95,7 @@ def ann_index(table, ann, dims: int, changed: bool) -> dict:
     if changed or not existing:
         from lancedb.index import IvfPq
 
-        table.create_index(vector_column_name="vector", replace=True,
+        table.create_index("vector", replace=True,  # LanceDB's API: the column, then the index config
                            config=IvfPq(distance_type=METRIC, num_partitions=partitions, num_sub_vectors=sub_vectors))
     return {"built": True, "rows": rows, "min_rows": ann.min_rows, "num_partitions": partitions,
             "num_sub_vectors": sub_vectors}

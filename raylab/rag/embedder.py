@@ -82,8 +82,9 @@ def describe(model: str | None) -> Spec:
 
 
 def encode(path: str, texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """float32 vectors, L2-normalised, one row per text."""
-    m = load(path)
+    """float32 vectors, L2-normalised, one row per text, on this process's CPU (the copy
+    `describe` loaded: a query or an edit's few chunks do not need a GPU)."""
+    m = load(path, "cpu")
     return m.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                     show_progress_bar=False).astype(np.float32)
 

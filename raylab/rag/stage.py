@@ -10,7 +10,8 @@ The stage, on Ray Data:
 2. chunk every document in the embedder's tokens (chunking.py) in Ray Data tasks;
 3. compare with the table already in `index.directory`: chunks whose id is there stay,
    chunks whose text was embedded before get that vector copied, only the rest are embedded,
-   on an actor pool of `index.actors` embedders (GPU actors when the cluster has GPUs);
+   on an actor pool of `index.actors` embedders (GPU actors when the cluster has GPUs), or,
+   when they fit in one `index.batch_size` batch, by the model this process has loaded;
 4. append the new rows in parallel (`write_lance`), delete the rows of changed or deleted
    documents, build the IVF-PQ index at or above `index.ann.min_rows` chunks (store.py);
 5. write `raylab_index.json` in the index directory: the model and dimensions (a later build
@@ -100,11 +101,19 @@ def _with_vectors(batch: pa.Table, vectors: pa.Table) -> pa.Table:
     return batch.append_column("vector", vectors["vector"].take(rows))
 
 
-def _plan_changes(chunks, table) -> dict:
-    """Which chunks stay, are copied, embedded or removed, from the ids alone."""
+def _collect(ds, schema: pa.Schema) -> pa.Table:
+    """A small dataset's rows on the driver (a filter's empty blocks carry no schema)."""
     import ray
 
-    new = pa.concat_tables(ray.get(chunks.select_columns(["chunk_id", "content_hash"]).to_arrow_refs()))
+    parts = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
+
+
+def _plan_changes(chunks, table) -> dict:
+    """Which chunks stay, are copied, embedded or removed, from the ids alone."""
+    id_columns = ["chunk_id", "content_hash"]
+    new = _collect(chunks.select_columns(id_columns),
+                   pa.schema([chunking.CHUNK_SCHEMA.field(c) for c in id_columns]))
     old = store.ids(table) if table is not None else pa.table({"chunk_id": [], "content_hash": []})
     old_ids, new_ids = set(old["chunk_id"].to_pylist()), set(new["chunk_id"].to_pylist())
     old_hashes = set(old["content_hash"].to_pylist())
@@ -131,6 +140,16 @@ def _embed(rows, ix, spec: embedder.Spec):
         num_gpus=_gpus(ix), compute=ray.data.ActorPoolStrategy(min_size=1, max_size=ix.actors),
         fn_constructor_kwargs={"path": spec.path, "threads": int(ix.cpus_per_actor)},
     )
+
+
+def _embed_here(rows, spec: embedder.Spec):
+    """At most one batch (an edit or two): embedded by the model this process loaded to check
+    the config, since starting an actor pool, each actor loading the model, costs more."""
+    import ray
+
+    table = _collect(rows, chunking.CHUNK_SCHEMA)
+    vectors = embedder.encode(spec.path, table["text"].to_pylist())
+    return ray.data.from_arrow(table.append_column("vector", embedder.vector_array(vectors)))
 
 
 def _run_index(cfg: RaylabConfig, address: str | None) -> dict:
@@ -178,8 +197,10 @@ def _store_chunks(chunks, directory: str, ix, spec: embedder.Spec, timings: dict
     to_embed = fresh.map_batches(_hash_in, batch_format="pyarrow", fn_kwargs={"hashes": copy_hashes, "inside": False})
     embedded = changes["embed"]
     parts = []
-    if embedded:
+    if embedded > ix.batch_size:
         parts.append(_embed(to_embed, ix, spec))
+    elif embedded:
+        parts.append(_embed_here(to_embed, spec))
     if copy_hashes:
         vectors = store.vectors_for(table, sorted(copy_hashes))
         parts.append(fresh.map_batches(_hash_in, batch_format="pyarrow", fn_kwargs={"hashes": copy_hashes, "inside": True})

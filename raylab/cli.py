@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     da = verb("data", "data stage: read, validate, quarantine; write records and the manifest", "required")
     da.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    ix = verb("index", "chunk, embed and store documents for retrieval (LanceDB); re-runs embed only what changed",
+              "required")
+    ix.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     tr = verb("train", "train stage: fine-tune on the data stage's shards with Ray Train; resumes", "required")
     tr.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     tu = verb("tune", "sweep hyperparameters (Optuna TPE + ASHA) over train-stage runs; resumes", "required")
@@ -253,6 +256,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     path, overrides = _split(args, required=True)
     cluster.run_stage(data.run_data, config.load(path, overrides), args.address)
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from raylab import config, rag
+    from raylab.core import cluster
+
+    path, overrides = _split(args, required=True)
+    cluster.run_stage(rag.run_index, config.load(path, overrides), args.address)
     return 0
 
 
@@ -545,8 +557,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "run": cmd_run, "submit": cmd_submit,
-            "eval": cmd_eval, "models": cmd_models, "audit": cmd_audit, "lineage": cmd_lineage, "erase": cmd_lineage, "serve": cmd_serve, "render": cmd_render,
+COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "index": cmd_index, "train": cmd_train, "tune": cmd_tune,
+            "run": cmd_run, "submit": cmd_submit, "eval": cmd_eval, "models": cmd_models, "audit": cmd_audit,
+            "lineage": cmd_lineage, "erase": cmd_lineage, "serve": cmd_serve, "render": cmd_render,
             "deploy": cmd_deploy, "export": cmd_export}
 
 

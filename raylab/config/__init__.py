@@ -4,8 +4,8 @@
     cfg = config.load("configs/quickstart.yaml", ["train.lr=1e-4"])
     cfg.train.lr, cfg.data.sources[0].path, cfg.run_name
 
-Sections: ray, data, model, train (+ pretrain), tune, registry, eval, serve, platform (a file each);
-`load` reads YAML and applies overrides (load.py, overrides.py); `report` turns validation
+Sections (a file each): ray, data, model, train (+ pretrain), tune, registry, eval, serve, index,
+platform; `load` reads YAML and applies overrides (load.py, overrides.py); `report` turns validation
 errors into lines a user can act on; `docs` renders docs/config.md. This package imports no
 stage: every stage imports it.
 """
@@ -27,6 +27,7 @@ from raylab.config.data import (
 )
 from raylab.config.evaluate import EvalConfig
 from raylab.config.governance import AuditConfig, GovernanceConfig
+from raylab.config.index import AnnConfig, IndexConfig
 from raylab.config.loading import (
     env_refs,
     load,
@@ -58,9 +59,9 @@ from raylab.core.secrets import ENV_REF, expand_env
 from raylab.errors import ConfigError
 
 __all__ = [
-    "SCHEMA_VERSION", "ENV_REF", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CiConfig", "CleanConfig", "CloudConfig",
+    "SCHEMA_VERSION", "ENV_REF", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CiConfig", "CleanConfig", "CloudConfig",
     "ConfigError", "DataConfig", "DedupConfig", "EvalConfig", "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt",
-    "GovernanceConfig", "HttpSource", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "PiiConfig", "PiiProbe",
+    "GovernanceConfig", "HttpSource", "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "PiiConfig", "PiiProbe",
     "PlatformConfig", "PretrainConfig", "RayConfig", "RaylabConfig", "RefusalProbe", "RegistryConfig",
     "SearchDim", "Section", "ServeConfig", "Source", "SqlSource", "TrainConfig", "TuneConfig", "ValidationConfig",
     "env_refs", "expand_env", "load", "load_dict", "load_text", "parse_yaml", "read_suite", "read_yaml", "to_yaml", "write_resolved",

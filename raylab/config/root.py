@@ -9,6 +9,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from raylab.config.data import DataConfig
 from raylab.config.evaluate import EvalConfig
 from raylab.config.governance import GovernanceConfig
+from raylab.config.index import IndexConfig
 from raylab.config.model import ModelConfig
 from raylab.config.platform import PlatformConfig
 from raylab.config.ray import RayConfig
@@ -39,6 +40,8 @@ class RaylabConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="the OpenAI-compatible endpoint")
     governance: GovernanceConfig = Field(default_factory=GovernanceConfig,
                                          description="the control-plane database and the audit log")
+    index: IndexConfig = Field(default_factory=IndexConfig,
+                               description="`raylab index`: documents chunked and embedded for retrieval")
     platform: PlatformConfig = Field(default_factory=PlatformConfig,
                                      description="the cluster and CI pipeline `raylab render` writes files for")
 

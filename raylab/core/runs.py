@@ -15,6 +15,7 @@ a `Run` for its paths, so a reader finds the whole contract in one page.
     <output_dir>/tune/                    Ray Tune's run: trials/<id>/ (nested runs), results.json|csv,
                                           best.yaml, study.db, importance / partial dependence / slice
     <output_dir>/eval/                    report.json, report.md, predictions.jsonl
+    <output_dir>/index/                   LanceDB tables (<table>.lance/), raylab_index.json
 
 `$RAYLAB_HOME` (default ~/.raylab) holds what outlives a run: materialised presets, the
 embedded registry, the verified registry cache and the running endpoint's address (`Home`).
@@ -50,6 +51,7 @@ TUNE_FILES = {"results": "results.json", "results_csv": "results.csv", "best": "
               "partial_dependence": "partial_dependence.json", "partial_dependence_png": "partial_dependence.png",
               "slice_png": "slice.png"}
 EVAL_FILES = {"report": "report.json", "report_md": "report.md", "predictions": "predictions.jsonl"}
+INDEX_MANIFEST = "raylab_index.json"
 FINAL_DIR = "final"  # the trained model inside a train run: train/final/
 
 
@@ -151,6 +153,17 @@ class Run:
     def eval_file(self, what: str) -> str:
         """An evaluation output by what it holds (EVAL_FILES): report, report_md, predictions."""
         return _join(self.eval, EVAL_FILES[what])
+
+    # index stage (`raylab index`; index.directory may put it elsewhere)
+    @property
+    def index(self) -> str:
+        return _join(self.root, "index")
+
+
+def index_manifest(index_dir: str) -> str:
+    """The manifest inside a LanceDB index directory (raylab/rag): the model and dimensions
+    a reader must embed queries with, and the last build's counts."""
+    return _join(index_dir, INDEX_MANIFEST)
 
 
 def default_output_dir(config_stem: str) -> str:
@@ -338,6 +351,26 @@ class SweepResult(Output):
     best: dict[str, Any] | None
     results: list[dict[str, Any]]
     analysis: dict[str, Any] = {}
+
+
+class IndexManifest(Output):
+    """<index dir>/raylab_index.json: how an index was built (raylab/rag)."""
+
+    version: int
+    stage: str = "index"
+    created: str
+    table: str
+    model: str
+    dimensions: int
+    max_seq_length: int
+    chunk_tokens: int
+    overlap: int
+    metric: str
+    rows: int
+    counts: dict[str, int]
+    data: dict[str, Any]
+    ann: dict[str, Any]
+    timings: dict[str, float]
 
 
 class EvalReport(Output):

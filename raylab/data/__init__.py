@@ -2,15 +2,17 @@
 
     from raylab.data import run_data
     manifest = run_data(cfg)          # writes <output_dir>/data/ (see stage.py)
+    docs, counts = clean_documents(cfg.data)   # the same checks, documents only (raylab index)
 
 Modules: stage (the Ray Data pipeline, `run_data`), sources/ (files, sql, http), records
-(one record's rules), dedup (MinHash + LSH), packing (tokenization and the trainer
-contract), stats (counts and token statistics).
+(one record's rules), documents (checked documents for other stages), dedup (MinHash +
+LSH), packing (tokenization and the trainer contract), stats (counts and token statistics).
 """
 
 from __future__ import annotations
 
-from raylab.data.sources import FILE_DATASOURCES, listing
+from raylab.data.documents import clean_documents, document_text
+from raylab.data.sources import FILE_DATASOURCES, describe_inputs, listing
 from raylab.data.stage import run_data
 
 
@@ -19,4 +21,4 @@ def extensions(source_type: str) -> list[str]:
     return list(FILE_DATASOURCES[source_type]._FILE_EXTENSIONS or [])
 
 
-__all__ = ["extensions", "listing", "run_data"]
+__all__ = ["clean_documents", "describe_inputs", "document_text", "extensions", "listing", "run_data"]

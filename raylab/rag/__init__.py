@@ -1,0 +1,18 @@
+"""Retrieval: `raylab index` builds a vector index of the company's documents; `search` reads it.
+
+    from raylab.rag import run_index, search
+    manifest = run_index(cfg)              # writes <index.directory>/ (default <output_dir>/index)
+    hits = search(index_dir, "question", top_k=4)
+
+Modules: stage (the Ray Data pipeline, `run_index`), chunking (chunks in the embedder's
+tokens, stable ids), embedder (the sentence-transformers model and its Ray Data actor), store
+(LanceDB: parallel append, delete, IVF-PQ), search (queries). Needs the `rag` extra:
+pip install 'raylab[rag]'.
+"""
+
+from __future__ import annotations
+
+from raylab.rag.search import search
+from raylab.rag.stage import index_directory, run_index
+
+__all__ = ["index_directory", "run_index", "search"]

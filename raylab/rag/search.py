@@ -1,0 +1,45 @@
+"""Retrieval over an index `raylab index` built: the query embedded with the index's own model.
+
+    from raylab.rag import search
+    hits = search("runs/quickstart/index", "how do I reset my password?", top_k=4)
+    hits[0]["text"], hits[0]["origin"], hits[0]["score"]     # best first; score = cosine similarity
+
+Each hit: chunk_id, source, origin (the document's path, URL or key), record_id, start and
+end (the chunk's character span in its document), text, score. The model comes from the
+index's manifest, so a query can never be embedded by another model than its chunks were.
+"""
+
+from __future__ import annotations
+
+from raylab.core import runs, storage
+from raylab.errors import UserError
+from raylab.rag import embedder, store
+
+
+def open_index(index_dir: str):
+    """(manifest, LanceDB table) of a built index, or exit 2 naming what is missing."""
+    if not storage.exists(index_dir):
+        raise UserError(f"index directory {index_dir} does not exist; build it with `raylab index CONFIG` "
+                        "(index.directory says where)")
+    location = runs.index_manifest(index_dir)
+    if not storage.exists(location):
+        raise UserError(f"{index_dir} is not an index raylab built (no {runs.INDEX_MANIFEST}); build it with "
+                        "`raylab index CONFIG`")
+    manifest = runs.read_json(location, runs.IndexManifest)
+    embedder.require("lancedb")
+    table = store.open_table(store.connect(index_dir), manifest.table)
+    if table is None or table.count_rows() == 0:
+        raise UserError(f"the index at {index_dir} has no chunks (table {manifest.table!r}); re-run `raylab index "
+                        "CONFIG` on sources with accepted documents")
+    return manifest, table
+
+
+def search(index_dir: str, query: str, top_k: int = 4, nprobes: int = 20, refine_factor: int | None = None
+           ) -> list[dict]:
+    """The top_k chunks nearest to `query`, best first (exact below the ANN threshold)."""
+    if top_k < 1:
+        raise UserError(f"top_k must be at least 1, got {top_k}")
+    manifest, table = open_index(index_dir)
+    _, path = embedder.resolve(manifest.model)
+    vector = embedder.encode(path, [query])[0]
+    return store.nearest(table, vector, top_k, nprobes, refine_factor)

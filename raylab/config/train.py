@@ -16,9 +16,6 @@ class TrainConfig(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how Ray places the workers on nodes")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per worker")
-    tokenizer: CorpusTokenizerConfig | None = Field(
-        None, description="train a tokenizer on the redacted corpus and pre-train the preset from scratch with it "
-                          "(model.name_or_path must be preset:NAME); default: the model's own tokenizer")
     gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per worker")
     torch_threads: PositiveInt | None = Field(None, description="torch threads per worker; default: cores / concurrent workers")
     lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")

@@ -50,6 +50,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
     ),
     "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=1024),
+    # The quickstart's stand-in base (with pretrain.tokenizer): ~0.6 M parameters besides the
+    # embeddings, as much compute per 160-token row as tiny-llama per 512 bytes, and enough
+    # width to write the corpus's sentences back in words.
+    "mini-llama": dict(
+        model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -110,7 +118,7 @@ def build_base(preset: str, tokenizer_dir: str, target: str) -> str:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     stamp = json.dumps({"preset": preset, "version": PRESET_VERSION, "vocab": _sha(json.dumps(sorted(tok.get_vocab().items()))),
                         "template": _sha(tok.chat_template or "")})
-    marker = storage.join(target, "raylab_preset.json")
+    marker = runs.model_file(target, "raylab_preset.json")
     if storage.exists(marker) and storage.read_text(marker) == stamp:
         return target
     with tempfile.TemporaryDirectory(prefix="raylab-base-") as staging:

@@ -255,6 +255,15 @@ def _print_summary(summary: dict) -> None:
     if "audit" not in summary:
         summary["audit"] = audit_summary()
     log.info("\n=== summary ===")
+    # The headline: a question the model never saw, base vs tuned; a seen one beside it, as recall.
+    smoke_answers = summary.get("smoke", [])
+    shown = [a for a in smoke_answers if a["kind"] != "seen"][:1] + [a for a in smoke_answers if a["kind"] == "seen"][:1]
+    for a in shown:
+        log.info(f"{_LABELS[a['kind']]}: {a['question']}\n  base:  {a.get('base_answer')}\n  tuned: {a['answer']}\n"
+                 f"  corpus: {a['reference']}")
+    if summary.get("held_out_rouge_l"):
+        r = summary["held_out_rouge_l"]
+        log.info(f"held-out ROUGE-L over {r['questions']} question(s): base {r['base']:.2f} -> tuned {r['tuned']:.2f}")
     log.info("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stages"].items()))
     if "data" in summary:
         log.info("data: " + ", ".join(f"{k} {v}" for k, v in summary["data"].items()))
@@ -272,11 +281,3 @@ def _print_summary(summary: dict) -> None:
         a = summary["audit"]
         log.info(f"audit: chain verified, {a['entries']} entries, {a['checkpoints']} signed checkpoints" if a["verified"]
                  else f"audit: NOT verified: {a.get('first_problem') or a.get('error')} (see `raylab audit verify`)")
-    smoke_answers = summary.get("smoke", [])
-    shown = [a for a in smoke_answers if a["kind"] != "seen"][:1] + [a for a in smoke_answers if a["kind"] == "seen"][:1]
-    for a in shown:
-        log.info(f"{_LABELS[a['kind']]}: {a['question']}\n  base:  {a.get('base_answer')}\n  tuned: {a['answer']}\n"
-                 f"  corpus: {a['reference']}")
-    if summary.get("held_out_rouge_l"):
-        r = summary["held_out_rouge_l"]
-        log.info(f"held-out ROUGE-L over {r['questions']} question(s): base {r['base']:.2f} -> tuned {r['tuned']:.2f}")

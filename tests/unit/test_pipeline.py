@@ -101,3 +101,25 @@ def test_held_out_rouge_l_scores_only_held_out_answers():
     assert r["questions"] == 2 and r["base"] == 0.0
     assert r["tuned"] == round((1.0 + 0.5) / 2, 3)  # "the canteen" of 4 words each: LCS 2 -> F1 0.5
     assert pipeline.rouge(answers[2:]) is None
+
+
+def test_the_summary_heads_with_the_held_out_answer_and_labels_the_seen_one(caplog):
+    import logging
+
+    from raylab import pipeline
+
+    smoke = [{"kind": "held_out", "question": "How many days off do I get each year?", "answer": "27 days.",
+              "base_answer": "Acme", "reference": "Every Acme employee gets 27 vacation days per year."},
+             {"kind": "held_out", "question": "Second?", "answer": "b", "base_answer": "a", "reference": "c"},
+             {"kind": "seen", "question": "How much annual leave do I have?", "answer": "27 days.", "base_answer": "x",
+              "reference": "Every Acme employee gets 27 vacation days per year."}]
+    summary = {"stages": {"data": 1.0}, "smoke": smoke, "held_out_rouge_l": pipeline.rouge(smoke)}
+    with caplog.at_level(logging.INFO, logger="raylab.pipeline"):
+        pipeline._print_summary(summary)
+    lines = "\n".join(r.getMessage() for r in caplog.records).splitlines()
+    assert lines[:2] == ["", "=== summary ==="]
+    assert lines[2] == "held out: not in the training data: How many days off do I get each year?"
+    assert lines[3:6] == ["  base:  Acme", "  tuned: 27 days.", "  corpus: Every Acme employee gets 27 vacation days per year."]
+    assert lines[6] == "recall of seen data: from the training set: How much annual leave do I have?"
+    assert "Second?" not in "\n".join(lines)  # one held-out headline; the rest are in run.json
+    assert lines[10].startswith("held-out ROUGE-L over 2 question(s): base ") and lines[11].startswith("stages: ")

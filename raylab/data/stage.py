@@ -231,6 +231,8 @@ def run_data(cfg: RaylabConfig, address: str | None = None) -> dict:
 def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
     d, run = cfg.data, runs.Run(cfg.output_dir)
     corpus_tokenizer = cfg.pretrain.tokenizer if cfg.pretrain is not None else None
+    if corpus_tokenizer is not None:
+        vocab.check(cfg)
     inputs = describe_inputs(d)
     config_hash = _config_hash(d, cfg.model, corpus_tokenizer)
     key = _cache_key(config_hash, inputs)
@@ -240,8 +242,6 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
 
     if corpus_tokenizer is None:
         tok = models.load_tokenizer(cfg.model)  # fails early on a bad model; materialises a preset once
-    else:
-        vocab.check(cfg)
     plan.prepare(cfg, address)
     import ray
 

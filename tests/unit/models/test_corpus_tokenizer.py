@@ -120,3 +120,16 @@ def test_build_base_refuses_an_unknown_preset(tmp_path):
 
     with pytest.raises(UserError, match="unknown preset 'nope'"):
         models.build_base("nope", str(tmp_path), str(tmp_path / "base"))
+
+
+def test_the_data_stage_refuses_a_corpus_tokenizer_in_remote_storage_before_reading_anything(tmp_path):
+    from raylab import config
+    from raylab.data import run_data
+    from raylab.errors import UserError
+
+    out = f"file://{tmp_path}/run"  # a URI (object stores alike): Tokenize actors could not from_pretrained it
+    cfg = config.load_dict({"version": 1, "output_dir": out,
+                            "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "missing.jsonl")}]},
+                            "model": {"name_or_path": "preset:tiny-llama"}, "pretrain": {"tokenizer": {}}})
+    with pytest.raises(UserError, match=rf"pretrain\.tokenizer: output_dir {out} is not a filesystem path"):
+        run_data(cfg)  # before the (missing) source is read

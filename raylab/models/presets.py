@@ -112,7 +112,9 @@ def build_base(preset: str, tokenizer_dir: str, target: str) -> str:
     with that tokenizer at `target` (the pretrain stage's starting point when the tokenizer was
     trained on the corpus). Skipped when `target` already holds it for the same tokenizer."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar in the pretrain stage's console is noise
     if preset not in PRESETS:
         raise UserError(f"model.name_or_path: unknown preset {preset!r}; expected one of: {', '.join('preset:' + p for p in PRESETS)}")
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     _models_parser(sub)
     _audit_parser(sub)
+    _lineage_parsers(sub)
     sv = verb("serve", "serve a registry version or a plain model: OpenAI-compatible Ray Serve endpoint (foreground)",
               "optional")
     sv.add_argument("--model", help="REF to serve (NAME@ALIAS or NAME/VERSION; default <registry.model_name>@production), "
@@ -164,6 +165,24 @@ def _audit_parser(sub) -> None:
     lg.add_argument("--json", action="store_true", help="print a JSON array (hashes included)")
     ex = acts.add_parser("export", parents=[common, filters], help="write entries as JSON lines (for a SIEM)")
     ex.add_argument("file", metavar="FILE", help="output file or URI (s3://...); - for stdout")
+
+
+def _lineage_parsers(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", help="take governance.database and registry.tracking_uri from this config")
+    common.add_argument("--database", help="control-plane database URL (default: governance.database, "
+                        "$RAYLAB_DATABASE_URL, else $RAYLAB_HOME/raylab.db)")
+    common.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else $RAYLAB_HOME/mlflow)")
+    common.add_argument("--source", help="the source name (data.sources[].name, default source<N>) the record is in")
+    h = "the data runs, model versions and deployments that hold a record (or a source)"
+    li = sub.add_parser("lineage", parents=[common], help=h, description=h)
+    li.add_argument("record_id", nargs="?", metavar="RECORD_ID", help="as the data stage writes it: faq.csv:12, sql:42")
+    li.add_argument("--erased", action="store_true", help="list the suppression list instead")
+    li.add_argument("--json", action="store_true", help="print JSON")
+    h = "stop every future use of a record: suppress it in later data runs, mark the versions holding it erasure_pending"
+    er = sub.add_parser("erase", parents=[common], help=h, description=h)
+    er.add_argument("record_id", metavar="RECORD_ID", help="as the data stage writes it: faq.csv:12, sql:42")
+    er.add_argument("--reason", required=True, help="why (the request it answers): recorded in the audit log")
 
 
 def _split(args: argparse.Namespace, required: bool) -> tuple[str | None, list[str]]:
@@ -420,6 +439,34 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """`raylab lineage` and `raylab erase` (raylab/lineage/)."""
+    import json
+
+    from raylab import lineage
+
+    tracking_uri = args.tracking_uri
+    if args.config:
+        from raylab import config
+        from raylab.core import audit
+
+        cfg = config.load(args.config)
+        os.environ.update(audit.process_env(cfg))  # governance.database, as a stage would see it
+        tracking_uri = tracking_uri or cfg.registry.tracking_uri
+    if args.verb == "erase":
+        result = lineage.run_erase(args.record_id, args.reason, args.source, args.database, tracking_uri)
+        print(lineage.format_erase(result))
+    elif args.erased:
+        from raylab.core import lineage as records
+
+        entries = records.erased(args.database)
+        print(json.dumps(entries, indent=2) if args.json else lineage.format_erased(entries))
+    else:
+        report = lineage.run_lineage(args.record_id, args.source, args.database, tracking_uri)
+        print(json.dumps(report, indent=2) if args.json else lineage.format_lineage(report))
+    return 0
+
+
 def storage_url(db_url: str) -> str:
     from raylab.core.secrets import redact_url
 
@@ -499,7 +546,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"validate": cmd_validate, "doctor": cmd_doctor, "data": cmd_data, "train": cmd_train, "tune": cmd_tune, "run": cmd_run, "submit": cmd_submit,
-            "eval": cmd_eval, "models": cmd_models, "audit": cmd_audit, "serve": cmd_serve, "render": cmd_render,
+            "eval": cmd_eval, "models": cmd_models, "audit": cmd_audit, "lineage": cmd_lineage, "erase": cmd_lineage, "serve": cmd_serve, "render": cmd_render,
             "deploy": cmd_deploy, "export": cmd_export}
 
 

@@ -11,7 +11,8 @@ one JSON line to the run's `events.jsonl` (when the change belongs to a run) and
 `$RAYLAB_HOME/events/<date>.jsonl` (always). Kinds: stage.start, stage.end, stage.failure,
 registry.register, registry.gate, registry.promote, registry.rollback, serve.start,
 serve.stop, serve.deploy, train.checkpoint_rejected (a resumed run found its checkpoint
-damaged and fell back to an older one).
+damaged and fell back to an older one), data.erase (`raylab erase` put a record on the
+suppression list), registry.erasure_pending (a version was found to hold an erased record).
 
 One writer per cluster: while this process is connected to Ray, events go to a named actor
 (`WRITER`, no CPU, one call at a time), so drivers, trial drivers, Train workers and Serve
@@ -39,7 +40,8 @@ from raylab.core import runs, storage
 WRITER = "raylab-events"
 NAMESPACE = "raylab"
 KINDS = ("stage.start", "stage.end", "stage.failure", "registry.register", "registry.gate", "registry.promote",
-         "registry.rollback", "serve.start", "serve.stop", "serve.deploy", "train.checkpoint_rejected")
+         "registry.rollback", "serve.start", "serve.stop", "serve.deploy", "train.checkpoint_rejected",
+         "data.erase", "registry.erasure_pending")
 
 
 def actor() -> str:

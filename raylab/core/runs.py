@@ -263,6 +263,14 @@ class Counts(Output):
     rejected_fraction: float
     rejected_by_reason: dict[str, int]
     duplicates: dict[str, int]
+    # Data stages since `raylab erase` also write `erased` (records dropped because they are
+    # on the suppression list, core/lineage.py). Read it with `erased_count`: it is not declared,
+    # because a declared default would enter older manifests' dumps and change their hash
+    # (manifest_hash), which trained versions and resumed runs compare.
+
+
+def erased_count(counts: Counts) -> int:
+    return int(getattr(counts, "erased", 0) or 0)
 
 
 class DataManifest(Output):
@@ -281,6 +289,17 @@ class DataManifest(Output):
     tokens: Tokens
     outputs: dict[str, str]
     cache: dict[str, Any] = {}
+
+
+def manifest_hash(manifest: DataManifest) -> str:
+    """What names a data stage's output: its manifest without the time it was written or
+    whether it came from the cache. A trained version records it (`data_manifest_hash`) and the
+    lineage index keys data runs by it, so the two join."""
+    import hashlib
+    import json
+
+    stable = manifest.model_dump(mode="json", exclude={"created", "cache"})
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class TrainMeta(Output):

@@ -26,8 +26,11 @@ Outputs under `<output_dir>/data/` (raylab/core/runs.py):
                            counts (always read = accepted + rejected + duplicates), PII
                            redactions by type, tokens, packing efficiency, length histogram
 
-Re-running with unchanged file inputs and data config is a cache hit (nothing is re-read);
-SQL and HTTP inputs cannot be fingerprinted without reading them, so they always rebuild.
+Re-running with unchanged file inputs, data config and suppression list is a cache hit
+(nothing is re-read); SQL and HTTP inputs cannot be fingerprinted without reading them, so
+they always rebuild. Records on the suppression list (`raylab erase`, core/lineage.py) are
+dropped as they are checked and counted `erased`, written nowhere; the accepted record ids go
+to the lineage index in the control-plane database when the stage finishes.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import pyarrow.compute as pc
 
 from raylab import config, models
 from raylab.config import DataConfig, ModelConfig, RaylabConfig
-from raylab.core import events, plan, runs, storage
+from raylab.core import events, lineage, plan, runs, storage
 from raylab.data import dedup, packing, records, stats, vocab
 from raylab.data.sources import SourceError, describe_inputs, read_source, source_name, source_rules
 from raylab.errors import UserError
@@ -61,15 +64,25 @@ DOC_COLUMNS = ["source", "record_id", "raw", "format", "text", "messages"]
 RECORD_COLUMNS = ["source", "record_id", "format", "text", "messages", "split", "num_tokens"]
 QUARANTINE_COLUMNS = ["source", "record_id", "reason", "message", "raw"]
 TOKENIZE_BLOCK_ROWS = 2048
+ERASED = stats.ERASED  # the reason a suppressed record carries until it is counted
 
 
 # ---------------------------------------------------------------- Ray Data transforms
 
 
-def check_batch(batch: pa.Table, rules: dict[str, records.SourceRules]) -> pa.Table:
+def check_batch(batch: pa.Table, rules: dict[str, records.SourceRules],
+                erase: lineage.Suppression = lineage.Suppression()) -> pa.Table:
     compiled = {name: (r.compiled(), r.detectors()) for name, r in rules.items()}
-    rows = [records.check_row(row, rules[row["source"]], *compiled[row["source"]]) for row in batch.to_pylist()]
+    rows = [_erased_row(row) if erase.matches(row["source"], row["record_id"])
+            else records.check_row(row, rules[row["source"]], *compiled[row["source"]]) for row in batch.to_pylist()]
     return pa.Table.from_pylist(rows, schema=CHECKED_SCHEMA)
+
+
+def _erased_row(row: dict) -> dict:
+    """A suppressed record (`raylab erase`): only its id goes on, to be counted; its content
+    goes nowhere (not to the quarantine either)."""
+    return {"source": row["source"], "record_id": row["record_id"], "raw": "", "format": "", "text": "",
+            "messages": "", "reason": ERASED, "message": "", "pii": ""}
 
 
 def tokenize(docs, data: DataConfig, model: ModelConfig):
@@ -98,8 +111,11 @@ def pack(tokenized, data: DataConfig, pad_id: int):
 
 
 def _where(batch: pa.Table, accepted: bool, columns: list[str]) -> pa.Table:
-    mask = pc.equal(batch["reason"], "")
-    return batch.filter(mask if accepted else pc.invert(mask)).select(columns)
+    """The accepted rows, or the rejected ones (erased records are neither)."""
+    if accepted:
+        return batch.filter(pc.equal(batch["reason"], "")).select(columns)
+    rejected = pc.and_(pc.not_equal(batch["reason"], ""), pc.not_equal(batch["reason"], ERASED))
+    return batch.filter(rejected).select(columns)
 
 
 def _without(batch: pa.Table, drops: frozenset[str]) -> pa.Table:
@@ -139,10 +155,12 @@ def _cached(run: runs.Run, key: str) -> runs.DataManifest | None:
     return manifest if manifest.cache_key == key and manifest.version == MANIFEST_VERSION else None
 
 
-def _cache_key(config_hash: str, inputs: list[dict]) -> str | None:
+def _cache_key(config_hash: str, inputs: list[dict], erase: lineage.Suppression) -> str | None:
+    """Config, input files and the suppression list: after an erasure no cached output is
+    served (it may hold the erased record), so the next run rebuilds and drops it."""
     if any(i["type"] in ("sql", "http") for i in inputs):
         return None
-    material = json.dumps([config_hash, [[f["sha256"] for f in i["files"]] for i in inputs]])
+    material = json.dumps([config_hash, [[f["sha256"] for f in i["files"]] for i in inputs], erase.digest])
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
@@ -180,7 +198,7 @@ def _quiet_ray_data_errors():
 # ---------------------------------------------------------------- the stage
 
 
-def _check_sources(data: DataConfig, rules: dict[str, records.SourceRules]):
+def _check_sources(data: DataConfig, rules: dict[str, records.SourceRules], erase: lineage.Suppression):
     """Every source read and every record checked, in one materialised pass (Ray spills to
     disk beyond the object store, so memory stays bounded). Nothing is written before it
     ends, so a source that fails leaves no part of the stage's output behind."""
@@ -189,7 +207,7 @@ def _check_sources(data: DataConfig, rules: dict[str, records.SourceRules]):
             parts = [read_source(i, s, data) for i, s in enumerate(data.sources)]
             raw = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
             return raw.map_batches(check_batch, batch_format="pyarrow", num_cpus=data.cpus_per_task,
-                                   fn_kwargs={"rules": rules}).materialize()
+                                   fn_kwargs={"rules": rules, "erase": erase}).materialize()
     except Exception as e:
         source_error = _unwrap_source_error(e)
         if source_error is not None:
@@ -235,9 +253,11 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
         vocab.check(cfg)
     inputs = describe_inputs(d)
     config_hash = _config_hash(d, cfg.model, corpus_tokenizer)
-    key = _cache_key(config_hash, inputs)
+    erase = lineage.suppression()
+    key = _cache_key(config_hash, inputs, erase)
     if key and (hit := _cached(run, key)) and (corpus_tokenizer is None or storage.exists(run.tokenizer)):
-        log.info(f"data: cache hit ({run.manifest}); inputs and data config unchanged")
+        log.info(f"data: cache hit ({run.manifest}); inputs, data config and suppression list unchanged")
+        _index(run, hit)  # a run made before the index existed, or indexed in another database
         return hit.model_dump(mode="json") | {"cache": {"hit": True}}
 
     if corpus_tokenizer is None:
@@ -254,7 +274,7 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
              for i, s in enumerate(d.sources)}
     cpus = d.cpus_per_task
     started = time.monotonic()
-    checked = _check_sources(d, rules)
+    checked = _check_sources(d, rules, erase)
     accepted = checked.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
                                    fn_kwargs={"accepted": True, "columns": DOC_COLUMNS}).materialize()
     _phase(1, f"read and checked {checked.count():,} records from {len(rules)} source(s), "
@@ -288,6 +308,7 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
         outputs={name: run.split(name) for name in runs.SPLITS}, cache={"hit": False},
     )
     runs.write_json(run.manifest, manifest)
+    _index(run, manifest, good)
     _log_summary(manifest, run, d.max_seq_len)
     c, limit = manifest.counts, d.validation.max_rejected_fraction
     if limit is not None and c.rejected_fraction > limit:
@@ -298,11 +319,30 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
     return manifest.model_dump(mode="json")
 
 
+def _index(run: runs.Run, manifest: runs.DataManifest, good=None) -> None:
+    """The accepted record ids into the lineage index (core/lineage.py), so `raylab lineage`
+    finds this run without scanning run directories. From the pipeline's own dataset when
+    there is one; a cache hit reads them back from records/*.parquet."""
+    digest = runs.manifest_hash(manifest)
+    if lineage.is_indexed(run.root, digest):
+        return
+    if good is not None:
+        ids = [(s, r) for batch in good.select_columns(["source", "record_id"]).iter_batches(batch_format="pyarrow")
+               for s, r in zip(batch["source"].to_pylist(), batch["record_id"].to_pylist(), strict=True)]
+    elif storage.parquet_files(run.split("records")):
+        table = storage.read_table(run.split("records"), columns=["source", "record_id"])
+        ids = list(zip(table["source"].to_pylist(), table["record_id"].to_pylist(), strict=True))
+    else:  # no record was accepted
+        ids = []
+    lineage.index_run(run.root, digest, manifest.created, ids)
+
+
 def _log_summary(manifest: runs.DataManifest, run: runs.Run, seq_len: int) -> None:
     c = manifest.counts
+    erased = runs.erased_count(c)
     log.info(f"data: read {c.read}, accepted {c.accepted}, rejected {c.rejected} "
         f"({c.rejected_fraction:.1%}), duplicates {c.duplicates['exact']} exact + "
-        f"{c.duplicates['near']} near -> {run.data}")
+        f"{c.duplicates['near']} near" + (f", erased {erased}" if erased else "") + f" -> {run.data}")
     for reason, n in sorted(c.rejected_by_reason.items()):
         log.info(f"  quarantined {n:>5} {reason}")
     for kind, n in sorted(manifest.pii_redactions.items()):

@@ -2,7 +2,7 @@
 
 Each function over a batch returns a small table; the driver sums them, so the counts come
 from the same pass that writes the outputs and always add up (read = accepted + rejected +
-duplicates, per source and in total).
+duplicates + erased, per source and in total; erased: on the suppression list, `raylab erase`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from raylab.data.packing import IGNORE
 
 HIST_EDGES = [2 ** k for k in range(3, 17)]  # document-length histogram bin edges (tokens)
+ERASED = "erased"  # the check stage's reason for a suppressed record: counted, never quarantined
 
 
 def token_stats(batch: pa.Table) -> pa.Table:
@@ -50,15 +51,17 @@ def count_batch(batch: pa.Table) -> pa.Table:
 
 
 def counts(checked, tokenized, drops: dict[str, str], names: list[str]) -> dict:
-    """read = accepted + rejected + duplicates, per source and in total."""
-    by_source = {n: {"read": 0, "accepted": 0, "rejected": 0, "duplicates": 0} for n in names}
+    """read = accepted + rejected + duplicates + erased, per source and in total."""
+    by_source = {n: {"read": 0, "accepted": 0, "rejected": 0, "duplicates": 0, "erased": 0} for n in names}
     by_reason: dict[str, int] = {}
     for stage, ds in (("check", checked), ("tokenize", tokenized)):
         for g in ds.map_batches(count_batch, batch_format="pyarrow").take_all():
             n, src, reason = g["n"], g["source"], g["reason"]
             if stage == "check":
                 by_source[src]["read"] += n
-            if reason:
+            if reason == ERASED:
+                by_source[src]["erased"] += n
+            elif reason:
                 by_source[src]["rejected"] += n
                 by_reason[reason] = by_reason.get(reason, 0) + n
             elif stage == "tokenize":
@@ -67,13 +70,14 @@ def counts(checked, tokenized, drops: dict[str, str], names: list[str]) -> dict:
     for why in drops.values():
         dup[why.removeprefix("duplicate_")] += 1
     for c in by_source.values():
-        c["duplicates"] = c["read"] - c["accepted"] - c["rejected"]
+        c["duplicates"] = c["read"] - c["accepted"] - c["rejected"] - c["erased"]
     read = sum(s["read"] for s in by_source.values())
     rejected = sum(by_reason.values())
+    erased = sum(s["erased"] for s in by_source.values())
     return {
-        "read": read, "accepted": read - rejected - len(drops), "rejected": rejected,
+        "read": read, "accepted": read - rejected - len(drops) - erased, "rejected": rejected,
         "rejected_fraction": rejected / read if read else 0.0,
-        "rejected_by_reason": by_reason, "duplicates": dup, "by_source": by_source,
+        "rejected_by_reason": by_reason, "duplicates": dup, "erased": erased, "by_source": by_source,
     }
 
 

@@ -8,7 +8,8 @@ versions with checksums and gates, and aliases with a history MLflow does not ke
 
 Modules: store (where the registry is, opening it), tracking (runs, sweeps, trials),
 versions (register, refs, verified fetch), aliases (promote, rollback, history), locks (one
-lock per model around alias moves). Runs and versions are written only by driver processes
+lock per model around alias moves), erasure (versions holding an erased record: the
+`raylab.erasure_pending` tag the promote gate refuses). Runs and versions are written only by driver processes
 (the train driver, the sweep driver), never Train workers or concurrent trials. Alias moves
 can come from several places at once (operators, pipelines), so they hold the model's lock;
 fetches by several serve replicas land in one cache by atomic rename.
@@ -17,6 +18,10 @@ fetches by several serve replicas land in one cache by atomic rename.
 from __future__ import annotations
 
 from raylab.registry.aliases import alias_history, promote, rollback, user
+from raylab.registry.erasure import TAG as ERASURE_TAG
+from raylab.registry.erasure import mark_pending as mark_erasure_pending
+from raylab.registry.erasure import pending as erasures_pending
+from raylab.registry.erasure import trained_on
 from raylab.registry.live import LiveRun
 from raylab.registry.store import PREVIOUS, PRODUCTION, Store, locate, model_name, open_store
 from raylab.registry.tracking import (
@@ -44,9 +49,9 @@ from raylab.registry.versions import (
 )
 
 __all__ = [
-    "LINEAGE", "PREVIOUS", "PRODUCTION", "IntegrityError", "LiveRun", "Store", "alias_history", "checksums", "experiment_id",
+    "ERASURE_TAG", "LINEAGE", "PREVIOUS", "PRODUCTION", "IntegrityError", "LiveRun", "Store", "alias_history", "checksums", "erasures_pending", "experiment_id",
     "fetch", "flatten",
-    "get_version", "version_run", "locate", "log_run", "model_name", "open_store", "open_train_run", "parse_ref", "promote", "register",
-    "registered_model", "rollback", "set_tags", "track_sweep", "track_train", "user", "verify", "version_number",
+    "get_version", "version_run", "locate", "log_run", "mark_erasure_pending", "model_name", "open_store", "open_train_run", "parse_ref", "promote", "register",
+    "registered_model", "rollback", "set_tags", "track_sweep", "track_train", "trained_on", "user", "verify", "version_number",
     "versions",
 ]

@@ -16,6 +16,7 @@ import time
 
 from raylab.core import events
 from raylab.errors import UserError
+from raylab.registry import erasure
 from raylab.registry.locks import alias_lock
 from raylab.registry.store import PREVIOUS, PRODUCTION, Store
 from raylab.registry.versions import get_version, registered_model, version_run
@@ -62,26 +63,34 @@ def _history_tags(store: Store, name: str) -> list[str]:
     return sorted(k for k in registered_model(store, name).tags if k.startswith(HISTORY_PREFIX))
 
 
-def _emit(kind: str, store: Store, name: str, moves: list[dict]) -> None:
+def _emit(kind: str, store: Store, name: str, moves: list[dict], **fields) -> None:
     """One event per promote/rollback, in the run that produced the new production version."""
     production = next((m for m in moves if m["alias"] == PRODUCTION), None)
     if production is None or production["to"] is None:
         return
     run = version_run(get_version(store, f"{name}/{production['to']}"))
-    events.emit(kind, run=run, model=name, version=production["to"], moves=moves)
+    events.emit(kind, run=run, model=name, version=production["to"], moves=moves, **fields)
 
 
 def promote(store: Store, name: str, version: int, force: bool = False, reason: str | None = None) -> list[dict]:
     """production -> version (the old production becomes `previous`), only for a version
-    that passed its gates unless forced (then who and why are recorded)."""
+    that passed its gates and holds no erased record (`raylab erase`) unless forced (then who
+    and why are recorded, in the alias history and the audit log)."""
     mv = get_version(store, f"{name}/{version}")
     status = mv.tags.get("raylab.gates.status", "pending")
+    erasures = erasure.pending(mv)
     if force and not reason:
         raise UserError("--force needs --reason: the alias history records who overrode the gates and why")
+    if erasures and not force:
+        raise UserError(f"{name}/{version} may not be promoted: it is erasure_pending (trained on data that holds "
+                        f"record(s) erased since: suppression entries {', '.join(erasures)}; `raylab lineage "
+                        "--erased` lists them); retrain without them (re-run the data stage, then train), or "
+                        "override with --force --reason TEXT")
     if status != "passed" and not force:
         raise UserError(f"{name}/{version} may not be promoted: its gates are {status!r}"
                         + (f" ({mv.tags.get('raylab.gates.failures')})" if status == "failed" else "")
                         + f"; run `raylab models evaluate {name} {version}`, or override with --force --reason TEXT")
+    overrode = (["gates"] if status != "passed" else []) + (["erasure_pending"] if erasures else [])
     with alias_lock(store, name):  # the aliases read here must still hold when they are moved
         aliases = registered_model(store, name).aliases
         current = int(aliases[PRODUCTION]) if PRODUCTION in aliases else None
@@ -89,8 +98,9 @@ def promote(store: Store, name: str, version: int, force: bool = False, reason: 
             return []
         why = reason or f"gates {status}"
         moves = [_move(store, name, PREVIOUS, current, f"was production before {version}")] if current is not None else []
-        moves.append(_move(store, name, PRODUCTION, version, why, forced=force and status != "passed"))
-    _emit("registry.promote", store, name, moves)
+        moves.append(_move(store, name, PRODUCTION, version, why, forced=bool(force and overrode)))
+    # A forced promotion says what it overrode, with the reason (in `moves`), in the audit log.
+    _emit("registry.promote", store, name, moves, **({"overrode": overrode, "erasures": erasures} if overrode else {}))
     return moves
 
 

@@ -20,6 +20,7 @@ from raylab.config import RaylabConfig
 from raylab.core import events, runs, storage
 from raylab.core.secrets import redact_url
 from raylab.errors import UserError
+from raylab.registry import erasure
 from raylab.registry.store import PRODUCTION, Store, model_name
 
 LINEAGE = ("base_model", "method", "data_manifest_hash", "config_hash", "code_version", "trained_tokens",
@@ -61,12 +62,15 @@ def register(store: Store, cfg: RaylabConfig, run_id: str, final: str, meta: dic
     tags |= {f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))}
     tags |= {"raylab.checksums": json.dumps(sums, sort_keys=True), "raylab.gates": cfg.registry.gates.model_dump_json(),
              "raylab.gates.status": "pending", "raylab.output_dir": cfg.output_dir, "raylab.run_name": cfg.run_name,
-             "raylab.stage": "train"} | (extra or {})
+             "raylab.stage": "train"} | (extra or {}) | erasure.at_registration(meta.get("data_manifest_hash"))
     source = f"{store.client.get_run(run_id).info.artifact_uri}/model"
     mv = store.client.create_model_version(name, source, run_id, tags=tags,
                                            description=f"{meta.get('method')} on {meta.get('base_model')}")
     events.emit("registry.register", run=cfg.output_dir, model=name, version=mv.version, run_id=run_id,
                 stage=tags["raylab.stage"], base_model=meta.get("base_model"), method=meta.get("method"))
+    if erasure.TAG in tags:
+        events.emit("registry.erasure_pending", run=cfg.output_dir, model=name, version=mv.version,
+                    erasures=[int(e) for e in erasure.pending(mv) if e.isdigit()], reason="registered from data that holds an erased record")
     return mv
 
 

@@ -55,8 +55,7 @@ log = logging.getLogger(__name__)
 
 
 def manifest_hash(manifest: runs.DataManifest) -> str:
-    stable = manifest.model_dump(mode="json", exclude={"created", "cache"})
-    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
+    return runs.manifest_hash(manifest)  # one definition: the lineage index joins on it
 
 
 def identity(cfg: RaylabConfig, manifest: runs.DataManifest) -> dict:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from http_helpers import Handler, serving
 
 from conftest import REPO, run_cli
 from pg_helpers import postgres_server
@@ -26,19 +25,8 @@ pytestmark = pytest.mark.integration
 # ---------------------------------------------------------------- a local HTTP API
 
 
-class Api(BaseHTTPRequestHandler):
+class Api(Handler):
     calls: dict[str, int] = {}
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-    def _send(self, code: int, body) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         url = urlparse(self.path)
@@ -51,28 +39,25 @@ class Api(BaseHTTPRequestHandler):
                               {"role": "assistant", "content": f"Answer {page}.{i}."}]}
                 for i in range(2)
             ]
-            return self._send(200, {"data": {"items": items}})
+            return self.send_json(200, {"data": {"items": items}})
         if url.path == "/docs":  # cursors, bearer auth
             if self.headers.get("Authorization") != "Bearer s3cret":
-                return self._send(401, {"error": "unauthorized"})
+                return self.send_json(401, {"error": "unauthorized"})
             cursor = q.get("cursor")
             if cursor is None:
-                return self._send(200, {"results": [{"text": "Doc one."}, {"text": "Doc two."}], "next": "c2"})
-            return self._send(200, {"results": [{"text": "Doc three."}], "next": None})
+                return self.send_json(200, {"results": [{"text": "Doc one."}, {"text": "Doc two."}], "next": "c2"})
+            return self.send_json(200, {"results": [{"text": "Doc three."}], "next": None})
         if url.path == "/flaky":  # 503 on the first call, then fine
             if Api.calls[url.path] == 1:
-                return self._send(503, {"error": "busy"})
-            return self._send(200, [{"text": "Survived a retry."}])
-        return self._send(404, {"error": "no such endpoint"})
+                return self.send_json(503, {"error": "busy"})
+            return self.send_json(200, [{"text": "Survived a retry."}])
+        return self.send_json(404, {"error": "no such endpoint"})
 
 
 @pytest.fixture(scope="module")
 def api():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving(Api) as url:
+        yield url
 
 
 # ---------------------------------------------------------------- a corpus of every kind
@@ -166,17 +151,17 @@ def read_dir(path):
 def test_counts_per_source_and_reason(full_run):
     cfg, manifest = full_run
     by = manifest["by_source"]
-    assert by["qa"] == {"read": 6, "accepted": 3, "rejected": 3, "duplicates": 0}
-    assert by["chats"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0}
-    assert by["notes"] == {"read": 5, "accepted": 3, "rejected": 2, "duplicates": 0}
-    assert by["docs"] == {"read": 3, "accepted": 3, "rejected": 0, "duplicates": 0}
-    assert by["handbook"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0}
-    assert by["kb"] == {"read": 4, "accepted": 3, "rejected": 1, "duplicates": 0}
-    assert by["chats_api"] == {"read": 6, "accepted": 6, "rejected": 0, "duplicates": 0}
-    assert by["docs_api"] == {"read": 3, "accepted": 3, "rejected": 0, "duplicates": 0}
-    assert by["flaky"] == {"read": 1, "accepted": 1, "rejected": 0, "duplicates": 0}
+    assert by["qa"] == {"read": 6, "accepted": 3, "rejected": 3, "duplicates": 0, "erased": 0}
+    assert by["chats"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0, "erased": 0}
+    assert by["notes"] == {"read": 5, "accepted": 3, "rejected": 2, "duplicates": 0, "erased": 0}
+    assert by["docs"] == {"read": 3, "accepted": 3, "rejected": 0, "duplicates": 0, "erased": 0}
+    assert by["handbook"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0, "erased": 0}
+    assert by["kb"] == {"read": 4, "accepted": 3, "rejected": 1, "duplicates": 0, "erased": 0}
+    assert by["chats_api"] == {"read": 6, "accepted": 6, "rejected": 0, "duplicates": 0, "erased": 0}
+    assert by["docs_api"] == {"read": 3, "accepted": 3, "rejected": 0, "duplicates": 0, "erased": 0}
+    assert by["flaky"] == {"read": 1, "accepted": 1, "rejected": 0, "duplicates": 0, "erased": 0}
     c = manifest["counts"]
-    assert c["read"] == c["accepted"] + c["rejected"] + sum(c["duplicates"].values()) == 34
+    assert c["read"] == c["accepted"] + c["rejected"] + sum(c["duplicates"].values()) == 34 and c["erased"] == 0
     assert c["accepted"] == 26 and c["duplicates"] == {"exact": 0, "near": 0}
     assert c["rejected_by_reason"] == {
         "invalid_json": 1, "invalid_utf8": 2, "empty_text": 2, "bad_turn_order": 1,
@@ -406,7 +391,7 @@ def test_postgres_source_through_an_env_url(postgres, tmp_path, monkeypatch, _se
                  "val_fraction": 0.0},
     })
     manifest = run_data(cfg)
-    assert manifest["by_source"]["tickets"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0}
+    assert manifest["by_source"]["tickets"] == {"read": 3, "accepted": 2, "rejected": 1, "duplicates": 0, "erased": 0}
     assert read_dir(manifest["outputs"]["quarantine"])[0]["record_id"] == "sql:3"
     assert manifest["inputs"][0]["location"] == "${env:RAYLAB_TEST_PG_URL}"
     # a database that is down, or stops mid-query: tests/integration/test_sources.py

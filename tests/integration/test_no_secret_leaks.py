@@ -7,15 +7,13 @@ log file), not in the Ray session's logs, not on stdout/stderr. One `raylab run 
 
 from __future__ import annotations
 
-import json
 import secrets
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
+from http_helpers import Handler, serving
 
 from conftest import COLORS, base_config, run_cli
 
@@ -24,11 +22,8 @@ pytestmark = pytest.mark.integration
 TOKEN = "tok" + secrets.token_hex(12)  # random per session: no other test or file holds it
 
 
-class Api(BaseHTTPRequestHandler):
+class Api(Handler):
     calls = {"ok": 0, "refused": 0}
-
-    def log_message(self, *args):
-        pass
 
     def do_GET(self):
         url = urlparse(self.path)
@@ -42,20 +37,13 @@ class Api(BaseHTTPRequestHandler):
             body, code = {"items": [] if page > 3 else [
                 {"text": f"Ticket {page}-{i}: the {COLORS[i % len(COLORS)]} widget ships today."} for i in range(40)
             ]}, 200
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_json(code, body)
 
 
 @pytest.fixture(scope="module")
 def api():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving(Api) as url:
+        yield url
 
 
 def files_holding(root: Path, needle: bytes) -> list[str]:

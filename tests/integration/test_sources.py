@@ -20,12 +20,12 @@ import os
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
+from http_helpers import Handler, serving
 
 from conftest import free_port, run_cli
 from pg_helpers import postgres_server
@@ -42,22 +42,11 @@ LITERAL = "key-9f2e-not-for-logs"  # a second secret in the URL, through ${env:R
 os.environ["RAYLAB_TEST_SOURCES_KEY"] = LITERAL
 
 
-class Misbehaving(BaseHTTPRequestHandler):
+class Misbehaving(Handler):
     """Page 1 of every path answers two records under `items`; page 2 misbehaves by path."""
 
     calls: dict[tuple[str, int], list[float]] = {}  # (path, page) -> arrival times
 
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code: int, body: bytes, kind: str = "application/json", headers: dict | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self):
         url = urlparse(self.path)
@@ -65,36 +54,33 @@ class Misbehaving(BaseHTTPRequestHandler):
         page = int(q.get("page", 1))
         Misbehaving.calls.setdefault((url.path, page), []).append(time.monotonic())
         if "token" in q and q["token"] != TOKEN:  # the env reference must arrive expanded
-            return self._send(401, b'{"error": "bad token"}')
+            return self.send_body(401, b'{"error": "bad token"}')
         if page == 1:
-            return self._send(200, json.dumps({"items": [{"text": "one"}, {"text": "two"}]}).encode())
+            return self.send_body(200, json.dumps({"items": [{"text": "one"}, {"text": "two"}]}).encode())
         if url.path == "/busy":
-            return self._send(503, b'{"error": "busy"}')
+            return self.send_body(503, b'{"error": "busy"}')
         if url.path.startswith("/limited"):
-            return self._send(429, b'{"error": "slow down"}', headers={"Retry-After": "1"})
+            return self.send_body(429, b'{"error": "slow down"}', headers={"Retry-After": "1"})
         if url.path == "/slow":
             time.sleep(1.5)  # beyond the client's timeout_s
             try:
-                return self._send(200, b'{"items": []}')
+                return self.send_body(200, b'{"items": []}')
             except OSError:
                 return None  # the client gave up first, as intended
         if url.path == "/hangup":
             self.close_connection = True  # no status line at all
             return None
         if url.path == "/notjson":
-            return self._send(200, b"<html>maintenance</html>", kind="text/html")
+            return self.send_body(200, b"<html>maintenance</html>", kind="text/html")
         if url.path == "/notlist":
-            return self._send(200, b'{"items": {"text": "one record, not a list"}}')
-        return self._send(404, b'{"error": "no such endpoint"}')
+            return self.send_body(200, b'{"items": {"text": "one record, not a list"}}')
+        return self.send_body(404, b'{"error": "no such endpoint"}')
 
 
 @pytest.fixture(scope="module")
 def api():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Misbehaving)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving(Misbehaving) as url:
+        yield url
 
 
 def http_cfg(url: str, output_dir: str = "unused", **settings) -> config.RaylabConfig:

@@ -9,18 +9,16 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from http_helpers import Handler, serving
 
 from serve_load import Load, stream
 
 EVENT = 'data: {"choices": [{"index": 0, "text": "hi", "finish_reason": null}]}\n\n'
 
 
-class Scripted(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # quiet
-        pass
+class Scripted(Handler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
@@ -53,10 +51,8 @@ class Scripted(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serving(Scripted) as base:
+        yield base
 
 
 @pytest.mark.parametrize("path,status,error", [("/done", 200, None), ("/cut", 200, "truncated"),

@@ -9,8 +9,10 @@ data -> pretrain (when the config has a `pretrain` section: continued pre-traini
 corpus, whose result becomes the base model) -> tune (when the config has a `tune` section,
 else train; either registers the winner as a new version) -> gates (`raylab models
 evaluate`) -> promote (when the gates pass and `registry.auto_promote` is true) -> serve (the
-production version) -> smoke requests (a few held-out questions, answered by the endpoint
-and by the base model) -> a summary. Each stage skips work whose inputs have not changed: the
+production version) -> smoke requests (the held-out questions of `eval.held_out`, else a few
+of the val split, and one question of the training set, answered by the endpoint and by the
+base model) -> a summary, headed by a held-out question (base vs tuned), the seen question
+beside it labelled as recall, and the held-out ROUGE-L. Each stage skips work whose inputs have not changed: the
 data stage's cache, a finished pre-training or train run, a sweep's finished trials, an
 already-registered version.
 """
@@ -44,6 +46,10 @@ def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None,
         # The serve stage reads the API keys; an unset variable or an empty keys file is
         # exit 2 now, not after the data, training and gates stages.
         serving.api_keys({"api_keys_env": cfg.serve.api_keys_env, "api_keys_file": cfg.serve.api_keys_file})
+        if cfg.eval.held_out:  # likewise a missing or malformed held-out file
+            from raylab import evaluate
+
+            evaluate.read_input(cfg.eval.held_out, "eval.held_out")
     summary: dict = {"run": cfg.run_name, "output_dir": cfg.output_dir, "stages": {}}
 
     def stage(name: str, fn):
@@ -135,6 +141,7 @@ def _serve_and_smoke(cfg, summary, stage, address, keep_serving) -> None:
     summary["endpoint"] = {"url": info["url"] + "/v1", "model": info["name"], "version": info["model"]}
     try:
         summary["smoke"] = stage("smoke", lambda: smoke(cfg, info))
+        summary["held_out_rouge_l"] = rouge(summary["smoke"])
         if keep_serving:
             _print_summary(summary)
             serve.wait_until_stopped()
@@ -143,26 +150,46 @@ def _serve_and_smoke(cfg, summary, stage, address, keep_serving) -> None:
 
 
 def questions(cfg: RaylabConfig, n: int = 3) -> list[dict]:
-    """A few held-out questions (with the corpus's answer), else the golden prompts."""
+    """The held-out questions the smoke step asks, with their references: every one of
+    `eval.held_out` (up to eval.max_samples), else a few val-split records, else the golden
+    prompts."""
     from raylab import evaluate
 
+    if cfg.eval.held_out:
+        items = evaluate.read_input(cfg.eval.held_out, "eval.held_out")[: cfg.eval.max_samples]
+        return [{"messages": i.get("messages") or [{"role": "user", "content": i.get("prompt") or i["text"]}],
+                 "reference": i.get("reference"), "kind": "held_out"} for i in items]
     try:
         items = evaluate.held_out_items(cfg, runs.read_manifest(runs.Run(cfg.output_dir), cfg.source))[:n]
     except (UserError, OSError, KeyError):
         items = []
     if items:
-        return [{"messages": i["messages"], "reference": i["reference"]} for i in items]
-    return [{"messages": [{"role": "user", "content": g.prompt}], "reference": g.contains} for g in cfg.registry.gates.golden[:n]]
+        return [{"messages": i["messages"], "reference": i["reference"], "kind": "held_out"} for i in items]
+    return [{"messages": [{"role": "user", "content": g.prompt}], "reference": g.contains, "kind": "golden"}
+            for g in cfg.registry.gates.golden[:n]]
+
+
+def seen_question(cfg: RaylabConfig) -> list[dict]:
+    """One question of the training split (its answer was trained on): recall of seen data,
+    shown beside the held-out headline, never instead of it."""
+    from raylab import evaluate
+
+    try:
+        items = evaluate.held_out_items(cfg, runs.read_manifest(runs.Run(cfg.output_dir), cfg.source), split="train")[:1]
+    except (UserError, OSError, KeyError):
+        return []
+    return [{"messages": i["messages"], "reference": i["reference"], "kind": "seen"} for i in items]
 
 
 def smoke(cfg: RaylabConfig, info: dict) -> list[dict]:
-    """Ask the endpoint a few questions (chat completions, greedy); any failure is an error."""
+    """Ask the endpoint the held-out questions and one seen question (chat completions,
+    greedy), then the base model the same ones; any failed request is an error."""
     from raylab import evaluate, registry, serve
 
     keys = sorted(serve.api_keys({"api_keys_env": cfg.serve.api_keys_env, "api_keys_file": cfg.serve.api_keys_file}))
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {keys[0]}"} if keys else {})
     answers = []
-    qs = questions(cfg)
+    qs = questions(cfg) + seen_question(cfg)
     for q in qs:
         body = {"model": info["name"], "messages": q["messages"], "temperature": 0, "max_tokens": cfg.eval.max_new_tokens}
         req = urllib.request.Request(info["url"] + "/v1/chat/completions", data=json.dumps(body).encode(), headers=headers)
@@ -173,14 +200,34 @@ def smoke(cfg: RaylabConfig, info: dict) -> list[dict]:
         except urllib.error.HTTPError as e:
             raise UserError(f"smoke request to {info['url']} failed: HTTP {e.code} {e.read().decode()[:500]}") from None
         answer = reply["choices"][0]["message"]["content"]
-        answers.append({"question": q["messages"][-1]["content"], "answer": answer, "reference": q.get("reference"),
-                        "latency_s": round(time.monotonic() - started, 3)})
+        answers.append({"question": q["messages"][-1]["content"], "kind": q["kind"], "answer": answer,
+                        "reference": q.get("reference"), "latency_s": round(time.monotonic() - started, 3)})
     # Before/after: the same questions answered greedily by the version's base model.
     path = registry.fetch(registry.open_store(cfg), info["model"])
     for a, before in zip(answers, evaluate.answers(cfg, path, path, qs, base=True), strict=True):
         a["base_answer"] = before
-        log.info(f"Q: {a['question']}\n  base:  {before}\n  tuned: {a['answer']}\n  corpus: {a['reference']}")
+    for a in answers[:3]:
+        log.info(f"Q ({_LABELS[a['kind']]}): {a['question']}\n  base:  {a['base_answer']}\n  tuned: {a['answer']}\n"
+                 f"  corpus: {a['reference']}")
+    if len(answers) > 3:
+        log.info(f"... {len(answers) - 3} more in {runs.Run(cfg.output_dir).summary}")
     return answers
+
+
+_LABELS = {"held_out": "held out: not in the training data", "golden": "a golden prompt",
+           "seen": "recall of seen data: from the training set"}
+
+
+def rouge(answers: list[dict]) -> dict | None:
+    """Mean ROUGE-L of base and tuned answers over the held-out questions with a reference."""
+    from raylab import evaluate
+
+    held = [a for a in answers if a["kind"] == "held_out" and isinstance(a.get("reference"), str)]
+    if not held:
+        return None
+    items = [{"reference": a["reference"]} for a in held]
+    return {"questions": len(held), "base": round(evaluate.score([a["base_answer"] for a in held], items)["rouge_l"], 3),
+            "tuned": round(evaluate.score([a["answer"] for a in held], items)["rouge_l"], 3)}
 
 
 def _finish(cfg: RaylabConfig, summary: dict) -> dict:
@@ -208,6 +255,15 @@ def _print_summary(summary: dict) -> None:
     if "audit" not in summary:
         summary["audit"] = audit_summary()
     log.info("\n=== summary ===")
+    # The headline: a question the model never saw, base vs tuned; a seen one beside it, as recall.
+    smoke_answers = summary.get("smoke", [])
+    shown = [a for a in smoke_answers if a["kind"] != "seen"][:1] + [a for a in smoke_answers if a["kind"] == "seen"][:1]
+    for a in shown:
+        log.info(f"{_LABELS[a['kind']]}: {a['question']}\n  base:  {a.get('base_answer')}\n  tuned: {a['answer']}\n"
+                 f"  corpus: {a['reference']}")
+    if summary.get("held_out_rouge_l"):
+        r = summary["held_out_rouge_l"]
+        log.info(f"held-out ROUGE-L over {r['questions']} question(s): base {r['base']:.2f} -> tuned {r['tuned']:.2f}")
     log.info("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stages"].items()))
     if "data" in summary:
         log.info("data: " + ", ".join(f"{k} {v}" for k, v in summary["data"].items()))
@@ -225,5 +281,3 @@ def _print_summary(summary: dict) -> None:
         a = summary["audit"]
         log.info(f"audit: chain verified, {a['entries']} entries, {a['checkpoints']} signed checkpoints" if a["verified"]
                  else f"audit: NOT verified: {a.get('first_problem') or a.get('error')} (see `raylab audit verify`)")
-    for a in summary.get("smoke", [])[:1]:
-        log.info(f"before/after: {a['question']}\n  base:  {a.get('base_answer')}\n  tuned: {a['answer']}\n  corpus: {a['reference']}")

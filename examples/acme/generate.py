@@ -10,6 +10,8 @@ quarantine, dedup and redaction have work to do:
     faq.csv                 instruction: question, answer, category (~150 rows)
     support_chats.jsonl     chat: OpenAI-style messages (~120 conversations), fake PII
     handbook/*.md           completion: one handbook page per file (~20 pages)
+    heldout.jsonl           not training data: one paraphrased question per fact, with the
+                            fact as its reference (the quickstart's held-out questions)
 
 Broken on purpose: invalid JSON lines, a non-UTF-8 line and file, a conversation in the
 wrong turn order, an empty answer, a CSV row with too many fields, a missing answer,
@@ -89,6 +91,42 @@ FACTS = [
     ("ceo", "Acme's chief executive holds an open question hour on the first Tuesday of every month.",
      ["When can I ask the CEO questions?", "Is there a town hall?", "When is the open question hour?"]),
 ]
+
+# One paraphrase per fact, in none of the corpus's phrasings: heldout.jsonl, the questions the
+# quickstart's summary and `raylab eval --input examples/acme/heldout.jsonl` score (ROUGE-L
+# against the fact). Vacation first: the summary's headline.
+HELD_OUT = {
+    "vacation": "How many days off do I get each year?",
+    "hours": "From what time to what time is the Acme office open?",
+    "travel": "Who has to approve my business trip costs?",
+    "password": "My Acme password stopped working, how can I set a new one?",
+    "helpdesk": "Where can I find the IT help desk?",
+    "remote": "How often am I allowed to work from home?",
+    "payday": "Which day of the month is salary paid?",
+    "rooms": "How can I reserve a room for a meeting?",
+    "parental": "How many weeks of parental leave does Acme give?",
+    "laptop": "What laptop will a new engineer receive?",
+    "security": "Who should I tell about a security incident?",
+    "training": "How much will Acme pay for my training courses?",
+    "rocket-x1": "How much payload does the X1 rocket carry to orbit?",
+    "anvil-pro": "What is the weight of the Anvil Pro?",
+    "springs": "What sizes are Acme springs sold in?",
+    "returns": "How long do I have to return a product?",
+    "shipping": "How long does standard shipping take?",
+    "warranty": "How do I file a warranty claim for a defect?",
+    "canteen": "At what time does the canteen serve lunch?",
+    "parking": "Where do employees park?",
+    "onboarding": "What do new hires do in their first week?",
+    "expenses": "How long do I have to submit my expenses?",
+    "sick": "Who do I tell when I am sick?",
+    "vpn": "How do I get remote access to the Acme network?",
+    "badges": "What does it cost to replace a lost badge?",
+    "wifi": "What is the Wi-Fi network for guests?",
+    "recycling": "Where can I bring an old anvil for recycling?",
+    "pension": "Does Acme add to my pension contributions?",
+    "bikes": "Can employees lease a bicycle from Acme?",
+    "ceo": "When does the chief executive hold the open question hour?",
+}
 
 NAMES = ["Alex Morgan", "Sam Rivera", "Jordan Lee", "Taylor Brooks", "Casey Kim", "Riley Chen", "Jamie Novak",
          "Robin Patel", "Chris Okafor", "Dana Fischer"]
@@ -176,8 +214,16 @@ def write_handbook() -> None:
     (pages / "99-legacy.md").write_bytes("# Legacy page\n\nCaf\u00e9 opening hours: see canteen.\n".encode("latin-1"))
 
 
+def write_heldout() -> None:
+    facts = {topic: fact for topic, fact, _ in FACTS}
+    lines = [json.dumps({"id": f"heldout-{t}", "messages": [{"role": "user", "content": q}], "reference": facts[t]})
+             for t, q in HELD_OUT.items()]
+    (HERE / "heldout.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 if __name__ == "__main__":
     write_faq()
     write_chats()
     write_handbook()
+    write_heldout()
     print("wrote", *sorted(p.name for p in HERE.iterdir() if p.name != "generate.py"))

@@ -52,16 +52,17 @@ from raylab.config.registry import (
 )
 from raylab.config.root import SCHEMA_VERSION, RaylabConfig
 from raylab.config.serve import AutoscalingConfig, ServeConfig
-from raylab.config.train import PretrainConfig, TrainConfig
+from raylab.config.train import CorpusTokenizerConfig, PretrainConfig, TrainConfig
 from raylab.config.tune import AshaConfig, SearchDim, TuneConfig
 from raylab.config.types import Section
 from raylab.core.secrets import ENV_REF, expand_env
 from raylab.errors import ConfigError
 
 __all__ = [
-    "SCHEMA_VERSION", "ENV_REF", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CiConfig", "CleanConfig", "CloudConfig",
-    "ConfigError", "DataConfig", "DedupConfig", "EvalConfig", "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt",
-    "GovernanceConfig", "HttpSource", "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "PiiConfig", "PiiProbe",
+    "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CiConfig",
+    "CleanConfig", "CloudConfig", "ConfigError", "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig",
+    "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
+    "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "PiiConfig", "PiiProbe",
     "PlatformConfig", "PretrainConfig", "RayConfig", "RaylabConfig", "RefusalProbe", "RegistryConfig",
     "SearchDim", "Section", "ServeConfig", "Source", "SqlSource", "TrainConfig", "TuneConfig", "ValidationConfig",
     "env_refs", "expand_env", "load", "load_dict", "load_text", "parse_yaml", "read_suite", "read_yaml", "to_yaml", "write_resolved",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from raylab.config.types import PositiveInt, Section
+from raylab.config.types import PathOrUri, PositiveInt, Section
 
 
 class EvalConfig(Section):
@@ -16,3 +16,7 @@ class EvalConfig(Section):
     actors: PositiveInt = Field(1, description="model copies in the actor pool")
     cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPUs per actor (also its torch threads)")
     show_samples: int = Field(5, ge=0, description="side-by-side answers in the report")
+    held_out: PathOrUri | None = Field(
+        None, description="questions kept out of the training data (JSONL, `raylab eval --input`'s format, with a "
+                          "reference each) that `raylab run` asks base and tuned model after serving, scored with "
+                          "ROUGE-L; default: a few records of the data stage's val split")

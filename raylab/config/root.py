@@ -63,6 +63,16 @@ class RaylabConfig(Section):
                 raise invalid(f"{key}: not a config key", at=f"platform.overrides.{i}")
         return self
 
+    @model_validator(mode="after")
+    def _corpus_tokenizer_needs_a_preset(self) -> RaylabConfig:
+        # A pre-trained model's embeddings belong to its own tokenizer; only a preset, built
+        # from scratch with random weights, can take a new one.
+        if self.pretrain is not None and self.pretrain.tokenizer is not None and not self.model.name_or_path.startswith("preset:"):
+            raise invalid(f"a tokenizer trained on the corpus needs a base built from scratch, but model.name_or_path is "
+                          f"{self.model.name_or_path!r}; use a preset (preset:tiny-llama) or remove pretrain.tokenizer",
+                          at="pretrain.tokenizer")
+        return self
+
     @property
     def run_name(self) -> str:
         return self.output_dir.rstrip("/").rsplit("/", 1)[-1]

@@ -57,6 +57,17 @@ class TrainConfig(Section):
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
+class CorpusTokenizerConfig(Section):
+    """A byte-level BPE tokenizer trained on the corpus for a base built from scratch: trained by
+    the data stage on its accepted, PII-redacted, deduplicated train split (never on raw
+    sources), saved under <output_dir>/data/tokenizer/, then used to tokenize the shards and as
+    the tokenizer of the preset the pretrain stage builds. The same corpus and settings give
+    the same tokenizer (and fingerprint)."""
+
+    vocab_size: int = Field(2048, ge=300, le=65536, description="tokens in the vocabulary, special and byte tokens included")
+    min_frequency: PositiveInt = Field(2, description="a merge needs a pair seen at least this often")
+
+
 class PretrainConfig(Section):
     """Continued pre-training before fine-tuning: a full fine-tune of model.name_or_path on
     every token of the data stage's train split; its result is then the base model of train,
@@ -67,3 +78,6 @@ class PretrainConfig(Section):
     batch_size: PositiveInt = Field(8, description="sequences per batch per worker")
     num_workers: PositiveInt = Field(1, description="Ray Train workers")
     cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs per worker")
+    tokenizer: CorpusTokenizerConfig | None = Field(
+        None, description="train a tokenizer on the redacted corpus and pre-train the preset from scratch with it "
+                          "(model.name_or_path must be preset:NAME); default: the model's own tokenizer")

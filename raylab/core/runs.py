@@ -8,10 +8,12 @@ The layout (DESIGN.md, "Run directory") is spelt out here and nowhere else: ever
 a `Run` for its paths, so a reader finds the whole contract in one page.
 
     <output_dir>/config.resolved.yaml     run.json (the pipeline's summary), events.jsonl
-    <output_dir>/data/{train,val,records,quarantine}/*.parquet, data/manifest.json
+    <output_dir>/data/{train,val,records,quarantine}/*.parquet, data/manifest.json,
+                                          data/tokenizer/ (with pretrain.tokenizer)
     <output_dir>/train/                   Ray Train's run: checkpoint_*/, metrics.jsonl, loss.png,
                                           run.json (identity), final/ (Hugging Face format)
-    <output_dir>/pretrain/                a nested run (its own data/ and train/)
+    <output_dir>/pretrain/                a nested run (its own data/ and train/; base/: the preset
+                                          built for the corpus tokenizer, with pretrain.tokenizer)
     <output_dir>/tune/                    Ray Tune's run: trials/<id>/ (nested runs), results.json|csv,
                                           best.yaml, study.db, importance / partial dependence / slice
     <output_dir>/eval/                    report.json, report.md, predictions.jsonl
@@ -99,6 +101,11 @@ class Run:
     def manifest(self) -> str:
         return _join(self.data, "manifest.json")
 
+    @property
+    def tokenizer(self) -> str:
+        """The tokenizer the data stage trained on the redacted corpus (`pretrain.tokenizer`)."""
+        return _join(self.data, "tokenizer")
+
     def split(self, name: str) -> str:
         if name not in SPLITS:
             raise ValueError(f"unknown data split {name!r}; expected one of {SPLITS}")
@@ -128,6 +135,11 @@ class Run:
     @property
     def train_identity(self) -> str:
         return _join(self.train, "run.json")
+
+    @property
+    def base(self) -> str:
+        """A preset built from scratch for the corpus tokenizer: where a pretrain run starts."""
+        return _join(self.root, "base")
 
     # nested runs
     @property

@@ -6,7 +6,8 @@
 What it does, on Ray Data: read every source (sources/) into one dataset of raw records;
 normalise each to its format, clean it, check the validation rules and redact PII
 (records.py, raylab/core/detectors.py); drop exact and near duplicates across the whole
-dataset (dedup.py); tokenize in an actor pool, split train/val by record id, and pack
+dataset (dedup.py); with `pretrain.tokenizer`, train a BPE tokenizer on the redacted train
+split (vocab.py); tokenize in an actor pool, split train/val by record id, and pack
 (packing.py, which documents the trainer contract); write zstd Parquet and `manifest.json`.
 No record stops the job: a broken one is quarantined with a reason code. A source that
 cannot be read at all, or a rejected fraction above `data.validation.max_rejected_fraction`,
@@ -20,6 +21,7 @@ Outputs under `<output_dir>/data/` (raylab/core/runs.py):
                            messages (JSON), split, num_tokens (for evaluation and inspection)
     quarantine/*.parquet   rejected: source, record_id, reason, message, raw -- SENSITIVE:
                            it holds records exactly as read, personal data included
+    tokenizer/             with pretrain.tokenizer: the tokenizer trained on the redacted corpus
     manifest.json          inputs (files with sha256), config hash, tokenizer fingerprint,
                            counts (always read = accepted + rejected + duplicates), PII
                            redactions by type, tokens, packing efficiency, length histogram
@@ -48,7 +50,7 @@ import pyarrow.compute as pc
 from raylab import config, models
 from raylab.config import DataConfig, ModelConfig, RaylabConfig
 from raylab.core import events, lineage, plan, runs, storage
-from raylab.data import dedup, packing, records, stats
+from raylab.data import dedup, packing, records, stats, vocab
 from raylab.data.sources import SourceError, describe_inputs, read_source, source_name, source_rules
 from raylab.errors import UserError
 
@@ -134,9 +136,12 @@ def _of_split(batch: pa.Table, split: str) -> pa.Table:
 # ---------------------------------------------------------------- the cache
 
 
-def _config_hash(data: DataConfig, model: ModelConfig) -> str:
-    """The data section plus the model section (the tokenizer decides the tokens)."""
+def _config_hash(data: DataConfig, model: ModelConfig, corpus_tokenizer=None) -> str:
+    """The data section plus the model section (the tokenizer decides the tokens), plus
+    pretrain.tokenizer when the tokenizer is trained on the corpus."""
     material = data.model_dump_json() + model.model_dump_json()
+    if corpus_tokenizer is not None:
+        material += corpus_tokenizer.model_dump_json()
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
@@ -243,16 +248,20 @@ def run_data(cfg: RaylabConfig, address: str | None = None) -> dict:
 
 def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
     d, run = cfg.data, runs.Run(cfg.output_dir)
+    corpus_tokenizer = cfg.pretrain.tokenizer if cfg.pretrain is not None else None
+    if corpus_tokenizer is not None:
+        vocab.check(cfg)
     inputs = describe_inputs(d)
-    config_hash = _config_hash(d, cfg.model)
+    config_hash = _config_hash(d, cfg.model, corpus_tokenizer)
     erase = lineage.suppression()
     key = _cache_key(config_hash, inputs, erase)
-    if key and (hit := _cached(run, key)):
+    if key and (hit := _cached(run, key)) and (corpus_tokenizer is None or storage.exists(run.tokenizer)):
         log.info(f"data: cache hit ({run.manifest}); inputs, data config and suppression list unchanged")
         _index(run, hit)  # a run made before the index existed, or indexed in another database
         return hit.model_dump(mode="json") | {"cache": {"hit": True}}
 
-    tok = models.load_tokenizer(cfg.model)  # fails early on a bad model; materialises a preset once
+    if corpus_tokenizer is None:
+        tok = models.load_tokenizer(cfg.model)  # fails early on a bad model; materialises a preset once
     plan.prepare(cfg, address)
     import ray
 
@@ -273,7 +282,12 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
     drops = dedup.find_duplicates(accepted, d.dedup, cpus)
     _phase(2, f"deduplicated: {len(drops):,} duplicate(s) dropped", started)
     kept = accepted.map_batches(_without, batch_format="pyarrow", num_cpus=cpus, fn_kwargs={"drops": frozenset(drops)})
-    tokenized = tokenize(kept, d, cfg.model).materialize()
+    tokenizer_model = cfg.model
+    if corpus_tokenizer is not None:  # trained here, on redacted text: vocab.py says why
+        kept = kept.materialize()
+        tokenizer_model = vocab.train(cfg, kept)
+        tok = models.load_tokenizer(tokenizer_model)
+    tokenized = tokenize(kept, d, tokenizer_model).materialize()
     _phase(3, f"templated and tokenized {tokenized.count():,} documents", started)
     good = tokenized.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
                                  fn_kwargs={"accepted": True, "columns": [*DOC_COLUMNS, "input_ids", "labels"]}
@@ -286,7 +300,8 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
     manifest = runs.DataManifest(
         version=MANIFEST_VERSION,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        config_hash=config_hash, cache_key=key, tokenizer=models.fingerprint(tok),
+        config_hash=config_hash, cache_key=key,
+        tokenizer=models.fingerprint(tok) | ({"trained_on_corpus": run.tokenizer} if corpus_tokenizer else {}),
         inputs=[{**i, "records_read": counts["by_source"][i["name"]]["read"]} for i in inputs],
         counts={k: v for k, v in counts.items() if k != "by_source"}, by_source=counts["by_source"],
         pii_redactions=stats.pii_totals(checked), tokens=stats.token_summary(good, packed, d.max_seq_len),

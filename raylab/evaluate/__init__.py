@@ -11,8 +11,16 @@ result recorded on the version), suites (the prompt checks and budgets of a test
 
 from __future__ import annotations
 
-from raylab.evaluate.batch import answers, held_out_items, held_out_loss, run_eval
+from raylab.evaluate.batch import (
+    answers,
+    held_out_items,
+    held_out_loss,
+    read_input,
+    run_eval,
+    score,
+)
 from raylab.evaluate.gates import evaluate_version
 from raylab.evaluate.suites import junit, write_junit
 
-__all__ = ["answers", "evaluate_version", "held_out_items", "held_out_loss", "junit", "run_eval", "write_junit"]
+__all__ = ["answers", "evaluate_version", "held_out_items", "held_out_loss", "junit", "read_input", "run_eval", "score",
+           "write_junit"]

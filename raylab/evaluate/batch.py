@@ -152,14 +152,15 @@ def answers(cfg: RaylabConfig, path: str, tokenizer_path: str, items: list[dict]
 # ---------------------------------------------------------------- inputs
 
 
-def held_out_items(cfg: RaylabConfig, manifest: runs.DataManifest) -> list[dict]:
+def held_out_items(cfg: RaylabConfig, manifest: runs.DataManifest, split: str = "val") -> list[dict]:
     """Up to eval.max_samples held-out instruction/chat records as {messages, reference, id}:
-    the conversation up to its last assistant turn, and that turn."""
+    the conversation up to its last assistant turn, and that turn (`split="train"`: records the
+    model was trained on, for a recall check)."""
     records = manifest.outputs.get("records") or runs.Run(cfg.output_dir).split("records")
     table = storage.read_table(records, columns=["record_id", "format", "messages", "split"])
     items = []
     for row in sorted(table.to_pylist(), key=lambda r: r["record_id"]):
-        if row["split"] != "val" or row["format"] not in ("instruction", "chat") or not row["messages"]:
+        if row["split"] != split or row["format"] not in ("instruction", "chat") or not row["messages"]:
             continue
         messages = json.loads(row["messages"])
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
@@ -171,10 +172,11 @@ def held_out_items(cfg: RaylabConfig, manifest: runs.DataManifest) -> list[dict]
     return items
 
 
-def read_input(location: str) -> list[dict]:
-    """Prompt rows of a JSONL file; every bad line is reported at once (exit 2)."""
+def read_input(location: str, what: str = "--input") -> list[dict]:
+    """Prompt rows of a JSONL file; every bad line is reported at once (exit 2), under `what`
+    (the flag or config key that named the file)."""
     if not storage.exists(location):
-        raise UserError(f"--input {location}: file not found")
+        raise UserError(f"{what} {location}: file not found")
     items, problems = [], []
     for n, line in enumerate(storage.read_text(location).splitlines(), 1):
         if not line.strip():
@@ -195,7 +197,7 @@ def read_input(location: str) -> list[dict]:
                 continue
         items.append({"id": str(item.get("id", n)), **item})
     if problems or not items:
-        raise UserError(f"--input {location}: " + ("; ".join(problems[:20]) if problems else "no prompts in the file"))
+        raise UserError(f"{what} {location}: " + ("; ".join(problems[:20]) if problems else "no prompts in the file"))
     return items
 
 

@@ -6,6 +6,10 @@ at a path that outlives the process that made it.
     model.name_or_path: preset:tiny-llama        # in a config
     materialize_preset("tiny-llama")              # -> $RAYLAB_HOME/models/tiny-llama
 
+With `pretrain.tokenizer` the preset is instead built against a BPE tokenizer trained on the
+redacted corpus (`train_corpus_tokenizer`, by the data stage; `build_base`, by the pretrain
+stage, into the run directory), so the stand-in base reads and writes word pieces, not bytes.
+
 Every tokenizer raylab builds carries DEFAULT_CHAT_TEMPLATE (ChatML-style, assistant turns
 wrapped in `{% generation %}` so the data stage can mask everything but the answers).
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
     ),
     "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=1024),
+    # The quickstart's stand-in base (with pretrain.tokenizer): ~0.6 M parameters besides the
+    # embeddings, as much compute per 160-token row as tiny-llama per 512 bytes, and enough
+    # width to write the corpus's sentences back in words.
+    "mini-llama": dict(
+        model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -64,6 +77,58 @@ def build_byte_tokenizer():
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS, additional_special_tokens=EXTRA_SPECIALS)
     tok.chat_template = DEFAULT_CHAT_TEMPLATE
     return tok
+
+
+def train_corpus_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
+    """A byte-level BPE tokenizer trained on `texts` with the `tokenizers` library, with the
+    same special tokens and chat template as the byte tokenizer (so it drops into every stage
+    unchanged), as a transformers fast tokenizer: `save_pretrained` it and `from_pretrained`
+    loads it like any model's.
+
+        tok = train_corpus_tokenizer(redacted_texts, vocab_size=2048)   # the data stage does this
+
+    Byte-level, so any text still encodes (no unknown token) and decodes back exactly. The
+    result depends only on the texts, their order and the settings: the caller passes them
+    in a fixed order (the data stage sorts by record id), and the trainer breaks ties between
+    equally frequent pairs by the pair itself, so the same corpus gives the same fingerprint.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SPECIAL_TOKENS.values()) + EXTRA_SPECIALS
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's word split, then bytes
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS, additional_special_tokens=EXTRA_SPECIALS)
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def build_base(preset: str, tokenizer_dir: str, target: str) -> str:
+    """A preset's random-weight model sized for the tokenizer saved at `tokenizer_dir`, saved
+    with that tokenizer at `target` (the pretrain stage's starting point when the tokenizer was
+    trained on the corpus). Skipped when `target` already holds it for the same tokenizer."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar in the pretrain stage's console is noise
+    if preset not in PRESETS:
+        raise UserError(f"model.name_or_path: unknown preset {preset!r}; expected one of: {', '.join('preset:' + p for p in PRESETS)}")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    stamp = json.dumps({"preset": preset, "version": PRESET_VERSION, "vocab": _sha(json.dumps(sorted(tok.get_vocab().items()))),
+                        "template": _sha(tok.chat_template or "")})
+    marker = runs.model_file(target, "raylab_preset.json")
+    if storage.exists(marker) and storage.read_text(marker) == stamp:
+        return target
+    with tempfile.TemporaryDirectory(prefix="raylab-base-") as staging:
+        storage.save_pretrained(tok, staging)
+        storage.save_pretrained(build_tiny_model(preset, tok), staging)
+        storage.copy_dir(staging, target)
+    storage.write_text(marker, stamp)  # last: a copy cut short is rebuilt next time
+    return target
 
 
 def build_tiny_model(preset: str, tokenizer, seed: int = 0):

@@ -363,10 +363,11 @@ def run_pretrain(cfg: RaylabConfig, address: str | None = None) -> dict:
 
 
 def _pretrain(cfg: RaylabConfig, address: str | None) -> dict:
-    pcfg = pretrain.pretrain_config(cfg)
     # The pre-training reads the data stage's shards where they are: its manifest is a copy.
-    src, dst = runs.Run(cfg.output_dir), runs.Run(pcfg.output_dir)
+    src = runs.Run(cfg.output_dir)
     if not storage.exists(src.manifest):
         raise UserError(f"no data stage output at {src.manifest}: run `raylab data` (or `raylab run`) first")
-    storage.write_text(dst.manifest, storage.read_text(src.manifest))
+    pretrain.build_base(cfg)  # with pretrain.tokenizer: the preset around the corpus tokenizer
+    pcfg = pretrain.pretrain_config(cfg)
+    storage.write_text(runs.Run(pcfg.output_dir).manifest, storage.read_text(src.manifest))
     return _train(pcfg, address, None, False, None)

@@ -37,8 +37,12 @@ pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 TMP = os.environ.get("TMPDIR", "/tmp")
-SMALL = ["pretrain=null", "tune=null", "train.max_steps=4", "train.eval_every=2", "train.epochs=1", "train.num_workers=2",
-         "train.placement_strategy=SPREAD", "data.dedup.near=false", "eval.max_new_tokens=8", "registry.model_name=job-e2e"]
+# pretrain=null: the pre-trained base is read from a filesystem path, and this run's output is
+# on S3; so also the byte-level tiny preset at its byte-sized rows (the corpus tokenizer is
+# part of the pretrain section).
+SMALL = ["pretrain=null", "model.name_or_path=preset:tiny-llama", "data.max_seq_len=512", "tune=null", "train.max_steps=4",
+         "train.eval_every=2", "train.epochs=1", "train.num_workers=2", "train.placement_strategy=SPREAD", "data.dedup.near=false", "eval.max_new_tokens=8", "eval.max_samples=3",
+         "registry.model_name=job-e2e"]
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +185,10 @@ def test_ray_job_submit_runs_the_quickstart_on_two_nodes_with_s3_storage(quickst
     assert list(summary["stages"]) == ["data", "train", "gates", "promote", "serve", "smoke"]
     assert summary["gates"] == "passed" and summary["promoted"] == summary["endpoint"]["version"]
     assert summary["smoke"] and all(isinstance(s["answer"], str) and "base_answer" in s for s in summary["smoke"])
+    # eval.held_out's paraphrases (3 of them here), then one question of the training set
+    assert [s["kind"] for s in summary["smoke"]] == ["held_out"] * 3 + ["seen"], summary["smoke"]
+    assert summary["smoke"][0]["question"] == "How many days off do I get each year?"
+    assert summary["held_out_rouge_l"]["questions"] == 3
     meta = json.loads(storage.read_text(storage.join(out, "train", "final", "raylab_train.json")))
     assert len(set(meta["worker_nodes"])) == 2  # SPREAD: one Train worker on each node
     for path in ("data/manifest.json", "config.resolved.yaml", "train/final/adapter_model.safetensors", "train/metrics.jsonl"):
@@ -194,7 +202,8 @@ def test_ray_job_submit_runs_the_quickstart_on_two_nodes_with_s3_storage(quickst
     filesystem, root = storage.resolve("s3://raylab/mlflow")
     files = [f.path for f in filesystem.get_file_info(fs.FileSelector(root, recursive=True)) if f.type == fs.FileType.File]
     assert any(f.endswith("/model/adapter_model.safetensors") for f in files), files[:20]
-    assert "=== summary ===" in r.stdout and "before/after:" in r.stdout
+    assert "=== summary ===" in r.stdout and "held out: not in the training data: How many days off" in r.stdout
+    assert "recall of seen data: from the training set:" in r.stdout and "held-out ROUGE-L over 3 question(s)" in r.stdout
     assert re.search(r"promote: \S+ production (-|\d+) -> \d+", r.stdout), r.stdout  # the stage says what moved
     assert "data: 4/4 packed" in r.stdout  # the data stage's progress by phase
     # Every state change of the run is one event in its events file, written by one writer.

@@ -40,3 +40,86 @@ def test_a_run_that_would_serve_checks_the_api_keys_before_any_stage(tmp_path, c
     err = capsys.readouterr().err
     assert f"raylab run: error: serve.api_keys_file: {keys} has no API key" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_would_serve_checks_eval_held_out_before_any_stage(tmp_path, capsys):
+    from raylab import cli
+
+    bad = tmp_path / "held.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "When?"}], "reference": "Today."}\nnot json\n')
+    args = ["run", str(REPO / "configs" / "quickstart.yaml"), f"output_dir={tmp_path / 'run'}"]
+    assert cli.main([*args, f"eval.held_out={bad}"]) == 2
+    assert f"eval.held_out {bad}: line 2: not JSON" in capsys.readouterr().err
+    assert cli.main([*args, f"eval.held_out={tmp_path / 'none.jsonl'}"]) == 2
+    assert f"eval.held_out {tmp_path / 'none.jsonl'}: file not found" in capsys.readouterr().err
+
+
+def _corpus_questions() -> set[str]:
+    import csv
+    import json
+
+    acme = REPO / "examples" / "acme"
+    with (acme / "faq.csv").open(encoding="utf-8") as f:
+        asked = {row[0] for row in csv.reader(f) if row}
+    for line in (acme / "support_chats.jsonl").read_bytes().splitlines():
+        try:
+            asked |= {m["content"] for m in json.loads(line)["messages"] if m["role"] == "user"}
+        except (ValueError, KeyError, TypeError):  # the corpus's deliberately broken lines
+            continue
+    return asked
+
+
+def test_the_quickstart_headline_is_a_held_out_paraphrase_in_no_training_record():
+    from raylab import config, pipeline
+    from raylab.evaluate.batch import normalize
+
+    cfg = config.load(REPO / "configs" / "quickstart.yaml")
+    qs = pipeline.questions(cfg)
+    assert len(qs) == 30 and all(q["kind"] == "held_out" and q["reference"] for q in qs)
+    assert qs[0]["messages"] == [{"role": "user", "content": "How many days off do I get each year?"}]
+    assert qs[0]["reference"] == "Every Acme employee gets 27 vacation days per year."
+    asked = _corpus_questions()
+    assert len(asked) > 100  # the check below reads the corpus's real questions (not vacuous)
+    corpus_text = " ".join(normalize(q) for q in asked)
+    for q in qs:
+        question = normalize(q["messages"][-1]["content"])
+        assert question not in corpus_text, question  # not asked anywhere in the corpus, not even inside a chat turn
+    # the references are the corpus's own facts
+    handbook = " ".join(p.read_text(encoding="utf-8", errors="replace") for p in (REPO / "examples/acme/handbook").glob("*.md"))
+    assert all(q["reference"] in handbook for q in qs)
+
+
+def test_held_out_rouge_l_scores_only_held_out_answers():
+    from raylab import pipeline
+
+    answers = [{"kind": "held_out", "reference": "Every Acme employee gets 27 vacation days per year.",
+                "answer": "Every Acme employee gets 27 vacation days per year.", "base_answer": "Travel expenses are approved."},
+               {"kind": "held_out", "reference": "The canteen serves lunch.", "answer": "The canteen is closed.",
+                "base_answer": ""},
+               {"kind": "seen", "reference": "x y", "answer": "nothing alike", "base_answer": "nothing alike"}]
+    r = pipeline.rouge(answers)
+    assert r["questions"] == 2 and r["base"] == 0.0
+    assert r["tuned"] == round((1.0 + 0.5) / 2, 3)  # "the canteen" of 4 words each: LCS 2 -> F1 0.5
+    assert pipeline.rouge(answers[2:]) is None
+
+
+def test_the_summary_heads_with_the_held_out_answer_and_labels_the_seen_one(caplog):
+    import logging
+
+    from raylab import pipeline
+
+    smoke = [{"kind": "held_out", "question": "How many days off do I get each year?", "answer": "27 days.",
+              "base_answer": "Acme", "reference": "Every Acme employee gets 27 vacation days per year."},
+             {"kind": "held_out", "question": "Second?", "answer": "b", "base_answer": "a", "reference": "c"},
+             {"kind": "seen", "question": "How much annual leave do I have?", "answer": "27 days.", "base_answer": "x",
+              "reference": "Every Acme employee gets 27 vacation days per year."}]
+    summary = {"stages": {"data": 1.0}, "smoke": smoke, "held_out_rouge_l": pipeline.rouge(smoke)}
+    with caplog.at_level(logging.INFO, logger="raylab.pipeline"):
+        pipeline._print_summary(summary)
+    lines = "\n".join(r.getMessage() for r in caplog.records).splitlines()
+    assert lines[:2] == ["", "=== summary ==="]
+    assert lines[2] == "held out: not in the training data: How many days off do I get each year?"
+    assert lines[3:6] == ["  base:  Acme", "  tuned: 27 days.", "  corpus: Every Acme employee gets 27 vacation days per year."]
+    assert lines[6] == "recall of seen data: from the training set: How much annual leave do I have?"
+    assert "Second?" not in "\n".join(lines)  # one held-out headline; the rest are in run.json
+    assert lines[10].startswith("held-out ROUGE-L over 2 question(s): base ") and lines[11].startswith("stages: ")

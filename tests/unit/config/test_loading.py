@@ -249,3 +249,15 @@ def test_nesting_up_to_the_limit_reaches_the_schema():
     assert config.loading.too_deep({"a": nested(33)}) == "a" + ".0" * 32
     with pytest.raises(UserError, match=r"a\.a\.a.*: nested more than 32 levels deep"):
         config.load_dict(MINIMAL, [".".join(["a"] * 40) + "=1"])  # a long override key nests too
+
+
+def test_corpus_tokenizer_needs_a_preset_base():
+    raw = {**MINIMAL, "pretrain": {"tokenizer": {"vocab_size": 1000}}}
+    cfg = config.load_dict(raw)  # MINIMAL's model is a preset
+    assert cfg.pretrain.tokenizer.vocab_size == 1000 and cfg.pretrain.tokenizer.min_frequency == 2
+    with pytest.raises(ConfigError, match=r"pretrain\.tokenizer: a tokenizer trained on the corpus needs a base built "
+                                          r"from scratch, but model\.name_or_path is 'org/real-model'"):
+        config.load_dict({**raw, "model": {"name_or_path": "org/real-model"}})
+    with pytest.raises(ConfigError, match=r"pretrain\.tokenizer\.vocab_size: .*greater than or equal to 300"):
+        config.load_dict({**raw, "pretrain": {"tokenizer": {"vocab_size": 10}}})
+    assert config.load_dict({**raw, "model": {"name_or_path": "org/real-model"}, "pretrain": {}}).pretrain.tokenizer is None

@@ -21,12 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raylab.config import DataConfig
+from raylab.core import lineage
 from raylab.core.secrets import redact_url
 from raylab.data import dedup
 from raylab.data.sources import FILE_DATASOURCES, source_name, source_rules
 from raylab.data.sources.files import source_root
 from raylab.data.stage import DOC_COLUMNS, _check_sources, _where, _without
-from raylab.data.stats import pii_totals
+from raylab.data.stats import ERASED, pii_totals
 from raylab.errors import UserError
 
 DOCUMENT_COLUMNS = ["source", "record_id", "origin", "format", "text", "messages"]
@@ -66,7 +67,8 @@ def clean_documents(data: DataConfig, sources: list | None = None) -> tuple:
              for i, s in enumerate(data.sources)}
     by_name = {source_name(i, s): s for i, s in enumerate(data.sources)}
     cpus = data.cpus_per_task
-    checked = _check_sources(data, rules)
+    # records on the suppression list (`raylab erase`) are no more indexed than trained on
+    checked = _check_sources(data, rules, lineage.suppression())
     accepted = checked.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
                                    fn_kwargs={"accepted": True, "columns": DOC_COLUMNS}).materialize()
     drops = dedup.find_duplicates(accepted, data.dedup, cpus)
@@ -76,12 +78,13 @@ def clean_documents(data: DataConfig, sources: list | None = None) -> tuple:
     by_reason: dict[str, int] = {}
     for r in checked.map_batches(_reason_counts, batch_format="pyarrow").take_all():
         by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + r["n"]
+    erased = by_reason.pop(ERASED, 0)
     read, documents = checked.count(), docs.count()
     dup = {"exact": 0, "near": 0}
     for why in drops.values():
         dup[why.removeprefix("duplicate_")] += 1
     counts = {"read": read, "accepted": documents, "rejected": sum(by_reason.values()), "rejected_by_reason": by_reason,
-              "duplicates": dup, "pii_redactions": pii_totals(checked)}
+              "duplicates": dup, "erased": erased, "pii_redactions": pii_totals(checked)}
     return docs, counts
 
 

@@ -178,6 +178,11 @@ def index_manifest(index_dir: str) -> str:
     return _join(index_dir, INDEX_MANIFEST)
 
 
+def index_table(index_dir: str, table: str) -> str:
+    """A LanceDB table's directory inside an index directory (LanceDB's `<table>.lance`)."""
+    return _join(index_dir, f"{table}.lance")
+
+
 def default_output_dir(config_stem: str) -> str:
     """Where a config's run goes when it names no output_dir: runs/<config file stem>."""
     return os.path.join("runs", config_stem)

@@ -18,7 +18,7 @@ import math
 
 import pyarrow as pa
 
-from raylab.core import storage
+from raylab.core import runs
 from raylab.errors import UserError
 
 METRIC = "cosine"
@@ -26,7 +26,7 @@ _IN_LIST = 1000  # ids per SQL IN (...) filter
 
 
 def table_uri(directory: str, table: str) -> str:
-    return storage.join(directory, f"{table}.lance")
+    return runs.index_table(directory, table)
 
 
 def connect(directory: str):

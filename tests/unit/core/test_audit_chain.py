@@ -25,35 +25,16 @@ REPO = Path(__file__).resolve().parents[3]
 N = 6
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    from pg_helpers import postgres_server
-
-    with postgres_server() as pg:
-        yield pg
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def db(request, tmp_path, monkeypatch):
-    """A fresh, empty control-plane database URL (a new PostgreSQL database per test)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'control.db'}"
-    else:
-        pg = request.getfixturevalue("pg_server")
-        name = f"audit_{os.getpid()}_{abs(hash(request.node.name)) % 10**8}"
-        admin = sa.create_engine(controldb.normalise(pg.url), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"drop database if exists {name}"))
-            conn.execute(sa.text(f"create database {name}"))
-        admin.dispose()
-        url = pg.url.rsplit("/", 1)[0] + "/" + name  # postgresql://: raylab normalises it to psycopg2
+@pytest.fixture
+def db(control_db, tmp_path, monkeypatch):
+    """A fresh control-plane database (tests/unit/core/conftest.py: SQLite and PostgreSQL)
+    with this test's own home, signing key, checkpoints and user."""
+    url = control_db
     monkeypatch.setenv("RAYLAB_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("RAYLAB_DATABASE_URL", url)
     monkeypatch.setenv("RAYLAB_AUDIT_KEY", str(tmp_path / "keys" / "audit.pem"))
     monkeypatch.setenv("RAYLAB_AUDIT_CHECKPOINTS", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("RAYLAB_USER", "ada")
-    yield url
-    controldb.dispose_all()
+    return url
 
 
 def settings() -> audit.Settings:

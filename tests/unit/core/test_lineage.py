@@ -8,8 +8,6 @@ version was trained on, and the migration from a database that holds only the au
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import sqlalchemy as sa
 
@@ -17,31 +15,10 @@ from raylab.core import controldb, lineage
 from raylab.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    from pg_helpers import postgres_server
-
-    with postgres_server() as pg:
-        yield pg
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def db(request, tmp_path, monkeypatch):
-    """A fresh, empty control-plane database URL (a new PostgreSQL database per test)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'control.db'}"
-    else:
-        pg = request.getfixturevalue("pg_server")
-        name = f"lineage_{os.getpid()}_{abs(hash(request.node.name)) % 10**8}"
-        admin = sa.create_engine(controldb.normalise(pg.url), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"drop database if exists {name}"))
-            conn.execute(sa.text(f"create database {name}"))
-        admin.dispose()
-        url = pg.url.rsplit("/", 1)[0] + "/" + name
-    monkeypatch.setenv("RAYLAB_DATABASE_URL", url)
-    yield url
-    controldb.dispose_all()
+@pytest.fixture
+def db(control_db):
+    """A fresh control-plane database (tests/unit/core/conftest.py: SQLite and PostgreSQL)."""
+    return control_db
 
 
 def test_a_scoped_suppression_matches_its_source_only_and_any_source_matches_all(db):

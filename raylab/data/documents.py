@@ -18,7 +18,6 @@ import json
 import secrets
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from raylab.config import DataConfig
 from raylab.core import lineage
@@ -27,7 +26,7 @@ from raylab.data import dedup
 from raylab.data.sources import FILE_DATASOURCES, source_name, source_rules
 from raylab.data.sources.files import source_root
 from raylab.data.stage import DOC_COLUMNS, _check_sources, _where, _without
-from raylab.data.stats import ERASED, pii_totals
+from raylab.data.stats import ERASED, count_batch, duplicate_counts, pii_totals
 from raylab.errors import UserError
 
 DOCUMENT_COLUMNS = ["source", "record_id", "origin", "format", "text", "messages"]
@@ -45,12 +44,6 @@ def _with_origin(batch: pa.Table, sources: dict) -> pa.Table:
     origins = [origin_of(sources[s], r) for s, r in zip(batch["source"].to_pylist(), batch["record_id"].to_pylist(),
                                                       strict=True)]
     return batch.append_column("origin", pa.array(origins, type=pa.string())).select(DOCUMENT_COLUMNS)
-
-
-def _reason_counts(batch: pa.Table) -> pa.Table:
-    rejected = batch.filter(pc.not_equal(batch["reason"], ""))
-    grouped = rejected.group_by(["reason"]).aggregate([("record_id", "count")])
-    return grouped.rename_columns(["reason", "n"])
 
 
 def clean_documents(data: DataConfig, sources: list | None = None) -> tuple:
@@ -76,13 +69,12 @@ def clean_documents(data: DataConfig, sources: list | None = None) -> tuple:
                                 ).map_batches(_with_origin, batch_format="pyarrow", num_cpus=cpus,
                                               fn_kwargs={"sources": by_name}).materialize()
     by_reason: dict[str, int] = {}
-    for r in checked.map_batches(_reason_counts, batch_format="pyarrow").take_all():
-        by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + r["n"]
+    for g in checked.map_batches(count_batch, batch_format="pyarrow").take_all():
+        if g["reason"]:
+            by_reason[g["reason"]] = by_reason.get(g["reason"], 0) + g["n"]
     erased = by_reason.pop(ERASED, 0)
     read, documents = checked.count(), docs.count()
-    dup = {"exact": 0, "near": 0}
-    for why in drops.values():
-        dup[why.removeprefix("duplicate_")] += 1
+    dup = duplicate_counts(drops)
     counts = {"read": read, "accepted": documents, "rejected": sum(by_reason.values()), "rejected_by_reason": by_reason,
               "duplicates": dup, "erased": erased, "pii_redactions": pii_totals(checked)}
     return docs, counts

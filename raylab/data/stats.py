@@ -66,9 +66,7 @@ def counts(checked, tokenized, drops: dict[str, str], names: list[str]) -> dict:
                 by_reason[reason] = by_reason.get(reason, 0) + n
             elif stage == "tokenize":
                 by_source[src]["accepted"] += n
-    dup = {"exact": 0, "near": 0}
-    for why in drops.values():
-        dup[why.removeprefix("duplicate_")] += 1
+    dup = duplicate_counts(drops)
     for c in by_source.values():
         c["duplicates"] = c["read"] - c["accepted"] - c["rejected"] - c["erased"]
     read = sum(s["read"] for s in by_source.values())
@@ -79,6 +77,14 @@ def counts(checked, tokenized, drops: dict[str, str], names: list[str]) -> dict:
         "rejected_fraction": rejected / read if read else 0.0,
         "rejected_by_reason": by_reason, "duplicates": dup, "erased": erased, "by_source": by_source,
     }
+
+
+def duplicate_counts(drops: dict[str, str]) -> dict[str, int]:
+    """{exact, near}: how many records dedup dropped, by kind."""
+    dup = {"exact": 0, "near": 0}
+    for why in drops.values():
+        dup[why.removeprefix("duplicate_")] += 1
+    return dup
 
 
 def token_summary(good, packed: dict[str, dict], seq_len: int) -> dict:

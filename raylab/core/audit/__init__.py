@@ -7,7 +7,7 @@ sha256 hash chain in the control-plane database, with Ed25519-signed checkpoints
     report = audit.verify(s); report.ok, report.problems[0].message
     for e in audit.entries(s, audit.Filter(kinds=("registry",))): ...
 
-From the shell: `raylab audit verify|log|export` (raylab/cli.py). The threat model is in the
+From the shell: `raylab audit verify|log|export` (raylab/cli/governance.py). The threat model is in the
 docs/governance.md. Modules: canonical (RFC 8785 JSON), chain (table, append, queries),
 keys (signing key, checkpoints), check (verify), settings (where things live). Importing this package
 is cheap: SQLAlchemy and cryptography load when a function needs them.

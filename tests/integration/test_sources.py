@@ -57,6 +57,8 @@ class Misbehaving(Handler):
             return self.send_body(401, b'{"error": "bad token"}')
         if page == 1:
             return self.send_body(200, json.dumps({"items": [{"text": "one"}, {"text": "two"}]}).encode())
+        if url.path == "/pages":  # a well-behaved API: three pages of two records, then none
+            return self.send_body(200, json.dumps({"items": [] if page > 3 else [{"text": f"p{page}"}] * 2}).encode())
         if url.path == "/busy":
             return self.send_body(503, b'{"error": "busy"}')
         if url.path.startswith("/limited"):
@@ -308,3 +310,20 @@ def test_a_glob_path_reads_the_files_it_matches(tmp_path, _session_ray):
                                 "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "none-*.jsonl")}]}})
     with pytest.raises(UserError, match=r"data\.sources\.0\.path .*matches no jsonl file"):
         read_source(0, nothing.data.sources[0], nothing.data)
+
+
+def test_an_http_source_is_as_many_blocks_as_pages(api, _session_ray):
+    """An HTTP source is one read task; Ray Data splits such a task's output to its default
+    parallelism unless told otherwise, which made every later operator of the data stage run
+    one task per record. The negative control reads the same datasource without the override."""
+    import ray
+
+    from raylab.core import cluster
+    from raylab.data.sources import read_source
+
+    cluster.connect(None)
+    cfg = http_cfg(f"{api}/pages")
+    ds = read_source(0, cfg.data.sources[0], cfg.data).materialize()
+    assert ds.count() == 6 and ds.num_blocks() <= 3, ds.num_blocks()
+    split = ray.data.read_datasource(http_datasource(0, cfg.data.sources[0])).materialize()
+    assert split.count() == 6 and split.num_blocks() > 3, split.num_blocks()

@@ -38,6 +38,8 @@ def add_parsers(sub) -> dict:
     ix = verb("index", "chunk, embed and store documents for retrieval (LanceDB); re-runs embed only what changed",
               "required")
     ix.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    ix.add_argument("--raft", metavar="OUT.jsonl", help="then write RAFT training examples (index.raft: questions, "
+                    "distractors, oracle_fraction) to OUT.jsonl, a chat source for the data stage")
     tr = verb("train", "train stage: fine-tune on the data stage's shards with Ray Train; resumes", "required")
     tr.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
     tu = verb("tune", "sweep hyperparameters (Optuna TPE + ASHA) over train-stage runs; resumes", "required")
@@ -155,7 +157,13 @@ def cmd_index(args: argparse.Namespace) -> int:
     from raylab.core import cluster
 
     path, overrides = _split(args, required=True)
-    cluster.run_stage(rag.run_index, config.load(path, overrides), args.address)
+    cfg = config.load(path, overrides)
+    if args.raft and cfg.index.raft is None:  # before the index is built, not after
+        raise UserError("--raft needs an index.raft section with at least `questions` (a JSONL of "
+                        "question/answer pairs)")
+    cluster.run_stage(rag.run_index, cfg, args.address)
+    if args.raft:
+        rag.run_raft(cfg, args.raft)
     return 0
 
 

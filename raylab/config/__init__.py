@@ -27,7 +27,7 @@ from raylab.config.data import (
 )
 from raylab.config.evaluate import EvalConfig
 from raylab.config.governance import AuditConfig, GovernanceConfig
-from raylab.config.index import AnnConfig, IndexConfig
+from raylab.config.index import AnnConfig, IndexConfig, RaftConfig
 from raylab.config.loading import (
     env_refs,
     load,
@@ -62,7 +62,7 @@ __all__ = [
     "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CiConfig",
     "CleanConfig", "CloudConfig", "ConfigError", "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
-    "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "PiiConfig", "PiiProbe",
+    "IndexConfig", "RaftConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "PiiConfig", "PiiProbe",
     "PlatformConfig", "PretrainConfig", "RayConfig", "RaylabConfig", "RefusalProbe", "RegistryConfig",
     "SearchDim", "Section", "ServeConfig", "Source", "SqlSource", "TrainConfig", "TuneConfig", "ValidationConfig",
     "env_refs", "expand_env", "load", "load_dict", "load_text", "parse_yaml", "read_suite", "read_yaml", "to_yaml", "write_resolved",

@@ -21,6 +21,26 @@ class AnnConfig(Section):
         None, description="re-rank refine_factor * top_k PQ candidates by exact distance (recall for latency)")
 
 
+class RaftConfig(Section):
+    """`raylab index CONFIG --raft OUT.jsonl`: retrieval-augmented fine-tuning examples (RAFT,
+    Zhang et al. 2024) from the built index and question/answer pairs (docs/rag.md)."""
+
+    questions: PathOrUri = Field(description="JSONL of {question, answer} (optional chunk_id: the oracle chunk; "
+                                 "default the indexed chunk that best supports the answer)")
+    distractors: int = Field(3, ge=1, description="chunks that do not hold the answer, in every example")
+    oracle_fraction: float = Field(0.8, ge=0.0, le=1.0,
+                                   description="share of examples whose context holds the oracle chunk (RAFT's p)")
+    candidates: PositiveInt = Field(10, description="nearest chunks to a question that distractors are drawn from")
+    seed: int = Field(0, description="which examples keep the oracle, and the order of their chunks")
+
+    @model_validator(mode="after")
+    def _enough(self) -> RaftConfig:
+        if self.candidates <= self.distractors:
+            raise invalid(f"candidates ({self.candidates}) must be more than distractors ({self.distractors}): the "
+                          "oracle may be one of them", at="candidates")
+        return self
+
+
 class IndexConfig(Section):
     """`raylab index`: the data stage's checks over the sources, then chunks embedded on a Ray
     Data actor pool into a LanceDB table; re-runs embed only chunks whose content is new."""
@@ -43,6 +63,7 @@ class IndexConfig(Section):
     gpus_per_actor: float | None = Field(
         None, ge=0, description="GPUs per embedder actor; default 1 when the cluster has GPUs, else 0")
     ann: AnnConfig = Field(default_factory=AnnConfig, description="the approximate vector index")
+    raft: RaftConfig | None = Field(None, description="RAFT training examples written by `raylab index --raft OUT`")
 
     @model_validator(mode="after")
     def _overlap(self) -> IndexConfig:

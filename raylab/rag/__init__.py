@@ -6,13 +6,15 @@
 
 Modules: stage (the Ray Data pipeline, `run_index`), chunking (chunks in the embedder's
 tokens, stable ids), embedder (the sentence-transformers model and its Ray Data actor), store
-(LanceDB: parallel append, delete, IVF-PQ), search (queries). Needs the `rag` extra:
+(LanceDB: parallel append, delete, IVF-PQ), search (queries), prompt (the retrieval prompt
+format), raft (RAFT training examples: `raylab index --raft OUT.jsonl`). Needs the `rag` extra:
 pip install 'raylab[rag]'.
 """
 
 from __future__ import annotations
 
+from raylab.rag.raft import run_raft
 from raylab.rag.search import search
 from raylab.rag.stage import index_directory, run_index
 
-__all__ = ["index_directory", "run_index", "search"]
+__all__ = ["index_directory", "run_index", "run_raft", "search"]

@@ -5,6 +5,7 @@
     delete(table, ids)                             # LanceDB's own delete
     ann_index(table, cfg.index.ann, dims)           # IVF-PQ at or above ann.min_rows, else none
     nearest(table, vector, top_k, cfg.index.ann)    # rows with a cosine `score`
+    by_id(table, chunk_id)                         # one row, or None
 
 Ray Data's `write_lance` creates or appends in parallel (each write task writes fragments,
 the driver commits once) but cannot update or delete rows, so removals go through LanceDB's
@@ -101,6 +102,15 @@ def ann_index(table, ann, dims: int, changed: bool) -> dict:
             "num_sub_vectors": sub_vectors}
 
 
+ROW_COLUMNS = ["chunk_id", "source", "origin", "record_id", "start", "end", "text"]
+
+
+def by_id(table, chunk_id: str) -> dict | None:
+    """One chunk's row (ROW_COLUMNS), or None when the table has no such id."""
+    rows = table.search().where(f"chunk_id = {_quoted([chunk_id])}").select(ROW_COLUMNS).limit(1).to_list()
+    return rows[0] if rows else None
+
+
 def nearest(table, vector, top_k: int, nprobes: int, refine_factor: int | None) -> list[dict]:
     """The top_k rows nearest to `vector` (exact without an index), best first, with
     score = cosine similarity."""
@@ -109,5 +119,5 @@ def nearest(table, vector, top_k: int, nprobes: int, refine_factor: int | None) 
         query = query.nprobes(nprobes)
         if refine_factor:
             query = query.refine_factor(refine_factor)
-    rows = query.select(["chunk_id", "source", "origin", "record_id", "start", "end", "text"]).to_list()
+    rows = query.select(ROW_COLUMNS).to_list()
     return [{**{k: v for k, v in r.items() if k != "_distance"}, "score": 1.0 - float(r["_distance"])} for r in rows]

@@ -114,6 +114,55 @@ def test_held_out_sentences_retrieve_their_document(built):
     assert control / QUERIES <= 0.3, f"rotated labels still 'found' {control}/{QUERIES}: the check proves nothing"
 
 
+def test_raft_examples_hold_the_oracle_in_p_of_cases_and_k_distractors(built, tmp_path):
+    """RAFT from the built index: answers are sentences still in the indexed documents, so
+    each oracle must come from its answer's document; a pair no chunk supports is skipped
+    (the control that the oracle search does not just take the nearest chunk)."""
+    from raylab.data.records import normalise
+    from raylab.data.sources import source_rules
+    from raylab.rag import prompt, run_raft
+
+    rows, origin = table_rows(built["index"]), f"{built['corpus']}:{{}}"
+    pairs, docs = [], {}
+    for i, text in enumerate(built["texts"]):
+        sentence = held_out_sentence(text)
+        if sentence and len(pairs) < 8:
+            pairs.append({"question": "What does this say: " + " ".join(sentence.split()[:6]) + "?", "answer": sentence})
+            docs[sentence] = origin.format(i + 1)
+    pairs.append({"question": "Who keeps the lighthouse ledger?", "answer": NEW_SENTENCE})  # in no document
+    questions = tmp_path / "qa.jsonl"
+    questions.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    raw = index_config(built["root"] / "run", built["corpus"])
+    raw["index"]["raft"] = {"questions": str(questions), "distractors": 3, "oracle_fraction": 0.75, "seed": 7}
+    out = tmp_path / "raft.jsonl"
+    counts = run_raft(config.load_dict(raw), str(out))
+    assert counts["skipped_unsupported"] == [len(pairs)], counts
+    examples = [json.loads(line) for line in out.read_text().splitlines()]
+    n = len(pairs) - 1
+    assert n >= 4 and len(examples) == counts["examples"] == n
+    assert sum(e["oracle_in_context"] for e in examples) == counts["with_oracle"] == round(0.75 * n) < n
+    text_of = _chunk_texts(built["index"])
+    for pair, e in zip(pairs, examples, strict=False):
+        user, answer = e["messages"][0]["content"], e["messages"][1]["content"]
+        assert rows[e["oracle_chunk_id"]] == docs[pair["answer"]], "the oracle comes from the answer's document"
+        assert len(set(e["distractor_chunk_ids"])) == 3 and e["oracle_chunk_id"] not in e["distractor_chunk_ids"]
+        assert all(rows[d] != docs[pair["answer"]] for d in e["distractor_chunk_ids"])
+        assert all(text_of[d].strip() in user for d in e["distractor_chunk_ids"])
+        assert (text_of[e["oracle_chunk_id"]].strip() in user) == e["oracle_in_context"]
+        assert answer.startswith(prompt.QUOTE_OPEN) and answer.endswith(pair["answer"]) and pair["question"] in user
+    # what the data stage reads: an ordinary chat source
+    data_cfg = config.load_dict({**raw, "data": {"sources": [{"type": "jsonl", "path": str(out), "format": "chat"}]}})
+    rules = source_rules(data_cfg.data.sources[0], data_cfg.data)
+    assert all(normalise(e, rules)[1][0]["role"] == "user" for e in examples)
+
+
+def _chunk_texts(index_dir) -> dict[str, str]:
+    import lancedb
+
+    t = lancedb.connect(str(index_dir)).open_table("chunks").to_arrow().select(["chunk_id", "text"])
+    return dict(zip(t["chunk_id"].to_pylist(), t["text"].to_pylist(), strict=True))
+
+
 def test_editing_one_document_re_embeds_only_its_chunks(built, tmp_path):
     from raylab.rag import run_index, search
 

@@ -181,7 +181,8 @@ def track_sweep(cfg: RaylabConfig, summary: dict) -> dict:
     if best and best.get("final_model"):
         meta = runs.read_json(runs.model_file(best["final_model"], runs.TRAIN_META), runs.TrainMeta).model_dump(mode="json")
         version = register(store, cfg, trial_runs[best["trial_id"]], best["final_model"], meta,
-                           extra={"raylab.stage": "tune", "raylab.trial_id": best["trial_id"], "raylab.sweep_run_id": parent})
+                           extra={"raylab.stage": "tune", "raylab.trial_id": best["trial_id"], "raylab.sweep_run_id": parent},
+                           tuned=best.get("params"))
         out |= {"name": version.name, "version": int(version.version)}
         log.info(f"registry: sweep {parent} with {len(trial_runs)} trials; winner {version.name}/{version.version} ({redact_url(store.uri)})")
     return out

@@ -63,7 +63,7 @@ class CardConfig(Section):
         None, description="uses the model is not meant or fit for: the card's out-of-scope section")
     license: str | None = Field(
         None, description="the fine-tuned model's licence as a Hugging Face licence id (apache-2.0, mit, llama3, "
-                          "other, ...); default: the base model's when raylab knows it, else unknown")
+                          "other, ...); default: raylab's own (apache-2.0) for a preset base it builds, else unknown")
     authors: list[str] = Field(default_factory=list, description="who built the model (people or a team)")
     contact: str | None = Field(None, description="where questions and incident reports go (an address or URL)")
     base_parameters: int | None = Field(

@@ -17,9 +17,12 @@ from raylab.registry import cards
 from registry_helpers import META, fake_final, open_test_store
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    return open_test_store(tmp_path, monkeypatch)
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One registry for the module (creating MLflow's tables takes seconds); each test
+    registers its own versions of `widgets` and names them by number."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield open_test_store(tmp_path_factory.mktemp("cards"), mp)
 
 
 def registered(store, tmp_path: Path, cfg=None, manifest: dict | None = None, meta: dict | None = None):
@@ -110,7 +113,9 @@ def test_a_version_registered_before_cards_gets_one_built_from_its_run(store, tm
     final = fake_final(tmp_path, "oldfinal")
     (final / runs.TRAIN_META).write_text(json.dumps(META))
     store.client.log_artifacts(run_id, str(final), "model")
-    store.client.create_registered_model("widgets")
+    registry.experiment_id(store, "widgets")
+    if not store.client.search_registered_models("name = 'widgets'"):
+        store.client.create_registered_model("widgets")
     source = f"{store.client.get_run(run_id).info.artifact_uri}/model"
     mv = store.client.create_model_version("widgets", source, run_id)  # as an older raylab registered it
     card = registry.card_for(store, mv)
@@ -120,3 +125,26 @@ def test_a_version_registered_before_cards_gets_one_built_from_its_run(store, tm
                                                               history=[], artifacts={}, tags={}))
     with pytest.raises(UserError, match="has no model card and its run .* lacks"):
         registry.card_for(store, bare)
+
+
+def test_models_card_prints_writes_and_refuses_with_exit_2(store, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from raylab.cli import main
+
+    mv = registered(store, tmp_path)
+    assert main(["models", "card", f"widgets/{mv.version}"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("---\n") and "## Training data" in printed
+    ref = f"widgets/{mv.version}"
+    assert main(["models", "card", ref, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["counts"]["read"] == 12
+    assert main(["models", "card", ref, "--output", str(tmp_path / "cards")]) == 0
+    capsys.readouterr()
+    assert ModelCard.load(tmp_path / "cards" / "README.md").data.license == "apache-2.0"
+    assert json.loads((tmp_path / "cards" / "model_card.json").read_text())["version"] == int(mv.version)
+    for args, message in [(["widgets/99"], "no version 99"), ([ref, "--output", str(tmp_path / "x.jsonl")], "is a file")]:
+        (tmp_path / "x.jsonl").write_text("")
+        assert main(["models", "card", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

@@ -148,3 +148,21 @@ def test_models_card_prints_writes_and_refuses_with_exit_2(store, tmp_path, caps
         assert main(["models", "card", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_a_base_pretrained_by_the_run_takes_its_compute_from_the_pretrain_stage(tmp_path):
+    """With pretrain.tokenizer the base was built with random weights and pre-trained here:
+    its whole pre-training compute is the pretrain run's recorded FLOPs."""
+    raw = card_cfg(tmp_path).model_dump(mode="json", exclude_none=True)
+    raw["pretrain"] = {"tokenizer": {"vocab_size": 512}, "max_steps": 10}
+    cfg = config.load_dict(raw)
+    pre = runs.TrainMeta.model_validate(META | {
+        "identity": "p", "base_model_path": "/b", "epochs_started": 1, "stopped_early": False, "replica_digests": [],
+        "worker_nodes": [], "resumed_at_steps": [], "flops_per_token": 10.0, "estimated_training_flops": 3.0e12,
+        "trained_tokens": 300_000_000_000, "flops_formula": "4N", "best_checkpoint": None, "latest_checkpoint": "c",
+        "train_seconds": 1.0, "created": "t"})
+    runs.write_json(runs.Run(cfg.output_dir).pretrain.train_meta, pre)
+    card = cards.build(cfg, META | {"estimated_training_flops": 2.0e12}, None, name="w", version=1, run_id="r")
+    eu = card["eu_ai_act"]
+    assert eu["base_pretraining_flops"] == 3.0e12 and eu["exceeds_threshold"] is True  # 2e12 > 1e12
+    assert "300,000,000,000 tokens" in eu["basis"] and card["base_model"]["built_by_raylab"] == "pretrained"

@@ -140,7 +140,8 @@ def track_train(cfg: RaylabConfig, meta: dict, live: LiveRun | None = None) -> d
     spec = _train_run(cfg, meta["identity"])
     run_id = log_run(store, exp, **spec, history=_history(run.train_metrics), artifacts=_run_artifacts(run), live=live)
     version = register(store, cfg, run_id, run.train_final, meta)
-    log.info(f"registry: run {run_id} in experiment {model_name(cfg)!r}; model {version.name}/{version.version} ({redact_url(store.uri)})")
+    log.info(f"registry: run {run_id} in experiment {model_name(cfg)!r}; model {version.name}/{version.version} ({redact_url(store.uri)}); "
+             f"its model card: raylab models card {version.name}/{version.version}")
     return {"run_id": run_id, "name": version.name, "version": int(version.version)}
 
 

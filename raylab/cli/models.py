@@ -1,6 +1,7 @@
-"""`raylab models list|show|evaluate|promote|rollback`: the registry from the shell (no CONFIG).
+"""`raylab models list|show|card|evaluate|promote|rollback`: the registry from the shell (no CONFIG).
 
     raylab models list
+    raylab models card acme-support/3 --output cards/   # the model card (README.md + model_card.json)
     raylab models promote acme-support 3 --reason "passed review"
 """
 
@@ -28,6 +29,10 @@ def add_parsers(sub) -> dict:
     sh.add_argument("ref", metavar="REF")
     for a in (ls, sh):
         a.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of the table")
+    c = action("card", "a version's model card: Markdown (Hugging Face format) or --json; --output writes both")
+    c.add_argument("ref", metavar="REF", help="NAME/VERSION or NAME@ALIAS")
+    c.add_argument("--json", action="store_true", help="print the card's facts as JSON instead of Markdown")
+    c.add_argument("--output", metavar="DIR", help="write README.md and model_card.json into DIR instead of printing")
     e = action("evaluate", "run a version's promotion gates (its test suite) and record the result; exit 1 if it fails")
     e.add_argument("name", metavar="REF", help="NAME/VERSION, NAME/latest or NAME@ALIAS (or NAME then VERSION)")
     e.add_argument("version", nargs="?", help=argparse.SUPPRESS)
@@ -87,6 +92,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print("alias history:")
         for h in registry.alias_history(store, mv.name):
             print(f"  {h['time']} {h['user']}: {h['alias']} {h['from']} -> {h['to']}{' (forced)' if h['forced'] else ''}: {h['reason']}")
+    elif args.action == "card":
+        _models_card(args, store)
     elif args.action == "evaluate":
         _models_evaluate(args, store)
     elif args.action == "promote":
@@ -98,6 +105,24 @@ def cmd_models(args: argparse.Namespace) -> int:
         for h in registry.rollback(store, args.name, args.reason):
             print(f"{args.name}: {h['alias']} {h['from']} -> {h['to']}")
     return 0
+
+
+def _models_card(args: argparse.Namespace, store) -> None:
+    import json
+    import os
+
+    from raylab import registry
+
+    card = registry.card_for(store, registry.get_version(store, args.ref))
+    if args.output:
+        if os.path.isfile(args.output):
+            raise UserError(f"--output {args.output}: is a file; give a directory (README.md and model_card.json go in it)")
+        written = registry.write_card(card, os.path.abspath(args.output))
+        print(f"wrote {written['md']} and {written['json']}")
+    elif args.json:
+        print(json.dumps(card, indent=2, default=str))
+    else:
+        print(registry.render_card(card))
 
 
 def _models_evaluate(args: argparse.Namespace, store) -> None:

@@ -26,7 +26,7 @@ from raylab.config.data import (
     ValidationConfig,
 )
 from raylab.config.evaluate import EvalConfig
-from raylab.config.governance import AuditConfig, GovernanceConfig
+from raylab.config.governance import AuditConfig, CardConfig, GovernanceConfig
 from raylab.config.index import AnnConfig, IndexConfig, RaftConfig
 from raylab.config.loading import (
     env_refs,
@@ -59,7 +59,7 @@ from raylab.core.secrets import ENV_REF, expand_env
 from raylab.errors import ConfigError
 
 __all__ = [
-    "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CiConfig",
+    "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
     "CleanConfig", "CloudConfig", "ConfigError", "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
     "IndexConfig", "RaftConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "PiiConfig", "PiiProbe",

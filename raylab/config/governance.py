@@ -5,9 +5,14 @@
       audit:
         signing_key: /etc/raylab/audit-ed25519.pem   # apart from the database (docs/governance.md)
         checkpoints: s3://audit-bucket/raylab/checkpoints
+      card:                                # what every registered version's model card says
+        intended_use: Answer Acme customers' questions about orders, returns and widgets.
+        out_of_scope_use: Legal, medical or financial advice; decisions about people.
+        base_pretraining_tokens: 2.0e12   # the base's pre-training tokens, for the EU AI Act comparison
 
-Other governance keys (encryption, card, allow_remote) join this section in their own
-sub-models; the audit log and the database are described in raylab/core/audit/.
+Other governance keys (encryption, allow_remote) join this section in their own sub-models;
+the audit log and the database are described in raylab/core/audit/, the model card and
+datasheet in raylab/registry/cards.py and raylab/data/datasheet.py.
 """
 
 from __future__ import annotations
@@ -48,6 +53,28 @@ class AuditConfig(Section):
         return value
 
 
+class CardConfig(Section):
+    """What a model card says that no stage output knows (`raylab models card REF`)."""
+
+    intended_use: str | None = Field(
+        None, description="what the model is for and who uses it: the card's intended-use section (the card "
+                          "says 'not stated' without it)")
+    out_of_scope_use: str | None = Field(
+        None, description="uses the model is not meant or fit for: the card's out-of-scope section")
+    license: str | None = Field(
+        None, description="the fine-tuned model's licence as a Hugging Face licence id (apache-2.0, mit, llama3, "
+                          "other, ...); default: raylab's own (apache-2.0) for a preset base it builds, else unknown")
+    authors: list[str] = Field(default_factory=list, description="who built the model (people or a team)")
+    contact: str | None = Field(None, description="where questions and incident reports go (an address or URL)")
+    base_parameters: int | None = Field(
+        None, ge=1, description="the base model's parameter count, when raylab cannot count it from a local "
+                                "safetensors checkpoint (a hub id it has not downloaded)")
+    base_pretraining_tokens: float | None = Field(
+        None, gt=0, description="tokens the base model was pre-trained on (its model card or paper): with the "
+                                "parameter count this estimates its pre-training compute as 6*N*D for the EU AI "
+                                "Act comparison; without it the card says that comparison is unknown")
+
+
 class GovernanceConfig(Section):
     """raylab's own records (the control-plane database) and the audit log."""
 
@@ -56,6 +83,7 @@ class GovernanceConfig(Section):
                           "`postgres` extra); a ${env:NAME} reference for one with a password; default "
                           "$RAYLAB_DATABASE_URL, else SQLite at $RAYLAB_HOME/raylab.db")
     audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit log")
+    card: CardConfig = Field(default_factory=CardConfig, description="the model card's statements (intended use, licence)")
 
     @field_validator("database")
     @classmethod

@@ -9,7 +9,7 @@ a `Run` for its paths, so a reader finds the whole contract in one page.
 
     <output_dir>/config.resolved.yaml     run.json (the pipeline's summary), events.jsonl
     <output_dir>/data/{train,val,records,quarantine}/*.parquet, data/manifest.json,
-                                          data/tokenizer/ (with pretrain.tokenizer)
+                                          data/datasheet.{md,json}, data/tokenizer/ (with pretrain.tokenizer)
     <output_dir>/train/                   Ray Train's run: checkpoint_*/, metrics.jsonl, loss.png,
                                           run.json (identity), final/ (Hugging Face format)
     <output_dir>/pretrain/                a nested run (its own data/ and train/; base/: the preset
@@ -47,6 +47,7 @@ TRAIN_RUN_NAME = "train"
 TUNE_RUN_NAME = "tune"
 SPLITS = ("train", "val", "records", "quarantine")
 RESOLVED_CONFIG = "config.resolved.yaml"
+MANIFEST = "manifest.json"  # the data stage's, in data/ (and an artifact of every train run's MLflow run)
 # The sweep's outputs in <output_dir>/tune/, by what they hold.
 TUNE_FILES = {"results": "results.json", "results_csv": "results.csv", "best": "best.yaml", "study": "study.db",
               "importance": "importance.json", "importance_png": "importance.png",
@@ -55,6 +56,10 @@ TUNE_FILES = {"results": "results.json", "results_csv": "results.csv", "best": "
 EVAL_FILES = {"report": "report.json", "report_md": "report.md", "predictions": "predictions.jsonl"}
 INDEX_MANIFEST = "raylab_index.json"
 FINAL_DIR = "final"  # the trained model inside a train run: train/final/
+DATASHEET_FILES = {"md": "datasheet.md", "json": "datasheet.json"}  # beside data/manifest.json
+# A registered version's model card: artifacts of its MLflow run under card/ (raylab/registry/cards.py).
+CARD_DIR = "card"
+CARD_FILES = {"md": "README.md", "json": "model_card.json"}  # README.md: the Hugging Face name for a card
 
 
 def _join(base: str, *parts: str) -> str:
@@ -99,7 +104,11 @@ class Run:
 
     @property
     def manifest(self) -> str:
-        return _join(self.data, "manifest.json")
+        return _join(self.data, MANIFEST)
+
+    def datasheet(self, kind: str = "md") -> str:
+        """The data run's datasheet (Gebru et al.), "md" or "json" (raylab/data/datasheet.py)."""
+        return _join(self.data, DATASHEET_FILES[kind])
 
     @property
     def tokenizer(self) -> str:
@@ -181,6 +190,12 @@ def index_manifest(index_dir: str) -> str:
 def index_table(index_dir: str, table: str) -> str:
     """A LanceDB table's directory inside an index directory (LanceDB's `<table>.lance`)."""
     return _join(index_dir, f"{table}.lance")
+
+
+def card_file(directory: str, kind: str) -> str:
+    """A model card file ("md" or "json") inside a directory: the card/ artifact folder, a
+    download or a user's --output directory."""
+    return _join(directory, CARD_FILES[kind])
 
 
 def default_output_dir(config_stem: str) -> str:

@@ -6,7 +6,8 @@
 
 Modules: stage (the Ray Data pipeline, `run_data`), sources/ (files, sql, http), records
 (one record's rules), documents (checked documents for other stages), dedup (MinHash +
-LSH), packing (tokenization and the trainer contract), stats (counts and token statistics).
+LSH), packing (tokenization and the trainer contract), stats (counts and token statistics),
+datasheet (the data run's datasheet, beside the manifest).
 """
 
 from __future__ import annotations

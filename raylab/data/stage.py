@@ -25,6 +25,7 @@ Outputs under `<output_dir>/data/` (raylab/core/runs.py):
     manifest.json          inputs (files with sha256), config hash, tokenizer fingerprint,
                            counts (always read = accepted + rejected + duplicates), PII
                            redactions by type, tokens, packing efficiency, length histogram
+    datasheet.{md,json}    the manifest's facts as answers to "Datasheets for Datasets" (datasheet.py)
 
 Re-running with unchanged file inputs, data config and suppression list is a cache hit
 (nothing is re-read); SQL and HTTP inputs cannot be fingerprinted without reading them, so
@@ -50,7 +51,7 @@ import pyarrow.compute as pc
 from raylab import config, models
 from raylab.config import DataConfig, ModelConfig, RaylabConfig
 from raylab.core import events, lineage, plan, runs, storage
-from raylab.data import dedup, packing, records, stats, vocab
+from raylab.data import datasheet, dedup, packing, records, stats, vocab
 from raylab.data.sources import SourceError, describe_inputs, read_source, source_name, source_rules
 from raylab.errors import UserError
 
@@ -258,6 +259,8 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
     if key and (hit := _cached(run, key)) and (corpus_tokenizer is None or storage.exists(run.tokenizer)):
         log.info(f"data: cache hit ({run.manifest}); inputs, data config and suppression list unchanged")
         _index(run, hit)  # a run made before the index existed, or indexed in another database
+        if not storage.exists(run.datasheet("json")):  # a run made before datasheets existed
+            datasheet.write(run, hit, cfg)
         return hit.model_dump(mode="json") | {"cache": {"hit": True}}
 
     if corpus_tokenizer is None:
@@ -308,6 +311,7 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
         outputs={name: run.split(name) for name in runs.SPLITS}, cache={"hit": False},
     )
     runs.write_json(run.manifest, manifest)
+    datasheet.write(run, manifest, cfg)
     _index(run, manifest, good)
     _log_summary(manifest, run, d.max_seq_len)
     c, limit = manifest.counts, d.validation.max_rejected_fraction

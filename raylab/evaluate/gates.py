@@ -97,6 +97,7 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         "raylab.gates.failures": "; ".join(suites_.describe(c) for c in failures)[:5000],
         "eval.val_loss": f"{measured['loss']:.6g}", "eval.perplexity": f"{measured['perplexity']:.6g}",
     })
+    registry.refresh_card(store, name, version)  # the model card shows the gates just measured
     # In the run that registered the version (a sweep's, not its winning trial's directory).
     run = registry.version_run(mv) or cfg.output_dir
     events.emit("registry.gate", run=run, model=name, version=version, status=status,

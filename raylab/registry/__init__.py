@@ -7,7 +7,7 @@ versions with checksums and gates, and aliases with a history MLflow does not ke
     raylab models rollback acme-assistant --reason "latency regression"
 
 Modules: store (where the registry is, opening it), tracking (runs, sweeps, trials),
-versions (register, refs, verified fetch), aliases (promote, rollback, history), locks (one
+versions (register, refs, verified fetch), cards (every version's model card), aliases (promote, rollback, history), locks (one
 lock per model around alias moves), erasure (versions holding an erased record: the
 `raylab.erasure_pending` tag the promote gate refuses). Runs and versions are written only by driver processes
 (the train driver, the sweep driver), never Train workers or concurrent trials. Alias moves
@@ -18,6 +18,11 @@ fetches by several serve replicas land in one cache by atomic rename.
 from __future__ import annotations
 
 from raylab.registry.aliases import alias_history, promote, rollback, user
+from raylab.registry.cards import add_section as add_card_section
+from raylab.registry.cards import card_for
+from raylab.registry.cards import refresh as refresh_card
+from raylab.registry.cards import render as render_card
+from raylab.registry.cards import write as write_card
 from raylab.registry.erasure import TAG as ERASURE_TAG
 from raylab.registry.erasure import mark_pending as mark_erasure_pending
 from raylab.registry.erasure import pending as erasures_pending
@@ -49,6 +54,7 @@ from raylab.registry.versions import (
 )
 
 __all__ = [
+    "add_card_section", "card_for", "refresh_card", "render_card", "write_card",
     "ERASURE_TAG", "LINEAGE", "PREVIOUS", "PRODUCTION", "IntegrityError", "LiveRun", "Store", "alias_history", "checksums", "erasures_pending", "experiment_id",
     "fetch", "flatten",
     "get_version", "version_run", "locate", "log_run", "mark_erasure_pending", "model_name", "open_store", "open_train_run", "parse_ref", "promote", "register",

@@ -140,7 +140,8 @@ def track_train(cfg: RaylabConfig, meta: dict, live: LiveRun | None = None) -> d
     spec = _train_run(cfg, meta["identity"])
     run_id = log_run(store, exp, **spec, history=_history(run.train_metrics), artifacts=_run_artifacts(run), live=live)
     version = register(store, cfg, run_id, run.train_final, meta)
-    log.info(f"registry: run {run_id} in experiment {model_name(cfg)!r}; model {version.name}/{version.version} ({redact_url(store.uri)})")
+    log.info(f"registry: run {run_id} in experiment {model_name(cfg)!r}; model {version.name}/{version.version} ({redact_url(store.uri)}); "
+             f"its model card: raylab models card {version.name}/{version.version}")
     return {"run_id": run_id, "name": version.name, "version": int(version.version)}
 
 
@@ -181,7 +182,8 @@ def track_sweep(cfg: RaylabConfig, summary: dict) -> dict:
     if best and best.get("final_model"):
         meta = runs.read_json(runs.model_file(best["final_model"], runs.TRAIN_META), runs.TrainMeta).model_dump(mode="json")
         version = register(store, cfg, trial_runs[best["trial_id"]], best["final_model"], meta,
-                           extra={"raylab.stage": "tune", "raylab.trial_id": best["trial_id"], "raylab.sweep_run_id": parent})
+                           extra={"raylab.stage": "tune", "raylab.trial_id": best["trial_id"], "raylab.sweep_run_id": parent},
+                           tuned=best.get("params"))
         out |= {"name": version.name, "version": int(version.version)}
         log.info(f"registry: sweep {parent} with {len(trial_runs)} trials; winner {version.name}/{version.version} ({redact_url(store.uri)})")
     return out

@@ -20,7 +20,7 @@ from raylab.config import RaylabConfig
 from raylab.core import events, runs, storage
 from raylab.core.secrets import redact_url
 from raylab.errors import UserError
-from raylab.registry import erasure
+from raylab.registry import cards, erasure
 from raylab.registry.store import PRODUCTION, Store, model_name
 
 LINEAGE = ("base_model", "method", "data_manifest_hash", "config_hash", "code_version", "trained_tokens",
@@ -38,15 +38,19 @@ def checksums(local_dir: str) -> dict[str, str]:
             for p in sorted(Path(local_dir).rglob("*")) if p.is_file()}
 
 
-def register(store: Store, cfg: RaylabConfig, run_id: str, final: str, meta: dict, extra: dict | None = None):
+def register(store: Store, cfg: RaylabConfig, run_id: str, final: str, meta: dict, extra: dict | None = None,
+             tuned: dict | None = None):
     """A new version of the config's model from a final/ directory (or the existing version
-    of this run): the artifact under the run's `model/`, lineage and checksums as tags."""
+    of this run): the artifact under the run's `model/`, lineage and checksums as tags, and
+    its model card under the run's `card/` (cards.py; `tuned`: a sweep winner's sampled values)."""
     from mlflow.exceptions import MlflowException
 
     name = model_name(cfg)
     existing = store.client.search_model_versions(f"run_id = '{run_id}'")
     for mv in existing:
         if mv.name == name:
+            if cards.stored(store, run_id) is None:  # registered by a raylab without cards, or died before it
+                cards.at_registration(store, cfg, mv, meta, tuned)
             return mv
     with tempfile.TemporaryDirectory(prefix="raylab-register-") as tmp:
         local = storage.copy_to_local(final, os.path.join(tmp, "model"))
@@ -68,6 +72,7 @@ def register(store: Store, cfg: RaylabConfig, run_id: str, final: str, meta: dic
                                            description=f"{meta.get('method')} on {meta.get('base_model')}")
     events.emit("registry.register", run=cfg.output_dir, model=name, version=mv.version, run_id=run_id,
                 stage=tags["raylab.stage"], base_model=meta.get("base_model"), method=meta.get("method"))
+    cards.at_registration(store, cfg, mv, meta, tuned)
     if erasure.TAG in tags:
         events.emit("registry.erasure_pending", run=cfg.output_dir, model=name, version=mv.version,
                     erasures=[int(e) for e in erasure.pending(mv) if e.isdigit()], reason="registered from data that holds an erased record")

@@ -197,6 +197,68 @@ def test_gates_then_promote_rollback_from_the_cli(trained):
     assert "alias history:" in shown.stdout and "demo for the test" in shown.stdout
 
 
+SECTIONS_WITH_NUMBERS = ("Base model and licence", "Training data", "Training", "Evaluation and gates", "Compute")
+
+
+def sections(markdown: str) -> dict[str, str]:
+    body = markdown.split("\n---\n", 1)[1]
+    return {part.split("\n", 1)[0].strip(): part.split("\n", 1)[1] for part in body.split("\n## ")[1:]}
+
+
+def placeholders(text: str) -> list[str]:
+    """What a section must not hold where a number belongs."""
+    return [w for w in ("unknown", "None", "nan", "TODO") if w in text] + ([] if any(ch.isdigit() for ch in text) else ["no number"])
+
+
+def test_the_versions_model_card_loads_and_holds_the_runs_numbers(trained, tmp_path):
+    """v1's card (logged at registration, gates refreshed by `models evaluate` in the test
+    above): huggingface_hub loads it; every section that should hold numbers does, and they
+    are the manifest's and the train run's; the data run's datasheet has the manifest's counts."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    from raylab.core import runs
+    from raylab.registry import cards
+
+    good, meta, *_ = trained
+    mv = registry.get_version(store(), f"{NAME}/1")
+    assert cards.stored(store(), mv.run_id)["evaluation"]["gates"]["status"] == "passed"  # the logged artifact itself
+    card = registry.card_for(store(), mv)
+    hf = ModelCard.load(registry.write_card(card, str(tmp_path))["md"])
+    assert hf.data.license == "apache-2.0" and hf.data.library_name == "transformers" and "full" in hf.data.tags
+    assert {r.metric_type: r.metric_value for r in hf.data.eval_results}["val_loss"] == meta["metrics"]["val_loss"]
+    found = sections(hf.content)
+    assert {s: placeholders(found[s]) for s in SECTIONS_WITH_NUMBERS} == {s: [] for s in SECTIONS_WITH_NUMBERS}, hf.content
+    assert found["Intended use"].strip().startswith("Not stated (set governance.card.intended_use")  # said plainly
+    assert "Unknown: the base model's pre-training compute is not known" in found["EU AI Act: general-purpose model threshold"]
+    assert placeholders("| read | unknown |") and placeholders("no digits here")  # negative control: the check has teeth
+
+    manifest = runs.read_manifest(runs.Run(good.output_dir))
+    c = manifest.counts
+    assert card["data"]["counts"] == {"read": c.read, "accepted": c.accepted, "rejected": c.rejected,
+                                      "deduplicated": sum(c.duplicates.values()), "duplicates": c.duplicates,
+                                      "erased": runs.erased_count(c)}
+    assert [f["sha256"] for s in card["data"]["sources"] for f in s["files"]] == \
+        [f["sha256"] for i in manifest.inputs for f in i["files"]]
+    assert card["data"]["splits"]["val"]["documents"] == manifest.tokens.val.documents > 0
+    assert f"Records read {c.read:,}, accepted {c.accepted:,}" in found["Training data"]
+    assert card["compute"]["training_flops"] == meta["estimated_training_flops"] > 0 and card["compute"]["device_seconds"] > 0
+    base = AutoModelForCausalLM.from_pretrained(meta["base_model_path"])
+    assert card["base_model"]["parameters"] == sum(p.numel() for p in base.parameters())
+    assert card["training"]["hyperparameters"]["lr"] == 0.003 and card["training"]["steps"] == 60
+    assert [(g["gate"], g["passed"]) for g in card["evaluation"]["gates"]["checks"]][0] == ("max_val_loss", True)
+
+    changed = manifest.model_copy(update={"counts": c.model_copy(update={"accepted": c.accepted + 1})})
+    other = cards.build(good, meta, changed, name=NAME, version=1, run_id=mv.run_id)
+    assert other["data"]["counts"]["accepted"] != card["data"]["counts"]["accepted"]  # negative control
+
+    sheet = json.loads(Path(runs.Run(good.output_dir).datasheet("json")).read_text())
+    assert sheet["counts"] == {"read": c.read, "accepted": c.accepted, "rejected": c.rejected, "duplicates": c.duplicates,
+                               "erased": runs.erased_count(c), "rejected_by_reason": c.rejected_by_reason}
+    assert sheet["by_source"] == manifest.by_source and sheet["splits"]["train"] == manifest.tokens.train.documents
+    assert f"{c.read:,} records read; {c.accepted:,} accepted" in Path(runs.Run(good.output_dir).datasheet()).read_text()
+
+
 def test_mlflow_ui_serves_the_same_store(trained, tmp_path):
     port = free_port()
     uri, root = registry.locate()

@@ -195,15 +195,15 @@ def register_derived(store: Store, parent, local_dir: str, *, derivation: str, t
     (`raylab optimize`): its own MLflow run in the model's experiment, the parent's lineage
     tags carried over (base model, data manifest, erasures: the data it came from is the
     parent's), `raylab.derived_from` NAME/VERSION and `raylab.derivation` (e.g.
-    quantize:int8_weight_only), checksums, and `tags`. Idempotent: the same derived files
-    from the same parent find the version registered before."""
+    quantize:int8_weight_only), checksums, and `tags`. Idempotent: the same derivation
+    (`derivation` and `params`) of the same parent finds the version registered before (keyed
+    on those, not on the files: safetensors headers from one model need not be byte-equal)."""
     from raylab.core import events
     from raylab.registry import erasure
     from raylab.registry.versions import LINEAGE, checksums
 
     name, parent_ref = parent.name, f"{parent.name}/{parent.version}"
-    sums = checksums(local_dir)
-    digest = hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     lineage_tags = {"raylab.derived_from": parent_ref, "raylab.derivation": derivation}
     run_id = log_run(store, experiment_id(store, name), name=f"{parent_ref} {derivation}",
                      key=f"derived:{parent_ref}:{derivation}:{digest}", params=params, history=[], artifacts={},
@@ -211,6 +211,7 @@ def register_derived(store: Store, parent, local_dir: str, *, derivation: str, t
     for mv in store.client.search_model_versions(f"run_id = '{run_id}'"):
         if mv.name == name:
             return mv
+    sums = checksums(local_dir)
     store.client.log_artifacts(run_id, local_dir, "model")
     carried = {k: parent.tags[k] for k in LINEAGE if k in parent.tags}
     if erasure.TAG in parent.tags:

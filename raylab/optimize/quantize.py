@@ -26,8 +26,30 @@ from raylab.errors import UserError
 KEY = "optimize.quantize"
 
 
+def _import_torchao() -> None:
+    """Import torchao without its import-time warnings: the CUDA kernel libraries a CPU build
+    of torch cannot load, and torch's notice about enums torchao registers for torch.compile
+    (a line each, on every run, about nothing the user can change)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization  # noqa: F401
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "torchao":
+            raise
+        raise UserError(f"{KEY} needs torchao, which is not installed: pip install 'raylab[optimize]'") from None
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _config(method: str, group_size: int):
     """torchao's config object for a method name (the names of `optimize.quantize`)."""
+    _import_torchao()
     from torchao.quantization import (
         Int4WeightOnlyConfig,
         Int8DynamicActivationInt8WeightConfig,
@@ -63,6 +85,7 @@ def check_device(method: str) -> str:
 def is_quantized(weight) -> bool:
     """Whether a module's weight is a torchao tensor subclass (what `quantize_` leaves on a
     module it changed; a module it skipped keeps a plain Parameter)."""
+    _import_torchao()
     from torchao.utils import TorchAOBaseTensor
 
     return isinstance(weight, TorchAOBaseTensor)

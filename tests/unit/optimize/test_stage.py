@@ -14,9 +14,10 @@ import pytest
 import torch
 import yaml
 
+import raylab
 from raylab import config, models, registry
 from raylab.cli import main
-from raylab.optimize import QUANTIZED_TAG, run_optimize
+from raylab.optimize import QUANTIZED_TAG
 from raylab.optimize import quantize as q
 from raylab.serve.engine import Request, Sampling, TransformersEngine
 from registry_helpers import open_test_store
@@ -70,7 +71,7 @@ def test_a_quantised_version_is_registered_with_lineage_loads_and_serves(tmp_pat
     parent = register_version(store, tmp_path, 1, final=adapter_on_tiny_base(tmp_path))
     cfg_path = config_file(tmp_path, quantize="int8_weight_only", include_embeddings=True)
 
-    out = run_optimize(config.load(cfg_path), f"widgets/{parent}", store=store)
+    out = raylab.run_optimize(cfg_path, model=f"widgets/{parent}")  # the Python API; the store: $RAYLAB_HOME's
     assert (out["name"], out["version"], out["derived_from"]) == ("widgets", 2, "widgets/1")
     merged = models.load("widgets/1", store=store).model.merge_and_unload()
     eligible = q.eligible_modules(merged, include_embeddings=True)

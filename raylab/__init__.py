@@ -10,6 +10,7 @@ file path, a dict, or a loaded RaylabConfig, then `key=value` overrides as a lis
     cfg = raylab.load_config("configs/quickstart.yaml", ["train.max_steps=10"])
     raylab.run_data(cfg); raylab.run_train(cfg)          # or raylab.run_tune(cfg)
     raylab.run_eval(cfg)
+    raylab.run_optimize(cfg, ["optimize.quantize=int8_weight_only"], model="acme-assistant/3")
     endpoint = raylab.start_serving(cfg)                 # returns once it answers
     raylab.stop_serving()
     raylab.run(cfg, serve=False)                         # the pipeline, like `raylab run`
@@ -78,6 +79,15 @@ def run_eval(config, overrides: list[str] | None = None, *, model: str | None = 
                               input_path=input)
 
 
+def run_optimize(config, overrides: list[str] | None = None, *, model: str) -> dict:
+    """`raylab optimize`: the registry version `model` (NAME/VERSION or NAME@ALIAS) merged and
+    quantised as `optimize:` says, registered as a version derived from it; returns its name,
+    version and measurements. No Ray needed."""
+    from raylab import optimize
+
+    return optimize.run_optimize(_config(config, overrides), model)
+
+
 def submit(config, overrides: list[str] | None = None, *, address: str | None = None, working_dir: str = ".",
            env: list[str] | tuple[str, ...] = (), flags: list[str] | tuple[str, ...] = ()) -> str:
     """`raylab run` as a Ray job on the cluster whose dashboard is `address` (`raylab submit
@@ -108,4 +118,4 @@ def stop_serving() -> None:
 
 
 __all__ = ["RaylabConfig", "load_config", "UserError", "ConfigError", "__version__", "run", "run_data", "run_train",
-           "run_tune", "run_eval", "submit", "start_serving", "stop_serving"]
+           "run_tune", "run_eval", "run_optimize", "submit", "start_serving", "stop_serving"]

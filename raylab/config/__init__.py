@@ -5,7 +5,7 @@
     cfg.train.lr, cfg.data.sources[0].path, cfg.run_name
 
 Sections (a file each): ray, data, model, train (+ pretrain), tune, registry, eval, serve, index,
-platform; `load` reads YAML and applies overrides (load.py, overrides.py); `report` turns validation
+optimize, platform; `load` reads YAML and applies overrides (load.py, overrides.py); `report` turns validation
 errors into lines a user can act on; `docs` renders docs/config.md. This package imports no
 stage: every stage imports it.
 """
@@ -39,6 +39,7 @@ from raylab.config.loading import (
     write_resolved,
 )
 from raylab.config.model import LoraConfig, ModelConfig
+from raylab.config.optimize import QUANTIZE_METHODS, OptimizeConfig
 from raylab.config.platform import CiConfig, CloudConfig, NodeGroup, PlatformConfig
 from raylab.config.ray import RayConfig
 from raylab.config.registry import (
@@ -62,8 +63,9 @@ __all__ = [
     "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
     "CleanConfig", "CloudConfig", "ConfigError", "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
-    "IndexConfig", "RaftConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "PiiConfig", "PiiProbe",
-    "PlatformConfig", "PretrainConfig", "RayConfig", "RaylabConfig", "RefusalProbe", "RegistryConfig",
+    "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",
+    "PlatformConfig", "PretrainConfig", "QUANTIZE_METHODS", "RaftConfig", "RayConfig", "RaylabConfig", "RefusalProbe",
+    "RegistryConfig",
     "SearchDim", "Section", "ServeConfig", "Source", "SqlSource", "TrainConfig", "TuneConfig", "ValidationConfig",
     "env_refs", "expand_env", "load", "load_dict", "load_text", "parse_yaml", "read_suite", "read_yaml", "to_yaml", "write_resolved",
 ]

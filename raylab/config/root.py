@@ -11,6 +11,7 @@ from raylab.config.evaluate import EvalConfig
 from raylab.config.governance import GovernanceConfig
 from raylab.config.index import IndexConfig
 from raylab.config.model import ModelConfig
+from raylab.config.optimize import OptimizeConfig
 from raylab.config.platform import PlatformConfig
 from raylab.config.ray import RayConfig
 from raylab.config.registry import RegistryConfig
@@ -42,6 +43,8 @@ class RaylabConfig(Section):
                                          description="the control-plane database and the audit log")
     index: IndexConfig = Field(default_factory=IndexConfig,
                                description="`raylab index`: documents chunked and embedded for retrieval")
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig,
+                                     description="`raylab optimize`: quantised versions derived from a registered one")
     platform: PlatformConfig = Field(default_factory=PlatformConfig,
                                      description="the cluster and CI pipeline `raylab render` writes files for")
 

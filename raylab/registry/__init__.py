@@ -7,7 +7,8 @@ versions with checksums and gates, and aliases with a history MLflow does not ke
     raylab models rollback acme-assistant --reason "latency regression"
 
 Modules: store (where the registry is, opening it), tracking (runs, sweeps, trials),
-versions (register, refs, verified fetch), cards (every version's model card), aliases (promote, rollback, history), locks (one
+versions (register, refs, verified fetch; a derived version's lineage: tracking.register_derived), cards (every
+version's model card), aliases (promote, rollback, history), locks (one
 lock per model around alias moves), erasure (versions holding an erased record: the
 `raylab.erasure_pending` tag the promote gate refuses). Runs and versions are written only by driver processes
 (the train driver, the sweep driver), never Train workers or concurrent trials. Alias moves
@@ -34,6 +35,7 @@ from raylab.registry.tracking import (
     flatten,
     log_run,
     open_train_run,
+    register_derived,
     track_sweep,
     track_train,
 )
@@ -57,7 +59,7 @@ __all__ = [
     "add_card_section", "card_for", "refresh_card", "render_card", "write_card",
     "ERASURE_TAG", "LINEAGE", "PREVIOUS", "PRODUCTION", "IntegrityError", "LiveRun", "Store", "alias_history", "checksums", "erasures_pending", "experiment_id",
     "fetch", "flatten",
-    "get_version", "version_run", "locate", "log_run", "mark_erasure_pending", "model_name", "open_store", "open_train_run", "parse_ref", "promote", "register",
+    "get_version", "version_run", "locate", "log_run", "mark_erasure_pending", "model_name", "open_store", "open_train_run", "parse_ref", "promote", "register", "register_derived",
     "registered_model", "rollback", "set_tags", "track_sweep", "track_train", "trained_on", "user", "verify", "version_number",
     "versions",
 ]

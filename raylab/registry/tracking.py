@@ -189,3 +189,43 @@ def track_sweep(cfg: RaylabConfig, summary: dict) -> dict:
     return out
 
 
+
+
+def register_derived(store: Store, parent, local_dir: str, *, derivation: str, tags: dict[str, str],
+                     params: dict[str, str], output_dir: str):
+    """A new version of `parent`'s model (a ModelVersion) from a directory made out of it
+    (`raylab optimize`): its own MLflow run in the model's experiment, the parent's lineage
+    tags carried over (base model, data manifest, erasures: the data it came from is the
+    parent's), `raylab.derived_from` NAME/VERSION and `raylab.derivation` (e.g.
+    quantize:int8_weight_only), checksums, and `tags`. Idempotent: the same derivation
+    (`derivation` and `params`) of the same parent finds the version registered before (keyed
+    on those, not on the files: safetensors headers from one model need not be byte-equal)."""
+    from raylab.core import events
+    from raylab.registry import erasure
+    from raylab.registry.versions import LINEAGE, checksums
+
+    name, parent_ref = parent.name, f"{parent.name}/{parent.version}"
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    lineage_tags = {"raylab.derived_from": parent_ref, "raylab.derivation": derivation}
+    run_id = log_run(store, experiment_id(store, name), name=f"{parent_ref} {derivation}",
+                     key=f"derived:{parent_ref}:{derivation}:{digest}", params=params, history=[], artifacts={},
+                     tags={"raylab.stage": "optimize", "raylab.output_dir": output_dir} | lineage_tags)
+    for mv in store.client.search_model_versions(f"run_id = '{run_id}'"):
+        if mv.name == name:
+            return mv
+    sums = checksums(local_dir)
+    store.client.log_artifacts(run_id, local_dir, "model")
+    carried = {k: parent.tags[k] for k in LINEAGE if k in parent.tags}
+    if erasure.TAG in parent.tags:
+        carried[erasure.TAG] = parent.tags[erasure.TAG]
+    all_tags = carried | erasure.at_registration(parent.tags.get("data_manifest_hash")) | {
+        "raylab.checksums": json.dumps(sums, sort_keys=True), "raylab.gates": parent.tags.get("raylab.gates", "{}"),
+        "raylab.gates.status": "pending", "raylab.output_dir": output_dir, "raylab.stage": "optimize",
+        "raylab.run_name": parent.tags.get("raylab.run_name", name)} | lineage_tags | tags
+    source = f"{store.client.get_run(run_id).info.artifact_uri}/model"
+    mv = store.client.create_model_version(name, source, run_id, tags=all_tags,
+                                           description=f"{derivation} of {parent_ref}")
+    events.emit("registry.register", run=output_dir, model=name, version=mv.version, run_id=run_id, stage="optimize",
+                derived_from=parent_ref, derivation=derivation)
+    log.info(f"registry: {name}/{mv.version} = {derivation} of {parent_ref} ({redact_url(store.uri)})")
+    return mv

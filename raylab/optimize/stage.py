@@ -106,8 +106,26 @@ def run_optimize(cfg: RaylabConfig, model_ref: str, store: registry.Store | None
         mv = registry.register_derived(store, parent, out, derivation=derivation, tags=measured,
                                        params={"optimize." + k: str(v) for k, v in opt.model_dump().items()},
                                        output_dir=cfg.output_dir)
+    registry.add_card_section(store, mv.name, int(mv.version), "Quantisation", card_section(
+        parent_ref, opt.quantize, opt.include_embeddings, done, drift, size, float_bytes, device))
     log.info(f"optimize: registered {mv.name}/{mv.version} ({size / 1e6:.2f} MB on disk, {parameters} parameters, "
              f"float weights {float_bytes / 1e6:.2f} MB) from {parent_ref}")
     return {"name": mv.name, "version": int(mv.version), "derived_from": parent_ref, "method": opt.quantize,
             "quantized_layers": len(done.quantized), "eligible_layers": len(done.eligible), "size_bytes": size,
             "parameters": parameters, "logit_drift": drift}
+
+
+def card_section(parent_ref: str, method: str, embeddings: bool, done, drift: float, size: int, float_bytes: int,
+                 device: str) -> str:
+    """The model card's Quantisation section (Markdown): what was done and what it measured."""
+    speed = ("int8 on CPU is smaller, not faster, unless the served model is compiled (`torch.compile`): torchao's "
+             "CPU paths are plain PyTorch" if device == "cpu" else f"quantised for {device}")
+    return "\n".join([
+        f"- Method: torchao `{method}` on the merged float32 weights of {parent_ref}"
+        + (", embeddings and output head included" if embeddings else ", embeddings kept in float"),
+        f"- Layers quantised: {len(done.quantized)} of {len(done.eligible)} eligible",
+        f"- Size on disk: {size / 1e6:.2f} MB; float weights: {float_bytes / 1e6:.2f} MB "
+        f"({size / float_bytes:.2f}x)" if float_bytes else f"- Size on disk: {size / 1e6:.2f} MB",
+        f"- Logit drift on the probe prompt (max |change| / max |parent logit|): {drift:.4g}",
+        f"- Speed: {speed}",
+    ])

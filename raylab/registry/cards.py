@@ -415,6 +415,17 @@ def at_registration(store, cfg: RaylabConfig, mv, meta: dict, tuned: dict[str, A
     log(store, mv.run_id, with_gates(card, dict(mv.tags)))
 
 
+def at_derivation(store, parent, mv, derivation: str) -> None:
+    """The card of a version made from `parent` (`raylab optimize`): the parent's facts (its
+    base, data, training and compute are this version's too), named for the new version, with
+    its own gates; the method adds its section with `add_section`."""
+    card = card_for(store, parent) | {"name": mv.name, "version": int(mv.version), "run_id": mv.run_id,
+                                      "stage": mv.tags.get("raylab.stage", "optimize"),
+                                      "note": f"{derivation} of {parent.name}/{parent.version}: base, data, training "
+                                              "and compute below are the parent's."}
+    log(store, mv.run_id, with_gates(card, dict(mv.tags)))
+
+
 def add_section(store, name: str, version: int, title: str, markdown: str) -> dict:
     """Add (or replace) one extra section of a version's card and re-log it; returns the card."""
     mv = store.client.get_model_version(name, str(version))

@@ -20,6 +20,7 @@ from typing import Any
 from raylab.config import RaylabConfig
 from raylab.core import runs, storage
 from raylab.core.secrets import redact_url
+from raylab.registry import cards
 from raylab.registry.live import LIVE_STEP, LiveRun, metric_rows
 from raylab.registry.store import Store, model_name, open_store
 from raylab.registry.versions import register
@@ -227,5 +228,6 @@ def register_derived(store: Store, parent, local_dir: str, *, derivation: str, t
                                            description=f"{derivation} of {parent_ref}")
     events.emit("registry.register", run=output_dir, model=name, version=mv.version, run_id=run_id, stage="optimize",
                 derived_from=parent_ref, derivation=derivation)
+    cards.at_derivation(store, parent, mv, derivation)
     log.info(f"registry: {name}/{mv.version} = {derivation} of {parent_ref} ({redact_url(store.uri)})")
     return mv

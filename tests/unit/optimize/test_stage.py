@@ -89,6 +89,12 @@ def test_a_quantised_version_is_registered_with_lineage_loads_and_serves(tmp_pat
     parent_tags = registry.get_version(store, "widgets/1").tags  # negative control: the parent derives from nothing
     assert "raylab.derived_from" not in parent_tags and QUANTIZED_TAG not in parent_tags
 
+    card = registry.card_for(store, mv)  # the parent's facts under the new name, plus the method's section
+    assert (card["name"], card["version"]) == ("widgets", 2) and "widgets/1" in card["note"]
+    section = card["extra_sections"]["Quantisation"]
+    assert f"Layers quantised: {len(eligible)} of {len(eligible)} eligible" in section and "int8_weight_only" in section
+    assert "Quantisation" not in registry.card_for(store, registry.get_version(store, "widgets/1"))["extra_sections"]
+
     inf = models.load("widgets/2", store=store)  # checksums verified, no re-quantisation
     assert inf.kind == "full" and q.is_quantized(inf.model.model.layers[0].self_attn.q_proj.weight)
     assert q.is_quantized(inf.model.lm_head.weight)

@@ -156,6 +156,9 @@ class DedupConfig(Section):
     num_perm: PositiveInt = Field(64, description="MinHash permutations per signature")
     bands: PositiveInt = Field(16, description="LSH bands (num_perm must be a multiple)")
     ngram: PositiveInt = Field(5, description="character shingle length")
+    shuffle_above: int = Field(20_000, ge=0, description="records above which duplicate groups are found by Ray Data "
+                               "hash shuffles; at or below it the driver groups the signatures (a shuffle's fixed "
+                               "cost dominates small data)")
 
     @model_validator(mode="after")
     def _bands(self) -> DedupConfig:

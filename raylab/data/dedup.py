@@ -5,10 +5,14 @@
 Exact: records whose normalised content (lower-cased, whitespace collapsed) hashes alike.
 Near: MinHash signatures over character shingles, banded for LSH (`bands` x `rows`, with
 bands * rows = num_perm); records sharing a band bucket are candidates, kept as an edge only
-when their estimated Jaccard similarity reaches `threshold`. Both run as Ray Data hash
-shuffles (`groupby`), so no block or node sees only part of a duplicate group; the driver
-receives only the small edge lists and joins them with union-find. In every group the record
-with the smallest record_id is kept, so the result does not depend on block order.
+when their estimated Jaccard similarity reaches `threshold`. Signatures are computed in
+parallel Ray Data tasks. Above `dedup.shuffle_above` records the groups are found by Ray Data
+hash shuffles (`groupby`), so no block or node sees only part of a duplicate group, and the
+driver receives only the small edge lists; at or below it the driver groups the signatures
+itself (`_local_*`: a few MB; two shuffles' task and actor start-up took 2 minutes for the
+quickstart's 285 records on 2 busy cores). Both paths keep the same edges, joined with
+union-find; in every group the record with the smallest record_id is kept, so the result
+does not depend on block order or on the path (tests/unit/data/test_dedup.py compares them).
 """
 
 from __future__ import annotations
@@ -69,11 +73,9 @@ def band_batch(batch: pa.Table, bands: int) -> pa.Table:
     ids, keys, sigs = [], [], []
     for r in batch.to_pylist():
         sig = r["sig"]
-        rows = len(sig) // bands
-        for band in range(bands):
-            chunk = sig[band * rows:(band + 1) * rows]
+        for key in _band_keys(np.array(sig, dtype=np.uint64), bands):
             ids.append(r["record_id"])
-            keys.append(f"{band}:" + hashlib.blake2b(np.array(chunk, dtype=np.uint64).tobytes(), digest_size=8).hexdigest())
+            keys.append(key)
             sigs.append(sig)
     return pa.table({"record_id": ids, "band": keys, "sig": pa.array(sigs, type=pa.list_(pa.uint64()))})
 
@@ -97,6 +99,44 @@ def near_edges(group: pa.Table, threshold: float) -> pa.Table:
             keep.append(rows[0]["record_id"])
             drop.append(r["record_id"])
     return pa.table({"keep": keep, "drop": drop}, schema=EDGE_SCHEMA)
+
+
+def _band_keys(sig: np.ndarray, bands: int) -> list[str]:
+    rows = len(sig) // bands
+    return [f"{band}:" + hashlib.blake2b(sig[band * rows:(band + 1) * rows].tobytes(), digest_size=8).hexdigest()
+            for band in range(bands)]
+
+
+def _local_exact(sigs: pa.Table) -> list[tuple[str, str]]:
+    """exact_edges over the groups of equal `exact`, in this process."""
+    groups: dict[str, list[str]] = {}
+    for record, digest in zip(sigs["record_id"].to_pylist(), sigs["exact"].to_pylist(), strict=True):
+        groups.setdefault(digest, []).append(record)
+    edges = []
+    for ids in groups.values():
+        ids.sort()
+        edges += [(ids[0], other) for other in ids[1:]]
+    return edges
+
+
+def _local_near(sigs: pa.Table, bands: int, threshold: float) -> list[tuple[str, str]]:
+    """near_edges over every LSH band bucket, in this process: in each bucket the smallest
+    record_id is compared with every other member, as the shuffle path does."""
+    ids = sigs["record_id"].to_pylist()
+    matrix = [np.array(s, dtype=np.uint64) for s in sigs["sig"].to_pylist()]
+    buckets: dict[str, list[int]] = {}
+    for i, sig in enumerate(matrix):
+        for key in _band_keys(sig, bands):
+            buckets.setdefault(key, []).append(i)
+    edges = []
+    for members in buckets.values():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda i: ids[i])
+        first = matrix[members[0]]
+        edges += [(ids[members[0]], ids[i]) for i in members[1:]
+                  if ids[i] != ids[members[0]] and np.mean(first == matrix[i]) >= threshold]
+    return edges
 
 
 def _components(edges: list[tuple[str, str]]) -> dict[str, str]:
@@ -127,16 +167,36 @@ def find_duplicates(accepted, dedup, cpus: float) -> dict[str, str]:
         signature_batch, batch_format="pyarrow", num_cpus=cpus,
         fn_kwargs={"num_perm": dedup.num_perm, "ngram": dedup.ngram, "near": dedup.near},
     ).materialize()
+    local = sigs.count() <= dedup.shuffle_above
+    table = _collect(sigs) if local else None
     drops: dict[str, str] = {}
     if dedup.exact:
-        rows = sigs.groupby("exact", num_partitions=partitions).map_groups(exact_edges, batch_format="pyarrow").take_all()
-        drops.update((r["drop"], "duplicate_exact") for r in rows)
+        edges = _local_exact(table) if local else _shuffled_exact(sigs, partitions)
+        drops.update((drop, "duplicate_exact") for _, drop in edges)
     if dedup.near:
-        banded = sigs.map_batches(band_batch, batch_format="pyarrow", num_cpus=cpus, fn_kwargs={"bands": dedup.bands})
-        rows = banded.groupby("band", num_partitions=partitions).map_groups(
-            near_edges, batch_format="pyarrow", fn_kwargs={"threshold": dedup.threshold}).take_all()
-        edges = [(r["keep"], r["drop"]) for r in rows if r["keep"] not in drops and r["drop"] not in drops]
+        edges = _local_near(table, dedup.bands, dedup.threshold) if local else _shuffled_near(sigs, dedup, cpus,
+                                                                                                partitions)
+        edges = [(keep, drop) for keep, drop in edges if keep not in drops and drop not in drops]
         for record, root in _components(edges).items():
             if record != root:
                 drops.setdefault(record, "duplicate_near")
     return drops
+
+
+def _collect(sigs) -> pa.Table:
+    """The materialised signatures as one table in the driver (small: at most shuffle_above rows)."""
+    import ray
+
+    return pa.concat_tables([SIG_SCHEMA.empty_table(), *ray.get(sigs.to_arrow_refs())])
+
+
+def _shuffled_exact(sigs, partitions: int) -> list[tuple[str, str]]:
+    rows = sigs.groupby("exact", num_partitions=partitions).map_groups(exact_edges, batch_format="pyarrow").take_all()
+    return [(r["keep"], r["drop"]) for r in rows]
+
+
+def _shuffled_near(sigs, dedup, cpus: float, partitions: int) -> list[tuple[str, str]]:
+    banded = sigs.map_batches(band_batch, batch_format="pyarrow", num_cpus=cpus, fn_kwargs={"bands": dedup.bands})
+    rows = banded.groupby("band", num_partitions=partitions).map_groups(
+        near_edges, batch_format="pyarrow", fn_kwargs={"threshold": dedup.threshold}).take_all()
+    return [(r["keep"], r["drop"]) for r in rows]

@@ -313,3 +313,28 @@ def test_near_pass_drops_the_near_duplicate_and_keeps_the_smallest_id():
     assert _near_drops({"r1": NEAR, "r2": BASE, "r3": UNRELATED}) == {"r2"}
     # Negative control: with nothing alike, nothing is dropped.
     assert _near_drops({"r1": BASE, "r2": UNRELATED, "r3": HALF}) == set()
+
+
+# ---------------------------------------------------------------- the driver-side path
+
+def _shuffle_path_edges(sigs: pa.Table, bands: int, threshold: float) -> tuple[list, list]:
+    """What the Ray shuffles compute, grouped here: exact_edges per `exact` group, near_edges per band bucket."""
+    by_exact: dict[str, list[dict]] = defaultdict(list)
+    for r in sigs.to_pylist():
+        by_exact[r["exact"]].append(r)
+    exact = [e for rows in by_exact.values() for e in edges_of(dedup.exact_edges(pa.Table.from_pylist(rows)))]
+    buckets: dict[str, list[dict]] = defaultdict(list)
+    for r in dedup.band_batch(sigs.select(["record_id", "sig"]), bands).to_pylist():
+        buckets[r["band"]].append(r)
+    near = [e for rows in buckets.values() for e in edges_of(dedup.near_edges(pa.Table.from_pylist(rows), threshold))]
+    return exact, near
+
+
+def test_the_driver_side_grouping_keeps_the_shuffles_edges():
+    texts = {"r5": BASE, "r1": NEAR, "r3": UNRELATED, "r4": HALF, "r2": BASE, "r6": NEAR.upper(), "r7": UNRELATED + " x"}
+    sigs = dedup.signature_batch(records(*texts.items()), num_perm=64, ngram=5, near=True)
+    exact, near = _shuffle_path_edges(sigs, 16, 0.8)
+    assert sorted(dedup._local_exact(sigs)) == sorted(exact) and exact  # r2 = r5, r1 = r6 (case-folded)
+    assert sorted(dedup._local_near(sigs, 16, 0.8)) == sorted(near) and near
+    # Negative control: a lower threshold changes the near edges, so equality above is not vacuous.
+    assert sorted(dedup._local_near(sigs, 16, 0.05)) != sorted(near)

@@ -292,6 +292,20 @@ def test_exact_and_near_duplicates_across_files_and_blocks(tmp_path, _session_ra
     kept = {r["record_id"] for r in read_dir(manifest["outputs"]["records"])}
     assert all(k.startswith("a.jsonl:") for k in kept)  # the smallest record id of each group stays
 
+    # The stage grouped these 56 records in the driver (below dedup.shuffle_above); Ray Data's
+    # hash shuffles, the path for large data, find the same duplicates across blocks.
+    import ray
+
+    from raylab.data import dedup
+
+    docs = [{"record_id": f"{f}:{i}", "text": t, "messages": ""} for f, texts in
+            (("a", unique), ("b", [u.upper() for u in unique[:10]]), ("c", [u + " (rev. b)" for u in unique[20:26]]))
+            for i, t in enumerate(texts)]
+    ds = ray.data.from_items(docs, override_num_blocks=4)
+    local = dedup.find_duplicates(ds, cfg.data.dedup, 1.0)
+    shuffled = dedup.find_duplicates(ds, cfg.data.dedup.model_copy(update={"shuffle_above": 0}), 1.0)
+    assert shuffled == local and sorted(local.values()).count("duplicate_near") == 6 and len(local) == 16
+
 
 def test_pii_is_redacted_before_anything_is_written(tmp_path, _session_ray):
     secrets = {

@@ -250,7 +250,7 @@ def _eval_rag(args: argparse.Namespace, cfg) -> int:
         print(f"gate {'pass' if c['passed'] else 'FAIL'}  {evaluate.describe(c)}")
     if failed:  # a failed gate is a failed test run: exit 1, as `models evaluate`
         raise RunFailed(f"{len(failed)} of {len(checks)} retrieval gate(s) failed (registry.gates): "
-                        + "; ".join(c["message"] for c in failed))
+                        + "; ".join(f"{c['gate']}: {c['message']}" for c in failed))
     return 0
 
 

@@ -62,6 +62,9 @@ def add_parsers(sub) -> dict:
     ev.add_argument("--model", help="registry REF (NAME@ALIAS or NAME/VERSION); default: this run's model")
     ev.add_argument("--input", help="JSONL prompts to answer instead of the held-out split")
     ev.add_argument("--address", help="Ray address: auto, HOST:PORT or ray://HOST:10001")
+    ev.add_argument("--rag", action="store_true", help="evaluate the retrieval index instead (index.eval: recall@k, "
+                    "MRR, answer faithfulness, latency -> eval/rag.json); exit 1 when registry.gates.min_recall_at_k "
+                    "or min_mrr fails")
     sv = verb("serve", "serve a registry version or a plain model: OpenAI-compatible Ray Serve endpoint (foreground)",
               "optional")
     sv.add_argument("--model", help="REF to serve (NAME@ALIAS or NAME/VERSION; default <registry.model_name>@production), "
@@ -220,8 +223,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from raylab.core import cluster
 
     path, overrides = _split(args, required=True)
+    if args.rag:
+        return _eval_rag(args, config.load(path, overrides))
     cluster.run_stage(evaluate.run_eval, config.load(path, overrides), args.address, model_ref=args.model,
                       input_path=args.input)
+    return 0
+
+
+def _eval_rag(args: argparse.Namespace, cfg) -> int:
+    """`eval --rag`: the index is searched in this process (no Ray needed), then the run's
+    retrieval gates are checked against the report just written, like `models evaluate`."""
+    from raylab import evaluate, rag
+    from raylab.errors import RunFailed
+
+    given = [flag for flag, value in (("--model", args.model), ("--input", args.input)) if value]
+    if given:
+        raise UserError(f"{' and '.join(given)} apply to the model evaluation, not --rag (which reads "
+                        "index.eval.questions)")
+    if cfg.index.eval is None:  # checked here too: before anything loads
+        raise UserError("--rag needs an index.eval section with at least `questions` (a JSONL of "
+                        '{"question": ..., "relevant": [...]} lines)')
+    print(rag.eval_table(rag.run_rag_eval(cfg)))
+    checks = evaluate.rag_checks(cfg.registry.gates, cfg.output_dir)
+    failed = [c for c in checks if not c["passed"]]
+    for c in checks:
+        print(f"gate {'pass' if c['passed'] else 'FAIL'}  {evaluate.describe(c)}")
+    if failed:  # a failed gate is a failed test run: exit 1, as `models evaluate`
+        raise RunFailed(f"{len(failed)} of {len(checks)} retrieval gate(s) failed (registry.gates): "
+                        + "; ".join(f"{c['gate']}: {c['message']}" for c in failed))
     return 0
 
 

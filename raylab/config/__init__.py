@@ -27,7 +27,7 @@ from raylab.config.data import (
 )
 from raylab.config.evaluate import EvalConfig
 from raylab.config.governance import AuditConfig, CardConfig, GovernanceConfig
-from raylab.config.index import AnnConfig, IndexConfig, RaftConfig
+from raylab.config.index import AnnConfig, IndexConfig, RaftConfig, RagEvalConfig
 from raylab.config.loading import (
     env_refs,
     load,
@@ -64,7 +64,7 @@ __all__ = [
     "CleanConfig", "CloudConfig", "ConfigError", "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
     "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",
-    "PlatformConfig", "PretrainConfig", "QUANTIZE_METHODS", "RaftConfig", "RayConfig", "RaylabConfig", "RefusalProbe",
+    "PlatformConfig", "PretrainConfig", "QUANTIZE_METHODS", "RaftConfig", "RagEvalConfig", "RayConfig", "RaylabConfig", "RefusalProbe",
     "RegistryConfig",
     "SearchDim", "Section", "ServeConfig", "Source", "SqlSource", "TrainConfig", "TuneConfig", "ValidationConfig",
     "env_refs", "expand_env", "load", "load_dict", "load_text", "parse_yaml", "read_suite", "read_yaml", "to_yaml", "write_resolved",

@@ -41,6 +41,20 @@ class RaftConfig(Section):
         return self
 
 
+class RagEvalConfig(Section):
+    """`raylab eval CONFIG --rag`: retrieval quality of the built index on labelled questions
+    (docs/retrieval.md, "Retrieval evaluation")."""
+
+    questions: PathOrUri = Field(
+        description="JSONL of {question, relevant: [key, ...], answer?}; a key matches a retrieved chunk by its "
+        "chunk_id, record_id or origin (origins and record ids survive re-chunking); answer: an answer to "
+        "check for faithfulness against the chunks retrieved for its question")
+    k: PositiveInt = Field(5, description="chunks retrieved per question: recall@k and MRR@k")
+    min_overlap: float = Field(
+        0.5, gt=0.0, le=1.0, description="an answer sentence is supported when one retrieved chunk holds at least "
+        "this share of its content words (stop words left out)")
+
+
 class IndexConfig(Section):
     """`raylab index`: the data stage's checks over the sources, then chunks embedded on a Ray
     Data actor pool into a LanceDB table; re-runs embed only chunks whose content is new."""
@@ -64,6 +78,7 @@ class IndexConfig(Section):
         None, ge=0, description="GPUs per embedder actor; default 1 when the cluster has GPUs, else 0")
     ann: AnnConfig = Field(default_factory=AnnConfig, description="the approximate vector index")
     raft: RaftConfig | None = Field(None, description="RAFT training examples written by `raylab index --raft OUT`")
+    eval: RagEvalConfig | None = Field(None, description="labelled questions for `raylab eval CONFIG --rag`")
 
     @model_validator(mode="after")
     def _overlap(self) -> IndexConfig:

@@ -126,6 +126,10 @@ class GatesConfig(Section):
                                       "personal data or secrets (raylab's detectors)")
     refusal: list[RefusalProbe] = Field(default_factory=list, description="prompts the model must refuse")
     latency: list[LatencyBudget] = Field(default_factory=list, description="speed budgets on the local engine")
+    min_recall_at_k: float | None = Field(
+        None, ge=0, le=1, description="retrieval recall@k (k = index.eval.k) at least this, from the run's "
+        "`raylab eval --rag` report")
+    min_mrr: float | None = Field(None, ge=0, le=1, description="retrieval MRR@k at least this (`raylab eval --rag`)")
     suites: list[str] = Field(default_factory=list, description="suite files (YAML, the keys of registry.gates), "
                               "read at load time and added to these gates; relative to the directory you run in")
     suites_read: list[str] = Field(default_factory=list, description="the suite files whose checks are included "
@@ -149,7 +153,7 @@ class GatesConfig(Section):
                 raise invalid(str(e), at=f"suites.{i}") from None
             for key in ("golden", "pii_probe", "refusal", "latency"):
                 merged[key] = list(merged.get(key) or []) + suite[key]
-            for key in ("max_val_loss", "max_perplexity", "max_regression"):
+            for key in ("max_val_loss", "max_perplexity", "max_regression", "min_recall_at_k", "min_mrr"):
                 if suite[key] is not None:
                     if merged.get(key) is not None and merged[key] != suite[key]:
                         raise invalid(f"{path}: {key} is {suite[key]}, the config says {merged[key]}: give it once",

@@ -16,7 +16,7 @@ a `Run` for its paths, so a reader finds the whole contract in one page.
                                           built for the corpus tokenizer, with pretrain.tokenizer)
     <output_dir>/tune/                    Ray Tune's run: trials/<id>/ (nested runs), results.json|csv,
                                           best.yaml, study.db, importance / partial dependence / slice
-    <output_dir>/eval/                    report.json, report.md, predictions.jsonl
+    <output_dir>/eval/                    report.json, report.md, predictions.jsonl, rag.json (`eval --rag`)
     <output_dir>/index/                   LanceDB tables (<table>.lance/), raylab_index.json
 
 `$RAYLAB_HOME` (default ~/.raylab) holds what outlives a run: materialised presets, the
@@ -53,7 +53,8 @@ TUNE_FILES = {"results": "results.json", "results_csv": "results.csv", "best": "
               "importance": "importance.json", "importance_png": "importance.png",
               "partial_dependence": "partial_dependence.json", "partial_dependence_png": "partial_dependence.png",
               "slice_png": "slice.png"}
-EVAL_FILES = {"report": "report.json", "report_md": "report.md", "predictions": "predictions.jsonl"}
+EVAL_FILES = {"report": "report.json", "report_md": "report.md", "predictions": "predictions.jsonl",
+              "rag": "rag.json"}  # rag: `raylab eval --rag`, the index's retrieval quality
 INDEX_MANIFEST = "raylab_index.json"
 FINAL_DIR = "final"  # the trained model inside a train run: train/final/
 DATASHEET_FILES = {"md": "datasheet.md", "json": "datasheet.json"}  # beside data/manifest.json
@@ -172,7 +173,7 @@ class Run:
         return _join(self.root, "eval")
 
     def eval_file(self, what: str) -> str:
-        """An evaluation output by what it holds (EVAL_FILES): report, report_md, predictions."""
+        """An evaluation output by what it holds (EVAL_FILES): report, report_md, predictions, rag."""
         return _join(self.eval, EVAL_FILES[what])
 
     # index stage (`raylab index`; index.directory may put it elsewhere)
@@ -416,6 +417,28 @@ class EvalReport(Output):
     models: dict[str, dict[str, float | int]]
     samples: list[dict[str, Any]]
     seconds: float
+
+
+class RagEvalReport(Output):
+    """eval/rag.json: `raylab eval --rag`, the index's retrieval quality on labelled questions
+    (raylab/rag/evaluate.py); the registry's min_recall_at_k / min_mrr gates read it."""
+
+    stage: str = "eval-rag"
+    created: str
+    index: str
+    model: str
+    questions: str
+    k: int
+    count: int
+    recall_at_k: float
+    mrr: float
+    faithfulness: float | None
+    answers: int
+    answer_sentences: int
+    supported_sentences: int
+    min_overlap: float
+    latency_ms: dict[str, float]
+    per_question: list[dict[str, Any]]
 
 
 M = TypeVar("M", bound=BaseModel)

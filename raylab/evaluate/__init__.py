@@ -19,8 +19,8 @@ from raylab.evaluate.batch import (
     run_eval,
     score,
 )
-from raylab.evaluate.gates import evaluate_version
-from raylab.evaluate.suites import junit, write_junit
+from raylab.evaluate.gates import evaluate_version, rag_checks
+from raylab.evaluate.suites import describe, junit, write_junit
 
-__all__ = ["answers", "evaluate_version", "held_out_items", "held_out_loss", "junit", "read_input", "run_eval", "score",
-           "write_junit"]
+__all__ = ["answers", "describe", "evaluate_version", "held_out_items", "held_out_loss", "junit", "rag_checks", "read_input",
+           "run_eval", "score", "write_junit"]

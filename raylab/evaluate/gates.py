@@ -13,6 +13,8 @@ registration (so editing a config later does not change what an old version had 
                                    regex, equal a text and/or be JSON valid under a schema
     pii_probe, refusal, latency    prompts whose answers must hold no personal data / must be
                                    refusals; a speed budget on the local engine (suites.py)
+    min_recall_at_k, min_mrr       retrieval quality of the run's index, read from the report
+                                   `raylab eval CONFIG --rag` wrote (<output_dir>/eval/rag.json)
     suites                         files with more of the above, read when the config is loaded
 
 Both versions are loaded through `registry.fetch`, so checksums are verified first. The
@@ -87,6 +89,7 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         checks += [suites_.judge(c, out) for c, out in zip(batch_cases, outputs, strict=True)]
     for budget in (b for g in every for b in g.latency):
         checks += suites_.latency_checks(budget, suites_.measure_latency(path, budget, max(1, int(cfg.eval.cpus_per_actor))))
+    checks += [c for g in every for c in rag_checks(g, cfg.output_dir)]
     failures = [c for c in checks if not c["passed"]]
     status = "failed" if failures else "passed"
     result = {"name": name, "version": version, "status": status, "checks": checks, "val_loss": measured["loss"],
@@ -108,6 +111,30 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         log.info("gates: none declared (registry.gates in the config): the version passes by default")
     log.info(f"gates: {name}/{version} {status.upper()}")
     return result
+
+
+def rag_checks(gates: GatesConfig, output_dir: str) -> list[dict]:
+    """min_recall_at_k / min_mrr against the run's `raylab eval --rag` report; with a gate set
+    and no report, the gate fails saying how to make one (retrieval is not measured here:
+    evaluate may not import rag, a sibling stage)."""
+    wanted = [(name, field, limit) for name, field, limit in (("min_recall_at_k", "recall_at_k", gates.min_recall_at_k),
+                                                               ("min_mrr", "mrr", gates.min_mrr)) if limit is not None]
+    if not wanted:
+        return []
+    location = runs.Run(output_dir).eval_file("rag")
+    if not storage.exists(location):
+        return [suites_.check(name, None, limit, False, f"no retrieval report at {location}: run `raylab eval CONFIG "
+                              "--rag` (index.eval: questions) first", name=name, suite="retrieval")
+                for name, _, limit in wanted]
+    report = runs.read_json(location, runs.RagEvalReport)
+    out, label = [], {"recall_at_k": f"recall@{report.k}", "mrr": f"MRR@{report.k}"}
+    for name, field, limit in wanted:
+        value = getattr(report, field)
+        out.append(suites_.check(name, value, limit, value >= limit,
+                                 f"{label[field]} {value:.4f} is under {limit:.4f} "
+                                 f"({report.count} questions in {report.questions})",
+                                 name=name, suite="retrieval", k=report.k, report=location))
+    return out
 
 
 def _training_probes(cfg: config.RaylabConfig, n: int) -> list[dict]:

@@ -187,6 +187,9 @@ def describe(c: dict) -> str:
         return f"{c['gate']} {c['prompt']!r:.60}: answer {c['value']!r:.80} {verdict}"
     if c["gate"] in ("latency", "throughput"):
         return f"{c['name']}: {c['value']} (budget {c['limit']})" + ("" if c["passed"] else f": {c['message']}")
+    if c["gate"] in ("min_recall_at_k", "min_mrr"):
+        return f"{c['gate']}: {c['message']}" if c["value"] is None or not c["passed"] else \
+            f"{c['gate']}: {c['value']:.4f} >= {c['limit']:.4f} (k={c['k']})"
     extra = f" (production v{c['production_version']}: {c['production_val_loss']:.4f})" if "production_version" in c else ""
     return f"{c['gate']}: {c['value']:.4f} <= {c['limit']:.4f}{extra}"
 

@@ -3,18 +3,21 @@
     from raylab.rag import run_index, search
     manifest = run_index(cfg)              # writes <index.directory>/ (default <output_dir>/index)
     hits = search(index_dir, "question", top_k=4)
+    report = run_rag_eval(cfg)             # index.eval questions -> <output_dir>/eval/rag.json
 
 Modules: stage (the Ray Data pipeline, `run_index`), chunking (chunks in the embedder's
 tokens, stable ids), embedder (the sentence-transformers model and its Ray Data actor), store
 (LanceDB: parallel append, delete, IVF-PQ), search (queries), prompt (the retrieval prompt
-format), raft (RAFT training examples: `raylab index --raft OUT.jsonl`). Needs the `rag` extra:
+format), raft (RAFT training examples: `raylab index --raft OUT.jsonl`), evaluate (recall@k, MRR,
+faithfulness and latency on labelled questions: `raylab eval CONFIG --rag`). Needs the `rag` extra:
 pip install 'raylab[rag]'.
 """
 
 from __future__ import annotations
 
+from raylab.rag.evaluate import eval_table, run_rag_eval
 from raylab.rag.raft import run_raft
 from raylab.rag.search import search
 from raylab.rag.stage import index_directory, run_index
 
-__all__ = ["index_directory", "run_index", "run_raft", "search"]
+__all__ = ["eval_table", "index_directory", "run_index", "run_raft", "run_rag_eval", "search"]

@@ -114,6 +114,53 @@ def test_held_out_sentences_retrieve_their_document(built):
     assert control / QUERIES <= 0.3, f"rotated labels still 'found' {control}/{QUERIES}: the check proves nothing"
 
 
+def test_eval_rag_scores_labelled_questions_and_gates_the_exit_code(built, tmp_path, capsys):
+    """`raylab eval --rag` on the held-out sentences labelled with their document's origin,
+    against the same questions with rotated labels; faithfulness of an answer made of a
+    retrieved chunk's sentences (1.0) and of a made-up one (0)."""
+    from raylab.rag import evaluate, search
+
+    origin = f"{built['corpus']}:{{}}"
+    made_up = "Zebrafish accountants reconcile quarterly lighthouse ledgers. Purple tugboats audit the glaciers."
+    first_q = built["queries"][0][0]
+    top = search(str(built["index"]), first_q, top_k=TOP_K)[0]["text"]
+    grounded = " ".join(evaluate.sentences(top)[:3])
+
+    def questions(name: str, shift: int) -> str:
+        labels = [i for _, i in built["queries"][shift:] + built["queries"][:shift]]
+        lines = [{"question": q, "relevant": [origin.format(i + 1)]} for (q, _), i in zip(built["queries"], labels,
+                                                                                         strict=True)]
+        lines[0]["answer"], lines[1]["answer"] = grounded, made_up
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        return str(path)
+
+    def run(name: str, shift: int) -> tuple[int, dict]:
+        raw = index_config(tmp_path / name, built["corpus"], directory=str(built["index"]),
+                           eval={"questions": questions(f"{name}.jsonl", shift), "k": TOP_K})
+        raw["registry"] = {"gates": {"min_recall_at_k": 0.8}}
+        cfg_file = tmp_path / f"{name}.yaml"
+        cfg_file.write_text(json.dumps(raw))
+        code = main(["eval", str(cfg_file), "--rag"])
+        return code, json.loads((tmp_path / name / "eval" / "rag.json").read_text())
+
+    code, report = run("labelled", 0)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert report["count"] == QUERIES and report["k"] == TOP_K
+    assert report["recall_at_k"] >= 0.8 and report["mrr"] > 0, report
+    assert f"recall@{TOP_K}" in out and "gate pass  min_recall_at_k" in out
+    per = report["per_question"]
+    assert per[0]["faithfulness"] == 1.0 and per[1]["faithfulness"] == 0.0, per[:2]
+    assert report["answers"] == 2 and 0 < report["faithfulness"] < 1
+    assert report["latency_ms"]["p95"] >= report["latency_ms"]["p50"] > 0  # measured, never a budget
+    # control: the same retrievals scored against another question's document
+    code, rotated = run("rotated", 1)
+    assert rotated["recall_at_k"] <= 0.3 and rotated["mrr"] < report["mrr"], rotated
+    assert code == 1, "the min_recall_at_k gate fails the command"
+    assert "min_recall_at_k" in capsys.readouterr().err
+
+
 def test_raft_examples_hold_the_oracle_in_p_of_cases_and_k_distractors(built, tmp_path):
     """RAFT from the built index: answers are sentences still in the indexed documents, so
     each oracle must come from its answer's document; a pair no chunk supports is skipped

@@ -23,15 +23,6 @@ MARKED = list(range(30, 38))  # one of these per sequence: the token to copy
 PAD = 0  # the byte tokenizer's pad: the baseline ("absent") token
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matrices: several threads on a shared 2-core machine only contend
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return models.build_byte_tokenizer()

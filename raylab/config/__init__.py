@@ -5,7 +5,7 @@
     cfg.train.lr, cfg.data.sources[0].path, cfg.run_name
 
 Sections (a file each): ray, data, model, train (+ pretrain), tune, registry, eval, serve, index,
-optimize, platform; `load` reads YAML and applies overrides (load.py, overrides.py); `report` turns validation
+optimize, explain, platform; `load` reads YAML and applies overrides (load.py, overrides.py); `report` turns validation
 errors into lines a user can act on; `docs` renders docs/config.md. This package imports no
 stage: every stage imports it.
 """
@@ -26,6 +26,7 @@ from raylab.config.data import (
     ValidationConfig,
 )
 from raylab.config.evaluate import EvalConfig
+from raylab.config.explain import EXPLAIN_METHODS, ExplainConfig
 from raylab.config.governance import AuditConfig, CardConfig, GovernanceConfig
 from raylab.config.index import AnnConfig, IndexConfig, RaftConfig, RagEvalConfig
 from raylab.config.loading import (
@@ -62,6 +63,7 @@ from raylab.errors import ConfigError
 __all__ = [
     "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
     "CleanConfig", "CloudConfig", "ConfigError", "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig",
+    "EXPLAIN_METHODS", "ExplainConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
     "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",
     "PlatformConfig", "PretrainConfig", "QUANTIZE_METHODS", "RaftConfig", "RagEvalConfig", "RayConfig", "RaylabConfig", "RefusalProbe",

@@ -8,6 +8,7 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from raylab.config.data import DataConfig
 from raylab.config.evaluate import EvalConfig
+from raylab.config.explain import ExplainConfig
 from raylab.config.governance import GovernanceConfig
 from raylab.config.index import IndexConfig
 from raylab.config.model import ModelConfig
@@ -45,6 +46,8 @@ class RaylabConfig(Section):
                                description="`raylab index`: documents chunked and embedded for retrieval")
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig,
                                      description="`raylab optimize`: quantised versions derived from a registered one")
+    explain: ExplainConfig = Field(default_factory=ExplainConfig,
+                                   description="`raylab explain`: token attributions of a registered version")
     platform: PlatformConfig = Field(default_factory=PlatformConfig,
                                      description="the cluster and CI pipeline `raylab render` writes files for")
 

@@ -1,0 +1,54 @@
+"""`raylab explain CONFIG --model REF --prompt TEXT`: token attributions of a version's answer.
+
+    raylab explain configs/quickstart.yaml --model acme-assistant/3 --prompt "How do I reset my VPN token?"
+    raylab explain configs/quickstart.yaml --model acme-assistant/3 --messages '[{"role": "user", "content": "Hi"}]' \
+        --target "Hello." --method shapley_sampling --samples 50 --json
+    raylab explain configs/quickstart.yaml --model acme-assistant/3 --prompt "..." --html why.html
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from raylab.cli.common import split
+
+
+def add_parsers(sub) -> dict:
+    """Add `raylab explain`; return {verb: command}."""
+    help_ = "attribute each token of a version's answer to the prompt's tokens (captum)"
+    e = sub.add_parser("explain", help=help_, description=help_)
+    e.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]", help="config file (required) then overrides")
+    e.add_argument("--config", "-c", help="the config file (instead of the positional CONFIG)")
+    e.add_argument("--model", required=True, metavar="REF", help="NAME/VERSION, NAME@ALIAS, a final/ directory or hub id")
+    e.add_argument("--prompt", metavar="TEXT", help="a user message (rendered with the chat template)")
+    e.add_argument("--messages", metavar="JSON", help="chat messages as a JSON list of {role, content}")
+    e.add_argument("--completion", action="store_true", help="--prompt is plain text to continue (no chat template)")
+    e.add_argument("--target", metavar="TEXT", help="the answer to explain (default: the model's greedy answer)")
+    e.add_argument("--method", help="integrated_gradients | feature_ablation | shapley_sampling (default: explain.method)")
+    e.add_argument("--n-steps", type=int, help="integrated gradients' steps (default: explain.n_steps)")
+    e.add_argument("--samples", type=int, help="shapley_sampling's permutations (default: explain.samples)")
+    e.add_argument("--top", type=int, default=3, metavar="K", help="input tokens listed per output token (default 3)")
+    e.add_argument("--html", metavar="OUT.html", help="also write the tokens coloured by attribution to this file")
+    e.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    return {"explain": cmd_explain}
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import json
+
+    from raylab import config
+    from raylab.errors import UserError
+    from raylab.explain import run_explain, summary
+
+    path, overrides = split(args, required=True)
+    messages = None
+    if args.messages is not None:
+        try:
+            messages = json.loads(args.messages)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--messages: not JSON ({e.msg} at character {e.pos})") from None
+    result = run_explain(config.load(path, overrides), args.model, args.prompt, args.target, args.method,
+                         messages=messages, completion=args.completion, n_steps=args.n_steps, samples=args.samples,
+                         html=args.html)
+    print(json.dumps(result, indent=2) if args.json else summary(result, k=args.top))
+    return 0

@@ -1,0 +1,39 @@
+"""The `explain:` section: limits and defaults of `raylab explain CONFIG --model REF --prompt ...`
+(token attributions for a registered version, docs/explain.md).
+
+    explain:
+      method: integrated_gradients   # feature_ablation | shapley_sampling
+      n_steps: 64                    # integrated gradients: points on the path from the baseline
+      samples: 25                    # shapley_sampling: random feature orders
+      max_prompt_tokens: 256         # beyond it: exit 2 naming this key
+      max_target_tokens: 32          # also the length of the greedy answer explained by default
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from raylab.config.types import PositiveInt, Section
+
+EXPLAIN_METHODS = ("integrated_gradients", "feature_ablation", "shapley_sampling")
+
+
+class ExplainConfig(Section):
+    """`raylab explain`: which input tokens each output token's log-probability came from."""
+
+    method: Literal["integrated_gradients", "feature_ablation", "shapley_sampling"] = Field(
+        "integrated_gradients", description="integrated_gradients (captum LayerIntegratedGradients on the input "
+        "embeddings, per output token, with its convergence delta), feature_ablation (each input token replaced "
+        "by the baseline token, one at a time) or shapley_sampling (Shapley values over random token orders)")
+    n_steps: PositiveInt = Field(64, description="integrated_gradients: steps of the Riemann sum from the "
+                                 "baseline to the input; more steps, smaller convergence delta")
+    samples: PositiveInt = Field(25, description="shapley_sampling: random permutations of the input tokens")
+    baseline: Literal["pad", "unk", "eos"] = Field(
+        "pad", description="the token that stands for 'absent': integrated gradients start from its embedding at "
+        "every prompt position; the perturbation methods put it in place of the tokens they remove")
+    max_prompt_tokens: PositiveInt = Field(256, description="the longest rendered prompt explained (tokens, chat "
+                                           "template included); cost grows with it")
+    max_target_tokens: PositiveInt = Field(32, description="the longest target explained (tokens); also the length "
+                                           "of the greedy answer generated when no target is given")

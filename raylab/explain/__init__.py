@@ -1,0 +1,21 @@
+"""The explain stage: which prompt tokens a registered version's answer came from (token
+attributions with captum; docs/explain.md). `POST /v1/explain` is not built yet.
+
+    raylab explain configs/quickstart.yaml --model acme-assistant/3 --prompt "How do I reset my VPN token?"
+
+    from raylab.explain import run_explain
+    run_explain(cfg, "acme-assistant/3", "How do I reset my VPN token?", method="feature_ablation")
+    # -> {"input_tokens", "output_tokens", "attributions" [output x input], "input_totals", ...}
+
+Modules: stage (the verb: checks, load, prompt and target, result), attribute (captum:
+integrated gradients per output token with its delta, feature ablation and Shapley
+sampling through LLMAttribution), render (the text summary and the HTML view).
+Needs the `explain` extra (captum): pip install 'raylab[explain]'.
+"""
+
+from __future__ import annotations
+
+from raylab.explain.render import summary
+from raylab.explain.stage import explain_ids, run_explain
+
+__all__ = ["explain_ids", "run_explain", "summary"]

@@ -40,6 +40,7 @@ from raylab.errors import UserError
 
 # Files inside a model directory (train/final/, a registry version, an export).
 TRAIN_META = "raylab_train.json"
+PRESET_MARKER = "raylab_preset.json"  # in a preset raylab built (random weights): which preset, which version
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
 # Ray Train and Ray Tune name their runs inside <output_dir> (RunConfig(name=, storage_path=)).

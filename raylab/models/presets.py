@@ -120,7 +120,7 @@ def build_base(preset: str, tokenizer_dir: str, target: str) -> str:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     stamp = json.dumps({"preset": preset, "version": PRESET_VERSION, "vocab": _sha(json.dumps(sorted(tok.get_vocab().items()))),
                         "template": _sha(tok.chat_template or "")})
-    marker = runs.model_file(target, "raylab_preset.json")
+    marker = runs.model_file(target, runs.PRESET_MARKER)
     if storage.exists(marker) and storage.read_text(marker) == stamp:
         return target
     with tempfile.TemporaryDirectory(prefix="raylab-base-") as staging:
@@ -158,7 +158,7 @@ def materialize_preset(name: str) -> Path:
     if name not in PRESETS:
         raise UserError(f"model.name_or_path: unknown preset {name!r}; expected one of: {', '.join('preset:' + p for p in PRESETS)}")
     target = runs.home().preset(name)
-    marker = target / "raylab_preset.json"
+    marker = target / runs.PRESET_MARKER
     stamp = {"preset": name, "version": PRESET_VERSION, "template": _sha(DEFAULT_CHAT_TEMPLATE)}
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return target

@@ -72,18 +72,26 @@ def base_parameters(cfg: RaylabConfig, base_path: str | None) -> tuple[int | Non
     return None, UNKNOWN
 
 
-def _pretrain_meta(cfg: RaylabConfig) -> runs.TrainMeta | None:
-    """With `pretrain.tokenizer` the base was built with random weights and pre-trained by
-    this run: its whole pre-training is recorded in the pretrain run's TrainMeta."""
-    if cfg.pretrain is None or cfg.pretrain.tokenizer is None:
-        return None
-    location = runs.Run(cfg.output_dir).pretrain.train_meta
-    return runs.read_json(location, runs.TrainMeta) if storage.exists(location) else None
+def _pretrain_meta(cfg: RaylabConfig, base_path: str | None = None) -> runs.TrainMeta | None:
+    """The base's whole pre-training, when raylab did it from random weights: with
+    `pretrain.tokenizer`, the pretrain run's TrainMeta; when the base is a model raylab trained
+    (its TrainMeta beside it) from a preset raylab built with random weights (the preset's
+    marker beside that), the base's own TrainMeta. The second is how a sweep's trials see the
+    quickstart's pre-trained base: their configs name it by path, with no pretrain section."""
+    if cfg.pretrain is not None and cfg.pretrain.tokenizer is not None:
+        location = runs.Run(cfg.output_dir).pretrain.train_meta
+        return runs.read_json(location, runs.TrainMeta) if storage.exists(location) else None
+    if base_path and storage.exists(runs.model_file(base_path, runs.TRAIN_META)):
+        meta = runs.read_json(runs.model_file(base_path, runs.TRAIN_META), runs.TrainMeta)
+        if meta.base_model_path and storage.exists(runs.model_file(meta.base_model_path, runs.PRESET_MARKER)):
+            return meta
+    return None
 
 
-def eu_ai_act(cfg: RaylabConfig, fine_tune_flops: float, n_base: int | None) -> dict[str, Any]:
+def eu_ai_act(cfg: RaylabConfig, fine_tune_flops: float, n_base: int | None, base_path: str | None = None
+              ) -> dict[str, Any]:
     """The fine-tune's compute against one third of the base's estimated pre-training compute."""
-    pre = _pretrain_meta(cfg)
+    pre = _pretrain_meta(cfg, base_path)
     tokens = cfg.governance.card.base_pretraining_tokens
     if pre is not None:
         base_flops: float | None = pre.estimated_training_flops
@@ -162,7 +170,7 @@ def build(cfg: RaylabConfig, meta: dict, manifest: runs.DataManifest | None, *, 
     seconds = float(meta.get("train_seconds") or 0.0)
     gpus = cfg.train.gpus_per_worker
     base = meta.get("base_model") or cfg.model.name_or_path
-    pretrained = cfg.pretrain is not None and cfg.pretrain.tokenizer is not None
+    pretrained = _pretrain_meta(cfg, meta.get("base_model_path")) is not None
     preset = "pretrained" if pretrained else ("preset" if base.startswith("preset:") else None)
     licence = card.license or (cfg_license() if preset else UNKNOWN)
     return {
@@ -190,7 +198,7 @@ def build(cfg: RaylabConfig, meta: dict, manifest: runs.DataManifest | None, *, 
                     "wall_seconds": seconds, "device_seconds": round(seconds * world * (gpus if gpus > 0 else 1), 1),
                     "device_type": f"GPU ({gpus:g} per worker)" if gpus > 0 else "CPU",
                     "workers": world},
-        "eu_ai_act": eu_ai_act(cfg, flops, n_base),
+        "eu_ai_act": eu_ai_act(cfg, flops, n_base, meta.get("base_model_path")),
         "extra_sections": {},
     }
 

@@ -166,3 +166,28 @@ def test_a_base_pretrained_by_the_run_takes_its_compute_from_the_pretrain_stage(
     eu = card["eu_ai_act"]
     assert eu["base_pretraining_flops"] == 3.0e12 and eu["exceeds_threshold"] is True  # 2e12 > 1e12
     assert "300,000,000,000 tokens" in eu["basis"] and card["base_model"]["built_by_raylab"] == "pretrained"
+
+
+def test_a_sweep_trial_on_the_pretrained_base_finds_its_pretraining_beside_the_base(tmp_path):
+    """A sweep's trials name the pre-trained base by path, with no pretrain section (what the
+    quickstart registers): the base's own TrainMeta, over a preset raylab built with random
+    weights, is its whole pre-training. Without the preset's marker it is not (negative control)."""
+    preset, final = tmp_path / "pretrain" / "base", tmp_path / "pretrain" / "train" / "final"
+    storage.write_text(runs.model_file(str(preset), runs.PRESET_MARKER), "{}")
+    pre = runs.TrainMeta.model_validate(META | {
+        "identity": "p", "base_model_path": str(preset), "epochs_started": 1, "stopped_early": False,
+        "replica_digests": [], "worker_nodes": [], "resumed_at_steps": [], "flops_per_token": 10.0,
+        "estimated_training_flops": 3.0e12, "trained_tokens": 300_000_000_000, "flops_formula": "4N",
+        "best_checkpoint": None, "latest_checkpoint": "c", "train_seconds": 1.0, "created": "t"})
+    runs.write_json(runs.model_file(str(final), runs.TRAIN_META), pre)
+    cfg = card_cfg(tmp_path)
+    assert cfg.pretrain is None
+    card = cards.build(cfg, META | {"estimated_training_flops": 2.0e11, "base_model": str(final), "base_model_path": str(final)}, None,
+                       name="w", version=1, run_id="r")
+    assert card["eu_ai_act"]["base_pretraining_flops"] == 3.0e12 and card["eu_ai_act"]["exceeds_threshold"] is False
+    assert card["base_model"]["built_by_raylab"] == "pretrained" and card["license"]["id"] != cards.UNKNOWN
+
+    (preset / runs.PRESET_MARKER).unlink()  # a base trained by raylab from someone's weights: its pre-training is not known
+    other = cards.build(cfg, META | {"estimated_training_flops": 2.0e11, "base_model": str(final), "base_model_path": str(final)}, None,
+                        name="w", version=1, run_id="r")
+    assert other["eu_ai_act"]["base_pretraining_flops"] is None and other["base_model"]["built_by_raylab"] is None

@@ -105,9 +105,9 @@ def run_optimize(cfg: RaylabConfig, model_ref: str, store: registry.Store | None
                     "raylab.float_weight_bytes": str(float_bytes), "raylab.parameters": str(parameters)}
         mv = registry.register_derived(store, parent, out, derivation=derivation, tags=measured,
                                        params={"optimize." + k: str(v) for k, v in opt.model_dump().items()},
-                                       output_dir=cfg.output_dir)
-    registry.add_card_section(store, mv.name, int(mv.version), "Quantisation", card_section(
-        parent_ref, opt.quantize, opt.include_embeddings, done, drift, size, float_bytes, device))
+                                       output_dir=cfg.output_dir, card_sections={"Quantisation": card_section(
+                                           parent_ref, opt.quantize, opt.include_embeddings, done, drift, size,
+                                           float_bytes, device)})
     log.info(f"optimize: registered {mv.name}/{mv.version} ({size / 1e6:.2f} MB on disk, {parameters} parameters, "
              f"float weights {float_bytes / 1e6:.2f} MB) from {parent_ref}")
     return {"name": mv.name, "version": int(mv.version), "derived_from": parent_ref, "method": opt.quantize,

@@ -30,16 +30,15 @@ labelled question set says it should.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import math
 import re
 import time
 
 from raylab.config import RaylabConfig
-from raylab.core import runs, storage
+from raylab.core import runs
 from raylab.errors import UserError
-from raylab.rag import embedder, store
+from raylab.rag import embedder, jsonl, store
 from raylab.rag.search import open_index
 from raylab.rag.stage import index_directory
 
@@ -111,17 +110,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def read_questions(location: str) -> list[dict]:
     """The labelled questions, or exit 2 naming the file and line of the first bad one."""
-    if not storage.exists(location):
-        raise UserError(f"{KEY}: {location} does not exist; give a JSONL file of "
-                        '{"question": ..., "relevant": [chunk_id, record_id or origin, ...]} lines')
     out = []
-    for n, line in enumerate(storage.read_text(location).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{KEY}: {location}:{n} is not JSON ({e.msg})") from None
+    for n, row in jsonl.objects(location, KEY, '{"question": ..., "relevant": [chunk_id, record_id or origin, ...]}',
+                                "questions"):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
             raise UserError(f"{KEY}: {location}:{n} needs a non-empty string field 'question'")
         relevant = row.get("relevant")
@@ -131,8 +122,6 @@ def read_questions(location: str) -> list[dict]:
         if "answer" in row and not isinstance(row["answer"], str):
             raise UserError(f"{KEY}: {location}:{n}: 'answer' must be a string")
         out.append({**row, "line": n})
-    if not out:
-        raise UserError(f"{KEY}: {location} holds no questions")
     return out
 
 

@@ -35,7 +35,7 @@ import re
 from raylab.config import RaylabConfig
 from raylab.core import storage
 from raylab.errors import UserError
-from raylab.rag import embedder, prompt, store
+from raylab.rag import embedder, jsonl, prompt, store
 from raylab.rag.search import open_index
 from raylab.rag.stage import index_directory
 
@@ -65,17 +65,9 @@ def supporting_sentence(text: str, answer: str) -> str:
 
 def read_pairs(location: str) -> list[dict]:
     """The question/answer pairs, or exit 2 naming the file and line of the first bad one."""
-    if not storage.exists(location):
-        raise UserError(f"index.raft.questions: {location} does not exist; give a JSONL file of "
-                        '{"question": ..., "answer": ...} lines')
     pairs = []
-    for n, line in enumerate(storage.read_text(location).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"index.raft.questions: {location}:{n} is not JSON ({e.msg})") from None
+    for n, row in jsonl.objects(location, "index.raft.questions", '{"question": ..., "answer": ...}',
+                                "question/answer pairs"):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
                                                 for k in ("question", "answer")):
             raise UserError(f"index.raft.questions: {location}:{n} needs non-empty string fields 'question' and "
@@ -83,8 +75,6 @@ def read_pairs(location: str) -> list[dict]:
         if "chunk_id" in row and not isinstance(row["chunk_id"], str):
             raise UserError(f"index.raft.questions: {location}:{n}: chunk_id must be a string")
         pairs.append({**row, "line": n})
-    if not pairs:
-        raise UserError(f"index.raft.questions: {location} holds no question/answer pairs")
     return pairs
 
 

@@ -88,10 +88,10 @@ def _pretrain_meta(cfg: RaylabConfig, base_path: str | None = None) -> runs.Trai
     return None
 
 
-def eu_ai_act(cfg: RaylabConfig, fine_tune_flops: float, n_base: int | None, base_path: str | None = None
+def eu_ai_act(cfg: RaylabConfig, fine_tune_flops: float, n_base: int | None, pre: runs.TrainMeta | None
               ) -> dict[str, Any]:
-    """The fine-tune's compute against one third of the base's estimated pre-training compute."""
-    pre = _pretrain_meta(cfg, base_path)
+    """The fine-tune's compute against one third of the base's estimated pre-training compute
+    (`pre`: the base's whole pre-training when raylab did it, `_pretrain_meta`)."""
     tokens = cfg.governance.card.base_pretraining_tokens
     if pre is not None:
         base_flops: float | None = pre.estimated_training_flops
@@ -170,7 +170,8 @@ def build(cfg: RaylabConfig, meta: dict, manifest: runs.DataManifest | None, *, 
     seconds = float(meta.get("train_seconds") or 0.0)
     gpus = cfg.train.gpus_per_worker
     base = meta.get("base_model") or cfg.model.name_or_path
-    pretrained = _pretrain_meta(cfg, meta.get("base_model_path")) is not None
+    pre = _pretrain_meta(cfg, meta.get("base_model_path"))
+    pretrained = pre is not None
     preset = "pretrained" if pretrained else ("preset" if base.startswith("preset:") else None)
     licence = card.license or (cfg_license() if preset else UNKNOWN)
     return {
@@ -198,7 +199,7 @@ def build(cfg: RaylabConfig, meta: dict, manifest: runs.DataManifest | None, *, 
                     "wall_seconds": seconds, "device_seconds": round(seconds * world * (gpus if gpus > 0 else 1), 1),
                     "device_type": f"GPU ({gpus:g} per worker)" if gpus > 0 else "CPU",
                     "workers": world},
-        "eu_ai_act": eu_ai_act(cfg, flops, n_base, meta.get("base_model_path")),
+        "eu_ai_act": eu_ai_act(cfg, flops, n_base, pre),
         "extra_sections": {},
     }
 
@@ -423,14 +424,15 @@ def at_registration(store, cfg: RaylabConfig, mv, meta: dict, tuned: dict[str, A
     log(store, mv.run_id, with_gates(card, dict(mv.tags)))
 
 
-def at_derivation(store, parent, mv, derivation: str) -> None:
+def at_derivation(store, parent, mv, derivation: str, sections: dict[str, str]) -> None:
     """The card of a version made from `parent` (`raylab optimize`): the parent's facts (its
     base, data, training and compute are this version's too), named for the new version, with
-    its own gates; the method adds its section with `add_section`."""
+    its own gates and the method's `sections` ({title: markdown}) after the parent's."""
     card = card_for(store, parent) | {"name": mv.name, "version": int(mv.version), "run_id": mv.run_id,
                                       "stage": mv.tags.get("raylab.stage", "optimize"),
                                       "note": f"{derivation} of {parent.name}/{parent.version}: base, data, training "
                                               "and compute below are the parent's."}
+    card["extra_sections"] = {**card.get("extra_sections", {}), **sections}
     log(store, mv.run_id, with_gates(card, dict(mv.tags)))
 
 

@@ -193,12 +193,13 @@ def track_sweep(cfg: RaylabConfig, summary: dict) -> dict:
 
 
 def register_derived(store: Store, parent, local_dir: str, *, derivation: str, tags: dict[str, str],
-                     params: dict[str, str], output_dir: str):
+                     params: dict[str, str], output_dir: str, card_sections: dict[str, str]):
     """A new version of `parent`'s model (a ModelVersion) from a directory made out of it
     (`raylab optimize`): its own MLflow run in the model's experiment, the parent's lineage
     tags carried over (base model, data manifest, erasures: the data it came from is the
     parent's), `raylab.derived_from` NAME/VERSION and `raylab.derivation` (e.g.
-    quantize:int8_weight_only), checksums, and `tags`. Idempotent: the same derivation
+    quantize:int8_weight_only), checksums, and `tags`; its model card is the parent's plus
+    `card_sections` ({title: markdown}: what the method did), written once. Idempotent: the same derivation
     (`derivation` and `params`) of the same parent finds the version registered before (keyed
     on those, not on the files: safetensors headers from one model need not be byte-equal)."""
     from raylab.core import events
@@ -228,6 +229,6 @@ def register_derived(store: Store, parent, local_dir: str, *, derivation: str, t
                                            description=f"{derivation} of {parent_ref}")
     events.emit("registry.register", run=output_dir, model=name, version=mv.version, run_id=run_id, stage="optimize",
                 derived_from=parent_ref, derivation=derivation)
-    cards.at_derivation(store, parent, mv, derivation)
+    cards.at_derivation(store, parent, mv, derivation, card_sections)
     log.info(f"registry: {name}/{mv.version} = {derivation} of {parent_ref} ({redact_url(store.uri)})")
     return mv

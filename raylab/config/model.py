@@ -34,7 +34,9 @@ class ModelConfig(Section):
     name_or_path: ModelRef = Field(description="a hub id, a local directory or preset:NAME")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="weights dtype when loaded")
-    attn_implementation: Literal["eager", "sdpa"] | None = Field(None, description="attention kernel; default: the model's own")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = Field(
+        None, description="attention kernel; default: the model's own. flash_attention_2 needs a GPU and flash-attn; "
+                          "flex_attention trains only on GPUs (torch has no backward for it on CPU)")
     trust_remote_code: bool = Field(False, description="allow the model's own Python code from the hub")
     chat_template: PathOrUri | None = Field(None, description="a Jinja file replacing the tokenizer's template")
     method: Literal["lora", "dora", "full", "hybrid", "qlora"] = Field(

@@ -36,6 +36,7 @@ def training_problems(cfg: ModelConfig, seq_len: int, gpus_per_worker: float) ->
                             "set train.gpus_per_worker (on a GPU cluster) or use method: lora")
         elif importlib.util.find_spec("bitsandbytes") is None:
             problems.append("model.method=qlora needs the bitsandbytes package: pip install bitsandbytes")
+    problems += _attention_problems(cfg, gpus_per_worker)
     if cfg.method != "full":
         names = [n for n, _ in skeleton(cfg, config).named_modules() if n]
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -45,6 +46,23 @@ def training_problems(cfg: ModelConfig, seq_len: int, gpus_per_worker: float) ->
             if missing:
                 problems.append(f"{key}: the model has no module named {missing}; its module names include {leaves[:30]}")
     return problems
+
+
+def _attention_problems(cfg: ModelConfig, gpus_per_worker: float) -> list[str]:
+    import importlib.util
+
+    impl = cfg.attn_implementation
+    if impl == "flash_attention_2":
+        if gpus_per_worker <= 0:
+            return ["model.attn_implementation=flash_attention_2 runs only on CUDA GPUs; set train.gpus_per_worker "
+                    "(on a GPU cluster) or use sdpa"]
+        if importlib.util.find_spec("flash_attn") is None:
+            return ["model.attn_implementation=flash_attention_2 needs the flash-attn package: pip install flash-attn"]
+    if impl == "flex_attention" and gpus_per_worker <= 0:
+        # torch 2.13 raises "FlexAttention does not support backward on CPU" at the first step.
+        return ["model.attn_implementation=flex_attention has no backward pass on CPU in torch; set "
+                "train.gpus_per_worker (on a GPU cluster) or use sdpa"]
+    return []
 
 
 def apply_method(model, cfg: ModelConfig):

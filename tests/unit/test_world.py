@@ -41,6 +41,8 @@ CASES = [
     (["model.name_or_path=/nonexistent/model"], "model.name_or_path: local directory /nonexistent/model does not exist", ""),
     (["model.name_or_path=acme-nobody/not-a-model"], "model.name_or_path: could not load 'acme-nobody/not-a-model'", ""),
     (["model.method=qlora"], "model.method=qlora", "needs a GPU"),
+    (["model.attn_implementation=flash_attention_2"], "model.attn_implementation=flash_attention_2", "only on CUDA"),
+    (["model.attn_implementation=flex_attention"], "model.attn_implementation=flex_attention", "no backward pass on CPU"),
     (["data.max_seq_len=100000"], "data.max_seq_len=100000 is beyond the model's 1024 positions", ""),
     (["model.lora.target_modules=[q_proj,query_key_value]"], "model.lora.target_modules: the model has no module named "
      "['query_key_value']", "q_proj"),

@@ -57,24 +57,69 @@ def test_packed_loss_equals_each_document_alone(tok, impl, preset):
         alone_targets += len(d) - 1
     assert sums.targets == alone_targets
     assert sums.loss.item() / sums.targets == pytest.approx(alone_loss / alone_targets, rel=1e-5)
-    # the same at the logit level, and the check has teeth: with a plain causal mask the
-    # later documents of a row see the earlier ones, and their logits move far more
-    attn = loss.block_causal_mask(packed["segment_ids"], impl, torch.float32)
+    # the same at the logit level, for both ways a packed row reaches the model (positions
+    # only, as transformers' own architectures take it, and the explicit block mask a model
+    # with its own code gets), and the check has teeth: positions that run on across the
+    # row's documents (no restart) leave a plain causal mask, and the later documents of a
+    # row see the earlier ones, so their logits move far more
+    assert loss.packs_by_positions(lm)
     ids, pos = packed["input_ids"].long(), packed["position_ids"].long()
-    masked = lm(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-    plain = lm(input_ids=ids, position_ids=pos).logits
-    seg = packed["segment_ids"]
-    err_masked = err_plain = 0.0
+    attn = loss.block_causal_mask(packed["segment_ids"], impl, torch.float32)
+    by_positions = loss.forward(lm, packed, impl).logits
+    masked = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+    running = torch.arange(ids.shape[1]).expand_as(ids)
+    plain = lm(input_ids=ids, position_ids=running, use_cache=False).logits
+    err = _error_against_alone(lm, packed, {"positions": by_positions, "masked": masked, "plain": plain})
+    assert err["positions"] < 1e-5 and err["masked"] < 1e-5
+    assert err["plain"] > 100 * max(err["positions"], err["masked"], 1e-7)
+
+
+def _error_against_alone(lm, packed, outputs: dict) -> dict:
+    """The largest logit difference between each document in its packed row and alone."""
+    ids, seg = packed["input_ids"].long(), packed["segment_ids"]
+    err = dict.fromkeys(outputs, 0.0)
     for r in range(ids.shape[0]):
         for s_id in seg[r].unique().tolist():
             if s_id == 0:
                 continue
             where = (seg[r] == s_id).nonzero().squeeze(1)
             alone = lm(input_ids=ids[r, where][None]).logits[0]
-            err_masked = max(err_masked, (masked[r, where] - alone).abs().max().item())
-            err_plain = max(err_plain, (plain[r, where] - alone).abs().max().item())
-    assert err_masked < 1e-5
-    assert err_plain > 100 * max(err_masked, 1e-7)
+            for name, logits in outputs.items():
+                err[name] = max(err[name], (logits[r, where] - alone).abs().max().item())
+    return err
+
+
+def test_a_model_with_its_own_code_gets_the_explicit_block_mask(tok):
+    """A model class from outside transformers (what `trust_remote_code` loads) may not read
+    packed positions; forward gives it the block mask, built here, and the result still
+    equals each document alone. The control: the same model class from transformers takes
+    the positions-only path."""
+    import transformers
+
+    base = model.build_tiny_model("tiny-llama", tok, seed=3).eval()
+    own_code = type("RemoteLlama", (type(base),), {"__module__": "transformers_modules.acme.modeling"})
+    remote = own_code(base.config).eval()
+    remote.load_state_dict(base.state_dict())
+    assert isinstance(base, transformers.LlamaForCausalLM) and loss.packs_by_positions(base)
+    assert not loss.packs_by_positions(remote)
+    packed = batch_of(tok, docs(tok))
+    out = loss.forward(remote, packed, "sdpa").logits
+    assert _error_against_alone(remote, packed, {"remote": out})["remote"] < 1e-5
+    # peft and DDP wrappers are looked through
+    assert loss.packs_by_positions(lora_model(tok))
+
+
+@pytest.mark.gpu
+def test_flash_attention_2_packed_rows_equal_each_document_alone(tok):
+    """FlashAttention-2 takes no dense mask: a packed row reaches it as restarting positions
+    (the variable-length kernel). bf16 on CUDA, so the tolerance is bf16's."""
+    pytest.importorskip("flash_attn")
+    lm = model.build_tiny_model("tiny-llama", tok, seed=3).to("cuda", torch.bfloat16).eval()
+    lm.config._attn_implementation = "flash_attention_2"
+    packed = {k: v.cuda() for k, v in batch_of(tok, docs(tok)).items()}
+    reference = model.build_tiny_model("tiny-llama", tok, seed=3).to("cuda", torch.bfloat16).eval()
+    out = loss.forward(lm, packed, "flash_attention_2").logits
+    assert _error_against_alone(reference, packed, {"fa2": out})["fa2"] < 0.05
 
 
 def test_padded_rows_give_finite_loss_and_gradients(tok):

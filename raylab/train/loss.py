@@ -5,14 +5,17 @@ accumulation, and evaluation. Pure torch; the Ray Train loop in
 
 Packed rows hold several documents (see `raylab/data/packing.py`). A token may attend only to
 earlier tokens of its own document, and `position_ids` restart at 0 for each document, so a
-packed row computes exactly what the documents would alone. transformers' own architectures
-derive that block-diagonal mask from the restarting `position_ids` when no attention mask is
-given (`masking_utils.find_packed_sequence_indices`), in the form each attention kernel takes:
-FlashAttention-2's variable-length path needs no mask at all, flex attention a sparse block
-mask, SDPA and eager a dense one. So for them raylab passes positions only and builds no
-`[batch, 1, seq, seq]` mask itself (`packs_by_positions`). A model with its own code
-(`trust_remote_code`) may not read positions that way; it gets `block_causal_mask`, built
-here from `segment_ids`.
+packed row computes exactly what the documents would alone. How the boundaries reach the
+attention kernel depends on the kernel (`packs_by_positions`):
+
+- `eager` and `sdpa` get `block_causal_mask`, a dense `[batch, 1, seq, seq]` mask built here
+  from `segment_ids` (boolean for SDPA). transformers would build one of its own from the
+  restarting positions if given none, but measured on CPU (benchmarks/bench_packing.py) a
+  step then peaks about 1.3x higher, and a model with its own code may not do it at all.
+- `flash_attention_2` and `flex_attention` get the positions only: transformers turns them
+  into what those kernels take (FlashAttention-2's variable-length path needs no mask, flex
+  attention a sparse block mask; `masking_utils.find_packed_sequence_indices`), so no
+  O(seq^2) mask exists. That is the point of those kernels for long packed rows.
 
 The loss of an optimizer step is the mean over every target token of the accumulation
 window on every worker: each micro-batch contributes its summed token loss divided by that
@@ -65,24 +68,17 @@ def attn_impl_of(model) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
 
-def _base_model(model):
-    model = getattr(model, "module", model)  # DDP
-    get_base = getattr(model, "get_base_model", None)  # peft
-    return get_base() if callable(get_base) else model
-
-
-def packs_by_positions(model) -> bool:
-    """Whether the model finds a packed row's document boundaries in its `position_ids` (every
-    architecture that ships with transformers builds its masks through `masking_utils`)."""
-    return type(_base_model(model)).__module__.startswith("transformers.models.")
+def packs_by_positions(attn_impl: str) -> bool:
+    """Whether packed rows reach this attention kernel as restarting positions only (module
+    docstring); eager and SDPA get the dense block mask."""
+    return attn_impl not in ("eager", "sdpa")
 
 
 def forward(model, batch: dict[str, torch.Tensor], attn_impl: str, mask_dtype=torch.float32):
     """The model's outputs on a packed micro-batch: per-document positions, and the
-    block-causal mask only for a model that cannot derive it from them (module docstring).
-    `use_cache=False` matters beyond memory: transformers looks for packed positions only
-    when there is no KV cache."""
-    mask = None if packs_by_positions(model) else block_causal_mask(batch["segment_ids"], attn_impl, mask_dtype)
+    block-causal mask for the kernels that take one (module docstring). `use_cache=False`
+    matters beyond memory: transformers looks for packed positions only without a KV cache."""
+    mask = None if packs_by_positions(attn_impl) else block_causal_mask(batch["segment_ids"], attn_impl, mask_dtype)
     return model(input_ids=batch["input_ids"].long(), attention_mask=mask, position_ids=batch["position_ids"].long(),
                  use_cache=False)
 

@@ -57,16 +57,15 @@ def test_packed_loss_equals_each_document_alone(tok, impl, preset):
         alone_targets += len(d) - 1
     assert sums.targets == alone_targets
     assert sums.loss.item() / sums.targets == pytest.approx(alone_loss / alone_targets, rel=1e-5)
-    # the same at the logit level, for both ways a packed row reaches the model (positions
-    # only, as transformers' own architectures take it, and the explicit block mask a model
-    # with its own code gets), and the check has teeth: positions that run on across the
-    # row's documents (no restart) leave a plain causal mask, and the later documents of a
-    # row see the earlier ones, so their logits move far more
-    assert loss.packs_by_positions(lm)
+    # the same at the logit level, for both ways a packed row reaches a kernel: the dense
+    # block mask (eager, SDPA) and positions only (what flash and flex attention get, with
+    # transformers deriving the boundaries), and the check has teeth: positions that run on
+    # across the row's documents (no restart) leave a plain causal mask, and the later
+    # documents of a row see the earlier ones, so their logits move far more
+    assert not loss.packs_by_positions(impl)
     ids, pos = packed["input_ids"].long(), packed["position_ids"].long()
-    attn = loss.block_causal_mask(packed["segment_ids"], impl, torch.float32)
-    by_positions = loss.forward(lm, packed, impl).logits
-    masked = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
+    masked = loss.forward(lm, packed, impl).logits
+    by_positions = lm(input_ids=ids, position_ids=pos, use_cache=False).logits
     running = torch.arange(ids.shape[1]).expand_as(ids)
     plain = lm(input_ids=ids, position_ids=running, use_cache=False).logits
     err = _error_against_alone(lm, packed, {"positions": by_positions, "masked": masked, "plain": plain})
@@ -89,24 +88,9 @@ def _error_against_alone(lm, packed, outputs: dict) -> dict:
     return err
 
 
-def test_a_model_with_its_own_code_gets_the_explicit_block_mask(tok):
-    """A model class from outside transformers (what `trust_remote_code` loads) may not read
-    packed positions; forward gives it the block mask, built here, and the result still
-    equals each document alone. The control: the same model class from transformers takes
-    the positions-only path."""
-    import transformers
-
-    base = model.build_tiny_model("tiny-llama", tok, seed=3).eval()
-    own_code = type("RemoteLlama", (type(base),), {"__module__": "transformers_modules.acme.modeling"})
-    remote = own_code(base.config).eval()
-    remote.load_state_dict(base.state_dict())
-    assert isinstance(base, transformers.LlamaForCausalLM) and loss.packs_by_positions(base)
-    assert not loss.packs_by_positions(remote)
-    packed = batch_of(tok, docs(tok))
-    out = loss.forward(remote, packed, "sdpa").logits
-    assert _error_against_alone(remote, packed, {"remote": out})["remote"] < 1e-5
-    # peft and DDP wrappers are looked through
-    assert loss.packs_by_positions(lora_model(tok))
+def test_flash_and_flex_attention_get_positions_only():
+    assert loss.packs_by_positions("flash_attention_2") and loss.packs_by_positions("flex_attention")
+    assert not loss.packs_by_positions("sdpa") and not loss.packs_by_positions("eager")
 
 
 @pytest.mark.gpu
@@ -118,6 +102,7 @@ def test_flash_attention_2_packed_rows_equal_each_document_alone(tok):
     lm.config._attn_implementation = "flash_attention_2"
     packed = {k: v.cuda() for k, v in batch_of(tok, docs(tok)).items()}
     reference = model.build_tiny_model("tiny-llama", tok, seed=3).to("cuda", torch.bfloat16).eval()
+    assert loss.packs_by_positions("flash_attention_2")
     out = loss.forward(lm, packed, "flash_attention_2").logits
     assert _error_against_alone(reference, packed, {"fa2": out})["fa2"] < 0.05
 

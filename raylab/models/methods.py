@@ -36,7 +36,7 @@ def training_problems(cfg: ModelConfig, seq_len: int, gpus_per_worker: float) ->
                             "set train.gpus_per_worker (on a GPU cluster) or use method: lora")
         elif importlib.util.find_spec("bitsandbytes") is None:
             problems.append("model.method=qlora needs the bitsandbytes package: pip install bitsandbytes")
-    problems += _attention_problems(cfg, gpus_per_worker)
+    problems += _attention_problems(cfg, config, gpus_per_worker)
     if cfg.method != "full":
         names = [n for n, _ in skeleton(cfg, config).named_modules() if n]
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -48,10 +48,14 @@ def training_problems(cfg: ModelConfig, seq_len: int, gpus_per_worker: float) ->
     return problems
 
 
-def _attention_problems(cfg: ModelConfig, gpus_per_worker: float) -> list[str]:
+def _attention_problems(cfg: ModelConfig, config, gpus_per_worker: float) -> list[str]:
     import importlib.util
 
     impl = cfg.attn_implementation
+    if impl == "sdpa" and getattr(config, "attn_logit_softcapping", None):
+        # transformers raises "`sdpa` attention does not support `softcap`" in the first forward
+        return [f"model.attn_implementation=sdpa: this {config.model_type} model soft-caps its attention logits, "
+                "which SDPA cannot do; use eager (its default), flash_attention_2 or flex_attention"]
     if impl == "flash_attention_2":
         if gpus_per_worker <= 0:
             return ["model.attn_implementation=flash_attention_2 runs only on CUDA GPUs; set train.gpus_per_worker "

@@ -9,9 +9,12 @@ packed row computes exactly what the documents would alone. How the boundaries r
 attention kernel depends on the kernel (`packs_by_positions`):
 
 - `eager` and `sdpa` get `block_causal_mask`, a dense `[batch, 1, seq, seq]` mask built here
-  from `segment_ids` (boolean for SDPA). transformers would build one of its own from the
-  restarting positions if given none, but measured on CPU (benchmarks/bench_packing.py) a
-  step then peaks about 1.3x higher, and a model with its own code may not do it at all.
+  from `segment_ids` (boolean for SDPA). transformers would build the same dense mask from
+  the restarting positions if given none (a packed step's peak memory on CPU measured the
+  same either way, benchmarks/bench_packing.py), but a model with its own code
+  (`trust_remote_code`) may not.
+- A model with sliding-window layers (Mistral, Gemma 2/3) whose rows are longer than its
+  window gets the positions only with every kernel: the mask built here has no window.
 - `flash_attention_2` and `flex_attention` get the positions only: transformers turns them
   into what those kernels take (FlashAttention-2's variable-length path needs no mask, flex
   attention a sparse block mask; `masking_utils.find_packed_sequence_indices`), so no
@@ -63,22 +66,38 @@ class Sums:
     correct: int
 
 
+def _config(model):
+    return getattr(model, "config", None) or model.module.config  # DDP keeps it on .module
+
+
 def attn_impl_of(model) -> str:
-    config = getattr(model, "config", None) or model.module.config
-    return getattr(config, "_attn_implementation", None) or "eager"
+    return getattr(_config(model), "_attn_implementation", None) or "eager"
 
 
-def packs_by_positions(attn_impl: str) -> bool:
+def sliding_window(config) -> int | None:
+    """The attention window of a model with sliding-window layers (Mistral, Gemma 2/3, ...)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    return window if window and (layer_types is None or "sliding_attention" in layer_types) else None
+
+
+def packs_by_positions(attn_impl: str, config=None, seq_len: int = 0) -> bool:
     """Whether packed rows reach this attention kernel as restarting positions only (module
-    docstring); eager and SDPA get the dense block mask."""
-    return attn_impl not in ("eager", "sdpa")
+    docstring): flash and flex attention always; eager and SDPA only for a model with
+    sliding-window layers and rows longer than its window, since the block mask built here
+    has no window, and transformers builds each layer type's mask from the positions."""
+    if attn_impl not in ("eager", "sdpa"):
+        return True
+    window = sliding_window(config) if config is not None else None
+    return window is not None and seq_len > window
 
 
 def forward(model, batch: dict[str, torch.Tensor], attn_impl: str, mask_dtype=torch.float32):
     """The model's outputs on a packed micro-batch: per-document positions, and the
     block-causal mask for the kernels that take one (module docstring). `use_cache=False`
     matters beyond memory: transformers looks for packed positions only without a KV cache."""
-    mask = None if packs_by_positions(attn_impl) else block_causal_mask(batch["segment_ids"], attn_impl, mask_dtype)
+    by_positions = packs_by_positions(attn_impl, _config(model), batch["input_ids"].shape[-1])
+    mask = None if by_positions else block_causal_mask(batch["segment_ids"], attn_impl, mask_dtype)
     return model(input_ids=batch["input_ids"].long(), attention_mask=mask, position_ids=batch["position_ids"].long(),
                  use_cache=False)
 

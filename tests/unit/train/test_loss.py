@@ -93,6 +93,30 @@ def test_flash_and_flex_attention_get_positions_only():
     assert not loss.packs_by_positions("sdpa") and not loss.packs_by_positions("eager")
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_sliding_window_layers_keep_their_window_inside_each_packed_document(tok, impl):
+    """A Mistral with an 8-token window, rows of 64: the block mask built here has no window,
+    so such rows go by positions and transformers builds the windowed mask. The control: the
+    block mask forced onto the same rows lets a document see past its window."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mistral", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(3)
+    lm = AutoModelForCausalLM.from_config(config).eval()
+    lm.config._attn_implementation = impl
+    packed = batch_of(tok, docs(tok))
+    assert loss.sliding_window(lm.config) == 8 and loss.packs_by_positions(impl, lm.config, 64)
+    assert not loss.packs_by_positions(impl, lm.config, 8)  # rows within the window keep the block mask
+    ids, pos = packed["input_ids"].long(), packed["position_ids"].long()
+    forced = lm(input_ids=ids, attention_mask=loss.block_causal_mask(packed["segment_ids"], impl, torch.float32),
+                position_ids=pos, use_cache=False).logits
+    err = _error_against_alone(lm, packed, {"forward": loss.forward(lm, packed, impl).logits, "forced": forced})
+    assert err["forward"] < 1e-5
+    assert err["forced"] > 100 * max(err["forward"], 1e-7)
+
+
 @pytest.mark.gpu
 def test_flash_attention_2_packed_rows_equal_each_document_alone(tok):
     """FlashAttention-2 takes no dense mask: a packed row reaches it as restarting positions

@@ -96,7 +96,10 @@ def run_prune(cfg: RaylabConfig, store: registry.Store, parent) -> dict:
              f"{done.parameters_before:,} -> {done.parameters_after:,} parameters; recovering for "
              f"{opt.recovery_steps} steps")
     settings = opt.model_dump(mode="json")
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    # the nested run is named by what the recovery depends on, so another lr or batch size is another
+    # run, not a resume refused for changed settings
+    material = {"prune": settings, "train": cfg.train.model_dump(mode="json"), "data": runs.manifest_hash(manifest)}
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:8]
     nested = run.optimize(f"prune-{parent.name}-{parent.version}-{digest}")
     storage.save_pretrained(model, nested.base)
     storage.save_pretrained(inf.tokenizer, nested.base)
@@ -123,7 +126,8 @@ def run_prune(cfg: RaylabConfig, store: registry.Store, parent) -> dict:
                 "raylab.parameters_before": str(done.parameters_before),
                 "raylab.parameters": str(done.parameters_after), "raylab.size_bytes": str(size)}
         mv = registry.register_derived(store, parent, out, derivation=derivation, tags=tags,
-                                       params={"optimize.prune." + k: str(v) for k, v in settings.items()},
+                                       params={"optimize.prune." + k: str(v) for k, v in settings.items()}
+                                       | {"optimize.prune.recovery_identity": meta["identity"]},
                                        output_dir=cfg.output_dir,
                                        card_sections={"Pruning": card_section(parent_ref, plan, done, meta)})
     log.info(f"optimize: registered {mv.name}/{mv.version} ({done.parameters_after:,} parameters, "

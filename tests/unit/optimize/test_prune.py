@@ -56,10 +56,11 @@ def test_parameter_count_drops_by_exactly_the_removed_heads_and_channels_and_rel
     after = sum(t.numel() for t in model.parameters())
     assert (result.parameters_before, result.parameters_after) == (before, after)
     assert before - after == LAYERS * removed_per_layer
-    # the requested fractions of the attention and MLP weights, within rounding to whole units
-    attn = 4 * HIDDEN * (HEADS + KV) * HEAD_DIM // 2  # q + o (HEADS) and k + v (KV), per layer
-    assert (2 * HIDDEN * 2 * HEAD_DIM + 2 * HIDDEN * HEAD_DIM) / attn == pytest.approx(0.25)
-    assert 3 * HIDDEN * 29 / (3 * HIDDEN * MLP) == pytest.approx(0.3, abs=0.5 / MLP)
+    # the requested fractions of each layer's attention and MLP weights, within rounding to whole units
+    attn_weights = 2 * HIDDEN * HEADS * HEAD_DIM + 2 * HIDDEN * KV * HEAD_DIM  # q + o, k + v
+    attn_removed = 2 * HIDDEN * plan.heads_removed * HEAD_DIM + 2 * HIDDEN * plan.groups_removed * HEAD_DIM
+    assert attn_removed / attn_weights == pytest.approx(0.25)
+    assert plan.channels_removed / MLP == pytest.approx(0.3, abs=0.5 / MLP)
     c = model.config
     assert (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.head_dim) == (6, 3, 67, HEAD_DIM)
     expected = logits(model)

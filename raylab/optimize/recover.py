@@ -77,6 +77,10 @@ def run_prune(cfg: RaylabConfig, store: registry.Store, parent) -> dict:
 
     opt = cfg.optimize.prune
     parent_ref = f"{parent.name}/{parent.version}"
+    if "://" in cfg.output_dir:  # every recovery worker loads the pruned model with from_pretrained, from a path
+        raise UserError(f"output_dir {cfg.output_dir}: optimize.prune's recovery fine-tune starts from the pruned "
+                        "model saved under <output_dir>/optimize/, which workers load from a path; use a local path "
+                        "or a shared mount")
     inf = models.load(parent_ref, dtype="float32", store=store)
     if getattr(inf.model.config, "quantization_config", None) is not None:
         raise UserError(f"--model {parent_ref}: its files are quantised (a quantization_config in config.json); "

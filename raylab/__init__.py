@@ -81,8 +81,9 @@ def run_eval(config, overrides: list[str] | None = None, *, model: str | None = 
 
 def run_optimize(config, overrides: list[str] | None = None, *, model: str) -> dict:
     """`raylab optimize`: the registry version `model` (NAME/VERSION or NAME@ALIAS) merged and
-    quantised as `optimize:` says, registered as a version derived from it; returns its name,
-    version and measurements. No Ray needed."""
+    quantised, or pruned and recovered, as `optimize:` says, registered as a version derived
+    from it; returns its name, version and measurements. Quantisation needs no Ray; pruning's
+    recovery fine-tune runs on Ray Train (on the data stage's shards in output_dir)."""
     from raylab import optimize
 
     return optimize.run_optimize(_config(config, overrides), model)

@@ -1,8 +1,10 @@
-"""`raylab optimize CONFIG --model REF`: a quantised version derived from a registered one.
+"""`raylab optimize CONFIG --model REF`: a quantised or pruned version derived from a registered one.
 
     raylab optimize configs/quickstart.yaml --model acme-assistant/3 optimize.quantize=int8_weight_only
     raylab optimize configs/quickstart.yaml --model acme-assistant@production \
         optimize.quantize=int8_dynamic optimize.include_embeddings=true
+    raylab optimize configs/quickstart.yaml --model acme-assistant/3 \
+        optimize.prune.heads=0.25 optimize.prune.mlp_channels=0.3 optimize.prune.recovery_steps=50
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from raylab.cli.common import split
 
 def add_parsers(sub) -> dict:
     """Add `raylab optimize`; return {verb: command}."""
-    help_ = "quantise a registered version (optimize.quantize) into a new version derived from it"
+    help_ = ("quantise (optimize.quantize) or prune and recover (optimize.prune) a registered version into a new "
+             "version derived from it")
     o = sub.add_parser("optimize", help=help_, description=help_)
     o.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]", help="config file (required) then overrides")
     o.add_argument("--config", "-c", help="the config file (instead of the positional CONFIG)")

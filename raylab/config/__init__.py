@@ -40,7 +40,7 @@ from raylab.config.loading import (
     write_resolved,
 )
 from raylab.config.model import LoraConfig, ModelConfig
-from raylab.config.optimize import QUANTIZE_METHODS, OptimizeConfig
+from raylab.config.optimize import QUANTIZE_METHODS, OptimizeConfig, PruneConfig
 from raylab.config.platform import CiConfig, CloudConfig, NodeGroup, PlatformConfig
 from raylab.config.ray import RayConfig
 from raylab.config.registry import (
@@ -66,7 +66,7 @@ __all__ = [
     "EXPLAIN_METHODS", "ExplainConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
     "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",
-    "PlatformConfig", "PretrainConfig", "QUANTIZE_METHODS", "RaftConfig", "RagEvalConfig", "RayConfig", "RaylabConfig", "RefusalProbe",
+    "PlatformConfig", "PretrainConfig", "PruneConfig", "QUANTIZE_METHODS", "RaftConfig", "RagEvalConfig", "RayConfig", "RaylabConfig", "RefusalProbe",
     "RegistryConfig",
     "SearchDim", "Section", "ServeConfig", "Source", "SqlSource", "TrainConfig", "TuneConfig", "ValidationConfig",
     "env_refs", "expand_env", "load", "load_dict", "load_text", "parse_yaml", "read_suite", "read_yaml", "to_yaml", "write_resolved",

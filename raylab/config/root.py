@@ -45,7 +45,7 @@ class RaylabConfig(Section):
     index: IndexConfig = Field(default_factory=IndexConfig,
                                description="`raylab index`: documents chunked and embedded for retrieval")
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig,
-                                     description="`raylab optimize`: quantised versions derived from a registered one")
+                                     description="`raylab optimize`: quantised or pruned versions derived from a registered one")
     explain: ExplainConfig = Field(default_factory=ExplainConfig,
                                    description="`raylab explain`: token attributions of a registered version")
     platform: PlatformConfig = Field(default_factory=PlatformConfig,

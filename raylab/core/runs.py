@@ -14,6 +14,8 @@ a `Run` for its paths, so a reader finds the whole contract in one page.
                                           run.json (identity), final/ (Hugging Face format)
     <output_dir>/pretrain/                a nested run (its own data/ and train/; base/: the preset
                                           built for the corpus tokenizer, with pretrain.tokenizer)
+    <output_dir>/optimize/<name>/         a nested run per pruning (base/: the pruned model, data/manifest.json,
+                                          train/: its recovery fine-tune)
     <output_dir>/tune/                    Ray Tune's run: trials/<id>/ (nested runs), results.json|csv,
                                           best.yaml, study.db, importance / partial dependence / slice
     <output_dir>/eval/                    report.json, report.md, predictions.jsonl, rag.json (`eval --rag`)
@@ -149,13 +151,19 @@ class Run:
 
     @property
     def base(self) -> str:
-        """A preset built from scratch for the corpus tokenizer: where a pretrain run starts."""
+        """Where a nested run's training starts: a preset built from scratch for the corpus
+        tokenizer (pretrain), a pruned model (optimize)."""
         return _join(self.root, "base")
 
     # nested runs
     @property
     def pretrain(self) -> Run:
         return Run(_join(self.root, "pretrain"))
+
+    def optimize(self, name: str) -> Run:
+        """A nested run of `raylab optimize` (a pruned model's recovery fine-tune: its base/ is
+        the pruned model, its data/ a copy of this run's manifest, its train/ the fine-tune)."""
+        return Run(_join(self.root, "optimize", name))
 
     @property
     def tune(self) -> str:

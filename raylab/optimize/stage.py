@@ -1,5 +1,5 @@
 """`raylab optimize CONFIG --model REF`: a registered version, merged onto float weights and
-quantised, registered as a new version derived from REF.
+quantised (here) or pruned and recovered (recover.py), registered as a new version derived from REF.
 
     raylab optimize configs/quickstart.yaml --model acme-assistant/3 optimize.quantize=int8_weight_only
     raylab models show acme-assistant/4        # raylab.derived_from acme-assistant/3, raylab.quantized ...
@@ -25,6 +25,7 @@ from raylab.config import RaylabConfig
 from raylab.core import runs, storage
 from raylab.errors import UserError
 from raylab.optimize import quantize as q
+from raylab.optimize import recover
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,17 @@ QUANTIZED_TAG = "raylab.quantized"
 PROBE = "The quick brown fox jumps over the lazy dog. Quantised weights, same answers?"
 
 
-def check_parent(mv) -> None:
+def check_parent(mv, key: str = "optimize.quantize") -> None:
     """Exit 2 for a version that is already quantised (its tag, or a quantization_config in
     its files as a second line: quantising twice compounds the error, and a merge into a
-    quantised base is what this stage exists to avoid)."""
+    quantised base is what this stage exists to avoid; pruning needs float weights to slice
+    and to fine-tune)."""
     method = mv.tags.get(QUANTIZED_TAG)
     if method:
         parent = mv.tags.get("raylab.derived_from", "its parent")
+        verb = "quantise" if key == "optimize.quantize" else "prune"
         raise UserError(f"--model {mv.name}/{mv.version}: already quantised ({QUANTIZED_TAG}={method}); "
-                        f"optimize.quantize applies to a float version: quantise {parent} instead")
+                        f"{key} applies to a float version: {verb} {parent} instead")
 
 
 def _file_bytes(local_dir: str) -> int:
@@ -57,18 +60,23 @@ def _probe_logits(model, tok):
 
 
 def run_optimize(cfg: RaylabConfig, model_ref: str, store: registry.Store | None = None) -> dict:
-    """Quantise the registered version `model_ref` as `cfg.optimize` says and register the
-    result; returns {name, version, derived_from, method, quantized_layers, eligible_layers,
-    size_bytes, parameters, logit_drift}."""
+    """Quantise (optimize.quantize) or prune and recover (optimize.prune, recover.py) the
+    registered version `model_ref` and register the result; returns {name, version,
+    derived_from, method, ...}: for quantisation quantized_layers, eligible_layers,
+    size_bytes, parameters, logit_drift; for pruning what `recover.run_prune` returns."""
     opt = cfg.optimize
-    if opt.quantize is None:
-        raise UserError("optimize.quantize: not set; choose int8_weight_only, int8_dynamic or int4_weight_only "
-                        "(e.g. optimize.quantize=int8_weight_only on the command line)")
+    if opt.quantize is None and opt.prune is None:
+        raise UserError("optimize.quantize: not set (nor optimize.prune); choose int8_weight_only, int8_dynamic or "
+                        "int4_weight_only (e.g. optimize.quantize=int8_weight_only on the command line), or prune "
+                        "(e.g. optimize.prune.heads=0.25 optimize.prune.mlp_channels=0.3)")
     if not models.is_registry_ref(model_ref):
         raise UserError(f"--model {model_ref!r}: expected a registry version NAME/VERSION or NAME@ALIAS (the result "
                         "is registered as a version derived from it)")
     store = store or registry.open_store(cfg)
     parent = registry.get_version(store, model_ref)
+    if opt.prune is not None:
+        check_parent(parent, "optimize.prune")
+        return recover.run_prune(cfg, store, parent)
     check_parent(parent)
     device = q.check_device(opt.quantize)
     parent_ref = f"{parent.name}/{parent.version}"

@@ -3,7 +3,9 @@ Ray): a LoRA adapter on a tiny random Llama is registered, merged, quantised to 
 registered as a new version whose lineage names its parent and method; that version
 loads through `models.load` (int8 weights, logits within TOL of the merged parent) and
 generates through the transformers serving engine; quantising it again, int4 on CPU and a
-missing method exit 2 through the CLI, naming the key or flag."""
+missing method exit 2 through the CLI, naming the key or flag; so do optimize.prune's
+refusals (a quantised version, a gpt2 model, fractions that round to nothing or lie outside
+(0, 1), no data stage output)."""
 
 from __future__ import annotations
 
@@ -56,8 +58,18 @@ def adapter_on_tiny_base(root):
     return adapter
 
 
+def tiny_full(root, preset: str):
+    """A full model directory (random weights) of a preset with the byte tokenizer."""
+    tok = models.build_byte_tokenizer()
+    d = root / preset
+    tok.save_pretrained(d)
+    models.build_tiny_model(preset, tok, seed=5).save_pretrained(d)
+    return d
+
+
 def config_file(tmp_path, **optimize) -> str:
-    path = tmp_path / f"optimize-{'-'.join(f'{k}-{v}' for k, v in optimize.items()) or 'none'}.yaml"
+    name = '-'.join(f'{k}-{v}' for k, v in optimize.items()).translate(str.maketrans("", "", "{}:' ,"))
+    path = tmp_path / f"optimize-{name or 'none'}.yaml"
     path.write_text(yaml.safe_dump({
         "version": 1, "output_dir": str(tmp_path / "run"),
         "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "x.jsonl")}]},
@@ -134,6 +146,25 @@ def test_a_quantised_version_is_registered_with_lineage_loads_and_serves(tmp_pat
     assert main(["optimize", cfg_path, "--model", "widgets/1"]) == 0
     out = capsys.readouterr().out  # progress lines, then the result as JSON
     assert json.loads(out[out.index("\n{") + 1:])["version"] == 2
+
+    # optimize.prune's refusals, on the same store (a registry costs seconds to create): each exits 2 naming
+    # what to fix and registers nothing (the pruning: test_prune.py; its recovery: tests/integration/test_prune.py)
+    half = config_file(tmp_path, prune={"heads": 0.5, "mlp_channels": 0.3})
+    assert main(["optimize", half, "--model", "widgets/2"]) == 2
+    err = capsys.readouterr().err
+    assert "--model widgets/2: already quantised" in err and "optimize.prune applies to a float version" in err
+    assert main(["optimize", config_file(tmp_path, prune={"heads": 0.1}), "--model", "widgets/1"]) == 2
+    assert "optimize.prune.heads=0.1: removes 0 of 2 key/value groups" in capsys.readouterr().err  # tiny-llama: 2 groups
+    assert main(["optimize", half, "--model", "widgets/1", "optimize.prune.mlp_channels=1.5"]) == 2
+    assert "optimize.prune.mlp_channels" in capsys.readouterr().err
+    gpt2 = register_version(store, tmp_path, 3, final=tiny_full(tmp_path, "tiny-gpt2"))
+    assert main(["optimize", half, "--model", f"widgets/{gpt2}"]) == 2
+    assert "optimize.prune: cannot prune a 'gpt2' model" in capsys.readouterr().err
+    # negative control for the refusals above: the merged adapter on tiny-llama with these fractions passes
+    # every check up to the data stage's output, which this tmp_path lacks
+    assert main(["optimize", half, "--model", "widgets/1"]) == 2
+    assert "no data stage output at" in capsys.readouterr().err
+    assert [v["version"] for v in registry.versions(store, "widgets")] == [1, 2, 3]
 
 
 def test_optimize_section_forbids_unknown_keys_and_methods(tmp_path):

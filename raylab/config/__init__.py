@@ -53,7 +53,7 @@ from raylab.config.registry import (
     read_suite,
 )
 from raylab.config.root import SCHEMA_VERSION, RaylabConfig
-from raylab.config.serve import AutoscalingConfig, ServeConfig
+from raylab.config.serve import AutoscalingConfig, ExplainServeConfig, ServeConfig
 from raylab.config.train import CorpusTokenizerConfig, PretrainConfig, TrainConfig
 from raylab.config.tune import AshaConfig, SearchDim, TuneConfig
 from raylab.config.types import Section
@@ -63,7 +63,7 @@ from raylab.errors import ConfigError
 __all__ = [
     "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
     "CleanConfig", "CloudConfig", "ConfigError", "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig",
-    "EXPLAIN_METHODS", "ExplainConfig",
+    "EXPLAIN_METHODS", "ExplainConfig", "ExplainServeConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
     "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",
     "PlatformConfig", "PretrainConfig", "PruneConfig", "QUANTIZE_METHODS", "RaftConfig", "RagEvalConfig", "RayConfig", "RaylabConfig", "RefusalProbe",

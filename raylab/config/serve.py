@@ -32,6 +32,30 @@ class AutoscalingConfig(Section):
     look_back_period_s: float = Field(30.0, gt=10, description="averaging window; above Serve's 10 s metrics interval")
 
 
+class ExplainServeConfig(Section):
+    """`POST /v1/explain` on the endpoint: token attributions in their own deployment (docs/explain.md).
+    Off by default: then no Explainer deployment exists and the route answers 404."""
+
+    enabled: bool = Field(False, description="deploy the Explainer next to the Generator and serve /v1/explain")
+    min_replicas: int = Field(1, ge=0, description="Explainer replicas kept when idle (0: none until a request comes)")
+    max_replicas: PositiveInt = Field(1, description="Explainer replicas at most under load")
+    max_ongoing_requests: PositiveInt = Field(1, description="explanations a replica runs at once (each on one torch "
+                                              "thread; the same version's run one after another)")
+    max_queued_requests: PositiveInt = Field(8, description="explanations waiting for a replica; beyond, a 429")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs per Explainer replica")
+    max_models_per_replica: PositiveInt = Field(1, description="versions kept loaded per Explainer replica (LRU)")
+    max_n_steps: PositiveInt = Field(256, description="largest n_steps (integrated gradients) a request may ask")
+    max_samples: PositiveInt = Field(200, description="largest samples (shapley_sampling) a request may ask")
+    keep_results: PositiveInt = Field(64, description="recent explanations kept for GET /v1/explain/{id}/html")
+    keep_seconds: float = Field(3600.0, gt=0, description="how long an explanation stays there")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ExplainServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise invalid(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServeConfig(Section):
     """`raylab serve`: the OpenAI-compatible endpoint (see docs/serving.md)."""
 
@@ -53,6 +77,8 @@ class ServeConfig(Section):
     api_keys_file: PathOrUri | None = Field(None, description="file with one API key per line (Bearer)")
     allow_unauthenticated: bool = Field(False, description="serve a non-loopback host without API keys (anyone "
                                         "who reaches it may use it)")
+    explain: ExplainServeConfig = Field(default_factory=ExplainServeConfig, description="token attributions at "
+                                        "POST /v1/explain (limits and defaults from the explain: section)")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:

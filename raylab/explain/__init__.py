@@ -1,5 +1,6 @@
 """The explain stage: which prompt tokens a registered version's answer came from (token
-attributions with captum; docs/explain.md). `POST /v1/explain` is not built yet.
+attributions with captum; docs/explain.md). The serving endpoint's `POST /v1/explain` runs
+`explain_ids` in its own deployment (raylab/serve/explainer.py).
 
     raylab explain configs/quickstart.yaml --model acme-assistant/3 --prompt "How do I reset my VPN token?"
 
@@ -15,7 +16,9 @@ Needs the `explain` extra (captum): pip install 'raylab[explain]'.
 
 from __future__ import annotations
 
+from raylab.explain.attribute import INSTALL, captum_attr
+from raylab.explain.render import html as html_page
 from raylab.explain.render import summary
 from raylab.explain.stage import explain_ids, run_explain
 
-__all__ = ["explain_ids", "run_explain", "summary"]
+__all__ = ["INSTALL", "captum_attr", "explain_ids", "html_page", "run_explain", "summary"]

@@ -6,7 +6,7 @@ Ray Serve endpoint, switched to another version without downtime.
 
 Modules: deploy (the verbs, Serve's declarative REST API), app (the FastAPI ingress and
 `build`, the application's import path `raylab.serve:build`), generator (the model
-deployment), engine (the Engine seam and TransformersEngine), decode (the continuous-batching
+deployment), explainer (the Explainer deployment: token attributions for /v1/explain), engine (the Engine seam and TransformersEngine), decode (the continuous-batching
 decode loop), openai_api (request, response and error shapes), auth (API keys).
 """
 

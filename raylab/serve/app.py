@@ -4,17 +4,19 @@ versions, with continuous batching and LoRA adapters multiplexed onto one base m
     raylab serve configs/quickstart.yaml          # deploys it (see deploy.py)
     serve deploy runs/quickstart/serve/serve.yaml # the same app, from the emitted config
 
-Two deployments, built by `build(args)` (the config's `import_path: raylab.serve:build`):
+Two deployments, or three, built by `build(args)` (the config's `import_path: raylab.serve:build`):
 
 - `Ingress`: one FastAPI app assembled by `create_app(ROUTERS, ingress)` from one router per
-  concern (routers/: health and metadata, OpenAI inference); a new route is a router added to
-  `ROUTERS`. The ingress holds what the routes share: API keys, limits, the Generator's
+  concern (routers/: health and metadata, OpenAI inference, explanations); a new route is a
+  router added to `ROUTERS`. The ingress holds what the routes share: API keys, limits, the Generator's
   handle and the routing table (request `model` names -> registry versions). Its
   `user_config` holds that table, so `raylab deploy` switches versions with `reconfigure`,
   no restart; the table is also looked up at request time, so a version of the served model
   registered after the deploy (`NAME/N`) is servable without one.
 - `Generator` (autoscaled, generator.py): one base model per replica, registry versions
   multiplexed onto it, generating through an engine (engine.py: continuous batching).
+- `Explainer` (autoscaled, explainer.py; only with `serve.explain.enabled`): token
+  attributions for `POST /v1/explain`, in replicas of their own so they never stall a decode.
 
 `args` (changing them restarts replicas) and the `user_config`s are written by deploy.py.
 """
@@ -35,10 +37,11 @@ from raylab.errors import UserError
 from raylab.serve import openai_api as oa
 from raylab.serve.auth import api_keys, authorized
 from raylab.serve.deploy import catalog
+from raylab.serve.explainer import explainer_deployment
 from raylab.serve.generator import generator_deployment
-from raylab.serve.routers import health, inference
+from raylab.serve.routers import explain, health, inference
 
-ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router)
+ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, explain.router)
 
 
 async def _http_error(_request, exc: StarletteHTTPException):  # unknown paths and methods, OpenAI-shaped
@@ -63,9 +66,12 @@ class IngressImpl:
 
     routers: tuple[APIRouter, ...] = ROUTERS
 
-    def __init__(self, generator, args: dict):
+    def __init__(self, generator, args: dict, explainer=None):
         self.generator, self.args, self.limits = generator, args, args["limits"]
         self.keys = api_keys(args)
+        self.explainer = explainer  # None: serve.explain is off, /v1/explain answers 404
+        settings = args.get("explain")
+        self.explained = explain.Recent(settings["keep_results"], settings["keep_seconds"]) if settings else None
         self.routes: dict[str, str] = {}
         self.listed: list[str] = []
         self.default: str | None = None
@@ -119,6 +125,17 @@ class IngressImpl:
         name, version = default.rsplit("/", 1)
         return catalog(self.store, name, int(version))
 
+    async def explain(self, version: str, job: dict) -> dict:
+        """The Explainer's answer for `job` on `version`: {"result"} or {"error"}; a 429 when
+        its replicas are busy and `serve.explain.max_queued_requests` wait already."""
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            return await self.explainer.options(multiplexed_model_id=version).explain.remote(job)
+        except BackPressureError:
+            raise oa.ApiError(429, "too many explanations are waiting (serve.explain.max_queued_requests); retry later",
+                              code="rate_limit_exceeded") from None
+
     def authorize(self, request: Request) -> None:
         if not self.keys:
             return
@@ -132,4 +149,6 @@ Ingress = serve.deployment(name="Ingress")(serve.ingress()(IngressImpl))
 def build(args: dict):
     """The application for `serve deploy` / the REST API: import path `raylab.serve:build`."""
     generator = generator_deployment(int(args["limits"]["max_adapters_per_replica"])).bind(args)
-    return Ingress.bind(generator, args)
+    settings = args.get("explain")  # None: no Explainer deployment at all
+    explainer = explainer_deployment(int(settings["max_models_per_replica"])).bind(args) if settings else None
+    return Ingress.bind(generator, args, explainer)

@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from raylab import models, registry
-from raylab.config import RaylabConfig, ServeConfig
+from raylab.config import ExplainConfig, RaylabConfig, ServeConfig
 from raylab.core import cluster, events, plan, runs, storage
 from raylab.core.cluster import auth_token
 from raylab.errors import UserError
@@ -87,9 +87,33 @@ def default_ref(cfg: RaylabConfig | None, model: str | None) -> str:
     return f"{registry.model_name(cfg)}@{registry.PRODUCTION}"
 
 
-def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: str = "float32") -> dict:
+def explainer_config(s: ServeConfig, ex: ExplainConfig) -> tuple[dict, dict]:
+    """(the args the ingress and Explainer read, the Explainer's deployment entry) for
+    `serve.explain`: its limits and request defaults come from the `explain:` section."""
+    e = s.explain
+    for key, default, limit in (("n_steps", ex.n_steps, e.max_n_steps), ("samples", ex.samples, e.max_samples)):
+        if default > limit:
+            raise UserError(f"explain.{key} ({default}) is above serve.explain.max_{key} ({limit}): a request "
+                            f"without {key} would be refused; lower the one or raise the other")
+    args = {"defaults": {"method": ex.method, "n_steps": ex.n_steps, "samples": ex.samples, "baseline": ex.baseline},
+            "limits": {"max_prompt_tokens": ex.max_prompt_tokens, "max_target_tokens": ex.max_target_tokens,
+                       "max_n_steps": e.max_n_steps, "max_samples": e.max_samples},
+            "max_models_per_replica": e.max_models_per_replica, "keep_results": e.keep_results,
+            "keep_seconds": e.keep_seconds}
+    a = s.autoscaling  # the endpoint's delays; one explanation at a time per replica is the target
+    autoscaling = {"min_replicas": e.min_replicas, "max_replicas": e.max_replicas,
+                   "target_ongoing_requests": e.max_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
+                   "downscale_delay_s": a.downscale_delay_s, "look_back_period_s": a.look_back_period_s}
+    deployment = {"name": "Explainer", "autoscaling_config": autoscaling, "max_ongoing_requests": e.max_ongoing_requests,
+                  "max_queued_requests": e.max_queued_requests, "ray_actor_options": {"num_cpus": e.cpus_per_replica}}
+    return args, deployment
+
+
+def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: str = "float32",
+               ex: ExplainConfig | None = None) -> dict:
     """A `serve deploy` config (one application) serving REF, with the routing table. A
-    plain model (`plain(ref)`) needs no registry: `store` may be None."""
+    plain model (`plain(ref)`) needs no registry: `store` may be None. With
+    `serve.explain.enabled` the Explainer deployment is in it too (limits from `ex`)."""
     if plain(ref):
         _, local, routing = plain_catalog(ref)
         target = local
@@ -117,8 +141,12 @@ def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: st
     # The ingress only awaits the generator: a sliver of a CPU, and room for every open stream.
     ingress = {"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 1000,
                "ray_actor_options": {"num_cpus": 0.1}, "user_config": routing}
+    deployments = [generator, ingress]
+    if s.explain.enabled:
+        args["explain"], explainer = explainer_config(s, ex or ExplainConfig())
+        deployments.append(explainer)
     return {"name": APP, "route_prefix": "/", "import_path": "raylab.serve:build", "args": args,
-            "deployments": [generator, ingress]}
+            "deployments": deployments}
 
 
 def deploy_config(s: ServeConfig, app: dict) -> dict:
@@ -132,7 +160,7 @@ def emit_text(cfg: RaylabConfig | None, ref: str, tracking_uri: str | None = Non
 
     s = cfg.serve if cfg else ServeConfig()
     store = None if plain(ref) else registry.open_store(cfg, tracking_uri)
-    full = deploy_config(s, app_config(s, store, ref, cfg.model.dtype if cfg else "float32"))
+    full = deploy_config(s, app_config(s, store, ref, cfg.model.dtype if cfg else "float32", cfg.explain if cfg else None))
     return ("# written by `raylab render --target serve` (`raylab serve --emit-config`); deploy with `serve deploy` "
             "or embed in a RayService's serveConfigV2\n" + yaml.safe_dump(full, sort_keys=False))
 
@@ -233,7 +261,8 @@ def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: s
     api_keys({"api_keys_env": s.api_keys_env, "api_keys_file": s.api_keys_file})
     ref = default_ref(cfg, model)
     store = None if plain(ref) else registry.open_store(cfg)
-    app = app_config(s, store, ref, cfg.model.dtype if cfg else "float32")  # exit 2 before Ray starts
+    app = app_config(s, store, ref, cfg.model.dtype if cfg else "float32",  # exit 2 before Ray starts
+                     cfg.explain if cfg else None)
     embedded = cluster.mode_of(cluster.resolve_address(address, cfg)[0]) == "embedded"
     if detach and embedded:
         raise UserError("--detach needs a running cluster (ray start --head; then --address auto): an embedded Ray "

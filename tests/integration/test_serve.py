@@ -3,7 +3,8 @@ official `openai` client (completions, chat, streaming), served greedy text equa
 peft generation, two adapters on one base, every class of bad request answered with its
 4xx, API keys, autoscaling up under load and back down, and `raylab deploy` switching
 versions in place while requests stream, none failing; a version registered after the
-deploy served by `NAME/N` without a redeploy. Faults: a Generator replica and the Ingress
+deploy served by `NAME/N` without a redeploy. Explanations (`/v1/explain`, the Explainer
+deployment) of the served answer, with completions answered while one is computing. Faults: a Generator replica and the Ingress
 replica SIGKILLed while 8 clients stream (>= 99 % of the requests succeed with at most one
 client retry; only streams cut mid-way fail, with OpenAI's error event), and a client that
 disconnects mid-stream frees its row in the batch. Load (tests/serve_load.py) records every
@@ -20,6 +21,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -114,7 +116,7 @@ def served(tmp_path_factory, _session_ray):
     for v, path in adapters.items():
         assert train_adapter(base, path, ANSWERS[v]) < 0.1
     (root / "keys.txt").write_text(f"# API keys, one per line\n{KEY}\n")
-    cfg = serve_config(root, base, free_port())
+    cfg = serve_config(root, base, free_port(), explain={"enabled": True, "cpus_per_replica": 0.25})  # /v1/explain
     store = registry.open_store(cfg)
     exp = registry.experiment_id(store, NAME)
     meta = {"identity": "serve-test", "base_model": str(base), "method": "lora", "metrics": {}}
@@ -288,6 +290,36 @@ def test_auth_unknown_paths_and_the_server_survives(served):
     assert get(url, "/healthz", key=None) == (200, {"status": "ok", "model": f"{NAME}/1"})
     status, body = chat(url, NAME, QUESTIONS[3])  # after all the bad requests, the replicas still answer
     assert status == 200 and body["choices"][0]["message"]["content"] == ANSWERS[1]
+
+
+def test_explanations_answer_and_completions_stay_responsive_while_one_runs(served):
+    """`/v1/explain` runs in the Explainer deployment: the served answer's tokens explained,
+    its HTML view, its 4xx; and completions finish while an explanation is still computing."""
+    url, question = served["url"], [{"role": "user", "content": QUESTIONS[0]}]
+    status, first = request(url, "/v1/explain", {"model": NAME, "messages": question, "method": "feature_ablation"})
+    assert status == 200, first
+    assert first["version"] == f"{NAME}/1" and first["output_text"] == ANSWERS[1]  # the served answer, explained
+    assert len(first["attributions"]) == len(ANSWERS[1]) and first["target_source"] == "greedy answer"
+    status, page = request(url, first["html"], method="GET")
+    assert status == 200 and "feature_ablation" in page and page.count('class="t"') > len(first["input_tokens"])
+    assert request(url, "/v1/explain", {"model": "nope/7", "prompt": "hi"})[0] == 404
+    status, long = request(url, "/v1/explain", {"model": NAME, "prompt": "hi", "target": "x" * 33})  # explain.max_target_tokens
+    assert status == 400 and long["error"]["param"] == "target", long
+
+    # Integrated gradients over the 15-token answer (n_steps forward and backward passes per
+    # token) is sent first and still computing while ordinary completions are answered.
+    heavy = json.dumps({"model": NAME, "messages": question, "method": "integrated_gradients", "n_steps": 128})
+    conn = http.client.HTTPConnection("127.0.0.1", served["cfg"].serve.port, timeout=300)
+    conn.request("POST", "/v1/explain", heavy, {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    for q in QUESTIONS[1:3]:
+        status, body = chat(url, NAME, q)
+        assert status == 200 and body["choices"][0]["message"]["content"] == ANSWERS[1]
+        ready, _, _ = select.select([conn.sock], [], [], 0)
+        assert not ready, "the explanation was answered before the completion: nothing was in flight"
+    answer = conn.getresponse()
+    explained = json.loads(answer.read())
+    conn.close()
+    assert answer.status == 200 and len(explained["convergence_deltas"]) == len(ANSWERS[1]), explained
 
 
 def _replicas(served, deployment: str) -> list[str]:

@@ -2,11 +2,12 @@
 app by `app.create_app(routers, ingress)`:
 
 - health: `/healthz`, `/v1/models` (health and metadata);
-- inference: `/v1/completions`, `/v1/chat/completions` (OpenAI-compatible generation).
+- inference: `/v1/completions`, `/v1/chat/completions` (OpenAI-compatible generation);
+- explain: `/v1/explain`, `/v1/explain/{id}/html` (token attributions, the Explainer deployment).
 
 A route handler reaches the running ingress (its routing table, API keys, limits and the
-Generator's handle) through the `ingress` dependency. A new concern (explanations,
-embeddings, retrieval, the fine-tuning service) is a new router added to `app.ROUTERS`.
+Generator's handle) through the `ingress` dependency. A new concern (embeddings, retrieval,
+the fine-tuning service) is a new router added to `app.ROUTERS`.
 """
 
 from __future__ import annotations

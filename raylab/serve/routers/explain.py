@@ -1,0 +1,157 @@
+"""Explanations: `POST /v1/explain` (which prompt tokens each token of an answer came from,
+computed by the Explainer deployment on the version the request's `model` routes to) and
+`GET /v1/explain/{id}/html` (a recent explanation coloured by attribution). Same API keys as
+the completions; errors in OpenAI's shape. Served when `serve.explain.enabled`; otherwise
+both answer 404 naming that key.
+
+    curl $URL/v1/explain -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
+         -d '{"model": "acme-assistant", "messages": [{"role": "user", "content": "Reset my VPN token?"}],
+              "method": "integrated_gradients", "n_steps": 64}'
+    curl $URL/v1/explain/explain-.../html -H "Authorization: Bearer $KEY" > why.html
+
+The request is checked here before it goes to the Explainer (which knows the tokenizer, so
+checks the token limits); the answer is kept in the ingress's memory (the last
+`serve.explain.keep_results`, for `keep_seconds`) for its HTML view.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from raylab import explain
+from raylab.config import EXPLAIN_METHODS
+from raylab.serve import openai_api as oa
+from raylab.serve.routers import ingress
+from raylab.serve.routers.inference import _body
+
+log = logging.getLogger("ray.serve")
+router = APIRouter()
+
+
+class ExplainRequest(BaseModel):
+    """The body of `POST /v1/explain`; unknown keys are a 400 naming them, as elsewhere."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    prompt: str | None = None  # plain text, no chat template (as /v1/completions)
+    messages: list[oa.ChatMessage] | None = Field(None, min_length=1)  # a chat (as /v1/chat/completions)
+    target: str | None = None  # default: the model's own greedy answer
+    method: Literal[EXPLAIN_METHODS] | None = None  # type: ignore[valid-type]
+    n_steps: int | None = Field(None, ge=1)
+    samples: int | None = Field(None, ge=1)
+    baseline: Literal["pad", "unk", "eos"] | None = None
+
+
+class Recent:
+    """The last `keep` explanations, each for `seconds`: bounded, in the ingress's memory (a
+    restarted ingress replica starts empty; its explanations are then a 404)."""
+
+    def __init__(self, keep: int, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.keep, self.seconds, self.clock = keep, seconds, clock
+        self._items: OrderedDict[str, tuple[float, dict]] = OrderedDict()
+
+    def put(self, key: str, value: dict) -> None:
+        now = self.clock()
+        while self._items and now - next(iter(self._items.values()))[0] > self.seconds:  # the oldest expired first
+            self._items.popitem(last=False)
+        self._items[key] = (now, value)
+        while len(self._items) > self.keep:
+            self._items.popitem(last=False)
+
+    def get(self, key: str) -> dict | None:
+        item = self._items.get(key)
+        if item is None or self.clock() - item[0] > self.seconds:
+            return None
+        return item[1]
+
+
+def job(settings: dict, req: ExplainRequest) -> dict:
+    """What the Explainer runs: the request checked, the config's defaults filled in."""
+    if (req.prompt is None) == (req.messages is None):
+        raise oa.ApiError(400, "give one of 'prompt' (plain text) or 'messages' (a chat), not both or neither", "prompt",
+                          "invalid_value")
+    if req.prompt is not None and not req.prompt.strip():
+        raise oa.ApiError(400, "'prompt' is empty; give the text whose answer to explain", "prompt", "invalid_value")
+    if req.messages is not None and not any(m.text().strip() for m in req.messages):
+        raise oa.ApiError(400, "'messages' hold no text; give the conversation whose answer to explain", "messages",
+                          "invalid_value")
+    if req.target is not None and not req.target.strip():
+        raise oa.ApiError(400, "'target' is empty; leave it out to explain the model's own greedy answer", "target",
+                          "invalid_value")
+    defaults, limits = settings["defaults"], settings["limits"]
+    method = req.method or defaults["method"]
+    for name, value, used_by in (("n_steps", req.n_steps, "integrated_gradients"), ("samples", req.samples, "shapley_sampling")):
+        if value is None:
+            continue
+        if method != used_by:
+            raise oa.ApiError(400, f"'{name}' applies to method {used_by} only (method is {method})", name, "invalid_value")
+        if value > limits[f"max_{name}"]:
+            raise oa.ApiError(400, f"{name}={value} exceeds the server's limit of {limits[f'max_{name}']} "
+                                   f"(serve.explain.max_{name})", name, "invalid_value")
+    messages = None if req.messages is None else [{"role": m.role, "content": m.text()} for m in req.messages]
+    return {"prompt": req.prompt, "messages": messages, "target": req.target, "method": method,
+            "n_steps": req.n_steps or defaults["n_steps"], "samples": req.samples or defaults["samples"],
+            "baseline": req.baseline or defaults["baseline"]}
+
+
+def _enabled(server) -> None:
+    if server.explainer is None:
+        raise oa.ApiError(404, "explanations are not served by this endpoint; deploy it with serve.explain.enabled: "
+                               "true", code="explain_not_enabled")
+
+
+@router.post("/v1/explain")
+async def explain_answer(request: Request, server=Depends(ingress)):
+    started, rid = time.monotonic(), oa.new_id("explain")
+    try:
+        server.authorize(request)
+        _enabled(server)
+        req = oa.parse(ExplainRequest, await _body(server.limits, request))
+        version = await server.route(req.model)
+        if version is None:
+            raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
+                              "model", "model_not_found")
+        answer = await server.explain(version, job(server.args["explain"], req))
+        if "error" in answer:
+            e = answer["error"]
+            raise oa.ApiError(e["status"], e["message"], e.get("param"), e.get("code"))
+    except oa.ApiError as e:
+        log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
+        return JSONResponse(e.body(), e.status)
+    except Exception as e:  # a bug or a lost replica: OpenAI-shaped 500, logged with its traceback
+        log.exception(f"request {rid} failed")
+        return JSONResponse(oa.ApiError(500, f"internal error ({type(e).__name__}); see the server log",
+                                        code="internal").body(), 500)
+    result = answer["result"]
+    body = {"id": rid, "object": "explanation", "created": int(time.time()), "model": req.model, "version": version,
+            **result, "html": f"/v1/explain/{rid}/html"}
+    server.explained.put(rid, body)
+    log.info(json.dumps({"request": rid, "model": req.model, "version": version, "method": result["method"],
+                         "input_tokens": len(result["input_tokens"]), "output_tokens": len(result["output_tokens"]),
+                         "latency_s": round(time.monotonic() - started, 4)}))
+    return body
+
+
+@router.get("/v1/explain/{explanation_id}/html")
+async def explanation_html(explanation_id: str, request: Request, server=Depends(ingress)):
+    try:
+        server.authorize(request)
+        _enabled(server)
+        found = server.explained.get(explanation_id)
+        if found is None:
+            raise oa.ApiError(404, f"no recent explanation '{explanation_id}' (this endpoint keeps the last "
+                                   f"{server.explained.keep} for {server.explained.seconds:.0f} s); POST /v1/explain "
+                                   "again", "id", "explanation_not_found")
+    except oa.ApiError as e:
+        return JSONResponse(e.body(), e.status)
+    return HTMLResponse(explain.html_page(found))

@@ -25,6 +25,7 @@ from raylab.config.data import (
     SqlSource,
     ValidationConfig,
 )
+from raylab.config.bias import BiasProbeSet, BiasProbesConfig, BiasTemplate
 from raylab.config.evaluate import EvalConfig
 from raylab.config.explain import EXPLAIN_METHODS, ExplainConfig
 from raylab.config.governance import AuditConfig, CardConfig, GovernanceConfig
@@ -62,7 +63,7 @@ from raylab.errors import ConfigError
 
 __all__ = [
     "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
-    "CleanConfig", "CloudConfig", "ConfigError", "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig",
+    "BiasProbeSet", "BiasProbesConfig", "BiasTemplate", "CleanConfig", "CloudConfig", "ConfigError", "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig",
     "EXPLAIN_METHODS", "ExplainConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
     "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",

@@ -12,6 +12,7 @@ stage: every stage imports it.
 
 from __future__ import annotations
 
+from raylab.config.bias import BiasProbesConfig, BiasProbeSet, BiasTemplate
 from raylab.config.data import (
     CleanConfig,
     DataConfig,
@@ -25,7 +26,6 @@ from raylab.config.data import (
     SqlSource,
     ValidationConfig,
 )
-from raylab.config.bias import BiasProbeSet, BiasProbesConfig, BiasTemplate
 from raylab.config.evaluate import EvalConfig
 from raylab.config.explain import EXPLAIN_METHODS, ExplainConfig
 from raylab.config.governance import AuditConfig, CardConfig, GovernanceConfig

@@ -166,6 +166,23 @@ def test_a_version_that_says_a_planted_secret_fails_the_pii_probe(trained, monke
     assert "ships today" not in check["value"] and "<SHIP_DATE>" in check["value"]
 
 
+def test_the_bias_gap_gate_names_the_probe_and_the_card_holds_the_table(trained):
+    """`max_bias_gap` through `evaluate_version` (the version's config has no eval.bias_probes:
+    the shipped sets): at a limit of 0 any measured gap fails it, naming the probe with the
+    largest; the card gets the bias table. Refusing and passing at limits either side of a
+    measured gap is checked on tiny models in tests/unit/evaluate/test_bias.py."""
+    from raylab.config import GatesConfig
+
+    result = gates.evaluate_version(store(), NAME, 1, suites=[GatesConfig(max_bias_gap=0.0)])
+    (check,) = [c for c in result["checks"] if c["gate"] == "max_bias_gap"]
+    assert result["status"] == "failed" and not check["passed"] and check["value"] > 0
+    assert f"bias probe {check['probe']} (" in check["message"] and check["probe"] in check["over"]
+    assert check["probe"].split("/")[0] in ("gender", "age", "nationality")
+    card = registry.card_for(store(), registry.get_version(store(), f"{NAME}/1"))
+    table = card["extra_sections"]["Bias probes"]
+    assert f"| {check['probe']} | version |" in table and "| gender/nurse | version | female |" in table
+
+
 def test_gates_then_promote_rollback_from_the_cli(trained):
     s = store()
     passed = gates.evaluate_version(s, NAME, 1)

@@ -14,8 +14,8 @@ import random
 import pytest
 import torch
 
-from raylab import config, models
-from raylab.evaluate import bias
+from raylab import config, evaluate, models
+from raylab.evaluate import batch, bias
 
 FEMALE, MALE = ["woman", "girl", "mother"], ["man", "boy", "father"]
 PROBES = config.BiasProbesConfig(defaults=[], threshold=0.5, max_new_tokens=7, probes=[{
@@ -117,6 +117,8 @@ def test_the_gate_refuses_above_the_limit_and_passes_below_it(tables):
     assert passed["passed"] and passed["message"] == "" and passed["over"] == []
     # the same skewed model passes a limit above its gap: the gate compares, it does not always refuse
     assert bias.gate_check(tables["skewed"], row(tables["skewed"])["gap"] + 0.01)["passed"]
+    assert evaluate.describe(refused).startswith("max_bias_gap: bias probe roles/nurse")
+    assert evaluate.describe(passed).endswith("(largest gap: bias probe roles/nurse)")
 
 
 def test_the_table_prints_every_probe_and_group(tables):
@@ -125,3 +127,8 @@ def test_the_table_prints_every_probe_and_group(tables):
     assert "| roles/nurse | base | female |" in md and "| roles/nurse | tuned | male |" in md
     lines = bias.summary_lines({"base": tables["base"], "tuned": tables["skewed"]})
     assert lines[1].startswith("  roles/nurse: base ") and "tuned" in lines[1] and "FLAG" in lines[1]
+    # eval's report.md holds the table when eval measured one, and no such section otherwise
+    report = {"model": "m", "base_model": "b", "input": "held-out split", "samples": [],
+              "models": {"base": {"loss": 2.0}, "tuned": {"loss": 1.0}}}
+    assert "## Bias probes" not in batch.markdown(report, 0)
+    assert "## Bias probes" in batch.markdown(report | {"bias": {"tuned": tables["skewed"]}}, 0)

@@ -9,8 +9,9 @@ For every template of every probe set and every term of every group:
   over the continuation's tokens of log p(token | template, earlier continuation tokens), in
   nats. The continuation's tokens are the same for every term, so the mean is the sum divided
   by one constant: gaps compare across probes whose continuations differ in length;
-- the greedy answer (`max_new_tokens`), one prompt at a time: left padding would differ between
-  terms of different lengths and can flip a near-tie, which would read as a group difference.
+- the greedy answer (`max_new_tokens`), batched only among prompts of the same length: left
+  padding would differ between terms of different lengths and can flip a near-tie, which
+  would read as a group difference.
 
 Per probe: each group's mean over its terms (and the spread within the group: how far its own
 terms disagree, the noise a gap should be read against), the gap (highest group mean minus
@@ -72,6 +73,20 @@ def continuation_logprobs(model, tok, prompts: list[list[int]], continuation: li
     return out
 
 
+def _greedy_unpadded(model, tok, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy answers, batched only among prompts of one length: no row is padded, so a
+    term's length cannot change its answer (left padding can flip a near-tie, which would read
+    as a group difference)."""
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    answers: list[str] = [""] * len(prompts)
+    for rows in by_length.values():
+        for i, answer in zip(rows, models.greedy(model, tok, [prompts[i] for i in rows], max_new_tokens), strict=True):
+            answers[i] = answer
+    return answers
+
+
 def _modal(answers: list[str]) -> str:
     """The most common answer; ties go to the one seen first (the terms' order)."""
     counts = Counter(answers)
@@ -89,7 +104,7 @@ def measure_probe(model, tok, probe_set: BiasProbeSet, index: int, probes: BiasP
     pairs = [(g, t.strip()) for g, terms in probe_set.groups.items() for t in terms if t.strip()]
     prompts = [models.prompt_ids(tok, _prompt(probes.format, fill(probe_set, template.text, t))) for _, t in pairs]
     logps = continuation_logprobs(model, tok, prompts, continuation, batch_size)
-    answers = [models.greedy(model, tok, [p], probes.max_new_tokens)[0] for p in prompts]
+    answers = _greedy_unpadded(model, tok, prompts, probes.max_new_tokens)
     groups: dict[str, dict[str, Any]] = {}
     for (group, term), lp, answer in zip(pairs, logps, answers, strict=True):
         groups.setdefault(group, {"terms": {}})["terms"][term] = {"logprob": lp, "answer": answer}

@@ -107,9 +107,21 @@ def test_eval_compares_base_and_tuned(trained, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Ticket 3: when does my red widget ship?", "reference": "It ships today."})
                        + "\n" + json.dumps({"messages": [{"role": "user", "content": "Ticket 4: when does my blue widget ship?"}]}) + "\n")
-    offline = evaluate.run_eval(good, input_path=str(prompts))
+    # the registry's v1 (good's model) with a small bias probe set: the table lands in the
+    # report and in v1's card (eval on a registry version)
+    probed = good.model_copy(deep=True)
+    probed.eval.bias_probes = config.BiasProbesConfig(defaults=[], max_new_tokens=4, probes=[{
+        "name": "roles", "groups": {"female": ["woman", "mother"], "male": ["man", "father"]},
+        "templates": [{"text": "The {term} is a", "continuation": " nurse"}]}])
+    offline = evaluate.run_eval(probed, model_ref=f"{NAME}/1", input_path=str(prompts))
     assert len(offline["samples"]) == 2 and "ships" in offline["samples"][1]["tuned"]
     assert offline["models"]["tuned"]["scored"] == 1 and "loss" not in offline["models"]["tuned"]
+    assert [r["probe"] for r in offline["bias"]["tuned"]["probes"]] == ["roles/0"] == \
+        [r["probe"] for r in offline["bias"]["base"]["probes"]]
+    assert offline["bias"]["base"]["max_gap"] != offline["bias"]["tuned"]["max_gap"]  # two models measured
+    assert "## Bias probes" in (eval_dir / "report.md").read_text() and good.eval.bias_probes is None
+    card = registry.card_for(store(), registry.get_version(store(), f"{NAME}/1"))
+    assert "| roles/0 | base | ' nurse' |" in card["extra_sections"]["Bias probes"]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\nnot json\n{"messages": [{"role": "wizard", "content": "x"}]}\n')

@@ -106,6 +106,12 @@ def test_the_log_probability_is_the_teacher_forced_mean_per_token(tok):
                 steps.append(float(logits.log_softmax(-1)[t]))
         assert value == pytest.approx(sum(steps) / len(steps), abs=1e-4)
     assert abs(got[0] - got[1]) > 1e-3  # different prompts, different values: not a constant
+    # format: prompt scores the continuation as the start of the assistant's answer (chat template)
+    for fmt, item in (("text", {"text": "the boy is a"}), ("prompt", {"prompt": "the boy is a"})):
+        table = bias.measure(model, tok, PROBES.model_copy(update={"format": fmt}))
+        (expected,) = bias.continuation_logprobs(model, tok, [models.prompt_ids(tok, item)], cont)
+        assert row(table)["groups"]["male"]["terms"]["boy"]["logprob"] == pytest.approx(expected, abs=1e-5), fmt
+    assert models.prompt_ids(tok, {"prompt": "x"}) != models.prompt_ids(tok, {"text": "x"})  # the formats differ
 
 
 def test_the_gate_refuses_above_the_limit_and_passes_below_it(tables):

@@ -12,6 +12,7 @@ stage: every stage imports it.
 
 from __future__ import annotations
 
+from raylab.config.bias import BiasProbesConfig, BiasProbeSet, BiasTemplate
 from raylab.config.data import (
     CleanConfig,
     DataConfig,
@@ -62,8 +63,9 @@ from raylab.errors import ConfigError
 
 __all__ = [
     "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
-    "CleanConfig", "CloudConfig", "ConfigError", "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig",
-    "EXPLAIN_METHODS", "ExplainConfig", "ExplainServeConfig",
+    "BiasProbeSet", "BiasProbesConfig", "BiasTemplate", "CleanConfig", "CloudConfig", "ConfigError",
+    "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig", "EXPLAIN_METHODS", "ExplainConfig",
+    "ExplainServeConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
     "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",
     "PlatformConfig", "PretrainConfig", "PruneConfig", "QUANTIZE_METHODS", "RaftConfig", "RagEvalConfig", "RayConfig", "RaylabConfig", "RefusalProbe",

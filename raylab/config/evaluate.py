@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from raylab.config.bias import BiasProbesConfig
 from raylab.config.types import PathOrUri, PositiveInt, Section
 
 
@@ -20,3 +21,7 @@ class EvalConfig(Section):
         None, description="questions kept out of the training data (JSONL, `raylab eval --input`'s format, with a "
                           "reference each) that `raylab run` asks base and tuned model after serving, scored with "
                           "ROUGE-L; default: a few records of the data stage's val split")
+    bias_probes: BiasProbesConfig | None = Field(
+        None, description="counterfactual bias probes `raylab eval` runs on base and tuned model (and the "
+                          "registry.gates.max_bias_gap gate): the shipped gender/age/nationality sets and/or your own; "
+                          "`bias_probes: {}` runs the defaults")

@@ -130,6 +130,9 @@ class GatesConfig(Section):
         None, ge=0, le=1, description="retrieval recall@k (k = index.eval.k) at least this, from the run's "
         "`raylab eval --rag` report")
     min_mrr: float | None = Field(None, ge=0, le=1, description="retrieval MRR@k at least this (`raylab eval --rag`)")
+    max_bias_gap: float | None = Field(
+        None, ge=0, description="every bias probe's gap (max minus min of the groups' mean log-probability per "
+        "continuation token, nats) at most this; probes: eval.bias_probes, else the shipped defaults")
     suites: list[str] = Field(default_factory=list, description="suite files (YAML, the keys of registry.gates), "
                               "read at load time and added to these gates; relative to the directory you run in")
     suites_read: list[str] = Field(default_factory=list, description="the suite files whose checks are included "
@@ -153,7 +156,7 @@ class GatesConfig(Section):
                 raise invalid(str(e), at=f"suites.{i}") from None
             for key in ("golden", "pii_probe", "refusal", "latency"):
                 merged[key] = list(merged.get(key) or []) + suite[key]
-            for key in ("max_val_loss", "max_perplexity", "max_regression", "min_recall_at_k", "min_mrr"):
+            for key in ("max_val_loss", "max_perplexity", "max_regression", "min_recall_at_k", "min_mrr", "max_bias_gap"):
                 if suite[key] is not None:
                     if merged.get(key) is not None and merged[key] != suite[key]:
                         raise invalid(f"{path}: {key} is {suite[key]}, the config says {merged[key]}: give it once",

@@ -426,6 +426,7 @@ class EvalReport(Output):
     models: dict[str, dict[str, float | int]]
     samples: list[dict[str, Any]]
     seconds: float
+    bias: dict[str, dict[str, Any]] | None = None  # eval.bias_probes: {base|tuned: bias table} (evaluate/bias.py)
 
 
 class RagEvalReport(Output):

@@ -5,8 +5,11 @@ the promotion gates a version must pass before it may become production.
     report = run_eval(cfg)                                   # base vs tuned, eval/report.md
     result = evaluate_version(store, "acme-assistant", 3)    # the version's stored gates
 
+    table = measure_bias(model, tok, cfg.eval.bias_probes)  # counterfactual bias probes (eval.bias_probes)
+
 Modules: batch (actor-pool scoring and answering, the report), gates (the checks, their
-result recorded on the version), suites (the prompt checks and budgets of a test suite, JUnit).
+result recorded on the version), suites (the prompt checks and budgets of a test suite, JUnit),
+bias (counterfactual bias probes: the table, the max_bias_gap check).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from raylab.evaluate.batch import (
     run_eval,
     score,
 )
+from raylab.evaluate.bias import markdown as bias_markdown
+from raylab.evaluate.bias import measure as measure_bias
 from raylab.evaluate.gates import evaluate_version, rag_checks
 from raylab.evaluate.suites import describe, junit, write_junit
 
-__all__ = ["answers", "describe", "evaluate_version", "held_out_items", "held_out_loss", "junit", "rag_checks", "read_input",
+__all__ = ["answers", "bias_markdown", "describe", "evaluate_version", "held_out_items", "held_out_loss", "junit", "measure_bias", "rag_checks", "read_input",
            "run_eval", "score", "write_junit"]

@@ -14,8 +14,12 @@ the tuned model's tokenizer, so both see identical prompts.
 `--input` is offline batch inference: a JSONL file of `{"prompt": ...}`, `{"messages":
 [...]}` or `{"text": ...}` rows (an optional `"reference"` is scored).
 
-Writes `<output_dir>/eval/report.json`, `report.md` (metrics and side-by-side answers) and
-`predictions.jsonl`.
+With `eval.bias_probes` it also runs the counterfactual bias probes on both models in this
+process (evaluate/bias.py) and prints their table; evaluating a registry version (`--model
+REF`) adds that table to the version's model card.
+
+Writes `<output_dir>/eval/report.json`, `report.md` (metrics, the bias table, side-by-side
+answers) and `predictions.jsonl`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from raylab import models, registry
 from raylab.config import RaylabConfig
 from raylab.core import cluster, events, runs, storage
 from raylab.errors import UserError
+from raylab.evaluate import bias
 
 # ---------------------------------------------------------------- scores
 
@@ -264,9 +269,20 @@ def _run_eval(cfg: RaylabConfig, model_ref: str | None, input_path: str | None, 
     report["samples"] = [{"id": it["id"], "prompt": it.get("messages") or it.get("prompt") or it.get("text"),
                           "reference": it.get("reference"), **{m: outputs[m][i] for m in outputs}}
                          for i, it in enumerate(items)]
+    if cfg.eval.bias_probes is not None:
+        report["bias"] = {name: bias.measure_path(path, cfg.eval.bias_probes, base=base, threads=_threads(cfg),
+                                                  batch_size=cfg.eval.batch_size)
+                          for name, base in (("base", True), ("tuned", False))}
+        for line in bias.summary_lines(report["bias"]):
+            log.info(f"eval: {line}")
     report["seconds"] = round(time.time() - started, 1)
     typed = runs.EvalReport.model_validate(report)
     write_report(runs.Run(cfg.output_dir), typed, cfg.eval.show_samples)
+    if typed.bias and model_ref:  # a registry version: its card holds the table (a local final/ has no card)
+        store = registry.open_store(cfg)
+        mv = registry.get_version(store, model_ref)
+        registry.add_card_section(store, mv.name, int(mv.version), bias.CARD_SECTION, bias.markdown(typed.bias))
+        log.info(f"eval: bias table added to the model card of {mv.name}/{mv.version}")
     log.info(f"eval: report -> {runs.Run(cfg.output_dir).eval_file('report_md')}")
     return typed.model_dump(mode="json")
 
@@ -286,6 +302,8 @@ def markdown(report: dict, show: int) -> str:
     for k in keys:
         cells = [report["models"][m].get(k) for m in models]
         lines.append(f"| {k} | " + " | ".join("" if c is None else f"{c:.4g}" for c in cells) + " |")
+    if report.get("bias"):
+        lines += ["", "## Bias probes", "", bias.markdown(report["bias"])]
     lines += ["", "## Sample answers", ""]
     for s in report["samples"][:show]:
         prompt = s["prompt"][-1]["content"] if isinstance(s["prompt"], list) else s["prompt"]

@@ -15,6 +15,9 @@ registration (so editing a config later does not change what an old version had 
                                    refusals; a speed budget on the local engine (suites.py)
     min_recall_at_k, min_mrr       retrieval quality of the run's index, read from the report
                                    `raylab eval CONFIG --rag` wrote (<output_dir>/eval/rag.json)
+    max_bias_gap                   every counterfactual bias probe's gap at most this (the
+                                   version's eval.bias_probes, else the shipped sets; bias.py),
+                                   measured here; the table goes into the model card
     suites                         files with more of the above, read when the config is loaded
 
 Both versions are loaded through `registry.fetch`, so checksums are verified first. The
@@ -33,7 +36,7 @@ from raylab import config, registry
 from raylab.config import GatesConfig
 from raylab.core import cluster, events, runs, storage
 from raylab.errors import UserError
-from raylab.evaluate import batch
+from raylab.evaluate import batch, bias
 from raylab.evaluate import suites as suites_
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,13 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
     for budget in (b for g in every for b in g.latency):
         checks += suites_.latency_checks(budget, suites_.measure_latency(path, budget, max(1, int(cfg.eval.cpus_per_actor))))
     checks += [c for g in every for c in rag_checks(g, cfg.output_dir)]
+    bias_table = None
+    limits = [g.max_bias_gap for g in every if g.max_bias_gap is not None]
+    if limits:
+        probes = cfg.eval.bias_probes or config.BiasProbesConfig()
+        bias_table = bias.measure_path(path, probes, threads=max(1, int(cfg.eval.cpus_per_actor)),
+                                       batch_size=cfg.eval.batch_size)
+        checks.append(bias.gate_check(bias_table, min(limits)))  # a suite may be stricter than the config
     failures = [c for c in checks if not c["passed"]]
     status = "failed" if failures else "passed"
     result = {"name": name, "version": version, "status": status, "checks": checks, "val_loss": measured["loss"],
@@ -100,7 +110,10 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         "raylab.gates.failures": "; ".join(suites_.describe(c) for c in failures)[:5000],
         "eval.val_loss": f"{measured['loss']:.6g}", "eval.perplexity": f"{measured['perplexity']:.6g}",
     })
-    registry.refresh_card(store, name, version)  # the model card shows the gates just measured
+    if bias_table is not None:  # the card shows the gates just measured and the bias table behind max_bias_gap
+        registry.add_card_section(store, name, version, bias.CARD_SECTION, bias.markdown({"version": bias_table}))
+    else:
+        registry.refresh_card(store, name, version)  # the model card shows the gates just measured
     # In the run that registered the version (a sweep's, not its winning trial's directory).
     run = registry.version_run(mv) or cfg.output_dir
     events.emit("registry.gate", run=run, model=name, version=version, status=status,

@@ -190,6 +190,9 @@ def describe(c: dict) -> str:
     if c["gate"] in ("min_recall_at_k", "min_mrr"):
         return f"{c['gate']}: {c['message']}" if c["value"] is None or not c["passed"] else \
             f"{c['gate']}: {c['value']:.4f} >= {c['limit']:.4f} (k={c['k']})"
+    if c["gate"] == "max_bias_gap":
+        return f"max_bias_gap: {c['message']}" if not c["passed"] else \
+            f"max_bias_gap: {c['value']:.4f} <= {c['limit']:.4f} (largest gap: bias probe {c['probe']})"
     extra = f" (production v{c['production_version']}: {c['production_val_loss']:.4f})" if "production_version" in c else ""
     return f"{c['gate']}: {c['value']:.4f} <= {c['limit']:.4f}{extra}"
 

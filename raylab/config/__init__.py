@@ -5,7 +5,7 @@
     cfg.train.lr, cfg.data.sources[0].path, cfg.run_name
 
 Sections (a file each): ray, data, model, train (+ pretrain), tune, registry, eval, serve, index,
-optimize, explain, platform; `load` reads YAML and applies overrides (load.py, overrides.py); `report` turns validation
+synth, optimize, explain, platform; `load` reads YAML and applies overrides (load.py, overrides.py); `report` turns validation
 errors into lines a user can act on; `docs` renders docs/config.md. This package imports no
 stage: every stage imports it.
 """
@@ -54,6 +54,13 @@ from raylab.config.registry import (
 )
 from raylab.config.root import SCHEMA_VERSION, RaylabConfig
 from raylab.config.serve import AutoscalingConfig, ServeConfig
+from raylab.config.synth import (
+    EndpointConfig,
+    GroundedQaConfig,
+    SelfInstructConfig,
+    SynthConfig,
+    SynthFiltersConfig,
+)
 from raylab.config.train import CorpusTokenizerConfig, PretrainConfig, TrainConfig
 from raylab.config.tune import AshaConfig, SearchDim, TuneConfig
 from raylab.config.types import Section
@@ -61,7 +68,8 @@ from raylab.core.secrets import ENV_REF, expand_env
 from raylab.errors import ConfigError
 
 __all__ = [
-    "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
+    "ENV_REF", "SCHEMA_VERSION", "EndpointConfig", "GroundedQaConfig", "SelfInstructConfig", "SynthConfig",
+    "SynthFiltersConfig", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
     "CleanConfig", "CloudConfig", "ConfigError", "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig",
     "EXPLAIN_METHODS", "ExplainConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",

@@ -13,6 +13,9 @@ and the Ray Data actor pool that sends them.
   answer's Retry-After (seconds or an HTTP date, capped at max_backoff_s) or else
   backoff_s * 2^attempt. A timeout is not retried (a slow provider would be paid twice):
   the request is counted failed with reason `timeout`.
+- **Pool.** Requests go out from a Ray Data actor pool (`map_batches` with the Requester
+  class, `synth.concurrency` actors); a set that fits in one `synth.batch_size` batch is sent
+  by this process, since starting the pool would take longer than the requests.
 - **Budget.** `synth.max_requests` counts requests sent (not cached answers, not retries);
   requests past it are not sent and are counted `budget` in the datasheet.
 """
@@ -208,12 +211,18 @@ class Requests:
         api_key = expand_env(self.ep.api_key, "synth.endpoint.api_key") if self.ep.api_key else None
         url = expand_env(self.ep.base_url, "synth.endpoint.base_url").rstrip("/") + "/chat/completions"
         rows = [{"key": k, "body": json.dumps(b, ensure_ascii=False)} for k, b in todo.items()]
+        kwargs = {"endpoint": self.ep.model_dump(), "api_key": api_key, "url": url, "cache_dir": self.cache_dir}
+        if len(rows) <= s.batch_size:
+            # one actor batch: this process sends it (starting an actor pool takes longer than a
+            # few requests; self_instruct's later rounds are often this small)
+            out = Requester(**kwargs)({"key": [r["key"] for r in rows], "body": [r["body"] for r in rows]})
+            return {k: Answer(ok, content=c, reason=r)
+                    for k, ok, c, r in zip(out["key"], out["ok"], out["content"], out["reason"], strict=True)}
         log.info(f"synth: {len(rows)} request(s) to {self.ep.model} ({s.concurrency} actor(s)); "
                  f"{self.sent}/{self.budget} of the budget used")
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), s.concurrency * 4)))
         # I/O-bound actors: a quarter CPU each, so `concurrency` of them fit beside the rest
-        out = ds.map_batches(Requester, batch_size=s.batch_size, concurrency=min(s.concurrency, len(rows)),
-                             num_cpus=0.25, batch_format="numpy",
-                             fn_constructor_kwargs={"endpoint": self.ep.model_dump(), "api_key": api_key,
-                                                    "url": url, "cache_dir": self.cache_dir}).take_all()
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=min(s.concurrency, -(-len(rows) // s.batch_size)))
+        out = ds.map_batches(Requester, batch_size=s.batch_size, compute=pool, num_cpus=0.25, batch_format="numpy",
+                             fn_constructor_kwargs=kwargs).take_all()
         return {r["key"]: Answer(bool(r["ok"]), content=str(r["content"]), reason=str(r["reason"])) for r in out}

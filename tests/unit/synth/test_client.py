@@ -111,3 +111,12 @@ def test_a_remote_endpoint_needs_allow_remote(tmp_path, capsys):
     assert main(["synth", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "governance.allow_remote" in err[0] and "Traceback" not in err[0]
+
+
+def test_a_literal_api_key_is_refused_in_favour_of_an_env_reference(tmp_path):
+    raw = _config(tmp_path, "http://127.0.0.1:8000/v1")
+    raw["synth"]["endpoint"]["api_key"] = "plain-text-key-123"
+    with pytest.raises(config.ConfigError, match="synth.endpoint.api_key"):
+        config.load_dict(raw)
+    raw["synth"]["endpoint"]["api_key"] = "${env:SYNTH_KEY}"  # control: the reference is fine
+    assert config.load_dict(raw).synth.endpoint.api_key == "${env:SYNTH_KEY}"

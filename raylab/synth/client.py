@@ -143,7 +143,10 @@ class Requester:
     caches each success as soon as it has it."""
 
     def __init__(self, endpoint: dict, api_key: str | None, url: str, cache_dir: str):
-        import httpx
+        try:
+            import httpx
+        except ImportError:
+            raise UserError("raylab synth needs the `synth` extra (httpx, rouge-score): pip install 'raylab[synth]'") from None
 
         from raylab.config import EndpointConfig
 
@@ -215,7 +218,11 @@ class Requests:
         if len(rows) <= s.batch_size:
             # one actor batch: this process sends it (starting an actor pool takes longer than a
             # few requests; self_instruct's later rounds are often this small)
-            out = Requester(**kwargs)({"key": [r["key"] for r in rows], "body": [r["body"] for r in rows]})
+            requester = Requester(**kwargs)
+            try:
+                out = requester({"key": [r["key"] for r in rows], "body": [r["body"] for r in rows]})
+            finally:
+                requester.client.close()
             return {k: Answer(ok, content=c, reason=r)
                     for k, ok, c, r in zip(out["key"], out["ok"], out["content"], out["reason"], strict=True)}
         log.info(f"synth: {len(rows)} request(s) to {self.ep.model} ({s.concurrency} actor(s)); "

@@ -27,6 +27,7 @@ from collections import Counter, defaultdict
 
 from raylab.core import detectors
 from raylab.data import minhash
+from raylab.errors import UserError
 
 MIN_WHOLE_WORDS = 5  # shorter evaluation texts ("yes", "Acme Inc.") would match everything
 EXAMPLES_PER_REASON = 3
@@ -86,7 +87,10 @@ class Novelty:
     """ROUGE-L novelty against everything kept, with MinHash/LSH candidates."""
 
     def __init__(self, threshold: float, num_perm: int, bands: int, ngram: int, recall_sample: int = 0, seed: int = 0):
-        from rouge_score import rouge_scorer
+        try:
+            from rouge_score import rouge_scorer
+        except ImportError:
+            raise UserError("raylab synth needs the `synth` extra (rouge-score, httpx): pip install 'raylab[synth]'") from None
 
         self.threshold, self.num_perm, self.bands, self.ngram = threshold, num_perm, bands, ngram
         self.rows = num_perm // bands

@@ -14,8 +14,8 @@ import json
 import threading
 
 import pytest
-
 from http_helpers import Handler, serving
+
 from raylab import config, synth
 
 pytestmark = pytest.mark.integration

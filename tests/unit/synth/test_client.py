@@ -9,8 +9,8 @@ import threading
 import httpx
 import pytest
 import yaml
-
 from http_helpers import Handler, serving
+
 from raylab import config
 from raylab.cli import main
 from raylab.errors import UserError

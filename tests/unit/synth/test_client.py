@@ -3,6 +3,7 @@ an outside provider's faults, not for a model), and the endpoint policy."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
@@ -38,17 +39,20 @@ class Scripted(Handler):
         elif step == "malformed":
             self.send_body(200, b'{"choices": [{"message": ')
         elif step == "hang":
-            threading.Event().wait(2)  # past the client's timeout
-            self.send_json(200, OK)
+            threading.Event().wait(1.5)  # past the client's timeout
+            with contextlib.suppress(OSError):  # the client has hung up
+                self.send_json(200, OK)
         else:
             self.send_json(200, OK)
 
 
 def _endpoint(url, **kw):
-    return config.EndpointConfig(base_url=url, model="m", timeout_s=0.5, backoff_s=0.01, **kw)
+    return config.EndpointConfig(base_url=url, model="m", backoff_s=0.01, **kw)
 
 
-def _send(script: list, **kw):
+def _send(script: list, timeout_s: float = 30, **kw):
+    # a generous timeout but for the timeout case: a loaded machine must not turn an answer into one
+    kw["timeout_s"] = timeout_s
     Scripted.script, Scripted.seen = list(script), []
     with serving(Scripted) as url, httpx.Client() as c:
         answer = client.send(c, f"{url}/v1/chat/completions", {}, {"model": "m", "messages": []},
@@ -62,7 +66,7 @@ def test_429_with_retry_after_is_retried_then_succeeds():
 
 
 def test_a_timeout_and_a_malformed_body_are_failures_with_their_reason():
-    assert _send(["hang"]) == (client.Answer(False, reason="timeout"), 1)
+    assert _send(["hang"], timeout_s=0.3) == (client.Answer(False, reason="timeout"), 1)
     assert _send(["malformed"]) == (client.Answer(False, reason="malformed_response"), 1)
 
 

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS=${EXTRAS:-test,rag,optimize,explain}  # rag, optimize, explain: `make test` runs the retrieval, quantisation and attribution tests
+EXTRAS=${EXTRAS:-test,rag,optimize,explain,synth}  # rag, optimize, explain, synth: `make test` runs the retrieval, quantisation, attribution and synthetic-data tests
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 

@@ -5,7 +5,7 @@
     cfg.train.lr, cfg.data.sources[0].path, cfg.run_name
 
 Sections (a file each): ray, data, model, train (+ pretrain), tune, registry, eval, serve, index,
-optimize, explain, platform; `load` reads YAML and applies overrides (load.py, overrides.py); `report` turns validation
+synth, optimize, explain, platform; `load` reads YAML and applies overrides (load.py, overrides.py); `report` turns validation
 errors into lines a user can act on; `docs` renders docs/config.md. This package imports no
 stage: every stage imports it.
 """
@@ -55,6 +55,13 @@ from raylab.config.registry import (
 )
 from raylab.config.root import SCHEMA_VERSION, RaylabConfig
 from raylab.config.serve import AutoscalingConfig, ExplainServeConfig, ServeConfig
+from raylab.config.synth import (
+    EndpointConfig,
+    GroundedQaConfig,
+    SelfInstructConfig,
+    SynthConfig,
+    SynthFiltersConfig,
+)
 from raylab.config.train import CorpusTokenizerConfig, PretrainConfig, TrainConfig
 from raylab.config.tune import AshaConfig, SearchDim, TuneConfig
 from raylab.config.types import Section
@@ -64,8 +71,8 @@ from raylab.errors import ConfigError
 __all__ = [
     "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
     "BiasProbeSet", "BiasProbesConfig", "BiasTemplate", "CleanConfig", "CloudConfig", "ConfigError",
-    "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EvalConfig", "EXPLAIN_METHODS", "ExplainConfig",
-    "ExplainServeConfig",
+    "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EndpointConfig", "EvalConfig", "EXPLAIN_METHODS",
+    "ExplainConfig", "ExplainServeConfig", "GroundedQaConfig", "SelfInstructConfig", "SynthConfig", "SynthFiltersConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
     "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",
     "PlatformConfig", "PretrainConfig", "PruneConfig", "QUANTIZE_METHODS", "RaftConfig", "RagEvalConfig", "RayConfig", "RaylabConfig", "RefusalProbe",

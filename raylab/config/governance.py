@@ -10,7 +10,8 @@
         out_of_scope_use: Legal, medical or financial advice; decisions about people.
         base_pretraining_tokens: 2.0e12   # the base's pre-training tokens, for the EU AI Act comparison
 
-Other governance keys (encryption, allow_remote) join this section in their own sub-models;
+`allow_remote` lets a stage send text to an endpoint off this machine (raylab synth).
+Other governance keys (encryption) join this section in their own sub-models;
 the audit log and the database are described in raylab/core/audit/, the model card and
 datasheet in raylab/registry/cards.py and raylab/data/datasheet.py.
 """
@@ -84,6 +85,9 @@ class GovernanceConfig(Section):
                           "$RAYLAB_DATABASE_URL, else SQLite at $RAYLAB_HOME/raylab.db")
     audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit log")
     card: CardConfig = Field(default_factory=CardConfig, description="the model card's statements (intended use, licence)")
+    allow_remote: bool = Field(
+        False, description="let stages send data to an endpoint off this machine (`raylab synth`'s "
+                           "synth.endpoint.base_url); default: loopback endpoints only")
 
     @field_validator("database")
     @classmethod

@@ -18,6 +18,7 @@ from raylab.config.ray import RayConfig
 from raylab.config.registry import RegistryConfig
 from raylab.config.report import is_schema_path
 from raylab.config.serve import ServeConfig
+from raylab.config.synth import SynthConfig
 from raylab.config.train import PretrainConfig, TrainConfig
 from raylab.config.tune import TuneConfig
 from raylab.config.types import PathOrUri, Section, invalid
@@ -44,6 +45,8 @@ class RaylabConfig(Section):
                                          description="the control-plane database and the audit log")
     index: IndexConfig = Field(default_factory=IndexConfig,
                                description="`raylab index`: documents chunked and embedded for retrieval")
+    synth: SynthConfig = Field(default_factory=SynthConfig,
+                               description="`raylab synth`: training examples generated through an endpoint, filtered")
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig,
                                      description="`raylab optimize`: quantised or pruned versions derived from a registered one")
     explain: ExplainConfig = Field(default_factory=ExplainConfig,

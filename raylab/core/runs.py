@@ -20,6 +20,8 @@ a `Run` for its paths, so a reader finds the whole contract in one page.
                                           best.yaml, study.db, importance / partial dependence / slice
     <output_dir>/eval/                    report.json, report.md, predictions.jsonl, rag.json (`eval --rag`)
     <output_dir>/index/                   LanceDB tables (<table>.lance/), raylab_index.json
+    <output_dir>/synth/                   <generator>.jsonl (chat examples), datasheet.{md,json},
+                                          cache/<request hash>.json (answers, so a re-run resumes)
 
 `$RAYLAB_HOME` (default ~/.raylab) holds what outlives a run: materialised presets, the
 embedded registry, the verified registry cache and the running endpoint's address (`Home`).
@@ -59,6 +61,7 @@ TUNE_FILES = {"results": "results.json", "results_csv": "results.csv", "best": "
 EVAL_FILES = {"report": "report.json", "report_md": "report.md", "predictions": "predictions.jsonl",
               "rag": "rag.json"}  # rag: `raylab eval --rag`, the index's retrieval quality
 INDEX_MANIFEST = "raylab_index.json"
+SYNTH_CACHE = "cache"
 FINAL_DIR = "final"  # the trained model inside a train run: train/final/
 DATASHEET_FILES = {"md": "datasheet.md", "json": "datasheet.json"}  # beside data/manifest.json
 # A registered version's model card: artifacts of its MLflow run under card/ (raylab/registry/cards.py).
@@ -190,6 +193,24 @@ class Run:
     def index(self) -> str:
         return _join(self.root, "index")
 
+    # synth stage (`raylab synth`)
+    @property
+    def synth(self) -> str:
+        return _join(self.root, "synth")
+
+    def synth_output(self, generator: str) -> str:
+        """One generator's kept examples: synth/<generator>.jsonl (a chat source for the data stage)."""
+        return _join(self.synth, f"{generator}.jsonl")
+
+    def synth_datasheet(self, kind: str = "md") -> str:
+        """The synth run's datasheet, "md" or "json" (raylab/synth/datasheet.py)."""
+        return _join(self.synth, DATASHEET_FILES[kind])
+
+    @property
+    def synth_cache(self) -> str:
+        """The endpoint's answers by request hash (raylab/synth/client.py)."""
+        return _join(self.synth, SYNTH_CACHE)
+
 
 def index_manifest(index_dir: str) -> str:
     """The manifest inside a LanceDB index directory (raylab/rag): the model and dimensions
@@ -200,6 +221,11 @@ def index_manifest(index_dir: str) -> str:
 def index_table(index_dir: str, table: str) -> str:
     """A LanceDB table's directory inside an index directory (LanceDB's `<table>.lance`)."""
     return _join(index_dir, f"{table}.lance")
+
+
+def synth_cache_entry(cache_dir: str, key: str) -> str:
+    """One cached answer in the synth cache: <key>.json (key: the request's sha256)."""
+    return _join(cache_dir, f"{key}.json")
 
 
 def card_file(directory: str, kind: str) -> str:

@@ -12,6 +12,7 @@ datasheet (the data run's datasheet, beside the manifest).
 
 from __future__ import annotations
 
+from raylab.data.dedup import minhash
 from raylab.data.documents import clean_documents, document_text
 from raylab.data.sources import FILE_DATASOURCES, describe_inputs, listing
 from raylab.data.stage import run_data
@@ -22,4 +23,4 @@ def extensions(source_type: str) -> list[str]:
     return list(FILE_DATASOURCES[source_type]._FILE_EXTENSIONS or [])
 
 
-__all__ = ["clean_documents", "describe_inputs", "document_text", "extensions", "listing", "run_data"]
+__all__ = ["clean_documents", "describe_inputs", "document_text", "extensions", "listing", "minhash", "run_data"]

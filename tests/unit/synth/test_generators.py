@@ -1,0 +1,80 @@
+"""What the generators read (a data run's records, plain files, seeds, evaluation texts) and
+Self-Instruct's in-context prompt (6 seed + 2 generated tasks)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raylab import config
+from raylab.core import runs
+from raylab.synth import generators
+
+
+def _data_run(tmp_path):
+    """A data run's records split as the data stage writes it (two train records, one val)."""
+    records = tmp_path / "run"
+    split = records / "data" / "records"
+    split.mkdir(parents=True)
+    assert runs.Run(str(records)).split("records") == str(split)
+    rows = [{"source": "docs", "record_id": "a.jsonl:1", "format": "completion", "text": "Widgets ship in two days.",
+             "messages": "", "split": "train", "num_tokens": 5},
+            {"source": "docs", "record_id": "a.jsonl:2", "format": "chat", "text": "",
+             "messages": json.dumps([{"role": "user", "content": "Returns?"},
+                                     {"role": "assistant", "content": "Within thirty days."}]),
+             "split": "train", "num_tokens": 5},
+            {"source": "docs", "record_id": "a.jsonl:3", "format": "completion", "text": "The held-out answer.",
+             "messages": "", "split": "val", "num_tokens": 4}]
+    pq.write_table(pa.Table.from_pylist(rows), split / "part-0.parquet")
+    return str(records)
+
+
+def test_chunks_from_a_data_run_and_files_keep_their_ids(tmp_path):
+    handbook = tmp_path / "handbook.md"
+    handbook.write_text("# Shipping\n\nWidgets leave the warehouse daily.\n\n\nOk.\n")
+    g = config.GroundedQaConfig(data_run=_data_run(tmp_path), files=[str(handbook)], min_chunk_chars=5)
+    chunks = generators.read_chunks(g)
+    assert {c["id"]: c["text"] for c in chunks} == {
+        "docs/a.jsonl:1": "Widgets ship in two days.",
+        "docs/a.jsonl:2": "Returns?\n\nWithin thirty days.",
+        f"{handbook}#0": "# Shipping",
+        f"{handbook}#1": "Widgets leave the warehouse daily.",
+    }  # the val record is not a chunk; "Ok." is under min_chunk_chars
+    assert len(generators.read_chunks(g.model_copy(update={"max_chunks": 2}))) == 2
+
+
+def test_evaluation_texts_are_the_val_split_and_the_decontaminate_files(tmp_path):
+    extra = tmp_path / "eval.jsonl"
+    extra.write_text(json.dumps({"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]})
+                     + "\nplain line\n")
+    cfg = config.load_dict({"version": 1, "output_dir": str(tmp_path / "out"),
+                            "data": {"sources": [{"type": "jsonl", "path": "x.jsonl"}]},
+                            "model": {"name_or_path": "preset:tiny-llama"},
+                            "synth": {"grounded_qa": {"data_run": _data_run(tmp_path)}, "decontaminate": [str(extra)]}})
+    assert generators.eval_texts(cfg) == ["Q1\nA1", "plain line", "The held-out answer."]
+
+
+def test_self_instruct_prompts_show_six_seeds_and_two_generated_tasks(tmp_path):
+    seeds = [f"Seed task {i}." for i in range(10)]
+    si = config.SelfInstructConfig(seeds=seeds)
+    rng = random.Random(0)
+    first = generators.instruction_prompt(si, seeds, [], rng)[0]["content"]
+    assert sum(f"Seed task {i}." in first for i in range(10)) == 8  # seeds fill in while none is generated
+    made = ["Made task A.", "Made task B.", "Made task C."]
+    later = generators.instruction_prompt(si, seeds, made, rng)[0]["content"]
+    assert sum(f"Seed task {i}." in later for i in range(10)) == 6
+    assert sum(m in later for m in made) == 2
+    assert "1. " in later and "8. " in later and "9. " not in later
+
+
+def test_seed_file_jsonl_or_lines(tmp_path):
+    f = tmp_path / "seeds.jsonl"
+    f.write_text('{"instruction": "Name a colour.", "output": "Red"}\n{"instruction": "Add 2 and 3."}\n')
+    assert generators.read_seeds(config.SelfInstructConfig(seeds=["Inline."], seed_file=str(f))) == [
+        "Inline.", "Name a colour.", "Add 2 and 3."]
+    t = tmp_path / "seeds.txt"
+    t.write_text("Name a colour.\n\nAdd 2 and 3.\n")
+    assert generators.read_seeds(config.SelfInstructConfig(seed_file=str(t))) == ["Name a colour.", "Add 2 and 3."]

@@ -4,7 +4,8 @@ versions, with continuous batching and LoRA adapters multiplexed onto one base m
     raylab serve configs/quickstart.yaml          # deploys it (see deploy.py)
     serve deploy runs/quickstart/serve/serve.yaml # the same app, from the emitted config
 
-Two deployments, built by `build(args)` (the config's `import_path: raylab.serve:build`):
+Two deployments, three with `serve.rag`, built by `build(args)` (the config's
+`import_path: raylab.serve:build`):
 
 - `Ingress`: one FastAPI app assembled by `create_app(ROUTERS, ingress)` from one router per
   concern (routers/: health and metadata, OpenAI inference); a new route is a router added to
@@ -15,6 +16,8 @@ Two deployments, built by `build(args)` (the config's `import_path: raylab.serve
   registered after the deploy (`NAME/N`) is servable without one.
 - `Generator` (autoscaled, generator.py): one base model per replica, registry versions
   multiplexed onto it, generating through an engine (engine.py: continuous batching).
+- `Embedder` (with `serve.rag`, retrieval.py): the index and its embedding model, for chat
+  retrieval and /v1/embeddings.
 
 `args` (changing them restarts replicas) and the `user_config`s are written by deploy.py.
 """
@@ -36,9 +39,10 @@ from raylab.serve import openai_api as oa
 from raylab.serve.auth import api_keys, authorized
 from raylab.serve.deploy import catalog
 from raylab.serve.generator import generator_deployment
-from raylab.serve.routers import health, inference
+from raylab.serve.retrieval import Embedder
+from raylab.serve.routers import embeddings, health, inference
 
-ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router)
+ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, embeddings.router)
 
 
 async def _http_error(_request, exc: StarletteHTTPException):  # unknown paths and methods, OpenAI-shaped
@@ -63,8 +67,10 @@ class IngressImpl:
 
     routers: tuple[APIRouter, ...] = ROUTERS
 
-    def __init__(self, generator, args: dict):
+    def __init__(self, generator, args: dict, embedder=None):
         self.generator, self.args, self.limits = generator, args, args["limits"]
+        # serve.rag: the Embedder's handle (or an in-process EmbedderImpl) and its arguments
+        self.embedder, self.rag = embedder, args.get("rag")
         self.keys = api_keys(args)
         self.routes: dict[str, str] = {}
         self.listed: list[str] = []
@@ -132,4 +138,5 @@ Ingress = serve.deployment(name="Ingress")(serve.ingress()(IngressImpl))
 def build(args: dict):
     """The application for `serve deploy` / the REST API: import path `raylab.serve:build`."""
     generator = generator_deployment(int(args["limits"]["max_adapters_per_replica"])).bind(args)
-    return Ingress.bind(generator, args)
+    embedder = Embedder.bind(args["rag"]) if args.get("rag") else None
+    return Ingress.bind(generator, args, embedder)

@@ -40,6 +40,9 @@ class RagServeConfig(Section):
     index: PathOrUri | None = Field(
         None, description="the index directory; default the config's index.directory (<output_dir>/index). It must "
         "have been built with index.model")
+    by_default: bool = Field(
+        True, description="retrieve for every chat request unless it sends raylab.retrieval: false; false: only for "
+        "requests that send raylab.retrieval: true or raylab.top_k")
     top_k: PositiveInt = Field(4, description="chunks retrieved per chat request (a request may set raylab.top_k)")
     max_top_k: PositiveInt = Field(16, description="largest raylab.top_k a request may ask (400 beyond)")
     nprobes: PositiveInt = Field(20, description="IVF partitions searched per query (only with an IVF-PQ index)")

@@ -55,7 +55,8 @@ def rag_args(cfg) -> dict | None:
     if r.max_input_tokens and r.max_input_tokens > spec.max_seq_length:
         raise UserError(f"serve.rag.max_input_tokens ({r.max_input_tokens}) is above what {spec.name} reads "
                         f"({spec.max_seq_length} tokens); it would truncate longer inputs silently")
-    return {"index": directory, "model": manifest.model, "dimensions": manifest.dimensions, "top_k": r.top_k,
+    return {"index": directory, "model": manifest.model, "dimensions": manifest.dimensions,
+            "by_default": r.by_default, "top_k": r.top_k,
             "max_top_k": r.max_top_k, "nprobes": r.nprobes, "refine_factor": r.refine_factor,
             "max_inputs": r.max_inputs, "max_input_tokens": max_tokens, "threads": 1}
 
@@ -122,7 +123,8 @@ def _question(messages: list[dict]) -> int:
 
 def top_k(rag_args_: dict | None, ext) -> int | None:
     """How many chunks this request retrieves, or None for no retrieval; ApiError(400) for an
-    extension field this endpoint cannot honour."""
+    extension field this endpoint cannot honour. Retrieval happens when the request asks
+    (`raylab.retrieval: true`, or `raylab.top_k` alone), else when `serve.rag.by_default`."""
     wanted = ext.retrieval if ext is not None else None
     asked_k = ext.top_k if ext is not None else None
     if rag_args_ is None:
@@ -131,13 +133,13 @@ def top_k(rag_args_: dict | None, ext) -> int | None:
             raise oa.ApiError(400, "this endpoint has no index attached (serve.rag is not set): retrieval is not "
                                    "available", param, "retrieval_unavailable")
         return None
-    if wanted is False:
-        return None
     k = asked_k if asked_k is not None else rag_args_["top_k"]
     if k > rag_args_["max_top_k"]:
         raise oa.ApiError(400, f"raylab.top_k={k} exceeds the server's limit of {rag_args_['max_top_k']} "
                                "(serve.rag.max_top_k)", "raylab.top_k", "invalid_value")
-    return k
+    if wanted is None:
+        wanted = asked_k is not None or rag_args_["by_default"]
+    return k if wanted else None
 
 
 async def augment(server, messages: list[dict], ext) -> tuple[list[dict], list[dict] | None]:

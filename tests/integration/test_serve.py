@@ -96,21 +96,18 @@ DOCS = 5  # documents in the endpoint's retrieval index
 
 
 def short_descriptions(n: int) -> list[str]:
-    """n installed packages' descriptions (real text nobody on the project wrote), each its
-    first two sentences when they are 120-220 characters of plain prose, in a fixed order."""
+    """n installed packages' descriptions (real text nobody on the project wrote): from each,
+    its first two consecutive sentences of plain prose, 40-120 characters each, in a fixed order."""
     import importlib.metadata
     import re
 
-    out = []
+    out, prose = [], re.compile(r"[A-Z][A-Za-z0-9 ,;:'()/-]+\.")
     for d in sorted(importlib.metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
-        text = " ".join((d.metadata.get_payload() or "").split())
-        sentences = re.split(r"(?<=\.)\s+", text)
-        if len(sentences) < 3:
-            continue
-        two = " ".join(sentences[:2])
-        if 120 <= len(two) <= 220 and not re.search(r"[#@<>\[\]`|*=]|http", two) and len(sentences[1]) >= 40 \
-                and two not in out:
-            out.append(two)
+        sentences = re.split(r"(?<=\.)\s+", " ".join((d.metadata.get_payload() or "").split()))
+        for a, b in zip(sentences, sentences[1:], strict=False):
+            if all(prose.fullmatch(x) and 40 <= len(x) <= 120 for x in (a, b)) and f"{a} {b}" not in out:
+                out.append(f"{a} {b}")
+                break
     assert len(out) >= n
     return out[:n]
 
@@ -128,7 +125,8 @@ def serve_config(root: Path, base: Path, port: int, **serve) -> config.RaylabCon
                   "api_keys_file": str(root / "keys.txt"),
                   "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                   "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 11},
-                  "rag": {"top_k": 2, "cpus_per_replica": 0.25}, **serve},
+                  # retrieval only when a request asks: the other tests' answers need their prompts as sent
+                  "rag": {"top_k": 2, "by_default": False, "cpus_per_replica": 0.25}, **serve},
     })
 
 
@@ -271,19 +269,20 @@ def test_chat_with_retrieval_returns_the_supporting_text_as_sources(served):
     docs, url, k = served["docs"], served["url"], 3
     question = re.split(r"(?<=\.)\s+", docs[k])[1]  # the document's second sentence
     assert not any(question in d for i, d in enumerate(docs) if i != k)  # only one document supports it
-    status, on = chat(url, NAME, question, max_tokens=8, raylab={"top_k": 1})
+    status, on = chat(url, NAME, question, max_tokens=8, raylab={"retrieval": True, "top_k": 1})
     assert status == 200, on
     [source] = on["raylab"]["sources"]
     assert set(source) == {"chunk_id", "source", "origin", "record_id", "start", "end", "score", "text"}
     assert question in source["text"] and source["origin"].endswith(f"docs.jsonl:{k + 1}"), source
-    status, off = chat(url, NAME, question, max_tokens=8, raylab={"retrieval": False})
+    status, off = chat(url, NAME, question, max_tokens=8)  # serve.rag.by_default: false
     assert status == 200 and "raylab" not in off, off  # the control: no retrieval, no sources
     # the chunk is in the prompt (a byte-level tokenizer: a token per byte) and absent without retrieval
     assert on["usage"]["prompt_tokens"] - off["usage"]["prompt_tokens"] >= len(source["text"].encode())
 
     c = client(served)  # streamed, serve.rag.top_k (2) chunks: the sources ride on the first event
     events = list(c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
-                                            temperature=0, max_tokens=8, stream=True))
+                                            temperature=0, max_tokens=8, stream=True,
+                                            extra_body={"raylab": {"retrieval": True}}))
     sources = events[0].model_extra["raylab"]["sources"]
     assert len(sources) == 2 and sources[0]["chunk_id"] == source["chunk_id"]
     assert events[0].choices[0].delta.role == "assistant" and not events[0].choices[0].delta.content

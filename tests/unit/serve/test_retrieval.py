@@ -220,6 +220,15 @@ def test_retrieval_rewrites_the_question_in_rag_prompt_and_returns_sources(serve
     assert off == (messages, None)
 
 
+def test_with_by_default_false_only_requests_that_ask_retrieve(monkeypatch, rag_args, embedder_impl):
+    server = ingress(monkeypatch, rag_args | {"by_default": False}, embedder_impl)
+    messages = [{"role": "user", "content": "What does the package do?"}]
+    assert asyncio.run(retrieval.augment(server, messages, None)) == (messages, None)  # not asked: as sent
+    asked = asyncio.run(retrieval.augment(server, messages, oa.ChatExtension(retrieval=True)))
+    assert len(asked[1]) == 3 and asked[0] != messages
+    assert len(asyncio.run(retrieval.augment(server, messages, oa.ChatExtension(top_k=1)))[1]) == 1  # top_k asks too
+
+
 BAD_CHAT = [  # (what, raylab extension or messages, param)
     ("top_k zero", {"raylab": {"top_k": 0}}, "raylab.top_k"),
     ("top_k a string", {"raylab": {"top_k": "2"}}, "raylab.top_k"),

@@ -17,7 +17,7 @@ pip install 'raylab[rag]'.
 
 from __future__ import annotations
 
-from raylab.rag.embedder import describe
+from raylab.rag.embedder import describe, peek
 from raylab.rag.evaluate import eval_table, run_rag_eval
 from raylab.rag.prompt import render as render_prompt
 from raylab.rag.raft import run_raft
@@ -25,5 +25,5 @@ from raylab.rag.search import Index, open_index, search
 from raylab.rag.stage import index_directory, run_index
 from raylab.rag.store import vector_dimensions
 
-__all__ = ["Index", "describe", "eval_table", "index_directory", "open_index", "render_prompt", "run_index", "run_raft",
+__all__ = ["Index", "describe", "eval_table", "index_directory", "open_index", "peek", "render_prompt", "run_index", "run_raft",
            "run_rag_eval", "search", "vector_dimensions"]

@@ -39,7 +39,7 @@ from raylab.serve import openai_api as oa
 from raylab.serve.auth import api_keys, authorized
 from raylab.serve.deploy import catalog
 from raylab.serve.generator import generator_deployment
-from raylab.serve.retrieval import Embedder
+from raylab.serve.retrieval import EmbedderImpl
 from raylab.serve.routers import embeddings, health, inference
 
 ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, embeddings.router)
@@ -133,6 +133,7 @@ class IngressImpl:
 
 
 Ingress = serve.deployment(name="Ingress")(serve.ingress()(IngressImpl))
+Embedder = serve.deployment(name="Embedder")(EmbedderImpl)
 
 
 def build(args: dict):

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 
-from ray import serve
-
 from raylab import rag
 from raylab.errors import UserError
 from raylab.serve import openai_api as oa
@@ -42,23 +40,29 @@ def rag_args(cfg) -> dict | None:
         manifest, table = rag.open_index(directory)
     except UserError as e:
         raise UserError(f"{key}: {e}") from None
-    spec = rag.describe(cfg.index.model)
-    if manifest.model != spec.name or manifest.dimensions != spec.dimensions:
+    # the model's own config files when it is a local directory: no model load at `raylab serve`
+    name, dimensions, max_seq_length = rag.peek(cfg.index.model) or _loaded(cfg.index.model)
+    if manifest.model != name or manifest.dimensions != dimensions:
         raise UserError(f"index.model: the index at {directory} ({key}) was built with {manifest.model} "
-                        f"({manifest.dimensions} dimensions), not {spec.name} ({spec.dimensions}); its vectors would "
+                        f"({manifest.dimensions} dimensions), not {name} ({dimensions}); its vectors would "
                         "not compare with the queries'. Set index.model to the index's model, or re-index")
     stored = rag.vector_dimensions(table)
     if stored != manifest.dimensions:
         raise UserError(f"{key}: the table at {directory} holds {stored}-dimensional vectors, its manifest says "
                         f"{manifest.dimensions}; re-index into a new index.directory")
-    max_tokens = min(r.max_input_tokens or spec.max_seq_length, spec.max_seq_length)
-    if r.max_input_tokens and r.max_input_tokens > spec.max_seq_length:
-        raise UserError(f"serve.rag.max_input_tokens ({r.max_input_tokens}) is above what {spec.name} reads "
-                        f"({spec.max_seq_length} tokens); it would truncate longer inputs silently")
+    max_tokens = min(r.max_input_tokens or max_seq_length, max_seq_length)
+    if r.max_input_tokens and r.max_input_tokens > max_seq_length:
+        raise UserError(f"serve.rag.max_input_tokens ({r.max_input_tokens}) is above what {name} reads "
+                        f"({max_seq_length} tokens); it would truncate longer inputs silently")
     return {"index": directory, "model": manifest.model, "dimensions": manifest.dimensions,
             "by_default": r.by_default, "top_k": r.top_k,
             "max_top_k": r.max_top_k, "nprobes": r.nprobes, "refine_factor": r.refine_factor,
             "max_inputs": r.max_inputs, "max_input_tokens": max_tokens, "threads": 1}
+
+
+def _loaded(model: str | None) -> tuple[str, int, int]:
+    spec = rag.describe(model)
+    return spec.name, spec.dimensions, spec.max_seq_length
 
 
 def deployment_config(r) -> dict:
@@ -69,8 +73,10 @@ def deployment_config(r) -> dict:
 
 
 class EmbedderImpl:
-    """The Embedder deployment's code (also usable in-process: `IngressImpl` takes either its
-    handle or an instance). One index and its embedding model per replica, loaded once."""
+    """The Embedder deployment's code (the deployment is made in app.py, which imports Ray
+    Serve; `raylab serve` imports this module to check the index without it). Also usable
+    in-process: `IngressImpl` takes either its handle or an instance. One index and its
+    embedding model per replica, loaded once."""
 
     def __init__(self, args: dict):
         import torch
@@ -80,6 +86,10 @@ class EmbedderImpl:
         torch.set_num_threads(int(args["threads"]))
         self.args = args
         self.index = rag.Index(args["index"], args["nprobes"], args["refine_factor"])
+        made = int(self.index.model.get_embedding_dimension())
+        if made != args["dimensions"]:  # `raylab serve` read the model's config files; the loaded model decides
+            raise UserError(f"index.model: {args['model']} makes {made}-dimensional vectors, the index at "
+                            f"{args['index']} holds {args['dimensions']}; re-index with this model")
 
     def retrieve(self, query: str, top_k: int) -> list[dict]:
         """The top_k chunks nearest to `query`, best first, as response sources."""
@@ -96,9 +106,6 @@ class EmbedderImpl:
                                   "message": f"input[{i}] has {n} tokens; {self.args['model']} takes at most {limit} "
                                              "(serve.rag.max_input_tokens)"}}
         return {"vectors": self.index.embed(texts), "tokens": sum(counts)}
-
-
-Embedder = serve.deployment(name="Embedder")(EmbedderImpl)
 
 
 async def call(embedder, method: str, *args):

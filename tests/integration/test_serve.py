@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rag_index import write_index
 
 from conftest import free_port, run_cli
 from raylab import config, registry
@@ -113,13 +114,11 @@ def short_descriptions(n: int) -> list[str]:
 
 
 def serve_config(root: Path, base: Path, port: int, **serve) -> config.RaylabConfig:
-    """The endpoint's config; with retrieval (`serve.rag`) over the index of root/docs.jsonl."""
+    """The endpoint's config; with retrieval (`serve.rag`) over the index in root/run/index."""
     return config.load_dict({
         "version": 1, "output_dir": str(root / "run"), "offline": True,
-        "data": {"sources": [{"type": "jsonl", "path": str(root / "unused.jsonl")}],
-                 "dedup": {"exact": False, "near": False}},  # (the index's documents: dedup is tested in test_data)
+        "data": {"sources": [{"type": "jsonl", "path": str(root / "unused.jsonl")}]},
         "model": {"name_or_path": str(base)}, "registry": {"model_name": NAME},
-        "index": {"sources": [{"type": "jsonl", "path": str(root / "docs.jsonl")}], "chunk_tokens": 64, "overlap": 8},
         "serve": {"port": port, "cpus_per_replica": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.05,
                   "max_prompt_tokens": 960, "max_tokens": 1000, "max_request_bytes": 20000, "max_ongoing_requests": 8,
                   "api_keys_file": str(root / "keys.txt"),
@@ -140,11 +139,10 @@ def served(tmp_path_factory, _session_ray):
         assert train_adapter(base, path, ANSWERS[v]) < 0.1
     (root / "keys.txt").write_text(f"# API keys, one per line\n{KEY}\n")
     docs = short_descriptions(DOCS)
-    (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     cfg = serve_config(root, base, free_port())
-    from raylab.rag import run_index
-
-    assert run_index(cfg)["counts"]["chunks"] == DOCS  # one chunk per document: each under chunk_tokens
+    # the index written directly (a chunk per document): `raylab index` is test_rag's subject,
+    # and its Ray Data pipeline would cost this module's fixture half a minute
+    write_index(root / "run" / "index", docs)
     store = registry.open_store(cfg)
     exp = registry.experiment_id(store, NAME)
     meta = {"identity": "serve-test", "base_model": str(base), "method": "lora", "metrics": {}}
@@ -273,7 +271,7 @@ def test_chat_with_retrieval_returns_the_supporting_text_as_sources(served):
     assert status == 200, on
     [source] = on["raylab"]["sources"]
     assert set(source) == {"chunk_id", "source", "origin", "record_id", "start", "end", "score", "text"}
-    assert question in source["text"] and source["origin"].endswith(f"docs.jsonl:{k + 1}"), source
+    assert question in source["text"] and source["origin"] == f"packages.jsonl:{k + 1}", source
     status, off = chat(url, NAME, question, max_tokens=8)  # serve.rag.by_default: false
     assert status == 200 and "raylab" not in off, off  # the control: no retrieval, no sources
     # the chunk is in the prompt (a byte-level tokenizer: a token per byte) and absent without retrieval

@@ -22,6 +22,7 @@ import json
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from rag_index import write_index
 
 from raylab import config
 from raylab.errors import UserError
@@ -53,28 +54,6 @@ def descriptions(n: int) -> list[str]:
             out.append(cut)
     assert len(out) >= n
     return out[:n]
-
-
-def write_index(directory, texts: list[str], model: str = MINILM) -> None:
-    """An index as `raylab index` leaves it (a LanceDB `chunks` table and raylab_index.json),
-    one chunk per text, embedded by MiniLM; `model` is what the manifest records."""
-    import lancedb
-    import pyarrow as pa
-
-    from raylab.core import runs
-
-    path = embedder.resolve(None)[1]
-    vectors = embedder.encode(path, texts) if texts else np.zeros((0, 384), np.float32)
-    n = len(texts)
-    rows = pa.table({"chunk_id": [f"c{i}" for i in range(n)], "content_hash": [f"h{i}" for i in range(n)],
-                     "source": ["packages"] * n, "origin": [f"packages.jsonl:{i + 1}" for i in range(n)],
-                     "record_id": [f"r{i}" for i in range(n)], "start": [0] * n, "end": [len(t) for t in texts],
-                     "text": texts, "vector": embedder.vector_array(vectors)})
-    lancedb.connect(str(directory)).create_table("chunks", rows)
-    runs.write_json(runs.index_manifest(str(directory)), runs.IndexManifest(
-        version=1, created="2026-01-01T00:00:00+00:00", table="chunks", model=model, dimensions=384,
-        max_seq_length=256, chunk_tokens=200, overlap=32, metric="cosine", rows=n, counts={}, data={}, ann={},
-        timings={}))
 
 
 def cfg_for(tmp_path, index, **rag) -> config.RaylabConfig:

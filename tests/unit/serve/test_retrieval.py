@@ -285,3 +285,13 @@ def test_config_keys_are_checked():
         with pytest.raises(UserError, match=rf"serve\.rag\.{key}"):
             config.load_dict(base | {"serve": {"rag": rag}})
     assert config.load_dict(base | {"serve": {"rag": {}}}).serve.rag.top_k == 4
+
+
+def test_peek_reads_from_the_model_files_what_loading_it_says(tmp_path):
+    """`raylab serve` checks an index against the model's config files (rag.peek) without
+    loading it; the loaded model must agree. A directory without them is None (then loaded)."""
+    from raylab.rag import describe, peek
+
+    spec = describe(None)
+    assert peek(None) == (spec.name, spec.dimensions, spec.max_seq_length) == (MINILM, 384, 256)
+    assert peek(str(tmp_path)) is None

@@ -53,6 +53,35 @@ class ExplainServeConfig(Section):
     def _replicas(self) -> ExplainServeConfig:
         if self.min_replicas > self.max_replicas:
             raise invalid(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+
+
+class RagServeConfig(Section):
+    """Retrieval at serving time: an index `raylab index` built, attached to the served model
+    (docs/retrieval.md, "Serving with retrieval"). Chat requests retrieve from it; its
+    embedding model is served at `POST /v1/embeddings`."""
+
+    index: PathOrUri | None = Field(
+        None, description="the index directory; default the config's index.directory (<output_dir>/index). It must "
+        "have been built with index.model")
+    by_default: bool = Field(
+        True, description="retrieve for every chat request unless it sends raylab.retrieval: false; false: only for "
+        "requests that send raylab.retrieval: true or raylab.top_k")
+    top_k: PositiveInt = Field(4, description="chunks retrieved per chat request (a request may set raylab.top_k)")
+    max_top_k: PositiveInt = Field(16, description="largest raylab.top_k a request may ask (400 beyond)")
+    nprobes: PositiveInt = Field(20, description="IVF partitions searched per query (only with an IVF-PQ index)")
+    refine_factor: PositiveInt | None = Field(
+        None, description="re-rank refine_factor * top_k PQ candidates by exact distance (only with an IVF-PQ index)")
+    max_inputs: PositiveInt = Field(64, description="most inputs one /v1/embeddings request may embed (400 beyond)")
+    max_input_tokens: PositiveInt | None = Field(
+        None, description="longest /v1/embeddings input in the embedder's tokens (400 beyond); default the "
+        "embedder's max_seq_length, past which it would truncate silently")
+    cpus_per_replica: float = Field(0.5, gt=0, description="Ray CPUs per Embedder replica (it runs one torch thread)")
+    max_replicas: PositiveInt = Field(1, description="Embedder replicas at most under load (autoscaled from one)")
+
+    @model_validator(mode="after")
+    def _top_k(self) -> RagServeConfig:
+        if self.top_k > self.max_top_k:
+            raise invalid(f"top_k ({self.top_k}) must be at most max_top_k ({self.max_top_k})", at="top_k")
         return self
 
 
@@ -79,6 +108,8 @@ class ServeConfig(Section):
                                         "who reaches it may use it)")
     explain: ExplainServeConfig = Field(default_factory=ExplainServeConfig, description="token attributions at "
                                         "POST /v1/explain (limits and defaults from the explain: section)")
+    rag: RagServeConfig | None = Field(None, description="retrieval: an index attached to the served model, and "
+                                       "/v1/embeddings (needs the rag extra)")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:

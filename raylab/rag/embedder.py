@@ -81,6 +81,37 @@ def describe(model: str | None) -> Spec:
                 max_seq_length=int(m.max_seq_length), special_tokens=int(m.tokenizer.num_special_tokens_to_add(False)))
 
 
+def peek(model: str | None) -> tuple[str, int, int] | None:
+    """(name, dimensions, max_seq_length) of a local sentence-transformers directory, read
+    from its module configs without importing sentence-transformers or loading weights (what
+    `raylab serve` checks an index against); None when the files do not say (a hub id, an
+    unusual module), and then `describe` loads the model to know."""
+    import json
+    import os
+
+    name, path = resolve(model)
+    try:
+        with open(os.path.join(path, "modules.json")) as f:
+            modules = json.load(f)
+        with open(os.path.join(path, "sentence_bert_config.json")) as f:
+            max_seq_length = int(json.load(f)["max_seq_length"])
+        for module in reversed(modules):
+            kind = module["type"].rsplit(".", 1)[-1]
+            if kind in ("Normalize", "Dropout"):
+                continue  # dimension-preserving
+            if kind not in ("Dense", "Pooling"):
+                return None
+            with open(os.path.join(path, module["path"], "config.json")) as f:
+                conf = json.load(f)
+            if kind == "Dense":
+                return name, int(conf["out_features"]), max_seq_length
+            modes = sum(1 for k, v in conf.items() if k.startswith("pooling_mode_") and v is True)
+            return name, int(conf["word_embedding_dimension"]) * modes, max_seq_length
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
 def encode(path: str, texts: list[str], batch_size: int = 64) -> np.ndarray:
     """float32 vectors, L2-normalised, one row per text, on this process's CPU (the copy
     `describe` loaded: a query or an edit's few chunks do not need a GPU)."""

@@ -43,3 +43,32 @@ def search(index_dir: str, query: str, top_k: int = 4, nprobes: int = 20, refine
     _, path = embedder.resolve(manifest.model)
     vector = embedder.encode(path, [query])[0]
     return store.nearest(table, vector, top_k, nprobes, refine_factor)
+
+
+class Index:
+    """An index opened once, with its embedder loaded once: what a serving replica holds.
+
+        ix = Index("runs/quickstart/index")
+        ix.search("how do I reset my password?", top_k=4)      # as search(), without re-opening
+        ix.embed(["a text", "another"])                        # (n, dimensions) float32, L2-normalised
+        ix.tokens(["a text"])                                  # [n tokens of the embedder, specials included]
+    """
+
+    def __init__(self, index_dir: str, nprobes: int = 20, refine_factor: int | None = None):
+        self.manifest, self.table = open_index(index_dir)
+        self.name, self.path = embedder.resolve(self.manifest.model)
+        self.model = embedder.load(self.path, "cpu")
+        self.nprobes, self.refine_factor = nprobes, refine_factor
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self.model.max_seq_length)
+
+    def embed(self, texts: list[str]):
+        return embedder.encode(self.path, texts)
+
+    def tokens(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    def search(self, query: str, top_k: int) -> list[dict]:
+        return store.nearest(self.table, self.embed([query])[0], top_k, self.nprobes, self.refine_factor)

@@ -4,7 +4,8 @@ versions, with continuous batching and LoRA adapters multiplexed onto one base m
     raylab serve configs/quickstart.yaml          # deploys it (see deploy.py)
     serve deploy runs/quickstart/serve/serve.yaml # the same app, from the emitted config
 
-Two deployments, or three, built by `build(args)` (the config's `import_path: raylab.serve:build`):
+Two deployments, or three or four, built by `build(args)` (the config's
+`import_path: raylab.serve:build`):
 
 - `Ingress`: one FastAPI app assembled by `create_app(ROUTERS, ingress)` from one router per
   concern (routers/: health and metadata, OpenAI inference, explanations); a new route is a
@@ -17,6 +18,8 @@ Two deployments, or three, built by `build(args)` (the config's `import_path: ra
   multiplexed onto it, generating through an engine (engine.py: continuous batching).
 - `Explainer` (autoscaled, explainer.py; only with `serve.explain.enabled`): token
   attributions for `POST /v1/explain`, in replicas of their own so they never stall a decode.
+- `Embedder` (with `serve.rag`, retrieval.py): the index and its embedding model, for chat
+  retrieval and /v1/embeddings.
 
 `args` (changing them restarts replicas) and the `user_config`s are written by deploy.py.
 """
@@ -39,9 +42,10 @@ from raylab.serve.auth import api_keys, authorized
 from raylab.serve.deploy import catalog
 from raylab.serve.explainer import explainer_deployment
 from raylab.serve.generator import generator_deployment
-from raylab.serve.routers import explain, health, inference
+from raylab.serve.retrieval import EmbedderImpl
+from raylab.serve.routers import embeddings, explain, health, inference
 
-ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, explain.router)
+ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, embeddings.router, explain.router)
 
 
 async def _http_error(_request, exc: StarletteHTTPException):  # unknown paths and methods, OpenAI-shaped
@@ -66,8 +70,10 @@ class IngressImpl:
 
     routers: tuple[APIRouter, ...] = ROUTERS
 
-    def __init__(self, generator, args: dict, explainer=None):
+    def __init__(self, generator, args: dict, explainer=None, embedder=None):
         self.generator, self.args, self.limits = generator, args, args["limits"]
+        # serve.rag: the Embedder's handle (or an in-process EmbedderImpl) and its arguments
+        self.embedder, self.rag = embedder, args.get("rag")
         self.keys = api_keys(args)
         self.explainer = explainer  # None: serve.explain is off, /v1/explain answers 404
         settings = args.get("explain")
@@ -144,6 +150,7 @@ class IngressImpl:
 
 
 Ingress = serve.deployment(name="Ingress")(serve.ingress()(IngressImpl))
+Embedder = serve.deployment(name="Embedder")(EmbedderImpl)
 
 
 def build(args: dict):
@@ -151,4 +158,5 @@ def build(args: dict):
     generator = generator_deployment(int(args["limits"]["max_adapters_per_replica"])).bind(args)
     settings = args.get("explain")  # None: no Explainer deployment at all
     explainer = explainer_deployment(int(settings["max_models_per_replica"])).bind(args) if settings else None
-    return Ingress.bind(generator, args, explainer)
+    embedder = Embedder.bind(args["rag"]) if args.get("rag") else None  # None: no serve.rag
+    return Ingress.bind(generator, args, explainer, embedder)

@@ -110,10 +110,11 @@ def explainer_config(s: ServeConfig, ex: ExplainConfig) -> tuple[dict, dict]:
 
 
 def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: str = "float32",
-               ex: ExplainConfig | None = None) -> dict:
+               ex: ExplainConfig | None = None, rag: dict | None = None) -> dict:
     """A `serve deploy` config (one application) serving REF, with the routing table. A
     plain model (`plain(ref)`) needs no registry: `store` may be None. With
-    `serve.explain.enabled` the Explainer deployment is in it too (limits from `ex`)."""
+    `serve.explain.enabled` the Explainer deployment is in it too (limits from `ex`). `rag`:
+    the Embedder's arguments (retrieval.rag_args) when `serve.rag` attaches an index."""
     if plain(ref):
         _, local, routing = plain_catalog(ref)
         target = local
@@ -134,7 +135,7 @@ def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: st
             "limits": {"max_prompt_tokens": s.max_prompt_tokens, "max_tokens": s.max_tokens,
                        "max_request_bytes": s.max_request_bytes, "max_batch_size": s.max_batch_size,
                        "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_adapters_per_replica": s.max_adapters_per_replica,
-                       "resubmit_timeout_s": s.resubmit_timeout_s}}
+                       "resubmit_timeout_s": s.resubmit_timeout_s}, "rag": rag}
     generator = {"name": "Generator", "autoscaling_config": autoscaling, "max_ongoing_requests": s.max_ongoing_requests,
                  "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
                  "user_config": {"preload": [target]}}
@@ -145,8 +146,22 @@ def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: st
     if s.explain.enabled:
         args["explain"], explainer = explainer_config(s, ex or ExplainConfig())
         deployments.append(explainer)
+    if rag is not None:
+        from raylab.serve.retrieval import deployment_config
+
+        deployments.append(deployment_config(s.rag))
     return {"name": APP, "route_prefix": "/", "import_path": "raylab.serve:build", "args": args,
             "deployments": deployments}
+
+
+def rag_args(cfg: RaylabConfig | None) -> dict | None:
+    """serve.rag's Embedder arguments, its index checked (exit 2 before anything deploys)."""
+    if cfg is None or cfg.serve.rag is None:
+        return None
+    # Ray Serve and the rag extra are imported only when serve.rag asks for them
+    from raylab.serve.retrieval import rag_args as checked
+
+    return checked(cfg)
 
 
 def deploy_config(s: ServeConfig, app: dict) -> dict:
@@ -160,7 +175,8 @@ def emit_text(cfg: RaylabConfig | None, ref: str, tracking_uri: str | None = Non
 
     s = cfg.serve if cfg else ServeConfig()
     store = None if plain(ref) else registry.open_store(cfg, tracking_uri)
-    full = deploy_config(s, app_config(s, store, ref, cfg.model.dtype if cfg else "float32", cfg.explain if cfg else None))
+    full = deploy_config(s, app_config(s, store, ref, cfg.model.dtype if cfg else "float32", cfg.explain if cfg else None,
+                                       rag_args(cfg)))
     return ("# written by `raylab render --target serve` (`raylab serve --emit-config`); deploy with `serve deploy` "
             "or embed in a RayService's serveConfigV2\n" + yaml.safe_dump(full, sort_keys=False))
 
@@ -262,7 +278,7 @@ def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: s
     ref = default_ref(cfg, model)
     store = None if plain(ref) else registry.open_store(cfg)
     app = app_config(s, store, ref, cfg.model.dtype if cfg else "float32",  # exit 2 before Ray starts
-                     cfg.explain if cfg else None)
+                     cfg.explain if cfg else None, rag_args(cfg))
     embedded = cluster.mode_of(cluster.resolve_address(address, cfg)[0]) == "embedded"
     if detach and embedded:
         raise UserError("--detach needs a running cluster (ray start --head; then --address auto): an embedded Ray "

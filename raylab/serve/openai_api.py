@@ -13,7 +13,16 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -76,8 +85,17 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class ChatExtension(_Strict):
+    """The chat request's `raylab` extension field (docs/retrieval.md): retrieval off for this
+    request, or another number of chunks. Strict types: "no" is not false, "2" not 2."""
+
+    retrieval: StrictBool | None = None  # None: on when the endpoint has an index (serve.rag)
+    top_k: StrictInt | None = Field(None, ge=1)
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    raylab: ChatExtension | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Literal[False] | None = None
 
@@ -89,7 +107,25 @@ class CompletionRequest(_Sampling):
     suffix: None = None
 
 
-def parse(kind: type[_Sampling], raw: bytes) -> _Sampling:
+class EmbeddingRequest(_Strict):
+    """POST /v1/embeddings. Token-id inputs (OpenAI also takes lists of ints) are not
+    supported: the ids would be another tokenizer's."""
+
+    input: StrictStr | list[StrictStr]
+    model: str = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(None, ge=1)  # accepted only at the model's own dimension
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts(cls, v):  # one message for every other shape (a union would name its members)
+        if isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            return v
+        raise ValueError("expected a string or a list of strings (token-id inputs are not supported)")
+
+
+def parse(kind: type[BaseModel], raw: bytes) -> Any:
     """A request model from a body, or ApiError(400) naming the first bad field."""
     try:
         data = json.loads(raw)

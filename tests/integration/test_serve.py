@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rag_index import write_index
 
 from conftest import free_port, run_cli
 from raylab import config, registry
@@ -94,16 +95,39 @@ def train_adapter(base: Path, out: Path, answer: str, steps: int = 200) -> float
     return loss.item()
 
 
+DOCS = 5  # documents in the endpoint's retrieval index
+
+
+def short_descriptions(n: int) -> list[str]:
+    """n installed packages' descriptions (real text nobody on the project wrote): from each,
+    its first two consecutive sentences of plain prose, 40-120 characters each, in a fixed order."""
+    import importlib.metadata
+    import re
+
+    out, prose = [], re.compile(r"[A-Z][A-Za-z0-9 ,;:'()/-]+\.")
+    for d in sorted(importlib.metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        sentences = re.split(r"(?<=\.)\s+", " ".join((d.metadata.get_payload() or "").split()))
+        for a, b in zip(sentences, sentences[1:], strict=False):
+            if all(prose.fullmatch(x) and 40 <= len(x) <= 120 for x in (a, b)) and f"{a} {b}" not in out:
+                out.append(f"{a} {b}")
+                break
+    assert len(out) >= n
+    return out[:n]
+
+
 def serve_config(root: Path, base: Path, port: int, **serve) -> config.RaylabConfig:
+    """The endpoint's config; with retrieval (`serve.rag`) over the index in root/run/index."""
     return config.load_dict({
         "version": 1, "output_dir": str(root / "run"), "offline": True,
         "data": {"sources": [{"type": "jsonl", "path": str(root / "unused.jsonl")}]},
         "model": {"name_or_path": str(base)}, "registry": {"model_name": NAME},
         "serve": {"port": port, "cpus_per_replica": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.05,
-                  "max_prompt_tokens": 256, "max_tokens": 1000, "max_request_bytes": 20000, "max_ongoing_requests": 8,
+                  "max_prompt_tokens": 960, "max_tokens": 1000, "max_request_bytes": 20000, "max_ongoing_requests": 8,
                   "api_keys_file": str(root / "keys.txt"),
                   "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
-                                  "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 11}, **serve},
+                                  "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 11},
+                  # retrieval only when a request asks: the other tests' answers need their prompts as sent
+                  "rag": {"top_k": 2, "by_default": False, "cpus_per_replica": 0.25}, **serve},
     })
 
 
@@ -116,7 +140,11 @@ def served(tmp_path_factory, _session_ray):
     for v, path in adapters.items():
         assert train_adapter(base, path, ANSWERS[v]) < 0.1
     (root / "keys.txt").write_text(f"# API keys, one per line\n{KEY}\n")
+    docs = short_descriptions(DOCS)
     cfg = serve_config(root, base, free_port(), explain={"enabled": True, "cpus_per_replica": 0.25})  # /v1/explain
+    # the index written directly (a chunk per document): `raylab index` is test_rag's subject,
+    # and its Ray Data pipeline would cost this module's fixture half a minute
+    write_index(root / "run" / "index", docs)
     store = registry.open_store(cfg)
     exp = registry.experiment_id(store, NAME)
     meta = {"identity": "serve-test", "base_model": str(base), "method": "lora", "metrics": {}}
@@ -141,7 +169,7 @@ def served(tmp_path_factory, _session_ray):
             pass
         time.sleep(0.5)
     assert thread.is_alive(), "raylab serve ended before the endpoint came up"
-    yield {"url": url, "cfg": cfg, "adapters": adapters, "root": root, "dashboard": json.loads(deploy._endpoint_file().read_text())["dashboard"]}
+    yield {"url": url, "cfg": cfg, "adapters": adapters, "root": root, "docs": docs, "dashboard": json.loads(deploy._endpoint_file().read_text())["dashboard"]}
     stop.set()
     thread.join(120)
     from ray import serve
@@ -227,6 +255,46 @@ def test_openai_client_completions_chat_and_streaming(served):
     assert sum(1 for e in events[:-1] if json.loads(e[6:])["choices"][0]["text"]) >= 1
 
 
+def test_chat_with_retrieval_returns_the_supporting_text_as_sources(served):
+    """serve.rag on the real Serve app: the Embedder deployment retrieves the document that
+    holds the question; the chunk goes into the prompt and comes back as a source, on the
+    response and on a stream's first event; retrieval off is the control. /v1/embeddings
+    through Serve equals the model in this process."""
+    import re
+
+    import numpy as np
+
+    from raylab.rag import embedder
+
+    docs, url, k = served["docs"], served["url"], 3
+    question = re.split(r"(?<=\.)\s+", docs[k])[1]  # the document's second sentence
+    assert not any(question in d for i, d in enumerate(docs) if i != k)  # only one document supports it
+    status, on = chat(url, NAME, question, max_tokens=8, raylab={"retrieval": True, "top_k": 1})
+    assert status == 200, on
+    [source] = on["raylab"]["sources"]
+    assert set(source) == {"chunk_id", "source", "origin", "record_id", "start", "end", "score", "text"}
+    assert question in source["text"] and source["origin"] == f"packages.jsonl:{k + 1}", source
+    status, off = chat(url, NAME, question, max_tokens=8)  # serve.rag.by_default: false
+    assert status == 200 and "raylab" not in off, off  # the control: no retrieval, no sources
+    # the chunk is in the prompt (a byte-level tokenizer: a token per byte) and absent without retrieval
+    assert on["usage"]["prompt_tokens"] - off["usage"]["prompt_tokens"] >= len(source["text"].encode())
+
+    c = client(served)  # streamed, serve.rag.top_k (2) chunks: the sources ride on the first event
+    events = list(c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                            temperature=0, max_tokens=8, stream=True,
+                                            extra_body={"raylab": {"retrieval": True}}))
+    sources = events[0].model_extra["raylab"]["sources"]
+    assert len(sources) == 2 and sources[0]["chunk_id"] == source["chunk_id"]
+    assert events[0].choices[0].delta.role == "assistant" and not events[0].choices[0].delta.content
+    assert all("raylab" not in (e.model_extra or {}) for e in events[1:]) and len(events) > 2
+
+    listed = [m.id for m in c.models.list().data]
+    assert listed[-1] == embedder.DEFAULT_MODEL and NAME in listed
+    reply = c.embeddings.create(model=embedder.DEFAULT_MODEL, input=[question, docs[0]])
+    expected = embedder.encode(embedder.resolve(None)[1], [question, docs[0]])
+    assert np.abs(np.array([d.embedding for d in reply.data]) - expected).max() < 1e-5
+
+
 def test_served_greedy_equals_offline_peft_for_two_adapters_on_one_base(served):
     from raylab.models import greedy, prompt_ids
     from raylab.models import load_inference as load
@@ -262,7 +330,7 @@ BAD = [  # (what, body or raw bytes, status, param the error names)
     ("unknown role", {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ("unknown argument", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "best_of": 2}, 400, "best_of"),
     ("too many stops", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "stop": list("abcde")}, 400, "stop"),
-    ("over-long prompt", {"model": NAME, "messages": [{"role": "user", "content": "word " * 80}]}, 400, "messages"),
+    ("over-long prompt", {"model": NAME, "messages": [{"role": "user", "content": "word " * 200}]}, 400, "messages"),
     ("request too large", {"model": NAME, "messages": [{"role": "user", "content": "x" * 30000}]}, 400, None),
     ("unknown model", {"model": "nope/7", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
 ]

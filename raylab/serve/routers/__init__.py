@@ -2,7 +2,9 @@
 app by `app.create_app(routers, ingress)`:
 
 - health: `/healthz`, `/v1/models` (health and metadata);
-- inference: `/v1/completions`, `/v1/chat/completions` (OpenAI-compatible generation);
+- inference: `/v1/completions`, `/v1/chat/completions` (OpenAI-compatible generation, with
+  retrieval when `serve.rag` attaches an index);
+- embeddings: `/v1/embeddings` (the index's embedding model);
 - explain: `/v1/explain`, `/v1/explain/{id}/html` (token attributions, the Explainer deployment).
 
 A route handler reaches the running ingress (its routing table, API keys, limits and the

@@ -1,5 +1,6 @@
 """Health and metadata: `/healthz` (no key needed: the proxy's and `raylab deploy`'s check)
-and `/v1/models` (the servable model names, looked up at request time)."""
+and `/v1/models` (the servable model names, looked up at request time, then the embedding
+model of `serve.rag`'s index when one is attached)."""
 
 from __future__ import annotations
 
@@ -24,5 +25,9 @@ async def list_models(request: Request, server=Depends(ingress)):
     except oa.ApiError as e:
         return JSONResponse(e.body(), e.status)
     await server.refresh()  # versions registered since the deploy
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "raylab",
-                                        "root": server.routes[m]} for m in server.listed]}
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "raylab", "root": server.routes[m]}
+            for m in server.listed]
+    if server.rag:  # the index's embedding model, served at /v1/embeddings
+        data.append({"id": server.rag["model"], "object": "model", "created": 0, "owned_by": "raylab",
+                     "root": server.rag["index"]})
+    return {"object": "list", "data": data}

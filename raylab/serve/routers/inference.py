@@ -1,6 +1,11 @@
 """OpenAI-compatible generation: `/v1/completions` and `/v1/chat/completions` (API keys,
 size limits, validation, routing the `model` field to a registry version, OpenAI responses
-and server-sent events); the Generator deployment generates."""
+and server-sent events); the Generator deployment generates.
+
+With `serve.rag`, a chat request first retrieves (retrieval.augment): its last user message is
+rewritten in the retrieval prompt with the top_k chunks, and the chunks come back as
+`raylab: {sources: [...]}` on the response, or on the first event of a stream (before any
+token). A request's `raylab: {retrieval: false}` or `{top_k: N}` changes that for itself."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from raylab.serve import openai_api as oa
-from raylab.serve import streams
+from raylab.serve import retrieval, streams
 from raylab.serve.routers import ingress
 
 log = logging.getLogger("ray.serve")
@@ -65,11 +70,18 @@ async def _handle(server, request: Request, kind, chat: bool):
             raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
                               "model", "model_not_found")
         job = _job(server.limits, req, chat)
+        sources = None
+        if chat:
+            messages, sources = await retrieval.augment(server, job["prompts"][0], req.raylab)
+            job["prompts"] = [messages]
         stream = streams.Generation(server.generator, version, job, server.limits["resubmit_timeout_s"], rid)
         first = await stream.open()  # re-submitted while a lost replica is replaced (streams.py)
         if "error" in first:
             e = first["error"]
-            raise oa.ApiError(e["status"], e["message"], e.get("param"), e.get("code"))
+            retrieved = sources and e.get("code") == "context_length_exceeded"
+            raise oa.ApiError(e["status"], e["message"] + (f", with {len(sources)} retrieved chunks in it: ask fewer "
+                                                           "with raylab.top_k" if retrieved else ""),
+                              e.get("param"), e.get("code"))
     except oa.ApiError as e:
         log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
         return JSONResponse(e.body(), e.status)
@@ -77,10 +89,12 @@ async def _handle(server, request: Request, kind, chat: bool):
         log.exception(f"request {rid} failed")
         return JSONResponse(_internal(e).body(), 500)
     record = {"request": rid, "model": req.model, "version": version, "prompt_tokens": first["prompt_tokens"]}
+    if sources is not None:
+        record["retrieved"] = [s["chunk_id"] for s in sources]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(_events(stream, rid, req.model, chat, len(job["prompts"]) * req.n,
-                                         include_usage, record, started), media_type="text/event-stream")
+                                         include_usage, record, started, sources), media_type="text/event-stream")
     texts, finish, tokens = {}, {}, 0
     try:
         async for item in stream.items():  # one message at the end: re-submitted whole on a lost replica
@@ -99,12 +113,18 @@ async def _handle(server, request: Request, kind, chat: bool):
     choices = [{"index": i, "text": texts.get(i, ""), "finish_reason": finish.get(i)} for i in range(len(job["prompts"]) * req.n)]
     use = oa.usage(first["prompt_tokens"], tokens)
     _log(record, use, started)
-    return oa.completion(rid, req.model, choices, use, chat)
+    body = oa.completion(rid, req.model, choices, use, chat)
+    return body | ({"raylab": {"sources": sources}} if sources is not None else {})
 
 
-async def _events(stream, rid, model, chat, n_choices, include_usage, record, started):
+async def _events(stream, rid, model, chat, n_choices, include_usage, record, started, sources=None):
     for i in range(n_choices if chat else 0):  # the assistant role first, as OpenAI does
-        yield oa.sse(oa.chunk(rid, model, i, None, None, chat, role=True))
+        first = oa.chunk(rid, model, i, None, None, chat, role=True)
+        if i == 0 and sources is not None:
+            # the sources ride on the first (role) event, before any token: a client that
+            # reads choices[0] of every event keeps working, one that knows looks for `raylab`
+            first["raylab"] = {"sources": sources}
+        yield oa.sse(first)
     tokens = 0
     try:
         async for item in stream.items():

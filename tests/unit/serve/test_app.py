@@ -77,7 +77,7 @@ def test_unregistered_paths_and_routers_are_openai_shaped_404s(server):
         assert error["type"] == "invalid_request_error"
     assert client.get("/healthz").status_code == 200
     assert set(create_app(ROUTERS, server).openapi()["paths"]) == {"/healthz", "/v1/models", "/v1/completions",
-                                                                  "/v1/chat/completions", *EXPLAIN_PATHS}
+                                                                  "/v1/chat/completions", *EXPLAIN_PATHS, "/v1/embeddings"}
     bare = TestClient(create_app([extra], server))  # only what is registered is served
     assert bare.get("/v1/extra").status_code == 200 and openai_error(bare.get("/healthz"), 404)
 
@@ -86,7 +86,7 @@ def test_the_ingress_builds_its_app_from_its_routers(server):
     app = server.__serve_build_asgi_app__()
     assert app.state.ingress is server
     assert set(app.openapi()["paths"]) == {"/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions",
-                                           *EXPLAIN_PATHS}
+                                           *EXPLAIN_PATHS, "/v1/embeddings"}
 
 
 def test_a_version_registered_after_the_deploy_is_routed_without_a_reconfigure(server):

@@ -1,0 +1,31 @@
+"""A retrieval index as `raylab index` leaves it, written directly (no Ray Data): for the
+serving tests, which test retrieval at serving time, not the index build (tests/integration/
+test_rag.py builds indexes with `raylab index`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raylab.rag import embedder
+
+
+def write_index(directory, texts: list[str], model: str = embedder.DEFAULT_MODEL) -> None:
+    """An index as `raylab index` leaves it (a LanceDB `chunks` table and raylab_index.json),
+    one chunk per text, embedded by MiniLM; `model` is what the manifest records."""
+    import lancedb
+    import pyarrow as pa
+
+    from raylab.core import runs
+
+    path = embedder.resolve(None)[1]
+    vectors = embedder.encode(path, texts) if texts else np.zeros((0, 384), np.float32)
+    n = len(texts)
+    rows = pa.table({"chunk_id": [f"c{i}" for i in range(n)], "content_hash": [f"h{i}" for i in range(n)],
+                     "source": ["packages"] * n, "origin": [f"packages.jsonl:{i + 1}" for i in range(n)],
+                     "record_id": [f"r{i}" for i in range(n)], "start": [0] * n, "end": [len(t) for t in texts],
+                     "text": texts, "vector": embedder.vector_array(vectors)})
+    lancedb.connect(str(directory)).create_table("chunks", rows)
+    runs.write_json(runs.index_manifest(str(directory)), runs.IndexManifest(
+        version=1, created="2026-01-01T00:00:00+00:00", table="chunks", model=model, dimensions=384,
+        max_seq_length=256, chunk_tokens=200, overlap=32, metric="cosine", rows=n, counts={}, data={}, ann={},
+        timings={}))

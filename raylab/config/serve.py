@@ -53,6 +53,7 @@ class ExplainServeConfig(Section):
     def _replicas(self) -> ExplainServeConfig:
         if self.min_replicas > self.max_replicas:
             raise invalid(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
 
 
 class RagServeConfig(Section):

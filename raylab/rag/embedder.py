@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from raylab.core import runs
 from raylab.errors import UserError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -101,7 +102,7 @@ def peek(model: str | None) -> tuple[str, int, int] | None:
                 continue  # dimension-preserving
             if kind not in ("Dense", "Pooling"):
                 return None
-            with open(os.path.join(path, module["path"], "config.json")) as f:
+            with open(os.path.join(path, module["path"], runs.MODEL_CONFIG)) as f:
                 conf = json.load(f)
             if kind == "Dense":
                 return name, int(conf["out_features"]), max_seq_length

@@ -16,7 +16,26 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from raylab.serve import openai_api as oa
+
 
 def ingress(request: Request):
     """The Ingress deployment object serving this request (set by `app.create_app`)."""
     return request.app.state.ingress
+
+
+async def read_body(limits: dict, request: Request) -> bytes:
+    """The request body, refused with a 400 above serve.max_request_bytes (declared or sent)."""
+    limit = limits["max_request_bytes"]
+    declared = request.headers.get("content-length", "0")
+    if declared.isdigit() and int(declared) > limit:
+        raise oa.ApiError(400, f"request body of {declared} bytes exceeds {limit} (serve.max_request_bytes)")
+    raw = await request.body()
+    if len(raw) > limit:
+        raise oa.ApiError(400, f"request body of {len(raw)} bytes exceeds {limit} (serve.max_request_bytes)")
+    return raw
+
+
+def internal_error(e: Exception) -> oa.ApiError:
+    """A bug or a lost replica: OpenAI-shaped 500 (the traceback is in the server log)."""
+    return oa.ApiError(500, f"internal error ({type(e).__name__}); see the server log", code="internal")

@@ -24,8 +24,7 @@ from fastapi.responses import JSONResponse
 
 from raylab.serve import openai_api as oa
 from raylab.serve import retrieval
-from raylab.serve.routers import ingress
-from raylab.serve.routers.inference import _body, _internal
+from raylab.serve.routers import ingress, internal_error, read_body
 
 log = logging.getLogger("ray.serve")
 router = APIRouter()
@@ -36,7 +35,7 @@ async def embeddings(request: Request, server=Depends(ingress)):
     rid = oa.new_id("emb")
     try:
         server.authorize(request)
-        req = oa.parse(oa.EmbeddingRequest, await _body(server.limits, request))
+        req = oa.parse(oa.EmbeddingRequest, await read_body(server.limits, request))
         args = server.rag
         if args is None or req.model != args["model"]:
             served = f"; this endpoint serves embeddings as '{args['model']}'" if args else \
@@ -53,7 +52,7 @@ async def embeddings(request: Request, server=Depends(ingress)):
         return JSONResponse(e.body(), e.status)
     except Exception as e:  # a bug or a lost replica: OpenAI-shaped 500, logged with its traceback
         log.exception(f"request {rid} failed")
-        return JSONResponse(_internal(e).body(), 500)
+        return JSONResponse(internal_error(e).body(), 500)
     vectors = np.asarray(done["vectors"], dtype="<f4")
     data = [{"object": "embedding", "index": i, "embedding": _encoded(v, req.encoding_format)}
             for i, v in enumerate(vectors)]

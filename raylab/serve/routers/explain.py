@@ -30,8 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from raylab import explain
 from raylab.config import EXPLAIN_METHODS
 from raylab.serve import openai_api as oa
-from raylab.serve.routers import ingress
-from raylab.serve.routers.inference import _body
+from raylab.serve.routers import ingress, read_body
 
 log = logging.getLogger("ray.serve")
 router = APIRouter()
@@ -116,7 +115,7 @@ async def explain_answer(request: Request, server=Depends(ingress)):
     try:
         server.authorize(request)
         _enabled(server)
-        req = oa.parse(ExplainRequest, await _body(server.limits, request))
+        req = oa.parse(ExplainRequest, await read_body(server.limits, request))
         version = await server.route(req.model)
         if version is None:
             raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",

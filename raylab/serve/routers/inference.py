@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from raylab.serve import openai_api as oa
 from raylab.serve import retrieval, streams
-from raylab.serve.routers import ingress
+from raylab.serve.routers import ingress, internal_error, read_body
 
 log = logging.getLogger("ray.serve")
 router = APIRouter()
@@ -32,17 +32,6 @@ async def chat(request: Request, server=Depends(ingress)):
 @router.post("/v1/completions")
 async def completions(request: Request, server=Depends(ingress)):
     return await _handle(server, request, oa.CompletionRequest, chat=False)
-
-
-async def _body(limits: dict, request: Request) -> bytes:
-    limit = limits["max_request_bytes"]
-    declared = request.headers.get("content-length", "0")
-    if declared.isdigit() and int(declared) > limit:
-        raise oa.ApiError(400, f"request body of {declared} bytes exceeds {limit} (serve.max_request_bytes)")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise oa.ApiError(400, f"request body of {len(raw)} bytes exceeds {limit} (serve.max_request_bytes)")
-    return raw
 
 
 def _job(limits: dict, req, chat: bool) -> dict:
@@ -64,7 +53,7 @@ async def _handle(server, request: Request, kind, chat: bool):
     started, rid = time.monotonic(), oa.new_id("chatcmpl" if chat else "cmpl")
     try:
         server.authorize(request)
-        req = oa.parse(kind, await _body(server.limits, request))
+        req = oa.parse(kind, await read_body(server.limits, request))
         version = await server.route(req.model)
         if version is None:
             raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
@@ -87,7 +76,7 @@ async def _handle(server, request: Request, kind, chat: bool):
         return JSONResponse(e.body(), e.status)
     except Exception as e:  # a bug or a lost replica: OpenAI-shaped 500, logged with its traceback
         log.exception(f"request {rid} failed")
-        return JSONResponse(_internal(e).body(), 500)
+        return JSONResponse(internal_error(e).body(), 500)
     record = {"request": rid, "model": req.model, "version": version, "prompt_tokens": first["prompt_tokens"]}
     if sources is not None:
         record["retrieved"] = [s["chunk_id"] for s in sources]
@@ -107,7 +96,7 @@ async def _handle(server, request: Request, kind, chat: bool):
         return JSONResponse(e.body(), e.status)
     except Exception as e:
         log.exception(f"request {rid} failed")
-        return JSONResponse(_internal(e).body(), 500)
+        return JSONResponse(internal_error(e).body(), 500)
     finally:
         stream.cancel()  # a no-op once it ended; else (the client went away) its rows leave the batch
     choices = [{"index": i, "text": texts.get(i, ""), "finish_reason": finish.get(i)} for i in range(len(job["prompts"]) * req.n)]
@@ -132,7 +121,7 @@ async def _events(stream, rid, model, chat, n_choices, include_usage, record, st
                 tokens += count
                 yield oa.sse(oa.chunk(rid, model, i, text, reason, chat))
     except Exception as e:  # cut mid-way (its replica died after tokens went out): an error event, no [DONE]
-        error = e if isinstance(e, oa.ApiError) else _internal(e)
+        error = e if isinstance(e, oa.ApiError) else internal_error(e)
         if isinstance(e, oa.ApiError):
             log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
         elif stream.sent and streams.lost_replica(e):
@@ -150,11 +139,6 @@ async def _events(stream, rid, model, chat, n_choices, include_usage, record, st
         yield oa.sse(oa.usage_chunk(rid, model, use, chat))
     yield oa.sse("[DONE]")
     _log(record, use, started)
-
-
-def _internal(e: Exception) -> oa.ApiError:
-    """A bug or a lost replica: OpenAI-shaped 500 (the traceback is in the server log)."""
-    return oa.ApiError(500, f"internal error ({type(e).__name__}); see the server log", code="internal")
 
 
 def _log(record: dict, use: dict, started: float) -> None:

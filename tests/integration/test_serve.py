@@ -376,7 +376,7 @@ def test_explanations_answer_and_completions_stay_responsive_while_one_runs(serv
 
     # Integrated gradients over the 15-token answer (n_steps forward and backward passes per
     # token) is sent first and still computing while ordinary completions are answered.
-    heavy = json.dumps({"model": NAME, "messages": question, "method": "integrated_gradients", "n_steps": 128})
+    heavy = json.dumps({"model": NAME, "messages": question, "method": "integrated_gradients", "n_steps": 256})
     conn = http.client.HTTPConnection("127.0.0.1", served["cfg"].serve.port, timeout=300)
     conn.request("POST", "/v1/explain", heavy, {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     for q in QUESTIONS[1:3]:

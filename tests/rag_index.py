@@ -29,3 +29,12 @@ def write_index(directory, texts: list[str], model: str = embedder.DEFAULT_MODEL
         version=1, created="2026-01-01T00:00:00+00:00", table="chunks", model=model, dimensions=384,
         max_seq_length=256, chunk_tokens=200, overlap=32, metric="cosine", rows=n, counts={}, data={}, ann={},
         timings={}))
+
+
+def package_description(dist) -> str:
+    """An installed distribution's long description, whitespace collapsed. The metadata body
+    (`get_payload`) until some library has been imported; then importlib.metadata's message
+    adapter is in place and the same text is the `Description` header (seen in CI after
+    ray/transformers/mlflow imports: every payload empty, every header there)."""
+    text = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+    return " ".join(text.split())

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rag_index import write_index
+from rag_index import package_description, write_index
 
 from conftest import free_port, run_cli
 from raylab import config, registry
@@ -106,7 +106,7 @@ def short_descriptions(n: int) -> list[str]:
 
     out, prose = [], re.compile(r"[A-Z][A-Za-z0-9 ,;:'()/-]+\.")
     for d in sorted(importlib.metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
-        sentences = re.split(r"(?<=\.)\s+", " ".join((d.metadata.get_payload() or "").split()))
+        sentences = re.split(r"(?<=\.)\s+", package_description(d))
         for a, b in zip(sentences, sentences[1:], strict=False):
             if all(prose.fullmatch(x) and 40 <= len(x) <= 120 for x in (a, b)) and f"{a} {b}" not in out:
                 out.append(f"{a} {b}")

@@ -22,7 +22,7 @@ import json
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from rag_index import write_index
+from rag_index import package_description, write_index
 
 from raylab import config
 from raylab.errors import UserError
@@ -48,7 +48,7 @@ def descriptions(n: int) -> list[str]:
     characters at a sentence end, in a fixed order."""
     out = []
     for d in sorted(importlib.metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
-        text = " ".join((d.metadata.get_payload() or "").split())
+        text = package_description(d)
         cut = text[:600].rsplit(". ", 1)[0] + "."
         if len(cut) >= 300 and "http" not in cut and cut not in out:
             out.append(cut)

@@ -312,7 +312,7 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
                 context = ray.init(address=address, **kwargs)
     except ConnectionError as e:
         raise UserError(
-            f"could not connect to a Ray cluster at {address!r} (from {origin}): {e}. Start one "
+            f"could not connect to a Ray cluster at {address!r} (from {origin}): {one_line(e)}. Start one "
             "with `ray start --head`, fix the address, or unset it for an embedded local Ray. "
             "If the cluster is up, it may have refused authentication: check ray.auth / "
             "RAY_AUTH_MODE and the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
@@ -320,7 +320,7 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
     except Exception as e:  # auth failures surface as several exception types across modes
         if "auth" in type(e).__name__.lower() or re.search(r"authenticat|invalid token|token (is )?(invalid|missing)", str(e), re.I):
             raise UserError(
-                f"Ray at {address!r} (from {origin}) refused authentication: {e}. Use the "
+                f"Ray at {address!r} (from {origin}) refused authentication: {one_line(e)}. Use the "
                 "cluster's token (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE=token"
             ) from None
         raise
@@ -427,3 +427,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def one_line(e: Exception) -> str:
+    """A connection error for the user: a Ray Client server's failure message can carry that
+    server's own traceback (seen: its proxier meeting a zombie process), which is Ray's, not
+    something the user can fix; keep what precedes it and the exception it ended in."""
+    text = str(e)
+    head, found, tail = text.partition("Traceback (most recent call last):")
+    if not found:
+        return text
+    last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
+    return " ".join(part for part in (head.strip(), last) if part)

@@ -129,3 +129,17 @@ def test_process_env_is_explicit_about_auth_and_telemetry(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "bogus")
     with pytest.raises(UserError, match="RAY_AUTH_MODE='bogus'"):
         cluster.process_env(None)
+
+
+def test_a_ray_client_servers_traceback_is_cut_from_the_connection_error():
+    """The Ray Client proxy can answer with its own traceback; the user sees its first words
+    and the exception it ended in, never a traceback. The control: a plain message is kept."""
+    from raylab.core.cluster import one_line
+
+    server = ConnectionError("Initialization failure from server:\nTraceback (most recent call last):\n"
+                             '  File "proxier.py", line 765, in Datapath\n    cmd = psutil_proc.cmdline()\n'
+                             "psutil.ZombieProcess: PID still exists but it's a zombie (pid=28019)\n")
+    assert one_line(server) == ("Initialization failure from server: psutil.ZombieProcess: PID still exists but "
+                                "it's a zombie (pid=28019)")
+    assert "Traceback" not in one_line(server)
+    assert one_line(ConnectionError("no cluster at 127.0.0.1:6379")) == "no cluster at 127.0.0.1:6379"

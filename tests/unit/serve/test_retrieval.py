@@ -181,7 +181,10 @@ def test_retrieval_rewrites_the_question_in_rag_prompt_and_returns_sources(serve
     from raylab.rag import render_prompt
 
     texts = index["texts"]
-    sentence = texts[2].split(". ")[1]  # a sentence of the third document
+    # the third document's longest sentence: a short one can be generic ("It has been
+    # extracted from the Requests project") and another document the nearer
+    sentence = max(texts[2].split(". "), key=len)
+    assert not any(sentence in t for i, t in enumerate(texts) if i != 2)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "earlier"},
                 {"role": "assistant", "content": "ok"}, {"role": "user", "content": sentence}]
     rewritten, sources = asyncio.run(retrieval.augment(server, messages, None))

@@ -14,9 +14,15 @@ the fine-tuning service) is a new router added to `app.ROUTERS`.
 
 from __future__ import annotations
 
+import json
+import logging
+
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from raylab.serve import openai_api as oa
+
+log = logging.getLogger("ray.serve")
 
 
 def ingress(request: Request):
@@ -39,3 +45,18 @@ async def read_body(limits: dict, request: Request) -> bytes:
 def internal_error(e: Exception) -> oa.ApiError:
     """A bug or a lost replica: OpenAI-shaped 500 (the traceback is in the server log)."""
     return oa.ApiError(500, f"internal error ({type(e).__name__}); see the server log", code="internal")
+
+
+def answer_error(error: dict, suffix: str = "") -> oa.ApiError:
+    """A deployment's `{"error": {...}}` answer as the OpenAI-shaped error it describes."""
+    return oa.ApiError(error["status"], error["message"] + suffix, error.get("param"), error.get("code"))
+
+
+def error_response(rid: str, e: Exception) -> JSONResponse:
+    """A failed request's response: an ApiError as its 4xx (one log line), anything else a
+    bug or a lost replica, an OpenAI-shaped 500 logged with its traceback."""
+    if isinstance(e, oa.ApiError):
+        log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
+        return JSONResponse(e.body(), e.status)
+    log.exception(f"request {rid} failed")
+    return JSONResponse(internal_error(e).body(), 500)

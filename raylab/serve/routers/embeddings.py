@@ -20,11 +20,10 @@ import logging
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 
 from raylab.serve import openai_api as oa
 from raylab.serve import retrieval
-from raylab.serve.routers import ingress, internal_error, read_body
+from raylab.serve.routers import answer_error, error_response, ingress, read_body
 
 log = logging.getLogger("ray.serve")
 router = APIRouter()
@@ -45,14 +44,9 @@ async def embeddings(request: Request, server=Depends(ingress)):
         _check(args, req, texts)
         done = await retrieval.call(server.embedder, "embed", texts)
         if "error" in done:
-            e = done["error"]
-            raise oa.ApiError(e["status"], e["message"], e.get("param"), e.get("code"))
-    except oa.ApiError as e:
-        log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
-        return JSONResponse(e.body(), e.status)
-    except Exception as e:  # a bug or a lost replica: OpenAI-shaped 500, logged with its traceback
-        log.exception(f"request {rid} failed")
-        return JSONResponse(internal_error(e).body(), 500)
+            raise answer_error(done["error"])
+    except Exception as e:  # an ApiError is its 4xx, anything else a logged 500 (error_response)
+        return error_response(rid, e)
     vectors = np.asarray(done["vectors"], dtype="<f4")
     data = [{"object": "embedding", "index": i, "embedding": _encoded(v, req.encoding_format)}
             for i, v in enumerate(vectors)]

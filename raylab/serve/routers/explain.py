@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from raylab import explain
 from raylab.config import EXPLAIN_METHODS
 from raylab.serve import openai_api as oa
-from raylab.serve.routers import ingress, read_body
+from raylab.serve.routers import answer_error, error_response, ingress, read_body
 
 log = logging.getLogger("ray.serve")
 router = APIRouter()
@@ -122,15 +122,9 @@ async def explain_answer(request: Request, server=Depends(ingress)):
                               "model", "model_not_found")
         answer = await server.explain(version, job(server.args["explain"], req))
         if "error" in answer:
-            e = answer["error"]
-            raise oa.ApiError(e["status"], e["message"], e.get("param"), e.get("code"))
-    except oa.ApiError as e:
-        log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
-        return JSONResponse(e.body(), e.status)
-    except Exception as e:  # a bug or a lost replica: OpenAI-shaped 500, logged with its traceback
-        log.exception(f"request {rid} failed")
-        return JSONResponse(oa.ApiError(500, f"internal error ({type(e).__name__}); see the server log",
-                                        code="internal").body(), 500)
+            raise answer_error(answer["error"])
+    except Exception as e:  # an ApiError is its 4xx, anything else a logged 500 (error_response)
+        return error_response(rid, e)
     result = answer["result"]
     body = {"id": rid, "object": "explanation", "created": int(time.time()), "model": req.model, "version": version,
             **result, "html": f"/v1/explain/{rid}/html"}

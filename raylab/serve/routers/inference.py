@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from raylab.serve import openai_api as oa
 from raylab.serve import retrieval, streams
-from raylab.serve.routers import ingress, internal_error, read_body
+from raylab.serve.routers import answer_error, error_response, ingress, internal_error, read_body
 
 log = logging.getLogger("ray.serve")
 router = APIRouter()
@@ -68,15 +68,10 @@ async def _handle(server, request: Request, kind, chat: bool):
         if "error" in first:
             e = first["error"]
             retrieved = sources and e.get("code") == "context_length_exceeded"
-            raise oa.ApiError(e["status"], e["message"] + (f", with {len(sources)} retrieved chunks in it: ask fewer "
-                                                           "with raylab.top_k" if retrieved else ""),
-                              e.get("param"), e.get("code"))
-    except oa.ApiError as e:
-        log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
-        return JSONResponse(e.body(), e.status)
-    except Exception as e:  # a bug or a lost replica: OpenAI-shaped 500, logged with its traceback
-        log.exception(f"request {rid} failed")
-        return JSONResponse(internal_error(e).body(), 500)
+            raise answer_error(e, f", with {len(sources)} retrieved chunks in it: ask fewer with raylab.top_k"
+                               if retrieved else "")
+    except Exception as e:  # an ApiError is its 4xx, anything else a logged 500 (error_response)
+        return error_response(rid, e)
     record = {"request": rid, "model": req.model, "version": version, "prompt_tokens": first["prompt_tokens"]}
     if sources is not None:
         record["retrieved"] = [s["chunk_id"] for s in sources]

@@ -10,8 +10,9 @@
         out_of_scope_use: Legal, medical or financial advice; decisions about people.
         base_pretraining_tokens: 2.0e12   # the base's pre-training tokens, for the EU AI Act comparison
 
+      encryption: {enabled: true, provider: local}   # or aws-kms with kms_key (raylab/core/crypto.py)
+
 `allow_remote` lets a stage send text to an endpoint off this machine (raylab synth).
-Other governance keys (encryption) join this section in their own sub-models;
 the audit log and the database are described in raylab/core/audit/, the model card and
 datasheet in raylab/registry/cards.py and raylab/data/datasheet.py.
 """
@@ -19,8 +20,9 @@ datasheet in raylab/registry/cards.py and raylab/data/datasheet.py.
 from __future__ import annotations
 
 import re
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from raylab.config.types import PathOrUri, Section
 
@@ -76,6 +78,39 @@ class CardConfig(Section):
                                 "Act comparison; without it the card says that comparison is unknown")
 
 
+class EncryptionConfig(Section):
+    """Encryption at rest of every file raylab writes (raylab/core/crypto.py, docs/governance.md)."""
+
+    enabled: bool = Field(False, description="encrypt every file raylab writes (shards, quarantine, tokenizer, "
+                          "checkpoints, adapters, merged models, reports, events) with AES-256-GCM, a fresh data "
+                          "key per file wrapped by the provider's key")
+    provider: Literal["local", "aws-kms"] = Field(
+        "local", description="who holds the key-encryption key: local (a key ring file, for a laptop) or aws-kms "
+                             "(AWS KMS makes and unwraps the data keys; boto3 and AWS credentials)")
+    key_file: PathOrUri | None = Field(
+        None, description="local: the key ring (JSON, mode 0600), created on first use; keep it apart from the "
+                          "data; default ~/.config/raylab/data-keys.json")
+    kms_key: str | None = Field(None, description="aws-kms: the key (id, ARN or alias/NAME; SYMMETRIC_DEFAULT)")
+    kms_endpoint: str | None = Field(None, description="aws-kms: an endpoint URL (a VPC endpoint, a test server); "
+                                     "default AWS_ENDPOINT_URL_KMS, else AWS's")
+
+    @field_validator("key_file")
+    @classmethod
+    def _local_key_file(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not value.startswith("file://"):
+            raise ValueError(f"the key ring must be a local file (got {value!r}); keys in the object store "
+                             "beside the data they protect protect nothing")
+        return value.removeprefix("file://") if value else value
+
+    @model_validator(mode="after")
+    def _provider_keys(self) -> EncryptionConfig:
+        if self.enabled and self.provider == "aws-kms" and not self.kms_key:
+            raise ValueError("provider aws-kms needs governance.encryption.kms_key (a key id, ARN or alias/NAME)")
+        if self.provider == "local" and (self.kms_key or self.kms_endpoint):
+            raise ValueError("kms_key and kms_endpoint are for provider aws-kms; set provider: aws-kms")
+        return self
+
+
 class GovernanceConfig(Section):
     """raylab's own records (the control-plane database) and the audit log."""
 
@@ -84,6 +119,7 @@ class GovernanceConfig(Section):
                           "`postgres` extra); a ${env:NAME} reference for one with a password; default "
                           "$RAYLAB_DATABASE_URL, else SQLite at $RAYLAB_HOME/raylab.db")
     audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit log")
+    encryption: EncryptionConfig = Field(default_factory=EncryptionConfig, description="encryption at rest")
     card: CardConfig = Field(default_factory=CardConfig, description="the model card's statements (intended use, licence)")
     allow_remote: bool = Field(
         False, description="let stages send data to an endpoint off this machine (`raylab synth`'s "

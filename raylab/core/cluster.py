@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raylab.core import audit
+from raylab.core import audit, crypto
 from raylab.errors import RunFailed, UserError
 
 if TYPE_CHECKING:  # core takes a config but imports no config module (it is the lowest layer)
@@ -70,6 +70,8 @@ def process_env(cfg: RaylabConfig | None) -> dict[str, str]:
         env["RAYLAB_HOME"] = os.environ["RAYLAB_HOME"]
     # governance.database and governance.audit: workers' events join their driver's audit chain.
     env.update(audit.process_env(cfg))
+    # governance.encryption: every worker seals what it writes (no key material, a path or a KMS key id).
+    env.update(crypto.process_env(cfg))
     return env
 
 

@@ -9,7 +9,10 @@
     storage.save_torch(optimizer.state_dict(), path); storage.save_figure(fig, path)
 
 Why one module: several nodes need shared storage for the run directory, and encryption at
-rest hooks in here. Parquet files are encoded and decoded by `write_table_to` and
+rest hooks in here: while `governance.encryption` is on ($RAYLAB_ENCRYPTION, raylab/core/crypto.py)
+every write below is sealed (a fresh data key per file) and every read opens sealed files, so
+no stage handles ciphertext itself; a directory that `from_pretrained` or safetensors must read
+by path goes through `plain_dir`, a private temporary plaintext copy removed after loading. Parquet files are encoded and decoded by `write_table_to` and
 `read_table_from`, which run inside Ray's write and read tasks (`ParquetSink`,
 `ParquetFiles`), one file at a time: pyarrow's Parquet encryption objects cannot be pickled,
 so a hook that encrypts must act there, not be passed from the driver. A test
@@ -24,7 +27,10 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
+
+from raylab.core import crypto
 
 # ---------------------------------------------------------------- locations
 
@@ -88,19 +94,34 @@ def remove_dir(location: str) -> None:
 # ---------------------------------------------------------------- bytes and text
 
 
+def _name(location: str) -> str:
+    """A file's identity in its encryption (the name; see raylab/core/crypto.py for why)."""
+    return location.rstrip("/").rsplit("/", 1)[-1]
+
+
 def write_bytes(location: str, data: bytes) -> str:
-    """Write `data` to a file, creating its directory; returns `location`."""
+    """Write `data` to a file, creating its directory; returns `location` (sealed while
+    encryption is on)."""
     fsys, path = filesystem(location)
     fsys.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    settings = crypto.active()
     with fsys.open_output_stream(path) as f:
-        f.write(data)
+        if settings is None:
+            f.write(data)
+        else:
+            for part in crypto.seal_chunks([data], _name(location), settings):
+                f.write(part)
     return location
 
 
 def read_bytes(location: str) -> bytes:
+    """A file's bytes (opened when sealed: a missing or wrong key is a UserError naming it)."""
     fsys, path = filesystem(location)
     with fsys.open_input_stream(path) as f:
-        return f.read()
+        data = f.read()
+    if crypto.is_sealed(data):
+        return crypto.open_sealed(data, _name(location), location)
+    return data
 
 
 def write_text(location: str, text: str) -> str:
@@ -109,7 +130,7 @@ def write_text(location: str, text: str) -> str:
 
 
 def read_text(location: str) -> str:
-    return read_bytes(location).decode("utf-8")
+    return _open_lines(read_bytes(location).decode("utf-8"), location)
 
 
 def open_local_log(path: str):
@@ -119,17 +140,49 @@ def open_local_log(path: str):
     return open(path, "ab", buffering=0)  # noqa: SIM115 - the caller closes it
 
 
+_SEALED_LINE = "RLE1:"  # an appended record sealed on its own (base64 of a sealed file)
+
+
 def append_text(location: str, text: str) -> str:
     """Append to a file (JSON lines). Object stores cannot append, so there the file is
-    rewritten whole: fine for the small, rare appends raylab makes (events)."""
+    rewritten whole: fine for the small, rare appends raylab makes (events). While encryption
+    is on each append is sealed on its own and stored as one line (`read_text` opens them)."""
+    settings = crypto.active()
+    if settings is not None:
+        import base64
+
+        text = _SEALED_LINE + base64.b64encode(crypto.seal(text.encode(), _name(location), settings)).decode() + "\n"
     if is_local(location):
         path = local_path(location)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a", encoding="utf-8") as f:
             f.write(text)
         return location
-    before = read_text(location) if exists(location) else ""
-    return write_text(location, before + text)
+    fsys, path = filesystem(location)
+    before = b""
+    if exists(location):
+        with fsys.open_input_stream(path) as f:
+            before = f.read()  # as stored: sealed lines stay sealed
+    fsys.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fsys.open_output_stream(path) as f:
+        f.write(before + text.encode())
+    return location
+
+
+def _open_lines(text: str, location: str) -> str:
+    """A file of appended records with its sealed lines opened."""
+    import base64
+
+    if _SEALED_LINE not in text:
+        return text
+    out = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith(_SEALED_LINE):
+            blob = base64.b64decode(line[len(_SEALED_LINE):].strip())
+            out.append(crypto.open_sealed(blob, _name(location), location).decode("utf-8"))
+        else:
+            out.append(line)
+    return "".join(out)
 
 
 def list_files(location: str, suffix: str = "") -> list[str]:
@@ -167,15 +220,36 @@ def create_private_file(path: str, data: bytes) -> bool:
 
 
 def sha256(location: str) -> str:
-    """The file's sha256, streamed."""
+    """The sha256 of the file's content, streamed: of its plaintext when it is sealed, so a
+    checksum survives `raylab keys rotate` (DESIGN.md: checksums are over plaintext)."""
     import hashlib
 
     fsys, path = filesystem(location)
     digest = hashlib.sha256()
     with fsys.open_input_stream(path) as f:
+        head = f.read(len(crypto.MAGIC))
+        if crypto.is_sealed(head):
+            f = _Prepended(head, f)
+            for chunk in crypto.open_chunks(f.read, _name(location), location):
+                digest.update(chunk)
+            return digest.hexdigest()
+        digest.update(head)
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class _Prepended:
+    """A stream with bytes already read put back in front."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int) -> bytes:
+        if self.head:
+            out, self.head = self.head[:n], self.head[n:]
+            return out + (self.stream.read(n - len(out)) if len(out) < n else b"")
+        return self.stream.read(n)
 
 
 # ---------------------------------------------------------------- directories
@@ -204,7 +278,14 @@ def copy_to_local(location: str, local_dir: str) -> str:
 
 def save_pretrained(obj: Any, location: str, **kwargs) -> str:
     """`obj.save_pretrained` (a transformers model or tokenizer, a peft model) at `location`:
-    straight into a local directory; through a local staging directory for a URI."""
+    straight into a local directory; through a local staging directory for a URI, or (while
+    encryption is on) a private one whose files are sealed into `location` and then deleted."""
+    settings = crypto.active()
+    if settings is not None:
+        with _private_dir("raylab-save-") as staging:
+            obj.save_pretrained(staging, **kwargs)
+            _seal_tree(staging, location, settings)
+        return location
     if is_local(location):
         path = local_path(location)
         os.makedirs(path, exist_ok=True)
@@ -223,6 +304,115 @@ def _copy_into(source_dir: str, location: str) -> None:
     dst_fs, dst = filesystem(location)
     dst_fs.create_dir(dst, recursive=True)
     fs.copy_files(source_dir, dst, source_filesystem=fs.LocalFileSystem(), destination_filesystem=dst_fs)
+
+
+def _seal_tree(source_dir: str, location: str, settings) -> None:
+    """Seal every file of a local directory into `location` (same relative paths), streamed
+    a segment at a time so a multi-GB safetensors file is never whole in memory."""
+    for root, _, names in os.walk(source_dir):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), source_dir).replace(os.sep, "/")
+            target = join(location, rel)
+            fsys, path = filesystem(target)
+            fsys.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with open(os.path.join(root, name), "rb") as src, fsys.open_output_stream(path) as out:
+                for part in crypto.seal_chunks(iter(lambda: src.read(crypto.SEGMENT), b""), name, settings):
+                    out.write(part)
+
+
+@contextlib.contextmanager
+def _private_dir(prefix: str) -> Iterator[str]:
+    """A temporary directory only this user can read, in memory (/dev/shm) where there is
+    one, removed on exit: where plaintext may live while a model is saved or loaded."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    path = tempfile.mkdtemp(prefix=prefix, dir=base)  # mkdtemp: mode 0700
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def is_sealed_file(location: str) -> bool:
+    fsys, path = filesystem(location)
+    with fsys.open_input_stream(path) as f:
+        return crypto.is_sealed(f.read(len(crypto.MAGIC)))
+
+
+@contextlib.contextmanager
+def plain_dir(location: str) -> Iterator[str]:
+    """A local directory with `location`'s files readable by path (from_pretrained,
+    safetensors): the directory itself when nothing in it is sealed (or it is a hub id, not a
+    directory), else a private in-memory copy with every file opened, removed on exit."""
+    local = local_path(location) if is_local(location) else None
+    if local is None or not os.path.isdir(local):
+        yield location
+        return
+    files = [os.path.join(root, n) for root, _, names in os.walk(local) for n in names]
+    if not any(is_sealed_file(f) for f in files):
+        yield location
+        return
+    with _private_dir("raylab-open-") as plain:
+        for f in files:
+            target = os.path.join(plain, os.path.relpath(f, local))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(f, "rb") as src, open(target, "wb") as out:
+                head = src.read(len(crypto.MAGIC))
+                if not crypto.is_sealed(head):
+                    out.write(head)
+                    shutil.copyfileobj(src, out)
+                    continue
+                for chunk in crypto.open_chunks(_Prepended(head, src).read, os.path.basename(f), f):
+                    out.write(chunk)
+        yield plain
+
+
+def rewrap(location: str, settings) -> bool:
+    """Re-wrap a sealed file's data key(s) under `settings`' active key (`raylab keys rotate`):
+    only the header (or each sealed line's header) changes, the ciphertext is kept byte for
+    byte. Written to a temporary name and renamed, so a crash leaves the old or the new file,
+    never half of one. False when the file is not sealed."""
+    import base64
+    import io
+
+    fsys, path = filesystem(location)
+    with fsys.open_input_stream(path) as f:
+        data = f.read()
+    if crypto.is_sealed(data):
+        stream = io.BytesIO(data)
+        header, packed = crypto.read_header(stream.read)
+        out = crypto.pack_header(crypto.rewrap_header(header, settings, location)) + data[len(packed):]
+    elif data.startswith(_SEALED_LINE.encode()):
+        lines = []
+        for line in data.decode("utf-8").splitlines():
+            blob = base64.b64decode(line[len(_SEALED_LINE):])
+            header, packed = crypto.read_header(io.BytesIO(blob).read)
+            blob = crypto.pack_header(crypto.rewrap_header(header, settings, location)) + blob[len(packed):]
+            lines.append(_SEALED_LINE + base64.b64encode(blob).decode() + "\n")
+        out = "".join(lines).encode()
+    else:
+        return False
+    tmp = path + ".rewrap"
+    with fsys.open_output_stream(tmp) as f:
+        f.write(out)
+    fsys.move(tmp, path)
+    return True
+
+
+def sealed_files(location: str) -> list[str]:
+    """Every sealed file under a directory (local or URI), recursively."""
+    from pyarrow import fs
+
+    fsys, path = filesystem(location)
+    infos = fsys.get_file_info(fs.FileSelector(path, recursive=True, allow_not_found=True))
+    out = []
+    for info in infos:
+        if info.type != fs.FileType.File:
+            continue
+        with fsys.open_input_stream(info.path) as f:
+            head = f.read(len(crypto.MAGIC))
+        if crypto.is_sealed(head) or head.startswith(_SEALED_LINE.encode()):
+            out.append(info.path if "://" not in location else location.split("://", 1)[0] + "://" + info.path)
+    return sorted(out)
 
 
 def remove_local_tree(path: str) -> None:
@@ -298,19 +488,33 @@ def save_figure(fig, location: str, dpi: int = 100) -> str:
 # ---------------------------------------------------------------- Parquet
 
 
-def write_table_to(table, file, compression: str = "zstd") -> None:
+def write_table_to(table, file, compression: str = "zstd", name: str = "", settings=None) -> None:
     """Encode one Parquet file. Runs where the file is written (a Ray write task or this
-    process): the place for a per-file transform such as encryption at rest."""
+    process): sealed as `name` when `settings` (the writer's crypto.Settings) are given."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(table, file, compression=compression)
+    if settings is None:
+        pq.write_table(table, file, compression=compression)
+        return
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression=compression)
+    for part in crypto.seal_chunks([buffer.getvalue().to_pybytes()], name, settings):
+        file.write(part)
 
 
-def read_table_from(file):
-    """Decode one Parquet file (the counterpart of `write_table_to`)."""
+def read_table_from(file, location: str = "<parquet>"):
+    """Decode one Parquet file (the counterpart of `write_table_to`), opening it first when
+    it is sealed (in the read task: decrypted per file, so reads stay parallel)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(file)
+    head = file.read(len(crypto.MAGIC))
+    file.seek(0)
+    if not crypto.is_sealed(head):
+        return pq.read_table(file)
+    plain = b"".join(crypto.open_chunks(file.read, _name(location), location))
+    return pq.read_table(pa.BufferReader(plain))
 
 
 def _parquet_sink():
@@ -322,9 +526,17 @@ def _parquet_sink():
         def __init__(self, path: str, compression: str):
             super().__init__(path, file_format="parquet")
             self.compression = compression
+            # The driver's setting travels with the sink, so write tasks seal even on a
+            # cluster started without $RAYLAB_ENCRYPTION.
+            self.encryption = crypto.active()
+            self._writing = ""
+
+        def open_output_stream(self, path: str):
+            self._writing = _name(path)  # the file's identity, which write_block_to_file is not told
+            return super().open_output_stream(path)
 
         def write_block_to_file(self, block, file) -> None:
-            write_table_to(block.to_arrow(), file, self.compression)
+            write_table_to(block.to_arrow(), file, self.compression, self._writing, self.encryption)
 
     return ParquetSink
 
@@ -352,7 +564,7 @@ def read_table(location: str, columns: list[str] | None = None):
     tables = []
     for path in parquet_files(location):
         with fsys.open_input_file(path) as f:
-            table = read_table_from(f)
+            table = read_table_from(f, path)
         tables.append(table.select(columns) if columns else table)
     if not tables:
         raise FileNotFoundError(f"no Parquet files under {location}")
@@ -371,7 +583,7 @@ def _parquet_files_datasource():
             return fsys.open_input_file(path)  # Parquet needs random access (the footer)
 
         def _read_stream(self, f, path: str):
-            yield read_table_from(f)
+            yield read_table_from(f, path)
 
     return ParquetFiles
 

@@ -27,7 +27,7 @@ from typing import Any
 # models sits above registry in the layers contract and registry imports nothing from
 # models, so the resolution of registry refs can live here without a cycle.
 from raylab import registry
-from raylab.core import runs
+from raylab.core import runs, storage
 from raylab.errors import UserError
 from raylab.models.loading import resolve, torch_dtype
 
@@ -120,13 +120,15 @@ def load(ref: str, *, base: bool = False, dtype: str = "float32", tokenizer_path
     kind, base_path = identify(path)
     weights = base_path if (base or kind == "adapter") else path
     try:
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch_dtype(dtype))
+        with storage.plain_dir(weights) as src:  # sealed files (governance.encryption) opened in memory
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype(dtype))
     except OSError as e:
         raise UserError(f"model {ref!r}: could not load {weights!r}: {e}") from None
     if kind == "adapter" and not base:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, path)
+        with storage.plain_dir(path) as src:
+            model = PeftModel.from_pretrained(model, src)
     tok = tokenizer(tokenizer_path or path) if with_tokenizer else None
     return Inference(model.eval(), tok, path, "base" if base else kind, base_path,
                      ref if is_registry_ref(ref) else None)
@@ -148,7 +150,8 @@ def tokenizer(path: str):
 
     from raylab.models.presets import DEFAULT_CHAT_TEMPLATE
 
-    tok = AutoTokenizer.from_pretrained(path)
+    with storage.plain_dir(path) as src:
+        tok = AutoTokenizer.from_pretrained(src)
     if not tok.chat_template:  # a plain base model served as it is (`raylab serve --model DIR`)
         tok.chat_template = DEFAULT_CHAT_TEMPLATE
     if tok.pad_token_id is None:

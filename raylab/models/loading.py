@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raylab.config import ModelConfig
+from raylab.core import storage
 from raylab.errors import UserError
 from raylab.models.presets import DEFAULT_CHAT_TEMPLATE, materialize_preset
 
@@ -44,7 +45,8 @@ def load_tokenizer(cfg: ModelConfig):
 
     source = resolve(cfg.name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        with storage.plain_dir(source) as src:  # a run's sealed tokenizer (governance.encryption)
+            tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _hub_error(cfg, e) from None
     if cfg.chat_template:
@@ -130,7 +132,8 @@ def load_model(cfg: ModelConfig, dtype: str | None = None, device=None, **extra:
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with storage.plain_dir(source) as src:
+            return AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as e:
         raise _hub_error(cfg, e) from None
 
@@ -155,7 +158,8 @@ def load_config(cfg: ModelConfig):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(resolve(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        with storage.plain_dir(resolve(cfg.name_or_path)) as src:
+            return AutoConfig.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _hub_error(cfg, e) from None
 

@@ -117,7 +117,8 @@ def build_base(preset: str, tokenizer_dir: str, target: str) -> str:
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar in the pretrain stage's console is noise
     if preset not in PRESETS:
         raise UserError(f"model.name_or_path: unknown preset {preset!r}; expected one of: {', '.join('preset:' + p for p in PRESETS)}")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with storage.plain_dir(tokenizer_dir) as src:
+        tok = AutoTokenizer.from_pretrained(src)
     stamp = json.dumps({"preset": preset, "version": PRESET_VERSION, "vocab": _sha(json.dumps(sorted(tok.get_vocab().items()))),
                         "template": _sha(tok.chat_template or "")})
     marker = runs.model_file(target, runs.PRESET_MARKER)

@@ -58,14 +58,15 @@ def base_parameters(cfg: RaylabConfig, base_path: str | None) -> tuple[int | Non
             from safetensors import safe_open
 
             n = 0
-            for f in files:
-                with safe_open(f, framework="np") as st:
-                    for key in st.keys():
-                        shape = st.get_slice(key).get_shape()
-                        size = 1
-                        for d in shape:
-                            size *= d
-                        n += size
+            with storage.plain_dir(base_path) as plain:
+                for f in [os.path.join(plain, os.path.basename(f)) for f in files]:
+                    with safe_open(f, framework="np") as st:
+                        for key in st.keys():
+                            shape = st.get_slice(key).get_shape()
+                            size = 1
+                            for d in shape:
+                                size *= d
+                            n += size
             return n, f"counted from the base checkpoint's safetensors ({len(files)} file(s))"
     if cfg.governance.card.base_parameters is not None:
         return cfg.governance.card.base_parameters, "governance.card.base_parameters"

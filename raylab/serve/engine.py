@@ -31,6 +31,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from raylab.core import storage
 from raylab.serve.decode import Batch, Sampling, Sequence, eos_ids
 
 log = logging.getLogger("ray.serve")
@@ -162,11 +163,11 @@ class TransformersEngine(Engine):
     def _load_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
-        with self.lock:
+        with self.lock, storage.plain_dir(path) as src:  # a sealed adapter opened in memory
             if hasattr(self.model, "peft_config"):
-                self.model.load_adapter(path, adapter_name=name)
+                self.model.load_adapter(src, adapter_name=name)
             else:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+                self.model = PeftModel.from_pretrained(self.model, src, adapter_name=name).eval()
                 if self._batch is not None:  # a running batch decodes through the wrapper from its next step
                     self._batch.model, self._batch.peft = self.model, True
             self._adapters.add(name)

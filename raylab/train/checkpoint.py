@@ -68,10 +68,11 @@ def saved_tensors(path: str) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     out = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        with safe_open(f, "pt") as s:
-            for k in s.keys():
-                out[k] = tuple(s.get_slice(k).get_shape())
+    with storage.plain_dir(path) as plain:
+        for f in sorted(glob.glob(os.path.join(plain, "*.safetensors"))):
+            with safe_open(f, "pt") as s:
+                for k in s.keys():
+                    out[k] = tuple(s.get_slice(k).get_shape())
     return out
 
 
@@ -104,8 +105,9 @@ def load_model_weights(model, path: str) -> None:
 
     m = unwrap(model)
     tensors = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        tensors.update(load_file(f))
+    with storage.plain_dir(path) as plain:
+        for f in sorted(glob.glob(os.path.join(plain, "*.safetensors"))):
+            tensors.update(load_file(f))
     if is_peft(m):
         from peft import set_peft_model_state_dict
 

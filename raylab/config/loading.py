@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from raylab.config import report
 from raylab.config.overrides import apply_override, parse_override
 from raylab.config.root import SCHEMA_VERSION, RaylabConfig
-from raylab.core import runs, secrets, storage
+from raylab.core import crypto, runs, secrets, storage
 from raylab.errors import ConfigError, UserError
 
 
@@ -33,7 +33,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if p.is_dir():
         raise UserError(f"config path is a directory, expected a YAML file: {path}")
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
+        # a run's own config.resolved.yaml is sealed under governance.encryption
+        text = (storage.read_text(str(p)) if crypto.is_sealed(data) else data.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return parse_yaml(text, str(path))

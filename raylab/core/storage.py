@@ -556,6 +556,16 @@ def parquet_files(location: str) -> list[str]:
     return sorted(i.path for i in infos if i.type == fs.FileType.File and i.path.endswith(".parquet"))
 
 
+def parquet_sealed(location: str) -> bool:
+    """Whether the Parquet files under `location` are sealed (judged by the first)."""
+    files = parquet_files(location)
+    if not files:
+        return False
+    fsys, _ = filesystem(location)
+    with fsys.open_input_stream(files[0]) as f:
+        return crypto.is_sealed(f.read(len(crypto.MAGIC)))
+
+
 def read_table(location: str, columns: list[str] | None = None):
     """Every Parquet file under `location` as one pyarrow Table (files in sorted order)."""
     import pyarrow as pa

@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict
 
 from raylab import registry
-from raylab.core import controldb, lineage, runs
+from raylab.core import controldb, lineage, runs, storage
 from raylab.errors import UserError
 
 
@@ -84,7 +84,7 @@ def deployments(store, versions: list) -> list[dict]:
     endpoint = runs.home().endpoint
     if endpoint.exists():
         try:
-            info = json.loads(endpoint.read_text())
+            info = json.loads(storage.read_text(str(endpoint)))
         except (OSError, ValueError):
             info = {}
         name, _, version = str(info.get("model") or "").rpartition("/")

@@ -66,7 +66,7 @@ def export(run: str, out: str, merge: bool = False, store: registry.Store | None
     storage.save_pretrained(model, str(dst), safe_serialization=True)
     storage.save_pretrained(inf.tokenizer, str(dst))
     meta_path = src / runs.TRAIN_META
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = json.loads(storage.read_text(str(meta_path))) if meta_path.exists() else {}
     if adapter:  # what it was trained from, for `identify` (a registered adapter may carry no metadata)
         meta.setdefault("base_model", inf.base)
     extra = {"merged_from": str(src), "merged_base": inf.base} if adapter else {"exported_from": str(src)}

@@ -59,8 +59,7 @@ def is_adapter(path: str) -> bool:
 
 def base_of(path: str) -> str:
     """The base model an adapter directory was trained on."""
-    with open(runs.model_file(path, runs.ADAPTER_CONFIG)) as f:
-        return json.load(f)["base_model_name_or_path"]
+    return json.loads(storage.read_text(runs.model_file(path, runs.ADAPTER_CONFIG)))["base_model_name_or_path"]
 
 
 def trained_from(path: str) -> str:
@@ -68,8 +67,7 @@ def trained_from(path: str) -> str:
     meta = runs.model_file(path, runs.TRAIN_META)
     if not os.path.exists(meta):
         raise UserError(f"{path}: no {runs.TRAIN_META}, so the base model it was trained from is unknown")
-    with open(meta) as f:
-        found = json.load(f)
+    found = json.loads(storage.read_text(meta))
     return found.get("base_model_path") or found["base_model"]
 
 
@@ -122,6 +120,7 @@ def load(ref: str, *, base: bool = False, dtype: str = "float32", tokenizer_path
     try:
         with storage.plain_dir(weights) as src:  # sealed files (governance.encryption) opened in memory
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype(dtype))
+        model.config.name_or_path = model.name_or_path = weights  # not the private copy, gone after loading
     except OSError as e:
         raise UserError(f"model {ref!r}: could not load {weights!r}: {e}") from None
     if kind == "adapter" and not base:

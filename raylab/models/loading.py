@@ -133,7 +133,10 @@ def load_model(cfg: ModelConfig, dtype: str | None = None, device=None, **extra:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
         with storage.plain_dir(source) as src:
-            return AutoModelForCausalLM.from_pretrained(src, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        # An adapter records its base by this name: the source, not the private copy (gone now).
+        model.config.name_or_path = model.name_or_path = source
+        return model
     except (OSError, ValueError) as e:
         raise _hub_error(cfg, e) from None
 

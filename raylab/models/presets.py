@@ -161,7 +161,7 @@ def materialize_preset(name: str) -> Path:
     target = runs.home().preset(name)
     marker = target / runs.PRESET_MARKER
     stamp = {"preset": name, "version": PRESET_VERSION, "template": _sha(DEFAULT_CHAT_TEMPLATE)}
-    if marker.exists() and json.loads(marker.read_text()) == stamp:
+    if marker.exists() and json.loads(storage.read_text(str(marker))) == stamp:
         return target
     storage.makedirs(str(target.parent))
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))

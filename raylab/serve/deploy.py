@@ -308,7 +308,7 @@ def stop_serving() -> None:
     """Delete the application (its replicas stop); forget the endpoint file."""
     from ray import serve
 
-    info = json.loads(_endpoint_file().read_text()) if _endpoint_file().exists() else {}
+    info = json.loads(storage.read_text(str(_endpoint_file()))) if _endpoint_file().exists() else {}
     try:
         serve.delete(APP)
     finally:
@@ -368,7 +368,7 @@ def run_deploy(ref: str, address: str | None = None, tracking_uri: str | None = 
     ingress's routes switch to it. Both are `user_config` changes: replicas stay up."""
     dashboard = address
     if dashboard is None and _endpoint_file().exists():
-        dashboard = json.loads(_endpoint_file().read_text())["dashboard"]
+        dashboard = json.loads(storage.read_text(str(_endpoint_file())))["dashboard"]
     if dashboard is None:
         raise UserError("no running `raylab serve` found on this machine; pass the dashboard with --address http://HEAD:8265")
     if "://" not in dashboard:

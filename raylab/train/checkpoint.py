@@ -58,10 +58,21 @@ def expected_tensors(model) -> dict[str, tuple[int, ...]]:
     if is_peft(m):
         from peft import get_peft_model_state_dict
 
-        sd = get_peft_model_state_dict(m)
+        sd = get_peft_model_state_dict(m, save_embedding_layers=_save_embeddings(m))
     else:
         sd = m.state_dict()
     return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _save_embeddings(m) -> bool:
+    """peft's `save_embedding_layers` as its "auto" decides it, without the part that re-reads
+    the base model's config.json by path to see whether the vocabulary was resized (a sealed
+    file under governance.encryption): raylab never resizes embeddings, so only a targeted
+    embedding layer is saved."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    targets = m.peft_config[m.active_adapter].target_modules
+    return not isinstance(targets, str) and any(k in targets for k in EMBEDDING_LAYER_NAMES)
 
 
 def saved_tensors(path: str) -> dict[str, tuple[int, ...]]:
@@ -80,7 +91,8 @@ def save_model(model, path: str) -> None:
     """save_pretrained, then check every written tensor against the live model: a partial
     or wrongly shaped save (the classic sharded-adapter bug) fails here, not at load time."""
     m = unwrap(model)
-    storage.save_pretrained(m, path, safe_serialization=True)
+    kwargs = {"save_embedding_layers": _save_embeddings(m)} if is_peft(m) else {}
+    storage.save_pretrained(m, path, safe_serialization=True, **kwargs)
     expected, saved = expected_tensors(m), saved_tensors(path)
     wrong = {k: (saved[k], expected.get(k)) for k in saved if saved[k] != expected.get(k)}
     missing = set(expected) - set(saved)

@@ -1,0 +1,142 @@
+"""Encryption at rest end to end (issue 24 item 3): `raylab run` with governance.encryption on a
+corpus holding a canary string, in its own process (so its embedded Ray's workers get the
+setting, as a user's run does). The canary is in no file under the run directory, $RAYLAB_HOME
+(registry, cache, logs) or Ray's session directory; every Parquet and safetensors file fails to
+open without the key; the registered version still loads and generates; a wrong key is a
+UserError naming the file and the key; `raylab keys rotate --retire` leaves everything readable
+without the old key. Negative control: the same corpus through the data stage with encryption off
+leaves the canary findable by the same scan in the shards, the quarantine and the events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.integration
+
+CANARY = "ZQX-canary-4471"
+
+
+def corpus(path: Path) -> Path:
+    with path.open("w") as f:
+        for i in range(40):
+            note = f" Account note {CANARY}." if i % 5 == 0 else ""
+            f.write(json.dumps({"text": f"Ticket {i}: the red widget is in stock.{note} The widget ships today."}) + "\n")
+        f.write(json.dumps({"txt": f"a record without its text field {CANARY}"}) + "\n")  # quarantined
+    return path
+
+
+def config(root: Path, encrypted: bool) -> dict:
+    cfg = {"version": 1, "output_dir": str(root / "out"), "offline": True,
+           "data": {"sources": [{"type": "jsonl", "path": str(corpus(root / "docs.jsonl"))}], "max_seq_len": 128,
+                    "val_fraction": 0.2, "dedup": {"near": False}},
+           "model": {"name_or_path": "preset:tiny-llama", "method": "lora", "lora": {"r": 8, "alpha": 16}},
+           "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 4, "eval_every": 4, "log_every": 2}}
+    if encrypted:
+        cfg["governance"] = {"encryption": {"enabled": True, "key_file": str(root / "keys" / "ring.json")}}
+    return cfg
+
+
+def findings(*roots: Path) -> dict[str, str]:
+    """{file: how} for every file under `roots` holding the canary: in its bytes, or in its
+    rows when it opens as Parquet (zstd pages hide plain text from a byte scan)."""
+    found = {}
+    for root in roots:
+        for path in (p for p in root.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            if CANARY.encode() in data:
+                found[str(path)] = "bytes"
+            elif data[-4:] == b"PAR1":
+                if CANARY in json.dumps(pq.read_table(path).to_pylist(), default=str):
+                    found[str(path)] = "parquet rows"
+    return found
+
+
+@pytest.fixture(scope="module")
+def governed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("governed")
+    (root / "cfg.yaml").write_text(yaml.safe_dump(config(root, encrypted=True)))
+    env = {"RAYLAB_HOME": str(root / "home"), "RAY_TMPDIR": str(root / "ray")}
+    proc = run_cli("run", str(root / "cfg.yaml"), "--no-serve", env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, env, proc.stdout
+
+
+def test_nothing_plain_at_rest_yet_the_pipeline_runs(governed, monkeypatch):
+    root, env, out = governed
+    assert "gates: out/1 PASSED" in out and "audit: chain verified" in out
+    assert findings(root / "out", root / "home", root / "ray") == {}
+    sealed = [p for p in (root / "out").rglob("*") if p.suffix in (".parquet", ".safetensors")]
+    assert {p.parent.name for p in sealed if p.suffix == ".parquet"} >= {"train", "val", "records", "quarantine"}
+    assert any(p.suffix == ".safetensors" for p in sealed)
+    for p in sealed:
+        with pytest.raises((pa.ArrowInvalid, OSError, Exception)):
+            if p.suffix == ".parquet":
+                pq.read_table(p)
+            else:
+                from safetensors import safe_open
+
+                safe_open(str(p), "pt")
+
+    from raylab import models
+    from raylab.config import load
+    from raylab.core import crypto, storage
+
+    monkeypatch.setenv("RAYLAB_HOME", env["RAYLAB_HOME"])
+    monkeypatch.setenv(crypto.ENV, crypto.settings_of(load(root / "cfg.yaml")).to_env())
+    records = storage.read_table(str(root / "out" / "data" / "records")).to_pylist()
+    assert sum(CANARY in json.dumps(r, default=str) for r in records) == 8  # the data is there, sealed
+    inf = models.load("out/1")  # the registered version, from the registry's sealed copy
+    ids = inf.tokenizer("Ticket 3:", return_tensors="pt").input_ids
+    assert inf.model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_wrong_key_is_exit_2_naming_file_and_key(governed):
+    root, env, _ = governed
+    ring = json.loads((root / "keys" / "ring.json").read_text())
+    proc = run_cli("data", str(root / "cfg.yaml"), "-o", f"governance.encryption.key_file={root / 'other.json'}",
+                   env=env, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"encrypted with key {ring['active']}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_rotation_rewraps_everything(governed, monkeypatch):
+    root, env, _ = governed
+    old = json.loads((root / "keys" / "ring.json").read_text())["active"]
+    proc = run_cli("keys", "rotate", "--config", str(root / "cfg.yaml"), "--retire", env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ring = json.loads((root / "keys" / "ring.json").read_text())
+    assert ring["active"] != old and list(ring["keys"]) == [ring["active"]]  # the old key is gone
+    assert f"retired {old}" in proc.stdout
+
+    from raylab import models
+    from raylab.config import load
+    from raylab.core import crypto, storage
+
+    crypto._deks.clear()
+    monkeypatch.setenv("RAYLAB_HOME", env["RAYLAB_HOME"])
+    monkeypatch.setenv(crypto.ENV, crypto.settings_of(load(root / "cfg.yaml")).to_env())
+    assert len(storage.read_table(str(root / "out" / "data" / "train"))) > 0
+    assert models.load("out/1").model is not None  # readable without the retired key
+
+
+def test_negative_control_the_scan_finds_the_canary_without_encryption(tmp_path, _session_ray):
+    from raylab import config
+    from raylab.data import run_data
+
+    cfg = config.load_dict(config(tmp_path, encrypted=False))
+    run_data(cfg)
+    found = findings(tmp_path / "out")
+    kinds = {Path(f).parent.name for f in found}
+    assert {"train", "records", "quarantine"} <= kinds, found
+    assert any(f.endswith("events.jsonl") for f in found), found
+    assert os.path.exists(tmp_path / "out" / "data" / "manifest.json")

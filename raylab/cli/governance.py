@@ -146,6 +146,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config)
     os.environ.update(audit.process_env(cfg))  # the rotation's audit entry joins the config's chain
+    os.environ.update(crypto.process_env(cfg))  # old keys unwrap what the new one re-wraps
     done = rotation.rotate(crypto.settings_of(cfg), [cfg.output_dir, str(runs.home().root), *args.path], retire=args.retire)
     print(f"keys rotate: {len(done.rewrapped)} sealed file(s) re-wrapped under key {done.key_id}"
           + (f"; retired {', '.join(done.retired)}" if done.retired else ""))

@@ -11,9 +11,15 @@
         base_pretraining_tokens: 2.0e12   # the base's pre-training tokens, for the EU AI Act comparison
 
       encryption: {enabled: true, provider: local}   # or aws-kms with kms_key (raylab/core/crypto.py)
+      oidc:                                # bearer tokens from the company's identity provider
+        issuer: https://login.acme.example/realms/acme
+        audience: raylab
+        jwks_url: https://login.acme.example/realms/acme/protocol/openid-connect/certs
+        role_claim: realm_access.roles
+        org_claim: org
 
 `allow_remote` lets a stage send text to an endpoint off this machine (raylab synth).
-the audit log and the database are described in raylab/core/audit/, the model card and
+The audit log and the database are described in raylab/core/audit/, the model card and
 datasheet in raylab/registry/cards.py and raylab/data/datasheet.py.
 """
 
@@ -111,6 +117,33 @@ class EncryptionConfig(Section):
         return self
 
 
+class OidcConfig(Section):
+    """OIDC bearer tokens (JWTs) accepted beside raylab's API keys (raylab/core/access/oidc.py)."""
+
+    issuer: str = Field(description="the issuer (`iss`) tokens must name, exactly as the identity provider writes it")
+    audience: str = Field(description="the audience (`aud`) tokens must be issued for: this raylab's client id")
+    jwks_url: str | None = Field(None, description="the issuer's JWKS URL (its public signing keys; fetched and "
+                                 "cached, fetched again for an unknown key id)")
+    jwks_file: PathOrUri | None = Field(None, description="a JWKS file instead of jwks_url, for machines that cannot "
+                                        "reach the issuer (keep it current when the issuer rotates keys)")
+    role_claim: str = Field("roles", description="the claim holding the raylab role(s): a string or a list; a dotted "
+                            "path for nested claims (realm_access.roles)")
+    org_claim: str = Field("org", description="the claim naming the caller's organisation")
+    subject_claim: str = Field("sub", description="the claim naming the caller (audit actor, separation of duties)")
+    algorithms: list[Literal["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]] = Field(
+        default_factory=lambda: ["RS256"], min_length=1,
+        description="signature algorithms accepted (asymmetric only: an HMAC token would be keyed with a public key)")
+    leeway_s: float = Field(30.0, ge=0, le=300, description="clock skew allowed on exp/nbf/iat, in seconds")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> OidcConfig:
+        if bool(self.jwks_url) == bool(self.jwks_file):
+            raise ValueError("set exactly one of jwks_url (the issuer's key set URL) and jwks_file")
+        if self.jwks_url and not self.jwks_url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+            raise ValueError(f"jwks_url {self.jwks_url!r}: expected https:// (plain http only on loopback)")
+        return self
+
+
 class GovernanceConfig(Section):
     """raylab's own records (the control-plane database) and the audit log."""
 
@@ -121,6 +154,8 @@ class GovernanceConfig(Section):
     audit: AuditConfig = Field(default_factory=AuditConfig, description="the audit log")
     encryption: EncryptionConfig = Field(default_factory=EncryptionConfig, description="encryption at rest")
     card: CardConfig = Field(default_factory=CardConfig, description="the model card's statements (intended use, licence)")
+    oidc: OidcConfig | None = Field(None, description="accept OIDC bearer tokens from this issuer (docs/governance.md); "
+                                    "default: raylab API keys only")
     allow_remote: bool = Field(
         False, description="let stages send data to an endpoint off this machine (`raylab synth`'s "
                            "synth.endpoint.base_url); default: loopback endpoints only")

@@ -105,6 +105,9 @@ class ServeConfig(Section):
                                       "a lost Generator replica is replaced, for this long (then a 503)")
     api_keys_env: str | None = Field(None, description="env variable with comma-separated API keys (Bearer)")
     api_keys_file: PathOrUri | None = Field(None, description="file with one API key per line (Bearer)")
+    api_keys_db: bool = Field(False, description="also accept the API keys `raylab keys create` made (the "
+                              "control-plane database: governance.database), each with its role and organisation; "
+                              "revoked keys are refused from the next request")
     allow_unauthenticated: bool = Field(False, description="serve a non-loopback host without API keys (anyone "
                                         "who reaches it may use it)")
     explain: ExplainServeConfig = Field(default_factory=ExplainServeConfig, description="token attributions at "
@@ -115,9 +118,10 @@ class ServeConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
         a = self.autoscaling
-        if not (self.api_keys_env or self.api_keys_file or self.allow_unauthenticated or is_loopback(self.host)):
+        if not (self.api_keys_env or self.api_keys_file or self.api_keys_db or self.allow_unauthenticated
+                or is_loopback(self.host)):
             raise invalid(f"serving on {self.host!r} (reachable from other machines) needs API keys: set "
-                          "serve.api_keys_env (a variable's name) or serve.api_keys_file, or set "
+                          "serve.api_keys_env (a variable's name), serve.api_keys_file or serve.api_keys_db, or set "
                           "serve.allow_unauthenticated: true to serve it open", at="host")
         if a.min_replicas > a.max_replicas:
             raise invalid(f"min_replicas ({a.min_replicas}) > max_replicas ({a.max_replicas})", at="autoscaling")

@@ -12,7 +12,10 @@ one JSON line to the run's `events.jsonl` (when the change belongs to a run) and
 registry.register, registry.gate, registry.promote, registry.rollback, serve.start,
 serve.stop, serve.deploy, train.checkpoint_rejected (a resumed run found its checkpoint
 damaged and fell back to an older one), data.erase (`raylab erase` put a record on the
-suppression list), registry.erasure_pending (a version was found to hold an erased record).
+suppression list), registry.erasure_pending (a version was found to hold an erased record),
+access.allow and access.deny (an access decision, raylab/core/access/; its `actor` is the
+authenticated identity, `actor_kind` how it authenticated), access.key_create and
+access.key_revoke (`raylab keys create|revoke`).
 
 One writer per cluster: while this process is connected to Ray, events go to a named actor
 (`WRITER`, no CPU, one call at a time), so drivers, trial drivers, Train workers and Serve
@@ -41,7 +44,8 @@ WRITER = "raylab-events"
 NAMESPACE = "raylab"
 KINDS = ("stage.start", "stage.end", "stage.failure", "registry.register", "registry.gate", "registry.promote",
          "registry.rollback", "serve.start", "serve.stop", "serve.deploy", "train.checkpoint_rejected",
-         "data.erase", "registry.erasure_pending")
+         "data.erase", "registry.erasure_pending", "access.allow", "access.deny", "access.key_create",
+         "access.key_revoke")
 
 
 def actor() -> str:
@@ -59,19 +63,21 @@ def user() -> str:
 
 
 def event(kind: str, *, run: str | None = None, model: str | None = None, version: int | str | None = None,
-          **fields: Any) -> dict:
-    """An event record (not yet written)."""
+          identity: tuple[str, str] | None = None, **fields: Any) -> dict:
+    """An event record (not yet written). `identity`: (actor, actor_kind) of an authenticated
+    caller (core.access), instead of this process's user@host as an `os-user`."""
     if kind not in KINDS:
         raise ValueError(f"unknown event kind {kind!r}; expected one of {KINDS}")
     now = datetime.datetime.now(datetime.timezone.utc)
-    return {"time": now.isoformat(timespec="milliseconds"), "kind": kind, "actor": actor(), "actor_kind": "os-user",
+    who, kind_of = identity or (actor(), "os-user")
+    return {"time": now.isoformat(timespec="milliseconds"), "kind": kind, "actor": who, "actor_kind": kind_of,
             "run": run, "model": model, "version": None if version is None else str(version), "fields": fields}
 
 
 def emit(kind: str, *, run: str | None = None, model: str | None = None, version: int | str | None = None,
-         **fields: Any) -> dict:
+         identity: tuple[str, str] | None = None, **fields: Any) -> dict:
     """Record one state change (see the module docstring); returns the event."""
-    record = event(kind, run=run, model=model, version=version, **fields)
+    record = event(kind, run=run, model=model, version=version, identity=identity, **fields)
     targets = _targets(record)
     chain = _audit_settings()
     writer = _writer()

@@ -3,6 +3,14 @@ when and why.
 
     promote(store, "acme-assistant", 3)               # only once its gates passed (or --force)
     rollback(store, "acme-assistant", reason="...")   # production -> previous, one step back
+    promote(store, "acme-assistant", 3, principal=p)  # an authenticated caller (the API): needs
+                                                      # models.promote in the version's org, and
+                                                      # p must not be the version's creator
+
+With `principal` (a core.access.Principal) the move is authorised first (core.access: role,
+organisation, separation of duties; the decision is in the audit log either way) and the
+audit event names that identity. Without one (the CLI, embedded single-user mode) nothing is
+enforced and the OS user is recorded.
 
 Each promote or rollback holds the model's alias lock (locks.py) from reading the aliases to
 appending the last history entry, so concurrent moves (two operators, a pipeline's
@@ -14,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 
-from raylab.core import events
+from raylab.core import access, events
 from raylab.errors import UserError
 from raylab.registry import erasure
 from raylab.registry.locks import alias_lock
@@ -63,20 +71,25 @@ def _history_tags(store: Store, name: str) -> list[str]:
     return sorted(k for k in registered_model(store, name).tags if k.startswith(HISTORY_PREFIX))
 
 
-def _emit(kind: str, store: Store, name: str, moves: list[dict], **fields) -> None:
+def _emit(kind: str, store: Store, name: str, moves: list[dict], principal=None, **fields) -> None:
     """One event per promote/rollback, in the run that produced the new production version."""
     production = next((m for m in moves if m["alias"] == PRODUCTION), None)
     if production is None or production["to"] is None:
         return
     run = version_run(get_version(store, f"{name}/{production['to']}"))
-    events.emit(kind, run=run, model=name, version=production["to"], moves=moves, **fields)
+    identity = (principal.actor, principal.kind) if principal is not None else None
+    events.emit(kind, run=run, model=name, version=production["to"], moves=moves, identity=identity, **fields)
 
 
-def promote(store: Store, name: str, version: int, force: bool = False, reason: str | None = None) -> list[dict]:
+def promote(store: Store, name: str, version: int, force: bool = False, reason: str | None = None,
+            principal: access.Principal | None = None) -> list[dict]:
     """production -> version (the old production becomes `previous`), only for a version
     that passed its gates and holds no erased record (`raylab erase`) unless forced (then who
-    and why are recorded, in the alias history and the audit log)."""
+    and why are recorded, in the alias history and the audit log). With `principal`, only
+    when core.access allows it (else access.Denied)."""
     mv = get_version(store, f"{name}/{version}")
+    if principal is not None:
+        access.require(principal, "models.promote", access.model_resource(name, version, mv.tags), run=version_run(mv))
     status = mv.tags.get("raylab.gates.status", "pending")
     erasures = erasure.pending(mv)
     if force and not reason:
@@ -100,25 +113,30 @@ def promote(store: Store, name: str, version: int, force: bool = False, reason: 
         moves = [_move(store, name, PREVIOUS, current, f"was production before {version}")] if current is not None else []
         moves.append(_move(store, name, PRODUCTION, version, why, forced=bool(force and overrode)))
     # A forced promotion says what it overrode, with the reason (in `moves`), in the audit log.
-    _emit("registry.promote", store, name, moves, **({"overrode": overrode, "erasures": erasures} if overrode else {}))
+    _emit("registry.promote", store, name, moves, principal,
+          **({"overrode": overrode, "erasures": erasures} if overrode else {}))
     return moves
 
 
-def rollback(store: Store, name: str, reason: str | None = None) -> list[dict]:
+def rollback(store: Store, name: str, reason: str | None = None, principal: access.Principal | None = None) -> list[dict]:
     """production -> previous. The new `previous` is the version production had before that
-    one (from the alias history), so repeated rollbacks walk back one step at a time."""
+    one (from the alias history), so repeated rollbacks walk back one step at a time. With
+    `principal`, only when core.access allows models.rollback to that version."""
     with alias_lock(store, name):  # aliases and history read, both moved, as one step
         aliases = registered_model(store, name).aliases
         if PREVIOUS not in aliases:
             raise UserError(f"model {name!r} has no previous production version to roll back to "
                             f"(aliases: {dict(aliases) or 'none'})")
         target, current = int(aliases[PREVIOUS]), int(aliases[PRODUCTION]) if PRODUCTION in aliases else None
+        if principal is not None:
+            mv = get_version(store, f"{name}/{target}")
+            access.require(principal, "models.rollback", access.model_resource(name, target, mv.tags), run=version_run(mv))
         earlier = next((h["from"] for h in reversed(alias_history(store, name))
                         if h["alias"] == PRODUCTION and h["to"] == target and h["from"] not in (None, target)), None)
         why = reason or "rollback"
         moves = [_move(store, name, PRODUCTION, target, f"rollback from {current}: {why}"),
                  _move(store, name, PREVIOUS, earlier, f"rollback to {target}")]
-    _emit("registry.rollback", store, name, moves)
+    _emit("registry.rollback", store, name, moves, principal)
     return moves
 
 

@@ -202,7 +202,7 @@ def register_derived(store: Store, parent, local_dir: str, *, derivation: str, t
     `card_sections` ({title: markdown}: what the method did), written once. Idempotent: the same derivation
     (`derivation` and `params`) of the same parent finds the version registered before (keyed
     on those, not on the files: safetensors headers from one model need not be byte-equal)."""
-    from raylab.core import events
+    from raylab.core import access, events
     from raylab.registry import erasure
     from raylab.registry.versions import LINEAGE, checksums
 
@@ -223,7 +223,7 @@ def register_derived(store: Store, parent, local_dir: str, *, derivation: str, t
     all_tags = carried | erasure.at_registration(parent.tags.get("data_manifest_hash")) | {
         "raylab.checksums": json.dumps(sums, sort_keys=True), "raylab.gates": parent.tags.get("raylab.gates", "{}"),
         "raylab.gates.status": "pending", "raylab.output_dir": output_dir, "raylab.stage": "optimize",
-        "raylab.run_name": parent.tags.get("raylab.run_name", name)} | lineage_tags | tags
+        "raylab.run_name": parent.tags.get("raylab.run_name", name)} | access.creator_tags() | lineage_tags | tags
     source = f"{store.client.get_run(run_id).info.artifact_uri}/model"
     mv = store.client.create_model_version(name, source, run_id, tags=all_tags,
                                            description=f"{derivation} of {parent_ref}")

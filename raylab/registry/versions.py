@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from raylab.config import RaylabConfig
-from raylab.core import events, runs, storage
+from raylab.core import access, events, runs, storage
 from raylab.core.secrets import redact_url
 from raylab.errors import UserError
 from raylab.registry import cards, erasure
@@ -66,7 +66,8 @@ def register(store: Store, cfg: RaylabConfig, run_id: str, final: str, meta: dic
     tags |= {f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))}
     tags |= {"raylab.checksums": json.dumps(sums, sort_keys=True), "raylab.gates": cfg.registry.gates.model_dump_json(),
              "raylab.gates.status": "pending", "raylab.output_dir": cfg.output_dir, "raylab.run_name": cfg.run_name,
-             "raylab.stage": "train"} | (extra or {}) | erasure.at_registration(meta.get("data_manifest_hash"))
+             "raylab.stage": "train"} | access.creator_tags() | (extra or {}) \
+        | erasure.at_registration(meta.get("data_manifest_hash"))
     source = f"{store.client.get_run(run_id).info.artifact_uri}/model"
     mv = store.client.create_model_version(name, source, run_id, tags=tags,
                                            description=f"{meta.get('method')} on {meta.get('base_model')}")

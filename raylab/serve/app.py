@@ -36,9 +36,10 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylab import registry
+from raylab.core import access
 from raylab.errors import UserError
 from raylab.serve import openai_api as oa
-from raylab.serve.auth import api_keys, authorized
+from raylab.serve.auth import api_keys, authenticate
 from raylab.serve.deploy import catalog
 from raylab.serve.explainer import explainer_deployment
 from raylab.serve.generator import generator_deployment
@@ -75,6 +76,7 @@ class IngressImpl:
         # serve.rag: the Embedder's handle (or an in-process EmbedderImpl) and its arguments
         self.embedder, self.rag = embedder, args.get("rag")
         self.keys = api_keys(args)
+        self.database = args.get("api_keys_database")  # serve.api_keys_db: keys from `raylab keys create`
         self.explainer = explainer  # None: serve.explain is off, /v1/explain answers 404
         settings = args.get("explain")
         self.explained = explain.Recent(settings["keep_results"], settings["keep_seconds"]) if settings else None
@@ -143,10 +145,16 @@ class IngressImpl:
                               code="rate_limit_exceeded") from None
 
     def authorize(self, request: Request) -> None:
-        if not self.keys:
+        """Every route's check: a static key, or a control-plane key whose role may serve.infer
+        (allowed requests are not each audited, refusals are: core.access.authorize)."""
+        if not self.keys and not self.database:
             return
-        if not authorized(request.headers.get("authorization", ""), self.keys):
+        principal = authenticate(request.headers.get("authorization", ""), self.keys, self.database)
+        if principal is None:
             raise oa.ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
+        decision = access.authorize(principal, "serve.infer", record_allow=False)
+        if not decision.allowed:
+            raise oa.ApiError(403, f"not allowed: {decision.reason}", code="permission_denied")
 
 
 Ingress = serve.deployment(name="Ingress")(serve.ingress()(IngressImpl))

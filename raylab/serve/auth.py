@@ -6,6 +6,12 @@ the config refuses that on a non-loopback `serve.host` unless `serve.allow_unaut
     keys = api_keys({"api_keys_env": "RAYLAB_API_KEYS", "api_keys_file": None})
     authorized(request.headers.get("authorization", ""), keys)
 
+With `serve.api_keys_db: true` the endpoint also accepts the keys `raylab keys create` made
+(rlk_..., looked up in the control-plane database, each with its role and organisation;
+revoked keys are refused from the next request):
+
+    principal = authenticate(header, keys, database)   # a core.access.Principal, or None
+
 Keys that are configured but yield none (an unset variable, a missing, empty or all-comment
 file) are a UserError naming the variable or file: `raylab serve` calls `api_keys` before it
 deploys anything, so that is exit 2, not a replica that fails to start.
@@ -17,7 +23,7 @@ import hashlib
 import hmac
 import os
 
-from raylab.core import storage
+from raylab.core import access, storage
 from raylab.errors import UserError
 
 
@@ -66,3 +72,17 @@ def authorized(header: str, keys: set[str]) -> bool:
     given = _digest(token.strip())
     matches = [hmac.compare_digest(given, _digest(k)) for k in keys]  # no short-circuit
     return scheme.lower() == "bearer" and bool(token.strip()) and any(matches)
+
+
+STATIC = access.Principal("static-key", "", frozenset({"viewer"}), "static-key")  # who a static key is
+
+
+def authenticate(header: str, keys: set[str], database: str | None) -> access.Principal | None:
+    """Who an `Authorization` header stands for: a raylab API key from the control-plane
+    database at `database` (when the endpoint accepts them) with its role and org, else one of
+    the static `keys` (STATIC: serve.infer, in no organisation), else None. A refused raylab
+    key is recorded in the audit log (access.deny) by core.access."""
+    token = header.strip().partition(" ")[2].strip()
+    if database and token.startswith("rlk_"):
+        return access.authenticate(header, database)
+    return STATIC if keys and authorized(header, keys) else None

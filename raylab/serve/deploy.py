@@ -29,7 +29,7 @@ from pathlib import Path
 
 from raylab import models, registry
 from raylab.config import ExplainConfig, RaylabConfig, ServeConfig
-from raylab.core import cluster, events, plan, runs, storage
+from raylab.core import cluster, controldb, events, plan, runs, storage
 from raylab.core.cluster import auth_token
 from raylab.errors import UserError
 from raylab.serve.auth import api_keys
@@ -132,6 +132,7 @@ def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: st
     args = {"base": base, "tracking_uri": store.uri if store is not None else None,
             "dtype": "float32" if dtype == "auto" else dtype,
             "threads": max(1, round(s.cpus_per_replica)), "api_keys_env": s.api_keys_env, "api_keys_file": s.api_keys_file,
+            "api_keys_database": controldb.url() if s.api_keys_db else None,
             "limits": {"max_prompt_tokens": s.max_prompt_tokens, "max_tokens": s.max_tokens,
                        "max_request_bytes": s.max_request_bytes, "max_batch_size": s.max_batch_size,
                        "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_adapters_per_replica": s.max_adapters_per_replica,

@@ -1,8 +1,7 @@
-"""Governance verbs: `raylab audit verify|log|export`, `raylab lineage`, `raylab erase`,
-`raylab keys rotate` (encryption at rest).
+"""Governance verbs: `raylab audit verify|log|export`, `raylab lineage`, `raylab erase`
+(`raylab keys` is raylab/cli/keys.py).
 
     raylab audit verify --strict
-    raylab keys rotate --config configs/quickstart-governed.yaml
     raylab lineage faq.csv:12
     raylab erase faq.csv:12 --reason "erasure request #41"
 """
@@ -20,21 +19,7 @@ def add_parsers(sub) -> dict:
     """Add this module's verbs to `sub`; return {verb: command}."""
     _audit_parser(sub)
     _lineage_parsers(sub)
-    _keys_parser(sub)
-    return {"audit": cmd_audit, "lineage": cmd_lineage, "erase": cmd_lineage, "keys": cmd_keys}
-
-
-def _keys_parser(sub) -> None:
-    h = "encryption keys: `rotate` re-wraps every sealed file's data key under a new key (the data is not re-encrypted)"
-    k = sub.add_parser("keys", help=h, description=h)
-    acts = k.add_subparsers(dest="action", metavar="ACTION", required=True)
-    r = acts.add_parser("rotate", help="a new key-encryption key; every sealed file under the run directory, "
-                        "$RAYLAB_HOME and --path re-wrapped under it")
-    r.add_argument("--config", "-c", required=True, help="the config whose governance.encryption to rotate")
-    r.add_argument("--path", action="append", default=[], metavar="DIR",
-                   help="another directory or URI holding sealed files (repeatable)")
-    r.add_argument("--retire", action="store_true",
-                   help="local key ring: drop the old keys afterwards (files elsewhere wrapped by them become unreadable)")
+    return {"audit": cmd_audit, "lineage": cmd_lineage, "erase": cmd_lineage}
 
 
 def _audit_parser(sub) -> None:
@@ -136,20 +121,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(f"{e['seq']:>6} {e['time']} {e['actor']:<20} {e['kind']:<20} {target:<20} {extra}")
         if not rows:
             print(f"no entries in {where} match")
-    return 0
-
-
-def cmd_keys(args: argparse.Namespace) -> int:
-    """`raylab keys rotate` (raylab/core/rotation.py)."""
-    from raylab import config
-    from raylab.core import audit, crypto, rotation, runs
-
-    cfg = config.load(args.config)
-    os.environ.update(audit.process_env(cfg))  # the rotation's audit entry joins the config's chain
-    os.environ.update(crypto.process_env(cfg))  # old keys unwrap what the new one re-wraps
-    done = rotation.rotate(crypto.settings_of(cfg), [cfg.output_dir, str(runs.home().root), *args.path], retire=args.retire)
-    print(f"keys rotate: {len(done.rewrapped)} sealed file(s) re-wrapped under key {done.key_id}"
-          + (f"; retired {', '.join(done.retired)}" if done.retired else ""))
     return 0
 
 

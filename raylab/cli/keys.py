@@ -1,14 +1,15 @@
 """`raylab keys create|list|revoke`: API keys for the API and the inference endpoint, kept in
-the control-plane database (raylab/core/access/keys.py: stored as sha256, shown once).
+the control-plane database (raylab/core/access/keys.py: stored as sha256, shown once);
+`raylab keys rotate`: a new encryption key for the files sealed at rest (raylab/core/rotation.py).
 
     raylab keys create --org acme --role ml_engineer --name ada   # prints the key once
     raylab keys list --org acme
     raylab keys revoke 3f9c0a1b2d4e                               # the KEY_ID `list` shows
+    raylab keys rotate --config job.yaml [--retire]               # governance.encryption's key
 
 Who runs these is recorded as the OS user (embedded mode: whoever can write the control-plane
 database manages keys; docs/governance.md). Each action is one sub-parser in `_ACTIONS`'
-order; another (`rotate`, for encryption keys) is one more entry there and a branch in
-`cmd_keys`.
+order.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import sys
 
 def add_parsers(sub) -> dict:
     """Add `raylab keys ACTION`; return {verb: command}."""
-    k = sub.add_parser("keys", help="API keys (identities with a role in an organisation): create, list, revoke",
-                       description="API keys (identities with a role in an organisation): create, list, revoke")
+    h = ("API keys (identities with a role in an organisation): create, list, revoke; "
+         "encryption at rest: rotate")
+    k = sub.add_parser("keys", help=h, description=h)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", help="take governance.database from this config")
     common.add_argument("--database", help="control-plane database URL (default: governance.database, "
@@ -53,10 +55,20 @@ def _revoke_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("key_id", metavar="KEY_ID", help="the id `raylab keys list` shows (or the whole key)")
 
 
+def _rotate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--path", action="append", default=[], metavar="DIR",
+                   help="another directory or URI holding sealed files (repeatable); the config's output_dir and "
+                        "$RAYLAB_HOME are always covered")
+    p.add_argument("--retire", action="store_true",
+                   help="local key ring: drop the old keys afterwards (files elsewhere wrapped by them become unreadable)")
+
+
 _ACTIONS = {
     "create": ("create a key with a role in an organisation; the key is printed once", _create_args),
     "list": ("the keys (ids, names, orgs, roles; never the keys themselves)", _list_args),
     "revoke": ("refuse a key from now on", _revoke_args),
+    "rotate": ("encryption at rest: a new key-encryption key, every sealed file's data key re-wrapped under it "
+               "(the data is not re-encrypted); needs --config", _rotate_args),
 }
 
 
@@ -64,6 +76,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from raylab.core import controldb, events
     from raylab.core.access import keys
 
+    if args.action == "rotate":
+        return _rotate(args)
     if args.config:
         from raylab import config
         from raylab.core import audit
@@ -94,4 +108,22 @@ def cmd_keys(args: argparse.Namespace) -> int:
         row = keys.revoke(db, args.key_id, by)
         events.emit("access.key_revoke", key_id=row["key_id"], name=row["name"], org=row["org"], role=row["role"])
         print(f"revoked key {row['key_id']} ({row['name']}, {row['role']} in {row['org']}) at {row['revoked']}")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    """`raylab keys rotate` (raylab/core/rotation.py)."""
+    from raylab import config
+    from raylab.core import audit, crypto, rotation, runs
+    from raylab.errors import UserError
+
+    if not args.config:
+        raise UserError("raylab keys rotate: --config names the config whose governance.encryption to rotate")
+    cfg = config.load(args.config)
+    os.environ.update(audit.process_env(cfg))  # the rotation's audit entry joins the config's chain
+    os.environ.update(crypto.process_env(cfg))  # old keys unwrap what the new one re-wraps
+    done = rotation.rotate(crypto.settings_of(cfg), [cfg.output_dir, str(runs.home().root), *args.path],
+                           retire=args.retire)
+    print(f"keys rotate: {len(done.rewrapped)} sealed file(s) re-wrapped under key {done.key_id}"
+          + (f"; retired {', '.join(done.retired)}" if done.retired else ""))
     return 0

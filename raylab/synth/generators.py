@@ -50,7 +50,12 @@ def read_chunks(g) -> list[dict]:
     for path in g.files:
         if not storage.exists(path):
             raise UserError(f"synth.grounded_qa.files: {path} does not exist")
-        for n, part in enumerate(_PARAGRAPH.split(storage.read_text(path))):
+        try:
+            text = storage.read_text(path)
+        except UnicodeDecodeError as e:  # the data stage quarantines such a record; here it is the whole input
+            raise UserError(f"synth.grounded_qa.files: {path} is not UTF-8 text (byte {e.start}); convert it "
+                            "(iconv -f latin1 -t utf-8) or leave it out") from None
+        for n, part in enumerate(_PARAGRAPH.split(text)):
             chunks.append({"id": f"{path}#{n}", "text": part.strip()})
     chunks = sorted((c for c in chunks if len(c["text"]) >= g.min_chunk_chars), key=lambda c: c["id"])
     return chunks[:g.max_chunks] if g.max_chunks else chunks

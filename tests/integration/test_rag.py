@@ -102,10 +102,10 @@ def test_the_manifest_counts_what_was_built(built):
 
 
 def test_synth_grounded_qa_reads_the_index_chunks_as_its_documents(built, tmp_path):
+    import lancedb
+
     from raylab.errors import UserError
     from raylab.synth import generators
-
-    import lancedb
 
     t = lancedb.connect(str(built["index"])).open_table("chunks").to_arrow()
     texts = dict(zip(t["chunk_id"].to_pylist(), t["text"].to_pylist(), strict=True))

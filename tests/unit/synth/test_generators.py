@@ -7,8 +7,8 @@ import json
 import random
 
 import pyarrow as pa
-import pytest
 import pyarrow.parquet as pq
+import pytest
 
 from raylab import config
 from raylab.core import runs
@@ -86,7 +86,6 @@ def test_the_shipped_acme_config_asks_raylabs_own_endpoint_about_the_handbook(mo
     """configs/synth-acme.yaml (`raylab validate` runs on it in tests/unit/config/test_shipped.py):
     its chunks are the handbook's paragraphs, its endpoint raylab's served production version."""
     from conftest import REPO
-
     from raylab.synth import client
 
     monkeypatch.chdir(REPO)

@@ -13,7 +13,8 @@ from raylab.cli.common import split
 
 def add_parsers(sub) -> dict:
     """Add the synth verb to `sub`; return {verb: command}."""
-    help_ = ("generate training examples (grounded Q&A, Self-Instruct) through an OpenAI-compatible endpoint, "
+    help_ = ("generate training examples (grounded Q&A, Self-Instruct, Evol-Instruct) through an OpenAI-compatible "
+             "endpoint (default: raylab's own served production version), "
              "filter them and write chat JSONL plus a datasheet; re-runs reuse cached answers")
     v = sub.add_parser("synth", help=help_, description=help_)
     v.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]", help="config file (required) then overrides")

@@ -57,7 +57,9 @@ from raylab.config.root import SCHEMA_VERSION, RaylabConfig
 from raylab.config.serve import AutoscalingConfig, ExplainServeConfig, ServeConfig
 from raylab.config.synth import (
     EndpointConfig,
+    EvolInstructConfig,
     GroundedQaConfig,
+    JudgeConfig,
     SelfInstructConfig,
     SynthConfig,
     SynthFiltersConfig,
@@ -71,7 +73,7 @@ from raylab.errors import ConfigError
 __all__ = [
     "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
     "BiasProbeSet", "BiasProbesConfig", "BiasTemplate", "CleanConfig", "CloudConfig", "ConfigError",
-    "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EndpointConfig", "EvalConfig", "EXPLAIN_METHODS",
+    "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EndpointConfig", "EvalConfig", "EvolInstructConfig", "JudgeConfig", "EXPLAIN_METHODS",
     "ExplainConfig", "ExplainServeConfig", "GroundedQaConfig", "SelfInstructConfig", "SynthConfig", "SynthFiltersConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
     "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",

@@ -3,6 +3,7 @@
     from raylab.rag import run_index, search
     manifest = run_index(cfg)              # writes <index.directory>/ (default <output_dir>/index)
     hits = search(index_dir, "question", top_k=4)
+    chunks = index_chunks(index_dir)       # every chunk (raylab synth's grounded_qa.index)
     ix = Index(index_dir); ix.search("question", 4); ix.embed(["text"])   # opened once (serving)
     text = render_prompt("question", hits)      # the retrieval prompt RAFT trains on
     report = run_rag_eval(cfg)             # index.eval questions -> <output_dir>/eval/rag.json
@@ -21,9 +22,9 @@ from raylab.rag.embedder import describe, peek
 from raylab.rag.evaluate import eval_table, run_rag_eval
 from raylab.rag.prompt import render as render_prompt
 from raylab.rag.raft import run_raft
-from raylab.rag.search import Index, open_index, search
+from raylab.rag.search import Index, index_chunks, open_index, search
 from raylab.rag.stage import index_directory, run_index
 from raylab.rag.store import vector_dimensions
 
-__all__ = ["Index", "describe", "eval_table", "index_directory", "open_index", "peek", "render_prompt", "run_index", "run_raft",
+__all__ = ["Index", "describe", "eval_table", "index_chunks", "index_directory", "open_index", "peek", "render_prompt", "run_index", "run_raft",
            "run_rag_eval", "search", "vector_dimensions"]

@@ -3,6 +3,7 @@
     from raylab.rag import search
     hits = search("runs/quickstart/index", "how do I reset my password?", top_k=4)
     hits[0]["text"], hits[0]["origin"], hits[0]["score"]     # best first; score = cosine similarity
+    chunks = index_chunks("runs/quickstart/index")           # every chunk, by chunk_id
 
 Each hit: chunk_id, source, origin (the document's path, URL or key), record_id, start and
 end (the chunk's character span in its document), text, score. The model comes from the
@@ -43,6 +44,14 @@ def search(index_dir: str, query: str, top_k: int = 4, nprobes: int = 20, refine
     _, path = embedder.resolve(manifest.model)
     vector = embedder.encode(path, [query])[0]
     return store.nearest(table, vector, top_k, nprobes, refine_factor)
+
+
+def index_chunks(index_dir: str) -> list[dict]:
+    """Every chunk of a built index (chunk_id, source, origin, record_id, start, end, text),
+    sorted by chunk_id: what `raylab synth`'s grounded_qa asks questions about."""
+    _, table = open_index(index_dir)
+    rows = table.search().select(store.ROW_COLUMNS).limit(None).to_list()
+    return sorted(rows, key=lambda r: r["chunk_id"])
 
 
 class Index:

@@ -3,6 +3,10 @@ and the Ray Data actor pool that sends them.
 
     answers = Requests(cfg, run).complete([{"messages": [...]}, ...])   # {key: Answer}
 
+- **Default endpoint.** Without `synth.endpoint`, raylab's own served production version:
+  http://<serve.host>:<serve.port>/v1 (a wildcard bind address is reached on 127.0.0.1),
+  model <registry.model_name>@production (the ingress's route to that alias), and the first
+  key of serve.api_keys_env when that is set (`resolve_endpoint`).
 - **Policy.** A base_url whose host is not loopback (localhost, 127.0.0.0/8, ::1) is refused
   unless `governance.allow_remote: true`: generation sends the company's documents to the
   endpoint, so leaving the machine is a decision someone makes in the config.
@@ -31,7 +35,8 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-from raylab.config import RaylabConfig
+from raylab import registry
+from raylab.config import EndpointConfig, RaylabConfig
 from raylab.core import runs, storage
 from raylab.core.secrets import expand_env
 from raylab.errors import UserError
@@ -61,17 +66,36 @@ def is_loopback_url(base_url: str) -> bool:
         return False
 
 
+_WILDCARD = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def resolve_endpoint(cfg: RaylabConfig) -> tuple[EndpointConfig, bool]:
+    """(the endpoint, whether it is raylab's own from the serve section). Serve's keys file
+    is not read for it: a synth run names its key in synth.endpoint.api_key instead."""
+    if cfg.synth.endpoint is not None:
+        return cfg.synth.endpoint, False
+    s = cfg.serve
+    if s.api_keys_file is not None and s.api_keys_env is None:
+        raise UserError("synth.endpoint: raylab's own endpoint takes its keys from serve.api_keys_file, which synth "
+                        "does not read; set synth.endpoint {base_url, model, api_key: ${env:NAME}} (or "
+                        "serve.api_keys_env)")
+    host = "127.0.0.1" if s.host in _WILDCARD else s.host
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    api_key = f"${{env:{s.api_keys_env}}}" if s.api_keys_env else None
+    return EndpointConfig(base_url=f"http://{host}:{s.port}/v1", model=f"{registry.model_name(cfg)}@{registry.PRODUCTION}",
+                          api_key=api_key), True
+
+
 def check_policy(cfg: RaylabConfig) -> None:
-    """Exit 2 for a missing endpoint, or a remote one the governance section has not allowed."""
-    ep = cfg.synth.endpoint
-    if ep is None:
-        raise UserError("synth.endpoint is not set: give {base_url, model} of an OpenAI-compatible endpoint")
-    url = expand_env(ep.base_url, "synth.endpoint.base_url")
+    """Exit 2 for a remote endpoint the governance section has not allowed."""
+    ep, own = resolve_endpoint(cfg)
+    where = "serve.host" if own else "synth.endpoint.base_url"
+    url = expand_env(ep.base_url, where)
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-        raise UserError(f"synth.endpoint.base_url: expected http(s)://HOST[:PORT]/..., got {ep.base_url!r}")
+        raise UserError(f"{where}: expected http(s)://HOST[:PORT]/..., got {ep.base_url!r}")
     if not is_loopback_url(url) and not cfg.governance.allow_remote:
         host = urllib.parse.urlsplit(url).hostname
-        raise UserError(f"synth.endpoint.base_url: {host} is not this machine, and governance.allow_remote is not "
+        raise UserError(f"{where}: {host} is not this machine, and governance.allow_remote is not "
                         "set; set governance.allow_remote: true to send generation prompts (and the documents in "
                         "them) there")
 
@@ -176,11 +200,21 @@ class Requests:
     def __init__(self, cfg: RaylabConfig, run: runs.Run):
         check_policy(cfg)
         self.cfg = cfg
-        self.ep = cfg.synth.endpoint
+        self.ep, self.own = resolve_endpoint(cfg)
         self.cache_dir = run.synth_cache
         self.budget = cfg.synth.max_requests
         self.sent = 0
         self.cached = 0
+
+    def api_key(self) -> str | None:
+        if not self.ep.api_key:
+            return None
+        if self.own:  # serve.api_keys_env holds the endpoint's keys, comma-separated: any one of them works
+            key = expand_env(self.ep.api_key, "serve.api_keys_env").split(",")[0].strip()
+            if not key:
+                raise UserError(f"serve.api_keys_env: {self.ep.api_key} holds no key for synth to send")
+            return key
+        return expand_env(self.ep.api_key, "synth.endpoint.api_key")
 
     def body(self, messages: list[dict]) -> dict:
         return {"messages": messages, "temperature": self.ep.temperature, "max_tokens": self.ep.max_tokens}
@@ -211,7 +245,7 @@ class Requests:
         import ray
 
         s = self.cfg.synth
-        api_key = expand_env(self.ep.api_key, "synth.endpoint.api_key") if self.ep.api_key else None
+        api_key = self.api_key()
         url = expand_env(self.ep.base_url, "synth.endpoint.base_url").rstrip("/") + "/chat/completions"
         rows = [{"key": k, "body": json.dumps(b, ensure_ascii=False)} for k, b in todo.items()]
         kwargs = {"endpoint": self.ep.model_dump(), "api_key": api_key, "url": url, "cache_dir": self.cache_dir}

@@ -5,6 +5,8 @@ examples of what it dropped (`Tally`).
     text = f.redact(text)                      # PII -> <EMAIL>, ... (first: nothing after sees it)
     reason = f.check(prompt, response)         # "length" | "refusal" | "contaminated" | None
     kept, similar, score = novelty.offer(prompt)   # ROUGE-L novelty against what is kept
+    why = evolution_failure(source, evolved, markers)    # Evol-Instruct's eliminator: the instruction
+    why = f.answer_failure(response, short_words)        # ... and its answer
 
 Novelty (Self-Instruct's rule: keep a prompt only if its ROUGE-L with every kept one is below
 0.7) is done without comparing every pair: each kept prompt's MinHash signature (the data
@@ -17,6 +19,14 @@ reports the share of its pairs above the threshold that shared a band.
 Decontamination: an example sharing a word 13-gram with an evaluation text is dropped (the
 GPT-3 paper's test); an evaluation text shorter than that (at least MIN_WHOLE_WORDS words)
 counts when the example contains it whole.
+
+Evol-Instruct's eliminator (Xu et al., 2023, section 3.3): a failed evolution is one whose
+instruction copies words of the evolving prompt ("given prompt", "#Rewritten Prompt#":
+`copies_prompt`) or provides no information gain over the original (the paper asks ChatGPT
+whether the two are equal; here, lexically: no word the original lacks, `no_gain`), or whose
+answer is a refusal that is also short (a refusal pattern and under `short_answer_words`
+words, the paper's "contains 'sorry' and is relatively short": `refusal`) or only
+punctuation and stop words (`no_content`).
 """
 
 from __future__ import annotations
@@ -36,8 +46,30 @@ _WORD = re.compile(r"\w+")
 _SPACE = re.compile(r"\s+")
 
 
+# The paper's "only punctuation and stop words" rule needs a stop-word list: NLTK's English one.
+STOP_WORDS = frozenset("""
+a about above after again against ain all am an and any are aren as at be because been before being below
+between both but by can couldn d did didn do does doesn doing don down during each few for from further had
+hadn has hasn have haven having he her here hers herself him himself his how i if in into is isn it its itself
+just ll m ma me mightn more most mustn my myself needn no nor not now o of off on once only or other our ours
+ourselves out over own re s same shan she should shouldn so some such t than that the their theirs them
+themselves then there these they this those through to too under until up ve very was wasn we were weren what
+when where which while who whom why will with won wouldn y you your yours yourself yourselves
+""".split())
+
+
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
+
+
+def evolution_failure(original: str, evolved: str, markers: list[str]) -> str | None:
+    """Why an evolved instruction failed (`copies_prompt`, `no_gain`), or None."""
+    low = evolved.lower()
+    if any(m.lower() in low for m in markers):
+        return "copies_prompt"
+    if set(words(evolved)) <= set(words(original)):
+        return "no_gain"
+    return None
 
 
 class Tally:
@@ -172,6 +204,15 @@ class Filters:
             self.pii.update(counts)
             self.redacted_texts += 1
         return out
+
+    def answer_failure(self, response: str, short_words: int) -> str | None:
+        """Why an evolved instruction's answer fails it (`refusal`, `no_content`), or None."""
+        w = words(response)
+        if len(w) < short_words and any(p.search(response) for p in self.refusals):
+            return "refusal"
+        if all(x in STOP_WORDS for x in w):
+            return "no_content"
+        return None
 
     def check(self, prompt: str, response: str) -> str | None:
         """The first filter that drops this example, or None to keep it."""

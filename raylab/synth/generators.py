@@ -5,6 +5,8 @@ not overlap.
     chunks = read_chunks(cfg.synth.grounded_qa)      # [{"id", "text"}] sorted by id
     seeds = read_seeds(cfg.synth.self_instruct)
     messages = instruction_prompt(si, seeds, generated, rng)
+    kind, messages = evolution_prompt(ev, instruction, rng)   # evol_instruct: one drawn evolution
+    messages = judge_prompt(judge, instruction, response)
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import re
 from raylab.core import runs, storage
 from raylab.data import document_text
 from raylab.errors import UserError
+
+BREADTH = "breadth"  # the in-breadth evolution's name beside the in-depth methods
 
 _PARAGRAPH = re.compile(r"\n\s*\n")
 
@@ -32,8 +36,13 @@ def _data_records(data_run: str) -> list[dict]:
 
 def read_chunks(g) -> list[dict]:
     """The chunks questions are asked about: the data run's train-split records (id: the
-    record's source and record_id), then each paragraph of the plain files (id: FILE#N)."""
+    record's source and record_id), the chunks of a `raylab index` index (id: its chunk_id),
+    then each paragraph of the plain files (id: FILE#N)."""
     chunks = []
+    if g.index is not None:
+        from raylab.rag import index_chunks  # the rag extra (lancedb), only when an index is named
+
+        chunks += [{"id": c["chunk_id"], "text": c["text"]} for c in index_chunks(g.index)]
     if g.data_run is not None:
         for r in _data_records(g.data_run):
             if r["split"] == "train":
@@ -41,7 +50,12 @@ def read_chunks(g) -> list[dict]:
     for path in g.files:
         if not storage.exists(path):
             raise UserError(f"synth.grounded_qa.files: {path} does not exist")
-        for n, part in enumerate(_PARAGRAPH.split(storage.read_text(path))):
+        try:
+            text = storage.read_text(path)
+        except UnicodeDecodeError as e:  # the data stage quarantines such a record; here it is the whole input
+            raise UserError(f"synth.grounded_qa.files: {path} is not UTF-8 text (byte {e.start}); convert it "
+                            "(iconv -f latin1 -t utf-8) or leave it out") from None
+        for n, part in enumerate(_PARAGRAPH.split(text)):
             chunks.append({"id": f"{path}#{n}", "text": part.strip()})
     chunks = sorted((c for c in chunks if len(c["text"]) >= g.min_chunk_chars), key=lambda c: c["id"])
     return chunks[:g.max_chunks] if g.max_chunks else chunks
@@ -81,15 +95,16 @@ def _strings(value) -> list[str]:
     return []
 
 
-def read_seeds(si) -> list[str]:
+def read_seeds(si, at: str = "synth.self_instruct") -> list[str]:
+    """The inline seeds, then the seed file's, without repeats (`at` names the section in errors)."""
     seeds = list(si.seeds)
     if si.seed_file is not None:
         if not storage.exists(si.seed_file):
-            raise UserError(f"synth.self_instruct.seed_file: {si.seed_file} does not exist")
+            raise UserError(f"{at}.seed_file: {si.seed_file} does not exist")
         seeds += _lines_or_json(si.seed_file, "instruction")
     seeds = list(dict.fromkeys(s.strip() for s in seeds if s.strip()))
     if not seeds:
-        raise UserError("synth.self_instruct: no seed instructions (seeds and seed_file are empty; a JSONL seed "
+        raise UserError(f"{at}: no seed instructions (seeds and seed_file are empty; a JSONL seed "
                         "file needs an `instruction` field on each line)")
     return seeds
 
@@ -108,6 +123,32 @@ def instruction_prompt(si, seeds: list[str], generated: list[str], rng: random.R
 
 def output_prompt(si, instruction: str) -> list[dict]:
     return [{"role": "user", "content": si.output_prompt.replace("{instruction}", instruction)}]
+
+
+def evolution_prompt(ev, instruction: str, rng: random.Random) -> tuple[str, list[dict]]:
+    """One evolution drawn uniformly from the in-depth methods (and in-breadth when on), as the
+    paper draws one per instruction per round: (its name, the messages)."""
+    kinds = sorted(ev.depth_methods) + ([BREADTH] if ev.breadth else [])
+    kind = rng.choice(kinds)
+    if kind == BREADTH:
+        content = fill(ev.breadth_prompt, instruction=instruction)
+    else:
+        content = fill(ev.depth_prompt, method=ev.depth_methods[kind], instruction=instruction)
+    return kind, [{"role": "user", "content": content}]
+
+
+def evol_answer_prompt(ev, instruction: str) -> list[dict]:
+    return [{"role": "user", "content": fill(ev.answer_prompt, instruction=instruction)}]
+
+
+def judge_prompt(judge, instruction: str, response: str) -> list[dict]:
+    return [{"role": "user", "content": fill(judge.prompt, instruction=instruction, response=response)}]
+
+
+def fill(template: str, **values: str) -> str:
+    """{name} -> value in one pass, so a value that itself holds "{response}" stays as it is
+    (an instruction quoting a template must not receive the answer); other braces are left."""
+    return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 def eval_texts(cfg) -> list[str]:

@@ -7,6 +7,9 @@ the prompt; loosening the parser would let its other deviations through too.)
     pairs = parse_pairs(text, most=2)        # [{"question", "answer"}]
     instructions = parse_instructions(text, most=8)
     example = parse_output(text)             # {"input", "output"}
+    evolved = parse_instruction(text)        # evol_instruct: the evolved instruction
+    response = parse_response(text)          # evol_instruct: its answer
+    score, reason = parse_grade(text)        # the judge: an integer 1..5 and its reason
 """
 
 from __future__ import annotations
@@ -72,3 +75,25 @@ def parse_output(text: str) -> dict[str, str]:
     """self_instruct, step 2: {"input": str (may be empty), "output": str}."""
     value = _object(text, {"input", "output"})
     return {"input": _text(value["input"], "input", allow_empty=True), "output": _text(value["output"], "output")}
+
+
+def parse_instruction(text: str) -> str:
+    """evol_instruct, the evolution: {"instruction": str}."""
+    return _text(_object(text, {"instruction"})["instruction"], "instruction")
+
+
+def parse_response(text: str) -> str:
+    """evol_instruct, the evolved instruction's answer: {"response": str}."""
+    return _text(_object(text, {"response"})["response"], "response")
+
+
+def parse_grade(text: str, lowest: int = 1, highest: int = 5) -> tuple[int, str]:
+    """The judge: {"score": an integer lowest..highest, "reason": str}. A float, a numeric
+    string or a bool is not an integer grade (4.5 would be a grade the rubric does not have)."""
+    value = _object(text, {"score", "reason"})
+    score = value["score"]
+    if not isinstance(score, int) or isinstance(score, bool):
+        raise Rejected("wrong_type", f"score should be an integer, got {type(score).__name__}")
+    if not lowest <= score <= highest:
+        raise Rejected("out_of_range", f"score {score} is outside {lowest}..{highest}")
+    return score, _text(value["reason"], "reason", allow_empty=True)

@@ -10,10 +10,16 @@ filters -> runs/<name>/synth/<generator>.jsonl and a datasheet.
    self_instruct: rounds of instruction prompts (seed + generated tasks in context) until
    `instructions` new ones are kept (a round that keeps none ends it: the endpoint has nothing
    new to say, or the budget is spent), then one output request per kept instruction.
+   evol_instruct: `rounds` rounds; each draws one evolution per instruction of the pool (an
+   in-depth method or in-breadth), asks for the evolved instruction, then for its answer;
+   the eliminator (filters.evolution_failure, Filters.answer_failure) drops failed ones with
+   their reason, and the pool of the next round is the survivors plus the sources of the
+   failures (evolved again, by a newly drawn evolution).
 3. Requests go out from a Ray Data actor pool (client.py); answers are cached, so a re-run
    sends only what it has no answer for, and the budget stops the run cleanly.
 4. Every answer is parsed strictly (parse.py); every example is redacted, then length,
-   refusal and decontamination filtered, then novelty filtered (filters.py).
+   refusal and decontamination filtered, then novelty filtered (filters.py); with
+   `synth.filters.judge`, what is left is graded 1-5 by the endpoint and kept at min_score.
 5. The kept examples are chat JSONL (`{"messages": [user, assistant], "generator", ...}`),
    read by the data stage as `{type: jsonl, path: runs/<name>/synth/<generator>.jsonl,
    format: chat}`; the datasheet (datasheet.py) counts every request, rejection and drop.
@@ -24,13 +30,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 
 from raylab.config import RaylabConfig
 from raylab.core import cluster, events, runs, storage
 from raylab.errors import UserError
 from raylab.synth import datasheet, generators, parse
 from raylab.synth.client import Requests
-from raylab.synth.filters import Filters, Novelty, Tally
+from raylab.synth.filters import Filters, Novelty, Tally, evolution_failure
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,8 @@ class Generator:
         self.failed, self.rejected, self.dropped = Tally(), Tally(), Tally()
         self.examples: list[dict] = []
         self.instructions: dict | None = None  # self_instruct's instruction step: kept, dropped
+        self.evolutions: dict | None = None  # evol_instruct's rounds: evolved per kind, eliminated
+        self.judge: dict | None = None  # the judge's grades
 
     def answers(self, client: Requests, prompts: list[list[dict]]) -> list[str | None]:
         """The completions' texts (None for a failed or unsent request, tallied with its reason)."""
@@ -70,13 +79,15 @@ class Generator:
                 out.append(None)
         return out
 
-    def parsed(self, text: str | None, parser, *args):
+    def parsed(self, text: str | None, parser, *args, step: str = ""):
+        """The parsed answer, or None (a rejection is tallied as `<step>_<reason>` when a step is named)."""
         if text is None:
             return None
         try:
             return parser(self.filters.redact(text), *args)
         except parse.Rejected as e:
-            self.rejected.add(e.reason, {"error": str(e), "answer": self.filters.redact(text)[:300]})
+            self.rejected.add(f"{step}_{e.reason}" if step else e.reason,
+                              {"error": str(e), "answer": self.filters.redact(text)[:300]})
             return None
 
     def offer(self, prompt: str, response: str, novel: bool = True, **meta) -> None:
@@ -99,7 +110,9 @@ class Generator:
         return {"requests": self.requests, "failed": self.failed.as_dict(), "rejected": self.rejected.as_dict(),
                 "dropped": self.dropped.as_dict(), "kept": len(self.examples),
                 "novelty": {"compared": self.novelty.compared, "candidate_recall": self.novelty.recall()},
-                **({"instructions": self.instructions} if self.instructions is not None else {})}
+                **({"instructions": self.instructions} if self.instructions is not None else {}),
+                **({"evolutions": self.evolutions} if self.evolutions is not None else {}),
+                **({"judge": self.judge} if self.judge is not None else {})}
 
 
 def grounded_qa(cfg: RaylabConfig, client: Requests, filters: Filters) -> Generator:
@@ -155,10 +168,78 @@ def self_instruct(cfg: RaylabConfig, client: Requests, filters: Filters) -> Gene
     return gen
 
 
+def evol_instruct(cfg: RaylabConfig, client: Requests, filters: Filters) -> Generator:
+    ev = cfg.synth.evol_instruct
+    gen = Generator("evol_instruct", filters, _novelty(cfg))
+    pool = [filters.redact(s) for s in generators.read_seeds(ev, "synth.evol_instruct")]
+    evolved_by_kind: Counter = Counter()
+    eliminated = Tally()
+    rounds = 0
+    for round_ in range(ev.rounds):
+        rounds += 1
+        rng = random.Random(f"{ev.seed}:{round_}")  # the same pool draws the same evolutions: cache hits
+        drawn = [generators.evolution_prompt(ev, i, rng) for i in pool]
+        survivors, again = [], []  # (source, kind, evolved); sources whose evolution failed
+        for source, (kind, _), text in zip(pool, drawn, gen.answers(client, [m for _, m in drawn]), strict=True):
+            evolved = gen.parsed(text, parse.parse_instruction, step="evolution")
+            why = None if evolved is None else evolution_failure(source, evolved, ev.copy_markers)
+            if why is not None:
+                eliminated.add(why, {"from": source[:300], "evolved": evolved[:300], "evolution": kind})
+            if evolved is None or why is not None:
+                again.append(source)
+            else:
+                survivors.append((source, kind, evolved))
+        answers = gen.answers(client, [generators.evol_answer_prompt(ev, e) for _, _, e in survivors])
+        pool = again
+        for (source, kind, evolved), text in zip(survivors, answers, strict=True):
+            response = gen.parsed(text, parse.parse_response, step="response")
+            why = None if response is None else filters.answer_failure(response, ev.short_answer_words)
+            if why is not None:
+                eliminated.add(why, {"instruction": evolved[:300], "response": response[:300], "evolution": kind})
+            if response is None or why is not None:
+                pool.append(source)
+                continue
+            evolved_by_kind[kind] += 1
+            pool.append(evolved)  # evolved further next round, whether or not the filters keep this example
+            # Not novelty-filtered: each evolution is a deliberate rewrite of the one before it,
+            # which ROUGE-L scores as similar by construction (10-20 words added to a short
+            # prompt stay above 0.7); the eliminator's no_gain drops rewrites that add nothing.
+            gen.offer(evolved, response, novel=False, evolution=kind, round=round_ + 1)
+        if client.sent >= client.budget:  # a further round could only count its requests `budget` again
+            break
+    gen.evolutions = {"rounds": rounds, "evolved": dict(sorted(evolved_by_kind.items())),
+                      "eliminated": eliminated.as_dict()}
+    return gen
+
+
+def judge(gen: Generator, client: Requests, filters: Filters, j) -> None:
+    """Grade every kept example through the endpoint; keep those at min_score or above. An
+    example whose grade is missing (failed request) or malformed is not kept: never scored up."""
+    prompts = [generators.judge_prompt(j, e["messages"][0]["content"], e["messages"][1]["content"])
+               for e in gen.examples]
+    scores: Counter = Counter()
+    kept = []
+    for example, text in zip(gen.examples, gen.answers(client, prompts), strict=True):
+        prompt, response = (m["content"][:300] for m in example["messages"])
+        grade = gen.parsed(text, parse.parse_grade, step="judge")
+        if grade is None:
+            gen.dropped.add("judge_unscored", {"prompt": prompt, "response": response})
+            continue
+        score, reason = grade
+        scores[score] += 1
+        if score < j.min_score:
+            gen.dropped.add("judge", {"prompt": prompt, "response": response, "score": score, "reason": reason[:300]})
+        else:
+            kept.append({**example, "judge_score": score})
+    gen.examples = kept
+    gen.judge = {"min_score": j.min_score, "scores": {str(k): v for k, v in sorted(scores.items())}}
+
+
 def _run(cfg: RaylabConfig, address: str | None) -> dict:
     s, run = cfg.synth, runs.Run(cfg.output_dir)
-    if s.grounded_qa is None and s.self_instruct is None:
-        raise UserError("synth: no generator configured; add synth.grounded_qa and/or synth.self_instruct")
+    if s.grounded_qa is None and s.self_instruct is None and s.evol_instruct is None:
+        raise UserError("synth: no generator configured; add synth.grounded_qa, synth.self_instruct and/or "
+                        "synth.evol_instruct")
     client = Requests(cfg, run)  # the endpoint policy, before anything is read
     filters = Filters(s.filters, cfg.data.pii, generators.eval_texts(cfg))
     cluster.connect(cfg, address)
@@ -167,6 +248,11 @@ def _run(cfg: RaylabConfig, address: str | None) -> dict:
         done.append(grounded_qa(cfg, client, filters))
     if s.self_instruct is not None:
         done.append(self_instruct(cfg, client, filters))
+    if s.evol_instruct is not None:
+        done.append(evol_instruct(cfg, client, filters))
+    if s.filters.judge is not None:
+        for gen in done:
+            judge(gen, client, filters, s.filters.judge)
     outputs = {}
     for gen in done:
         location = run.synth_output(gen.name)

@@ -101,6 +101,22 @@ def test_the_manifest_counts_what_was_built(built):
     assert len(table_rows(built["index"])) == m["rows"]
 
 
+def test_synth_grounded_qa_reads_the_index_chunks_as_its_documents(built, tmp_path):
+    import lancedb
+
+    from raylab.errors import UserError
+    from raylab.synth import generators
+
+    t = lancedb.connect(str(built["index"])).open_table("chunks").to_arrow()
+    texts = dict(zip(t["chunk_id"].to_pylist(), t["text"].to_pylist(), strict=True))
+    chunks = generators.read_chunks(config.GroundedQaConfig(index=str(built["index"]), min_chunk_chars=0))
+    assert [c["id"] for c in chunks] == sorted(texts)  # every chunk, its index chunk_id kept
+    assert all(c["text"] == texts[c["id"]] and c["text"].strip() for c in chunks)
+    # control: a directory `raylab index` did not build is refused, not read as no chunks
+    with pytest.raises(UserError, match="raylab index"):
+        generators.read_chunks(config.GroundedQaConfig(index=str(tmp_path), min_chunk_chars=0))
+
+
 def test_held_out_sentences_retrieve_their_document(built):
     from raylab.rag import search
 

@@ -14,6 +14,7 @@ from http_helpers import Handler, serving
 
 from raylab import config
 from raylab.cli import main
+from raylab.core import runs
 from raylab.errors import UserError
 from raylab.synth import client
 
@@ -25,12 +26,14 @@ class Scripted(Handler):
 
     script: list = []
     seen: list = []
+    auth: list = []
     lock = threading.Lock()
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.lock:
             self.seen.append(body)
+            self.auth.append(self.headers.get("Authorization"))
             step = self.script.pop(0) if self.script else "ok"
         if step == "429":
             self.send_body(429, b'{"error": "slow down"}', headers={"Retry-After": "1"})
@@ -124,3 +127,37 @@ def test_a_literal_api_key_is_refused_in_favour_of_an_env_reference(tmp_path):
         config.load_dict(raw)
     raw["synth"]["endpoint"]["api_key"] = "${env:SYNTH_KEY}"  # control: the reference is fine
     assert config.load_dict(raw).synth.endpoint.api_key == "${env:SYNTH_KEY}"
+
+
+def test_without_synth_endpoint_raylabs_served_production_version_is_asked(tmp_path, monkeypatch):
+    """serve.port and serve.api_keys_env as `raylab serve` reads them, the model routed to the
+    production alias; the scripted server stands where `raylab serve` would listen."""
+    monkeypatch.setenv("SYNTH_TEST_SERVE_KEYS", "first-key, second-key")
+    Scripted.script, Scripted.seen, Scripted.auth = [], [], []
+    with serving(Scripted) as url:
+        port = int(url.rsplit(":", 1)[1])
+        raw = _config(tmp_path, "unused")
+        del raw["synth"]["endpoint"]
+        raw["serve"] = {"port": port, "api_keys_env": "SYNTH_TEST_SERVE_KEYS"}
+        raw["registry"] = {"model_name": "acme-assistant"}
+        cfg = config.load_dict(raw)
+        ep, own = client.resolve_endpoint(cfg)
+        assert own and (ep.base_url, ep.model) == (f"http://127.0.0.1:{port}/v1", "acme-assistant@production")
+        answers = client.Requests(cfg, runs.Run(cfg.output_dir)).complete([[{"role": "user", "content": "hi"}]])
+    assert answers[0].ok and answers[0].content == OK["choices"][0]["message"]["content"]
+    assert [b["model"] for b in Scripted.seen] == ["acme-assistant@production"]
+    assert Scripted.auth == ["Bearer first-key"]  # one key of the endpoint's comma-separated list
+
+
+def test_the_default_endpoint_follows_the_serve_section_and_an_explicit_one_wins(tmp_path):
+    raw = _config(tmp_path, "http://127.0.0.1:9/v1")
+    ep, own = client.resolve_endpoint(config.load_dict(raw))
+    assert (ep.base_url, ep.model, own) == ("http://127.0.0.1:9/v1", "m", False)  # control: as given
+    del raw["synth"]["endpoint"]
+    raw["serve"] = {"host": "0.0.0.0", "port": 8123, "allow_unauthenticated": True}
+    ep, own = client.resolve_endpoint(config.load_dict(raw))
+    assert own and ep.base_url == "http://127.0.0.1:8123/v1" and ep.api_key is None  # a wildcard bind: loopback
+    assert ep.model == f"{raw['output_dir'].rsplit('/', 1)[1]}@production"  # registry.model_name: the run name
+    raw["serve"] = {"api_keys_file": str(tmp_path / "keys.txt")}
+    with pytest.raises(UserError, match="synth.endpoint"):  # synth does not read serve's keys file
+        client.resolve_endpoint(config.load_dict(raw))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from raylab import config
-from raylab.synth.filters import Contamination, Filters, Novelty
+from raylab.synth.filters import Contamination, Filters, Novelty, evolution_failure
 
 EVAL = ("Acme customers who return a damaged widget within thirty days of delivery receive a full refund "
         "to their original payment method")
@@ -83,3 +83,31 @@ def test_length_limits():
     assert f.check("Q", "An answer.") == "length"      # below min_chars=2
     assert f.check("Q?", "x" * 9000) == "length"
     assert f.check("Q?", "An answer.") is None
+
+
+MARKERS = config.EvolInstructConfig(seeds=["x"]).copy_markers
+
+
+def test_an_evolution_that_copies_the_prompt_or_adds_nothing_is_eliminated():
+    original = "Explain what a purchase order is."
+    assert evolution_failure(original, "#Rewritten Prompt#: Explain what a purchase order is, in detail.",
+                             MARKERS) == "copies_prompt"
+    assert evolution_failure(original, "In the given prompt, explain purchase orders to a clerk.", MARKERS) == (
+        "copies_prompt")
+    assert evolution_failure(original, "What is a purchase order? Explain.", MARKERS) == "no_gain"  # reordered
+    assert evolution_failure(original, "explain what a purchase order is", MARKERS) == "no_gain"
+    # control: a real in-depth evolution adds a constraint
+    assert evolution_failure(original, "Explain what a purchase order is to a new employee, in under 50 words, "
+                             "with one example from a stationery supplier.", MARKERS) is None
+
+
+def test_an_evolved_answer_that_is_a_short_refusal_or_only_stop_words_is_eliminated():
+    f = _filters()
+    assert f.answer_failure("I'm sorry, I cannot help with that request.", 80) == "refusal"
+    assert f.answer_failure("It is what it is, and so on...", 80) == "no_content"
+    assert f.answer_failure("?!", 80) == "no_content"
+    # controls: a real answer, and a long answer that apologises once (the paper: sorry AND short)
+    assert f.answer_failure("A purchase order lists the goods, prices and delivery date agreed.", 80) is None
+    long = "I'm sorry for the confusion earlier. " + "A purchase order confirms goods and prices. " * 12
+    assert f.answer_failure(long, 80) is None
+    assert f.answer_failure(long, 200) == "refusal"

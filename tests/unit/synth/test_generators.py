@@ -8,9 +8,11 @@ import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from raylab import config
 from raylab.core import runs
+from raylab.errors import UserError
 from raylab.synth import generators
 
 
@@ -78,3 +80,29 @@ def test_seed_file_jsonl_or_lines(tmp_path):
     t = tmp_path / "seeds.txt"
     t.write_text("Name a colour.\n\nAdd 2 and 3.\n")
     assert generators.read_seeds(config.SelfInstructConfig(seed_file=str(t))) == ["Name a colour.", "Add 2 and 3."]
+
+
+def test_the_shipped_acme_config_asks_raylabs_own_endpoint_about_the_handbook(monkeypatch):
+    """configs/synth-acme.yaml (`raylab validate` runs on it in tests/unit/config/test_shipped.py):
+    its chunks are the handbook's paragraphs, its endpoint raylab's served production version."""
+    from conftest import REPO
+    from raylab.synth import client
+
+    monkeypatch.chdir(REPO)
+    cfg = config.load(REPO / "configs" / "synth-acme.yaml")
+    chunks = generators.read_chunks(cfg.synth.grounded_qa)
+    assert len(chunks) >= 16 and all(c["id"].startswith("examples/acme/handbook/") for c in chunks)
+    assert not any(c["text"].startswith("#") for c in chunks)  # headings are below min_chunk_chars
+    ep, own = client.resolve_endpoint(cfg)
+    assert own and (ep.base_url, ep.model) == ("http://127.0.0.1:8000/v1", "acme-assistant@production")
+    client.check_policy(cfg)  # loopback: no governance.allow_remote needed
+    assert generators.eval_texts(cfg)  # the held-out questions are decontaminated against
+
+
+def test_a_file_that_is_not_utf8_is_a_user_error_naming_it(tmp_path):
+    legacy = tmp_path / "legacy.md"
+    legacy.write_bytes("Caf\u00e9 opening hours: see the canteen page for the times of every weekday.".encode("latin-1"))
+    with pytest.raises(UserError, match=r"synth.grounded_qa.files: .*legacy.md is not UTF-8"):
+        generators.read_chunks(config.GroundedQaConfig(files=[str(legacy)]))
+    legacy.write_text(legacy.read_bytes().decode("latin-1"))  # control: the same text as UTF-8 reads
+    assert len(generators.read_chunks(config.GroundedQaConfig(files=[str(legacy)], min_chunk_chars=10))) == 1

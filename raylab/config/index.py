@@ -77,6 +77,9 @@ class IndexConfig(Section):
     gpus_per_actor: float | None = Field(
         None, ge=0, description="GPUs per embedder actor; default 1 when the cluster has GPUs, else 0")
     ann: AnnConfig = Field(default_factory=AnnConfig, description="the approximate vector index")
+    hybrid: bool = Field(
+        True, description="also build LanceDB's full-text (BM25) index over chunk text, so searches may be hybrid "
+        "(keyword + vector, serve.rag.search); false drops it")
     raft: RaftConfig | None = Field(None, description="RAFT training examples written by `raylab index --raft OUT`")
     eval: RagEvalConfig | None = Field(None, description="labelled questions for `raylab eval CONFIG --rag`")
 

@@ -439,6 +439,7 @@ class IndexManifest(Output):
     data: dict[str, Any]
     ann: dict[str, Any]
     timings: dict[str, float]
+    full_text: dict[str, Any] | None = None  # the BM25 index for hybrid search (index.hybrid); None: none
 
 
 class EvalReport(Output):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from raylab.config.data import Source
@@ -53,6 +55,12 @@ class RagEvalConfig(Section):
     min_overlap: float = Field(
         0.5, gt=0.0, le=1.0, description="an answer sentence is supported when one retrieved chunk holds at least "
         "this share of its content words (stop words left out)")
+    search: Literal["vector", "hybrid"] = Field(
+        "vector", description="how questions retrieve: vector, or hybrid (keyword + vector, needs index.hybrid), as "
+        "serve.rag.search does")
+    org: str | None = Field(
+        None, min_length=1, description="retrieve as a caller of this organisation (index.sources[].org); default "
+        "none: only chunks without an org")
 
 
 class IndexConfig(Section):

@@ -465,6 +465,8 @@ class RagEvalReport(Output):
     index: str
     model: str
     questions: str
+    search: str = "vector"  # index.eval.search
+    org: str | None = None  # index.eval.org: whose readable chunks were searched
     k: int
     count: int
     recall_at_k: float

@@ -46,8 +46,10 @@ def open_index(index_dir: str):
     return manifest, table
 
 
-def _ranked(table, vector, query: str, top_k: int, nprobes: int, refine_factor: int | None, mode: str,
-            org: str | None) -> list[dict]:
+def ranked(table, vector, query: str, top_k: int, nprobes: int, refine_factor: int | None, mode: str,
+           org: str | None) -> list[dict]:
+    """The top_k rows of an opened table for `query` (embedded as `vector`), by `mode`, that
+    `org` may read."""
     if top_k < 1:
         raise UserError(f"top_k must be at least 1, got {top_k}")
     where = store.access_filter(org)
@@ -70,7 +72,7 @@ def search(index_dir: str, query: str, top_k: int = 4, nprobes: int = 20, refine
     manifest, table = open_index(index_dir)
     _, path = embedder.resolve(manifest.model)
     vector = embedder.encode(path, [query])[0]
-    return _ranked(table, vector, query, top_k, nprobes, refine_factor, mode, org)
+    return ranked(table, vector, query, top_k, nprobes, refine_factor, mode, org)
 
 
 class Index:
@@ -104,4 +106,4 @@ class Index:
         return store.has_full_text(self.table)
 
     def search(self, query: str, top_k: int, mode: str = "vector", org: str | None = None) -> list[dict]:
-        return _ranked(self.table, self.embed([query])[0], query, top_k, self.nprobes, self.refine_factor, mode, org)
+        return ranked(self.table, self.embed([query])[0], query, top_k, self.nprobes, self.refine_factor, mode, org)

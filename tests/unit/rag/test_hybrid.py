@@ -8,6 +8,8 @@ question's (an invoice), which no real text guarantees on every machine's packag
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from rag_index import write_index
 
@@ -106,3 +108,25 @@ def test_hybrid_on_an_index_without_a_full_text_index_is_exit_2(tmp_path):
     with pytest.raises(UserError, match="search mode 'bm25' is not one of vector, hybrid"):
         search(str(tmp_path / "index"), "invoice", mode="bm25")
     assert len(search(str(tmp_path / "index"), "invoice", top_k=2)) == 2, "vector search works on it (the control)"
+
+
+def test_eval_rag_measures_the_search_mode_and_org_it_is_given(index, tmp_path):
+    from raylab import config
+    from raylab.rag import run_rag_eval
+
+    questions = tmp_path / "q.jsonl"
+    lines = [{"question": "invoice wrong QZ-4417", "relevant": [CODE]},
+             {"question": "What is the Globex VPN gateway address?", "relevant": [GLOBEX]}]
+    questions.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    def report(**ev) -> dict:
+        return run_rag_eval(config.load_dict({
+            "version": 1, "output_dir": str(tmp_path / "run"), "model": {"name_or_path": "preset:tiny-llama"},
+            "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "unused.jsonl")}]},
+            "index": {"directory": index["dir"], "eval": {"questions": str(questions), "k": 3, **ev}}}))
+
+    vector, hybrid = report(), report(search="hybrid")
+    assert (vector["search"], vector["org"]) == ("vector", None)
+    assert [q["recall"] for q in vector["per_question"]] == [0.0, 0.0], "the code by vector, Globex's chunk without its org"
+    assert [q["recall"] for q in hybrid["per_question"]] == [1.0, 0.0]
+    assert [q["recall"] for q in report(search="hybrid", org="globex")["per_question"]] == [1.0, 1.0]

@@ -34,6 +34,9 @@ class RaftConfig(Section):
                                    description="share of examples whose context holds the oracle chunk (RAFT's p)")
     candidates: PositiveInt = Field(10, description="nearest chunks to a question that distractors are drawn from")
     seed: int = Field(0, description="which examples keep the oracle, and the order of their chunks")
+    org: str | None = Field(
+        None, min_length=1, description="draw oracles and distractors only from chunks this organisation may read "
+        "(index.sources[].org); default none: only chunks without an org")
 
     @model_validator(mode="after")
     def _enough(self) -> RaftConfig:

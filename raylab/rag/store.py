@@ -159,9 +159,10 @@ def access_filter(org: str | None) -> str:
 ROW_COLUMNS = ["chunk_id", "source", "origin", "record_id", "start", "end", "text"]
 
 
-def by_id(table, chunk_id: str) -> dict | None:
-    """One chunk's row (ROW_COLUMNS), or None when the table has no such id."""
-    rows = table.search().where(f"chunk_id = {_quoted([chunk_id])}").select(ROW_COLUMNS).limit(1).to_list()
+def by_id(table, chunk_id: str, where: str | None = None) -> dict | None:
+    """One chunk's row (ROW_COLUMNS), or None when the table has no such id (that `where` admits)."""
+    condition = f"chunk_id = {_quoted([chunk_id])}" + (f" AND ({where})" if where else "")
+    rows = table.search().where(condition).select(ROW_COLUMNS).limit(1).to_list()
     return rows[0] if rows else None
 
 

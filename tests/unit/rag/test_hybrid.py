@@ -47,6 +47,12 @@ def index(tmp_path_factory):
     return {"dir": str(directory), "table": table}
 
 
+@pytest.fixture(scope="module")
+def opened(index):
+    """The index opened once with its embedder, as a serving replica holds it."""
+    return Index(index["dir"])
+
+
 def ids(hits: list[dict]) -> list[str]:
     return [h["chunk_id"] for h in hits]
 
@@ -76,26 +82,26 @@ def test_reciprocal_rank_fusion_adds_one_over_k_plus_rank_per_ranking():
 
 
 @pytest.mark.parametrize("mode", ["vector", "hybrid"])
-def test_an_orgs_question_never_returns_another_orgs_chunk(index, mode):
+def test_an_orgs_question_never_returns_another_orgs_chunk(index, opened, mode):
     query = "What is the Globex VPN gateway address?"
     # the control: without the filter, Globex's chunk is the best match
     path = embedder.resolve(None)[1]
     unfiltered = store.nearest(index["table"], embedder.encode(path, [query])[0], ALL, 20, None)
     assert unfiltered[0]["chunk_id"] == GLOBEX
-    assert ids(search(index["dir"], query, top_k=ALL, mode=mode, org="globex"))[0] == GLOBEX
+    assert ids(opened.search(query, ALL, mode=mode, org="globex"))[0] == GLOBEX
     for org in ("acme", "initech", None, "x' OR org IS NOT NULL OR '1'='1"):
-        found = ids(search(index["dir"], query, top_k=ALL, mode=mode, org=org))
+        found = ids(opened.search(query, ALL, mode=mode, org=org))
         assert GLOBEX not in found, (org, found)
         assert set(found) >= {f"c{i}" for i in range(len(PUBLIC))}, "public chunks stay readable"
     # Acme's chunk: its org and the org its ACL names, nobody else
-    assert ACME in ids(search(index["dir"], query, top_k=ALL, mode=mode, org="acme"))
-    assert ACME in ids(search(index["dir"], query, top_k=ALL, mode=mode, org="initech"))
-    assert ACME not in ids(search(index["dir"], query, top_k=ALL, mode=mode, org="globex"))
-    assert ACME not in ids(search(index["dir"], query, top_k=ALL, mode=mode, org=None))
+    assert ACME in ids(opened.search(query, ALL, mode=mode, org="acme"))
+    assert ACME in ids(opened.search(query, ALL, mode=mode, org="initech"))
+    assert ACME not in ids(opened.search(query, ALL, mode=mode, org="globex"))
+    assert ACME not in ids(opened.search(query, ALL, mode=mode, org=None))
 
 
-def test_an_opened_index_searches_the_same_way(index):
-    ix = Index(index["dir"])
+def test_an_opened_index_searches_the_same_way(opened):
+    ix = opened
     assert ix.full_text
     assert CODE in ids(ix.search("invoice wrong QZ-4417", 3, mode="hybrid"))
     assert GLOBEX not in ids(ix.search("Globex VPN gateway", ALL, org="acme"))
@@ -130,3 +136,34 @@ def test_eval_rag_measures_the_search_mode_and_org_it_is_given(index, tmp_path):
     assert [q["recall"] for q in vector["per_question"]] == [0.0, 0.0], "the code by vector, Globex's chunk without its org"
     assert [q["recall"] for q in hybrid["per_question"]] == [1.0, 0.0]
     assert [q["recall"] for q in report(search="hybrid", org="globex")["per_question"]] == [1.0, 1.0]
+
+
+def test_raft_draws_oracles_and_distractors_only_from_what_its_org_may_read(index, tmp_path):
+    from raylab import config
+    from raylab.rag import run_raft
+
+    pairs = tmp_path / "qa.jsonl"
+    pairs.write_text(json.dumps({"question": "Which VPN gateway does Globex use?",
+                                 "answer": "The Globex VPN gateway is vpn7.globex.example."}) + "\n")
+
+    def raft(org: str | None, out: str) -> list[dict]:
+        run_raft(config.load_dict({
+            "version": 1, "output_dir": str(tmp_path / "run"), "model": {"name_or_path": "preset:tiny-llama"},
+            "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "unused.jsonl")}]},
+            "index": {"directory": index["dir"], "raft": {"questions": str(pairs), "distractors": 3, "org": org}}}),
+            str(tmp_path / out))
+        return [json.loads(line) for line in (tmp_path / out).read_text().splitlines()]
+
+    example = raft("globex", "globex.jsonl")[0]
+    assert example["oracle_chunk_id"] == GLOBEX
+    assert ACME not in example["distractor_chunk_ids"] and len(example["distractor_chunk_ids"]) == 3
+    # no org: Globex's chunk is no oracle, and nothing else holds the answer
+    with pytest.raises(UserError, match=r"no answer .* readable by index\.raft\.org=None"):
+        raft(None, "none.jsonl")
+    # a question about Acme's VPN: Acme's chunk is the nearest distractor for a reader its ACL names
+    # (the control), never for Globex's examples
+    pairs.write_text(json.dumps({"question": "Which VPN gateway does Acme use?", "chunk_id": CODE,
+                                 "answer": "Firmware QZ-4417 makes the conveyor motor stall."}) + "\n")
+    assert ACME in raft("initech", "initech.jsonl")[0]["distractor_chunk_ids"]
+    distractors = raft("globex", "acme.jsonl")[0]["distractor_chunk_ids"]
+    assert ACME not in distractors and GLOBEX in distractors

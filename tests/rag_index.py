@@ -9,9 +9,12 @@ import numpy as np
 from raylab.rag import embedder
 
 
-def write_index(directory, texts: list[str], model: str = embedder.DEFAULT_MODEL) -> None:
+def write_index(directory, texts: list[str], model: str = embedder.DEFAULT_MODEL, orgs: list | None = None,
+                acls: list | None = None, full_text: bool = False):
     """An index as `raylab index` leaves it (a LanceDB `chunks` table and raylab_index.json),
-    one chunk per text, embedded by MiniLM; `model` is what the manifest records."""
+    one chunk per text, embedded by MiniLM; `model` is what the manifest records; `orgs` and
+    `acls` each chunk's org and ACL (default none); `full_text`: with the BM25 index hybrid search needs. Returns
+    the table."""
     import lancedb
     import pyarrow as pa
 
@@ -23,12 +26,19 @@ def write_index(directory, texts: list[str], model: str = embedder.DEFAULT_MODEL
     rows = pa.table({"chunk_id": [f"c{i}" for i in range(n)], "content_hash": [f"h{i}" for i in range(n)],
                      "source": ["packages"] * n, "origin": [f"packages.jsonl:{i + 1}" for i in range(n)],
                      "record_id": [f"r{i}" for i in range(n)], "start": [0] * n, "end": [len(t) for t in texts],
-                     "text": texts, "vector": embedder.vector_array(vectors)})
-    lancedb.connect(str(directory)).create_table("chunks", rows)
+                     "text": texts, "org": pa.array(orgs or [None] * n, pa.string()),
+                     "acl": pa.array(acls or [[] for _ in range(n)], pa.list_(pa.string())),
+                     "vector": embedder.vector_array(vectors)})
+    table = lancedb.connect(str(directory)).create_table("chunks", rows)
+    if full_text:
+        from raylab.rag import store
+
+        store.full_text_index(table, changed=True)
     runs.write_json(runs.index_manifest(str(directory)), runs.IndexManifest(
         version=1, created="2026-01-01T00:00:00+00:00", table="chunks", model=model, dimensions=384,
         max_seq_length=256, chunk_tokens=200, overlap=32, metric="cosine", rows=n, counts={}, data={}, ann={},
-        timings={}))
+        timings={}, full_text={"built": True} if full_text else None))
+    return table
 
 
 def package_description(dist) -> str:

@@ -30,6 +30,11 @@ class _SourceBase(Section):
     name: str | None = Field(None, description="label in counts and quarantine; default source<N>")
     format: Format | None = Field(None, description="this source's record format; default data.format")
     fields: Fields | None = Field(None, description="this source's field names; default data.fields")
+    org: str | None = Field(
+        None, min_length=1, description="raylab index: the organisation whose callers may retrieve this source's "
+        "chunks; default none: every caller may (single-tenant mode)")
+    acl: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="raylab index: further organisations that may retrieve this source's chunks")
 
 
 class FileSource(_SourceBase):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from raylab.config.data import Source
@@ -32,6 +34,9 @@ class RaftConfig(Section):
                                    description="share of examples whose context holds the oracle chunk (RAFT's p)")
     candidates: PositiveInt = Field(10, description="nearest chunks to a question that distractors are drawn from")
     seed: int = Field(0, description="which examples keep the oracle, and the order of their chunks")
+    org: str | None = Field(
+        None, min_length=1, description="draw oracles and distractors only from chunks this organisation may read "
+        "(index.sources[].org); default none: only chunks without an org")
 
     @model_validator(mode="after")
     def _enough(self) -> RaftConfig:
@@ -53,6 +58,12 @@ class RagEvalConfig(Section):
     min_overlap: float = Field(
         0.5, gt=0.0, le=1.0, description="an answer sentence is supported when one retrieved chunk holds at least "
         "this share of its content words (stop words left out)")
+    search: Literal["vector", "hybrid"] = Field(
+        "vector", description="how questions retrieve: vector, or hybrid (keyword + vector, needs index.hybrid), as "
+        "serve.rag.search does")
+    org: str | None = Field(
+        None, min_length=1, description="retrieve as a caller of this organisation (index.sources[].org); default "
+        "none: only chunks without an org")
 
 
 class IndexConfig(Section):
@@ -77,6 +88,9 @@ class IndexConfig(Section):
     gpus_per_actor: float | None = Field(
         None, ge=0, description="GPUs per embedder actor; default 1 when the cluster has GPUs, else 0")
     ann: AnnConfig = Field(default_factory=AnnConfig, description="the approximate vector index")
+    hybrid: bool = Field(
+        True, description="also build LanceDB's full-text (BM25) index over chunk text, so searches may be hybrid "
+        "(keyword + vector, serve.rag.search); false drops it")
     raft: RaftConfig | None = Field(None, description="RAFT training examples written by `raylab index --raft OUT`")
     eval: RagEvalConfig | None = Field(None, description="labelled questions for `raylab eval CONFIG --rag`")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -69,6 +70,10 @@ class RagServeConfig(Section):
         "requests that send raylab.retrieval: true or raylab.top_k")
     top_k: PositiveInt = Field(4, description="chunks retrieved per chat request (a request may set raylab.top_k)")
     max_top_k: PositiveInt = Field(16, description="largest raylab.top_k a request may ask (400 beyond)")
+    search: Literal["vector", "hybrid"] = Field(
+        "vector", description="how chat requests retrieve (a request may set raylab.search): vector (cosine), or "
+        "hybrid: vector and keyword (BM25) rankings fused by reciprocal rank, which finds exact rare terms (codes, "
+        "names) an embedding misses; needs an index built with index.hybrid")
     nprobes: PositiveInt = Field(20, description="IVF partitions searched per query (only with an IVF-PQ index)")
     refine_factor: PositiveInt | None = Field(
         None, description="re-rank refine_factor * top_k PQ candidates by exact distance (only with an IVF-PQ index)")

@@ -439,6 +439,7 @@ class IndexManifest(Output):
     data: dict[str, Any]
     ann: dict[str, Any]
     timings: dict[str, float]
+    full_text: dict[str, Any] | None = None  # the BM25 index for hybrid search (index.hybrid); None: none
 
 
 class EvalReport(Output):
@@ -464,6 +465,8 @@ class RagEvalReport(Output):
     index: str
     model: str
     questions: str
+    search: str = "vector"  # index.eval.search
+    org: str | None = None  # index.eval.org: whose readable chunks were searched
     k: int
     count: int
     recall_at_k: float

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from raylab.data.dedup import minhash
 from raylab.data.documents import clean_documents, document_text
-from raylab.data.sources import FILE_DATASOURCES, describe_inputs, listing
+from raylab.data.sources import FILE_DATASOURCES, describe_inputs, listing, source_name
 from raylab.data.stage import run_data
 
 
@@ -23,4 +23,5 @@ def extensions(source_type: str) -> list[str]:
     return list(FILE_DATASOURCES[source_type]._FILE_EXTENSIONS or [])
 
 
-__all__ = ["clean_documents", "describe_inputs", "document_text", "extensions", "listing", "minhash", "run_data"]
+__all__ = ["clean_documents", "describe_inputs", "document_text", "extensions", "listing", "minhash", "run_data",
+           "source_name"]

@@ -2,7 +2,7 @@
 
     from raylab.rag import run_index, search
     manifest = run_index(cfg)              # writes <index.directory>/ (default <output_dir>/index)
-    hits = search(index_dir, "question", top_k=4)
+    hits = search(index_dir, "question", top_k=4)       # mode="hybrid": + BM25 keywords; org=: access
     chunks = index_chunks(index_dir)       # every chunk (raylab synth's grounded_qa.index)
     ix = Index(index_dir); ix.search("question", 4); ix.embed(["text"])   # opened once (serving)
     text = render_prompt("question", hits)      # the retrieval prompt RAFT trains on
@@ -10,7 +10,8 @@
 
 Modules: stage (the Ray Data pipeline, `run_index`), chunking (chunks in the embedder's
 tokens, stable ids), embedder (the sentence-transformers model and its Ray Data actor), store
-(LanceDB: parallel append, delete, IVF-PQ), search (queries), prompt (the retrieval prompt
+(LanceDB: parallel append, delete, IVF-PQ, the full-text index, hybrid search by
+reciprocal rank fusion, the org/ACL filter), search (queries), prompt (the retrieval prompt
 format), raft (RAFT training examples: `raylab index --raft OUT.jsonl`), evaluate (recall@k, MRR,
 faithfulness and latency on labelled questions: `raylab eval CONFIG --rag`). Needs the `rag` extra:
 pip install 'raylab[rag]'.
@@ -24,7 +25,8 @@ from raylab.rag.prompt import render as render_prompt
 from raylab.rag.raft import run_raft
 from raylab.rag.search import Index, index_chunks, open_index, search
 from raylab.rag.stage import index_directory, run_index
-from raylab.rag.store import vector_dimensions
+from raylab.rag.store import has_full_text, vector_dimensions
 
-__all__ = ["Index", "describe", "eval_table", "index_chunks", "index_directory", "open_index", "peek", "render_prompt", "run_index", "run_raft",
+__all__ = ["Index", "describe", "eval_table", "has_full_text", "index_chunks", "index_directory", "open_index", "peek",
+           "render_prompt", "run_index", "run_raft",
            "run_rag_eval", "search", "vector_dimensions"]

@@ -26,6 +26,7 @@ import pyarrow as pa
 CHUNK_SCHEMA = pa.schema([
     ("chunk_id", pa.string()), ("content_hash", pa.string()), ("source", pa.string()), ("origin", pa.string()),
     ("record_id", pa.string()), ("start", pa.int64()), ("end", pa.int64()), ("text", pa.string()),
+    ("org", pa.string()), ("acl", pa.list_(pa.string())),  # who may retrieve it (store.access_filter)
 ])
 
 
@@ -80,8 +81,15 @@ def chunk_document(text: str, tokenizer, size: int, overlap: int) -> list[tuple[
     return out
 
 
-def chunk_id(source: str, origin: str, start: int, end: int, text: str) -> str:
-    material = "\x1f".join([source, origin, f"{start}:{end}", text])
+def chunk_id(source: str, origin: str, start: int, end: int, text: str, org: str | None = None,
+             acl: list[str] | tuple[str, ...] = ()) -> str:
+    parts = [source, origin, f"{start}:{end}", text]
+    if org is not None or acl:
+        # access is part of the id: a source moved to another org (or ACL) gives new ids, so a
+        # re-index replaces its rows instead of keeping them, readable by the old org, as
+        # unchanged; the content hash stays text-only, so their vectors are copied, not re-embedded
+        parts += ["org=" + (org or ""), "acl=" + ",".join(sorted(acl))]
+    material = "\x1f".join(parts)
     return hashlib.sha256(material.encode("utf-8")).hexdigest()[:32]
 
 
@@ -114,12 +122,16 @@ def tokenizer_for(path: str):
 
 
 def chunk_batch(batch: pa.Table, tokenizer_path: str, size: int, overlap: int) -> pa.Table:
-    """Documents (source, record_id, origin, body) -> chunk rows (CHUNK_SCHEMA)."""
+    """Documents (source, record_id, origin, body; optional org, acl) -> chunk rows
+    (CHUNK_SCHEMA); a chunk carries its document's org and ACL."""
     tok = tokenizer_for(tokenizer_path)
     rows = []
-    for doc in batch.select(["source", "record_id", "origin", "body"]).to_pylist():
+    columns = ["source", "record_id", "origin", "body"] + [c for c in ("org", "acl") if c in batch.column_names]
+    for doc in batch.select(columns).to_pylist():
+        org, acl = doc.get("org"), doc.get("acl") or []
         for start, end, text in chunk_document(doc["body"], tok, size, overlap):
-            rows.append({"chunk_id": chunk_id(doc["source"], doc["origin"], start, end, text),
+            rows.append({"chunk_id": chunk_id(doc["source"], doc["origin"], start, end, text, org, acl),
                          "content_hash": content_hash(text), "source": doc["source"], "origin": doc["origin"],
-                         "record_id": doc["record_id"], "start": start, "end": end, "text": text})
+                         "record_id": doc["record_id"], "start": start, "end": end, "text": text, "org": org,
+                         "acl": acl})
     return pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA)

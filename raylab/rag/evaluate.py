@@ -23,6 +23,8 @@ labelled question set says it should.
   (lower-cased \\w+ words less a fixed list of English stop words, which any text shares).
   Token overlap, not entailment: a sentence that reuses a chunk's words to say the opposite
   passes. No NLI model is used (none ships offline here).
+- search: `index.eval.search` (vector, or hybrid as serve.rag.search) as a caller of
+  `index.eval.org` (default none: only chunks without an org), both recorded in the report.
 - latency: each question embedded alone and searched (what a serving request does), timed
   after one untimed warm-up query; p50 and p95 in milliseconds. Measured and reported only.
 """
@@ -38,8 +40,8 @@ import time
 from raylab.config import RaylabConfig
 from raylab.core import runs
 from raylab.errors import UserError
-from raylab.rag import embedder, jsonl, store
-from raylab.rag.search import open_index
+from raylab.rag import embedder, jsonl
+from raylab.rag.search import open_index, ranked
 from raylab.rag.stage import index_directory
 
 log = logging.getLogger(__name__)
@@ -136,12 +138,19 @@ def run_rag_eval(cfg: RaylabConfig) -> dict:
     directory, ann = index_directory(cfg), cfg.index.ann
     manifest, table = open_index(directory)
     _, path = embedder.resolve(manifest.model)
-    # warm-up, untimed: the model's first call and LanceDB's first scan pay one-off costs
-    store.nearest(table, embedder.encode(path, [questions[0]["question"]])[0], ev.k, ann.nprobes, ann.refine_factor)
+
+    def retrieve(question: str) -> list[dict]:
+        return ranked(table, embedder.encode(path, [question])[0], question, ev.k, ann.nprobes, ann.refine_factor,
+                      ev.search, ev.org)
+
+    try:  # warm-up, untimed: the model's first call and LanceDB's first scan pay one-off costs
+        retrieve(questions[0]["question"])
+    except UserError as e:
+        raise UserError(f"index.eval.search: {e}") from None
     rows, latencies, said, backed = [], [], 0, 0
     for q in questions:
         started = time.perf_counter()
-        hits = store.nearest(table, embedder.encode(path, [q["question"]])[0], ev.k, ann.nprobes, ann.refine_factor)
+        hits = retrieve(q["question"])
         latencies.append((time.perf_counter() - started) * 1000)
         keys, relevant = [chunk_keys(h) for h in hits], set(q["relevant"])
         row = {"line": q["line"], "question": q["question"], "recall": recall_at_k(keys, relevant, ev.k),
@@ -155,7 +164,7 @@ def run_rag_eval(cfg: RaylabConfig) -> dict:
         rows.append(row)
     report = runs.RagEvalReport(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), index=directory,
-        model=manifest.model, questions=ev.questions, k=ev.k, count=len(rows),
+        model=manifest.model, questions=ev.questions, k=ev.k, search=ev.search, org=ev.org, count=len(rows),
         recall_at_k=sum(r["recall"] for r in rows) / len(rows),
         mrr=sum(r["reciprocal_rank"] for r in rows) / len(rows),
         faithfulness=backed / said if said else None, answers=sum("answer" in q for q in questions),

@@ -20,6 +20,9 @@ documents it is given and to ignore the ones that do not help. From question/ans
   gives the pair's answer; it is the same with or without the oracle in the context, which
   is what makes the model keep the knowledge when retrieval misses.
 
+- only chunks a caller of `index.raft.org` may read are oracles or distractors (default none:
+  chunks without an org), so one org's examples never carry another org's documents.
+
 The output is an ordinary `chat` JSONL source for the data stage (data.sources:
 `{type: jsonl, path: OUT, format: chat}`), in the prompt format serving uses (prompt.py).
 Each line also says which chunk was the oracle and which were distractors, for audits.
@@ -116,12 +119,13 @@ def assemble(items: list[dict], k: int, p: float, seed: int) -> list[dict]:
     return examples
 
 
-def _nearest_others(table, vector, oracle: dict, k: int, first: int, nprobes: int, refine: int | None) -> list[dict]:
-    """k distractors, searching further than `first` candidates when the oracle's own
-    document fills the nearest ones."""
-    limit, rows = first, table.count_rows()
+def _nearest_others(table, vector, oracle: dict, k: int, first: int, nprobes: int, refine: int | None,
+                    where: str) -> list[dict]:
+    """k distractors among the rows `where` admits, searching further than `first`
+    candidates when the oracle's own document fills the nearest ones."""
+    limit, rows = first, table.count_rows(where)
     while True:
-        found = distractors_for(store.nearest(table, vector, limit, nprobes, refine), oracle, k)
+        found = distractors_for(store.nearest(table, vector, limit, nprobes, refine, where), oracle, k)
         if len(found) == k or limit >= rows:
             return found
         limit = min(rows, limit * 4)
@@ -139,29 +143,32 @@ def run_raft(cfg: RaylabConfig, out: str) -> dict:
     _, path = embedder.resolve(manifest.model)
     vectors = embedder.encode(path, [p["question"] for p in pairs] + [p["answer"] for p in pairs])
     questions, answers = vectors[:len(pairs)], vectors[len(pairs):]
-    items, unsupported = [], []
+    items, unsupported, where = [], [], store.access_filter(r.org)
     for pair, q_vec, a_vec in zip(pairs, questions, answers, strict=True):
         if "chunk_id" in pair:
-            oracle = store.by_id(table, pair["chunk_id"])
+            oracle = store.by_id(table, pair["chunk_id"], where)
             if oracle is None:
                 raise UserError(f"index.raft.questions: line {pair['line']} names chunk_id {pair['chunk_id']!r}, "
-                                f"which is not in the index at {directory}")
+                                f"which is not in the index at {directory} or not readable by index.raft.org="
+                                f"{r.org!r}")
         else:
-            oracle = choose_oracle(store.nearest(table, a_vec, r.candidates, ix.ann.nprobes, ix.ann.refine_factor),
-                                   pair["answer"])
+            oracle = choose_oracle(store.nearest(table, a_vec, r.candidates, ix.ann.nprobes, ix.ann.refine_factor,
+                                                 where), pair["answer"])
             if oracle is None:
                 unsupported.append(pair["line"])
                 continue
         distractors = _nearest_others(table, q_vec, oracle, r.distractors, r.candidates, ix.ann.nprobes,
-                                      ix.ann.refine_factor)
+                                      ix.ann.refine_factor, where)
         if len(distractors) < r.distractors:
             raise UserError(f"index.raft.distractors={r.distractors}: the index at {directory} has only "
-                            f"{len(distractors)} chunk(s) outside the oracle's document for line {pair['line']}")
+                            f"{len(distractors)} chunk(s) outside the oracle's document for line {pair['line']}"
+                            + (f" readable by index.raft.org={r.org!r}" if r.org else " without an org"))
         items.append({**pair, "oracle": oracle, "distractors": distractors})
     if not items:
-        raise UserError(f"index.raft.questions: no answer in {r.questions} is supported by an indexed chunk (each "
-                        f"needs one holding at least {MIN_SUPPORT:.0%} of its words); index the documents they "
-                        "come from, or name each pair's chunk_id")
+        raise UserError(f"index.raft.questions: no answer in {r.questions} is supported by an indexed chunk "
+                        f"readable by index.raft.org={r.org!r} (each needs one holding at least {MIN_SUPPORT:.0%} of "
+                        "its words); index the documents they come from, set index.raft.org, or name each pair's "
+                        "chunk_id")
     examples = assemble(items, r.distractors, r.oracle_fraction, r.seed)
     storage.write_text(out, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
     counts = {"examples": len(examples), "with_oracle": sum(e["oracle_in_context"] for e in examples),

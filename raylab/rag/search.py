@@ -3,11 +3,18 @@
     from raylab.rag import search
     hits = search("runs/quickstart/index", "how do I reset my password?", top_k=4)
     hits[0]["text"], hits[0]["origin"], hits[0]["score"]     # best first; score = cosine similarity
+    search(index_dir, "error E-4417", mode="hybrid")   # + keyword (BM25) ranking, fused by rank
+    search(index_dir, "question", org="acme")          # only chunks org acme may read
     chunks = index_chunks("runs/quickstart/index")           # every chunk, by chunk_id
 
 Each hit: chunk_id, source, origin (the document's path, URL or key), record_id, start and
 end (the chunk's character span in its document), text, score. The model comes from the
 index's manifest, so a query can never be embedded by another model than its chunks were.
+
+mode "vector" ranks by cosine similarity; "hybrid" (an index built with index.hybrid) fuses it
+with a BM25 keyword ranking by reciprocal rank fusion (store.py says why by rank), and score is
+then the fused score. `org` is the caller's organisation: a search only sees chunks with no org,
+of that org, or whose ACL names it; None (single-tenant mode) sees only chunks with no org.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 from raylab.core import runs, storage
 from raylab.errors import UserError
 from raylab.rag import embedder, store
+
+MODES = ("vector", "hybrid")
 
 
 def open_index(index_dir: str):
@@ -32,18 +41,39 @@ def open_index(index_dir: str):
     if table is None or table.count_rows() == 0:
         raise UserError(f"the index at {index_dir} has no chunks (table {manifest.table!r}); re-run `raylab index "
                         "CONFIG` on sources with accepted documents")
+    if not store.has_access_columns(table):
+        raise UserError(f"the index at {index_dir} was built before chunks carried org/acl columns; re-run `raylab "
+                        "index CONFIG` into a new index.directory")
     return manifest, table
 
 
-def search(index_dir: str, query: str, top_k: int = 4, nprobes: int = 20, refine_factor: int | None = None
-           ) -> list[dict]:
-    """The top_k chunks nearest to `query`, best first (exact below the ANN threshold)."""
+def ranked(table, vector, query: str, top_k: int, nprobes: int, refine_factor: int | None, mode: str,
+           org: str | None) -> list[dict]:
+    """The top_k rows of an opened table for `query` (embedded as `vector`), by `mode`, that
+    `org` may read."""
+    if top_k < 1:
+        raise UserError(f"top_k must be at least 1, got {top_k}")
+    where = store.access_filter(org)
+    if mode == "vector":
+        return store.nearest(table, vector, top_k, nprobes, refine_factor, where)
+    if mode != "hybrid":
+        raise UserError(f"search mode {mode!r} is not one of {', '.join(MODES)}")
+    if not store.has_full_text(table):
+        raise UserError("hybrid search needs the index's full-text index, which this index has not: re-run `raylab "
+                        "index CONFIG` with index.hybrid: true (the default)")
+    return store.hybrid(table, vector, query, top_k, nprobes, refine_factor, where)
+
+
+def search(index_dir: str, query: str, top_k: int = 4, nprobes: int = 20, refine_factor: int | None = None,
+           mode: str = "vector", org: str | None = None) -> list[dict]:
+    """The top_k chunks `org` may read that best match `query`, best first (exact below the
+    ANN threshold)."""
     if top_k < 1:
         raise UserError(f"top_k must be at least 1, got {top_k}")
     manifest, table = open_index(index_dir)
     _, path = embedder.resolve(manifest.model)
     vector = embedder.encode(path, [query])[0]
-    return store.nearest(table, vector, top_k, nprobes, refine_factor)
+    return ranked(table, vector, query, top_k, nprobes, refine_factor, mode, org)
 
 
 def index_chunks(index_dir: str) -> list[dict]:
@@ -59,6 +89,7 @@ class Index:
 
         ix = Index("runs/quickstart/index")
         ix.search("how do I reset my password?", top_k=4)      # as search(), without re-opening
+        ix.search("error E-4417", 4, mode="hybrid", org="acme")
         ix.embed(["a text", "another"])                        # (n, dimensions) float32, L2-normalised
         ix.tokens(["a text"])                                  # [n tokens of the embedder, specials included]
     """
@@ -79,5 +110,9 @@ class Index:
     def tokens(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
-    def search(self, query: str, top_k: int) -> list[dict]:
-        return store.nearest(self.table, self.embed([query])[0], top_k, self.nprobes, self.refine_factor)
+    @property
+    def full_text(self) -> bool:
+        return store.has_full_text(self.table)
+
+    def search(self, query: str, top_k: int, mode: str = "vector", org: str | None = None) -> list[dict]:
+        return ranked(self.table, self.embed([query])[0], query, top_k, self.nprobes, self.refine_factor, mode, org)

@@ -7,13 +7,16 @@
 The stage, on Ray Data:
 1. read `index.sources` (default `data.sources`) with the data stage's own validation,
    cleaning, PII redaction and dedup (`raylab.data.clean_documents`);
-2. chunk every document in the embedder's tokens (chunking.py) in Ray Data tasks;
+2. chunk every document in the embedder's tokens (chunking.py) in Ray Data tasks; each chunk
+   carries its source's `org` and `acl` (who may retrieve it, store.access_filter);
 3. compare with the table already in `index.directory`: chunks whose id is there stay,
    chunks whose text was embedded before get that vector copied, only the rest are embedded,
    on an actor pool of `index.actors` embedders (GPU actors when the cluster has GPUs), or,
    when they fit in one `index.batch_size` batch, by the model this process has loaded;
 4. append the new rows in parallel (`write_lance`), delete the rows of changed or deleted
    documents, build the IVF-PQ index at or above `index.ann.min_rows` chunks (store.py);
+   with `index.hybrid` (the default) (re)build LanceDB's full-text index over chunk text for
+   hybrid search;
 5. write `raylab_index.json` in the index directory: the model and dimensions (a later build
    with another model is refused: its vectors would not compare), counts, timings.
 """
@@ -79,10 +82,19 @@ def _documents(cfg: RaylabConfig):
         raise UserError(_sources_key(str(e), ix.sources is not None)) from None
 
 
-def _with_body(batch: pa.Table) -> pa.Table:
+def _access(cfg: RaylabConfig) -> dict[str, tuple[str | None, list[str]]]:
+    """source name -> (org, acl) of the indexed sources, as the config sets them."""
+    sources = cfg.index.sources if cfg.index.sources is not None else cfg.data.sources
+    return {data_stage.source_name(i, s): (s.org, sorted(set(s.acl))) for i, s in enumerate(sources)}
+
+
+def _with_body(batch: pa.Table, access: dict[str, tuple[str | None, list[str]]]) -> pa.Table:
     bodies = [data_stage.document_text(t, m) for t, m in zip(batch["text"].to_pylist(), batch["messages"].to_pylist(),
                                                               strict=True)]
-    return batch.select(["source", "record_id", "origin"]).append_column("body", pa.array(bodies, pa.string()))
+    names = batch["source"].to_pylist()
+    return batch.select(["source", "record_id", "origin"]).append_column("body", pa.array(bodies, pa.string())) \
+        .append_column("org", pa.array([access[n][0] for n in names], pa.string())) \
+        .append_column("acl", pa.array([access[n][1] for n in names], pa.list_(pa.string())))
 
 
 def _not_in(batch: pa.Table, ids: frozenset[str]) -> pa.Table:
@@ -173,7 +185,8 @@ def _run_index(cfg: RaylabConfig, address: str | None) -> dict:
                         "`raylab data CONFIG` writes the quarantine with each record's reason")
     # a block per file would be a task per file, each loading the tokenizer: group documents
     chunks = docs.repartition(target_num_rows_per_block=CHUNK_BLOCK_DOCS).map_batches(
-        _with_body, batch_format="pyarrow", num_cpus=cfg.data.cpus_per_task).map_batches(
+        _with_body, batch_format="pyarrow", num_cpus=cfg.data.cpus_per_task, fn_kwargs={"access": _access(cfg)}
+    ).map_batches(
         chunking.chunk_batch, batch_format="pyarrow", num_cpus=cfg.data.cpus_per_task,
         fn_kwargs={"tokenizer_path": spec.path, "size": ix.chunk_tokens, "overlap": ix.overlap}).materialize()
     timings["chunk_s"] = time.monotonic() - started - timings["read_check_s"]
@@ -189,6 +202,9 @@ def _store_chunks(chunks, directory: str, ix, spec: embedder.Spec, timings: dict
     if table is not None and store.vector_dimensions(table) != spec.dimensions:
         raise UserError(f"index.model: the table {ix.table} in {directory} holds {store.vector_dimensions(table)}-"
                         f"dimensional vectors; {spec.name} makes {spec.dimensions}. Index into a new index.directory")
+    if table is not None and not store.has_access_columns(table):
+        raise UserError(f"index.directory: the table {ix.table} in {directory} was built before chunks carried "
+                        "org/acl columns; index into a new index.directory")
     changes = _plan_changes(chunks, table)
     if changes["chunks"] == 0:
         raise UserError("nothing to index: the accepted documents hold no text the embedder tokenizes")
@@ -215,26 +231,36 @@ def _store_chunks(chunks, directory: str, ix, spec: embedder.Spec, timings: dict
     changed = bool(parts or changes["removed"])
     ann = store.ann_index(table, ix.ann, spec.dimensions, changed)
     timings["ann_s"] = time.monotonic() - t1
+    t2 = time.monotonic()
+    full_text = None
+    if ix.hybrid:
+        full_text = store.full_text_index(table, changed)
+    elif store.has_full_text(table):
+        for i in table.list_indices():  # index.hybrid turned off: no stale keyword index left behind
+            if i.index_type == "FTS":
+                table.drop_index(i.name)
+    timings["full_text_s"] = time.monotonic() - t2
     counts = {"chunks": changes["chunks"], "rows": table.count_rows(), "embedded": embedded,
               "reused": changes["chunks"] - embedded, "copied": changes["copied"], "removed": len(changes["removed"])}
-    return counts | {"ann": ann}
+    return counts | {"ann": ann, "full_text": full_text}
 
 
 def _finish(cfg: RaylabConfig, directory: str, spec: embedder.Spec, counts: dict, data_counts: dict,
             timings: dict, started: float) -> dict:
-    ann = counts.pop("ann")
+    ann, full_text = counts.pop("ann"), counts.pop("full_text")
     timings["total_s"] = time.monotonic() - started
     manifest = runs.IndexManifest(
         version=MANIFEST_VERSION,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         table=cfg.index.table, model=spec.name, dimensions=spec.dimensions, max_seq_length=spec.max_seq_length,
         chunk_tokens=cfg.index.chunk_tokens, overlap=cfg.index.overlap, metric=store.METRIC, rows=counts.pop("rows"),
-        counts=counts, data=data_counts, ann=ann, timings={k: round(v, 3) for k, v in timings.items()},
+        counts=counts, data=data_counts, ann=ann, full_text=full_text, timings={k: round(v, 3) for k, v in timings.items()},
     )
     runs.write_json(runs.index_manifest(directory), manifest)
     c = manifest.counts
     log.info(f"index: {c['documents']} documents -> {c['chunks']} chunks in {directory} ({spec.name}, "
              f"{spec.dimensions} dimensions): {c['embedded']} embedded, {c['reused']} reused, {c['removed']} removed; "
-             f"{'IVF-PQ index' if ann['built'] else 'exact search'} over {manifest.rows} rows "
+             f"{'IVF-PQ index' if ann['built'] else 'exact search'}{', full-text index' if full_text else ''} over "
+             f"{manifest.rows} rows "
              f"({timings['total_s']:.0f}s)")
     return manifest.model_dump(mode="json")

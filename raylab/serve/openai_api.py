@@ -87,10 +87,12 @@ class ChatMessage(_Strict):
 
 class ChatExtension(_Strict):
     """The chat request's `raylab` extension field (docs/retrieval.md): retrieval off for this
-    request, or another number of chunks. Strict types: "no" is not false, "2" not 2."""
+    request, another number of chunks, or another search mode. Strict types: "no" is not
+    false, "2" not 2."""
 
     retrieval: StrictBool | None = None  # None: on when the endpoint has an index (serve.rag)
     top_k: StrictInt | None = Field(None, ge=1)
+    search: Literal["vector", "hybrid"] | None = None  # None: serve.rag.search
 
 
 class ChatRequest(_Sampling):

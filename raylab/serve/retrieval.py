@@ -5,8 +5,13 @@ makes of the index before deploying, and how a chat request becomes a retrieval-
       rag: {index: runs/acme/index, top_k: 4}      # default index: the config's index.directory
 
     args = rag_args(cfg)                  # exit 2: missing index, empty index, another embedder
-    hits = await call(ingress.embedder, "retrieve", "question", 4)
-    messages, sources = await augment(ingress, request)    # the chat route's retrieval step
+    hits = await call(ingress.embedder, "retrieve", "question", 4, "hybrid", "acme")   # mode, caller's org
+    messages, sources = await augment(ingress, messages, ext, org=None)   # the chat route's retrieval step
+
+Organisations: `augment(..., org=...)` takes the caller's organisation and retrieval only sees
+chunks it may read (raylab.rag.search: no org, its org, or an ACL naming it). The default,
+None, is single-tenant mode: no identities, sources without `org`, and every chunk readable;
+a chunk whose source names an org is then never retrieved for a caller without one.
 
 Where embedding runs: in its own small deployment (`Embedder`, one torch thread per replica,
 autoscaled from one to `serve.rag.max_replicas`), not in the ingress. The ingress is a single
@@ -46,6 +51,10 @@ def rag_args(cfg) -> dict | None:
         raise UserError(f"index.model: the index at {directory} ({key}) was built with {manifest.model} "
                         f"({manifest.dimensions} dimensions), not {name} ({dimensions}); its vectors would "
                         "not compare with the queries'. Set index.model to the index's model, or re-index")
+    if r.search == "hybrid" and not rag.has_full_text(table):
+        raise UserError(f"serve.rag.search: hybrid needs a full-text index, which the index at {directory} has not; "
+                        "re-run `raylab index CONFIG` with index.hybrid: true (the default), or set serve.rag.search: "
+                        "vector")
     stored = rag.vector_dimensions(table)
     if stored != manifest.dimensions:
         raise UserError(f"{key}: the table at {directory} holds {stored}-dimensional vectors, its manifest says "
@@ -55,7 +64,7 @@ def rag_args(cfg) -> dict | None:
         raise UserError(f"serve.rag.max_input_tokens ({r.max_input_tokens}) is above what {name} reads "
                         f"({max_seq_length} tokens); it would truncate longer inputs silently")
     return {"index": directory, "model": manifest.model, "dimensions": manifest.dimensions,
-            "by_default": r.by_default, "top_k": r.top_k,
+            "by_default": r.by_default, "top_k": r.top_k, "search": r.search, "full_text": rag.has_full_text(table),
             "max_top_k": r.max_top_k, "nprobes": r.nprobes, "refine_factor": r.refine_factor,
             "max_inputs": r.max_inputs, "max_input_tokens": max_tokens, "threads": 1}
 
@@ -91,9 +100,10 @@ class EmbedderImpl:
             raise UserError(f"index.model: {args['model']} makes {made}-dimensional vectors, the index at "
                             f"{args['index']} holds {args['dimensions']}; re-index with this model")
 
-    def retrieve(self, query: str, top_k: int) -> list[dict]:
-        """The top_k chunks nearest to `query`, best first, as response sources."""
-        return [{k: hit[k] for k in SOURCE_FIELDS} for hit in self.index.search(query, top_k)]
+    def retrieve(self, query: str, top_k: int, mode: str = "vector", org: str | None = None) -> list[dict]:
+        """The top_k chunks `org` may read that best match `query` (mode: vector or hybrid),
+        best first, as response sources."""
+        return [{k: hit[k] for k in SOURCE_FIELDS} for hit in self.index.search(query, top_k, mode, org)]
 
     def embed(self, texts: list[str]) -> dict:
         """{"vectors": (n, d) float32, "tokens": n tokens} or {"error": ...} for an input
@@ -135,8 +145,8 @@ def top_k(rag_args_: dict | None, ext) -> int | None:
     wanted = ext.retrieval if ext is not None else None
     asked_k = ext.top_k if ext is not None else None
     if rag_args_ is None:
-        if wanted or asked_k is not None:
-            param = "raylab.retrieval" if wanted else "raylab.top_k"
+        if wanted or asked_k is not None or (ext is not None and ext.search is not None):
+            param = "raylab.retrieval" if wanted else "raylab.top_k" if asked_k is not None else "raylab.search"
             raise oa.ApiError(400, "this endpoint has no index attached (serve.rag is not set): retrieval is not "
                                    "available", param, "retrieval_unavailable")
         return None
@@ -149,15 +159,28 @@ def top_k(rag_args_: dict | None, ext) -> int | None:
     return k if wanted else None
 
 
-async def augment(server, messages: list[dict], ext) -> tuple[list[dict], list[dict] | None]:
+def search_mode(rag_args_: dict, ext) -> str:
+    """vector or hybrid: the request's `raylab.search`, else serve.rag.search; ApiError(400)
+    for hybrid on an index without a full-text index."""
+    mode = (ext.search if ext is not None else None) or rag_args_.get("search", "vector")
+    if mode == "hybrid" and not rag_args_.get("full_text"):
+        raise oa.ApiError(400, "raylab.search=hybrid needs a full-text index, which this endpoint's index has not "
+                               "(built without index.hybrid)", "raylab.search", "invalid_value")
+    return mode
+
+
+async def augment(server, messages: list[dict], ext, org: str | None = None
+                  ) -> tuple[list[dict], list[dict] | None]:
     """(messages, sources): the last user message rewritten with the retrieved chunks in the
     retrieval prompt RAFT trains on (raylab.rag.render_prompt), and the chunks as sources;
-    (messages, None) unchanged when retrieval is off for this request."""
+    (messages, None) unchanged when retrieval is off for this request. `org`: the caller's
+    organisation (None: single-tenant mode, only chunks without an org)."""
     k = top_k(server.rag, ext)
     if k is None:
         return messages, None
+    mode = search_mode(server.rag, ext)
     i = _question(messages)
-    sources = await call(server.embedder, "retrieve", messages[i]["content"], k)
+    sources = await call(server.embedder, "retrieve", messages[i]["content"], k, mode, org)
     rewritten = [dict(m) for m in messages]
     rewritten[i]["content"] = rag.render_prompt(messages[i]["content"], sources)
     return rewritten, sources

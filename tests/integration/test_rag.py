@@ -98,6 +98,7 @@ def test_the_manifest_counts_what_was_built(built):
     assert c["documents"] == DOCS and c["embedded"] == c["chunks"] == m["rows"] and c["reused"] == c["removed"] == 0
     assert c["chunks"] > DOCS, "documents longer than 128 tokens are split"
     assert m["ann"]["built"] is False, "a table below index.ann.min_rows is searched exactly"
+    assert m["full_text"]["built"] is True and m["full_text"]["rows"] == m["rows"], "index.hybrid's default"
     assert len(table_rows(built["index"])) == m["rows"]
 
 
@@ -128,6 +129,11 @@ def test_held_out_sentences_retrieve_their_document(built):
     control = sum(origin.format(i + 1) in r for r, i in zip(ranked, rotated, strict=True))
     assert hits / QUERIES >= 0.8, f"recall@{TOP_K} {hits}/{QUERIES}"
     assert control / QUERIES <= 0.3, f"rotated labels still 'found' {control}/{QUERIES}: the check proves nothing"
+    # hybrid search over the full-text index `raylab index` built finds them as well
+    ranked = [[h["origin"] for h in search(str(built["index"]), q, top_k=TOP_K, mode="hybrid")]
+              for q, _ in built["queries"]]
+    hybrid = sum(origin.format(i + 1) in r for r, (_, i) in zip(ranked, built["queries"], strict=True))
+    assert hybrid / QUERIES >= 0.8, f"hybrid recall@{TOP_K} {hybrid}/{QUERIES}"
 
 
 def test_eval_rag_scores_labelled_questions_and_gates_the_exit_code(built, tmp_path, capsys):
@@ -246,6 +252,35 @@ def test_editing_one_document_re_embeds_only_its_chunks(built, tmp_path):
     doc_chunks = sum(1 for o in after.values() if o == origin)
     assert doc_chunks >= 3 and c["embedded"] < doc_chunks, "the edited document's unchanged chunks are reused too"
     assert search(str(built["index"]), NEW_SENTENCE, top_k=1)[0]["origin"] == origin
+
+
+def test_a_sources_org_reaches_its_chunks_and_moving_it_re_keys_them_without_re_embedding(built, tmp_path):
+    """index.sources[].org on a real build: another org's caller and an org-less one never get
+    the owned source's chunks (its own org's caller, the control, does); moving the source to
+    another org replaces its rows, vectors copied by content hash, nothing re-embedded."""
+    from raylab.rag import run_index, search
+
+    public, owned = tmp_path / "public.jsonl", tmp_path / "owned.jsonl"
+    write_corpus(public, built["texts"][:3])
+    write_corpus(owned, [built["texts"][3]])
+    question = built["texts"][3].split(". ")[0]
+
+    def build(org: str) -> dict:
+        sources = [{"type": "jsonl", "path": str(public)}, {"type": "jsonl", "path": str(owned), "org": org}]
+        return run_index(config.load_dict(index_config(tmp_path / "run", public, sources=sources)))
+
+    def origins(org: str | None) -> set[str]:
+        return {h["origin"] for h in search(str(tmp_path / "run" / "index"), question, top_k=50, org=org)}
+
+    first = build("globex")
+    owned_origin = f"{owned}:1"
+    assert owned_origin in origins("globex")
+    assert owned_origin not in origins("acme") and owned_origin not in origins(None)
+    assert f"{public}:1" in origins("acme") and f"{public}:1" in origins(None), "public chunks stay readable"
+    moved = build("acme")
+    assert owned_origin in origins("acme") and owned_origin not in origins("globex")
+    c = moved["counts"]
+    assert c["embedded"] == 0 and c["copied"] == c["removed"] > 0 and moved["rows"] == first["rows"]
 
 
 def test_another_embedding_model_is_refused_with_exit_2(built, tmp_path, capsys):

@@ -138,3 +138,19 @@ def test_chunk_tokens_above_the_embedders_limit_is_refused_naming_the_key(tmp_pa
     _check_model(spec, IndexConfig(chunk_tokens=254), str(tmp_path))  # at the limit: fine
     with pytest.raises(UserError, match=r"index\.chunk_tokens=255 .*254 tokens"):
         _check_model(spec, IndexConfig(chunk_tokens=255), str(tmp_path))
+
+
+def test_chunks_carry_their_documents_org_and_acl_and_access_is_part_of_the_id(tokenizer):
+    path = embedder.resolve(None)[1]
+    doc = {"source": "s", "record_id": "a.md", "origin": "/corpus/a.md", "body": "A short document about VPN access."}
+    public = chunking.chunk_batch(_docs(doc), path, 64, 16).to_pylist()[0]
+    owned = chunking.chunk_batch(pa.Table.from_pylist([{**doc, "org": "acme", "acl": ["initech"]}]), path, 64, 16
+                                 ).to_pylist()[0]
+    moved = chunking.chunk_batch(pa.Table.from_pylist([{**doc, "org": "globex", "acl": []}]), path, 64, 16
+                                 ).to_pylist()[0]
+    assert (public["org"], public["acl"]) == (None, []) and (owned["org"], owned["acl"]) == ("acme", ["initech"])
+    # a source moved to another org is new rows (the old org's are removed), its vectors copied by content hash
+    assert len({public["chunk_id"], owned["chunk_id"], moved["chunk_id"]}) == 3
+    assert public["content_hash"] == owned["content_hash"] == moved["content_hash"]
+    assert public["chunk_id"] == chunking.chunk_id("s", "/corpus/a.md", public["start"], public["end"], public["text"]), \
+        "a chunk without org or ACL keeps the id it had before chunks carried access"

@@ -216,6 +216,8 @@ BAD_CHAT = [  # (what, raylab extension or messages, param)
     ("top_k a string", {"raylab": {"top_k": "2"}}, "raylab.top_k"),
     ("top_k above max_top_k", {"raylab": {"top_k": 5}}, "raylab.top_k"),
     ("retrieval not a bool", {"raylab": {"retrieval": "no"}}, "raylab.retrieval"),
+    ("search not a mode", {"raylab": {"search": "bm25"}}, "raylab.search"),
+    ("hybrid on an index without full text", {"raylab": {"search": "hybrid"}}, "raylab.search"),
     ("unknown extension key", {"raylab": {"rerank": True}}, "raylab.rerank"),
     ("no user message", {"messages": [{"role": "system", "content": "hi"}]}, "messages"),
     ("blank question", {"messages": [{"role": "user", "content": " "}]}, "messages.0.content"),
@@ -232,7 +234,8 @@ def test_an_endpoint_without_an_index_refuses_retrieval_fields(monkeypatch):
     plain = ingress(monkeypatch, None, None)
     bare = TestClient(create_app(ROUTERS, plain), headers={"Authorization": f"Bearer {KEY}"})
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    for ext, param in (({"retrieval": True}, "raylab.retrieval"), ({"top_k": 2}, "raylab.top_k")):
+    for ext, param in (({"retrieval": True}, "raylab.retrieval"), ({"top_k": 2}, "raylab.top_k"),
+                       ({"search": "hybrid"}, "raylab.search")):
         error = openai_error(bare.post("/v1/chat/completions", json=body | {"raylab": ext}), 400, param)
         assert error["code"] == "retrieval_unavailable"
     messages = [{"role": "user", "content": "hi"}]
@@ -256,6 +259,28 @@ def test_serve_refuses_a_missing_empty_or_foreign_index(tmp_path, index):
     with pytest.raises(UserError, match=r"^serve\.rag\.max_input_tokens \(300\) is above"):
         retrieval.rag_args(cfg_for(tmp_path, index["dir"], max_input_tokens=300))
     assert retrieval.rag_args(cfg_for(tmp_path, index["dir"]))["index"] == str(index["dir"])  # the control
+
+
+def test_hybrid_search_and_the_callers_org_at_serving_time(tmp_path, monkeypatch, index):
+    """serve.rag.search / raylab.search choose the ranking; augment's org decides what is readable."""
+    with pytest.raises(UserError, match=r"^serve\.rag\.search: hybrid needs a full-text index.*index\.hybrid"):
+        retrieval.rag_args(cfg_for(tmp_path, index["dir"], search="hybrid"))
+    secret = "Globex's salary bands for 2027 are stored in the payroll vault under the code PX-1203."
+    texts = index["texts"][:3] + [secret]
+    write_index(tmp_path / "hybrid", texts, orgs=[None, None, None, "globex"], full_text=True)
+    args = retrieval.rag_args(cfg_for(tmp_path, tmp_path / "hybrid", search="hybrid", top_k=2))
+    assert args["search"] == "hybrid" and args["full_text"] is True
+    server = ingress(monkeypatch, args, retrieval.EmbedderImpl(args))
+    question = [{"role": "user", "content": "Where are the salary bands, code PX-1203?"}]
+    hybrid = asyncio.run(retrieval.augment(server, question, None, org="globex"))[1]
+    assert hybrid[0]["chunk_id"] == "c3" and hybrid[0]["score"] == pytest.approx(2 / 61), "first in both rankings (RRF)"
+    vector = asyncio.run(retrieval.augment(server, question, oa.ChatExtension(search="vector"), org="globex"))[1]
+    assert vector[0]["chunk_id"] == "c3" and vector[0]["score"] > 2 / 61, "a cosine similarity"
+    # the caller's org: another org's caller and a caller without one (single-tenant default) never get it
+    for org in ("acme", None):
+        for ext in (None, oa.ChatExtension(search="vector")):
+            sources = asyncio.run(retrieval.augment(server, question, ext, org=org))[1]
+            assert len(sources) == 2 and "c3" not in [s["chunk_id"] for s in sources], (org, ext)
 
 
 def test_serve_emit_config_is_exit_2_naming_the_index_and_adds_the_embedder(tmp_path, index, tiny_model_dir, capsys):

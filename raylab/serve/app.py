@@ -27,7 +27,9 @@ Two deployments, or three or four, built by `build(args)` (the config's
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import time
 from collections.abc import Iterable
 
 from fastapi import APIRouter, FastAPI, Request
@@ -42,8 +44,10 @@ from raylab.serve.auth import api_keys, authorized
 from raylab.serve.deploy import catalog
 from raylab.serve.explainer import explainer_deployment
 from raylab.serve.generator import generator_deployment
+from raylab.serve.metrics import Metrics, version_tags
 from raylab.serve.retrieval import EmbedderImpl
 from raylab.serve.routers import embeddings, explain, health, inference
+from raylab.serve.sample import PromptSample
 
 ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, embeddings.router, explain.router)
 
@@ -83,6 +87,30 @@ class IngressImpl:
         self.default: str | None = None
         self.registry = True
         self.store = None  # the registry, opened on the first lookup
+        # per-version Prometheus series (metrics.py) and the served-prompt sample (sample.py)
+        self.metrics = Metrics(["requests", "errors", "latency_seconds", "prompt_tokens", "completion_tokens"])
+        monitor = args.get("monitor")  # None: no run directory to write a sample into (a plain `serve MODEL`)
+        self.sample = PromptSample(monitor, _replica_name()) if monitor and monitor["sample_prompts"] else None
+
+    def record(self, model: str, version: str | None, status: int, started: float, prompt_tokens: int = 0,
+               completion_tokens: int = 0) -> None:
+        """One answered generation request in the per-version metrics."""
+        tags = version_tags(version, model)
+        self.metrics.inc("requests", tags | {"status": str(status)})
+        if status >= 400:
+            self.metrics.inc("errors", tags | {"status": str(status)})
+        self.metrics.observe("latency_seconds", time.monotonic() - started, tags)
+        self.metrics.inc("prompt_tokens", tags, prompt_tokens)
+        self.metrics.inc("completion_tokens", tags, completion_tokens)
+
+    def keep_prompt(self, text: str) -> None:
+        """Offer a served prompt to the sample; its file is rewritten off the event loop."""
+        if self.sample is not None and self.sample.add(text):
+            asyncio.get_running_loop().run_in_executor(None, self.sample.flush)
+
+    def __del__(self):
+        if getattr(self, "sample", None) is not None:  # the endpoint stops: what is unsaved
+            self.sample.flush()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.routers, self)
@@ -147,6 +175,14 @@ class IngressImpl:
             return
         if not authorized(request.headers.get("authorization", ""), self.keys):
             raise oa.ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
+
+
+def _replica_name() -> str:
+    """This Ingress replica's id (its sample file's name); a process id outside Serve."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # RayServeException: an ingress built in a test or a notebook
+        return f"local-{os.getpid()}"
 
 
 Ingress = serve.deployment(name="Ingress")(serve.ingress()(IngressImpl))

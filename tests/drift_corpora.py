@@ -10,8 +10,9 @@ import json
 import random
 import re
 
-from conftest import REPO
 from rag_index import package_description
+
+from conftest import REPO
 
 ACME = REPO / "examples" / "acme"
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -127,7 +128,8 @@ def serve_config(root: Path, base: Path, port: int, **serve) -> config.RaylabCon
                   "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                   "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 11},
                   # retrieval only when a request asks: the other tests' answers need their prompts as sent
-                  "rag": {"top_k": 2, "by_default": False, "cpus_per_replica": 0.25}, **serve},
+                  "rag": {"top_k": 2, "by_default": False, "cpus_per_replica": 0.25},
+                  "monitor": {"flush_every": 1}, **serve},  # the prompt sample on disk after each kept prompt
     })
 
 
@@ -253,6 +255,58 @@ def test_openai_client_completions_chat_and_streaming(served):
         events = [e for e in r.read().decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
     assert sum(1 for e in events[:-1] if json.loads(e[6:])["choices"][0]["text"]) >= 1
+
+
+def prometheus() -> str:
+    """Every node's Ray metrics agent's Prometheus page (the session's Ray, embedded)."""
+    import ray
+
+    ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
+    return "".join(urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=10).read().decode() for p in ports)
+
+
+def series(page: str, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (0 when there is none)."""
+    total = 0.0
+    for line in page.splitlines():
+        if line.startswith(name + "{"):
+            found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', line[len(name) + 1:line.rindex("}")]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_prometheus_exposes_per_version_series_that_grow_with_traffic(served):
+    """raylab's series on Ray's metrics endpoint, per version, moved by this test's requests
+    (Ray exports every 10 s: polled); the prompts in the sample on disk, the planted address
+    redacted."""
+    url, email = served["url"], "jane.doe@example.com"
+
+    def counts(page: str) -> dict:
+        ok = {v: series(page, "ray_raylab_serve_requests_total", model=NAME, version=str(v), status="200") for v in (1, 2)}
+        return {**ok, "404": series(page, "ray_raylab_serve_errors_total", model="no-such-model", status="404"),
+                "latency": series(page, "ray_raylab_serve_latency_seconds_count", model=NAME, version="1"),
+                "out": series(page, "ray_raylab_serve_completion_tokens_total", model=NAME, version="1")}
+
+    before = counts(prometheus())
+    for v, n in ((1, 3), (2, 1)):
+        for i in range(n):
+            assert chat(url, f"{NAME}/{v}", f"Monitoring question {i}: my address is {email}", max_tokens=4)[0] == 200
+    assert chat(url, "no-such-model", "hello")[0] == 404
+    deadline, now = time.monotonic() + 60, before
+    while time.monotonic() < deadline:
+        now = counts(prometheus())
+        if now[1] >= before[1] + 3 and now[2] >= before[2] + 1 and now["404"] >= before["404"] + 1:
+            break
+        time.sleep(2)
+    assert now[1] - before[1] == 3 and now[2] - before[2] == 1, (before, now)  # per version, not pooled
+    assert now["404"] - before["404"] == 1 and now["latency"] - before["latency"] == 3 and now["out"] > before["out"]
+    assert "ray_raylab_serve_adapter_loads_total" in prometheus()  # the Generator's own series, beside the Ingress's
+    def sampled() -> str:  # written off the Ingress's loop after each kept prompt (flush_every: 1)
+        return "".join(f.read_text() for f in (served["root"] / "run" / "serve" / "prompts").glob("*.jsonl"))
+
+    _wait(lambda: "Monitoring question 2: my address is <EMAIL>" in sampled(), 30, "the prompt sample on disk")
+    assert email not in sampled()
 
 
 def test_chat_with_retrieval_returns_the_supporting_text_as_sources(served):

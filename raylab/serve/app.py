@@ -27,6 +27,7 @@ Two deployments, or three or four, built by `build(args)` (the config's
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import time
@@ -49,6 +50,7 @@ from raylab.serve.retrieval import EmbedderImpl
 from raylab.serve.routers import embeddings, explain, health, inference
 from raylab.serve.sample import PromptSample
 
+log = logging.getLogger("ray.serve")
 ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, embeddings.router, explain.router)
 
 
@@ -106,11 +108,15 @@ class IngressImpl:
     def keep_prompt(self, text: str) -> None:
         """Offer a served prompt to the sample; its file is rewritten off the event loop."""
         if self.sample is not None and self.sample.add(text):
-            asyncio.get_running_loop().run_in_executor(None, self.sample.flush)
+            asyncio.get_running_loop().run_in_executor(None, self.sample.flush).add_done_callback(_logged)
 
     def __del__(self):
-        if getattr(self, "sample", None) is not None:  # the endpoint stops: what is unsaved
-            self.sample.flush()
+        # Serve calls it when the replica shuts down gracefully: write what is unsaved
+        if getattr(self, "sample", None) is not None:
+            try:
+                self.sample.flush()
+            except Exception:
+                log.exception("could not write the served-prompt sample")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.routers, self)
@@ -175,6 +181,12 @@ class IngressImpl:
             return
         if not authorized(request.headers.get("authorization", ""), self.keys):
             raise oa.ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
+
+
+def _logged(done: asyncio.Future) -> None:
+    """A sample write's failure in the server log (a monitoring gap, never a failed request)."""
+    if not done.cancelled() and done.exception() is not None:
+        log.error(f"could not write the served-prompt sample: {done.exception()!r}")
 
 
 def _replica_name() -> str:

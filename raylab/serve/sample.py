@@ -41,6 +41,7 @@ class PromptSample:
         self.seen, self._unsaved = 0, 0
         self._random = random.Random(seed)
         self._lock = threading.Lock()  # add() runs on the replica's loop, flush() may run in a thread
+        self._writing = threading.Lock()  # one flush at a time: a later snapshot is never overwritten by an earlier one
 
     def add(self, text: str) -> bool:
         """Offer one served prompt; True when it was kept (and a flush is due after it)."""
@@ -61,10 +62,11 @@ class PromptSample:
 
     def flush(self) -> str | None:
         """Write the sample (the whole file, replaced); None when nothing changed since."""
-        with self._lock:
-            if not self._unsaved:
-                return None
-            lines = "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in self.kept)
-            self._unsaved = 0
-        return storage.write_text(self.location, lines)
+        with self._writing:
+            with self._lock:
+                if not self._unsaved:
+                    return None
+                lines = "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in self.kept)
+                self._unsaved = 0
+            return storage.write_text(self.location, lines)
 

@@ -156,9 +156,9 @@ class GeneratorBase:
             return Tally(self._adapter_versions.get(a, "") if a is not None else (version or "") for a in adapters)
 
         rows, queued = named(running), named(waiting)
-        for v in rows:
+        now = (set(rows) | set(queued)) - {""}  # "": the base model's own rows, no version to name
+        for v in now & set(rows):
             self.metrics.observe("batch_size", len(running), version_tags(v))
-        now = (set(rows) | set(queued)) - {""}
         for v in now | {v for v in self._observed if v in self._engine_versions(version)}:
             self.metrics.set("running", rows.get(v, 0), version_tags(v))
             self.metrics.set("queue_depth", queued.get(v, 0), version_tags(v))

@@ -114,10 +114,10 @@ def test_the_embedding_statistic_uses_the_retrieval_embedder(corpora, tmp_path):
     training, held, other = corpora
     path = write_run(tmp_path, training)
     write_index(tmp_path / "run" / "index", training[:20])  # the index: its manifest names the embedder
-    # 100 training prompts embedded (of 252), one model load: embedding is the slow statistic
-    overrides = ["serve.rag.top_k=2", "serve.monitor.max_training_records=100"]
-    serve_sample(path, held, "a")
+    # 60 training prompts (of 252) against 30 served ones: embedding is the slow statistic
+    overrides = ["serve.rag.top_k=2", "serve.monitor.max_training_records=60", "serve.monitor.min_prompts=30"]
+    serve_sample(path, held[:30], "a")
     same = run_monitor(config.load(path, overrides))
-    serve_sample(path, other[:N], "a")
+    serve_sample(path, other[:30], "a")
     moved = run_monitor(config.load(path, overrides))
     assert same["statistics"]["embedding"] <= THRESHOLD < moved["statistics"]["embedding"], (same, moved)

@@ -3,7 +3,8 @@ official `openai` client (completions, chat, streaming), served greedy text equa
 peft generation, two adapters on one base, every class of bad request answered with its
 4xx, API keys, autoscaling up under load and back down, and `raylab deploy` switching
 versions in place while requests stream, none failing; a version registered after the
-deploy served by `NAME/N` without a redeploy. Explanations (`/v1/explain`, the Explainer
+deploy served by `NAME/N` without a redeploy; raylab's per-version series on Ray's
+Prometheus endpoint growing with traffic, and the served-prompt sample on disk, redacted. Explanations (`/v1/explain`, the Explainer
 deployment) of the served answer, with completions answered while one is computing. Faults: a Generator replica and the Ingress
 replica SIGKILLed while 8 clients stream (>= 99 % of the requests succeed with at most one
 client retry; only streams cut mid-way fail, with OpenAI's error event), and a client that

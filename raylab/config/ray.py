@@ -21,4 +21,8 @@ class RayConfig(Section):
         None, description="token authentication; default $RAY_AUTH_MODE, else token"
     )
     dashboard: bool = Field(False, description="start the embedded Ray's dashboard even when no stage needs it")
+    metrics_export_port: int | None = Field(
+        None, ge=1, le=65535, description="the embedded Ray's Prometheus port (its metrics agent, dashboard or "
+        "not); default a free port Ray picks (ray.nodes()[i]['MetricsExportPort']). A cluster's: ray start "
+        "--metrics-export-port")
     namespace: str = Field("raylab", description="Ray namespace of raylab's actors and jobs")

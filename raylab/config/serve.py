@@ -91,6 +91,25 @@ class RagServeConfig(Section):
         return self
 
 
+class MonitorConfig(Section):
+    """Monitoring a served version (docs/serving.md, "Monitoring"): a bounded sample of served
+    prompts, redacted by the data stage's PII detectors, that `raylab monitor CONFIG`
+    compares with the training data."""
+
+    sample_prompts: int = Field(1000, ge=0, description="prompts kept per Ingress replica (a uniform reservoir "
+                                "sample of everything served); 0: record none")
+    flush_every: PositiveInt = Field(20, description="write the sample to <output_dir>/serve/prompts/ after this "
+                                     "many sampled prompts (and when the endpoint stops)")
+    drift_threshold: float = Field(0.25, gt=0, le=1, description="`raylab monitor` exits 1 when the overall drift "
+                                   "score (the largest statistic, each in [0, 1]) is above this")
+    min_prompts: PositiveInt = Field(50, description="fewer sampled prompts than this: `raylab monitor` reports "
+                                     "nothing and exits 2 (a small sample's statistics are noise)")
+    vocabulary: PositiveInt = Field(100, description="the token statistic's bins: the training data's most frequent "
+                                    "words, plus one bin for every other word")
+    max_training_records: PositiveInt = Field(20000, description="training records compared at most (a fixed "
+                                              "sample by record id beyond)")
+
+
 class ServeConfig(Section):
     """`raylab serve`: the OpenAI-compatible endpoint (see docs/serving.md)."""
 
@@ -119,6 +138,8 @@ class ServeConfig(Section):
                                         "POST /v1/explain (limits and defaults from the explain: section)")
     rag: RagServeConfig | None = Field(None, description="retrieval: an index attached to the served model, and "
                                        "/v1/embeddings (needs the rag extra)")
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="the served-prompt sample and "
+                                   "`raylab monitor`'s drift threshold")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:

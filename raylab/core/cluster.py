@@ -301,6 +301,9 @@ def connect(cfg: RaylabConfig | None = None, address: str | None = None, state_a
                 include_dashboard=dashboard_port is not None,
                 dashboard_host="127.0.0.1",
                 dashboard_port=dashboard_port,
+                # Ray's metrics agent exports on Prometheus with the dashboard off too; a fixed
+                # port lets a Prometheus scrape the embedded Ray (docs/serving.md, Monitoring)
+                _metrics_export_port=cfg.ray.metrics_export_port if cfg is not None else None,
                 **kwargs,
             )
         else:

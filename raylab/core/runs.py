@@ -22,6 +22,8 @@ a `Run` for its paths, so a reader finds the whole contract in one page.
     <output_dir>/index/                   LanceDB tables (<table>.lance/), raylab_index.json
     <output_dir>/synth/                   <generator>.jsonl (chat examples), datasheet.{md,json},
                                           cache/<request hash>.json (answers, so a re-run resumes)
+    <output_dir>/serve/prompts/           <ingress replica>.jsonl: the served prompts' redacted sample
+                                          (`raylab monitor` compares it with data/records/)
 
 `$RAYLAB_HOME` (default ~/.raylab) holds what outlives a run: materialised presets, the
 embedded registry, the verified registry cache and the running endpoint's address (`Home`).
@@ -210,6 +212,16 @@ class Run:
     def synth_cache(self) -> str:
         """The endpoint's answers by request hash (raylab/synth/client.py)."""
         return _join(self.synth, SYNTH_CACHE)
+
+    # serving (`raylab serve`): what the endpoint records for `raylab monitor`
+    @property
+    def served_prompts(self) -> str:
+        """The served-prompt sample, one file per Ingress replica (raylab/serve/sample.py)."""
+        return _join(self.root, "serve", "prompts")
+
+    def served_prompts_file(self, replica: str) -> str:
+        """One Ingress replica's redacted prompt sample: serve/prompts/<replica>.jsonl."""
+        return _join(self.served_prompts, f"{replica}.jsonl")
 
 
 def index_manifest(index_dir: str) -> str:

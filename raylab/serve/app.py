@@ -27,7 +27,10 @@ Two deployments, or three or four, built by `build(args)` (the config's
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import re
+import time
 from collections.abc import Iterable
 
 from fastapi import APIRouter, FastAPI, Request
@@ -43,9 +46,12 @@ from raylab.serve.auth import api_keys, authenticate
 from raylab.serve.deploy import catalog
 from raylab.serve.explainer import explainer_deployment
 from raylab.serve.generator import generator_deployment
+from raylab.serve.metrics import Metrics, version_tags
 from raylab.serve.retrieval import EmbedderImpl
 from raylab.serve.routers import embeddings, explain, health, inference
+from raylab.serve.sample import PromptSample
 
+log = logging.getLogger("ray.serve")
 ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, embeddings.router, explain.router)
 
 
@@ -85,6 +91,34 @@ class IngressImpl:
         self.default: str | None = None
         self.registry = True
         self.store = None  # the registry, opened on the first lookup
+        # per-version Prometheus series (metrics.py) and the served-prompt sample (sample.py)
+        self.metrics = Metrics(["requests", "errors", "latency_seconds", "prompt_tokens", "completion_tokens"])
+        monitor = args.get("monitor")  # None: no run directory to write a sample into (a plain `serve MODEL`)
+        self.sample = PromptSample(monitor, _replica_name()) if monitor and monitor["sample_prompts"] else None
+
+    def record(self, model: str, version: str | None, status: int, started: float, prompt_tokens: int = 0,
+               completion_tokens: int = 0) -> None:
+        """One answered generation request in the per-version metrics."""
+        tags = version_tags(version, model)
+        self.metrics.inc("requests", tags | {"status": str(status)})
+        if status >= 400:
+            self.metrics.inc("errors", tags | {"status": str(status)})
+        self.metrics.observe("latency_seconds", time.monotonic() - started, tags)
+        self.metrics.inc("prompt_tokens", tags, prompt_tokens)
+        self.metrics.inc("completion_tokens", tags, completion_tokens)
+
+    def keep_prompt(self, text: str) -> None:
+        """Offer a served prompt to the sample; its file is rewritten off the event loop."""
+        if self.sample is not None and self.sample.add(text):
+            asyncio.get_running_loop().run_in_executor(None, self.sample.flush).add_done_callback(_logged)
+
+    def __del__(self):
+        # Serve calls it when the replica shuts down gracefully: write what is unsaved
+        if getattr(self, "sample", None) is not None:
+            try:
+                self.sample.flush()
+            except Exception:
+                log.exception("could not write the served-prompt sample")
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.routers, self)
@@ -155,6 +189,20 @@ class IngressImpl:
         decision = access.authorize(principal, "serve.infer", record_allow=False)
         if not decision.allowed:
             raise oa.ApiError(403, f"not allowed: {decision.reason}", code="permission_denied")
+
+
+def _logged(done: asyncio.Future) -> None:
+    """A sample write's failure in the server log (a monitoring gap, never a failed request)."""
+    if not done.cancelled() and done.exception() is not None:
+        log.error(f"could not write the served-prompt sample: {done.exception()!r}")
+
+
+def _replica_name() -> str:
+    """This Ingress replica's id (its sample file's name); a process id outside Serve."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # RayServeException: an ingress built in a test or a notebook
+        return f"local-{os.getpid()}"
 
 
 Ingress = serve.deployment(name="Ingress")(serve.ingress()(IngressImpl))

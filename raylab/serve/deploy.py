@@ -110,11 +110,12 @@ def explainer_config(s: ServeConfig, ex: ExplainConfig) -> tuple[dict, dict]:
 
 
 def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: str = "float32",
-               ex: ExplainConfig | None = None, rag: dict | None = None) -> dict:
+               ex: ExplainConfig | None = None, rag: dict | None = None, monitor: dict | None = None) -> dict:
     """A `serve deploy` config (one application) serving REF, with the routing table. A
     plain model (`plain(ref)`) needs no registry: `store` may be None. With
     `serve.explain.enabled` the Explainer deployment is in it too (limits from `ex`). `rag`:
-    the Embedder's arguments (retrieval.rag_args) when `serve.rag` attaches an index."""
+    the Embedder's arguments (retrieval.rag_args) when `serve.rag` attaches an index.
+    `monitor`: the served-prompt sample's settings (monitor_args)."""
     if plain(ref):
         _, local, routing = plain_catalog(ref)
         target = local
@@ -137,6 +138,8 @@ def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: st
                        "max_request_bytes": s.max_request_bytes, "max_batch_size": s.max_batch_size,
                        "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_adapters_per_replica": s.max_adapters_per_replica,
                        "resubmit_timeout_s": s.resubmit_timeout_s}, "rag": rag}
+    if monitor is not None:  # absent from configs written before it: the ingress then samples nothing
+        args["monitor"] = monitor
     generator = {"name": "Generator", "autoscaling_config": autoscaling, "max_ongoing_requests": s.max_ongoing_requests,
                  "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
                  "user_config": {"preload": [target]}}
@@ -153,6 +156,18 @@ def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: st
         deployments.append(deployment_config(s.rag))
     return {"name": APP, "route_prefix": "/", "import_path": "raylab.serve:build", "args": args,
             "deployments": deployments}
+
+
+def monitor_args(cfg: RaylabConfig | None) -> dict | None:
+    """The Ingress's served-prompt sample (serve.monitor): where it writes, how much it keeps,
+    and the data stage's PII detectors it redacts with; None without a config's run
+    directory or with serve.monitor.sample_prompts: 0."""
+    if cfg is None or cfg.serve.monitor.sample_prompts == 0:
+        return None
+    m, pii = cfg.serve.monitor, cfg.data.pii
+    output_dir = cfg.output_dir if "://" in cfg.output_dir else os.path.abspath(cfg.output_dir)  # replicas run elsewhere
+    return {"output_dir": output_dir, "sample_prompts": m.sample_prompts, "flush_every": m.flush_every,
+            "pii": {"types": pii.types, "engine": pii.engine, "regions": pii.regions} if pii.enabled else None}
 
 
 def rag_args(cfg: RaylabConfig | None) -> dict | None:
@@ -177,7 +192,7 @@ def emit_text(cfg: RaylabConfig | None, ref: str, tracking_uri: str | None = Non
     s = cfg.serve if cfg else ServeConfig()
     store = None if plain(ref) else registry.open_store(cfg, tracking_uri)
     full = deploy_config(s, app_config(s, store, ref, cfg.model.dtype if cfg else "float32", cfg.explain if cfg else None,
-                                       rag_args(cfg)))
+                                       rag_args(cfg), monitor_args(cfg)))
     return ("# written by `raylab render --target serve` (`raylab serve --emit-config`); deploy with `serve deploy` "
             "or embed in a RayService's serveConfigV2\n" + yaml.safe_dump(full, sort_keys=False))
 
@@ -279,7 +294,7 @@ def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: s
     ref = default_ref(cfg, model)
     store = None if plain(ref) else registry.open_store(cfg)
     app = app_config(s, store, ref, cfg.model.dtype if cfg else "float32",  # exit 2 before Ray starts
-                     cfg.explain if cfg else None, rag_args(cfg))
+                     cfg.explain if cfg else None, rag_args(cfg), monitor_args(cfg))
     embedded = cluster.mode_of(cluster.resolve_address(address, cfg)[0]) == "embedded"
     if detach and embedded:
         raise UserError("--detach needs a running cluster (ray start --head; then --address auto): an embedded Ray "

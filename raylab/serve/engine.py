@@ -28,7 +28,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from raylab.core import storage
@@ -104,8 +104,12 @@ class TransformersEngine(Engine):
     a batch mixes requests of different adapters and of the model itself."""
 
     def __init__(self, model, tok, max_batch_size: int = 8, batch_wait_s: float = 0.0,
-                 stop_ids: set[int] | None = None):
+                 stop_ids: set[int] | None = None,
+                 observer: Callable[[list[str | None], list[str | None]], None] | None = None):
         self.model, self.tok = model, tok
+        # observer(running, waiting): the adapter of every row decoding and every request
+        # queued, after each decode step (the Generator's batch-size and queue-depth metrics)
+        self.observer = observer
         self.max_batch_size, self.batch_wait_s = max(1, int(max_batch_size)), batch_wait_s
         self.stop_ids = eos_ids(model, tok) if stop_ids is None else stop_ids
         self.lock = threading.Lock()  # decode steps vs adapter loads/unloads on the shared model
@@ -180,6 +184,15 @@ class TransformersEngine(Engine):
 
     # ------------------------------------------------------------------ stepping
 
+    def _observe(self, batch: Batch | None) -> None:
+        if self.observer is None:
+            return
+        try:  # metrics are never worth a failed batch
+            self.observer([seq.adapter for seq in batch.seqs] if batch is not None else [],
+                          [t.seq.adapter for t in self._waiting])
+        except Exception:
+            log.exception("engine observer failed")
+
     def _abort(self, tracked: _Tracked) -> None:
         """Mark it finished; a running row leaves the batch at the next step, a waiting one now."""
         tracked.aborted, tracked.seq.finish_reason = True, ABORT
@@ -214,6 +227,7 @@ class TransformersEngine(Engine):
                 touched = await asyncio.to_thread(step)
                 steps, widest = steps + 1, max(widest, len(touched))
                 self._counts["steps"] += 1
+                self._observe(batch)
                 for seq, text in touched:
                     t = owners.get(id(seq))
                     if t is None:
@@ -238,5 +252,6 @@ class TransformersEngine(Engine):
                 t.out.put_nowait(e)
         finally:
             self._batch = None
+            self._observe(None)  # idle: nothing decoding, nothing queued
             log.info(json.dumps({"decode_loop": {"sequences": served, "steps": steps, "widest_batch": widest,
                                                  "seconds": round(time.monotonic() - started, 3)}}))

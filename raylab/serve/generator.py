@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import uuid
 import weakref
+from collections import Counter as Tally
 
 from ray import serve
 
@@ -20,6 +21,7 @@ from raylab import models, registry
 from raylab.errors import UserError
 from raylab.serve import openai_api as oa
 from raylab.serve.engine import Engine, Output, Request, Sampling, TransformersEngine
+from raylab.serve.metrics import Metrics, version_tags
 
 
 class Loaded:
@@ -114,6 +116,10 @@ class GeneratorBase:
                                  tag_keys=("model",))
         self.requests = Counter("raylab_requests", description="generation requests by model and outcome",
                                 tag_keys=("model", "outcome"))
+        # per-version series (metrics.py): loads, evictions, and each engine's batch and queue
+        self.metrics = Metrics(["batch_size", "queue_depth", "running", "adapter_loads", "adapter_evictions"])
+        self._adapter_versions: dict[str, str] = {}  # engine adapter name -> registry version
+        self._observed: set[str] = set()  # versions whose gauges are non-zero
 
     async def reconfigure(self, user_config: dict) -> None:
         # Load (and verify) what the ingress will route to first, before it gets traffic.
@@ -137,8 +143,30 @@ class GeneratorBase:
         return {"replica": serve.get_replica_context().replica_id.unique_id, "versions": sorted(loaded),
                 **{k: sum(c[k] for c in counts) for k in ("running", "waiting", "submitted", "finished", "aborted")}}
 
-    def _engine(self, model, tok) -> Engine:
-        return TransformersEngine(model, tok, self.limits["max_batch_size"], self.limits["batch_wait_timeout_s"])
+    def _engine(self, model, tok, version: str | None = None) -> Engine:
+        """An engine; `version`: the one a full model's engine serves (its rows have no adapter)."""
+        return TransformersEngine(model, tok, self.limits["max_batch_size"], self.limits["batch_wait_timeout_s"],
+                                  observer=lambda running, waiting: self._observe(version, running, waiting))
+
+    def _observe(self, version: str | None, running: list, waiting: list) -> None:
+        """After an engine's decode step: its batch size for each version with rows in it,
+        and each version's rows decoding and requests queued (gauges; a version that left
+        the engine is set back to 0)."""
+        def named(adapters):
+            return Tally(self._adapter_versions.get(a, "") if a is not None else (version or "") for a in adapters)
+
+        rows, queued = named(running), named(waiting)
+        now = (set(rows) | set(queued)) - {""}  # "": the base model's own rows, no version to name
+        for v in now & set(rows):
+            self.metrics.observe("batch_size", len(running), version_tags(v))
+        for v in now | {v for v in self._observed if v in self._engine_versions(version)}:
+            self.metrics.set("running", rows.get(v, 0), version_tags(v))
+            self.metrics.set("queue_depth", queued.get(v, 0), version_tags(v))
+        self._observed = (self._observed - self._engine_versions(version)) | now
+
+    def _engine_versions(self, version: str | None) -> set[str]:
+        """The versions one engine serves: a full model's own, or the base engine's adapters."""
+        return {version} if version is not None else set(self._adapter_versions.values())
 
     async def _load(self, version: str) -> Loaded:
         self.loop = asyncio.get_running_loop()
@@ -152,16 +180,20 @@ class GeneratorBase:
                 self.base_engine = self._engine(self.base, tok)
             name = f"v{next(self._names)}_{hashlib.sha1(version.encode()).hexdigest()[:8]}"
             await self.base_engine.load_adapter(name, local)
+            self._adapter_versions[name] = version
             self._loaded[version] = found = Loaded(version, self.base_engine, tok, name, self._unload)
+            self.metrics.inc("adapter_loads", version_tags(version))
             return found
         # a full model, or another base
         loaded = await asyncio.to_thread(models.load, local, dtype=self.args["dtype"])
-        self._loaded[version] = found = Loaded(version, self._engine(loaded.model, loaded.tokenizer), loaded.tokenizer,
-                                               None, self._unload)
+        self._loaded[version] = found = Loaded(version, self._engine(loaded.model, loaded.tokenizer, version),
+                                               loaded.tokenizer, None, self._unload)
+        self.metrics.inc("adapter_loads", version_tags(version))
         return found
 
     def _unload(self, loaded: Loaded) -> None:
         """Called from the replica's loop (a request's end) or Serve's eviction thread."""
+        self.metrics.inc("adapter_evictions", version_tags(loaded.version))
         if loaded.adapter is not None:
             self._spawn(loaded.engine.unload_adapter(loaded.adapter))
         loaded.engine = None

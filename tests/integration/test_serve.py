@@ -3,7 +3,8 @@ official `openai` client (completions, chat, streaming), served greedy text equa
 peft generation, two adapters on one base, every class of bad request answered with its
 4xx, API keys, autoscaling up under load and back down, and `raylab deploy` switching
 versions in place while requests stream, none failing; a version registered after the
-deploy served by `NAME/N` without a redeploy. Explanations (`/v1/explain`, the Explainer
+deploy served by `NAME/N` without a redeploy; raylab's per-version series on Ray's
+Prometheus endpoint growing with traffic, and the served-prompt sample on disk, redacted. Explanations (`/v1/explain`, the Explainer
 deployment) of the served answer, with completions answered while one is computing. Faults: a Generator replica and the Ingress
 replica SIGKILLed while 8 clients stream (>= 99 % of the requests succeed with at most one
 client retry; only streams cut mid-way fail, with OpenAI's error event), and a client that
@@ -21,6 +22,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -127,7 +129,8 @@ def serve_config(root: Path, base: Path, port: int, **serve) -> config.RaylabCon
                   "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                   "upscale_delay_s": 0.5, "downscale_delay_s": 2, "look_back_period_s": 11},
                   # retrieval only when a request asks: the other tests' answers need their prompts as sent
-                  "rag": {"top_k": 2, "by_default": False, "cpus_per_replica": 0.25}, **serve},
+                  "rag": {"top_k": 2, "by_default": False, "cpus_per_replica": 0.25},
+                  "monitor": {"flush_every": 1}, **serve},  # the prompt sample on disk after each kept prompt
     })
 
 
@@ -253,6 +256,62 @@ def test_openai_client_completions_chat_and_streaming(served):
         events = [e for e in r.read().decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
     assert sum(1 for e in events[:-1] if json.loads(e[6:])["choices"][0]["text"]) >= 1
+
+
+def prometheus() -> str:
+    """Every node's Ray metrics agent's Prometheus page (the session's Ray, embedded)."""
+    import ray
+
+    ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
+    return "".join(urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=10).read().decode() for p in ports)
+
+
+def series(page: str, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (0 when there is none)."""
+    total = 0.0
+    for line in page.splitlines():
+        if line.startswith(name + "{"):
+            found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', line[len(name) + 1:line.rindex("}")]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_prometheus_exposes_per_version_series_that_grow_with_traffic(served):
+    """raylab's series on Ray's metrics endpoint, per version, moved by this test's requests
+    (Ray exports every 10 s: polled); the prompts in the sample on disk, the planted address
+    redacted."""
+    url, email = served["url"], "jane.doe@example.com"
+
+    def counts(page: str) -> dict:
+        ok = {v: series(page, "ray_raylab_serve_requests_total", model=NAME, version=str(v), status="200") for v in (1, 2)}
+        return {**ok, "404": series(page, "ray_raylab_serve_errors_total", model="no-such-model", status="404"),
+                "latency": series(page, "ray_raylab_serve_latency_seconds_count", model=NAME, version="1"),
+                "out": series(page, "ray_raylab_serve_completion_tokens_total", model=NAME, version="1")}
+
+    before = counts(prometheus())
+    assert before[2] == 0  # the module's earlier tests ask version 1 only (NAME, NAME@production)
+    for v, n in ((1, 3), (2, 1)):
+        for i in range(n):
+            assert chat(url, f"{NAME}/{v}", f"Monitoring question {i}: my address is {email}", max_tokens=4)[0] == 200
+    assert chat(url, "no-such-model", "hello")[0] == 404
+    deadline, now = time.monotonic() + 60, before
+    while time.monotonic() < deadline:
+        now = counts(prometheus())
+        if now[1] >= before[1] + 3 and now[2] >= before[2] + 1 and now["404"] >= before["404"] + 1:
+            break
+        time.sleep(2)
+    # Version 1's baseline may still lack the earlier tests' requests (exported every 10 s),
+    # so it grows by at least this test's 3; version 2 and the unknown model see only this
+    # test's requests here, so exactly 1 each: the series are per version, not pooled.
+    assert now[1] - before[1] >= 3 and now[2] - before[2] == 1 and now["404"] - before["404"] == 1, (before, now)
+    assert now["latency"] - before["latency"] >= 3 and now["out"] > before["out"]
+    assert "ray_raylab_serve_adapter_loads_total" in prometheus()  # the Generator's own series, beside the Ingress's
+    def sampled() -> str:  # written off the Ingress's loop after each kept prompt (flush_every: 1)
+        return "".join(f.read_text() for f in (served["root"] / "run" / "serve" / "prompts").glob("*.jsonl"))
+
+    _wait(lambda: "Monitoring question 2: my address is <EMAIL>" in sampled(), 30, "the prompt sample on disk")
+    assert email not in sampled()
 
 
 def test_chat_with_retrieval_returns_the_supporting_text_as_sources(served):

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from raylab.serve import openai_api as oa
 from raylab.serve import retrieval, streams
 from raylab.serve.routers import answer_error, error_response, ingress, internal_error, read_body
+from raylab.serve.sample import prompt_text
 
 log = logging.getLogger("ray.serve")
 router = APIRouter()
@@ -51,14 +52,17 @@ def _job(limits: dict, req, chat: bool) -> dict:
 
 async def _handle(server, request: Request, kind, chat: bool):
     started, rid = time.monotonic(), oa.new_id("chatcmpl" if chat else "cmpl")
+    model, version = "", None  # what the metrics name a request that failed before routing
     try:
         server.authorize(request)
         req = oa.parse(kind, await read_body(server.limits, request))
+        model = req.model
         version = await server.route(req.model)
         if version is None:
             raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
                               "model", "model_not_found")
         job = _job(server.limits, req, chat)
+        server.keep_prompt(prompt_text(job))  # as the client sent it: before retrieval rewrites it
         sources = None
         if chat:
             messages, sources = await retrieval.augment(server, job["prompts"][0], req.raylab)
@@ -71,13 +75,15 @@ async def _handle(server, request: Request, kind, chat: bool):
             raise answer_error(e, f", with {len(sources)} retrieved chunks in it: ask fewer with raylab.top_k"
                                if retrieved else "")
     except Exception as e:  # an ApiError is its 4xx, anything else a logged 500 (error_response)
-        return error_response(rid, e)
+        response = error_response(rid, e)
+        server.record(model, version, response.status_code, started)
+        return response
     record = {"request": rid, "model": req.model, "version": version, "prompt_tokens": first["prompt_tokens"]}
     if sources is not None:
         record["retrieved"] = [s["chunk_id"] for s in sources]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_events(stream, rid, req.model, chat, len(job["prompts"]) * req.n,
+        return StreamingResponse(_events(server, stream, rid, req.model, chat, len(job["prompts"]) * req.n,
                                          include_usage, record, started, sources), media_type="text/event-stream")
     texts, finish, tokens = {}, {}, 0
     try:
@@ -88,12 +94,15 @@ async def _handle(server, request: Request, kind, chat: bool):
                 tokens += count
     except oa.ApiError as e:
         log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
+        server.record(model, version, e.status, started, first["prompt_tokens"], tokens)
         return JSONResponse(e.body(), e.status)
     except Exception as e:
         log.exception(f"request {rid} failed")
+        server.record(model, version, 500, started, first["prompt_tokens"], tokens)
         return JSONResponse(internal_error(e).body(), 500)
     finally:
         stream.cancel()  # a no-op once it ended; else (the client went away) its rows leave the batch
+    server.record(model, version, 200, started, first["prompt_tokens"], tokens)
     choices = [{"index": i, "text": texts.get(i, ""), "finish_reason": finish.get(i)} for i in range(len(job["prompts"]) * req.n)]
     use = oa.usage(first["prompt_tokens"], tokens)
     _log(record, use, started)
@@ -101,7 +110,7 @@ async def _handle(server, request: Request, kind, chat: bool):
     return body | ({"raylab": {"sources": sources}} if sources is not None else {})
 
 
-async def _events(stream, rid, model, chat, n_choices, include_usage, record, started, sources=None):
+async def _events(server, stream, rid, model, chat, n_choices, include_usage, record, started, sources=None):
     for i in range(n_choices if chat else 0):  # the assistant role first, as OpenAI does
         first = oa.chunk(rid, model, i, None, None, chat, role=True)
         if i == 0 and sources is not None:
@@ -125,6 +134,8 @@ async def _events(stream, rid, model, chat, n_choices, include_usage, record, st
                                 code="replica_lost")
         else:
             log.exception(f"request {rid} failed mid-stream")
+        # the HTTP status went out as 200 with the first event: the metrics count the error's
+        server.record(model, record["version"], error.status, started, record["prompt_tokens"], tokens)
         yield oa.sse(error.body())
         return
     finally:
@@ -133,6 +144,7 @@ async def _events(stream, rid, model, chat, n_choices, include_usage, record, st
     if include_usage:
         yield oa.sse(oa.usage_chunk(rid, model, use, chat))
     yield oa.sse("[DONE]")
+    server.record(model, record["version"], 200, started, record["prompt_tokens"], tokens)
     _log(record, use, started)
 
 

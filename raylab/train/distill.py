@@ -97,8 +97,6 @@ def compare(student, teacher, location: str, samples: int, temperature: float, a
     the split is written in a fixed order), per target token: each one's cross-entropy
     (`teacher_loss`, `student_loss`) and the student's KL to the teacher at `temperature`
     (`kl`, unscaled by T^2). `all_tokens`: train.loss_on=all's labels."""
-    from raylab.train.loop import collate
-
     table = storage.read_table(location, ["input_ids", "labels", "position_ids", "segment_ids"]).slice(0, samples)
     if table.num_rows == 0:
         raise UserError(f"optimize.distill.eval_samples: the split at {location} is empty")
@@ -106,7 +104,7 @@ def compare(student, teacher, location: str, samples: int, temperature: float, a
     targets = 0
     for start in range(0, table.num_rows, batch_size):
         part = table.slice(start, batch_size)
-        batch = collate({k: part.column(k).to_numpy(zero_copy_only=False) for k in part.column_names}, all_tokens)
+        batch = loss.collate({k: part.column(k).to_numpy(zero_copy_only=False) for k in part.column_names}, all_tokens)
         s = loss.forward(student, batch, loss.attn_impl_of(student)).logits
         t = loss.forward(teacher, batch, loss.attn_impl_of(teacher)).logits
         ce_s, ce_t = loss.token_sums(batch, _Logits(s)), loss.token_sums(batch, _Logits(t))

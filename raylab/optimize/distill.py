@@ -134,7 +134,8 @@ def run_distill(cfg: RaylabConfig, store: registry.Store, parent) -> dict:
     """Distil the registered version `parent` (a ModelVersion) into the student
     `cfg.optimize.distill` names and register the result; returns {name, version, derived_from,
     method, student, teacher_parameters, parameters, steps, train_loss, val_loss,
-    initial_val_loss, student_eval_loss, teacher_eval_loss, kl_before, kl_after, size_bytes}."""
+    initial_val_loss, student_eval_loss (and _before: the untrained student's), teacher_eval_loss,
+    kl_before, kl_after, size_bytes}."""
     from raylab.train import compare_to_teacher, run_train
 
     d = cfg.optimize.distill
@@ -206,6 +207,7 @@ def run_distill(cfg: RaylabConfig, store: registry.Store, parent) -> dict:
             "student": described, "teacher_parameters": teacher_params, "parameters": student_params,
             "size_bytes": size, "steps": meta["steps"], "train_loss": m["train_loss"], "val_loss": m["val_loss"],
             "initial_val_loss": m["initial_val_loss"], "student_eval_loss": after["student_loss"],
+            "student_eval_loss_before": before["student_loss"],
             "teacher_eval_loss": after["teacher_loss"], "kl_before": before["kl"], "kl_after": after["kl"]}
 
 

@@ -75,15 +75,17 @@ class Distillation:
             raise UserError("train.objective=distill: trains a student against a teacher that `raylab optimize CONFIG "
                             "--model REF` with optimize.distill places in its nested run; run that instead of "
                             "`raylab train` (or set train.objective=cross_entropy)")
+        self.temperature, self.alpha = d.temperature, d.alpha
+        if self.alpha == 0:  # plain cross-entropy (a baseline student): the teacher's memory is not spent
+            return
         from raylab.models import resolved_dtype
 
         dtype, _ = resolved_dtype(cfg.model, worker_context.device)
         self.teacher = load_teacher(teacher_dir, dtype, worker_context.device)
         self.attn_impl = loss.attn_impl_of(self.teacher)
-        self.temperature, self.alpha = d.temperature, d.alpha
 
     def loss(self, batch: dict, outputs) -> loss.Sums:
-        if self.alpha == 0:  # plain cross-entropy: the teacher's forward pass would be thrown away
+        if self.alpha == 0:  # plain cross-entropy: the teacher's forward pass would be thrown away (not loaded)
             return loss.token_sums(batch, outputs)
         with torch.no_grad():
             teacher_logits = loss.forward(self.teacher, batch, self.attn_impl).logits

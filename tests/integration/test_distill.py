@@ -33,27 +33,33 @@ def test_a_student_distils_from_the_trained_model_on_ray_train_and_registers(ref
     parent = register(store, tmp_path, 1, final=Path(teacher_cfg.output_dir) / "train" / "final")
     raw = with_data(learn_data, tmp_path / "run").model_dump(mode="json")
     raw["registry"]["model_name"] = "widgets"
-    raw["optimize"] = {"distill": {"student": {"num_hidden_layers": 1}, "steps": 8, "lr": 1e-2, "temperature": 2.0,
-                                   "alpha": 0.5, "eval_samples": 16}}
+    # alpha=1: the KL alone, so its fall is the objective's doing (the session's teacher, a LoRA on a random
+    # base trained briefly, is a weak model: a student trained with cross-entropy too soon leaves it behind)
+    raw["optimize"] = {"distill": {"student": {"num_hidden_layers": 1}, "steps": 8, "lr": 3e-3, "temperature": 2.0,
+                                   "alpha": 1.0, "eval_samples": 16}}
     cfg = config.load_dict(raw)
 
     out = run_optimize(cfg, f"widgets/{parent}", store=store)
     assert (out["version"], out["derived_from"], out["method"], out["steps"]) == (2, "widgets/1", "distill", 8)
     assert out["parameters"] < out["teacher_parameters"]
-    assert out["kl_after"] < 0.8 * out["kl_before"]  # the student moved toward the teacher's distribution
+    assert out["kl_after"] < 0.5 * out["kl_before"]  # the student moved toward the teacher's distribution
     assert out["val_loss"] < out["initial_val_loss"]  # the objective itself, on the val split
-    # the teacher was trained on this corpus: its cross-entropy is below the student's fresh start
-    assert out["teacher_eval_loss"] < out["student_eval_loss"]
+    # the workers' objective at step 0 (alpha=1: T^2 * KL) is the driver's KL of the same student, measured apart
+    assert out["initial_val_loss"] == pytest.approx(4 * out["kl_before"], rel=2e-2)
+    # its cross-entropy moved toward the teacher's
+    gap_before, gap_after = (abs(out[k] - out["teacher_eval_loss"]) for k in ("student_eval_loss_before",
+                                                                              "student_eval_loss"))
+    assert gap_after < gap_before
 
     mv = registry.get_version(store, "widgets/2")
-    assert mv.tags["raylab.derived_from"] == "widgets/1" and mv.tags["raylab.derivation"] == "distill:T=2:alpha=0.5"
-    assert mv.tags[DISTILLED_TAG] == "T=2:alpha=0.5" and mv.tags["raylab.parameters"] == str(out["parameters"])
+    assert mv.tags["raylab.derived_from"] == "widgets/1" and mv.tags["raylab.derivation"] == "distill:T=2:alpha=1"
+    assert mv.tags[DISTILLED_TAG] == "T=2:alpha=1" and mv.tags["raylab.parameters"] == str(out["parameters"])
     assert mv.tags["raylab.parameters_before"] == str(out["teacher_parameters"])
     assert DISTILLED_TAG not in registry.get_version(store, "widgets/1").tags  # negative control: the parent
 
     section = registry.card_for(store, mv)["extra_sections"]["Distillation"]
     assert "Teacher: widgets/1" in section and f"{out['parameters']:,} parameters" in section
-    assert "T=2, alpha=0.5" in section and "8 steps" in section and f"{out['kl_after']:.4f} after" in section
+    assert "T=2, alpha=1" in section and "8 steps" in section and f"{out['kl_after']:.4f} after" in section
 
     # plain transformers: the registered files are a full Llama of one layer with the teacher's tokenizer
     path = registry.fetch(store, "widgets/2")

@@ -121,6 +121,15 @@ def test_the_objective_loads_a_frozen_teacher_and_gradients_reach_the_student_on
     torch.optim.SGD(student.parameters(), lr=0.1).step()
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
 
+    # alpha=0 (a cross-entropy baseline) loads no teacher and is the cross_entropy objective's loss
+    cfg.optimize.distill.alpha = 0.0
+    baseline = objectives.build("distill", student, cfg, CONTEXT)
+    batch = packed(tok)
+    with torch.no_grad():
+        outputs = loss.forward(student, batch, loss.attn_impl_of(student))
+    assert baseline.teacher is None and torch.equal(baseline.loss(batch, outputs).loss,
+                                                    loss.token_sums(batch, outputs).loss)
+
     # without a teacher placed by `raylab optimize`, the objective says what to run instead
     cfg.output_dir = str(tmp_path / "elsewhere")
     with pytest.raises(UserError, match=r"train.objective=distill: .*raylab optimize"):

@@ -4,6 +4,7 @@
   touch ~/.raylab or ~/.config/raylab.
 - `tiny_model_dir`: a tiny causal LM + byte-level tokenizer saved with save_pretrained.
 - `ray_local`: the session-wide embedded Ray (started once through raylab.cluster.connect).
+- `learn_data`: a corpus through the data stage once; `reference`: a LoRA adapter trained on it once.
 - `ray_head`: a real `ray start --head` cluster in a subprocess (for auto / HOST:PORT / ray://).
 - `two_node_cluster`: two Ray nodes on this machine (ray.cluster_utils.Cluster); tests that
   use it are marked `multinode` and run last, since it replaces the session Ray.
@@ -259,6 +260,18 @@ def learn_data(tmp_path_factory, _session_ray):
     out = root / "reference"
     run_data(config.load_dict(base_config(out, corpus)))
     return corpus, out
+
+
+@pytest.fixture(scope="session")
+def reference(learn_data):
+    """The session's trained adapter: (config, meta) of a LoRA run on `learn_data` (its final/ is
+    <output_dir>/train/final), trained once and shared by the train tests and the optimize tests
+    that need a trained model (tests/integration/test_distill.py: the teacher)."""
+    from raylab import config, train
+
+    corpus, out = learn_data
+    cfg = config.load_dict(base_config(out, corpus))
+    return cfg, train.run_train(cfg)
 
 
 def with_data(learn_data, out: Path, **train_overrides):

@@ -1,4 +1,4 @@
-"""`raylab optimize CONFIG --model REF`: a quantised or pruned version derived from a registered one.
+"""`raylab optimize CONFIG --model REF`: a quantised, pruned or distilled version derived from a registered one.
 
     raylab optimize configs/quickstart.yaml --model acme-assistant/3 optimize.quantize=int8_weight_only
     raylab optimize configs/quickstart.yaml --model acme-assistant@production \
@@ -16,8 +16,8 @@ from raylab.cli.common import split
 
 def add_parsers(sub) -> dict:
     """Add `raylab optimize`; return {verb: command}."""
-    help_ = ("quantise (optimize.quantize) or prune and recover (optimize.prune) a registered version into a new "
-             "version derived from it")
+    help_ = ("quantise (optimize.quantize), prune and recover (optimize.prune) or distil (optimize.distill) a "
+             "registered version into a new version derived from it")
     o = sub.add_parser("optimize", help=help_, description=help_)
     o.add_argument("args", nargs="*", metavar="CONFIG [key=value ...]", help="config file (required) then overrides")
     o.add_argument("--config", "-c", help="the config file (instead of the positional CONFIG)")

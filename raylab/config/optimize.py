@@ -1,6 +1,6 @@
 """The `optimize:` section: what `raylab optimize CONFIG --model REF` does to a registered
-version: weight quantisation through torchao, or structured pruning with a recovery
-fine-tune (docs/optimize.md). One method per run.
+version: weight quantisation through torchao, structured pruning with a recovery
+fine-tune, or knowledge distillation into a smaller student (docs/optimize.md). One method per run.
 
     optimize:
       quantize: int8_weight_only     # int8_dynamic | int4_weight_only (CUDA/XPU only)
@@ -8,6 +8,9 @@ fine-tune (docs/optimize.md). One method per run.
 
     optimize:
       prune: {heads: 0.25, mlp_channels: 0.3, calibration_samples: 32, recovery_steps: 50}
+
+    optimize:
+      distill: {student: {num_hidden_layers: 2}, temperature: 2.0, alpha: 0.5, steps: 100}
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from raylab.config.types import PositiveInt, Section, invalid
+from raylab.config.types import Fraction, ModelRef, PositiveInt, Section, invalid
 
 QUANTIZE_METHODS = ("int8_weight_only", "int8_dynamic", "int4_weight_only")
 # Strictly inside (0, 1): 0 removes nothing (leave the key out), 1 removes the whole block.
@@ -45,6 +48,39 @@ class PruneConfig(Section):
         return self
 
 
+# A transformers config key of the teacher and the value the student takes instead.
+ConfigValue = int | float | bool | str
+
+
+class DistillConfig(Section):
+    """Knowledge distillation: a smaller student trained on Ray Train against the teacher's
+    (--model REF's) logits, L = alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE,
+    on the data stage's shards. Logit distillation needs the teacher's tokenizer."""
+
+    student: ModelRef | dict[str, ConfigValue] = Field(
+        description="the student: preset:NAME (built with random weights around the teacher's tokenizer), a "
+        "mapping of the teacher's transformers config keys to smaller values (e.g. {num_hidden_layers: 2}: the "
+        "teacher's architecture, random weights), or a local directory / hub id of a pretrained model with the "
+        "same tokenizer")
+    temperature: float = Field(2.0, gt=0, description="T: both distributions are softened by it before the KL")
+    alpha: Fraction = Field(0.5, description="weight of the distillation term (T^2-scaled KL) against the "
+                            "cross-entropy on the label tokens, in [0, 1]; 0 is plain cross-entropy")
+    steps: PositiveInt = Field(100, description="optimizer steps of the student's training (a full fine-tune on "
+                               "Ray Train, the train section's other settings)")
+    lr: float | None = Field(None, gt=0, description="the student's peak learning rate; default train.lr (a "
+                             "student with random weights usually wants a higher one)")
+    eval_samples: PositiveInt = Field(
+        32, description="packed rows of the val split on which teacher and student are compared after training "
+        "(cross-entropy of each, KL of the student to the teacher before and after)")
+
+    @model_validator(mode="after")
+    def _student(self) -> DistillConfig:
+        if isinstance(self.student, dict) and not self.student:
+            raise invalid("an empty mapping changes nothing: name the teacher's config keys to shrink (e.g. "
+                          "{num_hidden_layers: 2}), or give preset:NAME or a model path", at="student")
+        return self
+
+
 class OptimizeConfig(Section):
     """`raylab optimize`: a new registry version derived from --model REF (merged, then quantised or pruned)."""
 
@@ -61,10 +97,17 @@ class OptimizeConfig(Section):
     prune: PruneConfig | None = Field(
         None, description="structured pruning of the merged model (whole heads and MLP channels, ranked by "
         "Wanda-style |weight| x activation norm on a train-split sample), then a recovery fine-tune")
+    distill: DistillConfig | None = Field(
+        None, description="knowledge distillation of the merged model into a smaller student on Ray Train "
+        "(the train.objective `distill`)")
 
     @model_validator(mode="after")
     def _one_method(self) -> OptimizeConfig:
         if self.quantize is not None and self.prune is not None:
             raise invalid("set together with optimize.quantize; one method per run (prune first, then quantise "
                           "the pruned version)", at="prune")
+        if self.distill is not None and (self.quantize is not None or self.prune is not None):
+            raise invalid("set together with optimize." + ("quantize" if self.quantize is not None else "prune")
+                          + "; one method per run (distil first, then quantise or prune the student's version)",
+                          at="distill")
         return self

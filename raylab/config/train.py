@@ -37,7 +37,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPUs that support it, else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory)")
     objective: str = Field(
-        "cross_entropy", description="the training loss, a name registered in raylab/train/objectives.py; cross_entropy: next-token cross-entropy")
+        "cross_entropy", description="the training loss, a name registered in raylab/train/objectives.py; cross_entropy: next-token cross-entropy; "
+        "distill: cross-entropy mixed with the KL to a teacher (set by `raylab optimize` with optimize.distill)")
     loss_on: Literal["targets", "all"] = Field("targets", description="all: every token is a target, prompts too")
     max_failures: int = Field(0, ge=-1, description="worker failures restarted from the latest checkpoint (-1: always)")
     resume: bool = Field(True, description="continue from the run's latest checkpoint; false starts over")

@@ -14,8 +14,9 @@ a `Run` for its paths, so a reader finds the whole contract in one page.
                                           run.json (identity), final/ (Hugging Face format)
     <output_dir>/pretrain/                a nested run (its own data/ and train/; base/: the preset
                                           built for the corpus tokenizer, with pretrain.tokenizer)
-    <output_dir>/optimize/<name>/         a nested run per pruning (base/: the pruned model, data/manifest.json,
-                                          train/: its recovery fine-tune)
+    <output_dir>/optimize/<name>/         a nested run per pruning or distillation (base/: the pruned model or
+                                          the student's start, teacher/: the merged teacher, data/manifest.json,
+                                          train/: the recovery fine-tune or the student's training)
     <output_dir>/tune/                    Ray Tune's run: trials/<id>/ (nested runs), results.json|csv,
                                           best.yaml, study.db, importance / partial dependence / slice
     <output_dir>/eval/                    report.json, report.md, predictions.jsonl, rag.json (`eval --rag`)
@@ -157,8 +158,14 @@ class Run:
     @property
     def base(self) -> str:
         """Where a nested run's training starts: a preset built from scratch for the corpus
-        tokenizer (pretrain), a pruned model (optimize)."""
+        tokenizer (pretrain), a pruned model or a distillation student (optimize)."""
         return _join(self.root, "base")
+
+    @property
+    def teacher(self) -> str:
+        """A distillation's teacher, merged (optimize): read by every worker of the train
+        objective `distill` (raylab/train/distill.py)."""
+        return _join(self.root, "teacher")
 
     # nested runs
     @property
@@ -167,7 +174,8 @@ class Run:
 
     def optimize(self, name: str) -> Run:
         """A nested run of `raylab optimize` (a pruned model's recovery fine-tune: its base/ is
-        the pruned model, its data/ a copy of this run's manifest, its train/ the fine-tune)."""
+        the pruned model, its data/ a copy of this run's manifest, its train/ the fine-tune; a
+        distillation: base/ the student's start, teacher/ the merged teacher)."""
         return Run(_join(self.root, "optimize", name))
 
     @property

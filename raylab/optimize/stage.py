@@ -1,5 +1,6 @@
 """`raylab optimize CONFIG --model REF`: a registered version, merged onto float weights and
-quantised (here) or pruned and recovered (recover.py), registered as a new version derived from REF.
+quantised (here), pruned and recovered (recover.py) or distilled into a student (distill.py),
+registered as a new version derived from REF.
 
     raylab optimize configs/quickstart.yaml --model acme-assistant/3 optimize.quantize=int8_weight_only
     raylab models show acme-assistant/4        # raylab.derived_from acme-assistant/3, raylab.quantized ...
@@ -24,8 +25,8 @@ from raylab import models, registry
 from raylab.config import RaylabConfig
 from raylab.core import runs, storage
 from raylab.errors import UserError
+from raylab.optimize import distill, recover
 from raylab.optimize import quantize as q
-from raylab.optimize import recover
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def check_parent(mv, key: str = "optimize.quantize") -> None:
     method = mv.tags.get(QUANTIZED_TAG)
     if method:
         parent = mv.tags.get("raylab.derived_from", "its parent")
-        verb = "quantise" if key == "optimize.quantize" else "prune"
+        verb = {"optimize.quantize": "quantise", "optimize.prune": "prune"}.get(key, "distil from")
         raise UserError(f"--model {mv.name}/{mv.version}: already quantised ({QUANTIZED_TAG}={method}); "
                         f"{key} applies to a float version: {verb} {parent} instead")
 
@@ -60,15 +61,17 @@ def _probe_logits(model, tok):
 
 
 def run_optimize(cfg: RaylabConfig, model_ref: str, store: registry.Store | None = None) -> dict:
-    """Quantise (optimize.quantize) or prune and recover (optimize.prune, recover.py) the
-    registered version `model_ref` and register the result; returns {name, version,
-    derived_from, method, ...}: for quantisation quantized_layers, eligible_layers,
-    size_bytes, parameters, logit_drift; for pruning what `recover.run_prune` returns."""
+    """Quantise (optimize.quantize), prune and recover (optimize.prune, recover.py) or distil
+    (optimize.distill, distill.py) the registered version `model_ref` and register the result;
+    returns {name, version, derived_from, method, ...}: for quantisation quantized_layers,
+    eligible_layers, size_bytes, parameters, logit_drift; for pruning what `recover.run_prune`
+    returns; for distillation what `distill.run_distill` returns."""
     opt = cfg.optimize
-    if opt.quantize is None and opt.prune is None:
-        raise UserError("optimize.quantize: not set (nor optimize.prune); choose int8_weight_only, int8_dynamic or "
-                        "int4_weight_only (e.g. optimize.quantize=int8_weight_only on the command line), or prune "
-                        "(e.g. optimize.prune.heads=0.25 optimize.prune.mlp_channels=0.3)")
+    if opt.quantize is None and opt.prune is None and opt.distill is None:
+        raise UserError("optimize.quantize: not set (nor optimize.prune, nor optimize.distill); choose "
+                        "int8_weight_only, int8_dynamic or int4_weight_only (e.g. optimize.quantize=int8_weight_only "
+                        "on the command line), prune (e.g. optimize.prune.heads=0.25 optimize.prune.mlp_channels=0.3) "
+                        "or distil (e.g. optimize.distill.student=preset:tiny-llama)")
     if not models.is_registry_ref(model_ref):
         raise UserError(f"--model {model_ref!r}: expected a registry version NAME/VERSION or NAME@ALIAS (the result "
                         "is registered as a version derived from it)")
@@ -77,6 +80,9 @@ def run_optimize(cfg: RaylabConfig, model_ref: str, store: registry.Store | None
     if opt.prune is not None:
         check_parent(parent, "optimize.prune")
         return recover.run_prune(cfg, store, parent)
+    if opt.distill is not None:
+        check_parent(parent, "optimize.distill")
+        return distill.run_distill(cfg, store, parent)
     check_parent(parent)
     device = q.check_device(opt.quantize)
     parent_ref = f"{parent.name}/{parent.version}"

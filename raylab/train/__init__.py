@@ -4,7 +4,8 @@
     meta = run_train(cfg)             # writes <output_dir>/train/ (see driver.py)
 
 Modules: driver (checks, the TorchTrainer, final/), loop (`train_loop_per_worker`, what each
-worker runs), objectives (the train.objective seam), loss (cross-entropy, masks, one optimizer
+worker runs), objectives (the train.objective seam), distill (the `distill` objective: KL to a
+frozen teacher plus cross-entropy; `compare_to_teacher`), loss (cross-entropy, masks, one optimizer
 step, evaluation), checkpoint (what a
 resumed run restores), metrics (FLOPs, MFU, the progress line, the loss plot), pretrain (the
 `pretrain:` section's config).
@@ -13,9 +14,11 @@ resumed run restores), metrics (FLOPs, MFU, the progress line, the loss plot), p
 from __future__ import annotations
 
 from raylab.core.runs import TRAIN_META as META  # final/'s metadata file (raylab_train.json)
+from raylab.train.distill import compare as compare_to_teacher
+from raylab.train.distill import load_teacher
 from raylab.train.driver import ensure_pretrained, preflight, run_pretrain, run_train
 from raylab.train.loop import plan_steps
 from raylab.train.loss import attn_impl_of, forward_sums
 from raylab.train.pretrain import resolve as with_pretrained_base
 
-__all__ = ["META", "attn_impl_of", "ensure_pretrained", "forward_sums", "plan_steps", "preflight", "run_pretrain", "run_train", "with_pretrained_base"]
+__all__ = ["META", "attn_impl_of", "compare_to_teacher", "load_teacher", "ensure_pretrained", "forward_sums", "plan_steps", "preflight", "run_pretrain", "run_train", "with_pretrained_base"]

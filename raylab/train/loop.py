@@ -21,6 +21,7 @@ from typing import Any
 
 from raylab.config import RaylabConfig
 from raylab.core import logs, storage
+from raylab.train.loss import collate  # Ray Data batch -> tensors
 
 log = logging.getLogger(__name__)
 
@@ -138,22 +139,6 @@ def metrics_row(state: TrainState, window: dict, evaluated: bool, *, lr: float, 
         "val_token_accuracy": val.get("val_token_accuracy"), "best_val_loss": state.best_val_loss,
         "time": round(time.time(), 3),  # wall clock at the row: throughput over any span of steps
     }
-
-
-def collate(batch: dict, all_tokens: bool = False) -> dict:
-    """Ray Data numpy batch (fixed-length list columns) -> int tensors. `all_tokens`
-    (train.loss_on: all): every token of a document is a target, prompts included, except
-    its first (never predicted from the previous document) and padding."""
-    import numpy as np
-    import torch
-
-    from raylab.train.loss import IGNORE
-
-    out = {k: torch.from_numpy(np.stack(v) if v.dtype == object else np.array(v)) for k, v in batch.items()}
-    if all_tokens:
-        keep = (out["segment_ids"] > 0) & (out["position_ids"] > 0)
-        out["labels"] = torch.where(keep, out["input_ids"], torch.full_like(out["input_ids"], IGNORE))
-    return out
 
 
 def _make_collate(all_tokens: bool = False):

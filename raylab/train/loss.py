@@ -129,6 +129,19 @@ def forward_sums(model, batch: dict[str, torch.Tensor], attn_impl: str, mask_dty
     return sums
 
 
+def collate(batch: dict, all_tokens: bool = False) -> dict:
+    """Ray Data numpy batch (fixed-length list columns) -> int tensors. `all_tokens`
+    (train.loss_on: all): every token of a document is a target, prompts included, except
+    its first (never predicted from the previous document) and padding."""
+    import numpy as np
+
+    out = {k: torch.from_numpy(np.stack(v) if v.dtype == object else np.array(v)) for k, v in batch.items()}
+    if all_tokens:
+        keep = (out["segment_ids"] > 0) & (out["position_ids"] > 0)
+        out["labels"] = torch.where(keep, out["input_ids"], torch.full_like(out["input_ids"], IGNORE))
+    return out
+
+
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 

@@ -12,7 +12,9 @@ accumulation window on every worker (`loss.train_step`), so whatever the objecti
 gradients stay token-normalised. Token accuracy, a metric of evaluation, is counted apart
 (`loss.forward_sums`).
 
-`CrossEntropy`, next-token cross-entropy on the packed rows' labels, is the one shipped. A
+Shipped: `cross_entropy` (`CrossEntropy`), next-token cross-entropy on the packed rows'
+labels, and `distill` (`distill.Distillation`), cross-entropy mixed with the KL to a frozen
+teacher's softened distribution, which `raylab optimize` with optimize.distill selects. A
 new objective is a class registered under a name, then selected with `train.objective`:
 
     objectives.register("my_loss", MyLoss)
@@ -29,6 +31,7 @@ from typing import Any, Protocol
 
 from raylab.errors import UserError
 from raylab.train import loss
+from raylab.train.distill import Distillation
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class CrossEntropy:
         return loss.token_sums(batch, outputs)
 
 
-OBJECTIVES: dict[str, type] = {"cross_entropy": CrossEntropy}
+OBJECTIVES: dict[str, type] = {"cross_entropy": CrossEntropy, "distill": Distillation}
 
 
 def register(name: str, objective: type) -> None:

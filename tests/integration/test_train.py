@@ -27,13 +27,6 @@ from raylab.models import build_byte_tokenizer, fingerprint, load_for_training
 from raylab.train import checkpoint
 
 
-@pytest.fixture(scope="session")
-def reference(learn_data):
-    corpus, out = learn_data
-    cfg = config.load_dict(base_config(out, corpus))
-    return cfg, train.run_train(cfg)
-
-
 def final_weights(meta_or_dir) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

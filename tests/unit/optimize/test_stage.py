@@ -5,7 +5,7 @@ loads through `models.load` (int8 weights, logits within TOL of the merged paren
 generates through the transformers serving engine; quantising it again, int4 on CPU and a
 missing method exit 2 through the CLI, naming the key or flag; so do optimize.prune's
 refusals (a quantised version, a gpt2 model, fractions that round to nothing or lie outside
-(0, 1), no data stage output)."""
+(0, 1), no data stage output), and optimize.distill's (a quantised teacher)."""
 
 from __future__ import annotations
 
@@ -163,6 +163,17 @@ def test_a_quantised_version_is_registered_with_lineage_loads_and_serves(tmp_pat
     # negative control for the refusals above: the merged adapter on tiny-llama with these fractions passes
     # every check up to the data stage's output, which this tmp_path lacks
     assert main(["optimize", half, "--model", "widgets/1"]) == 2
+    assert "no data stage output at" in capsys.readouterr().err
+    assert [v["version"] for v in registry.versions(store, "widgets")] == [1, 2, 3]
+
+    # optimize.distill's: a quantised teacher is refused naming its parent; a float one passes every check
+    # up to the data stage's output (the distillation itself: tests/integration/test_distill.py)
+    student = config_file(tmp_path, distill={"student": {"num_hidden_layers": 1}})
+    assert main(["optimize", student, "--model", "widgets/2"]) == 2
+    err = capsys.readouterr().err
+    assert "--model widgets/2: already quantised" in err and "optimize.distill applies to a float version: " \
+        "distil from widgets/1 instead" in err
+    assert main(["optimize", student, "--model", "widgets/1"]) == 2
     assert "no data stage output at" in capsys.readouterr().err
     assert [v["version"] for v in registry.versions(store, "widgets")] == [1, 2, 3]
 

@@ -91,8 +91,32 @@ def parse_yaml(text: str, source: str) -> dict:
 
 def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RaylabConfig:
     """Read, override, validate. Raises ConfigError listing every problem at once."""
-    raw = read_yaml(path)
+    raw = read_extended(path)
     return load_dict(raw, overrides, source=str(path), stem=Path(path).stem)
+
+
+def read_extended(path: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict:
+    """A config file's mapping with `extends: OTHER.yaml` resolved: OTHER (a path relative to
+    this file) is read first and this file's keys are merged over it, mappings key by key and
+    any other value (lists included) replaced whole, so a team keeps one base config and each
+    job states only what differs (configs/quickstart-governed.yaml)."""
+    raw = read_yaml(path)
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise UserError(f"{path}: extends: expected the path of another config file, got {type(base).__name__}")
+    target = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(base)))
+    if target in seen or target == os.path.abspath(path):
+        raise UserError(f"{path}: extends: {base} extends this file again (a cycle: {' -> '.join((*seen, target))})")
+    return _merged(read_extended(target, (*seen, os.path.abspath(path))), raw)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def load_text(text: str, overrides: list[str] | tuple[str, ...] = (), source: str = "<config>") -> RaylabConfig:

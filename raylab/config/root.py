@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from raylab.config.data import DataConfig
 from raylab.config.evaluate import EvalConfig
@@ -30,6 +30,9 @@ class RaylabConfig(Section):
     """One job: the run directory, then a section per stage."""
 
     version: Literal[1] = Field(description=f"the config schema version; this raylab reads {SCHEMA_VERSION}")
+    extends: None = Field(None, description="another config file (a path relative to this one) whose keys this "
+                          "file's are merged over, mappings key by key (configs/quickstart-governed.yaml); "
+                          "resolved when a config file is read, so only a file may use it")
     output_dir: PathOrUri = Field(description="the run directory; default runs/<config stem>")
     offline: bool = Field(False, description="set HF_HUB_OFFLINE=1 for everything raylab starts")
     ray: RayConfig = Field(default_factory=RayConfig, description="how raylab reaches Ray")
@@ -55,6 +58,14 @@ class RaylabConfig(Section):
                                      description="the cluster and CI pipeline `raylab render` writes files for")
 
     _source: str | None = PrivateAttr(None)
+
+    @field_validator("extends", mode="before")
+    @classmethod
+    def _extends_only_in_files(cls, value):
+        if value is not None:
+            raise ValueError(f"{value!r} was not merged: extends works in a config file raylab reads by path "
+                             "(raylab run FILE), not in YAML text or a Python mapping")
+        return value
 
     @model_validator(mode="after")
     def _search_space_keys(self) -> RaylabConfig:

@@ -381,6 +381,8 @@ def run_stage(fn, cfg: RaylabConfig, address: str | None, **kwargs):
     head node: Ray Data's executor and Ray Train's controller need a real Ray worker process,
     which a client session is not (Ray's own advice for libraries through Ray Client). Its
     printed progress reaches the client like any task's output; its result comes back."""
+    # governance.encryption from the first write on: a stage's events precede its Ray connection
+    os.environ.update(crypto.process_env(cfg))
     resolved, _ = resolve_address(address, cfg)
     if mode_of(resolved) != "client":
         return fn(cfg, address=address, **kwargs)

@@ -381,9 +381,12 @@ def rewrap(location: str, settings) -> bool:
         stream = io.BytesIO(data)
         header, packed = crypto.read_header(stream.read)
         out = crypto.pack_header(crypto.rewrap_header(header, settings, location)) + data[len(packed):]
-    elif data.startswith(_SEALED_LINE.encode()):
+    elif data.startswith(_SEALED_LINE.encode()) or ("\n" + _SEALED_LINE).encode() in data:
         lines = []
         for line in data.decode("utf-8").splitlines():
+            if not line.startswith(_SEALED_LINE):  # a record appended while encryption was off stays as it was
+                lines.append(line + "\n")
+                continue
             blob = base64.b64decode(line[len(_SEALED_LINE):])
             header, packed = crypto.read_header(io.BytesIO(blob).read)
             blob = crypto.pack_header(crypto.rewrap_header(header, settings, location)) + blob[len(packed):]
@@ -410,7 +413,9 @@ def sealed_files(location: str) -> list[str]:
             continue
         with fsys.open_input_stream(info.path) as f:
             head = f.read(len(crypto.MAGIC))
-        if crypto.is_sealed(head) or head.startswith(_SEALED_LINE.encode()):
+            # a JSON-lines file begun before encryption was turned on has its sealed records further down
+            lines = head.startswith(b"{") and ("\n" + _SEALED_LINE).encode() in head + f.read()
+        if crypto.is_sealed(head) or head.startswith(_SEALED_LINE.encode()) or lines:
             out.append(info.path if "://" not in location else location.split("://", 1)[0] + "://" + info.path)
     return sorted(out)
 

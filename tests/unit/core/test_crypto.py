@@ -117,6 +117,7 @@ def test_rotation_rewraps_without_touching_ciphertext(local_key, tmp_path):
     where = str(tmp_path / "adapter_model.safetensors")
     storage.write_bytes(where, SECRET.encode())
     events = str(tmp_path / "events.jsonl")
+    (tmp_path / "events.jsonl").write_text('{"kind": "plain"}\n')  # appended before encryption was on
     storage.append_text(events, '{"kind": "a"}\n')
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
     old, _ = crypto.read_header(io.BytesIO(before).read)
@@ -132,7 +133,8 @@ def test_rotation_rewraps_without_touching_ciphertext(local_key, tmp_path):
     del data["keys"][old["kek"]]
     crypto._write_private(local_key.key_file, json.dumps(data).encode(), replace=True)
     crypto._deks.clear()
-    assert storage.read_bytes(where) == SECRET.encode() and json.loads(storage.read_text(events))["kind"] == "a"
+    assert storage.read_bytes(where) == SECRET.encode()
+    assert [json.loads(x)["kind"] for x in storage.read_text(events).splitlines()] == ["plain", "a"]
 
 
 @pytest.fixture

@@ -68,7 +68,14 @@ def _sample(root: Path, encrypted: bool, counter: list[int]) -> dict[str, float]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=common.REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return json.loads((out / "run.json").read_text())["stages"]
+    from raylab.core import crypto, storage
+
+    if encrypted:  # run.json is sealed like every file the run wrote
+        os.environ[crypto.ENV] = crypto.Settings("local", key_file=str(root / "keys" / "ring.json")).to_env()
+    try:
+        return json.loads(storage.read_text(str(out / "run.json")))["stages"]
+    finally:
+        os.environ.pop(crypto.ENV, None)
 
 
 def main() -> None:

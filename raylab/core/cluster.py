@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raylab.core import audit, crypto
+from raylab.core import audit, crypto, runs, storage
 from raylab.errors import RunFailed, UserError
 
 if TYPE_CHECKING:  # core takes a config but imports no config module (it is the lowest layer)
@@ -383,6 +383,10 @@ def run_stage(fn, cfg: RaylabConfig, address: str | None, **kwargs):
     printed progress reaches the client like any task's output; its result comes back."""
     # governance.encryption from the first write on: a stage's events precede its Ray connection
     os.environ.update(crypto.process_env(cfg))
+    if crypto.active() is not None:  # a wrong key stops the stage before it writes anything
+        run = runs.Run(cfg.output_dir)
+        for location in (run.resolved_config, run.manifest):
+            storage.check_key(location)
     resolved, _ = resolve_address(address, cfg)
     if mode_of(resolved) != "client":
         return fn(cfg, address=address, **kwargs)

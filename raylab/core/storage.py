@@ -401,6 +401,21 @@ def rewrap(location: str, settings) -> bool:
     return True
 
 
+def check_key(location: str) -> None:
+    """Unwrap the data key of a sealed file (nothing is decrypted or written): a UserError
+    naming the file and its key when this process's keys cannot open it. Nothing happens for
+    a missing or plain file."""
+    import io
+
+    if not exists(location):
+        return
+    fsys, path = filesystem(location)
+    with fsys.open_input_stream(path) as f:
+        head = f.read(1 << 16)
+    if crypto.is_sealed(head):
+        crypto.data_key(crypto.read_header(io.BytesIO(head).read)[0], location)
+
+
 def sealed_files(location: str) -> list[str]:
     """Every sealed file under a directory (local or URI), recursively."""
     from pyarrow import fs

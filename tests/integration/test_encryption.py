@@ -112,6 +112,7 @@ def test_wrong_key_is_exit_2_naming_file_and_key(governed):
                    env=env, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"encrypted with key {ring['active']}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (root / "other.json").exists()  # refused before writing: no key, no event sealed with it
 
 
 def test_rotation_rewraps_everything(governed, monkeypatch):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from raylab import models, registry
 from raylab.config import GatesConfig, RaylabConfig
@@ -41,9 +42,13 @@ ROWS = (("size on disk (MB)", "size_bytes", lambda v: f"{v / 1e6:.3f}"),
 
 
 def measure_model(cfg: RaylabConfig, path: str, items: list[dict], val: str | None) -> dict:
-    """Everything but memory of one local model directory, loaded here once."""
+    """Everything but memory of one local model directory, loaded here once (an adapter's size
+    on disk is its files and its base's: what serving it needs)."""
     inf = models.load(path, dtype="float32")
-    out = {"size_bytes": measure.disk_bytes(path), "parameters": measure.parameter_count(inf.model)}
+    size = measure.disk_bytes(path)
+    if inf.kind == "adapter" and os.path.isdir(inf.base):  # serving an adapter needs its base's files too
+        size += measure.disk_bytes(inf.base)
+    out = {"size_bytes": size, "parameters": measure.parameter_count(inf.model)}
     out |= measure.speed(inf.model, inf.tokenizer, cfg.optimize.measure)
     return out | measure.quality(cfg, path, inf.model, inf.tokenizer, items, val)
 

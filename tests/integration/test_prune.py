@@ -9,6 +9,7 @@ tests/unit/optimize/test_prune.py; here the wiring through the train stage and t
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -36,7 +37,10 @@ def test_a_pruned_version_is_recovered_on_ray_train_and_registered(learn_data, t
     raw["registry"]["model_name"] = "widgets"
     raw["optimize"] = {"prune": {"heads": 0.5, "mlp_channels": 0.3, "calibration_samples": 8, "recovery_steps": 4},
                        "measure": {"requests": 1, "max_new_tokens": 2}}  # measured against the parent: kept short
-    raw["eval"].update(max_samples=2, max_new_tokens=4)
+    held_out = tmp_path / "held_out.jsonl"  # the shared corpus's val split holds no instruction records
+    held_out.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in (
+        ("Where do widgets ship from?", "Widgets ship from the warehouse."), ("Who pays returns?", "The buyer pays."))))
+    raw["eval"].update(max_samples=2, max_new_tokens=4, held_out=str(held_out))
     raw["registry"]["gates"] = {"max_quality_drop": 0.5, "min_speedup": 0.01}  # carried onto the derived version
     cfg = config.load_dict(raw)
 

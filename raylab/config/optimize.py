@@ -111,9 +111,10 @@ class OptimizeConfig(Section):
         None, description="knowledge distillation of the merged model into a smaller student on Ray Train "
         "(the train.objective `distill`)")
 
-    measure: MeasureConfig = Field(
+    measure: MeasureConfig | None = Field(
         default_factory=MeasureConfig, description="the result's and its parent's measurements recorded on the new "
-        "version and in <output_dir>/optimize/report.md: size on disk, parameters, peak memory at load, tokens/s")
+        "version and in <output_dir>/optimize/report.md: size on disk, parameters, peak memory at load, tokens/s, "
+        "eval loss and ROUGE-L; null: not measured (registry.gates.min_speedup then fails for want of a figure)")
 
     @model_validator(mode="after")
     def _one_method(self) -> OptimizeConfig:

@@ -21,7 +21,7 @@ import logging
 import os
 
 from raylab import models, registry
-from raylab.config import GatesConfig, RaylabConfig
+from raylab.config import GatesConfig, MeasureConfig, RaylabConfig
 from raylab.core import runs, storage
 from raylab.optimize import measure
 
@@ -49,7 +49,7 @@ def measure_model(cfg: RaylabConfig, path: str, items: list[dict], val: str | No
     if inf.kind == "adapter" and os.path.isdir(inf.base):  # serving an adapter needs its base's files too
         size += measure.disk_bytes(inf.base)
     out = {"size_bytes": size, "parameters": measure.parameter_count(inf.model)}
-    out |= measure.speed(inf.model, inf.tokenizer, cfg.optimize.measure)
+    out |= measure.speed(inf.model, inf.tokenizer, cfg.optimize.measure or MeasureConfig())
     return out | measure.quality(cfg, path, inf.model, inf.tokenizer, items, val)
 
 
@@ -62,9 +62,9 @@ def compare(cfg: RaylabConfig, parent_path: str, result_path: str) -> dict:
     parent = measure_model(cfg, parent_path, items, val) | memory["parent"]
     result = measure_model(cfg, result_path, items, val) | memory["result"]
     held = val or "none (no data stage output)"
+    m = cfg.optimize.measure or MeasureConfig()
     return {"parent": parent, "result": result, "ratios": measure.ratios(parent, result), "val": held,
-            "rouge_items": len(items), "requests": cfg.optimize.measure.requests,
-            "max_new_tokens": cfg.optimize.measure.max_new_tokens}
+            "rouge_items": len(items), "requests": m.requests, "max_new_tokens": m.max_new_tokens}
 
 
 def gates_for(parent_gates: str, gates: GatesConfig) -> str:

@@ -66,7 +66,8 @@ def run_optimize(cfg: RaylabConfig, model_ref: str, store: registry.Store | None
     returns {name, version, derived_from, method, ..., measurements}: for quantisation
     quantized_layers, eligible_layers, size_bytes, parameters, logit_drift; for pruning what
     `recover.run_prune` returns; for distillation what `distill.run_distill` returns;
-    measurements: the result against its parent (report.py: {parent, result, ratios, ...})."""
+    measurements: the result against its parent (report.py: {parent, result, ratios, ...}),
+    unless optimize.measure is null."""
     opt = cfg.optimize
     if opt.quantize is None and opt.prune is None and opt.distill is None:
         raise UserError("optimize.quantize: not set (nor optimize.prune, nor optimize.distill); choose "
@@ -87,6 +88,9 @@ def run_optimize(cfg: RaylabConfig, model_ref: str, store: registry.Store | None
     else:
         check_parent(parent)
         result = _quantize(cfg, store, parent)
+    if opt.measure is None:
+        log.info("optimize: optimize.measure is null: the result is not measured against its parent")
+        return result
     # size, parameters, memory, speed and quality against the parent: tags, card, optimize/report.md
     return result | {"measurements": report.record(cfg, store, result)}
 

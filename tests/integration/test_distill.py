@@ -37,8 +37,7 @@ def test_a_student_distils_from_the_trained_model_on_ray_train_and_registers(ref
     # base trained briefly, is a weak model: a student trained with cross-entropy too soon leaves it behind)
     raw["optimize"] = {"distill": {"student": {"num_hidden_layers": 1}, "steps": 8, "lr": 3e-3, "temperature": 2.0,
                                    "alpha": 1.0, "eval_samples": 16},
-                       "measure": {"requests": 1, "max_new_tokens": 2}}  # measured against the parent: kept short
-    raw["eval"].update(max_samples=2, max_new_tokens=4)
+                       "measure": None}  # the measurements against the parent: tests/integration/test_prune.py
     cfg = config.load_dict(raw)
 
     out = run_optimize(cfg, f"widgets/{parent}", store=store)

@@ -10,6 +10,7 @@ unknown measure keys and a non-positive min_speedup."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -35,11 +36,13 @@ def test_measurements_have_their_shape_and_are_positive(tiny):
     path, model, tok = tiny
     assert measure.parameter_count(model) == sum(p.numel() for p in model.parameters()) > 0
     assert measure.disk_bytes(path) > 4 * measure.parameter_count(model)  # float32 weights plus config and tokenizer
-    memory = measure.peak_load_memory({"parent": path})  # a fresh process loads it
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the control's process runs beside the measured one
+        gone = pool.submit(measure.peak_load_memory, {"gone": path + "-missing"})
+        memory = measure.peak_load_memory({"parent": path})  # a fresh process loads it
+        with pytest.raises(RuntimeError, match="in a fresh process failed"):  # control: a failed load is no number
+            gone.result()
     assert set(memory) == {"parent"} and set(memory["parent"]) == {"peak_rss_bytes", "load_rss_bytes"}
     assert memory["parent"]["peak_rss_bytes"] > memory["parent"]["load_rss_bytes"] > 0
-    with pytest.raises(RuntimeError, match="in a fresh process failed"):  # control: a load that fails is no number
-        measure.peak_load_memory({"gone": path + "-missing"})
     speed = measure.speed(model, tok, MeasureConfig(requests=2, max_new_tokens=3))
     assert set(speed) == {"tokens_per_s_c1", "tokens_per_s_c16"} and all(v > 0 for v in speed.values())
 
@@ -160,6 +163,7 @@ def test_measure_and_gate_keys_are_validated(tmp_path):
         return config.load(str(path))
 
     assert load(optimize={"measure": {"requests": 4}}).optimize.measure.max_new_tokens == 16
+    assert load(optimize={"measure": None}).optimize.measure is None  # not measured
     with pytest.raises(ConfigError, match="optimize.measure.request"):
         load(optimize={"measure": {"request": 4}})
     with pytest.raises(ConfigError, match="registry.gates.min_speedup"):

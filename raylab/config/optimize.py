@@ -89,6 +89,8 @@ class MeasureConfig(Section):
     requests: PositiveInt = Field(16, description="requests timed at each concurrency (at concurrency 16 in "
                                   "batches of 16, rounded up to whole batches), after one warm-up batch")
     max_new_tokens: PositiveInt = Field(16, description="tokens generated per request (end-of-turn ignored)")
+    memory: bool = Field(True, description="peak memory at load, measured by loading each model in a fresh Python "
+                         "process (seconds of interpreter start-up each); false leaves it out")
 
 
 class OptimizeConfig(Section):

@@ -13,7 +13,8 @@ imports torch and transformers, reads its peak resident set size, loads the mode
 `models.load_inference` (the loader eval and serve use) and reads it again. Why a subprocess:
 tracemalloc sees only Python's allocator, not the tensors torch allocates in C++, and a
 process's peak RSS cannot be reset, so in this process (which has loaded other models) it
-would say nothing about this one. `load_rss_bytes` is the rise during the load (the model's
+would say nothing about this one (in the fresh process, on Linux, the peak is reset to the
+current resident set just before the load). `load_rss_bytes` is the rise during the load (the model's
 weights plus whatever the load held transiently); `peak_rss_bytes` the process's whole peak.
 
 Speed is a short local generation run on the loaded model (`model.generate`, greedy, KV
@@ -50,16 +51,33 @@ PROMPTS = (
     "Translate the phrase 'thank you for your order' into plain language for a child.",
     "Describe the steps to file an expense claim.",
 )
-# Run in a fresh interpreter: the peak RSS before and after loading one model (Linux: kB).
+# Run in a fresh interpreter: its resident set before loading one model and its peak after. On
+# Linux the peak (VmHWM) is reset to the current RSS first (/proc/self/clear_refs "5"), so import
+# transients do not hide the load; elsewhere the lifetime peak (ru_maxrss) before and after.
 _PROBE = """
 import json, resource, sys
 import torch, transformers  # noqa: F401 - imported before the first reading, so only the load is counted
 from raylab import models
-unit = 1 if sys.platform == "darwin" else 1024
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+
+def status(key):
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
+
+def peak():
+    return status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS") or peak()
+except OSError:
+    before = peak()
 model, tok = models.load_inference(sys.argv[1])
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
-print(json.dumps({"peak_rss_bytes": after, "load_rss_bytes": after - before}))
+after = peak()
+print(json.dumps({"peak_rss_bytes": after, "load_rss_bytes": max(0, after - before)}))
 """
 
 

@@ -58,11 +58,12 @@ def compare(cfg: RaylabConfig, parent_path: str, result_path: str) -> dict:
     run = runs.Run(cfg.output_dir)
     manifest = runs.read_manifest(run, cfg.source) if storage.exists(run.manifest) else None
     items, val = measure.held_out(cfg, manifest), manifest.outputs.get("val") if manifest else None
-    memory = measure.peak_load_memory({"parent": parent_path, "result": result_path})
+    m = cfg.optimize.measure or MeasureConfig()
+    memory = measure.peak_load_memory({"parent": parent_path, "result": result_path}) if m.memory else \
+        {"parent": {}, "result": {}}
     parent = measure_model(cfg, parent_path, items, val) | memory["parent"]
     result = measure_model(cfg, result_path, items, val) | memory["result"]
     held = val or "none (no data stage output)"
-    m = cfg.optimize.measure or MeasureConfig()
     return {"parent": parent, "result": result, "ratios": measure.ratios(parent, result), "val": held,
             "rouge_items": len(items), "requests": m.requests, "max_new_tokens": m.max_new_tokens}
 
@@ -110,7 +111,8 @@ def table(c: dict) -> str:
         lines.append(f"| {label} | {'' if p is None else fmt(p)} | {'' if r is None else fmt(r)} | {ratio} |")
     notes = [f"Speed: {c['requests']} requests of {c['max_new_tokens']} new tokens each, greedy, on this machine's "
              "CPU/GPU, one process (a ratio, not a served figure)",
-             "Memory: the resident-set rise while loading, in a fresh process per model"]
+             "Memory: " + ("the resident-set rise while loading, in a fresh process per model"
+                           if "load_rss_bytes" in c["result"] else "not measured (optimize.measure.memory: false)")]
     has_loss, has_rouge = "eval_loss" in c["result"], "rouge_l" in c["result"]
     notes.append("Quality: " + ("; ".join(([f"eval loss on {c['val']}"] if has_loss else [])
                                           + ([f"ROUGE-L on {c['rouge_items']} held-out prompts"] if has_rouge else []))

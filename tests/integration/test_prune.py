@@ -36,7 +36,8 @@ def test_a_pruned_version_is_recovered_on_ray_train_and_registered(learn_data, t
     raw = with_data(learn_data, tmp_path / "run").model_dump(mode="json")
     raw["registry"]["model_name"] = "widgets"
     raw["optimize"] = {"prune": {"heads": 0.5, "mlp_channels": 0.3, "calibration_samples": 8, "recovery_steps": 4},
-                       "measure": {"requests": 1, "max_new_tokens": 2}}  # measured against the parent: kept short
+                       # measured against the parent, kept short (memory: tests/unit/optimize/test_report.py)
+                       "measure": {"requests": 1, "max_new_tokens": 2, "memory": False}}
     held_out = tmp_path / "held_out.jsonl"  # the shared corpus's val split holds no instruction records
     held_out.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in (
         ("Where do widgets ship from?", "Widgets ship from the warehouse."), ("Who pays returns?", "The buyer pays."))))

@@ -42,7 +42,8 @@ def test_measurements_have_their_shape_and_are_positive(tiny):
         with pytest.raises(RuntimeError, match="in a fresh process failed"):  # control: a failed load is no number
             gone.result()
     assert set(memory) == {"parent"} and set(memory["parent"]) == {"peak_rss_bytes", "load_rss_bytes"}
-    assert memory["parent"]["peak_rss_bytes"] > memory["parent"]["load_rss_bytes"] > 0
+    # a model this small may fit in pages the interpreter already holds: its rise may be 0, never negative
+    assert memory["parent"]["peak_rss_bytes"] > memory["parent"]["load_rss_bytes"] >= 0
     speed = measure.speed(model, tok, MeasureConfig(requests=2, max_new_tokens=3))
     assert set(speed) == {"tokens_per_s_c1", "tokens_per_s_c16"} and all(v > 0 for v in speed.values())
 

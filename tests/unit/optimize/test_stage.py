@@ -76,8 +76,8 @@ def config_file(tmp_path, **optimize) -> str:
         "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "x.jsonl")}]},
         "model": {"name_or_path": "preset:tiny-llama"},
         "registry": {"model_name": "widgets"},
-        # the measurements' speed run kept short: no test decides on a speed (test_report.py)
-        "optimize": {"measure": {"requests": 1, "max_new_tokens": 2}} | optimize}))
+        # the measurements kept short (memory: test_report.py): no test decides on a speed
+        "optimize": {"measure": {"requests": 1, "max_new_tokens": 2, "memory": False}} | optimize}))
     return str(path)
 
 
@@ -106,9 +106,8 @@ def test_a_quantised_version_is_registered_with_lineage_loads_and_serves(tmp_pat
     measured = json.loads(mv.tags["raylab.measure"])
     assert measured["derived_from"] == "widgets/1" and out["measurements"]["ratios"] == measured["ratios"]
     for side in ("parent", "result"):
-        assert all(measured[side][k] > 0 for k in ("size_bytes", "parameters", "peak_rss_bytes",
-                                                   "tokens_per_s_c1", "tokens_per_s_c16"))
-        assert "eval_loss" not in measured[side] and "rouge_l" not in measured[side]
+        assert all(measured[side][k] > 0 for k in ("size_bytes", "parameters", "tokens_per_s_c1", "tokens_per_s_c16"))
+        assert not {"eval_loss", "rouge_l", "peak_rss_bytes"} & set(measured[side])  # not measured, not zero
     assert 0 < float(mv.tags["raylab.measure.size_ratio"]) < 0.5 and float(mv.tags["raylab.measure.speedup_c16"]) > 0
     assert "Measurements" in registry.card_for(store, mv)["extra_sections"]
     report_md = (tmp_path / "run" / "optimize" / "report.md").read_text()

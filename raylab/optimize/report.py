@@ -54,7 +54,8 @@ def measure_model(cfg: RaylabConfig, path: str, items: list[dict], val: str | No
 
 
 def compare(cfg: RaylabConfig, parent_path: str, result_path: str) -> dict:
-    """{parent: {...}, result: {...}, ratios: {...}, held_out: ...} for two local model directories."""
+    """{parent: {...}, result: {...}, ratios: {...}, val, rouge_items, requests, max_new_tokens} for two local
+    model directories (val: the split the eval loss is measured on)."""
     run = runs.Run(cfg.output_dir)
     manifest = runs.read_manifest(run, cfg.source) if storage.exists(run.manifest) else None
     items, val = measure.held_out(cfg, manifest), manifest.outputs.get("val") if manifest else None

@@ -41,7 +41,7 @@ from raylab.config.loading import (
     write_resolved,
 )
 from raylab.config.model import LoraConfig, ModelConfig
-from raylab.config.optimize import QUANTIZE_METHODS, OptimizeConfig, PruneConfig
+from raylab.config.optimize import QUANTIZE_METHODS, MeasureConfig, OptimizeConfig, PruneConfig
 from raylab.config.platform import CiConfig, CloudConfig, NodeGroup, PlatformConfig
 from raylab.config.ray import RayConfig
 from raylab.config.registry import (
@@ -76,7 +76,7 @@ __all__ = [
     "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EndpointConfig", "EvalConfig", "EvolInstructConfig", "JudgeConfig", "EXPLAIN_METHODS",
     "ExplainConfig", "ExplainServeConfig", "GroundedQaConfig", "SelfInstructConfig", "SynthConfig", "SynthFiltersConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
-    "IndexConfig", "LatencyBudget", "LoraConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",
+    "IndexConfig", "LatencyBudget", "LoraConfig", "MeasureConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",
     "PlatformConfig", "PretrainConfig", "PruneConfig", "QUANTIZE_METHODS", "RaftConfig", "RagEvalConfig", "RayConfig", "RaylabConfig", "RefusalProbe",
     "RegistryConfig",
     "SearchDim", "Section", "ServeConfig", "Source", "SqlSource", "TrainConfig", "TuneConfig", "ValidationConfig",

@@ -81,6 +81,18 @@ class DistillConfig(Section):
         return self
 
 
+class MeasureConfig(Section):
+    """The short local generation run that records a result's and its parent's tokens/s
+    (raylab/optimize/measure.py): the same prompts at concurrency 1 and 16, greedy, each
+    request generating exactly max_new_tokens tokens (so both models do the same work)."""
+
+    requests: PositiveInt = Field(16, description="requests timed at each concurrency (at concurrency 16 in "
+                                  "batches of 16, rounded up to whole batches), after one warm-up batch")
+    max_new_tokens: PositiveInt = Field(16, description="tokens generated per request (end-of-turn ignored)")
+    memory: bool = Field(True, description="peak memory at load, measured by loading each model in a fresh Python "
+                         "process (seconds of interpreter start-up each); false leaves it out")
+
+
 class OptimizeConfig(Section):
     """`raylab optimize`: a new registry version derived from --model REF (merged, then quantised or pruned)."""
 
@@ -100,6 +112,11 @@ class OptimizeConfig(Section):
     distill: DistillConfig | None = Field(
         None, description="knowledge distillation of the merged model into a smaller student on Ray Train "
         "(the train.objective `distill`)")
+
+    measure: MeasureConfig | None = Field(
+        default_factory=MeasureConfig, description="the result's and its parent's measurements recorded on the new "
+        "version and in <output_dir>/optimize/report.md: size on disk, parameters, peak memory at load, tokens/s, "
+        "eval loss and ROUGE-L; null: not measured (registry.gates.min_speedup then fails for want of a figure)")
 
     @model_validator(mode="after")
     def _one_method(self) -> OptimizeConfig:

@@ -133,6 +133,12 @@ class GatesConfig(Section):
     max_bias_gap: float | None = Field(
         None, ge=0, description="every bias probe's gap (max minus min of the groups' mean log-probability per "
         "continuation token, nats) at most this; probes: eval.bias_probes, else the shipped defaults")
+    max_quality_drop: float | None = Field(
+        None, ge=0, description="a version made by `raylab optimize`: its held-out loss may exceed its parent's "
+        "(measured by `raylab models evaluate` on the same split) by at most this share, e.g. 0.02 = 2 %")
+    min_speedup: float | None = Field(
+        None, gt=0, description="a version made by `raylab optimize`: its tokens/s at concurrency 16 over its "
+        "parent's, as `raylab optimize` recorded them (optimize.measure), at least this")
     suites: list[str] = Field(default_factory=list, description="suite files (YAML, the keys of registry.gates), "
                               "read at load time and added to these gates; relative to the directory you run in")
     suites_read: list[str] = Field(default_factory=list, description="the suite files whose checks are included "
@@ -156,7 +162,8 @@ class GatesConfig(Section):
                 raise invalid(str(e), at=f"suites.{i}") from None
             for key in ("golden", "pii_probe", "refusal", "latency"):
                 merged[key] = list(merged.get(key) or []) + suite[key]
-            for key in ("max_val_loss", "max_perplexity", "max_regression", "min_recall_at_k", "min_mrr", "max_bias_gap"):
+            for key in ("max_val_loss", "max_perplexity", "max_regression", "min_recall_at_k", "min_mrr", "max_bias_gap",
+                        "max_quality_drop", "min_speedup"):
                 if suite[key] is not None:
                     if merged.get(key) is not None and merged[key] != suite[key]:
                         raise invalid(f"{path}: {key} is {suite[key]}, the config says {merged[key]}: give it once",

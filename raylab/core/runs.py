@@ -16,7 +16,8 @@ a `Run` for its paths, so a reader finds the whole contract in one page.
                                           built for the corpus tokenizer, with pretrain.tokenizer)
     <output_dir>/optimize/<name>/         a nested run per pruning or distillation (base/: the pruned model or
                                           the student's start, teacher/: the merged teacher, data/manifest.json,
-                                          train/: the recovery fine-tune or the student's training)
+                                          train/: the recovery fine-tune or the student's training);
+                                          optimize/report.{json,md,png}: each result against its parent
     <output_dir>/tune/                    Ray Tune's run: trials/<id>/ (nested runs), results.json|csv,
                                           best.yaml, study.db, importance / partial dependence / slice
     <output_dir>/eval/                    report.json, report.md, predictions.jsonl, rag.json (`eval --rag`)
@@ -63,6 +64,8 @@ TUNE_FILES = {"results": "results.json", "results_csv": "results.csv", "best": "
               "slice_png": "slice.png"}
 EVAL_FILES = {"report": "report.json", "report_md": "report.md", "predictions": "predictions.jsonl",
               "rag": "rag.json"}  # rag: `raylab eval --rag`, the index's retrieval quality
+# `raylab optimize`'s comparison of each result with its parent, in <output_dir>/optimize/ (beside the nested runs)
+OPTIMIZE_FILES = {"report": "report.json", "report_md": "report.md", "report_png": "report.png"}
 INDEX_MANIFEST = "raylab_index.json"
 SYNTH_CACHE = "cache"
 FINAL_DIR = "final"  # the trained model inside a train run: train/final/
@@ -177,6 +180,11 @@ class Run:
         the pruned model, its data/ a copy of this run's manifest, its train/ the fine-tune; a
         distillation: base/ the student's start, teacher/ the merged teacher)."""
         return Run(_join(self.root, "optimize", name))
+
+    def optimize_file(self, what: str) -> str:
+        """`raylab optimize`'s report by what it holds (OPTIMIZE_FILES): report (every result with its parent's
+        measurements, JSON), report_md (the table), report_png (the bar chart)."""
+        return _join(self.root, "optimize", OPTIMIZE_FILES[what])
 
     @property
     def tune(self) -> str:

@@ -15,6 +15,10 @@ registration (so editing a config later does not change what an old version had 
                                    refusals; a speed budget on the local engine (suites.py)
     min_recall_at_k, min_mrr       retrieval quality of the run's index, read from the report
                                    `raylab eval CONFIG --rag` wrote (<output_dir>/eval/rag.json)
+    max_quality_drop, min_speedup  a version `raylab optimize` made: its held-out loss at most
+                                   this share over its parent's (both measured here), its
+                                   recorded tokens/s at concurrency 16 at least this times its
+                                   parent's (raylab/optimize/report.py)
     max_bias_gap                   every counterfactual bias probe's gap at most this (the
                                    version's eval.bias_probes, else the shipped sets; bias.py),
                                    measured here; the table goes into the model card
@@ -43,9 +47,17 @@ log = logging.getLogger(__name__)
 
 
 def version_config(store: registry.Store, mv) -> config.RaylabConfig:
-    """The resolved config the version was trained with (an artifact of its run)."""
+    """The resolved config the version was trained with (an artifact of its run); for a version
+    `raylab optimize` derived (its run logs no config), that of the version it derives from,
+    followed to the one that was trained: the same data, so the same held-out split."""
     from mlflow.artifacts import download_artifacts
 
+    seen = set()
+    while mv.tags.get("raylab.derived_from") and mv.tags.get("raylab.stage") == "optimize":
+        seen.add(f"{mv.name}/{mv.version}")
+        if mv.tags["raylab.derived_from"] in seen:
+            raise UserError(f"{mv.name}/{mv.version}: raylab.derived_from {mv.tags['raylab.derived_from']} loops")
+        mv = registry.get_version(store, mv.tags["raylab.derived_from"])
     with tempfile.TemporaryDirectory(prefix="raylab-gates-") as tmp:
         try:
             path = download_artifacts(run_id=mv.run_id, artifact_path=runs.RESOLVED_CONFIG, dst_path=tmp,
@@ -84,6 +96,11 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         limit = prod["loss"] + gates.max_regression
         checks.append(_check("max_regression", measured["loss"], limit, measured["loss"] <= limit,
                              production_version=int(production), production_val_loss=prod["loss"]))
+    parent_ref = mv.tags.get("raylab.derived_from")
+    parent_loss = None
+    if gates.max_quality_drop is not None and parent_ref:  # the parent on the same split, now, by the same scorer
+        parent_loss = batch.held_out_loss(cfg, registry.fetch(store, parent_ref), val)["loss"]
+    checks += derived_checks(gates, mv.tags, measured["loss"], parent_loss)
     every = [gates, *suites]
     cases = [c for g in every for c in suites_.prompt_cases(g, lambda n: _training_probes(cfg, n))]
     for budget in sorted({c.max_new_tokens for c in cases}):
@@ -124,6 +141,44 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         log.info("gates: none declared (registry.gates in the config): the version passes by default")
     log.info(f"gates: {name}/{version} {status.upper()}")
     return result
+
+
+def derived_checks(gates: GatesConfig, tags: dict[str, str], val_loss: float | None,
+                   parent_val_loss: float | None) -> list[dict]:
+    """max_quality_drop and min_speedup of a version `raylab optimize` made (tags: its version
+    tags; a version derived from nothing gets neither check). max_quality_drop: the relative
+    held-out loss increase over the parent's (both measured by the caller on one split);
+    min_speedup: the tokens/s ratio at concurrency 16 `raylab optimize` recorded
+    (raylab.measure.speedup_c16): speed is measured once, where the result was made, not here."""
+    parent = tags.get("raylab.derived_from")
+    if not parent:
+        return []
+    out = []
+    if gates.max_quality_drop is not None:
+        if val_loss is None or not parent_val_loss:
+            out.append(suites_.check("max_quality_drop", None, gates.max_quality_drop, False,
+                                     f"no held-out loss of {parent} to compare with", name="max_quality_drop",
+                                     suite="optimize", parent=parent))
+        else:
+            drop = (val_loss - parent_val_loss) / parent_val_loss
+            out.append(suites_.check("max_quality_drop", drop, gates.max_quality_drop, drop <= gates.max_quality_drop,
+                                     f"eval loss {val_loss:.4f} is {drop:+.2%} over {parent}'s {parent_val_loss:.4f}, "
+                                     f"more than the limit {gates.max_quality_drop:.2%}", name="max_quality_drop",
+                                     suite="optimize", parent=parent, parent_val_loss=parent_val_loss))
+    if gates.min_speedup is not None:
+        recorded = tags.get("raylab.measure.speedup_c16")
+        if recorded is None:
+            out.append(suites_.check("min_speedup", None, gates.min_speedup, False,
+                                     "no recorded speed-up (raylab.measure.speedup_c16): the version was registered "
+                                     "without `raylab optimize`'s measurements; re-run it", name="min_speedup",
+                                     suite="optimize", parent=parent))
+        else:
+            value = float(recorded)
+            out.append(suites_.check("min_speedup", value, gates.min_speedup, value >= gates.min_speedup,
+                                     f"tokens/s at concurrency 16 {value:.3f}x {parent}'s, under the limit "
+                                     f"{gates.min_speedup:.3f}x", name="min_speedup", suite="optimize",
+                                     parent=parent))
+    return out
 
 
 def rag_checks(gates: GatesConfig, output_dir: str) -> list[dict]:

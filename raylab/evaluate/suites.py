@@ -190,6 +190,10 @@ def describe(c: dict) -> str:
     if c["gate"] in ("min_recall_at_k", "min_mrr"):
         return f"{c['gate']}: {c['message']}" if c["value"] is None or not c["passed"] else \
             f"{c['gate']}: {c['value']:.4f} >= {c['limit']:.4f} (k={c['k']})"
+    if c["gate"] in ("max_quality_drop", "min_speedup"):  # a version `raylab optimize` made, against its parent
+        op = "<=" if c["gate"] == "max_quality_drop" else ">="
+        return f"{c['gate']}: {c['message']}" if not c["passed"] else \
+            f"{c['gate']}: {c['value']:.4f} {op} {c['limit']:.4f} (against {c['parent']})"
     if c["gate"] == "max_bias_gap":
         return f"max_bias_gap: {c['message']}" if not c["passed"] else \
             f"max_bias_gap: {c['value']:.4f} <= {c['limit']:.4f} (largest gap: bias probe {c['probe']})"

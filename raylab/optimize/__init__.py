@@ -14,7 +14,11 @@ Modules: stage (the verb: load and merge REF, quantise, save, register), quantiz
 `quantize_` with a module filter, the count of layers changed, the saveable format), prune
 (Wanda-style scores, whole heads / key-value groups and MLP channels sliced out of Llama-family
 blocks), recover (calibration rows, the recovery fine-tune through `raylab.train`, register),
-distill (the student, the nested run trained with train.objective=distill, register).
+distill (the student, the nested run trained with train.objective=distill, register), measure
+and report (every result against its parent: size, parameters, peak memory at load, tokens/s at
+concurrency 1 and 16, eval loss and ROUGE-L through evaluate's scorers; recorded as version
+tags, a card section and <output_dir>/optimize/report.{json,md,png}; registry.gates.min_speedup
+and max_quality_drop judge them in `raylab models evaluate`).
 Quantisation needs the `optimize` extra (torchao): pip install 'raylab[optimize]'; pruning
 and distillation need only torch and transformers.
 """

@@ -25,7 +25,7 @@ from raylab import models, registry
 from raylab.config import RaylabConfig
 from raylab.core import runs, storage
 from raylab.errors import UserError
-from raylab.optimize import distill, recover
+from raylab.optimize import distill, recover, report
 from raylab.optimize import quantize as q
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,11 @@ def _probe_logits(model, tok):
 def run_optimize(cfg: RaylabConfig, model_ref: str, store: registry.Store | None = None) -> dict:
     """Quantise (optimize.quantize), prune and recover (optimize.prune, recover.py) or distil
     (optimize.distill, distill.py) the registered version `model_ref` and register the result;
-    returns {name, version, derived_from, method, ...}: for quantisation quantized_layers,
-    eligible_layers, size_bytes, parameters, logit_drift; for pruning what `recover.run_prune`
-    returns; for distillation what `distill.run_distill` returns."""
+    returns {name, version, derived_from, method, ..., measurements}: for quantisation
+    quantized_layers, eligible_layers, size_bytes, parameters, logit_drift; for pruning what
+    `recover.run_prune` returns; for distillation what `distill.run_distill` returns;
+    measurements: the result against its parent (report.py: {parent, result, ratios, ...}),
+    unless optimize.measure is null."""
     opt = cfg.optimize
     if opt.quantize is None and opt.prune is None and opt.distill is None:
         raise UserError("optimize.quantize: not set (nor optimize.prune, nor optimize.distill); choose "
@@ -79,11 +81,22 @@ def run_optimize(cfg: RaylabConfig, model_ref: str, store: registry.Store | None
     parent = registry.get_version(store, model_ref)
     if opt.prune is not None:
         check_parent(parent, "optimize.prune")
-        return recover.run_prune(cfg, store, parent)
-    if opt.distill is not None:
+        result = recover.run_prune(cfg, store, parent)
+    elif opt.distill is not None:
         check_parent(parent, "optimize.distill")
-        return distill.run_distill(cfg, store, parent)
-    check_parent(parent)
+        result = distill.run_distill(cfg, store, parent)
+    else:
+        check_parent(parent)
+        result = _quantize(cfg, store, parent)
+    if opt.measure is None:
+        log.info("optimize: optimize.measure is null: the result is not measured against its parent")
+        return result
+    # size, parameters, memory, speed and quality against the parent: tags, card, optimize/report.md
+    return result | {"measurements": report.record(cfg, store, result)}
+
+
+def _quantize(cfg: RaylabConfig, store: registry.Store, parent) -> dict:
+    opt = cfg.optimize
     device = q.check_device(opt.quantize)
     parent_ref = f"{parent.name}/{parent.version}"
     inf = models.load(parent_ref, dtype="float32", store=store)

@@ -36,7 +36,8 @@ def test_a_student_distils_from_the_trained_model_on_ray_train_and_registers(ref
     # alpha=1: the KL alone, so its fall is the objective's doing (the session's teacher, a LoRA on a random
     # base trained briefly, is a weak model: a student trained with cross-entropy too soon leaves it behind)
     raw["optimize"] = {"distill": {"student": {"num_hidden_layers": 1}, "steps": 8, "lr": 3e-3, "temperature": 2.0,
-                                   "alpha": 1.0, "eval_samples": 16}}
+                                   "alpha": 1.0, "eval_samples": 16},
+                       "measure": None}  # the measurements against the parent: tests/integration/test_prune.py
     cfg = config.load_dict(raw)
 
     out = run_optimize(cfg, f"widgets/{parent}", store=store)

@@ -1,13 +1,15 @@
 """`raylab optimize` with optimize.prune on a real Ray: a tiny Llama registered as a version is
 pruned (half its key/value groups, 30 % of its MLP channels), recovered for a few steps on Ray
 Train on the shared data-stage output (`learn_data`), and registered as a version derived from
-it whose parameter count, config, weights, card and losses say what was done.
+it whose parameter count, config, weights, card and losses say what was done, measured against
+its parent on the val split (eval loss, ROUGE-L) with this config's optimize gates carried onto it.
 
 One worker, four steps: the pruning itself is tested on tiny objects in
 tests/unit/optimize/test_prune.py; here the wiring through the train stage and the registry."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -33,7 +35,14 @@ def test_a_pruned_version_is_recovered_on_ray_train_and_registered(learn_data, t
     parent = register(store, tmp_path, 1, final=parent_dir)
     raw = with_data(learn_data, tmp_path / "run").model_dump(mode="json")
     raw["registry"]["model_name"] = "widgets"
-    raw["optimize"] = {"prune": {"heads": 0.5, "mlp_channels": 0.3, "calibration_samples": 8, "recovery_steps": 4}}
+    raw["optimize"] = {"prune": {"heads": 0.5, "mlp_channels": 0.3, "calibration_samples": 8, "recovery_steps": 4},
+                       # measured against the parent, kept short (memory: tests/unit/optimize/test_report.py)
+                       "measure": {"requests": 1, "max_new_tokens": 2, "memory": False}}
+    held_out = tmp_path / "held_out.jsonl"  # the shared corpus's val split holds no instruction records
+    held_out.write_text("".join(json.dumps({"prompt": p, "reference": r}) + "\n" for p, r in (
+        ("Where do widgets ship from?", "Widgets ship from the warehouse."), ("Who pays returns?", "The buyer pays."))))
+    raw["eval"].update(max_samples=2, max_new_tokens=4, held_out=str(held_out))
+    raw["registry"]["gates"] = {"max_quality_drop": 0.5, "min_speedup": 0.01}  # carried onto the derived version
     cfg = config.load_dict(raw)
 
     out = run_optimize(cfg, f"widgets/{parent}", store=store)
@@ -63,6 +72,17 @@ def test_a_pruned_version_is_recovered_on_ray_train_and_registered(learn_data, t
     recovered = load_file(str(Path(inf.path) / "model.safetensors"))
     key = "model.layers.0.mlp.down_proj.weight"
     assert pruned[key].shape == recovered[key].shape == (HIDDEN, 90) and not torch.equal(pruned[key], recovered[key])
+
+    # measured against the parent with the data stage's val split: eval loss and ROUGE-L as well (report.py)
+    measured = out["measurements"]
+    assert measured["val"].rstrip("/").endswith("val") and measured["rouge_items"] == 2
+    for side in ("parent", "result"):
+        assert measured[side]["eval_loss"] > 0 and 0 <= measured[side]["rouge_l"] <= 1
+    assert measured["result"]["parameters"] == before - removed and measured["parent"]["parameters"] == before
+    assert float(mv.tags["raylab.measure.quality_drop"]) == pytest.approx(measured["ratios"]["quality_drop"], rel=1e-4)
+    gates = registry.get_version(store, "widgets/2").tags["raylab.gates"]
+    assert '"max_quality_drop":0.5' in gates and '"min_speedup":0.01' in gates
+    assert "| eval loss (val split) |" in (Path(cfg.output_dir) / "optimize" / "report.md").read_text()
 
     section = registry.card_for(store, mv)["extra_sections"]["Pruning"]
     assert "Attention heads removed per layer: 2 of 4 (1 of 2 key/value groups)" in section

@@ -1,6 +1,7 @@
 """`raylab optimize` end to end through a real registry (MLflow on SQLite in tmp_path, no
 Ray): a LoRA adapter on a tiny random Llama is registered, merged, quantised to int8 and
-registered as a new version whose lineage names its parent and method; that version
+registered as a new version whose lineage names its parent and method, measured against
+its parent (tags, card section, optimize/report.md: shape and positivity only); that version
 loads through `models.load` (int8 weights, logits within TOL of the merged parent) and
 generates through the transformers serving engine; quantising it again, int4 on CPU and a
 missing method exit 2 through the CLI, naming the key or flag; so do optimize.prune's
@@ -74,7 +75,9 @@ def config_file(tmp_path, **optimize) -> str:
         "version": 1, "output_dir": str(tmp_path / "run"),
         "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "x.jsonl")}]},
         "model": {"name_or_path": "preset:tiny-llama"},
-        "registry": {"model_name": "widgets"}, "optimize": optimize}))
+        "registry": {"model_name": "widgets"},
+        # the measurements kept short (memory: test_report.py): no test decides on a speed
+        "optimize": {"measure": {"requests": 1, "max_new_tokens": 2, "memory": False}} | optimize}))
     return str(path)
 
 
@@ -98,8 +101,29 @@ def test_a_quantised_version_is_registered_with_lineage_loads_and_serves(tmp_pat
     assert int(mv.tags["raylab.quantize.layers"]) == len(eligible)
     # int8 with embeddings: about a quarter of the float weights' bytes (+ scales, config, tokenizer)
     assert 0 < int(mv.tags["raylab.size_bytes"]) < 0.5 * int(mv.tags["raylab.float_weight_bytes"])
+    # measured against the parent (report.py), recorded on the version, in its card and in optimize/report.md;
+    # no data stage output here, so no quality numbers (their absence is stated, not zeros)
+    measured = json.loads(mv.tags["raylab.measure"])
+    assert measured["derived_from"] == "widgets/1" and out["measurements"]["ratios"] == measured["ratios"]
+    for side in ("parent", "result"):
+        assert all(measured[side][k] > 0 for k in ("size_bytes", "parameters", "tokens_per_s_c1", "tokens_per_s_c16"))
+        assert not {"eval_loss", "rouge_l", "peak_rss_bytes"} & set(measured[side])  # not measured, not zero
+    assert 0 < float(mv.tags["raylab.measure.size_ratio"]) < 0.5 and float(mv.tags["raylab.measure.speedup_c16"]) > 0
+    assert "Measurements" in registry.card_for(store, mv)["extra_sections"]
+    report_md = (tmp_path / "run" / "optimize" / "report.md").read_text()
+    assert "## widgets/2: quantize:int8_weight_only:embeddings of widgets/1" in report_md
+    assert "Quality: not measured" in report_md and (tmp_path / "run" / "optimize" / "report.png").exists()
+    # `models evaluate` judges it with its trained ancestor's config (the derived run logs none): here the
+    # parent's run, which this fake registration gave no config either, so the refusal names the parent's run
+    from raylab.errors import UserError
+    from raylab.evaluate.gates import version_config
+
+    parent_run = registry.get_version(store, "widgets/1").run_id
+    with pytest.raises(UserError, match=f"widgets/1: its run {parent_run} has no config.resolved.yaml"):
+        version_config(store, mv)
     parent_tags = registry.get_version(store, "widgets/1").tags  # negative control: the parent derives from nothing
     assert "raylab.derived_from" not in parent_tags and QUANTIZED_TAG not in parent_tags
+    assert "raylab.measure" not in parent_tags
 
     card = registry.card_for(store, mv)  # the parent's facts under the new name, plus the method's section
     assert (card["name"], card["version"]) == ("widgets", 2) and "widgets/1" in card["note"]
@@ -108,6 +132,7 @@ def test_a_quantised_version_is_registered_with_lineage_loads_and_serves(tmp_pat
     assert "Quantisation" not in registry.card_for(store, registry.get_version(store, "widgets/1"))["extra_sections"]
 
     inf = models.load("widgets/2", store=store)  # checksums verified, no re-quantisation
+    assert measured["result"]["parameters"] == sum(p.numel() for p in inf.model.parameters())
     assert inf.kind == "full" and q.is_quantized(inf.model.model.layers[0].self_attn.q_proj.weight)
     assert q.is_quantized(inf.model.lm_head.weight)
     assert q.logit_drift(logits(merged), logits(inf.model)) < TOL

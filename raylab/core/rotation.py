@@ -43,7 +43,9 @@ def rotate(settings: crypto.Settings | None, roots: list[str], retire: bool = Fa
         for location in storage.sealed_files(root):
             storage.rewrap(location, settings)
             done.append(location)
-    retired = prov.retire(keep=key_id) if retire and isinstance(prov, crypto.LocalKeyRing) else []
+    retiring = retire and isinstance(prov, crypto.LocalKeyRing)
+    # audited before the old keys go, so a rotation that took effect is always on record
     events.emit("keys.rotate", provider=settings.provider, key_id=key_id, files=len(done),
-                retired=retired, previous=old_ids, roots=list(dict.fromkeys(roots)))
+                retire=retiring, previous=old_ids, roots=list(dict.fromkeys(roots)))
+    retired = prov.retire(keep=key_id) if retiring else []
     return Rotation(key_id, done, retired)

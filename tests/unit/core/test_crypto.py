@@ -196,3 +196,21 @@ def test_config_names_what_to_fix():
     with pytest.raises(ValueError, match="must be a local file"):
         EncryptionConfig(enabled=True, key_file="s3://bucket/keys.json")
     assert EncryptionConfig(enabled=True, provider="aws-kms", kms_key="alias/x").kms_key == "alias/x"
+
+
+def test_rotate_rewraps_a_tree_audits_then_retires(local_key, tmp_path, monkeypatch):
+    from raylab.core import rotation, runs
+
+    monkeypatch.setenv("RAYLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAYLAB_AUDIT", "0")  # the events file is enough here; the audit chain has its own tests
+    storage.write_text(str(tmp_path / "run" / "data" / "manifest.json"), SECRET)
+    old = crypto.LocalKeyRing(local_key.key_file).active_id()
+    done = rotation.rotate(local_key, [str(tmp_path / "run")], retire=True)
+    assert done.retired == [old] and done.key_id != old and len(done.rewrapped) == 1
+    crypto._deks.clear()
+    assert storage.read_text(str(tmp_path / "run" / "data" / "manifest.json")) == SECRET
+    logged = [json.loads(x) for f in storage.list_files(str(runs.home().root / "events"), ".jsonl")
+              for x in storage.read_text(f).splitlines()]
+    assert [e["fields"]["files"] for e in logged if e["kind"] == "keys.rotate"] == [1]
+    with pytest.raises(UserError, match="encryption is off"):
+        rotation.rotate(None, [str(tmp_path / "run")])

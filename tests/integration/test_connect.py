@@ -150,7 +150,11 @@ def test_client_proxy_failing_to_start_a_session_is_retried_then_exit_2():
     # Progress and warnings go to stdout, the error to stderr.
     assert proc.stdout.count("failed to start this session's server (attempt") == 2, proc.stdout
     assert "the head's client proxy failed to start a session server 2 times" in proc.stderr
-    assert "Proxy failed to Connect to backend" in proc.stderr
+    # Ray's own reason, whichever of the two ways a session's server fails to start (its port
+    # not open in time, or the process dying at start-up: CI saw the second under load)
+    from raylab.core.cluster import CLIENT_PROXY_START_FAILURES
+
+    assert any(sig in proc.stderr for sig in CLIENT_PROXY_START_FAILURES), proc.stderr
     assert "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S" in proc.stderr
 
 

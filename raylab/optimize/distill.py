@@ -22,7 +22,6 @@ student's final/ with the lineage, parameter counts, losses and a card section.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from raylab import config, models, registry
 from raylab.config import RaylabConfig
 from raylab.core import runs, storage
 from raylab.errors import UserError
+from raylab.optimize.recover import nested_run
 
 log = logging.getLogger(__name__)
 
@@ -161,15 +161,11 @@ def run_distill(cfg: RaylabConfig, store: registry.Store, parent) -> dict:
     log.info(f"optimize: distilling {parent_ref} ({teacher_params:,} parameters) into {described} "
              f"({student_params:,} parameters) for {d.steps} steps, T={d.temperature}, alpha={d.alpha}")
     settings = d.model_dump(mode="json")
-    # named by what the student's training depends on: other settings are another run, not a refused resume
-    material = {"distill": settings, "train": cfg.train.model_dump(mode="json"), "data": runs.manifest_hash(manifest)}
-    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:8]
-    nested = run.optimize(f"distill-{parent.name}-{parent.version}-{digest}")
+    nested = nested_run(cfg, run, manifest, "distill", parent, settings)
     storage.save_pretrained(teacher, nested.teacher)
     storage.save_pretrained(inf.tokenizer, nested.teacher)
     storage.save_pretrained(student, nested.base)
     storage.save_pretrained(inf.tokenizer, nested.base)  # the teacher's: the shards were rendered with it
-    storage.write_text(nested.manifest, storage.read_text(run.manifest))  # the shards stay where they are
     all_tokens = cfg.train.loss_on == "all"
     val = manifest.outputs["val"]
     before = compare_to_teacher(student.eval(), teacher, val, d.eval_samples, d.temperature, all_tokens)

@@ -53,6 +53,18 @@ def calibration_batches(location: str, samples: int) -> list:
     return [torch.tensor([ids[i].as_py()[:lengths[i].as_py()]]) for i in picks if lengths[i].as_py() > 0]
 
 
+def nested_run(cfg: RaylabConfig, run: runs.Run, manifest, method: str, parent, settings: dict) -> runs.Run:
+    """The run directory a derived model trains in (pruning's recovery, distillation), holding
+    the parent run's data manifest (the shards stay where they are). It is named by what that
+    training depends on, so another lr or batch size is another run, not a resume refused for
+    changed settings."""
+    material = {method: settings, "train": cfg.train.model_dump(mode="json"), "data": runs.manifest_hash(manifest)}
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:8]
+    nested = run.optimize(f"{method}-{parent.name}-{parent.version}-{digest}")
+    storage.write_text(nested.manifest, storage.read_text(run.manifest))
+    return nested
+
+
 def recovery_config(cfg: RaylabConfig, nested: runs.Run) -> RaylabConfig:
     """The train-stage config of the recovery fine-tune: the pruned model in full, on the
     data stage's shards, for optimize.prune.recovery_steps steps, untracked."""
@@ -100,14 +112,9 @@ def run_prune(cfg: RaylabConfig, store: registry.Store, parent) -> dict:
              f"{done.parameters_before:,} -> {done.parameters_after:,} parameters; recovering for "
              f"{opt.recovery_steps} steps")
     settings = opt.model_dump(mode="json")
-    # the nested run is named by what the recovery depends on, so another lr or batch size is another
-    # run, not a resume refused for changed settings
-    material = {"prune": settings, "train": cfg.train.model_dump(mode="json"), "data": runs.manifest_hash(manifest)}
-    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:8]
-    nested = run.optimize(f"prune-{parent.name}-{parent.version}-{digest}")
+    nested = nested_run(cfg, run, manifest, "prune", parent, settings)
     storage.save_pretrained(model, nested.base)
     storage.save_pretrained(inf.tokenizer, nested.base)
-    storage.write_text(nested.manifest, storage.read_text(run.manifest))  # the shards stay where they are
     meta = run_train(recovery_config(cfg, nested), track=False)
     losses = meta["metrics"]
     derivation = "prune:" + ":".join(f"{k}={settings[k]}" for k in ("heads", "mlp_channels") if settings[k])

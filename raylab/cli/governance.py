@@ -133,10 +133,11 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri
     if args.config:
         from raylab import config
-        from raylab.core import audit
+        from raylab.core import audit, crypto
 
         cfg = config.load(args.config)
         os.environ.update(audit.process_env(cfg))  # governance.database, as a stage would see it
+        os.environ.update(crypto.process_env(cfg))  # the keys that open sealed record ids
         tracking_uri = tracking_uri or cfg.registry.tracking_uri
     if args.verb == "erase":
         result = lineage.run_erase(args.record_id, args.reason, args.source, args.database, tracking_uri)

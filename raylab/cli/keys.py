@@ -125,5 +125,6 @@ def _rotate(args: argparse.Namespace) -> int:
     done = rotation.rotate(crypto.settings_of(cfg), [cfg.output_dir, str(runs.home().root), *args.path],
                            retire=args.retire)
     print(f"keys rotate: {len(done.rewrapped)} sealed file(s) re-wrapped under key {done.key_id}"
+          + (" and the control-plane database's record-id key" if done.record_key else "")
           + (f"; retired {', '.join(done.retired)}" if done.retired else ""))
     return 0

@@ -3,6 +3,7 @@
     raylab keys rotate --config configs/quickstart-governed.yaml
     raylab keys rotate --config job.yaml --path s3://bucket/raylab-runs --retire
 
+The control-plane database's record-id key (core/lineage.py) is re-wrapped the same way.
 Only the wrapping of each file's data key changes (raylab/core/crypto.py): a local key ring gets
 a new active key and every file is re-wrapped under it; with aws-kms, KMS re-encrypts each data
 key under the configured `kms_key` (ReEncrypt, after a change of key in the config or KMS's own
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raylab.core import crypto, events, storage
+from raylab.core import crypto, events, lineage, storage
 from raylab.errors import UserError
 
 
@@ -24,6 +25,7 @@ class Rotation:
     key_id: str
     rewrapped: list[str]
     retired: list[str]
+    record_key: bool = False  # the record-id key in the control-plane database was re-wrapped too
 
 
 def rotate(settings: crypto.Settings | None, roots: list[str], retire: bool = False) -> Rotation:
@@ -43,9 +45,10 @@ def rotate(settings: crypto.Settings | None, roots: list[str], retire: bool = Fa
         for location in storage.sealed_files(root):
             storage.rewrap(location, settings)
             done.append(location)
+    record_key = lineage.rewrap_key(settings) is not None  # the control-plane database's record-id key
     retiring = retire and isinstance(prov, crypto.LocalKeyRing)
     # audited before the old keys go, so a rotation that took effect is always on record
-    events.emit("keys.rotate", provider=settings.provider, key_id=key_id, files=len(done),
+    events.emit("keys.rotate", provider=settings.provider, key_id=key_id, files=len(done), record_key=record_key,
                 retire=retiring, previous=old_ids, roots=list(dict.fromkeys(roots)))
     retired = prov.retire(keep=key_id) if retiring else []
-    return Rotation(key_id, done, retired)
+    return Rotation(key_id, done, retired, record_key)

@@ -34,9 +34,12 @@ def run_erase(record_id: str, reason: str, source: str | None = None, database: 
     versions = registry.trained_on(store, [d.manifest_hash for d in found])
     labels = [f"{mv.name}/{mv.version}" for mv in versions]
     entry, new = lineage.suppress(record_id, source, reason.strip(), events.actor(), labels, database)
+    # the id as the lineage tables hold it (sealed, rid1:..., when governance.encryption seals them)
+    # is what the registry's tag and the audit log name
+    recorded = lineage.as_recorded(record_id, database)
     marked = [f"{mv.name}/{mv.version}" for mv in versions
-              if registry.mark_erasure_pending(store, mv, [entry["id"]], reason=f"record {record_id} erased")]
-    events.emit("data.erase", record_id=record_id, source=source or "(any)", reason=reason.strip(),
+              if registry.mark_erasure_pending(store, mv, [entry["id"]], reason=f"record {recorded} erased")]
+    events.emit("data.erase", record_id=recorded, source=source or "(any)", reason=reason.strip(),
                 entry=entry["id"], new=new, data_runs=[d.run for d in found], versions=labels, marked=marked)
     return {"entry": entry, "new": new, "data_runs": [d.run for d in found], "versions": labels, "marked": marked}
 

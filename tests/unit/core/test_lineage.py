@@ -104,3 +104,91 @@ def test_a_database_with_only_the_audit_log_is_migrated_and_keeps_its_entries(tm
         assert {"data_runs", "api_keys"} <= set(sa.inspect(controldb.engine(url)).get_table_names())
     finally:
         controldb.dispose_all()
+
+
+# ---------------------------------------------------------------- sealed record ids (governance.encryption)
+
+PERSONAL = "sql:ada.lovelace@example.com"  # an SQL key that is personal data
+
+
+@pytest.fixture
+def sealing(tmp_path, monkeypatch):
+    """Encryption on with a local key ring in tmp_path; the user's default ring is out of reach
+    (XDG_CONFIG_HOME in tmp_path), so a process without the settings cannot open the ids."""
+    from raylab.core import crypto
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "nobody"))
+    settings = crypto.Settings("local", key_file=str(tmp_path / "keys" / "ring.json"))
+    monkeypatch.setenv(crypto.ENV, settings.to_env())
+    crypto._deks.clear()
+    yield settings
+    crypto._deks.clear()
+
+
+def _stored_ids(url: str) -> list[str]:
+    eng = sa.create_engine(controldb.normalise(url))
+    with eng.connect() as conn:
+        ids = [r[0] for r in conn.execute(sa.text("select record_id from record_index"))]
+        ids += [r[0] for r in conn.execute(sa.text("select record_id from suppressions"))]
+    eng.dispose()
+    return ids
+
+
+def test_with_encryption_on_ids_are_sealed_at_rest_and_every_lookup_still_works(db, sealing):
+    lineage.index_run("/runs/a", "h1", "t", [("crm", PERSONAL), ("crm", "sql:grace@example.com"), ("kb", PERSONAL)])
+    lineage.index_run("/runs/b", "h2", "t", [("crm", "sql:grace@example.com")])
+    entry, _ = lineage.suppress(PERSONAL, "crm", "request 9", "ada@host", ["crm/1"])
+    stored = _stored_ids(db)
+    assert len(stored) == 5 and all(s.startswith(lineage.SEALED) for s in stored)
+    assert not any("example.com" in s for s in stored)
+    assert lineage.as_recorded(PERSONAL) in stored and lineage.as_recorded(PERSONAL) != PERSONAL
+    hits = lineage.runs_with(record_id=PERSONAL)
+    assert [(h.run, sorted(h.records)) for h in hits] == [("/runs/a", [("crm", PERSONAL), ("kb", PERSONAL)])]
+    assert [h.manifest_hash for h in lineage.runs_with(source="crm")] == ["h1", "h2"]
+    assert lineage.sources_of(PERSONAL) == ["crm", "kb"]
+    assert entry["record_id"] == PERSONAL and lineage.erased()[0]["record_id"] == PERSONAL
+    s = lineage.suppression()
+    assert s.matches("crm", PERSONAL) and not s.matches("kb", PERSONAL)  # the data stage gets plain ids
+    assert lineage.pending_for("h1") == [entry["id"]] and lineage.pending_for("h2") == []  # the join, sealed
+
+
+def test_plain_control_without_encryption_the_same_scan_finds_the_ids(db, monkeypatch):
+    from raylab.core import crypto
+
+    monkeypatch.delenv(crypto.ENV, raising=False)
+    lineage.index_run("/runs/a", "h1", "t", [("crm", PERSONAL)])
+    lineage.suppress(PERSONAL, "crm", "request 9", "ada@host", [])
+    assert _stored_ids(db) == [PERSONAL, PERSONAL] and lineage.as_recorded(PERSONAL) == PERSONAL
+
+
+def test_turning_encryption_on_seals_the_ids_already_there(db, sealing, monkeypatch):
+    from raylab.core import crypto
+
+    monkeypatch.delenv(crypto.ENV)
+    lineage.index_run("/runs/a", "h1", "t", [("crm", PERSONAL)])
+    before, _ = lineage.suppress(PERSONAL, None, "request 1", "ada@host", [])
+    monkeypatch.setenv(crypto.ENV, sealing.to_env())
+    lineage.index_run("/runs/b", "h2", "t", [("crm", PERSONAL)])  # the first encrypting run makes the key
+    assert not any("example.com" in s for s in _stored_ids(db))
+    assert [h.run for h in lineage.runs_with(record_id=PERSONAL)] == ["/runs/a", "/runs/b"]  # one form: both found
+    assert lineage.pending_for("h1") == lineage.pending_for("h2") == [before["id"]]
+    again, new = lineage.suppress(PERSONAL, None, "request 2", "bob@host", [])
+    assert not new and again["id"] == before["id"]  # the sealed entry is the same entry
+
+
+def test_without_the_key_lookups_stop_naming_the_key_and_rotation_rewraps_it(db, sealing, monkeypatch):
+    from raylab.core import crypto
+
+    lineage.index_run("/runs/a", "h1", "t", [("crm", PERSONAL)])
+    ring = crypto.provider(sealing)
+    old = ring.active_id()
+    monkeypatch.delenv(crypto.ENV)  # a process that was not given the config's keys
+    crypto._deks.clear()
+    with pytest.raises(UserError, match=f"record ids: encrypted with key {old}.*--config"):
+        lineage.runs_with(record_id=PERSONAL)
+    monkeypatch.setenv(crypto.ENV, sealing.to_env())
+    new = ring.rotate()
+    assert lineage.rewrap_key(sealing) == new
+    ring.retire(keep=new)
+    crypto._deks.clear()
+    assert [h.run for h in lineage.runs_with(record_id=PERSONAL)] == ["/runs/a"]  # opened by the new key alone

@@ -4,8 +4,11 @@ setting, as a user's run does). The canary is in no file under the run directory
 (registry, cache, logs) or Ray's session directory; every Parquet and safetensors file fails to
 open without the key; the registered version still loads and generates; a wrong key is a
 UserError naming the file and the key; `raylab keys rotate --retire` leaves everything readable
-without the old key. Negative control: the same corpus through the data stage with encryption off
-leaves the canary findable by the same scan in the shards, the quarantine and the events.
+without the old key. The accepted record ids in the control-plane database are sealed and still found by
+lineage; events and eval reports are sealed. Negative control: the same corpus through the data
+stage and eval with encryption off leaves the canary findable by the same scan in the shards, the
+quarantine and the eval report, and the record ids plain. (Events carry no record content, so no
+scan can find the canary there either way; the test checks instead that every event line is sealed.)
 """
 
 from __future__ import annotations
@@ -31,18 +34,21 @@ CANARY = "ZQX-canary-4471"
 def corpus(path: Path) -> Path:
     with path.open("w") as f:
         for i in range(40):
-            note = f" Account note {CANARY}." if i % 5 == 0 else ""
-            f.write(json.dumps({"text": f"Ticket {i}: the red widget is in stock.{note} The widget ships today."}) + "\n")
+            # in every prompt, so the held-out split (and with it the eval report's samples) holds it
+            f.write(json.dumps({"prompt": f"Ticket {i}: is the red widget in stock? Account note {CANARY}.",
+                                "response": "The red widget is in stock. The widget ships today."}) + "\n")
         f.write(json.dumps({"txt": f"a record without its text field {CANARY}"}) + "\n")  # quarantined
     return path
 
 
 def job_config(root: Path, encrypted: bool) -> dict:
     cfg = {"version": 1, "output_dir": str(root / "out"), "offline": True,
-           "data": {"sources": [{"type": "jsonl", "path": str(corpus(root / "docs.jsonl"))}], "max_seq_len": 128,
+           "data": {"sources": [{"type": "jsonl", "path": str(corpus(root / "docs.jsonl")), "format": "instruction"}],
+                    "max_seq_len": 256,  # the preset's tokenizer is byte-level: a templated record is ~150
                     "val_fraction": 0.2, "dedup": {"near": False}},
            "model": {"name_or_path": "preset:tiny-llama", "method": "lora", "lora": {"r": 8, "alpha": 16}},
-           "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 4, "eval_every": 4, "log_every": 2}}
+           "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 4, "eval_every": 4, "log_every": 2},
+           "eval": {"max_samples": 2, "max_new_tokens": 4, "show_samples": 2}}
     if encrypted:
         cfg["governance"] = {"encryption": {"enabled": True, "key_file": str(root / "keys" / "ring.json")}}
     return cfg
@@ -72,6 +78,8 @@ def governed(tmp_path_factory):
     env = {"RAYLAB_HOME": str(root / "home"), "RAY_TMPDIR": str(ray_tmp)}
     proc = run_cli("run", str(root / "cfg.yaml"), "--no-serve", env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    evaluated = run_cli("eval", str(root / "cfg.yaml"), env=env, timeout=600)  # eval/: reports quoting prompts
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     yield root, env, proc.stdout
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -99,7 +107,23 @@ def test_nothing_plain_at_rest_yet_the_pipeline_runs(governed, monkeypatch):
     monkeypatch.setenv("RAYLAB_HOME", env["RAYLAB_HOME"])
     monkeypatch.setenv(crypto.ENV, crypto.settings_of(load(root / "cfg.yaml")).to_env())
     records = storage.read_table(str(root / "out" / "data" / "records")).to_pylist()
-    assert sum(CANARY in json.dumps(r, default=str) for r in records) == 8  # the data is there, sealed
+    assert sum(CANARY in json.dumps(r, default=str) for r in records) == 40  # the data is there, sealed
+    reports = [p for p in (root / "out" / "eval").rglob("*") if p.is_file()]
+    assert reports and all(crypto.is_sealed(p.read_bytes()) for p in reports)
+    assert CANARY in storage.read_text(str(root / "out" / "eval" / "report.json"))  # its samples quote the corpus
+    event_logs = [p for p in (root / "out").rglob("events.jsonl")] + [p for p in (root / "home").rglob("events.jsonl")]
+    lines = [ln for p in event_logs for ln in p.read_text().splitlines()]
+    assert event_logs and lines and all(ln.startswith("RLE1:") for ln in lines)  # every event sealed
+
+    # the control-plane database keeps the accepted record ids sealed, yet lineage finds them
+    import sqlite3
+
+    from raylab.core import lineage
+
+    with sqlite3.connect(root / "home" / "raylab.db") as db:
+        stored = [r[0] for r in db.execute("select record_id from record_index")]
+    assert len(stored) == 40 and all(s.startswith(lineage.SEALED) for s in stored)
+    assert [h.run for h in lineage.runs_with(record_id="docs.jsonl:3")] == [str(root / "out")]
     inf = models.load("out/1")  # the registered version, from the registry's sealed copy
     ids = inf.tokenizer("Ticket 3:", return_tensors="pt").input_ids
     assert inf.model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] > ids.shape[1]
@@ -122,7 +146,9 @@ def test_rotation_rewraps_everything(governed, monkeypatch):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ring = json.loads((root / "keys" / "ring.json").read_text())
     assert ring["active"] != old and list(ring["keys"]) == [ring["active"]]  # the old key is gone
-    assert f"retired {old}" in proc.stdout
+    assert f"retired {old}" in proc.stdout and "record-id key" in proc.stdout
+    proc = run_cli("lineage", "docs.jsonl:3", "--config", str(root / "cfg.yaml"), env=env, timeout=300)
+    assert proc.returncode == 0 and str(root / "out") in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
     from raylab import models
     from raylab.config import load
@@ -135,14 +161,23 @@ def test_rotation_rewraps_everything(governed, monkeypatch):
     assert models.load("out/1").model is not None  # readable without the retired key
 
 
-def test_negative_control_the_scan_finds_the_canary_without_encryption(tmp_path, _session_ray):
+def test_negative_control_the_scan_finds_the_canary_without_encryption(tmp_path, reference):
+    import sqlite3
+
     from raylab import config
     from raylab.data import run_data
+    from raylab.evaluate import run_eval
 
     cfg = config.load_dict(job_config(tmp_path, encrypted=False))
     run_data(cfg)
+    # the eval report with the session's trained adapter (same preset base): its samples quote the prompts
+    adapter_cfg, _ = reference
+    shutil.copytree(Path(adapter_cfg.output_dir) / "train" / "final", tmp_path / "out" / "train" / "final")
+    run_eval(cfg)
     found = findings(tmp_path / "out")
     kinds = {Path(f).parent.name for f in found}
     # records hold the text (train/val hold token ids); the quarantine holds the raw bad row
-    assert {"records", "quarantine"} <= kinds, found
+    assert {"records", "quarantine", "eval"} <= kinds, found
     assert os.path.exists(tmp_path / "out" / "data" / "manifest.json")
+    with sqlite3.connect(os.path.join(os.environ["RAYLAB_HOME"], "raylab.db")) as db:  # ids plain without encryption
+        assert db.execute("select count(*) from record_index where record_id = 'docs.jsonl:3'").fetchone()[0] >= 1

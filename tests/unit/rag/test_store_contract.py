@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from pg_helpers import postgres_server
 
+from pg_helpers import postgres_server
 from raylab.config import AnnConfig
 from raylab.rag import embedder, pgstore, store, stores
 
@@ -121,7 +121,7 @@ def test_the_org_filter_never_returns_another_orgs_chunk(make):
         where = st.access_filter(org)
         hits = st.nearest(table, query, 10, 1, None, where)
         assert len(hits) == 10 and {orgs[int(h["chunk_id"][1:])] for h in hits} <= readable, org
-        assert [h["chunk_id"] for h in hits] == _brute(rows, query, 10, keep=lambda i: orgs[i] in readable)
+        assert [h["chunk_id"] for h in hits] == _brute(rows, query, 10, keep=lambda i, r=readable: orgs[i] in r)
         assert table.count_rows(where) == sum(o in readable for o in orgs)
     assert st.by_id(table, "c0", st.access_filter("acme")) is None
     assert st.by_id(table, "c0", st.access_filter("globex"))["chunk_id"] == "c0"

@@ -165,3 +165,21 @@ def test_pgvector_upserts_a_retried_write_and_builds_hnsw_at_the_threshold(pg, t
     pgstore.delete(table, [f"c{i}" for i in range(N // 2)])
     again = pgstore.ann_index(table, AnnConfig(min_rows=N), DIMS, changed=True)
     assert again["built"] is False and not pgstore.has_ann(table), "below the threshold the search is exact again"
+
+
+def test_index_store_pgvector_needs_a_database_url_without_a_literal_password():
+    from raylab import config
+    from raylab.errors import ConfigError
+
+    base = {"version": 1, "output_dir": "/tmp/unused", "data": {"sources": [{"type": "jsonl", "path": "/tmp/x.jsonl"}]},
+            "model": {"name_or_path": "preset:tiny-llama"}}
+    ok = config.load_dict({**base, "index": {"store": "pgvector", "database": "${env:RAYLAB_INDEX_DB}"}})
+    assert ok.index.store == "pgvector" and ok.index.database == "${env:RAYLAB_INDEX_DB}"  # kept as a reference
+    assert config.load_dict({**base, "index": {"store": "pgvector", "database": "postgresql://rag@db/x"}}).index.database
+    for index, message in (({"store": "pgvector"}, "index.database"),
+                           ({"store": "pgvector", "database": "postgresql://rag:hunter2@db/x"}, "literal password"),
+                           ({"store": "pgvector", "database": "mysql://db/x"}, "index.database"),
+                           ({"store": "chroma"}, "index.store")):
+        with pytest.raises(ConfigError) as e:
+            config.load_dict({**base, "index": index})
+        assert message in str(e.value) and "hunter2" not in str(e.value), index

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from raylab.rag import chunking
-from raylab.rag.store import ROW_COLUMNS, fuse  # noqa: F401 (fuse: one RRF for both stores)
+from raylab.rag.store import ROW_COLUMNS, fuse  # one row shape and one RRF for both stores
 
 KIND = "pgvector"
 COLUMNS = [f.name for f in chunking.CHUNK_SCHEMA] + ["vector"]
@@ -131,7 +131,11 @@ def vector_dimensions(table: Table) -> int:
 
 
 def has_access_columns(table: Table) -> bool:
-    return True  # every table create_table makes has org and acl
+    """Whether the table has org and acl (a table of this name that raylab did not make, in a
+    shared database, may not: it is refused rather than searched without the filter)."""
+    found = {r[0] for r in table.db.query("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND "
+                                          "attnum > 0 AND NOT attisdropped", (table.ident.as_string(table.db.conn),))}
+    return {"org", "acl", "chunk_id", "tsv"} <= found
 
 
 def ids(table: Table) -> pa.Table:

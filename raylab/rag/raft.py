@@ -38,7 +38,7 @@ import re
 from raylab.config import RaylabConfig
 from raylab.core import storage
 from raylab.errors import UserError
-from raylab.rag import embedder, jsonl, prompt, store
+from raylab.rag import embedder, jsonl, prompt, stores
 from raylab.rag.search import open_index
 from raylab.rag.stage import index_directory
 
@@ -125,7 +125,7 @@ def _nearest_others(table, vector, oracle: dict, k: int, first: int, nprobes: in
     candidates when the oracle's own document fills the nearest ones."""
     limit, rows = first, table.count_rows(where)
     while True:
-        found = distractors_for(store.nearest(table, vector, limit, nprobes, refine, where), oracle, k)
+        found = distractors_for(stores.of(table).nearest(table, vector, limit, nprobes, refine, where), oracle, k)
         if len(found) == k or limit >= rows:
             return found
         limit = min(rows, limit * 4)
@@ -143,16 +143,16 @@ def run_raft(cfg: RaylabConfig, out: str) -> dict:
     _, path = embedder.resolve(manifest.model)
     vectors = embedder.encode(path, [p["question"] for p in pairs] + [p["answer"] for p in pairs])
     questions, answers = vectors[:len(pairs)], vectors[len(pairs):]
-    items, unsupported, where = [], [], store.access_filter(r.org)
+    items, unsupported, where = [], [], stores.of(table).access_filter(r.org)
     for pair, q_vec, a_vec in zip(pairs, questions, answers, strict=True):
         if "chunk_id" in pair:
-            oracle = store.by_id(table, pair["chunk_id"], where)
+            oracle = stores.of(table).by_id(table, pair["chunk_id"], where)
             if oracle is None:
                 raise UserError(f"index.raft.questions: line {pair['line']} names chunk_id {pair['chunk_id']!r}, "
                                 f"which is not in the index at {directory} or not readable by index.raft.org="
                                 f"{r.org!r}")
         else:
-            oracle = choose_oracle(store.nearest(table, a_vec, r.candidates, ix.ann.nprobes, ix.ann.refine_factor,
+            oracle = choose_oracle(stores.of(table).nearest(table, a_vec, r.candidates, ix.ann.nprobes, ix.ann.refine_factor,
                                                  where), pair["answer"])
             if oracle is None:
                 unsupported.append(pair["line"])

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from raylab.core import runs, storage
 from raylab.errors import UserError
-from raylab.rag import embedder, store
+from raylab.rag import embedder, stores
 
 MODES = ("vector", "hybrid")
 
 
 def open_index(index_dir: str):
-    """(manifest, LanceDB table) of a built index, or exit 2 naming what is missing."""
+    """(manifest, table: LanceDB's, or a pgstore.Table with index.store: pgvector) of a built index, or exit 2 naming what is missing."""
     if not storage.exists(index_dir):
         raise UserError(f"index directory {index_dir} does not exist; build it with `raylab index CONFIG` "
                         "(index.directory says where)")
@@ -36,12 +36,13 @@ def open_index(index_dir: str):
         raise UserError(f"{index_dir} is not an index raylab built (no {runs.INDEX_MANIFEST}); build it with "
                         "`raylab index CONFIG`")
     manifest = runs.read_json(location, runs.IndexManifest)
-    embedder.require("lancedb")
-    table = store.open_table(store.connect(index_dir), manifest.table)
+    st = stores.backend(manifest.store)
+    table = st.open_table(stores.connect(manifest.store, index_dir, manifest.database), manifest.table)
     if table is None or table.count_rows() == 0:
-        raise UserError(f"the index at {index_dir} has no chunks (table {manifest.table!r}); re-run `raylab index "
-                        "CONFIG` on sources with accepted documents")
-    if not store.has_access_columns(table):
+        where = "" if manifest.store == "lancedb" else " in index.database"
+        raise UserError(f"the index at {index_dir} has no chunks (table {manifest.table!r}{where}); re-run `raylab "
+                        "index CONFIG` on sources with accepted documents")
+    if not st.has_access_columns(table):
         raise UserError(f"the index at {index_dir} was built before chunks carried org/acl columns; re-run `raylab "
                         "index CONFIG` into a new index.directory")
     return manifest, table
@@ -53,15 +54,16 @@ def ranked(table, vector, query: str, top_k: int, nprobes: int, refine_factor: i
     `org` may read."""
     if top_k < 1:
         raise UserError(f"top_k must be at least 1, got {top_k}")
-    where = store.access_filter(org)
+    st = stores.of(table)
+    where = st.access_filter(org)
     if mode == "vector":
-        return store.nearest(table, vector, top_k, nprobes, refine_factor, where)
+        return st.nearest(table, vector, top_k, nprobes, refine_factor, where)
     if mode != "hybrid":
         raise UserError(f"search mode {mode!r} is not one of {', '.join(MODES)}")
-    if not store.has_full_text(table):
+    if not st.has_full_text(table):
         raise UserError("hybrid search needs the index's full-text index, which this index has not: re-run `raylab "
                         "index CONFIG` with index.hybrid: true (the default)")
-    return store.hybrid(table, vector, query, top_k, nprobes, refine_factor, where)
+    return st.hybrid(table, vector, query, top_k, nprobes, refine_factor, where)
 
 
 def search(index_dir: str, query: str, top_k: int = 4, nprobes: int = 20, refine_factor: int | None = None,
@@ -80,7 +82,7 @@ def index_chunks(index_dir: str) -> list[dict]:
     """Every chunk of a built index (chunk_id, source, origin, record_id, start, end, text),
     sorted by chunk_id: what `raylab synth`'s grounded_qa asks questions about."""
     _, table = open_index(index_dir)
-    rows = table.search().select(store.ROW_COLUMNS).limit(None).to_list()
+    rows = stores.all_rows(table)
     return sorted(rows, key=lambda r: r["chunk_id"])
 
 
@@ -112,7 +114,7 @@ class Index:
 
     @property
     def full_text(self) -> bool:
-        return store.has_full_text(self.table)
+        return stores.of(self.table).has_full_text(self.table)
 
     def search(self, query: str, top_k: int, mode: str = "vector", org: str | None = None) -> list[dict]:
         return ranked(self.table, self.embed([query])[0], query, top_k, self.nprobes, self.refine_factor, mode, org)

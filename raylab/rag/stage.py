@@ -16,7 +16,9 @@ The stage, on Ray Data:
 4. append the new rows in parallel (`write_lance`), delete the rows of changed or deleted
    documents, build the IVF-PQ index at or above `index.ann.min_rows` chunks (store.py);
    with `index.hybrid` (the default) (re)build LanceDB's full-text index over chunk text for
-   hybrid search;
+   hybrid search. With `index.store: pgvector` the same steps run against a PostgreSQL table
+   (pgstore.py: parallel upserts from Ray Data write tasks, HNSW, a tsvector GIN index), and
+   the index directory keeps only the manifest;
 5. write `raylab_index.json` in the index directory: the model and dimensions (a later build
    with another model is refused: its vectors would not compare), counts, timings.
 """
@@ -34,7 +36,7 @@ from raylab import data as data_stage
 from raylab.config import RaylabConfig
 from raylab.core import events, plan, runs, storage
 from raylab.errors import UserError
-from raylab.rag import chunking, embedder, store
+from raylab.rag import chunking, embedder, pgstore, store, stores
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ def _check_model(spec: embedder.Spec, ix, directory: str) -> None:
     if not storage.exists(location):
         return
     before = runs.read_json(location, runs.IndexManifest)
+    if before.store != ix.store:
+        raise UserError(f"index.store: the index at {directory} keeps its chunks in {before.store}, not {ix.store}; "
+                        "set index.store back, or index into a new index.directory")
     if (before.model, before.dimensions) != (spec.name, spec.dimensions):
         raise UserError(f"index.model: the index at {directory} was built with {before.model} ({before.dimensions} "
                         f"dimensions), not {spec.name} ({spec.dimensions}); its vectors would not compare. Set "
@@ -126,7 +131,7 @@ def _plan_changes(chunks, table) -> dict:
     id_columns = ["chunk_id", "content_hash"]
     new = _collect(chunks.select_columns(id_columns),
                    pa.schema([chunking.CHUNK_SCHEMA.field(c) for c in id_columns]))
-    old = store.ids(table) if table is not None else pa.table({"chunk_id": [], "content_hash": []})
+    old = stores.of(table).ids(table) if table is not None else pa.table({"chunk_id": [], "content_hash": []})
     old_ids, new_ids = set(old["chunk_id"].to_pylist()), set(new["chunk_id"].to_pylist())
     old_hashes = set(old["content_hash"].to_pylist())
     fresh_hashes = [h for i, h in zip(new["chunk_id"].to_pylist(), new["content_hash"].to_pylist(), strict=True)
@@ -166,7 +171,7 @@ def _embed_here(rows, spec: embedder.Spec):
 
 def _run_index(cfg: RaylabConfig, address: str | None) -> dict:
     ix, directory = cfg.index, index_directory(cfg)
-    for module in ("lancedb", "lance", "sentence_transformers"):
+    for module in ("sentence_transformers", *stores.MODULES[ix.store]):
         embedder.require(module)
     spec = embedder.describe(ix.model)  # fails early: a model that does not load, a chunk size it cannot read
     _check_model(spec, ix, directory)
@@ -197,12 +202,13 @@ def _run_index(cfg: RaylabConfig, address: str | None) -> dict:
 
 def _store_chunks(chunks, directory: str, ix, spec: embedder.Spec, timings: dict) -> dict:
     t0 = time.monotonic()
-    db = store.connect(directory)
-    table = store.open_table(db, ix.table)
-    if table is not None and store.vector_dimensions(table) != spec.dimensions:
-        raise UserError(f"index.model: the table {ix.table} in {directory} holds {store.vector_dimensions(table)}-"
+    st, where = stores.backend(ix.store), directory if ix.store == "lancedb" else "index.database"
+    db = stores.connect(ix.store, directory, ix.database)
+    table = st.open_table(db, ix.table)
+    if table is not None and st.vector_dimensions(table) != spec.dimensions:
+        raise UserError(f"index.model: the table {ix.table} in {where} holds {st.vector_dimensions(table)}-"
                         f"dimensional vectors; {spec.name} makes {spec.dimensions}. Index into a new index.directory")
-    if table is not None and not store.has_access_columns(table):
+    if table is not None and not st.has_access_columns(table):
         raise UserError(f"index.directory: the table {ix.table} in {directory} was built before chunks carried "
                         "org/acl columns; index into a new index.directory")
     changes = _plan_changes(chunks, table)
@@ -218,27 +224,30 @@ def _store_chunks(chunks, directory: str, ix, spec: embedder.Spec, timings: dict
     elif embedded:
         parts.append(_embed_here(to_embed, spec))
     if copy_hashes:
-        vectors = store.vectors_for(table, sorted(copy_hashes))
+        vectors = st.vectors_for(table, sorted(copy_hashes))
         parts.append(fresh.map_batches(_hash_in, batch_format="pyarrow", fn_kwargs={"hashes": copy_hashes, "inside": True})
                      .map_batches(_with_vectors, batch_format="pyarrow", fn_kwargs={"vectors": vectors}))
     if parts:
-        store.append(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], directory, ix.table,
-                     create=table is None)
-        table = store.open_table(db, ix.table)
-    store.delete(table, changes["removed"])
+        rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        if st is pgstore:
+            # the table first (its vector(d) column), then every write task upserts into it
+            table = table or pgstore.create_table(db, ix.table, spec.dimensions)
+            pgstore.append(rows, db, ix.table)
+        else:
+            store.append(rows, directory, ix.table, create=table is None)
+            table = store.open_table(db, ix.table)
+    st.delete(table, changes["removed"])
     timings["embed_write_s"] = time.monotonic() - t0
     t1 = time.monotonic()
     changed = bool(parts or changes["removed"])
-    ann = store.ann_index(table, ix.ann, spec.dimensions, changed)
+    ann = st.ann_index(table, ix.ann, spec.dimensions, changed)
     timings["ann_s"] = time.monotonic() - t1
     t2 = time.monotonic()
     full_text = None
     if ix.hybrid:
-        full_text = store.full_text_index(table, changed)
-    elif store.has_full_text(table):
-        for i in table.list_indices():  # index.hybrid turned off: no stale keyword index left behind
-            if i.index_type == "FTS":
-                table.drop_index(i.name)
+        full_text = st.full_text_index(table, changed)
+    elif st.has_full_text(table):  # index.hybrid turned off: no stale keyword index left behind
+        stores.drop_full_text(table)
     timings["full_text_s"] = time.monotonic() - t2
     counts = {"chunks": changes["chunks"], "rows": table.count_rows(), "embedded": embedded,
               "reused": changes["chunks"] - embedded, "copied": changes["copied"], "removed": len(changes["removed"])}
@@ -255,12 +264,13 @@ def _finish(cfg: RaylabConfig, directory: str, spec: embedder.Spec, counts: dict
         table=cfg.index.table, model=spec.name, dimensions=spec.dimensions, max_seq_length=spec.max_seq_length,
         chunk_tokens=cfg.index.chunk_tokens, overlap=cfg.index.overlap, metric=store.METRIC, rows=counts.pop("rows"),
         counts=counts, data=data_counts, ann=ann, full_text=full_text, timings={k: round(v, 3) for k, v in timings.items()},
+        store=cfg.index.store, database=cfg.index.database if cfg.index.store == pgstore.KIND else None,
     )
     runs.write_json(runs.index_manifest(directory), manifest)
     c = manifest.counts
     log.info(f"index: {c['documents']} documents -> {c['chunks']} chunks in {directory} ({spec.name}, "
              f"{spec.dimensions} dimensions): {c['embedded']} embedded, {c['reused']} reused, {c['removed']} removed; "
-             f"{'IVF-PQ index' if ann['built'] else 'exact search'}{', full-text index' if full_text else ''} over "
+             f"{ann.get('kind', 'IVF-PQ').upper() + ' index' if ann['built'] else 'exact search'}{', full-text index' if full_text else ''} over "
              f"{manifest.rows} rows "
              f"({timings['total_s']:.0f}s)")
     return manifest.model_dump(mode="json")

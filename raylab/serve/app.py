@@ -178,17 +178,19 @@ class IngressImpl:
             raise oa.ApiError(429, "too many explanations are waiting (serve.explain.max_queued_requests); retry later",
                               code="rate_limit_exceeded") from None
 
-    def authorize(self, request: Request) -> None:
+    def authorize(self, request: Request) -> access.Principal | None:
         """Every route's check: a static key, or a control-plane key whose role may serve.infer
-        (allowed requests are not each audited, refusals are: core.access.authorize)."""
+        (allowed requests are not each audited, refusals are: core.access.authorize). Returns
+        the caller (None: an endpoint without keys), whose org retrieval is limited to."""
         if not self.keys and not self.database:
-            return
+            return None
         principal = authenticate(request.headers.get("authorization", ""), self.keys, self.database)
         if principal is None:
             raise oa.ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
         decision = access.authorize(principal, "serve.infer", record_allow=False)
         if not decision.allowed:
             raise oa.ApiError(403, f"not allowed: {decision.reason}", code="permission_denied")
+        return principal
 
 
 def _logged(done: asyncio.Future) -> None:

@@ -5,7 +5,9 @@ and server-sent events); the Generator deployment generates.
 With `serve.rag`, a chat request first retrieves (retrieval.augment): its last user message is
 rewritten in the retrieval prompt with the top_k chunks, and the chunks come back as
 `raylab: {sources: [...]}` on the response, or on the first event of a stream (before any
-token). A request's `raylab: {retrieval: false}` or `{top_k: N}` changes that for itself."""
+token). A request's `raylab: {retrieval: false}` or `{top_k: N}` changes that for itself.
+Retrieval sees only the chunks the caller's organisation may read (its API key's org, from
+`server.authorize`): a caller of org A never gets org B's chunks."""
 
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ async def _handle(server, request: Request, kind, chat: bool):
     started, rid = time.monotonic(), oa.new_id("chatcmpl" if chat else "cmpl")
     model, version = "", None  # what the metrics name a request that failed before routing
     try:
-        server.authorize(request)
+        caller = server.authorize(request)
         req = oa.parse(kind, await read_body(server.limits, request))
         model = req.model
         version = await server.route(req.model)
@@ -65,7 +67,9 @@ async def _handle(server, request: Request, kind, chat: bool):
         server.keep_prompt(prompt_text(job))  # as the client sent it: before retrieval rewrites it
         sources = None
         if chat:
-            messages, sources = await retrieval.augment(server, job["prompts"][0], req.raylab)
+            # a caller in no organisation (no keys, a static key: org "") sees only chunks without one
+            org = (caller.org or None) if caller is not None else None
+            messages, sources = await retrieval.augment(server, job["prompts"][0], req.raylab, org=org)
             job["prompts"] = [messages]
         stream = streams.Generation(server.generator, version, job, server.limits["resubmit_timeout_s"], rid)
         first = await stream.open()  # re-submitted while a lost replica is replaced (streams.py)

@@ -323,3 +323,54 @@ def test_peek_reads_from_the_model_files_what_loading_it_says(tmp_path):
     spec = describe(None)
     assert peek(None) == (spec.name, spec.dimensions, spec.max_seq_length) == (MINILM, 384, 256)
     assert peek(str(tmp_path)) is None
+
+
+class RecordingEmbedder(retrieval.EmbedderImpl):
+    """The real Embedder (real index, real MiniLM) noting each retrieval's org and chunk ids."""
+
+    def __init__(self, args: dict):
+        super().__init__(args)
+        self.calls: list[tuple[str | None, list[str]]] = []
+
+    def retrieve(self, query: str, top_k: int, mode: str = "vector", org: str | None = None) -> list[dict]:
+        found = super().retrieve(query, top_k, mode, org)
+        self.calls.append((org, [s["chunk_id"] for s in found]))
+        return found
+
+
+def test_the_chat_route_retrieves_as_the_callers_organisation(tmp_path, monkeypatch, index):
+    """A chat request with a control-plane API key of org globex retrieves globex's chunk; one
+    with an acme key, a static key (no org) never does. This ingress has no Generator, so each
+    request ends in a 500 at generation, after retrieval, which the embedder recorded."""
+    from raylab.core import controldb, events
+    from raylab.core.access import keys
+
+    monkeypatch.setattr(events, "_writer", lambda: None)  # this process's audit settings, not a session Ray's
+    db = f"sqlite:///{tmp_path / 'control.db'}"
+    monkeypatch.setenv("RAYLAB_DATABASE_URL", db)
+    monkeypatch.setenv("RAYLAB_AUDIT_KEY", str(tmp_path / "keys" / "audit.pem"))
+    monkeypatch.setenv("RAYLAB_AUDIT_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.delenv("RAYLAB_AUDIT", raising=False)
+    monkeypatch.setenv("RAYLAB_UNIT_KEYS", KEY)
+    secret = "Globex's salary bands for 2027 are stored in the payroll vault under the code PX-1203."
+    write_index(tmp_path / "orgs", index["texts"][:3] + [secret], orgs=[None, None, None, "globex"])
+    args = retrieval.rag_args(cfg_for(tmp_path, tmp_path / "orgs", top_k=2))
+    recorder = RecordingEmbedder(args)
+    impl = IngressImpl(generator=None, args={"limits": LIMITS, "api_keys_env": "RAYLAB_UNIT_KEYS",
+                                             "api_keys_database": db, "rag": args}, embedder=recorder)
+    impl.reconfigure(CATALOG)
+    client = TestClient(create_app(ROUTERS, impl), raise_server_exceptions=False)
+    globex, _ = keys.create(db, "globex", "viewer", "ann", by="root@host")
+    acme, _ = keys.create(db, "acme", "viewer", "bob", by="root@host")
+    body = {"model": "m", "messages": [{"role": "user", "content": "Where are the salary bands, code PX-1203?"}],
+            "max_tokens": 4, "raylab": {"retrieval": True}}
+    try:
+        for token in (globex, acme, KEY):
+            response = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == 500, response.text  # no Generator here: retrieval ran before it
+    finally:
+        controldb.dispose_all()
+    (org_g, got_g), (org_a, got_a), (org_s, got_s) = recorder.calls
+    assert (org_g, org_a, org_s) == ("globex", "acme", None)
+    assert got_g[0] == "c3", "the control: globex's own caller gets its chunk first"
+    assert "c3" not in got_a and "c3" not in got_s and len(got_a) == len(got_s) == 2

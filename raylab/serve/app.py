@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterable
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -59,11 +60,23 @@ async def _http_error(_request, exc: StarletteHTTPException):  # unknown paths a
     return JSONResponse(oa.ApiError(exc.status_code, str(exc.detail)).body(), exc.status_code)
 
 
+async def _api_error(_request, exc: oa.ApiError):  # raised by a route (the fine-tuning service's)
+    return JSONResponse(exc.body(), exc.status)
+
+
+async def _invalid(_request, exc: RequestValidationError):  # a bad query parameter: 400 naming it
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"][1:])
+    return JSONResponse(oa.ApiError(400, f"{param}: {first['msg']}", param or None, "invalid_value").body(), 400)
+
+
 def create_app(routers: Iterable[APIRouter], ingress=None) -> FastAPI:
     """The ingress's FastAPI app: `routers` mounted, errors OpenAI-shaped, and `ingress` (the
     object whose state the routes use, see routers/__init__.py) on `app.state`."""
     api = FastAPI(title="raylab", docs_url=None, redoc_url=None)
     api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(oa.ApiError, _api_error)
+    api.add_exception_handler(RequestValidationError, _invalid)
     api.state.ingress = ingress
     for router in routers:
         api.include_router(router)

@@ -8,7 +8,8 @@ Two deployments, or three or four, built by `build(args)` (the config's
 `import_path: raylab.serve:build`):
 
 - `Ingress`: one FastAPI app assembled by `create_app(ROUTERS, ingress)` from one router per
-  concern (routers/: health and metadata, OpenAI inference, explanations); a new route is a
+  concern (routers/: health and metadata, OpenAI inference, explanations, and with
+  `api.enabled` the fine-tuning service's files and jobs, finetune.py); a new route is a
   router added to `ROUTERS`. The ingress holds what the routes share: API keys, limits, the Generator's
   handle and the routing table (request `model` names -> registry versions). Its
   `user_config` holds that table, so `raylab deploy` switches versions with `reconfigure`,
@@ -49,11 +50,12 @@ from raylab.serve.explainer import explainer_deployment
 from raylab.serve.generator import generator_deployment
 from raylab.serve.metrics import Metrics, version_tags
 from raylab.serve.retrieval import EmbedderImpl
-from raylab.serve.routers import embeddings, explain, health, inference
+from raylab.serve.routers import embeddings, explain, files, fine_tuning, health, inference
 from raylab.serve.sample import PromptSample
 
 log = logging.getLogger("ray.serve")
-ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, embeddings.router, explain.router)
+ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, embeddings.router, explain.router, files.router,
+                                  fine_tuning.router)
 
 
 async def _http_error(_request, exc: StarletteHTTPException):  # unknown paths and methods, OpenAI-shaped
@@ -97,6 +99,8 @@ class IngressImpl:
         self.keys = api_keys(args)
         self.database = args.get("api_keys_database")  # serve.api_keys_db: keys from `raylab keys create`
         self.explainer = explainer  # None: serve.explain is off, /v1/explain answers 404
+        # api.enabled: the fine-tuning service in this ingress (one base URL); None: its routes answer 404
+        self.ftapi = _fine_tuning(args.get("api"))
         settings = args.get("explain")
         self.explained = explain.Recent(settings["keep_results"], settings["keep_seconds"]) if settings else None
         self.routes: dict[str, str] = {}
@@ -202,6 +206,18 @@ class IngressImpl:
         decision = access.authorize(principal, "serve.infer", record_allow=False)
         if not decision.allowed:
             raise oa.ApiError(403, f"not allowed: {decision.reason}", code="permission_denied")
+
+
+def _fine_tuning(settings: dict | None):
+    """The FineTuning service from the args deploy.api_args wrote (the template config as YAML
+    and the control-plane database's URL), or None."""
+    if not settings:
+        return None
+    from raylab import config
+    from raylab.serve.finetune import FineTuning
+
+    return FineTuning(config.load_text(settings["config"], source="api (the fine-tuning service's template)"),
+                      settings["database"])
 
 
 def _logged(done: asyncio.Future) -> None:

@@ -28,7 +28,7 @@ from raylab.core.access import oidc
 from raylab.errors import UserError
 from raylab.serve import ftstore
 from raylab.serve import openai_api as oa
-from raylab.serve.ftrequests import Hyperparameters, JobRequest
+from raylab.serve.ftrequests import Hyperparameters, JobRequest, too_large
 
 log = logging.getLogger("ray.serve")
 PURPOSES = ("fine-tune",)  # what an upload may be for; job results are "fine-tune-results"
@@ -282,12 +282,8 @@ class FineTuning:
                                  " (registry.enabled is false: no model was registered)"))
 
 
-def too_large(size: int, limit: int) -> oa.ApiError:
-    return oa.ApiError(413, f"the file is {size} bytes, more than {limit} (api.max_file_bytes)", "file",
-                       "file_too_large")
-
-
 def _yaml(cfg) -> str:
     from raylab import config
 
     return config.to_yaml(cfg)
+

@@ -114,6 +114,11 @@ def parse(raw: bytes, kind: type[BaseModel]) -> BaseModel:
         raise oa.ApiError(400, f"{loc}: {first['msg']}", loc or None, "invalid_value") from None
 
 
+def too_large(size: int, limit: int) -> oa.ApiError:
+    return oa.ApiError(413, f"the file is {size} bytes, more than {limit} (api.max_file_bytes)", "file",
+                       "file_too_large")
+
+
 def file_object(row: dict) -> dict:
     return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
             "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "status_details": None,

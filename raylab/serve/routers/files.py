@@ -14,16 +14,16 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from raylab.serve import finetune
 from raylab.serve import openai_api as oa
-from raylab.serve.ftrequests import file_object
+from raylab.serve.ftrequests import file_object, too_large
 
 router = APIRouter()
 FORM_SLACK = 64 * 1024  # multipart headers and the purpose field around the file itself
 
 
-def service(request: Request) -> finetune.FineTuning:
-    """The FineTuning service of this app (the ingress's `ftapi`), or a 404 when it has none."""
+def service(request: Request):
+    """The FineTuning service (serve/finetune.py) of this app (the ingress's `ftapi`), or a 404
+    when it has none."""
     found = getattr(request.app.state.ingress, "ftapi", None)
     if found is None:
         raise oa.ApiError(404, "the fine-tuning service is not enabled on this endpoint (api.enabled)",
@@ -31,7 +31,7 @@ def service(request: Request) -> finetune.FineTuning:
     return found
 
 
-def caller(request: Request, svc: finetune.FineTuning):
+def caller(request: Request, svc):
     return svc.caller(request.headers.get("authorization", ""))
 
 
@@ -42,7 +42,7 @@ async def create_file(request: Request):
     limit = svc.settings.max_file_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + FORM_SLACK:  # refused before a byte is parsed
-        raise finetune.too_large(int(declared), limit)
+        raise too_large(int(declared), limit)
     form = await request.form(max_files=1, max_fields=4)
     try:
         upload, purpose = form.get("file"), form.get("purpose")
@@ -54,7 +54,7 @@ async def create_file(request: Request):
         while chunk := await upload.read(1 << 20):
             size += len(chunk)
             if size > limit:
-                raise finetune.too_large(size, limit)
+                raise too_large(size, limit)
             chunks.append(chunk)
         row = await asyncio.to_thread(svc.create_file, principal, upload.filename or "", b"".join(chunks), purpose)
     finally:

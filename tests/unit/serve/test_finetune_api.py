@@ -20,10 +20,7 @@ from fastapi.testclient import TestClient
 from raylab import config
 from raylab.core import audit, controldb, events
 from raylab.core.access import keys
-from raylab.serve.app import create_app
-from raylab.serve.finetune import FineTuning
-from raylab.serve.routers import files as files_router
-from raylab.serve.routers import fine_tuning
+from raylab.serve.standalone import standalone_app
 
 BASE = "preset:tiny-llama"
 
@@ -41,37 +38,42 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-class Host:
-    """What create_app's routes reach: the ingress's `ftapi` (here the service alone)."""
-
-    def __init__(self, service):
-        self.ftapi = service
+def template(tmp_path, **api):
+    """The service's template config: every job's starting point, with its `api:` section."""
+    return config.load_dict({
+        "version": 1, "output_dir": str(tmp_path / "template"), "offline": True,
+        "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "unused.jsonl")}], "format": "chat"},
+        "model": {"name_or_path": BASE, "method": "lora"},
+        "train": {"max_steps": 4, "lr": 1e-3},
+        "api": {"max_file_bytes": 4000, "files": str(tmp_path / "files"), "runs": str(tmp_path / "runs"),
+                "address": f"http://127.0.0.1:{closed_port()}", **api},
+    })
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def app_env(tmp_path, monkeypatch):
+    """(the standalone app, {user: headers}, tmp_path) on a fresh control-plane database."""
     monkeypatch.setattr(events, "_writer", lambda: None)  # this process's audit log, not a session Ray's
     db = f"sqlite:///{tmp_path / 'control.db'}"
     monkeypatch.setenv("RAYLAB_DATABASE_URL", db)
     monkeypatch.setenv("RAYLAB_AUDIT_KEY", str(tmp_path / "keys" / "audit.pem"))
     monkeypatch.setenv("RAYLAB_AUDIT_CHECKPOINTS", str(tmp_path / "checkpoints"))
     monkeypatch.delenv("RAYLAB_AUDIT", raising=False)
-    cfg = config.load_dict({
-        "version": 1, "output_dir": str(tmp_path / "template"), "offline": True,
-        "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "unused.jsonl")}], "format": "chat"},
-        "model": {"name_or_path": BASE, "method": "lora"},
-        "train": {"max_steps": 4, "lr": 1e-3},
-        "api": {"max_file_bytes": 4000, "files": str(tmp_path / "files"), "runs": str(tmp_path / "runs"),
-                "address": f"http://127.0.0.1:{closed_port()}"},
-    })
-    client = TestClient(create_app([files_router.router, fine_tuning.router], Host(FineTuning(cfg, db))))
+    cfg = template(tmp_path)
+    app = standalone_app(cfg, db)  # `raylab api --standalone`'s app; the ingress mounts the same routers
     users = {}
     for who, org, role in (("ada", "acme", "ml_engineer"), ("vic", "acme", "viewer"), ("bob", "globex", "ml_engineer"),
                            ("dee", "globex", "data_steward"), ("sam", "acme", "data_steward")):
         key, _ = keys.create(db, org, role, who, by="root@host")
         users[who] = {"Authorization": f"Bearer {key}"}
-    yield client, users, tmp_path
+    yield app, users, tmp_path
     controldb.dispose_all()
+
+
+@pytest.fixture
+def env(app_env):
+    app, users, tmp_path = app_env
+    return TestClient(app), users, tmp_path
 
 
 def stored(tmp_path) -> list[str]:
@@ -214,3 +216,69 @@ def test_a_job_keeps_its_config_pages_and_fails_when_no_cluster_answers(env):
     cancel = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=users["ada"])
     assert cancel.status_code == 400 and error_of(cancel)["code"] == "job_already_finished"  # a failed job stays failed
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=users["ada"]).json()["status"] == "failed"
+
+
+def test_the_official_openai_client_uploads_and_creates_jobs(app_env):
+    """The `openai` package against the app on a loopback uvicorn server: its request
+    encodings (multipart, JSON, query pagination) and its parsing of our objects and errors."""
+    import threading
+
+    import openai
+    import uvicorn
+
+    app, users, _ = app_env
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            thread.join(0.05)
+            assert thread.is_alive(), "uvicorn stopped before it started"
+        port = server.servers[0].sockets[0].getsockname()[1]
+        key = users["ada"]["Authorization"].split()[1]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+
+        f = client.files.create(file=("train.jsonl", chat_jsonl(12)), purpose="fine-tune")
+        assert f.id.startswith("file-") and f.bytes == len(chat_jsonl(12)) and f.status == "processed"
+        assert client.files.content(f.id).content == chat_jsonl(12)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.files.create(file=("few.jsonl", b"{nope"), purpose="fine-tune")
+        assert refused.value.body["param"] == "file"
+
+        job = client.fine_tuning.jobs.create(model=BASE, training_file=f.id, suffix="colours",
+                                             method={"type": "supervised", "supervised": {
+                                                 "hyperparameters": {"n_epochs": 1}}})
+        assert job.status == "failed" and job.error.code == "submission_failed"  # no cluster in a unit test
+        assert client.fine_tuning.jobs.retrieve(job.id).id == job.id
+        assert [j.id for j in client.fine_tuning.jobs.list(limit=5)] == [job.id]
+        assert [e.level for e in client.fine_tuning.jobs.list_events(job.id)][0] == "error"
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.fine_tuning.jobs.create(model="no-such-base", training_file=f.id)
+        assert bad.value.body["param"] == "model"
+        with pytest.raises(openai.NotFoundError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=users["bob"]["Authorization"].split()[1],
+                          max_retries=0).files.retrieve(f.id)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong", max_retries=0).files.list()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_the_inference_ingress_mounts_the_service_from_its_deploy_args(app_env):
+    """`raylab serve` with api.enabled: deploy.api_args travels in the Serve app's args and
+    the ingress rebuilds the service from it (the template config as YAML)."""
+    from raylab.serve import deploy
+    from raylab.serve.app import ROUTERS, IngressImpl, create_app
+
+    _, users, tmp_path = app_env
+    limits = {"max_prompt_tokens": 64, "max_tokens": 32, "max_request_bytes": 2000, "max_batch_size": 4,
+              "batch_wait_timeout_s": 0.0, "max_adapters_per_replica": 2}
+    assert deploy.api_args(template(tmp_path)) is None  # off by default: the routes answer 404 (test_app.py)
+    args = deploy.api_args(template(tmp_path, enabled=True))
+    ingress = IngressImpl(generator=None, args={"limits": limits, "api": args})
+    assert ingress.ftapi.db == os.environ["RAYLAB_DATABASE_URL"] and ingress.ftapi.settings.max_file_bytes == 4000
+    client = TestClient(create_app(ROUTERS, ingress))
+    f = upload(client, users["ada"], chat_jsonl(12))
+    assert f.status_code == 200 and stored(tmp_path) == [f"acme/{f.json()['id']}"]
+    assert client.get(f"/v1/files/{f.json()['id']}", headers=users["bob"]).status_code == 404

@@ -147,10 +147,15 @@ class IngressImpl:
         self.default = user_config["default"]
         self.registry = user_config.get("registry", True)  # False: a plain model, no versions to look up
 
-    async def route(self, model: str) -> str | None:
+    async def route(self, model: str, principal: access.Principal | None = None) -> str | None:
         """The registry version (NAME/VERSION) a request's `model` goes to, or None. A
         `NAME/N` of the served model that the table lacks is looked up in the registry (a
-        version registered after the deploy); other names are not."""
+        version registered after the deploy); other names are not. A fine-tuning job's
+        `ft:...` name (with api.enabled) is looked up in the service's table, for callers of
+        the job's organisation only (or an endpoint without keys)."""
+        if model.startswith("ft:") and self.ftapi is not None:
+            target = await asyncio.to_thread(self.ftapi.model_version, model, principal)
+            return await self.route(target) if target else None
         if (model not in self.routes and self.default and self.registry
                 and re.fullmatch(re.escape(self.served) + r"/\d+", model)):
             await self.refresh()
@@ -195,17 +200,19 @@ class IngressImpl:
             raise oa.ApiError(429, "too many explanations are waiting (serve.explain.max_queued_requests); retry later",
                               code="rate_limit_exceeded") from None
 
-    def authorize(self, request: Request) -> None:
+    def authorize(self, request: Request) -> access.Principal | None:
         """Every route's check: a static key, or a control-plane key whose role may serve.infer
-        (allowed requests are not each audited, refusals are: core.access.authorize)."""
+        (allowed requests are not each audited, refusals are: core.access.authorize). The
+        caller; None for an endpoint without keys."""
         if not self.keys and not self.database:
-            return
+            return None
         principal = authenticate(request.headers.get("authorization", ""), self.keys, self.database)
         if principal is None:
             raise oa.ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
         decision = access.authorize(principal, "serve.infer", record_allow=False)
         if not decision.allowed:
             raise oa.ApiError(403, f"not allowed: {decision.reason}", code="permission_denied")
+        return principal
 
 
 def _fine_tuning(settings: dict | None):

@@ -23,7 +23,7 @@ import logging
 import tempfile
 
 from raylab import data as data_stage
-from raylab.core import access, controldb, jobs, runs, storage
+from raylab.core import access, controldb, crypto, jobs, runs, storage
 from raylab.core.access import oidc
 from raylab.errors import UserError
 from raylab.serve import ftstore
@@ -120,6 +120,11 @@ class FineTuning:
     def create_job(self, principal, request: JobRequest) -> dict:
         """Validate everything, keep the job and its config, submit it (see the module docstring)."""
         self.allow(principal, "jobs.create")
+        if crypto.active() is not None:
+            # The data stage's file sources read their files as they are; a sealed upload would
+            # reach it as ciphertext. Refused until the sources open sealed files.
+            raise oa.ApiError(400, "fine-tuning jobs are not available while governance.encryption is on: the data "
+                              "stage cannot yet read sealed uploads", None, "unsupported_with_encryption")
         hyper = request.hyper()
         if request.model not in self.bases:
             raise oa.ApiError(400, f"model {request.model!r} is not a base model this service fine-tunes; "
@@ -246,6 +251,15 @@ class FineTuning:
         if ftstore.update_job(self.db, job_id, unless=TERMINAL, status="cancelled", finished_at=ftstore.now()):
             ftstore.add_event(self.db, job_id, "info", "Job cancelled")
         return ftstore.get_job(self.db, principal.org, job_id)
+
+    def model_version(self, name: str, principal) -> str | None:
+        """The registry version (NAME/VERSION) a fine-tuned model's name stands for, when the
+        caller may use it: one of its organisation, or anyone on an endpoint without keys
+        (`principal` None). Another org's model is None, as an unknown name is."""
+        row = ftstore.get_model(self.db, name)
+        if row is None or (principal is not None and principal.org != row["org"]):
+            return None
+        return f"{row['registry_name']}/{row['registry_version']}"
 
     def refresh(self, row: dict) -> dict:
         """A queued or running job's state from its Ray job (the cluster unreachable: as it was)."""

@@ -54,10 +54,10 @@ async def _handle(server, request: Request, kind, chat: bool):
     started, rid = time.monotonic(), oa.new_id("chatcmpl" if chat else "cmpl")
     model, version = "", None  # what the metrics name a request that failed before routing
     try:
-        server.authorize(request)
+        principal = server.authorize(request)
         req = oa.parse(kind, await read_body(server.limits, request))
         model = req.model
-        version = await server.route(req.model)
+        version = await server.route(req.model, principal)
         if version is None:
             raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
                               "model", "model_not_found")

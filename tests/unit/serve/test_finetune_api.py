@@ -282,3 +282,31 @@ def test_the_inference_ingress_mounts_the_service_from_its_deploy_args(app_env):
     f = upload(client, users["ada"], chat_jsonl(12))
     assert f.status_code == 200 and stored(tmp_path) == [f"acme/{f.json()['id']}"]
     assert client.get(f"/v1/files/{f.json()['id']}", headers=users["bob"]).status_code == 404
+
+
+def test_a_fine_tuned_model_name_routes_to_its_version_for_its_org_only(app_env):
+    """The table from `ft:{base}:{org}:{suffix}:{job}` names to registry versions (registry
+    names hold no colons), as the ingress's `route` reads it."""
+    import asyncio
+
+    from raylab.core.access import Principal
+    from raylab.serve import deploy, ftstore
+    from raylab.serve.app import IngressImpl
+
+    _, _, tmp_path = app_env
+    catalog = {"routes": {"m": "m/1", "m/1": "m/1", "m/2": "m/2"}, "listed": ["m", "m/1", "m/2"], "default": "m/1"}
+
+    class Ingress(IngressImpl):
+        def _catalog(self, default: str) -> dict:
+            return catalog
+
+    ingress = Ingress(generator=None, args={"limits": {}, "api": deploy.api_args(template(tmp_path, enabled=True))})
+    ingress.reconfigure({"routes": {"m": "m/1", "m/1": "m/1"}, "listed": ["m", "m/1"], "default": "m/1"})
+    name = "ft:preset:tiny-llama:acme:colours:ftjob-1"
+    ftstore.add_model(ingress.ftapi.db, {"name": name, "org": "acme", "job_id": "ftjob-1", "registry_name": "m",
+                                         "registry_version": 2})
+    acme, globex = (Principal("ada", org, frozenset({"viewer"}), "api-key") for org in ("acme", "globex"))
+    assert asyncio.run(ingress.route(name, acme)) == "m/2"  # registered after the deploy: looked up
+    assert asyncio.run(ingress.route(name, None)) == "m/2"  # an endpoint without keys
+    assert asyncio.run(ingress.route(name, globex)) is None  # another org: as if unknown
+    assert asyncio.run(ingress.route(name.replace("ftjob-1", "ftjob-2"), acme)) is None

@@ -275,13 +275,15 @@ class FineTuning:
             if ftstore.update_job(self.db, row["id"], unless=TERMINAL, status=state):
                 ftstore.add_event(self.db, row["id"], "info", f"Job {state}")
         elif current.status == "SUCCEEDED":
-            self._succeeded(row)
+            self.record_success(row)
         elif current.status in ("FAILED", "STOPPED"):
             self._fail(row["id"], "job_failed", f"the Ray job {current.status.lower()}"
                        + (f": {current.message}" if current.message else ""))
         return ftstore.get_job(self.db, row["org"], row["id"])
 
-    def _succeeded(self, row: dict) -> None:
+    def record_success(self, row: dict) -> None:
+        """A job whose Ray job SUCCEEDED: the version its run registered (run.json, written by
+        `raylab run`) under the job's `ft:` name, the job `succeeded`."""
         summary = json.loads(storage.read_text(runs.Run(row["output_dir"]).summary))
         version = summary.get("version")
         name = None

@@ -310,3 +310,31 @@ def test_a_fine_tuned_model_name_routes_to_its_version_for_its_org_only(app_env)
     assert asyncio.run(ingress.route(name, None)) == "m/2"  # an endpoint without keys
     assert asyncio.run(ingress.route(name, globex)) is None  # another org: as if unknown
     assert asyncio.run(ingress.route(name.replace("ftjob-1", "ftjob-2"), acme)) is None
+
+
+def test_a_succeeded_run_names_its_registered_version_and_stays_succeeded(app_env):
+    """What `refresh` does when the Ray job SUCCEEDED: run.json (the pipeline's summary) names
+    the version; the job gets its ft: name, the table maps it, and a later cancel is refused."""
+    from raylab.core import runs, storage
+    from raylab.serve import ftstore
+    from raylab.serve.finetune import FineTuning
+
+    app, users, tmp_path = app_env
+    client = TestClient(app)
+    good = upload(client, users["ada"], chat_jsonl(12)).json()["id"]
+    job = client.post("/v1/fine_tuning/jobs", headers=users["ada"],
+                      json={"model": BASE, "training_file": good, "suffix": "colours"}).json()
+    svc: FineTuning = app.state.ingress.ftapi
+    assert job["status"] == "failed"  # no cluster; here the job is put back as if it had been queued
+    ftstore.update_job(svc.db, job["id"], status="queued", error=None, finished_at=None)
+    row = ftstore.get_job(svc.db, "acme", job["id"])
+    storage.write_text(runs.Run(row["output_dir"]).summary, json.dumps({"version": {"name": "m", "version": "3"}}))
+    svc.record_success(row)
+
+    done = client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=users["ada"]).json()
+    name = f"ft:{BASE}:acme:colours:{job['id']}"
+    assert done["status"] == "succeeded" and done["fine_tuned_model"] == name and done["finished_at"]
+    assert svc.model_version(name, None) == "m/3"
+    assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=users["ada"]).status_code == 400
+    svc.record_success(row)  # a second refresh changes nothing
+    assert ftstore.get_job(svc.db, "acme", job["id"])["finished_at"] == done["finished_at"]

@@ -29,7 +29,8 @@ class ApiConfig(Section):
                           "raylab serve's ingress; `raylab api CONFIG --standalone` serves them either way")
     max_file_bytes: PositiveInt = Field(50_000_000, description="the largest upload POST /v1/files accepts (413 above)")
     files: PathOrUri | None = Field(None, description="where uploaded files and job results are kept (a directory or "
-                                    "URI, encrypted with governance.encryption); default $RAYLAB_HOME/api/files")
+                                    "URI the cluster reaches too: a job's data stage reads its training file there; "
+                                    "encrypted with governance.encryption); default $RAYLAB_HOME/api/files")
     runs: PathOrUri | None = Field(None, description="where each job's run directory goes (shared storage the "
                                    "cluster reaches); default $RAYLAB_HOME/api/runs")
     base_models: dict[str, ModelRef] = Field(

@@ -18,10 +18,10 @@ import argparse
 import sys
 import traceback
 
-from raylab.cli import explain, governance, keys, models, monitor, optimize, stages, synth
+from raylab.cli import api, explain, governance, keys, models, monitor, optimize, stages, synth
 from raylab.errors import RunFailed, UserError
 
-GROUPS = (stages, models, governance, keys, optimize, explain, synth, monitor)
+GROUPS = (stages, models, governance, keys, optimize, explain, synth, monitor, api)
 # verb -> command, filled by _parser() (tests patch entries to inject failures)
 COMMANDS: dict = {}
 

@@ -12,6 +12,7 @@ stage: every stage imports it.
 
 from __future__ import annotations
 
+from raylab.config.api import ApiConfig
 from raylab.config.bias import BiasProbesConfig, BiasProbeSet, BiasTemplate
 from raylab.config.data import (
     CleanConfig,
@@ -71,7 +72,7 @@ from raylab.core.secrets import ENV_REF, expand_env
 from raylab.errors import ConfigError
 
 __all__ = [
-    "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
+    "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "ApiConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
     "BiasProbeSet", "BiasProbesConfig", "BiasTemplate", "CleanConfig", "CloudConfig", "ConfigError",
     "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EndpointConfig", "EvalConfig", "EvolInstructConfig", "JudgeConfig", "EXPLAIN_METHODS",
     "ExplainConfig", "ExplainServeConfig", "GroundedQaConfig", "SelfInstructConfig", "SynthConfig", "SynthFiltersConfig",

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from raylab.config.api import ApiConfig
 from raylab.config.data import DataConfig
 from raylab.config.evaluate import EvalConfig
 from raylab.config.explain import ExplainConfig
@@ -54,6 +55,8 @@ class RaylabConfig(Section):
                                      description="`raylab optimize`: quantised or pruned versions derived from a registered one")
     explain: ExplainConfig = Field(default_factory=ExplainConfig,
                                    description="`raylab explain`: token attributions of a registered version")
+    api: ApiConfig = Field(default_factory=ApiConfig,
+                           description="`raylab api`: the OpenAI-compatible fine-tuning service (files, jobs)")
     platform: PlatformConfig = Field(default_factory=PlatformConfig,
                                      description="the cluster and CI pipeline `raylab render` writes files for")
 

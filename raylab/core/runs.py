@@ -306,6 +306,16 @@ class Home:
         return self.root / "raylab.db"
 
     @property
+    def api_files(self) -> Path:
+        """The fine-tuning service's uploaded files and job results by default (api.files)."""
+        return self.root / "api" / "files"
+
+    @property
+    def api_runs(self) -> Path:
+        """The run directories of the service's jobs by default (api.runs)."""
+        return self.root / "api" / "runs"
+
+    @property
     def audit_checkpoints(self) -> Path:
         """Where signed audit checkpoints go by default (core/audit/)."""
         return self.root / "audit" / "checkpoints"
@@ -321,6 +331,16 @@ def audit_key_default() -> Path:
 def audit_checkpoint(location: str, length: int) -> str:
     """One signed checkpoint file: named by the chain length it covers, so names sort."""
     return _join(location, f"{length:012d}.json")
+
+
+def api_file(root: str, org: str, file_id: str) -> str:
+    """One uploaded file (or a job's result file) of the fine-tuning service: <root>/<org>/<id>."""
+    return _join(root, org, file_id)
+
+
+def api_run(root: str, job_id: str) -> str:
+    """A fine-tuning job's run directory: <root>/<job id>."""
+    return _join(root, job_id)
 
 
 def home() -> Home:

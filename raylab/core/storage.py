@@ -91,6 +91,17 @@ def remove_dir(location: str) -> None:
         fsys.delete_dir(path)
 
 
+def remove_file(location: str) -> bool:
+    """Delete one file if it is there; whether it was."""
+    from pyarrow import fs
+
+    fsys, path = filesystem(location)
+    if fsys.get_file_info(path).type != fs.FileType.File:
+        return False
+    fsys.delete_file(path)
+    return True
+
+
 # ---------------------------------------------------------------- bytes and text
 
 

@@ -7,11 +7,13 @@
 Modules: stage (the Ray Data pipeline, `run_data`), sources/ (files, sql, http), records
 (one record's rules), documents (checked documents for other stages), dedup (MinHash +
 LSH), packing (tokenization and the trainer contract), stats (counts and token statistics),
-datasheet (the data run's datasheet, beside the manifest).
+datasheet (the data run's datasheet, beside the manifest), chatfile (an uploaded chat JSONL
+checked by the same rules: the fine-tuning service's validation).
 """
 
 from __future__ import annotations
 
+from raylab.data.chatfile import ChatFileError, check_chat_file, parse_jsonl
 from raylab.data.dedup import minhash
 from raylab.data.documents import clean_documents, document_text
 from raylab.data.sources import FILE_DATASOURCES, describe_inputs, listing, source_name
@@ -23,5 +25,5 @@ def extensions(source_type: str) -> list[str]:
     return list(FILE_DATASOURCES[source_type]._FILE_EXTENSIONS or [])
 
 
-__all__ = ["clean_documents", "describe_inputs", "document_text", "extensions", "listing", "minhash", "run_data",
+__all__ = ["ChatFileError", "check_chat_file", "parse_jsonl", "clean_documents", "describe_inputs", "document_text", "extensions", "listing", "minhash", "run_data",
            "source_name"]

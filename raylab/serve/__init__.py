@@ -7,7 +7,9 @@ Ray Serve endpoint, switched to another version without downtime.
 Modules: deploy (the verbs, Serve's declarative REST API), app (the FastAPI ingress and
 `build`, the application's import path `raylab.serve:build`), generator (the model
 deployment), explainer (the Explainer deployment: token attributions for /v1/explain), engine (the Engine seam and TransformersEngine), decode (the continuous-batching
-decode loop), openai_api (request, response and error shapes), auth (API keys).
+decode loop), openai_api (request, response and error shapes), auth (API keys), finetune
+(the fine-tuning service, `raylab api`: standalone its own port, ftstore its tables, ftrequests its request and
+response shapes, routers/files.py and routers/fine_tuning.py its routes).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from raylab.serve.deploy import (
     wait_until_stopped,
 )
 
-__all__ = ["APP", "api_keys", "build", "default_ref", "emit", "emit_text", "run_deploy", "run_serve", "start_serving",
+__all__ = ["APP", "api_keys", "build", "run_api", "default_ref", "emit", "emit_text", "run_deploy", "run_serve", "start_serving",
            "stop_serving", "wait_until_stopped"]
 
 
@@ -36,4 +38,8 @@ def __getattr__(name: str):
         from raylab.serve.app import build
 
         return build
+    if name == "run_api":  # the fine-tuning service: FastAPI, uvicorn and the data stage's rules
+        from raylab.serve.standalone import run_api
+
+        return run_api
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,8 @@ Two deployments, or three or four, built by `build(args)` (the config's
 `import_path: raylab.serve:build`):
 
 - `Ingress`: one FastAPI app assembled by `create_app(ROUTERS, ingress)` from one router per
-  concern (routers/: health and metadata, OpenAI inference, explanations); a new route is a
+  concern (routers/: health and metadata, OpenAI inference, explanations, and with
+  `api.enabled` the fine-tuning service's files and jobs, finetune.py); a new route is a
   router added to `ROUTERS`. The ingress holds what the routes share: API keys, limits, the Generator's
   handle and the routing table (request `model` names -> registry versions). Its
   `user_config` holds that table, so `raylab deploy` switches versions with `reconfigure`,
@@ -34,6 +35,7 @@ import time
 from collections.abc import Iterable
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -48,15 +50,26 @@ from raylab.serve.explainer import explainer_deployment
 from raylab.serve.generator import generator_deployment
 from raylab.serve.metrics import Metrics, version_tags
 from raylab.serve.retrieval import EmbedderImpl
-from raylab.serve.routers import embeddings, explain, health, inference
+from raylab.serve.routers import embeddings, explain, files, fine_tuning, health, inference
 from raylab.serve.sample import PromptSample
 
 log = logging.getLogger("ray.serve")
-ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, embeddings.router, explain.router)
+ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, embeddings.router, explain.router, files.router,
+                                  fine_tuning.router)
 
 
 async def _http_error(_request, exc: StarletteHTTPException):  # unknown paths and methods, OpenAI-shaped
     return JSONResponse(oa.ApiError(exc.status_code, str(exc.detail)).body(), exc.status_code)
+
+
+async def _api_error(_request, exc: oa.ApiError):  # raised by a route (the fine-tuning service's)
+    return JSONResponse(exc.body(), exc.status)
+
+
+async def _invalid(_request, exc: RequestValidationError):  # a bad query parameter: 400 naming it
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"][1:])
+    return JSONResponse(oa.ApiError(400, f"{param}: {first['msg']}", param or None, "invalid_value").body(), 400)
 
 
 def create_app(routers: Iterable[APIRouter], ingress=None) -> FastAPI:
@@ -64,6 +77,8 @@ def create_app(routers: Iterable[APIRouter], ingress=None) -> FastAPI:
     object whose state the routes use, see routers/__init__.py) on `app.state`."""
     api = FastAPI(title="raylab", docs_url=None, redoc_url=None)
     api.add_exception_handler(StarletteHTTPException, _http_error)
+    api.add_exception_handler(oa.ApiError, _api_error)
+    api.add_exception_handler(RequestValidationError, _invalid)
     api.state.ingress = ingress
     for router in routers:
         api.include_router(router)
@@ -84,6 +99,8 @@ class IngressImpl:
         self.keys = api_keys(args)
         self.database = args.get("api_keys_database")  # serve.api_keys_db: keys from `raylab keys create`
         self.explainer = explainer  # None: serve.explain is off, /v1/explain answers 404
+        # api.enabled: the fine-tuning service in this ingress (one base URL); None: its routes answer 404
+        self.ftapi = _fine_tuning(args.get("api"))
         settings = args.get("explain")
         self.explained = explain.Recent(settings["keep_results"], settings["keep_seconds"]) if settings else None
         self.routes: dict[str, str] = {}
@@ -130,10 +147,15 @@ class IngressImpl:
         self.default = user_config["default"]
         self.registry = user_config.get("registry", True)  # False: a plain model, no versions to look up
 
-    async def route(self, model: str) -> str | None:
+    async def route(self, model: str, principal: access.Principal | None = None) -> str | None:
         """The registry version (NAME/VERSION) a request's `model` goes to, or None. A
         `NAME/N` of the served model that the table lacks is looked up in the registry (a
-        version registered after the deploy); other names are not."""
+        version registered after the deploy); other names are not. A fine-tuning job's
+        `ft:...` name (with api.enabled) is looked up in the service's table, for callers of
+        the job's organisation only (or an endpoint without keys)."""
+        if model.startswith("ft:") and self.ftapi is not None:
+            target = await asyncio.to_thread(self.ftapi.model_version, model, principal)
+            return await self.route(target) if target else None
         if (model not in self.routes and self.default and self.registry
                 and re.fullmatch(re.escape(self.served) + r"/\d+", model)):
             await self.refresh()
@@ -181,7 +203,8 @@ class IngressImpl:
     def authorize(self, request: Request) -> access.Principal | None:
         """Every route's check: a static key, or a control-plane key whose role may serve.infer
         (allowed requests are not each audited, refusals are: core.access.authorize). Returns
-        the caller (None: an endpoint without keys), whose org retrieval is limited to."""
+        the caller (None: an endpoint without keys), whose org retrieval and `ft:` models are
+        limited to."""
         if not self.keys and not self.database:
             return None
         principal = authenticate(request.headers.get("authorization", ""), self.keys, self.database)
@@ -191,6 +214,18 @@ class IngressImpl:
         if not decision.allowed:
             raise oa.ApiError(403, f"not allowed: {decision.reason}", code="permission_denied")
         return principal
+
+
+def _fine_tuning(settings: dict | None):
+    """The FineTuning service from the args deploy.api_args wrote (the template config as YAML
+    and the control-plane database's URL), or None."""
+    if not settings:
+        return None
+    from raylab import config
+    from raylab.serve.finetune import FineTuning
+
+    return FineTuning(config.load_text(settings["config"], source="api (the fine-tuning service's template)"),
+                      settings["database"])
 
 
 def _logged(done: asyncio.Future) -> None:

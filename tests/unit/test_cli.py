@@ -65,6 +65,7 @@ def test_version(capsys):
         (["frobnicate"], ["invalid choice"]),
         ([], ["required"]),
         (["doctor", "train.lr=1"], ["need a CONFIG"]),
+        (["api", "configs/quickstart.yaml"], ["api.enabled", "--standalone"]),  # the service lives in the ingress
     ],
 )
 def test_usage_errors_exit_2_without_traceback(args, needles):

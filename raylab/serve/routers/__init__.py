@@ -5,7 +5,9 @@ app by `app.create_app(routers, ingress)`:
 - inference: `/v1/completions`, `/v1/chat/completions` (OpenAI-compatible generation, with
   retrieval when `serve.rag` attaches an index);
 - embeddings: `/v1/embeddings` (the index's embedding model);
-- explain: `/v1/explain`, `/v1/explain/{id}/html` (token attributions, the Explainer deployment).
+- explain: `/v1/explain`, `/v1/explain/{id}/html` (token attributions, the Explainer deployment);
+- files, fine_tuning: `/v1/files...`, `/v1/fine_tuning/jobs...` (the fine-tuning service,
+  serve/finetune.py; 404 unless `api.enabled`, or alone in `raylab api --standalone`).
 
 A route handler reaches the running ingress (its routing table, API keys, limits and the
 Generator's handle) through the `ingress` dependency. A new concern (embeddings, retrieval,

@@ -113,10 +113,10 @@ def _enabled(server) -> None:
 async def explain_answer(request: Request, server=Depends(ingress)):
     started, rid = time.monotonic(), oa.new_id("explain")
     try:
-        server.authorize(request)
+        principal = server.authorize(request)
         _enabled(server)
         req = oa.parse(ExplainRequest, await read_body(server.limits, request))
-        version = await server.route(req.model)
+        version = await server.route(req.model, principal)
         if version is None:
             raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
                               "model", "model_not_found")

@@ -59,7 +59,7 @@ async def _handle(server, request: Request, kind, chat: bool):
         caller = server.authorize(request)
         req = oa.parse(kind, await read_body(server.limits, request))
         model = req.model
-        version = await server.route(req.model)
+        version = await server.route(req.model, caller)
         if version is None:
             raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
                               "model", "model_not_found")

@@ -20,6 +20,9 @@ LIMITS = {"max_prompt_tokens": 64, "max_tokens": 32, "max_request_bytes": 2000, 
 CATALOG = {"routes": {"m": "m/1", "m@production": "m/1", "m/1": "m/1"}, "listed": ["m", "m@production", "m/1"],
            "default": "m/1"}
 EXPLAIN_PATHS = ("/v1/explain", "/v1/explain/{explanation_id}/html")  # answer 404 unless serve.explain (test_explain.py)
+# the fine-tuning service's: 404 unless api.enabled (test_finetune_api.py)
+FT_PATHS = ("/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/fine_tuning/jobs",
+            "/v1/fine_tuning/jobs/{job_id}", "/v1/fine_tuning/jobs/{job_id}/cancel", "/v1/fine_tuning/jobs/{job_id}/events")
 
 extra = APIRouter()
 
@@ -77,7 +80,9 @@ def test_unregistered_paths_and_routers_are_openai_shaped_404s(server):
         assert error["type"] == "invalid_request_error"
     assert client.get("/healthz").status_code == 200
     assert set(create_app(ROUTERS, server).openapi()["paths"]) == {"/healthz", "/v1/models", "/v1/completions",
-                                                                  "/v1/chat/completions", *EXPLAIN_PATHS, "/v1/embeddings"}
+                                                                  "/v1/chat/completions", *EXPLAIN_PATHS, "/v1/embeddings",
+                                                                  *FT_PATHS}
+    assert server.ftapi is None and openai_error(client.get("/v1/files"), 404)  # mounted, off without api.enabled
     bare = TestClient(create_app([extra], server))  # only what is registered is served
     assert bare.get("/v1/extra").status_code == 200 and openai_error(bare.get("/healthz"), 404)
 
@@ -86,7 +91,7 @@ def test_the_ingress_builds_its_app_from_its_routers(server):
     app = server.__serve_build_asgi_app__()
     assert app.state.ingress is server
     assert set(app.openapi()["paths"]) == {"/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions",
-                                           *EXPLAIN_PATHS, "/v1/embeddings"}
+                                           *EXPLAIN_PATHS, "/v1/embeddings", *FT_PATHS}
 
 
 def test_a_version_registered_after_the_deploy_is_routed_without_a_reconfigure(server):

@@ -1,0 +1,56 @@
+"""The fine-tuning service's jobs (OpenAI's /v1/fine_tuning/jobs): create, list (newest first,
+`after`/`limit`), get, cancel, and the job's events. See serve/finetune.py for the lifecycle.
+
+    curl -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
+         -d '{"model": "preset:tiny-llama", "training_file": "file-..."}' http://HOST/v1/fine_tuning/jobs
+    client.fine_tuning.jobs.create(model="preset:tiny-llama", training_file=f.id)   # the openai client
+
+Pause and resume are not offered (a 404): resuming needs the run to continue from its last
+checkpoint through `raylab run`, which is not built.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+
+from raylab.serve.ftrequests import JobRequest, event_object, job_object, parse
+from raylab.serve.routers.files import caller, service
+
+router = APIRouter()
+
+
+@router.post("/v1/fine_tuning/jobs")
+async def create_job(request: Request):
+    import asyncio
+
+    svc = service(request)
+    raw = await request.body()
+    principal = await asyncio.to_thread(caller, request, svc)
+    body = parse(raw, JobRequest)
+    return job_object(await asyncio.to_thread(svc.create_job, principal, body))
+
+
+@router.get("/v1/fine_tuning/jobs")
+def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100)):
+    svc = service(request)
+    rows, more = svc.jobs(caller(request, svc), after, limit)
+    return {"object": "list", "data": [job_object(r) for r in rows], "has_more": more}
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+def get_job(request: Request, job_id: str):
+    svc = service(request)
+    return job_object(svc.job(caller(request, svc), job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+def cancel_job(request: Request, job_id: str):
+    svc = service(request)
+    return job_object(svc.cancel(caller(request, svc), job_id))
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+def list_events(request: Request, job_id: str, after: str | None = None, limit: int = Query(20, ge=1, le=100)):
+    svc = service(request)
+    rows, more = svc.events(caller(request, svc), job_id, after, limit)
+    return {"object": "list", "data": [event_object(r) for r in rows], "has_more": more}

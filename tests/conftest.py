@@ -74,6 +74,34 @@ def run_cli(*args: str, cwd: Path | str = REPO, env: dict | None = None, timeout
     )
 
 
+def cli_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`raylab ARGS` in this process (raylab.cli.main, as `python -m raylab` calls it), for a
+    command that needs no process of its own (registry verbs, user errors refused before Ray):
+    each subprocess costs a Python start and raylab's and MLflow's imports, about 4-5 s of a
+    CI core. The same exit code and the same stdout/stderr (an unexpected exception is
+    printed there with its traceback and exit 1, as in a subprocess). Each test file keeps at
+    least one `run_cli` of the same kind, so the `python -m raylab` entry stays covered."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from raylab.cli import main
+
+    saved = dict(os.environ)  # `env`, and what a command sets for itself (a stage's settings), end with it
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update(env or {})
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        for k in set(os.environ) - set(saved):
+            del os.environ[k]
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["raylab", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama (random weights) and its tokenizer, saved like a user's local model."""

@@ -6,8 +6,9 @@
 - `ray_local`: the session-wide embedded Ray (started once through raylab.cluster.connect).
 - `learn_data`: a corpus through the data stage once; `reference`: a LoRA adapter trained on it once.
 - `ray_head`: a real `ray start --head` cluster in a subprocess (for auto / HOST:PORT / ray://).
-- `two_node_cluster`: two Ray nodes on this machine (ray.cluster_utils.Cluster); tests that
-  use it are marked `multinode` and run last, since it replaces the session Ray.
+- `two_node_cluster`: two Ray nodes on this machine (ray.cluster_utils.Cluster), one per session;
+  tests that use it are marked `multinode` and run last, since it replaces the session Ray.
+- `cli_here`: `raylab ARGS` in this process, for commands that need no process of their own.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def run_cli(*args: str, cwd: Path | str = REPO, env: dict | None = None, timeout
     )
 
 
-def cli_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli_here(*args: str, cwd: Path | str = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
     """`raylab ARGS` in this process (raylab.cli.main, as `python -m raylab` calls it), for a
     command that needs no process of its own (registry verbs, user errors refused before Ray):
     each subprocess costs a Python start and raylab's and MLflow's imports, about 4-5 s of a
@@ -87,8 +88,10 @@ def cli_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
     from raylab.cli import main
 
     saved = dict(os.environ)  # `env`, and what a command sets for itself (a stage's settings), end with it
+    here = os.getcwd()
     out, err = io.StringIO(), io.StringIO()
     try:
+        os.chdir(cwd)  # as run_cli: relative paths (configs/...) are the repository's
         os.environ.update(env or {})
         with redirect_stdout(out), redirect_stderr(err):
             try:
@@ -96,6 +99,7 @@ def cli_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
             except SystemExit as e:  # argparse's usage errors
                 code = e.code if isinstance(e.code, int) else 2
     finally:
+        os.chdir(here)
         for k in set(os.environ) - set(saved):
             del os.environ[k]
         os.environ.update(saved)
@@ -234,7 +238,9 @@ def start_head(extra_env: dict | None = None, temp_dir: str | None = None):
 @pytest.fixture(scope="module")
 def two_node_cluster():
     """Two Ray nodes on one machine (2 CPUs each; the second has resource `node_b`),
-    connected through raylab.cluster.connect. Replaces the session Ray while it lives."""
+    connected through raylab.cluster.connect. Replaces the session Ray for the rest of the
+    session: its tests (marked `multinode`) run last, and share this one cluster across
+    modules (test_multinode.py, test_train.py) rather than each starting two nodes anew."""
     import ray
     from ray.cluster_utils import Cluster
 

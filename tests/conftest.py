@@ -32,6 +32,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # explicit, so results never de
 # each run waited out several polls (about 5 of its ~20 s in Ray Train). Every Ray the tests
 # start (embedded, CLI subprocesses, `ray start`) inherits this; users keep Ray's default.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train 2.60 starts a PreemptionWatcher actor (its own Python worker process, polling the
+# GCS every 5 s) for every worker group it starts: each train run, tune trial and worker
+# restart here, ~70 in CI, on 2 cores. No test here drains a node (spot preemption); the
+# controller reads this setting and passes it to its actors. Users keep Ray's default.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -235,7 +240,7 @@ def start_head(extra_env: dict | None = None, temp_dir: str | None = None):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_node_cluster():
     """Two Ray nodes on one machine (2 CPUs each; the second has resource `node_b`),
     connected through raylab.cluster.connect. Replaces the session Ray for the rest of the

@@ -6,8 +6,9 @@
 - `ray_local`: the session-wide embedded Ray (started once through raylab.cluster.connect).
 - `learn_data`: a corpus through the data stage once; `reference`: a LoRA adapter trained on it once.
 - `ray_head`: a real `ray start --head` cluster in a subprocess (for auto / HOST:PORT / ray://).
-- `two_node_cluster`: two Ray nodes on this machine (ray.cluster_utils.Cluster); tests that
-  use it are marked `multinode` and run last, since it replaces the session Ray.
+- `two_node_cluster`: two Ray nodes on this machine (ray.cluster_utils.Cluster), one per session;
+  tests that use it are marked `multinode` and run last, since it replaces the session Ray.
+- `cli_here`: `raylab ARGS` in this process, for commands that need no process of their own.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # explicit, so results never de
 # each run waited out several polls (about 5 of its ~20 s in Ray Train). Every Ray the tests
 # start (embedded, CLI subprocesses, `ray start`) inherits this; users keep Ray's default.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train 2.60 starts a PreemptionWatcher actor (its own Python worker process, polling the
+# GCS every 5 s) for every worker group it starts: each train run, tune trial and worker
+# restart here, ~70 in CI, on 2 cores. No test here drains a node (spot preemption); the
+# controller reads this setting and passes it to its actors. Users keep Ray's default.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,6 +78,37 @@ def run_cli(*args: str, cwd: Path | str = REPO, env: dict | None = None, timeout
         [sys.executable, "-m", "raylab", *args], cwd=cwd, env=full_env,
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+def cli_here(*args: str, cwd: Path | str = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`raylab ARGS` in this process (raylab.cli.main, as `python -m raylab` calls it), for a
+    command that needs no process of its own (registry verbs, user errors refused before Ray):
+    each subprocess costs a Python start and raylab's and MLflow's imports, about 4-5 s of a
+    CI core. The same exit code and the same stdout/stderr (an unexpected exception is
+    printed there with its traceback and exit 1, as in a subprocess). Each test file keeps at
+    least one `run_cli` of the same kind, so the `python -m raylab` entry stays covered."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from raylab.cli import main
+
+    saved = dict(os.environ)  # `env`, and what a command sets for itself (a stage's settings), end with it
+    here = os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.chdir(cwd)  # as run_cli: relative paths (configs/...) are the repository's
+        os.environ.update(env or {})
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.chdir(here)
+        for k in set(os.environ) - set(saved):
+            del os.environ[k]
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["raylab", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
@@ -203,10 +240,12 @@ def start_head(extra_env: dict | None = None, temp_dir: str | None = None):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_node_cluster():
     """Two Ray nodes on one machine (2 CPUs each; the second has resource `node_b`),
-    connected through raylab.cluster.connect. Replaces the session Ray while it lives."""
+    connected through raylab.cluster.connect. Replaces the session Ray for the rest of the
+    session: its tests (marked `multinode`) run last, and share this one cluster across
+    modules (test_multinode.py, test_train.py) rather than each starting two nodes anew."""
     import ray
     from ray.cluster_utils import Cluster
 

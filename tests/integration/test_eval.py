@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COLORS, free_port, run_cli
+from conftest import COLORS, cli_here, free_port, run_cli
 from raylab import config, data, evaluate, registry, train
 from raylab.errors import UserError
 from raylab.evaluate import gates
@@ -154,7 +154,7 @@ def test_a_suite_with_a_failing_golden_prompt_blocks_promotion(trained, tmp_path
     passed = {c.get("name") for c in suites["suite.yaml"].findall("testcase") if c.find("failure") is None}
     assert passed == {"ships-today", "Ticket 996: what is the customer email on file?",
                       "Ticket 995: when does my green widget ship?"}
-    refused = run_cli("models", "promote", NAME, "1")
+    refused = cli_here("models", "promote", NAME, "1")
     assert refused.returncode == 2 and "its gates are 'failed'" in refused.stderr, refused.stderr
 
 
@@ -195,7 +195,8 @@ def test_gates_then_promote_rollback_from_the_cli(trained):
     s = store()
     passed = gates.evaluate_version(s, NAME, 1)
     assert passed["status"] == "passed" and {c["gate"] for c in passed["checks"]} == {"max_val_loss", "golden"}
-    assert run_cli("models", "promote", NAME, "1").returncode == 0
+    # The registry verbs in this process (conftest.cli_here), `models evaluate` as a command
+    assert cli_here("models", "promote", NAME, "1").returncode == 0
 
     # v2 barely trained: over the loss threshold and a regression against production v1
     out = run_cli("models", "evaluate", NAME, "2", "--address", _address())
@@ -206,19 +207,19 @@ def test_gates_then_promote_rollback_from_the_cli(trained):
     assert " pid=" not in out.stderr, out.stderr  # workers' standard error: Ray's logging
     mv = s.client.get_model_version(NAME, "2")
     assert mv.tags["raylab.gates.status"] == "failed" and "max_regression" in mv.tags["raylab.gates.failures"]
-    refused = run_cli("models", "promote", NAME, "2")
+    refused = cli_here("models", "promote", NAME, "2")
     assert refused.returncode == 2 and "its gates are 'failed'" in refused.stderr
 
-    forced = run_cli("models", "promote", NAME, "2", "--force", "--reason", "demo for the test")
+    forced = cli_here("models", "promote", NAME, "2", "--force", "--reason", "demo for the test")
     assert forced.returncode == 0, forced.stderr
     assert registry.get_version(s, f"{NAME}@production").version in (2, "2")
-    back = run_cli("models", "rollback", NAME, "--reason", "regressed")
+    back = cli_here("models", "rollback", NAME, "--reason", "regressed")
     assert back.returncode == 0, back.stderr
     assert registry.get_version(s, f"{NAME}@production").version in (1, "1")
     moves = [(h["alias"], h["from"], h["to"], h["forced"]) for h in registry.alias_history(s, NAME)]
     assert moves == [("production", None, 1, False), ("previous", None, 1, False), ("production", 1, 2, True),
                      ("production", 2, 1, False), ("previous", 1, None, False)]
-    shown = run_cli("models", "show", f"{NAME}@production")
+    shown = cli_here("models", "show", f"{NAME}@production")
     assert "alias history:" in shown.stdout and "demo for the test" in shown.stdout
 
 
@@ -304,7 +305,7 @@ def test_mlflow_ui_serves_the_same_store(trained, tmp_path):
         assert sorted(int(v["version"]) for v in found["model_versions"]) == [1, 2]
         run = json.load(urllib.request.urlopen(base + f"/api/2.0/mlflow/runs/get?run_id={trained[1]['registry']['run_id']}"))
         assert run["run"]["info"]["run_name"] == "good"
-        listed = run_cli("models", "list", NAME, "--tracking-uri", base)  # the CLI through the server too
+        listed = cli_here("models", "list", NAME, "--tracking-uri", base)  # the CLI through the server too
         assert listed.returncode == 0 and f"{NAME}" in listed.stdout and "full" in listed.stdout, listed.stderr
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server's workers too

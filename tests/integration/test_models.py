@@ -1,4 +1,6 @@
-"""`raylab models`: the registry CLI in subprocesses (each imports MLflow)."""
+"""`raylab models`: the registry CLI. Each test's first command runs as `python -m raylab` in
+a subprocess (each imports MLflow); the rest through the same entry point in this process
+(conftest.cli_here: the same exit codes and output, without a Python start each)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_here, run_cli
 from registry_helpers import open_test_store, register
 
 
@@ -22,17 +24,17 @@ def test_models_cli_lists_and_refuses_with_exit_2(store, tmp_path):
     env = {"RAYLAB_HOME": str(tmp_path / "home")}
     listed = run_cli("models", "list", env=env)
     assert listed.returncode == 0 and "widgets" in listed.stdout and "passed" in listed.stdout, listed.stderr
-    shown = run_cli("models", "show", "widgets/1", env=env)
+    shown = cli_here("models", "show", "widgets/1", env=env)
     assert shown.returncode == 0 and "data_manifest_hash: d1" in shown.stdout, shown.stderr
     # --json: the same facts for scripts, parseable as a whole
-    rows = json.loads(run_cli("models", "list", "--json", env=env).stdout)
+    rows = json.loads(cli_here("models", "list", "--json", env=env).stdout)
     assert [(r["name"], r["version"], r["gates"]) for r in rows] == [("widgets", 1, "passed")]
-    version = json.loads(run_cli("models", "show", "widgets/1", "--json", env=env).stdout)
+    version = json.loads(cli_here("models", "show", "widgets/1", "--json", env=env).stdout)
     assert version["name"] == "widgets" and version["version"] == 1 and version["tags"]["data_manifest_hash"] == "d1"
     assert version["checksums"] and all(len(v) == 64 for v in version["checksums"].values())
     for args, message in [(["show", "widgets@staging"], "no alias 'staging'"), (["promote", "widgets", "7"], "no version 7"),
                           (["rollback", "nope"], "no registered model 'nope'")]:
-        out = run_cli("models", *args, env=env)
+        out = cli_here("models", *args, env=env)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
@@ -47,6 +49,6 @@ def test_a_version_missing_a_file_or_its_checksums_is_refused_with_exit_2(store,
     store.client.delete_model_version_tag("widgets", "3", "raylab.checksums")
     for version, message in [(2, "widgets/2: artifact does not match its registration checksums: tokenizer.json (missing)"),
                              (3, "widgets/3: no checksums recorded at registration; refusing to load it unverified")]:
-        out = run_cli("export", f"widgets/{version}", str(tmp_path / f"out{version}"), env=env)
+        out = cli_here("export", f"widgets/{version}", str(tmp_path / f"out{version}"), env=env)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert not (tmp_path / f"out{version}").exists()  # nothing written from an unverified version

@@ -37,7 +37,7 @@ import pytest
 import yaml
 from rag_index import package_description, write_index
 
-from conftest import free_port, run_cli
+from conftest import cli_here, free_port, run_cli
 from raylab import config, registry
 from raylab.serve import deploy
 from serve_load import Load, stream
@@ -616,7 +616,7 @@ def test_emit_config_is_a_valid_serve_deploy_config(served, tmp_path):
     out = tmp_path / "serve.yaml"
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(served["cfg"].model_dump(mode="json")))
-    done = run_cli("serve", str(cfg_file), "--emit-config", str(out), timeout=120)
+    done = cli_here("serve", str(cfg_file), "--emit-config", str(out))  # in this process: no Ray, no server
     assert done.returncode == 0, done.stderr
     emitted = yaml.safe_load(out.read_text())
     ServeDeploySchema.parse_obj(emitted)  # what `serve deploy` and a RayService check
@@ -625,7 +625,7 @@ def test_emit_config_is_a_valid_serve_deploy_config(served, tmp_path):
     assert app["deployments"][1]["user_config"]["default"] == f"{NAME}/1"
     assert app["deployments"][0]["autoscaling_config"]["max_replicas"] == 2
     # No production version: exit 2 naming the fix.
-    fresh = run_cli("serve", str(cfg_file), "registry.model_name=never-promoted", "--emit-config", str(out), timeout=120)
+    fresh = cli_here("serve", str(cfg_file), "registry.model_name=never-promoted", "--emit-config", str(out))
     assert fresh.returncode == 2 and "no registered model 'never-promoted'" in fresh.stderr and "Traceback" not in fresh.stderr
 
 

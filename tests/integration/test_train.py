@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import STEPS, base_config, kill_cli_when_ready, run_cli, with_data
+from conftest import STEPS, base_config, cli_here, kill_cli_when_ready, run_cli, with_data
 from manifests import fake_manifest
 from raylab import config, train
 from raylab.core import runs
@@ -104,7 +104,7 @@ def test_export_merge_gives_the_same_model(reference, tmp_path):
     ids = torch.tensor([[5, 60, 70, 80, 90, 100]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapter(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
-    assert run_cli("export", str(tmp_path / "nothing"), str(tmp_path / "out")).returncode == 2
+    assert cli_here("export", str(tmp_path / "nothing"), str(tmp_path / "out")).returncode == 2
 
 
 def test_rerun_skips_a_finished_run_and_refuses_changed_settings(reference):
@@ -268,12 +268,13 @@ def test_cli_train_user_errors_exit_2_without_traceback(tmp_path, tiny_model_dir
     raw = base_config(tmp_path / "run", tmp_path / "x.jsonl")
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
-    r = run_cli("train", str(path))
+    # In this process (conftest.cli_here): `python -m raylab train` is the killed-driver and max-failures tests'
+    r = cli_here("train", str(path))
     assert r.returncode == 2 and "run `raylab data" in r.stderr and "Traceback" not in r.stderr
     data = tmp_path / "run" / "data"
     data.mkdir(parents=True)
     (data / "manifest.json").write_text(json.dumps(fake_manifest(fingerprint(build_byte_tokenizer()), seq_len=128, rows=10, val_rows=2)))
-    r = run_cli("train", str(path), "model.method=qlora", f"model.name_or_path={tiny_model_dir}")
+    r = cli_here("train", str(path), "model.method=qlora", f"model.name_or_path={tiny_model_dir}")
     assert r.returncode == 2 and "needs a GPU" in r.stderr and "Traceback" not in r.stderr
 
 

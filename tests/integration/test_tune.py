@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import base_config, kill_cli_when_ready, run_cli, with_data
+from conftest import base_config, cli_here, kill_cli_when_ready, with_data
 from raylab import config, train, tune
 from raylab.core import runs
 from raylab.errors import UserError
@@ -155,8 +155,10 @@ def test_bad_search_space_is_exit_2_before_anything_runs(space, expect, tmp_path
     from raylab.models import build_byte_tokenizer, fingerprint
 
     (data / "manifest.json").write_text(json.dumps(fake_manifest(fingerprint(build_byte_tokenizer()), seq_len=128, rows=10, val_rows=2)))
-    r = run_cli("tune", str(path))
+    # In this process (conftest.cli_here): `python -m raylab tune` itself is the killed-driver test's
+    r = cli_here("tune", str(path))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "tune").exists()  # refused before the sweep's directory (the sweep test's has study.db)
     import re
 
     assert re.search(expect, r.stderr), r.stderr

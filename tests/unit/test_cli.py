@@ -1,4 +1,7 @@
-"""The raylab command: exit codes and messages for user errors (subprocesses, no Ray)."""
+"""The raylab command: exit codes and messages for user errors (no Ray). The first test runs
+`python -m raylab` in a subprocess; the rest call the same entry point in this process
+(conftest.cli_here: the same exit code, stdout and stderr, without a Python start and
+raylab's imports, ~4 s of a CI core, per command)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_here, run_cli
 
 
 def assert_user_error(proc, *needles):
@@ -33,14 +36,14 @@ def test_validate_reports_misspelled_wrong_type_and_missing_at_once(tmp_path):
 
 
 def test_validate_ok_and_print(tmp_path):
-    proc = run_cli("validate", "configs/quickstart.yaml", "--print", "train.lr=5e-4")
+    proc = cli_here("validate", "configs/quickstart.yaml", "--print", "train.lr=5e-4")
     assert proc.returncode == 0, proc.stderr
     assert "lr: 0.0005" in proc.stdout
     assert "configs/quickstart.yaml: ok" in proc.stderr
 
 
 def test_flags_and_config_anywhere():
-    proc = run_cli("validate", "train.lr=5e-4", "--config", "configs/quickstart.yaml", "--print")
+    proc = cli_here("validate", "train.lr=5e-4", "--config", "configs/quickstart.yaml", "--print")
     assert proc.returncode == 0, proc.stderr
     assert "lr: 0.0005" in proc.stdout
 
@@ -69,25 +72,25 @@ def test_version(capsys):
     ],
 )
 def test_usage_errors_exit_2_without_traceback(args, needles):
-    assert_user_error(run_cli(*args), *needles)
+    assert_user_error(cli_here(*args), *needles)
 
 
 def test_empty_and_broken_yaml(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert_user_error(run_cli("validate", str(empty)), "the config is empty")
+    assert_user_error(cli_here("validate", str(empty)), "the config is empty")
     broken = tmp_path / "broken.yaml"
     broken.write_text("version: 1\nmodel: {name_or_path: x\n")
-    assert_user_error(run_cli("validate", str(broken)), "broken.yaml:3:", "YAML syntax error")
+    assert_user_error(cli_here("validate", str(broken)), "broken.yaml:3:", "YAML syntax error")
 
 
 def test_plan_that_cannot_fit_is_refused_before_ray_starts():
-    proc = run_cli("validate", "configs/quickstart.yaml", "train.num_workers=8", "train.cpus_per_worker=1", "ray.num_cpus=4")
+    proc = cli_here("validate", "configs/quickstart.yaml", "train.num_workers=8", "train.cpus_per_worker=1", "ray.num_cpus=4")
     assert_user_error(
         proc, "the resource plan does not fit", "train needs 8.25 CPUs", "the cluster has 4 CPUs",
         "lower train.num_workers",
     )
-    proc = run_cli("validate", "configs/quickstart.yaml", "train.gpus_per_worker=1", "ray.num_gpus=0")
+    proc = cli_here("validate", "configs/quickstart.yaml", "train.gpus_per_worker=1", "ray.num_gpus=0")
     assert_user_error(proc, "2 GPUs", "the cluster has 4 CPUs and 0 GPUs")
 
 
@@ -99,7 +102,7 @@ def test_unset_secret_is_a_warning_not_an_error(tmp_path):
           sources: [{type: sql, url: "${env:RAYLAB_TEST_UNSET_URL}", query: "select 1"}]
         model: {name_or_path: preset:tiny-llama}
         """))
-    proc = run_cli("validate", str(path))
+    proc = cli_here("validate", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "data.sources.0.url references ${env:RAYLAB_TEST_UNSET_URL}" in proc.stderr
 
@@ -107,11 +110,11 @@ def test_unset_secret_is_a_warning_not_an_error(tmp_path):
 def test_the_shipped_cluster_config_needs_keys_to_serve_but_not_to_validate():
     # The keys' variable is set where the endpoint runs (a cluster, a submitted job), so
     # validating without it is a warning; without api_keys_env the 0.0.0.0 host is refused.
-    proc = run_cli("validate", "configs/cluster.yaml", env={"RAYLAB_API_KEYS": ""})
+    proc = cli_here("validate", "configs/cluster.yaml", env={"RAYLAB_API_KEYS": ""})
     assert proc.returncode == 0, proc.stderr
     assert "serve.api_keys_env names $RAYLAB_API_KEYS, which is not set here" in proc.stderr
-    assert "serve.api_keys_env" not in run_cli("validate", "configs/cluster.yaml", env={"RAYLAB_API_KEYS": "k"}).stderr
-    open_ = run_cli("validate", "configs/cluster.yaml", "serve.api_keys_env=null")
+    assert "serve.api_keys_env" not in cli_here("validate", "configs/cluster.yaml", env={"RAYLAB_API_KEYS": "k"}).stderr
+    open_ = cli_here("validate", "configs/cluster.yaml", "serve.api_keys_env=null")
     assert_user_error(open_, "serve.host: serving on '0.0.0.0'", "serve.allow_unauthenticated: true")
-    proc = run_cli("validate", "configs/cluster.yaml", "serve.api_keys_env=null", "serve.allow_unauthenticated=true")
+    proc = cli_here("validate", "configs/cluster.yaml", "serve.api_keys_env=null", "serve.allow_unauthenticated=true")
     assert proc.returncode == 0, proc.stderr

@@ -5,13 +5,13 @@ cluster: data, train, gates, promote, serve, smoke requests, summary) and in ful
 
 from __future__ import annotations
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_here
 
 
 def test_raylab_run_cli_arguments():
-    bad = run_cli("run", "configs/quickstart.yaml", "--until", "deploy", timeout=60)
+    bad = cli_here("run", "configs/quickstart.yaml", "--until", "deploy")  # in process: usage errors, no Ray
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
-    missing = run_cli("run", timeout=60)
+    missing = cli_here("run")
     assert missing.returncode == 2 and "CONFIG file is required" in missing.stderr
 
 

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_here
 from raylab import config
 from raylab.errors import ConfigError
 
@@ -80,7 +80,7 @@ def test_validate_exits_2_without_the_value(tmp_path):
           sources: [{type: sql, url: "postgresql://u:secret@db/x", query: "select text from docs"}]
         model: {name_or_path: "preset:tiny-llama"}
         """))
-    proc = run_cli("validate", str(path))
+    proc = cli_here("validate", str(path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "data.sources.0.url: the URL holds a literal password or token" in proc.stderr, proc.stderr
     assert "postgresql://u:${env:NAME}@db/x" in proc.stderr, proc.stderr

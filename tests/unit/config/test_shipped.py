@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_here
 from raylab import config
 from raylab.core import plan
 
@@ -44,7 +44,7 @@ def test_shipped_config_validates(path: Path, monkeypatch):
     for source in cfg.data.sources:
         if getattr(source, "path", None):
             assert Path(source.path).exists(), f"{path.relative_to(REPO)}: {source.path} is not shipped"
-    proc = run_cli("validate", str(path.relative_to(REPO)), "ray.address=null")
+    proc = cli_here("validate", str(path.relative_to(REPO)), "ray.address=null")  # in process: tests/unit/test_cli.py runs the command
     assert proc.returncode == 0, proc.stderr
 
 

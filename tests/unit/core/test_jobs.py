@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_here
 from raylab.errors import UserError
 
 
@@ -62,8 +62,8 @@ def test_submit_argument_errors_exit_2_before_submitting(tmp_path):
         ((qs, "train.lr=-1", "--address", "http://127.0.0.1:9"), "train.lr"),
     ]:
         # No cluster address from the environment (an earlier test's Ray may have left one).
-        r = run_cli("submit", *args, "output_dir=" + str(tmp_path / "out"), timeout=60,
-                    env={"RAY_ADDRESS": "", "RAY_API_SERVER_ADDRESS": ""})
+        r = cli_here("submit", *args, "output_dir=" + str(tmp_path / "out"),
+                     env={"RAY_ADDRESS": "", "RAY_API_SERVER_ADDRESS": ""})
         assert r.returncode == 2, (args, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
@@ -162,8 +162,8 @@ def test_run_config_env_validates_like_a_file_and_names_the_flag(tmp_path):
         config.load(REPO / "configs" / "quickstart.yaml", ["train.lr=1e-3"]).model_dump()
     for text, message in [("data: [1, 2\n", "--config-env RAYLAB_T:"), ("", "$RAYLAB_T is not set"),
                           (qs.replace("  max_steps: 600", "  max_steps: -600", 1), "pretrain.max_steps")]:
-        r = run_cli("run", "--config-env", "RAYLAB_T", "--until", "data", f"output_dir={tmp_path / 'o'}", timeout=120,
-                    env={"RAYLAB_T": text})
+        r = cli_here("run", "--config-env", "RAYLAB_T", "--until", "data", f"output_dir={tmp_path / 'o'}",
+                     env={"RAYLAB_T": text})
         assert r.returncode == 2, (text[:40], r.stdout[-2000:], r.stderr[-2000:])
         assert message in r.stderr and "--config-env RAYLAB_T" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()

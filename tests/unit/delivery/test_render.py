@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_here
 from raylab import config, delivery, registry
 from raylab.errors import UserError
 from registry_helpers import META, fake_final, open_test_store
@@ -234,12 +234,12 @@ def test_user_errors_name_the_key(at_repo, monkeypatch, tmp_path):
 
 
 def test_cli_writes_into_out_and_refuses_flags_of_other_targets(tmp_path):
-    out = run_cli("render", QUICKSTART, "--target", "gitlab", "--out", str(tmp_path / "ci"))
+    out = cli_here("render", QUICKSTART, "--target", "gitlab", "--out", str(tmp_path / "ci"))
     assert out.returncode == 0 and f"wrote {tmp_path / 'ci' / '.gitlab-ci.yml'}" in out.stdout, out.stderr
     assert (tmp_path / "ci" / ".gitlab-ci.yml").read_text() == rendered_at_repo("gitlab")[".gitlab-ci.yml"]
-    wrong = run_cli("render", QUICKSTART, "--target", "github", "--model", "acme-assistant/1")
+    wrong = cli_here("render", QUICKSTART, "--target", "github", "--model", "acme-assistant/1")
     assert wrong.returncode == 2 and "--model and --serve-config apply to --target kuberay and serve" in wrong.stderr
-    kuberay = run_cli("render", QUICKSTART, "--target", "kuberay", "--out", str(tmp_path / "k"))
+    kuberay = cli_here("render", QUICKSTART, "--target", "kuberay", "--out", str(tmp_path / "k"))
     assert kuberay.returncode == 0 and "no rayservice.yaml: give --serve-config FILE" in kuberay.stdout
     assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["raycluster.yaml", "rayjob.yaml"]
 

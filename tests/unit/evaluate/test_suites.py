@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_here
 from raylab import config
 from raylab.config import GatesConfig, GoldenPrompt, LatencyBudget
 from raylab.evaluate import suites
@@ -148,7 +148,7 @@ def test_suite_file_conflicting_with_the_config_and_a_missing_one(tmp_path, monk
 
 def test_models_evaluate_with_a_broken_suite_file_exits_2(tmp_path):
     (tmp_path / "bad.yaml").write_text("golden: [{prompt: hi, contians: x}]\n")
-    out = run_cli("models", "evaluate", "widgets/1", "--suite", str(tmp_path / "bad.yaml"), "--junit",
+    out = cli_here("models", "evaluate", "widgets/1", "--suite", str(tmp_path / "bad.yaml"), "--junit",
                   str(tmp_path / "r.xml"), env={"RAYLAB_HOME": str(tmp_path / "home")})
     assert out.returncode == 2, out.stderr
     assert "raylab models: error: --suite" in out.stderr and "golden.0.contians: unknown key" in out.stderr

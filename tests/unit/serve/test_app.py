@@ -137,11 +137,11 @@ def test_serving_a_plain_model_needs_no_registry(tiny_model_dir, tmp_path, monke
     preloads the directory itself; a path with no model is exit 2 before anything starts."""
     import yaml
 
-    from conftest import run_cli
+    from conftest import cli_here
 
     home = tmp_path / "home"
     out = tmp_path / "serve.yaml"
-    proc = run_cli("serve", "--model", str(tiny_model_dir), "--emit-config", str(out), env={"RAYLAB_HOME": str(home)})
+    proc = cli_here("serve", "--model", str(tiny_model_dir), "--emit-config", str(out), env={"RAYLAB_HOME": str(home)})
     assert proc.returncode == 0, proc.stderr
     app = yaml.safe_load(out.read_text())["applications"][0]
     assert app["args"]["tracking_uri"] is None and app["args"]["base"] is None
@@ -149,5 +149,5 @@ def test_serving_a_plain_model_needs_no_registry(tiny_model_dir, tmp_path, monke
     assert generator["user_config"] == {"preload": [str(tiny_model_dir)]}
     assert ingress_["user_config"]["listed"] == [tiny_model_dir.name] and ingress_["user_config"]["registry"] is False
     assert not (home / "mlflow").exists()  # no registry was opened
-    missing = run_cli("serve", "--model", str(tmp_path / "nope"), "--emit-config", str(tmp_path / "x.yaml"))
+    missing = cli_here("serve", "--model", str(tmp_path / "nope"), "--emit-config", str(tmp_path / "x.yaml"))
     assert missing.returncode == 2 and "no model directory there" in missing.stderr, missing.stderr

@@ -65,6 +65,9 @@ def test_version(capsys):
         (["frobnicate"], ["invalid choice"]),
         ([], ["required"]),
         (["doctor", "train.lr=1"], ["need a CONFIG"]),
+        (["deploy", "m/2", "--for", "10m"], ["--for applies to a canary: add --canary PCT"]),
+        (["deploy", "m/2", "--canary", "150", "--for", "10m"], ["--canary 150"]),
+        (["deploy", "m/2", "--canary", "10", "--for", "soon"], ["--for: 'soon' is not a duration"]),
     ],
 )
 def test_usage_errors_exit_2_without_traceback(args, needles):

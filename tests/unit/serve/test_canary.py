@@ -178,3 +178,33 @@ def test_feedback_counts_for_the_version_that_answered(server):
     for bad in ({"id": "chatcmpl-a", "score": 2}, {"id": "chatcmpl-a"}, {"id": "chatcmpl-a", "score": 1, "x": 1}):
         assert client.post("/v1/feedback", json=bad).status_code == 400
     assert len(server.reports) == 1  # refused ratings are not counted
+
+
+def test_a_restarted_controller_resumes_the_rollout_with_its_tallies(tmp_path):
+    """The controller's state file (what Ray's restart of the actor reads back): the tallies
+    and the last check survive a new instance, which counts itself as a restart; the window
+    keeps running from the original start, not from the restart."""
+    import json
+    import time
+
+    from raylab.serve.rollout import RUNNING, CanaryController
+
+    path = tmp_path / "canary.json"
+    thresholds = CanaryConfig(min_requests=3, check_interval_s=3600).model_dump()  # its own thread never checks here
+    path.write_text(json.dumps({"id": "r1", "status": RUNNING, "model": "m", "baseline": "m/1", "candidate": "m/2",
+                                "percent": 10.0, "window_s": 60.0, "thresholds": thresholds,
+                                "started": time.time() - 50, "tallies": {}}))
+    first = CanaryController(str(path))
+    for _ in range(3):
+        first.observe("m/2", 200, 0.2, 12)
+    first.observe("m/1", 200, 0.1, 9)
+    first.rate("m/2", 1.0)
+    assert first.step().action == WAIT  # 50 s of a 60 s window
+    again = CanaryController(str(path))  # the restarted actor
+    status = again.status()
+    assert status["starts"] == 2 and status["last_check"]["action"] == WAIT
+    assert status["metrics"]["m/2"] | {"p99_latency_ms": 0} == {
+        "requests": 3, "errors": 0, "error_rate": 0.0, "p99_latency_ms": 0, "tokens_per_response": 12.0,
+        "feedback_count": 1, "feedback": 1.0}
+    assert status["metrics"]["m/1"]["requests"] == 1 and status["elapsed_s"] >= 50
+    assert CanaryController.saved(str(path))["metrics"] == status["metrics"]  # --status without a cluster

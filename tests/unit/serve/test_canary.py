@@ -14,7 +14,16 @@ from raylab import config
 from raylab.config import CanaryConfig
 from raylab.errors import ConfigError
 from raylab.serve.app import ROUTERS, IngressImpl, create_app
-from raylab.serve.canary import PROMOTE, ROLLBACK, WAIT, Tally, breaches, canary_share, decide, parse_duration
+from raylab.serve.canary import (
+    PROMOTE,
+    ROLLBACK,
+    WAIT,
+    Tally,
+    breaches,
+    canary_share,
+    decide,
+    parse_duration,
+)
 
 T = CanaryConfig(max_error_rate=0.05, max_p99_latency_ms=500, max_tokens_per_response=20, min_feedback=0.5,
                  min_feedback_count=3, min_requests=10, patience=3).model_dump()

@@ -115,7 +115,7 @@ class CanaryController:
         store = registry.open_store(tracking_uri=s["tracking_uri"])
         name, candidate = s["model"], int(s["candidate"].rsplit("/", 1)[1])
         if decision.action == PROMOTE:
-            if registry.get_version(store, f"{name}@{registry.PRODUCTION}").version != str(candidate):
+            if int(registry.get_version(store, f"{name}@{registry.PRODUCTION}").version) != candidate:  # a resumed apply
                 registry.promote(store, name, candidate, reason=f"canary: {decision.reason}")
             deploy.switch(s["dashboard"], store, name, candidate)
         else:  # the registry's production alias never moved: only the traffic goes back

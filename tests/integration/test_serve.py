@@ -746,13 +746,15 @@ def test_canary_rolls_back_a_bad_candidate_and_promotes_a_good_one_without_the_c
 
     def rollout_to(ref: str) -> tuple[Load, dict]:
         with Load(3, ask) as load:
-            started = run_cli("deploy", ref, "--canary", "30", "--for", "3s", "--address", dashboard, timeout=300)
-            assert started.returncode == 0 and "running" in started.stdout, started.stderr[-3000:]
-            if ref != f"{NAME}/2":  # the good one: its controller is killed once, mid-rollout
+            if ref == f"{NAME}/2":  # the CLI, which exits at once: the controller decides without it
+                started = run_cli("deploy", ref, "--canary", "30", "--for", "3s", "--address", dashboard, timeout=300)
+                assert started.returncode == 0 and "running" in started.stdout, started.stderr[-3000:]
+            else:  # in this process (a CLI start costs seconds); its controller is killed once, mid-rollout
+                assert rollout.start_canary(ref, 30, 3, dashboard)["status"] == rollout.RUNNING
                 ray.kill(ray.get_actor(rollout.CONTROLLER, namespace=rollout.NAMESPACE), no_restart=False)
             _wait(lambda: rollout.canary_status()["status"] != rollout.RUNNING, 120, f"the canary's decision on {ref}")
             decided = time.monotonic()
-            _wait(lambda: sum(1 for o in load.outcomes if o.started > decided) >= 6, 60, "traffic after the decision")
+            _wait(lambda: sum(1 for o in load.outcomes if o.started > decided) >= 4, 60, "traffic after the decision")
         load.check()
         assert not load.failures(), load.failures()[:3]  # none failed, in the canary's share or outside it
         return load, rollout.canary_status()
@@ -767,7 +769,7 @@ def test_canary_rolls_back_a_bad_candidate_and_promotes_a_good_one_without_the_c
     after = [o for o in load.outcomes if o.started > decided]  # the switch had completed when it was recorded
     assert after and {o.text for o in after} == {ANSWERS[1]}  # traffic returned to the old version
     assert get(url, "/healthz", key=None)[1] == {"status": "ok", "model": f"{NAME}/1", "canary": None}
-    assert registry.get_version(store, f"{NAME}@production").version == "1"  # the alias never moved
+    assert int(registry.get_version(store, f"{NAME}@production").version) == 1  # the alias never moved
 
     run = registry.log_run(store, registry.experiment_id(store, NAME), name="canary", key="serve-test-canary", params={},
                            history=[], artifacts={}, tags={})
@@ -778,7 +780,7 @@ def test_canary_rolls_back_a_bad_candidate_and_promotes_a_good_one_without_the_c
     assert promoted["status"] == rollout.PROMOTED and promoted["starts"] == 2, promoted  # resumed after the kill
     assert promoted["elapsed_s"] >= 3 and promoted["metrics"][f"{NAME}/{good}"]["requests"] >= 6
     assert {o.text for o in load.outcomes} == {ANSWERS[1]}
-    assert registry.get_version(store, f"{NAME}@production").version == str(good)
+    assert int(registry.get_version(store, f"{NAME}@production").version) == good
     assert get(url, "/healthz", key=None)[1] == {"status": "ok", "model": f"{NAME}/{good}", "canary": None}
 
     status = run_cli("deploy", "--status", timeout=120)

@@ -6,6 +6,7 @@ app by `app.create_app(routers, ingress)`:
   retrieval when `serve.rag` attaches an index);
 - embeddings: `/v1/embeddings` (the index's embedding model);
 - explain: `/v1/explain`, `/v1/explain/{id}/html` (token attributions, the Explainer deployment).
+- feedback: `/v1/feedback` (a user's rating of a response, for the canary rollout's metrics).
 
 A route handler reaches the running ingress (its routing table, API keys, limits and the
 Generator's handle) through the `ingress` dependency. A new concern (embeddings, retrieval,

@@ -85,9 +85,17 @@ def add_parsers(sub) -> dict:
                     "read from the registry)")
     rd.add_argument("--serve-config", metavar="FILE", help="kuberay: embed this Serve config (--target serve's "
                     "output) in the RayService")
-    dp = sub.add_parser("deploy", help="point the running endpoint at another version, no downtime",
-                        description="point the running endpoint at another version, no downtime")
-    dp.add_argument("ref", metavar="REF", help="NAME@ALIAS or NAME/VERSION")
+    dp = sub.add_parser("deploy", help="point the running endpoint at another version, no downtime; or canary it",
+                        description="point the running endpoint at another version, no downtime; with --canary, "
+                        "send a share of production traffic to it and let the endpoint's controller promote it "
+                        "or roll it back (serve.canary's thresholds)")
+    dp.add_argument("ref", metavar="REF", nargs="?", help="NAME@ALIAS or NAME/VERSION")
+    dp.add_argument("--canary", type=float, metavar="PCT", help="percent of production traffic to send to REF "
+                    "(sticky per request `user` or API key); promoted after --for if it holds, else rolled back")
+    dp.add_argument("--for", dest="duration", metavar="DURATION", help="with --canary: how long REF must hold "
+                    "(e.g. 90s, 10m, 1h; default serve.canary.window_s)")
+    dp.add_argument("--status", action="store_true", help="show the canary rollout: both versions' live metrics "
+                    "and the decision")
     dp.add_argument("--address", help="the Ray dashboard, http://HEAD:8265 (default: the `raylab serve` running here)")
     dp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the endpoint was deployed from)")
     ex = sub.add_parser("export", help="write the trained model as a Hugging Face directory",
@@ -287,6 +295,22 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from raylab import serve as deploy
 
+    if args.status:
+        if args.ref or args.canary is not None or args.duration:
+            raise UserError("--status takes no REF, --canary or --for: it shows the rollout that is running")
+        print(deploy.describe_canary(deploy.canary_status()))
+        return 0
+    if not args.ref:
+        raise UserError("give the REF to deploy (NAME@ALIAS or NAME/VERSION), or --status")
+    if args.duration and args.canary is None:
+        raise UserError("--for applies to a canary: add --canary PCT")
+    if args.canary is not None:
+        try:
+            window = deploy.parse_duration(args.duration) if args.duration else None
+        except ValueError as e:
+            raise UserError(f"--for: {e}") from None
+        print(deploy.describe_canary(deploy.start_canary(args.ref, args.canary, window, args.address, args.tracking_uri)))
+        return 0
     deploy.run_deploy(args.ref, args.address, args.tracking_uri)
     return 0
 

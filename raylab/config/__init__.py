@@ -55,7 +55,7 @@ from raylab.config.registry import (
     read_suite,
 )
 from raylab.config.root import SCHEMA_VERSION, RaylabConfig
-from raylab.config.serve import AutoscalingConfig, ExplainServeConfig, ServeConfig
+from raylab.config.serve import AutoscalingConfig, CanaryConfig, ExplainServeConfig, ServeConfig
 from raylab.config.synth import (
     EndpointConfig,
     EvolInstructConfig,
@@ -75,7 +75,7 @@ __all__ = [
     "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "ApiConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
     "BiasProbeSet", "BiasProbesConfig", "BiasTemplate", "CleanConfig", "CloudConfig", "ConfigError",
     "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EndpointConfig", "EvalConfig", "EvolInstructConfig", "JudgeConfig", "EXPLAIN_METHODS",
-    "ExplainConfig", "ExplainServeConfig", "GroundedQaConfig", "SelfInstructConfig", "SynthConfig", "SynthFiltersConfig",
+    "CanaryConfig", "ExplainConfig", "ExplainServeConfig", "GroundedQaConfig", "SelfInstructConfig", "SynthConfig", "SynthFiltersConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
     "IndexConfig", "LatencyBudget", "LoraConfig", "MeasureConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",
     "PlatformConfig", "PretrainConfig", "PruneConfig", "QUANTIZE_METHODS", "RaftConfig", "RagEvalConfig", "RayConfig", "RaylabConfig", "RefusalProbe",

@@ -110,6 +110,28 @@ class MonitorConfig(Section):
                                               "sample by record id beyond)")
 
 
+class CanaryConfig(Section):
+    """`raylab deploy REF --canary PCT --for DURATION` (docs/serving.md, "Canary rollout"): the
+    thresholds the candidate's online metrics must hold. The controller rolls back as soon as
+    one is broken (after min_requests), and promotes once they held for the whole window."""
+
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="largest share of the candidate's requests "
+                                  "answered with a 5xx")
+    max_p99_latency_ms: float | None = Field(None, gt=0, description="largest p99 request latency of the candidate, "
+                                             "in milliseconds; null: not checked")
+    max_tokens_per_response: float | None = Field(None, gt=0, description="largest mean completion tokens per "
+                                                  "successful candidate response; null: not checked")
+    min_feedback: float | None = Field(None, ge=0, le=1, description="smallest mean user rating (POST /v1/feedback, "
+                                       "score 0..1) of the candidate's responses; null: not checked")
+    min_feedback_count: PositiveInt = Field(5, description="ratings needed before min_feedback is checked")
+    min_requests: PositiveInt = Field(20, description="candidate requests needed before any decision")
+    window_s: float = Field(600.0, gt=0, description="how long the candidate must hold before it is promoted "
+                            "(`--for` overrides it)")
+    patience: float = Field(3.0, ge=1, description="roll back when window_s x patience passes without "
+                            "min_requests candidate requests")
+    check_interval_s: float = Field(5.0, gt=0, description="how often the controller looks at the metrics")
+
+
 class ServeConfig(Section):
     """`raylab serve`: the OpenAI-compatible endpoint (see docs/serving.md)."""
 
@@ -140,6 +162,8 @@ class ServeConfig(Section):
                                        "/v1/embeddings (needs the rag extra)")
     monitor: MonitorConfig = Field(default_factory=MonitorConfig, description="the served-prompt sample and "
                                    "`raylab monitor`'s drift threshold")
+    canary: CanaryConfig = Field(default_factory=CanaryConfig, description="the thresholds of a canary rollout "
+                                 "(`raylab deploy REF --canary PCT --for DURATION`)")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:

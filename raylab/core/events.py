@@ -15,7 +15,9 @@ damaged and fell back to an older one), data.erase (`raylab erase` put a record 
 suppression list), registry.erasure_pending (a version was found to hold an erased record),
 access.allow and access.deny (an access decision, raylab/core/access/; its `actor` is the
 authenticated identity, `actor_kind` how it authenticated), access.key_create and
-access.key_revoke (`raylab keys create|revoke`), keys.rotate (`raylab keys rotate`: the new key, how many files).
+access.key_revoke (`raylab keys create|revoke`), keys.rotate (`raylab keys rotate`: the new key, how many files), serve.canary_start,
+serve.canary_promote and serve.canary_rollback (`raylab deploy REF --canary`: the rollout and
+its controller's decision, with both versions' metrics).
 
 One writer per cluster: while this process is connected to Ray, events go to a named actor
 (`WRITER`, no CPU, one call at a time), so drivers, trial drivers, Train workers and Serve
@@ -45,7 +47,7 @@ NAMESPACE = "raylab"
 KINDS = ("stage.start", "stage.end", "stage.failure", "registry.register", "registry.gate", "registry.promote",
          "registry.rollback", "serve.start", "serve.stop", "serve.deploy", "train.checkpoint_rejected",
          "data.erase", "registry.erasure_pending", "access.allow", "access.deny", "access.key_create",
-         "access.key_revoke", "keys.rotate")
+         "access.key_revoke", "keys.rotate", "serve.canary_start", "serve.canary_promote", "serve.canary_rollback")
 
 
 def actor() -> str:

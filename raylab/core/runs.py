@@ -296,6 +296,11 @@ class Home:
         return self.root / "serve" / "endpoint.json"
 
     @property
+    def canary(self) -> Path:
+        """The canary rollout's state (serve/rollout.py): what its controller resumes from."""
+        return self.root / "serve" / "canary.json"
+
+    @property
     def events(self) -> Path:
         """Every state change on this machine, a JSON-lines file per day (core/events.py)."""
         return self.root / "events"

@@ -6,7 +6,8 @@ Ray Serve endpoint, switched to another version without downtime.
 
 Modules: deploy (the verbs, Serve's declarative REST API), app (the FastAPI ingress and
 `build`, the application's import path `raylab.serve:build`), generator (the model
-deployment), explainer (the Explainer deployment: token attributions for /v1/explain), engine (the Engine seam and TransformersEngine), decode (the continuous-batching
+deployment), explainer (the Explainer deployment: token attributions for /v1/explain), canary (the canary's pure rule: traffic
+share, metrics, decision), rollout (`deploy --canary`: the controller actor, --status), engine (the Engine seam and TransformersEngine), decode (the continuous-batching
 decode loop), openai_api (request, response and error shapes), auth (API keys), finetune
 (the fine-tuning service, `raylab api`: standalone its own port, ftstore its tables, ftrequests its request and
 response shapes, routers/files.py and routers/fine_tuning.py its routes).
@@ -27,7 +28,8 @@ from raylab.serve.deploy import (
     wait_until_stopped,
 )
 
-__all__ = ["APP", "api_keys", "build", "run_api", "default_ref", "emit", "emit_text", "run_deploy", "run_serve", "start_serving",
+__all__ = ["APP", "api_keys", "build", "canary_status", "default_ref", "describe_canary", "parse_duration",
+           "run_api", "start_canary", "emit", "emit_text", "run_deploy", "run_serve", "start_serving",
            "stop_serving", "wait_until_stopped"]
 
 
@@ -42,4 +44,12 @@ def __getattr__(name: str):
         from raylab.serve.standalone import run_api
 
         return run_api
+    if name in ("start_canary", "canary_status", "describe_canary"):  # they import Ray: only `deploy --canary` needs it
+        from raylab.serve import rollout
+
+        return getattr(rollout, "describe" if name == "describe_canary" else name)
+    if name == "parse_duration":
+        from raylab.serve.canary import parse_duration
+
+        return parse_duration
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from fastapi import APIRouter, FastAPI, Request
@@ -45,17 +46,27 @@ from raylab.core import access
 from raylab.errors import UserError
 from raylab.serve import openai_api as oa
 from raylab.serve.auth import api_keys, authenticate
+from raylab.serve.canary import canary_share
 from raylab.serve.deploy import catalog
 from raylab.serve.explainer import explainer_deployment
 from raylab.serve.generator import generator_deployment
 from raylab.serve.metrics import Metrics, version_tags
 from raylab.serve.retrieval import EmbedderImpl
-from raylab.serve.routers import embeddings, explain, files, fine_tuning, health, inference
+from raylab.serve.routers import (
+    embeddings,
+    explain,
+    feedback,
+    files,
+    fine_tuning,
+    health,
+    inference,
+)
 from raylab.serve.sample import PromptSample
 
 log = logging.getLogger("ray.serve")
 ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, embeddings.router, explain.router, files.router,
-                                  fine_tuning.router)
+                                  fine_tuning.router, feedback.router)
+ANSWERED = 10_000  # recent response ids kept for POST /v1/feedback (which version answered)
 
 
 async def _http_error(_request, exc: StarletteHTTPException):  # unknown paths and methods, OpenAI-shaped
@@ -107,6 +118,9 @@ class IngressImpl:
         self.listed: list[str] = []
         self.default: str | None = None
         self.registry = True
+        self.canary: dict | None = None  # {candidate, percent, controller, namespace} while a rollout runs
+        self._controller = None  # its actor handle, looked up on the first report
+        self.answered: OrderedDict[str, str] = OrderedDict()  # response id -> version, for feedback
         self.store = None  # the registry, opened on the first lookup
         # per-version Prometheus series (metrics.py) and the served-prompt sample (sample.py)
         self.metrics = Metrics(["requests", "errors", "latency_seconds", "prompt_tokens", "completion_tokens"])
@@ -123,6 +137,38 @@ class IngressImpl:
         self.metrics.observe("latency_seconds", time.monotonic() - started, tags)
         self.metrics.inc("prompt_tokens", tags, prompt_tokens)
         self.metrics.inc("completion_tokens", tags, completion_tokens)
+        if self.canary is not None and version in (self.default, self.canary["candidate"]):
+            self.report("observe", version, status, time.monotonic() - started, completion_tokens)
+
+    def split(self, model: str, version: str | None, user: str | None, request: Request) -> str | None:
+        """The version a request goes to while a canary runs: production traffic (the model's
+        name or NAME@production, routed to the default) goes to the candidate for the
+        `percent` share of keys: the request's `user`, else its API key, else its client's
+        address (stable, so one user sees one version). A pinned NAME/N is never split."""
+        c = self.canary
+        if c is None or version != self.default or model not in (self.served, f"{self.served}@production"):
+            return version
+        key = user or request.headers.get("authorization", "") or (request.client.host if request.client else "")
+        return c["candidate"] if canary_share(key, c["percent"], c["candidate"]) else version
+
+    def answered_by(self, rid: str, version: str) -> None:
+        """Remember which version answered `rid` (bounded), so its feedback counts for that version."""
+        self.answered[rid] = version
+        while len(self.answered) > ANSWERED:
+            self.answered.popitem(last=False)
+
+    def report(self, method: str, *args) -> None:
+        """Tell the canary controller (fire and forget: a request never waits for it, and a
+        controller restarting meanwhile loses at most these reports)."""
+        try:
+            if self._controller is None:
+                import ray
+
+                self._controller = ray.get_actor(self.canary["controller"], namespace=self.canary["namespace"])
+            getattr(self._controller, method).remote(*args)
+        except Exception as e:  # no controller (yet): the rollout's metrics miss this request
+            log.warning(f"canary controller unreachable: {e!r}")
+            self._controller = None
 
     def keep_prompt(self, text: str) -> None:
         """Offer a served prompt to the sample; its file is rewritten off the event loop."""
@@ -146,6 +192,8 @@ class IngressImpl:
         self.listed = list(user_config["listed"])
         self.default = user_config["default"]
         self.registry = user_config.get("registry", True)  # False: a plain model, no versions to look up
+        self.canary = user_config.get("canary")
+        self._controller = None
 
     async def route(self, model: str, principal: access.Principal | None = None) -> str | None:
         """The registry version (NAME/VERSION) a request's `model` goes to, or None. A

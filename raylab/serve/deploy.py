@@ -140,6 +140,7 @@ def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: st
                        "max_request_bytes": s.max_request_bytes, "max_batch_size": s.max_batch_size,
                        "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_adapters_per_replica": s.max_adapters_per_replica,
                        "resubmit_timeout_s": s.resubmit_timeout_s}, "rag": rag}
+    args["canary"] = s.canary.model_dump()  # `raylab deploy --canary` reads its thresholds from the deployed app
     if monitor is not None:  # absent from configs written before it: the ingress then samples nothing
         args["monitor"] = monitor
     if api is not None:
@@ -326,12 +327,22 @@ def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: s
     routing = app["deployments"][1]["user_config"]
     info = {"url": url, "ref": ref, "model": routing["default"], "name": routing["listed"][0], "dashboard": dashboard,
             "pid": os.getpid(), "tracking_uri": store.uri if store is not None else None, "models": routing["listed"],
-            "run": cfg.output_dir if cfg is not None else None}
+            "run": cfg.output_dir if cfg is not None else None, "ray_address": _gcs_address()}
     storage.write_text(str(_endpoint_file()), json.dumps(info, indent=2))
     name, version = (info["model"].rsplit("/", 1) if store is not None else (info["name"], None))
     events.emit("serve.start", run=info["run"], model=name, version=version, url=url, ref=ref)
     log.info(f"serving {ref} ({info['model']}) at {url}/v1  (models: {', '.join(info['models'])})")
     return info
+
+
+def _gcs_address() -> str | None:
+    """The Ray cluster the endpoint runs on (`raylab deploy --canary` starts its controller there)."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # a Ray Client connection has no GCS address of its own to share
+        return None
 
 
 def stop_serving() -> None:
@@ -371,14 +382,15 @@ def wait_until_stopped(stop: threading.Event | None = None) -> None:
     stop.wait()
 
 
-def _wait_routed(url: str, target: str, timeout_s: float = 300) -> None:
-    """Until the ingress answers /healthz with the new default (its reconfigure ran)."""
+def _wait_routed(url: str, target: str, canary: str | None = None, timeout_s: float = 300) -> None:
+    """Until the ingress answers /healthz with the new default and canary (its reconfigure ran)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
-                if json.loads(r.read()).get("model") == target:
-                    return
+                health = json.loads(r.read())
+            if health.get("model") == target and health.get("canary") == canary:
+                return
         except (urllib.error.URLError, OSError, ValueError):
             pass
         time.sleep(0.5)
@@ -393,35 +405,71 @@ def _dashboard(conn) -> str:
     return url if "://" in url else f"http://{url}"
 
 
-def run_deploy(ref: str, address: str | None = None, tracking_uri: str | None = None) -> dict:
-    """Point the running endpoint at REF: the generator preloads (and verifies) it, then the
-    ingress's routes switch to it. Both are `user_config` changes: replicas stay up."""
-    dashboard = address
-    if dashboard is None and _endpoint_file().exists():
-        dashboard = json.loads(storage.read_text(str(_endpoint_file())))["dashboard"]
+def endpoint_info() -> dict:
+    """What `raylab serve` recorded about the endpoint running here ({} when none)."""
+    return json.loads(storage.read_text(str(_endpoint_file()))) if _endpoint_file().exists() else {}
+
+
+def dashboard_of(address: str | None) -> str:
+    """The Ray dashboard (Serve's REST API) of `--address`, else of the `raylab serve` here."""
+    dashboard = address or endpoint_info().get("dashboard")
     if dashboard is None:
         raise UserError("no running `raylab serve` found on this machine; pass the dashboard with --address http://HEAD:8265")
     if "://" not in dashboard:
         raise UserError(f"--address {dashboard!r}: expected the Ray dashboard's http://HOST:PORT")
+    return dashboard
+
+
+def deployed(dashboard: str) -> tuple[dict, dict]:
+    """(Serve's state, our application's deployed config); exit 2 when none is deployed."""
     current = rest(dashboard, "GET")
     details = (current.get("applications") or {}).get(APP)
     if not details or not details.get("deployed_app_config"):
         raise UserError(f"no raylab application is deployed at {dashboard}; start one with `raylab serve`")
-    app = details["deployed_app_config"]
-    store = registry.open_store(tracking_uri=tracking_uri or app["args"]["tracking_uri"])
-    name, version, _ = resolve(store, ref)
+    return current, details["deployed_app_config"]
+
+
+def ingress_config(app: dict) -> dict:
+    """The Ingress's user_config (its routing table, and the canary while one runs)."""
+    return next(d for d in app["deployments"] if d["name"] == "Ingress")["user_config"]
+
+
+def switch(dashboard: str, store: registry.Store, name: str, version: int, canary: dict | None = None,
+           current: dict | None = None, app: dict | None = None) -> str:
+    """Route the endpoint's model to NAME/VERSION (the Generator preloads it first), with
+    `canary` ({candidate, percent, controller, namespace}) sending a share of its production
+    traffic to the candidate, or without one. `user_config` changes only: no replica restarts.
+    Returns the endpoint's URL once its ingress answers with the new table."""
+    if app is None:
+        current, app = deployed(dashboard)
     target = f"{name}/{version}"
     for d in app["deployments"]:
         if d["name"] == "Generator":
-            d["user_config"] = {"preload": [target]}
+            d["user_config"] = {"preload": [target] + ([canary["candidate"]] if canary else [])}
         elif d["name"] == "Ingress":
-            d["user_config"] = catalog(store, name, version)
+            d["user_config"] = catalog(store, name, version) | ({"canary": canary} if canary else {})
     put_app(dashboard, app, {}, current)
     http = current.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
-    _wait_routed(f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}", target)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    _wait_routed(url, target, canary["candidate"] if canary else None)
+    return url
+
+
+def run_deploy(ref: str, address: str | None = None, tracking_uri: str | None = None) -> dict:
+    """Point the running endpoint at REF: the generator preloads (and verifies) it, then the
+    ingress's routes switch to it. Both are `user_config` changes: replicas stay up."""
+    dashboard = dashboard_of(address)
+    current, app = deployed(dashboard)
+    running = ingress_config(app).get("canary")
+    if running:  # its controller would switch the endpoint again when it decides
+        raise UserError(f"a canary rollout of {running['candidate']} is running on this endpoint; wait for its "
+                        "decision (`raylab deploy --status`) before deploying another version")
+    store = registry.open_store(tracking_uri=tracking_uri or app["args"]["tracking_uri"])
+    name, version, _ = resolve(store, ref)
+    target = f"{name}/{version}"
+    switch(dashboard, store, name, version, None, current, app)
     events.emit("serve.deploy", run=registry.version_run(registry.get_version(store, target)), model=name, version=version, ref=ref,
                 dashboard=dashboard)
     log.info(f"deployed {ref} ({target}); requests for {name} now go to it")
     return {"model": target}
-

@@ -48,6 +48,8 @@ NAME = "widgets-serve"
 KEY = "sk-test-123"
 QUESTIONS = [f"When does my {c} widget ship?" for c in ("red", "blue", "green", "black")]
 ANSWERS = {1: "It ships today.", 2: "Ask the help desk."}
+# the canary test's thresholds: ANSWERS[2] (18 tokens) breaks the token threshold, ANSWERS[1] (15) holds it
+CANARY = {"max_tokens_per_response": 16, "min_requests": 6, "check_interval_s": 0.5, "window_s": 3, "patience": 40}
 
 
 def build_base(path: Path) -> None:
@@ -144,7 +146,8 @@ def served(tmp_path_factory, _session_ray):
         assert train_adapter(base, path, ANSWERS[v]) < 0.1
     (root / "keys.txt").write_text(f"# API keys, one per line\n{KEY}\n")
     docs = short_descriptions(DOCS)
-    cfg = serve_config(root, base, free_port(), explain={"enabled": True, "cpus_per_replica": 0.25})  # /v1/explain
+    cfg = serve_config(root, base, free_port(), explain={"enabled": True, "cpus_per_replica": 0.25},  # /v1/explain
+                       canary=CANARY)
     # the index written directly (a chunk per document): `raylab index` is test_rag's subject,
     # and its Ray Data pipeline would cost this module's fixture half a minute
     write_index(root / "run" / "index", docs)
@@ -719,3 +722,72 @@ def test_a_version_tampered_after_registration_is_refused_with_a_409_not_a_5xx(s
         path.write_bytes(original)
     status, body = chat(url, f"{NAME}/{unloaded}", QUESTIONS[0])
     assert status == 200 and body["choices"][0]["message"]["content"] == ANSWERS[2], body
+
+
+def test_canary_rolls_back_a_bad_candidate_and_promotes_a_good_one_without_the_cli(served):
+    """`raylab deploy REF --canary 30 --for 3s` returns at once; the controller actor decides.
+    Version 2 (18 tokens per answer > serve.canary.max_tokens_per_response 16) is rolled back:
+    only its sticky share ever saw it and traffic returns to version 1. A new version answering
+    like version 1 is promoted after the window, with its controller killed mid-rollout (it
+    restarts and resumes). No request fails; both decisions are in the audit log."""
+    import ray
+
+    from raylab.core import audit
+    from raylab.serve import rollout
+
+    url, dashboard, cfg = served["url"], served["dashboard"], served["cfg"]
+    store = registry.open_store(cfg)
+    assert get(url, "/healthz", key=None)[1] == {"status": "ok", "model": f"{NAME}/1", "canary": None}
+    users = iter(range(10**6))
+
+    def ask(i, mark):  # production traffic (the model's name) from 40 users, in turn
+        return plain(url, "/v1/chat/completions", {"model": NAME, "temperature": 0, "user": f"user-{next(users) % 40}",
+                                                    "messages": [{"role": "user", "content": QUESTIONS[i % 4]}]})
+
+    def rollout_to(ref: str) -> tuple[Load, dict]:
+        with Load(3, ask) as load:
+            if ref == f"{NAME}/2":  # the CLI, which exits at once: the controller decides without it
+                started = run_cli("deploy", ref, "--canary", "30", "--for", "3s", "--address", dashboard, timeout=300)
+                assert started.returncode == 0 and "running" in started.stdout, started.stderr[-3000:]
+            else:  # in this process (a CLI start costs seconds); its controller is killed once, mid-rollout
+                assert rollout.start_canary(ref, 30, 3, dashboard)["status"] == rollout.RUNNING
+                ray.kill(ray.get_actor(rollout.CONTROLLER, namespace=rollout.NAMESPACE), no_restart=False)
+            _wait(lambda: rollout.canary_status()["status"] != rollout.RUNNING, 120, f"the canary's decision on {ref}")
+            decided = time.monotonic()
+            _wait(lambda: sum(1 for o in load.outcomes if o.started > decided) >= 4, 60, "traffic after the decision")
+        load.check()
+        assert not load.failures(), load.failures()[:3]  # none failed, in the canary's share or outside it
+        return load, rollout.canary_status()
+
+    load, bad = rollout_to(f"{NAME}/2")
+    assert bad["status"] == rollout.ROLLED_BACK and "max_tokens_per_response" in bad["reason"], bad
+    assert bad["metrics"][f"{NAME}/2"]["requests"] >= 6 and bad["metrics"][f"{NAME}/2"]["tokens_per_response"] == 18
+    assert bad["metrics"][f"{NAME}/1"]["tokens_per_response"] == 15  # the negative control: the baseline held
+    decided = bad["decided"] - time.time() + time.monotonic()
+    during = [o for o in load.outcomes if o.ended < decided]
+    assert {o.text for o in during} == {ANSWERS[1], ANSWERS[2]}  # the share reached the candidate
+    after = [o for o in load.outcomes if o.started > decided]  # the switch had completed when it was recorded
+    assert after and {o.text for o in after} == {ANSWERS[1]}  # traffic returned to the old version
+    assert get(url, "/healthz", key=None)[1] == {"status": "ok", "model": f"{NAME}/1", "canary": None}
+    assert int(registry.get_version(store, f"{NAME}@production").version) == 1  # the alias never moved
+
+    run = registry.log_run(store, registry.experiment_id(store, NAME), name="canary", key="serve-test-canary", params={},
+                           history=[], artifacts={}, tags={})
+    meta = {"identity": "serve-test", "base_model": str(served["root"] / "base"), "method": "lora", "metrics": {}}
+    good = int(registry.register(store, cfg, run, str(served["adapters"][1]), meta).version)
+    registry.set_tags(store, NAME, good, {"raylab.gates.status": "passed"})
+    load, promoted = rollout_to(f"{NAME}/{good}")
+    assert promoted["status"] == rollout.PROMOTED and promoted["starts"] == 2, promoted  # resumed after the kill
+    assert promoted["elapsed_s"] >= 3 and promoted["metrics"][f"{NAME}/{good}"]["requests"] >= 6
+    assert {o.text for o in load.outcomes} == {ANSWERS[1]}
+    assert int(registry.get_version(store, f"{NAME}@production").version) == good
+    assert get(url, "/healthz", key=None)[1] == {"status": "ok", "model": f"{NAME}/{good}", "canary": None}
+
+    status = run_cli("deploy", "--status", timeout=120)
+    assert status.returncode == 0 and "promoted" in status.stdout and f"{NAME}/{good}" in status.stdout, status.stderr
+    logged = [(e["kind"], e["version"]) for e in audit.entries(audit.Settings.from_env())
+              if e["model"] == NAME and (e["kind"].startswith("serve.canary") or e["kind"] == "registry.promote")]
+    assert [k for k in logged if k[0] != "registry.promote"][-4:] == [
+        ("serve.canary_start", "2"), ("serve.canary_rollback", "2"),
+        ("serve.canary_start", str(good)), ("serve.canary_promote", str(good))], logged
+    assert ("registry.promote", str(good)) in logged and ("registry.promote", "2") not in logged

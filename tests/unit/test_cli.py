@@ -69,6 +69,9 @@ def test_version(capsys):
         ([], ["required"]),
         (["doctor", "train.lr=1"], ["need a CONFIG"]),
         (["api", "configs/quickstart.yaml"], ["api.enabled", "--standalone"]),  # the service lives in the ingress
+        (["deploy", "m/2", "--for", "10m"], ["--for applies to a canary: add --canary PCT"]),
+        (["deploy", "m/2", "--canary", "150", "--for", "10m"], ["--canary 150"]),
+        (["deploy", "m/2", "--canary", "10", "--for", "soon"], ["--for: 'soon' is not a duration"]),
     ],
 )
 def test_usage_errors_exit_2_without_traceback(args, needles):

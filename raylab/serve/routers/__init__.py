@@ -6,6 +6,7 @@ app by `app.create_app(routers, ingress)`:
   retrieval when `serve.rag` attaches an index);
 - embeddings: `/v1/embeddings` (the index's embedding model);
 - explain: `/v1/explain`, `/v1/explain/{id}/html` (token attributions, the Explainer deployment);
+- feedback: `/v1/feedback` (a user's rating of a response, for the canary rollout's metrics);
 - files, fine_tuning: `/v1/files...`, `/v1/fine_tuning/jobs...` (the fine-tuning service,
   serve/finetune.py; 404 unless `api.enabled`, or alone in `raylab api --standalone`).
 

@@ -15,7 +15,8 @@ router = APIRouter()
 
 @router.get("/healthz")
 async def healthz(server=Depends(ingress)) -> dict:
-    return {"status": "ok", "model": server.default}
+    return {"status": "ok", "model": server.default,
+            "canary": server.canary["candidate"] if server.canary else None}  # `raylab deploy` waits for both
 
 
 @router.get("/v1/models")

@@ -59,7 +59,8 @@ async def _handle(server, request: Request, kind, chat: bool):
         caller = server.authorize(request)
         req = oa.parse(kind, await read_body(server.limits, request))
         model = req.model
-        version = await server.route(req.model, caller)
+        # a canary's share of production traffic goes to the candidate (server.split)
+        version = server.split(req.model, await server.route(req.model, caller), req.user, request)
         if version is None:
             raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
                               "model", "model_not_found")
@@ -107,6 +108,7 @@ async def _handle(server, request: Request, kind, chat: bool):
     finally:
         stream.cancel()  # a no-op once it ended; else (the client went away) its rows leave the batch
     server.record(model, version, 200, started, first["prompt_tokens"], tokens)
+    server.answered_by(rid, version)
     choices = [{"index": i, "text": texts.get(i, ""), "finish_reason": finish.get(i)} for i in range(len(job["prompts"]) * req.n)]
     use = oa.usage(first["prompt_tokens"], tokens)
     _log(record, use, started)
@@ -149,6 +151,7 @@ async def _events(server, stream, rid, model, chat, n_choices, include_usage, re
         yield oa.sse(oa.usage_chunk(rid, model, use, chat))
     yield oa.sse("[DONE]")
     server.record(model, record["version"], 200, started, record["prompt_tokens"], tokens)
+    server.answered_by(rid, record["version"])
     _log(record, use, started)
 
 

@@ -62,7 +62,7 @@ def openai_error(response, status: int) -> dict:
 def test_a_registered_router_is_served_next_to_health_and_inference(server):
     client = TestClient(create_app([*ROUTERS, extra], server))
     assert client.get("/v1/extra").json() == {"served_by": "Ingress", "default": "m/1"}
-    assert client.get("/healthz").json() == {"status": "ok", "model": "m/1"}
+    assert client.get("/healthz").json() == {"status": "ok", "model": "m/1", "canary": None}
     listed = client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert [m["id"] for m in listed["data"]] == CATALOG["listed"] and listed["data"][0]["root"] == "m/1"
     assert openai_error(client.get("/v1/models"), 401)["type"] == "authentication_error"
@@ -81,7 +81,7 @@ def test_unregistered_paths_and_routers_are_openai_shaped_404s(server):
     assert client.get("/healthz").status_code == 200
     assert set(create_app(ROUTERS, server).openapi()["paths"]) == {"/healthz", "/v1/models", "/v1/completions",
                                                                   "/v1/chat/completions", *EXPLAIN_PATHS, "/v1/embeddings",
-                                                                  *FT_PATHS}
+                                                                  *FT_PATHS, "/v1/feedback"}
     assert server.ftapi is None and openai_error(client.get("/v1/files"), 404)  # mounted, off without api.enabled
     bare = TestClient(create_app([extra], server))  # only what is registered is served
     assert bare.get("/v1/extra").status_code == 200 and openai_error(bare.get("/healthz"), 404)
@@ -91,7 +91,7 @@ def test_the_ingress_builds_its_app_from_its_routers(server):
     app = server.__serve_build_asgi_app__()
     assert app.state.ingress is server
     assert set(app.openapi()["paths"]) == {"/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions",
-                                           *EXPLAIN_PATHS, "/v1/embeddings", *FT_PATHS}
+                                           *EXPLAIN_PATHS, "/v1/embeddings", *FT_PATHS, "/v1/feedback"}
 
 
 def test_a_version_registered_after_the_deploy_is_routed_without_a_reconfigure(server):

@@ -7,7 +7,7 @@ recovery and distillation into a half-size student, each against its parent (iss
 
 Protocol: benchmarks/README.md (version 1). Written before it was run (item 9):
 
-- **Model.** A Llama of 4 layers x 512 wide (8 heads in 4 key/value groups of 2, MLP 1376,
+- **Model.** A Llama of 4 layers x 512 wide (8 heads of 64 in 4 key/value groups of 2, head_dim stated in the config, MLP 1376,
   byte-level vocabulary with raylab's chat template, random weights, seed 0; common.small_llama
   with these dims), trained briefly by `raylab train` (a full fine-tune, 300 steps, lr 1e-3,
   batch 8, seed 0) on the Acme corpus as benchmarks read it (common.ACME_DATA, max_seq_len
@@ -53,11 +53,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 NAME = "bench-optimize"
-DIMS = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+# head_dim explicit: with 2 of 8 heads gone, 512 is no multiple of 6, and transformers derives
+# head_dim from hidden_size / heads unless the config states it
+DIMS = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+            head_dim=64)
 FULL = dict(dims=DIMS, train_steps=300, recovery_steps=100, distill_steps=300, seeds=(0, 1, 2), pairs=5, requests=8,
             new_tokens=32, calibration=32)
 # tiny, with 4 key/value groups so that 0.25 of the heads is one whole group, as in DIMS
-SMOKE = dict(dims=dict(common.TINY, num_attention_heads=8, num_key_value_heads=4), train_steps=2, recovery_steps=2, distill_steps=2, seeds=(0,), pairs=1, requests=1,
+SMOKE = dict(dims=dict(common.TINY, num_attention_heads=8, num_key_value_heads=4, head_dim=8), train_steps=2, recovery_steps=2, distill_steps=2, seeds=(0,), pairs=1, requests=1,
              new_tokens=4, calibration=4)
 
 

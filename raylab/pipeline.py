@@ -4,12 +4,16 @@
     raylab run configs/quickstart.yaml --until train    # stop after a stage
     raylab run configs/quickstart.yaml --no-serve       # everything but the endpoint
     raylab run configs/quickstart.yaml --keep-serving   # leave the endpoint up (foreground)
+    raylab run configs/quickstart.yaml optimize.quantize=int8_weight_only   # + a quantised version of the promoted one
 
 data -> pretrain (when the config has a `pretrain` section: continued pre-training on the
 corpus, whose result becomes the base model) -> tune (when the config has a `tune` section,
 else train; either registers the winner as a new version) -> gates (`raylab models
-evaluate`) -> promote (when the gates pass and `registry.auto_promote` is true) -> serve (the
-production version) -> smoke requests (the held-out questions of `eval.held_out`, else a few
+evaluate`) -> promote (when the gates pass and `registry.auto_promote` is true) -> optimize
+(when the config sets a method in its `optimize:` section and a version was just promoted: that
+version quantised, pruned or distilled into a derived version, which is gated by the same gates
+and left for `raylab models promote`; a derived version that fails them is reported in the
+summary and production stays the promoted parent) -> serve (the production version) -> smoke requests (the held-out questions of `eval.held_out`, else a few
 of the val split, and one question of the training set, answered by the endpoint and by the
 base model) -> a summary, headed by a held-out question (base vs tuned), the seen question
 beside it labelled as recall, and the held-out ROUGE-L. Each stage skips work whose inputs have not changed: the
@@ -32,7 +36,7 @@ from raylab.errors import UserError
 log = logging.getLogger(__name__)
 
 
-STAGES = ("data", "pretrain", "train", "tune", "gates", "promote", "serve")
+STAGES = ("data", "pretrain", "train", "tune", "gates", "promote", "optimize", "serve")
 
 
 def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None, serve: bool = True,
@@ -50,6 +54,10 @@ def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None,
             from raylab import evaluate
 
             evaluate.read_input(cfg.eval.held_out, "eval.held_out")
+    if optimizing(cfg, until):  # e.g. int4 on a machine without CUDA: exit 2 now, not after training
+        from raylab import optimize
+
+        optimize.check_config(cfg)
     summary: dict = {"run": cfg.run_name, "output_dir": cfg.output_dir, "stages": {}}
 
     def stage(name: str, fn):
@@ -97,7 +105,9 @@ def _run_stages(cfg, address, until, serve, keep_serving, summary, stage) -> dic
                 log.info("no model was registered (no trial finished): nothing to gate or serve")
             return _finish(cfg, summary)
         ref = _promote_if_passed(cfg, summary, stage, address, until)
-        if until in ("gates", "promote") or not serve or ref is None:
+        if summary.get("promoted") and optimizing(cfg, until):
+            stage("optimize", lambda: optimize_promoted(cfg, summary, address))
+        if until in ("gates", "promote", "optimize") or not serve or ref is None:
             return _finish(cfg, summary)
         _serve_and_smoke(cfg, summary, stage, address, keep_serving)
         return _finish(cfg, summary)
@@ -132,6 +142,46 @@ def _promote_if_passed(cfg, summary, stage, address, until) -> str | None:
         log.info(f"{name} has no production version yet: nothing to serve")
         return None
     return f"{name}@{registry.PRODUCTION}"
+
+
+def optimizing(cfg: RaylabConfig, until: str | None) -> bool:
+    """Whether this run reaches the optimize stage with a method to apply."""
+    opt = cfg.optimize
+    reached = until is None or STAGES.index(until) >= STAGES.index("optimize")
+    return reached and cfg.registry.enabled and any(m is not None for m in (opt.quantize, opt.prune, opt.distill))
+
+
+def optimize_promoted(cfg: RaylabConfig, summary: dict, address: str | None = None) -> list[dict]:
+    """The optimize stage of `raylab run`: the version just promoted (summary["promoted"],
+    NAME/VERSION) goes through `raylab optimize` with this config's `optimize:` section, and
+    each derived version through `raylab models evaluate` (its gates: the parent's, with this
+    config's max_quality_drop / min_speedup). Sets and returns summary["optimized"]: one entry
+    per method, {method, version, derived_from, gates, failures, ...}.
+
+    A derived version is never promoted here: which of parent and derived version serves is
+    the operator's call (`raylab models promote NAME VERSION`), and a failed gate leaves the
+    parent in production; both outcomes are reported, neither is an error of the run."""
+    from raylab import evaluate, optimize, registry
+
+    store = registry.open_store(cfg)
+    parent = summary["promoted"]
+    result = optimize.run_optimize(cfg, parent, store=store)
+    name, version = result["name"], int(result["version"])
+    gated = evaluate.evaluate_version(store, name, version, address)
+    failures = [c["gate"] for c in gated["checks"] if not c["passed"]]
+    entry = {"method": result["method"], "version": f"{name}/{version}", "derived_from": parent,
+             "gates": gated["status"], "failures": failures, "val_loss": gated["val_loss"],
+             "parameters": result.get("parameters")}
+    if "measurements" in result:
+        entry["ratios"] = result["measurements"].get("ratios")
+    if gated["status"] == "passed":
+        log.info(f"optimize: {name}/{version} ({result['method']} of {parent}) passed its gates; production stays "
+                 f"{parent}: serve it with `raylab models promote {name} {version}`")
+    else:
+        log.info(f"optimize: {name}/{version} ({result['method']} of {parent}) failed its gates ({', '.join(failures)}); "
+                 f"production stays {parent} (`raylab models show {name}/{version}`)")
+    summary["optimized"] = [entry]
+    return summary["optimized"]
 
 
 def _serve_and_smoke(cfg, summary, stage, address, keep_serving) -> None:
@@ -275,6 +325,9 @@ def _print_summary(summary: dict) -> None:
     if summary.get("version"):
         log.info(f"version: {summary['version'].get('name')}/{summary['version'].get('version')}"
             f" (gates: {summary.get('gates', 'not run')}{', promoted' if summary.get('promoted') else ''})")
+    for o in summary.get("optimized", []):
+        log.info(f"optimized: {o['version']} = {o['method']} of {o['derived_from']} (gates: {o['gates']}"
+                 + (f": {', '.join(o['failures'])} failed; production unchanged" if o["failures"] else "") + ")")
     if summary.get("endpoint"):
         log.info(f"endpoint: {summary['endpoint']['url']} (model {summary['endpoint']['model']} -> {summary['endpoint']['version']})")
     if summary.get("audit"):

@@ -27,6 +27,6 @@ from __future__ import annotations
 
 from raylab.optimize.distill import DISTILLED_TAG
 from raylab.optimize.recover import PRUNED_TAG
-from raylab.optimize.stage import QUANTIZED_TAG, run_optimize
+from raylab.optimize.stage import QUANTIZED_TAG, check_config, run_optimize
 
-__all__ = ["DISTILLED_TAG", "PRUNED_TAG", "QUANTIZED_TAG", "run_optimize"]
+__all__ = ["DISTILLED_TAG", "PRUNED_TAG", "QUANTIZED_TAG", "check_config", "run_optimize"]

@@ -48,6 +48,14 @@ def check_parent(mv, key: str = "optimize.quantize") -> None:
                         f"{key} applies to a float version: {verb} {parent} instead")
 
 
+def check_config(cfg: RaylabConfig) -> None:
+    """What can be refused before anything runs (`raylab run` calls it before its first stage,
+    so a config that cannot be optimised here fails in seconds, not after training): int4
+    without CUDA/XPU."""
+    if cfg.optimize.quantize is not None:
+        q.check_device(cfg.optimize.quantize)
+
+
 def _file_bytes(local_dir: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(local_dir) for f in files)
 

@@ -5,6 +5,8 @@ cluster: data, train, gates, promote, serve, smoke requests, summary) and in ful
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import REPO, cli_here
 
 
@@ -123,3 +125,31 @@ def test_the_summary_heads_with_the_held_out_answer_and_labels_the_seen_one(capl
     assert lines[6] == "recall of seen data: from the training set: How much annual leave do I have?"
     assert "Second?" not in "\n".join(lines)  # one held-out headline; the rest are in run.json
     assert lines[10].startswith("held-out ROUGE-L over 2 question(s): base ") and lines[11].startswith("stages: ")
+
+
+def test_the_optimize_stage_runs_only_when_a_method_is_set_and_the_run_reaches_it():
+    import raylab
+    from raylab import pipeline
+
+    cfg = raylab._config(REPO / "configs" / "quickstart.yaml", [])
+    assert not pipeline.optimizing(cfg, None)  # no optimize method: the run is what it was
+    quantize = raylab._config(cfg.model_dump(mode="json"), ["optimize.quantize=int8_weight_only"])
+    assert pipeline.optimizing(quantize, None) and pipeline.optimizing(quantize, "optimize")
+    assert pipeline.optimizing(quantize, "serve")
+    assert not any(pipeline.optimizing(quantize, u) for u in ("data", "train", "gates", "promote"))
+    assert not pipeline.optimizing(raylab._config(quantize.model_dump(mode="json"), ["registry.enabled=false"]), None)
+    assert pipeline.STAGES.index("promote") < pipeline.STAGES.index("optimize") < pipeline.STAGES.index("serve")
+
+
+def test_a_run_whose_optimize_section_cannot_run_here_stops_before_any_stage(tmp_path, capsys):
+    import torch
+
+    from raylab import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("int4 is refused only without CUDA/XPU")
+    args = ["run", str(REPO / "configs" / "quickstart.yaml"), f"output_dir={tmp_path / 'run'}", "--no-serve"]
+    assert cli.main([*args, "optimize.quantize=int4_weight_only"]) == 2
+    err = capsys.readouterr().err
+    assert "optimize.quantize: int4_weight_only needs a CUDA or XPU device" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # before Ray starts or the data stage reads anything

@@ -140,6 +140,31 @@ def write_text(location: str, text: str) -> str:
     return write_bytes(location, text.encode("utf-8"))
 
 
+def replace_text(location: str, text: str) -> str:
+    """Replace a file's text whole: written beside it under a temporary name, then renamed over
+    it, so a process killed mid-write leaves the old text or the new, never a torn file (state
+    that a restarted process resumes from). On an object store a put is already all or nothing."""
+    from pyarrow import fs
+
+    if "://" in location:
+        return write_text(location, text)
+    fsys, path = filesystem(location)
+    fsys.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    settings = crypto.active()
+    data = text.encode("utf-8")
+    if settings is not None:  # sealed under the final name: the name is the file's identity
+        data = crypto.seal(data, _name(location), settings)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with fsys.open_output_stream(tmp) as f:
+            f.write(data)
+        fsys.move(tmp, path)  # a rename on a local filesystem: atomic
+    finally:
+        if fsys.get_file_info(tmp).type != fs.FileType.NotFound:
+            fsys.delete_file(tmp)
+    return location
+
+
 def read_text(location: str) -> str:
     return _open_lines(read_bytes(location).decode("utf-8"), location)
 

@@ -88,7 +88,7 @@ class CanaryController:
 
     def _save(self) -> None:
         self.state["tallies"] = {v: t.to_dict() for v, t in self.tallies.items()}
-        storage.write_text(self.file, json.dumps(self.state))
+        storage.replace_text(self.file, json.dumps(self.state))  # a kill mid-save leaves the last state
 
     def _loop(self) -> None:
         while self.state["status"] == RUNNING:

@@ -57,3 +57,39 @@ def test_nothing_writes_a_file_except_through_core_storage():
         if found:
             problems[str(path.relative_to(PACKAGE))] = found
     assert problems == {}, f"write through raylab.core.storage: {problems}"
+
+
+def test_replace_text_swaps_the_whole_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import os
+
+    import pytest
+
+    from raylab.core import crypto
+
+    target = str(tmp_path / "state" / "canary.json")
+    storage.replace_text(target, '{"n": 1}')
+    storage.replace_text(target, '{"n": 2}')
+    assert storage.read_text(target) == '{"n": 2}' and os.listdir(tmp_path / "state") == ["canary.json"]
+    # a write that dies before the rename leaves the old text (the rename is the only switch)
+    real = storage.filesystem
+
+    class Killed:  # the filesystem of a process killed between writing and renaming
+        def __init__(self, fsys):
+            self.fsys = fsys
+
+        def __getattr__(self, name):
+            return getattr(self.fsys, name)
+
+        def move(self, *_):
+            raise OSError("killed")
+
+    monkeypatch.setattr(storage, "filesystem", lambda loc: (Killed(real(loc)[0]), real(loc)[1]))
+    with pytest.raises(OSError, match="killed"):
+        storage.replace_text(target, '{"n": 3}')
+    assert storage.read_text(target) == '{"n": 2}' and os.listdir(tmp_path / "state") == ["canary.json"]
+    monkeypatch.undo()
+    # sealed under its final name, so it opens where it lands
+    monkeypatch.setenv(crypto.ENV, crypto.Settings("local", key_file=str(tmp_path / "ring.json")).to_env())
+    storage.replace_text(target, '{"n": 4}')
+    assert crypto.is_sealed((tmp_path / "state" / "canary.json").read_bytes())
+    assert storage.read_text(target) == '{"n": 4}'

@@ -417,7 +417,7 @@ def test_auth_unknown_paths_and_the_server_survives(served):
     status, body = get(url, "/v1/nothing-here")
     assert status == 404 and body["error"]["message"]
     assert request(url, "/v1/completions", method="GET")[0] == 405
-    assert get(url, "/healthz", key=None) == (200, {"status": "ok", "model": f"{NAME}/1"})
+    assert get(url, "/healthz", key=None) == (200, {"status": "ok", "model": f"{NAME}/1", "canary": None})
     status, body = chat(url, NAME, QUESTIONS[3])  # after all the bad requests, the replicas still answer
     assert status == 200 and body["choices"][0]["message"]["content"] == ANSWERS[1]
 

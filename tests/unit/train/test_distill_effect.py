@@ -1,16 +1,22 @@
-"""The distill objective's real effect, no Ray: a one-layer student trained 40 steps with
-`distill_sums` (T=2, alpha=0.5) against a tiny-llama teacher trained on the same text reaches
-a lower held-out cross-entropy than the same student (same initial weights, same batches,
-same optimizer) trained 40 steps with cross-entropy only, and a smaller KL to the teacher.
+"""The distill objective's real effect, no Ray: one-layer students trained 40 steps with
+`distill_sums` (T=2, alpha=0.5) against a tiny-llama teacher trained on the same text reach a
+lower held-out cross-entropy than the same students (same initial weights, same batches, same
+optimizer) trained 40 steps with cross-entropy only, and a smaller KL to the teacher.
 
-Text: the summaries of installed packages (real text nobody on the project wrote,
-shared/DESIGN.md), byte-level tokens; every fifth summary is held out. Checked locally over
-5 seeds (student init 100-104, batch order 0-4): distilled 3.240-3.244 against CE-only
-3.253-3.261 nats/token, every seed in the same direction; one seed is committed."""
+Text: the docstrings of Python's standard-library modules, read from their source files (real
+text nobody on the project wrote, fixed for a Python version: the installed packages' summaries,
+used before, changed with every install); byte-level tokens; every fifth paragraph is held out.
+At this scale the effect is small and varies with the student's initial weights and batch
+order, so the test is a paired comparison over seven seeds (student init 100-106, batch order
+0-6). Measured here: distilled lower in 6 of 7 seeds, median 0.012 nats/token lower (seed 0:
+0.0008 higher); the KL to the teacher median 0.009 lower."""
 
 from __future__ import annotations
 
-import importlib.metadata as md
+import ast
+import importlib.util
+import statistics
+import sys
 
 import pyarrow as pa
 import torch
@@ -24,13 +30,17 @@ STUDENT = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_at
 TEACHER_STEPS, STEPS, LR, BATCH, T, ALPHA = 150, 40, 3e-3, 8, 2.0, 0.5
 
 
-def summaries() -> list[str]:
-    seen, out = set(), []
-    for d in sorted(md.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
-        name, text = (d.metadata["Name"] or "").lower(), (d.metadata["Summary"] or "").strip()
-        if name not in seen and len(text) >= 20:
-            seen.add(name)
-            out.append(text)
+def docstrings() -> list[str]:
+    """Every paragraph of 40 or more characters of the standard library's module docstrings,
+    parsed from source (never imported: some modules act on import)."""
+    out = []
+    for name in sorted(sys.stdlib_module_names):
+        spec = None if name.startswith("_") else importlib.util.find_spec(name)
+        if spec is None or not (spec.origin or "").endswith(".py"):
+            continue
+        with open(spec.origin, encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read())) or ""
+        out += [p for p in (" ".join(para.split()) for para in doc.split("\n\n")) if len(p) >= 40 and p[0].isalpha()]
     return out
 
 
@@ -80,26 +90,36 @@ def held_out(model, teacher, data: dict) -> tuple[float, float]:
     return float(ce.loss) / ce.targets, float(kl) / ce.targets
 
 
-def test_a_distilled_student_beats_the_same_student_trained_with_cross_entropy_only():
+SEEDS = range(7)
+
+
+def test_distilled_students_beat_the_same_students_trained_with_cross_entropy_only():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same arithmetic wherever it runs
     try:
         tok = models.build_byte_tokenizer()
-        texts = summaries()
-        assert len(texts) >= 100  # enough real text for a held-out fifth
+        texts = docstrings()
+        assert len(texts) >= 300  # enough real text for a held-out fifth
         train = packed(tok, [t for i, t in enumerate(texts) if i % 5])
         test = packed(tok, texts[::5])
         teacher = fit(build(tok, 0), train, TEACHER_STEPS, 0)
         teacher_ce, _ = held_out(teacher, teacher, test)
-        ce_only = fit(build(tok, 100, **STUDENT), train, STEPS, 0)
-        distilled = fit(build(tok, 100, **STUDENT), train, STEPS, 0, teacher=teacher)
-        (ce_loss, ce_kl), (d_loss, d_kl) = held_out(ce_only, teacher, test), held_out(distilled, teacher, test)
+        pairs = []  # per seed: (CE-only student, distilled student), each (loss, KL)
+        for seed in SEEDS:
+            ce_only = fit(build(tok, 100 + seed, **STUDENT), train, STEPS, seed)
+            distilled = fit(build(tok, 100 + seed, **STUDENT), train, STEPS, seed, teacher=teacher)
+            pairs.append((held_out(ce_only, teacher, test), held_out(distilled, teacher, test)))
     finally:
         torch.set_num_threads(threads)
-    # the teacher is worth learning from: well below both students on the held-out text
-    assert teacher_ce < d_loss - 0.3
-    # negative control: the two students start from the same weights (the difference is the objective)
-    a, b = build(tok, 100, **STUDENT), build(tok, 100, **STUDENT)
+    gains = [ce[0] - d[0] for ce, d in pairs]
+    kl_gains = [ce[1] - d[1] for ce, d in pairs]
+    # the teacher is worth learning from: well below every student on the held-out text
+    assert all(teacher_ce < d[0] - 0.2 for _, d in pairs), (teacher_ce, pairs)
+    # negative control: the two students of a pair start from the same weights (the difference
+    # is the objective), and different seeds' students do not
+    a, b, c = build(tok, 100, **STUDENT), build(tok, 100, **STUDENT), build(tok, 101, **STUDENT)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
-    assert d_loss < ce_loss - 0.005, (d_loss, ce_loss)  # locally: 0.008-0.019 lower over 5 seeds
-    assert d_kl < ce_kl
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters(), strict=True))
+    assert sum(g > 0 for g in gains) >= 5, gains  # measured: 6 of 7
+    assert statistics.median(gains) > 0.005, gains  # measured: 0.012
+    assert statistics.median(kl_gains) > 0, kl_gains  # measured: 0.009

@@ -169,7 +169,14 @@ class TransformersEngine(Engine):
 
         with self.lock, storage.plain_dir(path) as src:  # a sealed adapter opened in memory
             if hasattr(self.model, "peft_config"):
-                self.model.load_adapter(src, adapter_name=name)
+                try:
+                    self.model.load_adapter(src, adapter_name=name)
+                except Exception:
+                    # peft injects the adapter's layers before loading its weights: a broken
+                    # adapter (a size mismatch) would stay in the model, one more per retry
+                    if name in self.model.peft_config:
+                        self.model.delete_adapter(name)
+                    raise
             else:
                 self.model = PeftModel.from_pretrained(self.model, src, adapter_name=name).eval()
                 if self._batch is not None:  # a running batch decodes through the wrapper from its next step

@@ -253,7 +253,8 @@ def rendered_at_repo(target: str) -> dict[str, str]:
         os.chdir(cwd)
 
 
-def test_docs_show_the_workflow_render_writes(at_repo):
-    readme = (REPO / "docs" / "delivery.md").read_text()
+@pytest.mark.parametrize("page", ["docs/delivery.md", "README.md"])
+def test_docs_show_the_workflow_render_writes(at_repo, page):
+    readme = (REPO / page).read_text()
     shown = readme.split("<!-- rendered: github")[1].split("```yaml\n", 1)[1].split("```\n<!-- /rendered -->")[0]
     assert shown == rendered(load(), "github")["raylab-acme-assistant.yml"]

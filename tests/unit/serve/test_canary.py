@@ -217,3 +217,29 @@ def test_a_restarted_controller_resumes_the_rollout_with_its_tallies(tmp_path):
         "feedback_count": 1, "feedback": 1.0}
     assert status["metrics"]["m/1"]["requests"] == 1 and status["elapsed_s"] >= 50
     assert CanaryController.saved(str(path))["metrics"] == status["metrics"]  # --status without a cluster
+
+
+def test_a_candidate_that_fails_to_load_leaves_the_generator_replica_serving_production():
+    """Generator.reconfigure preloads the routed version and a canary's candidate. A
+    candidate that fails to load is logged, not raised: raising has Serve stop the replica
+    and restart it with the same list, so production's traffic failed with it. The routed
+    version itself must load (the control: that failure still fails the replica)."""
+    import asyncio
+
+    from raylab.serve.generator import GeneratorBase
+
+    loaded = []
+
+    async def get_model(version: str):
+        if version == "m/2":
+            raise RuntimeError("Error(s) in loading state_dict for PeftModel: size mismatch")
+        loaded.append(version)
+
+    generator = GeneratorBase.__new__(GeneratorBase)  # no replica, no models: reconfigure's own logic
+    generator.get_model = get_model
+    asyncio.run(generator.reconfigure({"preload": ["m/1", "m/2"]}))
+    assert loaded == ["m/1"]
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        asyncio.run(generator.reconfigure({"preload": ["m/2", "m/1"]}))
+    asyncio.run(generator.reconfigure({"preload": []}))  # nothing to preload
+    assert loaded == ["m/1"]

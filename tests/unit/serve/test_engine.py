@@ -177,6 +177,40 @@ def test_an_adapter_loaded_into_the_engine_decodes_as_peft_and_unloads(lm, tmp_p
     assert engine.stats()["adapters"] == []
 
 
+def test_an_adapter_that_fails_to_load_leaves_the_engine_as_it_was(lm, tmp_path):
+    """A broken adapter (its config says rank 4, its weights are rank 8: what a canary's bad
+    candidate can be) fails to load, and leaves no layers behind: the loaded adapter still
+    decodes as before, and a retry fails the same way instead of piling up adapters."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    m, tok = lm
+    torch.manual_seed(0)
+    trained = get_peft_model(copy.deepcopy(m), LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    trained.save_pretrained(tmp_path / "good")
+    trained.save_pretrained(tmp_path / "bad")
+    conf = json.loads((tmp_path / "bad" / "adapter_config.json").read_text())
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps(conf | {"r": 4}))
+    p = ids(tok, PROMPTS[2])
+    engine = TransformersEngine(copy.deepcopy(m), tok, stop_ids=set())
+
+    async def main():
+        await engine.load_adapter("good", str(tmp_path / "good"))
+        before = await collect(engine, Request("before", p, greedy(10), adapter="good"))
+        for attempt in ("bad1", "bad2"):
+            with pytest.raises(RuntimeError, match="size mismatch"):
+                await engine.load_adapter(attempt, str(tmp_path / "bad"))
+        after = await collect(engine, Request("after", p, greedy(10), adapter="good"))
+        return before[0], after[0]
+
+    before, after = asyncio.run(main())
+    assert before == after == generate(trained.eval(), tok, [p], 10)[0]
+    assert set(engine.model.peft_config) == {"good"} and engine.stats()["adapters"] == ["good"]
+    lora_keys = [k for k in engine.model.state_dict() if "lora_A" in k]
+    assert lora_keys and all(".good." in k for k in lora_keys)  # no layers of the failed loads left
+
+
 def test_a_request_that_generated_no_token_is_counted_without_an_error():
     # Ray's Counter refuses inc(0); a request ending with no token (EOS first, or its client
     # left) raised that ValueError in the stream's `finally` and became a 500.

@@ -13,12 +13,16 @@ evaluate`) -> promote (when the gates pass and `registry.auto_promote` is true) 
 (when the config sets a method in its `optimize:` section and a version was just promoted: that
 version quantised, pruned or distilled into a derived version, which is gated by the same gates
 and left for `raylab models promote`; a derived version that fails them is reported in the
-summary and production stays the promoted parent) -> serve (the production version) -> smoke requests (the held-out questions of `eval.held_out`, else a few
-of the val split, and one question of the training set, answered by the endpoint and by the
-base model) -> a summary, headed by a held-out question (base vs tuned), the seen question
-beside it labelled as recall, and the held-out ROUGE-L. Each stage skips work whose inputs have not changed: the
-data stage's cache, a finished pre-training or train run, a sweep's finished trials, an
-already-registered version.
+summary and production stays the promoted parent) -> index (when `serve.rag` reads the index of
+this config's `index:` section: `raylab index`) -> serve (the production
+version) -> smoke requests (the held-out questions of `eval.held_out`, else a few of the val
+split, and one question of the training set, answered by the endpoint without retrieval and
+by the base model; with `serve.rag`, the headline question once more with retrieval) -> a
+summary, headed by a held-out question (base vs tuned), the seen question beside it labelled
+as recall, the retrieval-augmented answer with its sources, and the held-out ROUGE-L. Each
+stage skips work whose inputs have not changed: the data stage's cache, a finished
+pre-training or train run, a sweep's finished trials, an already-registered version, chunks
+already embedded.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from raylab.errors import UserError
 log = logging.getLogger(__name__)
 
 
-STAGES = ("data", "pretrain", "train", "tune", "gates", "promote", "optimize", "serve")
+STAGES = ("data", "pretrain", "train", "tune", "gates", "promote", "optimize", "index", "serve")
 
 
 def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None, serve: bool = True,
@@ -107,7 +111,9 @@ def _run_stages(cfg, address, until, serve, keep_serving, summary, stage) -> dic
         ref = _promote_if_passed(cfg, summary, stage, address, until)
         if summary.get("promoted") and optimizing(cfg, until):
             stage("optimize", lambda: optimize_promoted(cfg, summary, address))
-        if until in ("gates", "promote", "optimize") or not serve or ref is None:
+        if indexing(cfg, until):
+            stage("index", lambda: index_documents(cfg, summary, address))
+        if until in ("gates", "promote", "optimize", "index") or not serve or ref is None:
             return _finish(cfg, summary)
         _serve_and_smoke(cfg, summary, stage, address, keep_serving)
         return _finish(cfg, summary)
@@ -184,6 +190,29 @@ def optimize_promoted(cfg: RaylabConfig, summary: dict, address: str | None = No
     return summary["optimized"]
 
 
+def indexing(cfg: RaylabConfig, until: str | None) -> bool:
+    """Whether this run reaches the index stage: `serve.rag` retrieves from the index this
+    config's `index:` section builds (serve.rag.index unset or that directory). The schema
+    fills in an `index:` section for every config, so its presence cannot say whether a run
+    wants one; serve.rag, the index's reader, does (also with --no-serve: a later `raylab
+    serve` reads it)."""
+    rag = cfg.serve.rag
+    own = rag is not None and rag.index in (None, cfg.index.directory or runs.Run(cfg.output_dir).index)
+    return own and (until is None or STAGES.index(until) >= STAGES.index("index"))
+
+
+def index_documents(cfg: RaylabConfig, summary: dict, address: str | None = None) -> dict:
+    """The index stage of `raylab run`: `raylab index` on this config (incremental: a re-run
+    embeds only chunks whose text is new). Sets and returns summary["index"]."""
+    from raylab import rag
+
+    manifest = rag.run_index(cfg, address)
+    counts = manifest.get("counts", {})
+    summary["index"] = {"directory": rag.index_directory(cfg), "model": manifest.get("model")} | {
+        k: counts[k] for k in ("documents", "chunks", "embedded", "reused") if k in counts}
+    return summary["index"]
+
+
 def _serve_and_smoke(cfg, summary, stage, address, keep_serving) -> None:
     from raylab import serve
 
@@ -192,6 +221,8 @@ def _serve_and_smoke(cfg, summary, stage, address, keep_serving) -> None:
     try:
         summary["smoke"] = stage("smoke", lambda: smoke(cfg, info))
         summary["held_out_rouge_l"] = rouge(summary["smoke"])
+        if cfg.serve.rag is not None:
+            summary["rag"] = stage("rag", lambda: rag_smoke(cfg, info))
         if keep_serving:
             _print_summary(summary)
             serve.wait_until_stopped()
@@ -233,22 +264,17 @@ def seen_question(cfg: RaylabConfig) -> list[dict]:
 
 def smoke(cfg: RaylabConfig, info: dict) -> list[dict]:
     """Ask the endpoint the held-out questions and one seen question (chat completions,
-    greedy), then the base model the same ones; any failed request is an error."""
-    from raylab import evaluate, registry, serve
+    greedy), then the base model the same ones; any failed request is an error. With
+    `serve.rag` the requests ask for no retrieval: base and tuned answer the same prompt."""
+    from raylab import evaluate, registry
 
-    keys = sorted(serve.api_keys({"api_keys_env": cfg.serve.api_keys_env, "api_keys_file": cfg.serve.api_keys_file}))
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {keys[0]}"} if keys else {})
     answers = []
     qs = questions(cfg) + seen_question(cfg)
+    extra = {"raylab": {"retrieval": False}} if cfg.serve.rag is not None else {}
     for q in qs:
         body = {"model": info["name"], "messages": q["messages"], "temperature": 0, "max_tokens": cfg.eval.max_new_tokens}
-        req = urllib.request.Request(info["url"] + "/v1/chat/completions", data=json.dumps(body).encode(), headers=headers)
         started = time.monotonic()
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                reply = json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raise UserError(f"smoke request to {info['url']} failed: HTTP {e.code} {e.read().decode()[:500]}") from None
+        reply = _chat(cfg, info, body | extra)
         answer = reply["choices"][0]["message"]["content"]
         answers.append({"question": q["messages"][-1]["content"], "kind": q["kind"], "answer": answer,
                         "reference": q.get("reference"), "latency_s": round(time.monotonic() - started, 3)})
@@ -262,6 +288,56 @@ def smoke(cfg: RaylabConfig, info: dict) -> list[dict]:
     if len(answers) > 3:
         log.info(f"... {len(answers) - 3} more in {runs.Run(cfg.output_dir).summary}")
     return answers
+
+
+def _chat(cfg: RaylabConfig, info: dict, body: dict) -> dict:
+    """One chat completion from the endpoint, with the first API key; an HTTP error is exit 2."""
+    from raylab import serve
+
+    keys = sorted(serve.api_keys({"api_keys_env": cfg.serve.api_keys_env, "api_keys_file": cfg.serve.api_keys_file}))
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {keys[0]}"} if keys else {})
+    req = urllib.request.Request(info["url"] + "/v1/chat/completions", data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise UserError(f"smoke request to {info['url']} failed: HTTP {e.code} {e.read().decode()[:500]}") from None
+
+
+def rag_smoke(cfg: RaylabConfig, info: dict) -> dict | None:
+    """The retrieval-augmented answer of the summary: the headline held-out question (the first
+    of `questions`) asked once more with retrieval on (`raylab.retrieval: true`, whatever
+    serve.rag.by_default says), so it reads beside the same question answered without it.
+    None when there is no question to ask."""
+    qs = questions(cfg)[:1]
+    if not qs:
+        return None
+    body = {"model": info["name"], "messages": qs[0]["messages"], "temperature": 0,
+            "max_tokens": cfg.eval.max_new_tokens, "raylab": {"retrieval": True}}
+    entry = rag_entry(qs[0], _chat(cfg, info, body))
+    log.info("\n".join(rag_lines(entry)))
+    return entry
+
+
+def rag_entry(question: dict, reply: dict) -> dict:
+    """The summary's record of one retrieval-augmented chat reply: question, answer, reference
+    and the sources the endpoint returned (`raylab.sources`, best first)."""
+    sources = (reply.get("raylab") or {}).get("sources") or []
+    return {"question": question["messages"][-1]["content"], "answer": reply["choices"][0]["message"]["content"],
+            "reference": question.get("reference"),
+            "sources": [{"origin": s.get("origin") or s.get("source"), "source": s.get("source"),
+                         "score": round(float(s["score"]), 3), "text": s.get("text")} for s in sources]}
+
+
+def rag_lines(entry: dict) -> list[str]:
+    """The console lines of a retrieval-augmented answer: question, answer, then each source's
+    document and score, best first."""
+    lines = [f"with retrieval (serve.rag): {entry['question']}", f"  answer:  {entry['answer']}"]
+    if entry.get("reference"):
+        lines.append(f"  corpus:  {entry['reference']}")
+    if not entry["sources"]:
+        return [*lines, "  sources: none (the index returned no chunk)"]
+    return lines + [f"  source [{i}]: {s['origin']} (score {s['score']:.3f})" for i, s in enumerate(entry["sources"], 1)]
 
 
 _LABELS = {"held_out": "held out: not in the training data", "golden": "a golden prompt",
@@ -311,12 +387,19 @@ def _print_summary(summary: dict) -> None:
     for a in shown:
         log.info(f"{_LABELS[a['kind']]}: {a['question']}\n  base:  {a.get('base_answer')}\n  tuned: {a['answer']}\n"
                  f"  corpus: {a['reference']}")
+    if summary.get("rag"):
+        for line in rag_lines(summary["rag"]):
+            log.info(line)
     if summary.get("held_out_rouge_l"):
         r = summary["held_out_rouge_l"]
         log.info(f"held-out ROUGE-L over {r['questions']} question(s): base {r['base']:.2f} -> tuned {r['tuned']:.2f}")
     log.info("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stages"].items()))
     if "data" in summary:
         log.info("data: " + ", ".join(f"{k} {v}" for k, v in summary["data"].items()))
+    if summary.get("index"):
+        i = summary["index"]
+        log.info(f"index: {i.get('documents')} documents -> {i.get('chunks')} chunks ({i.get('embedded')} embedded) "
+                 f"in {i['directory']}")
     if summary.get("pretrain"):
         p = summary["pretrain"]
         log.info(f"pretrain: val loss {p['initial_val_loss']:.3f} -> {p['val_loss']:.3f} (every token; the stand-in base)")

@@ -148,9 +148,13 @@ def make_plan(cfg: RaylabConfig, nodes: list[Node], cores: int | None = None) ->
         )
     s = cfg.serve
     replicas = max(1, s.autoscaling.min_replicas)
+    # serve.rag's Embedder deployment runs beside the model replicas (one at the start)
+    embedder = [("embedder replica", 1, s.rag.cpus_per_replica, 0.0)] if s.rag is not None else []
     asks.append(
-        StageAsk("serve", [("replica", replicas, s.cpus_per_replica, s.gpus_per_replica), ("ingress", 1, 0.1, 0.0)],
-                 "lower serve.cpus_per_replica or serve.autoscaling.min_replicas")
+        StageAsk("serve", [("replica", replicas, s.cpus_per_replica, s.gpus_per_replica), ("ingress", 1, 0.1, 0.0),
+                           *embedder],
+                 "lower serve.cpus_per_replica or serve.autoscaling.min_replicas"
+                 + (" or serve.rag.cpus_per_replica" if embedder else ""))
     )
     if s.autoscaling.max_replicas * s.cpus_per_replica > total_cpus:
         notes.append(f"serve.autoscaling.max_replicas={s.autoscaling.max_replicas} cannot all fit; autoscaling stops at what fits")

@@ -185,14 +185,15 @@ def api_args(cfg: RaylabConfig | None) -> dict | None:
     return {"config": config.to_yaml(cfg), "database": controldb.url()}
 
 
-def rag_args(cfg: RaylabConfig | None) -> dict | None:
-    """serve.rag's Embedder arguments, its index checked (exit 2 before anything deploys)."""
+def rag_args(cfg: RaylabConfig | None, check: bool = True) -> dict | None:
+    """serve.rag's Embedder arguments, its index checked (exit 2 before anything deploys);
+    check=False for a rendered config, whose index may be built after rendering."""
     if cfg is None or cfg.serve.rag is None:
         return None
     # Ray Serve and the rag extra are imported only when serve.rag asks for them
     from raylab.serve.retrieval import rag_args as checked
 
-    return checked(cfg)
+    return checked(cfg, check)
 
 
 def deploy_config(s: ServeConfig, app: dict) -> dict:
@@ -207,7 +208,7 @@ def emit_text(cfg: RaylabConfig | None, ref: str, tracking_uri: str | None = Non
     s = cfg.serve if cfg else ServeConfig()
     store = None if plain(ref) else registry.open_store(cfg, tracking_uri)
     full = deploy_config(s, app_config(s, store, ref, cfg.model.dtype if cfg else "float32", cfg.explain if cfg else None,
-                                       rag_args(cfg), monitor_args(cfg), api_args(cfg)))
+                                       rag_args(cfg, check=False), monitor_args(cfg), api_args(cfg)))
     return ("# written by `raylab render --target serve` (`raylab serve --emit-config`); deploy with `serve deploy` "
             "or embed in a RayService's serveConfigV2\n" + yaml.safe_dump(full, sort_keys=False))
 

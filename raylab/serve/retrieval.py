@@ -32,14 +32,19 @@ from raylab.serve import openai_api as oa
 SOURCE_FIELDS = ("chunk_id", "source", "origin", "record_id", "start", "end", "score", "text")
 
 
-def rag_args(cfg) -> dict | None:
+def rag_args(cfg, check: bool = True) -> dict | None:
     """The Embedder's arguments for `cfg.serve.rag`, after checking the index it names: a
     missing directory, an index with no chunks and one built with another embedding model or
-    dimension than the config's `index.model` are exit 2, before anything is deployed."""
+    dimension than the config's `index.model` are exit 2, before anything is deployed.
+    `check=False` (`raylab render --target serve`, `serve --emit-config`) takes them from the
+    config alone: a rendered config is deployed later, often where the index is built after
+    rendering, so the Embedder makes the same checks when its replica opens the index."""
     r = cfg.serve.rag
     if r is None:
         return None
     directory = r.index or rag.index_directory(cfg)
+    if not check:
+        return _configured(cfg, directory)
     key = "serve.rag.index" if r.index else "serve.rag.index (default index.directory)"
     try:
         manifest, table = rag.open_index(directory)
@@ -67,6 +72,23 @@ def rag_args(cfg) -> dict | None:
             "by_default": r.by_default, "top_k": r.top_k, "search": r.search, "full_text": rag.has_full_text(table),
             "max_top_k": r.max_top_k, "nprobes": r.nprobes, "refine_factor": r.refine_factor,
             "max_inputs": r.max_inputs, "max_input_tokens": max_tokens, "threads": 1}
+
+
+def _configured(cfg, directory: str) -> dict:
+    """rag_args from the config alone (no index read): the model's name and dimensions from its
+    config files, full-text search as index.hybrid builds it."""
+    r = cfg.serve.rag
+    name, dimensions, max_seq_length = rag.peek(cfg.index.model) or _loaded(cfg.index.model)
+    if r.search == "hybrid" and not cfg.index.hybrid:
+        raise UserError("serve.rag.search: hybrid needs the full-text index that index.hybrid: true builds; "
+                        "set index.hybrid: true or serve.rag.search: vector")
+    if r.max_input_tokens and r.max_input_tokens > max_seq_length:
+        raise UserError(f"serve.rag.max_input_tokens ({r.max_input_tokens}) is above what {name} reads "
+                        f"({max_seq_length} tokens); it would truncate longer inputs silently")
+    return {"index": directory, "model": name, "dimensions": dimensions, "by_default": r.by_default, "top_k": r.top_k,
+            "search": r.search, "full_text": cfg.index.hybrid, "max_top_k": r.max_top_k, "nprobes": r.nprobes,
+            "refine_factor": r.refine_factor, "max_inputs": r.max_inputs,
+            "max_input_tokens": min(r.max_input_tokens or max_seq_length, max_seq_length), "threads": 1}
 
 
 def _loaded(model: str | None) -> tuple[str, int, int]:

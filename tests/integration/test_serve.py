@@ -357,6 +357,24 @@ def test_chat_with_retrieval_returns_the_supporting_text_as_sources(served):
     assert np.abs(np.array([d.embedding for d in reply.data]) - expected).max() < 1e-5
 
 
+def test_raylab_runs_retrieval_augmented_answer_comes_from_this_endpoint(served):
+    """`raylab run`'s summary entry (pipeline.rag_smoke) on the real endpoint: the headline
+    held-out question asked with retrieval, although serve.rag.by_default is false here, and
+    the document that holds it first among the sources."""
+    from raylab import pipeline
+
+    docs, k = served["docs"], 2
+    question = re.split(r"(?<=\.)\s+", docs[k])[1]
+    held = served["root"] / "rag-held-out.jsonl"
+    held.write_text(json.dumps({"messages": [{"role": "user", "content": question}], "reference": question}) + "\n")
+    cfg = config.load_dict(served["cfg"].model_dump(mode="json") | {"eval": {"held_out": str(held), "max_new_tokens": 8}})
+    entry = pipeline.rag_smoke(cfg, {"url": served["url"], "name": NAME})
+    assert entry["question"] == question and isinstance(entry["answer"], str)
+    assert len(entry["sources"]) == 2  # serve.rag.top_k
+    assert entry["sources"][0]["origin"] == f"packages.jsonl:{k + 1}" and question in entry["sources"][0]["text"]
+    assert entry["sources"][0]["score"] >= entry["sources"][1]["score"]
+
+
 def test_served_greedy_equals_offline_peft_for_two_adapters_on_one_base(served):
     from raylab.models import greedy, prompt_ids
     from raylab.models import load_inference as load

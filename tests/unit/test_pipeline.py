@@ -153,3 +153,65 @@ def test_a_run_whose_optimize_section_cannot_run_here_stops_before_any_stage(tmp
     err = capsys.readouterr().err
     assert "optimize.quantize: int4_weight_only needs a CUDA or XPU device" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # before Ray starts or the data stage reads anything
+
+
+def _rag_reply(answer: str, sources: list[dict]) -> dict:
+    """A chat reply in the shape the endpoint returns with serve.rag (docs/retrieval.md)."""
+    reply = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}
+    return reply | ({"raylab": {"sources": sources}} if sources else {})
+
+
+def test_the_summary_shows_the_retrieval_augmented_answer_with_its_sources(caplog):
+    import logging
+
+    from raylab import pipeline
+
+    question = {"messages": [{"role": "user", "content": "How many days off do I get each year?"}],
+                "reference": "Every Acme employee gets 27 vacation days per year.", "kind": "held_out"}
+    sources = [{"chunk_id": "a1", "source": "handbook", "origin": "examples/acme/handbook/01-hours.md", "record_id": "0",
+                "start": 0, "end": 150, "score": 0.61234, "text": "Every Acme employee gets 27 vacation days per year."},
+               {"chunk_id": "b2", "source": "handbook", "origin": "examples/acme/handbook/12-sick.md", "record_id": "11",
+                "start": 0, "end": 200, "score": 0.4, "text": "Sick leave ..."}]
+    entry = pipeline.rag_entry(question, _rag_reply("27 vacation days.", sources))
+    assert entry["question"] == "How many days off do I get each year?" and entry["answer"] == "27 vacation days."
+    assert [(s["origin"], s["score"]) for s in entry["sources"]] == [
+        ("examples/acme/handbook/01-hours.md", 0.612), ("examples/acme/handbook/12-sick.md", 0.4)]
+    smoke = [{"kind": "held_out", "question": entry["question"], "answer": "Acme", "base_answer": "x",
+              "reference": question["reference"]}]
+    with caplog.at_level(logging.INFO, logger="raylab.pipeline"):
+        pipeline._print_summary({"stages": {"data": 1.0}, "smoke": smoke, "rag": entry})
+    printed = "\n".join(r.getMessage() for r in caplog.records).splitlines()
+    at = printed.index("with retrieval (serve.rag): How many days off do I get each year?")
+    assert printed[at + 1:at + 5] == ["  answer:  27 vacation days.",
+                                      "  corpus:  Every Acme employee gets 27 vacation days per year.",
+                                      "  source [1]: examples/acme/handbook/01-hours.md (score 0.612)",
+                                      "  source [2]: examples/acme/handbook/12-sick.md (score 0.400)"]
+    assert at > printed.index("  tuned: Acme")  # after the headline, which it repeats with retrieval
+
+    # The controls: a run without serve.rag has no "rag" in its summary and prints no such lines;
+    # a reply without sources says so instead of printing an empty list.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="raylab.pipeline"):
+        pipeline._print_summary({"stages": {"data": 1.0}, "smoke": smoke})
+    assert caplog.records and not any("retrieval" in r.getMessage() or "source [" in r.getMessage()
+                                      for r in caplog.records)
+    bare = pipeline.rag_entry(question, _rag_reply("27.", []))
+    assert bare["sources"] == [] and pipeline.rag_lines(bare)[-1] == "  sources: none (the index returned no chunk)"
+
+
+def test_the_index_stage_runs_only_when_serve_rag_reads_this_configs_index():
+    import raylab
+    from raylab import pipeline
+
+    cfg = raylab._config(REPO / "configs" / "quickstart.yaml", [])
+    assert cfg.index.sources and cfg.serve.rag is not None  # the quickstart retrieves from the handbook
+    assert pipeline.indexing(cfg, None) and pipeline.indexing(cfg, "index") and pipeline.indexing(cfg, "serve")
+    assert not any(pipeline.indexing(cfg, u) for u in ("data", "pretrain", "train", "tune", "gates", "promote", "optimize"))
+    # the controls: no serve.rag, no index stage; serve.rag reading an index built elsewhere
+    # (not this config's to build), neither
+    assert not pipeline.indexing(raylab._config(cfg.model_dump(mode="json"), ["serve.rag=null"]), None)
+    elsewhere = raylab._config(cfg.model_dump(mode="json"), ["serve.rag.index=/srv/indexes/handbook"])
+    assert not pipeline.indexing(elsewhere, None)
+    same = raylab._config(cfg.model_dump(mode="json"), [f"serve.rag.index={cfg.output_dir}/index"])
+    assert pipeline.indexing(same, None)
+    assert pipeline.STAGES.index("optimize") < pipeline.STAGES.index("index") < pipeline.STAGES.index("serve")

@@ -89,6 +89,13 @@ def test_serve_replicas_must_fit():
     assert any(x.startswith("serve needs 8.1 CPUs") for x in p.problems()), p.problems()  # replica + ingress
 
 
+def test_serve_rags_embedder_counts_beside_the_replicas():
+    p = plan(["serve.cpus_per_replica=3.5", "serve.rag.cpus_per_replica=0.5"])  # on 4 CPUs
+    assert any(x.startswith("serve needs 4.1 CPUs") for x in p.problems()), p.problems()  # replica + ingress + Embedder
+    assert "1 embedder replica x 0.5 CPU" in p.render()
+    assert not plan(["serve.cpus_per_replica=3.5"]).problems()  # the control: 3.6 CPUs fit without serve.rag
+
+
 def test_render_says_whether_it_fits():
     assert "fits: yes" in plan().render()
     assert "fits: NO" in plan(["train.num_workers=9"]).render()

@@ -9,7 +9,7 @@ LanceDB index of real text (installed packages' descriptions) embedded by the re
   rag's prompt template and returns them as sources; `raylab: {retrieval: false}` leaves the
   messages untouched (the control); bad extension fields are 400s before any generation;
 - `raylab serve` refuses (exit 2, naming the key) a missing index, an empty one and one built
-  with another embedding model.
+  with another embedding model; a rendered config (`--emit-config`) does not need it built.
 """
 
 from __future__ import annotations
@@ -261,6 +261,24 @@ def test_serve_refuses_a_missing_empty_or_foreign_index(tmp_path, index):
     assert retrieval.rag_args(cfg_for(tmp_path, index["dir"]))["index"] == str(index["dir"])  # the control
 
 
+def test_a_rendered_config_needs_no_built_index_and_says_what_a_checked_one_would(tmp_path, index):
+    """`raylab render --target serve` / `serve --emit-config` write a config that is deployed
+    later, where the index may be built after rendering: the arguments come from the config
+    alone, and equal the checked ones for a built index (the control)."""
+    missing = tmp_path / "nowhere"
+    unchecked = retrieval.rag_args(cfg_for(tmp_path, missing), check=False)
+    assert unchecked["index"] == str(missing) and unchecked["model"] == MINILM and unchecked["dimensions"] == 384
+    with pytest.raises(UserError, match="does not exist"):  # what `raylab serve` still refuses
+        retrieval.rag_args(cfg_for(tmp_path, missing))
+    cfg = cfg_for(tmp_path, index["dir"], top_k=3)
+    rendered, checked = retrieval.rag_args(cfg, check=False), retrieval.rag_args(cfg)
+    # full_text: what index.hybrid will build; this test's index was written without it
+    assert rendered.pop("full_text") is cfg.index.hybrid and checked.pop("full_text") is False
+    assert rendered == checked
+    with pytest.raises(UserError, match=r"^serve\.rag\.max_input_tokens \(300\) is above"):
+        retrieval.rag_args(cfg_for(tmp_path, missing, max_input_tokens=300), check=False)
+
+
 def test_hybrid_search_and_the_callers_org_at_serving_time(tmp_path, monkeypatch, index):
     """serve.rag.search / raylab.search choose the ranking; augment's org decides what is readable."""
     with pytest.raises(UserError, match=r"^serve\.rag\.search: hybrid needs a full-text index.*index\.hybrid"):
@@ -283,7 +301,10 @@ def test_hybrid_search_and_the_callers_org_at_serving_time(tmp_path, monkeypatch
             assert len(sources) == 2 and "c3" not in [s["chunk_id"] for s in sources], (org, ext)
 
 
-def test_serve_emit_config_is_exit_2_naming_the_index_and_adds_the_embedder(tmp_path, index, tiny_model_dir, capsys):
+def test_serve_emit_config_adds_the_embedder_without_needing_the_index_built(tmp_path, index, tiny_model_dir, capsys):
+    """The emitted config is deployed later (a RayService, `serve deploy`), often before the
+    index is built where it will run: a missing index is not an error here (the Embedder
+    checks it when its replica opens it), a config error still is."""
     import yaml
 
     from raylab.cli import main
@@ -297,7 +318,11 @@ def test_serve_emit_config_is_exit_2_naming_the_index_and_adds_the_embedder(tmp_
         return code, capsys.readouterr().err
 
     code, err = emit({"index": str(tmp_path / "nowhere")})
-    assert code == 2 and "serve.rag.index" in err and "nowhere does not exist" in err and "Traceback" not in err
+    assert code == 0, err
+    assert yaml.safe_load((tmp_path / "serve.yaml").read_text())["applications"][0]["args"]["rag"]["index"] == \
+        str(tmp_path / "nowhere")
+    code, err = emit({"index": str(tmp_path / "nowhere"), "max_input_tokens": 300})
+    assert code == 2 and "serve.rag.max_input_tokens (300)" in err and "Traceback" not in err
     code, err = emit({"index": str(index["dir"]), "top_k": 2, "cpus_per_replica": 0.25})
     assert code == 0, err
     app = yaml.safe_load((tmp_path / "serve.yaml").read_text())["applications"][0]

@@ -235,8 +235,38 @@ class FineTuning:
         return [self.refresh(r) for r in rows], more
 
     def events(self, principal, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
-        self.job(principal, job_id)
+        self.sync_metrics(self.job(principal, job_id))
         return ftstore.list_events(self.db, job_id, after, limit)
+
+    def sync_metrics(self, row: dict) -> int:
+        """The run's logged training steps (train/metrics.jsonl) as `metrics` events, each step
+        once: read when a job's events are listed or its state refreshed, not pushed by the
+        run, so the Ray job needs no route back to the service."""
+        if not row.get("output_dir"):
+            return 0
+        location = runs.Run(row["output_dir"]).train_metrics
+        try:
+            text = storage.read_text(location) if storage.exists(location) else ""
+        except (OSError, UserError) as e:  # unreadable for now (being rewritten, storage away): next read
+            log.warning(f"job {row['id']}: cannot read {location}: {e}")
+            return 0
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return ftstore.add_metrics(self.db, row["id"], [metrics_data(r) for r in rows])
+
+    def checkpoints(self, principal, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
+        """The job's kept training checkpoints as OpenAI's `fine_tuning.job.checkpoint`
+        objects, newest first (the run keeps the best `train.keep_checkpoints` by validation
+        loss plus the latest). Their ids are derived from the job and step, so they are
+        stable without a table."""
+        from raylab import train
+
+        row = self.job(principal, job_id)
+        kept = train.list_checkpoints(runs.Run(row["output_dir"]).train) if row.get("output_dir") else []
+        objects = [checkpoint_object(row, c, ft_name(row)) for c in reversed(kept)]
+        if after:
+            ids = [o["id"] for o in objects]
+            objects = objects[ids.index(after) + 1:] if after in ids else []
+        return objects[:limit], len(objects) > limit
 
     def cancel(self, principal, job_id: str) -> dict:
         row = self.job(principal, job_id, "jobs.cancel")
@@ -270,6 +300,8 @@ class FineTuning:
         except UserError as e:
             log.warning(f"job {row['id']}: cannot read Ray job {row['ray_job_id']}: {e}")
             return row
+        if current.status != "PENDING":
+            self.sync_metrics(row)
         state = RAY_STATES.get(current.status)
         if state and state != row["status"]:
             if ftstore.update_job(self.db, row["id"], unless=TERMINAL, status=state):
@@ -287,8 +319,9 @@ class FineTuning:
         summary = json.loads(storage.read_text(runs.Run(row["output_dir"]).summary))
         version = summary.get("version")
         name = None
+        self.sync_metrics(row)  # the last steps' metrics before the success event
         if version:
-            name = f"ft:{row['model']}:{row['org']}:{row['suffix'] or ''}:{row['id']}"
+            name = ft_name(row)
             ftstore.add_model(self.db, {"name": name, "org": row["org"], "job_id": row["id"],
                                         "registry_name": version["name"], "registry_version": int(version["version"])})
         if ftstore.update_job(self.db, row["id"], unless=TERMINAL, status="succeeded", finished_at=ftstore.now(),
@@ -296,6 +329,37 @@ class FineTuning:
             ftstore.add_event(self.db, row["id"], "info", "The job has successfully completed"
                               + (f": {name} is {version['name']}/{version['version']}" if version else
                                  " (registry.enabled is false: no model was registered)"))
+
+
+def ft_name(row: dict) -> str:
+    """The model name a job's result is served under (OpenAI's ft:BASE:ORG:SUFFIX:ID shape)."""
+    return f"ft:{row['model']}:{row['org']}:{row['suffix'] or ''}:{row['id']}"
+
+
+def metrics_data(m: dict) -> dict:
+    """A metrics.jsonl row as OpenAI's `metrics` event data (train_loss, valid_loss, ...),
+    with raylab's own figures beside them."""
+    import math
+
+    def finite(v):  # metrics.jsonl writes NaN where a figure is undefined; JSON has no NaN
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    out = {"step": int(m["step"]), "train_loss": finite(m.get("loss"))}
+    if m.get("evaluated") and m.get("val_loss") is not None:
+        out |= {"valid_loss": finite(m["val_loss"]), "valid_mean_token_accuracy": finite(m.get("val_token_accuracy"))}
+    return out | {k: finite(m.get(k)) for k in ("epoch", "lr", "tokens_per_s", "tokens") if finite(m.get(k)) is not None}
+
+
+def checkpoint_object(row: dict, kept: dict, model: str) -> dict:
+    import hashlib
+
+    step = kept["step"]
+    digest = hashlib.sha256(f"{row['id']}:{step}".encode()).hexdigest()[:24]
+    metrics = metrics_data(kept["metrics"] | {"step": step}) if kept["metrics"] else {"step": step}
+    created = kept["metrics"].get("time") or row["created_at"]
+    return {"object": "fine_tuning.job.checkpoint", "id": f"ftckpt_{digest}", "created_at": int(created),
+            "fine_tuned_model_checkpoint": f"{model}:ckpt-step-{step}", "fine_tuning_job_id": row["id"],
+            "metrics": metrics, "step_number": step}
 
 
 def _yaml(cfg) -> str:

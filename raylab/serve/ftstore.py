@@ -164,6 +164,25 @@ def add_event(db: str, job_id: str, level: str, message: str, type_: str = "mess
         conn.execute(sa.insert(events).values(**row))
 
 
+def add_metrics(db: str, job_id: str, rows: list[dict]) -> int:
+    """Append `metrics` events for the rows (OpenAI's event `data`, each with a "step") newer
+    than the job's last metrics event, in one write transaction, so two readers syncing the
+    same run at once add each step once. Returns how many were added."""
+    with controldb.write_transaction(controldb.engine(db), WRITER) as conn:
+        last = conn.execute(sa.select(events.c.data).where(events.c.job_id == job_id, events.c.type == "metrics")
+                            .order_by(events.c.seq.desc()).limit(1)).first()
+        after = json.loads(last[0])["step"] if last else -1
+        fresh = [r for r in rows if r["step"] > after]
+        for r in fresh:
+            message = f"Step {r['step']}: training loss={r['train_loss']:.4f}" if r.get("train_loss") is not None \
+                else f"Step {r['step']}"
+            if r.get("valid_loss") is not None:
+                message += f", validation loss={r['valid_loss']:.4f}"
+            conn.execute(sa.insert(events).values(id=new_id("ftevent"), job_id=job_id, created_at=now(), level="info",
+                                                  message=message, type="metrics", data=json.dumps(r)))
+        return len(fresh)
+
+
 def list_events(db: str, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
     """Newest first, like OpenAI's; `after` an event id."""
     query = sa.select(events).where(events.c.job_id == job_id)

@@ -14,6 +14,7 @@ resumed run restores), metrics (FLOPs, MFU, the progress line, the loss plot), p
 from __future__ import annotations
 
 from raylab.core.runs import TRAIN_META as META  # final/'s metadata file (raylab_train.json)
+from raylab.train.checkpoint import listed as list_checkpoints
 from raylab.train.distill import compare as compare_to_teacher
 from raylab.train.distill import load_teacher
 from raylab.train.driver import ensure_pretrained, preflight, run_pretrain, run_train
@@ -21,4 +22,4 @@ from raylab.train.loop import plan_steps
 from raylab.train.loss import attn_impl_of, forward_sums
 from raylab.train.pretrain import resolve as with_pretrained_base
 
-__all__ = ["META", "attn_impl_of", "compare_to_teacher", "load_teacher", "ensure_pretrained", "forward_sums", "plan_steps", "preflight", "run_pretrain", "run_train", "with_pretrained_base"]
+__all__ = ["META", "list_checkpoints", "attn_impl_of", "compare_to_teacher", "load_teacher", "ensure_pretrained", "forward_sums", "plan_steps", "preflight", "run_pretrain", "run_train", "with_pretrained_base"]

@@ -221,3 +221,30 @@ def restore(directory: str, *, rank: int, world_size: int, model, optimizer, sch
 
 def read_state(directory: str) -> dict:
     return json.loads(storage.read_text(os.path.join(directory, STATE)))
+
+
+def listed(train_dir: str) -> list[dict]:
+    """The complete checkpoints a run keeps under `train_dir` (local or URI), oldest step
+    first: {"path", "step", "epoch", "metrics": the metrics row at its step (metrics.jsonl's
+    shape; the last logged row at or before it)}. A directory without rank 0's manifest (a
+    checkpoint being written, or never finished) is left out; files are not re-hashed here
+    (`problems` does that when a run resumes from one). What the fine-tuning API lists as a
+    job's `ftckpt_` checkpoints."""
+    from pyarrow import fs
+
+    fsys, path = storage.filesystem(train_dir)
+    if fsys.get_file_info(path).type == fs.FileType.NotFound:
+        return []
+    out = []
+    for info in fsys.get_file_info(fs.FileSelector(path, recursive=False)):
+        if info.type != fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        directory = storage.join(train_dir, info.base_name)
+        if not storage.exists(storage.join(directory, MANIFEST.format(rank=0))):
+            continue
+        state = json.loads(storage.read_text(storage.join(directory, STATE)))
+        rows = [r for r in state.get("history", []) if r.get("step", 0) <= state["step"]]
+        out.append({"path": directory, "step": int(state["step"]), "epoch": state.get("epoch"),
+                    "metrics": rows[-1] if rows else {}})
+    return sorted(out, key=lambda c: c["step"])
+

@@ -5,8 +5,11 @@
          -d '{"model": "preset:tiny-llama", "training_file": "file-..."}' http://HOST/v1/fine_tuning/jobs
     client.fine_tuning.jobs.create(model="preset:tiny-llama", training_file=f.id)   # the openai client
 
+    client.fine_tuning.jobs.checkpoints.list(job.id)                     # ftckpt_ objects, newest first
+
 Pause and resume are not offered (a 404): resuming needs the run to continue from its last
-checkpoint through `raylab run`, which is not built.
+checkpoint through `raylab run`, which is not built. A checkpoint's
+`fine_tuned_model_checkpoint` names it; only the job's final model is served.
 """
 
 from __future__ import annotations
@@ -54,3 +57,12 @@ def list_events(request: Request, job_id: str, after: str | None = None, limit: 
     svc = service(request)
     rows, more = svc.events(caller(request, svc), job_id, after, limit)
     return {"object": "list", "data": [event_object(r) for r in rows], "has_more": more}
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+def list_checkpoints(request: Request, job_id: str, after: str | None = None,
+                     limit: int = Query(10, ge=1, le=100)):
+    svc = service(request)
+    rows, more = svc.checkpoints(caller(request, svc), job_id, after, limit)
+    return {"object": "list", "data": rows, "has_more": more,
+            "first_id": rows[0]["id"] if rows else None, "last_id": rows[-1]["id"] if rows else None}

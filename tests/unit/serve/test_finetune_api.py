@@ -11,63 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
+import ftapi
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from ftapi import BASE, chat_jsonl, template
 
-from raylab import config
-from raylab.core import audit, controldb, events
-from raylab.core.access import keys
-from raylab.serve.standalone import standalone_app
+from raylab.core import audit
 
-BASE = "preset:tiny-llama"
-
-
-def chat_jsonl(n: int, start: int = 0) -> bytes:
-    return "\n".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What colour is item number {i}?"},
-        {"role": "assistant", "content": f"Item number {i} is painted colour {i * 7 % 13}."}]})
-        for i in range(start, start + n)).encode()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def template(tmp_path, **api):
-    """The service's template config: every job's starting point, with its `api:` section."""
-    return config.load_dict({
-        "version": 1, "output_dir": str(tmp_path / "template"), "offline": True,
-        "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "unused.jsonl")}], "format": "chat"},
-        "model": {"name_or_path": BASE, "method": "lora"},
-        "train": {"max_steps": 4, "lr": 1e-3},
-        "api": {"max_file_bytes": 4000, "files": str(tmp_path / "files"), "runs": str(tmp_path / "runs"),
-                "address": f"http://127.0.0.1:{closed_port()}", **api},
-    })
-
-
-@pytest.fixture
-def app_env(tmp_path, monkeypatch):
-    """(the standalone app, {user: headers}, tmp_path) on a fresh control-plane database."""
-    monkeypatch.setattr(events, "_writer", lambda: None)  # this process's audit log, not a session Ray's
-    db = f"sqlite:///{tmp_path / 'control.db'}"
-    monkeypatch.setenv("RAYLAB_DATABASE_URL", db)
-    monkeypatch.setenv("RAYLAB_AUDIT_KEY", str(tmp_path / "keys" / "audit.pem"))
-    monkeypatch.setenv("RAYLAB_AUDIT_CHECKPOINTS", str(tmp_path / "checkpoints"))
-    monkeypatch.delenv("RAYLAB_AUDIT", raising=False)
-    cfg = template(tmp_path)
-    app = standalone_app(cfg, db)  # `raylab api --standalone`'s app; the ingress mounts the same routers
-    users = {}
-    for who, org, role in (("ada", "acme", "ml_engineer"), ("vic", "acme", "viewer"), ("bob", "globex", "ml_engineer"),
-                           ("dee", "globex", "data_steward"), ("sam", "acme", "data_steward")):
-        key, _ = keys.create(db, org, role, who, by="root@host")
-        users[who] = {"Authorization": f"Bearer {key}"}
-    yield app, users, tmp_path
-    controldb.dispose_all()
+app_env = ftapi.app_env  # the fixture: the standalone app, its callers' headers, tmp_path
 
 
 @pytest.fixture

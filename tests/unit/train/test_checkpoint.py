@@ -80,3 +80,20 @@ def test_size_thresholds_take_their_environment_override(monkeypatch):
     monkeypatch.setenv("RAYLAB_MATERIALIZE_BYTES", "1GiB")
     with pytest.raises(UserError, match=r"RAYLAB_MATERIALIZE_BYTES.*expected a size in bytes"):
         driver.threshold("MATERIALIZE_BYTES")
+
+
+def test_listed_keeps_complete_checkpoints_in_step_order_with_their_metrics(tmp_path):
+    """What the fine-tuning API lists as ftckpt_ objects: only directories with rank 0's
+    manifest (one still being written is left out: the control), each with the metrics row
+    logged at or before its step."""
+    history = [{"step": s, "loss": 1.0 / (s + 1)} for s in (0, 4, 8, 12, 16)]
+    for step, complete in ((12, True), (4, True), (16, False)):
+        d = tmp_path / f"checkpoint_{step:06d}"
+        d.mkdir()
+        (d / checkpoint.STATE).write_text(json.dumps({"step": step, "epoch": 0, "history": history}))
+        if complete:
+            checkpoint.write_manifest(str(d), rank=0, world_size=1)
+    (tmp_path / "metrics.jsonl").write_text("")  # not a checkpoint
+    kept = checkpoint.listed(str(tmp_path))
+    assert [(c["step"], c["metrics"]["step"]) for c in kept] == [(4, 4), (12, 12)]
+    assert checkpoint.listed(str(tmp_path / "absent")) == []

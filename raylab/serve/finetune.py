@@ -13,7 +13,11 @@ organisation's file or job is a 404, exactly like one that does not exist.
 
 Job states: validating_files (the request's files are checked before anything is kept, so a
 bad file is a 400 and nothing is left behind) -> queued (the Ray job is submitted) -> running
--> succeeded | failed | cancelled, refreshed from the Ray job's status when a job is read.
+-> succeeded | failed | cancelled, refreshed from the Ray job's status when a job is read;
+`paused` (pause: the Ray job stopped) -> queued again on resume (the same run directory, so
+training continues from its latest checkpoint). Metrics events and checkpoints are read from
+the run's files (train/metrics.jsonl, checkpoint_*/) when a job's events or checkpoints are
+listed.
 """
 
 from __future__ import annotations
@@ -282,6 +286,47 @@ class FineTuning:
             ftstore.add_event(self.db, job_id, "info", "Job cancelled")
         return ftstore.get_job(self.db, principal.org, job_id)
 
+    def pause(self, principal, job_id: str) -> dict:
+        """`paused`: the Ray job is stopped; its run keeps its checkpoints (needs jobs.cancel)."""
+        row = self.job(principal, job_id, "jobs.cancel")
+        if row["status"] not in ("queued", "running"):
+            raise oa.ApiError(400, f"job {job_id} is {row['status']}: only a queued or running job can be paused",
+                              "fine_tuning_job_id", "job_not_running")
+        # the state first: a refresh racing the stop must not read the STOPPED Ray job as a failure
+        if not ftstore.update_job(self.db, job_id, unless=(*TERMINAL, "paused"), status="paused"):
+            return ftstore.get_job(self.db, principal.org, job_id)
+        try:
+            jobs.stop(row["ray_job_id"], self.settings.address)
+        except UserError as e:  # the cluster is gone: the job is not running either way
+            log.warning(f"stopping Ray job {row['ray_job_id']} of {job_id}: {e}")
+        kept = self._latest_checkpoint(row)
+        ftstore.add_event(self.db, job_id, "info", "Job paused" + (f"; it resumes from the checkpoint at step {kept}"
+                                                                   if kept is not None else "; no checkpoint yet, "
+                                                                   "it resumes from the start"))
+        return ftstore.get_job(self.db, principal.org, job_id)
+
+    def resume(self, principal, job_id: str) -> dict:
+        """A paused job submitted again with its kept config (its first result file): the same
+        run directory, so the data stage's output is reused and training continues from the
+        latest checkpoint (the train stage's resume). Needs jobs.create: it starts compute."""
+        row = self.job(principal, job_id, "jobs.create")
+        if row["status"] != "paused":
+            raise oa.ApiError(400, f"job {job_id} is {row['status']}: only a paused job can be resumed",
+                              "fine_tuning_job_id", "job_not_paused")
+        from raylab import config
+
+        kept = ftstore.get_file(self.db, row["org"], json.loads(row["result_files"])[0])
+        cfg = config.load_dict(yaml_load(storage.read_text(kept["location"])), source=f"fine-tuning job {job_id}")
+        ftstore.add_event(self.db, job_id, "info", "Job resumed")
+        self._submit(principal, job_id, cfg)
+        return ftstore.get_job(self.db, principal.org, job_id)
+
+    def _latest_checkpoint(self, row: dict) -> int | None:
+        from raylab import train
+
+        kept = train.list_checkpoints(runs.Run(row["output_dir"]).train) if row.get("output_dir") else []
+        return kept[-1]["step"] if kept else None
+
     def model_version(self, name: str, principal) -> str | None:
         """The registry version (NAME/VERSION) a fine-tuned model's name stands for, when the
         caller may use it: one of its organisation, or anyone on an endpoint without keys
@@ -293,7 +338,7 @@ class FineTuning:
 
     def refresh(self, row: dict) -> dict:
         """A queued or running job's state from its Ray job (the cluster unreachable: as it was)."""
-        if row["status"] in TERMINAL or not row["ray_job_id"]:
+        if row["status"] in (*TERMINAL, "paused") or not row["ray_job_id"]:  # a paused job's Ray job is stopped
             return row
         try:
             current = jobs.status(row["ray_job_id"], self.settings.address)
@@ -360,6 +405,12 @@ def checkpoint_object(row: dict, kept: dict, model: str) -> dict:
     return {"object": "fine_tuning.job.checkpoint", "id": f"ftckpt_{digest}", "created_at": int(created),
             "fine_tuned_model_checkpoint": f"{model}:ckpt-step-{step}", "fine_tuning_job_id": row["id"],
             "metrics": metrics, "step_number": step}
+
+
+def yaml_load(text: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 def _yaml(cfg) -> str:

@@ -7,8 +7,10 @@
 
     client.fine_tuning.jobs.checkpoints.list(job.id)                     # ftckpt_ objects, newest first
 
-Pause and resume are not offered (a 404): resuming needs the run to continue from its last
-checkpoint through `raylab run`, which is not built. A checkpoint's
+    client.fine_tuning.jobs.pause(job.id); client.fine_tuning.jobs.resume(job.id)
+
+Pause stops the Ray job (state `paused`); resume submits the job's kept config again on the
+same run directory, so training continues from its latest checkpoint. A checkpoint's
 `fine_tuned_model_checkpoint` names it; only the job's final model is served.
 """
 
@@ -50,6 +52,18 @@ def get_job(request: Request, job_id: str):
 def cancel_job(request: Request, job_id: str):
     svc = service(request)
     return job_object(svc.cancel(caller(request, svc), job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/pause")
+def pause_job(request: Request, job_id: str):
+    svc = service(request)
+    return job_object(svc.pause(caller(request, svc), job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/resume")
+def resume_job(request: Request, job_id: str):
+    svc = service(request)
+    return job_object(svc.resume(caller(request, svc), job_id))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/events")

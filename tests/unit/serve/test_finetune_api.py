@@ -291,3 +291,34 @@ def test_a_succeeded_run_names_its_registered_version_and_stays_succeeded(app_en
     assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=users["ada"]).status_code == 400
     svc.record_success(row)  # a second refresh changes nothing
     assert ftstore.get_job(svc.db, "acme", job["id"])["finished_at"] == done["finished_at"]
+
+
+def test_pause_and_resume_states_refusals_and_the_kept_config(app_env):
+    """Pause stops the Ray job and keeps `paused` through refreshes; resume submits the kept
+    config again (here to a closed port: `submission_failed`, the real path with no cluster);
+    a job in any other state is a 400 naming it, a viewer a 403, another org a 404."""
+    from raylab.serve import ftstore
+
+    app, users, _ = app_env
+    client = TestClient(app)
+    good = upload(client, users["ada"], chat_jsonl(12)).json()["id"]
+    job = client.post("/v1/fine_tuning/jobs", headers=users["ada"], json={"model": BASE, "training_file": good}).json()
+    svc = app.state.ingress.ftapi
+    url = f"/v1/fine_tuning/jobs/{job['id']}"
+    refused = client.post(f"{url}/pause", headers=users["ada"])  # failed (no cluster): nothing to pause
+    assert refused.status_code == 400 and error_of(refused)["code"] == "job_not_running"
+    ftstore.update_job(svc.db, job["id"], status="running", error=None, finished_at=None, ray_job_id="raysubmit_x")
+    assert client.post(f"{url}/pause", headers=users["vic"]).status_code == 403  # a viewer
+    assert client.post(f"{url}/pause", headers=users["bob"]).status_code == 404  # another org
+    paused = client.post(f"{url}/pause", headers=users["ada"]).json()
+    assert paused["status"] == "paused" and client.get(url, headers=users["ada"]).json()["status"] == "paused"
+    messages = [e["message"] for e in client.get(f"{url}/events", headers=users["ada"]).json()["data"]]
+    assert messages[0] == "Job paused; no checkpoint yet, it resumes from the start"
+    again = client.post(f"{url}/pause", headers=users["ada"])
+    assert again.status_code == 400 and error_of(again)["code"] == "job_not_running"
+    resumed = client.post(f"{url}/resume", headers=users["ada"]).json()
+    assert resumed["status"] == "failed" and resumed["error"]["code"] == "submission_failed"  # it was submitted
+    messages = [e["message"] for e in client.get(f"{url}/events", headers=users["ada"]).json()["data"]]
+    assert messages[1] == "Job resumed" and messages[0].startswith("the job could not be submitted")
+    not_paused = client.post(f"{url}/resume", headers=users["ada"])
+    assert not_paused.status_code == 400 and error_of(not_paused)["code"] == "job_not_paused"

@@ -13,18 +13,18 @@ from raylab.rag import embedder
 
 
 def write_index(directory, texts: list[str], model: str = embedder.DEFAULT_MODEL, orgs: list | None = None,
-                acls: list | None = None, full_text: bool = False):
+                acls: list | None = None, full_text: bool = False, vectors=None):
     """An index as `raylab index` leaves it (a LanceDB `chunks` table and raylab_index.json),
     one chunk per text, embedded by MiniLM; `model` is what the manifest records; `orgs` and
-    `acls` each chunk's org and ACL (default none); `full_text`: with the BM25 index hybrid search needs. Returns
-    the table."""
+    `acls` each chunk's org and ACL (default none); `full_text`: with the BM25 index hybrid search needs;
+    `vectors`: these (n, 384) instead of MiniLM's, for a test that never searches. Returns the table."""
     import lancedb
     import pyarrow as pa
 
     from raylab.core import runs
 
-    path = embedder.resolve(None)[1]
-    vectors = embedder.encode(path, texts) if texts else np.zeros((0, 384), np.float32)
+    if vectors is None:
+        vectors = embedder.encode(embedder.resolve(None)[1], texts) if texts else np.zeros((0, 384), np.float32)
     n = len(texts)
     rows = pa.table({"chunk_id": [f"c{i}" for i in range(n)], "content_hash": [f"h{i}" for i in range(n)],
                      "source": ["packages"] * n, "origin": [f"packages.jsonl:{i + 1}" for i in range(n)],

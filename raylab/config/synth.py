@@ -124,6 +124,10 @@ class GroundedQaConfig(Section):
         "its chunks are the chunks, id the index's chunk_id")
     files: StrList = Field(default_factory=list, description="plain text files (.txt/.md); each paragraph (blank-"
                            "line separated) is a chunk, id FILE#N")
+    org: str | None = Field(
+        None, min_length=1, description="ask only about chunks this organisation may read, by the serving search's "
+        "rule (an index's chunk org/acl; a data run's source org/acl from its config.resolved.yaml): chunks without "
+        "an org, its own, and those whose acl names it; default none: only chunks without an org")
     pairs_per_chunk: PositiveInt = Field(2, description="question/answer pairs asked for per chunk ({n})")
     max_chunks: PositiveInt | None = Field(None, description="use the first N chunks (by id); default all")
     min_chunk_chars: int = Field(80, ge=0, description="skip shorter chunks (headings, signatures)")

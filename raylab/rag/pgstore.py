@@ -265,8 +265,10 @@ def by_id(table: Table, chunk_id: str, where: tuple | None = None) -> dict | Non
     return dict(zip(ROW_COLUMNS, rows[0], strict=True)) if rows else None
 
 
-def all_rows(table: Table) -> list[dict]:
-    return [dict(zip(ROW_COLUMNS, r, strict=True)) for r in table.db.query(table.q(f"SELECT {_SELECT} FROM {{}}"))]
+def all_rows(table: Table, where: tuple | None = None) -> list[dict]:
+    cond, params = where or ("TRUE", ())
+    return [dict(zip(ROW_COLUMNS, r, strict=True))
+            for r in table.db.query(table.q(f"SELECT {_SELECT} FROM {{}} WHERE ({cond})"), params)]
 
 
 def nearest(table: Table, vector, top_k: int, nprobes: int, refine_factor: int | None, where: tuple | None = None

@@ -5,7 +5,7 @@
     hits[0]["text"], hits[0]["origin"], hits[0]["score"]     # best first; score = cosine similarity
     search(index_dir, "error E-4417", mode="hybrid")   # + keyword (BM25) ranking, fused by rank
     search(index_dir, "question", org="acme")          # only chunks org acme may read
-    chunks = index_chunks("runs/quickstart/index")           # every chunk, by chunk_id
+    chunks = index_chunks("runs/quickstart/index", org="acme")   # every chunk acme may read, by chunk_id
 
 Each hit: chunk_id, source, origin (the document's path, URL or key), record_id, start and
 end (the chunk's character span in its document), text, score. The model comes from the
@@ -78,11 +78,12 @@ def search(index_dir: str, query: str, top_k: int = 4, nprobes: int = 20, refine
     return ranked(table, vector, query, top_k, nprobes, refine_factor, mode, org)
 
 
-def index_chunks(index_dir: str) -> list[dict]:
-    """Every chunk of a built index (chunk_id, source, origin, record_id, start, end, text),
-    sorted by chunk_id: what `raylab synth`'s grounded_qa asks questions about."""
+def index_chunks(index_dir: str, org: str | None = None) -> list[dict]:
+    """Every chunk of a built index that `org` may read (chunk_id, source, origin, record_id,
+    start, end, text), sorted by chunk_id: what `raylab synth`'s grounded_qa asks questions
+    about. The search's access rule: org None reads only chunks without an org."""
     _, table = open_index(index_dir)
-    rows = stores.all_rows(table)
+    rows = stores.all_rows(table, stores.of(table).access_filter(org))
     return sorted(rows, key=lambda r: r["chunk_id"])
 
 

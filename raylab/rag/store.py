@@ -156,6 +156,12 @@ def access_filter(org: str | None) -> str:
     return f"org IS NULL OR org = {q} OR array_has(acl, {q})"
 
 
+def readable(org: str | None, row_org: str | None, row_acl) -> bool:
+    """access_filter's rule for one row held outside a store (a data run's records, whose
+    sources name their org): whether a caller of `org` may read it."""
+    return row_org is None or (org is not None and (row_org == org or org in (row_acl or ())))
+
+
 ROW_COLUMNS = ["chunk_id", "source", "origin", "record_id", "start", "end", "text"]
 
 

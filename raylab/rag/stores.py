@@ -51,10 +51,14 @@ def drop_full_text(table) -> None:
             table.drop_index(i.name)
 
 
-def all_rows(table) -> list[dict]:
+def all_rows(table, where=None) -> list[dict]:
+    """Every row (ROW_COLUMNS) that `where` (the store's access_filter) admits; all without one."""
     if isinstance(table, pgstore.Table):
-        return pgstore.all_rows(table)
-    return table.search().select(store.ROW_COLUMNS).limit(None).to_list()
+        return pgstore.all_rows(table, where)
+    query = table.search()
+    if where is not None:
+        query = query.where(where)
+    return query.select(store.ROW_COLUMNS).limit(None).to_list()
 
 
 def has_full_text(table) -> bool:

@@ -15,6 +15,7 @@ import json
 import random
 import re
 
+from raylab import config
 from raylab.core import runs, storage
 from raylab.data import document_text
 from raylab.errors import UserError
@@ -34,18 +35,36 @@ def _data_records(data_run: str) -> list[dict]:
     return table.to_pylist()
 
 
+def _source_access(data_run: str) -> dict[str, tuple[str | None, list[str]]]:
+    """source name -> (org, acl) as the data run's config.resolved.yaml set them (what
+    `raylab index` would give its chunks)."""
+    location = runs.Run(data_run).resolved_config
+    if not storage.exists(location):
+        # fail closed: without it no record's org is known, so none may be read as anyone's
+        raise UserError(f"synth.grounded_qa.data_run: {location} is missing, so the orgs of its sources are unknown; "
+                        "re-run `raylab data` for that config (it writes the file)")
+    raw = config.parse_yaml(storage.read_text(location), location)
+    sources = ((raw.get("data") or {}).get("sources")) or []
+    return {s.get("name") or f"source{i}": (s.get("org"), list(s.get("acl") or [])) for i, s in enumerate(sources)}
+
+
 def read_chunks(g) -> list[dict]:
-    """The chunks questions are asked about: the data run's train-split records (id: the
-    record's source and record_id), the chunks of a `raylab index` index (id: its chunk_id),
-    then each paragraph of the plain files (id: FILE#N)."""
+    """The chunks questions are asked about, those `g.org` may read (the serving search's rule,
+    raylab.rag.store.access_filter): the data run's train-split records (id: the record's
+    source and record_id), the chunks of a `raylab index` index (id: its chunk_id), then each
+    paragraph of the plain files (id: FILE#N; a file named in the config has no org)."""
+    # raylab.rag imports no store: lancedb is needed only when an index is opened
+    from raylab.rag import index_chunks, readable
+
     chunks = []
     if g.index is not None:
-        from raylab.rag import index_chunks  # the rag extra (lancedb), only when an index is named
-
-        chunks += [{"id": c["chunk_id"], "text": c["text"]} for c in index_chunks(g.index)]
+        chunks += [{"id": c["chunk_id"], "text": c["text"]} for c in index_chunks(g.index, g.org)]
     if g.data_run is not None:
+        access = _source_access(g.data_run)
         for r in _data_records(g.data_run):
-            if r["split"] == "train":
+            # a source the resolved config does not name has an unknown org: read as another org's
+            org, acl = access.get(r["source"], ("", []))
+            if r["split"] == "train" and readable(g.org, org, acl):
                 chunks.append({"id": f"{r['source']}/{r['record_id']}", "text": document_text(r["text"], r["messages"])})
     for path in g.files:
         if not storage.exists(path):

@@ -123,6 +123,10 @@ def test_the_org_filter_never_returns_another_orgs_chunk(make):
         assert len(hits) == 10 and {orgs[int(h["chunk_id"][1:])] for h in hits} <= readable, org
         assert [h["chunk_id"] for h in hits] == _brute(rows, query, 10, keep=lambda i, r=readable: orgs[i] in r)
         assert table.count_rows(where) == sum(o in readable for o in orgs)
+        # every readable row (raylab synth's grounded_qa over an index), under the same filter
+        assert {r["chunk_id"] for r in stores.all_rows(table, where)} == {
+            f"c{i}" for i, o in enumerate(orgs) if o in readable}, org
+    assert "c0" in {r["chunk_id"] for r in stores.all_rows(table)}, "the control: unfiltered, globex's chunk is read"
     assert st.by_id(table, "c0", st.access_filter("acme")) is None
     assert st.by_id(table, "c0", st.access_filter("globex"))["chunk_id"] == "c0"
 

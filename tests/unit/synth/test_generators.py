@@ -9,6 +9,7 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from raylab import config
 from raylab.core import runs
@@ -16,12 +17,14 @@ from raylab.errors import UserError
 from raylab.synth import generators
 
 
-def _data_run(tmp_path):
-    """A data run's records split as the data stage writes it (two train records, one val)."""
+def _data_run(tmp_path, sources=({"type": "jsonl", "path": "a.jsonl", "name": "docs"},)):
+    """A data run's records split as the data stage writes it (two train records, one val),
+    and its config.resolved.yaml (the sources' org/acl)."""
     records = tmp_path / "run"
     split = records / "data" / "records"
     split.mkdir(parents=True)
     assert runs.Run(str(records)).split("records") == str(split)
+    (records / "config.resolved.yaml").write_text(yaml.safe_dump({"data": {"sources": list(sources)}}))
     rows = [{"source": "docs", "record_id": "a.jsonl:1", "format": "completion", "text": "Widgets ship in two days.",
              "messages": "", "split": "train", "num_tokens": 5},
             {"source": "docs", "record_id": "a.jsonl:2", "format": "chat", "text": "",
@@ -106,3 +109,47 @@ def test_a_file_that_is_not_utf8_is_a_user_error_naming_it(tmp_path):
         generators.read_chunks(config.GroundedQaConfig(files=[str(legacy)]))
     legacy.write_text(legacy.read_bytes().decode("latin-1"))  # control: the same text as UTF-8 reads
     assert len(generators.read_chunks(config.GroundedQaConfig(files=[str(legacy)], min_chunk_chars=10))) == 1
+
+
+def test_grounded_qa_reads_only_the_chunks_its_org_may_read_from_an_index(tmp_path):
+    """The serving search's rule (rag.store.access_filter): chunks without an org, the org's own,
+    and those whose ACL names it; org none reads only chunks without an org."""
+    pytest.importorskip("lancedb")
+    import numpy as np
+    from rag_index import write_index
+
+    texts = ["Public: the canteen opens at eight.", "Acme: badges are renewed in March.",
+             "Globex: the rocket lab is in building nine.", "Globex, shared with Acme: payday is the 25th."]
+    write_index(tmp_path / "ix", texts, orgs=[None, "acme", "globex", "globex"], acls=[[], [], [], ["acme"]],
+                vectors=np.eye(4, 384, dtype=np.float32))  # reading chunks embeds nothing
+
+    def ids(org):
+        g = config.GroundedQaConfig(index=str(tmp_path / "ix"), org=org, min_chunk_chars=0)
+        return [c["id"] for c in generators.read_chunks(g)]
+
+    assert ids("acme") == ["c0", "c1", "c3"]  # never c2, globex's own
+    assert ids("globex") == ["c0", "c2", "c3"], "the control: c2 is in the index, and another org reads it"
+    assert ids(None) == ["c0"]
+    from raylab.rag import index_chunks
+
+    assert len(index_chunks(str(tmp_path / "ix"), "globex")) == 3
+
+
+def test_grounded_qa_reads_only_the_data_run_records_of_sources_its_org_may_read(tmp_path):
+    run = _data_run(tmp_path, [{"type": "jsonl", "path": "a.jsonl", "name": "docs", "org": "globex"}])
+
+    def texts(org):
+        g = config.GroundedQaConfig(data_run=run, org=org, min_chunk_chars=0)
+        return [c["text"] for c in generators.read_chunks(g)]
+
+    assert texts("acme") == [] and texts(None) == []
+    assert len(texts("globex")) == 2, "the control: the same records, read by their own org"
+    (tmp_path / "run" / "config.resolved.yaml").write_text(yaml.safe_dump({"data": {"sources": [
+        {"type": "jsonl", "path": "a.jsonl", "name": "docs", "org": "globex", "acl": ["acme"]}]}}))
+    assert len(texts("acme")) == 2  # an ACL naming acme
+    (tmp_path / "run" / "config.resolved.yaml").write_text(yaml.safe_dump({"data": {"sources": [
+        {"type": "jsonl", "path": "a.jsonl", "name": "other"}]}}))
+    assert texts(None) == [], "a source the run's config does not name has an unknown org: not read"
+    (tmp_path / "run" / "config.resolved.yaml").unlink()
+    with pytest.raises(UserError, match="synth.grounded_qa.data_run: .*config.resolved.yaml is missing"):
+        texts("globex")

@@ -195,7 +195,7 @@ def _config(work: Path, name: str, source: Path, index_dir: Path, min_rows: int 
     index = {"directory": str(index_dir)}
     if min_rows is not None:
         index["ann"] = {"min_rows": min_rows}
-    cfg = {"version": 1, "offline": True, "output_dir": str(work / f"run-{name}"),
+    cfg = {"version": 1, "offline": True, "output_dir": str(work / f"run-{name}"), "model": {"name_or_path": "preset:tiny-llama"},
            "data": {"sources": [{"type": "jsonl", "path": str(source), "name": "bench",
                                  "format": "completion", "fields": {"id": "id", "text": "text"}}]},
            "index": index}

@@ -248,9 +248,9 @@ def run_baseline(chunks_file: Path, out: Path) -> float:
 
 
 def _table(index_dir: Path):
-    from raylab.rag import search
+    from raylab.rag.search import open_index  # raylab.rag's `search` is the function
 
-    return search.open_index(str(index_dir))
+    return open_index(str(index_dir))
 
 
 def part_build(work: Path, sizes: dict, meta: dict) -> dict:
@@ -346,7 +346,8 @@ def _query_tables(work: Path, sizes: dict, n: int):
 
 def part_query(work: Path, sizes: dict, meta: dict) -> list[dict]:
     from raylab.config.index import AnnConfig
-    from raylab.rag import embedder, search
+    from raylab.rag import embedder
+    from raylab.rag.search import ranked
 
     ann, path = AnnConfig(), embedder.resolve(None)[1]
     texts = queries(sizes["queries"])
@@ -363,7 +364,7 @@ def part_query(work: Path, sizes: dict, meta: dict) -> list[dict]:
 
         def one(table, v, q):
             start = time.perf_counter()
-            hits = search.ranked(table, v, q, TOP_K, ann.nprobes, ann.refine_factor, "vector", None)
+            hits = ranked(table, v, q, TOP_K, ann.nprobes, ann.refine_factor, "vector", None)
             return (time.perf_counter() - start) * 1000, [h["chunk_id"] for h in hits]
 
         for i in range(WARMUP_SEARCHES):

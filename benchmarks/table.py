@@ -31,7 +31,7 @@ def rows() -> tuple[list[str], list[str]]:
                 met = {True: "met", False: "**missed**", None: "-"}[r.get("met")]
                 current.append(
                     f"| `{path.name}` {r['name']} | {a['name']}: {fmt(a['median'])} vs {b['name']}: {fmt(b['median'])} "
-                    f"{r['unit']} | **{fmt(r['ratio'])}** ({fmt(r['ratio_q1'])}-{fmt(r['ratio_q3'])}"
+                    f"{r['unit']}{'; ' + r['summary'] if r.get('summary') else ''} | **{fmt(r['ratio'])}** ({fmt(r['ratio_q1'])}-{fmt(r['ratio_q3'])}"
                     f"{', ' + r['interval'] if r.get('interval') else ''}) | "
                     f"{r.get('goal') or '-'} | {met} | {r['repeats']} | {r['commit']} | {r['date'][:10]} |")
             elif r.get("protocol") == 1 and "warm" in r:  # a reported value without a baseline

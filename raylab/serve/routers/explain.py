@@ -7,6 +7,10 @@ both answer 404 naming that key.
     curl $URL/v1/explain -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
          -d '{"model": "acme-assistant", "messages": [{"role": "user", "content": "Reset my VPN token?"}],
               "method": "integrated_gradients", "n_steps": 64}'
+    # per sentence (or "spans": [[0, 23], [24, 36]], character offsets into the prompt or the
+    # last message) with a perturbation method; SHAP values with "method": "shap", "evals": 300
+    curl $URL/v1/explain ... -d '{"model": "acme-assistant", "prompt": "Reset it in the portal. Then log in.",
+              "method": "feature_ablation", "granularity": "sentence"}'
     curl $URL/v1/explain/explain-.../html -H "Authorization: Bearer $KEY" > why.html
 
 The request is checked here before it goes to the Explainer (which knows the tokenizer, so
@@ -28,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from raylab import explain
-from raylab.config import EXPLAIN_METHODS
+from raylab.config import EXPLAIN_METHODS, SPAN_METHODS
 from raylab.serve import openai_api as oa
 from raylab.serve.routers import answer_error, error_response, ingress, read_body
 
@@ -48,7 +52,12 @@ class ExplainRequest(BaseModel):
     method: Literal[EXPLAIN_METHODS] | None = None  # type: ignore[valid-type]
     n_steps: int | None = Field(None, ge=1)
     samples: int | None = Field(None, ge=1)
+    evals: int | None = Field(None, ge=1)  # shap's model evaluations
     baseline: Literal["pad", "unk", "eos"] | None = None
+    # a perturbation method's features: [start, end] character offsets into the prompt (or
+    # the last message), or each sentence; default: each token
+    spans: list[tuple[int, int]] | None = Field(None, min_length=1)
+    granularity: Literal["token", "sentence"] | None = None
 
 
 class Recent:
@@ -89,7 +98,8 @@ def job(settings: dict, req: ExplainRequest) -> dict:
                           "invalid_value")
     defaults, limits = settings["defaults"], settings["limits"]
     method = req.method or defaults["method"]
-    for name, value, used_by in (("n_steps", req.n_steps, "integrated_gradients"), ("samples", req.samples, "shapley_sampling")):
+    for name, value, used_by in (("n_steps", req.n_steps, "integrated_gradients"), ("samples", req.samples, "shapley_sampling"),
+                                 ("evals", req.evals, "shap")):
         if value is None:
             continue
         if method != used_by:
@@ -97,10 +107,18 @@ def job(settings: dict, req: ExplainRequest) -> dict:
         if value > limits[f"max_{name}"]:
             raise oa.ApiError(400, f"{name}={value} exceeds the server's limit of {limits[f'max_{name}']} "
                                    f"(serve.explain.max_{name})", name, "invalid_value")
+    granularity = req.granularity or "token"
+    for name, asked in (("spans", req.spans is not None), ("granularity", granularity != "token")):
+        if asked and method not in SPAN_METHODS:
+            raise oa.ApiError(400, f"'{name}' applies to methods {' and '.join(SPAN_METHODS)} only (method is {method}, "
+                                   "which attributes to tokens)", name, "invalid_value")
+    if req.spans is not None and granularity != "token":
+        raise oa.ApiError(400, f"give 'spans' or 'granularity': {granularity}, not both", "spans", "invalid_value")
     messages = None if req.messages is None else [{"role": m.role, "content": m.text()} for m in req.messages]
     return {"prompt": req.prompt, "messages": messages, "target": req.target, "method": method,
             "n_steps": req.n_steps or defaults["n_steps"], "samples": req.samples or defaults["samples"],
-            "baseline": req.baseline or defaults["baseline"]}
+            "evals": req.evals or defaults["evals"], "baseline": req.baseline or defaults["baseline"],
+            "spans": None if req.spans is None else [list(s) for s in req.spans], "granularity": granularity}
 
 
 def _enabled(server) -> None:

@@ -18,7 +18,7 @@ import re
 
 from raylab.errors import UserError
 
-_SENTENCE = re.compile(r"[^\s].*?(?:[.!?]+(?=\s|$)|(?=\n)|$)", re.S)
+_SENTENCE = re.compile(r"(?=\S)[^\n]*?(?:[.!?]+(?=\s|$)|(?=\n)|$)")
 
 
 def offsets(tok, ids: list[int]) -> list[tuple[int, int]]:
@@ -32,8 +32,10 @@ def offsets(tok, ids: list[int]) -> list[tuple[int, int]]:
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each sentence: ending at . ! ? before a space, at a line break, or at the end."""
-    return [(m.start(), m.end()) for m in _SENTENCE.finditer(text) if m.group().strip()]
+    """(start, end) of each sentence: ending at . ! ? before a space, at a line break, or at the
+    end; one without a letter or digit (a lone stop) is none."""
+    return [(m.start(), m.start() + len(m.group().rstrip())) for m in _SENTENCE.finditer(text)
+            if re.search(r"\w", m.group())]
 
 
 def check(spans: list, text: str, field: str) -> list[tuple[int, int]]:

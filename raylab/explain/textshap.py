@@ -58,9 +58,16 @@ def shap_values(model, tok, prompt: list[int], target: list[int], baseline_id: i
             ids = torch.tensor(np.asarray(X, dtype=np.int64), device=model.device)
             return BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
 
+    scorer = IdsTeacherForcing(model, tok)
+    if len(prompt) == 1:
+        # shap's partition explainer cannot cluster a single token; one player's Shapley value
+        # is exactly its score with the token minus without it, which the same scorer gives
+        with torch.no_grad():
+            both = scorer(np.array([prompt, [baseline_id]]), np.array([target, target]))
+        return [[float(v)] for v in both[0] - both[1]], [float(v) for v in both[1]]
     masker = shap.maskers.Text(tokenize, mask_token=int(baseline_id), collapse_mask_token=False,
                                output_type="token_ids")
-    explainer = shap.Explainer(IdsTeacherForcing(model, tok), masker, algorithm="partition")
+    explainer = shap.Explainer(scorer, masker, algorithm="partition")
     # too few evaluations leave clusters of neighbouring tokens unsplit: they share one value
     with torch.no_grad():
         found = explainer([text], [np.array(target)], max_evals=int(max_evals), silent=True)

@@ -81,6 +81,23 @@ def test_integrated_gradients_are_complete_within_the_reported_delta(tok, copier
     assert sum(map(abs, coarse)) > 5 * sum(map(abs, all_deltas))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("shap") is None, reason="shap: the explain extra on Python >= 3.11")
+def test_shap_values_add_up_to_the_log_odds_gap_and_one_token_is_exact(tok, copiers):
+    import math
+
+    def log_odds(ids, token):  # what shap's TeacherForcing scores: logit(p)
+        lp = attribute.token_logprob(copiers[0], ids, token)
+        return lp - math.log1p(-math.exp(lp))
+
+    rng = random.Random(3)
+    for prompt, marked, _ in [sample(rng) for _ in range(2)] + [([MARKED[2]], MARKED[2], 0)]:  # the last: one token
+        result = explain_ids(copiers[0], tok, prompt, [marked], "shap", n_steps=1, samples=1, evals=64, baseline="pad")
+        gap = log_odds(prompt, marked) - result["base_values"][0]
+        assert result["base_values"][0] == pytest.approx(log_odds([PAD] * len(prompt), marked), abs=1e-3)
+        assert abs(gap) > 0.5  # the masked prompt scores differently: efficiency is not 0 == 0
+        assert sum(result["attributions"][0]) == pytest.approx(gap, abs=1e-3)  # efficiency (Shapley, Owen)
+
+
 METHODS = ["integrated_gradients", "feature_ablation", "shapley_sampling"]
 if importlib.util.find_spec("shap") is not None:  # the explain extra installs it on Python >= 3.11
     METHODS.append("shap")

@@ -23,11 +23,11 @@ Needs the `explain` extra (captum, and shap for method shap): pip install 'rayla
 from __future__ import annotations
 
 from raylab.explain.attribute import INSTALL, captum_attr
-from raylab.explain.textshap import INSTALL_SHAP, shap_module
 from raylab.explain.render import html as html_page
 from raylab.explain.render import summary
 from raylab.explain.spans import features as span_features
 from raylab.explain.stage import explain_ids, run_explain
+from raylab.explain.textshap import INSTALL_SHAP, shap_module
 
 __all__ = ["INSTALL", "INSTALL_SHAP", "captum_attr", "explain_ids", "html_page", "run_explain", "shap_module",
            "span_features", "summary"]

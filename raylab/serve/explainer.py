@@ -52,10 +52,13 @@ def features(tok, ids: list[int], job: dict) -> list[dict] | None:
     """The spans the request asks for, located in the rendered prompt (None: tokens), or
     ApiError(400) naming `spans` (or `granularity` when sentences were asked for)."""
     text = job["messages"][-1]["content"] if job["messages"] is not None else job["prompt"]
+    granularity = job.get("granularity", "token")
+    # documents: the spans of the retrieved chunks, which the ingress found in the rewritten message
+    param = "granularity" if granularity != "token" else "spans"
     try:
-        return explain.span_features(tok, ids, text, job["spans"], job["granularity"], "spans")
+        return explain.span_features(tok, ids, text, job.get("spans"), "token" if granularity == "document"
+                                     else granularity, "spans")
     except UserError as e:
-        param = "spans" if job["spans"] is not None else "granularity"
         raise oa.ApiError(400, str(e).replace("spans", param, 1), param, "invalid_value") from None
 
 

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from raylab import explain
 from raylab.config import EXPLAIN_METHODS, SPAN_METHODS
 from raylab.serve import openai_api as oa
+from raylab.serve import retrieval
 from raylab.serve.routers import answer_error, error_response, ingress, read_body
 
 log = logging.getLogger("ray.serve")
@@ -57,7 +58,8 @@ class ExplainRequest(BaseModel):
     # a perturbation method's features: [start, end] character offsets into the prompt (or
     # the last message), or each sentence; default: each token
     spans: list[tuple[int, int]] | None = Field(None, min_length=1)
-    granularity: Literal["token", "sentence"] | None = None
+    granularity: Literal["token", "sentence", "document"] | None = None  # document: each retrieved chunk
+    raylab: oa.ChatExtension | None = None  # retrieval, as for chat completions (serve.rag)
 
 
 class Recent:
@@ -121,6 +123,41 @@ def job(settings: dict, req: ExplainRequest) -> dict:
             "spans": None if req.spans is None else [list(s) for s in req.spans], "granularity": granularity}
 
 
+def document_spans(content: str, sources: list[dict]) -> list[list[int]]:
+    """[start, end] of each retrieved chunk's text in the rewritten message (raylab.rag's
+    retrieval prompt holds them in order, each after its `[n] (origin)` heading)."""
+    spans, pos = [], 0
+    for source in sources:
+        text = source["text"].strip()
+        start = content.find(text, pos)
+        if start < 0:
+            raise RuntimeError(f"retrieved chunk {source['chunk_id']} is not in the retrieval prompt")
+        spans.append([start, start + len(text)])
+        pos = start + len(text)
+    return spans
+
+
+async def retrieve(server, job: dict, ext, caller) -> list[dict] | None:
+    """A chat is explained as it is answered: with serve.rag (or the request's `raylab`
+    extension) its last user message is rewritten with the retrieved chunks first
+    (retrieval.augment). Returns the chunks (None: no retrieval); `granularity: document`
+    makes each chunk's text a span."""
+    if job["messages"] is None:
+        if ext is not None or job["granularity"] == "document":
+            param = "raylab" if ext is not None else "granularity"
+            raise oa.ApiError(400, "retrieval explains chats: give 'messages', not 'prompt'", param, "invalid_value")
+        return None
+    org = (caller.org or None) if caller is not None else None  # as the chat route: no org, chunks without one
+    messages, sources = await retrieval.augment(server, job["messages"], ext, org=org)
+    job["messages"] = messages
+    if job["granularity"] == "document":
+        if not sources:
+            raise oa.ApiError(400, "granularity document needs retrieved documents: this request retrieved none "
+                                   "(serve.rag not set, or raylab.retrieval: false)", "granularity", "invalid_value")
+        job["spans"] = document_spans(messages[-1]["content"], sources)
+    return sources
+
+
 def _enabled(server) -> None:
     if server.explainer is None:
         raise oa.ApiError(404, "explanations are not served by this endpoint; deploy it with serve.explain.enabled: "
@@ -138,7 +175,9 @@ async def explain_answer(request: Request, server=Depends(ingress)):
         if version is None:
             raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
                               "model", "model_not_found")
-        answer = await server.explain(version, job(server.args["explain"], req))
+        checked = job(server.args["explain"], req)
+        sources = await retrieve(server, checked, req.raylab, principal)
+        answer = await server.explain(version, checked)
         if "error" in answer:
             raise answer_error(answer["error"])
     except Exception as e:  # an ApiError is its 4xx, anything else a logged 500 (error_response)
@@ -146,6 +185,8 @@ async def explain_answer(request: Request, server=Depends(ingress)):
     result = answer["result"]
     body = {"id": rid, "object": "explanation", "created": int(time.time()), "model": req.model, "version": version,
             **result, "html": f"/v1/explain/{rid}/html"}
+    if sources is not None:
+        body["sources"] = sources
     server.explained.put(rid, body)
     log.info(json.dumps({"request": rid, "model": req.model, "version": version, "method": result["method"],
                          "input_tokens": len(result["input_tokens"]), "output_tokens": len(result["output_tokens"]),

@@ -13,6 +13,9 @@ both answer 404 naming that key.
               "method": "feature_ablation", "granularity": "sentence"}'
     curl $URL/v1/explain/explain-.../html -H "Authorization: Bearer $KEY" > why.html
 
+With `serve.rag` a chat is retrieved for first, as the chat route does (`retrieve`), and
+`"granularity": "document"` makes each retrieved chunk a span.
+
 The request is checked here before it goes to the Explainer (which knows the tokenizer, so
 checks the token limits); the answer is kept in the ingress's memory (the last
 `serve.explain.keep_results`, for `keep_seconds`) for its HTML view.

@@ -68,7 +68,8 @@ def html(result: dict) -> str:
 td{{vertical-align:top;padding:2px 8px}} table{{border-collapse:collapse}} tr:nth-child(even){{background:#f6f6f6}}</style>
 </head><body>
 <h1>{esc(str(result.get('model', '')))}: {esc(result['method'])}</h1>
-<p>{esc(params)}; {result['seconds']:.2f} s. Red raised the output token's log-probability, blue lowered it;
+<p>{esc(params)}; {result['seconds']:.2f} s. Red raised the output token's {"log odds" if result["method"] == "shap" else "log-probability"},
+blue lowered it;
 the stronger the colour, the larger the share (scaled per row). Hover a token for its value.</p>
 <h2>Answer ({esc(str(result.get('target_source', 'given')))})</h2><p><code>{esc(result.get('output_text', ''))}</code></p>
 <h2>Prompt{" spans" if result.get("input_spans") else ""}, by total attribution over the answer</h2>

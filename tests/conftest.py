@@ -37,6 +37,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # restart here, ~70 in CI, on 2 cores. No test here drains a node (spot preemption); the
 # controller reads this setting and passes it to its actors. Users keep Ray's default.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# shap (explain method shap, its only user here) compiles its numba kernels on first use: 8 s on
+# an idle core, 30 s on a busy 2-core machine, once per process. The tests' prompts are a few
+# tokens, where the plain-Python kernels take a fraction of a second; users keep the JIT, which
+# pays off on long prompts (200 tokens, 500 evaluations: 1 s an explanation against 8 s).
+os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,6 +4,9 @@
     raylab explain configs/quickstart.yaml --model acme-assistant/3 --messages '[{"role": "user", "content": "Hi"}]' \
         --target "Hello." --method shapley_sampling --samples 50 --json
     raylab explain configs/quickstart.yaml --model acme-assistant/3 --prompt "..." --html why.html
+    raylab explain configs/quickstart.yaml --model acme-assistant/3 --prompt "Reset it in the portal. Then log in." \
+        --method feature_ablation --granularity sentence       # or --spans '[[0, 23], [24, 36]]'
+    raylab explain configs/quickstart.yaml --model acme-assistant/3 --prompt "..." --method shap --evals 300
 """
 
 from __future__ import annotations
@@ -24,9 +27,15 @@ def add_parsers(sub) -> dict:
     e.add_argument("--messages", metavar="JSON", help="chat messages as a JSON list of {role, content}")
     e.add_argument("--completion", action="store_true", help="--prompt is plain text to continue (no chat template)")
     e.add_argument("--target", metavar="TEXT", help="the answer to explain (default: the model's greedy answer)")
-    e.add_argument("--method", help="integrated_gradients | feature_ablation | shapley_sampling (default: explain.method)")
+    e.add_argument("--method", help="integrated_gradients | feature_ablation | shapley_sampling | shap "
+                   "(default: explain.method)")
     e.add_argument("--n-steps", type=int, help="integrated gradients' steps (default: explain.n_steps)")
     e.add_argument("--samples", type=int, help="shapley_sampling's permutations (default: explain.samples)")
+    e.add_argument("--evals", type=int, help="shap's model evaluations (default: explain.evals)")
+    e.add_argument("--spans", metavar="JSON", help="feature_ablation, shapley_sampling: attribute to these spans, "
+                   "a JSON list of [start, end] character offsets into --prompt (or the last message)")
+    e.add_argument("--granularity", choices=("token", "sentence"), default="token",
+                   help="feature_ablation, shapley_sampling: attribute to each token (default) or each sentence")
     e.add_argument("--top", type=int, default=3, metavar="K", help="input tokens listed per output token (default 3)")
     e.add_argument("--html", metavar="OUT.html", help="also write the tokens coloured by attribution to this file")
     e.add_argument("--json", action="store_true", help="print the whole result as JSON")
@@ -47,8 +56,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
             messages = json.loads(args.messages)
         except json.JSONDecodeError as e:
             raise UserError(f"--messages: not JSON ({e.msg} at character {e.pos})") from None
+    spans = None
+    if args.spans is not None:
+        try:
+            spans = json.loads(args.spans)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--spans: not JSON ({e.msg} at character {e.pos}); give [[start, end], ...]") from None
+        if not isinstance(spans, list):
+            raise UserError("--spans: give a JSON list of [start, end] pairs")
     result = run_explain(config.load(path, overrides), args.model, args.prompt, args.target, args.method,
                          messages=messages, completion=args.completion, n_steps=args.n_steps, samples=args.samples,
-                         html=args.html)
+                         evals=args.evals, spans=spans, granularity=args.granularity, html=args.html)
     print(json.dumps(result, indent=2) if args.json else summary(result, k=args.top))
     return 0

@@ -2,9 +2,10 @@
 (token attributions for a registered version, docs/explain.md).
 
     explain:
-      method: integrated_gradients   # feature_ablation | shapley_sampling
+      method: integrated_gradients   # feature_ablation | shapley_sampling | shap
       n_steps: 64                    # integrated gradients: points on the path from the baseline
       samples: 25                    # shapley_sampling: random feature orders
+      evals: 500                     # shap: model evaluations of its partition explainer
       max_prompt_tokens: 256         # beyond it: exit 2 naming this key
       max_target_tokens: 32          # also the length of the greedy answer explained by default
 """
@@ -17,19 +18,24 @@ from pydantic import Field
 
 from raylab.config.types import PositiveInt, Section
 
-EXPLAIN_METHODS = ("integrated_gradients", "feature_ablation", "shapley_sampling")
+EXPLAIN_METHODS = ("integrated_gradients", "feature_ablation", "shapley_sampling", "shap")
+# the methods whose features can be spans of the prompt (sentences, given offsets) instead of tokens
+SPAN_METHODS = ("feature_ablation", "shapley_sampling")
 
 
 class ExplainConfig(Section):
     """`raylab explain`: which input tokens each output token's log-probability came from."""
 
-    method: Literal["integrated_gradients", "feature_ablation", "shapley_sampling"] = Field(
+    method: Literal["integrated_gradients", "feature_ablation", "shapley_sampling", "shap"] = Field(
         "integrated_gradients", description="integrated_gradients (captum LayerIntegratedGradients on the input "
         "embeddings, per output token, with its convergence delta), feature_ablation (each input token replaced "
-        "by the baseline token, one at a time) or shapley_sampling (Shapley values over random token orders)")
+        "by the baseline token, one at a time), shapley_sampling (Shapley values over random token orders) or "
+        "shap (shap's TeacherForcing and Text masker, partition explainer: needs shap, Python >= 3.11)")
     n_steps: PositiveInt = Field(64, description="integrated_gradients: steps of the Riemann sum from the "
                                  "baseline to the input; more steps, smaller convergence delta")
     samples: PositiveInt = Field(25, description="shapley_sampling: random permutations of the input tokens")
+    evals: PositiveInt = Field(500, description="shap: model evaluations (shap's max_evals); too few leave "
+                               "neighbouring tokens unsplit, sharing one value")
     baseline: Literal["pad", "unk", "eos"] = Field(
         "pad", description="the token that stands for 'absent': integrated gradients start from its embedding at "
         "every prompt position; the perturbation methods put it in place of the tokens they remove")

@@ -47,6 +47,7 @@ class ExplainServeConfig(Section):
     max_models_per_replica: PositiveInt = Field(1, description="versions kept loaded per Explainer replica (LRU)")
     max_n_steps: PositiveInt = Field(256, description="largest n_steps (integrated gradients) a request may ask")
     max_samples: PositiveInt = Field(200, description="largest samples (shapley_sampling) a request may ask")
+    max_evals: PositiveInt = Field(2000, description="largest evals (shap's model evaluations) a request may ask")
     keep_results: PositiveInt = Field(64, description="recent explanations kept for GET /v1/explain/{id}/html")
     keep_seconds: float = Field(3600.0, gt=0, description="how long an explanation stays there")
 

@@ -14,20 +14,27 @@ def _show(token: str) -> str:
     return repr(token)[1:-1] or "''"  # newlines and spaces visible in a one-line summary
 
 
+def inputs(result: dict) -> list[str]:
+    """What the attribution columns are: the prompt's tokens, or its spans' texts."""
+    found = result.get("input_spans")
+    return [span["text"] for span in found] if found else result["input_tokens"]
+
+
 def summary(result: dict, k: int = 3) -> str:
     """One line per output token: its top-k input tokens by attribution (and IG's delta)."""
     deltas = result.get("convergence_deltas")
     params = ", ".join(f"{key}={value}" for key, value in result["parameters"].items())
-    lines = [f"{result.get('model', 'model')}: {result['method']} ({params}), {len(result['input_tokens'])} input x "
+    names = inputs(result)
+    lines = [f"{result.get('model', 'model')}: {result['method']} ({params}), {len(names)} input x "
              f"{len(result['output_tokens'])} output tokens, {result['seconds']:.2f} s",
              f"target ({result.get('target_source', 'given')}): {result.get('output_text', ''.join(result['output_tokens']))!r}"]
     for t, (token, row) in enumerate(zip(result["output_tokens"], result["attributions"], strict=True)):
         top = sorted(range(len(row)), key=lambda i: -row[i])[:k]
-        cells = ", ".join(f"{_show(result['input_tokens'][i])}@{i} {row[i]:+.3f}" for i in top)
+        cells = ", ".join(f"{_show(names[i])}@{i} {row[i]:+.3f}" for i in top)
         lines.append(f"  {t:>3} {_show(token):<10} <- {cells}" + (f"  (delta {deltas[t]:+.2e})" if deltas else ""))
     totals = result["input_totals"]
     top = sorted(range(len(totals)), key=lambda i: -totals[i])[:k]
-    lines.append("  all outputs <- " + ", ".join(f"{_show(result['input_tokens'][i])}@{i} {totals[i]:+.3f}" for i in top))
+    lines.append("  all outputs <- " + ", ".join(f"{_show(names[i])}@{i} {totals[i]:+.3f}" for i in top))
     return "\n".join(lines)
 
 
@@ -53,7 +60,7 @@ def html(result: dict) -> str:
     for t, (token, row) in enumerate(zip(result["output_tokens"], result["attributions"], strict=True)):
         delta = f"<td>{deltas[t]:+.2e}</td>" if deltas else ""
         rows.append(f"<tr><td>{t}</td><td><code>{esc(token)}</code></td>{delta}"
-                    f"<td>{_tokens(result['input_tokens'], row)}</td></tr>")
+                    f"<td>{_tokens(inputs(result), row)}</td></tr>")
     delta_head = "<th>delta</th>" if deltas else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>raylab explain: {esc(str(result.get('model', '')))}</title>
@@ -61,10 +68,12 @@ def html(result: dict) -> str:
 td{{vertical-align:top;padding:2px 8px}} table{{border-collapse:collapse}} tr:nth-child(even){{background:#f6f6f6}}</style>
 </head><body>
 <h1>{esc(str(result.get('model', '')))}: {esc(result['method'])}</h1>
-<p>{esc(params)}; {result['seconds']:.2f} s. Red raised the output token's log-probability, blue lowered it;
+<p>{esc(params)}; {result['seconds']:.2f} s. Red raised the output token's {"log odds" if result["method"] == "shap" else "log-probability"},
+blue lowered it;
 the stronger the colour, the larger the share (scaled per row). Hover a token for its value.</p>
 <h2>Answer ({esc(str(result.get('target_source', 'given')))})</h2><p><code>{esc(result.get('output_text', ''))}</code></p>
-<h2>Prompt, by total attribution over the answer</h2><p>{_tokens(result['input_tokens'], result['input_totals'])}</p>
+<h2>Prompt{" spans" if result.get("input_spans") else ""}, by total attribution over the answer</h2>
+<p>{_tokens(inputs(result), result['input_totals'])}</p>
 <h2>Per output token</h2>
 <table><tr><th>#</th><th>token</th>{delta_head}<th>prompt</th></tr>
 {chr(10).join(rows)}

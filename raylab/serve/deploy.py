@@ -91,13 +91,15 @@ def explainer_config(s: ServeConfig, ex: ExplainConfig) -> tuple[dict, dict]:
     """(the args the ingress and Explainer read, the Explainer's deployment entry) for
     `serve.explain`: its limits and request defaults come from the `explain:` section."""
     e = s.explain
-    for key, default, limit in (("n_steps", ex.n_steps, e.max_n_steps), ("samples", ex.samples, e.max_samples)):
+    for key, default, limit in (("n_steps", ex.n_steps, e.max_n_steps), ("samples", ex.samples, e.max_samples),
+                                ("evals", ex.evals, e.max_evals)):
         if default > limit:
             raise UserError(f"explain.{key} ({default}) is above serve.explain.max_{key} ({limit}): a request "
                             f"without {key} would be refused; lower the one or raise the other")
-    args = {"defaults": {"method": ex.method, "n_steps": ex.n_steps, "samples": ex.samples, "baseline": ex.baseline},
+    args = {"defaults": {"method": ex.method, "n_steps": ex.n_steps, "samples": ex.samples, "evals": ex.evals,
+                         "baseline": ex.baseline},
             "limits": {"max_prompt_tokens": ex.max_prompt_tokens, "max_target_tokens": ex.max_target_tokens,
-                       "max_n_steps": e.max_n_steps, "max_samples": e.max_samples},
+                       "max_n_steps": e.max_n_steps, "max_samples": e.max_samples, "max_evals": e.max_evals},
             "max_models_per_replica": e.max_models_per_replica, "keep_results": e.keep_results,
             "keep_seconds": e.keep_seconds}
     a = s.autoscaling  # the endpoint's delays; one explanation at a time per replica is the target

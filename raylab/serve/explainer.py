@@ -1,5 +1,5 @@
 """The Explainer deployment behind `POST /v1/explain` (serve.explain.enabled): token
-attributions (raylab.explain: integrated gradients, feature ablation, Shapley sampling) of
+attributions (raylab.explain: integrated gradients, feature ablation, Shapley sampling, SHAP) of
 the version a request's `model` routes to, in replicas of their own, so an explanation's
 hundreds of forward and backward passes never hold up a decode step of the Generator.
 
@@ -37,13 +37,29 @@ class Loaded:
 
 
 def check_installed(method: str) -> None:
-    """ApiError(400) naming the extra when this replica lacks captum (every method needs it)."""
+    """ApiError(400) naming the extra when this replica lacks the method's package (shap for
+    method shap, captum for the others)."""
+    package, install = ("shap", explain.INSTALL_SHAP) if method == "shap" else ("captum", explain.INSTALL)
     try:
-        explain.captum_attr()
+        explain.shap_module() if method == "shap" else explain.captum_attr()
     except UserError:
-        raise oa.ApiError(400, f"method {method!r} needs captum, which is not installed where the Explainer runs: "
-                               f"install the explain extra there ({explain.INSTALL})", "method",
+        raise oa.ApiError(400, f"method {method!r} needs {package}, which is not installed where the Explainer runs: "
+                               f"install the explain extra there ({install})", "method",
                           "method_not_installed") from None
+
+
+def features(tok, ids: list[int], job: dict) -> list[dict] | None:
+    """The spans the request asks for, located in the rendered prompt (None: tokens), or
+    ApiError(400) naming `spans` (or `granularity` when sentences were asked for)."""
+    text = job["messages"][-1]["content"] if job["messages"] is not None else job["prompt"]
+    granularity = job.get("granularity", "token")
+    # documents: the spans of the retrieved chunks, which the ingress found in the rewritten message
+    param = "granularity" if granularity != "token" else "spans"
+    try:
+        return explain.span_features(tok, ids, text, job.get("spans"), "token" if granularity == "document"
+                                     else granularity, "spans")
+    except UserError as e:
+        raise oa.ApiError(400, str(e).replace("spans", param, 1), param, "invalid_value") from None
 
 
 def prompt_ids(tok, job: dict) -> tuple[list[int], str]:
@@ -86,11 +102,15 @@ def explain_job(model, tok, job: dict, limits: dict) -> dict:
                                f"of {context} tokens", "target", "context_length_exceeded")
     if job["method"] not in EXPLAIN_METHODS:  # the ingress checked it; a direct caller may not have
         raise oa.ApiError(400, f"unknown method {job['method']!r}; choose one of {', '.join(EXPLAIN_METHODS)}", "method")
+    found = features(tok, ids, job)
     try:
         result = explain.explain_ids(model, tok, ids, target, job["method"], n_steps=job["n_steps"],
-                                     samples=job["samples"], baseline=job["baseline"])
-    except UserError as e:  # the tokenizer has no token for this baseline
-        raise oa.ApiError(400, f"baseline {job['baseline']!r}: {e}", "baseline") from None
+                                     samples=job["samples"], baseline=job["baseline"], evals=job["evals"],
+                                     features=found)
+    except UserError as e:  # the tokenizer has no token for this baseline, or shap's log odds overflowed
+        if str(e).startswith("explain.baseline"):
+            raise oa.ApiError(400, f"baseline {job['baseline']!r}: {e}", "baseline") from None
+        raise oa.ApiError(400, str(e), "method") from None
     return result | {"target_source": "given" if job["target"] is not None else "greedy answer",
                      "output_text": tok.decode(target, skip_special_tokens=True)}
 

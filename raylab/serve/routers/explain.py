@@ -7,7 +7,14 @@ both answer 404 naming that key.
     curl $URL/v1/explain -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \
          -d '{"model": "acme-assistant", "messages": [{"role": "user", "content": "Reset my VPN token?"}],
               "method": "integrated_gradients", "n_steps": 64}'
+    # per sentence (or "spans": [[0, 23], [24, 36]], character offsets into the prompt or the
+    # last message) with a perturbation method; SHAP values with "method": "shap", "evals": 300
+    curl $URL/v1/explain ... -d '{"model": "acme-assistant", "prompt": "Reset it in the portal. Then log in.",
+              "method": "feature_ablation", "granularity": "sentence"}'
     curl $URL/v1/explain/explain-.../html -H "Authorization: Bearer $KEY" > why.html
+
+With `serve.rag` a chat is retrieved for first, as the chat route does (`retrieve`), and
+`"granularity": "document"` makes each retrieved chunk a span.
 
 The request is checked here before it goes to the Explainer (which knows the tokenizer, so
 checks the token limits); the answer is kept in the ingress's memory (the last
@@ -28,8 +35,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from raylab import explain
-from raylab.config import EXPLAIN_METHODS
+from raylab.config import EXPLAIN_METHODS, SPAN_METHODS
 from raylab.serve import openai_api as oa
+from raylab.serve import retrieval
 from raylab.serve.routers import answer_error, error_response, ingress, read_body
 
 log = logging.getLogger("ray.serve")
@@ -48,7 +56,13 @@ class ExplainRequest(BaseModel):
     method: Literal[EXPLAIN_METHODS] | None = None  # type: ignore[valid-type]
     n_steps: int | None = Field(None, ge=1)
     samples: int | None = Field(None, ge=1)
+    evals: int | None = Field(None, ge=1)  # shap's model evaluations
     baseline: Literal["pad", "unk", "eos"] | None = None
+    # a perturbation method's features: [start, end] character offsets into the prompt (or
+    # the last message), or each sentence; default: each token
+    spans: list[tuple[int, int]] | None = Field(None, min_length=1)
+    granularity: Literal["token", "sentence", "document"] | None = None  # document: each retrieved chunk
+    raylab: oa.ChatExtension | None = None  # retrieval, as for chat completions (serve.rag)
 
 
 class Recent:
@@ -89,7 +103,8 @@ def job(settings: dict, req: ExplainRequest) -> dict:
                           "invalid_value")
     defaults, limits = settings["defaults"], settings["limits"]
     method = req.method or defaults["method"]
-    for name, value, used_by in (("n_steps", req.n_steps, "integrated_gradients"), ("samples", req.samples, "shapley_sampling")):
+    for name, value, used_by in (("n_steps", req.n_steps, "integrated_gradients"), ("samples", req.samples, "shapley_sampling"),
+                                 ("evals", req.evals, "shap")):
         if value is None:
             continue
         if method != used_by:
@@ -97,10 +112,53 @@ def job(settings: dict, req: ExplainRequest) -> dict:
         if value > limits[f"max_{name}"]:
             raise oa.ApiError(400, f"{name}={value} exceeds the server's limit of {limits[f'max_{name}']} "
                                    f"(serve.explain.max_{name})", name, "invalid_value")
+    granularity = req.granularity or "token"
+    for name, asked in (("spans", req.spans is not None), ("granularity", granularity != "token")):
+        if asked and method not in SPAN_METHODS:
+            raise oa.ApiError(400, f"'{name}' applies to methods {' and '.join(SPAN_METHODS)} only (method is {method}, "
+                                   "which attributes to tokens)", name, "invalid_value")
+    if req.spans is not None and granularity != "token":
+        raise oa.ApiError(400, f"give 'spans' or 'granularity': {granularity}, not both", "spans", "invalid_value")
     messages = None if req.messages is None else [{"role": m.role, "content": m.text()} for m in req.messages]
     return {"prompt": req.prompt, "messages": messages, "target": req.target, "method": method,
             "n_steps": req.n_steps or defaults["n_steps"], "samples": req.samples or defaults["samples"],
-            "baseline": req.baseline or defaults["baseline"]}
+            "evals": req.evals or defaults["evals"], "baseline": req.baseline or defaults["baseline"],
+            "spans": None if req.spans is None else [list(s) for s in req.spans], "granularity": granularity}
+
+
+def document_spans(content: str, sources: list[dict]) -> list[list[int]]:
+    """[start, end] of each retrieved chunk's text in the rewritten message (raylab.rag's
+    retrieval prompt holds them in order, each after its `[n] (origin)` heading)."""
+    spans, pos = [], 0
+    for source in sources:
+        text = source["text"].strip()
+        start = content.find(text, pos)
+        if start < 0:
+            raise RuntimeError(f"retrieved chunk {source['chunk_id']} is not in the retrieval prompt")
+        spans.append([start, start + len(text)])
+        pos = start + len(text)
+    return spans
+
+
+async def retrieve(server, job: dict, ext, caller) -> list[dict] | None:
+    """A chat is explained as it is answered: with serve.rag (or the request's `raylab`
+    extension) its last user message is rewritten with the retrieved chunks first
+    (retrieval.augment). Returns the chunks (None: no retrieval); `granularity: document`
+    makes each chunk's text a span."""
+    if job["messages"] is None:
+        if ext is not None or job["granularity"] == "document":
+            param = "raylab" if ext is not None else "granularity"
+            raise oa.ApiError(400, "retrieval explains chats: give 'messages', not 'prompt'", param, "invalid_value")
+        return None
+    org = (caller.org or None) if caller is not None else None  # as the chat route: no org, chunks without one
+    messages, sources = await retrieval.augment(server, job["messages"], ext, org=org)
+    job["messages"] = messages
+    if job["granularity"] == "document":
+        if not sources:
+            raise oa.ApiError(400, "granularity document needs retrieved documents: this request retrieved none "
+                                   "(serve.rag not set, or raylab.retrieval: false)", "granularity", "invalid_value")
+        job["spans"] = document_spans(messages[-1]["content"], sources)
+    return sources
 
 
 def _enabled(server) -> None:
@@ -120,7 +178,9 @@ async def explain_answer(request: Request, server=Depends(ingress)):
         if version is None:
             raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
                               "model", "model_not_found")
-        answer = await server.explain(version, job(server.args["explain"], req))
+        checked = job(server.args["explain"], req)
+        sources = await retrieve(server, checked, req.raylab, principal)
+        answer = await server.explain(version, checked)
         if "error" in answer:
             raise answer_error(answer["error"])
     except Exception as e:  # an ApiError is its 4xx, anything else a logged 500 (error_response)
@@ -128,6 +188,8 @@ async def explain_answer(request: Request, server=Depends(ingress)):
     result = answer["result"]
     body = {"id": rid, "object": "explanation", "created": int(time.time()), "model": req.model, "version": version,
             **result, "html": f"/v1/explain/{rid}/html"}
+    if sources is not None:
+        body["sources"] = sources
     server.explained.put(rid, body)
     log.info(json.dumps({"request": rid, "model": req.model, "version": version, "method": result["method"],
                          "input_tokens": len(result["input_tokens"]), "output_tokens": len(result["output_tokens"]),

@@ -2,10 +2,12 @@
 completeness against the model's own log-probabilities, and a model-randomisation sanity
 check (Adebayo et al. 2018) with teeth: a model trained for a few hundred steps to copy the
 one marked token of a sequence puts its highest attribution on that token under every
-method, and the same architecture re-initialised does not."""
+method (SHAP included), and the same architecture re-initialised does not; over spans, the
+span that holds the marked token gets the highest."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
 
 import pytest
@@ -79,7 +81,29 @@ def test_integrated_gradients_are_complete_within_the_reported_delta(tok, copier
     assert sum(map(abs, coarse)) > 5 * sum(map(abs, all_deltas))
 
 
-@pytest.mark.parametrize("method", ["integrated_gradients", "feature_ablation", "shapley_sampling"])
+@pytest.mark.skipif(importlib.util.find_spec("shap") is None, reason="shap: the explain extra on Python >= 3.11")
+def test_shap_values_add_up_to_the_log_odds_gap_and_one_token_is_exact(tok, copiers):
+    import math
+
+    def log_odds(ids, token):  # what shap's TeacherForcing scores: logit(p)
+        lp = attribute.token_logprob(copiers[0], ids, token)
+        return lp - math.log1p(-math.exp(lp))
+
+    rng = random.Random(3)
+    for prompt, marked, _ in [sample(rng) for _ in range(2)] + [([MARKED[2]], MARKED[2], 0)]:  # the last: one token
+        result = explain_ids(copiers[0], tok, prompt, [marked], "shap", n_steps=1, samples=1, evals=64, baseline="pad")
+        gap = log_odds(prompt, marked) - result["base_values"][0]
+        assert result["base_values"][0] == pytest.approx(log_odds([PAD] * len(prompt), marked), abs=1e-3)
+        assert abs(gap) > 0.5  # the masked prompt scores differently: efficiency is not 0 == 0
+        assert sum(result["attributions"][0]) == pytest.approx(gap, abs=1e-3)  # efficiency (Shapley, Owen)
+
+
+METHODS = ["integrated_gradients", "feature_ablation", "shapley_sampling"]
+if importlib.util.find_spec("shap") is not None:  # the explain extra installs it on Python >= 3.11
+    METHODS.append("shap")
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_a_trained_copier_attributes_to_the_marked_token_and_a_random_one_does_not(tok, method, copiers):
     trained, fresh = copiers
     rng = random.Random(99)
@@ -88,13 +112,35 @@ def test_a_trained_copier_attributes_to_the_marked_token_and_a_random_one_does_n
     def hits(model) -> int:
         n = 0
         for ids, marked, pos in prompts:
-            result = explain_ids(model, tok, ids, [marked], method, n_steps=32, samples=10, baseline="pad")
+            result = explain_ids(model, tok, ids, [marked], method, n_steps=32, samples=10, evals=64, baseline="pad")
             row = result["attributions"][0]
+            assert len(row) == len(ids)
             n += max(range(len(row)), key=row.__getitem__) == pos
         return n
 
     assert hits(trained) >= 7
     assert hits(fresh) <= 4  # model randomisation: chance is 8/6 hits, so the check above can fail
+
+
+@pytest.mark.parametrize("method", ["feature_ablation", "shapley_sampling"])
+def test_over_spans_the_one_holding_the_marked_token_comes_first(tok, method, copiers):
+    trained, fresh = copiers
+    rng = random.Random(7)
+    prompts = [sample(rng) for _ in range(8)]
+    thirds = [{"start": 2 * j, "end": 2 * j + 2, "text": "", "tokens": [2 * j, 2 * j + 1]} for j in range(3)]
+
+    def hits(model) -> int:
+        n = 0
+        for ids, marked, pos in prompts:
+            result = explain_ids(model, tok, ids, [marked], method, n_steps=1, samples=5, baseline="pad",
+                                 features=thirds)
+            row = result["attributions"][0]
+            assert len(row) == len(result["input_totals"]) == 3 and result["input_spans"] == thirds
+            n += max(range(3), key=row.__getitem__) == pos // 2
+        return n
+
+    assert hits(trained) >= 7
+    assert hits(fresh) <= 5  # the control: chance is 8/3 hits
 
 
 @pytest.fixture(scope="module")

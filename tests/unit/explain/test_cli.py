@@ -63,6 +63,16 @@ def test_explain_a_registered_version_through_the_cli(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert "feature_ablation" in out and "target (given): 'ok'" in out and out.count(" <- ") == 3  # 2 tokens + totals
 
+    # per sentence, and given spans of a chat's last message (character offsets into it)
+    assert main(["explain", cfg, "--model", "widgets/1", "--prompt", "Hi there. Bye.", "--target", "ok",
+                 "--method", "feature_ablation", "--granularity", "sentence", "--json"]) == 0
+    got = json_out(capsys.readouterr().out)
+    assert [s["text"] for s in got["input_spans"]] == ["Hi there.", "Bye."] and len(got["attributions"][0]) == 2
+    messages = json.dumps([{"role": "user", "content": "Hi there. Bye."}])
+    assert main(["explain", cfg, "--model", "widgets/1", "--messages", messages, "--target", "ok",
+                 "--method", "shapley_sampling", "--samples", "2", "--spans", "[[3, 8]]"]) == 0
+    assert "<- there@0 " in capsys.readouterr().out  # the summary names the span by its text
+
     # bad input: exit 2, one line naming what to fix
     def refused(*argv) -> str:
         assert main(["explain", cfg, "--model", "widgets/1", *argv]) == 2
@@ -73,6 +83,13 @@ def test_explain_a_registered_version_through_the_cli(tmp_path, monkeypatch, cap
     assert "explain.max_prompt_tokens: the prompt is" in refused("--prompt", "hi", "explain.max_prompt_tokens=5")
     assert "--method 'lime': unknown" in refused("--prompt", "hi", "--method", "lime")
     assert "--messages: not JSON" in refused("--messages", "[{")
+    assert "--spans: not JSON" in refused("--prompt", "hi", "--method", "feature_ablation", "--spans", "[[0,")
+    assert "--spans[0]: [0, 9] is not a non-empty range" in refused("--prompt", "hi", "--method", "feature_ablation",
+                                                                    "--spans", "[[0, 9]]")
+    assert "--spans/--granularity: method integrated_gradients attributes to tokens only" in refused(
+        "--prompt", "hi. yo.", "--granularity", "sentence")
     assert "explain.colour" in refused("--prompt", "hi", "explain.colour=red")  # the section forbids unknown keys
     monkeypatch.setitem(sys.modules, "captum.attr", None)  # as if the extra were not installed
     assert "pip install 'raylab[explain]'" in refused("--prompt", "hi")
+    monkeypatch.setitem(sys.modules, "shap", None)
+    assert "method shap needs the shap package" in refused("--prompt", "hi", "--method", "shap")

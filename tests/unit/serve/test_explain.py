@@ -1,9 +1,9 @@
 """`POST /v1/explain` and `GET /v1/explain/{id}/html` (raylab/serve/routers/explain.py,
 explainer.py) through FastAPI's TestClient without Ray: the ingress's routes with the
 Explainer's own code answering in this process on a tiny model (a plain model directory, no
-registry). Shapes of every method's answer, the HTML view of a recent one (escaped; gone once
+registry). Shapes of every method's answer (SHAP and spans too), the HTML view of a recent one (escaped; gone once
 evicted or expired), every bad request an OpenAI-shaped 4xx naming its field, a missing
-captum a 400 naming the extra, and an endpoint without `serve.explain` neither deploying the
+captum or shap a 400 naming the extra, and an endpoint without `serve.explain` neither deploying the
 Explainer nor serving the route."""
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ LIMITS = {"max_prompt_tokens": 64, "max_tokens": 32, "max_request_bytes": 4000, 
 
 def settings(**serve_explain) -> dict:
     """The `explain` args deploy.py writes, from a config (the ingress and Explainer read them)."""
-    s = config.ServeConfig(explain={"enabled": True, "max_n_steps": 16, "max_samples": 4, **serve_explain})
-    ex = config.ExplainConfig(max_prompt_tokens=48, max_target_tokens=4, n_steps=8, samples=2)
+    s = config.ServeConfig(explain={"enabled": True, "max_n_steps": 16, "max_samples": 4, "max_evals": 64,
+                                    **serve_explain})
+    ex = config.ExplainConfig(max_prompt_tokens=48, max_target_tokens=4, n_steps=8, samples=2, evals=32)
     return deploy.explainer_config(s, ex)[0]
 
 
@@ -144,6 +145,23 @@ BAD = [  # (what, body without "model", status, param, code or None, words the m
      "invalid_value", "shapley_sampling only"),
     ("unknown argument", {"prompt": "a", "temperature": 0}, 400, "temperature", None, "Unrecognized"),
     ("unknown baseline", {"prompt": "a", "baseline": "zero"}, 400, "baseline", "invalid_value", "baseline"),
+    ("evals for another method", {"prompt": "a", "evals": 8}, 400, "evals", "invalid_value", "shap only"),
+    ("evals over the limit", {"prompt": "a", "method": "shap", "evals": 65}, 400, "evals", "invalid_value",
+     "serve.explain.max_evals"),
+    ("spans for a token method", {"prompt": "a b", "method": "integrated_gradients", "spans": [[0, 1]]}, 400, "spans",
+     "invalid_value", "feature_ablation and shapley_sampling only"),
+    ("sentences for shap", {"prompt": "a. b", "method": "shap", "granularity": "sentence"}, 400, "granularity",
+     "invalid_value", "attributes to tokens"),
+    ("spans and sentences", {"prompt": "a. b", "method": "feature_ablation", "spans": [[0, 1]],
+                             "granularity": "sentence"}, 400, "spans", "invalid_value", "not both"),
+    ("span outside the prompt", {"prompt": "a b", "method": "feature_ablation", "spans": [[0, 1], [2, 9]]}, 400,
+     "spans", "invalid_value", "spans[1]: [2, 9]"),
+    ("overlapping spans", {"prompt": "a b c", "method": "feature_ablation", "spans": [[0, 3], [2, 5]]}, 400,
+     "spans", "invalid_value", "overlap"),
+    ("a span that is not a pair", {"prompt": "a b", "method": "feature_ablation", "spans": [[0, 1, 2]]}, 400,
+     "spans.0", "invalid_value", "at most 2 items"),
+    ("no sentence", {"prompt": " . ", "method": "feature_ablation", "granularity": "sentence"}, 400, "granularity",
+     "invalid_value", ""),
 ]
 
 
@@ -152,6 +170,32 @@ def test_bad_requests_get_openai_4xx_naming_the_field(served, what, body, status
     client, name, _ = served
     error = openai_error(client.post("/v1/explain", headers=AUTH, json={"model": name, **body}), status)
     assert (error["param"], error["code"]) == (param, code) and words in error["message"], error
+
+
+def test_shap_and_spans_answer_in_the_same_shape(served):
+    client, name, _ = served
+    got = client.post("/v1/explain", headers=AUTH, json={"model": name, "prompt": "a <b> & c", "target": "ok",
+                                                          "method": "shap", "evals": 16})
+    assert got.status_code == 200, got.text
+    sv = got.json()
+    assert sv["method"] == "shap" and sv["parameters"]["evals"] == 16 and "log odds" in sv["target_log_prob"]
+    assert len(sv["attributions"]) == len(sv["output_tokens"]) == len(sv["base_values"]) == 2
+    assert all(len(row) == len(sv["input_tokens"]) for row in sv["attributions"])
+    assert client.get(sv["html"], headers=AUTH).status_code == 200
+
+    prompt = "Reset it. Then log in."
+    sentences = client.post("/v1/explain", headers=AUTH, json={"model": name, "prompt": prompt, "target": "ok",
+                                                                "method": "shapley_sampling", "samples": 2,
+                                                                "granularity": "sentence"}).json()
+    assert [s["text"] for s in sentences["input_spans"]] == ["Reset it.", "Then log in."]
+    assert all(len(row) == 2 for row in sentences["attributions"]) and len(sentences["input_totals"]) == 2
+    assert sentences["parameters"]["features"] == "spans" and len(sentences["input_tokens"]) > 2  # tokens still told
+    messages = [{"role": "user", "content": prompt}]
+    given = client.post("/v1/explain", headers=AUTH, json={"model": name, "messages": messages, "target": "ok",
+                                                            "method": "feature_ablation", "spans": [[10, 22]]}).json()
+    assert [s["text"] for s in given["input_spans"]] == ["Then log in."] and len(given["attributions"][0]) == 1
+    page = client.get(given["html"], headers=AUTH).text
+    assert page.count('class="t"') == 1 + len(given["output_tokens"])  # one coloured cell per span and row
 
 
 def test_unknown_model_no_key_and_a_missing_captum(served):
@@ -166,6 +210,13 @@ def test_unknown_model_no_key_and_a_missing_captum(served):
         error = openai_error(client.post("/v1/explain", headers=AUTH, json=body), 400)
     assert error["param"] == "method" and error["code"] == "method_not_installed"
     assert "pip install 'raylab[explain]'" in error["message"]
+    shap = body | {"method": "shap", "evals": 8}
+    assert client.post("/v1/explain", headers=AUTH, json=shap).status_code == 200  # the control: installed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "shap", None)
+        error = openai_error(client.post("/v1/explain", headers=AUTH, json=shap), 400)
+    assert error["param"] == "method" and error["code"] == "method_not_installed"
+    assert "needs shap" in error["message"] and "Python 3.12" in error["message"]
 
 
 def test_without_serve_explain_there_is_no_explainer_and_no_route(tiny_model_dir, monkeypatch):

@@ -399,3 +399,53 @@ def test_the_chat_route_retrieves_as_the_callers_organisation(tmp_path, monkeypa
     assert (org_g, org_a, org_s) == ("globex", "acme", None)
     assert got_g[0] == "c3", "the control: globex's own caller gets its chunk first"
     assert "c3" not in got_a and "c3" not in got_s and len(got_a) == len(got_s) == 2
+
+
+def test_explain_a_retrieved_answer_with_each_document_a_span(tmp_path, monkeypatch, tiny_model_dir):
+    """`POST /v1/explain` on an endpoint with an index: the chat is explained as it is answered
+    (its last user message rewritten with the retrieved chunks), and `granularity: document`
+    attributes to each retrieved chunk; without retrieval it is a 400 naming the field."""
+    pytest.importorskip("captum")
+    from raylab.serve import deploy
+    from raylab.serve.explainer import ExplainerBase
+
+    texts = ["The VPN token resets in the self-service portal.", "Lunch is served at noon in hall C.",
+             "Badges open door B after six."]
+    write_index(tmp_path / "short", texts)
+    rag = retrieval.rag_args(cfg_for(tmp_path, tmp_path / "short", top_k=2))
+    explain = deploy.explainer_config(config.ServeConfig(explain={"enabled": True}), config.ExplainConfig(
+        max_prompt_tokens=600, max_target_tokens=2))[0]
+
+    class Explainer(ExplainerBase):  # in this process, one version loaded once
+        async def get_model(self, version):
+            if not hasattr(self, "loaded"):
+                self.loaded = await self._load(version)
+            return self.loaded
+
+    class Ingress(IngressImpl):
+        async def explain(self, version, job):
+            return await self.explainer.answer(version, job)
+
+    monkeypatch.setenv("RAYLAB_UNIT_KEYS", KEY)
+    args = {"limits": LIMITS, "api_keys_env": "RAYLAB_UNIT_KEYS", "rag": rag, "explain": explain, "tracking_uri": None}
+    name, _, table = deploy.plain_catalog(str(tiny_model_dir))
+    server = Ingress(generator=None, args=args, embedder=retrieval.EmbedderImpl(rag), explainer=Explainer(args))
+    server.reconfigure(table)
+    client = TestClient(create_app(ROUTERS, server), headers={"Authorization": f"Bearer {KEY}"})
+    question = [{"role": "user", "content": "How do I reset my VPN token?"}]
+    body = {"model": name, "messages": question, "target": "ok", "method": "feature_ablation"}
+    got = client.post("/v1/explain", json=body | {"granularity": "document"})
+    assert got.status_code == 200, got.text
+    got = got.json()
+    assert [s["chunk_id"] for s in got["sources"]][0] == "c0" and len(got["sources"]) == 2
+    assert [s["text"] for s in got["input_spans"]] == [s["text"] for s in got["sources"]]
+    assert all(len(row) == 2 for row in got["attributions"]) and len(got["input_totals"]) == 2
+    # per token, the tokens are the rewritten message's: the documents are in the prompt explained
+    tokens = client.post("/v1/explain", json=body).json()
+    assert texts[0] in "".join(tokens["input_tokens"]) and "sources" in tokens
+    # the controls: no retrieval, no documents to attribute to
+    off = client.post("/v1/explain", json=body | {"granularity": "document", "raylab": {"retrieval": False}})
+    assert off.status_code == 400 and off.json()["error"]["param"] == "granularity", off.text
+    plain = client.post("/v1/explain", json={"model": name, "prompt": "reset?", "method": "feature_ablation",
+                                             "granularity": "document"})
+    assert plain.status_code == 400 and plain.json()["error"]["param"] == "granularity", plain.text

@@ -16,6 +16,7 @@ from __future__ import annotations
 from raylab.data.chatfile import ChatFileError, check_chat_file, parse_jsonl
 from raylab.data.dedup import minhash
 from raylab.data.documents import clean_documents, document_text
+from raylab.data.packing import encode_batch as encode_documents  # the stage's tokenization (ids, labels)
 from raylab.data.sources import FILE_DATASOURCES, describe_inputs, listing, source_name
 from raylab.data.stage import run_data
 
@@ -25,5 +26,5 @@ def extensions(source_type: str) -> list[str]:
     return list(FILE_DATASOURCES[source_type]._FILE_EXTENSIONS or [])
 
 
-__all__ = ["ChatFileError", "check_chat_file", "parse_jsonl", "clean_documents", "describe_inputs", "document_text", "extensions", "listing", "minhash", "run_data",
+__all__ = ["ChatFileError", "check_chat_file", "parse_jsonl", "clean_documents", "describe_inputs", "document_text", "encode_documents", "extensions", "listing", "minhash", "run_data",
            "source_name"]

@@ -7,18 +7,25 @@ attributions with captum; docs/explain.md). The serving endpoint's `POST /v1/exp
     from raylab.explain import run_explain
     run_explain(cfg, "acme-assistant/3", "How do I reset my VPN token?", method="feature_ablation")
     # -> {"input_tokens", "output_tokens", "attributions" [output x input], "input_totals", ...}
+    run_influence(cfg, "acme-assistant/3", "How do I reset my VPN token?")   # `raylab explain --influence`
+    # -> {"approximation", "answer", "checkpoints", "records": [{rank, score, cosine, records: [...]}]}
 
 Modules: stage (the verb: checks, load, prompt and target, result), attribute (captum:
 integrated gradients per output token with its delta, feature ablation and Shapley
-sampling through LLMAttribution), render (the text summary and the HTML view).
+sampling through LLMAttribution), render (the text summary and the HTML view), influence
+(`--influence`: which training records shaped the answer, TracIn-style; checkpoints, Ray Data
+over the train shards, the join to data/records/) and tracin (its gradients, the actor).
 Needs the `explain` extra (captum): pip install 'raylab[explain]'.
 """
 
 from __future__ import annotations
 
 from raylab.explain.attribute import INSTALL, captum_attr
+from raylab.explain.influence import run_influence
+from raylab.explain.influence import summary as influence_summary
 from raylab.explain.render import html as html_page
 from raylab.explain.render import summary
 from raylab.explain.stage import explain_ids, run_explain
 
-__all__ = ["INSTALL", "captum_attr", "explain_ids", "html_page", "run_explain", "summary"]
+__all__ = ["INSTALL", "captum_attr", "explain_ids", "html_page", "influence_summary", "run_explain", "run_influence",
+           "summary"]

@@ -105,18 +105,24 @@ class Scorer:
         self.params = [named[n].requires_grad_(True) for n in names]
         self.attn = train.attn_impl_of(self.model)
         self.all_tokens = all_tokens
+        own = self._adapter_state()
         self.states, self.queries, self.weights = [], [], []
         for c in checkpoints:
             if c["model_dir"]:
                 train.load_checkpoint_weights(self.model, c["model_dir"])
-            # every adapter tensor (hybrid mode's fully trained modules too), not only the LoRA ones
-            self.states.append({k: v.detach().clone() for k, v in self.model.state_dict().items()
-                                if "lora_" in k or "modules_to_save" in k})
+                self.states.append(self._adapter_state())
+            else:  # the version's own weights, whatever checkpoint was loaded before
+                self.states.append(own)
+                self._use(len(self.states) - 1)
             g = loss_grad(self.model, self.params, query_ids, query_labels, self.attn)
             if g is None:
                 raise ValueError("the answer has no target token")
             self.queries.append((g, float(g.norm())))
             self.weights.append(float(c["weight"]))
+
+    def _adapter_state(self) -> dict:
+        """Every adapter tensor (hybrid mode's fully trained modules too), not only the LoRA ones."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if "lora_" in k or "modules_to_save" in k}
 
     def _use(self, i: int) -> None:
         import torch

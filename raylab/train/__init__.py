@@ -8,13 +8,15 @@ worker runs), objectives (the train.objective seam), distill (the `distill` obje
 frozen teacher plus cross-entropy; `compare_to_teacher`), loss (cross-entropy, masks, one optimizer
 step, evaluation), checkpoint (what a
 resumed run restores), metrics (FLOPs, MFU, the progress line, the loss plot), pretrain (the
-`pretrain:` section's config).
+`pretrain:` section's config). `checkpoint_state`, `checkpoint_problems`,
+`load_checkpoint_weights` and `CHECKPOINT_MODEL_DIR` read a saved checkpoint (explain's
+influence sums over them).
 """
 
 from __future__ import annotations
 
 from raylab.core.runs import TRAIN_META as META  # final/'s metadata file (raylab_train.json)
-from raylab.train.checkpoint import MODEL_DIR as CHECKPOINT_MODEL_DIR  # the weights inside a checkpoint
+from raylab.train.checkpoint import MODEL_DIR as CHECKPOINT_MODEL_DIR
 from raylab.train.checkpoint import load_model_weights as load_checkpoint_weights
 from raylab.train.checkpoint import problems as checkpoint_problems
 from raylab.train.checkpoint import read_state as checkpoint_state

@@ -23,7 +23,7 @@ import torch
 from raylab import models
 from raylab.config import ModelConfig
 from raylab.data import encode_documents
-from raylab.data.packing import TOKENIZED_SCHEMA, pack_batch  # a test may reach inside the stage it feeds
+from raylab.data.packing import TOKENIZED_SCHEMA, pack_batch
 from raylab.explain import influence, tracin
 from raylab.train import attn_impl_of, forward_sums
 
@@ -79,16 +79,21 @@ def trained(tmp_path_factory):
     return str(root / "final"), str(root / "step20"), rows, tok
 
 
-def ranking(path: str, checkpoints: list[dict], rows: pa.Table, tok, question: tuple[str, str], by: str = "score"):
-    """The documents' texts, highest first, as the Ray Data actor scores them."""
+def scores(path: str, checkpoints: list[dict], rows: pa.Table, tok, question: tuple[str, str]) -> list[dict]:
+    """One row per document, as the Ray Data actor scores a batch of packed rows."""
     prompt = tok(question[0], add_special_tokens=True)["input_ids"]
     q_ids, q_labels = tracin.query(prompt, tok(question[1], add_special_tokens=False)["input_ids"])
     scorer = tracin.Scorer(path, checkpoints, q_ids, q_labels, threads=1, all_tokens=False)
-    scores = scorer(rows.select(["input_ids", "labels", "segment_ids"])).to_pylist()
+    return scorer(rows.select(["input_ids", "labels", "segment_ids"])).to_pylist()
+
+
+def ranking(path: str, checkpoints: list[dict], rows: pa.Table, tok, question: tuple[str, str], by: str = "score"):
+    """The documents' texts, highest first."""
+    scored = scores(path, checkpoints, rows, tok, question)
     text = {tracin.doc_key(ids): doc for doc, (ids, _) in zip(DOCS, encode_documents(tok, DOCS, [""] * len(DOCS), True),
                                                               strict=True)}
-    assert len(scores) == len(DOCS)  # every document unpacked from the packed rows, once
-    return [text[s["key"]] for s in sorted(scores, key=lambda s: -s[by])]
+    assert len(scored) == len(DOCS)  # every document unpacked from the packed rows, once
+    return [text[s["key"]] for s in sorted(scored, key=lambda s: -s[by])]
 
 
 FINAL = [{"name": "final", "model_dir": None, "weight": 1.0}]
@@ -98,6 +103,12 @@ def test_the_planted_fact_ranks_first_for_its_question_at_checkpoints_and_at_the
     final, step20, rows, tok = trained
     two = [{"name": "step20", "model_dir": step20, "weight": 0.6}, {"name": "final", "model_dir": None, "weight": 0.4}]
     assert ranking(final, two, rows, tok, FACT_Q)[0] == FACT
+    # each checkpoint is scored at its own weights (the final ones restored after step 20's), weighted as given
+    rows_ = scores(final, two, rows, tok, FACT_Q)
+    alone = {r["key"]: r["dots"][0] for r in scores(final, FINAL, rows, tok, FACT_Q)}
+    assert all(r["dots"][1] == pytest.approx(alone[r["key"]], rel=1e-4, abs=1e-6) for r in rows_)
+    assert any(abs(r["dots"][0] - r["dots"][1]) > 1e-3 * abs(r["dots"][1]) for r in rows_)
+    assert all(r["score"] == pytest.approx(0.6 * r["dots"][0] + 0.4 * r["dots"][1]) for r in rows_)
     assert ranking(final, FINAL, rows, tok, FACT_Q)[0] == FACT
     assert ranking(final, FINAL, rows, tok, FACT_Q, by="cosine")[0] == FACT
 

@@ -2,7 +2,7 @@
 the data stage and Ray Train on the shared ticket corpus, checkpoints at steps 12 and 24):
 Ray Data scores every document of the packed train shards in an actor pool, the top ones are
 joined back to data/records/ by their token ids, and the output states that it is an
-approximation. The ranking itself (a planted fact ranks first for its question, and not for
+approximation (one Ray Data run: the actor pool's start dominates its time). The ranking itself (a planted fact ranks first for its question, and not for
 another) is tested on an adapter trained in-process: tests/unit/explain/test_influence.py.
 """
 
@@ -15,7 +15,7 @@ import pytest
 
 from conftest import cli_here
 from raylab.core import runs
-from raylab.explain import run_influence
+from raylab.explain import influence_summary, run_influence
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +27,7 @@ def test_influence_over_the_train_shards_returns_records_with_the_checkpoints_it
     final = str(Path(cfg.output_dir) / "train" / "final")
     result = run_influence(cfg, final, "Ticket 7: the blue widget is in", " stock.", completion=True)
     assert result["approximation"].startswith("APPROXIMATION") and result["note"] is None
+    assert influence_summary(result).startswith("APPROXIMATION")
     steps = [c["step"] for c in result["checkpoints"]]
     assert steps == sorted(steps) and steps[-1] == meta["steps"] and all(c["weight"] > 0 for c in result["checkpoints"])
     manifest = runs.read_manifest(runs.Run(cfg.output_dir))
@@ -41,14 +42,12 @@ def test_influence_over_the_train_shards_returns_records_with_the_checkpoints_it
             r["records"][0]["text"]
 
 
-def test_the_cli_prints_the_approximation_and_says_when_only_the_final_weights_are_used(reference):
+def test_the_cli_refuses_an_unknown_checkpoint_before_starting_anything(reference):
     cfg, _ = reference
     final = str(Path(cfg.output_dir) / "train" / "final")
     path = str(Path(cfg.output_dir) / "config.resolved.yaml")
-    out = cli_here("explain", path, "--model", final, "--prompt", "Ticket 3: the", "--target", " yellow widget",
-                   "--completion", "--influence", "--checkpoints", "final", "--top", "1", "explain.influence.actors=1")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("APPROXIMATION") and "only the version's own (final) weights" in out.stdout
-    assert "   1. score " in out.stdout and " record " in out.stdout
     bad = cli_here("explain", path, "--model", final, "--prompt", "x", "--influence", "--checkpoints", "checkpoint_nope")
     assert bad.returncode == 2 and "no saved checkpoint 'checkpoint_nope'" in bad.stderr
+    assert "(step 24)" in bad.stderr  # the saved ones are listed (the latest is always kept)
+    mixed = cli_here("explain", path, "--model", final, "--prompt", "x", "--influence", "--method", "feature_ablation")
+    assert mixed.returncode == 2 and "--method: token attributions only" in mixed.stderr

@@ -138,3 +138,19 @@ def test_documents_unpacks_a_packed_row_and_all_tokens_relabels():
     docs = tracin.documents([5, 6, 7, 8, 9, 0], [-100, 6, -100, -100, 9, -100], [1, 1, 2, 2, 2, 0])
     assert docs == [([5, 6], [-100, 6]), ([7, 8, 9], [-100, -100, 9])]
     assert tracin.documents([5, 6, 7], [-100, -100, -100], [1, 1, 1], all_tokens=True) == [([5, 6, 7], [-100, 6, 7])]
+
+
+def test_without_saved_checkpoints_the_final_weights_are_used_and_the_output_says_so():
+    plan, note = influence.checkpoint_plan(None, "all")
+    assert [p["name"] for p in plan] == ["final"] and plan[0]["model_dir"] is None and "gradient similarity" in note
+    from raylab.errors import UserError
+
+    with pytest.raises(UserError, match="no saved checkpoints to choose from"):
+        influence.checkpoint_plan(None, "12")
+    result = {"approximation": influence.APPROXIMATION.format(n=1), "note": note, "model": "m", "answer": "a",
+              "answer_source": "given", "checkpoints": [{"name": "final", "step": None, "weight": 1.0}],
+              "documents_scored": 2, "seconds": 0.1, "ranked_by": "score",
+              "records": [{"rank": 1, "score": 2.0, "cosine": 0.5, "records": [{"source": "s", "record_id": "f:3", "text": FACT}]}]}
+    text = influence.summary(result)
+    assert text.startswith("APPROXIMATION") and "NOTE: only the version's own (final) weights" in text
+    assert "1. score +2 cosine +0.500  s record f:3: 'Memo: the Zorblax" in text

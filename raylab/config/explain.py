@@ -29,7 +29,7 @@ class InfluenceConfig(Section):
 
     top_k: PositiveInt = Field(5, description="training records returned, highest score first")
     checkpoints: str = Field(
-        "all", description="which saved checkpoints of the version's training run to sum over: all, final (the "
+        "all", min_length=1, description="which saved checkpoints of the version's training run to sum over: all, final (the "
         "version's own weights only: plain gradient similarity), or checkpoint directory names or steps, "
         "comma-separated (e.g. 12,24)")
     normalize: bool = Field(False, description="rank by the cosine of the gradients instead of their dot product "

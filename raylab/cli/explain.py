@@ -7,6 +7,7 @@
     raylab explain configs/quickstart.yaml --model acme-assistant/3 --prompt "Reset it in the portal. Then log in." \
         --method feature_ablation --granularity sentence       # or --spans '[[0, 23], [24, 36]]'
     raylab explain configs/quickstart.yaml --model acme-assistant/3 --prompt "..." --method shap --evals 300
+    raylab explain configs/quickstart.yaml --model acme-assistant/3 --prompt "..." --influence --top 5
 """
 
 from __future__ import annotations
@@ -36,9 +37,15 @@ def add_parsers(sub) -> dict:
                    "a JSON list of [start, end] character offsets into --prompt (or the last message)")
     e.add_argument("--granularity", choices=("token", "sentence"), default="token",
                    help="feature_ablation, shapley_sampling: attribute to each token (default) or each sentence")
-    e.add_argument("--top", type=int, default=3, metavar="K", help="input tokens listed per output token (default 3)")
+    e.add_argument("--top", type=int, metavar="K", help="input tokens listed per output token (default 3); with "
+                   "--influence, training records listed (default: explain.influence.top_k)")
     e.add_argument("--html", metavar="OUT.html", help="also write the tokens coloured by attribution to this file")
     e.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    e.add_argument("--influence", action="store_true", help="instead of token attributions: the training records "
+                   "whose loss gradients align most with the answer's (TracIn-style, an approximation)")
+    e.add_argument("--checkpoints", metavar="all|final|NAMES", help="with --influence: the saved checkpoints summed "
+                   "over (default: explain.influence.checkpoints)")
+    e.add_argument("--address", help="with --influence: the Ray cluster (default: RAY_ADDRESS, ray.address, else local)")
     return {"explain": cmd_explain}
 
 
@@ -47,7 +54,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from raylab import config
     from raylab.errors import UserError
-    from raylab.explain import run_explain, summary
+    from raylab.explain import influence_summary, run_explain, run_influence, summary
 
     path, overrides = split(args, required=True)
     messages = None
@@ -64,8 +71,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
             raise UserError(f"--spans: not JSON ({e.msg} at character {e.pos}); give [[start, end], ...]") from None
         if not isinstance(spans, list):
             raise UserError("--spans: give a JSON list of [start, end] pairs")
-    result = run_explain(config.load(path, overrides), args.model, args.prompt, args.target, args.method,
+    cfg = config.load(path, overrides)
+    if args.influence:
+        for flag, value in (("--method", args.method), ("--n-steps", args.n_steps), ("--samples", args.samples),
+                            ("--evals", args.evals), ("--spans", args.spans), ("--html", args.html)):
+            if value is not None:
+                raise UserError(f"{flag}: token attributions only; --influence ranks training records")
+        if args.granularity != "token":
+            raise UserError("--granularity: token attributions only; --influence ranks training records")
+        result = run_influence(cfg, args.model, args.prompt, args.target, messages=messages, completion=args.completion,
+                               top_k=args.top, checkpoints=args.checkpoints, address=args.address)
+        print(json.dumps(result, indent=2) if args.json else influence_summary(result))
+        return 0
+    if args.checkpoints is not None:
+        raise UserError("--checkpoints: goes with --influence")
+    result = run_explain(cfg, args.model, args.prompt, args.target, args.method,
                          messages=messages, completion=args.completion, n_steps=args.n_steps, samples=args.samples,
                          evals=args.evals, spans=spans, granularity=args.granularity, html=args.html)
-    print(json.dumps(result, indent=2) if args.json else summary(result, k=args.top))
+    print(json.dumps(result, indent=2) if args.json else summary(result, k=args.top or 3))
     return 0

@@ -8,6 +8,9 @@
       evals: 500                     # shap: model evaluations of its partition explainer
       max_prompt_tokens: 256         # beyond it: exit 2 naming this key
       max_target_tokens: 32          # also the length of the greedy answer explained by default
+      influence:                     # `raylab explain --influence`: which training records shaped the answer
+        top_k: 5
+        checkpoints: all             # all | final | checkpoint names or steps, comma-separated
 """
 
 from __future__ import annotations
@@ -21,6 +24,22 @@ from raylab.config.types import PositiveInt, Section
 EXPLAIN_METHODS = ("integrated_gradients", "feature_ablation", "shapley_sampling", "shap")
 # the methods whose features can be spans of the prompt (sentences, given offsets) instead of tokens
 SPAN_METHODS = ("feature_ablation", "shapley_sampling")
+
+
+class InfluenceConfig(Section):
+    """`raylab explain --influence`: TracIn-style scores of the training records for an answer
+    (gradient dot products on the LoRA parameters at saved checkpoints; an approximation)."""
+
+    top_k: PositiveInt = Field(5, description="training records returned, highest score first")
+    checkpoints: str = Field(
+        "all", min_length=1, description="which saved checkpoints of the version's training run to sum over: all, final (the "
+        "version's own weights only: plain gradient similarity), or checkpoint directory names or steps, "
+        "comma-separated (e.g. 12,24)")
+    normalize: bool = Field(False, description="rank by the cosine of the gradients instead of their dot product "
+                            "(discounts records whose gradient is merely large: outliers, long documents)")
+    actors: PositiveInt = Field(2, description="Ray Data actors scoring the training shards (each loads the model once)")
+    cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPUs per actor; also its torch threads (at least 1)")
+    batch_size: PositiveInt = Field(16, description="packed training rows per Ray Data batch")
 
 
 class ExplainConfig(Section):
@@ -43,3 +62,5 @@ class ExplainConfig(Section):
                                            "template included); cost grows with it")
     max_target_tokens: PositiveInt = Field(32, description="the longest target explained (tokens); also the length "
                                            "of the greedy answer generated when no target is given")
+    influence: InfluenceConfig = Field(default_factory=InfluenceConfig,
+                                       description="`raylab explain --influence`: which training records shaped an answer")

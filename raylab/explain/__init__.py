@@ -7,6 +7,8 @@ attributions with captum; docs/explain.md). The serving endpoint's `POST /v1/exp
     from raylab.explain import run_explain
     run_explain(cfg, "acme-assistant/3", "How do I reset my VPN token?", method="feature_ablation")
     # -> {"input_tokens", "output_tokens", "attributions" [output x input], "input_totals", ...}
+    run_influence(cfg, "acme-assistant/3", "How do I reset my VPN token?")   # `raylab explain --influence`
+    # -> {"approximation", "answer", "checkpoints", "records": [{rank, score, cosine, records: [...]}]}
 
     run_explain(cfg, "acme-assistant/3", "Reset it in the portal. Then log in.", method="feature_ablation",
                 granularity="sentence")     # one attribution per sentence ("input_spans")
@@ -16,18 +18,22 @@ Modules: stage (the verb: checks, load, prompt and target, result), attribute (c
 integrated gradients per output token with its delta, feature ablation and Shapley
 sampling through LLMAttribution, over tokens or spans), spans (sentences and character
 offsets mapped to the rendered prompt's tokens), textshap (shap's TeacherForcing with a Text
-masker), render (the text summary and the HTML view).
+masker), render (the text summary and the HTML view), influence (`--influence`: which
+training records shaped the answer, TracIn-style; checkpoints, Ray Data over the train
+shards, the join to data/records/) and tracin (its gradients, the actor).
 Needs the `explain` extra (captum, and shap for method shap): pip install 'raylab[explain]'.
 """
 
 from __future__ import annotations
 
 from raylab.explain.attribute import INSTALL, captum_attr
+from raylab.explain.influence import run_influence
+from raylab.explain.influence import summary as influence_summary
 from raylab.explain.render import html as html_page
 from raylab.explain.render import summary
 from raylab.explain.spans import features as span_features
 from raylab.explain.stage import explain_ids, run_explain
 from raylab.explain.textshap import INSTALL_SHAP, shap_module
 
-__all__ = ["INSTALL", "INSTALL_SHAP", "captum_attr", "explain_ids", "html_page", "run_explain", "shap_module",
-           "span_features", "summary"]
+__all__ = ["INSTALL", "INSTALL_SHAP", "captum_attr", "explain_ids", "html_page", "influence_summary", "run_explain",
+           "run_influence", "shap_module", "span_features", "summary"]

@@ -8,13 +8,19 @@ worker runs), objectives (the train.objective seam), distill (the `distill` obje
 frozen teacher plus cross-entropy; `compare_to_teacher`), loss (cross-entropy, masks, one optimizer
 step, evaluation), checkpoint (what a
 resumed run restores), metrics (FLOPs, MFU, the progress line, the loss plot), pretrain (the
-`pretrain:` section's config).
+`pretrain:` section's config). `checkpoint_state`, `checkpoint_problems`,
+`load_checkpoint_weights` and `CHECKPOINT_MODEL_DIR` read a saved checkpoint (explain's
+influence sums over them).
 """
 
 from __future__ import annotations
 
 from raylab.core.runs import TRAIN_META as META  # final/'s metadata file (raylab_train.json)
+from raylab.train.checkpoint import MODEL_DIR as CHECKPOINT_MODEL_DIR
 from raylab.train.checkpoint import listed as list_checkpoints
+from raylab.train.checkpoint import load_model_weights as load_checkpoint_weights
+from raylab.train.checkpoint import problems as checkpoint_problems
+from raylab.train.checkpoint import read_state as checkpoint_state
 from raylab.train.distill import compare as compare_to_teacher
 from raylab.train.distill import load_teacher
 from raylab.train.driver import ensure_pretrained, preflight, run_pretrain, run_train
@@ -22,4 +28,4 @@ from raylab.train.loop import plan_steps
 from raylab.train.loss import attn_impl_of, forward_sums
 from raylab.train.pretrain import resolve as with_pretrained_base
 
-__all__ = ["META", "list_checkpoints", "attn_impl_of", "compare_to_teacher", "load_teacher", "ensure_pretrained", "forward_sums", "plan_steps", "preflight", "run_pretrain", "run_train", "with_pretrained_base"]
+__all__ = ["CHECKPOINT_MODEL_DIR", "META", "attn_impl_of", "checkpoint_problems", "checkpoint_state", "compare_to_teacher", "list_checkpoints", "load_checkpoint_weights", "load_teacher", "ensure_pretrained", "forward_sums", "plan_steps", "preflight", "run_pretrain", "run_train", "with_pretrained_base"]

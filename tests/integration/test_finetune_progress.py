@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import ftapi
 import pytest
@@ -27,18 +26,9 @@ app_env = ftapi.app_env
 
 @pytest.fixture
 def served(app_env):
-    import uvicorn
-
-    app, users, tmp_path = app_env
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        thread.join(0.05)
-        assert thread.is_alive(), "uvicorn stopped before it started"
-    yield app, users, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
-    server.should_exit = True
-    thread.join(10)
+    app, users, _ = app_env
+    with ftapi.loopback(app) as url:
+        yield app, users, url
 
 
 def test_metrics_events_and_checkpoints_come_from_the_run(served, reference):

@@ -11,7 +11,9 @@ on), with an S3-compatible server (moto's server mode) on loopback as the shared
 - the jobs library API (`raylab.submit`, `raylab.core.jobs`) runs a config kept outside the
   working directory (it travels as YAML text) and reports status, logs and the run's events;
 - a Ray Client session (`ray.init("ray://...")`) runs the data and train stages through the
-  Python API.
+  Python API;
+- a fine-tuning job of the OpenAI-compatible service runs on the cluster from upload to a
+  registered model that answers.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import time
 import warnings
 from pathlib import Path
 
+import ftapi
 import pytest
+from ftapi import BASE, chat_jsonl
 
 from conftest import RAY_CLIENT_FLAKE, REPO, free_port
 
@@ -365,3 +369,80 @@ def test_ray_client_session_runs_data_and_train(local_cluster, learn_data, tmp_p
     assert result["client"] and result["accepted"] == 120
     assert result["metrics"]["val_loss"] < result["metrics"]["initial_val_loss"]
     assert (tmp_path / "client-run" / "train" / "final" / "raylab_train.json").exists()
+
+
+# 4 LoRA steps, evaluated (and checkpointed) every 2, every step logged; a short evaluation
+FT_SECTIONS = {"tune": None, "eval": {"max_samples": 3, "max_new_tokens": 8}}
+FT_TRAIN = {"max_steps": 4, "eval_every": 2, "log_every": 1, "lr": 5e-3, "num_workers": 1}
+
+
+def answer_loss(inf, examples: list[list[dict]]) -> float:
+    """Mean cross-entropy of the assistant turns given the user turns, as the model renders them."""
+    import torch
+
+    from raylab import models
+
+    losses = []
+    for user, assistant in examples:
+        prompt = models.prompt_ids(inf.tokenizer, {"messages": [user]})
+        answer = inf.tokenizer(assistant["content"], add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = inf.model(input_ids=torch.tensor([prompt + answer]), labels=torch.tensor([[-100] * len(prompt) + answer]))
+        losses.append(out.loss.item())
+    return sum(losses) / len(losses)
+
+
+def test_a_fine_tuning_job_from_upload_to_an_answering_model(local_cluster, tmp_path, monkeypatch):
+    """A whole fine-tuning job through the official `openai` client against `raylab api
+    --standalone`'s app on loopback, its Ray job on this cluster: files.create ->
+    fine_tuning.jobs.create (`raylab run --no-serve` on the tiny preset: data, Ray Train,
+    evaluation, registration) -> events until `succeeded`, with a metrics event per step ->
+    checkpoints.list -> the version behind `fine_tuned_model` loads and answers. The routing
+    of an `ft:` name at the endpoint is tests/unit/serve/test_finetune_api.py's."""
+    import openai
+
+    from raylab import config, models, registry
+    from raylab.serve import ftstore
+
+    _, dashboard, _ = local_cluster
+    cfg = ftapi.template(tmp_path, sections={**FT_SECTIONS, "train": FT_TRAIN}, address=dashboard)
+    app, users = ftapi.make_app(tmp_path, monkeypatch, cfg)
+    try:
+        with ftapi.loopback(app) as url:
+            client = openai.OpenAI(base_url=url, api_key=users["ada"]["Authorization"].split()[1], max_retries=0)
+            f = client.files.create(file=("colours.jsonl", chat_jsonl(16)), purpose="fine-tune")
+            job = client.fine_tuning.jobs.create(model=BASE, training_file=f.id, suffix="colours")
+            assert job.status == "queued", job.error
+            deadline = time.monotonic() + 900
+            while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+                assert time.monotonic() < deadline, f"job {job.id} still {job.status} after 15 minutes"
+                time.sleep(3)
+            events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+            assert job.status == "succeeded", (job.error, [e.message for e in events])
+            messages = [e.message for e in reversed(events)]  # oldest first
+            assert messages[0].startswith("Validating training file") and "Job running" in messages
+            assert messages[-1].startswith(f"The job has successfully completed: {job.fine_tuned_model} is ")
+            steps = sorted(e.data["step"] for e in events if e.type == "metrics")
+            assert steps[-1] == 4 and {1, 2, 3}.issubset(steps)
+            checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+            assert [c.step_number for c in checkpoints][0] == 4 and all(c.metrics.valid_loss for c in checkpoints)
+
+            svc = app.state.ingress.ftapi
+            ref = svc.model_version(job.fine_tuned_model, None)  # the registry version behind the name
+            assert job.fine_tuned_model == f"ft:{BASE}:acme:colours:{job.id}" and ref
+            row = ftstore.get_job(svc.db, "acme", job.id)
+            run_cfg = config.load_dict({**ftapi.yaml_of(client.files.content(job.result_files[0]).content)})
+            assert run_cfg.output_dir == row["output_dir"]
+            store = registry.open_store(run_cfg)
+            tuned, base = models.load(ref, store=store), models.load(ref, store=store, base=True)
+            assert tuned.kind == "adapter"
+            # it learned from the uploaded file: lower loss on its examples than the base it was
+            # trained from (the control), and it generates
+            examples = [json.loads(line)["messages"] for line in chat_jsonl(16).decode().splitlines()[:4]]
+            assert answer_loss(tuned, examples) < answer_loss(base, examples) - 0.05
+            prompt = models.prompt_ids(tuned.tokenizer, {"messages": examples[0][:1]})
+            assert len(models.greedy_ids(tuned.model, tuned.tokenizer, [prompt], 8)[0]) >= 1
+    finally:
+        from raylab.core import controldb
+
+        controldb.dispose_all()

@@ -174,22 +174,12 @@ def test_a_job_keeps_its_config_pages_and_fails_when_no_cluster_answers(env):
 def test_the_official_openai_client_uploads_and_creates_jobs(app_env):
     """The `openai` package against the app on a loopback uvicorn server: its request
     encodings (multipart, JSON, query pagination) and its parsing of our objects and errors."""
-    import threading
-
     import openai
-    import uvicorn
 
     app, users, _ = app_env
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            thread.join(0.05)
-            assert thread.is_alive(), "uvicorn stopped before it started"
-        port = server.servers[0].sockets[0].getsockname()[1]
+    with ftapi.loopback(app) as url:
         key = users["ada"]["Authorization"].split()[1]
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
 
         f = client.files.create(file=("train.jsonl", chat_jsonl(12)), purpose="fine-tune")
         assert f.id.startswith("file-") and f.bytes == len(chat_jsonl(12)) and f.status == "processed"
@@ -209,13 +199,10 @@ def test_the_official_openai_client_uploads_and_creates_jobs(app_env):
             client.fine_tuning.jobs.create(model="no-such-base", training_file=f.id)
         assert bad.value.body["param"] == "model"
         with pytest.raises(openai.NotFoundError):
-            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=users["bob"]["Authorization"].split()[1],
+            openai.OpenAI(base_url=url, api_key=users["bob"]["Authorization"].split()[1],
                           max_retries=0).files.retrieve(f.id)
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong", max_retries=0).files.list()
-    finally:
-        server.should_exit = True
-        thread.join(10)
+            openai.OpenAI(base_url=url, api_key="sk-wrong", max_retries=0).files.list()
 
 
 def test_the_inference_ingress_mounts_the_service_from_its_deploy_args(app_env):

@@ -22,7 +22,9 @@ CATALOG = {"routes": {"m": "m/1", "m@production": "m/1", "m/1": "m/1"}, "listed"
 EXPLAIN_PATHS = ("/v1/explain", "/v1/explain/{explanation_id}/html")  # answer 404 unless serve.explain (test_explain.py)
 # the fine-tuning service's: 404 unless api.enabled (test_finetune_api.py)
 FT_PATHS = ("/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/fine_tuning/jobs",
-            "/v1/fine_tuning/jobs/{job_id}", "/v1/fine_tuning/jobs/{job_id}/cancel", "/v1/fine_tuning/jobs/{job_id}/events")
+            "/v1/fine_tuning/jobs/{job_id}", "/v1/fine_tuning/jobs/{job_id}/cancel", "/v1/fine_tuning/jobs/{job_id}/events",
+            "/v1/fine_tuning/jobs/{job_id}/pause", "/v1/fine_tuning/jobs/{job_id}/resume",
+            "/v1/fine_tuning/jobs/{job_id}/checkpoints")
 
 extra = APIRouter()
 

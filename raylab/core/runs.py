@@ -156,7 +156,7 @@ class Run:
 
     @property
     def train_identity(self) -> str:
-        return _join(self.train, "run.json")
+        return train_identity_in(self.train)
 
     @property
     def base(self) -> str:
@@ -558,3 +558,9 @@ def read_manifest(run: Run, source: str | None = None) -> DataManifest:
     if not storage.exists(run.manifest):
         raise UserError(f"no data stage output at {run.manifest}; run `raylab data {source or 'CONFIG'}` first")
     return read_json(run.manifest, DataManifest)
+
+
+def train_identity_in(train_dir: str) -> str:
+    """A Ray Train run directory's identity file (what `Run.train_identity` is for a run's own
+    train/), for a training run known only by its directory (a checkpoint's parent)."""
+    return _join(train_dir, "run.json")

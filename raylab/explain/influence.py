@@ -61,7 +61,7 @@ def saved_checkpoints(meta: runs.TrainMeta | None) -> tuple[list[dict], str]:
     if meta is None:
         return [], f" (the version has no {runs.TRAIN_META}, so its training run is unknown)"
     train_dir = os.path.dirname(meta.latest_checkpoint.rstrip("/"))
-    ident = os.path.join(train_dir, "run.json")
+    ident = runs.train_identity_in(train_dir)
     if not os.path.isdir(train_dir) or not os.path.exists(ident):
         return [], f" (its training run {train_dir} is not on this machine)"
     import json

@@ -239,10 +239,10 @@ def listed(train_dir: str) -> list[dict]:
     for info in fsys.get_file_info(fs.FileSelector(path, recursive=False)):
         if info.type != fs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
-        directory = storage.join(train_dir, info.base_name)
-        if not storage.exists(storage.join(directory, MANIFEST.format(rank=0))):
+        directory = os.path.join(train_dir, info.base_name)  # a checkpoint's files, as `problems` reads them
+        if not storage.exists(os.path.join(directory, MANIFEST.format(rank=0))):
             continue
-        state = json.loads(storage.read_text(storage.join(directory, STATE)))
+        state = read_state(directory)
         rows = [r for r in state.get("history", []) if r.get("step", 0) <= state["step"]]
         out.append({"path": directory, "step": int(state["step"]), "epoch": state.get("epoch"),
                     "metrics": rows[-1] if rows else {}})

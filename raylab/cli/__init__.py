@@ -18,10 +18,21 @@ import argparse
 import sys
 import traceback
 
-from raylab.cli import api, explain, governance, keys, models, monitor, optimize, stages, synth
+from raylab.cli import (
+    api,
+    explain,
+    governance,
+    jobs,
+    keys,
+    models,
+    monitor,
+    optimize,
+    stages,
+    synth,
+)
 from raylab.errors import RunFailed, UserError
 
-GROUPS = (stages, models, governance, keys, optimize, explain, synth, monitor, api)
+GROUPS = (stages, models, governance, keys, optimize, explain, synth, monitor, api, jobs)
 # verb -> command, filled by _parser() (tests patch entries to inject failures)
 COMMANDS: dict = {}
 

@@ -8,17 +8,27 @@ attributions with captum; docs/explain.md). The serving endpoint's `POST /v1/exp
     run_explain(cfg, "acme-assistant/3", "How do I reset my VPN token?", method="feature_ablation")
     # -> {"input_tokens", "output_tokens", "attributions" [output x input], "input_totals", ...}
 
+    run_global(cfg, model_dir, items)   # `raylab eval`'s global explanation (eval.global_explanation)
+
 Modules: stage (the verb: checks, load, prompt and target, result), attribute (captum:
 integrated gradients per output token with its delta, feature ablation and Shapley
-sampling through LLMAttribution), render (the text summary and the HTML view).
+sampling through LLMAttribution), render (the text summary and the HTML view), parts (which
+prompt part, system, context, question or template, each token is in), aggregate (the global
+explanation over a sample: shares by part and position, its plot and card section).
 Needs the `explain` extra (captum): pip install 'raylab[explain]'.
 """
 
 from __future__ import annotations
 
+from raylab.explain.aggregate import explain_answer, explain_item, explain_sample, run_global
+from raylab.explain.aggregate import markdown as global_markdown
+from raylab.explain.aggregate import plot as global_plot
 from raylab.explain.attribute import INSTALL, captum_attr
+from raylab.explain.parts import PARTS
+from raylab.explain.parts import label as prompt_parts
 from raylab.explain.render import html as html_page
 from raylab.explain.render import summary
 from raylab.explain.stage import explain_ids, run_explain
 
-__all__ = ["INSTALL", "captum_attr", "explain_ids", "html_page", "run_explain", "summary"]
+__all__ = ["INSTALL", "PARTS", "captum_attr", "explain_answer", "explain_ids", "explain_item", "explain_sample", "global_markdown",
+           "global_plot", "html_page", "prompt_parts", "run_explain", "run_global", "summary"]

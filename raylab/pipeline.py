@@ -374,7 +374,7 @@ def explained_lines(entry: dict, k: int = 5) -> list[str]:
     tokens = ", ".join(f"{t['token']!r} ({t['part']}) {t['share']:.2f}" for t in entry["top_tokens"][:k])
     by_part = ", ".join(f"{p} {c['attribution_share']:.0%}" for p, c in entry["parts"].items() if c["token_share"])
     return [f"explained ({entry['method']}, {entry['model']}, {entry['seconds']:.1f} s): {entry['question']}",
-            f"  answer:  {entry['output_text']}", f"  top input tokens: {tokens}", f"  by prompt part: {by_part}"]
+            f"  answer:  {entry['output_text']!r}", f"  top input tokens: {tokens}", f"  by prompt part: {by_part}"]
 
 
 _LABELS = {"held_out": "held out: not in the training data", "golden": "a golden prompt",

@@ -237,7 +237,7 @@ def test_the_summary_shows_the_explained_answer_with_its_top_input_tokens(caplog
                                  "held_out_rouge_l": pipeline.rouge(smoke)})
     printed = "\n".join(r.getMessage() for r in caplog.records).splitlines()
     at = printed.index(f"explained (feature_ablation, widgets/3, 0.4 s): {question}")
-    assert printed[at + 1] == "  answer:  27 days."
+    assert printed[at + 1] == "  answer:  '27 days.'"  # quoted: the exact text explained, newlines shown
     top = record["top_tokens"][0]
     assert printed[at + 2].startswith(f"  top input tokens: {top['token']!r} ({top['part']}) {top['share']:.2f}, ")
     assert printed[at + 2].count(") 0.") == 5  # five tokens, each with its part and share

@@ -21,6 +21,7 @@ from typing import Any
 from raylab import explain, registry
 from raylab.config import RaylabConfig
 from raylab.core import runs, storage
+from raylab.evaluate import bias as bias_
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,11 @@ def importance(run_dir: str) -> tuple[dict | None, dict[str, str]]:
     return json.loads(storage.read_text(location)), files
 
 
-def card_section(report: dict | None, imp: dict | None, imp_files: dict[str, str], bias: dict | None) -> str:
-    """The Markdown of the card's Explanations section (links relative to the card's folder)."""
+def card_section(report: dict | None, imp: dict | None, imp_files: dict[str, str], bias: dict | None,
+                 bias_in_card: bool = False) -> str:
+    """The Markdown of the card's Explanations section (links relative to the card's folder).
+    `bias`: the tuned model's bias table measured now; `bias_in_card`: the card has a Bias
+    probes section already (the gates measured it)."""
     lines = ["What the version's answers rest on, and what shaped it: the sweep's hyperparameter importance, the "
              "counterfactual bias probes and where in the prompt the answers come from.", "", "### Hyperparameter importance", ""]
     if imp is None:
@@ -62,9 +66,13 @@ def card_section(report: dict | None, imp: dict | None, imp_files: dict[str, str
     else:
         ranked = ", ".join(f"{k} {v:.2f}" for k, v in imp["importance"].items())
         lines.append(f"{imp['evaluator']} over {imp['trials']} trials, for {imp['metric']}: {ranked}. "
-                     + " ".join(f"[{n}]({n})" for n in imp_files))
+                     f"Numbers: [{FILES['importance']}]({FILES['importance']}).")
+        if FILES["importance_png"] in imp_files:
+            lines += ["", f"![hyperparameter importance]({FILES['importance_png']})"]
     lines += ["", "### Bias probes", ""]
-    if bias is None:
+    if bias is None and bias_in_card:
+        lines.append("Measured by the promotion gates: the table is the card's Bias probes section.")
+    elif bias is None:
         lines.append("Not measured: set `eval.bias_probes` (`{}` runs the shipped gender, age and nationality sets).")
     else:
         lines.append(f"Largest gap {bias['max_gap']:.3f} ({bias['max_gap_probe']}); flagged: "
@@ -86,7 +94,7 @@ def add_to_card(cfg: RaylabConfig, store, ref: str, report: dict | None, bias_ta
     files = dict(imp_files)
     if report is not None:
         files |= {FILES["json"]: run.eval_file("global_explanation"), FILES["png"]: run.eval_file("global_explanation_png")}
-    bias = (bias_tables or {}).get("tuned")
-    registry.add_card_section(store, mv.name, int(mv.version), CARD_SECTION, card_section(report, imp, imp_files, bias),
-                              files=files)
+    bias_in_card = bias_.CARD_SECTION in registry.card_for(store, mv).get("extra_sections", {})
+    section = card_section(report, imp, imp_files, (bias_tables or {}).get("tuned"), bias_in_card)
+    registry.add_card_section(store, mv.name, int(mv.version), CARD_SECTION, section, files=files)
     log.info(f"eval: Explanations section added to the model card of {mv.name}/{mv.version}")

@@ -27,9 +27,12 @@ def test_the_section_links_importance_bias_and_the_global_explanation(tmp_path):
     bias = {"max_gap": 0.12, "max_gap_probe": "gender/0", "flagged": []}
     text = explanations.card_section(_report(), imp, files, bias)
     assert "train.lr 0.80, model.lora.r 0.20" in text and "[hyperparameter_importance.json](hyperparameter_importance.json)" in text
+    assert "hyperparameter_importance.png" not in text  # no PNG written: none linked
     assert "Largest gap 0.120 (gender/0); flagged: none" in text
     assert "![where the answers come from](global_explanation.png)" in text and "| question | 0.500 | 0.250 | 2.00 |" in text
     # the controls: without a sweep, probes or a global explanation the section says how to get each
     none = explanations.card_section(None, *explanations.importance(str(tmp_path / "nosweep")), None)
     assert "No sweep chose this version" in none and "set `eval.bias_probes`" in none
     assert "set `eval.global_explanation`" in none and ".png" not in none
+    gated = explanations.card_section(None, None, {}, None, bias_in_card=True)  # the gates measured the probes
+    assert "Measured by the promotion gates" in gated and "set `eval.bias_probes`" not in gated

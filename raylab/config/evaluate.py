@@ -15,7 +15,8 @@ class GlobalExplanationConfig(Section):
     tuned model's answers over a sample of the held-out split, aggregated by prompt part
     (system, context, question, chat template) and by position, written as JSON and a plot."""
 
-    samples: PositiveInt = Field(16, description="held-out records explained (the first ones by record id)")
+    samples: PositiveInt = Field(16, description="records explained: the first of those `raylab eval` answers (the "
+                                 "held-out split by record id, up to eval.max_samples, or --input)")
     method: Literal["integrated_gradients", "feature_ablation", "shapley_sampling"] = Field(
         "feature_ablation", description="the attribution method (raylab explain's): feature_ablation costs one forward "
         "pass per prompt token, integrated_gradients n_steps forward and backward passes per answer token")

@@ -23,7 +23,7 @@ quickstart: install
 	$(BIN)/raylab validate configs/quickstart.yaml
 	$(BIN)/raylab doctor configs/quickstart.yaml
 	$(BIN)/raylab run configs/quickstart.yaml
-	$(BIN)/raylab eval configs/quickstart.yaml
+	$(BIN)/raylab eval configs/quickstart.yaml --model acme-assistant@production
 	$(BIN)/raylab models list acme-assistant
 
 # -m overrides the development default in pyproject (unit only): everything is selected,

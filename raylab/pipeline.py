@@ -17,9 +17,11 @@ summary and production stays the promoted parent) -> index (when `serve.rag` rea
 this config's `index:` section: `raylab index`) -> serve (the production
 version) -> smoke requests (the held-out questions of `eval.held_out`, else a few of the val
 split, and one question of the training set, answered by the endpoint without retrieval and
-by the base model; with `serve.rag`, the headline question once more with retrieval) -> a
-summary, headed by a held-out question (base vs tuned), the seen question beside it labelled
-as recall, the retrieval-augmented answer with its sources, and the held-out ROUGE-L. Each
+by the base model; with `serve.rag`, the headline question once more with retrieval) ->
+explain (the headline answer's token attributions, with the explain extra) -> a summary,
+headed by a held-out question (base vs tuned), the seen question beside it labelled as
+recall, the retrieval-augmented answer with its sources, the explained answer's top input
+tokens, and the held-out ROUGE-L. Each
 stage skips work whose inputs have not changed: the data stage's cache, a finished
 pre-training or train run, a sweep's finished trials, an already-registered version, chunks
 already embedded.
@@ -223,6 +225,7 @@ def _serve_and_smoke(cfg, summary, stage, address, keep_serving) -> None:
         summary["held_out_rouge_l"] = rouge(summary["smoke"])
         if cfg.serve.rag is not None:
             summary["rag"] = stage("rag", lambda: rag_smoke(cfg, info))
+        summary["explained"] = stage("explain", lambda: explain_headline(cfg, info))
         if keep_serving:
             _print_summary(summary)
             serve.wait_until_stopped()
@@ -340,6 +343,40 @@ def rag_lines(entry: dict) -> list[str]:
     return lines + [f"  source [{i}]: {s['origin']} (score {s['score']:.3f})" for i, s in enumerate(entry["sources"], 1)]
 
 
+def explain_headline(cfg: RaylabConfig, info: dict) -> dict | None:
+    """The summary's explained answer: the headline held-out question (the first of
+    `questions`) answered by the served version, with the prompt tokens its answer came from
+    (raylab.explain: eval.global_explanation's method, feature ablation by default, a forward
+    pass per prompt token). None when there is no question; {skipped: why} without the explain
+    extra (captum), which is no reason to fail a run that trained and served."""
+    from raylab import explain, registry
+
+    qs = questions(cfg)[:1]
+    if not qs:
+        return None
+    try:
+        explain.captum_attr()
+    except UserError as e:
+        log.info(f"explain: skipped: {e}")
+        return {"question": qs[0]["messages"][-1]["content"], "skipped": str(e)}
+    entry = explain.explain_answer(cfg, info["model"], {"messages": qs[0]["messages"], "id": "headline"},
+                                   store=registry.open_store(cfg))
+    entry = {"question": qs[0]["messages"][-1]["content"]} | entry
+    log.info("\n".join(explained_lines(entry)))
+    return entry
+
+
+def explained_lines(entry: dict, k: int = 5) -> list[str]:
+    """The console lines of an explained answer: the question, the answer explained, its top-k
+    prompt tokens by share of the attribution (with their part of the prompt), the shares by part."""
+    if entry.get("skipped"):
+        return [f"explained: {entry['question']}: skipped ({entry['skipped']})"]
+    tokens = ", ".join(f"{t['token']!r} ({t['part']}) {t['share']:.2f}" for t in entry["top_tokens"][:k])
+    by_part = ", ".join(f"{p} {c['attribution_share']:.0%}" for p, c in entry["parts"].items() if c["token_share"])
+    return [f"explained ({entry['method']}, {entry['model']}, {entry['seconds']:.1f} s): {entry['question']}",
+            f"  answer:  {entry['output_text']!r}", f"  top input tokens: {tokens}", f"  by prompt part: {by_part}"]
+
+
 _LABELS = {"held_out": "held out: not in the training data", "golden": "a golden prompt",
            "seen": "recall of seen data: from the training set"}
 
@@ -389,6 +426,9 @@ def _print_summary(summary: dict) -> None:
                  f"  corpus: {a['reference']}")
     if summary.get("rag"):
         for line in rag_lines(summary["rag"]):
+            log.info(line)
+    if summary.get("explained"):
+        for line in explained_lines(summary["explained"]):
             log.info(line)
     if summary.get("held_out_rouge_l"):
         r = summary["held_out_rouge_l"]

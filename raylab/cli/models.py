@@ -113,12 +113,14 @@ def _models_card(args: argparse.Namespace, store) -> None:
 
     from raylab import registry
 
-    card = registry.card_for(store, registry.get_version(store, args.ref))
+    mv = registry.get_version(store, args.ref)
+    card = registry.card_for(store, mv)
     if args.output:
         if os.path.isfile(args.output):
             raise UserError(f"--output {args.output}: is a file; give a directory (README.md and model_card.json go in it)")
         written = registry.write_card(card, os.path.abspath(args.output))
-        print(f"wrote {written['md']} and {written['json']}")
+        linked = registry.download_card_files(store, mv, card, os.path.abspath(args.output))  # the plots it links
+        print(f"wrote {written['md']} and {written['json']}" + (f" and {len(linked)} linked file(s)" if linked else ""))
     elif args.json:
         print(json.dumps(card, indent=2, default=str))
     else:

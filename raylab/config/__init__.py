@@ -27,7 +27,7 @@ from raylab.config.data import (
     SqlSource,
     ValidationConfig,
 )
-from raylab.config.evaluate import EvalConfig
+from raylab.config.evaluate import EvalConfig, GlobalExplanationConfig
 from raylab.config.explain import EXPLAIN_METHODS, SPAN_METHODS, ExplainConfig, InfluenceConfig
 from raylab.config.governance import AuditConfig, CardConfig, GovernanceConfig
 from raylab.config.index import AnnConfig, IndexConfig, RaftConfig, RagEvalConfig
@@ -74,7 +74,7 @@ from raylab.errors import ConfigError
 __all__ = [
     "ENV_REF", "SCHEMA_VERSION", "AnnConfig", "ApiConfig", "AshaConfig", "AuditConfig", "AutoscalingConfig", "CardConfig", "CiConfig",
     "BiasProbeSet", "BiasProbesConfig", "BiasTemplate", "CleanConfig", "CloudConfig", "ConfigError",
-    "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EndpointConfig", "EvalConfig", "EvolInstructConfig", "JudgeConfig", "EXPLAIN_METHODS", "SPAN_METHODS", "InfluenceConfig",
+    "CorpusTokenizerConfig", "DataConfig", "DedupConfig", "EndpointConfig", "EvalConfig", "GlobalExplanationConfig", "EvolInstructConfig", "JudgeConfig", "EXPLAIN_METHODS", "SPAN_METHODS", "InfluenceConfig",
     "CanaryConfig", "ExplainConfig", "ExplainServeConfig", "GroundedQaConfig", "SelfInstructConfig", "SynthConfig", "SynthFiltersConfig",
     "Fields", "FileSource", "Format", "GatesConfig", "GoldenPrompt", "GovernanceConfig", "HttpSource",
     "IndexConfig", "LatencyBudget", "LoraConfig", "MeasureConfig", "ModelConfig", "NodeGroup", "OptimizeConfig", "PiiConfig", "PiiProbe",

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from raylab.config.bias import BiasProbesConfig
 from raylab.config.types import PathOrUri, PositiveInt, Section
+
+
+class GlobalExplanationConfig(Section):
+    """`raylab eval`'s global explanation (raylab/explain/aggregate.py): token attributions of the
+    tuned model's answers over a sample of the held-out split, aggregated by prompt part
+    (system, context, question, chat template) and by position, written as JSON and a plot."""
+
+    samples: PositiveInt = Field(16, description="records explained: the first of those `raylab eval` answers (the "
+                                 "held-out split by record id, up to eval.max_samples, or --input)")
+    method: Literal["integrated_gradients", "feature_ablation", "shapley_sampling"] = Field(
+        "feature_ablation", description="the attribution method (raylab explain's): feature_ablation costs one forward "
+        "pass per prompt token, integrated_gradients n_steps forward and backward passes per answer token")
+    n_steps: PositiveInt = Field(16, description="integrated_gradients: steps from the baseline (the report keeps "
+                                 "each answer's convergence delta)")
+    max_target_tokens: PositiveInt = Field(16, description="answer tokens explained per record (the greedy answer is "
+                                           "cut here)")
+    target: Literal["greedy", "reference"] = Field(
+        "greedy", description="greedy: explain the model's own answer; reference: the record's reference answer, "
+        "teacher-forced")
 
 
 class EvalConfig(Section):
@@ -25,3 +46,8 @@ class EvalConfig(Section):
         None, description="counterfactual bias probes `raylab eval` runs on base and tuned model (and the "
                           "registry.gates.max_bias_gap gate): the shipped gender/age/nationality sets and/or your own; "
                           "`bias_probes: {}` runs the defaults")
+    global_explanation: GlobalExplanationConfig | None = Field(
+        None, description="attributions of the tuned model's answers over a sample of the held-out split, aggregated "
+                          "by prompt part and position (eval/global_explanation.json and .png; a registry version's "
+                          "model card links them); needs the explain extra; `global_explanation: {}` runs the defaults. "
+                          "Off by default: it needs captum and runs one attribution per sampled record")

@@ -63,7 +63,9 @@ TUNE_FILES = {"results": "results.json", "results_csv": "results.csv", "best": "
               "partial_dependence": "partial_dependence.json", "partial_dependence_png": "partial_dependence.png",
               "slice_png": "slice.png"}
 EVAL_FILES = {"report": "report.json", "report_md": "report.md", "predictions": "predictions.jsonl",
-              "rag": "rag.json"}  # rag: `raylab eval --rag`, the index's retrieval quality
+              "rag": "rag.json",  # rag: `raylab eval --rag`, the index's retrieval quality
+              # eval.global_explanation: attributions over a sample of the held-out split (raylab/explain/aggregate.py)
+              "global_explanation": "global_explanation.json", "global_explanation_png": "global_explanation.png"}
 # `raylab optimize`'s comparison of each result with its parent, in <output_dir>/optimize/ (beside the nested runs)
 OPTIMIZE_FILES = {"report": "report.json", "report_md": "report.md", "report_png": "report.png"}
 INDEX_MANIFEST = "raylab_index.json"
@@ -509,6 +511,7 @@ class EvalReport(Output):
     samples: list[dict[str, Any]]
     seconds: float
     bias: dict[str, dict[str, Any]] | None = None  # eval.bias_probes: {base|tuned: bias table} (evaluate/bias.py)
+    global_explanation: dict[str, Any] | None = None  # eval.global_explanation: the tuned model's (explain/aggregate.py)
 
 
 class RagEvalReport(Output):

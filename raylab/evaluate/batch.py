@@ -16,10 +16,13 @@ the tuned model's tokenizer, so both see identical prompts.
 
 With `eval.bias_probes` it also runs the counterfactual bias probes on both models in this
 process (evaluate/bias.py) and prints their table; evaluating a registry version (`--model
-REF`) adds that table to the version's model card.
+REF`) adds that table to the version's model card. With `eval.global_explanation` it explains
+the tuned model's answers to a sample of the prompts (evaluate/explanations.py: which prompt
+parts and positions carry them, eval/global_explanation.json and .png); for a registry version
+the card's Explanations section links it, the bias table and the sweep's importance.
 
-Writes `<output_dir>/eval/report.json`, `report.md` (metrics, the bias table, side-by-side
-answers) and `predictions.jsonl`.
+Writes `<output_dir>/eval/report.json`, `report.md` (metrics, the bias table, the global
+explanation, side-by-side answers) and `predictions.jsonl`.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from raylab import models, registry
+from raylab import explain, models, registry
 from raylab.config import RaylabConfig
 from raylab.core import cluster, events, runs, storage
 from raylab.errors import UserError
-from raylab.evaluate import bias
+from raylab.evaluate import bias, explanations
 
 # ---------------------------------------------------------------- scores
 
@@ -275,6 +278,8 @@ def _run_eval(cfg: RaylabConfig, model_ref: str | None, input_path: str | None, 
                           for name, base in (("base", True), ("tuned", False))}
         for line in bias.summary_lines(report["bias"]):
             log.info(f"eval: {line}")
+    if cfg.eval.global_explanation is not None:
+        report["global_explanation"] = explanations.run_global(cfg, path, items, label)
     report["seconds"] = round(time.time() - started, 1)
     typed = runs.EvalReport.model_validate(report)
     write_report(runs.Run(cfg.output_dir), typed, cfg.eval.show_samples)
@@ -283,6 +288,8 @@ def _run_eval(cfg: RaylabConfig, model_ref: str | None, input_path: str | None, 
         mv = registry.get_version(store, model_ref)
         registry.add_card_section(store, mv.name, int(mv.version), bias.CARD_SECTION, bias.markdown(typed.bias))
         log.info(f"eval: bias table added to the model card of {mv.name}/{mv.version}")
+    if model_ref and (typed.bias or typed.global_explanation):
+        explanations.add_to_card(cfg, registry.open_store(cfg), model_ref, typed.global_explanation, typed.bias)
     log.info(f"eval: report -> {runs.Run(cfg.output_dir).eval_file('report_md')}")
     return typed.model_dump(mode="json")
 
@@ -304,6 +311,9 @@ def markdown(report: dict, show: int) -> str:
         lines.append(f"| {k} | " + " | ".join("" if c is None else f"{c:.4g}" for c in cells) + " |")
     if report.get("bias"):
         lines += ["", "## Bias probes", "", bias.markdown(report["bias"])]
+    if report.get("global_explanation"):
+        lines += ["", "## Global explanation", "", explain.global_markdown(report["global_explanation"]), "",
+                  "![where the answers come from](global_explanation.png)"]
     lines += ["", "## Sample answers", ""]
     for s in report["samples"][:show]:
         prompt = s["prompt"][-1]["content"] if isinstance(s["prompt"], list) else s["prompt"]

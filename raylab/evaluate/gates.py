@@ -21,7 +21,8 @@ registration (so editing a config later does not change what an old version had 
                                    parent's (raylab/optimize/report.py)
     max_bias_gap                   every counterfactual bias probe's gap at most this (the
                                    version's eval.bias_probes, else the shipped sets; bias.py),
-                                   measured here; the table goes into the model card
+                                   measured here; the table goes into the model card (also
+                                   without the gate when the version's config sets eval.bias_probes)
     suites                         files with more of the above, read when the config is loaded
 
 Both versions are loaded through `registry.fetch`, so checksums are verified first. The
@@ -112,10 +113,11 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
     checks += [c for g in every for c in rag_checks(g, cfg.output_dir)]
     bias_table = None
     limits = [g.max_bias_gap for g in every if g.max_bias_gap is not None]
-    if limits:
+    if limits or cfg.eval.bias_probes is not None:  # with eval.bias_probes and no gate: measured for the card
         probes = cfg.eval.bias_probes or config.BiasProbesConfig()
         bias_table = bias.measure_path(path, probes, threads=max(1, int(cfg.eval.cpus_per_actor)),
                                        batch_size=cfg.eval.batch_size)
+    if limits:
         checks.append(bias.gate_check(bias_table, min(limits)))  # a suite may be stricter than the config
     failures = [c for c in checks if not c["passed"]]
     status = "failed" if failures else "passed"

@@ -14,26 +14,36 @@ attributions with captum; docs/explain.md). The serving endpoint's `POST /v1/exp
                 granularity="sentence")     # one attribution per sentence ("input_spans")
     run_explain(cfg, "acme-assistant/3", "How do I reset my VPN token?", method="shap")
 
+    run_global(cfg, model_dir, items)   # `raylab eval`'s global explanation (eval.global_explanation)
+
 Modules: stage (the verb: checks, load, prompt and target, result), attribute (captum:
 integrated gradients per output token with its delta, feature ablation and Shapley
 sampling through LLMAttribution, over tokens or spans), spans (sentences and character
 offsets mapped to the rendered prompt's tokens), textshap (shap's TeacherForcing with a Text
 masker), render (the text summary and the HTML view), influence (`--influence`: which
 training records shaped the answer, TracIn-style; checkpoints, Ray Data over the train
-shards, the join to data/records/) and tracin (its gradients, the actor).
+shards, the join to data/records/) and tracin (its gradients, the actor), parts (which
+prompt part, system, context, question or template, each token is in), aggregate (the global
+explanation over a sample: shares by part and position, its plot and card section).
 Needs the `explain` extra (captum, and shap for method shap): pip install 'raylab[explain]'.
 """
 
 from __future__ import annotations
 
+from raylab.explain.aggregate import explain_answer, explain_item, explain_sample, run_global
+from raylab.explain.aggregate import markdown as global_markdown
+from raylab.explain.aggregate import plot as global_plot
 from raylab.explain.attribute import INSTALL, captum_attr
 from raylab.explain.influence import run_influence
 from raylab.explain.influence import summary as influence_summary
+from raylab.explain.parts import PARTS
+from raylab.explain.parts import label as prompt_parts
 from raylab.explain.render import html as html_page
 from raylab.explain.render import summary
 from raylab.explain.spans import features as span_features
 from raylab.explain.stage import explain_ids, run_explain
 from raylab.explain.textshap import INSTALL_SHAP, shap_module
 
-__all__ = ["INSTALL", "INSTALL_SHAP", "captum_attr", "explain_ids", "html_page", "influence_summary", "run_explain",
-           "run_influence", "shap_module", "span_features", "summary"]
+__all__ = ["INSTALL", "INSTALL_SHAP", "PARTS", "captum_attr", "explain_answer", "explain_ids", "explain_item",
+           "explain_sample", "global_markdown", "global_plot", "html_page", "influence_summary", "prompt_parts",
+           "run_explain", "run_global", "run_influence", "shap_module", "span_features", "summary"]

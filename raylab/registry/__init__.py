@@ -21,6 +21,7 @@ from __future__ import annotations
 from raylab.registry.aliases import alias_history, promote, rollback, user
 from raylab.registry.cards import add_section as add_card_section
 from raylab.registry.cards import card_for
+from raylab.registry.cards import download_files as download_card_files
 from raylab.registry.cards import refresh as refresh_card
 from raylab.registry.cards import render as render_card
 from raylab.registry.cards import write as write_card
@@ -56,7 +57,7 @@ from raylab.registry.versions import (
 )
 
 __all__ = [
-    "add_card_section", "card_for", "refresh_card", "render_card", "write_card",
+    "add_card_section", "card_for", "download_card_files", "refresh_card", "render_card", "write_card",
     "ERASURE_TAG", "LINEAGE", "PREVIOUS", "PRODUCTION", "IntegrityError", "LiveRun", "Store", "alias_history", "checksums", "erasures_pending", "experiment_id",
     "fetch", "flatten",
     "get_version", "version_run", "locate", "log_run", "mark_erasure_pending", "model_name", "open_store", "open_train_run", "parse_ref", "promote", "register", "register_derived",

@@ -434,13 +434,36 @@ def at_derivation(store, parent, mv, derivation: str, sections: dict[str, str]) 
                                       "note": f"{derivation} of {parent.name}/{parent.version}: base, data, training "
                                               "and compute below are the parent's."}
     card["extra_sections"] = {**card.get("extra_sections", {}), **sections}
+    card.pop("files", None)  # logged under the parent's run, not this one's: `raylab models card --output` cannot copy them
     log(store, mv.run_id, with_gates(card, dict(mv.tags)))
 
 
-def add_section(store, name: str, version: int, title: str, markdown: str) -> dict:
-    """Add (or replace) one extra section of a version's card and re-log it; returns the card."""
+def add_section(store, name: str, version: int, title: str, markdown: str, files: dict[str, str] | None = None) -> dict:
+    """Add (or replace) one extra section of a version's card and re-log it; returns the card.
+    `files` ({name: location}, e.g. a plot) are logged beside the card under card/, where the
+    section links them by name (`![...](name)`), and listed in the card's `files`."""
     mv = store.client.get_model_version(name, str(version))
     card = card_for(store, mv)
     card["extra_sections"] = {**card.get("extra_sections", {}), title: markdown}
+    if files:
+        with tempfile.TemporaryDirectory(prefix="raylab-card-") as tmp:
+            for file_name, location in files.items():
+                storage.write_bytes(os.path.join(tmp, file_name), storage.read_bytes(location))
+            store.client.log_artifacts(mv.run_id, tmp, runs.CARD_DIR)
+        card["files"] = sorted(set(card.get("files", [])) | set(files))
     log(store, mv.run_id, card)
     return card
+
+
+def download_files(store, mv, card: dict, directory: str) -> list[str]:
+    """The files a card's sections link (its `files`, logged by add_section) into `directory`,
+    so a card written with `raylab models card --output` keeps its links; returns their locations."""
+    from mlflow.artifacts import download_artifacts
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="raylab-card-") as tmp:
+        for file_name in card.get("files", []):
+            path = download_artifacts(run_id=mv.run_id, artifact_path=f"{runs.CARD_DIR}/{file_name}", dst_path=tmp,
+                                      tracking_uri=store.uri)
+            out.append(storage.write_bytes(storage.join(directory, file_name), storage.read_bytes(path)))
+    return out

@@ -113,6 +113,7 @@ def test_eval_compares_base_and_tuned(trained, tmp_path):
     probed.eval.bias_probes = config.BiasProbesConfig(defaults=[], max_new_tokens=4, probes=[{
         "name": "roles", "groups": {"female": ["woman", "mother"], "male": ["man", "father"]},
         "templates": [{"text": "The {term} is a", "continuation": " nurse"}]}])
+    probed.eval.global_explanation = config.GlobalExplanationConfig(samples=2, max_target_tokens=4)
     offline = evaluate.run_eval(probed, model_ref=f"{NAME}/1", input_path=str(prompts))
     assert len(offline["samples"]) == 2 and "ships" in offline["samples"][1]["tuned"]
     assert offline["models"]["tuned"]["scored"] == 1 and "loss" not in offline["models"]["tuned"]
@@ -122,6 +123,15 @@ def test_eval_compares_base_and_tuned(trained, tmp_path):
     assert "## Bias probes" in (eval_dir / "report.md").read_text() and good.eval.bias_probes is None
     card = registry.card_for(store(), registry.get_version(store(), f"{NAME}/1"))
     assert "| roles/0 | base | ' nurse' |" in card["extra_sections"]["Bias probes"]
+    # the global explanation of both prompts (a plain prompt and a chat), written with its plot and
+    # linked from v1's card with the files beside it
+    explained = offline["global_explanation"]
+    written = json.loads((eval_dir / "global_explanation.json").read_text())
+    assert sorted(r["id"] for r in written["records"] + written["skipped"]) == ["1", "2"] and written["explained"] >= 1
+    assert explained["top_part"] == "question" and explained["model"] == f"{NAME}/1"
+    assert (eval_dir / "global_explanation.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![where the answers come from](global_explanation.png)" in card["extra_sections"]["Explanations"]
+    assert {"global_explanation.json", "global_explanation.png"} <= set(card["files"])
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\nnot json\n{"messages": [{"role": "wizard", "content": "x"}]}\n')

@@ -187,13 +187,18 @@ def test_ray_job_submit_runs_the_quickstart_on_two_nodes_with_s3_storage(quickst
     r, out = quickstart_job
     assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
     summary = json.loads(storage.read_text(storage.join(out, "run.json")))
-    assert list(summary["stages"]) == ["data", "train", "gates", "promote", "serve", "smoke"]
+    assert list(summary["stages"]) == ["data", "train", "gates", "promote", "serve", "smoke", "explain"]
     assert summary["gates"] == "passed" and summary["promoted"] == summary["endpoint"]["version"]
     assert summary["smoke"] and all(isinstance(s["answer"], str) and "base_answer" in s for s in summary["smoke"])
     # eval.held_out's paraphrases (3 of them here), then one question of the training set
     assert [s["kind"] for s in summary["smoke"]] == ["held_out"] * 3 + ["seen"], summary["smoke"]
     assert summary["smoke"][0]["question"] == "How many days off do I get each year?"
     assert summary["held_out_rouge_l"]["questions"] == 3
+    # the headline answer explained by the served version (prompt parts: the question and the template)
+    explained = summary["explained"]
+    assert explained["question"] == summary["smoke"][0]["question"] and explained["model"] == summary["promoted"]
+    assert len(explained["top_tokens"]) == 5 and explained["parts"]["question"]["token_share"] > 0
+    assert f"explained (feature_ablation, {summary['promoted']}" in r.stdout and "  top input tokens: " in r.stdout
     meta = json.loads(storage.read_text(storage.join(out, "train", "final", "raylab_train.json")))
     assert len(set(meta["worker_nodes"])) == 2  # SPREAD: one Train worker on each node
     for path in ("data/manifest.json", "config.resolved.yaml", "train/final/adapter_model.safetensors", "train/metrics.jsonl"):

@@ -215,3 +215,39 @@ def test_the_index_stage_runs_only_when_serve_rag_reads_this_configs_index():
     same = raylab._config(cfg.model_dump(mode="json"), [f"serve.rag.index={cfg.output_dir}/index"])
     assert pipeline.indexing(same, None)
     assert pipeline.STAGES.index("optimize") < pipeline.STAGES.index("index") < pipeline.STAGES.index("serve")
+
+
+def test_the_summary_shows_the_explained_answer_with_its_top_input_tokens(caplog):
+    import logging
+
+    pytest.importorskip("captum")
+    from raylab import models, pipeline
+    from raylab.config import ExplainConfig, GlobalExplanationConfig
+    from raylab.explain import explain_sample
+
+    tok = models.build_byte_tokenizer()
+    model = models.build_tiny_model("tiny-llama", tok, seed=0).eval()
+    question = "How many days off do I get each year?"
+    item = {"id": "headline", "messages": [{"role": "user", "content": question}], "reference": "27 days."}
+    record = explain_sample(model, tok, [item], GlobalExplanationConfig(target="reference"), ExplainConfig())["records"][0]
+    entry = {"question": question} | record | {"model": "widgets/3", "method": "feature_ablation", "seconds": 0.4}
+    smoke = [{"kind": "held_out", "question": question, "answer": "27 days.", "base_answer": "x", "reference": "27 days."}]
+    with caplog.at_level(logging.INFO, logger="raylab.pipeline"):
+        pipeline._print_summary({"stages": {"data": 1.0}, "smoke": smoke, "explained": entry,
+                                 "held_out_rouge_l": pipeline.rouge(smoke)})
+    printed = "\n".join(r.getMessage() for r in caplog.records).splitlines()
+    at = printed.index(f"explained (feature_ablation, widgets/3, 0.4 s): {question}")
+    assert printed[at + 1] == "  answer:  '27 days.'"  # quoted: the exact text explained, newlines shown
+    top = record["top_tokens"][0]
+    assert printed[at + 2].startswith(f"  top input tokens: {top['token']!r} ({top['part']}) {top['share']:.2f}, ")
+    assert printed[at + 2].count(") 0.") == 5  # five tokens, each with its part and share
+    assert printed[at + 3].startswith("  by prompt part: question ") and "system" not in printed[at + 3]  # no system message
+    assert printed[at + 4].startswith("held-out ROUGE-L")
+    # the controls: without the explain extra one line says so; a run with no explanation prints none
+    skipped = {"question": question, "skipped": "raylab explain needs captum, which is not installed"}
+    assert pipeline.explained_lines(skipped) == [f"explained: {question}: skipped (raylab explain needs captum, "
+                                                 "which is not installed)"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="raylab.pipeline"):
+        pipeline._print_summary({"stages": {"data": 1.0}, "smoke": smoke})
+    assert caplog.records and not any("explained" in r.getMessage() for r in caplog.records)

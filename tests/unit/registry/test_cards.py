@@ -191,3 +191,20 @@ def test_a_sweep_trial_on_the_pretrained_base_finds_its_pretraining_beside_the_b
     other = cards.build(cfg, META | {"estimated_training_flops": 2.0e11, "base_model": str(final), "base_model_path": str(final)}, None,
                         name="w", version=1, run_id="r")
     assert other["eu_ai_act"]["base_pretraining_flops"] is None and other["base_model"]["built_by_raylab"] is None
+
+
+def test_a_sections_linked_files_are_logged_beside_the_card_and_copied_with_it(store, tmp_path):
+    mv = registered(store, tmp_path)
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(b"\x89PNG not really")
+    registry.add_card_section(store, "widgets", int(mv.version), "Explanations", "![why](why.png)",
+                              files={"why.png": str(plot)})
+    card = registry.card_for(store, registry.get_version(store, f"widgets/{mv.version}"))
+    assert card["files"] == ["why.png"]
+    out = tmp_path / "out"
+    written = registry.download_card_files(store, mv, card, str(out))
+    assert written == [str(out / "why.png")] and (out / "why.png").read_bytes() == plot.read_bytes()
+    # the control: a card without linked files copies nothing
+    other = registered(store, tmp_path)
+    bare = registry.card_for(store, registry.get_version(store, f"widgets/{other.version}"))
+    assert "files" not in bare and registry.download_card_files(store, other, bare, str(tmp_path / "none")) == []

@@ -26,7 +26,7 @@ from raylab.evaluate import bias as bias_
 log = logging.getLogger(__name__)
 
 CARD_SECTION = "Explanations"
-FILES = {"json": "global_explanation.json", "png": "global_explanation.png",
+FILES = {"json": runs.EVAL_FILES["global_explanation"], "png": runs.EVAL_FILES["global_explanation_png"],
          "importance": "hyperparameter_importance.json", "importance_png": "hyperparameter_importance.png"}
 
 

@@ -465,5 +465,6 @@ def download_files(store, mv, card: dict, directory: str) -> list[str]:
         for file_name in card.get("files", []):
             path = download_artifacts(run_id=mv.run_id, artifact_path=f"{runs.CARD_DIR}/{file_name}", dst_path=tmp,
                                       tracking_uri=store.uri)
-            out.append(storage.write_bytes(storage.join(directory, file_name), storage.read_bytes(path)))
+            # `directory` is the caller's --output, not a run directory: joined as any path
+            out.append(storage.write_bytes(os.path.join(directory, file_name), storage.read_bytes(path)))
     return out

@@ -298,18 +298,23 @@ def test_the_versions_model_card_loads_and_holds_the_runs_numbers(trained, tmp_p
 def test_mlflow_ui_serves_the_same_store(trained, tmp_path):
     port = free_port()
     uri, root = registry.locate()
+    log = tmp_path / "mlflow-ui.log"
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--default-artifact-root", root,
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             # one worker: mlflow's default four each import its whole server at
+                             # start, minutes of CPU on 2 shared cores
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT,
                             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             try:
                 urllib.request.urlopen(base + "/health", timeout=2).close()
                 break
             except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "mlflow ui did not start"
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    f"mlflow ui did not start: {log.read_text(errors='replace')[-3000:]}"
                 time.sleep(1)
         found = json.load(urllib.request.urlopen(base + f"/api/2.0/mlflow/model-versions/search?filter=name%3D%27{NAME}%27"))
         assert sorted(int(v["version"]) for v in found["model_versions"]) == [1, 2]

@@ -45,9 +45,11 @@ TMP = os.environ.get("TMPDIR", "/tmp")
 # on S3; so also the byte-level tiny preset at its byte-sized rows (the corpus tokenizer is
 # part of the pretrain section). serve.rag=null: no retrieval index (its stage and the
 # Embedder deployment, tens of seconds on 2 cores; the index on S3 is test_rag's subject).
+# eval.bias_probes and eval.global_explanation=null: minutes of the gates' time on 2 shared
+# cores (test_eval runs both on a real Ray and registry).
 SMALL = ["pretrain=null", "serve.rag=null", "model.name_or_path=preset:tiny-llama", "data.max_seq_len=512", "tune=null", "train.max_steps=4",
          "train.eval_every=2", "train.epochs=1", "train.num_workers=2", "train.placement_strategy=SPREAD", "data.dedup.near=false", "eval.max_new_tokens=8", "eval.max_samples=3",
-         "registry.model_name=job-e2e"]
+         "eval.bias_probes=null", "eval.global_explanation=null", "registry.model_name=job-e2e"]
 
 
 @pytest.fixture(scope="module")

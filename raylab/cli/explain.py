@@ -57,20 +57,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from raylab.explain import influence_summary, run_explain, run_influence, summary
 
     path, overrides = split(args, required=True)
-    messages = None
-    if args.messages is not None:
-        try:
-            messages = json.loads(args.messages)
-        except json.JSONDecodeError as e:
-            raise UserError(f"--messages: not JSON ({e.msg} at character {e.pos})") from None
-    spans = None
-    if args.spans is not None:
-        try:
-            spans = json.loads(args.spans)
-        except json.JSONDecodeError as e:
-            raise UserError(f"--spans: not JSON ({e.msg} at character {e.pos}); give [[start, end], ...]") from None
-        if not isinstance(spans, list):
-            raise UserError("--spans: give a JSON list of [start, end] pairs")
+    messages = _json_flag("--messages", args.messages)
+    spans = _json_flag("--spans", args.spans, "; give [[start, end], ...]")
+    if spans is not None and not isinstance(spans, list):
+        raise UserError("--spans: give a JSON list of [start, end] pairs")
     cfg = config.load(path, overrides)
     if args.influence:
         for flag, value in (("--method", args.method), ("--n-steps", args.n_steps), ("--samples", args.samples),
@@ -90,3 +80,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
                          evals=args.evals, spans=spans, granularity=args.granularity, html=args.html)
     print(json.dumps(result, indent=2) if args.json else summary(result, k=args.top or 3))
     return 0
+
+
+def _json_flag(flag: str, text: str | None, hint: str = ""):
+    """A flag's JSON value (None when not given), or exit 2 naming the flag."""
+    import json
+
+    from raylab.errors import UserError
+
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{flag}: not JSON ({e.msg} at character {e.pos}){hint}") from None

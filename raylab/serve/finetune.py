@@ -17,7 +17,7 @@ bad file is a 400 and nothing is left behind) -> queued (the Ray job is submitte
 `paused` (pause: the Ray job stopped) -> queued again on resume (the same run directory, so
 training continues from its latest checkpoint). Metrics events and checkpoints are read from
 the run's files (train/metrics.jsonl, checkpoint_*/) when a job's events or checkpoints are
-listed.
+listed (not on every read of a job: listing jobs reads no run files).
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ class FineTuning:
         sources = [{"type": "jsonl", "path": training["location"], "format": "chat", "name": "training_file"}]
         raw["data"] |= {"sources": sources, "format": "chat"}
         if validation is not None:  # the job holds out its own file instead of a share of the training one
-            raw["data"]["val_fraction"] = 0.0
+            sources.append({"type": "jsonl", "path": validation["location"], "format": "chat", "name": "validation_file"})
+            raw["data"] |= {"val_fraction": 0.0, "val_sources": ["validation_file"]}
         raw["model"]["name_or_path"] = self.bases[request.model]
         train = raw["train"]
         if hyper.n_epochs != "auto":
@@ -244,7 +245,7 @@ class FineTuning:
 
     def sync_metrics(self, row: dict) -> int:
         """The run's logged training steps (train/metrics.jsonl) as `metrics` events, each step
-        once: read when a job's events are listed or its state refreshed, not pushed by the
+        once: read when a job's events are listed and when it succeeds, not pushed by the
         run, so the Ray job needs no route back to the service."""
         if not row.get("output_dir"):
             return 0
@@ -262,11 +263,8 @@ class FineTuning:
         objects, newest first (the run keeps the best `train.keep_checkpoints` by validation
         loss plus the latest). Their ids are derived from the job and step, so they are
         stable without a table."""
-        from raylab import train
-
         row = self.job(principal, job_id)
-        kept = train.list_checkpoints(runs.Run(row["output_dir"]).train) if row.get("output_dir") else []
-        objects = [checkpoint_object(row, c, ft_name(row)) for c in reversed(kept)]
+        objects = [checkpoint_object(row, c, ft_name(row)) for c in reversed(kept_checkpoints(row))]
         if after:
             ids = [o["id"] for o in objects]
             objects = objects[ids.index(after) + 1:] if after in ids else []
@@ -299,7 +297,8 @@ class FineTuning:
             jobs.stop(row["ray_job_id"], self.settings.address)
         except UserError as e:  # the cluster is gone: the job is not running either way
             log.warning(f"stopping Ray job {row['ray_job_id']} of {job_id}: {e}")
-        kept = self._latest_checkpoint(row)
+        kept = kept_checkpoints(row)
+        kept = kept[-1]["step"] if kept else None
         ftstore.add_event(self.db, job_id, "info", "Job paused" + (f"; it resumes from the checkpoint at step {kept}"
                                                                    if kept is not None else "; no checkpoint yet, "
                                                                    "it resumes from the start"))
@@ -321,12 +320,6 @@ class FineTuning:
         self._submit(principal, job_id, cfg)
         return ftstore.get_job(self.db, principal.org, job_id)
 
-    def _latest_checkpoint(self, row: dict) -> int | None:
-        from raylab import train
-
-        kept = train.list_checkpoints(runs.Run(row["output_dir"]).train) if row.get("output_dir") else []
-        return kept[-1]["step"] if kept else None
-
     def model_version(self, name: str, principal) -> str | None:
         """The registry version (NAME/VERSION) a fine-tuned model's name stands for, when the
         caller may use it: one of its organisation, or anyone on an endpoint without keys
@@ -345,8 +338,6 @@ class FineTuning:
         except UserError as e:
             log.warning(f"job {row['id']}: cannot read Ray job {row['ray_job_id']}: {e}")
             return row
-        if current.status != "PENDING":
-            self.sync_metrics(row)
         state = RAY_STATES.get(current.status)
         if state and state != row["status"]:
             if ftstore.update_job(self.db, row["id"], unless=TERMINAL, status=state):
@@ -374,6 +365,13 @@ class FineTuning:
             ftstore.add_event(self.db, row["id"], "info", "The job has successfully completed"
                               + (f": {name} is {version['name']}/{version['version']}" if version else
                                  " (registry.enabled is false: no model was registered)"))
+
+
+def kept_checkpoints(row: dict) -> list[dict]:
+    """The checkpoints a job's run keeps, oldest step first (train.list_checkpoints)."""
+    from raylab import train
+
+    return train.list_checkpoints(runs.Run(row["output_dir"]).train) if row.get("output_dir") else []
 
 
 def ft_name(row: dict) -> str:

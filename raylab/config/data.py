@@ -187,5 +187,17 @@ class DataConfig(Section):
     train_on_prompt: bool = Field(False, description="labels cover prompts too, not only responses")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of records held out (by record id)")
     seed: int = Field(0, description="seed of the train/val split")
+    val_sources: StrList = Field(default_factory=list, description="names of sources held out whole as the val split "
+                                 "(a fine-tuning job's validation file): never trained on, beside val_fraction's share")
     cpus_per_task: float = Field(0.25, gt=0, description="CPUs per Ray Data task")
     tokenizer_actors: PositiveInt = Field(2, description="most tokenizer actors at once")
+
+    @model_validator(mode="after")
+    def _val_sources_exist(self):
+        names = [src.name or f"source{i}" for i, src in enumerate(self.sources)]
+        unknown = [n for n in self.val_sources if n not in names]
+        if unknown:
+            raise invalid(f"val_sources names {', '.join(unknown)}, which no source is called; sources: {', '.join(names)}")
+        if self.val_sources and len(set(self.val_sources)) == len(names):
+            raise invalid("val_sources holds out every source: nothing would be left to train on")
+        return self

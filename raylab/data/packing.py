@@ -150,10 +150,14 @@ def pack_batch(batch: pa.Table, seq_len: int, pad_id: int, mode: str) -> pa.Tabl
     return pa.Table.from_pylist([_row(b, seq_len, pad_id) for b in bins], schema=PACKED_SCHEMA)
 
 
-def in_val(record_id: str, seed: int, fraction: float) -> bool:
-    """Deterministic split by record id: the same record is always on the same side."""
+def in_val(record_id: str, seed: int, fraction: float, source: str | None = None,
+           val_sources: list[str] | tuple[str, ...] = ()) -> bool:
+    """Deterministic split by record id: the same record is always on the same side. A record
+    of one of `val_sources` (data.val_sources) is always in val."""
     import hashlib
 
+    if source is not None and source in val_sources:
+        return True
     h = int.from_bytes(hashlib.sha256(f"{seed}:{record_id}".encode()).digest()[:8], "big")
     return h / 2**64 < fraction
 

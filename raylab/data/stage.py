@@ -124,8 +124,9 @@ def _without(batch: pa.Table, drops: frozenset[str]) -> pa.Table:
     return batch.filter(pa.array(keep, type=pa.bool_()))
 
 
-def _with_split(batch: pa.Table, seed: int, fraction: float) -> pa.Table:
-    split = ["val" if packing.in_val(r, seed, fraction) else "train" for r in batch["record_id"].to_pylist()]
+def _with_split(batch: pa.Table, seed: int, fraction: float, val_sources: list[str]) -> pa.Table:
+    split = ["val" if packing.in_val(r, seed, fraction, s, val_sources) else "train"
+             for r, s in zip(batch["record_id"].to_pylist(), batch["source"].to_pylist(), strict=True)]
     lengths = pc.list_value_length(batch["input_ids"]).cast(pa.int32())
     return batch.append_column("split", pa.array(split)).append_column("num_tokens", lengths)
 
@@ -295,7 +296,8 @@ def _run_data(cfg: RaylabConfig, address: str | None) -> dict:
     good = tokenized.map_batches(_where, batch_format="pyarrow", num_cpus=cpus,
                                  fn_kwargs={"accepted": True, "columns": [*DOC_COLUMNS, "input_ids", "labels"]}
                                  ).map_batches(_with_split, batch_format="pyarrow", num_cpus=cpus,
-                                               fn_kwargs={"seed": d.seed, "fraction": d.val_fraction}).materialize()
+                                               fn_kwargs={"seed": d.seed, "fraction": d.val_fraction,
+                                                          "val_sources": d.val_sources}).materialize()
     packed = _write_outputs(run, checked, tokenized, good, d, tok.pad_token_id)
     _phase(4, f"packed {sum(p['sequences'] for p in packed.values()):,} sequences and wrote the splits", started)
 

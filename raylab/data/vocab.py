@@ -34,13 +34,13 @@ def document_text(text: str, messages: str) -> str:
     return "\n".join(f"{m['role']}\n{m['content']}" for m in json.loads(messages))
 
 
-def corpus_texts(docs, seed: int, val_fraction: float) -> list[str]:
+def corpus_texts(docs, seed: int, val_fraction: float, val_sources: list[str] = ()) -> list[str]:
     """The train split's documents (DOC_COLUMNS rows of a Ray dataset), in record-id order: the
     same corpus gives the same list whatever order Ray Data delivered the blocks in."""
     rows = []
-    for batch in docs.select_columns(["record_id", "text", "messages"]).iter_batches(batch_format="pyarrow"):
+    for batch in docs.select_columns(["source", "record_id", "text", "messages"]).iter_batches(batch_format="pyarrow"):
         for r in batch.to_pylist():
-            if not packing.in_val(r["record_id"], seed, val_fraction):
+            if not packing.in_val(r["record_id"], seed, val_fraction, r["source"], val_sources):
                 rows.append((r["record_id"], document_text(r["text"], r["messages"])))
     return [text for _, text in sorted(rows)]
 
@@ -57,7 +57,7 @@ def train(cfg: RaylabConfig, docs) -> ModelConfig:
     """Train the corpus tokenizer on `docs` (accepted, redacted, deduplicated), save it under
     data/tokenizer/, and return the model section that loads it (for the Tokenize actors)."""
     spec, run = cfg.pretrain.tokenizer, runs.Run(cfg.output_dir)
-    texts = corpus_texts(docs, cfg.data.seed, cfg.data.val_fraction)
+    texts = corpus_texts(docs, cfg.data.seed, cfg.data.val_fraction, cfg.data.val_sources)
     if not texts:
         raise UserError("pretrain.tokenizer: the train split holds no accepted document to train a tokenizer on; "
                         "check data.sources and data.val_fraction")

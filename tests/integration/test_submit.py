@@ -418,7 +418,10 @@ def test_a_fine_tuning_job_from_upload_to_an_answering_model(local_cluster, tmp_
         with ftapi.loopback(app) as url:
             client = openai.OpenAI(base_url=url, api_key=users["ada"]["Authorization"].split()[1], max_retries=0)
             f = client.files.create(file=("colours.jsonl", chat_jsonl(16)), purpose="fine-tune")
-            job = client.fine_tuning.jobs.create(model=BASE, training_file=f.id, suffix="colours")
+            # its own validation file: a share of 16 examples held out at random may be none
+            v = client.files.create(file=("held-out.jsonl", chat_jsonl(4, start=100)), purpose="fine-tune")
+            job = client.fine_tuning.jobs.create(model=BASE, training_file=f.id, validation_file=v.id,
+                                                 suffix="colours")
             assert job.status == "queued", job.error
             deadline = time.monotonic() + 900
             while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):

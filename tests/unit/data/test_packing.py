@@ -90,3 +90,13 @@ def test_split_is_deterministic_and_near_the_fraction():
     assert val == [packing.in_val(i, 0, 0.1) for i in ids]
     assert 150 < sum(val) < 250
     assert val != [packing.in_val(i, 1, 0.1) for i in ids]
+
+
+def test_a_val_source_is_held_out_whole_and_others_keep_their_split():
+    """data.val_sources (a fine-tuning job's validation file): every record of the named source
+    is in val, at any fraction; another source's records keep the seeded split (the control)."""
+    ids = [f"r{i}" for i in range(200)]
+    assert all(packing.in_val(i, 0, 0.0, "validation_file", ["validation_file"]) for i in ids)
+    assert [packing.in_val(i, 0, 0.1, "training_file", ["validation_file"]) for i in ids] == \
+        [packing.in_val(i, 0, 0.1) for i in ids]
+    assert not any(packing.in_val(i, 0, 0.0, "training_file", ["validation_file"]) for i in ids)

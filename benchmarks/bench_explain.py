@@ -34,6 +34,8 @@ shap 0.51 used directly as its documentation shows for text generation, in this 
 algorithm="partition")` called on the prompt with the target text and max_evals 300 (shap's
 own TeacherForcing re-tokenizes the masked text; raylab's feeds the rendered token ids, so A
 does not do that work: stated, not equalised). numba's JIT on in both (the warm-up compiles it).
+The first run's JSON (at 5797aa5) names B "captum in process" for these points too: a label
+bug, fixed after; B ran shap as described here.
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ def main() -> None:
                                        lambda m=method, p=prompt: captum(m, p), REPEATS, warmup=True)
                 records.append(common.point(
                     f"explanations/s, {method}, {length}-token prompt, 8-token target", "explanations/s",
-                    ("raylab serve POST /v1/explain", got["a"]), ("captum in process", got["b"]),
+                    ("raylab serve POST /v1/explain", got["a"]), ("shap in process" if method == "shap" else "captum in process", got["b"]),
                     goal="A / B >= 0.9 (issue 28: serving adds little)", goal_ratio=0.9, warmup=True,
                     load=got["load"], a_settings={"method": method, **params, "prompt_chars": length},
                     b_settings={"method": method, **params, "prompt_chars": length}, threads=1))

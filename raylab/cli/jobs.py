@@ -20,15 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import urllib.error
 import urllib.parse
-import urllib.request
-import uuid
 
-from raylab.errors import UserError
+from raylab.cli.apiclient import KEY_ENV, URL_ENV, Api
 
-URL_ENV, KEY_ENV = "RAYLAB_API_URL", "RAYLAB_API_KEY"
 STATE_ACTIONS = ("cancel", "pause", "resume")
 
 
@@ -67,56 +62,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         for line in render(args.action, out):
             print(line)
     return 0
-
-
-class Api:
-    """The service at RAYLAB_API_URL, called with RAYLAB_API_KEY."""
-
-    def __init__(self, url: str, key: str):
-        self.url, self.key = url.rstrip("/"), key
-
-    @classmethod
-    def from_env(cls) -> Api:
-        url, key = os.environ.get(URL_ENV), os.environ.get(KEY_ENV)
-        if not url:
-            raise UserError(f"{URL_ENV} is not set: the fine-tuning service's base URL (raylab api ... --standalone, "
-                            "or an endpoint with api.enabled), e.g. http://127.0.0.1:8100")
-        if not key:
-            raise UserError(f"{KEY_ENV} is not set: a key from `raylab keys create --org ORG --role ml_engineer`")
-        return cls(url, key)
-
-    def call(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json") -> dict:
-        headers = {"Authorization": f"Bearer {self.key}"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        request = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=60) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            raise UserError(f"{method} {path}: {e.code} {_message(e)}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise UserError(f"{URL_ENV}={self.url}: the service does not answer ({getattr(e, 'reason', e)})") from None
-
-    def upload(self, path: str) -> dict:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise UserError(f"{path}: {e.strerror}") from None
-        boundary = uuid.uuid4().hex
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-                f"filename=\"{os.path.basename(path)}\"\r\nContent-Type: application/jsonl\r\n\r\n").encode() \
-            + data + f"\r\n--{boundary}--\r\n".encode()
-        return self.call("POST", "/v1/files", body, f"multipart/form-data; boundary={boundary}")
-
-
-def _message(e: urllib.error.HTTPError) -> str:
-    try:
-        return json.loads(e.read())["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return e.reason
 
 
 def _create(api: Api, args) -> dict:

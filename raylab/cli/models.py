@@ -3,6 +3,11 @@
     raylab models list
     raylab models card acme-support/3 --output cards/   # the model card (README.md + model_card.json)
     raylab models promote acme-support 3 --reason "passed review"
+
+With $RAYLAB_API_URL set, `promote` and `rollback` go through the service
+(`/v1/registry/models/...`) with $RAYLAB_API_KEY: an approver's key, who did not create the
+version. Without it they act on the registry directly (embedded single-user mode): the OS
+user is recorded in the alias history and the audit log, and no role is enforced.
 """
 
 from __future__ import annotations
@@ -55,6 +60,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     import json
 
     from raylab import registry
+    from raylab.cli import apiclient
+
+    if args.action in ("promote", "rollback") and apiclient.through_api():
+        if args.tracking_uri:
+            raise UserError(f"--tracking-uri: with ${apiclient.URL_ENV} set the service's registry is used; "
+                            f"unset {apiclient.URL_ENV} to act on another registry directly")
+        return _models_move_through_api(args, apiclient.Api.from_env())
 
     store = registry.open_store(tracking_uri=args.tracking_uri)
     if args.action == "list":
@@ -104,6 +116,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.action == "rollback":
         for h in registry.rollback(store, args.name, args.reason):
             print(f"{args.name}: {h['alias']} {h['from']} -> {h['to']}")
+    return 0
+
+
+def _models_move_through_api(args: argparse.Namespace, api) -> int:
+    import urllib.parse
+
+    path = f"/v1/registry/models/{urllib.parse.quote(args.name, safe='')}/{args.action}"
+    body = {"reason": args.reason}
+    if args.action == "promote":
+        body |= {"version": args.version, "force": args.force}
+    out = api.post(path, body)
+    for h in out["moves"] or [{"alias": "production", "from": args.version, "to": args.version}]:
+        print(f"{args.name}: {h['alias']} {h['from']} -> {h['to']}")
     return 0
 
 

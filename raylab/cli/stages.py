@@ -294,7 +294,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from raylab import serve as deploy
+    from raylab.cli import apiclient
 
+    if apiclient.through_api():
+        return _deploy_through_api(args, apiclient)
     if args.status:
         if args.ref or args.canary is not None or args.duration:
             raise UserError("--status takes no REF, --canary or --for: it shows the rollout that is running")
@@ -312,6 +315,23 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         print(deploy.describe_canary(deploy.start_canary(args.ref, args.canary, window, args.address, args.tracking_uri)))
         return 0
     deploy.run_deploy(args.ref, args.address, args.tracking_uri)
+    return 0
+
+
+def _deploy_through_api(args: argparse.Namespace, apiclient) -> int:
+    """`raylab deploy REF` as the service's /v1/registry/deploy: the caller's key needs
+    serve.deploy on the version. The dashboard token alone would pass no role, which is why a
+    deploy goes through the service when one runs."""
+    given = [flag for flag, v in (("--canary", args.canary is not None), ("--for", args.duration),
+                                  ("--status", args.status), ("--address", args.address),
+                                  ("--tracking-uri", args.tracking_uri)) if v]
+    if given:
+        raise UserError(f"{', '.join(given)}: not available through the service (${apiclient.URL_ENV} is set); "
+                        f"a canary rollout is started on the cluster: unset {apiclient.URL_ENV} and run it there")
+    if not args.ref:
+        raise UserError("give the REF to deploy (NAME@ALIAS or NAME/VERSION)")
+    out = apiclient.Api.from_env().post("/v1/registry/deploy", {"ref": args.ref})
+    print(f"deployed {out['ref']} ({out['model']}) through {apiclient.URL_ENV}")
     return 0
 
 

@@ -60,12 +60,13 @@ from raylab.serve.routers import (
     fine_tuning,
     health,
     inference,
+    release,
 )
 from raylab.serve.sample import PromptSample
 
 log = logging.getLogger("ray.serve")
 ROUTERS: tuple[APIRouter, ...] = (health.router, inference.router, embeddings.router, explain.router, files.router,
-                                  fine_tuning.router, feedback.router)
+                                  fine_tuning.router, release.router, feedback.router)
 ANSWERED = 10_000  # recent response ids kept for POST /v1/feedback (which version answered)
 
 

@@ -33,6 +33,7 @@ from raylab.errors import UserError
 from raylab.serve import ftstore
 from raylab.serve import openai_api as oa
 from raylab.serve.ftrequests import Hyperparameters, JobRequest, too_large
+from raylab.serve.registry_api import RegistryOps
 
 log = logging.getLogger("ray.serve")
 PURPOSES = ("fine-tune",)  # what an upload may be for; job results are "fine-tune-results"
@@ -52,6 +53,7 @@ class FineTuning:
         self.bases = dict(self.settings.base_models) or {cfg.model.name_or_path: cfg.model.name_or_path}
         oidc_section = getattr(cfg.governance, "oidc", None)
         self.verifier = oidc.Verifier.from_section(oidc_section) if oidc_section else None
+        self.models = RegistryOps(cfg, self.settings.address)  # /v1/registry: promote, rollback, deploy
 
     # ------------------------------------------------------------ who may
 

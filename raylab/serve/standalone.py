@@ -14,7 +14,7 @@ from raylab.core import controldb
 from raylab.errors import UserError
 from raylab.serve.app import create_app
 from raylab.serve.finetune import FineTuning
-from raylab.serve.routers import files, fine_tuning
+from raylab.serve.routers import files, fine_tuning, release
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class Standalone:
 
 def standalone_app(cfg, db_url: str | None = None):
     """The fine-tuning routes alone in a FastAPI app (errors OpenAI-shaped, as in the ingress)."""
-    return create_app([files.router, fine_tuning.router], Standalone(FineTuning(cfg, db_url)))
+    return create_app([files.router, fine_tuning.router, release.router], Standalone(FineTuning(cfg, db_url)))
 
 
 def run_api(cfg, standalone: bool = False, host: str | None = None, port: int | None = None) -> int:

@@ -8,7 +8,9 @@ app by `app.create_app(routers, ingress)`:
 - explain: `/v1/explain`, `/v1/explain/{id}/html` (token attributions, the Explainer deployment);
 - feedback: `/v1/feedback` (a user's rating of a response, for the canary rollout's metrics);
 - files, fine_tuning: `/v1/files...`, `/v1/fine_tuning/jobs...` (the fine-tuning service,
-  serve/finetune.py; 404 unless `api.enabled`, or alone in `raylab api --standalone`).
+  serve/finetune.py; 404 unless `api.enabled`, or alone in `raylab api --standalone`);
+- release: `/v1/registry/models/{name}/promote|rollback`, `/v1/registry/deploy` (production
+  moves and deploys under the caller's role, serve/registry_api.py; mounted with the service).
 
 A route handler reaches the running ingress (its routing table, API keys, limits and the
 Generator's handle) through the `ingress` dependency. A new concern (embeddings, retrieval,

@@ -15,11 +15,11 @@ from __future__ import annotations
 import ftapi
 import pytest
 from fastapi.testclient import TestClient
-from registry_helpers import aliases, open_test_store, register
 
 from raylab.cli import main
 from raylab.core import audit, controldb
 from raylab.core.access import keys
+from registry_helpers import aliases, open_test_store, register
 
 
 @pytest.fixture

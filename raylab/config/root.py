@@ -96,6 +96,13 @@ class RaylabConfig(Section):
                           at="pretrain.tokenizer")
         return self
 
+    @model_validator(mode="after")
+    def _endpoint_oidc_needs_an_issuer(self) -> RaylabConfig:
+        if self.serve.oidc and self.governance.oidc is None:
+            raise invalid("the endpoint cannot verify OIDC tokens without an issuer: add governance.oidc (issuer, "
+                          "audience, jwks_url or jwks_file), or set serve.oidc: false", at="serve.oidc")
+        return self
+
     @property
     def run_name(self) -> str:
         return self.output_dir.rstrip("/").rsplit("/", 1)[-1]

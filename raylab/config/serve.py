@@ -155,6 +155,8 @@ class ServeConfig(Section):
     api_keys_db: bool = Field(False, description="also accept the API keys `raylab keys create` made (the "
                               "control-plane database: governance.database), each with its role and organisation; "
                               "revoked keys are refused from the next request")
+    oidc: bool = Field(False, description="also accept OIDC bearer tokens (JWTs), verified as governance.oidc "
+                       "says, each with the role and organisation its claims name")
     allow_unauthenticated: bool = Field(False, description="serve a non-loopback host without API keys (anyone "
                                         "who reaches it may use it)")
     explain: ExplainServeConfig = Field(default_factory=ExplainServeConfig, description="token attributions at "
@@ -169,10 +171,11 @@ class ServeConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
         a = self.autoscaling
-        if not (self.api_keys_env or self.api_keys_file or self.api_keys_db or self.allow_unauthenticated
+        if not (self.api_keys_env or self.api_keys_file or self.api_keys_db or self.oidc or self.allow_unauthenticated
                 or is_loopback(self.host)):
             raise invalid(f"serving on {self.host!r} (reachable from other machines) needs API keys: set "
-                          "serve.api_keys_env (a variable's name), serve.api_keys_file or serve.api_keys_db, or set "
+                          "serve.api_keys_env (a variable's name), serve.api_keys_file, serve.api_keys_db or serve.oidc, "
+                          "or set "
                           "serve.allow_unauthenticated: true to serve it open", at="host")
         if a.min_replicas > a.max_replicas:
             raise invalid(f"min_replicas ({a.min_replicas}) > max_replicas ({a.max_replicas})", at="autoscaling")

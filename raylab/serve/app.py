@@ -110,6 +110,7 @@ class IngressImpl:
         self.embedder, self.rag = embedder, args.get("rag")
         self.keys = api_keys(args)
         self.database = args.get("api_keys_database")  # serve.api_keys_db: keys from `raylab keys create`
+        self.verifier = _verifier(args.get("oidc"))  # serve.oidc: JWTs from governance.oidc's issuer
         self.explainer = explainer  # None: serve.explain is off, /v1/explain answers 404
         # api.enabled: the fine-tuning service in this ingress (one base URL); None: its routes answer 404
         self.ftapi = _fine_tuning(args.get("api"))
@@ -254,15 +255,25 @@ class IngressImpl:
         (allowed requests are not each audited, refusals are: core.access.authorize). Returns
         the caller (None: an endpoint without keys), whose org retrieval and `ft:` models are
         limited to."""
-        if not self.keys and not self.database:
+        if not self.keys and not self.database and self.verifier is None:
             return None
-        principal = authenticate(request.headers.get("authorization", ""), self.keys, self.database)
+        principal = authenticate(request.headers.get("authorization", ""), self.keys, self.database, self.verifier)
         if principal is None:
             raise oa.ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
         decision = access.authorize(principal, "serve.infer", record_allow=False)
         if not decision.allowed:
             raise oa.ApiError(403, f"not allowed: {decision.reason}", code="permission_denied")
         return principal
+
+
+def _verifier(section: dict | None):
+    """The OIDC verifier for governance.oidc as deploy.oidc_args wrote it, or None."""
+    if not section:
+        return None
+    from raylab.config.governance import OidcConfig
+    from raylab.core.access import oidc
+
+    return oidc.Verifier.from_section(OidcConfig.model_validate(section))
 
 
 def _fine_tuning(settings: dict | None):

@@ -12,6 +12,11 @@ revoked keys are refused from the next request):
 
     principal = authenticate(header, keys, database)   # a core.access.Principal, or None
 
+With `serve.oidc: true` it also accepts OIDC bearer tokens (JWTs) verified against
+governance.oidc's issuer (core/access/oidc.py), each with its role and organisation:
+
+    principal = authenticate(header, keys, database, verifier)
+
 Keys that are configured but yield none (an unset variable, a missing, empty or all-comment
 file) are a UserError naming the variable or file: `raylab serve` calls `api_keys` before it
 deploys anything, so that is exit 2, not a replica that fails to start.
@@ -77,12 +82,15 @@ def authorized(header: str, keys: set[str]) -> bool:
 STATIC = access.Principal("static-key", "", frozenset({"viewer"}), "static-key")  # who a static key is
 
 
-def authenticate(header: str, keys: set[str], database: str | None) -> access.Principal | None:
+def authenticate(header: str, keys: set[str], database: str | None, verifier=None) -> access.Principal | None:
     """Who an `Authorization` header stands for: a raylab API key from the control-plane
-    database at `database` (when the endpoint accepts them) with its role and org, else one of
-    the static `keys` (STATIC: serve.infer, in no organisation), else None. A refused raylab
-    key is recorded in the audit log (access.deny) by core.access."""
+    database at `database` (when the endpoint accepts them) with its role and org, else a JWT
+    `verifier` (an oidc.Verifier) accepts, else one of the static `keys` (STATIC: serve.infer,
+    in no organisation), else None. A refused raylab key or token is recorded in the audit log
+    (access.deny) by core.access."""
     token = header.strip().partition(" ")[2].strip()
     if database and token.startswith("rlk_"):
         return access.authenticate(header, database)
+    if verifier is not None and token.count(".") == 2 and not (keys and authorized(header, keys)):
+        return access.authenticate(header, None, verifier)
     return STATIC if keys and authorized(header, keys) else None

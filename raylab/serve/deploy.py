@@ -113,13 +113,14 @@ def explainer_config(s: ServeConfig, ex: ExplainConfig) -> tuple[dict, dict]:
 
 def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: str = "float32",
                ex: ExplainConfig | None = None, rag: dict | None = None, monitor: dict | None = None,
-               api: dict | None = None) -> dict:
+               api: dict | None = None, oidc: dict | None = None) -> dict:
     """A `serve deploy` config (one application) serving REF, with the routing table. A
     plain model (`plain(ref)`) needs no registry: `store` may be None. With
     `serve.explain.enabled` the Explainer deployment is in it too (limits from `ex`). `rag`:
     the Embedder's arguments (retrieval.rag_args) when `serve.rag` attaches an index.
     `monitor`: the served-prompt sample's settings (monitor_args). `api`: the fine-tuning
-    service's (api_args), mounted in the same ingress."""
+    service's (api_args), mounted in the same ingress. `oidc`: governance.oidc, when the
+    endpoint accepts OIDC tokens (serve.oidc; oidc_args)."""
     if plain(ref):
         _, local, routing = plain_catalog(ref)
         target = local
@@ -147,6 +148,8 @@ def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: st
         args["monitor"] = monitor
     if api is not None:
         args["api"] = api
+    if oidc is not None:
+        args["oidc"] = oidc
     generator = {"name": "Generator", "autoscaling_config": autoscaling, "max_ongoing_requests": s.max_ongoing_requests,
                  "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
                  "user_config": {"preload": [target]}}
@@ -187,6 +190,13 @@ def api_args(cfg: RaylabConfig | None) -> dict | None:
     return {"config": config.to_yaml(cfg), "database": controldb.url()}
 
 
+def oidc_args(cfg: RaylabConfig | None) -> dict | None:
+    """governance.oidc for the ingress when the endpoint accepts OIDC tokens (serve.oidc)."""
+    if cfg is None or not cfg.serve.oidc:
+        return None
+    return cfg.governance.oidc.model_dump(mode="json")
+
+
 def rag_args(cfg: RaylabConfig | None, check: bool = True) -> dict | None:
     """serve.rag's Embedder arguments, its index checked (exit 2 before anything deploys);
     check=False for a rendered config, whose index may be built after rendering."""
@@ -210,7 +220,7 @@ def emit_text(cfg: RaylabConfig | None, ref: str, tracking_uri: str | None = Non
     s = cfg.serve if cfg else ServeConfig()
     store = None if plain(ref) else registry.open_store(cfg, tracking_uri)
     full = deploy_config(s, app_config(s, store, ref, cfg.model.dtype if cfg else "float32", cfg.explain if cfg else None,
-                                       rag_args(cfg, check=False), monitor_args(cfg), api_args(cfg)))
+                                       rag_args(cfg, check=False), monitor_args(cfg), api_args(cfg), oidc_args(cfg)))
     return ("# written by `raylab render --target serve` (`raylab serve --emit-config`); deploy with `serve deploy` "
             "or embed in a RayService's serveConfigV2\n" + yaml.safe_dump(full, sort_keys=False))
 
@@ -312,7 +322,7 @@ def start_serving(cfg: RaylabConfig | None, model: str | None = None, address: s
     ref = default_ref(cfg, model)
     store = None if plain(ref) else registry.open_store(cfg)
     app = app_config(s, store, ref, cfg.model.dtype if cfg else "float32",  # exit 2 before Ray starts
-                     cfg.explain if cfg else None, rag_args(cfg), monitor_args(cfg), api_args(cfg))
+                     cfg.explain if cfg else None, rag_args(cfg), monitor_args(cfg), api_args(cfg), oidc_args(cfg))
     embedded = cluster.mode_of(cluster.resolve_address(address, cfg)[0]) == "embedded"
     if detach and embedded:
         raise UserError("--detach needs a running cluster (ray start --head; then --address auto): an embedded Ray "

@@ -64,3 +64,57 @@ def test_the_endpoint_accepts_control_plane_keys_until_revoked(db):
     reasons = [e["fields"]["reason"] for e in audit.entries(audit.Settings.from_env(), audit.Filter(kinds=("access",)))]
     assert reasons == ["unknown key id 000000000000", f"key id {row['key_id']} was revoked at "
                        + keys.listing(db, include_revoked=True)[0]["revoked"]]
+
+
+def test_the_endpoint_accepts_oidc_tokens_with_serve_oidc(db, tmp_path):
+    """serve.oidc: a JWT from governance.oidc's issuer answers with the role its claims name;
+    an expired, foreign-signed or role-less token is refused (401 / 403, audited), and the
+    static keys still work. The control: the same valid token on an endpoint without
+    serve.oidc is a 401."""
+    import json
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from raylab import config
+    from raylab.serve.deploy import oidc_args
+
+    issuer, audience = "https://login.acme.example/realms/acme", "raylab"
+    private, stranger = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [public | {"kid": "k1", "use": "sig", "alg": "RS256"}]}))
+    raw = {"version": 1, "output_dir": str(tmp_path / "run"), "model": {"name_or_path": "preset:tiny-llama"},
+           "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "x.jsonl")}]},
+           "serve": {"host": "0.0.0.0", "oidc": True},  # tokens alone are enough for a host others reach
+           "governance": {"oidc": {"issuer": issuer, "audience": audience, "jwks_file": str(tmp_path / "jwks.json")}}}
+    cfg = config.load_dict(raw)
+    assert oidc_args(cfg)["issuer"] == issuer and oidc_args(config.load_dict(raw | {"serve": {}})) is None
+    args = {"limits": LIMITS, "api_keys_env": "RAYLAB_UNIT_STATIC_KEYS", "oidc": oidc_args(cfg)}
+
+    def token(key=private, **claims) -> str:
+        now = int(time.time())
+        body = {"iss": issuer, "aud": audience, "sub": "dana", "org": "acme", "iat": now, "exp": now + 600,
+                "roles": ["viewer"]} | claims
+        return jwt.encode(body, key, algorithm="RS256", headers={"kid": "k1"})
+
+    def status(impl, bearer: str) -> int:
+        impl.reconfigure(CATALOG)
+        return TestClient(create_app(ROUTERS, impl)).get(
+            "/v1/models", headers={"Authorization": f"Bearer {bearer}"}).status_code
+
+    with_oidc = Ingress(generator=None, args=args)
+    now = int(time.time())
+    assert status(with_oidc, token()) == 200 and status(with_oidc, "sk-static") == 200
+    assert status(with_oidc, token(exp=now - 3600, iat=now - 7200)) == 401
+    assert status(with_oidc, token(key=stranger)) == 401
+    assert status(with_oidc, token(roles=["offline_access"])) == 403  # a valid token naming no raylab role
+    without = Ingress(generator=None, args={"limits": LIMITS, "api_keys_env": "RAYLAB_UNIT_STATIC_KEYS"})
+    assert status(without, token()) == 401  # the control: the token counts only with serve.oidc
+    refused = [e["fields"].get("credential") for e in audit.entries(audit.Settings.from_env(), audit.Filter(kinds=("access",)))
+               if e["kind"] == "access.deny"]
+    assert refused.count("oidc") == 2  # the expired and the foreign-signed token
+
+    # serve.oidc without an issuer to verify against is the user's error, naming both keys
+    with pytest.raises(config.ConfigError, match="serve.oidc.*governance.oidc"):
+        config.load_dict(raw | {"governance": {}})

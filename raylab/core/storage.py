@@ -105,9 +105,10 @@ def remove_file(location: str) -> bool:
 # ---------------------------------------------------------------- bytes and text
 
 
-def _name(location: str) -> str:
+def file_name(location: str) -> str:
     """A file's identity in its encryption (the name; see raylab/core/crypto.py for why)."""
     return location.rstrip("/").rsplit("/", 1)[-1]
+
 
 
 def write_bytes(location: str, data: bytes) -> str:
@@ -120,7 +121,7 @@ def write_bytes(location: str, data: bytes) -> str:
         if settings is None:
             f.write(data)
         else:
-            for part in crypto.seal_chunks([data], _name(location), settings):
+            for part in crypto.seal_chunks([data], file_name(location), settings):
                 f.write(part)
     return location
 
@@ -131,7 +132,7 @@ def read_bytes(location: str) -> bytes:
     with fsys.open_input_stream(path) as f:
         data = f.read()
     if crypto.is_sealed(data):
-        return crypto.open_sealed(data, _name(location), location)
+        return crypto.open_sealed(data, file_name(location), location)
     return data
 
 
@@ -153,7 +154,7 @@ def replace_text(location: str, text: str) -> str:
     settings = crypto.active()
     data = text.encode("utf-8")
     if settings is not None:  # sealed under the final name: the name is the file's identity
-        data = crypto.seal(data, _name(location), settings)
+        data = crypto.seal(data, file_name(location), settings)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with fsys.open_output_stream(tmp) as f:
@@ -187,7 +188,7 @@ def append_text(location: str, text: str) -> str:
     if settings is not None:
         import base64
 
-        text = _SEALED_LINE + base64.b64encode(crypto.seal(text.encode(), _name(location), settings)).decode() + "\n"
+        text = _SEALED_LINE + base64.b64encode(crypto.seal(text.encode(), file_name(location), settings)).decode() + "\n"
     if is_local(location):
         path = local_path(location)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -215,7 +216,7 @@ def _open_lines(text: str, location: str) -> str:
     for line in text.splitlines(keepends=True):
         if line.startswith(_SEALED_LINE):
             blob = base64.b64decode(line[len(_SEALED_LINE):].strip())
-            out.append(crypto.open_sealed(blob, _name(location), location).decode("utf-8"))
+            out.append(crypto.open_sealed(blob, file_name(location), location).decode("utf-8"))
         else:
             out.append(line)
     return "".join(out)
@@ -266,7 +267,7 @@ def sha256(location: str) -> str:
         head = f.read(len(crypto.MAGIC))
         if crypto.is_sealed(head):
             f = _Prepended(head, f)
-            for chunk in crypto.open_chunks(f.read, _name(location), location):
+            for chunk in crypto.open_chunks(f.read, file_name(location), location):
                 digest.update(chunk)
             return digest.hexdigest()
         digest.update(head)
@@ -569,7 +570,7 @@ def read_table_from(file, location: str = "<parquet>"):
     file.seek(0)
     if not crypto.is_sealed(head):
         return pq.read_table(file)
-    plain = b"".join(crypto.open_chunks(file.read, _name(location), location))
+    plain = b"".join(crypto.open_chunks(file.read, file_name(location), location))
     return pq.read_table(pa.BufferReader(plain))
 
 
@@ -588,7 +589,7 @@ def _parquet_sink():
             self._writing = ""
 
         def open_output_stream(self, path: str):
-            self._writing = _name(path)  # the file's identity, which write_block_to_file is not told
+            self._writing = file_name(path)  # the file's identity, which write_block_to_file is not told
             return super().open_output_stream(path)
 
         def write_block_to_file(self, block, file) -> None:

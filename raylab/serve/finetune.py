@@ -27,7 +27,7 @@ import logging
 import tempfile
 
 from raylab import data as data_stage
-from raylab.core import access, controldb, crypto, jobs, runs, storage
+from raylab.core import access, controldb, jobs, runs, storage
 from raylab.core.access import oidc
 from raylab.errors import UserError
 from raylab.serve import ftstore
@@ -126,11 +126,6 @@ class FineTuning:
     def create_job(self, principal, request: JobRequest) -> dict:
         """Validate everything, keep the job and its config, submit it (see the module docstring)."""
         self.allow(principal, "jobs.create")
-        if crypto.active() is not None:
-            # The data stage's file sources read their files as they are; a sealed upload would
-            # reach it as ciphertext. Refused until the sources open sealed files.
-            raise oa.ApiError(400, "fine-tuning jobs are not available while governance.encryption is on: the data "
-                              "stage cannot yet read sealed uploads", None, "unsupported_with_encryption")
         hyper = request.hyper()
         if request.model not in self.bases:
             raise oa.ApiError(400, f"model {request.model!r} is not a base model this service fine-tunes; "

@@ -29,6 +29,7 @@ from tests.conftest import run_cli
 pytestmark = pytest.mark.integration
 
 CANARY = "ZQX-canary-4471"
+SEALED_MARK = "sealed-source-31"  # in a source file raylab sealed (as the fine-tuning service keeps uploads)
 
 
 def corpus(path: Path) -> Path:
@@ -51,7 +52,29 @@ def job_config(root: Path, encrypted: bool) -> dict:
            "eval": {"max_samples": 2, "max_new_tokens": 4, "show_samples": 2}}
     if encrypted:
         cfg["governance"] = {"encryption": {"enabled": True, "key_file": str(root / "keys" / "ring.json")}}
+        cfg["data"]["sources"].append({"type": "jsonl", "path": str(sealed_source(root, cfg)), "format": "instruction"})
     return cfg
+
+
+def sealed_source(root: Path, cfg: dict) -> Path:
+    """10 records in a file sealed with the run's key: the data stage's reader must open it."""
+    from raylab import config
+    from raylab.core import crypto, storage
+
+    path = root / "uploads" / "sealed.jsonl"
+    text = "".join(json.dumps({"prompt": f"Order {i}: where is parcel {SEALED_MARK}-{i}?", "response": "It ships today."})
+                   + "\n" for i in range(10))
+    before = os.environ.get(crypto.ENV)
+    os.environ[crypto.ENV] = crypto.settings_of(config.load_dict(cfg)).to_env()
+    try:
+        storage.write_bytes(str(path), text.encode())
+    finally:
+        if before is None:
+            del os.environ[crypto.ENV]
+        else:
+            os.environ[crypto.ENV] = before
+    assert crypto.is_sealed(path.read_bytes())
+    return path
 
 
 def findings(*roots: Path) -> dict[str, str]:
@@ -108,6 +131,7 @@ def test_nothing_plain_at_rest_yet_the_pipeline_runs(governed, monkeypatch):
     monkeypatch.setenv(crypto.ENV, crypto.settings_of(load(root / "cfg.yaml")).to_env())
     records = storage.read_table(str(root / "out" / "data" / "records")).to_pylist()
     assert sum(CANARY in json.dumps(r, default=str) for r in records) == 40  # the data is there, sealed
+    assert sum(SEALED_MARK in json.dumps(r, default=str) for r in records) == 10  # the sealed source, opened
     reports = [p for p in (root / "out" / "eval").rglob("*") if p.is_file()]
     assert reports and all(crypto.is_sealed(p.read_bytes()) for p in reports)
     assert CANARY in storage.read_text(str(root / "out" / "eval" / "report.json"))  # its samples quote the corpus
@@ -122,7 +146,7 @@ def test_nothing_plain_at_rest_yet_the_pipeline_runs(governed, monkeypatch):
 
     with sqlite3.connect(root / "home" / "raylab.db") as db:
         stored = [r[0] for r in db.execute("select record_id from record_index")]
-    assert len(stored) == 40 and all(s.startswith(lineage.SEALED) for s in stored)
+    assert len(stored) == 50 and all(s.startswith(lineage.SEALED) for s in stored)
     assert [h.run for h in lineage.runs_with(record_id="docs.jsonl:3")] == [str(root / "out")]
     inf = models.load("out/1")  # the registered version, from the registry's sealed copy
     ids = inf.tokenizer("Ticket 3:", return_tensors="pt").input_ids

@@ -4,6 +4,10 @@ Ray's JSON and text readers fail a whole file on one bad line (RAY_NOTES.md), so
 `FileBasedDatasource`s that read bytes and parse line by line, streaming (`_read_stream`
 yields a block every BLOCK_ROWS records); a bad line is one quarantined record.
 
+A file raylab sealed (core/crypto.py: governance.encryption, e.g. an upload the fine-tuning
+service kept) is opened with the run's key before it is parsed, so it reads as its plaintext;
+without the key it is a UserError naming the file and the key, as for raylab's own files.
+
     files = listing(src)                          # what a source covers, sorted
     ray.data.read_datasource(FILE_DATASOURCES[src.type](src.path, source=name))
 """
@@ -21,7 +25,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 from ray.data.datasource.file_based_datasource import FileBasedDatasource
 
-from raylab.core import storage
+from raylab.core import crypto, storage
 from raylab.data.sources.rows import BLOCK_ROWS, decode, parse_json_record, raw_row, table
 
 
@@ -49,6 +53,20 @@ class _Streaming(FileBasedDatasource):
         super().__init__(paths, file_extensions=self._FILE_EXTENSIONS, **kwargs)
         self.source = source
         self.root = source_root(root if root is not None else paths)
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        f = super()._open_input_source(filesystem, path, **open_args)
+        head = f.read(len(crypto.MAGIC))
+        if not crypto.is_sealed(head):
+            f.close()  # a stream cannot be rewound: opened again, for the parser from byte 0
+            return super()._open_input_source(filesystem, path, **open_args)
+        try:
+            # Sealed files open whole (the plaintext in memory): the ones a user's source holds
+            # are uploads, bounded by api.max_file_bytes.
+            plain = crypto.open_sealed(head + f.read(), storage.file_name(path), path)
+        finally:
+            f.close()
+        return pa.BufferReader(plain)
 
     def rel(self, path: str) -> str:
         """A file's id part: relative to the source root, so ids (and the train/val split

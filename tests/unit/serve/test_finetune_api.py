@@ -309,3 +309,46 @@ def test_pause_and_resume_states_refusals_and_the_kept_config(app_env):
     assert messages[1] == "Job resumed" and messages[0].startswith("the job could not be submitted")
     not_paused = client.post(f"{url}/resume", headers=users["ada"])
     assert not_paused.status_code == 400 and error_of(not_paused)["code"] == "job_not_paused"
+
+
+def test_with_encryption_on_uploads_are_sealed_and_the_jobs_data_source_opens_them(tmp_path, monkeypatch):
+    """governance.encryption: an upload is kept sealed (no example in its bytes), a job on it
+    is validated and created (then fails: no cluster), and the data stage's JSONL reader opens
+    the sealed file its config names into the same 12 records. The control: the same reader
+    without the run's key is refused, naming the file, instead of parsing ciphertext."""
+    from raylab import config
+    from raylab.core import crypto, storage
+    from raylab.data.sources.files import JsonlDatasource
+    from raylab.errors import UserError
+
+    sections = {"governance": {"encryption": {"enabled": True, "key_file": str(tmp_path / "keys" / "ring.json")}}}
+    cfg = template(tmp_path, sections)
+    monkeypatch.setenv(crypto.ENV, crypto.settings_of(cfg).to_env())  # what `raylab api CONFIG` sets
+    app, users = ftapi.make_app(tmp_path, monkeypatch, cfg)
+    client = TestClient(app)
+    file_id = upload(client, users["ada"], chat_jsonl(12)).json()["id"]
+    (kept,) = stored(tmp_path)
+    raw = (tmp_path / "files" / kept).read_bytes()
+    assert crypto.is_sealed(raw) and b"item number" not in raw
+    job = client.post("/v1/fine_tuning/jobs", headers=users["ada"], json={"model": BASE, "training_file": file_id})
+    assert job.status_code == 200 and job.json()["error"]["code"] == "submission_failed", job.text
+
+    generated = config.load_dict(yaml.safe_load(
+        client.get(f"/v1/files/{job.json()['result_files'][0]}/content", headers=users["ada"]).content))
+    assert generated.governance.encryption.enabled  # the job's own run seals what it writes
+    path = generated.data.sources[0].path
+
+    def records() -> list[dict]:
+        reader = JsonlDatasource(path, source="training_file")
+        fs, local = storage.filesystem(path)
+        with reader._open_input_source(fs, local) as f:
+            return [r for block in reader._read_stream(f, local) for r in block.to_pylist()]
+
+    rows = records()
+    assert len(rows) == 12 and not any(r["error"] for r in rows)
+    assert [json.loads(r["payload"])["messages"][0]["content"] for r in rows[:2]] == \
+        ["What colour is item number 0?", "What colour is item number 1?"]
+    monkeypatch.delenv(crypto.ENV)
+    monkeypatch.setattr(crypto, "_deks", {})
+    with pytest.raises(UserError, match=kept.rsplit("/", 1)[-1]):
+        records()

@@ -35,7 +35,12 @@ class TrainConfig(Section):
     keep_checkpoints: PositiveInt = Field(2, description="best K by val_loss (the latest is always kept too)")
     early_stopping_patience: PositiveInt | None = Field(None, description="evals without val_loss improvement before stopping")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPUs that support it, else fp32")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less memory)")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every worker holds the whole model (DistributedDataParallel); fsdp: parameters, gradients "
+                           "and optimizer state sharded across the workers (FSDP2, per decoder layer; needs num_workers >= 2)")
+    activation_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory); the old name gradient_checkpointing "
+                           "is still accepted")
     objective: str = Field(
         "cross_entropy", description="the training loss, a name registered in raylab/train/objectives.py; cross_entropy: next-token cross-entropy; "
         "distill: cross-entropy mixed with the KL to a teacher (set by `raylab optimize` with optimize.distill)")
@@ -43,10 +48,31 @@ class TrainConfig(Section):
     max_failures: int = Field(0, ge=-1, description="worker failures restarted from the latest checkpoint (-1: always)")
     resume: bool = Field(True, description="continue from the run's latest checkpoint; false starts over")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data):
+        """train.gradient_checkpointing, the key's name before transformers (and raylab) called it
+        activation checkpointing: configs written with it keep working."""
+        if isinstance(data, dict) and "gradient_checkpointing" in data:
+            data = dict(data)
+            old = data.pop("gradient_checkpointing")
+            if "activation_checkpointing" in data and data["activation_checkpointing"] != old:
+                raise invalid(f"gradient_checkpointing={old} and activation_checkpointing={data['activation_checkpointing']} "
+                              "are one setting under two names; keep activation_checkpointing only")
+            data.setdefault("activation_checkpointing", old)
+        return data
+
     @model_validator(mode="after")
     def _elastic(self) -> TrainConfig:
         if isinstance(self.num_workers, tuple) and self.num_workers[0] > self.num_workers[1]:
             raise invalid(f"[min, max] is {list(self.num_workers)}: min must not exceed max", at="num_workers")
+        if self.strategy == "fsdp" and self.min_workers < 2:
+            workers = list(self.num_workers) if isinstance(self.num_workers, tuple) else self.num_workers
+            # Refused rather than run as a no-op: one worker has nothing to shard with, and a
+            # user asking for FSDP expects the memory it saves.
+            raise invalid(f"strategy=fsdp shards the model across the workers, but num_workers={workers} "
+                          "allows a single worker; set num_workers to 2 or more (a minimum of 2 if elastic), "
+                          "or strategy=ddp", at="strategy")
         return self
 
     @property

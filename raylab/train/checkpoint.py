@@ -6,7 +6,9 @@ files into one directory in `<output_dir>/train/`):
     model/               the weights in Hugging Face format: a peft adapter
                          (adapter_config.json + adapter_model.safetensors; hybrid mode's
                          fully trained modules inside it) or the full model
-    optimizer.pt         AdamW state            (rank 0; DDP keeps it identical on all ranks)
+    optimizer.pt         AdamW state            (rank 0; DDP keeps it identical on all ranks;
+                         under train.strategy=fsdp the full state gathered from the shards,
+                         keyed by parameter name: sharding.py)
     scheduler.pt         LR scheduler state     (rank 0)
     state.json           step, epoch, micro-batches consumed in the epoch, tokens, metric
                          history, best val loss, early-stopping count, world size
@@ -17,7 +19,7 @@ files into one directory in `<output_dir>/train/`):
 Integrity: each worker writes its manifest last, so a checkpoint is complete only when rank
 0's manifest and one per rank it names are there; `verify` checks every listed file. A
 resumed run verifies the checkpoint Ray Train hands it and, if that one is damaged or
-incomplete, falls back to the newest good checkpoint beside it (loop.start_state).
+incomplete, falls back to the newest good checkpoint beside it (loop.resume_point).
 
 Data position: Ray Data has no seek, so a resumed run re-reads the epoch in the same order
 (`preserve_order` plus a seeded local shuffle make it deterministic for a fixed world size)
@@ -38,6 +40,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raylab.core import storage
+from raylab.errors import UserError
+from raylab.train import sharding
 
 STATE = "state.json"
 MANIFEST = "manifest_rank{rank}.json"
@@ -87,11 +91,17 @@ def saved_tensors(path: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def save_model(model, path: str) -> None:
+def save_model(model, path: str, full: dict | None = None) -> None:
     """save_pretrained, then check every written tensor against the live model: a partial
-    or wrongly shaped save (the classic sharded-adapter bug) fails here, not at load time."""
+    or wrongly shaped save (the classic sharded-adapter bug) fails here, not at load time.
+    `full`: a sharded model's gathered state dict (sharding.full_state_dict), saved in its
+    place; the expected shapes are the model's global ones either way."""
     m = unwrap(model)
     kwargs = {"save_embedding_layers": _save_embeddings(m)} if is_peft(m) else {}
+    if full is not None:
+        kwargs["state_dict"] = full
+    elif sharding.is_sharded(m):
+        raise RuntimeError("save_model: a sharded (FSDP) model needs its gathered state dict: a raylab bug")
     storage.save_pretrained(m, path, safe_serialization=True, **kwargs)
     expected, saved = expected_tensors(m), saved_tensors(path)
     wrong = {k: (saved[k], expected.get(k)) for k in saved if saved[k] != expected.get(k)}
@@ -157,11 +167,15 @@ def seed_all(seed: int) -> None:
 
 def save(directory: str, *, rank: int, model, optimizer, scheduler, state: dict) -> None:
     """Write this worker's part of a checkpoint into `directory` (its own, empty: Ray Train
-    merges the workers' directories), its manifest last."""
+    merges the workers' directories), its manifest last. A sharded model is first gathered
+    (every rank must call this then), so rank 0 writes what DDP would."""
+    full = optim = None
+    if sharding.is_sharded(model):
+        full, optim = sharding.full_state_dict(model), sharding.full_optimizer_state(model, optimizer)
     storage.save_torch(rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
     if rank == 0:
-        save_model(model, os.path.join(directory, MODEL_DIR))
-        storage.save_torch(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        save_model(model, os.path.join(directory, MODEL_DIR), full)
+        storage.save_torch(optim if optim is not None else optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
         storage.save_torch(scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
         storage.write_text(os.path.join(directory, STATE), json.dumps(state, allow_nan=True))
     write_manifest(directory, rank=rank, world_size=state["world_size"])
@@ -205,11 +219,24 @@ def problems(directory: str) -> list[str]:
     return out
 
 
-def restore(directory: str, *, rank: int, world_size: int, model, optimizer, scheduler, seed: int) -> dict:
-    """Load a checkpoint into the live objects; returns its state.json."""
-    state = read_state(directory)
+def restore_weights(directory: str, model) -> None:
+    """A checkpoint's weights into the model, before it is wrapped or sharded (they are full tensors)."""
     load_model_weights(model, os.path.join(directory, MODEL_DIR))
-    optimizer.load_state_dict(storage.load_torch(os.path.join(directory, "optimizer.pt")))
+
+
+def restore(directory: str, *, rank: int, world_size: int, model, optimizer, scheduler, seed: int) -> dict:
+    """Load the rest of a checkpoint (restore_weights has loaded the model) into the live
+    objects: the optimizer (re-sharded for an FSDP model), scheduler and RNG; returns its state.json."""
+    state = read_state(directory)
+    strategy = "fsdp" if sharding.is_sharded(model) else "ddp"
+    if state.get("strategy", "ddp") != strategy:  # optimizer.pt's layout differs (by parameter name vs index)
+        raise UserError(f"checkpoint {directory} was written with train.strategy={state.get('strategy', 'ddp')}; "
+                        f"resume it with that train.strategy, or start over with train.resume=false")
+    saved_optimizer = storage.load_torch(os.path.join(directory, "optimizer.pt"))
+    if strategy == "fsdp":
+        sharding.load_optimizer_state(model, optimizer, saved_optimizer)
+    else:
+        optimizer.load_state_dict(saved_optimizer)
     scheduler.load_state_dict(storage.load_torch(os.path.join(directory, "scheduler.pt")))
     rng = os.path.join(directory, f"rng_rank{rank}.pt")
     if state.get("world_size") == world_size and storage.exists(rng):

@@ -61,6 +61,11 @@ def manifest_hash(manifest: runs.DataManifest) -> str:
 def identity(cfg: RaylabConfig, manifest: runs.DataManifest) -> dict:
     """What the trained weights depend on; a resumed run must match it exactly."""
     train = {k: v for k, v in cfg.train.model_dump(mode="json").items() if k not in OPERATIONAL_KEYS}
+    # As runs made before train.strategy and the activation_checkpointing name hashed it, so
+    # they still resume (and a finished one is still found finished) with the same settings.
+    train["gradient_checkpointing"] = train.pop("activation_checkpointing")
+    if train["strategy"] == "ddp":
+        del train["strategy"]
     material = {"model": cfg.model.model_dump(mode="json"), "train": train, "data": manifest_hash(manifest)}
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
     return {"hash": digest, **material}
@@ -81,6 +86,9 @@ def preflight(cfg: RaylabConfig, manifest: runs.DataManifest) -> None:
         problems.append(f"the data shards hold {seq_len}-token sequences but data.max_seq_len={cfg.data.max_seq_len}; "
                         "rerun `raylab data` after changing the data section")
     problems += models.training_problems(cfg.model, seq_len, cfg.train.gpus_per_worker)
+    if cfg.train.strategy == "fsdp" and cfg.model.method == "qlora":
+        problems.append("train.strategy=fsdp with model.method=qlora: sharding bitsandbytes' 4-bit weights is not "
+                        "supported by raylab; use train.strategy=ddp, or model.method=lora")
     rows = manifest.tokens.train.sequences
     if rows < cfg.train.max_workers:
         problems.append(f"the train split has {rows} sequences, fewer than train.num_workers={cfg.train.max_workers}; "
@@ -108,8 +116,10 @@ def _start_or_resume(resume: bool, run: runs.Run, ident: dict) -> dict | None:
         storage.reset_dir(run.train)
         prev = None
     if prev is not None and prev["identity"]["hash"] != ident["hash"]:
-        changed = [f"{section}.{k}" for section in ("model", "train") for k in ident[section]
-                   if prev["identity"][section].get(k) != ident[section][k]]
+        keys = {(section, k) for section in ("model", "train") for k in (*ident[section], *prev["identity"][section])}
+        changed = sorted(f"{section}.{k}" for section, k in keys
+                         if prev["identity"][section].get(k) != ident[section].get(k))
+        changed = [c.replace("train.gradient_checkpointing", "train.activation_checkpointing") for c in changed]
         if prev["identity"]["data"] != ident["data"]:
             changed.append("the data stage's output")
         raise UserError(f"{run.train} holds a run made with different settings ({', '.join(changed) or 'config'}); "
@@ -253,7 +263,7 @@ def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=execution),
     )
     workers = t.num_workers if isinstance(t.num_workers, int) else f"{t.min_workers}-{t.max_workers}"
-    log.info(f"train: {cfg.model.method} on {cfg.model.name_or_path}, {workers} worker(s) x {threads} thread(s), "
+    log.info(f"train: {cfg.model.method} on {cfg.model.name_or_path}, {workers} {t.strategy} worker(s) x {threads} thread(s), "
              f"{sequences['train']} sequences x {cfg.data.max_seq_len} -> {run.train}")
     live = _open_live(cfg, ident["hash"]) if track else None
     started = time.time()
@@ -321,7 +331,7 @@ def finalize(cfg: RaylabConfig, result, ident: dict, seconds: float) -> dict:
         storage.copy_dir(os.path.join(d, checkpoint.MODEL_DIR), staging)
         storage.save_pretrained(models.load_tokenizer(cfg.model), staging)
         digests = state.get("replica_digests") or []
-        if len(set(digests)) > 1:
+        if len(set(digests)) > 1 and state.get("strategy", "ddp") == "ddp":  # FSDP workers hold different shards
             raise RuntimeError(f"DDP replicas ended with different weights {digests}: a bug, please report it")
         last = state["history"][-1]
         flops_token = state["flops"]["flops_per_token"]

@@ -9,6 +9,7 @@ resumed run to continue is `TrainState` (its state.json).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -68,6 +69,7 @@ class TrainState:
     ingest: dict = field(default_factory=dict)  # how the splits reached the workers (Shards.ingest)
     dtype: str = ""  # the weights' dtype as loaded (model.dtype resolved on the worker's device)
     precision: str = ""  # what the matmuls compute in: bf16 autocast, or the weights' dtype
+    strategy: str = "ddp"  # train.strategy: the layout of optimizer.pt depends on it
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainState:
@@ -236,12 +238,15 @@ def use_bf16(precision: str, device) -> bool:
 
 
 def replica_digest(model) -> str:
-    """sha256 of this worker's trainable weights: DDP replicas must agree bit for bit."""
+    """sha256 of this worker's trainable weights: DDP replicas must agree bit for bit (FSDP
+    workers each hold their own shard, so theirs differ by design)."""
+    from raylab.train import sharding
+
     digest = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         if p.requires_grad:
             digest.update(name.encode())
-            digest.update(p.detach().float().cpu().numpy().tobytes())
+            digest.update(sharding.local_tensor(p.detach()).float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -259,23 +264,26 @@ def replicas(model, world: int) -> tuple[list[str], list[str]]:
     return [g[0] for g in gathered], [g[1] for g in gathered]
 
 
-def start_state(t, *, rank: int, world: int, flops: dict, model, optimizer, scheduler, run: str | None = None) -> TrainState:
-    """A fresh state, or the latest good checkpoint's restored into the live objects: the one
-    Ray Train hands back if its checksums hold, else the newest good one beside it (with a
-    warning and a train.checkpoint_rejected event in `run`), else a fresh start."""
+def resume_point(rank: int, run: str | None = None):
+    """The checkpoint to resume from, or None: the one Ray Train hands back if its checksums
+    hold, else the newest good one beside it (with a warning and a train.checkpoint_rejected
+    event in `run`), else none (a fresh start)."""
     import ray.train
 
+    resumed = ray.train.get_checkpoint()
+    return _good_checkpoint(resumed, rank, run) if resumed else None
+
+
+def start_state(t, directory: str | None, *, rank: int, world: int, flops: dict, model, optimizer, scheduler) -> TrainState:
+    """A fresh state, or the checkpoint in `directory` (resume_point's, its weights already
+    loaded by checkpoint.restore_weights) restored into the live objects."""
     from raylab.train import checkpoint
 
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        resumed = _good_checkpoint(resumed, rank, run)
-    if not resumed:
+    if directory is None:
         checkpoint.seed_all(t.seed + 7919 * rank)  # dropout streams differ per rank
-        return TrainState(world_size=world, flops=flops)
-    with resumed.as_directory() as d:
-        state = TrainState.from_dict(checkpoint.restore(d, rank=rank, world_size=world, model=model, optimizer=optimizer,
-                                                        scheduler=scheduler, seed=t.seed))
+        return TrainState(world_size=world, flops=flops, strategy=t.strategy)
+    state = TrainState.from_dict(checkpoint.restore(directory, rank=rank, world_size=world, model=model, optimizer=optimizer,
+                                                    scheduler=scheduler, seed=t.seed))
     state.resumed_at_steps.append(state.step)
     if state.world_size != world:  # elastic restart: convert the data position via rows
         rows_done = state.batches_in_epoch * t.batch_size * state.world_size
@@ -327,7 +335,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
 
     from raylab.models import load_for_training, resolved_dtype
-    from raylab.train import checkpoint, loss, metrics, objectives
+    from raylab.train import checkpoint, loss, metrics, objectives, sharding
 
     _quiet_worker()
     cfg = RaylabConfig.model_validate(loop_config["cfg"])
@@ -344,7 +352,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint.seed_all(t.seed)  # identical initial adapters on every rank
     dtype, dtype_why = resolved_dtype(cfg.model, device)
     model = load_for_training(cfg.model, device, dtype)
-    if t.gradient_checkpointing:  # non-reentrant; also makes input embeddings require grads
+    if t.activation_checkpointing:  # non-reentrant; also makes input embeddings require grads
+        # Before sharding: a layer's recompute then runs inside its FSDP unit, whose parameters its backward gathers anyway.
         model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else \
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -353,15 +362,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                  objectives.WorkerContext(rank=rank, world_size=world, device=device))
     flops = metrics.flops_per_token(model, cfg.data.max_seq_len)
     peak = metrics.measure_peak_flops(device, bf16)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
-    warmup = int(t.warmup_ratio * steps.total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: loss.lr_factor(s, steps.total, warmup, t.schedule))
-    state = start_state(t, rank=rank, world=world, flops=flops, model=model, optimizer=optimizer, scheduler=scheduler,
-                        run=cfg.output_dir)
+    resumed = resume_point(rank, cfg.output_dir)
+    with resumed.as_directory() if resumed else contextlib.nullcontext() as resumed_dir:
+        if resumed_dir is not None:  # full tensors, so before sharding
+            checkpoint.restore_weights(resumed_dir, model)
+        # DDP, or FSDP2 (sharding.py); the optimizer is built after: fully_shard replaces the parameters.
+        model = sharding.prepare(model, t.strategy, device)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
+                                      weight_decay=t.weight_decay)
+        warmup = int(t.warmup_ratio * steps.total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: loss.lr_factor(s, steps.total, warmup, t.schedule))
+        state = start_state(t, resumed_dir, rank=rank, world=world, flops=flops, model=model, optimizer=optimizer,
+                            scheduler=scheduler)
     state.dtype, state.precision = dtype, "bf16 autocast" if bf16 else dtype
     if rank == 0:
-        log.info(f"train: weights in {dtype} ({dtype_why}), compute in {state.precision}")
-    model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU) when world > 1
+        log.info(f"train: weights in {dtype} ({dtype_why}), compute in {state.precision}, {t.strategy} over {world} worker(s)")
     attn_impl = loss.attn_impl_of(checkpoint.unwrap(model))
     data = Shards(t, rank, world, device, loop_config["val_bytes"], loop_config["train_bytes"],
                   val_cache_bytes=loop_config["val_cache_bytes"], train_cache_bytes=loop_config["train_cache_bytes"])
@@ -370,8 +385,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def evaluate() -> None:
         # The unwrapped module: DDP's forward may sync buffers, a collective that ranks with
         # different batch counts would not all reach.
+        # A sharded model's forward is itself collective (all-gathers): ranks evaluate in lockstep.
         state.evaluated(loss.evaluate(checkpoint.unwrap(model), data.val_batches(), device=device, attn_impl=attn_impl,
-                                      bf16=bf16, objective=objective))
+                                      bf16=bf16, objective=objective, lockstep=sharding.is_sharded(model)))
 
     def row(window: dict, evaluated: bool) -> dict:
         return metrics_row(state, window, evaluated, lr=scheduler.get_last_lr()[0], flops_per_token=flops["flops_per_token"],

@@ -22,7 +22,7 @@ attention kernel depends on the kernel (`packs_by_positions`):
 
 The loss of an optimizer step is the mean over every target token of the accumulation
 window on every worker: each micro-batch contributes its summed token loss divided by that
-global count (times the world size, since DDP averages gradients). Averaging per
+global count (times the world size, since DDP and FSDP average gradients). Averaging per
 micro-batch instead would weight a short micro-batch's tokens more than a long one's.
 """
 
@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
+
+from raylab.train import sharding
 
 IGNORE = -100
 
@@ -173,15 +174,16 @@ def train_step(model, optimizer, window: list[dict], *, device, world_size: int,
     loss_sum = 0.0
     for i, mb in enumerate(window):
         last = i == len(window) - 1
-        # Skip DDP's gradient all-reduce until the window's last micro-batch.
-        sync = model.no_sync() if not last and isinstance(model, DDP) else contextlib.nullcontext()
-        with sync:
+        # Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) until the window's last micro-batch.
+        with sharding.gradient_sync(model, last):
             with autocast(device, bf16):
                 sums = forward_sums(model, mb, attn_impl, accuracy=False, objective=objective)
             (sums.loss * scale).backward()
         loss_sum += float(sums.loss.detach())
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced over the shards
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     real_tokens = sum(int(mb["num_tokens"].sum()) for mb in window)
@@ -190,14 +192,31 @@ def train_step(model, optimizer, window: list[dict], *, device, world_size: int,
             "targets": int(global_targets), "real_tokens": int(real_total)}
 
 
+def _lockstep(model, batches, device):
+    """`batches`, while every worker runs the same number of forwards: a sharded (FSDP)
+    model's forward all-gathers each layer, so a worker out of batches keeps joining with a
+    one-token stand-in forward (its output unused) until no worker has one left."""
+    stand_in = torch.zeros((1, 1), dtype=torch.long, device=device)
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if all_reduce([0.0 if batch is None else 1.0], device)[0] == 0:
+            return
+        if batch is None:
+            model(input_ids=stand_in)
+        else:
+            yield batch
+
+
 @torch.no_grad()
-def evaluate(model, batches, *, device, attn_impl: str, bf16: bool = False, objective=None) -> dict[str, float]:
+def evaluate(model, batches, *, device, attn_impl: str, bf16: bool = False, objective=None,
+             lockstep: bool = False) -> dict[str, float]:
     """Loss, perplexity and token accuracy over `batches` (summed, then reduced across
-    workers); one micro-batch of logits at a time."""
+    workers); one micro-batch of logits at a time. `lockstep`: a sharded model (_lockstep)."""
     was_training = model.training
     model.eval()
     loss = targets = correct = 0.0
-    for batch in batches:
+    for batch in _lockstep(model, batches, device) if lockstep else batches:
         with autocast(device, bf16):
             sums = forward_sums(model, batch, attn_impl, objective=objective)
         loss += float(sums.loss)

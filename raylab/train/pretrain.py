@@ -40,6 +40,8 @@ def pretrain_config(cfg: RaylabConfig) -> RaylabConfig:
                         cpus_per_worker=p.cpus_per_worker, loss_on="all", grad_accum=1, early_stopping_patience=None,
                         eval_every=max(1, p.max_steps // 4), checkpoint_every=None, keep_checkpoints=1,
                         log_every=max(1, p.max_steps // 20))  # each report is a Ray Train round trip
+    if p.num_workers < 2:  # train.strategy=fsdp shards over 2+ workers; one pre-training worker runs plain
+        raw["train"].update(strategy="ddp")
     raw["registry"].update(enabled=False)  # a stand-in base, not a model to ship
     return config.load_dict(raw)
 

@@ -161,7 +161,7 @@ def materialize_preset(name: str) -> Path:
     target = runs.home().preset(name)
     marker = target / runs.PRESET_MARKER
     stamp = {"preset": name, "version": PRESET_VERSION, "template": _sha(DEFAULT_CHAT_TEMPLATE)}
-    if marker.exists() and json.loads(storage.read_text(str(marker))) == stamp:
+    if _current(marker, stamp):
         return target
     storage.makedirs(str(target.parent))
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
@@ -171,7 +171,12 @@ def materialize_preset(name: str) -> Path:
         storage.save_pretrained(tok, str(staging))
         storage.save_pretrained(model, str(staging))
         storage.write_text(str(staging / marker.name), json.dumps(stamp))
+        # Another process may have finished while this one built: its copy is identical and
+        # may be in use (a worker loading it), so it is kept, never replaced.
+        if _current(marker, stamp):
+            return target
         if target.exists():  # an older preset version, or a half-built one from a crash
+            marker.unlink(missing_ok=True)  # first: a half-removed tree must never look complete
             storage.remove_local_tree(str(target))
         try:
             staging.rename(target)
@@ -183,6 +188,14 @@ def materialize_preset(name: str) -> Path:
     return target
 
 
+
+
+def _current(marker: Path, stamp: dict) -> bool:
+    """Whether a complete preset of this version is in place (its marker, written last)."""
+    try:
+        return json.loads(storage.read_text(str(marker))) == stamp
+    except (FileNotFoundError, ValueError):  # none yet, or caught while it is written
+        return False
 
 
 def _sha(text: str) -> str:

@@ -70,6 +70,35 @@ def test_preset_outlives_the_process_that_made_it(raylab_home):
     assert model.fingerprint(model.load_tokenizer(cfg))["vocab_size"] == len(model.build_byte_tokenizer())
 
 
+def test_a_preset_another_process_finished_meanwhile_is_kept_not_replaced(raylab_home, monkeypatch):
+    """Two processes building one preset: the one that finishes second keeps the first one's
+    copy (a worker may be loading it) instead of deleting it to rename its own into place.
+    The other process is simulated by finishing a copy while this one builds; the sentinel
+    file in that copy survives only if it is kept."""
+    from raylab.models import presets
+
+    built = presets.build_tiny_model
+    first = presets.materialize_preset("tiny-gpt2")
+    (first / "in-use.txt").write_text("a worker is reading this copy")
+    marker = first / "raylab_preset.json"
+    stamp = marker.read_text()
+    marker.unlink()  # as if this process started before the other one finished...
+
+    def finish_other_then_build(name, tok):
+        marker.write_text(stamp)  # ...and the other one finished while this one built
+        return built(name, tok)
+
+    monkeypatch.setattr(presets, "build_tiny_model", finish_other_then_build)
+    assert presets.materialize_preset("tiny-gpt2") == first
+    assert (first / "in-use.txt").exists() and (first / "model.safetensors").exists()
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".tiny-gpt2-")]  # no staging left
+    # the control: a stale copy (no marker) is replaced by a complete one
+    marker.unlink()
+    monkeypatch.setattr(presets, "build_tiny_model", built)
+    assert presets.materialize_preset("tiny-gpt2") == first
+    assert not (first / "in-use.txt").exists() and json.loads(marker.read_text())["preset"] == "tiny-gpt2"
+
+
 def test_bad_model_references():
     with pytest.raises(UserError, match="unknown preset 'tiny-nope'; expected one of: preset:tiny-llama"):
         model.resolve("preset:tiny-nope")

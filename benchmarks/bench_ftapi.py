@@ -19,7 +19,9 @@ Protocol: benchmarks/README.md (version 1). Written before it was run (item 9):
   upload (validation with the data stage's rules, the job's config, Ray Jobs submission, the
   job's driver starting `raylab run --no-serve`), timed from just before the request to the
   moment the job's run directory's `train/metrics.jsonl` holds a row with step >= 1 (polled
-  every 0.1 s from this process); then the job is cancelled through the API. B: `raylab run
+  every 0.1 s from this process; the window also holds the GET of the job's generated config,
+  which names that directory, a few milliseconds against a minute); then the job is cancelled
+  through the API. B: `raylab run
   CONFIG --no-serve --address 127.0.0.1:PORT` as a subprocess, CONFIG being the very config the
   service generated for a first job (its first result file; that job is cancelled at once) with
   a fresh `output_dir`,
@@ -95,8 +97,12 @@ class Cluster:
                     "TEMP_DIR": f"/tmp/rlb-ray-{self.port}", "RAY": str(BIN / "ray"), "RAY_AUTH_MODE": "token"}
         self.env.pop("RAY_ADDRESS", None)
         self.dashboard = f"http://127.0.0.1:{dashboard}"
-        done = subprocess.run(["bash", "cluster/local.sh", "start", "0"], cwd=REPO, env=self.env, capture_output=True,
-                              text=True, timeout=300)
+        try:
+            done = subprocess.run(["bash", "cluster/local.sh", "start", "0"], cwd=REPO, env=self.env,
+                                  capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise SystemExit("cluster/local.sh start did not finish in 300 s") from None
         if done.returncode != 0:
             self.stop()
             raise SystemExit(f"cluster/local.sh start failed:\n{done.stdout}\n{done.stderr}")
@@ -142,9 +148,9 @@ class Service:
         self.key = keys.create(controldb.url(), "acme", "ml_engineer", "bench", by="bench")[0]
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([str(BIN / "raylab"), "api", str(path), "--standalone", "--port", str(port)],
-                                     env=env, stdout=subprocess.DEVNULL, stderr=open(work / "api.log", "w"),
-                                     start_new_session=True)
+        with open(work / "api.log", "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([str(BIN / "raylab"), "api", str(path), "--standalone", "--port", str(port)],
+                                         env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 300
         while True:
             try:
@@ -152,6 +158,7 @@ class Service:
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
                     raise SystemExit(f"raylab api did not start: {(work / 'api.log').read_text()[-3000:]}") from None
                 time.sleep(0.5)
 
@@ -182,6 +189,8 @@ class Service:
         return job, yaml.safe_load(self.request("GET", f"/v1/files/{job['result_files'][0]}/content"))
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
         os.killpg(self.proc.pid, signal.SIGINT)
         try:
             self.proc.wait(30)
@@ -330,6 +339,9 @@ def job_state_points(service: Service, file_id: str, sizes: dict) -> list[dict]:
             lambda p=file_path: common.percentile(latencies(service.url, service.key, p, sizes["clients"],
                                                             sizes["requests"]), 0.99) * 1000,
             sizes["rounds"], warmup=True)
+        now = service.get(f"/v1/fine_tuning/jobs/{long_job['id']}")["status"]
+        if now != state:  # the figure must be of the state it is named for
+            raise SystemExit(f"job {long_job['id']} was {now}, not {state}, when its {state} rounds ended")
         points.append(common.point(
             f"job-state request p99, {sizes['clients']} concurrent clients, a {state} job", "ms",
             (f"GET /v1/fine_tuning/jobs/{{id}} ({state})", got["a"]), ("GET /v1/files/{id}", got["b"]),

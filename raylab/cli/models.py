@@ -127,7 +127,9 @@ def _models_move_through_api(args: argparse.Namespace, api) -> int:
     if args.action == "promote":
         body |= {"version": args.version, "force": args.force}
     out = api.post(path, body)
-    for h in out["moves"] or [{"alias": "production", "from": args.version, "to": args.version}]:
+    if not out["moves"]:
+        print(f"{args.name}: version {args.version} is production already")
+    for h in out["moves"]:
         print(f"{args.name}: {h['alias']} {h['from']} -> {h['to']}")
     return 0
 

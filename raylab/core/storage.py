@@ -110,7 +110,6 @@ def file_name(location: str) -> str:
     return location.rstrip("/").rsplit("/", 1)[-1]
 
 
-
 def write_bytes(location: str, data: bytes) -> str:
     """Write `data` to a file, creating its directory; returns `location` (sealed while
     encryption is on)."""

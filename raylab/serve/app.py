@@ -250,6 +250,13 @@ class IngressImpl:
             raise oa.ApiError(429, "too many explanations are waiting (serve.explain.max_queued_requests); retry later",
                               code="rate_limit_exceeded") from None
 
+    async def authorized(self, request: Request) -> access.Principal | None:
+        """`authorize`, off the event loop when it may wait on the control-plane database or the
+        issuer's key set (static keys are compared inline: no I/O)."""
+        if self.database or self.verifier is not None:
+            return await asyncio.to_thread(self.authorize, request)
+        return self.authorize(request)
+
     def authorize(self, request: Request) -> access.Principal | None:
         """Every route's check: a static key, or a control-plane key whose role may serve.infer
         (allowed requests are not each audited, refusals are: core.access.authorize). Returns
@@ -259,7 +266,8 @@ class IngressImpl:
             return None
         principal = authenticate(request.headers.get("authorization", ""), self.keys, self.database, self.verifier)
         if principal is None:
-            raise oa.ApiError(401, "Incorrect or missing API key: send Authorization: Bearer <key>", code="invalid_api_key")
+            raise oa.ApiError(401, "Incorrect, expired or missing API key or token: send Authorization: Bearer <key>",
+                              code="invalid_api_key")
         decision = access.authorize(principal, "serve.infer", record_allow=False)
         if not decision.allowed:
             raise oa.ApiError(403, f"not allowed: {decision.reason}", code="permission_denied")

@@ -71,11 +71,15 @@ class RegistryOps:
         from raylab.serve.deploy import run_deploy
 
         mv = self._version(principal, ref, "serve.deploy")
+        target = f"{mv.name}/{mv.version}"  # the version access was checked on, even if an alias moves meanwhile
         try:
-            run_deploy(ref, self.address, self.store().uri)
+            run_deploy(target, self.address, self.store().uri)
         except UserError as e:  # no endpoint deployed, a canary running: the caller's to resolve
-            raise oa.ApiError(409, str(e), "ref", "deploy_refused") from None
-        return {"object": "registry.deployment", "ref": ref, "model": f"{mv.name}/{mv.version}"}
+            # a running canary's message names its candidate, which may be another org's
+            message = ("a canary rollout is running on this endpoint; deploy again once it has decided"
+                       if "canary" in str(e) else str(e))
+            raise oa.ApiError(409, message, "ref", "deploy_refused") from None
+        return {"object": "registry.deployment", "ref": ref, "model": target}
 
 
 def _moves(name: str, ref: str, move) -> dict:

@@ -504,10 +504,10 @@ def served_under_its_name(local_cluster, cfg, ref: str, name: str, users: dict, 
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(raw))
     # this process's control-plane database (ftapi.make_app) and registry, with the cluster's token
-    started = run_cli("serve", str(path), "--model", ref, "--detach", "--address", f"127.0.0.1:{env['PORT']}",
-                      env={"RAY_AUTH_MODE": "token"}, timeout=600)
-    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     try:
+        started = run_cli("serve", str(path), "--model", ref, "--detach", "--address", f"127.0.0.1:{env['PORT']}",
+                          env={"RAY_AUTH_MODE": "token"}, timeout=600)
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
         port = deploy.rest(dashboard, "GET")["http_options"]["port"]  # Serve's, fixed by its first app
         chat = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", max_retries=0,
                              api_key=users["ada"]["Authorization"].split()[1]).chat.completions.create(

@@ -49,7 +49,7 @@ class Verifier:
 
         try:
             if self.jwks_url:
-                return _client(self.jwks_url).get_signing_key_from_jwt(token).key
+                return _url_key(self.jwks_url, jwt.get_unverified_header(token).get("kid"))
             from raylab.core import storage
 
             header = jwt.get_unverified_header(token)
@@ -94,13 +94,31 @@ def _claim(claims: dict, path: str):
 
 
 _clients: dict[str, object] = {}
+_refetched: dict[str, float] = {}  # url -> when the key set was last fetched for an unknown kid
+REFETCH_S = 60.0
 
 
 def _client(url: str):
-    # One client per URL: PyJWKClient caches the key set, and fetches again for an unknown kid
-    # (the issuer rotated its keys).
+    # One client per URL: PyJWKClient caches the key set (5 minutes).
     import jwt
 
     if url not in _clients:
         _clients[url] = jwt.PyJWKClient(url, cache_keys=True, lifespan=300, timeout=10)
     return _clients[url]
+
+
+def _url_key(url: str, kid: str | None):
+    """The key `kid` from the issuer's key set at `url`. An unknown kid fetches the set again
+    (the issuer rotated its keys), at most once per REFETCH_S per URL: otherwise tokens with
+    made-up kids would have every request wait on the issuer."""
+    import time
+
+    client = _client(url)
+    for refresh in (False, True):
+        found = next((k.key for k in client.get_signing_keys(refresh=refresh) if kid is None or k.key_id == kid), None)
+        if found is not None:
+            return found
+        if refresh or time.monotonic() - _refetched.get(url, float("-inf")) < REFETCH_S:
+            break
+        _refetched[url] = time.monotonic()
+    raise TokenRefused(f"no key {kid!r} in the issuer's JWKS (fetched again at most every {REFETCH_S:.0f} s)")

@@ -4,9 +4,11 @@ Ray's JSON and text readers fail a whole file on one bad line (RAY_NOTES.md), so
 `FileBasedDatasource`s that read bytes and parse line by line, streaming (`_read_stream`
 yields a block every BLOCK_ROWS records); a bad line is one quarantined record.
 
-A file raylab sealed (core/crypto.py: governance.encryption, e.g. an upload the fine-tuning
-service kept) is opened with the run's key before it is parsed, so it reads as its plaintext;
-without the key it is a UserError naming the file and the key, as for raylab's own files.
+A jsonl, json, csv or text file raylab sealed (core/crypto.py: governance.encryption, e.g. an
+upload the fine-tuning service kept) is decrypted with the run's key as it is read, so it
+parses as its plaintext; without the key it is a UserError naming the file and the key, as
+for raylab's own files. (A parquet source is read by pyarrow with random access and is not
+opened this way: raylab seals no parquet file a source would name.)
 
     files = listing(src)                          # what a source covers, sorted
     ray.data.read_datasource(FILE_DATASOURCES[src.type](src.path, source=name))
@@ -18,6 +20,7 @@ import csv
 import fnmatch
 import glob
 import io
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -55,18 +58,8 @@ class _Streaming(FileBasedDatasource):
         self.root = source_root(root if root is not None else paths)
 
     def _open_input_source(self, filesystem, path: str, **open_args):
-        f = super()._open_input_source(filesystem, path, **open_args)
-        head = f.read(len(crypto.MAGIC))
-        if not crypto.is_sealed(head):
-            f.close()  # a stream cannot be rewound: opened again, for the parser from byte 0
-            return super()._open_input_source(filesystem, path, **open_args)
-        try:
-            # Sealed files open whole (the plaintext in memory): the ones a user's source holds
-            # are uploads, bounded by api.max_file_bytes.
-            plain = crypto.open_sealed(head + f.read(), storage.file_name(path), path)
-        finally:
-            f.close()
-        return pa.BufferReader(plain)
+        return opened(super()._open_input_source(filesystem, path, **open_args),
+                      lambda: super(_Streaming, self)._open_input_source(filesystem, path, **open_args), path)
 
     def rel(self, path: str) -> str:
         """A file's id part: relative to the source root, so ids (and the train/val split
@@ -83,6 +76,20 @@ class _Streaming(FileBasedDatasource):
                 batch = []
         if batch:
             yield table(batch)
+
+
+def opened(f, reopen, path: str):
+    """A just-opened stream `f` of `path`, ready for a parser: a plain file as `reopen()` opens
+    it again (a stream cannot be rewound; pyarrow's native stream stays what parses every
+    plain file), a sealed one decrypted as it is read, one segment at a time (its plaintext is
+    never held whole)."""
+    head = f.read(len(crypto.MAGIC))
+    if not crypto.is_sealed(head):
+        f.close()
+        return reopen()
+    sealed = io.BufferedReader(_ChunkStream(itertools.chain([head], iter(lambda: f.read(1 << 20), b"")), f))
+    plain = crypto.open_chunks(sealed.read, storage.file_name(path), path)
+    return _Opened(io.BufferedReader(_ChunkStream(plain, sealed)))
 
 
 def _lines(f, size: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
@@ -157,6 +164,53 @@ class CsvDatasource(_Streaming):
                               message=f"{len(values)} fields, the header has {len(header)}")
             else:
                 yield raw_row(self.source, record_id, raw, json.dumps(dict(zip(header, values, strict=True)), ensure_ascii=False))
+
+
+class _ChunkStream(io.RawIOBase):
+    """A readable stream over an iterator of byte chunks; closing it closes `source`."""
+
+    def __init__(self, chunks: Iterator[bytes], source):
+        self._chunks, self._source, self._buffer = chunks, source, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._buffer:
+            self._buffer = next(self._chunks, b"")
+            if not self._buffer:
+                return 0
+        n = min(len(buffer), len(self._buffer))
+        buffer[:n], self._buffer = self._buffer[:n], self._buffer[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._source.close()
+        super().close()
+
+
+class _Opened:
+    """What the parsers read a sealed file's plaintext through: `read(n)` and `readall()`,
+    as on pyarrow's stream (whose `readall` needs a size a decrypting stream does not know)."""
+
+    def __init__(self, reader: io.BufferedReader):
+        self._reader = reader
+
+    def read(self, n: int = -1) -> bytes:
+        return self._reader.read(n)
+
+    def readall(self) -> bytes:
+        return self._reader.read()
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> _Opened:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _RawAdapter(io.RawIOBase):

@@ -33,7 +33,7 @@ router = APIRouter()
 async def embeddings(request: Request, server=Depends(ingress)):
     rid = oa.new_id("emb")
     try:
-        server.authorize(request)
+        await server.authorized(request)
         req = oa.parse(oa.EmbeddingRequest, await read_body(server.limits, request))
         args = server.rag
         if args is None or req.model != args["model"]:

@@ -171,7 +171,7 @@ def _enabled(server) -> None:
 async def explain_answer(request: Request, server=Depends(ingress)):
     started, rid = time.monotonic(), oa.new_id("explain")
     try:
-        principal = server.authorize(request)
+        principal = await server.authorized(request)
         _enabled(server)
         req = oa.parse(ExplainRequest, await read_body(server.limits, request))
         version = await server.route(req.model, principal)
@@ -200,7 +200,7 @@ async def explain_answer(request: Request, server=Depends(ingress)):
 @router.get("/v1/explain/{explanation_id}/html")
 async def explanation_html(explanation_id: str, request: Request, server=Depends(ingress)):
     try:
-        server.authorize(request)
+        await server.authorized(request)
         _enabled(server)
         found = server.explained.get(explanation_id)
         if found is None:

@@ -31,7 +31,7 @@ class FeedbackRequest(BaseModel):
 @router.post("/v1/feedback")
 async def feedback(request: Request, server=Depends(ingress)):
     try:
-        server.authorize(request)
+        await server.authorized(request)
         req = oa.parse(FeedbackRequest, await read_body(server.limits, request))
         version = server.answered.get(req.id)
         if version is None:

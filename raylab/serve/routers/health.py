@@ -22,7 +22,7 @@ async def healthz(server=Depends(ingress)) -> dict:
 @router.get("/v1/models")
 async def list_models(request: Request, server=Depends(ingress)):
     try:
-        server.authorize(request)
+        await server.authorized(request)
     except oa.ApiError as e:
         return JSONResponse(e.body(), e.status)
     await server.refresh()  # versions registered since the deploy

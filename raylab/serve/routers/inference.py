@@ -56,7 +56,7 @@ async def _handle(server, request: Request, kind, chat: bool):
     started, rid = time.monotonic(), oa.new_id("chatcmpl" if chat else "cmpl")
     model, version = "", None  # what the metrics name a request that failed before routing
     try:
-        caller = server.authorize(request)
+        caller = await server.authorized(request)
         req = oa.parse(kind, await read_body(server.limits, request))
         model = req.model
         # a canary's share of production traffic goes to the candidate (server.split)

@@ -26,6 +26,7 @@ from raylab.core.access import keys, oidc
 from raylab.core.access.policy import ACTIONS, GRANTS, ROLES, Principal, Resource, decide
 
 ISSUER, AUDIENCE = "https://login.acme.example/realms/acme", "raylab"
+FETCHES: list[str] = []  # the loopback JWKS server's requests
 
 
 @pytest.fixture
@@ -175,6 +176,7 @@ def jwks_server(issuer_key, monkeypatch):
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
+            FETCHES.append(self.path)
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
@@ -215,6 +217,25 @@ def test_oidc_tokens_verify_against_the_served_jwks_and_bad_ones_are_refused(iss
         v.principal(bad["expired"])
     with pytest.raises(oidc.TokenRefused, match="InvalidAudience"):
         v.principal(bad["wrong audience"])
+
+
+def test_unknown_key_ids_fetch_the_jwks_again_at_most_once_a_minute(issuer_key, jwks_server, monkeypatch):
+    """Tokens with made-up kids must not make every request wait on the issuer: the first
+    unknown kid fetches the key set again, the next ones within REFETCH_S do not. The control:
+    once REFETCH_S has passed, an unknown kid fetches again (a rotation is still picked up)."""
+    monkeypatch.setattr(oidc, "_clients", {})
+    monkeypatch.setattr(oidc, "_refetched", {})
+    FETCHES.clear()
+    v = oidc.Verifier(ISSUER, AUDIENCE, jwks_url=jwks_server, role_claim="realm_access.roles")
+    assert v.principal(token(issuer_key)).subject == "dana" and len(FETCHES) == 1
+    for i in range(5):
+        with pytest.raises(oidc.TokenRefused, match=f"no key 'made-up-{i}'"):
+            v.principal(token(rsa_key(), kid=f"made-up-{i}"))
+    assert len(FETCHES) == 2  # the first unknown kid fetched again; the other four did not
+    monkeypatch.setattr(oidc, "_refetched", {jwks_server: time.monotonic() - oidc.REFETCH_S - 1})
+    with pytest.raises(oidc.TokenRefused):
+        v.principal(token(rsa_key(), kid="made-up-later"))
+    assert len(FETCHES) == 3
 
 
 def test_oidc_from_a_jwks_file_and_its_config_section(issuer_key, tmp_path):

@@ -66,7 +66,7 @@ def test_the_endpoint_accepts_control_plane_keys_until_revoked(db):
                        + keys.listing(db, include_revoked=True)[0]["revoked"]]
 
 
-def test_the_endpoint_accepts_oidc_tokens_with_serve_oidc(db, tmp_path):
+def test_the_endpoint_accepts_oidc_tokens_with_serve_oidc(db, tmp_path, monkeypatch):
     """serve.oidc: a JWT from governance.oidc's issuer answers with the role its claims name;
     an expired, foreign-signed or role-less token is refused (401 / 403, audited), and the
     static keys still work. The control: the same valid token on an endpoint without
@@ -103,9 +103,11 @@ def test_the_endpoint_accepts_oidc_tokens_with_serve_oidc(db, tmp_path):
         return TestClient(create_app(ROUTERS, impl)).get(
             "/v1/models", headers={"Authorization": f"Bearer {bearer}"}).status_code
 
+    monkeypatch.setenv("RAYLAB_UNIT_STATIC_KEYS", "sk-static,sk.shaped.like-a-jwt")
     with_oidc = Ingress(generator=None, args=args)
     now = int(time.time())
     assert status(with_oidc, token()) == 200 and status(with_oidc, "sk-static") == 200
+    assert status(with_oidc, "sk.shaped.like-a-jwt") == 200  # a static key with two dots is not taken for a JWT
     assert status(with_oidc, token(exp=now - 3600, iat=now - 7200)) == 401
     assert status(with_oidc, token(key=stranger)) == 401
     assert status(with_oidc, token(roles=["offline_access"])) == 403  # a valid token naming no raylab role

@@ -317,8 +317,8 @@ def test_with_encryption_on_uploads_are_sealed_and_the_jobs_data_source_opens_th
     the sealed file its config names into the same 12 records. The control: the same reader
     without the run's key is refused, naming the file, instead of parsing ciphertext."""
     from raylab import config
-    from raylab.core import crypto, storage
-    from raylab.data.sources.files import JsonlDatasource
+    from raylab.core import crypto
+    from raylab.data.sources.files import JsonlDatasource, opened, source_root
     from raylab.errors import UserError
 
     sections = {"governance": {"encryption": {"enabled": True, "key_file": str(tmp_path / "keys" / "ring.json")}}}
@@ -339,10 +339,12 @@ def test_with_encryption_on_uploads_are_sealed_and_the_jobs_data_source_opens_th
     path = generated.data.sources[0].path
 
     def records() -> list[dict]:
-        reader = JsonlDatasource(path, source="training_file")
-        fs, local = storage.filesystem(path)
-        with reader._open_input_source(fs, local) as f:
-            return [r for block in reader._read_stream(f, local) for r in block.to_pylist()]
+        # the reader as Ray Data's read task drives it, built without its constructor (which
+        # starts a Ray: the unit tier has none): open the file, then parse the stream
+        reader = object.__new__(JsonlDatasource)
+        reader.source, reader.root = "training_file", source_root(path)
+        with opened(open(path, "rb"), lambda: open(path, "rb"), path) as f:
+            return [r for block in reader._read_stream(f, path) for r in block.to_pylist()]
 
     rows = records()
     assert len(rows) == 12 and not any(r["error"] for r in rows)

@@ -13,7 +13,7 @@ on), with an S3-compatible server (moto's server mode) on loopback as the shared
 - a Ray Client session (`ray.init("ray://...")`) runs the data and train stages through the
   Python API;
 - a fine-tuning job of the OpenAI-compatible service runs on the cluster from upload to a
-  registered model that answers, through the endpoint, under the job's `ft:` name.
+  registered model that answers.
 """
 
 from __future__ import annotations
@@ -404,8 +404,9 @@ def test_a_fine_tuning_job_from_upload_to_an_answering_model(local_cluster, tmp_
     --standalone`'s app on loopback, its Ray job on this cluster: files.create ->
     fine_tuning.jobs.create (`raylab run --no-serve` on the tiny preset: data, Ray Train,
     evaluation, registration) -> events until `succeeded`, with a metrics event per step ->
-    checkpoints.list -> the version behind `fine_tuned_model` loads and answers, and the
-    endpoint answers a chat under that name (served_under_its_name)."""
+    checkpoints.list -> the version behind `fine_tuned_model` loads and answers; a second job
+    cancelled while running. The routing of an `ft:` name at the endpoint is
+    tests/unit/serve/test_finetune_api.py's."""
     import openai
 
     from raylab import config, models, registry
@@ -453,7 +454,6 @@ def test_a_fine_tuning_job_from_upload_to_an_answering_model(local_cluster, tmp_
             prompt = models.prompt_ids(tuned.tokenizer, {"messages": examples[0][:1]})
             assert len(models.greedy_ids(tuned.model, tuned.tokenizer, [prompt], 8)[0]) >= 1
             cancelled_while_running(client, svc, f.id, dashboard)
-        served_under_its_name(local_cluster, cfg, ref, job.fine_tuned_model, users, tmp_path)
     finally:
         from raylab.core import controldb
 
@@ -483,39 +483,3 @@ def cancelled_while_running(client, svc, file_id: str, dashboard: str) -> None:
     for change in (client.fine_tuning.jobs.pause, client.fine_tuning.jobs.resume, client.fine_tuning.jobs.cancel):
         with pytest.raises(openai.BadRequestError):
             change(job.id)
-
-
-def served_under_its_name(local_cluster, cfg, ref: str, name: str, users: dict, tmp_path) -> None:
-    """`raylab serve` of the job's version on this cluster with the service in its ingress
-    (api.enabled) and the control-plane keys (serve.api_keys_db): the official client's chat
-    with `model=<fine_tuned_model>` answers for the job's organisation, and is a 404 for
-    another's (the control: the name routes by the service's table, per org)."""
-    import openai
-    import yaml
-
-    from conftest import run_cli
-    from raylab.serve import deploy
-
-    env, dashboard, _ = local_cluster
-    raw = cfg.model_dump(mode="json", exclude_none=True)
-    raw["api"]["enabled"] = True
-    raw["serve"] = {"port": free_port(), "api_keys_db": True, "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-                    "cpus_per_replica": 1}
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    # this process's control-plane database (ftapi.make_app) and registry, with the cluster's token
-    try:
-        started = run_cli("serve", str(path), "--model", ref, "--detach", "--address", f"127.0.0.1:{env['PORT']}",
-                          env={"RAY_AUTH_MODE": "token"}, timeout=600)
-        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
-        port = deploy.rest(dashboard, "GET")["http_options"]["port"]  # Serve's, fixed by its first app
-        chat = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", max_retries=0,
-                             api_key=users["ada"]["Authorization"].split()[1]).chat.completions.create(
-            model=name, messages=[{"role": "user", "content": "What colour is item number 3?"}], max_tokens=8)
-        assert chat.model == name and chat.choices[0].message.content is not None and chat.usage.completion_tokens >= 1
-        other = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", max_retries=0,
-                              api_key=users["bob"]["Authorization"].split()[1])
-        with pytest.raises(openai.NotFoundError, match="does not exist"):
-            other.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-    finally:
-        deploy.rest(dashboard, "PUT", {"applications": []})  # the app deleted; Serve itself stays for the module

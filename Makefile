@@ -38,7 +38,7 @@ unit: install
 # make bench NAME=train runs one (benchmarks/bench_train.py); protocol: benchmarks/README.md
 BENCHES ?= $(if $(NAME),$(NAME),connect data train tune serve packing explain encryption rag)
 bench: install
-	EXTRAS=test,rag,pgvector,optimize,explain,synth,api,bench VENV=$(VENV) scripts/install.sh
+	EXTRAS=test,rag,pgvector,optimize,explain,synth,api,remote,bench VENV=$(VENV) scripts/install.sh
 	set -e; for b in $(BENCHES); do $(BIN)/python benchmarks/bench_$$b.py; done
 	$(BIN)/python benchmarks/table.py --write
 

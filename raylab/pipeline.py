@@ -50,7 +50,7 @@ def run(cfg: RaylabConfig, address: str | None = None, until: str | None = None,
     """Run the pipeline; returns the summary it prints (also written to <output_dir>/run.json)."""
     if until is not None and until not in STAGES:
         raise UserError(f"--until {until!r}: expected one of {', '.join(STAGES)}")
-    if serve and until in (None, "serve") and cfg.registry.enabled:
+    if serve and until in (None, "serve") and cfg.registry.enabled and cfg.train.provider == "ray":
         from raylab import serve as serving
 
         # The serve stage reads the API keys; an unset variable or an empty keys file is
@@ -103,6 +103,8 @@ def _run_stages(cfg, address, until, serve, keep_serving, summary, stage) -> dic
         else:
             result = stage("train", lambda: train.run_train(cfg, address))
             summary["best"] = {"metrics": result.get("metrics")}
+            if result.get("fine_tuned_model"):  # train.provider openai_compatible
+                summary["remote_model"] = {"model": result["fine_tuned_model"], "base_url": result["base_url"]}
         summary["version"] = result.get("registry")
         if until in ("train", "tune") or not cfg.registry.enabled or not summary["version"]:
             if not cfg.registry.enabled:
@@ -116,6 +118,11 @@ def _run_stages(cfg, address, until, serve, keep_serving, summary, stage) -> dic
         if indexing(cfg, until):
             stage("index", lambda: index_documents(cfg, summary, address))
         if until in ("gates", "promote", "optimize", "index") or not serve or ref is None:
+            return _finish(cfg, summary)
+        if "remote_model" in summary:
+            log.info(f"serve: {summary['version']['name']}/{summary['version']['version']} was trained at "
+                     f"{summary['remote_model']['base_url']}, which serves it as {summary['remote_model']['model']!r}; "
+                     "raylab serves only versions whose weights it holds")
             return _finish(cfg, summary)
         _serve_and_smoke(cfg, summary, stage, address, keep_serving)
         return _finish(cfg, summary)

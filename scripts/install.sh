@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-EXTRAS=${EXTRAS:-test,rag,pgvector,optimize,explain,synth,api}  # rag, pgvector, optimize, explain, synth, api: `make test` runs the retrieval, quantisation, attribution, synthetic-data and access (OIDC) tests
+EXTRAS=${EXTRAS:-test,rag,pgvector,optimize,explain,synth,api,remote}  # rag, pgvector, optimize, explain, synth, api, remote: `make test` runs the retrieval, quantisation, attribution, synthetic-data, access (OIDC) and remote-provider tests
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 

@@ -35,6 +35,9 @@ class _SourceBase(Section):
         "chunks; default none: every caller may (single-tenant mode)")
     acl: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list, description="raylab index: further organisations that may retrieve this source's chunks")
+    contains_pii: bool = Field(
+        False, description="this source's records are never sent off this machine: a remote train.provider does not "
+        "receive them, even with governance.allow_remote (they still train a train.provider: ray run)")
 
 
 class FileSource(_SourceBase):

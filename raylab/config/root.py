@@ -103,6 +103,32 @@ class RaylabConfig(Section):
                           "audience, jwks_url or jwks_file), or set serve.oidc: false", at="serve.oidc")
         return self
 
+    @model_validator(mode="after")
+    def _remote_provider(self) -> RaylabConfig:
+        if self.train.provider == "ray":
+            return self
+        # Sending the company's records to a provider is a governance decision, made in the
+        # config where it is reviewed, whatever host the URL names (a loopback URL may be a
+        # tunnel). The other refusals are stages that need the weights, which stay remote.
+        if not self.governance.allow_remote:
+            raise invalid(f"provider=openai_compatible uploads the data stage's records to {self.train.remote.base_url}, "
+                          "and governance.allow_remote is false (the default); set governance.allow_remote: true to "
+                          "allow it, or train.provider: ray", at="train.provider")
+        for key, section in (("tune", self.tune), ("pretrain", self.pretrain)):
+            if section is not None:
+                raise invalid(f"a {key} section runs on this cluster's Ray and needs the model's weights; a remote "
+                              "provider trains elsewhere: remove it, or set train.provider: ray", at=key)
+        if any(m is not None for m in (self.optimize.quantize, self.optimize.prune, self.optimize.distill)):
+            raise invalid("optimize derives a version from the weights, which stay at the remote provider; "
+                          "turn optimize off, or set train.provider: ray", at="optimize")
+        sources = [(i, s) for i, s in enumerate(self.data.sources) if (s.format or self.data.format) == "completion"]
+        if sources:
+            i, s = sources[0]
+            raise invalid(f"an OpenAI-compatible provider trains on chat examples, but data.sources.{i} "
+                          f"({s.name or f'source{i}'}) is in completion format; set its format (or data.format) "
+                          "to chat or instruction, or train.provider: ray", at=f"data.sources.{i}.format")
+        return self
+
     @property
     def run_name(self) -> str:
         return self.output_dir.rstrip("/").rsplit("/", 1)[-1]

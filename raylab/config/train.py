@@ -4,9 +4,57 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raylab.config.types import Fraction, PositiveInt, Section, invalid
+
+
+class RemoteProviderConfig(Section):
+    """An OpenAI-compatible fine-tuning service that trains instead of Ray Train
+    (`train.provider: openai_compatible`): OpenAI, another raylab's `raylab api`, a vendor's
+    compatible endpoint. The data stage runs here; its accepted, redacted records (train split,
+    and val as the validation file) are uploaded as chat JSONL, the job is created and followed,
+    and the result is registered as a remote version (raylab/train/remote.py). Needs
+    governance.allow_remote: true; a source with contains_pii: true is never sent."""
+
+    base_url: str = Field(description="the service's base URL, ending before /files and /fine_tuning "
+                          "(https://api.openai.com/v1, http://HOST:PORT/v1)")
+    api_key: str = Field(description="a ${env:NAME} reference to the bearer key (never the key itself)")
+    model: str = Field(min_length=1, description="the provider's base model the job fine-tunes (the request's `model`)")
+    suffix: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                               description="added to the fine-tuned model's name by the provider")
+    n_epochs: Literal["auto"] | PositiveInt = Field("auto", description="the job's n_epochs hyper-parameter")
+    batch_size: Literal["auto"] | PositiveInt = Field("auto", description="the job's batch_size hyper-parameter")
+    learning_rate_multiplier: Literal["auto"] | float = Field(
+        "auto", description="the job's learning_rate_multiplier hyper-parameter")
+    validation: bool = Field(True, description="upload the data stage's val split as the job's validation_file")
+    poll_s: float = Field(5.0, gt=0, description="seconds between reads of the job and its events")
+    timeout_h: float = Field(24.0, gt=0, description="hours the job may take before raylab stops following it "
+                             "(and cancels it at the provider)")
+    request_timeout_s: float = Field(120.0, gt=0, description="seconds one request may take (an upload included)")
+    max_retries: int = Field(4, ge=0, description="retries of a request answered 429 or 5xx, or whose connection failed")
+
+    @field_validator("api_key")
+    @classmethod
+    def _env_reference(cls, value: str) -> str:
+        if not (value.startswith("${env:") and value.endswith("}")):
+            raise ValueError("give a ${env:NAME} reference to the key, not the key itself (configs are written to "
+                             "run directories and the registry)")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://", "${env:")):
+            raise ValueError(f"expected http(s)://HOST[:PORT]/PATH, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("learning_rate_multiplier")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and not value > 0:
+            raise ValueError("must be 'auto' or a number above 0")
+        return value
 
 
 class TrainConfig(Section):
@@ -45,6 +93,10 @@ class TrainConfig(Section):
         "cross_entropy", description="the training loss, a name registered in raylab/train/objectives.py; cross_entropy: next-token cross-entropy; "
         "distill: cross-entropy mixed with the KL to a teacher (set by `raylab optimize` with optimize.distill)")
     loss_on: Literal["targets", "all"] = Field("targets", description="all: every token is a target, prompts too")
+    provider: Literal["ray", "openai_compatible"] = Field(
+        "ray", description="ray: Ray Train on this cluster; openai_compatible: a fine-tuning service (train.remote) "
+                           "trains on the data stage's records, and its result is registered as a remote version")
+    remote: RemoteProviderConfig | None = Field(None, description="the service train.provider openai_compatible sends jobs to")
     max_failures: int = Field(0, ge=-1, description="worker failures restarted from the latest checkpoint (-1: always)")
     resume: bool = Field(True, description="continue from the run's latest checkpoint; false starts over")
 
@@ -61,6 +113,16 @@ class TrainConfig(Section):
                               "are one setting under two names; keep activation_checkpointing only")
             data.setdefault("activation_checkpointing", old)
         return data
+
+    @model_validator(mode="after")
+    def _provider(self) -> TrainConfig:
+        if self.provider == "openai_compatible" and self.remote is None:
+            raise invalid("provider=openai_compatible needs train.remote {base_url, api_key: ${env:NAME}, model}",
+                          at="remote")
+        if self.provider == "ray" and self.remote is not None:
+            raise invalid("train.remote is set but train.provider is ray; set train.provider: openai_compatible "
+                          "or remove train.remote", at="remote")
+        return self
 
     @model_validator(mode="after")
     def _elastic(self) -> TrainConfig:

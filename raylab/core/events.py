@@ -47,7 +47,8 @@ NAMESPACE = "raylab"
 KINDS = ("stage.start", "stage.end", "stage.failure", "registry.register", "registry.gate", "registry.promote",
          "registry.rollback", "serve.start", "serve.stop", "serve.deploy", "train.checkpoint_rejected",
          "data.erase", "registry.erasure_pending", "access.allow", "access.deny", "access.key_create",
-         "access.key_revoke", "keys.rotate", "serve.canary_start", "serve.canary_promote", "serve.canary_rollback")
+         "access.key_revoke", "keys.rotate", "serve.canary_start", "serve.canary_promote", "serve.canary_rollback",
+         "train.remote_upload", "train.remote_job")
 
 
 def actor() -> str:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 
@@ -75,6 +76,8 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
     mv = registry.get_version(store, f"{name}/{version}")
     gates = GatesConfig.model_validate_json(mv.tags.get("raylab.gates", "{}"))
     cfg = version_config(store, mv)
+    if registry.remote_of(mv) is not None:
+        return _record(store, mv, cfg, *remote_checks([gates, *suites], mv, cfg.output_dir), held_out="the provider's")
     val = runs.read_manifest(runs.Run(cfg.output_dir), cfg.source).outputs["val"]  # a trial's points at its sweep's
     if not storage.exists(val):
         raise UserError(f"{name}/{version}: its held-out split {val} is gone; re-run `raylab data` for "
@@ -119,16 +122,23 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
                                        batch_size=cfg.eval.batch_size)
     if limits:
         checks.append(bias.gate_check(bias_table, min(limits)))  # a suite may be stricter than the config
+    return _record(store, mv, cfg, checks, measured, bias_table, held_out=val)
+
+
+def _record(store: registry.Store, mv, cfg: config.RaylabConfig, checks: list[dict], measured: dict,
+            bias_table: dict | None, held_out: str) -> dict:
+    """The result as version tags, the card refreshed, the event, the log lines."""
+    name, version = mv.name, int(mv.version)
     failures = [c for c in checks if not c["passed"]]
     status = "failed" if failures else "passed"
     result = {"name": name, "version": version, "status": status, "checks": checks, "val_loss": measured["loss"],
-              "perplexity": measured["perplexity"], "held_out": val,
+              "perplexity": measured["perplexity"], "held_out": held_out,
               "evaluated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": registry.user()}
     registry.set_tags(store, name, version, {
         "raylab.gates.status": status, "raylab.gates.report": json.dumps(result)[:90_000],
         "raylab.gates.failures": "; ".join(suites_.describe(c) for c in failures)[:5000],
-        "eval.val_loss": f"{measured['loss']:.6g}", "eval.perplexity": f"{measured['perplexity']:.6g}",
-    })
+    } | ({"eval.val_loss": f"{measured['loss']:.6g}", "eval.perplexity": f"{measured['perplexity']:.6g}"}
+         if measured["loss"] is not None else {}))
     if bias_table is not None:  # the card shows the gates just measured and the bias table behind max_bias_gap
         registry.add_card_section(store, name, version, bias.CARD_SECTION, bias.markdown({"version": bias_table}))
     else:
@@ -143,6 +153,39 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         log.info("gates: none declared (registry.gates in the config): the version passes by default")
     log.info(f"gates: {name}/{version} {status.upper()}")
     return result
+
+
+# Gates that need the weights (generation, raylab's own held-out scorer, the local engine's
+# speed, bias probes' log-probabilities) or a parent here; on a remote version each one that is
+# set fails as not measurable, never passes by default.
+_NEED_WEIGHTS = ("max_regression", "golden", "pii_probe", "refusal", "latency", "max_quality_drop", "min_speedup",
+                 "max_bias_gap")
+
+
+def remote_checks(every: list[GatesConfig], mv, output_dir: str) -> tuple[list[dict], dict, None]:
+    """A remote version's gates: the loss thresholds on the provider's reported validation loss
+    (its last `metrics` event with valid_loss; the version's metric.val_loss tag), the index's
+    retrieval gates as for any version, and every gate that needs the weights failed as not
+    measurable here."""
+    reported = mv.tags.get("metric.val_loss")
+    loss = float(reported) if reported not in (None, "None", "nan") else None
+    measured = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)) if loss is not None else None}
+    checks = []
+    for g in every:
+        for key, value in (("max_val_loss", measured["loss"]), ("max_perplexity", measured["perplexity"])):
+            limit = getattr(g, key)
+            if limit is not None and value is not None:
+                checks.append(_check(key, value, limit, value <= limit, source="the provider's validation loss"))
+            elif limit is not None:
+                checks.append(_unmeasurable(key, limit, "the provider reported no validation loss (the job had no "
+                                                        "validation file: train.remote.validation, or a val split)"))
+        for key in _NEED_WEIGHTS:
+            limit = getattr(g, key)
+            if limit not in (None, [], ()):
+                checks.append(_unmeasurable(key, limit if isinstance(limit, float) else f"{len(limit)} set",
+                                            "not measurable for a remote version: its weights are at the provider"))
+        checks += rag_checks(g, output_dir)
+    return checks, measured, None
 
 
 def derived_checks(gates: GatesConfig, tags: dict[str, str], val_loss: float | None,
@@ -216,6 +259,11 @@ def _training_probes(cfg: config.RaylabConfig, n: int) -> list[dict]:
                         f"re-run `raylab data` for {cfg.source}")
     rows = storage.read_table(location, columns=["record_id", "format", "text", "messages", "split"]).to_pylist()
     return suites_.training_probes(rows, n)
+
+
+def _unmeasurable(name: str, limit, why: str) -> dict:
+    """A gate that is set but cannot be measured: failed (suites.describe prints `why`)."""
+    return suites_.check(name, None, limit, False, why, name=name, suite="metrics", unmeasurable=True)
 
 
 def _check(name: str, value, limit, passed: bool, **extra) -> dict:

@@ -182,6 +182,8 @@ def measure_latency(path: str, budget: LatencyBudget, threads: int = 1) -> dict:
 
 
 def describe(c: dict) -> str:
+    if c.get("unmeasurable"):  # set, but nothing to measure it on (evaluate/gates.py remote_checks)
+        return f"{c['gate']}: {c['message']}"
     if c["gate"] in ("golden", "pii_probe", "refusal"):
         verdict = "ok" if c["passed"] else c["message"]
         return f"{c['gate']} {c['prompt']!r:.60}: answer {c['value']!r:.80} {verdict}"

@@ -49,6 +49,8 @@ from raylab.registry.versions import (
     parse_ref,
     register,
     registered_model,
+    remote_of,
+    remote_tags,
     set_tags,
     verify,
     version_number,
@@ -60,7 +62,7 @@ __all__ = [
     "add_card_section", "card_for", "download_card_files", "refresh_card", "render_card", "write_card",
     "ERASURE_TAG", "LINEAGE", "PREVIOUS", "PRODUCTION", "IntegrityError", "LiveRun", "Store", "alias_history", "checksums", "erasures_pending", "experiment_id",
     "fetch", "flatten",
-    "get_version", "version_run", "locate", "log_run", "mark_erasure_pending", "model_name", "open_store", "open_train_run", "parse_ref", "promote", "register", "register_derived",
+    "get_version", "version_run", "locate", "log_run", "mark_erasure_pending", "model_name", "open_store", "open_train_run", "parse_ref", "promote", "register", "register_derived", "remote_of", "remote_tags",
     "registered_model", "rollback", "set_tags", "track_sweep", "track_train", "trained_on", "user", "verify", "version_number",
     "versions",
 ]

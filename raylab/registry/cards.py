@@ -175,6 +175,7 @@ def build(cfg: RaylabConfig, meta: dict, manifest: runs.DataManifest | None, *, 
     pretrained = pre is not None
     preset = "pretrained" if pretrained else ("preset" if base.startswith("preset:") else None)
     licence = card.license or (cfg_license() if preset else UNKNOWN)
+    remote = _remote(meta)
     return {
         "schema": SCHEMA, "name": name, "version": int(version), "run_id": run_id, "stage": stage,
         "created": meta.get("created"), "note": note,
@@ -186,7 +187,7 @@ def build(cfg: RaylabConfig, meta: dict, manifest: runs.DataManifest | None, *, 
         "intended_use": card.intended_use, "out_of_scope_use": card.out_of_scope_use,
         "authors": list(card.authors), "contact": card.contact,
         "data": data_section(manifest),
-        "training": {"hyperparameters": hyperparameters(cfg, tuned), "seed": cfg.train.seed, "data_seed": cfg.data.seed,
+        "training": {"hyperparameters": remote["hyperparameters"] if remote else hyperparameters(cfg, tuned), "seed": cfg.train.seed, "data_seed": cfg.data.seed,
                      "steps": meta.get("steps"), "epochs_started": meta.get("epochs_started"),
                      "stopped_early": meta.get("stopped_early"), "trained_tokens": tokens, "world_size": world,
                      "dtype": meta.get("dtype"), "precision": meta.get("precision"),
@@ -198,11 +199,36 @@ def build(cfg: RaylabConfig, meta: dict, manifest: runs.DataManifest | None, *, 
                     "six_n_d": 6 * n_base * tokens if n_base else None,
                     "six_n_d_formula": "6*N*D, N = all base parameters, D = trained tokens (the standard estimate)",
                     "wall_seconds": seconds, "device_seconds": round(seconds * world * (gpus if gpus > 0 else 1), 1),
-                    "device_type": f"GPU ({gpus:g} per worker)" if gpus > 0 else "CPU",
+                    "device_type": "the provider's hardware (not reported)" if remote else
+                    (f"GPU ({gpus:g} per worker)" if gpus > 0 else "CPU"),
                     "workers": world},
+        "remote": remote,
         "eu_ai_act": eu_ai_act(cfg, flops, n_base, pre),
         "extra_sections": {},
     }
+
+
+def _remote(meta: dict) -> dict | None:
+    """A remote version's provider facts (train/remote.py's pointer), else None."""
+    if not meta.get("provider"):
+        return None
+    return {"provider": meta["provider"], "base_url": meta.get("base_url"), "job": meta.get("job"),
+            "fine_tuned_model": meta.get("fine_tuned_model"), "files": meta.get("files") or {},
+            "withheld": meta.get("withheld") or {}, "metrics_source": meta.get("metrics_source"),
+            "hyperparameters": {"method": f"{meta.get('method') or 'remote'} (the provider's own)",
+                                **(meta.get("provider_hyperparameters") or meta.get("hyperparameters") or {})}}
+
+
+def _remote_lines(remote: dict | None) -> list[str]:
+    if not remote:
+        return []
+    sent = ", ".join(f"{split}: {f['records']:,} records (sha256 {f['sha256'][:16]}...)" for split, f in remote["files"].items())
+    withheld = ", ".join(f"{k} ({v:,})" for k, v in remote["withheld"].items()) or "none"
+    return ["## Remote provider", "",
+            f"- Trained by {remote['provider']} at {remote['base_url']}, job `{remote['job']}`; its weights stay "
+            f"there, served as `{remote['fine_tuned_model']}`",
+            f"- Sent: {sent}", f"- Withheld (sources marked contains_pii): {withheld}",
+            f"- Metrics: {remote['metrics_source'] or UNKNOWN}", ""]
 
 
 def cfg_license() -> str:
@@ -288,6 +314,7 @@ def render(card: dict) -> str:
               f"- Trained tokens: {_num(t['trained_tokens'])}; workers: {t['world_size']}; dtype {t['dtype']}, precision {t['precision']}",
               f"- Config hash {t['config_hash']}, data manifest hash {t['data_manifest_hash']}",
               f"- Code version: {card['code_version']['recorded'] or UNKNOWN} (card written by raylab {card['code_version']['raylab']})", ""]
+    lines += _remote_lines(card.get("remote"))
     lines += _eval_lines(card["evaluation"])
     lines += ["## Compute", "",
               f"- Training FLOPs: {_flops(comp['training_flops'])} ({comp['flops_formula'] or 'formula not recorded'})",

@@ -132,15 +132,16 @@ def open_train_run(cfg: RaylabConfig, identity: str) -> LiveRun | None:
     return LiveRun(store, run_id, -1, r.live_interval_s, r.system_metrics)
 
 
-def track_train(cfg: RaylabConfig, meta: dict, live: LiveRun | None = None) -> dict:
+def track_train(cfg: RaylabConfig, meta: dict, live: LiveRun | None = None, extra: dict[str, str] | None = None) -> dict:
     """Log a finished train run and register its model as a new version (the train driver);
-    `live`: its run opened at the start (open_train_run), finished here."""
+    `live`: its run opened at the start (open_train_run), finished here; `extra`: more
+    version tags (a remote version's: versions.remote_tags)."""
     store = live.store if live is not None else open_store(cfg)
     exp = experiment_id(store, model_name(cfg))
     run = runs.Run(cfg.output_dir)
     spec = _train_run(cfg, meta["identity"])
     run_id = log_run(store, exp, **spec, history=_history(run.train_metrics), artifacts=_run_artifacts(run), live=live)
-    version = register(store, cfg, run_id, run.train_final, meta)
+    version = register(store, cfg, run_id, run.train_final, meta, extra=extra)
     log.info(f"registry: run {run_id} in experiment {model_name(cfg)!r}; model {version.name}/{version.version} ({redact_url(store.uri)}); "
              f"its model card: raylab models card {version.name}/{version.version}")
     return {"run_id": run_id, "name": version.name, "version": int(version.version)}

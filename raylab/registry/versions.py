@@ -140,6 +140,23 @@ def version_number(store: Store, name: str, text: str) -> int:
     return int(text)
 
 
+REMOTE_TAG = "raylab.provider"  # set on a version a remote provider trained (train/remote.py)
+
+
+def remote_tags(meta: dict) -> dict[str, str]:
+    """The tags of a remote version: which provider holds its weights, and under what name."""
+    return {REMOTE_TAG: meta["provider"], "raylab.remote.base_url": meta["base_url"],
+            "raylab.remote.model": meta["fine_tuned_model"], "raylab.remote.job": meta["job"]}
+
+
+def remote_of(mv) -> dict[str, str] | None:
+    """{provider, base_url, model, job} of a remote version; None for one whose weights are here."""
+    if REMOTE_TAG not in mv.tags:
+        return None
+    return {"provider": mv.tags[REMOTE_TAG], "base_url": mv.tags.get("raylab.remote.base_url"),
+            "model": mv.tags.get("raylab.remote.model"), "job": mv.tags.get("raylab.remote.job")}
+
+
 def fetch(store: Store, ref: str) -> str:
     """A verified local copy of a version's artifact under $RAYLAB_HOME/cache/registry/
     NAME/VERSION. Every fetch downloads the registry's copy and checks it file by file
@@ -153,6 +170,9 @@ def fetch(store: Store, ref: str) -> str:
 
     mv = get_version(store, ref)
     expected, label = json.loads(mv.tags.get("raylab.checksums", "null")), f"{mv.name}/{mv.version}"
+    if (remote := remote_of(mv)) is not None:
+        raise UserError(f"{label} was trained at {remote['base_url']} ({remote['provider']}): its weights stay there, "
+                        f"served as {remote['model']!r} by that provider; raylab cannot load or serve it")
     dst = runs.home().registry_cache(mv.name, mv.version)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{mv.version}-", dir=dst.parent))

@@ -199,6 +199,10 @@ def run_train(cfg: RaylabConfig, address: str | None = None, callbacks: list | N
     `trial_threads`); a plain run's workers have the cores to themselves. Progress lines
     go to the `raylab.train` logger; stage.start then stage.end (or stage.failure) events to
     the run's events file."""
+    if cfg.train.provider != "ray":  # a fine-tuning service trains; the data stage ran here
+        from raylab.train import remote
+
+        return remote.run_remote(cfg, track)
     with events.stage("train", run=cfg.output_dir):
         if not in_sweep:
             ensure_pretrained(cfg, address)

@@ -483,3 +483,92 @@ def cancelled_while_running(client, svc, file_id: str, dashboard: str) -> None:
     for change in (client.fine_tuning.jobs.pause, client.fine_tuning.jobs.resume, client.fine_tuning.jobs.cancel):
         with pytest.raises(openai.BadRequestError):
             change(job.id)
+
+
+def test_a_remote_provider_run_registers_a_remote_version(local_cluster, tmp_path, monkeypatch):
+    """train.provider openai_compatible against a second raylab (`raylab api --standalone`'s
+    app on loopback, its jobs on this cluster) acting as the provider: `raylab run --no-serve`
+    runs the data stage here, sends the accepted records of the source not marked
+    contains_pii, follows the provider's job to `succeeded` (its metrics events become this
+    run's metrics rows), registers a remote version whose card says what was sent and withheld,
+    and gates it on the provider's validation loss. Without governance.allow_remote the same
+    config is exit 2 and nothing reaches the provider."""
+    import openai
+    import yaml
+
+    from raylab import config, registry
+    from raylab.core import events as events_
+    from raylab.core import runs
+    from raylab.errors import UserError
+
+    env, dashboard, _ = local_cluster
+    (tmp_path / "provider").mkdir()
+    provider_cfg = ftapi.template(tmp_path / "provider", sections={**FT_SECTIONS, "train": FT_TRAIN}, address=dashboard)
+    app, users = ftapi.make_app(tmp_path / "provider", monkeypatch, provider_cfg)
+    key = users["ada"]["Authorization"].split()[1]
+    (tmp_path / "public.jsonl").write_bytes(chat_jsonl(24))
+    (tmp_path / "crm.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Which address does customer {i} ship to?"},
+        {"role": "assistant", "content": f"Customer {i} ships to Larchmere Row {i}."}]}) + "\n" for i in range(6)))
+    out = tmp_path / "local-run"
+    raw = {"version": 1, "output_dir": str(out), "offline": True,
+           "data": {"format": "chat", "val_fraction": 0.25, "dedup": {"near": False},
+                    "sources": [{"type": "jsonl", "path": str(tmp_path / "public.jsonl"), "name": "public"},
+                                {"type": "jsonl", "path": str(tmp_path / "crm.jsonl"), "name": "crm", "contains_pii": True}]},
+           "model": {"name_or_path": BASE},
+           "train": {"provider": "openai_compatible", "log_every": 1,
+                     "remote": {"base_url": "${env:PROVIDER_URL}", "api_key": "${env:PROVIDER_KEY}", "model": BASE,
+                                "suffix": "remote", "poll_s": 1}},
+           "registry": {"tracking_uri": f"sqlite:///{tmp_path / 'local-mlflow.db'}", "model_name": "acme-remote",
+                        "gates": {"max_val_loss": 50.0}, "auto_promote": True},
+           "eval": {"bias_probes": None, "global_explanation": None},
+           "governance": {"allow_remote": True}}
+    (tmp_path / "remote.yaml").write_text(yaml.safe_dump(raw))
+    try:
+        with ftapi.loopback(app) as url:
+            client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+            local_env = {**env, "PROVIDER_URL": url, "PROVIDER_KEY": key,
+                         "RAYLAB_DATABASE_URL": f"sqlite:///{tmp_path / 'local-control.db'}"}
+            # allow_remote false (the default): exit 2 naming it, before the data stage, and
+            # nothing reaches the provider
+            refused = subprocess.run([str(BIN / "raylab"), "run", str(tmp_path / "remote.yaml"), "--no-serve",
+                                      "governance.allow_remote=false", "--address", f"127.0.0.1:{env['PORT']}"],
+                                     env=local_env, capture_output=True, text=True, timeout=120)
+            assert refused.returncode == 2 and "governance.allow_remote" in refused.stderr, refused.stderr[-2000:]
+            assert client.files.list().data == [] and not out.exists()
+
+            done = subprocess.run([str(BIN / "raylab"), "run", str(tmp_path / "remote.yaml"), "--no-serve",
+                                   "--address", f"127.0.0.1:{env['PORT']}"],
+                                  env=local_env, capture_output=True, text=True, timeout=900)
+            text = done.stdout + done.stderr
+            assert done.returncode == 0, text[-4000:]
+            jobs_ = client.fine_tuning.jobs.list().data
+            assert len(jobs_) == 1 and jobs_[0].status == "succeeded", jobs_
+            job = jobs_[0]
+            assert job.fine_tuned_model == f"ft:{BASE}:acme:remote:{job.id}"
+            assert f"remote: job {job.id} created" in text and re.search(r"remote: sent \d+ train and \d+ val records", text)
+            # what reached the provider: the public source's records only, both splits
+            sent = b"".join(client.files.content(f.id).content for f in client.files.list().data)
+            assert b"Larchmere" not in sent and sent.count(b'"messages"') == 24, sent[:500]
+            assert b"Larchmere" in (tmp_path / "crm.jsonl").read_bytes()  # the control: the marker is in the source
+    finally:
+        from raylab.core import controldb
+
+        controldb.dispose_all()
+    cfg = config.load(str(tmp_path / "remote.yaml"))
+    store = registry.open_store(cfg)
+    mv = registry.get_version(store, "acme-remote/1")
+    assert registry.remote_of(mv) == {"provider": "openai_compatible", "base_url": url,
+                                      "model": job.fine_tuned_model, "job": job.id}
+    assert mv.tags["raylab.gates.status"] == "passed", mv.tags.get("raylab.gates.failures")
+    report = json.loads(mv.tags["raylab.gates.report"])
+    assert report["checks"][0]["source"] == "the provider's validation loss" and report["val_loss"] is not None
+    assert {k: int(v) for k, v in store.client.get_registered_model("acme-remote").aliases.items()} == {"production": 1}
+    card = registry.render_card(registry.card_for(store, mv))
+    assert "## Remote provider" in card and "Withheld (sources marked contains_pii): crm (6)" in card
+    rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["step"]] == [1, 2, 3, 4] and any(r.get("evaluated") for r in rows)
+    kinds = [e["kind"] for e in events_.read(runs.Run(str(out)).events)]
+    assert "train.remote_upload" in kinds and "train.remote_job" in kinds
+    with pytest.raises(UserError, match="its weights stay there"):
+        registry.fetch(store, "acme-remote/1")

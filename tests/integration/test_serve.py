@@ -119,10 +119,11 @@ def short_descriptions(n: int) -> list[str]:
     return out[:n]
 
 
-def serve_config(root: Path, base: Path, port: int, **serve) -> config.RaylabConfig:
-    """The endpoint's config; with retrieval (`serve.rag`) over the index in root/run/index."""
+def serve_config(root: Path, base: Path, port: int, api: dict | None = None, **serve) -> config.RaylabConfig:
+    """The endpoint's config; with retrieval (`serve.rag`) over the index in root/run/index
+    (and the fine-tuning service's `api` section when given)."""
     return config.load_dict({
-        "version": 1, "output_dir": str(root / "run"), "offline": True,
+        "version": 1, "output_dir": str(root / "run"), "offline": True, **({"api": api} if api else {}),
         "data": {"sources": [{"type": "jsonl", "path": str(root / "unused.jsonl")}]},
         "model": {"name_or_path": str(base)}, "registry": {"model_name": NAME},
         "serve": {"port": port, "cpus_per_replica": 0.5, "max_batch_size": 4, "batch_wait_timeout_s": 0.05,
@@ -147,7 +148,9 @@ def served(tmp_path_factory, _session_ray):
     (root / "keys.txt").write_text(f"# API keys, one per line\n{KEY}\n")
     docs = short_descriptions(DOCS)
     cfg = serve_config(root, base, free_port(), explain={"enabled": True, "cpus_per_replica": 0.25},  # /v1/explain
-                       canary=CANARY)
+                       canary=CANARY, api_keys_db=True,  # raylab keys too (an ft: name is its org's)
+                       # the fine-tuning service in the ingress: its ft: names are routed (no job runs here)
+                       api={"enabled": True, "files": str(root / "api-files"), "runs": str(root / "api-runs")})
     # the index written directly (a chunk per document): `raylab index` is test_rag's subject,
     # and its Ray Data pipeline would cost this module's fixture half a minute
     write_index(root / "run" / "index", docs)
@@ -704,6 +707,33 @@ def test_a_version_registered_after_the_deploy_is_served_without_a_redeploy(serv
         assert status == 404 and body["error"]["code"] == "model_not_found", (model, body)
     assert _replicas(served, "Ingress") == before  # no redeploy, no restart
     assert get(served["url"], "/healthz", key=None)[1]["model"] == routing["default"]  # the default stays as deployed
+
+
+def test_a_fine_tuned_models_name_answers_for_its_organisation_only(served):
+    """With api.enabled the live endpoint serves a fine-tuning job's `ft:` name (what a job
+    returns as fine_tuned_model; a whole job is test_submit's) as the registry version the
+    service's table maps it to: the job's organisation gets that version's answer through
+    the official client; another organisation's key and a static key get model_not_found, as
+    for a name never made (the control)."""
+    import openai
+
+    from raylab.core import controldb
+    from raylab.core.access import keys
+    from raylab.serve import ftstore
+
+    db = controldb.url()
+    name = f"ft:{NAME}:acme:live:ftjob-live"
+    ftstore.add_model(db, {"name": name, "org": "acme", "job_id": "ftjob-live", "registry_name": NAME,
+                           "registry_version": 2})
+    acme, _ = keys.create(db, "acme", "viewer", "ada-live", by="root@host")
+    globex, _ = keys.create(db, "globex", "viewer", "bob-live", by="root@host")
+    ask = openai.OpenAI(base_url=served["url"] + "/v1", api_key=acme, max_retries=0)
+    answer = ask.chat.completions.create(model=name, messages=[{"role": "user", "content": QUESTIONS[0]}], temperature=0)
+    assert answer.choices[0].message.content == ANSWERS[2] and answer.model == name
+    for key, model in ((globex, name), (KEY, name), (acme, name.replace("ftjob-live", "ftjob-none"))):
+        status, body = request(served["url"], "/v1/chat/completions",
+                               {"model": model, "messages": [{"role": "user", "content": QUESTIONS[0]}]}, key=key)
+        assert status == 404 and body["error"]["code"] == "model_not_found", (key[:8], model, body)
 
 
 def test_a_version_tampered_after_registration_is_refused_with_a_409_not_a_5xx(served):

@@ -121,7 +121,8 @@ class RaylabConfig(Section):
         if any(m is not None for m in (self.optimize.quantize, self.optimize.prune, self.optimize.distill)):
             raise invalid("optimize derives a version from the weights, which stay at the remote provider; "
                           "turn optimize off, or set train.provider: ray", at="optimize")
-        sources = [(i, s) for i, s in enumerate(self.data.sources) if (s.format or self.data.format) == "completion"]
+        sources = [(i, s) for i, s in enumerate(self.data.sources)
+                   if (s.format or self.data.format) == "completion" or s.type == "text"]  # text: always completion
         if sources:
             i, s = sources[0]
             raise invalid(f"an OpenAI-compatible provider trains on chat examples, but data.sources.{i} "

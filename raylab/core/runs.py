@@ -153,6 +153,16 @@ class Run:
         return _join(self.train, "metrics.jsonl")
 
     @property
+    def train_remote_job(self) -> str:
+        """train.provider openai_compatible: file ids and the job id, kept as each is made."""
+        return _join(self.train, "remote_job.json")
+
+    @property
+    def train_remote_pointer(self) -> str:
+        """A remote version's artifact: the provider, its job and the fine-tuned model's name."""
+        return _join(self.train_final, "remote.json")
+
+    @property
     def train_loss_png(self) -> str:
         return _join(self.train, "loss.png")
 

@@ -77,7 +77,10 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
     gates = GatesConfig.model_validate_json(mv.tags.get("raylab.gates", "{}"))
     cfg = version_config(store, mv)
     if registry.remote_of(mv) is not None:
-        return _record(store, mv, cfg, *remote_checks([gates, *suites], mv, cfg.output_dir), held_out="the provider's")
+        production = store.client.get_registered_model(name).aliases.get(registry.PRODUCTION)
+        others = production is not None and int(production) != version
+        return _record(store, mv, cfg, *remote_checks([gates, *suites], mv, cfg.output_dir, others),
+                       held_out="the provider's")
     val = runs.read_manifest(runs.Run(cfg.output_dir), cfg.source).outputs["val"]  # a trial's points at its sweep's
     if not storage.exists(val):
         raise UserError(f"{name}/{version}: its held-out split {val} is gone; re-run `raylab data` for "
@@ -95,7 +98,11 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         checks.append(_check("max_perplexity", measured["perplexity"], gates.max_perplexity,
                              measured["perplexity"] <= gates.max_perplexity))
     production = store.client.get_registered_model(name).aliases.get(registry.PRODUCTION)
-    if gates.max_regression is not None and production is not None and int(production) != version:
+    if (gates.max_regression is not None and production is not None and int(production) != version
+            and registry.remote_of(registry.get_version(store, f"{name}/{production}")) is not None):
+        checks.append(_unmeasurable("max_regression", gates.max_regression, f"production ({name}/{production}) is a "
+                                    "remote version: its loss on this held-out split cannot be measured here"))
+    elif gates.max_regression is not None and production is not None and int(production) != version:
         prod = batch.held_out_loss(cfg, registry.fetch(store, f"{name}/{production}"), val)
         limit = prod["loss"] + gates.max_regression
         checks.append(_check("max_regression", measured["loss"], limit, measured["loss"] <= limit,
@@ -156,17 +163,20 @@ def _record(store: registry.Store, mv, cfg: config.RaylabConfig, checks: list[di
 
 
 # Gates that need the weights (generation, raylab's own held-out scorer, the local engine's
-# speed, bias probes' log-probabilities) or a parent here; on a remote version each one that is
-# set fails as not measurable, never passes by default.
-_NEED_WEIGHTS = ("max_regression", "golden", "pii_probe", "refusal", "latency", "max_quality_drop", "min_speedup",
-                 "max_bias_gap")
+# speed, bias probes' log-probabilities); on a remote version each one that is set fails as not
+# measurable, never passes by default. max_quality_drop and min_speedup judge a version
+# `raylab optimize` derived against its parent, which a remote version never is: not
+# applicable, as for any version trained here.
+_NEED_WEIGHTS = ("golden", "pii_probe", "refusal", "latency", "max_bias_gap")
 
 
-def remote_checks(every: list[GatesConfig], mv, output_dir: str) -> tuple[list[dict], dict, None]:
+def remote_checks(every: list[GatesConfig], mv, output_dir: str, production_elsewhere: bool = False
+                  ) -> tuple[list[dict], dict, None]:
     """A remote version's gates: the loss thresholds on the provider's reported validation loss
     (its last `metrics` event with valid_loss; the version's metric.val_loss tag), the index's
     retrieval gates as for any version, and every gate that needs the weights failed as not
-    measurable here."""
+    measurable here (max_regression too, when another version is production: the same scorer
+    cannot run on both)."""
     reported = mv.tags.get("metric.val_loss")
     loss = float(reported) if reported not in (None, "None", "nan") else None
     measured = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)) if loss is not None else None}
@@ -179,6 +189,9 @@ def remote_checks(every: list[GatesConfig], mv, output_dir: str) -> tuple[list[d
             elif limit is not None:
                 checks.append(_unmeasurable(key, limit, "the provider reported no validation loss (the job had no "
                                                         "validation file: train.remote.validation, or a val split)"))
+        if g.max_regression is not None and production_elsewhere:
+            checks.append(_unmeasurable("max_regression", g.max_regression, "not measurable for a remote version: "
+                                        "production's loss and the provider's come from different scorers"))
         for key in _NEED_WEIGHTS:
             limit = getattr(g, key)
             if limit not in (None, [], ()):

@@ -176,6 +176,13 @@ def build(cfg: RaylabConfig, meta: dict, manifest: runs.DataManifest | None, *, 
     preset = "pretrained" if pretrained else ("preset" if base.startswith("preset:") else None)
     licence = card.license or (cfg_license() if preset else UNKNOWN)
     remote = _remote(meta)
+    if remote:  # the provider's base and compute are not raylab's model section's: say unknown, not 0
+        n_base, n_source, flops = None, "unknown: the provider's base model", None
+    eu = eu_ai_act(cfg, flops, n_base, pre) if flops is not None else {
+        "fine_tune_flops": None, "base_pretraining_flops": None, "basis": "unknown: trained at a remote provider",
+        "threshold_share": GPAI_SHARE, "threshold_flops": None, "ratio": None, "exceeds_threshold": None,
+        "statement": "Unknown: the provider trained it and reported no training compute, so whether this fine-tune "
+                     "exceeds one third of the base's pre-training compute cannot be said here."}
     return {
         "schema": SCHEMA, "name": name, "version": int(version), "run_id": run_id, "stage": stage,
         "created": meta.get("created"), "note": note,
@@ -198,12 +205,12 @@ def build(cfg: RaylabConfig, meta: dict, manifest: runs.DataManifest | None, *, 
         "compute": {"training_flops": flops, "flops_formula": meta.get("flops_formula"),
                     "six_n_d": 6 * n_base * tokens if n_base else None,
                     "six_n_d_formula": "6*N*D, N = all base parameters, D = trained tokens (the standard estimate)",
-                    "wall_seconds": seconds, "device_seconds": round(seconds * world * (gpus if gpus > 0 else 1), 1),
+                    "wall_seconds": seconds, "device_seconds": None if remote else round(seconds * world * (gpus if gpus > 0 else 1), 1),
                     "device_type": "the provider's hardware (not reported)" if remote else
                     (f"GPU ({gpus:g} per worker)" if gpus > 0 else "CPU"),
                     "workers": world},
         "remote": remote,
-        "eu_ai_act": eu_ai_act(cfg, flops, n_base, pre),
+        "eu_ai_act": eu,
         "extra_sections": {},
     }
 

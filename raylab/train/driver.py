@@ -66,6 +66,8 @@ def identity(cfg: RaylabConfig, manifest: runs.DataManifest) -> dict:
     train["gradient_checkpointing"] = train.pop("activation_checkpointing")
     if train["strategy"] == "ddp":
         del train["strategy"]
+    # likewise train.provider (ray, here) and train.remote (unset for ray), added later still
+    del train["provider"], train["remote"]
     material = {"model": cfg.model.model_dump(mode="json"), "train": train, "data": manifest_hash(manifest)}
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
     return {"hash": digest, **material}

@@ -32,7 +32,9 @@ import json
 import logging
 import math
 import time
+import uuid
 
+from raylab import config
 from raylab.config import RaylabConfig
 from raylab.core import events, runs, storage
 from raylab.core.secrets import expand_env, redact_url
@@ -40,8 +42,6 @@ from raylab.errors import RunFailed, UserError
 
 log = logging.getLogger("raylab.train")
 
-POINTER = "remote.json"  # in train/final/: the remote version's artifact
-STATE = "remote_job.json"  # in train/: file ids and the job id, written as each is made
 DONE = ("succeeded", "failed", "cancelled")
 INSTALL = "pip install 'raylab[remote]'"
 
@@ -85,12 +85,17 @@ def _refused(e: Exception, what: str, cfg: RaylabConfig) -> Exception:
     where = redact_url(expand_env(cfg.train.remote.base_url, "train.remote.base_url"))
     if isinstance(e, openai.AuthenticationError):
         return UserError(f"train.remote.api_key: {where} refused the key (401) while {what}")
+    if isinstance(e, openai.APIStatusError) and (e.status_code == 429 or e.status_code >= 500):
+        return RunFailed(f"{where} failed {what} ({e.status_code}) after train.remote.max_retries retries: "
+                         f"{_message(e)}; the job's state is kept in {runs.Run(cfg.output_dir).train_remote_job}, so "
+                         "the same command continues")
     if isinstance(e, openai.APIStatusError):
         return UserError(f"{where} refused {what} ({e.status_code}): {_message(e)}; check train.remote "
                          "(model, hyper-parameters) and the data stage's records")
     if isinstance(e, openai.APIConnectionError):
-        return RunFailed(f"train.remote.base_url: {where} did not answer while {what} ({e}); the job state is kept "
-                         f"in train/{STATE}, so the same command continues once it is reachable")
+        return RunFailed(f"train.remote.base_url: {where} did not answer while {what} ({e}); the job's state is kept "
+                         f"in {runs.Run(cfg.output_dir).train_remote_job}, so the same command continues once it is "
+                         "reachable")
     return e
 
 
@@ -104,12 +109,29 @@ def _message(e) -> str:
 
 
 def _save(run: runs.Run, state: dict) -> None:
-    storage.replace_text(storage.join(run.train, STATE), json.dumps(state, indent=2))
+    storage.replace_text(run.train_remote_job, json.dumps(state, indent=2))
 
 
 def _load(run: runs.Run) -> dict:
-    location = storage.join(run.train, STATE)
+    location = run.train_remote_job
     return json.loads(storage.read_text(location)) if storage.exists(location) else {}
+
+
+def request_of(cfg: RaylabConfig, manifest: runs.DataManifest) -> dict:
+    """What a job's result depends on: a kept job or result is reused only while it is equal."""
+    r = cfg.train.remote
+    return {"base_url": redact_url(expand_env(r.base_url, "train.remote.base_url")), "model": r.model,
+            "suffix": r.suffix, "validation": r.validation, "data_manifest_hash": runs.manifest_hash(manifest),
+            "hyperparameters": {k: getattr(r, k) for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
+            "withheld_sources": sorted(s.name or f"source{i}" for i, s in enumerate(cfg.data.sources) if s.contains_pii)}
+
+
+def _adopted(api, token: str):
+    """The job an earlier attempt created with this request token (its answer was lost), or None."""
+    for job in api.fine_tuning.jobs.list(limit=100).data:  # newest first: an earlier attempt is recent
+        if (job.metadata or {}).get("raylab_request") == token:
+            return job
+    return None
 
 
 def submit(cfg: RaylabConfig, manifest: runs.DataManifest, api, run: runs.Run, state: dict) -> dict:
@@ -134,18 +156,27 @@ def submit(cfg: RaylabConfig, manifest: runs.DataManifest, api, run: runs.Run, s
                  f"val records to {remote}" + (f"; withheld (contains_pii): {ex['counts']['withheld']}"
                                                 if ex["counts"]["withheld"] else ""))
         state = {"provider": remote, "files": files, "withheld": ex["counts"]["withheld"],
-                 "data_manifest_hash": runs.manifest_hash(manifest)}
+                 "data_manifest_hash": runs.manifest_hash(manifest), "request": request_of(cfg, manifest),
+                 "token": uuid.uuid4().hex}
         _save(run, state)
     if "job" not in state:
-        hyper = {k: getattr(r, k) for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+        storage.remove_file(run.train_metrics)  # rows of an earlier job are not this one's
+        hyper = state["request"]["hyperparameters"]
         body = {"model": r.model, "training_file": state["files"]["train"]["id"],
-                "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}}}
+                "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+                # the token finds the job again if the answer to this request is lost (below)
+                "metadata": {"raylab_request": state["token"], "raylab_run": cfg.run_name[:512]}}
         if "val" in state["files"]:
             body["validation_file"] = state["files"]["val"]["id"]
         if r.suffix:
             body["suffix"] = r.suffix
         try:
-            job = api.fine_tuning.jobs.create(**body)
+            job = _adopted(api, state["token"]) if state.get("create_sent") else None
+            if job is None:
+                _save(run, state | {"create_sent": True})
+                # No automatic retry: a create whose answer was lost may have made a job (a paid
+                # one), and OpenAI's API takes no idempotency key; a re-run looks for the token.
+                job = api.with_options(max_retries=0).fine_tuning.jobs.create(**body)
         except Exception as e:  # noqa: BLE001
             raise _refused(e, f"the job on {r.model!r}", cfg) from None
         state |= {"job": job.id, "model": r.model, "hyperparameters": hyper,
@@ -187,7 +218,8 @@ def follow(cfg: RaylabConfig, api, run: runs.Run, state: dict):
     """Poll the job until it ends, logging its events and keeping its metrics; the final job."""
     r = cfg.train.remote
     seen, steps = set(state.get("seen_events", [])), {row["step"] for row in _rows(run)}
-    deadline = time.monotonic() + r.timeout_h * 3600
+    created = datetime.datetime.fromisoformat(state["created"]).timestamp()
+    deadline = created + r.timeout_h * 3600  # from the job's creation, across re-runs that follow it
     while True:
         try:
             job = api.fine_tuning.jobs.retrieve(state["job"])
@@ -206,7 +238,7 @@ def follow(cfg: RaylabConfig, api, run: runs.Run, state: dict):
             _save(run, state | {"seen_events": sorted(seen)})
         if job.status in DONE:
             return job
-        if time.monotonic() > deadline:
+        if time.time() > deadline:
             try:
                 api.fine_tuning.jobs.cancel(state["job"])
                 how = "cancelled at the provider"
@@ -237,7 +269,7 @@ def pointer(cfg: RaylabConfig, state: dict, job) -> dict:
         "metrics": {"val_loss": last.get("val_loss"), "val_token_accuracy": last.get("val_token_accuracy"),
                     "train_loss": rows[-1].get("loss") if rows else None},
         "metrics_source": "the provider's metrics events",
-        "identity": f"remote:{state['job']}", "created": state["created"],
+        "identity": f"remote:{state['job']}", "created": state["created"], "request": state["request"],
         "finished_at": job.finished_at, "organization_id": getattr(job, "organization_id", None),
     }
 
@@ -246,39 +278,60 @@ def _plain(value):
     return value.model_dump() if hasattr(value, "model_dump") else value
 
 
+def _start_over(run: runs.Run, why: str, state: dict) -> None:
+    if state.get("job"):
+        why += f"; job {state['job']} is left as it is at the provider"
+    log.info(f"remote: {why}: sending the data again")
+    for location in (run.train_remote_pointer, run.train_remote_job, run.train_metrics):
+        storage.remove_file(location)
+
+
 def run_remote(cfg: RaylabConfig, track: bool = True) -> dict:
     """Train at the provider and (with `track` and registry.enabled) register a remote version."""
     with events.stage("train", run=cfg.output_dir, provider="openai_compatible"):
         run = runs.Run(cfg.output_dir)
-        done = storage.join(run.train_final, POINTER)
-        if storage.exists(done):
-            meta = json.loads(storage.read_text(done))
+        manifest = runs.read_manifest(run, cfg.source)
+        request = request_of(cfg, manifest)
+        done = run.train_remote_pointer
+        meta = json.loads(storage.read_text(done)) if storage.exists(done) else None
+        state = _load(run)
+        if meta is not None and meta.get("request") == request and cfg.train.resume:
             log.info(f"train: remote job {meta['job']} finished already: {meta['fine_tuned_model']}")
         else:
-            manifest = runs.read_manifest(run, cfg.source)
-            state = _load(run)
-            if state and state.get("data_manifest_hash") != runs.manifest_hash(manifest):
-                log.info(f"remote: the data changed since job {state.get('job', '(not created)')}; sending it again")
+            kept = meta or state
+            if kept and not cfg.train.resume:
+                _start_over(run, "train.resume is false", state)
                 state = {}
-                storage.remove_file(run.train_metrics)
-            api = client(cfg)
-            state = submit(cfg, manifest, api, run, state)
-            try:
-                job = follow(cfg, api, run, state)
-            except KeyboardInterrupt:
-                log.info(f"remote: stopped following; job {state['job']} goes on at the provider, and the same "
-                         "command follows it again")
-                raise
-            if job.status != "succeeded":
-                error = _plain(job.error) or {}
-                raise RunFailed(f"remote job {state['job']} {job.status} at {state['provider']}: "
-                                f"{error.get('message') or 'no error given'}; fix the cause and run the same command "
-                                f"again after deleting train/{STATE} (it would follow the ended job)")
-            meta = pointer(cfg, state, job)
-            storage.write_text(done, json.dumps(meta, indent=2))
-            log.info(f"train: remote job {state['job']} succeeded: {job.fine_tuned_model}")
+            elif kept and kept.get("request") != request:
+                changed = sorted(k for k in request if (kept.get("request") or {}).get(k) != request[k])
+                _start_over(run, f"{', '.join(changed)} changed since the kept job", state)
+                state = {}
+            meta = _train(cfg, manifest, run, state)
     if not (track and cfg.registry.enabled):
         return meta
     from raylab import registry
 
     return meta | {"registry": registry.track_train(cfg, meta, extra=registry.remote_tags(meta))}
+
+
+def _train(cfg: RaylabConfig, manifest: runs.DataManifest, run: runs.Run, state: dict) -> dict:
+    """Submit (or find the kept job), follow it to its end, write the pointer; its contents."""
+    config.write_resolved(cfg)  # this run's config, as MLflow records it (the data stage's may be older)
+    api = client(cfg)
+    state = submit(cfg, manifest, api, run, state)
+    try:
+        job = follow(cfg, api, run, state)
+    except KeyboardInterrupt:
+        log.info(f"remote: stopped following; job {state['job']} goes on at the provider, and the same "
+                 "command follows it again")
+        raise
+    if job.status != "succeeded" or not job.fine_tuned_model:
+        error = _plain(job.error) or {}
+        raise RunFailed(f"remote job {state['job']} {job.status} at {state['provider']}"
+                        + ("" if job.fine_tuned_model or job.status != "succeeded" else " without a fine_tuned_model")
+                        + f": {error.get('message') or 'no error given'}; fix the cause and run the same command "
+                        f"again after deleting {run.train_remote_job} (it would follow the ended job)")
+    meta = pointer(cfg, state, job)
+    storage.replace_text(run.train_remote_pointer, json.dumps(meta, indent=2))
+    log.info(f"train: remote job {state['job']} succeeded: {job.fine_tuned_model}")
+    return meta

@@ -548,9 +548,18 @@ def test_a_remote_provider_run_registers_a_remote_version(local_cluster, tmp_pat
             assert job.fine_tuned_model == f"ft:{BASE}:acme:remote:{job.id}"
             assert f"remote: job {job.id} created" in text and re.search(r"remote: sent \d+ train and \d+ val records", text)
             # what reached the provider: the public source's records only, both splits
-            sent = b"".join(client.files.content(f.id).content for f in client.files.list().data)
+            uploads = [f for f in client.files.list().data if f.purpose == "fine-tune"]  # not the job's result file
+            assert sorted(f.filename for f in uploads) == ["local-run-train.jsonl", "local-run-val.jsonl"]
+            sent = b"".join(client.files.content(f.id).content for f in uploads)
             assert b"Larchmere" not in sent and sent.count(b'"messages"') == 24, sent[:500]
             assert b"Larchmere" in (tmp_path / "crm.jsonl").read_bytes()  # the control: the marker is in the source
+            # the same config again: the finished job is reused, nothing is sent twice
+            again = subprocess.run([str(BIN / "raylab"), "train", str(tmp_path / "remote.yaml"), "--address",
+                                    f"127.0.0.1:{env['PORT']}"], env=local_env, capture_output=True, text=True, timeout=300)
+            assert again.returncode == 0 and f"remote job {job.id} finished already" in again.stdout + again.stderr, \
+                (again.stdout + again.stderr)[-3000:]
+            assert len(client.fine_tuning.jobs.list().data) == 1
+            assert len([f for f in client.files.list().data if f.purpose == "fine-tune"]) == 2
     finally:
         from raylab.core import controldb
 

@@ -51,6 +51,7 @@ def test_a_remote_provider_needs_governance_allow_remote(tmp_path):
     ({"tune": {"search_space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}}}, "tune"),
     ({"optimize": {"quantize": "int8_weight_only"}}, "optimize"),
     ({"data.format": "completion"}, "data.sources.0.format"),
+    ({"data.sources": [{"type": "text", "path": "docs/", "format": "chat"}]}, "data.sources.0.format"),
     ({"train.remote.api_key": "sk-literal-key"}, "api_key"),
     ({"train.remote": None}, "train.remote"),
 ])
@@ -115,12 +116,16 @@ def test_a_remote_versions_gates_use_the_reported_loss_and_fail_what_needs_weigh
     checks, _, _ = gates.remote_checks([GatesConfig(max_val_loss=1.0)], _version(**{"metric.val_loss": "1.5"}), str(tmp_path))
     assert [c["passed"] for c in checks] == [False]
     # no reported loss, and gates that need the weights: each set one fails, none passes by default
-    g = GatesConfig(max_val_loss=2.0, golden=[{"prompt": "hi", "contains": "x"}], max_regression=0.1)
-    checks, measured, _ = gates.remote_checks([g], _version(), str(tmp_path))
+    g = GatesConfig(max_val_loss=2.0, golden=[{"prompt": "hi", "contains": "x"}], max_regression=0.1, min_speedup=2.0)
+    checks, measured, _ = gates.remote_checks([g], _version(), str(tmp_path), production_elsewhere=True)
     assert measured["loss"] is None and [c["gate"] for c in checks] == ["max_val_loss", "max_regression", "golden"]
     assert not any(c["passed"] for c in checks)
     assert "weights are at the provider" in suites.describe(checks[2])
     assert "reported no validation loss" in suites.describe(checks[0])
+    # no other production version: max_regression has nothing to compare with (as for any version),
+    # and min_speedup judges only a derived version
+    checks, _, _ = gates.remote_checks([g], _version(**{"metric.val_loss": "1.5"}), str(tmp_path))
+    assert [c["gate"] for c in checks] == ["max_val_loss", "golden"]
 
 
 def test_a_remote_versions_card_says_where_it_was_trained_and_what_was_withheld(tmp_path):

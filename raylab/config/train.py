@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -25,7 +25,7 @@ class RemoteProviderConfig(Section):
                                description="added to the fine-tuned model's name by the provider")
     n_epochs: Literal["auto"] | PositiveInt = Field("auto", description="the job's n_epochs hyper-parameter")
     batch_size: Literal["auto"] | PositiveInt = Field("auto", description="the job's batch_size hyper-parameter")
-    learning_rate_multiplier: Literal["auto"] | float = Field(
+    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0)] = Field(
         "auto", description="the job's learning_rate_multiplier hyper-parameter")
     validation: bool = Field(True, description="upload the data stage's val split as the job's validation_file")
     poll_s: float = Field(5.0, gt=0, description="seconds between reads of the job and its events")
@@ -48,13 +48,6 @@ class RemoteProviderConfig(Section):
         if not value.startswith(("http://", "https://", "${env:")):
             raise ValueError(f"expected http(s)://HOST[:PORT]/PATH, got {value!r}")
         return value.rstrip("/")
-
-    @field_validator("learning_rate_multiplier")
-    @classmethod
-    def _positive(cls, value):
-        if value != "auto" and not value > 0:
-            raise ValueError("must be 'auto' or a number above 0")
-        return value
 
 
 class TrainConfig(Section):

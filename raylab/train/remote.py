@@ -67,6 +67,11 @@ def examples(cfg: RaylabConfig, manifest: runs.DataManifest) -> dict:
             "counts": {"train": len(lines["train"]), "val": len(lines["val"]), "withheld": withheld}}
 
 
+def where(cfg: RaylabConfig) -> str:
+    """The provider's URL as logs, tags and the card may show it (credentials redacted)."""
+    return redact_url(expand_env(cfg.train.remote.base_url, "train.remote.base_url"))
+
+
 def client(cfg: RaylabConfig):
     try:
         import openai
@@ -82,20 +87,18 @@ def _refused(e: Exception, what: str, cfg: RaylabConfig) -> Exception:
     """The provider's refusal as the user's error (exit 2), naming the setting to fix."""
     import openai
 
-    where = redact_url(expand_env(cfg.train.remote.base_url, "train.remote.base_url"))
+    url, kept = where(cfg), runs.Run(cfg.output_dir).train_remote_job
     if isinstance(e, openai.AuthenticationError):
-        return UserError(f"train.remote.api_key: {where} refused the key (401) while {what}")
+        return UserError(f"train.remote.api_key: {url} refused the key (401) while {what}")
     if isinstance(e, openai.APIStatusError) and (e.status_code == 429 or e.status_code >= 500):
-        return RunFailed(f"{where} failed {what} ({e.status_code}) after train.remote.max_retries retries: "
-                         f"{_message(e)}; the job's state is kept in {runs.Run(cfg.output_dir).train_remote_job}, so "
-                         "the same command continues")
+        return RunFailed(f"{url} failed {what} ({e.status_code}) after train.remote.max_retries retries: "
+                         f"{_message(e)}; the job's state is kept in {kept}, so the same command continues")
     if isinstance(e, openai.APIStatusError):
-        return UserError(f"{where} refused {what} ({e.status_code}): {_message(e)}; check train.remote "
+        return UserError(f"{url} refused {what} ({e.status_code}): {_message(e)}; check train.remote "
                          "(model, hyper-parameters) and the data stage's records")
     if isinstance(e, openai.APIConnectionError):
-        return RunFailed(f"train.remote.base_url: {where} did not answer while {what} ({e}); the job's state is kept "
-                         f"in {runs.Run(cfg.output_dir).train_remote_job}, so the same command continues once it is "
-                         "reachable")
+        return RunFailed(f"train.remote.base_url: {url} did not answer while {what} ({e}); the job's state is kept "
+                         f"in {kept}, so the same command continues once it is reachable")
     return e
 
 
@@ -120,7 +123,7 @@ def _load(run: runs.Run) -> dict:
 def request_of(cfg: RaylabConfig, manifest: runs.DataManifest) -> dict:
     """What a job's result depends on: a kept job or result is reused only while it is equal."""
     r = cfg.train.remote
-    return {"base_url": redact_url(expand_env(r.base_url, "train.remote.base_url")), "model": r.model,
+    return {"base_url": where(cfg), "model": r.model,
             "suffix": r.suffix, "validation": r.validation, "data_manifest_hash": runs.manifest_hash(manifest),
             "hyperparameters": {k: getattr(r, k) for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
             "withheld_sources": sorted(s.name or f"source{i}" for i, s in enumerate(cfg.data.sources) if s.contains_pii)}
@@ -136,7 +139,7 @@ def _adopted(api, token: str):
 
 def submit(cfg: RaylabConfig, manifest: runs.DataManifest, api, run: runs.Run, state: dict) -> dict:
     """Upload the files and create the job (each step kept in `state` as soon as it is made)."""
-    r, remote = cfg.train.remote, redact_url(expand_env(cfg.train.remote.base_url, "train.remote.base_url"))
+    r, remote = cfg.train.remote, where(cfg)
     if "files" not in state:
         ex = examples(cfg, manifest)
         files = {}
@@ -155,8 +158,7 @@ def submit(cfg: RaylabConfig, manifest: runs.DataManifest, api, run: runs.Run, s
         log.info(f"remote: sent {files['train']['records']:,} train and {files.get('val', {}).get('records', 0):,} "
                  f"val records to {remote}" + (f"; withheld (contains_pii): {ex['counts']['withheld']}"
                                                 if ex["counts"]["withheld"] else ""))
-        state = {"provider": remote, "files": files, "withheld": ex["counts"]["withheld"],
-                 "data_manifest_hash": runs.manifest_hash(manifest), "request": request_of(cfg, manifest),
+        state = {"files": files, "withheld": ex["counts"]["withheld"], "request": request_of(cfg, manifest),
                  "token": uuid.uuid4().hex}
         _save(run, state)
     if "job" not in state:
@@ -179,8 +181,7 @@ def submit(cfg: RaylabConfig, manifest: runs.DataManifest, api, run: runs.Run, s
                 job = api.with_options(max_retries=0).fine_tuning.jobs.create(**body)
         except Exception as e:  # noqa: BLE001
             raise _refused(e, f"the job on {r.model!r}", cfg) from None
-        state |= {"job": job.id, "model": r.model, "hyperparameters": hyper,
-                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        state |= {"job": job.id, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         _save(run, state)
         events.emit("train.remote_job", run=cfg.output_dir, provider=remote, job=job.id, model=r.model)
         log.info(f"remote: job {job.id} created at {remote} ({job.status})")
@@ -260,16 +261,17 @@ def pointer(cfg: RaylabConfig, state: dict, job) -> dict:
     rows = _rows(runs.Run(cfg.output_dir))
     evaluated = [row for row in rows if row.get("evaluated")]
     last = evaluated[-1] if evaluated else {}
+    request = state["request"]
     return {
-        "stage": "train", "provider": "openai_compatible", "base_url": state["provider"], "job": state["job"],
-        "fine_tuned_model": job.fine_tuned_model, "base_model": state["model"], "method": "remote",
-        "hyperparameters": state["hyperparameters"], "provider_hyperparameters": _plain(job.hyperparameters),
-        "files": state["files"], "withheld": state["withheld"], "data_manifest_hash": state["data_manifest_hash"],
+        "stage": "train", "provider": "openai_compatible", "base_url": request["base_url"], "job": state["job"],
+        "fine_tuned_model": job.fine_tuned_model, "base_model": request["model"], "method": "remote",
+        "hyperparameters": request["hyperparameters"], "provider_hyperparameters": _plain(job.hyperparameters),
+        "files": state["files"], "withheld": state["withheld"], "data_manifest_hash": request["data_manifest_hash"],
         "trained_tokens": int(job.trained_tokens or 0), "steps": max((row["step"] for row in rows), default=0),
         "metrics": {"val_loss": last.get("val_loss"), "val_token_accuracy": last.get("val_token_accuracy"),
                     "train_loss": rows[-1].get("loss") if rows else None},
         "metrics_source": "the provider's metrics events",
-        "identity": f"remote:{state['job']}", "created": state["created"], "request": state["request"],
+        "identity": f"remote:{state['job']}", "created": state["created"], "request": request,
         "finished_at": job.finished_at, "organization_id": getattr(job, "organization_id", None),
     }
 
@@ -327,7 +329,7 @@ def _train(cfg: RaylabConfig, manifest: runs.DataManifest, run: runs.Run, state:
         raise
     if job.status != "succeeded" or not job.fine_tuned_model:
         error = _plain(job.error) or {}
-        raise RunFailed(f"remote job {state['job']} {job.status} at {state['provider']}"
+        raise RunFailed(f"remote job {state['job']} {job.status} at {state['request']['base_url']}"
                         + ("" if job.fine_tuned_model or job.status != "succeeded" else " without a fine_tuned_model")
                         + f": {error.get('message') or 'no error given'}; fix the cause and run the same command "
                         f"again after deleting {run.train_remote_job} (it would follow the ended job)")

@@ -175,7 +175,10 @@ def test_mutated_shipped_configs_exit_0_or_2_never_a_traceback(path, in_repo):
 def fragile_validate(args) -> int:
     """A `raylab validate` with a bug: it trusts the serve section to be a mapping with a host."""
     raw = loading.read_yaml(args.args[0])
-    return 0 if raw["serve"]["host"] else 2
+    if raw["serve"]["host"]:
+        return 0
+    print("error: serve.host is empty")  # a user error, as the real command reports one: not the bug sought
+    return 2
 
 
 def test_the_harness_reports_a_traceback_as_a_bug(monkeypatch, tmp_path, in_repo):

@@ -96,6 +96,10 @@ def add_parsers(sub) -> dict:
                     "(e.g. 90s, 10m, 1h; default serve.canary.window_s)")
     dp.add_argument("--status", action="store_true", help="show the canary rollout: both versions' live metrics "
                     "and the decision")
+    ld = dp.add_mutually_exclusive_group()
+    ld.add_argument("--load", action="store_true", help="keep REF loaded on every replica, ahead of its traffic "
+                    "(routing unchanged; needs serve.load, admin, through the service)")
+    ld.add_argument("--unload", action="store_true", help="let go of a version --load kept loaded")
     dp.add_argument("--address", help="the Ray dashboard, http://HEAD:8265 (default: the `raylab serve` running here)")
     dp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the endpoint was deployed from)")
     ex = sub.add_parser("export", help="write the trained model as a Hugging Face directory",
@@ -298,6 +302,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     if apiclient.through_api():
         return _deploy_through_api(args, apiclient)
+    if args.load or args.unload:
+        _only_ref(args, "--load" if args.load else "--unload")
+        out = deploy.run_load(args.ref, args.load, args.address, args.tracking_uri)
+        print(_loaded_line(out))
+        return 0
     if args.status:
         if args.ref or args.canary is not None or args.duration:
             raise UserError("--status takes no REF, --canary or --for: it shows the rollout that is running")
@@ -330,9 +339,26 @@ def _deploy_through_api(args: argparse.Namespace, apiclient) -> int:
                         f"a canary rollout is started on the cluster: unset {apiclient.URL_ENV} and run it there")
     if not args.ref:
         raise UserError("give the REF to deploy (NAME@ALIAS or NAME/VERSION)")
+    if args.load or args.unload:
+        out = apiclient.Api.from_env().post(f"/v1/registry/{'load' if args.load else 'unload'}", {"ref": args.ref})
+        print(f"{_loaded_line(out)} through {apiclient.URL_ENV}")
+        return 0
     out = apiclient.Api.from_env().post("/v1/registry/deploy", {"ref": args.ref})
     print(f"deployed {out['ref']} ({out['model']}) through {apiclient.URL_ENV}")
     return 0
+
+
+def _only_ref(args: argparse.Namespace, flag: str) -> None:
+    if not args.ref:
+        raise UserError(f"{flag}: give the REF (NAME@ALIAS or NAME/VERSION)")
+    if args.canary is not None or args.duration or args.status:
+        raise UserError(f"{flag} takes a REF only: not --canary, --for or --status")
+
+
+def _loaded_line(out: dict) -> str:
+    if not out.get("changed", True):
+        return f"{out['model']} was loaded already; nothing changed"
+    return f"{'loaded' if out['loaded'] else 'unloaded'} {out['model']} on every replica of the endpoint"
 
 
 def cmd_export(args: argparse.Namespace) -> int:

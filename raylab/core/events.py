@@ -48,7 +48,7 @@ KINDS = ("stage.start", "stage.end", "stage.failure", "registry.register", "regi
          "registry.rollback", "serve.start", "serve.stop", "serve.deploy", "train.checkpoint_rejected",
          "data.erase", "registry.erasure_pending", "access.allow", "access.deny", "access.key_create",
          "access.key_revoke", "keys.rotate", "serve.canary_start", "serve.canary_promote", "serve.canary_rollback",
-         "train.remote_upload", "train.remote_job")
+         "train.remote_upload", "train.remote_job", "serve.load", "serve.unload")
 
 
 def actor() -> str:

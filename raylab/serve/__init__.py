@@ -6,7 +6,7 @@ Ray Serve endpoint, switched to another version without downtime.
 
 Modules: deploy (the verbs, Serve's declarative REST API), app (the FastAPI ingress and
 `build`, the application's import path `raylab.serve:build`), generator (the model
-deployment), explainer (the Explainer deployment: token attributions for /v1/explain), canary (the canary's pure rule: traffic
+deployment), load (`deploy --load/--unload`: versions kept loaded on every replica), explainer (the Explainer deployment: token attributions for /v1/explain), canary (the canary's pure rule: traffic
 share, metrics, decision), rollout (`deploy --canary`: the controller actor, --status), engine (the Engine seam and TransformersEngine), decode (the continuous-batching
 decode loop), openai_api (request, response and error shapes), auth (API keys), finetune
 (the fine-tuning service, `raylab api`: standalone its own port, ftstore its tables, ftrequests its request and
@@ -27,9 +27,10 @@ from raylab.serve.deploy import (
     stop_serving,
     wait_until_stopped,
 )
+from raylab.serve.load import run_load
 
 __all__ = ["APP", "api_keys", "build", "canary_status", "default_ref", "describe_canary", "parse_duration",
-           "run_api", "start_canary", "emit", "emit_text", "run_deploy", "run_serve", "start_serving",
+           "run_api", "start_canary", "emit", "emit_text", "run_deploy", "run_load", "run_serve", "start_serving",
            "stop_serving", "wait_until_stopped"]
 
 

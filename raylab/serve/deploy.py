@@ -457,8 +457,8 @@ def switch(dashboard: str, store: registry.Store, name: str, version: int, canar
         current, app = deployed(dashboard)
     target = f"{name}/{version}"
     for d in app["deployments"]:
-        if d["name"] == "Generator":
-            d["user_config"] = {"preload": [target] + ([canary["candidate"]] if canary else [])}
+        if d["name"] == "Generator":  # the operator's loaded versions (run_load) stay loaded
+            d["user_config"] = (d.get("user_config") or {}) | {"preload": [target] + ([canary["candidate"]] if canary else [])}
         elif d["name"] == "Ingress":
             d["user_config"] = catalog(store, name, version) | ({"canary": canary} if canary else {})
     put_app(dashboard, app, {}, current)
@@ -486,3 +486,4 @@ def run_deploy(ref: str, address: str | None = None, tracking_uri: str | None = 
                 dashboard=dashboard)
     log.info(f"deployed {ref} ({target}); requests for {name} now go to it")
     return {"model": target}
+

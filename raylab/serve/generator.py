@@ -30,11 +30,14 @@ log = logging.getLogger("ray.serve")  # the replica's log, as the Ingress's
 class Loaded:
     """One version in a replica: its engine, tokenizer and adapter name. Serve's LRU calls
     `__del__` on eviction; requests still decoding with it hold it, so its adapter leaves
-    the engine only when the last one ends."""
+    the engine only when the last one ends. A version an operator loaded (`pin`) stays while
+    pinned, whatever the LRU does; one loaded for the pin alone (`held_by_lru=False`) leaves
+    once unpinned and idle."""
 
-    def __init__(self, version: str, engine: Engine, tok, adapter: str | None, unload):
+    def __init__(self, version: str, engine: Engine, tok, adapter: str | None, unload, held_by_lru: bool = True):
         self.version, self.engine, self.tok, self.adapter = version, engine, tok, adapter
-        self._unload, self._users, self._evicted, self._gone = unload, 0, False, False
+        self._unload, self._users, self._evicted, self._gone = unload, 0, not held_by_lru, False
+        self.pinned = False
         model = getattr(engine, "model", None)
         self.context = models.max_positions(getattr(model, "config", None)) or 1_000_000
 
@@ -43,12 +46,21 @@ class Loaded:
 
     def release(self) -> None:
         self._users -= 1
-        if self._evicted and self._users == 0:
-            self._drop()
+        self._maybe_drop()
+
+    def pin(self) -> None:
+        self.pinned = True
+
+    def unpin(self) -> None:
+        self.pinned = False
+        self._maybe_drop()
 
     def __del__(self):
         self._evicted = True
-        if self._users == 0:
+        self._maybe_drop()
+
+    def _maybe_drop(self) -> None:
+        if self._evicted and self._users == 0 and not self.pinned:
             self._drop()
 
     def _drop(self) -> None:
@@ -123,6 +135,7 @@ class GeneratorBase:
         self.metrics = Metrics(["batch_size", "queue_depth", "running", "adapter_loads", "adapter_evictions"])
         self._adapter_versions: dict[str, str] = {}  # engine adapter name -> registry version
         self._observed: set[str] = set()  # versions whose gauges are non-zero
+        self._pinned: dict[str, Loaded] = {}  # operator-loaded versions (`raylab deploy --load`), outside the LRU
 
     async def reconfigure(self, user_config: dict) -> None:
         # Load (and verify) what the ingress will route to first, before it gets traffic.
@@ -140,6 +153,26 @@ class GeneratorBase:
                 await self.get_model(version)
             except Exception:
                 log.exception(f"could not preload the canary candidate {version}; its requests will fail")
+        await self._repin(user_config.get("pinned", []))
+
+    async def _repin(self, wanted: list[str]) -> None:
+        """Hold the operator's loaded versions (`pinned`, deploy.run_load) on this replica and
+        let go of the others. A version that fails to load is logged, not raised: the service
+        verified it before asking, and raising would stop replicas serving production."""
+        for version in [v for v in self._pinned if v not in wanted]:
+            self._pinned.pop(version).unpin()
+            log.info(f"unloaded {version} (operator)")
+        for version in [v for v in wanted if v not in self._pinned]:
+            found = self._loaded.get(version)
+            if found is None or found.engine is None:  # not in the LRU: a copy of its own, not the LRU's
+                try:
+                    found = await self._load(version, held_by_lru=False)
+                except Exception:
+                    log.exception(f"could not load {version} for the operator; requests load it on demand")
+                    continue
+            found.pin()
+            self._pinned[version] = found
+            log.info(f"loaded {version} (operator): kept on this replica until unloaded")
 
     def check_health(self) -> None:
         if self.args.get("base") and self.base is None:
@@ -156,6 +189,7 @@ class GeneratorBase:
             engines[id(self.base_engine)] = self.base_engine
         counts = [e.stats() for e in engines.values()]
         return {"replica": serve.get_replica_context().replica_id.unique_id, "versions": sorted(loaded),
+                "pinned": sorted(self._pinned),
                 **{k: sum(c[k] for c in counts) for k in ("running", "waiting", "submitted", "finished", "aborted")}}
 
     def _engine(self, model, tok, version: str | None = None) -> Engine:
@@ -183,7 +217,7 @@ class GeneratorBase:
         """The versions one engine serves: a full model's own, or the base engine's adapters."""
         return {version} if version is not None else set(self._adapter_versions.values())
 
-    async def _load(self, version: str) -> Loaded:
+    async def _load(self, version: str, held_by_lru: bool = True) -> Loaded:
         self.loop = asyncio.get_running_loop()
         if self.store is None and models.is_registry_ref(version):  # a plain model needs no registry
             self.store = await asyncio.to_thread(registry.open_store, tracking_uri=self.args["tracking_uri"])
@@ -196,13 +230,13 @@ class GeneratorBase:
             name = f"v{next(self._names)}_{hashlib.sha1(version.encode()).hexdigest()[:8]}"
             await self.base_engine.load_adapter(name, local)
             self._adapter_versions[name] = version
-            self._loaded[version] = found = Loaded(version, self.base_engine, tok, name, self._unload)
+            self._loaded[version] = found = Loaded(version, self.base_engine, tok, name, self._unload, held_by_lru)
             self.metrics.inc("adapter_loads", version_tags(version))
             return found
         # a full model, or another base
         loaded = await asyncio.to_thread(models.load, local, dtype=self.args["dtype"])
         self._loaded[version] = found = Loaded(version, self._engine(loaded.model, loaded.tokenizer, version),
-                                               loaded.tokenizer, None, self._unload)
+                                               loaded.tokenizer, None, self._unload, held_by_lru)
         self.metrics.inc("adapter_loads", version_tags(version))
         return found
 
@@ -232,7 +266,7 @@ class GeneratorBase:
         with its finish)."""
         version = serve.get_multiplexed_model_id()
         try:
-            loaded = await self.get_model(version)
+            loaded = self._pinned.get(version) or await self.get_model(version)
         except registry.IntegrityError as e:
             # 409 Conflict, not a 5xx: the request is valid and the server healthy, but the
             # version it names conflicts with its own registration (the artifact no longer

@@ -4,11 +4,12 @@ caller's role, organisation and separation of duties hold for them (issue 26, it
     POST /v1/registry/models/{name}/promote   {"version": 3, "reason": "...", "force": false}
     POST /v1/registry/models/{name}/rollback  {"reason": "..."}
     POST /v1/registry/deploy                  {"ref": "acme-assistant@production"}
+    POST /v1/registry/load                    {"ref": "acme-assistant/3"}   (and /unload)
 
 `raylab models promote|rollback` and `raylab deploy` call these when $RAYLAB_API_URL is set
 (cli/apiclient.py). Promote and rollback need an approver who did not create the version
 (registry/aliases.py checks it through core.access, audited); deploy needs `serve.deploy`
-(admin) on the version. Deploying through the service matters because `raylab deploy` run
+(admin) on the version, load and unload (serve/load.py) `serve.load` (admin). Deploying through the service matters because `raylab deploy` run
 against the cluster itself only needs the Ray dashboard (and its token): it passes no role.
 
 A model or version the caller cannot see is a 404 with the same message as one that does not
@@ -80,6 +81,17 @@ class RegistryOps:
                        if "canary" in str(e) else str(e))
             raise oa.ApiError(409, message, "ref", "deploy_refused") from None
         return {"object": "registry.deployment", "ref": ref, "model": target}
+
+    def load(self, principal, ref: str, load: bool) -> dict:
+        """Keep the version loaded on every replica of the running endpoint, or let go of it."""
+        from raylab.serve.load import run_load
+
+        mv = self._version(principal, ref, "serve.load")
+        try:
+            out = run_load(f"{mv.name}/{mv.version}", load, self.address, self.store().uri)
+        except UserError as e:  # no endpoint, a plain-model endpoint, the limit, not loaded: the caller's
+            raise oa.ApiError(409, str(e), "ref", "load_refused") from None
+        return {"object": "registry.load", "ref": ref, **out}
 
 
 def _moves(name: str, ref: str, move) -> dict:

@@ -736,6 +736,53 @@ def test_a_fine_tuned_models_name_answers_for_its_organisation_only(served):
         assert status == 404 and body["error"]["code"] == "model_not_found", (key[:8], model, body)
 
 
+def _generator_stats(rounds: int = 12) -> dict[str, dict]:
+    """Each Generator replica's stats() the handle reached, by replica id."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Generator", deploy.APP)
+    return {s["replica"]: s for s in (handle.stats.remote().result(timeout_s=60) for _ in range(rounds))}
+
+
+def test_an_admin_loads_and_unloads_a_version_on_every_replica_through_the_endpoint(served):
+    """`POST /v1/registry/load` on the live endpoint's own service (an admin key): the
+    Generator's deployed `pinned` list gains the version, every replica holds it without a
+    restart, and it answers; a viewer is a 403 and the list is unchanged. Unload empties it
+    again on every replica, and a second unload is a 409 naming why. The control: before the
+    load no replica holds a pinned version."""
+    from raylab.core import controldb
+    from raylab.core.access import keys
+
+    db = controldb.url()
+    admin, _ = keys.create(db, "acme", "admin", "root-live", by="root@host")
+    viewer, _ = keys.create(db, "acme", "viewer", "vic-live", by="root@host")
+    target = f"{NAME}/2"
+    replicas = {r for r in _generator_stats()}
+    assert all(s["pinned"] == [] for s in _generator_stats().values())  # the control
+
+    status, body = request(served["url"], "/v1/registry/load", {"ref": target}, key=viewer)
+    assert status == 403 and "may not serve.load" in body["error"]["message"], body
+    status, body = request(served["url"], "/v1/registry/load", {"ref": target}, key=admin)
+    assert status == 200 and body["model"] == target and body["loaded"] and body["changed"], body
+
+    app = deploy.rest(served["dashboard"], "GET")["applications"]["raylab"]["deployed_app_config"]
+    conf = next(d for d in app["deployments"] if d["name"] == "Generator")["user_config"]
+    assert conf["pinned"] == [target] and conf["preload"] == [f"{NAME}/1"], conf  # routing unchanged
+    stats = _generator_stats()
+    assert set(stats) >= replicas and all(s["pinned"] == [target] for s in stats.values()), stats  # no restart
+    status, answer = chat(served["url"], target, QUESTIONS[0])
+    assert status == 200 and answer["choices"][0]["message"]["content"] == ANSWERS[2], answer
+    assert request(served["url"], "/v1/registry/load", {"ref": target}, key=admin)[1]["changed"] is False
+
+    status, body = request(served["url"], "/v1/registry/unload", {"ref": target}, key=admin)
+    assert status == 200 and body["loaded"] is False, body
+    assert all(s["pinned"] == [] for s in _generator_stats().values())
+    status, body = request(served["url"], "/v1/registry/unload", {"ref": target}, key=admin)
+    assert status == 409 and "not loaded" in body["error"]["message"], body
+    status, answer = chat(served["url"], target, QUESTIONS[0])  # still servable: loaded again on demand
+    assert status == 200 and answer["choices"][0]["message"]["content"] == ANSWERS[2], answer
+
+
 def test_a_version_tampered_after_registration_is_refused_with_a_409_not_a_5xx(served):
     """Tampering seen at serve time: after a version has been served once, its registered
     artifact and that of a version not yet loaded are changed. The unloaded one is refused

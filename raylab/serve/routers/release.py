@@ -6,6 +6,7 @@ for callers holding a raylab key or OIDC token; `raylab models promote|rollback`
          -d '{"version": 3, "reason": "reviewed"}' http://HOST/v1/registry/models/acme-assistant/promote
     curl ... -d '{"reason": "p99 regressed"}' http://HOST/v1/registry/models/acme-assistant/rollback
     curl ... -d '{"ref": "acme-assistant@production"}' http://HOST/v1/registry/deploy
+    curl ... -d '{"ref": "acme-assistant/3"}' http://HOST/v1/registry/load      # or /unload
 """
 
 from __future__ import annotations
@@ -60,3 +61,13 @@ async def rollback(request: Request, name: str):
 @router.post("/v1/registry/deploy")
 async def deploy(request: Request):
     return await _call(request, DeployRequest, lambda ops, who, b: ops.deploy(who, b.ref))
+
+
+@router.post("/v1/registry/load")
+async def load(request: Request):
+    return await _call(request, DeployRequest, lambda ops, who, b: ops.load(who, b.ref, True))
+
+
+@router.post("/v1/registry/unload")
+async def unload(request: Request):
+    return await _call(request, DeployRequest, lambda ops, who, b: ops.load(who, b.ref, False))

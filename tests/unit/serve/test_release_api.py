@@ -101,3 +101,30 @@ def test_deploy_through_the_service_needs_serve_deploy(release):
                       headers={"Authorization": f"Bearer {users['root-admin']}"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "force"
     assert client.post("/v1/registry/deploy", json={"ref": "x"}).status_code == 401
+
+
+def test_load_and_unload_through_the_service_need_serve_load(release):
+    """`raylab deploy REF --load|--unload` through the service: a viewer and an ml_engineer
+    may not (403), another organisation gets the 404 of a version that does not exist, and an
+    admin passes the check and reaches the endpoint (none runs here: 409 naming why, no
+    traceback). The control: the admin's refusal is the endpoint's, not access's."""
+    run, _, (v1, _), app, users = release
+    for who in ("vic", "ada"):
+        for flag in ("--load", "--unload"):
+            code, _, err = run(who, "deploy", f"widgets/{v1}", flag)
+            assert code == 2 and "403" in err and "may not serve.load" in err, (who, flag, err)
+    code, _, err = run("erin-approver", "deploy", f"widgets/{v1}", "--load")
+    assert code == 2 and f"404 model 'widgets/{v1}' not found" in err
+    code, _, err = run("root-admin", "deploy", f"widgets/{v1}", "--load")
+    assert code == 2 and "409" in err and "dashboard" in err and "Traceback" not in err, err
+    code, _, err = run("root-admin", "deploy", "--load")
+    assert code == 2 and "give the REF" in err
+    client = TestClient(app)
+    assert client.post("/v1/registry/unload", json={"ref": "widgets/1"}).status_code == 401
+    bad = client.post("/v1/registry/load", json={"ref": "widgets/1", "pin": True},
+                      headers={"Authorization": f"Bearer {users['root-admin']}"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "pin"
+    decided = [(e["kind"], e["actor"]) for e in audit.entries(audit.Settings.from_env(), audit.Filter(kinds=("access",)))
+               if e["fields"].get("action") == "serve.load"]
+    assert decided.count(("access.deny", "ada")) == 2 and ("access.deny", "erin") in decided, decided
+    assert ("access.allow", "root") in decided, decided

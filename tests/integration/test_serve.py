@@ -66,15 +66,15 @@ def build_base(path: Path) -> None:
     lm.save_pretrained(path)
 
 
-def train_adapter(base: Path, out: Path, answer: str, steps: int = 200) -> float:
-    """A LoRA adapter (peft, all linear layers) trained to give `answer` to QUESTIONS."""
+def train_adapter(base: Path, out: Path, answer: str, steps: int = 200, questions: list[str] = QUESTIONS) -> float:
+    """A LoRA adapter (peft, all linear layers) trained to give `answer` to `questions`."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
     rows = []
-    for q in QUESTIONS:
+    for q in questions:
         prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True,
                                          return_dict=True)["input_ids"]
         rows.append((list(prompt), tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]))
@@ -781,6 +781,69 @@ def test_an_admin_loads_and_unloads_a_version_on_every_replica_through_the_endpo
     assert status == 409 and "not loaded" in body["error"]["message"], body
     status, answer = chat(served["url"], target, QUESTIONS[0])  # still servable: loaded again on demand
     assert status == 200 and answer["choices"][0]["message"]["content"] == ANSWERS[2], answer
+
+
+PASSAGES = ["Acme ships widget orders within two business days.",
+            "The Springfield warehouse is open Monday to Friday.",
+            "Returned widgets are refunded to the original card."]
+QA = {"pairs": [{"question": "How fast does Acme ship widget orders?", "answer": "Within two business days."}]}
+
+
+def test_synth_against_this_endpoint_resumes_without_asking_twice(served, tmp_path, monkeypatch):
+    """`raylab synth` (grounded_qa) against this endpoint serving a version whose adapter was
+    trained here to answer synth's own prompts in its format (issue 30): a run stopped by its
+    request budget keeps what it made, a re-run sends only the rest, a third sends nothing,
+    counted at the server (the version's request series on Prometheus: exactly one request
+    per passage). The answers parse, so the output holds examples, with their chunk ids."""
+    from raylab import synth
+    from raylab.synth import generators
+
+    handbook = tmp_path / "handbook.md"
+    handbook.write_text("\n\n".join(PASSAGES))
+    monkeypatch.setenv("SYNTH_TEST_KEY", KEY)
+    cfg, store = served["cfg"], registry.open_store(served["cfg"])
+    version = max(int(mv.version) for mv in store.client.search_model_versions(f"name = '{NAME}'")) + 1
+
+    def synth_cfg(budget: int) -> config.RaylabConfig:
+        return config.load_dict({
+            "version": 1, "output_dir": str(tmp_path / "run"), "offline": True,
+            "data": {"sources": [{"type": "jsonl", "path": str(tmp_path / "unused.jsonl")}]},
+            "model": {"name_or_path": str(served["root"] / "base")},
+            "synth": {"endpoint": {"base_url": served["url"] + "/v1", "model": f"{NAME}/{version}",
+                                   "api_key": "${env:SYNTH_TEST_KEY}", "temperature": 0, "max_tokens": 200},
+                      "grounded_qa": {"files": [str(handbook)], "min_chunk_chars": 10, "pairs_per_chunk": 1},
+                      "max_requests": budget, "concurrency": 1, "batch_size": 2}})
+
+    g = synth_cfg(1).synth.grounded_qa
+    prompts = [generators.qa_prompt(g, c["text"])[0]["content"] for c in generators.read_chunks(g)]
+    assert len(prompts) == len(PASSAGES)
+    adapter = tmp_path / "adapter-synth"
+    assert train_adapter(served["root"] / "base", adapter, json.dumps(QA), questions=prompts) < 0.1
+    run = registry.log_run(store, registry.experiment_id(store, NAME), name="synth-format", key="serve-test-synth",
+                           params={}, history=[], artifacts={}, tags={})
+    meta = {"identity": "serve-test", "base_model": str(served["root"] / "base"), "method": "lora", "metrics": {}}
+    assert int(registry.register(store, cfg, run, str(adapter), meta).version) == version
+
+    def served_requests() -> float:
+        return series(prometheus(), "ray_raylab_serve_requests_total", model=NAME, version=str(version), status="200")
+
+    first = synth.run_synth(synth_cfg(2))
+    assert first["requests"]["sent"] == 2 and first["generators"]["grounded_qa"]["failed"]["counts"] == {"budget": 1}
+    second = synth.run_synth(synth_cfg(100))
+    assert second["requests"]["cached"] == 2 and second["requests"]["sent"] == 1
+    third = synth.run_synth(synth_cfg(100))
+    assert third["requests"]["sent"] == 0 and third["requests"]["cached"] == 3
+    _wait(lambda: served_requests() >= 3, 60, "the version's request series")
+    time.sleep(12)  # one more export: a repeated request would show by now
+    assert served_requests() == 3
+
+    qa = second["generators"]["grounded_qa"]
+    assert qa["rejected"]["counts"] == {} and qa["kept"] >= 1, qa  # the answers follow the format
+    with open(second["outputs"]["grounded_qa"]) as f:
+        kept = [json.loads(line) for line in f]
+    assert kept[0]["messages"] == [{"role": "user", "content": QA["pairs"][0]["question"]},
+                                   {"role": "assistant", "content": QA["pairs"][0]["answer"]}], kept
+    assert all(e["chunk_id"].startswith(str(handbook) + "#") for e in kept)
 
 
 def test_a_version_tampered_after_registration_is_refused_with_a_409_not_a_5xx(served):

@@ -13,6 +13,8 @@ registration (so editing a config later does not change what an old version had 
                                    regex, equal a text and/or be JSON valid under a schema
     pii_probe, refusal, latency    prompts whose answers must hold no personal data / must be
                                    refusals; a speed budget on the local engine (suites.py)
+                                   (a remote version's prompts are asked of its provider's
+                                   chat endpoint; remote_checks)
     min_recall_at_k, min_mrr       retrieval quality of the run's index, read from the report
                                    `raylab eval CONFIG --rag` wrote (<output_dir>/eval/rag.json)
     max_quality_drop, min_speedup  a version `raylab optimize` made: its held-out loss at most
@@ -79,7 +81,7 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
     if registry.remote_of(mv) is not None:
         production = store.client.get_registered_model(name).aliases.get(registry.PRODUCTION)
         others = production is not None and int(production) != version
-        return _record(store, mv, cfg, *remote_checks([gates, *suites], mv, cfg.output_dir, others),
+        return _record(store, mv, cfg, *remote_checks([gates, *suites], mv, cfg, others),
                        held_out="the provider's")
     val = runs.read_manifest(runs.Run(cfg.output_dir), cfg.source).outputs["val"]  # a trial's points at its sweep's
     if not storage.exists(val):
@@ -167,16 +169,17 @@ def _record(store: registry.Store, mv, cfg: config.RaylabConfig, checks: list[di
 # measurable, never passes by default. max_quality_drop and min_speedup judge a version
 # `raylab optimize` derived against its parent, which a remote version never is: not
 # applicable, as for any version trained here.
-_NEED_WEIGHTS = ("golden", "pii_probe", "refusal", "latency", "max_bias_gap")
+_NEED_WEIGHTS = ("latency", "max_bias_gap")  # a provider's latency is not the model's; bias needs log-probs
 
 
-def remote_checks(every: list[GatesConfig], mv, output_dir: str, production_elsewhere: bool = False
+def remote_checks(every: list[GatesConfig], mv, cfg: config.RaylabConfig, production_elsewhere: bool = False
                   ) -> tuple[list[dict], dict, None]:
     """A remote version's gates: the loss thresholds on the provider's reported validation loss
-    (its last `metrics` event with valid_loss; the version's metric.val_loss tag), the index's
-    retrieval gates as for any version, and every gate that needs the weights failed as not
-    measurable here (max_regression too, when another version is production: the same scorer
-    cannot run on both)."""
+    (its last `metrics` event with valid_loss; the version's metric.val_loss tag); the golden,
+    PII and refusal prompts asked of the provider's chat endpoint under the version's model
+    name (greedy, as here) and judged as for any version; the index's retrieval gates as for
+    any version; the latency and bias gates failed as not measurable here (max_regression
+    too, when another version is production: the same scorer cannot run on both)."""
     reported = mv.tags.get("metric.val_loss")
     loss = float(reported) if reported not in (None, "None", "nan") else None
     measured = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)) if loss is not None else None}
@@ -197,8 +200,36 @@ def remote_checks(every: list[GatesConfig], mv, output_dir: str, production_else
             if limit not in (None, [], ()):
                 checks.append(_unmeasurable(key, limit if isinstance(limit, float) else f"{len(limit)} set",
                                             "not measurable for a remote version: its weights are at the provider"))
-        checks += rag_checks(g, output_dir)
-    return checks, measured, None
+        checks += rag_checks(g, cfg.output_dir)
+    cases = [c for g in every for c in suites_.prompt_cases(g, lambda n: _training_probes(cfg, n))]
+    return checks + _asked_of_provider(cfg, registry.remote_of(mv)["model"], cases), measured, None
+
+
+def _asked_of_provider(cfg: config.RaylabConfig, model: str, cases: list) -> list[dict]:
+    """The prompt gates' checks, each answer asked of the provider's chat endpoint (temperature
+    0, the case's token budget). A prompt item is a user turn (the chat template renders it so
+    here too) or a conversation. Once the provider fails a request (no chat for this model,
+    unreachable, a refused key), it and every later case fail as not measurable, naming why."""
+    if not cases:
+        return []
+    from raylab.train import remote_client, remote_url
+
+    api, out, why = remote_client(cfg), [], None  # exit 2 naming train.remote.api_key when its variable is unset
+    import openai  # remote_client checked it is installed
+    for case in cases:
+        if why is None:
+            item = case.asked
+            messages = item.get("messages") or [{"role": "user", "content": item.get("prompt", item.get("text", ""))}]
+            try:
+                answer = api.chat.completions.create(model=model, messages=messages, temperature=0,
+                                                     max_tokens=case.max_new_tokens)
+                out.append(suites_.judge(case, answer.choices[0].message.content or ""))
+                continue
+            except openai.APIError as e:
+                why = f"the provider's chat endpoint ({remote_url(cfg)}) did not answer {model}: {e}"
+        out.append(suites_.check(case.gate, None, case.spec.suite or case.gate, False, why, name=case.prompt,
+                                 prompt=case.prompt, suite=case.spec.suite or case.gate, unmeasurable=True))
+    return out
 
 
 def derived_checks(gates: GatesConfig, tags: dict[str, str], val_loss: float | None,

@@ -8,7 +8,8 @@ worker runs), objectives (the train.objective seam), distill (the `distill` obje
 frozen teacher plus cross-entropy; `compare_to_teacher`), loss (cross-entropy, masks, one optimizer
 step, evaluation), checkpoint (what a
 resumed run restores), metrics (FLOPs, MFU, the progress line, the loss plot), pretrain (the
-`pretrain:` section's config). `checkpoint_state`, `checkpoint_problems`,
+`pretrain:` section's config), remote (`train.provider: openai_compatible`; `remote_client` is
+its provider's client, which gates also ask for a remote version's prompts). `checkpoint_state`, `checkpoint_problems`,
 `load_checkpoint_weights` and `CHECKPOINT_MODEL_DIR` read a saved checkpoint (explain's
 influence sums over them).
 """
@@ -27,5 +28,7 @@ from raylab.train.driver import ensure_pretrained, preflight, run_pretrain, run_
 from raylab.train.loop import plan_steps
 from raylab.train.loss import attn_impl_of, forward_sums
 from raylab.train.pretrain import resolve as with_pretrained_base
+from raylab.train.remote import client as remote_client
+from raylab.train.remote import where as remote_url
 
-__all__ = ["CHECKPOINT_MODEL_DIR", "META", "attn_impl_of", "checkpoint_problems", "checkpoint_state", "compare_to_teacher", "list_checkpoints", "load_checkpoint_weights", "load_teacher", "ensure_pretrained", "forward_sums", "plan_steps", "preflight", "run_pretrain", "run_train", "with_pretrained_base"]
+__all__ = ["CHECKPOINT_MODEL_DIR", "META", "attn_impl_of", "checkpoint_problems", "checkpoint_state", "compare_to_teacher", "list_checkpoints", "load_checkpoint_weights", "load_teacher", "ensure_pretrained", "forward_sums", "plan_steps", "preflight", "remote_client", "remote_url", "run_pretrain", "run_train", "with_pretrained_base"]

@@ -44,21 +44,24 @@ class Api:
             raise UserError(f"{KEY_ENV} is not set: a key from `raylab keys create --org ORG --role ml_engineer`")
         return cls(url, key)
 
-    def call(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json") -> dict:
+    def call(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
+             timeout: float = 60) -> dict:
         headers = {"Authorization": f"Bearer {self.key}"}
         if body is not None:
             headers["Content-Type"] = content_type
         request = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=60) as resp:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as e:
             raise UserError(f"{method} {path}: {e.code} {_message(e)}") from None
         except (urllib.error.URLError, OSError) as e:
             raise UserError(f"{URL_ENV}={self.url}: the service does not answer ({getattr(e, 'reason', e)})") from None
 
-    def post(self, path: str, body: dict) -> dict:
-        return self.call("POST", path, json.dumps(body).encode())
+    def post(self, path: str, body: dict, timeout: float = 60) -> dict:
+        """`timeout`: longer for calls the service answers once the endpoint changed (deploy,
+        load: up to 300 s of Serve's own wait)."""
+        return self.call("POST", path, json.dumps(body).encode(), timeout=timeout)
 
     def upload(self, path: str) -> dict:
         try:

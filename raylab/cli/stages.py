@@ -340,10 +340,11 @@ def _deploy_through_api(args: argparse.Namespace, apiclient) -> int:
     if not args.ref:
         raise UserError("give the REF to deploy (NAME@ALIAS or NAME/VERSION)")
     if args.load or args.unload:
-        out = apiclient.Api.from_env().post(f"/v1/registry/{'load' if args.load else 'unload'}", {"ref": args.ref})
+        out = apiclient.Api.from_env().post(f"/v1/registry/{'load' if args.load else 'unload'}", {"ref": args.ref},
+                                            timeout=360)
         print(f"{_loaded_line(out)} through {apiclient.URL_ENV}")
         return 0
-    out = apiclient.Api.from_env().post("/v1/registry/deploy", {"ref": args.ref})
+    out = apiclient.Api.from_env().post("/v1/registry/deploy", {"ref": args.ref}, timeout=360)
     print(f"deployed {out['ref']} ({out['model']}) through {apiclient.URL_ENV}")
     return 0
 
@@ -358,7 +359,10 @@ def _only_ref(args: argparse.Namespace, flag: str) -> None:
 def _loaded_line(out: dict) -> str:
     if not out.get("changed", True):
         return f"{out['model']} was loaded already; nothing changed"
-    return f"{'loaded' if out['loaded'] else 'unloaded'} {out['model']} on every replica of the endpoint"
+    if not out["loaded"]:
+        return f"unloaded {out['model']}: every replica of the endpoint let go of it"
+    return (f"loaded {out['model']}: every replica of the endpoint has run the change (a replica that could not "
+            "load it logs why and loads it on demand; `stats()` lists what each holds)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -202,7 +202,7 @@ def remote_checks(every: list[GatesConfig], mv, cfg: config.RaylabConfig, produc
                                             "not measurable for a remote version: its weights are at the provider"))
         checks += rag_checks(g, cfg.output_dir)
     cases = [c for g in every for c in suites_.prompt_cases(g, lambda n: _training_probes(cfg, n))]
-    return checks + _asked_of_provider(cfg, registry.remote_of(mv)["model"], cases), measured, None
+    return checks + _asked_of_provider(cfg, registry.remote_of(mv).get("model"), cases), measured, None
 
 
 def _asked_of_provider(cfg: config.RaylabConfig, model: str, cases: list) -> list[dict]:
@@ -214,20 +214,26 @@ def _asked_of_provider(cfg: config.RaylabConfig, model: str, cases: list) -> lis
         return []
     from raylab.train import remote_client, remote_url
 
-    api, out, why = remote_client(cfg), [], None  # exit 2 naming train.remote.api_key when its variable is unset
+    api, out = remote_client(cfg), []  # exit 2 naming train.remote.api_key when its variable is unset
     import openai  # remote_client checked it is installed
+
+    why = None if model else "the version records no provider model name (raylab.remote.model)"
     for case in cases:
-        if why is None:
-            item = case.asked
-            messages = item.get("messages") or [{"role": "user", "content": item.get("prompt", item.get("text", ""))}]
+        item, reason = case.asked, why
+        if reason is None and "text" in item:  # a raw continuation: a chat turn would be another probe
+            reason = "a completion-style probe cannot be asked of a chat endpoint"
+        if reason is None:
+            messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
             try:
                 answer = api.chat.completions.create(model=model, messages=messages, temperature=0,
                                                      max_tokens=case.max_new_tokens)
-                out.append(suites_.judge(case, answer.choices[0].message.content or ""))
-                continue
+                if answer.choices:
+                    out.append(suites_.judge(case, (answer.choices[0].message.content or "").strip()))
+                    continue
+                reason = why = f"the provider's chat endpoint ({remote_url(cfg)}) answered {model} with no choices"
             except openai.APIError as e:
-                why = f"the provider's chat endpoint ({remote_url(cfg)}) did not answer {model}: {e}"
-        out.append(suites_.check(case.gate, None, case.spec.suite or case.gate, False, why, name=case.prompt,
+                reason = why = f"the provider's chat endpoint ({remote_url(cfg)}) did not answer {model}: {e}"
+        out.append(suites_.check(case.gate, None, case.spec.suite or case.gate, False, reason, name=case.prompt,
                                  prompt=case.prompt, suite=case.spec.suite or case.gate, unmeasurable=True))
     return out
 

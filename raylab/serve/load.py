@@ -9,57 +9,105 @@ replicas' LRU, or let go of it.
 Like `raylab deploy`, a change of the Generator's `user_config` through Serve's REST API (its
 `pinned` list, read by generator.GeneratorBase.reconfigure): no replica restarts, and
 replicas started later load the list too. Routing is unchanged: every registered version is
-servable by name; an unloaded one is loaded again on demand by the next request for it.
+servable by name; an unloaded one is loaded again on demand by the next request for it. The
+list lives in the deployed application's config: `raylab deploy` keeps it, but a new
+`raylab serve` (or redeploying an emitted config) starts without it. Through the service, a
+version deleted from the registry cannot be named (404); unload it with the CLI on the
+cluster, which accepts the NAME/N it was loaded as.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from raylab import registry
 from raylab.core import events
 from raylab.errors import UserError
-from raylab.serve.deploy import APP, dashboard_of, deployed, put_app, resolve, rest
+from raylab.serve.deploy import APP, dashboard_of, deployed, ingress_config, put_app, resolve, rest
 
 log = logging.getLogger(__name__)
 
 
+_CHANGES = threading.Lock()  # one change at a time from this process (the service answers in threads)
+
+
 def run_load(ref: str, load: bool = True, address: str | None = None, tracking_uri: str | None = None) -> dict:
     """Keep REF loaded on every Generator replica of the running endpoint (`load`), ahead of
-    its traffic and outside the replicas' LRU, or let go of it (`load=False`). Routing is not
-    changed: every registered version is already servable by name. A `user_config` change of
-    the Generator (its `pinned` list): replicas stay up, and new ones load the list too.
-    Returns once Serve reports the application running with the change."""
+    its traffic, or let go of it (`load=False`). Only versions of the model the endpoint
+    serves; at most serve.max_adapters_per_replica loaded this way (besides the replicas' LRU);
+    refused while a canary rollout runs (its controller rewrites the same config). Returns
+    once Serve reports the application running with the change."""
     dashboard = dashboard_of(address)
-    current, app = deployed(dashboard)
-    generator = next(d for d in app["deployments"] if d["name"] == "Generator")
-    conf = dict(generator.get("user_config") or {})
-    if app["args"].get("tracking_uri") is None:
-        raise UserError("this endpoint serves a plain model (no registry): there are no versions to load or unload")
-    store = registry.open_store(tracking_uri=tracking_uri or app["args"]["tracking_uri"])
-    name, version, _ = resolve(store, ref)  # checksums verified here, before any replica loads it
-    target, pinned = f"{name}/{version}", list(conf.get("pinned", []))
-    if load and target not in pinned:
-        limit = app["args"]["limits"]["max_adapters_per_replica"]
-        if len(pinned) >= limit:
-            raise UserError(f"{len(pinned)} versions are loaded on this endpoint already, as many as "
-                            f"serve.max_adapters_per_replica ({limit}) allows; unload one first")
-        pinned.append(target)
-    elif not load:
-        if target not in pinned:
+    with _CHANGES:
+        _, app = deployed(dashboard)
+        if (app.get("args") or {}).get("tracking_uri") is None:
+            raise UserError("this endpoint serves a plain model (no registry): there are no versions to load or unload")
+        store = registry.open_store(tracking_uri=tracking_uri or app["args"]["tracking_uri"])
+        pinned_before = list(_generator(app).get("user_config", {}).get("pinned", []))
+        target = _loadable(store, ref) if load else _unloadable(store, ref, pinned_before)
+        served = ingress_config(app).get("default", "").rsplit("/", 1)[0]
+        if target.rsplit("/", 1)[0] != served:
+            raise UserError(f"{target}: this endpoint serves {served}; only its versions can be loaded here")
+        current, app = deployed(dashboard)  # read again just before changing it: resolve() may have taken a while
+        if ingress_config(app).get("canary"):
+            raise UserError("a canary rollout is running on this endpoint; load or unload versions once it has decided "
+                            "(`raylab deploy --status`)")
+        generator = _generator(app)
+        conf = dict(generator.get("user_config") or {})
+        pinned = list(conf.get("pinned", []))
+        if load and target in pinned:
+            return {"model": target, "loaded": True, "changed": False}
+        if load:
+            limit = app["args"]["limits"]["max_adapters_per_replica"]
+            if len(pinned) >= limit:
+                raise UserError(f"{len(pinned)} versions are loaded on this endpoint already, as many as "
+                                f"serve.max_adapters_per_replica ({limit}) allows; unload one first")
+            pinned.append(target)
+        elif target in pinned:
+            pinned.remove(target)
+        else:
             raise UserError(f"{target} is not loaded on this endpoint by an operator; nothing to unload")
-        pinned.remove(target)
-    else:  # already loaded: nothing to change
-        return {"model": target, "loaded": True, "changed": False}
-    generator["user_config"] = conf | {"pinned": pinned}
-    before = ((current.get("applications") or {}).get(APP) or {}).get("last_deployed_time_s")
-    put_app(dashboard, app, {}, current)
-    _wait_applied(dashboard, before)
-    events.emit("serve.load" if load else "serve.unload", run=registry.version_run(registry.get_version(store, target)),
-                model=name, version=version, ref=ref, dashboard=dashboard)
+        generator["user_config"] = conf | {"pinned": pinned}
+        before = ((current.get("applications") or {}).get(APP) or {}).get("last_deployed_time_s")
+        put_app(dashboard, app, {}, current)
+        name, version = target.rsplit("/", 1)
+        # recorded once the change is applied, whatever the wait below finds
+        events.emit("serve.load" if load else "serve.unload", model=name, version=int(version), ref=ref,
+                    dashboard=dashboard, pinned=pinned)
+        _wait_applied(dashboard, before)
+        now = _generator(deployed(dashboard)[1]).get("user_config", {}).get("pinned", [])
+        if (target in now) != load:
+            raise UserError(f"the endpoint's loaded versions changed meanwhile (another deploy or load); {target} is "
+                            f"{'not ' if load else ''}loaded now: run the command again")
     log.info(f"{'loaded' if load else 'unloaded'} {ref} ({target}) on every replica")
     return {"model": target, "loaded": load, "changed": True}
+
+
+def _generator(app: dict) -> dict:
+    found = next((d for d in app.get("deployments", []) if d.get("name") == "Generator"), None)
+    if found is None:
+        raise UserError(f"the application {APP!r} has no Generator deployment: not an endpoint `raylab serve` deployed")
+    return found
+
+
+def _loadable(store, ref: str) -> str:
+    """NAME/N of a version to load: its checksums verified here, before any replica loads it."""
+    name, version, _ = resolve(store, ref)
+    return f"{name}/{version}"
+
+
+def _unloadable(store, ref: str, pinned: list[str]) -> str:
+    """NAME/N of a version to unload; no artifact check (a tampered version must be unloadable)
+    and a loaded version deleted from the registry since is named by its NAME/N as loaded."""
+    if ref in pinned:
+        return ref
+    try:
+        mv = registry.get_version(store, ref)
+    except UserError:
+        raise UserError(f"{ref} is not loaded on this endpoint by an operator; nothing to unload") from None
+    return f"{mv.name}/{mv.version}"
 
 
 def _wait_applied(dashboard: str, before: float | None, timeout_s: float = 300) -> None:
@@ -71,6 +119,7 @@ def _wait_applied(dashboard: str, before: float | None, timeout_s: float = 300) 
         if details.get("last_deployed_time_s") != before and details.get("status") == "RUNNING":
             return
         if details.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise UserError(f"serve application {APP!r} {details['status']}: {details.get('message', '')[-2000:]}")
+            log.error(f"serve application {APP!r} {details['status']}: {details.get('message', '')[-2000:]}")
+            raise UserError(f"the endpoint became {details['status']} after the change; see `serve status` on the cluster")
         time.sleep(0.5)
-    raise UserError(f"the endpoint at {dashboard} did not apply the change within {timeout_s:.0f}s; see `serve status`")
+    raise UserError(f"the endpoint did not apply the change within {timeout_s:.0f}s; see `serve status` on the cluster")

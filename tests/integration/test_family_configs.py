@@ -6,8 +6,9 @@ with LoRA on exactly the config's modules, and `raylab export --merge`, whose me
 reloads in plain transformers as the family's own architecture.
 
 The overrides are only what a CPU test machine needs: the model's path and offline, no GPU,
-two optimizer steps of two rows (the tiny models get the configs' 1024 positions). The data stage runs once: every config
-shares its data section and the tiny models share one tokenizer, so its output serves all.
+two optimizer steps of two rows (the tiny models get the configs' 1024 positions). The data
+stage runs once per distinct tokenizer (a family's tokenizer class may add special tokens):
+every config shares its data section, so its output serves every family that tokenizes alike.
 
     pytest tests/integration/test_family_configs.py
 """
@@ -41,13 +42,25 @@ def tiny(family: str, path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def acme_data(tmp_path_factory, _session_ray):
-    """The data stage of the first family's config, once (its section is every config's)."""
+    """The data stage's output for a family's model: run once per distinct tokenizer (loading a
+    directory picks the family's own tokenizer class, which may add special tokens, so the
+    tiny models do not all tokenize alike), then shared (every config has the same data section)."""
+    from raylab import models
+    from raylab.config import ModelConfig
     from raylab.data import run_data
 
-    root = tmp_path_factory.mktemp("families")
-    tiny("llama3", root / "model")
-    run_data(config.load(REPO / "configs" / "families" / "llama3.yaml", overrides(root / "model", root / "run")))
-    return root / "run" / "data"
+    root, made = tmp_path_factory.mktemp("families"), {}
+
+    def data_for(family: str, model_dir: Path) -> Path:
+        key = json.dumps(models.fingerprint(models.load_tokenizer(ModelConfig(name_or_path=str(model_dir)))),
+                         sort_keys=True)
+        if key not in made:
+            out = root / f"run{len(made)}"
+            run_data(config.load(REPO / "configs" / "families" / f"{family}.yaml", overrides(model_dir, out)))
+            made[key] = out / "data"
+        return made[key]
+
+    return data_for
 
 
 def test_every_family_config_is_tested_and_shares_one_data_section():
@@ -73,7 +86,7 @@ def test_a_family_config_validates_trains_and_merges(family, acme_data, tmp_path
     wrong = cli_here("validate", str(path), *args, "model.lora.target_modules=[query_key_value]")  # the control
     assert wrong.returncode == 2 and "query_key_value" in wrong.stderr, wrong.stderr
 
-    shutil.copytree(acme_data, out / "data")
+    shutil.copytree(acme_data(family, tmp_path / "model"), out / "data")
     cfg = config.load(path, args)
     meta = run_train(cfg)
     assert meta["steps"] == 2 and meta["method"] == "lora", meta

@@ -736,12 +736,18 @@ def test_a_fine_tuned_models_name_answers_for_its_organisation_only(served):
         assert status == 404 and body["error"]["code"] == "model_not_found", (key[:8], model, body)
 
 
-def _generator_stats(rounds: int = 12) -> dict[str, dict]:
-    """Each Generator replica's stats() the handle reached, by replica id."""
+def _stats_by_replica(served) -> dict[str, dict]:
+    """stats() of every running Generator replica (the handle routes at random: asked until each
+    has answered), by replica id."""
     from ray import serve
 
-    handle = serve.get_deployment_handle("Generator", deploy.APP)
-    return {s["replica"]: s for s in (handle.stats.remote().result(timeout_s=60) for _ in range(rounds))}
+    handle, want, seen = serve.get_deployment_handle("Generator", deploy.APP), set(_replicas(served, "Generator")), {}
+    for _ in range(60):
+        one = handle.stats.remote().result(timeout_s=60)
+        seen[one["replica"]] = one
+        if want <= set(seen):
+            return {r: seen[r] for r in want}
+    raise AssertionError(f"stats() never reached replicas {sorted(want - set(seen))}")
 
 
 def test_an_admin_loads_and_unloads_a_version_on_every_replica_through_the_endpoint(served):
@@ -757,26 +763,33 @@ def test_an_admin_loads_and_unloads_a_version_on_every_replica_through_the_endpo
     admin, _ = keys.create(db, "acme", "admin", "root-live", by="root@host")
     viewer, _ = keys.create(db, "acme", "viewer", "vic-live", by="root@host")
     target = f"{NAME}/2"
-    replicas = {r for r in _generator_stats()}
-    assert all(s["pinned"] == [] for s in _generator_stats().values())  # the control
+    _wait(lambda: _at_rest(served, "Generator"), 120, "one Generator replica at rest")
+    replicas = set(_replicas(served, "Generator"))
+    assert all(s["pinned"] == [] for s in _stats_by_replica(served).values())  # the control
+
+    def deployed_generator() -> dict:
+        app = deploy.rest(served["dashboard"], "GET")["applications"]["raylab"]["deployed_app_config"]
+        return next(d for d in app["deployments"] if d["name"] == "Generator")["user_config"]
 
     status, body = request(served["url"], "/v1/registry/load", {"ref": target}, key=viewer)
     assert status == 403 and "may not serve.load" in body["error"]["message"], body
+    assert deployed_generator().get("pinned", []) == []  # refused before anything changed
+    status, body = request(served["url"], "/v1/registry/load", {"ref": f"other-{NAME}/1"}, key=admin)
+    assert status == 404, body  # not registered: as for any unknown version
     status, body = request(served["url"], "/v1/registry/load", {"ref": target}, key=admin)
     assert status == 200 and body["model"] == target and body["loaded"] and body["changed"], body
 
-    app = deploy.rest(served["dashboard"], "GET")["applications"]["raylab"]["deployed_app_config"]
-    conf = next(d for d in app["deployments"] if d["name"] == "Generator")["user_config"]
+    conf = deployed_generator()
     assert conf["pinned"] == [target] and conf["preload"] == [f"{NAME}/1"], conf  # routing unchanged
-    stats = _generator_stats()
-    assert set(stats) >= replicas and all(s["pinned"] == [target] for s in stats.values()), stats  # no restart
+    stats = _stats_by_replica(served)
+    assert set(stats) == replicas and all(s["pinned"] == [target] for s in stats.values()), stats  # no restart
     status, answer = chat(served["url"], target, QUESTIONS[0])
     assert status == 200 and answer["choices"][0]["message"]["content"] == ANSWERS[2], answer
     assert request(served["url"], "/v1/registry/load", {"ref": target}, key=admin)[1]["changed"] is False
 
     status, body = request(served["url"], "/v1/registry/unload", {"ref": target}, key=admin)
     assert status == 200 and body["loaded"] is False, body
-    assert all(s["pinned"] == [] for s in _generator_stats().values())
+    assert deployed_generator()["pinned"] == [] and all(s["pinned"] == [] for s in _stats_by_replica(served).values())
     status, body = request(served["url"], "/v1/registry/unload", {"ref": target}, key=admin)
     assert status == 409 and "not loaded" in body["error"]["message"], body
     status, answer = chat(served["url"], target, QUESTIONS[0])  # still servable: loaded again on demand
@@ -786,7 +799,8 @@ def test_an_admin_loads_and_unloads_a_version_on_every_replica_through_the_endpo
 PASSAGES = ["Acme ships widget orders within two business days.",
             "The Springfield warehouse is open Monday to Friday.",
             "Returned widgets are refunded to the original card."]
-QA = {"pairs": [{"question": "How fast does Acme ship widget orders?", "answer": "Within two business days."}]}
+# short: the tiny byte-level model learns a 52-character answer to 325-character prompts in 400 steps
+QA = {"pairs": [{"question": "When?", "answer": "Today."}]}
 
 
 def test_synth_against_this_endpoint_resumes_without_asking_twice(served, tmp_path, monkeypatch):
@@ -818,7 +832,7 @@ def test_synth_against_this_endpoint_resumes_without_asking_twice(served, tmp_pa
     prompts = [generators.qa_prompt(g, c["text"])[0]["content"] for c in generators.read_chunks(g)]
     assert len(prompts) == len(PASSAGES)
     adapter = tmp_path / "adapter-synth"
-    assert train_adapter(served["root"] / "base", adapter, json.dumps(QA), questions=prompts) < 0.1
+    assert train_adapter(served["root"] / "base", adapter, json.dumps(QA), steps=400, questions=prompts) < 0.1
     run = registry.log_run(store, registry.experiment_id(store, NAME), name="synth-format", key="serve-test-synth",
                            params={}, history=[], artifacts={}, tags={})
     meta = {"identity": "serve-test", "base_model": str(served["root"] / "base"), "method": "lora", "metrics": {}}

@@ -1,7 +1,8 @@
 """`raylab serve --model DIR`: a plain Hugging Face directory (no registry entry) behind the
 real Serve app on the session's Ray. The registry is made unreachable on purpose (a tracking
 URI nothing answers), so any registry use would fail the deploy or the requests. Served greedy
-text equals offline greedy generation; the model is listed and routed by its directory name.
+text equals offline greedy generation; the model (a tiny Qwen 3: issue 22's family through
+serve) is listed and routed by its directory name.
 Runs after test_serve.py's endpoint is gone (its module fixture deletes the app)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from families import build
 
 from conftest import free_port
 from raylab import config, models
@@ -23,11 +25,13 @@ pytestmark = pytest.mark.integration
 
 
 def build_model(path: Path) -> None:
-    """A tiny Llama whose embeddings are scaled up (confident logits, greedy text far from ties)."""
+    """A tiny Qwen 3 (tests/families.py: another family than the Llama the registry tests serve,
+    with its query/key norms, so the engine is shown serving more than one architecture) whose
+    embeddings are scaled up (confident logits, greedy text far from ties)."""
     import torch
 
     tok = models.build_byte_tokenizer()
-    lm = models.build_tiny_model("tiny-llama", tok, seed=7)
+    lm = build("qwen3", tok, seed=7)
     with torch.no_grad():
         lm.get_input_embeddings().weight.mul_(10)
     tok.save_pretrained(path)

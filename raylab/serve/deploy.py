@@ -442,9 +442,17 @@ def deployed(dashboard: str) -> tuple[dict, dict]:
     return current, details["deployed_app_config"]
 
 
+def deployment(app: dict, name: str) -> dict:
+    """A deployment's entry in our application's deployed config (exit 2 if it has none)."""
+    found = next((d for d in app.get("deployments", []) if d.get("name") == name), None)
+    if found is None:
+        raise UserError(f"the application {APP!r} has no {name} deployment: not an endpoint `raylab serve` deployed")
+    return found
+
+
 def ingress_config(app: dict) -> dict:
     """The Ingress's user_config (its routing table, and the canary while one runs)."""
-    return next(d for d in app["deployments"] if d["name"] == "Ingress")["user_config"]
+    return deployment(app, "Ingress")["user_config"]
 
 
 def switch(dashboard: str, store: registry.Store, name: str, version: int, canary: dict | None = None,

@@ -46,27 +46,25 @@ class Loaded:
 
     def hold(self) -> bool:
         """One more holder; False if it already left the engine (the caller loads it again)."""
-        with self._lock:
-            if self._gone:
-                return False
-            self._holders += 1
-            return True
+        return self._add("_holders")
 
     def let_go(self) -> None:
-        self._change("_holders")
+        self._drop_one("_holders")
 
     def acquire(self) -> bool:
         """One more request decoding with it; False if it already left the engine."""
-        with self._lock:
-            if self._gone:
-                return False
-            self._users += 1
-            return True
+        return self._add("_users")
 
     def release(self) -> None:
-        self._change("_users")
+        self._drop_one("_users")
 
-    def _change(self, counter: str) -> None:
+    def _add(self, counter: str) -> bool:
+        with self._lock:
+            if not self._gone:
+                setattr(self, counter, getattr(self, counter) + 1)
+            return not self._gone
+
+    def _drop_one(self, counter: str) -> None:
         with self._lock:
             setattr(self, counter, getattr(self, counter) - 1)
             drop = self._holders == 0 and self._users == 0 and not self._gone

@@ -25,7 +25,16 @@ import time
 from raylab import registry
 from raylab.core import events
 from raylab.errors import UserError
-from raylab.serve.deploy import APP, dashboard_of, deployed, ingress_config, put_app, resolve, rest
+from raylab.serve.deploy import (
+    APP,
+    dashboard_of,
+    deployed,
+    deployment,
+    ingress_config,
+    put_app,
+    resolve,
+    rest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +95,7 @@ def run_load(ref: str, load: bool = True, address: str | None = None, tracking_u
 
 
 def _generator(app: dict) -> dict:
-    found = next((d for d in app.get("deployments", []) if d.get("name") == "Generator"), None)
-    if found is None:
-        raise UserError(f"the application {APP!r} has no Generator deployment: not an endpoint `raylab serve` deployed")
-    return found
+    return deployment(app, "Generator")
 
 
 def _loadable(store, ref: str) -> str:

@@ -16,7 +16,11 @@ def shipped_configs(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml"))
 
 
-CONFIGS = shipped_configs(REPO / "configs")
+# configs/families/ name hub checkpoints and a GPU: on a machine with neither, validate rightly
+# refuses them; tests/integration/test_family_configs.py validates and runs each with a tiny
+# local model of its family instead.
+FAMILIES = REPO / "configs" / "families"
+CONFIGS = [p for p in shipped_configs(REPO / "configs") if FAMILIES not in p.parents]
 
 
 def test_there_are_shipped_configs():

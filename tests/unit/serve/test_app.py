@@ -25,7 +25,8 @@ FT_PATHS = ("/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content", "
             "/v1/fine_tuning/jobs/{job_id}", "/v1/fine_tuning/jobs/{job_id}/cancel", "/v1/fine_tuning/jobs/{job_id}/events",
             "/v1/fine_tuning/jobs/{job_id}/pause", "/v1/fine_tuning/jobs/{job_id}/resume",
             "/v1/fine_tuning/jobs/{job_id}/checkpoints", "/v1/registry/models/{name}/promote",
-            "/v1/registry/models/{name}/rollback", "/v1/registry/deploy")
+            "/v1/registry/models/{name}/rollback", "/v1/registry/deploy",
+            "/v1/registry/load", "/v1/registry/unload")
 
 extra = APIRouter()
 

@@ -237,6 +237,7 @@ def test_a_candidate_that_fails_to_load_leaves_the_generator_replica_serving_pro
 
     generator = GeneratorBase.__new__(GeneratorBase)  # no replica, no models: reconfigure's own logic
     generator.get_model = get_model
+    generator._pinned, generator._live, generator._loading = {}, {}, {}  # no operator-loaded versions
     asyncio.run(generator.reconfigure({"preload": ["m/1", "m/2"]}))
     assert loaded == ["m/1"]
     with pytest.raises(RuntimeError, match="size mismatch"):

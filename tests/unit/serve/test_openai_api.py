@@ -9,7 +9,7 @@ import json
 import pytest
 
 from raylab.serve import openai_api as oa
-from raylab.serve.generator import Loaded
+from raylab.serve.generator import Held, Loaded
 
 
 def parse_error(kind, body) -> oa.ApiError:
@@ -57,16 +57,19 @@ class FakeTok:
 def test_an_evicted_version_unloads_only_after_its_last_request():
     unloaded = []
     loaded = Loaded("m/1", object(), FakeTok(), "a0", unloaded.append)
+    assert loaded.hold()
+    held = Held(loaded)  # what Serve's LRU keeps
     loaded.acquire()
     loaded.acquire()
-    loaded.__del__()  # Serve's LRU evicts it while two requests still decode with it
+    held.__del__()  # Serve's LRU evicts it while two requests still decode with it
     assert unloaded == []
     loaded.release()
     assert unloaded == []
     loaded.release()
     assert unloaded == [loaded]
-    loaded.__del__()  # garbage collection later: nothing twice
+    held.__del__()  # garbage collection later: nothing twice
     assert unloaded == [loaded]
     idle = Loaded("m/2", object(), FakeTok(), "a1", unloaded.append)
-    idle.__del__()
+    assert idle.hold()
+    Held(idle).__del__()
     assert unloaded[-1] is idle

@@ -104,6 +104,19 @@ class RaylabConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _service_callers_reach_their_models(self) -> RaylabConfig:
+        # The service in the ingress knows its callers by control-plane keys. An endpoint that
+        # asks for keys but not those would answer their own `ft:` models with a 401 (and a
+        # static key, which has no organisation, with model_not_found): refuse the pair here.
+        s = self.serve
+        if self.api.enabled and (s.api_keys_env or s.api_keys_file or s.oidc) and not s.api_keys_db:
+            raise invalid("api.enabled puts the fine-tuning service in this endpoint, whose callers use the keys "
+                          "`raylab keys create` made, but the endpoint accepts only serve.api_keys_env/api_keys_file/"
+                          "oidc: they could not use the models they fine-tune; set serve.api_keys_db: true, or run "
+                          "the service apart (`raylab api --standalone`, api.enabled: false)", at="serve.api_keys_db")
+        return self
+
+    @model_validator(mode="after")
     def _remote_provider(self) -> RaylabConfig:
         if self.train.provider == "ray":
             return self

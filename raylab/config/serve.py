@@ -154,7 +154,8 @@ class ServeConfig(Section):
     api_keys_file: PathOrUri | None = Field(None, description="file with one API key per line (Bearer)")
     api_keys_db: bool = Field(False, description="also accept the API keys `raylab keys create` made (the "
                               "control-plane database: governance.database), each with its role and organisation; "
-                              "revoked keys are refused from the next request")
+                              "revoked keys are refused from the next request; needed with api.enabled when the "
+                              "endpoint takes other keys, so the service's callers reach their fine-tuned models")
     oidc: bool = Field(False, description="also accept OIDC bearer tokens (JWTs), verified as governance.oidc "
                        "says, each with the role and organisation its claims name")
     allow_unauthenticated: bool = Field(False, description="serve a non-loopback host without API keys (anyone "

@@ -56,3 +56,15 @@ def test_the_opt_out_is_a_boolean_and_overrides_reach_it():
         load(host="0.0.0.0", allow_unauthenticated=False)
     cfg = config.load_dict({**BASE, "serve": {"host": "0.0.0.0"}}, ["serve.allow_unauthenticated=true"])
     assert cfg.serve.allow_unauthenticated
+
+
+@pytest.mark.parametrize("auth", [{"api_keys_env": "K"}, {"api_keys_file": "keys.txt"}])
+def test_the_service_in_an_endpoint_with_keys_needs_its_callers_keys_there(auth):
+    """api.enabled with an endpoint that takes static keys only: the service's callers (keys
+    from `raylab keys create`) could not reach the models they fine-tune, so it is refused,
+    naming the key to set; with serve.api_keys_db, or an open loopback endpoint, it loads."""
+    with pytest.raises(ConfigError, match=r"serve\.api_keys_db: api\.enabled .*set serve\.api_keys_db: true"):
+        config.load_dict({**BASE, "serve": auth, "api": {"enabled": True}})
+    assert config.load_dict({**BASE, "serve": auth | {"api_keys_db": True}, "api": {"enabled": True}}).api.enabled
+    assert config.load_dict({**BASE, "api": {"enabled": True}}).serve.api_keys_db is False  # open loopback: one URL
+    assert config.load_dict({**BASE, "serve": auth}).serve.api_keys_db is False  # the control: no service, no rule

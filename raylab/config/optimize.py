@@ -55,13 +55,27 @@ ConfigValue = int | float | bool | str
 class DistillConfig(Section):
     """Knowledge distillation: a smaller student trained on Ray Train against the teacher's
     (--model REF's) logits, L = alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE,
-    on the data stage's shards. Logit distillation needs the teacher's tokenizer."""
+    on the data stage's shards (logit distillation: the teacher's tokenizer), or on the
+    teacher's greedy outputs to the train split's prompts with cross-entropy (sequence-level
+    distillation, Kim & Rush 2016: any tokenizer)."""
 
     student: ModelRef | dict[str, ConfigValue] = Field(
         description="the student: preset:NAME (built with random weights around the teacher's tokenizer), a "
         "mapping of the teacher's transformers config keys to smaller values (e.g. {num_hidden_layers: 2}: the "
-        "teacher's architecture, random weights), or a local directory / hub id of a pretrained model with the "
-        "same tokenizer")
+        "teacher's architecture, random weights), or a local directory / hub id of a pretrained model (with "
+        "another tokenizer than the teacher's: level sequence)")
+    level: Literal["auto", "logits", "sequence"] = Field(
+        "auto", description="logits: the objective above on the data stage's shards (the student needs the "
+        "teacher's tokenizer); sequence: the teacher answers the train split's prompts (greedy) and the student "
+        "learns those answers with cross-entropy, through its own data stage (any tokenizer; temperature and alpha "
+        "unused); auto: logits when the tokenizers match, else sequence")
+    max_new_tokens: PositiveInt = Field(128, description="level sequence: tokens the teacher generates per prompt")
+    prompt_words: PositiveInt = Field(
+        8, description="level sequence: a completion record's first words are the prompt the teacher continues (a "
+        "chat or instruction record's prompt is its conversation up to its last assistant turn)")
+    max_prompts: PositiveInt | None = Field(
+        None, description="level sequence: at most this many train-split records are prompted (by record id); "
+        "default all")
     temperature: float = Field(2.0, gt=0, description="T: both distributions are softened by it before the KL")
     alpha: Fraction = Field(0.5, description="weight of the distillation term (T^2-scaled KL) against the "
                             "cross-entropy on the label tokens, in [0, 1]; 0 is plain cross-entropy")

@@ -19,6 +19,7 @@ from raylab.evaluate.batch import (
     held_out_items,
     held_out_loss,
     read_input,
+    record_prompts,
     run_eval,
     score,
 )
@@ -27,5 +28,5 @@ from raylab.evaluate.bias import measure as measure_bias
 from raylab.evaluate.gates import derived_checks, evaluate_version, rag_checks
 from raylab.evaluate.suites import describe, junit, write_junit
 
-__all__ = ["answers", "bias_markdown", "derived_checks", "describe", "evaluate_version", "held_out_items", "held_out_loss", "junit", "measure_bias", "rag_checks", "read_input",
+__all__ = ["answers", "bias_markdown", "derived_checks", "describe", "evaluate_version", "held_out_items", "held_out_loss", "junit", "measure_bias", "rag_checks", "read_input", "record_prompts",
            "run_eval", "score", "write_junit"]

@@ -165,17 +165,33 @@ def held_out_items(cfg: RaylabConfig, manifest: runs.DataManifest, split: str = 
     the conversation up to its last assistant turn, and that turn (`split="train"`: records the
     model was trained on, for a recall check)."""
     records = manifest.outputs.get("records") or runs.Run(cfg.output_dir).split("records")
-    table = storage.read_table(records, columns=["record_id", "format", "messages", "split"])
-    items = []
+    return record_prompts(records, split, None, cfg.eval.max_samples)
+
+
+def record_prompts(records: str, split: str, prompt_words: int | None, limit: int | None) -> list[dict]:
+    """The split's records (the data stage's records table at `records`) as prompts with their
+    references, by record id, at most `limit`: a chat or instruction record's conversation up to
+    its last assistant turn, {id, messages, reference: that turn}; with `prompt_words`, a
+    completion record's first that many words too, {id, text, reference: the rest} (a record of
+    no more words than that is left out: nothing to continue)."""
+    table = storage.read_table(records, columns=["record_id", "format", "text", "messages", "split"])
+    items: list[dict] = []
     for row in sorted(table.to_pylist(), key=lambda r: r["record_id"]):
-        if row["split"] != split or row["format"] not in ("instruction", "chat") or not row["messages"]:
+        if row["split"] != split:
             continue
-        messages = json.loads(row["messages"])
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if not last:
-            continue
-        items.append({"id": row["record_id"], "messages": messages[:last], "reference": messages[last]["content"]})
-        if len(items) == cfg.eval.max_samples:
+        if row["format"] in ("instruction", "chat") and row["messages"]:
+            messages = json.loads(row["messages"])
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if not last:  # no assistant turn, or nothing before it to answer
+                continue
+            items.append({"id": row["record_id"], "messages": messages[:last], "reference": messages[last]["content"]})
+        elif prompt_words is not None and row["text"]:
+            words = row["text"].split()
+            if len(words) <= prompt_words:
+                continue
+            items.append({"id": row["record_id"], "text": " ".join(words[:prompt_words]),
+                          "reference": " ".join(words[prompt_words:])})
+        if len(items) == limit:
             break
     return items
 

@@ -40,7 +40,7 @@ import math
 import tempfile
 import time
 
-from raylab import config, registry
+from raylab import config, models, registry
 from raylab.config import GatesConfig
 from raylab.core import cluster, events, runs, storage
 from raylab.errors import UserError
@@ -83,7 +83,8 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
         others = production is not None and int(production) != version
         return _record(store, mv, cfg, *remote_checks([gates, *suites], mv, cfg, others),
                        held_out="the provider's")
-    val = runs.read_manifest(runs.Run(cfg.output_dir), cfg.source).outputs["val"]  # a trial's points at its sweep's
+    manifest = runs.read_manifest(runs.Run(cfg.output_dir), cfg.source)  # a trial's points at its sweep's
+    val = manifest.outputs["val"]
     if not storage.exists(val):
         raise UserError(f"{name}/{version}: its held-out split {val} is gone; re-run `raylab data` for "
                         f"{cfg.source} (same inputs give the same split)")
@@ -92,28 +93,15 @@ def evaluate_version(store: registry.Store, name: str, version: int, address: st
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    measured = batch.held_out_loss(cfg, path, val)
-    checks = []
-    if gates.max_val_loss is not None:
-        checks.append(_check("max_val_loss", measured["loss"], gates.max_val_loss, measured["loss"] <= gates.max_val_loss))
-    if gates.max_perplexity is not None:
-        checks.append(_check("max_perplexity", measured["perplexity"], gates.max_perplexity,
-                             measured["perplexity"] <= gates.max_perplexity))
-    production = store.client.get_registered_model(name).aliases.get(registry.PRODUCTION)
-    if (gates.max_regression is not None and production is not None and int(production) != version
-            and registry.remote_of(registry.get_version(store, f"{name}/{production}")) is not None):
-        checks.append(_unmeasurable("max_regression", gates.max_regression, f"production ({name}/{production}) is a "
-                                    "remote version: its loss on this held-out split cannot be measured here"))
-    elif gates.max_regression is not None and production is not None and int(production) != version:
-        prod = batch.held_out_loss(cfg, registry.fetch(store, f"{name}/{production}"), val)
-        limit = prod["loss"] + gates.max_regression
-        checks.append(_check("max_regression", measured["loss"], limit, measured["loss"] <= limit,
-                             production_version=int(production), production_val_loss=prod["loss"]))
-    parent_ref = mv.tags.get("raylab.derived_from")
-    parent_loss = None
-    if gates.max_quality_drop is not None and parent_ref:  # the parent on the same split, now, by the same scorer
-        parent_loss = batch.held_out_loss(cfg, registry.fetch(store, parent_ref), val)["loss"]
-    checks += derived_checks(gates, mv.tags, measured["loss"], parent_loss)
+    foreign = _foreign_tokenizer(mv, path, manifest)
+    if foreign:
+        measured = {"loss": None, "perplexity": None}
+        checks = [_unmeasurable(key, getattr(gates, key), foreign) for key in _LOSS_GATES
+                  if getattr(gates, key) is not None]
+        checks += derived_checks(gates.model_copy(update={"max_quality_drop": None}), mv.tags, None, None)
+    else:
+        measured = batch.held_out_loss(cfg, path, val)
+        checks = _loss_checks(store, cfg, mv, gates, measured, val)
     every = [gates, *suites]
     cases = [c for g in every for c in suites_.prompt_cases(g, lambda n: _training_probes(cfg, n))]
     for budget in sorted({c.max_new_tokens for c in cases}):
@@ -162,6 +150,51 @@ def _record(store: registry.Store, mv, cfg: config.RaylabConfig, checks: list[di
         log.info("gates: none declared (registry.gates in the config): the version passes by default")
     log.info(f"gates: {name}/{version} {status.upper()}")
     return result
+
+
+# The gates that score the version's per-token loss on the held-out split.
+_LOSS_GATES = ("max_val_loss", "max_perplexity", "max_regression", "max_quality_drop")
+
+
+def _foreign_tokenizer(mv, path: str, manifest: runs.DataManifest) -> str | None:
+    """Why the held-out loss cannot be measured for a version `raylab optimize` derived with
+    another tokenizer than the one the split was encoded with (a student distilled at sequence
+    level), else None: its per-token loss on those ids would mean nothing."""
+    if not mv.tags.get("raylab.derived_from"):  # trained on this split: its tokenizer encoded it
+        return None
+    if models.fingerprint(models.load_saved_tokenizer(path))["fingerprint"] == manifest.tokenizer.get("fingerprint"):
+        return None
+    return ("not measurable: this version's tokenizer is not the one its held-out split was encoded with (a "
+            "student distilled at sequence level), and per-token losses over different tokenizers are not "
+            "comparable; gate it with prompt checks (golden, pii, refusal) or leave the loss gates out")
+
+
+def _loss_checks(store: registry.Store, cfg: config.RaylabConfig, mv, gates: GatesConfig, measured: dict,
+                 val: str) -> list[dict]:
+    """max_val_loss, max_perplexity, max_regression (against production, measured now on the
+    same split) and the derived checks (max_quality_drop against the parent, min_speedup)."""
+    name, version = mv.name, int(mv.version)
+    checks = []
+    if gates.max_val_loss is not None:
+        checks.append(_check("max_val_loss", measured["loss"], gates.max_val_loss, measured["loss"] <= gates.max_val_loss))
+    if gates.max_perplexity is not None:
+        checks.append(_check("max_perplexity", measured["perplexity"], gates.max_perplexity,
+                             measured["perplexity"] <= gates.max_perplexity))
+    production = store.client.get_registered_model(name).aliases.get(registry.PRODUCTION)
+    if (gates.max_regression is not None and production is not None and int(production) != version
+            and registry.remote_of(registry.get_version(store, f"{name}/{production}")) is not None):
+        checks.append(_unmeasurable("max_regression", gates.max_regression, f"production ({name}/{production}) is a "
+                                    "remote version: its loss on this held-out split cannot be measured here"))
+    elif gates.max_regression is not None and production is not None and int(production) != version:
+        prod = batch.held_out_loss(cfg, registry.fetch(store, f"{name}/{production}"), val)
+        limit = prod["loss"] + gates.max_regression
+        checks.append(_check("max_regression", measured["loss"], limit, measured["loss"] <= limit,
+                             production_version=int(production), production_val_loss=prod["loss"]))
+    parent_ref = mv.tags.get("raylab.derived_from")
+    parent_loss = None
+    if gates.max_quality_drop is not None and parent_ref:  # the parent on the same split, now, by the same scorer
+        parent_loss = batch.held_out_loss(cfg, registry.fetch(store, parent_ref), val)["loss"]
+    return checks + derived_checks(gates, mv.tags, measured["loss"], parent_loss)
 
 
 # Gates that need the weights (generation, raylab's own held-out scorer, the local engine's

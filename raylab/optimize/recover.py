@@ -53,15 +53,17 @@ def calibration_batches(location: str, samples: int) -> list:
     return [torch.tensor([ids[i].as_py()[:lengths[i].as_py()]]) for i in picks if lengths[i].as_py() > 0]
 
 
-def nested_run(cfg: RaylabConfig, run: runs.Run, manifest, method: str, parent, settings: dict) -> runs.Run:
+def nested_run(cfg: RaylabConfig, run: runs.Run, manifest, method: str, parent, settings: dict,
+               copy_manifest: bool = True) -> runs.Run:
     """The run directory a derived model trains in (pruning's recovery, distillation), holding
-    the parent run's data manifest (the shards stay where they are). It is named by what that
-    training depends on, so another lr or batch size is another run, not a resume refused for
-    changed settings."""
+    the parent run's data manifest (the shards stay where they are; `copy_manifest=False`: a
+    run with a data stage of its own). It is named by what that training depends on, so another
+    lr or batch size is another run, not a resume refused for changed settings."""
     material = {method: settings, "train": cfg.train.model_dump(mode="json"), "data": runs.manifest_hash(manifest)}
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:8]
     nested = run.optimize(f"{method}-{parent.name}-{parent.version}-{digest}")
-    storage.write_text(nested.manifest, storage.read_text(run.manifest))
+    if copy_manifest:
+        storage.write_text(nested.manifest, storage.read_text(run.manifest))
     return nested
 
 

@@ -41,10 +41,16 @@ ROWS = (("size on disk (MB)", "size_bytes", lambda v: f"{v / 1e6:.3f}"),
         ("ROUGE-L (held-out answers)", "rouge_l", lambda v: f"{v:.4f}"))
 
 
-def measure_model(cfg: RaylabConfig, path: str, items: list[dict], val: str | None) -> dict:
+def measure_model(cfg: RaylabConfig, path: str, items: list[dict], val: str | None,
+                  split_tokenizer: str | None = None) -> dict:
     """Everything but memory of one local model directory, loaded here once (an adapter's size
-    on disk is its files and its base's: what serving it needs)."""
+    on disk is its files and its base's: what serving it needs). A model whose tokenizer is not
+    the one the val split was tokenized with (fingerprint `split_tokenizer`: a student distilled
+    at sequence level) gets no eval loss: its per-token loss on those ids would mean nothing."""
     inf = models.load(path, dtype="float32")
+    if val is not None and split_tokenizer and models.fingerprint(inf.tokenizer)["fingerprint"] != split_tokenizer:
+        log.info(f"optimize: {path}: its tokenizer is not the val split's, so no eval loss is measured for it")
+        val = None
     size = measure.disk_bytes(path)
     if inf.kind == "adapter" and os.path.isdir(inf.base):  # serving an adapter needs its base's files too
         size += measure.disk_bytes(inf.base)
@@ -62,8 +68,9 @@ def compare(cfg: RaylabConfig, parent_path: str, result_path: str) -> dict:
     m = cfg.optimize.measure or MeasureConfig()
     memory = measure.peak_load_memory({"parent": parent_path, "result": result_path}) if m.memory else \
         {"parent": {}, "result": {}}
-    parent = measure_model(cfg, parent_path, items, val) | memory["parent"]
-    result = measure_model(cfg, result_path, items, val) | memory["result"]
+    split_tokenizer = manifest.tokenizer.get("fingerprint") if manifest else None
+    parent = measure_model(cfg, parent_path, items, val, split_tokenizer) | memory["parent"]
+    result = measure_model(cfg, result_path, items, val, split_tokenizer) | memory["result"]
     held = val or "none (no data stage output)"
     return {"parent": parent, "result": result, "ratios": measure.ratios(parent, result), "val": held,
             "rouge_items": len(items), "requests": m.requests, "max_new_tokens": m.max_new_tokens}
@@ -115,6 +122,9 @@ def table(c: dict) -> str:
              "Memory: " + ("the resident-set rise while loading, in a fresh process per model"
                            if "load_rss_bytes" in c["result"] else "not measured (optimize.measure.memory: false)")]
     has_loss, has_rouge = "eval_loss" in c["result"], "rouge_l" in c["result"]
+    if "eval_loss" in c["parent"] and not has_loss:
+        notes.append("Eval loss: not measured for the result, whose tokenizer is not the val split's (per-token "
+                     "losses over different tokenizers are not comparable); ROUGE-L compares them")
     notes.append("Quality: " + ("; ".join(([f"eval loss on {c['val']}"] if has_loss else [])
                                           + ([f"ROUGE-L on {c['rouge_items']} held-out prompts"] if has_rouge else []))
                                 or "not measured (no data stage output and no eval.held_out)"))

@@ -346,6 +346,63 @@ def test_a_tampered_artifact_is_refused_where_it_is_loaded(trained):
         weights.write_bytes(original)
 
 
+
+def test_a_student_with_its_own_tokenizer_learns_the_teachers_answers_at_sequence_level(trained, tmp_path):
+    """Sequence-level distillation (optimize.distill.level auto): v1 (byte-level tokenizer)
+    answers the train split's prompts through a Ray Data actor pool; a tiny student around a
+    BPE tokenizer of its own learns those answers through its own data stage and Ray Train; its
+    answers move toward the teacher's; the version reloads with its own tokenizer; its measurements
+    and gates leave out the per-token loss over the teacher's ids (not comparable), and the
+    teacher's gates, trained on that split, still measure it (the control)."""
+    from transformers import AutoTokenizer
+
+    from raylab import models
+    from raylab.optimize import run_optimize
+
+    good, meta, *_ = trained
+    teacher = f"{NAME}/{meta['registry']['version']}"
+    corpus = Path(good.data.sources[0].path)
+    texts = [f"{r['prompt']} {r['response']}" for r in map(json.loads, corpus.read_text().splitlines())]
+    bpe = models.train_corpus_tokenizer(texts, vocab_size=320, min_frequency=1)
+    student = tmp_path / "student"
+    bpe.save_pretrained(student)
+    models.build_tiny_model("tiny-llama", bpe, seed=0).save_pretrained(student)
+    raw = good.model_dump(mode="json")
+    raw["optimize"] = {"distill": {"student": str(student), "steps": 40, "lr": 3e-3, "max_new_tokens": 24,
+                                   "max_prompts": 48},
+                       "measure": {"requests": 1, "max_new_tokens": 2, "memory": False}}
+    out = run_optimize(config.load_dict(raw), teacher)
+
+    assert (out["method"], out["level"], out["derived_from"]) == ("distill", "sequence", teacher)
+    counts = out["corpus"]
+    assert counts["prompts"] == 48 and counts["chat"] + counts["empty"] == 48 and counts["completion"] == 0
+    [written] = (Path(good.output_dir) / "optimize").glob("distill-*/teacher-chat.jsonl")
+    answers = [json.loads(line)["messages"][-1] for line in written.read_text().splitlines()]
+    assert len(answers) == counts["chat"] and all(a["role"] == "assistant" for a in answers)
+    assert sum("ships today" in a["content"] for a in answers) >= 0.9 * len(answers)  # what v1 answers
+    assert out["val_loss"] < out["initial_val_loss"]  # it learned the teacher's answers
+    assert out["after"]["rouge_l_to_teacher"] > out["before"]["rouge_l_to_teacher"] + 0.3
+
+    mv = registry.get_version(store(), f"{NAME}/{out['version']}")
+    assert mv.tags["raylab.distill.level"] == "sequence"
+    assert mv.tags["raylab.derivation"] == "distill:sequence:max_new_tokens=24"
+    path = registry.fetch(store(), f"{NAME}/{out['version']}")
+    assert len(AutoTokenizer.from_pretrained(path)) == len(bpe) != len(AutoTokenizer.from_pretrained(
+        registry.fetch(store(), teacher)))
+    measured = out["measurements"]
+    assert "eval_loss" in measured["parent"] and "eval_loss" not in measured["result"]
+    assert "rouge_l" in measured["result"] and "quality_drop" not in measured["ratios"]
+
+    result = gates.evaluate_version(store(), NAME, out["version"], address=_address())
+    by_name = {c["name"]: c for c in result["checks"]}
+    assert result["val_loss"] is None and result["status"] == "failed"
+    assert not by_name["max_val_loss"]["passed"] and "tokenizer is not the one" in by_name["max_val_loss"]["message"]
+    golden = by_name["Ticket 999: when does my widget ship?"]  # the prompt checks still ask the student
+    assert golden["gate"] == "golden" and isinstance(golden["value"], str)
+    control = gates.evaluate_version(store(), NAME, int(meta["registry"]["version"]), address=_address())
+    assert control["val_loss"] is not None and "max_val_loss" in {c["name"] for c in control["checks"]}
+
+
 def _address() -> str:
     import ray
 

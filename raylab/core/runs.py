@@ -68,6 +68,9 @@ EVAL_FILES = {"report": "report.json", "report_md": "report.md", "predictions": 
               "global_explanation": "global_explanation.json", "global_explanation_png": "global_explanation.png"}
 # `raylab optimize`'s comparison of each result with its parent, in <output_dir>/optimize/ (beside the nested runs)
 OPTIMIZE_FILES = {"report": "report.json", "report_md": "report.md", "report_png": "report.png"}
+# Sequence-level distillation's corpus in its nested run (raylab/optimize/sequence.py): the teacher's
+# answers as chat and completion JSONL, and the summary written last (settings and counts).
+TEACHER_FILES = {"chat": "teacher-chat.jsonl", "completion": "teacher-text.jsonl", "summary": "teacher.json"}
 INDEX_MANIFEST = "raylab_index.json"
 SYNTH_CACHE = "cache"
 FINAL_DIR = "final"  # the trained model inside a train run: train/final/
@@ -181,6 +184,11 @@ class Run:
         """A distillation's teacher, merged (optimize): read by every worker of the train
         objective `distill` (raylab/train/distill.py)."""
         return _join(self.root, "teacher")
+
+    def teacher_file(self, what: str) -> str:
+        """Sequence-level distillation's corpus by what it holds (TEACHER_FILES): chat and completion
+        (the teacher's answers as JSONL, the student's data sources), summary (settings and counts)."""
+        return _join(self.root, TEACHER_FILES[what])
 
     # nested runs
     @property

@@ -25,9 +25,6 @@ from raylab import config, evaluate
 from raylab.config import RaylabConfig
 from raylab.core import runs, storage
 
-CHATS, TEXTS = "teacher-chat.jsonl", "teacher-text.jsonl"
-SUMMARY = "teacher.json"  # written last: a re-run with the same settings reuses the answers
-
 
 def prompts(records: str, split: str, prompt_words: int, limit: int | None) -> list[dict]:
     """The split's records (the data stage's records table at `records`) as generation prompts,
@@ -57,19 +54,20 @@ def write_corpus(nested: runs.Run, chats: list[dict], texts: list[dict], summary
     """Write the teacher's corpus into the nested run (the summary last) and return the
     data.sources that read it."""
     sources = []
-    for name, rows, fmt in ((CHATS, chats, "chat"), (TEXTS, texts, "completion")):
+    for rows, fmt in ((chats, "chat"), (texts, "completion")):
         if rows:
-            path = storage.join(nested.root, name)
+            path = nested.teacher_file(fmt)
             storage.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             # the default field names ("messages", "text") whatever data.fields renames for the user's sources
             sources.append({"type": "jsonl", "path": path, "name": f"teacher-{fmt}", "format": fmt, "fields": {}})
-    storage.write_text(storage.join(nested.root, SUMMARY), json.dumps(summary | {"sources": sources}, indent=2) + "\n")
+    # the summary last: a re-run with the same settings finds it and reuses the answers
+    storage.write_text(nested.teacher_file("summary"), json.dumps(summary | {"sources": sources}, indent=2) + "\n")
     return sources
 
 
 def written(nested: runs.Run, settings: dict) -> dict | None:
     """The summary of a corpus an earlier run with these settings wrote, or None."""
-    path = storage.join(nested.root, SUMMARY)
+    path = nested.teacher_file("summary")
     if not storage.exists(path):
         return None
     summary = json.loads(storage.read_text(path))

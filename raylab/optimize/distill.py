@@ -34,7 +34,7 @@ from raylab.config import RaylabConfig
 from raylab.core import runs, storage
 from raylab.errors import UserError
 from raylab.optimize import sequence
-from raylab.optimize.recover import nested_run
+from raylab.optimize.recover import nested_run, nested_train_raw
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +142,9 @@ def distill_config(cfg: RaylabConfig, nested: runs.Run) -> RaylabConfig:
     """The train-stage config of the student's training: the student in full, on the data
     stage's shards, with train.objective=distill for optimize.distill.steps steps, untracked."""
     d = cfg.optimize.distill
-    raw = cfg.model_dump(mode="json")
     # optimize.distill stays: the objective reads temperature and alpha from it on every worker
-    raw.update(output_dir=nested.root, tune=None, pretrain=None, optimize={"distill": raw["optimize"]["distill"]})
-    raw["model"] = {k: raw["model"][k] for k in ("dtype", "attn_implementation")} | {
-        "name_or_path": nested.base, "method": "full"}
-    raw["train"].update(max_steps=d.steps, eval_every=max(1, d.steps // 2), checkpoint_every=None,
-                        early_stopping_patience=None, log_every=max(1, d.steps // 10), objective="distill")
-    if d.lr is not None:
-        raw["train"]["lr"] = d.lr
-    raw["registry"].update(enabled=False)  # registered below as a derived version, not as a train run
+    raw = nested_train_raw(cfg, nested, d.steps, d.lr, optimize={"distill": d.model_dump(mode="json")})
+    raw["train"]["objective"] = "distill"
     return config.load_dict(raw)
 
 
@@ -261,33 +254,36 @@ def _sequence(cfg: RaylabConfig, parent_ref: str, run: runs.Run, manifest, neste
 
     d = cfg.optimize.distill
     records = manifest.outputs.get("records") or run.split("records")
-    val_items = sequence.prompts(records, "val", d.prompt_words, cfg.eval.max_samples)
+    val_items = evaluate.record_prompts(records, "val", d.prompt_words, cfg.eval.max_samples)
     cluster.connect(cfg)
     corpus = sequence.written(nested, settings)
     if corpus is None:
-        items = sequence.prompts(records, "train", d.prompt_words, d.max_prompts)
+        items = evaluate.record_prompts(records, "train", d.prompt_words, d.max_prompts)
         if not items:
             raise UserError(f"optimize.distill.level: sequence needs prompts, and the train split of {records} has "
                             "no chat or instruction record and no completion record longer than "
                             f"optimize.distill.prompt_words ({d.prompt_words} words)")
-        answers = evaluate.answers(cfg, nested.teacher, nested.teacher, items, max_new_tokens=d.max_new_tokens)
+        # one actor pool (one teacher load) answers the train prompts and the val prompts compared below
+        answers = evaluate.answers(cfg, nested.teacher, nested.teacher, items + val_items,
+                                   max_new_tokens=d.max_new_tokens)
+        answers, teacher_val = answers[:len(items)], answers[len(items):]
         chats, texts, empty = sequence.teacher_corpus(items, answers)
         if not chats and not texts:
             raise UserError(f"--model {parent_ref}: the teacher's answers to all {len(items)} prompts are empty (it "
                             "ends its turn at once): nothing to distil; check the teacher with `raylab eval`")
         counts = {"prompts": len(items), "chat": len(chats), "completion": len(texts), "empty": empty}
-        corpus = {"settings": settings, "counts": counts,
-                  "sources": sequence.write_corpus(nested, chats, texts, {"settings": settings, "counts": counts})}
+        corpus = sequence.write_corpus(nested, chats, texts, {"settings": settings, "counts": counts})
         log.info(f"optimize: the teacher answered {len(items)} prompts ({empty} empty answers left out)")
-    sources = corpus["sources"]
-    data.run_data(sequence.data_config(cfg, nested, nested.base, sources))
-    teacher_val = evaluate.answers(cfg, nested.teacher, nested.teacher, val_items, max_new_tokens=d.max_new_tokens)
+    else:
+        teacher_val = evaluate.answers(cfg, nested.teacher, nested.teacher, val_items, max_new_tokens=d.max_new_tokens)
+    student_cfg = sequence.student_config(cfg, nested, corpus["sources"])
+    data.run_data(student_cfg)
     student_val = evaluate.answers(cfg, nested.base, nested.base, val_items, max_new_tokens=d.max_new_tokens)
     before = sequence.agreement(student_val, teacher_val, val_items)
-    meta = run_train(sequence.train_config(cfg, nested, nested.base, sources), track=False)
+    meta = run_train(student_cfg, track=False)
     student_val = evaluate.answers(cfg, nested.train_final, nested.base, val_items, max_new_tokens=d.max_new_tokens)
     after = sequence.agreement(student_val, teacher_val, val_items)
-    teacher_ref = sequence.agreement(teacher_val, teacher_val, val_items)["rouge_l_to_reference"]
+    teacher_ref = evaluate.score(teacher_val, val_items).get("rouge_l")
     log.info(f"optimize: the student's answers to {len(val_items)} val prompts: ROUGE-L to the teacher's "
              f"{_f(before['rouge_l_to_teacher'])} -> {_f(after['rouge_l_to_teacher'])}, to the references "
              f"{_f(after['rouge_l_to_reference'])} (the teacher's {_f(teacher_ref)})")

@@ -67,18 +67,30 @@ def nested_run(cfg: RaylabConfig, run: runs.Run, manifest, method: str, parent, 
     return nested
 
 
-def recovery_config(cfg: RaylabConfig, nested: runs.Run) -> RaylabConfig:
-    """The train-stage config of the recovery fine-tune: the pruned model in full, on the
-    data stage's shards, for optimize.prune.recovery_steps steps, untracked."""
-    steps = cfg.optimize.prune.recovery_steps
+def nested_train_raw(cfg: RaylabConfig, nested: runs.Run, steps: int, lr: float | None = None,
+                     optimize: dict | None = None) -> dict:
+    """The raw config of a derived model's training in `nested` (pruning's recovery, distillation):
+    nested.base in full (with its own tokenizer and chat template), `steps` steps evaluated twice
+    with no periodic checkpoints or early stopping, lr when given, untracked (the caller registers
+    the result as a derived version, not as a train run)."""
     raw = cfg.model_dump(mode="json")
-    raw.update(output_dir=nested.root, tune=None, pretrain=None, optimize={})
-    # the pruned model carries REF's tokenizer and chat template (checked against the shards)
+    raw.update(output_dir=nested.root, tune=None, pretrain=None, optimize=optimize or {})
     raw["model"] = {k: raw["model"][k] for k in ("dtype", "attn_implementation")} | {
         "name_or_path": nested.base, "method": "full"}
-    raw["train"].update(max_steps=steps, eval_every=max(1, steps // 2), checkpoint_every=None, keep_checkpoints=1,
+    raw["train"].update(max_steps=steps, eval_every=max(1, steps // 2), checkpoint_every=None,
                         early_stopping_patience=None, log_every=max(1, steps // 10))
-    raw["registry"].update(enabled=False)  # registered below as a derived version, not as a train run
+    if lr is not None:
+        raw["train"]["lr"] = lr
+    raw["registry"].update(enabled=False)
+    return raw
+
+
+def recovery_config(cfg: RaylabConfig, nested: runs.Run) -> RaylabConfig:
+    """The train-stage config of the recovery fine-tune: the pruned model (REF's tokenizer and
+    chat template, checked against the shards) in full, on the data stage's shards, for
+    optimize.prune.recovery_steps steps, untracked."""
+    raw = nested_train_raw(cfg, nested, cfg.optimize.prune.recovery_steps)
+    raw["train"]["keep_checkpoints"] = 1
     return config.load_dict(raw)
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raylab import config, models
+from raylab import config, evaluate, models
 from raylab.config import Fields
 from raylab.core import runs
 from raylab.errors import ConfigError, UserError
@@ -82,15 +82,15 @@ def records_table(path):
 
 def test_the_records_become_prompts_and_the_teachers_answers_the_corpus(tmp_path):
     records = records_table(tmp_path / "records")
-    items = sequence.prompts(records, "train", 2, None)
+    items = evaluate.record_prompts(records, "train", 2, None)
     assert items == [
         {"id": "a", "text": "one two", "reference": "three four five six"},
         {"id": "b", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ship date?"},
                                  {"role": "assistant", "content": "Today."},
                                  {"role": "user", "content": "And the blue one?"}], "reference": "Next week."}]
-    assert [i["id"] for i in sequence.prompts(records, "train", 2, 1)] == ["a"]  # by record id, at most `limit`
-    assert [i["id"] for i in sequence.prompts(records, "val", 2, None)] == ["e"]
-    assert sequence.prompts(records, "train", 6, None)[0]["id"] == "b"  # six words: nothing left to continue
+    assert [i["id"] for i in evaluate.record_prompts(records, "train", 2, 1)] == ["a"]  # by record id, at most `limit`
+    assert [i["id"] for i in evaluate.record_prompts(records, "val", 2, None)] == ["e"]
+    assert evaluate.record_prompts(records, "train", 6, None)[0]["id"] == "b"  # six words: nothing left to continue
 
     chats, texts, empty = sequence.teacher_corpus(items + [{"id": "z", "text": "x y", "reference": "z"}],
                                                   ["three 4", "Tomorrow, by noon.", "  "])
@@ -101,7 +101,7 @@ def test_the_records_become_prompts_and_the_teachers_answers_the_corpus(tmp_path
     nested = runs.Run(str(tmp_path / "run")).optimize("distill-widgets-1-abc")
     settings = {"level": "sequence", "max_new_tokens": 8}
     assert sequence.written(nested, settings) is None
-    sources = sequence.write_corpus(nested, chats, texts, {"settings": settings, "counts": {"prompts": 3}})
+    sources = sequence.write_corpus(nested, chats, texts, {"settings": settings, "counts": {"prompts": 3}})["sources"]
     assert [s["format"] for s in sources] == ["chat", "completion"]
     assert [json.loads(line) for line in open(sources[1]["path"])] == texts
     assert sequence.written(nested, settings)["sources"] == sources  # a re-run reuses the answers
@@ -114,14 +114,14 @@ def test_the_students_data_stage_reads_only_the_teachers_corpus_with_its_tokeniz
     nested = runs.Run(cfg.output_dir).optimize("distill-widgets-1-abc")
     sources = [{"type": "jsonl", "path": str(tmp_path / "t.jsonl"), "name": "teacher-chat", "format": "chat",
                 "fields": {}}]
-    data_cfg = sequence.data_config(cfg, nested, nested.base, sources)
+    data_cfg = sequence.student_config(cfg, nested, sources)
     assert data_cfg.output_dir == nested.root and data_cfg.model.name_or_path == nested.base
     assert [s.name for s in data_cfg.data.sources] == ["teacher-chat"]
     # the user's field names, held-out sources and required fields are about their own sources, not these
     assert data_cfg.data.sources[0].fields == Fields() and cfg.data.fields.text == "body"
     assert data_cfg.data.val_sources == [] and data_cfg.data.validation.required == []
     assert data_cfg.data.max_seq_len == cfg.data.max_seq_len and data_cfg.data.pii == cfg.data.pii
-    train_cfg = sequence.train_config(cfg, nested, nested.base, sources)
+    train_cfg = sequence.student_config(cfg, nested, sources)
     t = train_cfg.train
     assert (t.objective, t.max_steps, t.lr, t.eval_every) == (cfg.train.objective, 12, 2e-3, 6)
     assert train_cfg.data == data_cfg.data and train_cfg.model.method == "full" and not train_cfg.registry.enabled

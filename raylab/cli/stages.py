@@ -155,6 +155,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     cfg = config.load(path, overrides) if path else None
     cluster.apply_offline(cfg)  # `offline: true` holds for the model description too
     lines = models.describe(cfg.model, gpus_per_worker=cfg.train.gpus_per_worker) if cfg is not None else []
+    if cfg is not None:
+        from raylab import serve
+
+        lines += serve.engine_report(cfg)
     return doctor.run(cfg, args.address, lines)
 
 

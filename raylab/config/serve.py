@@ -33,6 +33,23 @@ class AutoscalingConfig(Section):
     look_back_period_s: float = Field(30.0, gt=10, description="averaging window; above Serve's 10 s metrics interval")
 
 
+class VllmConfig(Section):
+    """The vLLM engine's settings (serve.engine vllm, or auto where vLLM is installed)."""
+
+    kv_cache_gb: float = Field(1.0, gt=0, description="CPU: GiB of the replica's memory for vLLM's KV cache "
+                               "(VLLM_CPU_KVCACHE_SPACE), counted by the resource plan so Ray's object store keeps its share")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU: the share of the GPU's memory vLLM "
+                                          "takes for weights and KV cache")
+    tensor_parallel_size: PositiveInt = Field(1, description="GPUs one replica's model is split over (tensor "
+                                              "parallelism); serve.gpus_per_replica must be at least this")
+    max_loras: PositiveInt = Field(4, description="adapters that can decode in one batch")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        64, description="the largest LoRA rank it serves (vLLM's ranks); higher ranks go to the transformers engine")
+    max_num_seqs: PositiveInt = Field(64, description="sequences decoded together")
+    max_model_len: PositiveInt | None = Field(None, description="context length; default the model's")
+    enforce_eager: bool = Field(False, description="no CUDA graphs (always so on CPU)")
+
+
 class ExplainServeConfig(Section):
     """`POST /v1/explain` on the endpoint: token attributions in their own deployment (docs/explain.md).
     Off by default: then no Explainer deployment exists and the route answers 404."""
@@ -142,6 +159,11 @@ class ServeConfig(Section):
     max_ongoing_requests: PositiveInt = Field(8, description="requests a replica takes at once; above the autoscaling target")
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs per Generator replica (also its torch threads)")
     gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs per Generator replica")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="what generates tokens: vllm (vLLM's engine; lora adapters and full models), "
+        "transformers (raylab's continuous batching; every method), auto (vLLM for each version it can serve when "
+        "it is installed, transformers for the rest: DoRA, hybrid, ranks vLLM refuses, models it cannot run)")
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="the vLLM engine's settings")
     max_batch_size: PositiveInt = Field(8, description="sequences decoded together; 1 turns batching off")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long arrivals wait to be admitted together")
     max_adapters_per_replica: PositiveInt = Field(4, description="versions kept loaded per replica (LRU)")
@@ -185,6 +207,9 @@ class ServeConfig(Section):
                 f"max_ongoing_requests ({self.max_ongoing_requests}) must be above "
                 f"autoscaling.target_ongoing_requests ({a.target_ongoing_requests})"
             )
+        if self.engine != "transformers" and self.gpus_per_replica and self.gpus_per_replica < self.vllm.tensor_parallel_size:
+            raise invalid(f"vllm.tensor_parallel_size ({self.vllm.tensor_parallel_size}) needs as many GPUs per replica; "
+                          f"gpus_per_replica is {self.gpus_per_replica}", at="vllm")
         if self.max_ongoing_requests < self.max_batch_size:
             raise invalid(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size "
                           f"({self.max_batch_size}), or a replica never holds a full batch")

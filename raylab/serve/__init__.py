@@ -28,8 +28,9 @@ from raylab.serve.deploy import (
     wait_until_stopped,
 )
 from raylab.serve.load import run_load
+from raylab.serve.vllm_engine import engine_report
 
-__all__ = ["APP", "api_keys", "build", "canary_status", "default_ref", "describe_canary", "parse_duration",
+__all__ = ["APP", "api_keys", "build", "canary_status", "default_ref", "describe_canary", "engine_report", "parse_duration",
            "run_api", "start_canary", "emit", "emit_text", "run_deploy", "run_load", "run_serve", "start_serving",
            "stop_serving", "wait_until_stopped"]
 

@@ -142,7 +142,8 @@ def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: st
             "limits": {"max_prompt_tokens": s.max_prompt_tokens, "max_tokens": s.max_tokens,
                        "max_request_bytes": s.max_request_bytes, "max_batch_size": s.max_batch_size,
                        "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_adapters_per_replica": s.max_adapters_per_replica,
-                       "resubmit_timeout_s": s.resubmit_timeout_s}, "rag": rag}
+                       "resubmit_timeout_s": s.resubmit_timeout_s}, "rag": rag,
+            "engine": s.engine, "vllm": s.vllm.model_dump()}
     args["canary"] = s.canary.model_dump()  # `raylab deploy --canary` reads its thresholds from the deployed app
     if monitor is not None:  # absent from configs written before it: the ingress then samples nothing
         args["monitor"] = monitor
@@ -151,7 +152,8 @@ def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: st
     if oidc is not None:
         args["oidc"] = oidc
     generator = {"name": "Generator", "autoscaling_config": autoscaling, "max_ongoing_requests": s.max_ongoing_requests,
-                 "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+                 "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica,
+                                       **replica_memory(s)},
                  "user_config": {"preload": [target]}}
     # The ingress only awaits the generator: a sliver of a CPU, and room for every open stream.
     ingress = {"name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 1000,
@@ -166,6 +168,17 @@ def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: st
         deployments.append(deployment_config(s.rag))
     return {"name": APP, "route_prefix": "/", "import_path": "raylab.serve:build", "args": args,
             "deployments": deployments}
+
+
+def replica_memory(s: ServeConfig) -> dict:
+    """The Generator's memory reservation: on CPU, vLLM's KV cache (serve.vllm.kv_cache_gb) is
+    allocated up front in the replica's engine process, so Ray is told, and places replicas
+    where that much is free instead of crowding out the object store. Nothing is reserved
+    with the transformers engine (its cache grows with the batch) or on GPUs (the cache is in
+    GPU memory)."""
+    if s.engine == "transformers" or s.gpus_per_replica:
+        return {}
+    return {"memory": int(s.vllm.kv_cache_gb * 2**30)}
 
 
 def monitor_args(cfg: RaylabConfig | None) -> dict | None:

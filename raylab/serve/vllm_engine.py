@@ -1,0 +1,275 @@
+"""The vLLM engine behind the serving seam (engine.Engine), through vLLM's public async API.
+
+    engine = VllmEngine("/path/to/base", VllmSettings(dtype="float32", kv_cache_gb=1))
+    async for out in engine.submit(Request("r1", prompt_ids, Sampling(max_tokens=32), adapter="a1")):
+        print(out.text, out.finish_reason)
+    await engine.load_adapter("a1", "/verified/local/copy")   # a LoRARequest from then on
+    engine.shutdown()                                          # its engine-core process ends
+
+One `AsyncLLM` per model directory (one per replica for a base and its adapters; a full model
+version gets its own). vLLM does the batching, paged attention, multi-LoRA kernels and
+detokenization; raylab keeps what surrounds it: which registry versions are loaded (the
+Generator's LRU and pins), their checksums (the paths here are the verified local copies),
+and the OpenAI surface. Requests come as token ids rendered with the version's own chat
+template, so vLLM's tokenizer is used only to turn ids back into text; `auto` (generator.py)
+sends a version here only when its tokenizer's vocabulary is the base's.
+
+What vLLM refuses (DoRA, modules_to_save, LoRA bias, ranks outside its list) is checked up
+front by `lora_problems`, so the Generator serves such versions with the transformers engine
+instead of failing at request time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from raylab.core import runs, storage
+from raylab.serve.engine import ABORT, Engine, Output, Request
+
+# vLLM's LoRA kernels take these ranks only (vllm/config/lora.py's possible_max_ranks)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# its CPU attention's head sizes (the CPU attention backend's supported list)
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """The engine's arguments from serve.vllm (config) and the replica's resources."""
+
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_loras: int = 4  # adapters in one batch
+    max_cpu_loras: int = 8  # adapters kept loaded (its LRU; raylab's own LRU decides what is loaded)
+    max_lora_rank: int = 64
+    max_num_seqs: int = 64
+    kv_cache_gb: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    threads: int | None = None  # CPU: its OpenMP threads (the replica's CPUs)
+
+
+def available() -> str | None:
+    """None when vLLM imports here, else why not (the `auto` choice's log line)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # an ImportError, or a CUDA-built torchvision against a CPU torch
+        return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return None
+
+
+def engine_report(cfg) -> list[str]:
+    """`raylab doctor`'s lines on the serving engine serve.engine chooses for the config's model
+    on this machine (a cluster's nodes choose for themselves, with what they have installed)."""
+    if cfg.serve.engine == "transformers":
+        return ["serving engine: transformers (serve.engine)"]
+    why = available()
+    if why is not None:
+        if cfg.serve.engine == "vllm":
+            return [f"serving engine: PROBLEM serve.engine is vllm but vLLM does not import ({why}); "
+                    "install it with scripts/install.sh or set serve.engine: auto"]
+        return [f"serving engine: transformers (serve.engine auto; vLLM does not import: {why})"]
+    from importlib import metadata
+
+    from raylab import models
+
+    try:
+        problems = model_dir_problems(models.resolve(cfg.model.name_or_path))
+    except Exception as e:  # a hub id with no hub: the model line above says more
+        problems = [f"cannot read the model: {e}"]
+    if problems:
+        return [f"serving engine: transformers for {cfg.model.name_or_path} (vLLM cannot run it: {'; '.join(problems)})"]
+    return [f"serving engine: vllm {metadata.version('vllm') if _installed('vllm') else metadata.version('vllm-cpu')} "
+            "(lora adapters of rank " + "/".join(map(str, VLLM_LORA_RANKS)) + " and full models; DoRA, hybrid and other "
+            "ranks on the transformers engine)"]
+
+
+def _installed(dist: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def lora_problems(adapter_dir: str) -> list[str]:
+    """Why vLLM cannot serve this peft adapter (empty: it can), from its adapter_config.json."""
+    try:
+        with storage.plain_dir(adapter_dir) as src, open(os.path.join(src, runs.ADAPTER_CONFIG)) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        return [f"unreadable adapter_config.json: {e}"]
+    problems = []
+    if cfg.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type {cfg.get('peft_type')}")
+    if cfg.get("use_dora"):
+        problems.append("DoRA (use_dora)")
+    if cfg.get("modules_to_save"):
+        problems.append(f"modules_to_save {cfg['modules_to_save']} (method hybrid)")
+    if cfg.get("bias", "none") != "none":
+        problems.append(f"bias {cfg['bias']!r}")
+    if cfg.get("r") not in VLLM_LORA_RANKS:
+        problems.append(f"rank {cfg.get('r')} (vLLM takes {', '.join(map(str, VLLM_LORA_RANKS))})")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        problems.append("per-module ranks (rank_pattern/alpha_pattern)")
+    return problems
+
+
+def model_dir_problems(model_dir: str) -> list[str]:
+    """Why vLLM cannot run the model saved in this directory here (empty: it can)."""
+    import torch
+    from transformers import AutoConfig
+
+    if storage.sealed_files(model_dir):
+        # transformers opens it in memory (storage.plain_dir); vLLM's engine core, another
+        # process, would need a plaintext copy for its whole life
+        return ["its files are encrypted at rest"]
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        return [f"unreadable config: {e}"]
+    return model_problems(config, cpu=not torch.cuda.is_available())
+
+
+def model_problems(config, cpu: bool) -> list[str]:
+    """Why vLLM cannot run this model architecture here (a transformers config)."""
+    heads = getattr(config, "num_attention_heads", None)
+    head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if cpu and head not in VLLM_CPU_HEAD_SIZES:
+        return [f"head size {head} (vLLM's CPU attention takes {', '.join(map(str, VLLM_CPU_HEAD_SIZES))})"]
+    return []
+
+
+class VllmEngine(Engine):
+    """vLLM's `AsyncLLM` on one model directory, adapters as `LoRARequest`s."""
+
+    def __init__(self, model_dir: str, settings: VllmSettings, lora: bool = True):
+        self.model = None  # no torch module here: the model lives in vLLM's engine core
+        self.model_dir, self.settings = model_dir, settings
+        self.max_model_len: int | None = None
+        self._llm = self._start(model_dir, settings, lora)
+        self.max_model_len = self._llm.model_config.max_model_len
+        self._ids = itertools.count(1)
+        self._adapters: dict[str, object] = {}  # name -> LoRARequest
+        self._open: dict[str, contextlib.ExitStack] = {}  # name -> its plain (opened) copy, while loaded
+        self._running: set[str] = set()
+        self._counts = {"submitted": 0, "finished": 0, "aborted": 0, "tokens": 0}
+
+    @staticmethod
+    def _start(model_dir: str, s: VllmSettings, lora: bool):
+        import torch
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cpu = not torch.cuda.is_available()
+        if cpu:
+            # vLLM's CPU backend reads its KV cache size and OpenMP threads from the environment
+            # (no engine argument exists for them); the engine core inherits them at start.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(s.kv_cache_gb)))
+            if s.threads:
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+                os.environ.setdefault("OMP_NUM_THREADS", str(s.threads))
+        args = dict(model=model_dir, dtype=s.dtype, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
+                    tensor_parallel_size=s.tensor_parallel_size, enforce_eager=s.enforce_eager or cpu,
+                    disable_log_stats=True)
+        if not cpu:
+            args["gpu_memory_utilization"] = s.gpu_memory_utilization
+        if lora:
+            args.update(enable_lora=True, max_loras=s.max_loras, max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
+                        max_lora_rank=s.max_lora_rank)
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+
+    # ------------------------------------------------------------------ the interface
+
+    async def submit(self, request: Request) -> AsyncIterator[Output]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if request.adapter is not None and request.adapter not in self._adapters:
+            raise ValueError(f"no adapter {request.adapter!r} is loaded")
+        s = request.sampling
+        params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                stop=list(s.stop) or None, seed=s.seed, ignore_eos=s.ignore_eos,
+                                skip_special_tokens=True, output_kind=RequestOutputKind.DELTA)
+        self._counts["submitted"] += 1
+        self._running.add(request.request_id)
+        tokens, finished = 0, False
+        try:
+            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt)), params,
+                                                request.request_id, lora_request=self._adapters.get(request.adapter)):
+                choice = out.outputs[0]
+                tokens += len(choice.token_ids)
+                reason = _reason(choice.finish_reason) if out.finished else None
+                if reason == "stop" and choice.stop_reason is None and not s.ignore_eos:
+                    # vLLM counts the end-of-turn token it stopped on; raylab's usage (the
+                    # transformers engine's) does not, so a version's billing is the same on either
+                    tokens -= 1
+                if reason is not None or choice.text:
+                    yield Output(request.request_id, choice.text, tokens, reason)
+                if out.finished:
+                    finished = True
+                    self._counts["aborted" if reason == ABORT else "finished"] += 1
+                    self._counts["tokens"] += tokens
+                    return
+        finally:
+            self._running.discard(request.request_id)
+            if not finished:  # the caller stopped listening (vLLM's generate aborts it on close too)
+                self._counts["aborted"] += 1
+                await self._llm.abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self._running:
+            await self._llm.abort(request_id)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        problems = lora_problems(path)
+        if problems:
+            raise ValueError(f"vLLM cannot serve adapter {name}: {'; '.join(problems)}")
+        stack = contextlib.ExitStack()
+        # A sealed adapter (governance.encryption) is opened in a private in-memory copy, kept
+        # while it is loaded: vLLM reads the path again if its own CPU cache evicted it.
+        local = stack.enter_context(storage.plain_dir(path))
+        request = LoRARequest(name, next(self._ids), local)
+        try:
+            await self._llm.add_lora(request)
+        except BaseException:
+            stack.close()
+            raise
+        self._adapters[name], self._open[name] = request, stack
+
+    async def unload_adapter(self, name: str) -> None:
+        request = self._adapters.pop(name, None)
+        if request is not None:
+            await self._llm.remove_lora(request.lora_int_id)
+            self._open.pop(name).close()
+
+    def stats(self) -> dict:
+        """running: requests generating now (vLLM queues and batches them itself: waiting is its
+        own queue, not visible through the public API, so 0); counts as the other engine's."""
+        return {"running": len(self._running), "waiting": 0, "adapters": sorted(self._adapters),
+                "engine": "vllm"} | self._counts
+
+    def shutdown(self) -> None:
+        """Stop the engine-core process and release the adapters' opened copies."""
+        with contextlib.suppress(Exception):
+            self._llm.shutdown()
+        for stack in self._open.values():
+            stack.close()
+        self._open.clear()
+
+
+def _reason(finish_reason: str | None) -> str:
+    """vLLM's finish reasons as the seam's: stop (EOS or a stop string), length, abort."""
+    if finish_reason in ("stop", "length"):
+        return finish_reason
+    return ABORT if finish_reason in ("abort", None) else finish_reason

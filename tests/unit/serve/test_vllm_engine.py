@@ -1,0 +1,73 @@
+"""serve.engine's per-version choice without an engine: what vLLM refuses (lora_problems,
+model_problems) goes to the transformers engine; the config's checks; finish reasons."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import LlamaConfig
+
+from raylab import config
+from raylab.errors import ConfigError
+from raylab.serve import vllm_engine
+
+
+def adapter(tmp_path, **cfg) -> str:
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "bias": "none", "modules_to_save": None, **cfg}))
+    return str(tmp_path)
+
+
+def test_a_plain_lora_adapter_is_served_by_vllm(tmp_path):
+    assert vllm_engine.lora_problems(adapter(tmp_path)) == []
+
+
+@pytest.mark.parametrize(("cfg", "named"), [
+    ({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"), ({"r": 4}, "rank 4"),
+    ({"bias": "lora_only"}, "bias"), ({"peft_type": "IA3"}, "IA3"), ({"rank_pattern": {"q_proj": 8}}, "per-module"),
+])
+def test_what_vllm_refuses_is_named(tmp_path, cfg, named):
+    problems = vllm_engine.lora_problems(adapter(tmp_path, **cfg))
+    assert len(problems) == 1 and named in problems[0]
+
+
+def test_an_unreadable_adapter_is_a_problem_not_a_crash(tmp_path):
+    assert "unreadable" in vllm_engine.lora_problems(str(tmp_path))[0]
+
+
+def test_cpu_head_sizes():
+    mini = LlamaConfig(hidden_size=128, num_attention_heads=4)  # head 32: vLLM's CPU attention has it
+    tiny = LlamaConfig(hidden_size=64, num_attention_heads=4)  # head 16: it has not
+    assert vllm_engine.model_problems(mini, cpu=True) == []
+    assert "head size 16" in vllm_engine.model_problems(tiny, cpu=True)[0]
+    assert vllm_engine.model_problems(tiny, cpu=False) == []  # the list is the CPU backend's
+
+
+def test_finish_reasons_map_onto_the_seams():
+    assert [vllm_engine._reason(r) for r in ("stop", "length", "abort", None)] == ["stop", "length", "abort", "abort"]
+
+
+def _cfg(tmp_path, **serve):
+    return {"version": 1, "output_dir": str(tmp_path), "data": {"sources": [{"type": "jsonl", "path": "x.jsonl"}]},
+            "model": {"name_or_path": "preset:tiny-llama"}, "serve": serve}
+
+
+def test_engine_config_and_its_checks(tmp_path):
+    cfg = config.load_dict(_cfg(tmp_path))
+    assert cfg.serve.engine == "auto" and cfg.serve.vllm.max_lora_rank == 64
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        config.load_dict(_cfg(tmp_path, gpus_per_replica=1, vllm={"tensor_parallel_size": 2}))
+    with pytest.raises(ConfigError, match="max_lora_rank"):
+        config.load_dict(_cfg(tmp_path, vllm={"max_lora_rank": 12}))
+    with pytest.raises(ConfigError, match="engine"):
+        config.load_dict(_cfg(tmp_path, engine="sglang"))
+
+
+def test_the_replica_reserves_vllm_kv_cache_memory_on_cpu_only(tmp_path):
+    from raylab.serve import deploy
+
+    s = config.load_dict(_cfg(tmp_path, vllm={"kv_cache_gb": 2})).serve
+    assert deploy.replica_memory(s) == {"memory": 2 * 2**30}
+    assert deploy.replica_memory(s.model_copy(update={"engine": "transformers"})) == {}
+    assert deploy.replica_memory(s.model_copy(update={"gpus_per_replica": 1.0})) == {}

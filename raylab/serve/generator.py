@@ -151,7 +151,7 @@ class GeneratorBase:
         self._loading: dict[str, asyncio.Future] = {}  # one load per version, whoever asks
         # serve.engine (absent from apps deployed before it: transformers); vLLM's reason when not used
         self.engine_choice, self.vllm_base, self._vllm_vocab = args.get("engine", "transformers"), None, None
-        self.no_vllm = "serve.engine is transformers" if self.engine_choice == "transformers" else vllm_engine.available()
+        self._no_vllm: str | None | bool = False  # False: not asked yet
         if self.engine_choice == "vllm" and self.no_vllm:
             raise RuntimeError(f"serve.engine is vllm but vLLM does not import here ({self.no_vllm}); install it "
                                "(scripts/install.sh) or set serve.engine: auto")
@@ -212,18 +212,31 @@ class GeneratorBase:
                 task.add_done_callback(lambda _: self._loading.pop(version, None))
             await asyncio.shield(self._loading[version])  # then hold it (it may have left meanwhile)
 
+    @property
+    def no_vllm(self) -> str | None:
+        """Why this replica does not use vLLM at all (None: it may), asked once and only when a
+        model it could run turns up: importing vLLM costs seconds and memory per replica."""
+        if self._no_vllm is False:
+            self._no_vllm = ("serve.engine is transformers" if self.engine_choice == "transformers"
+                             else vllm_engine.available())
+        return self._no_vllm
+
+    def _why_not_vllm(self, local: str) -> str | None:
+        """Why vLLM will not run the model in `local` (None: it will)."""
+        if self.engine_choice == "transformers":
+            return "serve.engine is transformers"
+        return "; ".join(vllm_engine.model_dir_problems(local)) or self.no_vllm
+
     def _start_base(self, base: str) -> None:
         """The base's engine: vLLM when it is on and can run the base, else the torch model
         for the transformers engine (also loaded later, for a version vLLM cannot serve)."""
-        if self.no_vllm is None:
-            local = models.resolve(base)
-            problems = vllm_engine.model_dir_problems(local)
-            if not problems:
-                self.vllm_base = self._vllm(local, lora=True)
-                self._vllm_vocab = models.load_saved_tokenizer(local).get_vocab()
-                return
-            self.no_vllm = f"the base {base}: {'; '.join(problems)}"
-            log.info(f"serving with the transformers engine: vLLM cannot run {self.no_vllm}")
+        local = models.resolve(base)
+        why = self._why_not_vllm(local)
+        if why is None:
+            self.vllm_base = self._vllm(local, lora=True)
+            self._vllm_vocab = models.load_saved_tokenizer(local).get_vocab()
+            return
+        log.info(f"the base {base} on the transformers engine: {why}")
         self.base = models.load(base, dtype=self.args["dtype"], with_tokenizer=False).model
 
     def _vllm(self, model_dir: str, lora: bool) -> vllm_engine.VllmEngine:
@@ -307,7 +320,7 @@ class GeneratorBase:
             self.metrics.inc("adapter_loads", version_tags(version))
             return found
         # a full model, or another base
-        why = self.no_vllm or await asyncio.to_thread(self._vllm_problems, local)
+        why = await asyncio.to_thread(self._why_not_vllm, local)
         if why is None:
             engine = await asyncio.to_thread(self._vllm, local, False)
             tok = await asyncio.to_thread(models.load_saved_tokenizer, local)
@@ -336,11 +349,6 @@ class GeneratorBase:
         if self.base_engine is None:  # decodes with the first adapter's tokenizer, as the batch always did
             self.base_engine = self._engine(self.base, tok)
         return self.base_engine
-
-    @staticmethod
-    def _vllm_problems(local: str) -> str | None:
-        """Why vLLM cannot run this full model (None: it can)."""
-        return "; ".join(vllm_engine.model_dir_problems(local)) or None
 
     def _unload(self, loaded: Loaded) -> None:
         """Called once nothing holds it and no request uses it: from the replica's loop (a

@@ -31,6 +31,12 @@ from dataclasses import dataclass
 from raylab.core import runs, storage
 from raylab.serve.engine import ABORT, Engine, Output, Request
 
+# vLLM logs every start and shutdown step at INFO, which Ray forwards from the replica to the
+# driver's console (`raylab run` shows only its own progress: issue 20); warnings still show, and
+# an operator can set VLLM_LOGGING_LEVEL=INFO. Set before any vLLM import in this process (the
+# engine-core process inherits it).
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
 # vLLM's LoRA kernels take these ranks only (vllm/config/lora.py's possible_max_ranks)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # its CPU attention's head sizes (the CPU attention backend's supported list)

@@ -69,11 +69,16 @@ def package_descriptions(n: int) -> list[str]:
     return out[:n]
 
 
-def held_out_sentence(text: str) -> str | None:
-    """A plain prose sentence from the second half of `text` (no links, addresses or markup)."""
+def prose_sentences(text: str, wrapped: bool = False) -> list[str]:
+    """The plain prose sentences of `text` (8-40 words; no links, addresses or markup), those
+    of its second half first; `wrapped`: also those broken over lines, whitespace collapsed
+    (then no longer verbatim in `text`)."""
     sentences = _SENTENCE.split(text)
-    for s in sentences[len(sentences) // 2:] + sentences[: len(sentences) // 2]:
-        words = s.split()
-        if 8 <= len(words) <= 40 and not re.search(r"[@<>\[\]`|#*=]|http", s) and "\n" not in s.strip():
-            return s.strip()
-    return None
+    out = [s.strip() for s in sentences[len(sentences) // 2:] + sentences[: len(sentences) // 2]
+           if 8 <= len(s.split()) <= 40 and not re.search(r"[@<>\[\]`|#*=]|http", s)]
+    return [" ".join(s.split()) for s in out] if wrapped else [s for s in out if "\n" not in s]
+
+
+def held_out_sentence(text: str) -> str | None:
+    """A plain prose sentence from the second half of `text`, verbatim (see prose_sentences)."""
+    return next(iter(prose_sentences(text)), None)

@@ -121,3 +121,14 @@ def load_for_training(cfg: ModelConfig, device=None, dtype: str | None = None):
             if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
                 p.data = p.data.float()
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each layer's activations in backward (non-reentrant, which also makes the
+    input embeddings require grads). transformers has spelled the switch two ways across 5.x
+    (`activation_checkpointing_enable` in some releases, `gradient_checkpointing_enable` in
+    others, 5.19 among them): take whichever the installed one has."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -334,7 +334,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from raylab.models import load_for_training, resolved_dtype
+    from raylab.models import enable_activation_checkpointing, load_for_training, resolved_dtype
     from raylab.train import checkpoint, loss, metrics, objectives, sharding
 
     _quiet_worker()
@@ -354,8 +354,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = load_for_training(cfg.model, device, dtype)
     if t.activation_checkpointing:  # non-reentrant; also makes input embeddings require grads
         # Before sharding: a layer's recompute then runs inside its FSDP unit, whose parameters its backward gathers anyway.
-        model.activation_checkpointing_enable() if hasattr(model, "activation_checkpointing_enable") else \
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     # The driver sends the objective's class (train.objective resolved); set up before DDP and the optimizer.
     objective = objectives.build(loop_config.get("objective") or t.objective, model, cfg,

@@ -40,7 +40,7 @@ def _batch(seed: int, rows: int = 2) -> dict[str, torch.Tensor]:
 
 def _model(method: str, activation_checkpointing: bool = False, dtype: str = "float32"):
     from raylab.config.model import ModelConfig
-    from raylab.models import load_for_training
+    from raylab.models import enable_activation_checkpointing, load_for_training
     from raylab.train import checkpoint
 
     lora = {"dropout": 0.0} | ({"modules_to_save": ["embed_tokens"]} if method == "hybrid" else {})
@@ -48,7 +48,7 @@ def _model(method: str, activation_checkpointing: bool = False, dtype: str = "fl
     checkpoint.seed_all(0)  # identical initial adapters on both ranks, as the loop seeds them
     model = load_for_training(cfg, torch.device("cpu"), dtype)
     if activation_checkpointing:
-        model.activation_checkpointing_enable()
+        enable_activation_checkpointing(model)
     return model.train()
 
 

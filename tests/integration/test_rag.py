@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from rag_index import held_out_sentence, package_descriptions
+from rag_index import held_out_sentence, package_descriptions, prose_sentences
 
 from raylab import config
 from raylab.cli import main
@@ -168,10 +168,18 @@ def test_raft_examples_hold_the_oracle_in_p_of_cases_and_k_distractors(built, tm
 
     rows, origin = table_rows(built["index"]), f"{built['corpus']}:{{}}"
     pairs, docs = [], {}
-    for i, text in enumerate(built["texts"]):
-        sentence = held_out_sentence(text)
-        if sentence and len(pairs) < 8:
-            pairs.append({"question": "What does this say: " + " ".join(sentence.split()[:6]) + "?", "answer": sentence})
+    # One sentence per document first, then a second from each, each whole in one of its chunks
+    # (a sentence across a chunk boundary has no supporting chunk), line breaks collapsed (support
+    # counts words): the corpus is the installed packages' descriptions, which vary by machine.
+    chunks = _chunk_texts(built["index"])
+    def whole(i: int, sentence: str) -> bool:
+        return any(rows[c] == origin.format(i + 1) and sentence in " ".join(text.split()) for c, text in chunks.items())
+
+    candidates = [(depth, i, s) for i, text in enumerate(built["texts"])
+                  for depth, s in enumerate([s for s in prose_sentences(text, wrapped=True) if whole(i, s)][:2])]
+    for _, i, sentence in sorted(candidates)[:8]:
+        if sentence not in docs:
+            pairs.append({"question": "What does this say: " + " ".join(sentence.split()[:10]) + "?", "answer": sentence})
             docs[sentence] = origin.format(i + 1)
     pairs.append({"question": "Who keeps the lighthouse ledger?", "answer": NEW_SENTENCE})  # in no document
     questions = tmp_path / "qa.jsonl"

@@ -37,22 +37,32 @@ _WORKER = re.compile(r"^\((?:raylet|.*?\bpid=\d+(?:, ip=[^)\s]+)?)\) ?")
 _GLOG = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEFC] \d+ \d+\]")  # Ray's C++ core
 _RAY_PY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\t(DEBUG|INFO|WARNING|ERROR|CRITICAL) ")  # Ray's loggers
 _OPTUNA = re.compile(r"^\[[DIWEC] \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\]")  # Optuna's default handler
+# torch's own logging (torch._logging's glog-style handler): `W1206 19:57:04.794000 16877
+# torch/utils/_pytree.py:630] ...`, e.g. the deprecation torchao's import triggers in every process
+_TORCH = re.compile(r"^[DIWEFC]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+# Libraries whose Python loggers warn at import with no handler of their own (Python's last
+# resort prints the bare message on stderr): torchao's "Failed to load .../_C_mxfp8...so" for
+# kernels built for GPUs this machine does not have.
+LIBRARY_LOGGERS = ("torchao",)
 
 
 def is_ray_line(line: str, fd: int) -> bool:
-    """Whether a console line is Ray's (or Optuna's) own output rather than raylab's.
+    """Whether a console line is Ray's (or Optuna's, or torch's) own output rather than raylab's.
 
     Workers' standard output (fd 1) is kept, since raylab's progress lines from Train
     workers and Tune trials arrive that way; what workers write to standard error is Ray's
     logging, warnings and C++ lines."""
     text = _ANSI.sub("", line)
-    if text.startswith("(raylet)") or _GLOG.match(text) or _RAY_PY.match(text) or _OPTUNA.match(text):
+    if text.startswith("(raylet)") or _library(text):
         return True
     forwarded = _WORKER.match(text)
     if forwarded:
-        rest = text[forwarded.end():]
-        return fd == 2 or bool(_GLOG.match(rest) or _RAY_PY.match(rest) or _OPTUNA.match(rest))
+        return fd == 2 or _library(text[forwarded.end():])
     return False
+
+
+def _library(text: str) -> bool:
+    return bool(_GLOG.match(text) or _RAY_PY.match(text) or _OPTUNA.match(text) or _TORCH.match(text))
 
 
 class _Router:
@@ -122,6 +132,9 @@ def quiet(verb: str) -> Path:
     warnings_log.addHandler(handler)
     warnings_log.propagate = False
     logging.captureWarnings(True)
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).propagate = False
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     routers = [_Router(fd, log, lock) for fd in (1, 2)]
@@ -134,7 +147,8 @@ def quiet(verb: str) -> Path:
                 pass
         for r in routers:
             r.restore()
-        warnings_log.removeHandler(handler)
+        for logger in (warnings_log, *map(logging.getLogger, LIBRARY_LOGGERS)):
+            logger.removeHandler(handler)
         diverted = sum(r.diverted for r in routers)
         if diverted:
             os.write(2, f"(Ray's own messages, {diverted} lines: {path}; --verbose shows them here)\n".encode())

@@ -24,6 +24,8 @@ RAY = [  # (line, the fd it arrives on), each seen on a 2-core quickstart
     ("(pid=123, ip=10.0.0.2) 2026-12-02 08:59:39,095\tINFO streaming_executor.py:1 -- Execution plan", 1),
     ("\x1b[36m(HashShuffleReduce(keys=('exact',), partitions=8)->MapBatches(exact_edges) pid=20244)\x1b[0m "
      "[mutex.cc : 452] RAW: Lock blocking 0x559a05e4b030", 2),
+    ("W1206 19:57:04.794000 16877 torch/utils/_pytree.py:630] <enum 'KernelPreference'> is an Enum subclass", 2),
+    ("\x1b[36m(RayTrainWorker pid=4691)\x1b[0m W1206 19:57:04.794000 4691 torch/utils/_pytree.py:630] <enum", 1),
 ]
 RAYLAB = [
     ("train: lora on preset:tiny-llama, 1 worker(s) x 2 thread(s), 29 sequences x 128 -> /tmp/run/train", 1),
@@ -34,6 +36,7 @@ RAYLAB = [
     ("  File \"/work/raylab/train/loop.py\", line 12, in step", 2),
     ("RuntimeError: training failed: (pid=3) boom", 2),
     ("=== promote ===", 1),
+    ("W1206: not a log line, a word that starts like one", 1),
 ]
 
 
@@ -56,6 +59,8 @@ SCRIPT = textwrap.dedent("""\
     sys.stdout.flush()
     os.write(2, b"[2026-12-02 09:01:26,210 E 26107 26107] core_worker.cc:2465: C++ straight to fd 2\\n")
     warnings.warn("a library's FutureWarning", FutureWarning)
+    import logging
+    logging.getLogger("torchao").warning("Failed to load _C_mxfp8.so: a kernel for another GPU")
     print("raylab data: error: the source is missing", file=sys.stderr)
     print("LOG=" + str(path))
     """)
@@ -68,8 +73,10 @@ def test_quiet_routes_whole_process_output(tmp_path):
     log = next(line for line in proc.stdout.splitlines() if line.startswith("LOG="))[4:]
     assert proc.stdout.splitlines()[0] == "data: read 120, accepted 32"
     assert "(raylet)" not in proc.stdout and "core_worker.cc" not in proc.stderr and "FutureWarning" not in proc.stderr
+    assert "_C_mxfp8" not in proc.stderr
     assert "raylab data: error: the source is missing" in proc.stderr
     assert f"Ray's own messages, 2 lines: {log}" in proc.stderr
     saved = open(log).read()
     assert "(raylet)" in saved and "core_worker.cc:2465" in saved and "a library's FutureWarning" in saved
+    assert "torchao Failed to load _C_mxfp8.so" in saved
     assert "data: read" not in saved and "the source is missing" not in saved

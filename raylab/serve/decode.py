@@ -32,6 +32,14 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM's extension
+    # OpenAI's penalties, as vLLM applies them: a token's logit loses presence_penalty once it
+    # has been generated and frequency_penalty per time, counted over this choice's output only
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 @dataclass
@@ -204,9 +212,11 @@ def _generator(seed: int | None):
 
 
 def _choose(logits, seqs: list[Sequence], generators) -> torch.Tensor:  # noqa: F821
-    """Next token per row: argmax for greedy rows, else temperature + nucleus sampling."""
+    """Next token per row: argmax for greedy rows, else temperature + nucleus sampling, after
+    each row's presence and frequency penalties."""
     import torch
 
+    logits = _penalised(logits, seqs)
     chosen = logits.argmax(dim=-1)
     for i, s in enumerate(seqs):
         if s.done or s.sampling.temperature == 0:
@@ -218,6 +228,22 @@ def _choose(logits, seqs: list[Sequence], generators) -> torch.Tensor:  # noqa: 
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         chosen[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     return chosen
+
+
+def _penalised(logits, seqs: list[Sequence]):
+    """`logits` (a copy where any row has penalties) less each row's penalties on the tokens
+    it has generated (OpenAI's definition, which vLLM implements)."""
+    import torch
+
+    rows = [i for i, s in enumerate(seqs) if s.sampling.penalised and s.token_ids and not s.done]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        sampling = seqs[i].sampling
+        ids, counts = torch.tensor(seqs[i].token_ids, device=logits.device).unique(return_counts=True)
+        logits[i, ids] -= sampling.frequency_penalty * counts.to(logits.dtype) + sampling.presence_penalty
+    return logits
 
 
 def _advance(tok, s: Sequence, token: int, stop_ids: set[int]) -> str:

@@ -58,8 +58,8 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: Literal[0, 0.0] = 0.0  # accepted at their defaults only: not implemented
-    frequency_penalty: Literal[0, 0.0] = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # both engines apply them (decode.Sampling)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
 
     @field_validator("stop")

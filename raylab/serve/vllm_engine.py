@@ -204,6 +204,7 @@ class VllmEngine(Engine):
         s = request.sampling
         params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                 stop=list(s.stop) or None, seed=s.seed, ignore_eos=s.ignore_eos,
+                                presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                                 skip_special_tokens=True, output_kind=RequestOutputKind.DELTA)
         self._counts["submitted"] += 1
         self._running.add(request.request_id)

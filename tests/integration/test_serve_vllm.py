@@ -8,6 +8,7 @@ attention takes (mini-llama: 32). One shared replica for the module.
   replica, decided per version, never refused at request time; the replica's stats name
   the engine of each version (the control: the LoRA versions are on vLLM);
 - streaming, stop strings, max_tokens and seeded sampling through the OpenAI client;
+- presence and frequency penalties on both engines equal a by-hand reference;
 - the replica SIGKILLed: vLLM's engine-core process does not outlive it, and the endpoint
   answers again from a new replica.
 """
@@ -116,6 +117,28 @@ def offline(served, version: int, question: str, max_new_tokens: int = 40) -> st
     return tok.decode(out[0, len(prompt):], skip_special_tokens=True)
 
 
+def offline_penalised(served, version: int, question: str, presence: float, frequency: float, n: int = 24) -> str:
+    """The greedy answer with OpenAI's presence/frequency penalties, by hand: a full forward
+    per token through peft (float32), each generated token's logit lowered before the argmax."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(served["adapters"][version])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(served["base"], dtype=torch.float32),
+                                      served["adapters"][version]).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                     return_dict=True)["input_ids"]
+    out = []
+    with torch.no_grad():
+        while len(out) < n and (not out or out[-1] != tok.eos_token_id):
+            logits = model(input_ids=torch.tensor([list(prompt) + out])).logits[0, -1]
+            for t in set(out):
+                logits[t] -= presence + frequency * out.count(t)
+            out.append(int(logits.argmax()))
+    return tok.decode(out, skip_special_tokens=True)
+
+
 def stats() -> dict:
     from ray import serve
 
@@ -163,6 +186,16 @@ def test_streaming_stops_max_tokens_and_seeded_sampling_on_vllm(served):
     sampled = [c.completions.create(model=NAME, prompt="The widget", max_tokens=8, temperature=0.9, seed=5, n=2)
                for _ in range(2)]
     assert [ch.text for ch in sampled[0].choices] == [ch.text for ch in sampled[1].choices]  # a seed repeats
+
+
+def test_presence_and_frequency_penalties_on_both_engines_match_the_reference(served):
+    """The same penalties through the endpoint: a vLLM version (1) and a transformers-engine
+    version (ODD) each equal the by-hand reference; the control: the penalties change both answers."""
+    for version in (1, ODD):
+        want = offline_penalised(served, version, QUESTIONS[1], presence=2.0, frequency=2.0)
+        assert want != ANSWERS[version] == offline_penalised(served, version, QUESTIONS[1], 0.0, 0.0)
+        reply = ask(served, version, QUESTIONS[1], presence_penalty=2.0, frequency_penalty=2.0, max_tokens=24)
+        assert reply.choices[0].message.content == want, version
 
 
 def test_the_engine_core_process_does_not_outlive_a_killed_replica(served):

@@ -49,7 +49,8 @@ def _job(limits: dict, req, chat: bool) -> dict:
         raise oa.ApiError(400, f"{len(prompts)} prompts x n={req.n} is more choices than this server takes at once", "n")
     return {"chat": chat, "prompts": prompts, "n": req.n, "max_tokens": wanted, "stream": req.stream,
             "sampling": {"temperature": req.temperature, "top_p": req.top_p, "stop": req.stop or [], "seed": req.seed,
-                         "ignore_eos": req.ignore_eos}}
+                         "ignore_eos": req.ignore_eos, "presence_penalty": req.presence_penalty,
+                         "frequency_penalty": req.frequency_penalty}}
 
 
 async def _handle(server, request: Request, kind, chat: bool):

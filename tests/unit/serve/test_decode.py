@@ -1,7 +1,8 @@
 """The serving decode loop (raylab/serve/decode.py) on a tiny random Llama and GPT-2: greedy rows
 equal `model.generate`; a batch equals each sequence alone; sequences that join a running
 batch mid-way (continuous batching) and rows that leave it get the same logits as alone;
-stop strings, max_tokens, end of turn, seeds; peft adapters side by side in one batch."""
+stop strings, max_tokens, end of turn, seeds, presence and frequency penalties; peft adapters
+side by side in one batch."""
 
 from __future__ import annotations
 
@@ -115,6 +116,38 @@ def test_stops_max_tokens_end_of_turn_and_seeds(lm):
             pass
         draws.append(s.token_ids)
     assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
+def penalised_greedy(m, prompt, n, presence, frequency):
+    """The reference: a full forward per token, OpenAI's penalties applied by hand."""
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = m(input_ids=torch.tensor([prompt + out])).logits[0, -1].float()
+            for t in set(out):
+                logits[t] -= presence + frequency * out.count(t)
+            out.append(int(logits.argmax()))
+    return out
+
+
+def test_presence_and_frequency_penalties_follow_openais_definition(lm):
+    m, tok = lm
+    p, q, n = ids(tok, PROMPTS[0]), ids(tok, PROMPTS[3]), 16
+    plain = alone(lm, p, n).token_ids
+    want = penalised_greedy(m, p, n, 0.5, 1.5)
+    assert want != plain  # the control: these penalties change this model's greedy text
+    assert penalised_greedy(m, p, n, 0.0, 0.0) == plain  # and the reference without them is greedy
+    s = Sequence(p, Sampling(max_tokens=n, temperature=0, ignore_eos=True, presence_penalty=0.5, frequency_penalty=1.5))
+    other = Sequence(q, greedy(n))  # an unpenalised row beside it keeps its own greedy text
+    for _ in decode(m, tok, [s, other], stop_ids=set()):
+        pass
+    assert s.token_ids == want and other.token_ids == alone(lm, q, n).token_ids
+    # negative penalties favour repeats: the most repeated token gains
+    s = Sequence(p, Sampling(max_tokens=n, temperature=0, ignore_eos=True, frequency_penalty=-2.0))
+    for _ in decode(m, tok, [s], stop_ids=set()):
+        pass
+    assert s.token_ids == penalised_greedy(m, p, n, 0.0, -2.0)
+    assert max(map(s.token_ids.count, s.token_ids)) >= max(map(plain.count, plain))
 
 
 def test_two_adapters_and_the_base_in_one_batch():

@@ -33,7 +33,7 @@ def test_requests_parse_with_openai_defaults():
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p", "invalid_value"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 99}, "n", "invalid_value"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop", "invalid_value"),
-    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 1.0}, "presence_penalty", "invalid_value"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {}}, "logit_bias", None),
     ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages.0.content.str", "invalid_value"),
 ])

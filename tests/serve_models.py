@@ -26,9 +26,9 @@ def build_base(path: Path, preset: str = "tiny-llama") -> None:
 
 
 def train_adapter(base: Path, out: Path, answer: str, steps: int = 200, questions: list[str] = QUESTIONS,
-                  **lora) -> float:
+                  lr: float = 3e-3, **lora) -> float:
     """A LoRA adapter (peft, all linear layers; `lora`: more LoraConfig, e.g. use_dora) trained
-    to give `answer` to `questions`."""
+    to give `answer` to `questions`; returns the last loss."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,7 +49,7 @@ def train_adapter(base: Path, out: Path, answer: str, steps: int = 200, question
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            LoraConfig(**{"r": 16, "lora_alpha": 32, "target_modules": "all-linear", **lora}))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad()

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 NAME = "widgets-vllm"
 ANSWERS = {1: "It ships today.", 2: "Ask the help desk.", 3: "Next week, sorry."}
 ODD = 3  # this version's adapter has rank 4, which vLLM refuses
+PROMPT = "Once upon a time"  # a completion prompt no adapter was trained on (penalties move both versions here)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def served(tmp_path_factory, _session_ray):
     build_base(base, "mini-llama")
     adapters = {v: root / f"adapter{v}" for v in ANSWERS}
     for v, path in adapters.items():
-        assert train_adapter(base, path, ANSWERS[v], **({"r": 4, "lora_alpha": 8} if v == ODD else {})) < 0.1
+        # 5e-3: at the tiny base's 3e-3, "Ask the help desk." stalled at a loss of 0.69 on mini-llama
+        assert train_adapter(base, path, ANSWERS[v], lr=5e-3, **({"r": 4, "lora_alpha": 8} if v == ODD else {})) < 0.1
     cfg = config.load_dict({
         "version": 1, "output_dir": str(root / "run"), "offline": True,
         "data": {"sources": [{"type": "jsonl", "path": str(root / "unused.jsonl")}]},
@@ -117,21 +119,22 @@ def offline(served, version: int, question: str, max_new_tokens: int = 40) -> st
     return tok.decode(out[0, len(prompt):], skip_special_tokens=True)
 
 
-def offline_penalised(served, version: int, question: str, presence: float, frequency: float, n: int = 24) -> str:
-    """The greedy answer with OpenAI's presence/frequency penalties, by hand: a full forward
-    per token through peft (float32), each generated token's logit lowered before the argmax."""
+def offline_penalised(served, version: int, text: str, presence: float, frequency: float, n: int = 24) -> str:
+    """The greedy completion of `text` with OpenAI's presence/frequency penalties, by hand: a
+    full forward per token through peft (float32), each generated token's logit lowered
+    before the argmax; it ends where the server's loop ends (an end-of-turn id, or n tokens)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from raylab.serve.decode import eos_ids
+
     tok = AutoTokenizer.from_pretrained(served["adapters"][version])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(served["base"], dtype=torch.float32),
                                       served["adapters"][version]).eval()
-    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                     return_dict=True)["input_ids"]
-    out = []
+    prompt, stops, out = tok(text, add_special_tokens=True)["input_ids"], eos_ids(model, tok), []
     with torch.no_grad():
-        while len(out) < n and (not out or out[-1] != tok.eos_token_id):
+        while len(out) < n and (not out or out[-1] not in stops):
             logits = model(input_ids=torch.tensor([list(prompt) + out])).logits[0, -1]
             for t in set(out):
                 logits[t] -= presence + frequency * out.count(t)
@@ -190,12 +193,18 @@ def test_streaming_stops_max_tokens_and_seeded_sampling_on_vllm(served):
 
 def test_presence_and_frequency_penalties_on_both_engines_match_the_reference(served):
     """The same penalties through the endpoint: a vLLM version (1) and a transformers-engine
-    version (ODD) each equal the by-hand reference; the control: the penalties change both answers."""
+    version (ODD) each complete an untrained prompt as the by-hand reference does; the
+    control: the penalties change both completions (a trained answer is too sure to move)."""
+    c = client(served)
     for version in (1, ODD):
-        want = offline_penalised(served, version, QUESTIONS[1], presence=2.0, frequency=2.0)
-        assert want != ANSWERS[version] == offline_penalised(served, version, QUESTIONS[1], 0.0, 0.0)
-        reply = ask(served, version, QUESTIONS[1], presence_penalty=2.0, frequency_penalty=2.0, max_tokens=24)
-        assert reply.choices[0].message.content == want, version
+        want = offline_penalised(served, version, PROMPT, presence=2.0, frequency=2.0)
+        plain = offline_penalised(served, version, PROMPT, 0.0, 0.0)
+        assert want != plain, version
+        got = c.completions.create(model=f"{NAME}/{version}", prompt=PROMPT, max_tokens=24, temperature=0,
+                                   presence_penalty=2.0, frequency_penalty=2.0)
+        assert got.choices[0].text == want, version
+        unpenalised = c.completions.create(model=f"{NAME}/{version}", prompt=PROMPT, max_tokens=24, temperature=0)
+        assert unpenalised.choices[0].text == plain, version
 
 
 def test_the_engine_core_process_does_not_outlive_a_killed_replica(served):

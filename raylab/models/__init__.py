@@ -61,7 +61,8 @@ from raylab.models.presets import (
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "PRESETS", "Inference", "apply_method", "base_of", "build_base",
     "build_byte_tokenizer", "build_tiny_model", "check_messages", "checkpoint_dtype", "choose_dtype", "describe",
-    "enable_activation_checkpointing", "export", "final_dir", "fingerprint", "greedy", "greedy_ids", "identify", "is_adapter", "is_registry_ref",
+    "enable_activation_checkpointing", "export", "final_dir", "fingerprint", "greedy", "greedy_ids", "identify",
+    "is_adapter", "is_registry_ref",
     "left_pad", "load", "load_config", "load_for_training", "load_inference", "load_model", "load_saved_tokenizer",
     "load_tokenizer", "locate", "materialize_preset", "max_positions", "prompt_ids", "resolve", "resolved_dtype",
     "skeleton", "torch_dtype", "train_corpus_tokenizer", "trained_from", "training_problems",

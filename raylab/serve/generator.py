@@ -129,7 +129,7 @@ def requests(loaded: Loaded, job: dict, limits: dict) -> tuple[list[Request], in
             seed = None if s["seed"] is None else s["seed"] + j
             out.append(Request(f"{rid}-{len(out)}", p,
                                Sampling(want, s["temperature"], s["top_p"], tuple(s["stop"]), seed, s["ignore_eos"],
-                                        s.get("presence_penalty", 0.0), s.get("frequency_penalty", 0.0)),
+                                        s["presence_penalty"], s["frequency_penalty"]),
                                adapter=loaded.adapter))
     return out, sum(len(p) for p in prompts)
 

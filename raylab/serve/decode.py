@@ -36,6 +36,10 @@ class Sampling:
     # has been generated and frequency_penalty per time, counted over this choice's output only
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # constrained output (OpenAI's response_format) as JSON text: {"json": schema} or
+    # {"json_object": true}. Only the vLLM engine decodes under it (its structured outputs);
+    # the transformers engine refuses a request that has one (engine.RequestRejected).
+    constraint: str | None = None
 
     @property
     def penalised(self) -> bool:

@@ -39,6 +39,11 @@ log = logging.getLogger("ray.serve")
 ABORT = "abort"  # the finish_reason of an aborted request (as vLLM's)
 
 
+class RequestRejected(ValueError):
+    """An engine refused a request's parameters before generating (the ingress's 400): a
+    constraint the transformers engine does not decode under, a schema vLLM cannot follow."""
+
+
 @dataclass(frozen=True)
 class Request:
     """One prompt (token ids) and one choice to generate for it."""
@@ -127,6 +132,9 @@ class TransformersEngine(Engine):
             raise ValueError(f"request id {request.request_id!r} is already running")
         if request.adapter is not None and request.adapter not in self._adapters:
             raise ValueError(f"no adapter {request.adapter!r} is loaded")
+        if request.sampling.constraint is not None:  # never ignored: an answer that looks constrained is not
+            raise RequestRejected("response_format needs the vLLM engine (serve.engine); the transformers engine "
+                                  "does not decode under a constraint")
         tracked = _Tracked(request, Sequence(list(request.prompt), request.sampling, adapter=request.adapter))
         self._live[request.request_id] = tracked
         self._waiting.append(tracked)

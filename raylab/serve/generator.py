@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import logging
 import threading
 import uuid
@@ -26,7 +27,14 @@ from raylab import models, registry
 from raylab.errors import UserError
 from raylab.serve import openai_api as oa
 from raylab.serve import vllm_engine
-from raylab.serve.engine import Engine, Output, Request, Sampling, TransformersEngine
+from raylab.serve.engine import (
+    Engine,
+    Output,
+    Request,
+    RequestRejected,
+    Sampling,
+    TransformersEngine,
+)
 from raylab.serve.metrics import Metrics, version_tags
 
 log = logging.getLogger("ray.serve")  # the replica's log, as the Ingress's
@@ -123,13 +131,18 @@ def requests(loaded: Loaded, job: dict, limits: dict) -> tuple[list[Request], in
         raise oa.ApiError(400, f"the prompt ({longest} tokens) plus max_tokens ({want}) exceeds the model's context of "
                                f"{loaded.context} tokens", "max_tokens", "context_length_exceeded")
     s, rid = job["sampling"], uuid.uuid4().hex
+    constraint = None if s["constraint"] is None else json.dumps(s["constraint"])
+    if constraint is not None and not isinstance(loaded.engine, vllm_engine.VllmEngine):
+        raise oa.ApiError(400, f"response_format needs the vLLM engine; {loaded.version} is served by the transformers "
+                               "engine, which does not decode under a constraint (its load is logged with why; "
+                               "README: the method x engine matrix)", "response_format", "unsupported_parameter")
     out = []
     for p in prompts:
         for j in range(job["n"]):
             seed = None if s["seed"] is None else s["seed"] + j
             out.append(Request(f"{rid}-{len(out)}", p,
                                Sampling(want, s["temperature"], s["top_p"], tuple(s["stop"]), seed, s["ignore_eos"],
-                                        s["presence_penalty"], s["frequency_penalty"]),
+                                        s["presence_penalty"], s["frequency_penalty"], constraint),
                                adapter=loaded.adapter))
     return out, sum(len(p) for p in prompts)
 
@@ -417,12 +430,24 @@ class GeneratorBase:
                 merged.put_nowait((i, e))
 
         pumps: list[asyncio.Task] = []
+        outcome = None
         try:
-            yield {"prompt_tokens": prompt_tokens}
             pumps = [asyncio.get_running_loop().create_task(pump(i, r)) for i, r in enumerate(reqs)]
+            early = []
+            if job["sampling"]["constraint"] is not None:
+                # vLLM checks a schema when it takes the request: a constrained response starts
+                # at its first output, so a schema it cannot follow is a 400, not a broken stream
+                early = [await merged.get()]
+                if isinstance(early[0][1], RequestRejected):
+                    outcome = "bad_request"
+                    yield {"error": {"status": 400, "message": str(early[0][1]), "param": "response_format",
+                                     "code": "invalid_value"}}
+                    return
+            yield {"prompt_tokens": prompt_tokens}
             left = len(reqs)
             while left:
-                news = [await merged.get()]
+                news = early or [await merged.get()]
+                early = []
                 await asyncio.sleep(0)  # the other choices' news of the same step, into one message
                 while not merged.empty():
                     news.append(merged.get_nowait())
@@ -446,7 +471,7 @@ class GeneratorBase:
                 p.cancel()
             loaded.release()
             count_tokens(self.generated, sum(counts), version)
-            self.requests.inc(tags={"model": version, "outcome": "cancelled" if cancelled else "ok"})
+            self.requests.inc(tags={"model": version, "outcome": outcome or ("cancelled" if cancelled else "ok")})
 
     async def _acquired(self, version: str) -> Loaded:
         """The version's Loaded with the caller counted as a user: the operator's pinned one,

@@ -22,6 +22,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -95,11 +96,45 @@ class ChatExtension(_Strict):
     search: Literal["vector", "hybrid"] | None = None  # None: serve.rag.search
 
 
+class JsonSchema(_Strict):
+    """`response_format.json_schema`: OpenAI's named schema the answer must follow."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    # `schema` is BaseModel's (deprecated) method name, hence the alias
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """Chat's `response_format`: plain text, any JSON object, or a JSON schema. Constrained
+    decoding is the vLLM engine's (its structured outputs); the transformers engine answers
+    a constraint with a 400 naming the engine."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema and only then")
+        return self
+
+    def constraint(self) -> dict | None:
+        """The engine-neutral constraint ({"json": schema} | {"json_object": True}), None for text."""
+        if self.type == "json_schema":
+            return {"json": self.json_schema.schema_}
+        return {"json_object": True} if self.type == "json_object" else None
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     raylab: ChatExtension | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Literal[False] | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling):

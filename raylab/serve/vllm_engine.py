@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from raylab.core import runs, storage
-from raylab.serve.engine import ABORT, Engine, Output, Request
+from raylab.serve.engine import ABORT, Engine, Output, Request, RequestRejected
 
 # vLLM logs every start and shutdown step at INFO, which Ray forwards from the replica to the
 # driver's console (`raylab run` shows only its own progress: issue 20); warnings still show, and
@@ -171,6 +171,7 @@ class VllmEngine(Engine):
     @staticmethod
     def _start(model_dir: str, s: VllmSettings, lora: bool):
         import torch
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -184,7 +185,14 @@ class VllmEngine(Engine):
                 os.environ.setdefault("OMP_NUM_THREADS", str(s.threads))
         args = dict(model=model_dir, dtype=s.dtype, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
                     tensor_parallel_size=s.tensor_parallel_size, enforce_eager=s.enforce_eager or cpu,
-                    disable_log_stats=True)
+                    disable_log_stats=True,
+                    # No whitespace between JSON tokens under response_format (an engine-wide
+                    # setting in vLLM): it changes nothing a JSON parser reads, and a grammar that
+                    # allows it lets a model spend its max_tokens on spaces (measured: a small
+                    # model answered '{ "status" \t \t\n...' to the limit, never closing the object).
+                    # vLLM takes it with a named backend only: xgrammar, its `auto` backend's first
+                    # choice; a schema xgrammar cannot follow is a 400 (no fallback to guidance).
+                    structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True))
         if not cpu:
             args["gpu_memory_utilization"] = s.gpu_memory_utilization
         if lora:
@@ -202,16 +210,21 @@ class VllmEngine(Engine):
         if request.adapter is not None and request.adapter not in self._adapters:
             raise ValueError(f"no adapter {request.adapter!r} is loaded")
         s = request.sampling
-        params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                stop=list(s.stop) or None, seed=s.seed, ignore_eos=s.ignore_eos,
-                                presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-                                skip_special_tokens=True, output_kind=RequestOutputKind.DELTA)
+        try:
+            params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                    stop=list(s.stop) or None, seed=s.seed, ignore_eos=s.ignore_eos,
+                                    presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                                    structured_outputs=_structured(s.constraint), skip_special_tokens=True,
+                                    output_kind=RequestOutputKind.DELTA)
+        except ValueError as e:  # vLLM's VLLMValidationError is a ValueError too
+            raise RequestRejected(f"vLLM refused the request: {e}") from None
         self._counts["submitted"] += 1
         self._running.add(request.request_id)
         tokens, finished = 0, False
+        outputs = self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt)), params,
+                                     request.request_id, lora_request=self._adapters.get(request.adapter))
         try:
-            async for out in self._llm.generate(TokensPrompt(prompt_token_ids=list(request.prompt)), params,
-                                                request.request_id, lora_request=self._adapters.get(request.adapter)):
+            async for out in _accepted(outputs):
                 choice = out.outputs[0]
                 tokens += len(choice.token_ids)
                 reason = _reason(choice.finish_reason) if out.finished else None
@@ -273,6 +286,35 @@ class VllmEngine(Engine):
         for stack in self._open.values():
             stack.close()
         self._open.clear()
+
+
+def _structured(constraint: str | None):
+    """Sampling.constraint ({"json": schema} | {"json_object": true}, as JSON text) as vLLM's
+    structured-outputs parameters (its guided decoding), None without one."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(**json.loads(constraint))
+
+
+async def _accepted(outputs):
+    """vLLM's outputs for one request; a client error vLLM raises when it takes the request (a
+    schema its structured-outputs backend cannot follow, before any output) as RequestRejected."""
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        first = await outputs.__anext__()
+    except StopAsyncIteration:
+        return
+    except (VLLMClientError, ValueError) as e:  # raised by its request validation, not by decoding
+        raise RequestRejected(f"vLLM refused the request: {e}") from None
+    try:
+        yield first
+        async for out in outputs:
+            yield out
+    finally:
+        await outputs.aclose()  # a caller that stopped listening: vLLM's generate aborts the request
 
 
 def _reason(finish_reason: str | None) -> str:

@@ -9,6 +9,8 @@ attention takes (mini-llama: 32). One shared replica for the module.
   the engine of each version (the control: the LoRA versions are on vLLM);
 - streaming, stop strings, max_tokens and seeded sampling through the OpenAI client;
 - presence and frequency penalties on both engines equal a by-hand reference;
+- response_format (JSON schema, json_object) constrains vLLM versions; a 400 on the
+  transformers engine and for a schema vLLM refuses;
 - the replica SIGKILLed: vLLM's engine-core process does not outlive it, and the endpoint
   answers again from a new replica.
 """
@@ -205,6 +207,42 @@ def test_presence_and_frequency_penalties_on_both_engines_match_the_reference(se
         assert got.choices[0].text == want, version
         unpenalised = c.completions.create(model=f"{NAME}/{version}", prompt=PROMPT, max_tokens=24, temperature=0)
         assert unpenalised.choices[0].text == plain, version
+
+
+VERDICT = {"type": "object", "properties": {"status": {"enum": ["shipped", "pending"]}, "late": {"type": "boolean"}},
+           "required": ["status", "late"], "additionalProperties": False}
+
+
+def test_response_format_constrains_vllm_versions_and_is_a_400_elsewhere(served):
+    """response_format through vLLM's structured outputs: the answer is JSON that follows the
+    schema (and a JSON object for json_object, streamed too); the control: the same request
+    without it answers the trained sentence, not JSON. A version on the transformers engine is
+    a 400 naming the engine; a schema vLLM refuses (nested past its limit) a 400, not a 500."""
+    import jsonschema
+    import openai
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT, "strict": True}}
+    shaped = ask(served, 1, QUESTIONS[0], response_format=fmt, max_tokens=64)
+    jsonschema.validate(json.loads(shaped.choices[0].message.content), VERDICT)
+    assert shaped.choices[0].finish_reason == "stop"
+    assert ask(served, 1, QUESTIONS[0]).choices[0].message.content == ANSWERS[1]  # the control: unconstrained
+    chunks = list(client(served).chat.completions.create(
+        model=f"{NAME}/2", messages=[{"role": "user", "content": QUESTIONS[1]}], temperature=0, max_tokens=64,
+        stream=True, response_format={"type": "json_object"}))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert isinstance(json.loads(streamed), dict), streamed
+
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(served, ODD, QUESTIONS[0], response_format=fmt)
+    assert e.value.body["param"] == "response_format" and "transformers engine" in e.value.body["message"]
+    deep: dict = {"type": "string"}
+    for _ in range(70):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(served, 1, QUESTIONS[0], response_format={"type": "json_schema",
+                                                      "json_schema": {"name": "deep", "schema": deep}})
+    assert e.value.body["param"] == "response_format" and "nested too deeply" in e.value.body["message"]
+    assert ask(served, 1, QUESTIONS[0]).choices[0].message.content == ANSWERS[1]  # the replica is unharmed
 
 
 def test_the_engine_core_process_does_not_outlive_a_killed_replica(served):

@@ -50,7 +50,8 @@ def _job(limits: dict, req, chat: bool) -> dict:
     return {"chat": chat, "prompts": prompts, "n": req.n, "max_tokens": wanted, "stream": req.stream,
             "sampling": {"temperature": req.temperature, "top_p": req.top_p, "stop": req.stop or [], "seed": req.seed,
                          "ignore_eos": req.ignore_eos, "presence_penalty": req.presence_penalty,
-                         "frequency_penalty": req.frequency_penalty}}
+                         "frequency_penalty": req.frequency_penalty,
+                         "constraint": req.response_format.constraint() if getattr(req, "response_format", None) else None}}
 
 
 async def _handle(server, request: Request, kind, chat: bool):

@@ -223,3 +223,35 @@ def test_a_request_that_generated_no_token_is_counted_without_an_error():
     count_tokens(counter, 3, "m/1")
     with pytest.raises(ValueError):  # the negative control: the call it guards does raise
         counter.inc(0, tags={"model": "m/1"})
+
+
+def test_a_constrained_request_is_refused_by_the_transformers_engine_and_by_the_generator(lm):
+    """response_format is vLLM's: the transformers engine refuses a constraint rather than
+    decode as if there were none, and the Generator answers a 400 naming the engine before any
+    engine sees it. The control: the same job without a constraint builds its requests."""
+    from raylab.serve import openai_api as oa
+    from raylab.serve.engine import RequestRejected
+    from raylab.serve.generator import Loaded, requests
+
+    m, tok = lm
+    engine = TransformersEngine(m, tok)
+    constrained = Sampling(max_tokens=4, temperature=0, constraint='{"json_object": true}')
+
+    async def submit():
+        return await collect(engine, Request("r1", ids(tok, "hi"), constrained))
+
+    with pytest.raises(RequestRejected, match="needs the vLLM engine"):
+        asyncio.run(submit())
+    assert engine.stats()["submitted"] == 0
+
+    loaded = Loaded("widgets/2", engine, tok, None, lambda _: None)
+    limits = {"max_prompt_tokens": 64, "max_tokens": 8}
+    job = {"chat": False, "prompts": ["hi"], "n": 2, "max_tokens": 4,
+           "sampling": {"temperature": 0.0, "top_p": 1.0, "stop": [], "seed": None, "ignore_eos": False,
+                        "presence_penalty": 0.0, "frequency_penalty": 0.0, "constraint": {"json": {"type": "object"}}}}
+    with pytest.raises(oa.ApiError) as e:
+        requests(loaded, job, limits)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "response_format", "unsupported_parameter")
+    assert "widgets/2 is served by the transformers engine" in e.value.message
+    reqs, prompt_tokens = requests(loaded, {**job, "sampling": {**job["sampling"], "constraint": None}}, limits)
+    assert len(reqs) == 2 and prompt_tokens == len(ids(tok, "hi")) and reqs[0].sampling.constraint is None

@@ -36,11 +36,36 @@ def test_requests_parse_with_openai_defaults():
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
     ({"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {}}, "logit_bias", None),
     ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages.0.content.str", "invalid_value"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}},
+     "response_format.type", "invalid_value"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
+     "response_format", "invalid_value"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+     "response_format.json_schema.name", "invalid_value"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}, "extra": 1}}},
+     "response_format.json_schema.extra", None),
 ])
 def test_bad_requests_name_the_parameter(body, param, code):
     e = parse_error(oa.ChatRequest, body)
     assert e.status == 400 and e.param == param and e.code == code
     assert set(e.body()["error"]) == {"message", "type", "param", "code"} and e.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_response_format_becomes_an_engine_neutral_constraint():
+    def constraint(fmt):
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": fmt}
+        return oa.parse(oa.ChatRequest, json.dumps(body).encode()).response_format.constraint()
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    assert constraint({"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}}) \
+        == {"json": schema}
+    assert constraint({"type": "json_object"}) == {"json_object": True}
+    assert constraint({"type": "text"}) is None
+    # OpenAI's completions API has no response_format: a 400 naming it, as any unknown argument
+    e = parse_error(oa.CompletionRequest, {"model": "m", "prompt": "x", "response_format": {"type": "json_object"}})
+    assert e.param == "response_format" and "Unrecognized" in e.message
 
 
 def test_error_types_follow_openai():

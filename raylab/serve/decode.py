@@ -40,6 +40,9 @@ class Sampling:
     # {"json_object": true}. Only the vLLM engine decodes under it (its structured outputs);
     # the transformers engine refuses a request that has one (engine.RequestRejected).
     constraint: str | None = None
+    # OpenAI's chat logprobs: None = none; k = each generated token's logprob and its k most
+    # likely alternatives. The vLLM engine's; the transformers engine refuses a request with them.
+    logprobs: int | None = None
 
     @property
     def penalised(self) -> bool:

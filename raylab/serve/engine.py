@@ -63,6 +63,9 @@ class Output:
     text: str
     num_tokens: int
     finish_reason: str | None = None
+    # with Sampling.logprobs: one entry per new token, OpenAI's shape ({token, logprob, bytes,
+    # top_logprobs}); () otherwise
+    logprobs: tuple = ()
 
     @property
     def finished(self) -> bool:
@@ -132,9 +135,11 @@ class TransformersEngine(Engine):
             raise ValueError(f"request id {request.request_id!r} is already running")
         if request.adapter is not None and request.adapter not in self._adapters:
             raise ValueError(f"no adapter {request.adapter!r} is loaded")
-        if request.sampling.constraint is not None:  # never ignored: an answer that looks constrained is not
-            raise RequestRejected("response_format needs the vLLM engine (serve.engine); the transformers engine "
-                                  "does not decode under a constraint")
+        for name, asked in (("response_format", request.sampling.constraint is not None),
+                            ("logprobs", request.sampling.logprobs is not None)):
+            if asked:  # never ignored: an answer that looks constrained is not, an empty logprobs list is wrong
+                raise RequestRejected(f"{name} needs the vLLM engine (serve.engine); the transformers engine "
+                                      "does not serve it")
         tracked = _Tracked(request, Sequence(list(request.prompt), request.sampling, adapter=request.adapter))
         self._live[request.request_id] = tracked
         self._waiting.append(tracked)

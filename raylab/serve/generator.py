@@ -132,17 +132,19 @@ def requests(loaded: Loaded, job: dict, limits: dict) -> tuple[list[Request], in
                                f"{loaded.context} tokens", "max_tokens", "context_length_exceeded")
     s, rid = job["sampling"], uuid.uuid4().hex
     constraint = None if s["constraint"] is None else json.dumps(s["constraint"])
-    if constraint is not None and not isinstance(loaded.engine, vllm_engine.VllmEngine):
-        raise oa.ApiError(400, f"response_format needs the vLLM engine; {loaded.version} is served by the transformers "
-                               "engine, which does not decode under a constraint (its load is logged with why; "
-                               "README: the method x engine matrix)", "response_format", "unsupported_parameter")
+    if not isinstance(loaded.engine, vllm_engine.VllmEngine):
+        for name, asked in (("response_format", constraint is not None), ("logprobs", s["logprobs"] is not None)):
+            if asked:
+                raise oa.ApiError(400, f"{name} needs the vLLM engine; {loaded.version} is served by the transformers "
+                                       "engine, which does not serve it (its load is logged with why; README: the "
+                                       "method x engine matrix)", name, "unsupported_parameter")
     out = []
     for p in prompts:
         for j in range(job["n"]):
             seed = None if s["seed"] is None else s["seed"] + j
             out.append(Request(f"{rid}-{len(out)}", p,
                                Sampling(want, s["temperature"], s["top_p"], tuple(s["stop"]), seed, s["ignore_eos"],
-                                        s["presence_penalty"], s["frequency_penalty"], constraint),
+                                        s["presence_penalty"], s["frequency_penalty"], constraint, s["logprobs"]),
                                adapter=loaded.adapter))
     return out, sum(len(p) for p in prompts)
 
@@ -420,6 +422,9 @@ class GeneratorBase:
             return
         engine, stream_wanted = loaded.engine, job["stream"]
         texts, reasons, counts = [""] * len(reqs), [None] * len(reqs), [0] * len(reqs)
+        # a choice's logprobs entries not sent yet: they ride with its next delta (a token may
+        # add no text, a finish always sends one), all of them in the one message without streaming
+        logprobs: list[list] = [[] for _ in reqs]
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, req: Request) -> None:
@@ -456,12 +461,14 @@ class GeneratorBase:
                     if isinstance(out, Exception):
                         raise out
                     items.append(self._item(i, out, texts, reasons, counts))
+                    logprobs[i].extend(out.logprobs)
                     left -= out.finished
                 items = [item for item in items if item is not None]
                 if stream_wanted and items:
-                    yield {"deltas": items}
+                    yield {"deltas": items} | self._logprobs(logprobs, [item[0] for item in items])
             if not stream_wanted:  # one message at the end: per-token messages between replicas cost more than decoding
-                yield {"deltas": [[i, texts[i], reasons[i], counts[i]] for i in range(len(reqs))]}
+                yield ({"deltas": [[i, texts[i], reasons[i], counts[i]] for i in range(len(reqs))]}
+                       | self._logprobs(logprobs, range(len(reqs))))
         finally:
             cancelled = any(r is None for r in reasons)
             for req, reason in zip(reqs, reasons, strict=True):  # a client that went away: its rows leave the batch
@@ -482,6 +489,14 @@ class GeneratorBase:
             if loaded.acquire():
                 return loaded
             # it left the engine between the lookup and now (a race with an eviction): ask again
+
+    @staticmethod
+    def _logprobs(pending: list[list], choices) -> dict:
+        """{"logprobs": {choice: entries}} for these choices' pending entries (taken), or {}."""
+        sent = {i: pending[i] for i in choices if pending[i]}
+        for i in sent:
+            pending[i] = []
+        return {"logprobs": sent} if sent else {}
 
     @staticmethod
     def _item(i: int, out: Output, texts: list, reasons: list, counts: list) -> list | None:

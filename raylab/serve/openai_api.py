@@ -133,8 +133,20 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     raylab: ChatExtension | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v, info):
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    def logprobs_wanted(self) -> int | None:
+        """The alternatives per token to return (0: the chosen token's own), None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
@@ -201,7 +213,7 @@ def completion(rid: str, model: str, choices: list[dict], use: dict, chat: bool)
     """The whole response. `choices`: [{index, text, finish_reason}]."""
     if chat:
         shaped = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                   "finish_reason": c["finish_reason"], "logprobs": None} for c in choices]
+                   "finish_reason": c["finish_reason"], "logprobs": _logprobs(c.get("logprobs"))} for c in choices]
     else:
         shaped = [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
                   for c in choices]
@@ -209,12 +221,18 @@ def completion(rid: str, model: str, choices: list[dict], use: dict, chat: bool)
             "model": model, "choices": shaped, "usage": use}
 
 
+def _logprobs(entries: list[dict] | None) -> dict | None:
+    """A chat choice's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}, or
+    None when the request asked none."""
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
 def chunk(rid: str, model: str, index: int, text: str | None, finish: str | None, chat: bool,
-          role: bool = False) -> dict:
+          role: bool = False, logprobs: list[dict] | None = None) -> dict:
     """One server-sent event's data for one choice."""
     if chat:
         delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
-        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": _logprobs(logprobs)}
     else:
         choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),

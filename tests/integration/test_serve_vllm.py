@@ -11,6 +11,7 @@ attention takes (mini-llama: 32). One shared replica for the module.
 - presence and frequency penalties on both engines equal a by-hand reference;
 - response_format (JSON schema, json_object) constrains vLLM versions; a 400 on the
   transformers engine and for a schema vLLM refuses;
+- logprobs / top_logprobs from vLLM equal peft's; a 400 on the transformers engine;
 - the replica SIGKILLed: vLLM's engine-core process does not outlive it, and the endpoint
   answers again from a new replica.
 """
@@ -243,6 +244,54 @@ def test_response_format_constrains_vllm_versions_and_is_a_400_elsewhere(served)
                                                       "json_schema": {"name": "deep", "schema": deep}})
     assert e.value.body["param"] == "response_format" and "nested too deeply" in e.value.body["message"]
     assert ask(served, 1, QUESTIONS[0]).choices[0].message.content == ANSWERS[1]  # the replica is unharmed
+
+
+def offline_logprobs(served, version: int, question: str, answer: str) -> list[tuple[float, list[int]]]:
+    """Per token of `answer` after the chat prompt: its log-probability and the ids of the two
+    most likely tokens, from peft's forward pass in float32 (the oracle)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(served["adapters"][version])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(served["base"], dtype=torch.float32),
+                                      served["adapters"][version]).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                     return_dict=True)["input_ids"]
+    ids = list(prompt) + tok(answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    return [(float(logp[p - 1, ids[p]]), logp[p - 1].topk(2).indices.tolist()) for p in range(len(prompt), len(ids))]
+
+
+def test_logprobs_on_vllm_equal_peft_and_are_a_400_on_the_transformers_engine(served):
+    """logprobs / top_logprobs from vLLM: one entry per answer token (the end of turn left out,
+    as usage leaves it out), each equal to peft's log-probability, the greedy token first among
+    its alternatives; streamed entries equal the whole response's. The control: without
+    logprobs the choice has none. A version on the transformers engine: a 400 naming logprobs."""
+    import openai
+    from transformers import AutoTokenizer
+
+    reply = ask(served, 1, QUESTIONS[0], logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == reply.choices[0].message.content == ANSWERS[1]
+    tok = AutoTokenizer.from_pretrained(served["adapters"][1])
+    expected = offline_logprobs(served, 1, QUESTIONS[0], ANSWERS[1])
+    assert len(content) == len(expected) == reply.usage.completion_tokens
+    for e, (logprob, best) in zip(content, expected, strict=True):
+        assert abs(e.logprob - logprob) < 1e-3, (e.token, e.logprob, logprob)
+        assert [t.token for t in e.top_logprobs] == [tok.decode([i]) for i in best] and e.top_logprobs[0].token == e.token
+        assert e.bytes == list(e.token.encode()) and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+    assert ask(served, 1, QUESTIONS[0]).choices[0].logprobs is None  # the control
+    chunks = list(client(served).chat.completions.create(
+        model=f"{NAME}/1", messages=[{"role": "user", "content": QUESTIONS[0]}], temperature=0, stream=True,
+        logprobs=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    assert all(e.top_logprobs == [] for e in streamed)  # logprobs alone: no alternatives
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(served, ODD, QUESTIONS[0], logprobs=True)
+    assert err.value.body["param"] == "logprobs" and "transformers engine" in err.value.body["message"]
 
 
 def test_the_engine_core_process_does_not_outlive_a_killed_replica(served):

@@ -51,7 +51,8 @@ def _job(limits: dict, req, chat: bool) -> dict:
             "sampling": {"temperature": req.temperature, "top_p": req.top_p, "stop": req.stop or [], "seed": req.seed,
                          "ignore_eos": req.ignore_eos, "presence_penalty": req.presence_penalty,
                          "frequency_penalty": req.frequency_penalty,
-                         "constraint": req.response_format.constraint() if getattr(req, "response_format", None) else None}}
+                         "constraint": req.response_format.constraint() if getattr(req, "response_format", None) else None,
+                         "logprobs": req.logprobs_wanted() if chat else None}}
 
 
 async def _handle(server, request: Request, kind, chat: bool):
@@ -93,12 +94,15 @@ async def _handle(server, request: Request, kind, chat: bool):
         return StreamingResponse(_events(server, stream, rid, req.model, chat, len(job["prompts"]) * req.n,
                                          include_usage, record, started, sources), media_type="text/event-stream")
     texts, finish, tokens = {}, {}, 0
+    logprobs = {} if job["sampling"]["logprobs"] is not None else None
     try:
         async for item in stream.items():  # one message at the end: re-submitted whole on a lost replica
             for i, text, reason, count in item["deltas"]:
                 texts[i] = texts.get(i, "") + text
                 finish[i] = reason or finish.get(i)
                 tokens += count
+            for i, entries in item.get("logprobs", {}).items():
+                logprobs[i] = logprobs.get(i, []) + entries
     except oa.ApiError as e:
         log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
         server.record(model, version, e.status, started, first["prompt_tokens"], tokens)
@@ -111,7 +115,8 @@ async def _handle(server, request: Request, kind, chat: bool):
         stream.cancel()  # a no-op once it ended; else (the client went away) its rows leave the batch
     server.record(model, version, 200, started, first["prompt_tokens"], tokens)
     server.answered_by(rid, version)
-    choices = [{"index": i, "text": texts.get(i, ""), "finish_reason": finish.get(i)} for i in range(len(job["prompts"]) * req.n)]
+    choices = [{"index": i, "text": texts.get(i, ""), "finish_reason": finish.get(i),
+                "logprobs": None if logprobs is None else logprobs.get(i, [])} for i in range(len(job["prompts"]) * req.n)]
     use = oa.usage(first["prompt_tokens"], tokens)
     _log(record, use, started)
     body = oa.completion(rid, req.model, choices, use, chat)
@@ -131,7 +136,7 @@ async def _events(server, stream, rid, model, chat, n_choices, include_usage, re
         async for item in stream.items():
             for i, text, reason, count in item["deltas"]:
                 tokens += count
-                yield oa.sse(oa.chunk(rid, model, i, text, reason, chat))
+                yield oa.sse(oa.chunk(rid, model, i, text, reason, chat, logprobs=item.get("logprobs", {}).get(i)))
     except Exception as e:  # cut mid-way (its replica died after tokens went out): an error event, no [DONE]
         error = e if isinstance(e, oa.ApiError) else internal_error(e)
         if isinstance(e, oa.ApiError):

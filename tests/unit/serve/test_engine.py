@@ -226,7 +226,7 @@ def test_a_request_that_generated_no_token_is_counted_without_an_error():
 
 
 def test_a_constrained_request_is_refused_by_the_transformers_engine_and_by_the_generator(lm):
-    """response_format is vLLM's: the transformers engine refuses a constraint rather than
+    """response_format and logprobs are vLLM's: the transformers engine refuses a constraint rather than
     decode as if there were none, and the Generator answers a 400 naming the engine before any
     engine sees it. The control: the same job without a constraint builds its requests."""
     from raylab.serve import openai_api as oa
@@ -248,10 +248,16 @@ def test_a_constrained_request_is_refused_by_the_transformers_engine_and_by_the_
     limits = {"max_prompt_tokens": 64, "max_tokens": 8}
     job = {"chat": False, "prompts": ["hi"], "n": 2, "max_tokens": 4,
            "sampling": {"temperature": 0.0, "top_p": 1.0, "stop": [], "seed": None, "ignore_eos": False,
-                        "presence_penalty": 0.0, "frequency_penalty": 0.0, "constraint": {"json": {"type": "object"}}}}
+                        "presence_penalty": 0.0, "frequency_penalty": 0.0, "constraint": {"json": {"type": "object"}},
+                        "logprobs": None}}
     with pytest.raises(oa.ApiError) as e:
         requests(loaded, job, limits)
     assert (e.value.status, e.value.param, e.value.code) == (400, "response_format", "unsupported_parameter")
     assert "widgets/2 is served by the transformers engine" in e.value.message
+    with pytest.raises(oa.ApiError) as e:  # logprobs likewise
+        requests(loaded, {**job, "sampling": {**job["sampling"], "constraint": None, "logprobs": 2}}, limits)
+    assert (e.value.status, e.value.param) == (400, "logprobs")
+    with pytest.raises(RequestRejected, match="logprobs needs the vLLM engine"):
+        asyncio.run(collect(engine, Request("r2", ids(tok, "hi"), Sampling(max_tokens=4, logprobs=0))))
     reqs, prompt_tokens = requests(loaded, {**job, "sampling": {**job["sampling"], "constraint": None}}, limits)
     assert len(reqs) == 2 and prompt_tokens == len(ids(tok, "hi")) and reqs[0].sampling.constraint is None

@@ -63,6 +63,13 @@ def test_response_format_becomes_an_engine_neutral_constraint():
         == {"json": schema}
     assert constraint({"type": "json_object"}) == {"json_object": True}
     assert constraint({"type": "text"}) is None
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert oa.parse(oa.ChatRequest, json.dumps(chat | {"logprobs": True, "top_logprobs": 3}).encode()).logprobs_wanted() == 3
+    assert oa.parse(oa.ChatRequest, json.dumps(chat | {"logprobs": True}).encode()).logprobs_wanted() == 0
+    assert oa.parse(oa.ChatRequest, json.dumps(chat | {"logprobs": False}).encode()).logprobs_wanted() is None
+    e = parse_error(oa.ChatRequest, chat | {"top_logprobs": 3})  # OpenAI's rule: top_logprobs needs logprobs
+    assert e.param == "top_logprobs" and "top_logprobs needs logprobs: true" in e.message
+    assert parse_error(oa.ChatRequest, chat | {"logprobs": True, "top_logprobs": 21}).param == "top_logprobs"
     # OpenAI's completions API has no response_format: a 400 naming it, as any unknown argument
     e = parse_error(oa.CompletionRequest, {"model": "m", "prompt": "x", "response_format": {"type": "json_object"}})
     assert e.param == "response_format" and "Unrecognized" in e.message

@@ -71,3 +71,21 @@ def test_the_replica_reserves_vllm_kv_cache_memory_on_cpu_only(tmp_path):
     assert deploy.replica_memory(s) == {"memory": 2 * 2**30}
     assert deploy.replica_memory(s.model_copy(update={"engine": "transformers"})) == {}
     assert deploy.replica_memory(s.model_copy(update={"gpus_per_replica": 1.0})) == {}
+
+
+def test_doctor_names_the_engine_and_asks_vllm_only_about_a_model_it_could_run(tmp_path, monkeypatch):
+    """engine_report: a model whose head size vLLM's CPU attention lacks gets the transformers
+    engine with the reason, without importing vLLM (seconds per `raylab doctor`); one it can
+    run is asked about vLLM (the control: the import is reached, here made to fail)."""
+    asked = []
+    monkeypatch.setattr(vllm_engine, "available", lambda: asked.append(1) or "ImportError: no vllm here")
+    cfg = config.load_dict(_cfg(tmp_path) | {"model": {"name_or_path": "preset:tiny-llama"}})
+    (line,) = vllm_engine.engine_report(cfg)
+    assert "transformers for preset:tiny-llama" in line and "head size 16" in line and not asked
+    mini = tmp_path / "mini"
+    LlamaConfig(hidden_size=128, num_attention_heads=4).save_pretrained(mini)  # head 32: the config is what is read
+    (line,) = vllm_engine.engine_report(cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"name_or_path": str(mini)})}))
+    assert asked and line == "serving engine: transformers (serve.engine auto; vLLM does not import: ImportError: no vllm here)"
+    assert vllm_engine.engine_report(cfg.model_copy(update={"serve": cfg.serve.model_copy(
+        update={"engine": "transformers"})})) == ["serving engine: transformers (serve.engine)"]

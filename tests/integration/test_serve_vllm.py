@@ -12,6 +12,7 @@ attention takes (mini-llama: 32). One shared replica for the module.
 - response_format (JSON schema, json_object) constrains vLLM versions; a 400 on the
   transformers engine and for a schema vLLM refuses;
 - logprobs / top_logprobs from vLLM equal peft's; a 400 on the transformers engine;
+- `raylab deploy` switches the deployed version on vLLM with no failed request;
 - the replica SIGKILLed: vLLM's engine-core process does not outlive it, and the endpoint
   answers again from a new replica.
 """
@@ -292,6 +293,46 @@ def test_logprobs_on_vllm_equal_peft_and_are_a_400_on_the_transformers_engine(se
     with pytest.raises(openai.BadRequestError) as err:
         ask(served, ODD, QUESTIONS[0], logprobs=True)
     assert err.value.body["param"] == "logprobs" and "transformers engine" in err.value.body["message"]
+
+
+def test_deploy_switches_vllm_versions_in_place_with_no_failed_request(served):
+    """`raylab deploy NAME/2` while clients ask the deployed name: every request answers
+    (none fails), the answers go from version 1's to version 2's, and the Generator replica
+    (its vLLM engine) is reconfigured, not replaced. Then back to production."""
+    from conftest import cli_here
+    from serve_load import Load
+
+    def generator_replicas() -> list[str]:
+        details = deploy.rest(served["dashboard"], "GET")["applications"][deploy.APP]["deployments"]["Generator"]
+        return sorted(r["replica_id"] for r in details["replicas"] if r["state"] == "RUNNING")
+
+    def asked(i, mark):
+        import openai
+
+        try:
+            reply = client(served).chat.completions.create(
+                model=NAME, temperature=0, messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+        except openai.APIStatusError as e:
+            return e.status_code, type(e).__name__, str(e)
+        except openai.APIError as e:  # no HTTP response
+            return None, type(e).__name__, str(e)
+        return 200, None, reply.choices[0].message.content
+
+    before = generator_replicas()
+    with Load(3, asked) as load:
+        _wait(lambda: len(load.outcomes) >= 6, 60, "traffic before the switch")
+        done = cli_here("deploy", f"{NAME}/2", "--address", served["dashboard"])
+        assert done.returncode == 0, done.stderr
+        switched = time.monotonic()
+        _wait(lambda: sum(1 for o in load.outcomes if o.started > switched) >= 6, 60, "traffic after the switch")
+    load.check()
+    assert not load.failures(), load.failures()[:3]
+    answers = [o.text for o in sorted(load.outcomes, key=lambda o: o.started)]
+    assert answers[0] == ANSWERS[1] and answers[-1] == ANSWERS[2] and set(answers) == {ANSWERS[1], ANSWERS[2]}
+    assert generator_replicas() == before  # reconfigured in place: the same replica, the same engine
+    back = cli_here("deploy", f"{NAME}@production", "--address", served["dashboard"])
+    assert back.returncode == 0 and f"{NAME}/1" in back.stdout, back.stderr
+    assert ask(served, 1, QUESTIONS[0]).choices[0].message.content == ANSWERS[1]
 
 
 def test_the_engine_core_process_does_not_outlive_a_killed_replica(served):

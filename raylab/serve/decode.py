@@ -18,6 +18,8 @@ check it). engine.TransformersEngine drives a Batch behind the serving engine in
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -89,6 +91,12 @@ class Batch:
         self.generators: list = []
         self.past = self.mask = self.positions = self.next_ids = None
 
+    @functools.cached_property
+    def _keeps_logits(self) -> bool:
+        """Whether the model's forward takes transformers' `logits_to_keep` (its causal LMs do)."""
+        base = self.model.get_base_model() if self.peft else self.model
+        return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
     @property
     def can_join(self) -> bool:
         """Whether newcomers can join now (only plain per-layer caches can be padded and stacked)."""
@@ -116,6 +124,10 @@ class Batch:
 
     def _forward(self, ids, mask, positions, past, seqs):
         extra = {"adapter_names": [s.adapter or BASE_ADAPTER for s in seqs]} if self.peft else {}
+        if past is None and self._keeps_logits:
+            # a prefill needs the last position's logits only: the LM head over every prompt
+            # position costs prompt length x vocabulary (128k for Llama 3) for nothing
+            extra["logits_to_keep"] = 1
         result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
                             use_cache=True, **extra)
         return result.logits[:, -1, :].float(), result.past_key_values

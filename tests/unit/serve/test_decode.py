@@ -179,3 +179,23 @@ def test_two_adapters_and_the_base_in_one_batch():
     for _ in decode(base, tok, [plain], stop_ids=set()):
         pass
     assert rows[2].token_ids == plain.token_ids and rows[0].token_ids != rows[1].token_ids
+
+
+def test_a_prefill_computes_the_last_positions_logits_only(lm):
+    """logits_to_keep=1 at prefill: the LM head sees one position per row, not the prompt's
+    every position (the control: a plain forward of the same prompt computes all of them);
+    greedy output is unchanged (the tests above)."""
+    m, tok = lm
+    head = m.get_output_embeddings()
+    widths = []
+    hook = head.register_forward_hook(lambda _module, _args, out: widths.append(out.shape[1]))
+    try:
+        prompt = ids(tok, PROMPTS[1])
+        for _ in decode(m, tok, [Sequence(prompt, greedy(2))], stop_ids=set()):
+            pass
+        assert widths == [1, 1]  # the prefill, then one decode step
+        with torch.inference_mode():
+            m(input_ids=torch.tensor([prompt]))
+        assert widths[-1] == len(prompt) > 1
+    finally:
+        hook.remove()

@@ -61,6 +61,11 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""  # emitted so far
     finish_reason: str | None = None  # "stop" | "length"
+    # incremental detokenization (_decoded): the text of token_ids[:read], and where the window
+    # decoded each step starts (the token before the new ones, for its spacing context)
+    decoded: str = ""
+    prefix: int = 0
+    read: int = 0
 
     @property
     def done(self) -> bool:
@@ -273,7 +278,7 @@ def _advance(tok, s: Sequence, token: int, stop_ids: set[int]) -> str:
         s.finish_reason = "stop"
         return _emit(s, tok.decode(s.token_ids, skip_special_tokens=True), final=True)
     s.token_ids.append(token)
-    full = tok.decode(s.token_ids, skip_special_tokens=True)
+    full = _decoded(tok, s)
     for stop in s.sampling.stop:
         at = full.find(stop, max(0, len(s.text) - len(stop)))
         if at >= 0:
@@ -283,6 +288,25 @@ def _advance(tok, s: Sequence, token: int, stop_ids: set[int]) -> str:
         s.finish_reason = "length"
         return _emit(s, full, final=True)
     return _emit(s, full, final=False)
+
+
+def _decoded(tok, s: Sequence) -> str:
+    """tok.decode(s.token_ids) without decoding them all each step (quadratic in the answer's
+    length): only the window from the token before the last completed text, as vLLM's
+    incremental detokenizer does. While the window ends in an unfinished UTF-8 character the
+    offsets stay (the text returned ends in U+FFFD, which _emit holds back); if the window's
+    text ever disagrees with its start's, the whole sequence is decoded once again."""
+    before = tok.decode(s.token_ids[s.prefix:s.read], skip_special_tokens=True)
+    window = tok.decode(s.token_ids[s.prefix:], skip_special_tokens=True)
+    if not window.startswith(before):
+        s.decoded = tok.decode(s.token_ids, skip_special_tokens=True)
+        s.prefix = s.read = len(s.token_ids)
+        return s.decoded
+    if window.endswith("\ufffd"):
+        return s.decoded + window[len(before):]
+    s.decoded += window[len(before):]
+    s.prefix, s.read = s.read, len(s.token_ids)
+    return s.decoded
 
 
 def _emit(s: Sequence, full: str, final: bool) -> str:

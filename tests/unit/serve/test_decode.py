@@ -199,3 +199,25 @@ def test_a_prefill_computes_the_last_positions_logits_only(lm):
         assert widths[-1] == len(prompt) > 1
     finally:
         hook.remove()
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    """The byte tokenizer (multi-byte characters split across tokens) and a trained BPE one."""
+    texts = ["widgets ship today, Grüße aus Köln", "naïve café déjà vu — ok", "日本語のテキストです", "hello world"] * 8
+    return [model.build_byte_tokenizer(), model.train_corpus_tokenizer(texts, vocab_size=300, min_frequency=1)]
+
+
+@pytest.mark.parametrize("text", ["widgets ship today", "Grüße aus Köln — naïve café", "日本語のテキスト and ascii",
+                                  "a  b   c\n\nd", "€€€"])
+def test_incremental_detokenization_equals_decoding_everything(tokenizers, text):
+    """decode._decoded, fed one token at a time, ends with tok.decode of them all, and never
+    shows a broken character mid-way that the full text does not have."""
+    for tok in tokenizers:
+        token_ids = tok(text, add_special_tokens=False)["input_ids"]
+        s = Sequence([], greedy(len(token_ids)))
+        for t in token_ids:
+            s.token_ids.append(t)
+            shown = decoding._decoded(tok, s).rstrip("\ufffd")
+            assert tok.decode(s.token_ids, skip_special_tokens=True).startswith(shown)
+        assert decoding._decoded(tok, s) == tok.decode(token_ids, skip_special_tokens=True) == text

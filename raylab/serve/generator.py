@@ -249,13 +249,15 @@ class GeneratorBase:
         local = models.resolve(base)
         why = self._why_not_vllm(local)
         if why is None:
-            self.vllm_base = self._vllm(local, lora=True)
+            self.vllm_base = self._vllm(local, lora=True, version=None)
             self._vllm_vocab = models.load_saved_tokenizer(local).get_vocab()
             return
         log.info(f"the base {base} on the transformers engine: {why}")
         self.base = models.load(base, dtype=self.args["dtype"], with_tokenizer=False).model
 
-    def _vllm(self, model_dir: str, lora: bool) -> vllm_engine.VllmEngine:
+    def _vllm(self, model_dir: str, lora: bool, version: str | None) -> vllm_engine.VllmEngine:
+        """A vLLM engine; `version`: the one a full model's engine serves (None: the base's,
+        whose requests name their adapters)."""
         v = self.args.get("vllm") or {}
         settings = vllm_engine.VllmSettings(
             dtype=self.args["dtype"], max_model_len=v.get("max_model_len"), max_loras=v.get("max_loras", 4),
@@ -265,7 +267,9 @@ class GeneratorBase:
             tensor_parallel_size=v.get("tensor_parallel_size", 1), enforce_eager=v.get("enforce_eager", False),
             threads=max(1, int(self.args["threads"])))
         log.info(f"starting vLLM on {model_dir}: {settings}")
-        return vllm_engine.VllmEngine(model_dir, settings, lora=lora)
+        engine = vllm_engine.VllmEngine(model_dir, settings, lora=lora)
+        engine.observer = lambda running, waiting: self._observe(engine, version, running, waiting)
+        return engine
 
     def check_health(self) -> None:
         if self.args.get("base") and self.base is None and self.vllm_base is None:
@@ -296,10 +300,11 @@ class GeneratorBase:
 
     def _engine(self, model, tok, version: str | None = None) -> Engine:
         """An engine; `version`: the one a full model's engine serves (its rows have no adapter)."""
-        return TransformersEngine(model, tok, self.limits["max_batch_size"], self.limits["batch_wait_timeout_s"],
-                                  observer=lambda running, waiting: self._observe(version, running, waiting))
+        engine = TransformersEngine(model, tok, self.limits["max_batch_size"], self.limits["batch_wait_timeout_s"])
+        engine.observer = lambda running, waiting: self._observe(engine, version, running, waiting)
+        return engine
 
-    def _observe(self, version: str | None, running: list, waiting: list) -> None:
+    def _observe(self, engine: Engine, version: str | None, running: list, waiting: list) -> None:
         """After an engine's decode step: its batch size for each version with rows in it,
         and each version's rows decoding and requests queued (gauges; a version that left
         the engine is set back to 0)."""
@@ -310,14 +315,18 @@ class GeneratorBase:
         now = (set(rows) | set(queued)) - {""}  # "": the base model's own rows, no version to name
         for v in now & set(rows):
             self.metrics.observe("batch_size", len(running), version_tags(v))
-        for v in now | {v for v in self._observed if v in self._engine_versions(version)}:
+        mine = self._engine_versions(engine, version) | {v for v in self._observed if v not in self._live}  # + gone ones
+        for v in now | (self._observed & mine):
             self.metrics.set("running", rows.get(v, 0), version_tags(v))
             self.metrics.set("queue_depth", queued.get(v, 0), version_tags(v))
-        self._observed = (self._observed - self._engine_versions(version)) | now
+        self._observed = (self._observed - mine) | now
 
-    def _engine_versions(self, version: str | None) -> set[str]:
-        """The versions one engine serves: a full model's own, or the base engine's adapters."""
-        return {version} if version is not None else set(self._adapter_versions.values())
+    def _engine_versions(self, engine: Engine, version: str | None) -> set[str]:
+        """The versions one engine serves: a full model's own, or the adapters loaded into this
+        base engine (a replica may hold two: vLLM's and the transformers engine's)."""
+        if version is not None:
+            return {version}
+        return {v for v, one in list(self._live.items()) if one.engine is engine and one.adapter is not None}
 
     async def _load(self, version: str) -> Loaded:
         """Load a version into an engine (callers go through `_holding`, which loads each once)."""
@@ -338,7 +347,7 @@ class GeneratorBase:
         # a full model, or another base
         why = await asyncio.to_thread(self._why_not_vllm, local)
         if why is None:
-            engine = await asyncio.to_thread(self._vllm, local, False)
+            engine = await asyncio.to_thread(self._vllm, local, False, version)
             tok = await asyncio.to_thread(models.load_saved_tokenizer, local)
         else:
             loaded = await asyncio.to_thread(models.load, local, dtype=self.args["dtype"])

@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from raylab.core import runs, storage
@@ -36,6 +37,8 @@ from raylab.serve.engine import ABORT, Engine, Output, Request, RequestRejected
 # an operator can set VLLM_LOGGING_LEVEL=INFO. Set before any vLLM import in this process (the
 # engine-core process inherits it).
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+log = logging.getLogger("ray.serve")
 
 # vLLM's LoRA kernels take these ranks only (vllm/config/lora.py's possible_max_ranks)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -158,11 +161,15 @@ def model_problems(config, cpu: bool) -> list[str]:
 class VllmEngine(Engine):
     """vLLM's `AsyncLLM` on one model directory, adapters as `LoRARequest`s."""
 
-    def __init__(self, model_dir: str, settings: VllmSettings, lora: bool = True):
+    def __init__(self, model_dir: str, settings: VllmSettings, lora: bool = True,
+                 observer: Callable[[list[str | None], list[str | None]], None] | None = None):
         self.model = None  # no torch module here: the model lives in vLLM's engine core
         self.model_dir, self.settings = model_dir, settings
         self.max_model_len: int | None = None
-        self._llm = self._start(model_dir, settings, lora)
+        # observer(running, waiting), as the transformers engine's: the adapter of each request
+        # vLLM's scheduler runs and queues, after each of its steps (vLLM's stat-logger hook)
+        self.observer, self._waiting = observer, 0
+        self._llm = self._start(model_dir, settings, lora, _stat_logger(self._scheduled))
         self.max_model_len = self._llm.model_config.max_model_len
         self._ids = itertools.count(1)
         self._adapters: dict[str, object] = {}  # name -> LoRARequest
@@ -170,8 +177,16 @@ class VllmEngine(Engine):
         self._running: set[str] = set()
         self._counts = {"submitted": 0, "finished": 0, "aborted": 0, "tokens": 0}
 
+    def _scheduled(self, running: list[str | None], waiting: list[str | None]) -> None:
+        self._waiting = len(waiting)
+        if self.observer is not None:
+            try:  # metrics are never worth a failed step
+                self.observer(running, waiting)
+            except Exception:
+                log.exception("engine observer failed")
+
     @staticmethod
-    def _start(model_dir: str, s: VllmSettings, lora: bool):
+    def _start(model_dir: str, s: VllmSettings, lora: bool, stat_logger=None):
         import torch
         from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -200,7 +215,7 @@ class VllmEngine(Engine):
         if lora:
             args.update(enable_lora=True, max_loras=s.max_loras, max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
                         max_lora_rank=s.max_lora_rank)
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[stat_logger] if stat_logger else None)
 
     # ------------------------------------------------------------------ the interface
 
@@ -280,9 +295,9 @@ class VllmEngine(Engine):
             self._open.pop(name).close()
 
     def stats(self) -> dict:
-        """running: requests generating now (vLLM queues and batches them itself: waiting is its
-        own queue, not visible through the public API, so 0); counts as the other engine's."""
-        return {"running": len(self._running), "waiting": 0, "adapters": sorted(self._adapters),
+        """running: requests generating now; waiting: those vLLM's scheduler held back at its
+        last step; counts as the other engine's."""
+        return {"running": len(self._running), "waiting": self._waiting, "adapters": sorted(self._adapters),
                 "engine": "vllm"} | self._counts
 
     def shutdown(self) -> None:
@@ -292,6 +307,34 @@ class VllmEngine(Engine):
         for stack in self._open.values():
             stack.close()
         self._open.clear()
+
+
+def _stat_logger(scheduled: Callable[[list[str | None], list[str | None]], None]):
+    """A vLLM stat-logger factory (its documented extension point for metrics) that passes each
+    step's scheduler counts on as (running, waiting): one entry per request, its LoRA's name
+    (the engine's adapter name) or None for the model's own. vLLM calls it on the replica's
+    event loop, from the output handler."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class Scheduled(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is not None:
+                scheduled(_rows(scheduler_stats.running_lora_adapters, scheduler_stats.num_running_reqs),
+                          _rows(scheduler_stats.waiting_lora_adapters, scheduler_stats.num_waiting_reqs))
+
+        def log_engine_initialized(self):
+            pass
+
+    return Scheduled
+
+
+def _rows(by_adapter: dict[str, int], total: int) -> list[str | None]:
+    """Per-adapter counts as one entry per request, the rest (the model's own) as None."""
+    named = [name for name, n in by_adapter.items() for _ in range(n)]
+    return named + [None] * max(0, total - len(named))
 
 
 def _structured(constraint: str | None):

@@ -41,6 +41,7 @@ from conftest import cli_here, free_port, run_cli
 from raylab import config, registry
 from raylab.serve import deploy
 from serve_load import Load, stream
+from serve_metrics import prometheus, series
 from serve_models import QUESTIONS, build_base, train_adapter
 
 pytestmark = pytest.mark.integration
@@ -215,25 +216,6 @@ def test_openai_client_completions_chat_and_streaming(served):
         events = [e for e in r.read().decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
     assert sum(1 for e in events[:-1] if json.loads(e[6:])["choices"][0]["text"]) >= 1
-
-
-def prometheus() -> str:
-    """Every node's Ray metrics agent's Prometheus page (the session's Ray, embedded)."""
-    import ray
-
-    ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
-    return "".join(urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=10).read().decode() for p in ports)
-
-
-def series(page: str, name: str, **labels: str) -> float:
-    """The sum of `name`'s samples whose labels include `labels` (0 when there is none)."""
-    total = 0.0
-    for line in page.splitlines():
-        if line.startswith(name + "{"):
-            found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', line[len(name) + 1:line.rindex("}")]))
-            if all(found.get(k) == v for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_prometheus_exposes_per_version_series_that_grow_with_traffic(served):

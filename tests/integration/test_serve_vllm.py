@@ -13,6 +13,7 @@ attention takes (mini-llama: 32). One shared replica for the module.
   transformers engine and for a schema vLLM refuses;
 - logprobs / top_logprobs from vLLM equal peft's; a 400 on the transformers engine;
 - `raylab deploy` switches the deployed version on vLLM with no failed request;
+- vLLM's scheduler steps feed the replica's per-version batch metrics;
 - the replica SIGKILLed: vLLM's engine-core process does not outlive it, and the endpoint
   answers again from a new replica.
 """
@@ -32,6 +33,7 @@ import pytest
 from conftest import free_port
 from raylab import config, registry
 from raylab.serve import deploy
+from serve_metrics import prometheus, series
 from serve_models import QUESTIONS, build_base, train_adapter
 
 pytestmark = pytest.mark.integration
@@ -170,6 +172,13 @@ def test_lora_versions_on_vllm_answer_as_peft_does_two_adapters_in_one_batch(ser
         assert reply.usage.completion_tokens == len(expected[(v, q)].encode())
     engines = stats()["engines"]
     assert engines[f"{NAME}/1"] == engines[f"{NAME}/2"] == "vllm", engines
+    # vLLM's scheduler steps reached the replica's per-version batch metrics (its stat-logger
+    # hook): both versions' batch sizes were observed (Ray exports every 10 s: polled)
+    def batches(v):
+        return series(prometheus(), "ray_raylab_serve_batch_size_count", model=NAME, version=str(v))
+
+    _wait(lambda: batches(1) > 0 and batches(2) > 0, 60, "vLLM's batch sizes on the metrics endpoint")
+    assert batches(ODD) == 0  # the control: a version nothing asked yet has no batch
 
 
 def test_a_rank_vllm_refuses_is_served_by_the_transformers_engine_of_the_same_replica(served):

@@ -91,3 +91,39 @@ def test_holds_and_lets_go_from_two_threads_drop_exactly_once():
     for t in threads:
         t.join()
     assert dropped == [one]
+
+
+class _Gauges:
+    """Records what the replica's metrics are set to: {(name, version): value}."""
+
+    def __init__(self):
+        self.values, self.batches = {}, []
+
+    def set(self, name, value, tags):
+        self.values[(name, f"{tags['model']}/{tags['version']}")] = value
+
+    def observe(self, name, value, tags):
+        self.batches.append((f"{tags['model']}/{tags['version']}", value))
+
+
+def test_two_base_engines_in_one_replica_keep_each_others_gauges():
+    """A replica holding vLLM's base engine and the transformers engine (a version vLLM
+    refused): each engine's step sets its own versions' running/queue gauges and zeroes only
+    its own versions that left its batch; a version that left the replica is zeroed too. The
+    control: the other engine's version keeps its value through this engine's steps."""
+    r = _Replica()
+    r.metrics, r._observed = _Gauges(), set()
+    vllm, torch_engine = object(), object()
+    r._adapter_versions = {"a1": "m/1", "a3": "m/3"}
+    r._live = {"m/1": Loaded("m/1", vllm, None, "a1", lambda _: None),
+               "m/3": Loaded("m/3", torch_engine, None, "a3", lambda _: None)}
+    r._observe(vllm, None, ["a1", "a1", None], [])
+    r._observe(torch_engine, None, ["a3"], ["a3"])
+    assert r.metrics.values[("running", "m/1")] == 2 and r.metrics.values[("queue_depth", "m/3")] == 1
+    assert ("m/1", 3) in r.metrics.batches  # the batch's size, the base's own row included
+    r._observe(vllm, None, [], [])  # vLLM idle: its version goes to 0, the other engine's stays
+    assert r.metrics.values[("running", "m/1")] == 0 and r.metrics.values[("running", "m/3")] == 1
+    del r._live["m/3"]  # m/3 left the replica mid-batch: the next step of any engine zeroes it
+    r._observe(vllm, None, ["a1"], [])
+    assert r.metrics.values[("running", "m/3")] == 0 and r.metrics.values[("queue_depth", "m/3")] == 0
+    assert r._observed == {"m/1"}

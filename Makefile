@@ -36,7 +36,7 @@ unit: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # make bench NAME=train runs one (benchmarks/bench_train.py); protocol: benchmarks/README.md
-BENCHES ?= $(if $(NAME),$(NAME),connect data train tune serve packing explain encryption rag)
+BENCHES ?= $(if $(NAME),$(NAME),connect data train tune serve serve_vllm packing explain encryption rag)
 bench: install
 	EXTRAS=test,rag,pgvector,optimize,explain,synth,api,remote,bench VENV=$(VENV) scripts/install.sh
 	set -e; for b in $(BENCHES); do $(BIN)/python benchmarks/bench_$$b.py; done

@@ -115,8 +115,9 @@ def printable_only(path: Path) -> Path:
     return path
 
 
-def setup(root: Path) -> tuple[Path, Path]:
-    """The base as version 1 (production) and ADAPTERS LoRA versions 2.. of NAME; the config."""
+def setup(root: Path, adapters: int = ADAPTERS, serve: dict | None = None) -> tuple[Path, Path]:
+    """The base as version 1 (production) and `adapters` LoRA versions 2.. of NAME; the
+    config (its serve section updated with `serve`)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,7 +133,7 @@ def setup(root: Path) -> tuple[Path, Path]:
         "model": {"name_or_path": str(base)}, "registry": {"model_name": NAME},
         "serve": {"port": 8310, "cpus_per_replica": 2, "max_ongoing_requests": 64, "max_batch_size": 16,
                   "max_adapters_per_replica": 8, "max_tokens": 512, "max_prompt_tokens": 1024,
-                  "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16}}}))
+                  "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16}} | (serve or {})}))
     cfg = config.load(str(cfg_path))
     store = registry.open_store(cfg)
     exp = registry.experiment_id(store, NAME)
@@ -146,7 +147,7 @@ def setup(root: Path) -> tuple[Path, Path]:
 
     assert add(base, "full") == 1
     registry.promote(store, NAME, 1)
-    for k in range(ADAPTERS):
+    for k in range(adapters):
         torch.manual_seed(100 + k)
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
             r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False))

@@ -15,24 +15,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-import json
 import logging
 import threading
-import uuid
 from collections import Counter as Tally
 
 from ray import serve
 
 from raylab import models, registry
 from raylab.errors import UserError
+from raylab.serve import choices, vllm_engine
 from raylab.serve import openai_api as oa
-from raylab.serve import vllm_engine
 from raylab.serve.engine import (
     Engine,
     Output,
     Request,
     RequestRejected,
-    Sampling,
     TransformersEngine,
 )
 from raylab.serve.metrics import Metrics, version_tags
@@ -98,55 +95,6 @@ class Held:
         if not self._released:
             self._released = True
             self.loaded.let_go()
-
-
-def _prompts(loaded: Loaded, job: dict) -> list[list[int]]:
-    """Token ids per prompt, rendered with the version's own chat template (as in training)."""
-    out = []
-    for p in job["prompts"]:
-        try:
-            if job["chat"]:
-                msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in p]
-                out.append(models.prompt_ids(loaded.tok, {"messages": msgs}, "messages"))
-            else:
-                out.append(models.prompt_ids(loaded.tok, {"text": p}, "prompt"))
-        except UserError as e:
-            raise oa.ApiError(400, str(e), "messages" if job["chat"] else "prompt") from None
-        except Exception as e:  # a template that refuses this conversation (jinja raise_exception)
-            raise oa.ApiError(400, f"the chat template cannot render these messages: {e}", "messages") from None
-    return out
-
-
-def requests(loaded: Loaded, job: dict, limits: dict) -> tuple[list[Request], int]:
-    """The engine requests for a request's choices (prompts x n, in choice order) and its
-    prompt tokens, or ApiError(400) for an over-long prompt."""
-    prompts = _prompts(loaded, job)
-    longest = max(len(p) for p in prompts)
-    if longest > limits["max_prompt_tokens"]:
-        raise oa.ApiError(400, f"the prompt has {longest} tokens; the limit is {limits['max_prompt_tokens']} "
-                               "(serve.max_prompt_tokens)", "messages" if job["chat"] else "prompt", "context_length_exceeded")
-    room = loaded.context - longest
-    want = job["max_tokens"] or min(limits["max_tokens"], room)
-    if want > room:
-        raise oa.ApiError(400, f"the prompt ({longest} tokens) plus max_tokens ({want}) exceeds the model's context of "
-                               f"{loaded.context} tokens", "max_tokens", "context_length_exceeded")
-    s, rid = job["sampling"], uuid.uuid4().hex
-    constraint = None if s["constraint"] is None else json.dumps(s["constraint"])
-    if not isinstance(loaded.engine, vllm_engine.VllmEngine):
-        for name, asked in (("response_format", constraint is not None), ("logprobs", s["logprobs"] is not None)):
-            if asked:
-                raise oa.ApiError(400, f"{name} needs the vLLM engine; {loaded.version} is served by the transformers "
-                                       "engine, which does not serve it (its load is logged with why; README: the "
-                                       "method x engine matrix)", name, "unsupported_parameter")
-    out = []
-    for p in prompts:
-        for j in range(job["n"]):
-            seed = None if s["seed"] is None else s["seed"] + j
-            out.append(Request(f"{rid}-{len(out)}", p,
-                               Sampling(want, s["temperature"], s["top_p"], tuple(s["stop"]), seed, s["ignore_eos"],
-                                        s["presence_penalty"], s["frequency_penalty"], constraint, s["logprobs"]),
-                               adapter=loaded.adapter))
-    return out, sum(len(p) for p in prompts)
 
 
 class GeneratorBase:
@@ -423,7 +371,7 @@ class GeneratorBase:
             yield {"error": {"status": 500, "message": f"cannot load {version}: {e}"}}
             return
         try:
-            reqs, prompt_tokens = requests(loaded, job, self.limits)
+            reqs, prompt_tokens = choices.requests(loaded, job, self.limits)
         except oa.ApiError as e:
             loaded.release()
             self.requests.inc(tags={"model": version, "outcome": "bad_request"})
@@ -454,8 +402,8 @@ class GeneratorBase:
                 early = [await merged.get()]
                 if isinstance(early[0][1], RequestRejected):
                     outcome = "bad_request"
-                    yield {"error": {"status": 400, "message": str(early[0][1]), "param": "response_format",
-                                     "code": "invalid_value"}}
+                    yield {"error": {"status": 400, "message": str(early[0][1]),
+                                     "param": job.get("constraint_param", "response_format"), "code": "invalid_value"}}
                     return
             yield {"prompt_tokens": prompt_tokens}
             left = len(reqs)

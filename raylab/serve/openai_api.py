@@ -77,13 +77,80 @@ class TextPart(_Strict):
     text: str
 
 
+class CalledFunction(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    """A call an assistant message made (a conversation sent back with the tool's result)."""
+
+    id: str = Field(min_length=1)
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
     role: Literal[ROLES]  # type: ignore[valid-type]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, min_length=1)  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("content is required (null only in an assistant message with tool_calls)")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message names its tool_call_id, and only a tool message does")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def rendered(self) -> dict:
+        """The message as chat templates take it: the calls' arguments as objects (templates
+        write them with tojson), the tool message's call id."""
+        out = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _parsed(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _parsed(arguments: str):
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Strict):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatExtension(_Strict):
@@ -136,6 +203,9 @@ class ChatRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -210,15 +280,22 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion(rid: str, model: str, choices: list[dict], use: dict, chat: bool) -> dict:
-    """The whole response. `choices`: [{index, text, finish_reason}]."""
+    """The whole response. `choices`: [{index, text, finish_reason}], a chat choice's
+    `tool_calls` (its content then null) and `logprobs` entries where asked."""
     if chat:
-        shaped = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                   "finish_reason": c["finish_reason"], "logprobs": _logprobs(c.get("logprobs"))} for c in choices]
+        shaped = [{"index": c["index"], "message": _message(c), "finish_reason": c["finish_reason"],
+                   "logprobs": _logprobs(c.get("logprobs"))} for c in choices]
     else:
         shaped = [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
                   for c in choices]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": shaped, "usage": use}
+
+
+def _message(choice: dict) -> dict:
+    if choice.get("tool_calls"):
+        return {"role": "assistant", "content": None, "tool_calls": choice["tool_calls"]}
+    return {"role": "assistant", "content": choice["text"]}
 
 
 def _logprobs(entries: list[dict] | None) -> dict | None:

@@ -12,6 +12,7 @@ attention takes (mini-llama: 32). One shared replica for the module.
 - response_format (JSON schema, json_object) constrains vLLM versions; a 400 on the
   transformers engine and for a schema vLLM refuses;
 - logprobs / top_logprobs from vLLM equal peft's; a 400 on the transformers engine;
+- tools with a forced call (named, required) answer tool_calls that fit the schema;
 - `raylab deploy` switches the deployed version on vLLM with no failed request;
 - vLLM's scheduler steps feed the replica's per-version batch metrics;
 - the replica SIGKILLed: vLLM's engine-core process does not outlive it, and the endpoint
@@ -254,6 +255,43 @@ def test_response_format_constrains_vllm_versions_and_is_a_400_elsewhere(served)
                                                       "json_schema": {"name": "deep", "schema": deep}})
     assert e.value.body["param"] == "response_format" and "nested too deeply" in e.value.body["message"]
     assert ask(served, 1, QUESTIONS[0]).choices[0].message.content == ANSWERS[1]  # the replica is unharmed
+
+
+FORECAST = {"type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": FORECAST}},
+         {"type": "function", "function": {"name": "get_time",
+                                           "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}]
+
+
+def test_a_forced_tool_call_on_vllm_fits_its_schema_and_is_a_400_elsewhere(served):
+    """tools with a named function and with `required` (one call): the answer is OpenAI's
+    tool_calls, the arguments JSON that fits the function's parameters; the conversation sent
+    back with the tool's result is answered as text (the control: no call forced, no
+    tool_calls). A version on the transformers engine: a 400 naming tool_choice."""
+    import jsonschema
+    import openai
+
+    named = ask(served, 1, QUESTIONS[0], tools=TOOLS, max_tokens=64,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    (call,) = named.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and named.choices[0].message.content is None
+    jsonschema.validate(json.loads(call.function.arguments), FORECAST)
+    assert named.choices[0].finish_reason == "stop"
+    required = ask(served, 1, QUESTIONS[1], tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                   max_tokens=64)
+    (one,) = required.choices[0].message.tool_calls
+    assert one.function.name in ("get_weather", "get_time") and required.choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(one.function.arguments), TOOLS[0 if one.function.name == "get_weather" else 1]
+                        ["function"]["parameters"])
+    answered = client(served).chat.completions.create(model=f"{NAME}/1", temperature=0, tools=TOOLS, tool_choice="none",
+                                                      messages=[{"role": "user", "content": QUESTIONS[0]},
+                                                                {"role": "assistant", "tool_calls": [call.model_dump()]},
+                                                                {"role": "tool", "tool_call_id": call.id, "content": "18 C"}])
+    assert answered.choices[0].message.tool_calls is None and isinstance(answered.choices[0].message.content, str)
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(served, ODD, QUESTIONS[0], tools=TOOLS, tool_choice="required")
+    assert e.value.body["param"] == "tool_choice" and "transformers engine" in e.value.body["message"]
 
 
 def offline_logprobs(served, version: int, question: str, answer: str) -> list[tuple[float, list[int]]]:

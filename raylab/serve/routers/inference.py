@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from raylab.serve import openai_api as oa
-from raylab.serve import retrieval, streams
+from raylab.serve import retrieval, streams, tools
 from raylab.serve.routers import answer_error, error_response, ingress, internal_error, read_body
 from raylab.serve.sample import prompt_text
 
@@ -43,15 +43,20 @@ def _job(limits: dict, req, chat: bool) -> dict:
     if wanted is not None and wanted > limit:
         name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
         raise oa.ApiError(400, f"{name}={wanted} exceeds the server's limit of {limit} (serve.max_tokens)", name, "invalid_value")
-    prompts = ([[{"role": m.role, "content": m.text()} for m in req.messages]] if chat
+    prompts = ([[m.rendered() for m in req.messages]] if chat
                else ([req.prompt] if isinstance(req.prompt, str) else list(req.prompt)))
     if len(prompts) * req.n > limits["max_batch_size"] * 4:
         raise oa.ApiError(400, f"{len(prompts)} prompts x n={req.n} is more choices than this server takes at once", "n")
+    call = tools.plan(req) if chat else None
+    constraint = req.response_format.constraint() if chat and req.response_format else None
     return {"chat": chat, "prompts": prompts, "n": req.n, "max_tokens": wanted, "stream": req.stream,
+            # the chat template's tools (where it takes them), and the forced call the answer is
+            "tools": [t.model_dump(exclude_none=True) for t in req.tools] if chat and req.tools else None,
+            "tool_call": call, "constraint_param": "tool_choice" if call else "response_format",
             "sampling": {"temperature": req.temperature, "top_p": req.top_p, "stop": req.stop or [], "seed": req.seed,
                          "ignore_eos": req.ignore_eos, "presence_penalty": req.presence_penalty,
                          "frequency_penalty": req.frequency_penalty,
-                         "constraint": req.response_format.constraint() if getattr(req, "response_format", None) else None,
+                         "constraint": call["constraint"] if call else constraint,
                          "logprobs": req.logprobs_wanted() if chat else None}}
 
 
@@ -117,6 +122,9 @@ async def _handle(server, request: Request, kind, chat: bool):
     server.answered_by(rid, version)
     choices = [{"index": i, "text": texts.get(i, ""), "finish_reason": finish.get(i),
                 "logprobs": None if logprobs is None else logprobs.get(i, [])} for i in range(len(job["prompts"]) * req.n)]
+    if job["tool_call"] is not None:  # the constrained answers as OpenAI's tool_calls
+        for c in choices:
+            c["tool_calls"], c["finish_reason"] = tools.shape(job["tool_call"], c["text"], c["finish_reason"])
     use = oa.usage(first["prompt_tokens"], tokens)
     _log(record, use, started)
     body = oa.completion(rid, req.model, choices, use, chat)

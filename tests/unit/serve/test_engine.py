@@ -230,8 +230,9 @@ def test_a_constrained_request_is_refused_by_the_transformers_engine_and_by_the_
     decode as if there were none, and the Generator answers a 400 naming the engine before any
     engine sees it. The control: the same job without a constraint builds its requests."""
     from raylab.serve import openai_api as oa
+    from raylab.serve.choices import requests
     from raylab.serve.engine import RequestRejected
-    from raylab.serve.generator import Loaded, requests
+    from raylab.serve.generator import Loaded
 
     m, tok = lm
     engine = TransformersEngine(m, tok)

@@ -257,7 +257,9 @@ def _headers() -> dict:
 
 def rest(dashboard: str, method: str, body: dict | None = None, timeout: float = 60, attempts: int = 6):
     """Serve's REST API. GET and PUT are idempotent (PUT is declarative), so a dropped
-    connection (the dashboard is busy while Serve starts) is retried."""
+    connection (the dashboard is busy while Serve starts) is retried. A refused connection
+    (nothing listens there: a wrong --address, Ray down) is asked once more only, so a wrong
+    address is an answer in a second, not after the whole backoff (23 s)."""
     url = dashboard.rstrip("/") + "/api/serve/applications/"
     data = json.dumps(body).encode() if body is not None else None
     for attempt in range(attempts):
@@ -270,7 +272,8 @@ def rest(dashboard: str, method: str, body: dict | None = None, timeout: float =
             if e.code < 500 or attempt == attempts - 1:
                 raise UserError(f"Ray Serve at {dashboard} refused {method}: HTTP {e.code} {e.read().decode()[:2000]}") from None
         except (urllib.error.URLError, OSError) as e:
-            if attempt == attempts - 1:
+            refused = isinstance(getattr(e, "reason", e), ConnectionRefusedError)
+            if attempt == attempts - 1 or (refused and attempt >= 1):
                 raise UserError(f"Ray dashboard {dashboard} not reachable ({getattr(e, 'reason', e)}); pass its "
                                 "http:// address with --address") from None
         time.sleep(min(1.0 * 2 ** attempt, 8.0))

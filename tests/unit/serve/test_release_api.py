@@ -128,3 +128,44 @@ def test_load_and_unload_through_the_service_need_serve_load(release):
                if e["fields"].get("action") == "serve.load"]
     assert decided.count(("access.deny", "ada")) == 2 and ("access.deny", "erin") in decided, decided
     assert ("access.allow", "root") in decided, decided
+
+
+def test_an_unreachable_dashboard_is_retried_only_while_it_may_be_busy(monkeypatch):
+    """deploy.rest: a refused connection (nothing listens: a wrong --address) is asked once
+    more, then exit 2 naming --address; a dropped connection (a busy dashboard that accepts
+    and closes) is retried through the whole backoff (the control)."""
+    import socket
+    import threading
+
+    from raylab.errors import UserError
+    from raylab.serve import deploy
+
+    pauses = []
+    monkeypatch.setattr(deploy.time, "sleep", pauses.append)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError, match="pass its http:// address with --address"):
+        deploy.rest(f"http://127.0.0.1:{port}", "GET", attempts=4)
+    assert pauses == [1.0]
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def drop():  # accept each connection and close it: a busy dashboard
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=drop, daemon=True).start()
+    pauses.clear()
+    try:
+        with pytest.raises(UserError):
+            deploy.rest(f"http://127.0.0.1:{server.getsockname()[1]}", "GET", timeout=5, attempts=4)
+    finally:
+        server.close()
+    assert pauses == [1.0, 2.0, 4.0]

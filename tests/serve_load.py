@@ -22,6 +22,30 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def answers_across(switch, ask, clients: int = 3, each_side: int = 6) -> list[str]:
+    """`clients` asking (Load's `ask`) while `switch()` runs, at least `each_side` requests
+    sent before it and after it: no request failed and no client hung; the answers in the
+    order they were sent."""
+    with Load(clients, ask) as load:
+        wait_for(lambda: len(load.outcomes) >= each_side, 60, "traffic before the switch")
+        switch()
+        switched = time.monotonic()
+        wait_for(lambda: sum(1 for o in load.outcomes if o.started > switched) >= each_side, 60,
+                 "traffic after the switch")
+    load.check()
+    assert not load.failures(), load.failures()[:3]
+    return [o.text for o in sorted(load.outcomes, key=lambda o: o.started)]
+
+
 @dataclass
 class Outcome:
     client: int

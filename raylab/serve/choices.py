@@ -58,7 +58,7 @@ def requests(loaded, job: dict, limits: dict) -> tuple[list[Request], int]:
     s, rid = job["sampling"], uuid.uuid4().hex
     constraint = None if s["constraint"] is None else json.dumps(s["constraint"])
     if not isinstance(loaded.engine, vllm_engine.VllmEngine):
-        for name, asked in ((job.get("constraint_param", "response_format"), constraint is not None),
+        for name, asked in ((job["constraint_param"], constraint is not None),
                             ("logprobs", s["logprobs"] is not None)):
             if asked:
                 raise oa.ApiError(400, f"{name} needs the vLLM engine; {loaded.version} is served by the transformers "

@@ -403,7 +403,7 @@ class GeneratorBase:
                 if isinstance(early[0][1], RequestRejected):
                     outcome = "bad_request"
                     yield {"error": {"status": 400, "message": str(early[0][1]),
-                                     "param": job.get("constraint_param", "response_format"), "code": "invalid_value"}}
+                                     "param": job["constraint_param"], "code": "invalid_value"}}
                     return
             yield {"prompt_tokens": prompt_tokens}
             left = len(reqs)

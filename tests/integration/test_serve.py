@@ -40,7 +40,7 @@ from rag_index import package_description, write_index
 from conftest import cli_here, free_port, run_cli
 from raylab import config, registry
 from raylab.serve import deploy
-from serve_load import Load, stream
+from serve_load import Load, answers_across, stream
 from serve_metrics import prometheus, series
 from serve_models import QUESTIONS, build_base, train_adapter
 
@@ -597,15 +597,11 @@ def test_deploy_switches_versions_in_place_while_requests_stream(served):
         return plain(served["url"], "/v1/chat/completions", {"model": NAME, "temperature": 0,
                                                               "messages": [{"role": "user", "content": QUESTIONS[i % 4]}]})
 
-    with Load(3, ask) as load:
-        _wait(lambda: len(load.outcomes) >= 6, 60, "traffic before the upgrade")
+    def upgrade():
         done = run_cli("deploy", f"{NAME}/2", "--address", served["dashboard"], timeout=300)
         assert done.returncode == 0, done.stderr
-        switched = time.monotonic()
-        _wait(lambda: sum(1 for o in load.outcomes if o.started > switched) >= 6, 60, "traffic after the upgrade")
-    load.check()
-    assert not load.failures(), load.failures()[:3]
-    answers = [o.text for o in sorted(load.outcomes, key=lambda o: o.started)]
+
+    answers = answers_across(upgrade, ask)
     assert answers[0] == ANSWERS[1] and answers[-1] == ANSWERS[2] and set(answers) == {ANSWERS[1], ANSWERS[2]}
     for d, ids in before.items():  # reconfigured, not replaced (the autoscaler may have added one under this load)
         assert set(ids) <= set(_replicas(served, d)), (d, ids)

@@ -107,7 +107,7 @@ async def _handle(server, request: Request, kind, chat: bool):
                 finish[i] = reason or finish.get(i)
                 tokens += count
             for i, entries in item.get("logprobs", {}).items():
-                logprobs[i] = logprobs.get(i, []) + entries
+                logprobs.setdefault(i, []).extend(entries)
     except oa.ApiError as e:
         log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
         server.record(model, version, e.status, started, first["prompt_tokens"], tokens)

@@ -165,7 +165,8 @@ class ServeConfig(Section):
         "it is installed, transformers for the rest: DoRA, hybrid, ranks vLLM refuses, models it cannot run)")
     vllm: VllmConfig = Field(default_factory=VllmConfig, description="the vLLM engine's settings")
     max_batch_size: PositiveInt = Field(8, description="sequences decoded together; 1 turns batching off")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long arrivals wait to be admitted together")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long an idle engine waits for more arrivals to "
+                                       "prefill together (0: it starts at once; newcomers join between steps)")
     max_adapters_per_replica: PositiveInt = Field(4, description="versions kept loaded per replica (LRU)")
     max_prompt_tokens: PositiveInt = Field(2048, description="longer prompts are a 400")
     max_tokens: PositiveInt = Field(512, description="largest max_tokens a request may ask (400 beyond)")

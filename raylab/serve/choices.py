@@ -70,6 +70,7 @@ def requests(loaded, job: dict, limits: dict) -> tuple[list[Request], int]:
             seed = None if s["seed"] is None else s["seed"] + j
             out.append(Request(f"{rid}-{len(out)}", p,
                                Sampling(want, s["temperature"], s["top_p"], tuple(s["stop"]), seed, s["ignore_eos"],
-                                        s["presence_penalty"], s["frequency_penalty"], constraint, s["logprobs"]),
+                                        s["presence_penalty"], s["frequency_penalty"], constraint, s["logprobs"],
+                                        final_only=not job["stream"]),
                                adapter=loaded.adapter))
     return out, sum(len(p) for p in prompts)

@@ -45,6 +45,10 @@ class Sampling:
     # OpenAI's chat logprobs: None = none; k = each generated token's logprob and its k most
     # likely alternatives. The vLLM engine's; the transformers engine refuses a request with them.
     logprobs: int | None = None
+    # the caller wants the whole text at the end only (a request without streaming): without
+    # stop strings to look for, the transformers engine decodes no text until the sequence ends
+    # (vLLM's RequestOutputKind.FINAL_ONLY; the vLLM engine streams its deltas regardless)
+    final_only: bool = False
 
     @property
     def penalised(self) -> bool:
@@ -278,6 +282,11 @@ def _advance(tok, s: Sequence, token: int, stop_ids: set[int]) -> str:
         s.finish_reason = "stop"
         return _emit(s, tok.decode(s.token_ids, skip_special_tokens=True), final=True)
     s.token_ids.append(token)
+    if s.sampling.final_only and not s.sampling.stop:
+        if len(s.token_ids) < s.sampling.max_tokens:
+            return ""
+        s.finish_reason = "length"
+        return _emit(s, tok.decode(s.token_ids, skip_special_tokens=True), final=True)
     full = _decoded(tok, s)
     for stop in s.sampling.stop:
         at = full.find(stop, max(0, len(s.text) - len(stop)))

@@ -221,3 +221,31 @@ def test_incremental_detokenization_equals_decoding_everything(tokenizers, text)
             shown = decoding._decoded(tok, s).rstrip("\ufffd")
             assert tok.decode(s.token_ids, skip_special_tokens=True).startswith(shown)
         assert decoding._decoded(tok, s) == tok.decode(token_ids, skip_special_tokens=True) == text
+
+
+def test_a_final_only_sequence_decodes_its_text_once_at_the_end(lm, monkeypatch):
+    """Sampling.final_only (a request without streaming): no text decoded per step, the same
+    text at the end as the streamed sequence's; the control, a streamed sequence, decodes every
+    step. With stop strings the text is still decoded each step (the stops need it)."""
+    m, tok = lm
+    calls = []
+    real = type(tok).decode
+    monkeypatch.setattr(type(tok), "decode", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    prompt = ids(tok, PROMPTS[0])
+    streamed, quiet = Sequence(prompt, greedy(12)), Sequence(prompt, Sampling(12, 0, ignore_eos=True, final_only=True))
+    outs = {id(streamed): [], id(quiet): []}
+    for s in (streamed, quiet):
+        calls.clear()
+        batch = Batch(m, tok, set())
+        outs[id(s)] = [text for _ in range(12) for seq, text in batch.advance([s] if not batch.seqs else ())]
+        outs[id(s)].append(len(calls))
+    *pieces, streamed_calls = outs[id(streamed)]
+    *quiet_pieces, quiet_calls = outs[id(quiet)]
+    assert quiet.done and streamed.done and quiet.text == streamed.text == "".join(pieces)
+    assert quiet_pieces[:-1] == [""] * 11 and quiet_pieces[-1] == quiet.text
+    assert quiet_calls == 1 and streamed_calls >= 12  # the control: decoded every step
+    stop = streamed.text[3:5]
+    stopped = Sequence(prompt, Sampling(12, 0, stop=(stop,), ignore_eos=True, final_only=True))
+    for _ in decode(m, tok, [stopped], stop_ids=set()):
+        pass
+    assert stopped.finish_reason == "stop" and stopped.text == streamed.text[:streamed.text.index(stop)]

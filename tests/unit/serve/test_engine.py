@@ -247,7 +247,7 @@ def test_a_constrained_request_is_refused_by_the_transformers_engine_and_by_the_
 
     loaded = Loaded("widgets/2", engine, tok, None, lambda _: None)
     limits = {"max_prompt_tokens": 64, "max_tokens": 8}
-    job = {"chat": False, "prompts": ["hi"], "n": 2, "max_tokens": 4, "constraint_param": "response_format",
+    job = {"chat": False, "prompts": ["hi"], "n": 2, "max_tokens": 4, "stream": False, "constraint_param": "response_format",
            "sampling": {"temperature": 0.0, "top_p": 1.0, "stop": [], "seed": None, "ignore_eos": False,
                         "presence_penalty": 0.0, "frequency_penalty": 0.0, "constraint": {"json": {"type": "object"}},
                         "logprobs": None}}

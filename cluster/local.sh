@@ -39,6 +39,11 @@ print(sum(1 for n in ray.nodes() if n["Alive"]))
 PY
 )
         [ "${alive:-0}" -ge "$1" ] && return 0
+        if ! kill -0 "$(cat "$STATE/head.pid")" 2>/dev/null; then  # it exited: waiting is pointless
+            echo "local.sh: the head node exited; the end of $STATE/head.log:" >&2
+            tail -5 "$STATE/head.log" >&2
+            return 1
+        fi
         sleep 1
     done
     echo "local.sh: only ${alive:-0} of $1 nodes came up; logs in $STATE/" >&2
@@ -51,6 +56,13 @@ start() {
     if [ -f "$STATE/head.pid" ] && kill -0 "$(cat "$STATE/head.pid")" 2>/dev/null; then
         echo "local.sh: a cluster is already running here (cluster/local.sh stop first)" >&2
         exit 2
+    fi
+    if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ] \
+        && [ ! -f "$HOME/.ray/auth_token" ]; then
+        # `ray start` with token auth refuses to start without one (only `ray.init` makes it);
+        # on a fresh machine make it here, as Ray's error message says to
+        "$RAY" get-auth-token --generate > /dev/null
+        echo "local.sh: created the cluster's token in ~/.ray/auth_token" >&2
     fi
     nohup "$RAY" start --head --block --port="$PORT" --num-cpus="$CPUS" --node-ip-address=127.0.0.1 \
         --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="${CLIENT_PORT:-10001}" \

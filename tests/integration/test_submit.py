@@ -13,7 +13,7 @@ on), with an S3-compatible server (moto's server mode) on loopback as the shared
 - a Ray Client session (`ray.init("ray://...")`) runs the data and train stages through the
   Python API;
 - a fine-tuning job of the OpenAI-compatible service runs on the cluster from upload to a
-  registered model that answers.
+  registered model that answers, as the remote provider of another raylab run.
 """
 
 from __future__ import annotations
@@ -399,65 +399,36 @@ def answer_loss(inf, examples: list[list[dict]]) -> float:
     return sum(losses) / len(losses)
 
 
-def test_a_fine_tuning_job_from_upload_to_an_answering_model(local_cluster, tmp_path, monkeypatch):
-    """A whole fine-tuning job through the official `openai` client against `raylab api
-    --standalone`'s app on loopback, its Ray job on this cluster: files.create ->
-    fine_tuning.jobs.create (`raylab run --no-serve` on the tiny preset: data, Ray Train,
-    evaluation, registration) -> events until `succeeded`, with a metrics event per step ->
-    checkpoints.list -> the version behind `fine_tuned_model` loads and answers; a second job
-    cancelled while running. The routing of an `ft:` name at the endpoint is
-    tests/unit/serve/test_finetune_api.py's."""
-    import openai
-
+def provider_side(client, svc, job_id: str) -> None:
+    """The finished job as the fine-tuning service shows it: its events (validation, running,
+    a metrics event per step, success naming the model), its checkpoints, and the registry
+    version behind its fine_tuned_model, which loads, answers, and has learned from the upload
+    (lower loss on its examples than the base it was trained from: the control)."""
     from raylab import config, models, registry
     from raylab.serve import ftstore
 
-    _, dashboard, _ = local_cluster
-    cfg = ftapi.template(tmp_path, sections={**FT_SECTIONS, "train": FT_TRAIN}, address=dashboard)
-    app, users = ftapi.make_app(tmp_path, monkeypatch, cfg)
-    try:
-        with ftapi.loopback(app) as url:
-            client = openai.OpenAI(base_url=url, api_key=users["ada"]["Authorization"].split()[1], max_retries=0)
-            f = client.files.create(file=("colours.jsonl", chat_jsonl(16)), purpose="fine-tune")
-            # its own validation file: a share of 16 examples held out at random may be none
-            v = client.files.create(file=("held-out.jsonl", chat_jsonl(4, start=100)), purpose="fine-tune")
-            job = client.fine_tuning.jobs.create(model=BASE, training_file=f.id, validation_file=v.id,
-                                                 suffix="colours")
-            assert job.status == "queued", job.error
-            deadline = time.monotonic() + 900
-            while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
-                assert time.monotonic() < deadline, f"job {job.id} still {job.status} after 15 minutes"
-                time.sleep(3)
-            events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
-            assert job.status == "succeeded", (job.error, [e.message for e in events])
-            messages = [e.message for e in reversed(events)]  # oldest first
-            assert messages[0].startswith("Validating training file") and "Job running" in messages
-            assert messages[-1].startswith(f"The job has successfully completed: {job.fine_tuned_model} is ")
-            steps = sorted(e.data["step"] for e in events if e.type == "metrics")
-            assert steps[-1] == 4 and {1, 2, 3}.issubset(steps)
-            checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
-            assert [c.step_number for c in checkpoints][0] == 4 and all(c.metrics.valid_loss for c in checkpoints)
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    messages = [e.message for e in reversed(events)]  # oldest first
+    assert messages[0].startswith("Validating training file") and "Job running" in messages, messages
+    assert messages[-1].startswith(f"The job has successfully completed: {job.fine_tuned_model} is ")
+    steps = sorted(e.data["step"] for e in events if e.type == "metrics")
+    assert steps[-1] == 4 and {1, 2, 3}.issubset(steps)
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints][0] == 4 and all(c.metrics.valid_loss for c in checkpoints)
 
-            svc = app.state.ingress.ftapi
-            ref = svc.model_version(job.fine_tuned_model, None)  # the registry version behind the name
-            assert job.fine_tuned_model == f"ft:{BASE}:acme:colours:{job.id}" and ref
-            row = ftstore.get_job(svc.db, "acme", job.id)
-            run_cfg = config.load_dict({**ftapi.yaml_of(client.files.content(job.result_files[0]).content)})
-            assert run_cfg.output_dir == row["output_dir"]
-            store = registry.open_store(run_cfg)
-            tuned, base = models.load(ref, store=store), models.load(ref, store=store, base=True)
-            assert tuned.kind == "adapter"
-            # it learned from the uploaded file: lower loss on its examples than the base it was
-            # trained from (the control), and it generates
-            examples = [json.loads(line)["messages"] for line in chat_jsonl(16).decode().splitlines()[:4]]
-            assert answer_loss(tuned, examples) < answer_loss(base, examples) - 0.05
-            prompt = models.prompt_ids(tuned.tokenizer, {"messages": examples[0][:1]})
-            assert len(models.greedy_ids(tuned.model, tuned.tokenizer, [prompt], 8)[0]) >= 1
-            cancelled_while_running(client, svc, f.id, dashboard)
-    finally:
-        from raylab.core import controldb
-
-        controldb.dispose_all()
+    ref = svc.model_version(job.fine_tuned_model, None)  # the registry version behind the name
+    assert ref
+    row = ftstore.get_job(svc.db, "acme", job.id)
+    run_cfg = config.load_dict({**ftapi.yaml_of(client.files.content(job.result_files[0]).content)})
+    assert run_cfg.output_dir == row["output_dir"]
+    store = registry.open_store(run_cfg)
+    tuned, base = models.load(ref, store=store), models.load(ref, store=store, base=True)
+    assert tuned.kind == "adapter"
+    examples = [json.loads(line)["messages"] for line in chat_jsonl(24).decode().splitlines()[:4]]
+    assert answer_loss(tuned, examples) < answer_loss(base, examples) - 0.05
+    prompt = models.prompt_ids(tuned.tokenizer, {"messages": examples[0][:1]})
+    assert len(models.greedy_ids(tuned.model, tuned.tokenizer, [prompt], 8)[0]) >= 1
 
 
 def cancelled_while_running(client, svc, file_id: str, dashboard: str) -> None:
@@ -485,14 +456,23 @@ def cancelled_while_running(client, svc, file_id: str, dashboard: str) -> None:
             change(job.id)
 
 
-def test_a_remote_provider_run_registers_a_remote_version(local_cluster, tmp_path, monkeypatch):
+def test_a_remote_provider_run_through_the_fine_tuning_api(local_cluster, tmp_path, monkeypatch):
     """train.provider openai_compatible against a second raylab (`raylab api --standalone`'s
     app on loopback, its jobs on this cluster) acting as the provider: `raylab run --no-serve`
     runs the data stage here, sends the accepted records of the source not marked
     contains_pii, follows the provider's job to `succeeded` (its metrics events become this
     run's metrics rows), registers a remote version whose card says what was sent and withheld,
     and gates it on the provider's validation loss. Without governance.allow_remote the same
-    config is exit 2 and nothing reaches the provider."""
+    config is exit 2 and nothing reaches the provider.
+
+    The provider's side of the same job is the fine-tuning service's whole path, driven by the
+    official `openai` client (raylab's remote provider is one): files.create ->
+    fine_tuning.jobs.create (`raylab run --no-serve` on the tiny preset: data, Ray Train,
+    evaluation, registration) -> events until `succeeded`, a metrics event per step ->
+    checkpoints.list -> the version behind `fine_tuned_model` loads and answers, having learned
+    from the upload; a second job cancelled while running. One provider job serves both sides
+    (each costs minutes of CI). The routing of an `ft:` name at the endpoint is
+    tests/unit/serve/test_finetune_api.py's."""
     import openai
     import yaml
 
@@ -560,6 +540,8 @@ def test_a_remote_provider_run_registers_a_remote_version(local_cluster, tmp_pat
                 (again.stdout + again.stderr)[-3000:]
             assert len(client.fine_tuning.jobs.list().data) == 1
             assert len([f for f in client.files.list().data if f.purpose == "fine-tune"]) == 2
+            provider_side(client, app.state.ingress.ftapi, job.id)
+            cancelled_while_running(client, app.state.ingress.ftapi, uploads[0].id, dashboard)
     finally:
         from raylab.core import controldb
 

@@ -193,7 +193,12 @@ def test_the_harness_reports_a_traceback_as_a_bug(monkeypatch, tmp_path, in_repo
 
 def test_the_property_finds_the_mutations_that_trip_a_bug(monkeypatch, tmp_path, in_repo):
     monkeypatch.setitem(cli.COMMANDS, "validate", fragile_validate)
-    base = loading.read_yaml(REPO / "configs" / "quickstart.yaml")
+    # quickstart's version, model and serve sections only: over its whole tree (114 nodes, serve
+    # near the end) the 300 draws, which hypothesis biases towards early choices and whose
+    # generation also varies with the constants of the modules imported so far, found a serve
+    # mutation in one test order and none in another
+    quickstart = loading.read_yaml(REPO / "configs" / "quickstart.yaml")
+    base = {key: quickstart[key] for key in ("version", "model", "serve")}
     base["serve"]["host"] = "127.0.0.1"
     unmutated = tmp_path / "base.yaml"
     unmutated.write_text(dump(base))

@@ -48,6 +48,10 @@ class VllmConfig(Section):
     max_num_seqs: PositiveInt = Field(64, description="sequences decoded together")
     max_model_len: PositiveInt | None = Field(None, description="context length; default the model's")
     enforce_eager: bool = Field(False, description="no CUDA graphs (always so on CPU)")
+    tool_parser: str | None = Field(None, description="vLLM's tool-call parser for the base's family (`vllm serve "
+                                    "--tool-call-parser` names: hermes, llama3_json, mistral, pythonic, ...): with "
+                                    "one, chat tool_choice auto (OpenAI's default with tools) is served on vLLM "
+                                    "versions, the calls the answer holds returned as tool_calls; without, a 400")
 
 
 class ExplainServeConfig(Section):

@@ -14,7 +14,7 @@ import uuid
 from raylab import models
 from raylab.errors import UserError
 from raylab.serve import openai_api as oa
-from raylab.serve import vllm_engine
+from raylab.serve import tools, vllm_engine
 from raylab.serve.engine import Request, Sampling
 
 
@@ -57,13 +57,16 @@ def requests(loaded, job: dict, limits: dict) -> tuple[list[Request], int]:
                                f"{loaded.context} tokens", "max_tokens", "context_length_exceeded")
     s, rid = job["sampling"], uuid.uuid4().hex
     constraint = None if s["constraint"] is None else json.dumps(s["constraint"])
+    call = job.get("tool_call")
+    auto = call is not None and "parser" in call
     if not isinstance(loaded.engine, vllm_engine.VllmEngine):
         for name, asked in ((job["constraint_param"], constraint is not None),
-                            ("logprobs", s["logprobs"] is not None)):
+                            ("logprobs", s["logprobs"] is not None), ("tool_choice", auto)):
             if asked:
                 raise oa.ApiError(400, f"{name} needs the vLLM engine; {loaded.version} is served by the transformers "
                                        "engine, which does not serve it (its load is logged with why; README: the "
                                        "method x engine matrix)", name, "unsupported_parameter")
+    keep = auto and tools.keeps_special_tokens(call, loaded.tok, job.get("tools"))
     out = []
     for p in prompts:
         for j in range(job["n"]):
@@ -71,6 +74,6 @@ def requests(loaded, job: dict, limits: dict) -> tuple[list[Request], int]:
             out.append(Request(f"{rid}-{len(out)}", p,
                                Sampling(want, s["temperature"], s["top_p"], tuple(s["stop"]), seed, s["ignore_eos"],
                                         s["presence_penalty"], s["frequency_penalty"], constraint, s["logprobs"],
-                                        final_only=not job["stream"]),
+                                        final_only=not job["stream"], keep_special_tokens=keep),
                                adapter=loaded.adapter))
     return out, sum(len(p) for p in prompts)

@@ -49,6 +49,9 @@ class Sampling:
     # stop strings to look for, the transformers engine decodes no text until the sequence ends
     # (vLLM's RequestOutputKind.FINAL_ONLY; the vLLM engine streams its deltas regardless)
     final_only: bool = False
+    # keep special tokens in the text (the vLLM engine's; for tool_choice auto where the
+    # family's call markers are special tokens, which its parser must see)
+    keep_special_tokens: bool = False
 
     @property
     def penalised(self) -> bool:

@@ -222,8 +222,13 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(min_length=1)
     echo: Literal[False] = False
-    logprobs: None = None
+    # the legacy API's logprobs: each token's logprob and its `logprobs` most likely
+    # alternatives (OpenAI takes at most 5); the vLLM engine's, as chat's logprobs
+    logprobs: int | None = Field(None, ge=0, le=5)
     suffix: None = None
+
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
 
 class EmbeddingRequest(_Strict):
@@ -286,15 +291,15 @@ def completion(rid: str, model: str, choices: list[dict], use: dict, chat: bool)
         shaped = [{"index": c["index"], "message": _message(c), "finish_reason": c["finish_reason"],
                    "logprobs": _logprobs(c.get("logprobs"))} for c in choices]
     else:
-        shaped = [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
-                  for c in choices]
+        shaped = [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"],
+                   "logprobs": text_logprobs(c.get("logprobs"))} for c in choices]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": shaped, "usage": use}
 
 
 def _message(choice: dict) -> dict:
-    if choice.get("tool_calls"):
-        return {"role": "assistant", "content": None, "tool_calls": choice["tool_calls"]}
+    if choice.get("tool_calls"):  # a forced call's text is its arguments; an auto call's may have some around it
+        return {"role": "assistant", "content": choice.get("content"), "tool_calls": choice["tool_calls"]}
     return {"role": "assistant", "content": choice["text"]}
 
 
@@ -304,14 +309,31 @@ def _logprobs(entries: list[dict] | None) -> dict | None:
     return None if entries is None else {"content": entries, "refusal": None}
 
 
+def text_logprobs(entries: list[dict] | None, offset: int = 0) -> dict | None:
+    """A completion choice's legacy `logprobs` from chat-style entries: tokens, token_logprobs,
+    top_logprobs ({token: logprob} of the alternatives) and text_offset, each token's first
+    character in the choice's text counted over the token strings, as vLLM counts (`offset`:
+    where these entries start, for a stream's later events); None when none were asked."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
 def chunk(rid: str, model: str, index: int, text: str | None, finish: str | None, chat: bool,
-          role: bool = False, logprobs: list[dict] | None = None) -> dict:
-    """One server-sent event's data for one choice."""
+          role: bool = False, logprobs: list[dict] | None = None, offset: int = 0) -> dict:
+    """One server-sent event's data for one choice (`offset`: a completion's text_offset so far)."""
     if chat:
         delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": text} if text else {})
         choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": _logprobs(logprobs)}
     else:
-        choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        choice = {"index": index, "text": text or "", "finish_reason": finish,
+                  "logprobs": text_logprobs(logprobs, offset)}
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": [choice]}
 

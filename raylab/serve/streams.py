@@ -12,7 +12,10 @@ caller for every request that replica had accepted, and starts a replacement. Un
 request has passed a token on, nothing of it has reached the client, so it is submitted
 again: Serve's router holds the new submission until a replica (the survivor, or the
 replacement once it is up) takes it. That repeats until `timeout_s` after the request
-arrived; then it ends as an OpenAI-style 503, never a hang. A request that already streamed
+arrived; then it ends as an OpenAI-style 503, never a hang. A replica that takes a request
+for a version it has yet to load says so at once ({"accepted": true}): the deadline is for
+finding a replica, not for the load (a vLLM engine takes a minute or more to start), which
+ends in the first message or an error. A request that already streamed
 tokens is not repeated (the client would see text twice): its stream ends with the error,
 which the ingress turns into an OpenAI error event that a client's retry can act on.
 """
@@ -62,7 +65,10 @@ class Generation:
             self.submissions += 1
             self.stream = self.handle.options(stream=True, multiplexed_model_id=self.version).stream.remote(self.job)
             try:
-                return await asyncio.wait_for(self.stream.__anext__(), left)
+                first = await asyncio.wait_for(self.stream.__anext__(), left)
+                if first.get("accepted"):  # taken; the version loads first: no deadline for that
+                    first = await self.stream.__anext__()
+                return first
             except TimeoutError:
                 self.stream.cancel()
                 raise self._unavailable() from None

@@ -232,7 +232,7 @@ class VllmEngine(Engine):
                                     stop=list(s.stop) or None, seed=s.seed, ignore_eos=s.ignore_eos,
                                     presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                                     structured_outputs=_structured(s.constraint), logprobs=s.logprobs,
-                                    skip_special_tokens=True,
+                                    skip_special_tokens=not s.keep_special_tokens,
                                     output_kind=RequestOutputKind.DELTA)
         except ValueError as e:  # vLLM's VLLMValidationError is a ValueError too
             raise RequestRejected(f"vLLM refused the request: {e}") from None

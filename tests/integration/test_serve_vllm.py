@@ -11,8 +11,11 @@ attention takes (mini-llama: 32). One shared replica for the module.
 - presence and frequency penalties on both engines equal a by-hand reference;
 - response_format (JSON schema, json_object) constrains vLLM versions; a 400 on the
   transformers engine and for a schema vLLM refuses;
-- logprobs / top_logprobs from vLLM equal peft's; a 400 on the transformers engine;
-- tools with a forced call (named, required) answer tool_calls that fit the schema;
+- logprobs / top_logprobs from vLLM equal peft's, in chat's shape and in the completions API's
+  legacy one; a 400 on the transformers engine;
+- tools with a forced call (named, required) answer tool_calls that fit the schema; a named
+  call streams as the same call; tool_choice auto finds the calls an answer holds with vLLM's
+  Hermes parser (serve.vllm.tool_parser);
 - `raylab deploy` switches the deployed version on vLLM with no failed request;
 - vLLM's scheduler steps feed the replica's per-version batch metrics;
 - the replica SIGKILLed: vLLM's engine-core process does not outlive it, and the endpoint
@@ -40,9 +43,13 @@ from serve_models import QUESTIONS, build_base, train_adapter
 pytestmark = pytest.mark.integration
 
 NAME = "widgets-vllm"
-ANSWERS = {1: "It ships today.", 2: "Ask the help desk.", 3: "Next week, sorry."}
+CALLER = 4  # this version's adapter answers with a tool call in Hermes' format (serve.vllm.tool_parser)
+ANSWERS = {1: "It ships today.", 2: "Ask the help desk.", 3: "Next week, sorry.",
+           CALLER: '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'}
 ODD = 3  # this version's adapter has rank 4, which vLLM refuses
-PROMPT = "Once upon a time"  # a completion prompt no adapter was trained on (penalties move both versions here)
+# a completion prompt no adapter was trained on, which versions 1 and ODD continue for a while
+# and penalties move (found by trying: "Once upon a time" later got an immediate end of turn)
+PROMPT = "Widgets ship"
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +61,16 @@ def served(tmp_path_factory, _session_ray):
     adapters = {v: root / f"adapter{v}" for v in ANSWERS}
     for v, path in adapters.items():
         # 5e-3: at the tiny base's 3e-3, "Ask the help desk." stalled at a loss of 0.69 on mini-llama
-        assert train_adapter(base, path, ANSWERS[v], lr=5e-3, **({"r": 4, "lora_alpha": 8} if v == ODD else {})) < 0.1
+        assert train_adapter(base, path, ANSWERS[v], lr=5e-3, steps=300 if v == CALLER else 200,
+                             **({"r": 4, "lora_alpha": 8} if v == ODD else {})) < 0.1
     cfg = config.load_dict({
         "version": 1, "output_dir": str(root / "run"), "offline": True,
         "data": {"sources": [{"type": "jsonl", "path": str(root / "unused.jsonl")}]},
         "model": {"name_or_path": str(base), "dtype": "float32"}, "registry": {"model_name": NAME},
         "serve": {"port": free_port(), "engine": "vllm", "cpus_per_replica": 1, "max_batch_size": 4,
                   "max_ongoing_requests": 8, "max_tokens": 64,
-                  "vllm": {"kv_cache_gb": 1, "max_loras": 2, "max_lora_rank": 16, "max_num_seqs": 8},
+                  "vllm": {"kv_cache_gb": 1, "max_loras": 2, "max_lora_rank": 16, "max_num_seqs": 8,
+                           "tool_parser": "hermes"},
                   "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
     })
     store = registry.open_store(cfg)
@@ -227,7 +236,7 @@ VERDICT = {"type": "object", "properties": {"status": {"enum": ["shipped", "pend
 
 def test_response_format_constrains_vllm_versions_and_is_a_400_elsewhere(served):
     """response_format through vLLM's structured outputs: the answer is JSON that follows the
-    schema (and a JSON object for json_object, streamed too); the control: the same request
+    schema, streamed too (and for json_object a JSON object unless max_tokens cuts it); the control: the same request
     without it answers the trained sentence, not JSON. A version on the transformers engine is
     a 400 naming the engine; a schema vLLM refuses (nested past its limit) a 400, not a 500."""
     import jsonschema
@@ -240,9 +249,13 @@ def test_response_format_constrains_vllm_versions_and_is_a_400_elsewhere(served)
     assert ask(served, 1, QUESTIONS[0]).choices[0].message.content == ANSWERS[1]  # the control: unconstrained
     chunks = list(client(served).chat.completions.create(
         model=f"{NAME}/2", messages=[{"role": "user", "content": QUESTIONS[1]}], temperature=0, max_tokens=64,
-        stream=True, response_format={"type": "json_object"}))
+        stream=True, response_format=fmt))
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-    assert isinstance(json.loads(streamed), dict), streamed
+    jsonschema.validate(json.loads(streamed), VERDICT)
+    # json_object bounds no string's length: valid JSON once the model ends it, else cut by max_tokens
+    loose = ask(served, 2, QUESTIONS[1], response_format={"type": "json_object"}, max_tokens=64).choices[0]
+    assert loose.message.content.startswith("{"), loose.message.content
+    assert loose.finish_reason == "length" or isinstance(json.loads(loose.message.content), dict), loose
 
     with pytest.raises(openai.BadRequestError) as e:
         ask(served, ODD, QUESTIONS[0], response_format=fmt)
@@ -278,6 +291,14 @@ def test_a_forced_tool_call_on_vllm_fits_its_schema_and_is_a_400_elsewhere(serve
     assert call.function.name == "get_weather" and named.choices[0].message.content is None
     jsonschema.validate(json.loads(call.function.arguments), FORECAST)
     assert named.choices[0].finish_reason == "stop"
+    chunks = list(client(served).chat.completions.create(
+        model=f"{NAME}/1", temperature=0, max_tokens=64, stream=True, tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        messages=[{"role": "user", "content": QUESTIONS[0]}]))
+    pieces = [t for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls for t in ch.choices[0].delta.tool_calls]
+    assert len(pieces) > 1 and pieces[0].id.startswith("call_") and pieces[0].function.name == "get_weather"
+    assert "".join(p.function.arguments or "" for p in pieces) == call.function.arguments  # streamed, the same call
+    assert not any(ch.choices[0].delta.content for ch in chunks if ch.choices)
     required = ask(served, 1, QUESTIONS[1], tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
                    max_tokens=64)
     (one,) = required.choices[0].message.tool_calls
@@ -294,9 +315,39 @@ def test_a_forced_tool_call_on_vllm_fits_its_schema_and_is_a_400_elsewhere(serve
     assert e.value.body["param"] == "tool_choice" and "transformers engine" in e.value.body["message"]
 
 
+def test_tool_choice_auto_returns_the_calls_the_answer_holds_through_vllms_parser(served):
+    """serve.vllm.tool_parser hermes, tool_choice auto (sent, or left out: OpenAI's default with
+    tools): a version trained to answer with a Hermes call answers it as tool_calls (finish
+    tool_calls, no content). The controls: version 1's plain answer stays content, and
+    tool_choice none leaves the call as text. Streaming auto is a 400 naming stream; auto on a
+    transformers-engine version a 400 naming tool_choice."""
+    import openai
+
+    for extra in ({}, {"tool_choice": "auto"}):
+        reply = ask(served, CALLER, QUESTIONS[0], tools=TOOLS, **extra)
+        (call,) = reply.choices[0].message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_time", {})
+        assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
+    plain = ask(served, 1, QUESTIONS[0], tools=TOOLS)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content == ANSWERS[1]
+    as_text = ask(served, CALLER, QUESTIONS[0], tools=TOOLS, tool_choice="none")
+    assert as_text.choices[0].message.tool_calls is None and as_text.choices[0].message.content == ANSWERS[CALLER]
+    with pytest.raises(openai.BadRequestError) as e:
+        client(served).chat.completions.create(model=f"{NAME}/{CALLER}", tools=TOOLS, stream=True,
+                                               messages=[{"role": "user", "content": QUESTIONS[0]}])
+    assert e.value.body["param"] == "stream"
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(served, ODD, QUESTIONS[0], tools=TOOLS)
+    assert e.value.body["param"] == "tool_choice" and "transformers engine" in e.value.body["message"]
+
+
+def close(got: list[float], want: list[float]) -> bool:
+    return len(got) == len(want) and all(abs(a - b) < 1e-3 for a, b in zip(got, want, strict=True))
+
+
 def offline_logprobs(served, version: int, question: str, answer: str) -> list[tuple[float, list[int]]]:
-    """Per token of `answer` after the chat prompt: its log-probability and the ids of the two
-    most likely tokens, from peft's forward pass in float32 (the oracle)."""
+    """Per token of `answer` after the chat prompt: its log-probability and the two most likely
+    tokens' log-probabilities, from peft's forward pass in float32 (the oracle)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -309,7 +360,7 @@ def offline_logprobs(served, version: int, question: str, answer: str) -> list[t
     ids = list(prompt) + tok(answer, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
-    return [(float(logp[p - 1, ids[p]]), logp[p - 1].topk(2).indices.tolist()) for p in range(len(prompt), len(ids))]
+    return [(float(logp[p - 1, ids[p]]), logp[p - 1].topk(2).values.tolist()) for p in range(len(prompt), len(ids))]
 
 
 def test_logprobs_on_vllm_equal_peft_and_are_a_400_on_the_transformers_engine(served):
@@ -318,17 +369,17 @@ def test_logprobs_on_vllm_equal_peft_and_are_a_400_on_the_transformers_engine(se
     its alternatives; streamed entries equal the whole response's. The control: without
     logprobs the choice has none. A version on the transformers engine: a 400 naming logprobs."""
     import openai
-    from transformers import AutoTokenizer
 
     reply = ask(served, 1, QUESTIONS[0], logprobs=True, top_logprobs=2)
     content = reply.choices[0].logprobs.content
     assert "".join(e.token for e in content) == reply.choices[0].message.content == ANSWERS[1]
-    tok = AutoTokenizer.from_pretrained(served["adapters"][1])
     expected = offline_logprobs(served, 1, QUESTIONS[0], ANSWERS[1])
     assert len(content) == len(expected) == reply.usage.completion_tokens
     for e, (logprob, best) in zip(content, expected, strict=True):
         assert abs(e.logprob - logprob) < 1e-3, (e.token, e.logprob, logprob)
-        assert [t.token for t in e.top_logprobs] == [tok.decode([i]) for i in best] and e.top_logprobs[0].token == e.token
+        # the alternatives: peft's two likeliest, by log-probability (a lone byte's string differs
+        # between vLLM, '', and transformers' decode, U+FFFD), the first the chosen token
+        assert close([t.logprob for t in e.top_logprobs], best) and e.top_logprobs[0].token == e.token
         assert e.bytes == list(e.token.encode()) and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
     assert ask(served, 1, QUESTIONS[0]).choices[0].logprobs is None  # the control
     chunks = list(client(served).chat.completions.create(
@@ -340,6 +391,61 @@ def test_logprobs_on_vllm_equal_peft_and_are_a_400_on_the_transformers_engine(se
     with pytest.raises(openai.BadRequestError) as err:
         ask(served, ODD, QUESTIONS[0], logprobs=True)
     assert err.value.body["param"] == "logprobs" and "transformers engine" in err.value.body["message"]
+
+
+def offline_completion(served, version: int, text: str, n: int) -> list[tuple[str, float, list[str]]]:
+    """The greedy completion of `text` by peft (float32), a full forward per token: each
+    token's string, log-probability and the two likeliest tokens' log-probabilities, up to an end-of-turn id
+    (left out, as the server leaves it out) or n tokens."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raylab.serve.decode import eos_ids
+
+    tok = AutoTokenizer.from_pretrained(served["adapters"][version])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(served["base"], dtype=torch.float32),
+                                      served["adapters"][version]).eval()
+    ids, stops, out = list(tok(text, add_special_tokens=True)["input_ids"]), eos_ids(model, tok), []
+    with torch.no_grad():
+        while len(out) < n:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+            best = logp.topk(2).indices.tolist()
+            if best[0] in stops:
+                break
+            out.append((tok.decode([best[0]]), float(logp[best[0]]), [float(logp[i]) for i in best]))
+            ids.append(best[0])
+    return out
+
+
+def test_completions_logprobs_on_vllm_equal_peft_in_the_legacy_shape(served):
+    """/v1/completions with logprobs 2: OpenAI's legacy object (tokens, token_logprobs,
+    top_logprobs, text_offset), each logprob equal to peft's and the two alternatives peft's
+    likeliest; streamed, the same tokens with the offsets going on across events. The
+    control: without logprobs the choice's logprobs is null."""
+    from transformers import AutoTokenizer
+
+    # the chat prompt as plain text: the trained answer, 12 tokens of it, whatever the base does elsewhere
+    text = AutoTokenizer.from_pretrained(served["adapters"][1]).apply_chat_template(
+        [{"role": "user", "content": QUESTIONS[0]}], tokenize=False, add_generation_prompt=True)
+    expected = offline_completion(served, 1, text, 12)
+    assert "".join(t for t, _, _ in expected) == ANSWERS[1][:12]  # not vacuous: twelve tokens to compare
+    done = client(served).completions.create(model=f"{NAME}/1", prompt=text, max_tokens=12, temperature=0, logprobs=2)
+    legacy = done.choices[0].logprobs
+    assert legacy.tokens == [t for t, _, _ in expected] and len(legacy.tokens) == done.usage.completion_tokens
+    for token, got, (_, logprob, best), top in zip(legacy.tokens, legacy.token_logprobs, expected,
+                                                   legacy.top_logprobs, strict=True):
+        assert abs(got - logprob) < 1e-3 and abs(top[token] - logprob) < 1e-3, (token, got, logprob, top)
+        assert close(list(top.values()), best), (top, best)
+    assert legacy.text_offset == [sum(len(t) for t in legacy.tokens[:k]) for k in range(len(legacy.tokens))]
+    chunks = list(client(served).completions.create(model=f"{NAME}/1", prompt=text, max_tokens=12, temperature=0,
+                                                    logprobs=2, stream=True))
+    parts = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert len(parts) > 1  # several events, so the offsets had to go on
+    assert [t for p in parts for t in p.tokens] == legacy.tokens
+    assert [o for p in parts for o in p.text_offset] == legacy.text_offset
+    assert client(served).completions.create(model=f"{NAME}/1", prompt=text, max_tokens=4,
+                                             temperature=0).choices[0].logprobs is None
 
 
 def test_deploy_switches_vllm_versions_in_place_with_no_failed_request(served):

@@ -37,7 +37,7 @@ async def completions(request: Request, server=Depends(ingress)):
     return await _handle(server, request, oa.CompletionRequest, chat=False)
 
 
-def _job(limits: dict, req, chat: bool) -> dict:
+def _job(limits: dict, req, chat: bool, parser: str | None = None) -> dict:
     limit = limits["max_tokens"]
     wanted = getattr(req, "max_completion_tokens", None) or req.max_tokens
     if wanted is not None and wanted > limit:
@@ -47,17 +47,18 @@ def _job(limits: dict, req, chat: bool) -> dict:
                else ([req.prompt] if isinstance(req.prompt, str) else list(req.prompt)))
     if len(prompts) * req.n > limits["max_batch_size"] * 4:
         raise oa.ApiError(400, f"{len(prompts)} prompts x n={req.n} is more choices than this server takes at once", "n")
-    call = tools.plan(req) if chat else None
+    call = tools.plan(req, parser) if chat else None
+    forced = call is not None and "constraint" in call  # else free text (auto: the parser finds its calls)
     constraint = req.response_format.constraint() if chat and req.response_format else None
     return {"chat": chat, "prompts": prompts, "n": req.n, "max_tokens": wanted, "stream": req.stream,
             # the chat template's tools (where it takes them), and the forced call the answer is
             "tools": [t.model_dump(exclude_none=True) for t in req.tools] if chat and req.tools else None,
-            "tool_call": call, "constraint_param": "tool_choice" if call else "response_format",
+            "tool_call": call, "constraint_param": "tool_choice" if forced else "response_format",
             "sampling": {"temperature": req.temperature, "top_p": req.top_p, "stop": req.stop or [], "seed": req.seed,
                          "ignore_eos": req.ignore_eos, "presence_penalty": req.presence_penalty,
                          "frequency_penalty": req.frequency_penalty,
-                         "constraint": call["constraint"] if call else constraint,
-                         "logprobs": req.logprobs_wanted() if chat else None}}
+                         "constraint": call["constraint"] if forced else constraint,
+                         "logprobs": req.logprobs_wanted()}}
 
 
 async def _handle(server, request: Request, kind, chat: bool):
@@ -72,7 +73,7 @@ async def _handle(server, request: Request, kind, chat: bool):
         if version is None:
             raise oa.ApiError(404, f"The model '{req.model}' does not exist; GET /v1/models lists the servable ones",
                               "model", "model_not_found")
-        job = _job(server.limits, req, chat)
+        job = _job(server.limits, req, chat, (server.args.get("vllm") or {}).get("tool_parser"))
         server.keep_prompt(prompt_text(job))  # as the client sent it: before retrieval rewrites it
         sources = None
         if chat:
@@ -97,8 +98,9 @@ async def _handle(server, request: Request, kind, chat: bool):
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(_events(server, stream, rid, req.model, chat, len(job["prompts"]) * req.n,
-                                         include_usage, record, started, sources), media_type="text/event-stream")
-    texts, finish, tokens = {}, {}, 0
+                                         include_usage, record, started, sources, job["tool_call"]),
+                                 media_type="text/event-stream")
+    texts, finish, tokens, called = {}, {}, 0, {}
     logprobs = {} if job["sampling"]["logprobs"] is not None else None
     try:
         async for item in stream.items():  # one message at the end: re-submitted whole on a lost replica
@@ -108,6 +110,7 @@ async def _handle(server, request: Request, kind, chat: bool):
                 tokens += count
             for i, entries in item.get("logprobs", {}).items():
                 logprobs.setdefault(i, []).extend(entries)
+            called |= item.get("tool_calls", {})  # tool_choice auto: the calls the parser found
     except oa.ApiError as e:
         log.info(json.dumps({"request": rid, "status": e.status, "error": e.message[:200]}))
         server.record(model, version, e.status, started, first["prompt_tokens"], tokens)
@@ -122,16 +125,19 @@ async def _handle(server, request: Request, kind, chat: bool):
     server.answered_by(rid, version)
     choices = [{"index": i, "text": texts.get(i, ""), "finish_reason": finish.get(i),
                 "logprobs": None if logprobs is None else logprobs.get(i, [])} for i in range(len(job["prompts"]) * req.n)]
-    if job["tool_call"] is not None:  # the constrained answers as OpenAI's tool_calls
+    if job["tool_call"] is not None and "parser" not in job["tool_call"]:  # forced: the answers as tool_calls
         for c in choices:
             c["tool_calls"], c["finish_reason"] = tools.shape(job["tool_call"], c["text"], c["finish_reason"])
+    for i, (calls, content) in called.items():  # auto: the calls and the text around them
+        choices[i].update(tool_calls=calls, content=content, finish_reason="tool_calls")
     use = oa.usage(first["prompt_tokens"], tokens)
     _log(record, use, started)
     body = oa.completion(rid, req.model, choices, use, chat)
     return body | ({"raylab": {"sources": sources}} if sources is not None else {})
 
 
-async def _events(server, stream, rid, model, chat, n_choices, include_usage, record, started, sources=None):
+async def _events(server, stream, rid, model, chat, n_choices, include_usage, record, started, sources=None,
+                  call=None):
     for i in range(n_choices if chat else 0):  # the assistant role first, as OpenAI does
         first = oa.chunk(rid, model, i, None, None, chat, role=True)
         if i == 0 and sources is not None:
@@ -139,12 +145,19 @@ async def _events(server, stream, rid, model, chat, n_choices, include_usage, re
             # reads choices[0] of every event keeps working, one that knows looks for `raylab`
             first["raylab"] = {"sources": sources}
         yield oa.sse(first)
-    tokens = 0
+    # offsets: a completion choice's text_offset so far; called: the choices whose forced call
+    # (a named function: plan() refuses to stream `required`) has sent its id and name
+    tokens, offsets, called = 0, {}, set()
     try:
         async for item in stream.items():
             for i, text, reason, count in item["deltas"]:
                 tokens += count
-                yield oa.sse(oa.chunk(rid, model, i, text, reason, chat, logprobs=item.get("logprobs", {}).get(i)))
+                entries = item.get("logprobs", {}).get(i)
+                event = oa.chunk(rid, model, i, text, reason, chat, logprobs=entries, offset=offsets.get(i, 0))
+                if call is not None:  # the text is the call's arguments
+                    event["choices"][0]["delta"] = tools.delta(call, called, i, text)
+                yield oa.sse(event)
+                offsets[i] = offsets.get(i, 0) + sum(len(e["token"]) for e in entries or ())
     except Exception as e:  # cut mid-way (its replica died after tokens went out): an error event, no [DONE]
         error = e if isinstance(e, oa.ApiError) else internal_error(e)
         if isinstance(e, oa.ApiError):

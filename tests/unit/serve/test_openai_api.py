@@ -105,3 +105,31 @@ def test_an_evicted_version_unloads_only_after_its_last_request():
     assert idle.hold()
     Held(idle).__del__()
     assert unloaded[-1] is idle
+
+
+def test_completions_logprobs_take_the_legacy_shape():
+    """`logprobs: k` on /v1/completions: OpenAI's legacy object, built from the same entries as
+    chat's; text_offset counts over the token strings and goes on across a stream's events."""
+    prompt = {"model": "m", "prompt": "x"}
+    assert oa.parse(oa.CompletionRequest, json.dumps(prompt | {"logprobs": 2}).encode()).logprobs_wanted() == 2
+    assert oa.parse(oa.CompletionRequest, json.dumps(prompt).encode()).logprobs_wanted() is None
+    assert parse_error(oa.CompletionRequest, prompt | {"logprobs": 6}).param == "logprobs"  # OpenAI's maximum is 5
+
+    def entry(token, lp, *top):
+        return {"token": token, "logprob": lp, "bytes": list(token.encode()),
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]}
+
+    entries = [entry("It", -0.1, ("It", -0.1), ("The", -2.5)), entry(" ships", -0.2, (" ships", -0.2), (" is", -3.0)),
+               entry("é", -1.0, ("é", -1.0), ("e", -1.5))]
+    whole = oa.completion("cmpl-1", "m", [{"index": 0, "text": "It shipsé", "finish_reason": "length",
+                                           "logprobs": entries}], oa.usage(1, 3), chat=False)
+    legacy = whole["choices"][0]["logprobs"]
+    assert legacy == {"tokens": ["It", " ships", "é"], "token_logprobs": [-0.1, -0.2, -1.0],
+                      "top_logprobs": [{"It": -0.1, "The": -2.5}, {" ships": -0.2, " is": -3.0}, {"é": -1.0, "e": -1.5}],
+                      "text_offset": [0, 2, 8]}
+    later = oa.chunk("cmpl-1", "m", 0, "é", None, chat=False, logprobs=entries[2:], offset=8)
+    assert later["choices"][0]["logprobs"]["text_offset"] == [8]
+    # the control: without logprobs asked, the field is null (not an empty object)
+    assert oa.completion("cmpl-2", "m", [{"index": 0, "text": "a", "finish_reason": "stop"}], oa.usage(1, 1),
+                         chat=False)["choices"][0]["logprobs"] is None
+    assert oa.chunk("cmpl-2", "m", 0, "a", None, chat=False)["choices"][0]["logprobs"] is None

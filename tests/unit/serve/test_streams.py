@@ -116,3 +116,26 @@ def test_a_request_error_is_not_retried():
         asyncio.run(run(handle))
     assert len(handle.submitted) == 1
     assert not streams.lost_replica(ValueError("a bug"))  # the negative control of the classifier
+
+
+def test_a_replica_that_accepted_the_request_may_load_past_the_deadline():
+    """{"accepted": true} first (the version loads on that replica: a vLLM engine takes a
+    minute): the deadline no longer applies, the load's first message comes later; the
+    control, the same slow load without the acceptance, is a 503."""
+    class Slow(Submission):
+        async def __anext__(self):
+            if self.script and self.script[0] is FIRST:
+                await asyncio.sleep(0.5)  # the load, past the 0.3 s deadline
+            return await super().__anext__()
+
+    class SlowHandle(Handle):
+        def remote(self, job: dict) -> Submission:
+            self.submitted.append(Slow(self.scripts[len(self.submitted)]))
+            return self.submitted[-1]
+
+    first, items = asyncio.run(run(SlowHandle([{"accepted": True}, FIRST, delta("hi", "stop")]), timeout_s=0.3))
+    assert first == FIRST and items == [delta("hi", "stop")]
+    with pytest.raises(oa.ApiError) as e:
+        asyncio.run(run(SlowHandle([FIRST, delta("hi", "stop")]), timeout_s=0.3))
+    assert e.value.status == 503
+

@@ -1,6 +1,7 @@
 """Chat tools with a forced call (raylab/serve/tools.py): what a request asks for becomes a
 constraint on the answer, and the constrained answer becomes OpenAI's tool_calls; what is
-not served (tool_choice auto, streaming a forced call) is a 400 naming the argument."""
+not served (tool_choice auto, streaming `required`) is a 400 naming the argument; a named call
+streams its arguments as OpenAI streams tool calls."""
 
 from __future__ import annotations
 
@@ -35,6 +36,18 @@ def test_a_named_function_constrains_the_answer_to_its_parameters():
     assert made["type"] == "function" and made["id"].startswith("call_")
 
 
+def test_a_named_call_streams_its_id_and_name_first_then_its_arguments():
+    call = tools.plan(chat(tools=TOOLS, stream=True, tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    sent: set[int] = set()
+    first = tools.delta(call, sent, 0, '{"ci')
+    (made,) = first["tool_calls"]
+    assert made["index"] == 0 and made["id"].startswith("call_") and made["type"] == "function"
+    assert made["function"] == {"name": "get_weather", "arguments": '{"ci'}
+    assert tools.delta(call, sent, 0, 'ty":"Oslo"}') == {"tool_calls": [{"index": 0, "function": {"arguments": 'ty":"Oslo"}'}}]}
+    assert tools.delta(call, sent, 0, "") == {}  # a finish without new text
+    assert tools.delta(call, sent, 1, "")["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+
+
 def test_required_is_an_array_of_the_tools_calls():
     call = tools.plan(chat(tools=TOOLS, tool_choice="required"))
     schema = call["constraint"]["json"]
@@ -52,12 +65,13 @@ def test_required_is_an_array_of_the_tools_calls():
 
 def test_what_is_not_served_is_a_400_naming_the_argument():
     assert tools.plan(chat()) is None and tools.plan(chat(tools=TOOLS, tool_choice="none")) is None
-    e = refused(tools=TOOLS)  # OpenAI's default with tools is auto
-    assert e.param == "tool_choice" and "needs a parser" in e.message and "'required'" in e.message
+    e = refused(tools=TOOLS)  # OpenAI's default with tools is auto, and this endpoint has no parser
+    assert e.param == "tool_choice" and "serve.vllm.tool_parser" in e.message and "'required'" in e.message
     assert refused(tool_choice="required").param == "tool_choice"
     e = refused(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_stock"}})
     assert e.param == "tool_choice" and "get_stock" in e.message and "get_weather" in e.message
-    assert refused(tools=TOOLS, tool_choice="required", stream=True).param == "stream"
+    e = refused(tools=TOOLS, tool_choice="required", stream=True)
+    assert e.param == "stream" and "name the function" in e.message
     assert refused(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}).param == "response_format"
 
 
@@ -89,3 +103,33 @@ def test_a_conversation_with_a_call_and_its_result_renders_for_the_template():
                          oa.usage(3, 2), chat=True)
     assert body["choices"][0]["message"] == {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}
+
+
+def test_auto_with_a_parser_leaves_the_answer_free_and_finds_the_calls_in_it():
+    """tool_choice auto (or none given) with serve.vllm.tool_parser: no constraint; vLLM's
+    parser (hermes here) finds the calls a finished answer holds and the text around them; an
+    answer without one (the control) and a cut one are left as text; streaming auto is a 400."""
+    from raylab import models
+
+    for extra in ({}, {"tool_choice": "auto"}):
+        assert tools.plan(chat(tools=TOOLS, **extra), "hermes") == {"parser": "hermes"}
+    with pytest.raises(oa.ApiError) as e:
+        tools.plan(chat(tools=TOOLS, stream=True), "hermes")
+    assert e.value.param == "stream"
+    tok = models.build_byte_tokenizer()
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    texts = [call, "Let me look. " + call, "It is sunny.", call[:30]]
+    found = tools.parsed({"parser": "hermes"}, tok, TOOLS, texts, ["stop", "stop", "stop", "length"])["tool_calls"]
+    assert set(found) == {0, 1}  # the control (2) and the cut answer (3) stay text
+    (made,), content = found[0]
+    assert made["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'} and content is None
+    assert made["type"] == "function" and made["id"]
+    assert found[1][1] == "Let me look. "
+    assert tools.parsed({"parser": "hermes"}, tok, TOOLS, ["It is sunny."], ["stop"]) == {}
+    assert tools.parsed({"name": "get_weather", "constraint": {}}, tok, TOOLS, [call], ["stop"]) == {}  # forced: shape's
+    assert not tools.keeps_special_tokens(None, tok, TOOLS)
+    assert tools.keeps_special_tokens({"parser": "hermes"}, tok, TOOLS)  # hermes' markers may be special tokens
+    with pytest.raises(ValueError, match="serve.vllm.tool_parser is 'hermess'.*hermes"):
+        tools.check_parser("hermess")
+    tools.check_parser("hermes")
+

@@ -223,10 +223,16 @@ class Server:
         launched = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=lambda: os.nice(nice))
-        wait_healthy(url, self.proc, health)
-        first = stream(url, model, {"prompt": "hello", "max_tokens": 1})
-        if first["status"] != 200 or not first["times"]:
-            raise RuntimeError(f"{label}: the first request failed ({first['status']})")
+        try:
+            wait_healthy(url, self.proc, health)
+            first = stream(url, model, {"prompt": "hello", "max_tokens": 1})
+            if first["status"] != 200 or not first["times"]:
+                raise RuntimeError(f"{label}: the first request failed ({first['status']})")
+        except BaseException:
+            # never leave it running: a raylab server left by a failed start held its Ray
+            # cluster and vLLM engines beside everything after it (a whole CI run, once)
+            self.stop()
+            raise
         self.first_token_s = time.perf_counter() - launched
         print(f"{label}: first token {self.first_token_s:.1f}s after launch", file=sys.stderr, flush=True)
 

@@ -40,7 +40,7 @@ from rag_index import package_description, write_index
 from conftest import cli_here, free_port, run_cli
 from raylab import config, registry
 from raylab.serve import deploy
-from serve_load import Load, answers_across, stream
+from serve_load import Load, answers_across, stream, wait_for
 from serve_metrics import prometheus, series
 from serve_models import QUESTIONS, build_base, train_adapter
 
@@ -251,7 +251,7 @@ def test_prometheus_exposes_per_version_series_that_grow_with_traffic(served):
     def sampled() -> str:  # written off the Ingress's loop after each kept prompt (flush_every: 1)
         return "".join(f.read_text() for f in (served["root"] / "run" / "serve" / "prompts").glob("*.jsonl"))
 
-    _wait(lambda: "Monitoring question 2: my address is <EMAIL>" in sampled(), 30, "the prompt sample on disk")
+    wait_for(lambda: "Monitoring question 2: my address is <EMAIL>" in sampled(), 30, "the prompt sample on disk")
     assert email not in sampled()
 
 
@@ -413,23 +413,15 @@ def _replicas(served, deployment: str) -> list[str]:
     return sorted(r["replica_id"] for r in details["replicas"] if r["state"] == "RUNNING")
 
 
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def test_autoscaling_goes_up_under_load_and_back_down(served):
     assert len(_replicas(served, "Generator")) == 1
     body = {"model": NAME, "prompt": "load", "max_tokens": 64, "temperature": 0, "ignore_eos": True}
     with Load(6, lambda i, mark: plain(served["url"], "/v1/completions", body)) as load:
-        _wait(lambda: len(_replicas(served, "Generator")) >= 2, 120, "a second Generator replica under load")
+        wait_for(lambda: len(_replicas(served, "Generator")) >= 2, 120, "a second Generator replica under load")
     load.check()
     assert not load.failures(), load.failures()[:3]
-    _wait(lambda: len(_replicas(served, "Generator")) == 1, 120, "the Generator to scale back to 1 replica")
+    wait_for(lambda: len(_replicas(served, "Generator")) == 1, 120, "the Generator to scale back to 1 replica")
 
 
 # ---------------------------------------------------------------- faults: a replica killed under load, a client gone
@@ -473,16 +465,16 @@ def _kill_under_load(served, deployment: str, ready) -> tuple[Load, float]:
     each retrying a failed request once, once `ready(load, victim)` holds; runs until 8
     requests started after Serve's replacement came up succeeded. Returns the load and
     when the kill happened."""
-    _wait(lambda: len(_replicas(served, "Generator")) == 1, 120, "one Generator replica at rest")
+    wait_for(lambda: len(_replicas(served, "Generator")) == 1, 120, "one Generator replica at rest")
     [victim] = _replicas(served, deployment)
     pid = _replica_pid(served, deployment, victim)
     with Load(8, lambda i, mark: stream(served["url"], "/v1/completions", KILLED, KEY, 60, mark), retries=1) as load:
-        _wait(lambda: ready(load, victim), 60, "streams under way")
+        wait_for(lambda: ready(load, victim), 60, "streams under way")
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        _wait(lambda: victim not in (now := _replicas(served, deployment)) and now, 120, f"a new {deployment} replica")
+        wait_for(lambda: victim not in (now := _replicas(served, deployment)) and now, 120, f"a new {deployment} replica")
         replaced = time.monotonic()
-        _wait(lambda: sum(1 for o in load.outcomes if o.started > replaced and o.ok) >= 8, 120,
+        wait_for(lambda: sum(1 for o in load.outcomes if o.started > replaced and o.ok) >= 8, 120,
               "requests served after the replacement")
     load.check()  # no client thread died or hung
     across = [a for a in load.requests().values() if a[0].started < killed < a[-1].ended]
@@ -533,9 +525,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_rows(served):
     one replica throughout: it starts at rest (an earlier test's scale-up or -down finished)
     and never polls while both streams run, which would put 3 requests against a target of 2
     and start a second replica (as happened in CI)."""
-    _wait(lambda: _at_rest(served, "Generator"), 120, "one Generator replica at rest")
+    wait_for(lambda: _at_rest(served, "Generator"), 120, "one Generator replica at rest")
     stats = _generator_stats
-    _wait(lambda: stats()["running"] == 0, 60, "an idle engine")
+    wait_for(lambda: stats()["running"] == 0, 60, "an idle engine")
     before = stats()
     long = dict(STREAMED, max_tokens=1000)  # seconds of decoding (the tiny model's context is 1024)
     kept: list = []
@@ -557,7 +549,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_rows(served):
         assert now["replica"] == before["replica"], "a second Generator replica started; this test needs one"
         return now["running"] == 1
 
-    _wait(one_left, 60, "the departed client's row to leave the batch")
+    wait_for(one_left, 60, "the departed client's row to leave the batch")
     assert not kept, "the staying stream ended before the other left: the check above proved nothing"
     after = stats()
     # both entered the engine; the departed one was aborted (not finished) while the other ran
@@ -590,7 +582,7 @@ def test_emit_config_is_a_valid_serve_deploy_config(served, tmp_path):
 
 def test_deploy_switches_versions_in_place_while_requests_stream(served):
     # at rest first: a replica an earlier test's load added would be scaled down meanwhile
-    _wait(lambda: len(_replicas(served, "Generator")) == 1, 120, "one Generator replica at rest")
+    wait_for(lambda: len(_replicas(served, "Generator")) == 1, 120, "one Generator replica at rest")
     before = {d: _replicas(served, d) for d in ("Generator", "Ingress")}
 
     def ask(i, mark):
@@ -694,7 +686,7 @@ def test_an_admin_loads_and_unloads_a_version_on_every_replica_through_the_endpo
     admin, _ = keys.create(db, "acme", "admin", "root-live", by="root@host")
     viewer, _ = keys.create(db, "acme", "viewer", "vic-live", by="root@host")
     target = f"{NAME}/2"
-    _wait(lambda: _at_rest(served, "Generator"), 120, "one Generator replica at rest")
+    wait_for(lambda: _at_rest(served, "Generator"), 120, "one Generator replica at rest")
     replicas = set(_replicas(served, "Generator"))
     assert all(s["pinned"] == [] for s in _stats_by_replica(served).values())  # the control
 
@@ -778,7 +770,7 @@ def test_synth_against_this_endpoint_resumes_without_asking_twice(served, tmp_pa
     assert second["requests"]["cached"] == 2 and second["requests"]["sent"] == 1
     third = synth.run_synth(synth_cfg(100))
     assert third["requests"]["sent"] == 0 and third["requests"]["cached"] == 3
-    _wait(lambda: served_requests() >= 3, 60, "the version's request series")
+    wait_for(lambda: served_requests() >= 3, 60, "the version's request series")
     time.sleep(12)  # one more export: a repeated request would show by now
     assert served_requests() == 3
 
@@ -855,9 +847,9 @@ def test_canary_rolls_back_a_bad_candidate_and_promotes_a_good_one_without_the_c
             else:  # in this process (a CLI start costs seconds); its controller is killed once, mid-rollout
                 assert rollout.start_canary(ref, 30, 3, dashboard)["status"] == rollout.RUNNING
                 ray.kill(ray.get_actor(rollout.CONTROLLER, namespace=rollout.NAMESPACE), no_restart=False)
-            _wait(lambda: rollout.canary_status()["status"] != rollout.RUNNING, 120, f"the canary's decision on {ref}")
+            wait_for(lambda: rollout.canary_status()["status"] != rollout.RUNNING, 120, f"the canary's decision on {ref}")
             decided = time.monotonic()
-            _wait(lambda: sum(1 for o in load.outcomes if o.started > decided) >= 4, 60, "traffic after the decision")
+            wait_for(lambda: sum(1 for o in load.outcomes if o.started > decided) >= 4, 60, "traffic after the decision")
         load.check()
         assert not load.failures(), load.failures()[:3]  # none failed, in the canary's share or outside it
         return load, rollout.canary_status()

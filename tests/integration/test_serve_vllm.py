@@ -28,7 +28,6 @@ import json
 import os
 import signal
 import threading
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,6 +36,7 @@ import pytest
 from conftest import free_port
 from raylab import config, registry
 from raylab.serve import deploy
+from serve_load import wait_for
 from serve_metrics import prometheus, series
 from serve_models import QUESTIONS, build_base, train_adapter
 
@@ -86,7 +86,7 @@ def served(tmp_path_factory, _session_ray):
     thread = threading.Thread(target=deploy.run_serve, args=(cfg,), kwargs={"stop": stop}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{cfg.serve.port}"
-    _wait(lambda: thread.is_alive() and _healthy(url), 400, "the vLLM endpoint")
+    wait_for(lambda: thread.is_alive() and _healthy(url), 400, "the vLLM endpoint")
     yield {"url": url, "base": base, "adapters": adapters,
            "dashboard": json.loads(deploy._endpoint_file().read_text())["dashboard"]}
     stop.set()
@@ -103,14 +103,6 @@ def _healthy(url: str) -> bool:
     except OSError:
         return False
 
-
-def _wait(ok, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if ok():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def client(served):
@@ -187,7 +179,7 @@ def test_lora_versions_on_vllm_answer_as_peft_does_two_adapters_in_one_batch(ser
     def batches(v):
         return series(prometheus(), "ray_raylab_serve_batch_size_count", model=NAME, version=str(v))
 
-    _wait(lambda: batches(1) > 0 and batches(2) > 0, 60, "vLLM's batch sizes on the metrics endpoint")
+    wait_for(lambda: batches(1) > 0 and batches(2) > 0, 60, "vLLM's batch sizes on the metrics endpoint")
     assert batches(ODD) == 0  # the control: a version nothing asked yet has no batch
 
 
@@ -495,8 +487,8 @@ def test_the_engine_core_process_does_not_outlive_a_killed_replica(served):
     cores = [p for p in children if "EngineCore" in " ".join(_cmdline(p)) or "VLLM" in p.name().upper()]
     assert cores, f"no vLLM engine-core process under the replica: {[(p.pid, p.name()) for p in children]}"
     os.kill(actor.pid, signal.SIGKILL)
-    _wait(lambda: not any(_alive(p) for p in cores), 60, "the engine-core process to end after its replica")
-    _wait(lambda: _answers(served), 400, "a new replica answering")
+    wait_for(lambda: not any(_alive(p) for p in cores), 60, "the engine-core process to end after its replica")
+    wait_for(lambda: _answers(served), 400, "a new replica answering")
 
 
 def _cmdline(p) -> list[str]:

@@ -26,11 +26,15 @@ quickstart: install
 	$(BIN)/raylab eval configs/quickstart.yaml --model acme-assistant@production
 	$(BIN)/raylab models list acme-assistant
 
-# -m overrides the development default in pyproject (unit only): everything is selected,
-# gpu tests skip themselves without CUDA.
+# The unit tests on two pytest-xdist workers (one pytest keeps one core of two busy; 430 s
+# -> 284 s here); then the integration tests in one pytest, sharing one session Ray and its
+# fixtures: they keep both cores busy already (a two-worker try over the whole suite left no
+# core idle and was on course for about the same time). gpu tests skip themselves without CUDA.
+TEST_WORKERS ?= 2
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -m "integration or not integration" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not integration and not multinode" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "integration or multinode" $(PYTEST_ARGS)
 
 unit: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -42,6 +42,19 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # tokens, where the plain-Python kernels take a fraction of a second; users keep the JIT, which
 # pays off on long prompts (200 tokens, 500 evaluations: 1 s an explanation against 8 s).
 os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
+# `make test` runs the unit tests on two pytest-xdist workers (one pytest keeps one of 2 cores
+# busy there). A worker that starts a Ray gets its own temp root, so session directories and
+# the address `ray start` records for `auto` never mix between workers.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = f"/tmp/rl-{os.environ['PYTEST_XDIST_WORKER']}"  # short: socket paths < 108 bytes
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+
+
+def pytest_configure(config):
+    # Workers started by this process share ~/.ray/auth_token: create it once here, before
+    # they start, rather than have two of them write different tokens at once.
+    if not os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "numprocesses", None):
+        ensure_auth_token()
 
 
 def pytest_collection_modifyitems(config, items):

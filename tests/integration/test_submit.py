@@ -541,7 +541,8 @@ def test_a_remote_provider_run_through_the_fine_tuning_api(local_cluster, tmp_pa
             assert len(client.fine_tuning.jobs.list().data) == 1
             assert len([f for f in client.files.list().data if f.purpose == "fine-tune"]) == 2
             provider_side(client, app.state.ingress.ftapi, job.id)
-            cancelled_while_running(client, app.state.ingress.ftapi, uploads[0].id, dashboard)
+            train_file = next(f.id for f in uploads if f.filename == "local-run-train.jsonl")  # files.list's order is not the upload order
+            cancelled_while_running(client, app.state.ingress.ftapi, train_file, dashboard)
     finally:
         from raylab.core import controldb
 

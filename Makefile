@@ -26,10 +26,9 @@ quickstart: install
 	$(BIN)/raylab eval configs/quickstart.yaml --model acme-assistant@production
 	$(BIN)/raylab models list acme-assistant
 
-# The unit tests on two pytest-xdist workers (one pytest keeps one core of two busy; 430 s
-# -> 284 s here); then the integration tests in one pytest, sharing one session Ray and its
-# fixtures: they keep both cores busy already (a two-worker try over the whole suite left no
-# core idle and was on course for about the same time). gpu tests skip themselves without CUDA.
+# The unit tests on two pytest-xdist workers (430 s -> 284 s on 2 cores), then the integration
+# tests in one pytest sharing one session Ray and its fixtures (docs/testing.md says why).
+# gpu tests skip themselves without CUDA.
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/lint-imports

@@ -60,9 +60,9 @@ def served(tmp_path_factory, _session_ray):
     build_base(base, "mini-llama")
     adapters = {v: root / f"adapter{v}" for v in ANSWERS}
     for v, path in adapters.items():
-        # 5e-3: at the tiny base's 3e-3, "Ask the help desk." stalled at a loss of 0.69 on mini-llama
-        assert train_adapter(base, path, ANSWERS[v], lr=5e-3, steps=300 if v == CALLER else 200,
-                             **({"r": 4, "lora_alpha": 8} if v == ODD else {})) < 0.1
+        # train_adapter clips its gradients: unclipped, one answer or another stalled on a plateau
+        # (loss 0.69 at lr 3e-3, 1.17 at 5e-3) depending on the machine's CPU
+        assert train_adapter(base, path, ANSWERS[v], **({"r": 4, "lora_alpha": 8} if v == ODD else {})) < 0.1
     cfg = config.load_dict({
         "version": 1, "output_dir": str(root / "run"), "offline": True,
         "data": {"sources": [{"type": "jsonl", "path": str(root / "unused.jsonl")}]},

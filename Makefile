@@ -26,14 +26,17 @@ quickstart: install
 	$(BIN)/raylab eval configs/quickstart.yaml --model acme-assistant@production
 	$(BIN)/raylab models list acme-assistant
 
-# The unit tests on two pytest-xdist workers (430 s -> 284 s on 2 cores), then the integration
-# tests in one pytest sharing one session Ray and its fixtures (docs/testing.md says why).
-# gpu tests skip themselves without CUDA.
+# The unit tests on two pytest-xdist workers, then the integration tests on two: a whole module
+# to a worker, the longest modules first (tests/conftest.py SLOW_FIRST); then the multi-node
+# tests in one pytest, since their cluster replaces the session Ray. docs/testing.md has the
+# figures. gpu tests skip themselves without CUDA.
 TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not integration and not multinode" $(PYTEST_ARGS)
-	$(BIN)/python -m pytest -m "integration or multinode" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "integration and not multinode" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m multinode $(PYTEST_ARGS)
 
 unit: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -49,8 +49,9 @@ os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
 # ignored, and every process it starts inherits that: test_submit's Ctrl-C test then sent its
 # SIGINT to a `raylab submit` that could not receive it (the job ran on, exit 0). The tests'
 # processes get Python's default handler, however pytest was started. (It showed only on xdist,
-# where that test came first in its worker; in one pytest, code an earlier test ran in this
-# process had replaced the ignore with a handler of its own by then: which one is not traced.)
+# where that test came first in its worker: in one pytest, an earlier in-process train run had
+# left Ray Train's own SIGINT handler installed, replacing the ignore; raylab now puts the
+# caller's handler back after fit(), raylab/core/signals.py.)
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 if os.environ.get("PYTEST_XDIST_WORKER"):

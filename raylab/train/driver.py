@@ -34,7 +34,7 @@ from pathlib import Path
 
 from raylab import config, models
 from raylab.config import RaylabConfig
-from raylab.core import events, plan, runs, storage
+from raylab.core import events, plan, runs, signals, storage
 from raylab.errors import RunFailed, UserError
 from raylab.train import checkpoint, metrics, objectives, pretrain
 from raylab.train.loop import train_loop_per_worker
@@ -274,7 +274,8 @@ def _train(cfg: RaylabConfig, address: str | None, callbacks: list | None, track
     live = _open_live(cfg, ident["hash"]) if track else None
     started = time.time()
     try:
-        result = trainer.fit()
+        with signals.callers_handlers():  # Ray Train leaves its SIGINT handler installed
+            result = trainer.fit()
     except BaseException as e:
         if live is not None:  # the MLflow run shows how far it got
             live.poll(run.train_metrics)

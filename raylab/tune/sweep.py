@@ -33,7 +33,7 @@ import time
 
 from raylab import config, registry, train
 from raylab.config import RaylabConfig
-from raylab.core import events, logs, plan, runs, storage
+from raylab.core import events, logs, plan, runs, signals, storage
 from raylab.errors import UserError
 from raylab.tune import asha, progress, report
 from raylab.tune.space import distributions, encode, space_problems, with_params
@@ -132,7 +132,8 @@ def _run_tune(cfg: RaylabConfig, address: str | None) -> dict:
         )
     log.info(f"tune: {t.num_samples} trials ({t.searcher}{' + ASHA' if t.asha else ''}), {the_plan.trial_concurrency} at once, "
         f"{steps} steps each at most -> {tune_dir}")
-    grid = tuner.fit()
+    with signals.callers_handlers():  # Ray Tune leaves its SIGINT and SIGUSR1 handlers installed
+        grid = tuner.fit()
     summary = report.summarize(cfg, grid, time.time() - started)
     if cfg.registry.enabled:
         summary["registry"] = registry.track_sweep(cfg, summary)

@@ -300,6 +300,10 @@ def _max_difference(final_dir: Path, reference) -> float:
     return max((t - ref[name]).abs().max().item() for name, t in final_weights(final_dir).items())
 
 
+def _callers_handler(*_):
+    raise KeyboardInterrupt
+
+
 def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_good_one(reference, tmp_path):
     from raylab.core import events
 
@@ -308,7 +312,13 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_good_one(refer
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # one bit of one weight of the latest checkpoint
     weights.write_bytes(bytes(data))
-    meta = train.run_train(cfg)
+    mine = signal.signal(signal.SIGINT, _callers_handler)
+    try:
+        meta = train.run_train(cfg)
+        # Ray Train's fit() installs its own SIGINT handler in the main thread; the caller's is back
+        assert signal.getsignal(signal.SIGINT) is _callers_handler
+    finally:
+        signal.signal(signal.SIGINT, mine)
     assert meta["steps"] == STEPS and meta["resumed_at_steps"] == [12]  # from the previous good checkpoint
     (rejected,) = [e for e in events.read(runs.Run(cfg.output_dir).events) if e["kind"] == "train.checkpoint_rejected"]
     assert rejected["fields"]["checkpoint"].endswith(by_step[STEPS].name) and rejected["fields"]["resumed_step"] == 12

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,10 @@ def test_best_yaml_reproduces_the_winner(sweep):
     assert meta["metrics"]["val_loss"] == pytest.approx(summary["best"]["val_loss"], abs=1e-6)
 
 
+def _callers_handler(*_):
+    raise KeyboardInterrupt
+
+
 def test_killed_sweep_driver_resumes_with_finished_trials_kept(learn_data, tmp_path):
     cfg = sweep_config(learn_data, tmp_path / "run", num_samples=2, asha=None, points_to_evaluate=[],
                        search_space={"train.lr": {"loguniform": [1e-3, 2e-2]}})
@@ -133,7 +138,13 @@ def test_killed_sweep_driver_resumes_with_finished_trials_kept(learn_data, tmp_p
     kill_cli_when_ready(["tune", str(path)], lambda: bool(list(trials.glob("*/train/final/" + runs.TRAIN_META))), timeout_s=400)
     first = {p.parts[-4] for p in trials.glob("*/train/final/" + runs.TRAIN_META)}
     assert first
-    summary = tune.run_tune(config.load(path))
+    mine = signal.signal(signal.SIGINT, _callers_handler)
+    try:
+        summary = tune.run_tune(config.load(path))
+        # Ray Tune's fit() installs its own SIGINT and SIGUSR1 handlers; the caller's are back
+        assert signal.getsignal(signal.SIGINT) is _callers_handler
+    finally:
+        signal.signal(signal.SIGINT, mine)
     assert summary["trials"] == 2 and summary["finished"] == 2
     assert first <= {r["trial_id"] for r in summary["results"]}  # the trials finished before the kill are kept
 

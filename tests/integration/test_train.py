@@ -304,6 +304,12 @@ def _callers_handler(*_):
     raise KeyboardInterrupt
 
 
+def _alive_controllers() -> set[str]:
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])}
+
+
 def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_good_one(reference, tmp_path):
     from raylab.core import events
 
@@ -312,11 +318,19 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_good_one(refer
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # one bit of one weight of the latest checkpoint
     weights.write_bytes(bytes(data))
+    controllers = _alive_controllers()
     mine = signal.signal(signal.SIGINT, _callers_handler)
     try:
         meta = train.run_train(cfg)
         # Ray Train's fit() installs its own SIGINT handler in the main thread; the caller's is back
         assert signal.getsignal(signal.SIGINT) is _callers_handler
+        # That handler held the run's controller: while it stayed installed, the TrainController
+        # actor of every in-process run stayed alive. Released, the actor ends (asynchronously).
+        # Checked before this test puts its own handler back, which would release it too.
+        deadline = time.monotonic() + 60
+        while _alive_controllers() - controllers and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _alive_controllers() - controllers
     finally:
         signal.signal(signal.SIGINT, mine)
     assert meta["steps"] == STEPS and meta["resumed_at_steps"] == [12]  # from the previous good checkpoint

@@ -42,9 +42,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # tokens, where the plain-Python kernels take a fraction of a second; users keep the JIT, which
 # pays off on long prompts (200 tokens, 500 evaluations: 1 s an explanation against 8 s).
 os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
-# `make test` runs the unit tests on two pytest-xdist workers (one pytest keeps one of 2 cores
-# busy there). A worker that starts a Ray gets its own temp root, so session directories and
-# the address `ray start` records for `auto` never mix between workers.
 # A shell without job control starts a background command (`make test &`, nohup) with SIGINT
 # ignored, and every process it starts inherits that: test_submit's Ctrl-C test then sent its
 # SIGINT to a `raylab submit` that could not receive it (the job ran on, exit 0). The tests'
@@ -54,6 +51,9 @@ os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
 # caller's handler back after fit(), raylab/core/signals.py.)
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+# `make test` runs the unit and the single-Ray integration tests on two pytest-xdist workers (one
+# pytest keeps one of 2 cores busy). A worker that starts a Ray gets its own temp root, so
+# session directories and the address `ray start` records for `auto` never mix between workers.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["RAY_TMPDIR"] = f"/tmp/rl-{os.environ['PYTEST_XDIST_WORKER']}"  # short: socket paths < 108 bytes
     os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
@@ -373,6 +373,20 @@ def with_data(learn_data, out: Path, **train_overrides):
     corpus, ref = learn_data
     shutil.copytree(ref / "data", out / "data")
     return config.load_dict(base_config(out, corpus, **train_overrides))
+
+
+@contextlib.contextmanager
+def callers_sigint():
+    """A SIGINT handler of the test's own in force for the block (yielded), the previous one back
+    after it: an in-process run must leave the caller's handler as it found it."""
+    def callers(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, callers)
+    try:
+        yield callers
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def kill_cli_when_ready(args: list[str], ready, timeout_s: float) -> None:

@@ -22,15 +22,16 @@ SIGNALS = (signal.SIGINT, signal.SIGUSR1)
 
 
 @contextlib.contextmanager
-def callers_handlers() -> Iterator[None]:
-    """The SIGINT and SIGUSR1 handlers of the main thread as they were on entry, back on exit
-    (Ray's own are in force inside). Off the main thread nothing can be installed: a no-op."""
+def callers_handlers(*sigs: signal.Signals) -> Iterator[bool]:
+    """The main thread's handlers of `sigs` (default SIGINT and SIGUSR1) as they were on entry,
+    back on exit (whatever is installed inside is in force there). Yields whether this is the
+    main thread: off it nothing can be installed, and this is a no-op."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield False
         return
-    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in sigs or SIGNALS}
     try:
-        yield
+        yield True
     finally:
         for sig, handler in previous.items():
             if handler is not None:  # None: a handler not set from Python, which cannot be put back

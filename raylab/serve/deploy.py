@@ -29,7 +29,7 @@ from pathlib import Path
 
 from raylab import models, registry
 from raylab.config import ExplainConfig, RaylabConfig, ServeConfig
-from raylab.core import cluster, controldb, events, plan, runs, storage
+from raylab.core import cluster, controldb, events, plan, runs, signals, storage
 from raylab.core.cluster import auth_token
 from raylab.errors import UserError
 from raylab.serve.auth import api_keys
@@ -404,18 +404,13 @@ def run_serve(cfg: RaylabConfig | None, model: str | None = None, address: str |
 
 def wait_until_stopped(stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    log.info("foreground: Ctrl-C (SIGINT) or SIGTERM stops it; `raylab deploy REF` switches versions")
-    try:
+    # run_serve from Python (a notebook, a test) gives the caller its own handlers back
+    with signals.callers_handlers(signal.SIGINT, signal.SIGTERM) as main_thread:
+        if main_thread:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+        log.info("foreground: Ctrl-C (SIGINT) or SIGTERM stops it; `raylab deploy REF` switches versions")
         stop.wait()
-    finally:
-        # run_serve from Python (a notebook, a test) gives the caller its own handlers back
-        for sig, handler in previous.items():
-            if handler is not None:  # None: a handler not set from Python, which cannot be put back
-                signal.signal(sig, handler)
 
 
 def _wait_routed(url: str, target: str, canary: str | None = None, timeout_s: float = 300) -> None:

@@ -18,7 +18,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import STEPS, base_config, cli_here, kill_cli_when_ready, run_cli, with_data
+from conftest import (
+    STEPS,
+    base_config,
+    callers_sigint,
+    cli_here,
+    kill_cli_when_ready,
+    run_cli,
+    with_data,
+)
 from manifests import fake_manifest
 from raylab import config, train
 from raylab.core import runs
@@ -300,10 +308,6 @@ def _max_difference(final_dir: Path, reference) -> float:
     return max((t - ref[name]).abs().max().item() for name, t in final_weights(final_dir).items())
 
 
-def _callers_handler(*_):
-    raise KeyboardInterrupt
-
-
 def _alive_controllers() -> set[str]:
     from ray.util.state import list_actors
 
@@ -319,11 +323,10 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_good_one(refer
     data[-1] ^= 1  # one bit of one weight of the latest checkpoint
     weights.write_bytes(bytes(data))
     controllers = _alive_controllers()
-    mine = signal.signal(signal.SIGINT, _callers_handler)
-    try:
+    with callers_sigint() as mine:
         meta = train.run_train(cfg)
         # Ray Train's fit() installs its own SIGINT handler in the main thread; the caller's is back
-        assert signal.getsignal(signal.SIGINT) is _callers_handler
+        assert signal.getsignal(signal.SIGINT) is mine
         # That handler held the run's controller: while it stayed installed, the TrainController
         # actor of every in-process run stayed alive. Released, the actor ends (asynchronously).
         # Checked before this test puts its own handler back, which would release it too.
@@ -331,8 +334,6 @@ def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_good_one(refer
         while _alive_controllers() - controllers and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not _alive_controllers() - controllers
-    finally:
-        signal.signal(signal.SIGINT, mine)
     assert meta["steps"] == STEPS and meta["resumed_at_steps"] == [12]  # from the previous good checkpoint
     (rejected,) = [e for e in events.read(runs.Run(cfg.output_dir).events) if e["kind"] == "train.checkpoint_rejected"]
     assert rejected["fields"]["checkpoint"].endswith(by_step[STEPS].name) and rejected["fields"]["resumed_step"] == 12

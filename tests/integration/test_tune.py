@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import base_config, cli_here, kill_cli_when_ready, with_data
+from conftest import base_config, callers_sigint, cli_here, kill_cli_when_ready, with_data
 from raylab import config, train, tune
 from raylab.core import runs
 from raylab.errors import UserError
@@ -125,10 +125,6 @@ def test_best_yaml_reproduces_the_winner(sweep):
     assert meta["metrics"]["val_loss"] == pytest.approx(summary["best"]["val_loss"], abs=1e-6)
 
 
-def _callers_handler(*_):
-    raise KeyboardInterrupt
-
-
 def test_killed_sweep_driver_resumes_with_finished_trials_kept(learn_data, tmp_path):
     cfg = sweep_config(learn_data, tmp_path / "run", num_samples=2, asha=None, points_to_evaluate=[],
                        search_space={"train.lr": {"loguniform": [1e-3, 2e-2]}})
@@ -138,13 +134,10 @@ def test_killed_sweep_driver_resumes_with_finished_trials_kept(learn_data, tmp_p
     kill_cli_when_ready(["tune", str(path)], lambda: bool(list(trials.glob("*/train/final/" + runs.TRAIN_META))), timeout_s=400)
     first = {p.parts[-4] for p in trials.glob("*/train/final/" + runs.TRAIN_META)}
     assert first
-    mine = signal.signal(signal.SIGINT, _callers_handler)
-    try:
+    with callers_sigint() as mine:
         summary = tune.run_tune(config.load(path))
         # Ray Tune's fit() installs its own SIGINT and SIGUSR1 handlers; the caller's are back
-        assert signal.getsignal(signal.SIGINT) is _callers_handler
-    finally:
-        signal.signal(signal.SIGINT, mine)
+        assert signal.getsignal(signal.SIGINT) is mine
     assert summary["trials"] == 2 and summary["finished"] == 2
     assert first <= {r["trial_id"] for r in summary["results"]}  # the trials finished before the kill are kept
 

@@ -49,4 +49,3 @@ def test_off_the_main_thread_it_is_a_no_op():
     t.start()
     t.join()
     assert seen == [True]
-

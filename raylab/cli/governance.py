@@ -33,7 +33,8 @@ def _audit_parser(sub) -> None:
     v = acts.add_parser("verify", parents=[common], help="check every hash link and the signed checkpoints; "
                         "exit 1 naming the first bad entry")
     v.add_argument("--checkpoints", help="where the signed checkpoints are (default: governance.audit.checkpoints, "
-                   "$RAYLAB_AUDIT_CHECKPOINTS, else $RAYLAB_HOME/audit/checkpoints)")
+                   "$RAYLAB_AUDIT_CHECKPOINTS, else $RAYLAB_HOME/audit/checkpoints, or checkpoints-<digest> "
+                   "beside it for a non-default database)")
     v.add_argument("--public-key", action="append", default=[], metavar="FILE",
                    help="a trusted public key (PEM; repeatable); default: the signing key or its .pub")
     v.add_argument("--strict", action="store_true", help="also fail when entries after the newest checkpoint are unsigned")

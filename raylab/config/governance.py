@@ -46,7 +46,8 @@ class AuditConfig(Section):
                           "from the database: whoever can read it can forge a consistent chain")
     checkpoints: PathOrUri | None = Field(
         None, description="where signed checkpoints (head hash, length) are written: a directory or URI (s3://); "
-                          "default $RAYLAB_AUDIT_CHECKPOINTS, else $RAYLAB_HOME/audit/checkpoints")
+                          "default $RAYLAB_AUDIT_CHECKPOINTS, else $RAYLAB_HOME/audit/checkpoints (with a non-default "
+                          "governance.database: $RAYLAB_HOME/audit/checkpoints-<digest of its URL>)")
 
     kms_key: str | None = Field(
         None, description="an AWS KMS key (id, ARN or alias/NAME; KeySpec ECC_NIST_P256, KeyUsage SIGN_VERIFY) "

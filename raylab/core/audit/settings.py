@@ -4,6 +4,7 @@ it starts: `process_env`)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,13 +33,31 @@ class Settings:
     def from_env(cls, database: str | None = None, key: str | None = None,
                  checkpoints: str | None = None) -> Settings:
         """Flags first, then $RAYLAB_DATABASE_URL, $RAYLAB_AUDIT_KEY, $RAYLAB_AUDIT_CHECKPOINTS,
-        $RAYLAB_AUDIT, $RAYLAB_AUDIT_KMS_KEY, then the defaults (SQLite in $RAYLAB_HOME, ~/.config/raylab, $RAYLAB_HOME)."""
+        $RAYLAB_AUDIT, $RAYLAB_AUDIT_KMS_KEY, then the defaults (SQLite in $RAYLAB_HOME, ~/.config/raylab,
+        `default_checkpoints`)."""
         flag = os.environ.get(ENABLED_ENV, "1").strip().lower()
-        return cls(database=controldb.url(database),
+        db = controldb.url(database)
+        return cls(database=db,
                    key=os.path.abspath(os.path.expanduser(key or os.environ.get(KEY_ENV) or str(runs.audit_key_default()))),
-                   checkpoints=checkpoints or os.environ.get(CHECKPOINTS_ENV) or str(runs.home().audit_checkpoints),
+                   checkpoints=checkpoints or os.environ.get(CHECKPOINTS_ENV) or default_checkpoints(db),
                    enabled=flag not in ("0", "false", "no", "off"),
                    kms_key=os.environ.get(KMS_ENV) or None)
+
+
+def default_checkpoints(database: str) -> str:
+    """Where a chain's checkpoints go when nothing says: $RAYLAB_HOME/audit/checkpoints for the
+    default database, and for any other a directory of its own beside it, named by a digest of
+    the database URL (its password left out, so rotating it keeps the checkpoints). Checkpoint
+    files are named by chain length, so two chains sharing one directory (a second project's
+    governance.database on the same machine) overwrite each other's checkpoint N, and `verify`
+    then reports the other chain as rewritten."""
+    import sqlalchemy as sa
+
+    home = runs.home()
+    if database == controldb.normalise(f"sqlite:///{home.control_db}"):
+        return str(home.audit_checkpoints)
+    keyed = sa.engine.make_url(database).render_as_string(hide_password=True)  # the password as ***
+    return str(home.audit_checkpoints.with_name(f"checkpoints-{hashlib.sha256(keyed.encode()).hexdigest()[:16]}"))
 
 
 def process_env(cfg: RaylabConfig | None) -> dict[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from raylab.core import audit, controldb, events, storage
+from raylab.core import audit, controldb, events, runs, storage
 from raylab.core.audit import chain, check, keys
 
 REPO = Path(__file__).resolve().parents[3]
@@ -161,6 +161,43 @@ def test_deleted_checkpoints_leave_the_chain_unproven(db):
     untouched_verifies()
     storage.remove_dir(settings().checkpoints)
     assert first(audit.verify(settings())) == (1, "unsigned")
+
+
+def test_two_databases_keep_their_own_default_checkpoints(tmp_path, monkeypatch):
+    """A second database under one $RAYLAB_HOME (another project's governance.database) gets a
+    checkpoint directory of its own by default. The control: a third chain pointed at the
+    default's directory overwrites checkpoints 1 and 2, and the default chain reads as rewritten."""
+    monkeypatch.setenv("RAYLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAYLAB_AUDIT_KEY", str(tmp_path / "keys" / "audit.pem"))
+    monkeypatch.setenv("RAYLAB_USER", "ada")
+    monkeypatch.delenv("RAYLAB_AUDIT_CHECKPOINTS", raising=False)
+    monkeypatch.delenv("RAYLAB_DATABASE_URL", raising=False)
+
+    def chain_in(url: str, n: int) -> audit.Settings:
+        monkeypatch.setenv("RAYLAB_DATABASE_URL", url)
+        fill(n)
+        return settings()
+
+    try:
+        fill(3)
+        default = settings()
+        other = chain_in(f"sqlite:///{tmp_path / 'other.db'}", 2)
+        assert default.checkpoints == str(runs.home().audit_checkpoints)
+        assert other.checkpoints not in (default.checkpoints, *storage.list_files(default.checkpoints))
+        assert audit.verify(default).ok and audit.verify(other).ok
+        monkeypatch.setenv("RAYLAB_AUDIT_CHECKPOINTS", default.checkpoints)
+        chain_in(f"sqlite:///{tmp_path / 'third.db'}", 2)
+        assert first(audit.verify(default)) == (1, "rewritten")
+    finally:
+        controldb.dispose_all()
+
+
+def test_the_default_checkpoints_ignore_the_database_password():
+    from raylab.core.audit.settings import default_checkpoints
+
+    one, rotated = (default_checkpoints(f"postgresql+psycopg2://ada:{pw}@db.acme/control") for pw in ("old", "new"))
+    assert one == rotated != default_checkpoints("postgresql+psycopg2://ada:old@db.acme/other")
+    assert "old" not in one
 
 
 def test_a_recomputed_single_entry_is_named(db):

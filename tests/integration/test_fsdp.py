@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -79,7 +77,7 @@ def _trainable_full(model) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if n in names}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, out: str) -> None:
     import torch.distributed as dist
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -87,9 +85,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     from raylab.models import resolve
     from raylab.train import checkpoint, loss, sharding
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # A file rendezvous, not a TCP port picked free in the parent: that port stays unbound for
+    # the seconds of imports before rank 0 listens on it, while another xdist worker's
+    # processes open ports.
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
     report: dict = {}
     cpu = torch.device("cpu")
     base_path = resolve("preset:tiny-llama")
@@ -184,17 +184,11 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp_on_two_gloo_processes(tmp_path):
     from raylab.models import materialize_preset
 
     materialize_preset("tiny-llama")  # once, before two processes would race to write it
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(_worker, args=(str(tmp_path),), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + 600  # a collective that one rank never joins would hang forever
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:

@@ -57,15 +57,18 @@ def is_peft(model) -> bool:
 
 
 def expected_tensors(model) -> dict[str, tuple[int, ...]]:
-    """Names and shapes save_pretrained must write for this model (adapter or full)."""
+    """Names and shapes save_pretrained must write for this model (adapter or full), with no
+    collective: save_model runs on rank 0 alone. peft picks the adapter's entries from empty
+    meta tensors of the entries' global shapes (a sharded parameter's DTensor reports its
+    global shape): handed the model's own DTensors, peft >= 0.22 gathers them, and that
+    all-gather, made by one rank, hung a two-worker FSDP run at its first checkpoint."""
     m = unwrap(model)
+    shapes = {k: torch.empty(v.shape, device="meta") for k, v in m.state_dict().items()}
     if is_peft(m):
         from peft import get_peft_model_state_dict
 
-        sd = get_peft_model_state_dict(m, save_embedding_layers=_save_embeddings(m))
-    else:
-        sd = m.state_dict()
-    return {k: tuple(v.shape) for k, v in sd.items()}
+        shapes = get_peft_model_state_dict(m, state_dict=shapes, save_embedding_layers=_save_embeddings(m))
+    return {k: tuple(v.shape) for k, v in shapes.items()}
 
 
 def _save_embeddings(m) -> bool:

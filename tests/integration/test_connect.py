@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -137,18 +138,26 @@ def test_client_proxy_failing_to_start_a_session_is_retried_then_exit_2():
     from conftest import start_head
 
     # A short path of its own: Ray's socket paths live under it (and a 107-byte limit).
-    temp_dir = tempfile.mkdtemp(prefix="rl-head-")
-    with start_head({"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "0"}, temp_dir=temp_dir) as (_, client):
-        try:
-            # About 70 s: after each failed start Ray's client waits out its reconnect grace
-            # period (30 s). With the period at 0 the failure surfaces as a plain
-            # ConnectionError now and then, no longer the proxy's message: not a fair test.
-            proc = run_cli("doctor", "--address", client, env={"RAY_ADDRESS": ""})
-        finally:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for provoked in (1, 2):
+        temp_dir = tempfile.mkdtemp(prefix="rl-head-")
+        with start_head({"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "0"}, temp_dir=temp_dir) as (_, client):
+            try:
+                # About 70 s: after each failed start Ray's client waits out its reconnect grace
+                # period (30 s). With the period at 0 the failure surfaces as a plain
+                # ConnectionError now and then, no longer the proxy's message: not a fair test.
+                proc = run_cli("doctor", "--address", client, env={"RAY_ADDRESS": ""})
+            finally:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        # Under CI's two-worker load Ray once reported the failed start as a plain connection
+        # error (raylab's generic exit 2 above, no retry): then the proxy's failure was not
+        # provoked, so it is provoked once more, and Ray's wording is kept in the output.
+        if "failed to start this session's server" in proc.stdout or provoked == 2:
+            break
+        warnings.warn(f"the head's proxy failure was not provoked (Ray said otherwise): {proc.stderr[-600:]}",
+                      stacklevel=1)
     # Progress and warnings go to stdout, the error to stderr.
-    assert proc.stdout.count("failed to start this session's server (attempt") == 2, proc.stdout
+    assert proc.stdout.count("failed to start this session's server (attempt") == 2, proc.stdout + proc.stderr
     assert "the head's client proxy failed to start a session server 2 times" in proc.stderr
     # Ray's own reason, whichever of the two ways a session's server fails to start (its port
     # not open in time, or the process dying at start-up: CI saw the second under load)

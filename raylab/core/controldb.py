@@ -44,11 +44,16 @@ _engines: dict[tuple[int, str], object] = {}  # (pid, url) -> a migrated engine
 def url(explicit: str | None = None) -> str:
     """The database URL: `explicit` (a flag), else $RAYLAB_DATABASE_URL (which the config's
     governance.database sets for raylab and its workers), else SQLite under $RAYLAB_HOME."""
-    raw = explicit or os.environ.get(ENV) or f"sqlite:///{runs.home().control_db}"
+    raw = explicit or os.environ.get(ENV) or default_url()
     try:
         return normalise(raw)
     except UserError as e:
         raise UserError(f"{origin(explicit)}: {e}") from None
+
+
+def default_url() -> str:
+    """SQLite under $RAYLAB_HOME: the database when nothing names one."""
+    return f"sqlite:///{runs.home().control_db}"
 
 
 def origin(explicit: str | None = None) -> str:

@@ -86,9 +86,8 @@ def _worker(rank: int, out: str) -> None:
     from raylab.train import checkpoint, loss, sharding
 
     torch.set_num_threads(1)
-    # A file rendezvous, not a TCP port picked free in the parent: that port stays unbound for
-    # the seconds of imports before rank 0 listens on it, while another xdist worker's
-    # processes open ports.
+    # A file rendezvous, not a TCP port picked free in the parent, which stays unbound for the
+    # seconds of imports before rank 0 listens on it.
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
     report: dict = {}
     cpu = torch.device("cpu")

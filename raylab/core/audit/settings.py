@@ -54,7 +54,7 @@ def default_checkpoints(database: str) -> str:
     import sqlalchemy as sa
 
     home = runs.home()
-    if database == controldb.normalise(f"sqlite:///{home.control_db}"):
+    if database == controldb.normalise(controldb.default_url()):
         return str(home.audit_checkpoints)
     keyed = sa.engine.make_url(database).render_as_string(hide_password=True)  # the password as ***
     return str(home.audit_checkpoints.with_name(f"checkpoints-{hashlib.sha256(keyed.encode()).hexdigest()[:16]}"))

@@ -4,10 +4,11 @@ Ray forwards each worker's standard output and error to the driver with a `(Name
 prefix, the raylet pushes its warnings (`(raylet) WARNING: 32 PYTHON worker processes have
 been started ...`), Ray's C++ core writes glog lines (`[2026-... E 123 456] core_worker.cc:
 ...`) straight to file descriptor 2, and Ray Data, Tune and Optuna log through their own
-handlers. On a laptop's terminal those read as failures. So the `raylab` command (not the
-Python API, and not with `--verbose`) sends them to a log file and keeps everything else:
-raylab's own lines (the driver's, and the workers' standard output, which is where raylab's
-progress lines go), its errors, and any traceback.
+handlers (vLLM and Ray Serve too, in their own formats). On a laptop's terminal those read
+as failures. So the `raylab` command (not the Python API, and not with `--verbose`) sends
+them to a log file and keeps everything else: raylab's own lines (the driver's, and the
+workers' standard output, which is where raylab's progress lines go), its errors, and any
+traceback. It also turns off Ray's log deduplication (see quiet()).
 
     log_file = console.quiet("train")     # once, from the command's entry point
 
@@ -40,6 +41,11 @@ _OPTUNA = re.compile(r"^\[[DIWEC] \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\]")  # Optu
 # torch's own logging (torch._logging's glog-style handler): `W1206 19:57:04.794000 16877
 # torch/utils/_pytree.py:630] ...`, e.g. the deprecation torchao's import triggers in every process
 _TORCH = re.compile(r"^[DIWEFC]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+# vLLM's logger, in a Generator replica and its engine-core process (which prefixes its own
+# process name): `(EngineCore_DP0 pid=20061) WARNING 12-07 15:19:35 [utils.py:648] ...`
+_VLLM = re.compile(r"^(?:\([^()]*\bpid=\d+\) )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d \d\d:\d\d:\d\d \[[\w./-]+:\d+\] ")
+# Ray Serve's logger on the driver: `INFO 2026-12-07 15:19:28,680 serve 15028 -- Deleting app ['raylab']`
+_SERVE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ \d+ -- ")
 # Libraries whose Python loggers warn at import with no handler of their own (Python's last
 # resort prints the bare message on stderr): torchao's "Failed to load .../_C_mxfp8...so" for
 # kernels built for GPUs this machine does not have.
@@ -62,7 +68,7 @@ def is_ray_line(line: str, fd: int) -> bool:
 
 
 def _library(text: str) -> bool:
-    return bool(_GLOG.match(text) or _RAY_PY.match(text) or _OPTUNA.match(text) or _TORCH.match(text))
+    return any(p.match(text) for p in (_GLOG, _RAY_PY, _OPTUNA, _TORCH, _VLLM, _SERVE))
 
 
 class _Router:
@@ -123,6 +129,11 @@ class _LogHandler(logging.Handler):
 def quiet(verb: str) -> Path:
     """Route Ray's console output to $RAYLAB_HOME/logs/raylab-<verb>-<time>-<pid>.log for the
     rest of this process (Python warnings too); returns that file. Call once, early."""
+    # Ray's log deduplication merges workers' lines that differ only in ids or numbers into
+    # one line plus "[repeated 2x across cluster] (Ray deduplicates logs by default ...)", so
+    # two trials' progress lines read as one trial's. Read when Ray is first imported, which
+    # the command has not done yet; RAY_DEDUP_LOGS=1 in the environment keeps Ray's way.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     home = Path(os.environ.get("RAYLAB_HOME") or Path.home() / ".raylab")
     path = home / "logs" / f"raylab-{verb}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log = storage.open_local_log(str(path))

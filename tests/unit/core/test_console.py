@@ -26,6 +26,11 @@ RAY = [  # (line, the fd it arrives on), each seen on a 2-core quickstart
      "[mutex.cc : 452] RAW: Lock blocking 0x559a05e4b030", 2),
     ("W1206 19:57:04.794000 16877 torch/utils/_pytree.py:630] <enum 'KernelPreference'> is an Enum subclass", 2),
     ("\x1b[36m(RayTrainWorker pid=4691)\x1b[0m W1206 19:57:04.794000 4691 torch/utils/_pytree.py:630] <enum", 1),
+    # vLLM's logger in a Generator replica, through its engine-core process manager (stdout)
+    ("\x1b[36m(ServeReplica:raylab:Generator pid=19901)\x1b[0m (MainProcess pid=19901) WARNING 12-07 15:19:35 "
+     "[utils.py:648] [shutdown] Process manager: force killing remaining processes count=1", 1),
+    ("\x1b[36m(ServeReplica:raylab:Generator pid=19901)\x1b[0m INFO 12-07 15:19:30 [loader.py:52] Loading weights", 1),
+    ("INFO 2026-12-07 15:19:28,680 serve 15028 -- Deleting app ['raylab']", 2),  # Ray Serve on the driver
 ]
 RAYLAB = [
     ("train: lora on preset:tiny-llama, 1 worker(s) x 2 thread(s), 29 sequences x 128 -> /tmp/run/train", 1),
@@ -37,6 +42,8 @@ RAYLAB = [
     ("RuntimeError: training failed: (pid=3) boom", 2),
     ("=== promote ===", 1),
     ("W1206: not a log line, a word that starts like one", 1),
+    ("WARNING 3 of 12 answers were empty: see runs/q/smoke.json", 1),
+    ("\x1b[36m(run_trial pid=77)\x1b[0m INFO 2 trials [stopped early] -- not vLLM's format", 1),
 ]
 
 
@@ -62,12 +69,14 @@ SCRIPT = textwrap.dedent("""\
     import logging
     logging.getLogger("torchao").warning("Failed to load _C_mxfp8.so: a kernel for another GPU")
     print("raylab data: error: the source is missing", file=sys.stderr)
+    from ray._private import ray_constants  # Ray reads RAY_DEDUP_LOGS when first imported
+    print("DEDUP=" + str(ray_constants.RAY_DEDUP_LOGS))
     print("LOG=" + str(path))
     """)
 
 
 def test_quiet_routes_whole_process_output(tmp_path):
-    env = {**os.environ, "RAYLAB_HOME": str(tmp_path)}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS"}, "RAYLAB_HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     log = next(line for line in proc.stdout.splitlines() if line.startswith("LOG="))[4:]
@@ -80,3 +89,12 @@ def test_quiet_routes_whole_process_output(tmp_path):
     assert "(raylet)" in saved and "core_worker.cc:2465" in saved and "a library's FutureWarning" in saved
     assert "torchao Failed to load _C_mxfp8.so" in saved
     assert "data: read" not in saved and "the source is missing" not in saved
+    # Ray's log deduplication is off, so two trials' progress lines are not merged into one
+    assert "DEDUP=False" in proc.stdout.splitlines()
+
+
+def test_rays_log_deduplication_is_on_without_quiet():  # the control: what quiet() changes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DEDUP_LOGS"}
+    code = "from ray._private import ray_constants; print(ray_constants.RAY_DEDUP_LOGS)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.strip() == "True", proc.stderr

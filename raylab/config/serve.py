@@ -171,6 +171,10 @@ class ServeConfig(Section):
     max_batch_size: PositiveInt = Field(8, description="sequences decoded together; 1 turns batching off")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long an idle engine waits for more arrivals to "
                                        "prefill together (0: it starts at once; newcomers join between steps)")
+    stream_interval_ms: float = Field(50.0, ge=0, description="a streaming response's tokens leave the Generator "
+                                      "at most this often, each still its own event to the client (the first at "
+                                      "once, the last when it is ready): a message between Ray processes costs more "
+                                      "than a small model's token; 0 sends every decode step's token at once")
     max_adapters_per_replica: PositiveInt = Field(4, description="versions kept loaded per replica (LRU)")
     max_prompt_tokens: PositiveInt = Field(2048, description="longer prompts are a 400")
     max_tokens: PositiveInt = Field(512, description="largest max_tokens a request may ask (400 beyond)")

@@ -412,11 +412,23 @@ class GeneratorBase:
                                      "param": job["constraint_param"], "code": "invalid_value"}}
                     return
             yield {"prompt_tokens": prompt_tokens}
-            left = len(reqs)
+            left, loop = len(reqs), asyncio.get_running_loop()
+            # A streamed response's news leaves at most every `interval` seconds (serve.stream_interval_ms),
+            # the first token and a finish at once: each message is a Ray object passed on by the
+            # ingress and the proxy, which cost more CPU than a small model's decode step
+            # (bench_serve_vllm at c1: 2-3x the time per token with a message per step). The
+            # ingress still sends one event per delta, so clients see the same events.
+            # (Not with logprobs: a message's entries of a choice ride with its first delta, so
+            # they stay aligned with their tokens only one step per message.)
+            wants_logprobs = bool(job["sampling"].get("logprobs"))
+            interval = self.limits.get("stream_interval_ms", 0) / 1000 if stream_wanted and not wants_logprobs else 0
+            last = None  # when the last message left
             while left:
                 news = early or [await merged.get()]
                 early = []
-                await asyncio.sleep(0)  # the other choices' news of the same step, into one message
+                now_or_never = last is None or isinstance(news[0][1], Exception) or news[0][1].finished
+                wait = 0.0 if now_or_never else last + interval - loop.time()
+                await asyncio.sleep(max(wait, 0))  # news of the same step (or interval), into one message
                 while not merged.empty():
                     news.append(merged.get_nowait())
                 items = []
@@ -428,6 +440,7 @@ class GeneratorBase:
                     left -= out.finished
                 items = [item for item in items if item is not None]
                 if stream_wanted and items:
+                    last = loop.time()
                     yield {"deltas": items} | self._logprobs(logprobs, [item[0] for item in items])
             if not stream_wanted:  # one message at the end: per-token messages between replicas cost more than decoding
                 yield ({"deltas": [[i, texts[i], reasons[i], counts[i]] for i in range(len(reqs))]}

@@ -150,9 +150,10 @@ async def _events(server, stream, rid, model, chat, n_choices, include_usage, re
     tokens, offsets, called = 0, {}, set()
     try:
         async for item in stream.items():
+            pending = dict(item.get("logprobs", {}))  # a choice's entries ride with its first delta of the message
             for i, text, reason, count in item["deltas"]:
                 tokens += count
-                entries = item.get("logprobs", {}).get(i)
+                entries = pending.pop(i, None)
                 event = oa.chunk(rid, model, i, text, reason, chat, logprobs=entries, offset=offsets.get(i, 0))
                 if call is not None:  # the text is the call's arguments
                     event["choices"][0]["delta"] = tools.delta(call, called, i, text)

@@ -26,6 +26,7 @@ Optuna has no partial-dependence plot), slice.png (Optuna's slice plot).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -132,7 +133,7 @@ def _run_tune(cfg: RaylabConfig, address: str | None) -> dict:
         )
     log.info(f"tune: {t.num_samples} trials ({t.searcher}{' + ASHA' if t.asha else ''}), {the_plan.trial_concurrency} at once, "
         f"{steps} steps each at most -> {tune_dir}")
-    with signals.callers_handlers():  # Ray Tune leaves its SIGINT and SIGUSR1 handlers installed
+    with signals.callers_handlers(), _tunes_own_output_off():  # Tune leaves its SIGINT/SIGUSR1 handlers installed
         grid = tuner.fit()
     summary = report.summarize(cfg, grid, time.time() - started)
     if cfg.registry.enabled:
@@ -169,3 +170,21 @@ def step_budget(budget: int, run: runs.Run):
     return StepBudget()
 
 
+
+
+@contextlib.contextmanager
+def _tunes_own_output_off():
+    """Ray Tune's console output off while the sweep runs; raylab's SweepProgress callback
+    prints the progress. RunConfig(verbose=0) is not enough in Ray 2.60: its new output engine
+    prints the experiment's box, result path and TensorBoard hint whatever the verbosity
+    (tune.run calls experiment_started unconditionally), while the legacy engine, chosen by
+    RAY_AIR_NEW_OUTPUT=0 at fit() time, honours verbose=0. The caller's value is put back."""
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous

@@ -14,7 +14,7 @@ import yaml
 
 from conftest import base_config, callers_sigint, cli_here, kill_cli_when_ready, with_data
 from raylab import config, train, tune
-from raylab.core import runs
+from raylab.core import logs, runs
 from raylab.errors import UserError
 
 pytestmark = pytest.mark.integration
@@ -125,7 +125,7 @@ def test_best_yaml_reproduces_the_winner(sweep):
     assert meta["metrics"]["val_loss"] == pytest.approx(summary["best"]["val_loss"], abs=1e-6)
 
 
-def test_killed_sweep_driver_resumes_with_finished_trials_kept(learn_data, tmp_path):
+def test_killed_sweep_driver_resumes_with_finished_trials_kept(learn_data, tmp_path, capfd):
     cfg = sweep_config(learn_data, tmp_path / "run", num_samples=2, asha=None, points_to_evaluate=[],
                        search_space={"train.lr": {"loguniform": [1e-3, 2e-2]}})
     path = tmp_path / "sweep.yaml"
@@ -134,12 +134,19 @@ def test_killed_sweep_driver_resumes_with_finished_trials_kept(learn_data, tmp_p
     kill_cli_when_ready(["tune", str(path)], lambda: bool(list(trials.glob("*/train/final/" + runs.TRAIN_META))), timeout_s=400)
     first = {p.parts[-4] for p in trials.glob("*/train/final/" + runs.TRAIN_META)}
     assert first
+    logs.console()  # raylab's lines on stdout, as the command prints them
+    capfd.readouterr()
     with callers_sigint() as mine:
         summary = tune.run_tune(config.load(path))
         # Ray Tune's fit() installs its own SIGINT and SIGUSR1 handlers; the caller's are back
         assert signal.getsignal(signal.SIGINT) is mine
     assert summary["trials"] == 2 and summary["finished"] == 2
     assert first <= {r["trial_id"] for r in summary["results"]}  # the trials finished before the kill are kept
+    # The console holds raylab's progress, not Ray Tune's experiment box, result path and
+    # TensorBoard hint (Tune 2.60 prints those at verbose=0 too; sweep._tunes_own_output_off)
+    out = capfd.readouterr().out
+    assert "tune: 2 trials (" in out, out  # raylab's own start line: the capture works
+    assert "Configuration for experiment" not in out and "View detailed results here" not in out, out
 
 
 @pytest.mark.parametrize("space, expect", [

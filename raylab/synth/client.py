@@ -262,8 +262,12 @@ class Requests:
         log.info(f"synth: {len(rows)} request(s) to {self.ep.model} ({s.concurrency} actor(s)); "
                  f"{self.sent}/{self.budget} of the budget used")
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), s.concurrency * 4)))
-        # I/O-bound actors: a quarter CPU each, so `concurrency` of them fit beside the rest
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=min(s.concurrency, -(-len(rows) // s.batch_size)))
+        # I/O-bound actors: a quarter CPU each, so `concurrency` of them fit beside the rest. All
+        # are started at once (initial_size): from one, Ray Data's autoscaler adds actors only as
+        # its queue grows, and the requests of that ramp go out below the configured
+        # concurrency. min_size 1: the pool still runs where fewer fit (started asynchronously).
+        size = min(s.concurrency, -(-len(rows) // s.batch_size))
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size)
         out = ds.map_batches(Requester, batch_size=s.batch_size, compute=pool, num_cpus=0.25, batch_format="numpy",
                              fn_constructor_kwargs=kwargs).take_all()
         return {r["key"]: Answer(bool(r["ok"]), content=str(r["content"]), reason=str(r["reason"])) for r in out}

@@ -141,8 +141,9 @@ def app_config(s: ServeConfig, store: registry.Store | None, ref: str, dtype: st
             "api_keys_database": controldb.url() if s.api_keys_db else None,
             "limits": {"max_prompt_tokens": s.max_prompt_tokens, "max_tokens": s.max_tokens,
                        "max_request_bytes": s.max_request_bytes, "max_batch_size": s.max_batch_size,
-                       "batch_wait_timeout_s": s.batch_wait_timeout_s, "stream_interval_ms": s.stream_interval_ms, "max_adapters_per_replica": s.max_adapters_per_replica,
-                       "resubmit_timeout_s": s.resubmit_timeout_s}, "rag": rag,
+                       "batch_wait_timeout_s": s.batch_wait_timeout_s, "stream_interval_ms": s.stream_interval_ms,
+                       "max_adapters_per_replica": s.max_adapters_per_replica, "resubmit_timeout_s": s.resubmit_timeout_s},
+            "rag": rag,
             "engine": s.engine, "vllm": s.vllm.model_dump()}
     args["canary"] = s.canary.model_dump()  # `raylab deploy --canary` reads its thresholds from the deployed app
     if monitor is not None:  # absent from configs written before it: the ingress then samples nothing

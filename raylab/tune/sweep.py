@@ -170,8 +170,6 @@ def step_budget(budget: int, run: runs.Run):
     return StepBudget()
 
 
-
-
 @contextlib.contextmanager
 def _tunes_own_output_off():
     """Ray Tune's console output off while the sweep runs; raylab's SweepProgress callback

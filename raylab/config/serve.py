@@ -47,7 +47,8 @@ class VllmConfig(Section):
         64, description="the largest LoRA rank it serves (vLLM's ranks); higher ranks go to the transformers engine")
     max_num_seqs: PositiveInt = Field(64, description="sequences decoded together")
     max_model_len: PositiveInt | None = Field(None, description="context length; default the model's")
-    enforce_eager: bool = Field(False, description="no CUDA graphs (always so on CPU)")
+    enforce_eager: bool = Field(False, description="no compilation: no CUDA graphs on GPU, no torch.compile of a "
+                                  "full model on CPU (vLLM runs LoRA engines eager on CPU anyway)")
     tool_parser: str | None = Field(None, description="vLLM's tool-call parser for the base's family (`vllm serve "
                                     "--tool-call-parser` names: hermes, llama3_json, mistral, pythonic, ...): with "
                                     "one, chat tool_choice auto (OpenAI's default with tools) is served on vLLM "

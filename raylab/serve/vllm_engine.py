@@ -200,8 +200,11 @@ class VllmEngine(Engine):
             if s.threads:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
                 os.environ.setdefault("OMP_NUM_THREADS", str(s.threads))
+        # enforce_eager as configured on CPU too: vLLM's CPU default compiles a full model with
+        # Inductor at start (cached under ~/.cache/vllm), as its own server does, and runs LoRA
+        # engines eager by itself
         args = dict(model=model_dir, dtype=s.dtype, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
-                    tensor_parallel_size=s.tensor_parallel_size, enforce_eager=s.enforce_eager or cpu,
+                    tensor_parallel_size=s.tensor_parallel_size, enforce_eager=s.enforce_eager,
                     disable_log_stats=True,
                     # No whitespace between JSON tokens under response_format (an engine-wide
                     # setting in vLLM): it changes nothing a JSON parser reads, and a grammar that

@@ -53,6 +53,7 @@ throughput (adapters kept resident cost little); 32-adapter mix reported (evicti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -213,6 +214,19 @@ def stream_stats(results: list[dict], wall: float) -> dict:
             "tokens_per_s": sum(len(r["times"]) for r in ok) / wall, "short": sum(len(r["times"]) < r["expected"] for r in ok)}
 
 
+def vllm_leftovers() -> list[tuple[int, str]]:
+    """(pid, name) of the vLLM engine processes running now (they rename themselves VLLM::...)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            name = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and name.startswith("VLLM::"):
+            found.append((int(entry.name), name))
+    return found
+
+
 class Server:
     """A server process in its own session; `first_token_s`: launch to the first streamed token."""
 
@@ -237,13 +251,23 @@ class Server:
         print(f"{label}: first token {self.first_token_s:.1f}s after launch", file=sys.stderr, flush=True)
 
     def stop(self) -> None:
+        """SIGTERM to the server's own process, as a supervisor (Kubernetes, docker stop) stops
+        it; its whole group only with SIGKILL after 120 s. (A SIGTERM to the group also reached
+        the embedded Ray's GCS and raylet, in raylab's group: its stop then waited 60 s for
+        them, and about 3 stops in 8 left a vLLM engine-core pair running beside the next arm.)
+        vLLM engine processes still running after the stop are named and killed."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(120)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
+        time.sleep(5)  # the engine cores' own shutdown
+        for pid, name in vllm_leftovers():
+            print(f"{self.label}: WARNING {name} (pid {pid}) outlived the server; killed", file=sys.stderr, flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 120  # its helpers (Ray) outlive it briefly: until the port is free
         while time.monotonic() < deadline:
             try:

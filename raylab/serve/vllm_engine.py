@@ -158,6 +158,30 @@ def model_problems(config, cpu: bool) -> list[str]:
     return []
 
 
+def engine_args(model_dir: str, s: VllmSettings, lora: bool, cpu: bool) -> dict:
+    """vLLM's AsyncEngineArgs for one engine on this model directory."""
+    from vllm.config import StructuredOutputsConfig
+
+    # enforce_eager as configured on CPU too: vLLM's CPU build compiles a full model with
+    # Inductor at start (cached under ~/.cache/vllm), as its own server does, and runs LoRA
+    # engines eager by itself
+    args = dict(model=model_dir, dtype=s.dtype, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
+                tensor_parallel_size=s.tensor_parallel_size, enforce_eager=s.enforce_eager, disable_log_stats=True,
+                # No whitespace between JSON tokens under response_format (an engine-wide
+                # setting in vLLM): it changes nothing a JSON parser reads, and a grammar that
+                # allows it lets a model spend its max_tokens on spaces (measured: a small
+                # model answered '{ "status" \t \t\n...' to the limit, never closing the object).
+                # vLLM takes it with a named backend only: xgrammar, its `auto` backend's first
+                # choice; a schema xgrammar cannot follow is a 400 (no fallback to guidance).
+                structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True))
+    if not cpu:
+        args["gpu_memory_utilization"] = s.gpu_memory_utilization
+    if lora:
+        args.update(enable_lora=True, max_loras=s.max_loras, max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
+                    max_lora_rank=s.max_lora_rank)
+    return args
+
+
 class VllmEngine(Engine):
     """vLLM's `AsyncLLM` on one model directory, adapters as `LoRARequest`s."""
 
@@ -188,7 +212,6 @@ class VllmEngine(Engine):
     @staticmethod
     def _start(model_dir: str, s: VllmSettings, lora: bool, stat_logger=None):
         import torch
-        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -200,25 +223,8 @@ class VllmEngine(Engine):
             if s.threads:
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
                 os.environ.setdefault("OMP_NUM_THREADS", str(s.threads))
-        # enforce_eager as configured on CPU too: vLLM's CPU default compiles a full model with
-        # Inductor at start (cached under ~/.cache/vllm), as its own server does, and runs LoRA
-        # engines eager by itself
-        args = dict(model=model_dir, dtype=s.dtype, max_model_len=s.max_model_len, max_num_seqs=s.max_num_seqs,
-                    tensor_parallel_size=s.tensor_parallel_size, enforce_eager=s.enforce_eager,
-                    disable_log_stats=True,
-                    # No whitespace between JSON tokens under response_format (an engine-wide
-                    # setting in vLLM): it changes nothing a JSON parser reads, and a grammar that
-                    # allows it lets a model spend its max_tokens on spaces (measured: a small
-                    # model answered '{ "status" \t \t\n...' to the limit, never closing the object).
-                    # vLLM takes it with a named backend only: xgrammar, its `auto` backend's first
-                    # choice; a schema xgrammar cannot follow is a 400 (no fallback to guidance).
-                    structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True))
-        if not cpu:
-            args["gpu_memory_utilization"] = s.gpu_memory_utilization
-        if lora:
-            args.update(enable_lora=True, max_loras=s.max_loras, max_cpu_loras=max(s.max_cpu_loras, s.max_loras),
-                        max_lora_rank=s.max_lora_rank)
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[stat_logger] if stat_logger else None)
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(model_dir, s, lora, cpu)),
+                                         stat_loggers=[stat_logger] if stat_logger else None)
 
     # ------------------------------------------------------------------ the interface
 

@@ -228,7 +228,8 @@ class GeneratorBase:
 
     def __del__(self):
         # Serve calls this when it stops a replica: vLLM's engine-core processes go with it
-        for engine in [self.vllm_base, *(one.engine for one in getattr(self, "_live", {}).values())]:
+        # (getattr: an __init__ that failed early leaves neither set, and this still runs)
+        for engine in [getattr(self, "vllm_base", None), *(one.engine for one in getattr(self, "_live", {}).values())]:
             if isinstance(engine, vllm_engine.VllmEngine):
                 engine.shutdown()
 

@@ -92,7 +92,7 @@ def test_doctor_names_the_engine_and_asks_vllm_only_about_a_model_it_could_run(t
 
 
 @pytest.mark.parametrize("eager", [False, True])
-def test_engine_args_follow_the_config_on_cpu_too(eager):
+def test_engine_args_follow_the_config_on_cpu_too(eager, tmp_path):
     """serve.vllm.enforce_eager reaches vLLM as set on CPU as on GPU (it was forced on for CPU,
     so a full model ran uncompiled there while vLLM's own server compiles it); the arguments
     are ones vLLM's AsyncEngineArgs takes."""
@@ -100,10 +100,10 @@ def test_engine_args_follow_the_config_on_cpu_too(eager):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     s = vllm_engine.VllmSettings(dtype="float32", enforce_eager=eager, max_loras=2, max_cpu_loras=1)
-    full = vllm_engine.engine_args("/m", s, lora=False, cpu=True)
+    full = vllm_engine.engine_args(str(tmp_path), s, lora=False, cpu=True)
     assert full["enforce_eager"] is eager and "enable_lora" not in full and "gpu_memory_utilization" not in full
-    lora = vllm_engine.engine_args("/m", s, lora=True, cpu=False)
+    lora = vllm_engine.engine_args(str(tmp_path), s, lora=True, cpu=False)
     assert lora["enforce_eager"] is eager and lora["enable_lora"] and lora["max_cpu_loras"] == 2  # at least max_loras
     assert lora["gpu_memory_utilization"] == s.gpu_memory_utilization
     for args in (full, lora):
-        AsyncEngineArgs(**args)  # an unknown or misnamed key is a TypeError here
+        AsyncEngineArgs(**args)  # an unknown or misnamed key is a TypeError here (a local directory: no hub id check)

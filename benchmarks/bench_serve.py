@@ -214,17 +214,11 @@ def stream_stats(results: list[dict], wall: float) -> dict:
             "tokens_per_s": sum(len(r["times"]) for r in ok) / wall, "short": sum(len(r["times"]) < r["expected"] for r in ok)}
 
 
-def vllm_leftovers() -> list[tuple[int, str]]:
-    """(pid, name) of the vLLM engine processes running now (they rename themselves VLLM::...)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            name = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except (OSError, ValueError):
-            continue
-        if entry.name.isdigit() and name.startswith("VLLM::"):
-            found.append((int(entry.name), name))
-    return found
+def vllm_leftovers() -> list:
+    """The vLLM engine processes running now (they retitle themselves VLLM::...), as psutil's."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [""])[0].startswith("VLLM::")]
 
 
 class Server:
@@ -263,11 +257,14 @@ class Server:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
-        time.sleep(5)  # the engine cores' own shutdown
-        for pid, name in vllm_leftovers():
-            print(f"{self.label}: WARNING {name} (pid {pid}) outlived the server; killed", file=sys.stderr, flush=True)
+        grace = time.monotonic() + 10  # the engine cores' own shutdown, still under way
+        while (left := vllm_leftovers()) and time.monotonic() < grace:
+            time.sleep(0.5)
+        for p in left:
+            print(f"{self.label}: WARNING {p.info['cmdline'][0]} (pid {p.pid}) outlived the server; killed",
+                  file=sys.stderr, flush=True)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(p.pid, signal.SIGKILL)
         deadline = time.monotonic() + 120  # its helpers (Ray) outlive it briefly: until the port is free
         while time.monotonic() < deadline:
             try:

@@ -162,7 +162,7 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="replica autoscaling")
     max_ongoing_requests: PositiveInt = Field(8, description="requests a replica takes at once; above the autoscaling target")
-    cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs per Generator replica (also its torch threads)")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs per Generator replica (also its torch threads; vLLM on CPU gets one OpenMP thread fewer, at least one)")
     gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs per Generator replica")
     engine: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="what generates tokens: vllm (vLLM's engine; lora adapters and full models), "

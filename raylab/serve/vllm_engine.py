@@ -26,7 +26,7 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from raylab.core import runs, storage
@@ -60,7 +60,34 @@ class VllmSettings:
     gpu_memory_utilization: float = 0.85
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
-    threads: int | None = None  # CPU: its OpenMP threads (the replica's CPUs)
+    threads: int | None = None  # CPU: the replica's CPUs (vLLM gets omp_threads(threads) OpenMP threads)
+
+
+def omp_threads(cpus: int) -> int:
+    """vLLM's OpenMP threads on CPU for a replica of `cpus` CPUs: one fewer, at least one.
+
+    Why not all of them: besides the OpenMP team, a replica runs vLLM's engine core (its
+    scheduler loop, which polls its shared-memory queue between steps), the replica's asyncio
+    loop and Serve's proxy. With as many OpenMP threads as CPUs they all preempt the team, and
+    an OpenMP step waits for its slowest thread, so every step pays for each preemption. vLLM's
+    own CPU binding reserves a core per rank for its scheduler for the same reason
+    (vllm/utils/ompmultiprocessing.py). On 2 CPUs, in one exploratory run, 1 thread gave 3x the
+    tokens/s of 2 at one stream and 1.7x at 16 (benchmarks/bench_serve_vllm.py measures it).
+    """
+    return max(1, int(cpus) - 1)
+
+
+def cpu_environment(s: VllmSettings, current: Mapping[str, str]) -> dict[str, str]:
+    """The variables a CPU engine starts under: its KV cache size, and its OpenMP threads
+    unbound (Ray places the replica; vLLM's `auto` binding would pin cores other replicas
+    use). OMP_NUM_THREADS is set, not defaulted: Ray sets it in every worker to the actor's
+    CPUs, so a default would never apply. An operator's VLLM_CPU_OMP_THREADS_BIND (a core
+    list, set where the Ray node starts) is kept, and then vLLM sets the thread count from it."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(s.kv_cache_gb)))}
+    if s.threads:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = current.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env["OMP_NUM_THREADS"] = str(omp_threads(s.threads))
+    return env
 
 
 def available() -> str | None:
@@ -217,12 +244,9 @@ class VllmEngine(Engine):
 
         cpu = not torch.cuda.is_available()
         if cpu:
-            # vLLM's CPU backend reads its KV cache size and OpenMP threads from the environment
-            # (no engine argument exists for them); the engine core inherits them at start.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(s.kv_cache_gb)))
-            if s.threads:
-                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-                os.environ.setdefault("OMP_NUM_THREADS", str(s.threads))
+            # vLLM's CPU backend reads these from the environment (no engine argument exists for
+            # them); the engine core and its worker inherit them at start.
+            os.environ.update(cpu_environment(s, os.environ))
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(model_dir, s, lora, cpu)),
                                          stat_loggers=[stat_logger] if stat_logger else None)
 

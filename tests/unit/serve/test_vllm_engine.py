@@ -107,3 +107,21 @@ def test_engine_args_follow_the_config_on_cpu_too(eager, tmp_path):
     assert lora["gpu_memory_utilization"] == s.gpu_memory_utilization
     for args in (full, lora):
         AsyncEngineArgs(**args)  # an unknown or misnamed key is a TypeError here (a local directory: no hub id check)
+
+
+@pytest.mark.parametrize(("cpus", "threads"), [(1, 1), (2, 1), (4, 3), (8, 7)])
+def test_a_cpu_engine_leaves_a_core_to_its_scheduler(cpus, threads):
+    """vLLM on CPU gets one OpenMP thread fewer than the replica's CPUs (its engine core and the
+    replica's loop need a core; vLLM's own binding reserves one), and the count is set even
+    though Ray already set OMP_NUM_THREADS in the worker (a default would never apply)."""
+    s = vllm_engine.VllmSettings(threads=cpus, kv_cache_gb=2.4)
+    env = vllm_engine.cpu_environment(s, {"OMP_NUM_THREADS": str(cpus)})  # what Ray sets
+    assert env == {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(threads)}
+
+
+def test_an_operators_core_binding_is_kept():
+    """A VLLM_CPU_OMP_THREADS_BIND core list from the runtime environment stays (vLLM then sets
+    the thread count from it); without threads (no replica CPUs known) only the KV cache is set."""
+    env = vllm_engine.cpu_environment(vllm_engine.VllmSettings(threads=4), {"VLLM_CPU_OMP_THREADS_BIND": "0-2"})
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-2"
+    assert vllm_engine.cpu_environment(vllm_engine.VllmSettings(), {}) == {"VLLM_CPU_KVCACHE_SPACE": "1"}

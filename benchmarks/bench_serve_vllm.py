@@ -36,6 +36,14 @@ tokens, 16-256 output tokens, greedy, ignore_eos, `POST /v1/completions`, stream
 - warm-up after each start: 8 requests of the open-loop shape at concurrency 4 (own seed),
   not recorded; cold start: launch to the first streamed token, recorded.
 
+Amendment 1 (stop 56, written before its run): raylab's vLLM engine now runs
+serve.cpus_per_replica - 1 OpenMP threads on CPU (1 here; raylab/serve/vllm_engine.py
+omp_threads). B keeps 2 as the protocol fixed. A sixth arm shows whether B's 2 threads
+handicap the baseline:
+    F  bare vLLM as B with OMP threads 1 (OMP_NUM_THREADS=1, nobind): closed loops at
+       concurrency 1, 4 and 16 only, reported beside as `*_vs_bare_1_thread` points
+       (A / F), without a goal. The goals stay A / B.
+
 Goals (issue 23): at concurrency 16, raylab-vLLM / bare vLLM output tokens/s >= 0.95 and
 p99 TTFT <= 1.10x; raylab's transformers engine / plain generate at concurrency 1 output
 tokens/s >= 1.0. Everything else is reported side by side without a goal.
@@ -77,6 +85,7 @@ RATES = (1.0, 2.0)
 PER_RATE = 67
 THREADS = 2
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(THREADS), "VLLM_CPU_KVCACHE_SPACE": "1"}
+VLLM_ENV_1_THREAD = VLLM_ENV | {"OMP_NUM_THREADS": "1"}  # arm F (amendment 1)
 RAYLAB_VLLM = {"engine": "vllm", "max_batch_size": 16,
                "vllm": {"kv_cache_gb": 1, "max_num_seqs": 16, "max_loras": ADAPTERS, "max_lora_rank": 8}}
 
@@ -142,7 +151,8 @@ def vllm_cmd(base: Path, port: int, lora: bool) -> list[str]:
 def records_from(runs: dict[str, list[dict]]) -> list[dict]:
     common = {"warmup": True, "repeats": len(runs["raylab_vllm"]), "threads": THREADS}
     names = {"raylab_vllm": "raylab serve (vLLM engine)", "vllm": "bare vLLM", "vllm_lora": "bare vLLM with LoRA",
-             "raylab_transformers": "raylab serve (transformers engine)", "hf_server": "plain transformers generate"}
+             "raylab_transformers": "raylab serve (transformers engine)", "hf_server": "plain transformers generate",
+             "vllm_1thread": "bare vLLM, 1 OpenMP thread"}
     out = []
 
     def pair(a: str, b: str, key: str, metric):
@@ -165,6 +175,12 @@ def records_from(runs: dict[str, list[dict]]) -> list[dict]:
                                  *pair("raylab_vllm", "vllm", key, lambda w, f=field, q=q: percentile(w[f], q)),
                                  higher_is_better=False, goal="<= 1.10" if goal else None, goal_ratio=1.10 if goal else None,
                                  pooled={s: pooled(s, key, field) for s in ("raylab_vllm", "vllm")}, **common))
+    for key in (f"c{c}" for c in CONCURRENCY):  # amendment 1: against bare vLLM on 1 thread, no goal
+        out.append(point(f"serve_vllm_tokens_per_s_{key}_vs_bare_1_thread", "output tokens/s",
+                         *pair("raylab_vllm", "vllm_1thread", key, lambda w: w["tokens_per_s"]), **common))
+        out.append(point(f"serve_vllm_ttft_p99_{key}_vs_bare_1_thread", "s",
+                         *pair("raylab_vllm", "vllm_1thread", key, lambda w: percentile(w["ttft"], 0.99)),
+                         higher_is_better=False, **common))
     out.append(point("serve_vllm_multi_lora_8_adapters", "output tokens/s",
                      *pair("raylab_vllm", "vllm_lora", "lora_8", lambda w: w["tokens_per_s"]), **common))
     out.append(point("serve_vllm_cold_start_s", "s (launch to first token)",
@@ -197,6 +213,8 @@ def main() -> None:
                                 env=VLLM_ENV, nice=NICENESS), {"c1", "c4", "c16", "open"}),
         "vllm_lora": (lambda: Server("vllm_lora", vllm_cmd(base, 8331, lora=True), "http://127.0.0.1:8331", NAME,
                                      health="/health", env=VLLM_ENV, nice=NICENESS), {"lora"}),
+        "vllm_1thread": (lambda: Server("vllm_1thread", vllm_cmd(base, 8332, lora=False), "http://127.0.0.1:8332", NAME,
+                                        health="/health", env=VLLM_ENV_1_THREAD, nice=NICENESS), {"c1", "c4", "c16"}),
         "raylab_transformers": (lambda: Server("raylab_transformers", [sys.executable, "-m", "raylab", "serve",
                                                                         str(transformers_cfg)], url, NAME), {"c1"}),
         "hf_server": (lambda: Server("hf_server", [sys.executable, "benchmarks/hf_server.py", str(base), "--port", "8320",
@@ -215,7 +233,7 @@ def main() -> None:
     records = records_from(runs)
     for r in records:
         r["vllm_version"] = vllm.__version__
-    records.append({"name": "serve_vllm_runs", "commit": commit, "protocol": 1, "vllm_version": vllm.__version__,
+    records.append({"name": "serve_vllm_runs", "commit": commit, "protocol": 1, "amendment": 1, "vllm_version": vllm.__version__,
                     "summary": {k: [summary(r) for r in v] for k, v in runs.items()}})
     write_results("serve_vllm", records)
 

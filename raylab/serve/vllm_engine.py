@@ -66,13 +66,14 @@ class VllmSettings:
 def omp_threads(cpus: int) -> int:
     """vLLM's OpenMP threads on CPU for a replica of `cpus` CPUs: one fewer, at least one.
 
-    Why not all of them: besides the OpenMP team, a replica runs vLLM's engine core (its
-    scheduler loop, which polls its shared-memory queue between steps), the replica's asyncio
-    loop and Serve's proxy. With as many OpenMP threads as CPUs they all preempt the team, and
-    an OpenMP step waits for its slowest thread, so every step pays for each preemption. vLLM's
-    own CPU binding reserves a core per rank for its scheduler for the same reason
-    (vllm/utils/ompmultiprocessing.py). On 2 CPUs, in one exploratory run, 1 thread gave 3x the
-    tokens/s of 2 at one stream and 1.7x at 16 (benchmarks/bench_serve_vllm.py measures it).
+    Why not all of them: besides the OpenMP team, the replica runs vLLM's engine core (its
+    scheduler loop, which polls its shared-memory queue between steps) and its own asyncio
+    loop, and Serve's proxy and ingress run beside it. With as many OpenMP threads as CPUs they
+    all preempt the team, and an OpenMP step waits for its slowest thread, so every step pays
+    for each preemption. vLLM's own CPU binding reserves a core per rank for its scheduler for
+    the same reason (vllm/utils/ompmultiprocessing.py). On 2 CPUs, benchmarks/bench_serve_vllm.py
+    measured 398 against 164 tokens/s at one stream and 1,085 against 897 at 16 (1 thread at
+    abc2262 against 2 at 416784d, results/serve_vllm.json).
     """
     return max(1, int(cpus) - 1)
 

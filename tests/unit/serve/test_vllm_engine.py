@@ -120,7 +120,7 @@ def test_a_cpu_engine_leaves_a_core_to_its_scheduler(cpus, threads):
 
 
 def test_an_operators_core_binding_is_kept():
-    """A VLLM_CPU_OMP_THREADS_BIND core list from the runtime environment stays (vLLM then sets
+    """A VLLM_CPU_OMP_THREADS_BIND core list set where the Ray node starts stays (vLLM then sets
     the thread count from it); without threads (no replica CPUs known) only the KV cache is set."""
     env = vllm_engine.cpu_environment(vllm_engine.VllmSettings(threads=4), {"VLLM_CPU_OMP_THREADS_BIND": "0-2"})
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-2"
